@@ -1,0 +1,171 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// Sentinel errors. Every error returned by this package wraps one of them (or
+// a context error), so callers branch with errors.Is.
+var (
+	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages.
+	ErrQueueFull = errors.New("pubsub: queue full")
+	// ErrTimeout: no answer in time; the outcome of the publish is unknown.
+	ErrTimeout = errors.New("pubsub: timeout")
+	// ErrClosed: the node, subscription or producer is closed.
+	ErrClosed = errors.New("pubsub: closed")
+	// ErrTooLarge: a single message does not fit in one NATS message.
+	ErrTooLarge = errors.New("pubsub: message too large")
+	// ErrInvalidTopic: the topic is empty, too long, not UTF-8, or holds
+	// whitespace or control characters.
+	ErrInvalidTopic = errors.New("pubsub: invalid topic")
+	// ErrTopicUnavailable: no owner served the topic within the request
+	// timeout (the membership is changing or the owner is unreachable).
+	ErrTopicUnavailable = errors.New("pubsub: topic unavailable")
+	// ErrEvicted: the topic's owner removed the subscription; the wrapping
+	// error says why.
+	ErrEvicted = errors.New("pubsub: subscriber evicted")
+	// ErrInvalidConfig: an option or config field is out of range.
+	ErrInvalidConfig = errors.New("pubsub: invalid config")
+	// ErrCancelled is context.Canceled itself, so errors.Is works with either.
+	ErrCancelled = context.Canceled
+)
+
+// AckStatus says whether the owner accepted a publish.
+type AckStatus uint8
+
+const (
+	// Accepted: the owner took the batch and attempted delivery to every
+	// subscriber it knew at acceptance.
+	Accepted AckStatus = iota
+	// Rejected: the batch was not taken; PublishAck.Reason says why.
+	Rejected
+)
+
+// String implements fmt.Stringer.
+func (s AckStatus) String() string {
+	switch s {
+	case Accepted:
+		return "accepted"
+	case Rejected:
+		return "rejected"
+	}
+	return fmt.Sprintf("AckStatus(%d)", uint8(s))
+}
+
+// Reason says why a publish was rejected.
+type Reason uint8
+
+const (
+	ReasonNone             Reason = iota // accepted
+	ReasonQueueFull                      // producer queue full
+	ReasonTimeout                        // no answer in time; outcome unknown
+	ReasonClosed                         // node or producer closed
+	ReasonTooLarge                       // a message exceeds the NATS payload limit
+	ReasonInvalidTopic                   // topic failed validation
+	ReasonCancelled                      // the caller's context was cancelled
+	ReasonTopicUnavailable               // no ready owner within the request timeout
+)
+
+var reasonNames = [...]string{"none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable"}
+
+// String implements fmt.Stringer.
+func (r Reason) String() string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return fmt.Sprintf("Reason(%d)", uint8(r))
+}
+
+// Err returns the sentinel error of r, or nil for ReasonNone.
+func (r Reason) Err() error {
+	switch r {
+	case ReasonNone:
+		return nil
+	case ReasonQueueFull:
+		return ErrQueueFull
+	case ReasonTimeout:
+		return ErrTimeout
+	case ReasonClosed:
+		return ErrClosed
+	case ReasonTooLarge:
+		return ErrTooLarge
+	case ReasonInvalidTopic:
+		return ErrInvalidTopic
+	case ReasonCancelled:
+		return ErrCancelled
+	case ReasonTopicUnavailable:
+		return ErrTopicUnavailable
+	}
+	return fmt.Errorf("pubsub: unknown reason %d", uint8(r))
+}
+
+// reasonOf maps an error to the Reason a Rejected ack reports for it.
+func reasonOf(err error) Reason {
+	switch {
+	case err == nil:
+		return ReasonNone
+	case errors.Is(err, ErrQueueFull):
+		return ReasonQueueFull
+	case errors.Is(err, ErrClosed):
+		return ReasonClosed
+	case errors.Is(err, ErrTooLarge):
+		return ReasonTooLarge
+	case errors.Is(err, ErrInvalidTopic):
+		return ReasonInvalidTopic
+	case errors.Is(err, context.Canceled):
+		return ReasonCancelled
+	case errors.Is(err, ErrTopicUnavailable):
+		return ReasonTopicUnavailable
+	}
+	return ReasonTimeout // deadline exceeded, transport errors: outcome unknown
+}
+
+// DeliveryStatus is the outcome of one batch for one subscriber.
+type DeliveryStatus uint8
+
+const (
+	Delivered      DeliveryStatus = iota // the handler processed every message
+	SubscriberGone                       // the subscriber or its node no longer exists
+	Timeout                              // the handler did not finish within SubscriberTimeout
+	HandlerError                         // the handler returned an error or panicked
+	MailboxFull                          // the subscriber's mailbox had no room for the batch
+)
+
+var deliveryNames = [...]string{"delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full"}
+
+// String implements fmt.Stringer.
+func (s DeliveryStatus) String() string {
+	if int(s) < len(deliveryNames) {
+		return deliveryNames[s]
+	}
+	return fmt.Sprintf("DeliveryStatus(%d)", uint8(s))
+}
+
+// PublishAck is the answer to a publish. For Publish and PublishBatch, the
+// returned error is non-nil exactly when Status is Rejected, and then
+// errors.Is(err, Reason.Err()) holds.
+type PublishAck struct {
+	Topic     string
+	Status    AckStatus
+	Reason    Reason            // ReasonNone when Accepted
+	Messages  int               // messages in the batch
+	Delivered int               // subscribers that processed the whole batch
+	Failures  []DeliveryFailure // subscribers that did not, with why
+}
+
+// DeliveryFailure is one subscriber that did not process a batch.
+type DeliveryFailure struct {
+	Subscriber SubscriberID
+	Status     DeliveryStatus
+}
+
+// rejected builds a Rejected ack and its error for err.
+func rejected(topic string, messages int, err error) (PublishAck, error) {
+	r := reasonOf(err)
+	if !errors.Is(err, r.Err()) {
+		err = fmt.Errorf("%w: %w", r.Err(), err)
+	}
+	return PublishAck{Topic: topic, Status: Rejected, Reason: r, Messages: messages}, err
+}

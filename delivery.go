@@ -1,0 +1,180 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// The node side of delivery: a DeliverBatch arrives on the node inbox (or by
+// function call from a local owner), each target subscriber's mailbox gets
+// the batch, and once every subscriber finished or SubscriberTimeout passed,
+// the per-subscriber statuses go back to the owner.
+
+// onDeliver handles a DeliverBatch from a remote owner.
+func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
+	n.deliver(d.GetTopic(), d.GetSubscribers(), d.GetMessages(), func(st []DeliveryStatus) {
+		rep := &wire.Reply{Code: wire.Reply_OK, Statuses: make([]uint32, len(st))}
+		for i, s := range st {
+			rep.Statuses[i] = uint32(s)
+		}
+		n.replyTo(reply, rep)
+	})
+}
+
+// deliver puts one batch in the mailbox of each listed local subscriber and
+// calls done once with one status per subscriber. It never blocks: a full
+// mailbox is a MailboxFull failure, not back-pressure on the inbox.
+func (n *Node) deliver(topic string, locals []string, msgs [][]byte, done func([]DeliveryStatus)) {
+	t := &batchTracker{statuses: make([]DeliveryStatus, len(locals)), remaining: len(locals), done: done}
+	for i := range t.statuses {
+		t.statuses[i] = statusPending
+	}
+	if len(locals) == 0 {
+		done(t.statuses)
+		return
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.SubscriberTimeout)
+	t.cancel = cancel
+	// The deadline reports every subscriber still busy as Timeout; the
+	// handler keeps its goroutine, so only its own mailbox waits for it.
+	t.stop = context.AfterFunc(ctx, t.expire)
+	n.subsMu.RLock()
+	for i, l := range locals {
+		s := n.subs[l]
+		if s == nil || s.topic != topic {
+			t.set(i, SubscriberGone)
+			continue
+		}
+		if !s.mailbox.do(func() { s.handle(ctx, msgs, t, i) }) {
+			t.set(i, MailboxFull)
+		}
+	}
+	n.subsMu.RUnlock()
+}
+
+// statusPending marks a subscriber that has not reported yet.
+const statusPending DeliveryStatus = 0xff
+
+// batchTracker collects the statuses of one batch on one node.
+type batchTracker struct {
+	mu        sync.Mutex
+	statuses  []DeliveryStatus
+	remaining int
+	done      func([]DeliveryStatus)
+	cancel    context.CancelFunc
+	stop      func() bool // unregisters expire
+}
+
+func (t *batchTracker) set(i int, s DeliveryStatus) {
+	t.mu.Lock()
+	if t.remaining == 0 || t.statuses[i] != statusPending {
+		t.mu.Unlock()
+		return
+	}
+	t.statuses[i] = s
+	t.remaining--
+	finished := t.remaining == 0
+	t.mu.Unlock()
+	if finished {
+		t.finish()
+	}
+}
+
+// expire reports every subscriber still pending as Timeout.
+func (t *batchTracker) expire() {
+	t.mu.Lock()
+	if t.remaining == 0 {
+		t.mu.Unlock()
+		return
+	}
+	for i, s := range t.statuses {
+		if s == statusPending {
+			t.statuses[i] = Timeout
+		}
+	}
+	t.remaining = 0
+	t.mu.Unlock()
+	t.finish()
+}
+
+func (t *batchTracker) finish() {
+	if t.cancel != nil {
+		t.stop()
+		t.cancel()
+	}
+	t.done(t.statuses)
+}
+
+// handle runs on the subscription's mailbox: the handler sees the batch's
+// messages in order and stops at the first error.
+func (s *Subscription) handle(ctx context.Context, msgs [][]byte, t *batchTracker, i int) {
+	if ctx.Err() != nil {
+		return // already reported as Timeout
+	}
+	if s.isDone() {
+		t.set(i, SubscriberGone)
+		return
+	}
+	batch := make([]Message, len(msgs)) // one allocation per batch, not per message
+	for j, data := range msgs {
+		batch[j] = Message{Topic: s.topic, Data: data, Subscriber: s.id}
+		if err := s.call(ctx, &batch[j]); err != nil {
+			s.node.log.Debug("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err)
+			t.set(i, HandlerError)
+			return
+		}
+		if s.isDone() {
+			break // unsubscribed mid-batch: no further message reaches it
+		}
+	}
+	t.set(i, Delivered)
+}
+
+// call runs the handler, turning a panic into an error so one bad message
+// cannot take the node down.
+func (s *Subscription) call(ctx context.Context, m *Message) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("pubsub: handler panicked: %v", r)
+		}
+	}()
+	return s.handler(ctx, m)
+}
+
+// onEvict ends a local subscription its owner evicted.
+func (n *Node) onEvict(e *wire.Evict) {
+	n.evictLocal(e.GetTopic(), e.GetSubscriber(), DeliveryStatus(e.GetStatus()))
+}
+
+func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
+	n.subsMu.Lock()
+	s := n.subs[local]
+	if s == nil || s.topic != topic {
+		n.subsMu.Unlock()
+		return
+	}
+	delete(n.subs, local)
+	n.subsMu.Unlock()
+	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
+	s.end(fmt.Errorf("%w: %s", ErrEvicted, status))
+}
+
+// notifyEvicted tells the subscriber's node (by message, or directly when
+// local) that the owner removed it.
+func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatus) {
+	n.log.Info("evicting subscriber", "topic", topic, "subscriber", id.String(), "status", status.String())
+	n.stats.evicted.Add(1)
+	if id.Node == n.id {
+		n.evictLocal(topic, id.Local, status)
+		return
+	}
+	m, ok := n.view().member(id.Node)
+	if !ok {
+		return
+	}
+	n.publishEnvelope(m.Inbox, &wire.Envelope{Body: &wire.Envelope_Evict{Evict: &wire.Evict{
+		Owner: n.selfRef(), Topic: topic, Subscriber: id.Local, Status: uint32(status)}}})
+}

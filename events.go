@@ -1,0 +1,244 @@
+package pubsub
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Event is one decision of the library, delivered to EventStream listeners
+// as a value of one of the event types of this package (PublishAccepted,
+// MemberJoined, ...). The interface is sealed.
+type Event interface{ event() }
+
+// PublishAccepted is emitted on the topic's owner when it answered an
+// accepted batch.
+type PublishAccepted struct {
+	Node      string // the owner
+	Topic     string
+	Messages  int
+	Delivered int
+	Failed    int
+	Time      time.Time
+}
+
+// PublishRejected is emitted on the owner when it rejects a batch, and on the
+// publisher when the owner was never reached.
+type PublishRejected struct {
+	Node     string
+	Topic    string
+	Messages int
+	Reason   Reason
+	Time     time.Time
+}
+
+// DeliverySucceeded is emitted on the owner, once per batch, counting the
+// subscribers that processed it.
+type DeliverySucceeded struct {
+	Node        string
+	Topic       string
+	Subscribers int
+	Messages    int
+	Time        time.Time
+}
+
+// DeliveryFailed is emitted on the owner for each subscriber that did not
+// process a batch.
+type DeliveryFailed struct {
+	Node       string
+	Topic      string
+	Subscriber SubscriberID
+	Status     DeliveryStatus
+	Messages   int
+	Time       time.Time
+}
+
+// SubscriberAdded is emitted on the owner when it records a subscriber.
+type SubscriberAdded struct {
+	Node       string
+	Topic      string
+	Subscriber SubscriberID
+	Time       time.Time
+}
+
+// SubscriberRemoved is emitted on the owner when a subscriber unsubscribes or
+// its node leaves.
+type SubscriberRemoved struct {
+	Node       string
+	Topic      string
+	Subscriber SubscriberID
+	Time       time.Time
+}
+
+// SubscriberEvicted is emitted on the owner that evicted a subscriber and on
+// the subscriber's node.
+type SubscriberEvicted struct {
+	Node       string
+	Topic      string
+	Subscriber SubscriberID
+	Status     DeliveryStatus // the failure that caused it
+	Time       time.Time
+}
+
+// MemberJoined is emitted on every node whose view gains a member.
+type MemberJoined struct {
+	Node    string // the node whose view changed
+	Member  Member
+	Members int // view size after the change
+	Time    time.Time
+}
+
+// MemberLeft is emitted on every node whose view loses a member.
+type MemberLeft struct {
+	Node    string
+	Member  Member
+	Members int
+	Time    time.Time
+}
+
+// TopicOwnerChanged is emitted on a node that gains or loses ownership of a
+// topic it holds state for.
+type TopicOwnerChanged struct {
+	Node     string
+	Topic    string
+	OldOwner string
+	NewOwner string
+	Time     time.Time
+}
+
+// MetricsSnapshot carries the node's figures periodically.
+type MetricsSnapshot struct {
+	Node  string
+	Stats Stats
+	Time  time.Time
+}
+
+// EventsDropped tells a listener how many events it lost because it was slow.
+type EventsDropped struct {
+	Node    string
+	Dropped uint64
+	Time    time.Time
+}
+
+func (PublishAccepted) event()   {}
+func (PublishRejected) event()   {}
+func (DeliverySucceeded) event() {}
+func (DeliveryFailed) event()    {}
+func (SubscriberAdded) event()   {}
+func (SubscriberRemoved) event() {}
+func (SubscriberEvicted) event() {}
+func (MemberJoined) event()      {}
+func (MemberLeft) event()        {}
+func (TopicOwnerChanged) event() {}
+func (MetricsSnapshot) event()   {}
+func (EventsDropped) event()     {}
+
+// EventStream fans a node's events out to listeners. Emitting never blocks:
+// each listener has a bounded buffer and its own goroutine, and a listener
+// that falls behind loses events, counted in a later EventsDropped.
+type EventStream struct {
+	node      *Node
+	mu        sync.Mutex
+	listeners []*listener
+	active    atomic.Int32 // len(listeners), read without the lock on the hot path
+	closed    bool
+}
+
+// EventBufferSize is the number of events a listener can lag behind.
+const EventBufferSize = 1024
+
+type listener struct {
+	ch      chan Event
+	dropped atomic.Uint64
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func newEventStream(n *Node) *EventStream { return &EventStream{node: n} }
+
+// Subscribe runs fn for every event, on a goroutine of its own, until cancel
+// is called or the node closes. cancel waits for that goroutine to end and
+// must not be called from fn.
+func (s *EventStream) Subscribe(fn func(Event)) (cancel func()) {
+	l := &listener{ch: make(chan Event, EventBufferSize), stop: make(chan struct{}), done: make(chan struct{})}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		close(l.done)
+		return func() {}
+	}
+	s.listeners = append(s.listeners, l)
+	s.active.Store(int32(len(s.listeners)))
+	s.mu.Unlock()
+	go l.run(s.node, fn)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.remove(l)
+			<-l.done
+		})
+	}
+}
+
+func (s *EventStream) remove(l *listener) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, x := range s.listeners {
+		if x == l {
+			s.listeners = append(s.listeners[:i], s.listeners[i+1:]...)
+			s.active.Store(int32(len(s.listeners)))
+			close(l.stop)
+			return
+		}
+	}
+}
+
+func (l *listener) run(n *Node, fn func(Event)) {
+	defer close(l.done)
+	for {
+		select {
+		case <-l.stop:
+			return
+		case e := <-l.ch:
+			if d := l.dropped.Swap(0); d > 0 {
+				fn(EventsDropped{Node: n.id, Dropped: d, Time: time.Now()})
+			}
+			fn(e)
+		}
+	}
+}
+
+// enabled reports whether anyone listens; callers skip building events
+// otherwise, so an unobserved node pays one atomic load per decision.
+func (s *EventStream) enabled() bool { return s.active.Load() > 0 }
+
+// emit offers e to every listener without blocking.
+func (s *EventStream) emit(e Event) {
+	if !s.enabled() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.listeners {
+		select {
+		case l.ch <- e:
+		default:
+			l.dropped.Add(1)
+		}
+	}
+}
+
+// close stops every listener; called by Node.Close.
+func (s *EventStream) close() {
+	s.mu.Lock()
+	ls := s.listeners
+	s.listeners, s.closed = nil, true
+	s.active.Store(0)
+	for _, l := range ls {
+		close(l.stop)
+	}
+	s.mu.Unlock()
+}
+
+// Events returns the node's event stream.
+func (n *Node) Events() *EventStream { return n.events }

@@ -1,0 +1,83 @@
+package pubsub_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// fast keeps membership changes quick in tests.
+var fast = []pubsub.Option{
+	pubsub.WithHeartbeatInterval(50 * time.Millisecond),
+	pubsub.WithMemberTimeout(600 * time.Millisecond),
+	pubsub.WithRequestTimeout(3 * time.Second),
+	pubsub.WithSubscriberTimeout(2 * time.Second),
+}
+
+func newCluster(t *testing.T, servers, nodes int, opts ...pubsub.Option) *testcluster.Cluster {
+	t.Helper()
+	c := testcluster.New(t, servers, nodes, append(append([]pubsub.Option{}, fast...), opts...)...)
+	c.WaitConverged(t, 10*time.Second)
+	return c
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// recorder collects what each subscription received.
+type recorder struct {
+	mu  sync.Mutex
+	got map[pubsub.SubscriberID][]string
+	n   int
+}
+
+func newRecorder() *recorder { return &recorder{got: map[pubsub.SubscriberID][]string{}} }
+
+func (r *recorder) handler(ctx context.Context, m *pubsub.Message) error {
+	r.mu.Lock()
+	r.got[m.Subscriber] = append(r.got[m.Subscriber], string(m.Data))
+	r.n++
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *recorder) total() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.n
+}
+
+func (r *recorder) of(id pubsub.SubscriberID) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.got[id]...)
+}
+
+func subscribe(t *testing.T, n *pubsub.Node, topic string, h pubsub.Handler) *pubsub.Subscription {
+	t.Helper()
+	s, err := n.Subscribe(ctxT(t), topic, h)
+	if err != nil {
+		t.Fatalf("subscribe %s on %s: %v", topic, n.ID(), err)
+	}
+	return s
+}
+
+func mustAccept(t *testing.T, ack pubsub.PublishAck, err error, wantDelivered int) {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("publish: %v (ack %+v)", err, ack)
+	}
+	if ack.Status != pubsub.Accepted || ack.Delivered != wantDelivered || len(ack.Failures) != 0 {
+		t.Fatalf("ack = %+v, want Accepted with %d delivered and no failures", ack, wantDelivered)
+	}
+}
+
+func msg(i int) []byte { return []byte(fmt.Sprintf("m%05d", i)) }

@@ -1,0 +1,362 @@
+package pubsub
+
+import (
+	"context"
+	"encoding/binary"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
+)
+
+// Member is one live node in a view.
+type Member struct {
+	ID          string // node ID
+	Incarnation uint64 // changes every time a node with this ID joins
+	Inbox       string // the node's inbox subject, <prefix>.node.<ID>
+}
+
+// view is an immutable membership snapshot. epoch counts this node's view
+// changes; id hashes the member list so nodes can tell when views agree.
+type view struct {
+	id      uint64
+	epoch   uint64
+	members []Member // sorted by ID, includes self
+}
+
+func newView(epoch uint64, members []Member) *view {
+	slices.SortFunc(members, func(a, b Member) int { return strings.Compare(a.ID, b.ID) })
+	h := uint64(fnvOffset)
+	for _, m := range members {
+		h = fnvString(h, m.ID)
+		h = fnvUint(h, m.Incarnation)
+	}
+	return &view{id: mix64(h), epoch: epoch, members: members}
+}
+
+// member returns the member with the given ID.
+func (v *view) member(id string) (Member, bool) {
+	i, ok := slices.BinarySearchFunc(v.members, id, func(m Member, id string) int { return strings.Compare(m.ID, id) })
+	if !ok {
+		return Member{}, false
+	}
+	return v.members[i], true
+}
+
+// has reports whether the member's incarnation is in the view.
+func (v *view) has(ref *wire.MemberRef) bool {
+	m, ok := v.member(ref.GetNodeId())
+	return ok && m.Incarnation == ref.GetIncarnation()
+}
+
+// ownerOf returns the rendezvous owner of topic: the member with the highest
+// hash of (topic, member ID). Only topics of a joining or leaving member move.
+func (v *view) ownerOf(topic string) Member {
+	best, bestH := 0, uint64(0)
+	for i, m := range v.members {
+		h := mix64(fnvString(fnvString(fnvOffset, topic)^0xff, m.ID))
+		if i == 0 || h > bestH {
+			best, bestH = i, h
+		}
+	}
+	return v.members[best]
+}
+
+const (
+	fnvOffset = 14695981039346656037
+	fnvPrime  = 1099511628211
+)
+
+func fnvString(h uint64, s string) uint64 {
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= fnvPrime
+	}
+	return h
+}
+
+func fnvUint(h uint64, x uint64) uint64 {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], x)
+	for _, c := range b {
+		h ^= uint64(c)
+		h *= fnvPrime
+	}
+	return h
+}
+
+// mix64 is splitmix64's finaliser: FNV alone clusters similar strings.
+func mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
+
+// peer is what this node knows of another member.
+type peer struct {
+	m        Member
+	lastSeen time.Time
+	viewID   uint64 // the peer's view as last reported
+}
+
+// Members returns the current view, sorted by ID, including this node.
+func (n *Node) Members() []Member {
+	return slices.Clone(n.view().members)
+}
+
+// OwnerOf returns the member that owns topic in this node's current view.
+func (n *Node) OwnerOf(topic string) (Member, error) {
+	if err := validateTopic(topic); err != nil {
+		return Member{}, err
+	}
+	return n.view().ownerOf(topic), nil
+}
+
+func (n *Node) view() *view { return n.curView.Load() }
+
+func (n *Node) selfRef() *wire.MemberRef {
+	return &wire.MemberRef{NodeId: n.id, Incarnation: n.incarnation}
+}
+
+// recomputeView installs a new view if the peer set changed. Callers hold memMu,
+// so views are installed, and their handoff queued, in order.
+func (n *Node) recomputeView() {
+	members := make([]Member, 0, len(n.peers)+1)
+	members = append(members, n.selfMember())
+	for _, p := range n.peers {
+		members = append(members, p.m)
+	}
+	prev := n.view()
+	next := newView(prev.epoch+1, members)
+	if next.id == prev.id {
+		return
+	}
+	n.curView.Store(next)
+	n.history = append(n.history, next)
+	if len(n.history) > maxViewHistory {
+		n.history = slices.Delete(n.history, 0, len(n.history)-maxViewHistory)
+	}
+	n.registry.reset(next, n.localSync(next, n.id))
+	n.control.do(func() { n.viewChanged(prev, next) })
+}
+
+// maxViewHistory bounds the views kept to decide whether this node owned a
+// topic continuously; an actor idle for longer re-checks by sync.
+const maxViewHistory = 64
+
+// ownedThroughout reports whether this node owned topic in every view with
+// an epoch in (from, to].
+func (n *Node) ownedThroughout(topic string, from, to uint64) bool {
+	n.memMu.Lock()
+	defer n.memMu.Unlock()
+	if len(n.history) == 0 || n.history[0].epoch > from+1 {
+		return false
+	}
+	for _, v := range n.history {
+		if v.epoch > from && v.epoch <= to && v.ownerOf(topic).ID != n.id {
+			return false
+		}
+	}
+	return true
+}
+
+func (n *Node) selfMember() Member {
+	return Member{ID: n.id, Incarnation: n.incarnation, Inbox: n.inbox}
+}
+
+// onMembers handles a message on <prefix>.members. Malformed messages are
+// dropped: anyone can publish there.
+func (n *Node) onMembers(m *nats.Msg) {
+	var env wire.Envelope
+	if proto.Unmarshal(m.Data, &env) != nil {
+		n.malformed("members", len(m.Data))
+		return
+	}
+	hb := env.GetHeartbeat()
+	from := hb.GetFrom()
+	if hb == nil || natsutil.ValidateNodeID(from.GetNodeId()) != nil {
+		n.malformed("members", len(m.Data))
+		return
+	}
+	if from.GetNodeId() == n.id {
+		if from.GetIncarnation() != n.incarnation {
+			n.log.Warn("another node uses this node's ID", "node", n.id)
+		}
+		return
+	}
+	n.memMu.Lock()
+	defer n.memMu.Unlock()
+	if n.closed.Load() {
+		return
+	}
+	if hb.GetKind() == wire.Heartbeat_LEAVE {
+		if p, ok := n.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
+			delete(n.peers, from.GetNodeId())
+			n.recomputeView()
+		}
+		return
+	}
+	n.seen(from, hb.GetViewId())
+	if hb.GetKind() == wire.Heartbeat_JOIN && m.Reply != "" {
+		v := n.view()
+		reply := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), ViewId: v.id}
+		for _, mem := range v.members {
+			reply.Members = append(reply.Members, &wire.MemberRef{NodeId: mem.ID, Incarnation: mem.Incarnation})
+		}
+		n.publishEnvelope(m.Reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: reply}})
+	}
+}
+
+// seen records a sign of life of ref; callers hold memMu.
+func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
+	id := ref.GetNodeId()
+	p, ok := n.peers[id]
+	if ok && p.m.Incarnation != ref.GetIncarnation() {
+		if ref.GetIncarnation() < p.m.Incarnation {
+			return // a stale message of an older incarnation
+		}
+		ok = false // the node restarted: its old subscriptions are gone
+	}
+	if !ok {
+		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id)}}
+		n.peers[id] = p
+		n.recomputeView()
+	}
+	p.lastSeen = time.Now()
+	if viewID != 0 {
+		p.viewID = viewID
+	}
+}
+
+// heartbeatLoop announces this node and drops silent members.
+func (n *Node) heartbeatLoop() {
+	defer n.goroutines.done()
+	t := time.NewTicker(n.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
+		n.memMu.Lock()
+		changed := false
+		for id, p := range n.peers {
+			if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
+				delete(n.peers, id)
+				changed = true
+			}
+		}
+		if changed {
+			n.recomputeView()
+		}
+		n.memMu.Unlock()
+	}
+}
+
+func (n *Node) sendHeartbeat(kind wire.Heartbeat_Kind, reply string) {
+	hb := &wire.Heartbeat{Kind: kind, From: n.selfRef(), ViewId: n.view().id}
+	data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
+	if err := n.nc.PublishRequest(n.membersSubject, reply, data); err != nil {
+		n.log.Debug("heartbeat failed", "err", err)
+	}
+}
+
+func (n *Node) publishEnvelope(subject string, env *wire.Envelope) {
+	data, err := proto.Marshal(env)
+	if err == nil {
+		err = n.nc.Publish(subject, data)
+	}
+	if err != nil {
+		n.log.Debug("publish failed", "subject", subject, "err", err)
+	}
+}
+
+// joinView announces this node and waits until its view is stable: no new
+// member for a quiet period, and every member reports the same view. A lone
+// node returns after the quiet period.
+func (n *Node) joinView(ctx context.Context) error {
+	replies := make(chan *nats.Msg, 256)
+	inbox := n.nc.NewInbox()
+	sub, err := n.nc.ChanSubscribe(inbox, replies)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := n.nc.FlushWithContext(ctx); err != nil {
+		return err
+	}
+	quiet := min(n.cfg.HeartbeatInterval, 100*time.Millisecond)
+	start := time.Now()
+	lastChange := start
+	// Re-announce: a reply can be lost while our reply subscription's interest
+	// travels to the other servers.
+	resend := []time.Duration{0, quiet / 4, quiet / 2, quiet, 2 * quiet, 4 * quiet}
+	deadline := time.NewTimer(n.cfg.MemberTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(quiet / 8)
+	defer tick.Stop()
+	for {
+		if len(resend) > 0 && time.Since(start) >= resend[0] {
+			resend = resend[1:]
+			n.sendHeartbeat(wire.Heartbeat_JOIN, inbox)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-deadline.C:
+			// Views still disagree; heartbeats will converge them.
+			n.log.Info("joined before views converged", "node", n.id)
+			return nil
+		case m := <-replies:
+			var env wire.Envelope
+			if proto.Unmarshal(m.Data, &env) != nil {
+				continue
+			}
+			hb := env.GetHeartbeat()
+			if hb == nil || hb.GetFrom().GetNodeId() == n.id || natsutil.ValidateNodeID(hb.GetFrom().GetNodeId()) != nil {
+				continue
+			}
+			n.memMu.Lock()
+			before := n.view().id
+			n.seen(hb.GetFrom(), hb.GetViewId())
+			for _, ref := range hb.GetMembers() {
+				if ref.GetNodeId() != n.id && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
+					if _, known := n.peers[ref.GetNodeId()]; !known {
+						n.seen(ref, 0)
+					}
+				}
+			}
+			if n.view().id != before {
+				lastChange = time.Now()
+			}
+			n.memMu.Unlock()
+		case <-tick.C:
+		}
+		if time.Since(lastChange) >= quiet && n.viewsAgree() {
+			return nil
+		}
+	}
+}
+
+// viewsAgree reports whether every peer last reported this node's view.
+func (n *Node) viewsAgree() bool {
+	n.memMu.Lock()
+	defer n.memMu.Unlock()
+	id := n.view().id
+	for _, p := range n.peers {
+		if p.viewID != id {
+			return false
+		}
+	}
+	return true
+}

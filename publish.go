@@ -1,0 +1,253 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
+)
+
+// Publisher publishes batches to topics and reports each outcome. *Node
+// implements it; a BatchingProducer publishes through one.
+//
+// err != nil exactly when the ack is Rejected, and then
+// errors.Is(err, ack.Reason.Err()) holds.
+type Publisher interface {
+	Publish(ctx context.Context, topic string, data []byte) (PublishAck, error)
+	PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error)
+}
+
+// Initializer warms a topic up before the first publish. *Node implements it.
+type Initializer interface {
+	Initialize(ctx context.Context, topic string) error
+}
+
+var (
+	_ Publisher   = (*Node)(nil)
+	_ Initializer = (*Node)(nil)
+)
+
+// Publish publishes one message; see PublishBatch.
+func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishAck, error) {
+	return n.PublishBatch(ctx, topic, [][]byte{data})
+}
+
+// PublishBatch sends batch to the topic's owner and returns its ack once every
+// subscriber the owner knew at acceptance processed it, failed, or timed out.
+// Messages reach each subscriber in order. A batch holding a message larger
+// than MaxMessageSize is rejected whole with ErrTooLarge; a batch only too
+// large in total is split into several publishes, in order, and their acks
+// merged. Do not modify the messages before PublishBatch returns.
+func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
+	if err := validateTopic(topic); err != nil {
+		return rejected(topic, len(batch), err)
+	}
+	if n.closed.Load() {
+		return rejected(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, ErrClosed))
+	}
+	if err := ctx.Err(); err != nil {
+		return rejected(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+	}
+	limit := n.MaxMessageSize()
+	for i, m := range batch {
+		if len(m) > limit {
+			return rejected(topic, len(batch), fmt.Errorf("pubsub: publish to %q: message %d is %d bytes, limit %d: %w", topic, i, len(m), limit, ErrTooLarge))
+		}
+	}
+	if len(batch) == 0 {
+		return PublishAck{Topic: topic, Status: Accepted}, nil
+	}
+	var total PublishAck
+	for first, chunk := range chunks(batch, limit) {
+		ack, err := n.publishChunk(ctx, topic, chunk)
+		if err != nil {
+			return rejected(topic, len(batch), err)
+		}
+		if first == 0 {
+			total = ack
+		} else {
+			total = mergeAcks(total, ack)
+		}
+	}
+	total.Messages = len(batch)
+	return total, nil
+}
+
+// MaxMessageSize is the largest message this node publishes: the connection's
+// payload limit less room for the envelope and subscriber lists.
+func (n *Node) MaxMessageSize() int {
+	mp := int(n.nc.MaxPayload())
+	return mp - min(64<<10, mp/8)
+}
+
+// chunks splits batch into runs whose encoded size stays within limit; it
+// yields each run with its index.
+func chunks(batch [][]byte, limit int) func(yield func(int, [][]byte) bool) {
+	return func(yield func(int, [][]byte) bool) {
+		start, size, idx := 0, 0, 0
+		for i, m := range batch {
+			sz := len(m) + 8 // protobuf tag and length
+			if i > start && size+sz > limit {
+				if !yield(idx, batch[start:i]) {
+					return
+				}
+				idx++
+				start, size = i, 0
+			}
+			size += sz
+		}
+		yield(idx, batch[start:])
+	}
+}
+
+// mergeAcks combines the acks of the chunks of one split batch: a subscriber
+// delivered the batch only if it was delivered every chunk.
+func mergeAcks(a, b PublishAck) PublishAck {
+	seen := make(map[SubscriberID]bool, len(a.Failures))
+	for _, f := range a.Failures {
+		seen[f.Subscriber] = true
+	}
+	for _, f := range b.Failures {
+		if !seen[f.Subscriber] {
+			seen[f.Subscriber] = true
+			a.Failures = append(a.Failures, f)
+		}
+	}
+	a.Delivered = max(a.Delivered+len(a.Failures), b.Delivered+len(b.Failures)) - len(a.Failures)
+	if a.Delivered < 0 {
+		a.Delivered = 0
+	}
+	return a
+}
+
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte) (PublishAck, error) {
+	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Messages: msgs}
+	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
+		req.ViewId = v.id
+		return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: req}}
+	}, func(a *topicActor, answer func(ownerAnswer)) {
+		a.publish(msgs, answer)
+	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout)
+	if err != nil {
+		return PublishAck{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
+	}
+	ans.ack.Topic = topic
+	return ans.ack, nil
+}
+
+// Initialize validates topic and returns once its owner serves it, or with
+// ErrTopicUnavailable (or the ctx error) when no owner does within the
+// request timeout. Services call it at start to fail fast.
+func (n *Node) Initialize(ctx context.Context, topic string) error {
+	if err := validateTopic(topic); err != nil {
+		return err
+	}
+	// An empty publish is answered by a ready owner and delivers nothing.
+	_, err := n.toOwner(ctx, topic, nil, nil, 0)
+	if err != nil {
+		return fmt.Errorf("pubsub: initialize %q: %w", topic, err)
+	}
+	return nil
+}
+
+// toOwner routes one request to the topic's owner: by function call when the
+// owner is this node, over its inbox otherwise. It follows ownership changes,
+// retrying "not owner", "not ready", a closing owner and NATS's no-responders
+// until RequestTimeout, then fails with ErrTopicUnavailable. wait bounds one
+// attempt; a remote attempt that times out fails with ErrTimeout (the outcome
+// is unknown, so it is not retried). With local == nil the request only
+// probes readiness.
+func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wire.Envelope,
+	local func(*topicActor, func(ownerAnswer)), wait time.Duration) (ownerAnswer, error) {
+	deadline := time.Now().Add(n.cfg.RequestTimeout)
+	backoff := time.Millisecond
+	last := "no attempt"
+	probe := local == nil
+	if probe {
+		local = func(a *topicActor, answer func(ownerAnswer)) {
+			v, code := a.check()
+			answer(ownerAnswer{code: code, viewID: v.id})
+		}
+		remote = func(v *view) *wire.Envelope {
+			return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: n.selfRef(), ViewId: v.id, Topic: topic}}}
+		}
+		wait = n.cfg.RequestTimeout
+	}
+	for {
+		if n.closed.Load() {
+			return ownerAnswer{}, ErrClosed
+		}
+		v := n.view()
+		owner := v.ownerOf(topic)
+		var ans ownerAnswer
+		var err error
+		if owner.ID == n.id {
+			ans, err = n.askLocal(ctx, topic, local)
+		} else {
+			var rep *wire.Reply
+			rep, err = n.rpc.call(ctx, owner.Inbox, remote(v), wait)
+			if err == nil {
+				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId()}
+				if rep.GetCode() == wire.Reply_OK {
+					ans.ack = ackFromWire(topic, rep.GetAck())
+				}
+			}
+		}
+		switch {
+		case err == nil && ans.code == wire.Reply_OK:
+			return ans, nil
+		case err == nil && ans.code == wire.Reply_BAD_REQUEST:
+			return ans, fmt.Errorf("pubsub: owner %s refused the request as malformed", owner.ID)
+		case err == nil:
+			last = fmt.Sprintf("owner %s answered %s", owner.ID, ans.code)
+		case natsutil.IsNoResponders(err):
+			last = fmt.Sprintf("owner %s unreachable", owner.ID)
+		case errors.Is(err, ErrClosed) && n.closed.Load():
+			return ans, ErrClosed
+		case errors.Is(err, ErrTimeout) && probe:
+			last = fmt.Sprintf("owner %s did not answer", owner.ID)
+		default:
+			return ans, err
+		}
+		if time.Now().Add(backoff).After(deadline) {
+			return ans, fmt.Errorf("%w: %s (after %v)", ErrTopicUnavailable, last, n.cfg.RequestTimeout)
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return ans, ctx.Err()
+		case <-n.ctx.Done():
+			t.Stop()
+			return ans, ErrClosed
+		}
+		backoff = min(backoff*2, 100*time.Millisecond)
+	}
+}
+
+// askLocal runs a request on this node's actor for topic and waits for its answer.
+func (n *Node) askLocal(ctx context.Context, topic string, local func(*topicActor, func(ownerAnswer))) (ownerAnswer, error) {
+	ch := make(chan ownerAnswer, 1)
+	a := n.actor(topic)
+	a.s.do(func() { local(a, func(ans ownerAnswer) { ch <- ans }) })
+	select {
+	case ans := <-ch:
+		return ans, nil
+	case <-ctx.Done():
+		return ownerAnswer{}, ctx.Err()
+	case <-n.ctx.Done():
+		return ownerAnswer{}, ErrClosed
+	}
+}
+
+// validateTopic checks a topic name, wrapping ErrInvalidTopic.
+func validateTopic(topic string) error {
+	if err := natsutil.ValidateTopic(topic); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalidTopic, err)
+	}
+	return nil
+}

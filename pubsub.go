@@ -1,0 +1,308 @@
+// Package pubsub is actor-cluster-style publish/subscribe over an existing
+// NATS deployment: the model of Proto.Actor's cluster Pub-Sub and Akka's
+// DistributedPubSub, with NATS as transport and cluster router.
+//
+// A process takes part by joining with the *nats.Conn it already has:
+//
+//	node, err := pubsub.Join(ctx, nc, pubsub.WithNodeID("orders-1"))
+//	defer node.Close(ctx)
+//
+// Nodes find each other through heartbeats on <prefix>.members and agree on
+// a view of the live members. Every topic has exactly one owner in a view:
+// the member with the highest rendezvous hash of (topic, node ID), so only
+// the topics of a joining or leaving member move. The owner is the single
+// authority for the topic's subscriber list.
+//
+// Subscribe registers a handler with the topic's owner and returns once the
+// owner recorded it; every publish the owner accepts afterwards reaches it.
+// A subscription is soft state held by its own node: when ownership moves,
+// every node re-registers its subscriptions with the new owner, and the new
+// owner serves the topic only once it heard from every live member.
+//
+// Publish sends a batch to the topic's owner, which groups the subscribers by
+// node and sends one batch per node on that node's inbox subject,
+// <prefix>.node.<id>. The node puts the batch in each subscriber's bounded
+// mailbox; each subscriber's handler runs on its own goroutine (only while it
+// has work). The per-subscriber outcomes travel back to the owner, which
+// answers the publisher with a PublishAck: Accepted with the delivered count
+// and every failure, or Rejected with a Reason. When publisher, owner and
+// subscriber are one node, nothing is encoded and nothing crosses NATS.
+//
+// For high rates use a BatchingProducer, which batches, pipelines and keeps
+// per-message futures. Every decision the library makes is observable on
+// Node.Events.
+package pubsub
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
+)
+
+// Node is one process's participant in the cluster. It is safe for
+// concurrent use. *Node implements Publisher and Initializer.
+type Node struct {
+	cfg            Config
+	nc             *nats.Conn
+	id             string
+	incarnation    uint64
+	inbox          string
+	membersSubject string
+	log            *slog.Logger
+	rpc            *rpc
+	events         *EventStream
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	closed atomic.Bool
+
+	goroutines group
+
+	inboxSub   *nats.Subscription
+	membersSub *nats.Subscription
+
+	// Membership. memMu guards peers and history; curView is read lock-free.
+	memMu    sync.Mutex
+	peers    map[string]*peer
+	history  []*view
+	curView  atomic.Pointer[view]
+	control  serial // runs view changes in order
+	registry syncRegistry
+
+	// Owner side: one actor per topic this node has owned.
+	topicsMu sync.Mutex
+	topics   map[string]*topicActor
+
+	// Subscriber side: this node's subscriptions.
+	subsMu  sync.RWMutex
+	subs    map[string]*Subscription // by SubscriberID.Local
+	nextSub atomic.Uint64
+	subTag  string // makes SubscriberID.Local unique across incarnations
+
+	stats nodeStats
+}
+
+// Join makes a node over nc and returns once it has a stable view of the
+// existing members (or after MemberTimeout if views keep changing). The
+// caller keeps ownership of nc: Close does not close it.
+func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
+	if nc == nil {
+		return nil, fmt.Errorf("%w: nil *nats.Conn", ErrInvalidConfig)
+	}
+	if nc.IsClosed() {
+		return nil, fmt.Errorf("pubsub: join: %w: nats connection is closed", ErrClosed)
+	}
+	var cfg Config
+	for _, o := range opts {
+		if o != nil {
+			o(&cfg)
+		}
+	}
+	if err := cfg.resolve(); err != nil {
+		return nil, err
+	}
+	n := &Node{
+		cfg:            cfg,
+		nc:             nc,
+		id:             cfg.NodeID,
+		incarnation:    randomUint64() | 1,
+		inbox:          natsutil.NodeSubject(cfg.Prefix, cfg.NodeID),
+		membersSubject: natsutil.MembersSubject(cfg.Prefix),
+		log:            cfg.Logger.With("node", cfg.NodeID),
+		peers:          make(map[string]*peer),
+		topics:         make(map[string]*topicActor),
+		subs:           make(map[string]*Subscription),
+	}
+	n.subTag = fmt.Sprintf("%x", n.incarnation&0xffffff)
+	n.events = newEventStream(n)
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.control.goroutines = &n.goroutines
+	first := newView(0, []Member{n.selfMember()})
+	n.curView.Store(first)
+	n.history = []*view{first}
+	n.registry.init(n)
+	n.registry.reset(first, nil)
+
+	fail := func(err error) (*Node, error) {
+		n.shutdown()
+		return nil, fmt.Errorf("pubsub: join %s: %w", n.id, err)
+	}
+	var err error
+	if n.rpc, err = newRPC(nc); err != nil {
+		return fail(err)
+	}
+	if n.inboxSub, err = nc.Subscribe(n.inbox, n.onInbox); err != nil {
+		return fail(err)
+	}
+	// The inbox carries every delivery to this node; NATS's default pending
+	// limits would drop bursts, so they are raised deliberately.
+	if err = n.inboxSub.SetPendingLimits(inboxPendingMsgs, inboxPendingBytes); err != nil {
+		return fail(err)
+	}
+	if n.membersSub, err = nc.Subscribe(n.membersSubject, n.onMembers); err != nil {
+		return fail(err)
+	}
+	n.goroutines.add()
+	go n.heartbeatLoop()
+	if err = n.joinView(ctx); err != nil {
+		return fail(err)
+	}
+	n.log.Debug("joined", "members", len(n.view().members))
+	return n, nil
+}
+
+const (
+	inboxPendingMsgs  = 1 << 20
+	inboxPendingBytes = 512 << 20
+)
+
+// ID returns the node ID.
+func (n *Node) ID() string { return n.id }
+
+// Close leaves the cluster gracefully: it announces the leave so peers re-own
+// this node's topics at once, stops serving, ends local subscriptions with
+// ErrClosed and waits, within ctx, for the node's goroutines (including
+// running handlers). It does not close the *nats.Conn. A second Close
+// returns nil.
+func (n *Node) Close(ctx context.Context) error {
+	if !n.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	if !n.nc.IsClosed() {
+		n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
+		fctx, cancel := context.WithTimeout(ctx, time.Second)
+		_ = n.nc.FlushWithContext(fctx)
+		cancel()
+	}
+	n.shutdown()
+	if err := n.goroutines.wait(ctx); err != nil {
+		return fmt.Errorf("pubsub: close %s: waiting for handlers: %w", n.id, err)
+	}
+	return nil
+}
+
+// shutdown releases everything the node started; it never blocks.
+func (n *Node) shutdown() {
+	n.closed.Store(true)
+	for _, s := range []*nats.Subscription{n.inboxSub, n.membersSub} {
+		if s != nil {
+			_ = s.Unsubscribe()
+		}
+	}
+	n.cancel()
+	if n.rpc != nil {
+		n.rpc.close()
+	}
+	n.subsMu.Lock()
+	subs := n.subs
+	n.subs = map[string]*Subscription{}
+	n.subsMu.Unlock()
+	for _, s := range subs {
+		s.end(ErrClosed)
+	}
+	n.events.close()
+}
+
+// onInbox dispatches a message on this node's inbox. It runs on the inbox
+// subscription's goroutine and never blocks: work goes to actors.
+func (n *Node) onInbox(m *nats.Msg) {
+	var env wire.Envelope
+	if err := proto.Unmarshal(m.Data, &env); err != nil {
+		n.malformed("inbox", len(m.Data))
+		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "malformed envelope"})
+		return
+	}
+	if n.closed.Load() {
+		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_CLOSED})
+		return
+	}
+	switch b := env.Body.(type) {
+	case *wire.Envelope_Deliver:
+		n.onDeliver(b.Deliver, m.Reply)
+	case *wire.Envelope_Publish:
+		n.onPublishRequest(b.Publish, m.Reply)
+	case *wire.Envelope_Subscribe:
+		n.onSubscribeRequest(b.Subscribe, m.Reply)
+	case *wire.Envelope_Sync:
+		n.onSync(b.Sync, m.Reply)
+	case *wire.Envelope_Evict:
+		n.onEvict(b.Evict)
+	default:
+		n.malformed("inbox", len(m.Data))
+		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "unexpected message"})
+	}
+}
+
+// malformed counts a message that failed to decode. Anyone with publish
+// rights on our subjects can send garbage; it must cost nothing else.
+func (n *Node) malformed(where string, size int) {
+	n.stats.malformed.Add(1)
+	n.log.Debug("dropped malformed message", "subject", where, "bytes", size)
+}
+
+// group counts goroutines the node started, so Close can wait for them.
+// Unlike sync.WaitGroup it allows add after wait started.
+type group struct {
+	mu   sync.Mutex
+	n    int
+	zero chan struct{}
+}
+
+func (g *group) add() {
+	g.mu.Lock()
+	g.n++
+	g.mu.Unlock()
+}
+
+func (g *group) done() {
+	g.mu.Lock()
+	g.n--
+	if g.n == 0 && g.zero != nil {
+		close(g.zero)
+		g.zero = nil
+	}
+	g.mu.Unlock()
+}
+
+func (g *group) wait(ctx context.Context) error {
+	g.mu.Lock()
+	if g.n == 0 {
+		g.mu.Unlock()
+		return nil
+	}
+	if g.zero == nil {
+		g.zero = make(chan struct{})
+	}
+	ch := g.zero
+	g.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func randomID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func randomUint64() uint64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return binary.LittleEndian.Uint64(b[:])
+}

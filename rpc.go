@@ -1,0 +1,155 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
+)
+
+// rpc sends requests to node inboxes and routes the replies, through one
+// wildcard reply subscription, to callbacks. Unlike nc.Request it needs no
+// goroutine per outstanding request, so an owner can keep one delivery per
+// node and batch in flight cheaply.
+type rpc struct {
+	nc     *nats.Conn
+	prefix string // "<inbox>." ; reply subjects are prefix+token
+	sub    *nats.Subscription
+
+	mu      sync.Mutex
+	next    uint64
+	pending map[uint64]*call
+	closed  bool
+}
+
+type call struct {
+	cb    func(*wire.Reply, error)
+	timer *time.Timer
+}
+
+var errNoResponders = nats.ErrNoResponders
+
+func newRPC(nc *nats.Conn) (*rpc, error) {
+	r := &rpc{nc: nc, pending: make(map[uint64]*call)}
+	r.prefix = nc.NewInbox() + "."
+	sub, err := nc.Subscribe(r.prefix+"*", r.onReply)
+	if err != nil {
+		return nil, fmt.Errorf("pubsub: reply subscription: %w", err)
+	}
+	_ = sub.SetPendingLimits(-1, -1) // replies are bounded by what we sent
+	r.sub = sub
+	return r, nil
+}
+
+// send publishes data to subject with a reply subject and calls cb exactly
+// once: with the reply, or with an error (errNoResponders, ErrTimeout,
+// ErrClosed, a publish error). cb must not block.
+func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*wire.Reply, error)) {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		cb(nil, ErrClosed)
+		return
+	}
+	r.next++
+	tok := r.next
+	c := &call{cb: cb}
+	r.pending[tok] = c
+	c.timer = time.AfterFunc(timeout, func() { r.finish(tok, nil, fmt.Errorf("%w: no reply from %s within %v", ErrTimeout, subject, timeout)) })
+	r.mu.Unlock()
+	if err := r.nc.PublishRequest(subject, r.prefix+strconv.FormatUint(tok, 36), data); err != nil {
+		r.finish(tok, nil, err)
+	}
+}
+
+// call is the blocking form of send.
+func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, timeout time.Duration) (*wire.Reply, error) {
+	data, err := proto.Marshal(env)
+	if err != nil {
+		return nil, err
+	}
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
+		timeout = max(time.Until(dl), time.Millisecond)
+	}
+	type result struct {
+		rep *wire.Reply
+		err error
+	}
+	ch := make(chan result, 1)
+	r.send(subject, data, timeout, func(rep *wire.Reply, err error) { ch <- result{rep, err} })
+	select {
+	case res := <-ch:
+		return res.rep, res.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (r *rpc) finish(tok uint64, rep *wire.Reply, err error) {
+	r.mu.Lock()
+	c, ok := r.pending[tok]
+	if ok {
+		delete(r.pending, tok)
+	}
+	r.mu.Unlock()
+	if !ok {
+		return
+	}
+	c.timer.Stop()
+	c.cb(rep, err)
+}
+
+func (r *rpc) onReply(m *nats.Msg) {
+	i := strings.LastIndexByte(m.Subject, '.')
+	tok, err := strconv.ParseUint(m.Subject[i+1:], 36, 64)
+	if err != nil {
+		return
+	}
+	if natsutil.IsNoRespondersMsg(m) {
+		r.finish(tok, nil, errNoResponders)
+		return
+	}
+	var env wire.Envelope
+	if err := proto.Unmarshal(m.Data, &env); err != nil || env.GetReply() == nil {
+		r.finish(tok, nil, fmt.Errorf("pubsub: malformed reply: %v", err))
+		return
+	}
+	r.finish(tok, env.GetReply(), nil)
+}
+
+// close fails every pending call with ErrClosed.
+func (r *rpc) close() {
+	r.mu.Lock()
+	r.closed = true
+	pending := r.pending
+	r.pending = map[uint64]*call{}
+	r.mu.Unlock()
+	_ = r.sub.Unsubscribe()
+	for _, c := range pending {
+		c.timer.Stop()
+		c.cb(nil, ErrClosed)
+	}
+}
+
+// replyTo answers a request message; a lost reply surfaces as the
+// requester's timeout, so errors are only logged.
+func (n *Node) replyTo(subject string, rep *wire.Reply) {
+	if subject == "" {
+		return
+	}
+	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Reply{Reply: rep}})
+	if err == nil {
+		err = n.nc.Publish(subject, data)
+	}
+	if err != nil {
+		n.log.Debug("reply failed", "subject", subject, "err", err)
+	}
+}

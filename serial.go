@@ -1,0 +1,58 @@
+package pubsub
+
+import "sync"
+
+// serial runs submitted work one item at a time, in submission order, on a
+// goroutine that exists only while work is queued: an idle actor costs no
+// goroutine. It is the execution model of every actor in this package
+// (topicActor, mailbox); the state an actor owns is touched only from work
+// run by its serial.
+type serial struct {
+	mu         sync.Mutex
+	queue      []func()
+	running    bool
+	limit      int    // 0: unbounded
+	goroutines *group // counted so Close can wait; may be nil
+}
+
+// do queues f. It reports false, without queueing, when limit items wait.
+func (s *serial) do(f func()) bool {
+	s.mu.Lock()
+	if s.limit > 0 && len(s.queue) >= s.limit {
+		s.mu.Unlock()
+		return false
+	}
+	s.queue = append(s.queue, f)
+	if s.running {
+		s.mu.Unlock()
+		return true
+	}
+	s.running = true
+	if s.goroutines != nil {
+		s.goroutines.add()
+	}
+	s.mu.Unlock()
+	go s.run()
+	return true
+}
+
+func (s *serial) run() {
+	if s.goroutines != nil {
+		defer s.goroutines.done()
+	}
+	for {
+		s.mu.Lock()
+		if len(s.queue) == 0 {
+			s.running = false
+			// Let a burst's backing array go once the actor is idle.
+			s.queue = nil
+			s.mu.Unlock()
+			return
+		}
+		f := s.queue[0]
+		s.queue[0] = nil
+		s.queue = s.queue[1:]
+		s.mu.Unlock()
+		f()
+	}
+}

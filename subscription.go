@@ -1,0 +1,183 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// Handler processes one message. It runs on the subscription's own goroutine,
+// one message at a time, in the order the owner accepted them. ctx expires
+// after SubscriberTimeout for the batch. Returning an error (or panicking)
+// reports HandlerError for the batch and stops its remaining messages for
+// this subscriber.
+type Handler func(ctx context.Context, m *Message) error
+
+// Message is one delivered message. Data may be shared with other
+// subscribers on the same node: treat it as read-only.
+type Message struct {
+	Topic      string
+	Data       []byte
+	Subscriber SubscriberID // the subscription receiving it
+}
+
+// SubscriberID names one subscription in the cluster.
+type SubscriberID struct {
+	Node  string // the subscriber's Node.ID()
+	Local string // unique on that node, across restarts
+}
+
+// String returns "node/local".
+func (id SubscriberID) String() string { return id.Node + "/" + id.Local }
+
+// SubscribeOption configures one subscription.
+type SubscribeOption func(*subscribeConfig)
+
+type subscribeConfig struct {
+	mailboxSize int
+}
+
+// WithSubscriptionMailbox sets how many batches this subscription's mailbox holds
+// before deliveries fail with MailboxFull (default Config.MailboxSize).
+func WithSubscriptionMailbox(batches int) SubscribeOption {
+	return func(c *subscribeConfig) { c.mailboxSize = batches }
+}
+
+// Subscription is one handler registered for one topic.
+type Subscription struct {
+	node    *Node
+	topic   string
+	id      SubscriberID
+	handler Handler
+	mailbox serial
+
+	once sync.Once
+	done chan struct{}
+	mu   sync.Mutex
+	err  error
+}
+
+// Topic returns the subscribed topic.
+func (s *Subscription) Topic() string { return s.topic }
+
+// ID returns the subscription's cluster-wide ID.
+func (s *Subscription) ID() SubscriberID { return s.id }
+
+// Done is closed when the subscription ends: Unsubscribe, eviction, or Close
+// of its node.
+func (s *Subscription) Done() <-chan struct{} { return s.done }
+
+// Err says why the subscription ended: nil while active and after
+// Unsubscribe; an error wrapping ErrEvicted after eviction; ErrClosed after
+// the node closed.
+func (s *Subscription) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+func (s *Subscription) isDone() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// end finishes the subscription once, with err as its reason.
+func (s *Subscription) end(err error) {
+	s.once.Do(func() {
+		s.mu.Lock()
+		s.err = err
+		s.mu.Unlock()
+		close(s.done)
+	})
+}
+
+// Subscribe registers h for topic and returns once the topic's owner has
+// recorded the subscription: every publish the owner accepts afterwards
+// reaches h, until Unsubscribe, eviction or Close. On error it returns a nil
+// *Subscription.
+func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
+	if err := validateTopic(topic); err != nil {
+		return nil, err
+	}
+	if h == nil {
+		return nil, fmt.Errorf("pubsub: subscribe %q: nil handler", topic)
+	}
+	cfg := subscribeConfig{mailboxSize: n.cfg.MailboxSize}
+	for _, o := range opts {
+		if o != nil {
+			o(&cfg)
+		}
+	}
+	if cfg.mailboxSize <= 0 {
+		return nil, fmt.Errorf("%w: subscribe %q: mailbox size %d", ErrInvalidConfig, topic, cfg.mailboxSize)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
+	}
+	local := n.subTag + "-" + strconv.FormatUint(n.nextSub.Add(1), 36)
+	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.id, Local: local}, handler: h, done: make(chan struct{})}
+	s.mailbox.limit = cfg.mailboxSize
+	s.mailbox.goroutines = &n.goroutines
+	// Registered locally first: the node is the source of truth, so a sync
+	// sent during the request already carries it.
+	n.subsMu.Lock()
+	if n.closed.Load() {
+		n.subsMu.Unlock()
+		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, ErrClosed)
+	}
+	n.subs[local] = s
+	n.subsMu.Unlock()
+	if err := n.registerWithOwner(ctx, s, false); err != nil {
+		n.subsMu.Lock()
+		delete(n.subs, local)
+		n.subsMu.Unlock()
+		s.end(err)
+		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
+	}
+	n.log.Debug("subscribed", "topic", topic, "subscriber", s.id.String())
+	return s, nil
+}
+
+// Unsubscribe removes the subscription locally (so no further message reaches
+// its handler) and then at the owner, and returns once the owner
+// acknowledged. The subscription is ended either way; the error says whether
+// the owner confirmed. Unsubscribing an ended subscription returns nil.
+func (s *Subscription) Unsubscribe(ctx context.Context) error {
+	n := s.node
+	n.subsMu.Lock()
+	_, active := n.subs[s.id.Local]
+	delete(n.subs, s.id.Local)
+	n.subsMu.Unlock()
+	if !active {
+		return nil
+	}
+	s.end(nil)
+	if err := n.registerWithOwner(ctx, s, true); err != nil {
+		return fmt.Errorf("pubsub: unsubscribe %s from %q: %w", s.id, s.topic, err)
+	}
+	return nil
+}
+
+// registerWithOwner sends a subscribe (or unsubscribe) to the topic's owner
+// and waits for its acknowledgement, following ownership changes.
+func (n *Node) registerWithOwner(ctx context.Context, s *Subscription, unsubscribe bool) error {
+	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: s.topic, Subscriber: s.id.Local, Unsubscribe: unsubscribe}
+	_, err := n.toOwner(ctx, s.topic, func(v *view) *wire.Envelope {
+		req.ViewId = v.id
+		return &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}}
+	}, func(a *topicActor, answer func(ownerAnswer)) {
+		a.subscribe(req.GetFrom(), req.GetSubscriber(), unsubscribe, answer)
+	}, n.cfg.RequestTimeout)
+	if errors.Is(err, ErrClosed) && unsubscribe {
+		return nil // our own node is closing: the owner drops us anyway
+	}
+	return err
+}

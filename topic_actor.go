@@ -1,0 +1,375 @@
+package pubsub
+
+import (
+	"slices"
+	"sync"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// topicActor is the owner side of one topic: the subscriber set grouped by
+// node, batch fan-out, and eviction. Its fields below s are touched only by
+// work running on s.
+type topicActor struct {
+	n     *Node
+	topic string
+	s     serial
+
+	epoch uint64 // view epoch the state was reconciled to; noEpoch when fresh
+	owned bool   // this node owns the topic in view epoch
+	ready bool   // the subscriber set is complete for epoch
+	seq   uint64
+	nodes map[string]*nodeSubscribers
+	fails map[SubscriberID]int // consecutive failures, for eviction
+}
+
+const noEpoch = ^uint64(0)
+
+// nodeSubscribers is one node's subscribers of one topic.
+type nodeSubscribers struct {
+	set  map[string]struct{}
+	list []string // sorted cache of set; nil when stale
+}
+
+func (ns *nodeSubscribers) locals() []string {
+	if ns.list == nil {
+		ns.list = make([]string, 0, len(ns.set))
+		for l := range ns.set {
+			ns.list = append(ns.list, l)
+		}
+		slices.Sort(ns.list)
+	}
+	return ns.list
+}
+
+// ownerAnswer is an owner's answer to a subscribe or publish, local or remote.
+type ownerAnswer struct {
+	code   wire.Reply_Code
+	viewID uint64
+	ack    PublishAck
+}
+
+// actor returns the topic's actor, creating it.
+func (n *Node) actor(topic string) *topicActor {
+	n.topicsMu.Lock()
+	defer n.topicsMu.Unlock()
+	a := n.topics[topic]
+	if a == nil {
+		a = &topicActor{n: n, topic: topic, epoch: noEpoch}
+		a.s.goroutines = &n.goroutines
+		n.topics[topic] = a
+	}
+	return a
+}
+
+// reconcile brings the actor's state to the node's current view: it keeps
+// serving a topic it owned throughout, drops subscribers of departed nodes,
+// and rebuilds a topic it gained from the members' syncs.
+func (a *topicActor) reconcile() *view {
+	n := a.n
+	v := n.view()
+	if a.epoch != v.epoch {
+		owned := v.ownerOf(a.topic).ID == n.id
+		keep := owned && a.owned && a.ready && n.ownedThroughout(a.topic, a.epoch, v.epoch)
+		if keep {
+			for id := range a.nodes {
+				if _, ok := v.member(id); !ok {
+					a.dropNode(id)
+				}
+			}
+		} else {
+			if a.owned && !owned {
+				n.log.Debug("topic moved away", "topic", a.topic, "owner", v.ownerOf(a.topic).ID)
+			}
+			a.nodes, a.fails, a.ready = nil, nil, false
+		}
+		a.owned, a.epoch = owned, v.epoch
+	}
+	if a.owned && !a.ready {
+		if subs, ok := n.registry.take(a.topic, v.epoch); ok {
+			for node, locals := range subs {
+				for _, l := range locals {
+					a.add(node, l)
+				}
+			}
+			a.ready = true
+		}
+	}
+	return v
+}
+
+func (a *topicActor) add(node, local string) bool {
+	if a.nodes == nil {
+		a.nodes = make(map[string]*nodeSubscribers)
+	}
+	ns := a.nodes[node]
+	if ns == nil {
+		ns = &nodeSubscribers{set: make(map[string]struct{}, 1)}
+		a.nodes[node] = ns
+	}
+	if _, ok := ns.set[local]; ok {
+		return false
+	}
+	ns.set[local] = struct{}{}
+	ns.list = nil
+	return true
+}
+
+func (a *topicActor) remove(id SubscriberID) bool {
+	ns := a.nodes[id.Node]
+	if ns == nil {
+		return false
+	}
+	if _, ok := ns.set[id.Local]; !ok {
+		return false
+	}
+	delete(ns.set, id.Local)
+	ns.list = nil
+	if len(ns.set) == 0 {
+		delete(a.nodes, id.Node)
+	}
+	delete(a.fails, id)
+	return true
+}
+
+func (a *topicActor) dropNode(node string) {
+	for l := range a.nodes[node].set {
+		delete(a.fails, SubscriberID{Node: node, Local: l})
+	}
+	delete(a.nodes, node)
+}
+
+// check answers whether the actor can serve a request now.
+func (a *topicActor) check() (*view, wire.Reply_Code) {
+	v := a.reconcile()
+	switch {
+	case !a.owned:
+		return v, wire.Reply_NOT_OWNER
+	case !a.ready:
+		return v, wire.Reply_NOT_READY
+	}
+	return v, wire.Reply_OK
+}
+
+// subscribe records (or removes) one subscriber. A topic gained but not yet
+// ready still records it: the record is part of the state it will serve.
+func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe bool, answer func(ownerAnswer)) {
+	v, code := a.check()
+	if code == wire.Reply_NOT_OWNER || !v.has(from) {
+		if code == wire.Reply_OK {
+			code = wire.Reply_NOT_READY // we have not seen the sender join yet
+		}
+		answer(ownerAnswer{code: code, viewID: v.id})
+		return
+	}
+	id := SubscriberID{Node: from.GetNodeId(), Local: local}
+	if unsubscribe {
+		a.remove(id)
+	} else {
+		a.add(id.Node, id.Local)
+	}
+	answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id})
+}
+
+// publish fans an accepted batch out: one delivery per node, the local one by
+// function call, and answers once every node reported or timed out.
+func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
+	v, code := a.check()
+	if code != wire.Reply_OK {
+		answer(ownerAnswer{code: code, viewID: v.id})
+		return
+	}
+	n := a.n
+	if len(msgs) == 0 { // a readiness probe (Initialize)
+		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: PublishAck{Topic: a.topic, Status: Accepted}})
+		return
+	}
+	a.seq++
+	b := &pendingBatch{a: a, answer: answer, remaining: len(a.nodes)}
+	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: len(msgs)}
+	n.stats.published.Add(uint64(len(msgs)))
+	if len(a.nodes) == 0 {
+		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
+		return
+	}
+	var common []byte // the encoded part all remote nodes share
+	for node, ns := range a.nodes {
+		locals := ns.locals()
+		if node == n.id {
+			n.deliver(a.topic, locals, msgs, func(st []DeliveryStatus) { b.report(node, locals, st) })
+			continue
+		}
+		m, ok := v.member(node)
+		if !ok {
+			b.report(node, locals, fill(len(locals), SubscriberGone))
+			continue
+		}
+		if common == nil {
+			common, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
+				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Messages: msgs}}})
+		}
+		// Protobuf merges repeated occurrences of an embedded message, so the
+		// per-node subscriber list is appended to the shared encoding instead
+		// of re-encoding the messages for every node.
+		data, _ := proto.MarshalOptions{}.MarshalAppend(slices.Clip(common), &wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: locals}}})
+		n.rpc.send(m.Inbox, data, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout/2, func(rep *wire.Reply, err error) {
+			b.report(node, locals, remoteStatuses(n, node, len(locals), rep, err))
+		})
+	}
+}
+
+// remoteStatuses turns a node's delivery report (or its absence) into one
+// status per subscriber.
+func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) []DeliveryStatus {
+	if err == nil && rep.GetCode() == wire.Reply_OK && len(rep.GetStatuses()) == count {
+		st := make([]DeliveryStatus, count)
+		for i, s := range rep.GetStatuses() {
+			st[i] = DeliveryStatus(s)
+			if st[i] > MailboxFull {
+				st[i] = HandlerError
+			}
+		}
+		return st
+	}
+	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
+		return fill(count, SubscriberGone)
+	}
+	n.log.Debug("delivery failed", "node", node, "err", err, "code", rep.GetCode())
+	return fill(count, Timeout)
+}
+
+func fill(n int, s DeliveryStatus) []DeliveryStatus {
+	st := make([]DeliveryStatus, n)
+	for i := range st {
+		st[i] = s
+	}
+	return st
+}
+
+// pendingBatch collects the per-node reports of one accepted batch.
+type pendingBatch struct {
+	a         *topicActor
+	answer    func(ownerAnswer)
+	mu        sync.Mutex
+	remaining int
+	ack       PublishAck
+	outcomes  []subscriberOutcome
+}
+
+type subscriberOutcome struct {
+	id     SubscriberID
+	status DeliveryStatus
+}
+
+func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus) {
+	b.mu.Lock()
+	for i, s := range st {
+		id := SubscriberID{Node: node, Local: locals[i]}
+		if s == Delivered {
+			b.ack.Delivered++
+		} else {
+			b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Subscriber: id, Status: s})
+		}
+		b.outcomes = append(b.outcomes, subscriberOutcome{id, s})
+	}
+	b.remaining--
+	done := b.remaining == 0
+	b.mu.Unlock()
+	if !done {
+		return
+	}
+	a := b.a
+	a.n.stats.delivered.Add(uint64(b.ack.Delivered))
+	a.n.stats.failed.Add(uint64(len(b.ack.Failures)))
+	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack})
+	a.s.do(func() { a.account(b.outcomes) })
+}
+
+// account applies a batch's outcomes: a success resets a subscriber's
+// failure count; SubscriberGone evicts at once; other failures evict after
+// EvictAfter in a row.
+func (a *topicActor) account(outcomes []subscriberOutcome) {
+	for _, o := range outcomes {
+		if o.status == Delivered {
+			delete(a.fails, o.id)
+			continue
+		}
+		if ns := a.nodes[o.id.Node]; ns == nil {
+			continue // already removed
+		} else if _, ok := ns.set[o.id.Local]; !ok {
+			continue
+		}
+		if o.status != SubscriberGone {
+			if a.fails == nil {
+				a.fails = make(map[SubscriberID]int)
+			}
+			a.fails[o.id]++
+			if a.fails[o.id] < a.n.cfg.EvictAfter {
+				continue
+			}
+		}
+		a.remove(o.id)
+		a.n.notifyEvicted(a.topic, o.id, o.status)
+	}
+}
+
+// onPublishRequest serves a remote publisher.
+func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
+	topic := req.GetTopic()
+	if validateTopic(topic) != nil {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid topic"})
+		return
+	}
+	if v := n.view(); v.ownerOf(topic).ID != n.id {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
+		return
+	}
+	a := n.actor(topic)
+	a.s.do(func() {
+		a.publish(req.GetMessages(), func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
+	})
+}
+
+// onSubscribeRequest serves a remote subscriber's node.
+func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
+	topic := req.GetTopic()
+	if validateTopic(topic) != nil || req.GetSubscriber() == "" || req.GetFrom() == nil {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid subscribe"})
+		return
+	}
+	if v := n.view(); v.ownerOf(topic).ID != n.id {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
+		return
+	}
+	a := n.actor(topic)
+	a.s.do(func() {
+		a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
+	})
+}
+
+func (ans ownerAnswer) wire() *wire.Reply {
+	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID}
+	if ans.code == wire.Reply_OK {
+		rep.Ack = ackToWire(ans.ack)
+	}
+	return rep
+}
+
+func ackToWire(a PublishAck) *wire.Ack {
+	w := &wire.Ack{Status: uint32(a.Status), Reason: uint32(a.Reason), Messages: uint32(a.Messages), Delivered: uint32(a.Delivered)}
+	for _, f := range a.Failures {
+		w.Failures = append(w.Failures, &wire.Failure{Node: f.Subscriber.Node, Local: f.Subscriber.Local, Status: uint32(f.Status)})
+	}
+	return w
+}
+
+func ackFromWire(topic string, w *wire.Ack) PublishAck {
+	a := PublishAck{Topic: topic, Status: AckStatus(w.GetStatus()), Reason: Reason(w.GetReason()),
+		Messages: int(w.GetMessages()), Delivered: int(w.GetDelivered())}
+	for _, f := range w.GetFailures() {
+		a.Failures = append(a.Failures, DeliveryFailure{Subscriber: SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}, Status: DeliveryStatus(f.GetStatus())})
+	}
+	return a
+}
