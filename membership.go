@@ -266,7 +266,8 @@ func (n *Node) heartbeatLoop() {
 func (n *Node) sendHeartbeat(kind wire.Heartbeat_Kind, reply string) {
 	hb := &wire.Heartbeat{Kind: kind, From: n.selfRef(), ViewId: n.view().id}
 	data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
-	if err := n.nc.PublishRequest(n.membersSubject, reply, data); err != nil {
+	msg := &nats.Msg{Subject: n.membersSubject, Reply: reply, Data: data}
+	if err := n.nc.PublishMsg(msg); err != nil {
 		n.log.Debug("heartbeat failed", "err", err)
 	}
 }
