@@ -37,10 +37,12 @@ func (n *Node) deliver(topic string, locals []string, msgs [][]byte, done func([
 		return
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.SubscriberTimeout)
-	t.cancel = cancel
 	// The deadline reports every subscriber still busy as Timeout; the
 	// handler keeps its goroutine, so only its own mailbox waits for it.
+	t.mu.Lock()
+	t.cancel = cancel
 	t.stop = context.AfterFunc(ctx, t.expire)
+	t.mu.Unlock()
 	n.subsMu.RLock()
 	for i, l := range locals {
 		s := n.subs[l]
@@ -101,9 +103,12 @@ func (t *batchTracker) expire() {
 }
 
 func (t *batchTracker) finish() {
-	if t.cancel != nil {
-		t.stop()
-		t.cancel()
+	t.mu.Lock()
+	stop, cancel := t.stop, t.cancel
+	t.mu.Unlock()
+	if cancel != nil {
+		stop()
+		cancel()
 	}
 	t.done(t.statuses)
 }

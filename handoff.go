@@ -175,7 +175,7 @@ func (n *Node) sendSync(v *view, m Member) {
 	backoff := 5 * time.Millisecond
 	for n.view().id == v.id && n.ctx.Err() == nil {
 		env := &wire.Envelope{Body: &wire.Envelope_Sync{Sync: &wire.Sync{From: n.selfRef(), ViewId: v.id, Topics: n.localSync(v, m.ID)}}}
-		rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout)
+		rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0)
 		if err == nil && rep.GetCode() != wire.Reply_BAD_REQUEST {
 			return
 		}

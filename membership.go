@@ -248,6 +248,7 @@ func (n *Node) heartbeatLoop() {
 		case <-t.C:
 		}
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
+		n.checkInboxDrops()
 		n.memMu.Lock()
 		changed := false
 		for id, p := range n.peers {
@@ -360,4 +361,17 @@ func (n *Node) viewsAgree() bool {
 		}
 	}
 	return true
+}
+
+// checkInboxDrops surfaces messages NATS dropped on the inbox because the
+// node fell behind (slow consumer). The owners of the dropped deliveries see
+// them as timeouts; this makes the cause visible.
+func (n *Node) checkInboxDrops() {
+	d, err := n.inboxSub.Dropped()
+	if err != nil {
+		return
+	}
+	if prev := n.stats.inboxDropped.Swap(uint64(d)); uint64(d) > prev {
+		n.log.Warn("inbox dropped messages: slow consumer", "dropped", uint64(d)-prev, "total", d)
+	}
 }

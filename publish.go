@@ -188,7 +188,10 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 			ans, err = n.askLocal(ctx, topic, local)
 		} else {
 			var rep *wire.Reply
-			rep, err = n.rpc.call(ctx, owner.Inbox, remote(v), wait)
+			rep, err = n.rpc.call(ctx, owner.Inbox, remote(v), wait, func() bool {
+				m, ok := n.view().member(owner.ID)
+				return ok && m.Incarnation == owner.Incarnation
+			}, n.cfg.HeartbeatInterval)
 			if err == nil {
 				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId()}
 				if rep.GetCode() == wire.Reply_OK {

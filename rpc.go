@@ -33,6 +33,7 @@ type rpc struct {
 type call struct {
 	cb    func(*wire.Reply, error)
 	timer *time.Timer
+	watch *time.Timer // see watch; nil when unwatched
 }
 
 var errNoResponders = nats.ErrNoResponders
@@ -51,13 +52,14 @@ func newRPC(nc *nats.Conn) (*rpc, error) {
 
 // send publishes data to subject with a reply subject and calls cb exactly
 // once: with the reply, or with an error (errNoResponders, ErrTimeout,
-// ErrClosed, a publish error). cb must not block.
-func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*wire.Reply, error)) {
+// ErrClosed, a publish error). cb must not block. It returns a token for
+// abandon.
+func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*wire.Reply, error)) uint64 {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		cb(nil, ErrClosed)
-		return
+		return 0
 	}
 	r.next++
 	tok := r.next
@@ -68,10 +70,43 @@ func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*
 	if err := r.nc.PublishRequest(subject, r.prefix+strconv.FormatUint(tok, 36), data); err != nil {
 		r.finish(tok, nil, err)
 	}
+	return tok
 }
 
-// call is the blocking form of send.
-func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, timeout time.Duration) (*wire.Reply, error) {
+// watch fails the pending call tok with ErrTimeout as soon as alive turns
+// false (checked every interval): a peer that left the view will not answer,
+// and the caller should not wait out the whole timeout.
+func (r *rpc) watch(tok uint64, alive func() bool, interval time.Duration) {
+	var check func()
+	check = func() {
+		r.mu.Lock()
+		c, ok := r.pending[tok]
+		r.mu.Unlock()
+		if !ok {
+			return
+		}
+		if !alive() {
+			r.finish(tok, nil, fmt.Errorf("%w: peer left the cluster", ErrTimeout))
+			return
+		}
+		r.mu.Lock()
+		if _, still := r.pending[tok]; still {
+			c.watch = time.AfterFunc(interval, check)
+		}
+		r.mu.Unlock()
+	}
+	r.mu.Lock()
+	if c, ok := r.pending[tok]; ok {
+		c.watch = time.AfterFunc(interval, check)
+	}
+	r.mu.Unlock()
+}
+
+// call is the blocking form of send. While it waits, alive (if not nil) is
+// checked every interval; when it turns false the peer is gone from the view
+// and call gives up with ErrTimeout instead of waiting out the timeout: the
+// request may or may not have been processed.
+func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, timeout time.Duration, alive func() bool, interval time.Duration) (*wire.Reply, error) {
 	data, err := proto.Marshal(env)
 	if err != nil {
 		return nil, err
@@ -84,12 +119,27 @@ func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, time
 		err error
 	}
 	ch := make(chan result, 1)
-	r.send(subject, data, timeout, func(rep *wire.Reply, err error) { ch <- result{rep, err} })
-	select {
-	case res := <-ch:
-		return res.rep, res.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	tok := r.send(subject, data, timeout, func(rep *wire.Reply, err error) { ch <- result{rep, err} })
+	var tick <-chan time.Time
+	if alive != nil {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case res := <-ch:
+			return res.rep, res.err
+		case <-ctx.Done():
+			r.finish(tok, nil, ctx.Err())
+			return nil, ctx.Err()
+		case <-tick:
+			if !alive() {
+				err := fmt.Errorf("%w: %s left the cluster while the request was in flight", ErrTimeout, subject)
+				r.finish(tok, nil, err)
+				return nil, err
+			}
+		}
 	}
 }
 
@@ -98,6 +148,9 @@ func (r *rpc) finish(tok uint64, rep *wire.Reply, err error) {
 	c, ok := r.pending[tok]
 	if ok {
 		delete(r.pending, tok)
+		if c.watch != nil {
+			c.watch.Stop()
+		}
 	}
 	r.mu.Unlock()
 	if !ok {

@@ -12,10 +12,11 @@ type Stats struct {
 	DeliveryFailures  uint64 // subscriber deliveries that failed (owner side)
 	Evictions         uint64 // subscribers this node evicted as owner
 	Malformed         uint64 // malformed messages dropped
+	InboxDropped      uint64 // inbox messages NATS dropped (slow consumer)
 }
 
 type nodeStats struct {
-	published, delivered, failed, evicted, malformed atomic.Uint64
+	published, delivered, failed, evicted, malformed, inboxDropped atomic.Uint64
 }
 
 // Stats returns the node's current figures.
@@ -27,6 +28,7 @@ func (n *Node) Stats() Stats {
 		DeliveryFailures:  n.stats.failed.Load(),
 		Evictions:         n.stats.evicted.Load(),
 		Malformed:         n.stats.malformed.Load(),
+		InboxDropped:      n.stats.inboxDropped.Load(),
 	}
 	v := n.view()
 	n.topicsMu.Lock()

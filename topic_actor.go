@@ -3,10 +3,12 @@ package pubsub
 import (
 	"slices"
 	"sync"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
 // topicActor is the owner side of one topic: the subscriber set grouped by
@@ -214,10 +216,30 @@ func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
 		// per-node subscriber list is appended to the shared encoding instead
 		// of re-encoding the messages for every node.
 		data, _ := proto.MarshalOptions{}.MarshalAppend(slices.Clip(common), &wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: locals}}})
-		n.rpc.send(m.Inbox, data, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout/2, func(rep *wire.Reply, err error) {
-			b.report(node, locals, remoteStatuses(n, node, len(locals), rep, err))
-		})
+		n.deliverRemote(b, m, data, locals, time.Now().Add(n.cfg.SubscriberTimeout))
 	}
+}
+
+// deliverRemote sends one node its batch and reports the outcome to b. When
+// NATS answers "no responders" (the node's inbox interest has not reached our
+// server yet, or the node is reconnecting) nothing was delivered, so it
+// retries while the node is in the view, until the subscriber timeout.
+func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []string, until time.Time) {
+	tok := n.rpc.send(m.Inbox, data, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout/2, func(rep *wire.Reply, err error) {
+		if natsutil.IsNoResponders(err) && time.Now().Before(until) && n.ctx.Err() == nil {
+			if cur, ok := n.view().member(m.ID); ok && cur.Incarnation == m.Incarnation {
+				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, locals, until) })
+				return
+			}
+		}
+		b.report(m.ID, locals, remoteStatuses(n, m.ID, len(locals), rep, err))
+	})
+	// A node that leaves the view (crash) will not report: its subscribers
+	// are gone, and the ack need not wait for the timeout.
+	n.rpc.watch(tok, func() bool {
+		cur, ok := n.view().member(m.ID)
+		return ok && cur.Incarnation == m.Incarnation
+	}, n.cfg.HeartbeatInterval)
 }
 
 // remoteStatuses turns a node's delivery report (or its absence) into one
@@ -283,8 +305,10 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus)
 	a := b.a
 	a.n.stats.delivered.Add(uint64(b.ack.Delivered))
 	a.n.stats.failed.Add(uint64(len(b.ack.Failures)))
-	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack})
+	// Evictions are queued before the answer, so the publisher's next batch
+	// is served without the subscribers this one evicted.
 	a.s.do(func() { a.account(b.outcomes) })
+	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack})
 }
 
 // account applies a batch's outcomes: a success resets a subscriber's

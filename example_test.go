@@ -1,0 +1,192 @@
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
+)
+
+// The examples run against an embedded NATS server so that they need no
+// network; a real program connects to its existing NATS instead. They use
+// short heartbeats only to run fast.
+
+// Join a cluster over an existing NATS connection. A lone node is a cluster
+// of one: it owns every topic.
+func ExampleJoin() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close() // the node never closes the connection it was given
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithNodeID("orders-1"),
+		pubsub.WithPrefix("example"), // subjects example.members and example.node.orders-1
+		pubsub.WithHeartbeatInterval(50*time.Millisecond),
+		pubsub.WithMemberTimeout(500*time.Millisecond),
+	)
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx) // announces the leave; peers re-own its topics at once
+
+	fmt.Println("node:", node.ID())
+	fmt.Println("members:", len(node.Members()))
+	owner, _ := node.OwnerOf("orders")
+	fmt.Println("owner of orders:", owner.ID)
+	// Output:
+	// node: orders-1
+	// members: 1
+	// owner of orders: orders-1
+}
+
+// Subscribe returns once the topic's owner recorded the subscription, so a
+// publish made afterwards always reaches it. The ack of a publish arrives
+// once every subscriber the owner knew has handled the message.
+func ExampleNode_Subscribe() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(500*time.Millisecond))
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+
+	sub, err := node.Subscribe(ctx, "greetings", func(ctx context.Context, m *pubsub.Message) error {
+		fmt.Printf("received on %s: %s\n", m.Topic, m.Data)
+		return nil // an error would count as a HandlerError failure in the ack
+	})
+	if err != nil {
+		panic(err)
+	}
+
+	ack, err := node.Publish(ctx, "greetings", []byte("hello"))
+	if err != nil {
+		panic(err) // the ack is Rejected; ack.Reason says why
+	}
+	fmt.Printf("%s: delivered=%d failures=%d\n", ack.Status, ack.Delivered, len(ack.Failures))
+
+	if err := sub.Unsubscribe(ctx); err != nil {
+		panic(err)
+	}
+	<-sub.Done()
+	fmt.Println("subscription ended, err:", sub.Err())
+	// Output:
+	// received on greetings: hello
+	// accepted: delivered=1 failures=0
+	// subscription ended, err: <nil>
+}
+
+// PublishBatch sends several messages to the topic's owner in one request;
+// every subscriber receives them in order, and one ack covers the batch.
+func ExampleNode_PublishBatch() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(500*time.Millisecond))
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+
+	for _, name := range []string{"billing", "shipping"} {
+		_, err := node.Subscribe(ctx, "orders", func(ctx context.Context, m *pubsub.Message) error {
+			if name == "shipping" && string(m.Data) == "order-2" {
+				return errors.New("out of stock") // stops this batch for this subscriber
+			}
+			return nil
+		})
+		if err != nil {
+			panic(err)
+		}
+	}
+
+	batch := [][]byte{[]byte("order-1"), []byte("order-2"), []byte("order-3")}
+	ack, err := node.PublishBatch(ctx, "orders", batch)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Printf("%s: messages=%d delivered=%d\n", ack.Status, ack.Messages, ack.Delivered)
+	for _, f := range ack.Failures {
+		fmt.Println("failed:", f.Status)
+	}
+	// Output:
+	// accepted: messages=3 delivered=1
+	// failed: handler-error
+}
+
+// A rejected publish returns an error that matches the sentinel of its
+// Reason with errors.Is, so callers branch on either.
+func ExampleReason_Err() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(500*time.Millisecond))
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+
+	ack, err := node.Publish(ctx, "no spaces allowed", []byte("x"))
+	fmt.Println("status:", ack.Status)
+	fmt.Println("reason:", ack.Reason)
+	fmt.Println("errors.Is(err, ErrInvalidTopic):", errors.Is(err, pubsub.ErrInvalidTopic))
+	fmt.Println("errors.Is(err, ack.Reason.Err()):", errors.Is(err, ack.Reason.Err()))
+
+	switch {
+	case errors.Is(err, pubsub.ErrInvalidTopic), errors.Is(err, pubsub.ErrTooLarge):
+		fmt.Println("caller's bug: do not retry")
+	case errors.Is(err, pubsub.ErrTopicUnavailable), errors.Is(err, pubsub.ErrTimeout):
+		fmt.Println("transient: may retry (after ErrTimeout the message may have been delivered)")
+	}
+	// Output:
+	// status: rejected
+	// reason: invalid-topic
+	// errors.Is(err, ErrInvalidTopic): true
+	// errors.Is(err, ack.Reason.Err()): true
+	// caller's bug: do not retry
+}
