@@ -302,3 +302,35 @@ func TestMalformedMessagesDoNotDisturbNodes(t *testing.T) {
 	}
 	testcluster.WaitFor(t, 2*time.Second, func() bool { return rec.total() == 9 }, "deliveries = %d, want 9", rec.total())
 }
+
+func TestJoinWithLiveNodeIDFails(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	nc := c.Connect(t, 0)
+	n, err := pubsub.Join(ctxT(t), nc, append(fast, pubsub.WithNodeID(c.Nodes[0].ID()))...)
+	if err == nil {
+		_ = n.Close(ctxT(t))
+		t.Fatal("Join with the ID of a live node succeeded")
+	}
+	if !errors.Is(err, pubsub.ErrInvalidConfig) {
+		t.Fatalf("err = %v, want ErrInvalidConfig", err)
+	}
+}
+
+func TestJoinValidatesConfig(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	nc := c.Connect(t, 0)
+	for name, opts := range map[string][]pubsub.Option{
+		"bad node ID":      {pubsub.WithNodeID("a b")},
+		"bad prefix":       {pubsub.WithPrefix("a..b")},
+		"negative timeout": {pubsub.WithRequestTimeout(-time.Second)},
+		"member <= beat":   {pubsub.WithHeartbeatInterval(time.Second), pubsub.WithMemberTimeout(time.Second)},
+		"negative evict":   {pubsub.WithEvictAfter(-1)},
+	} {
+		if n, err := pubsub.Join(ctxT(t), nc, opts...); err == nil || n != nil || !errors.Is(err, pubsub.ErrInvalidConfig) {
+			t.Errorf("%s: Join = %v, %v; want ErrInvalidConfig", name, n, err)
+		}
+	}
+	if _, err := pubsub.Join(ctxT(t), nil); err == nil {
+		t.Error("Join with a nil connection succeeded")
+	}
+}

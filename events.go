@@ -242,3 +242,9 @@ func (s *EventStream) close() {
 
 // Events returns the node's event stream.
 func (n *Node) Events() *EventStream { return n.events }
+
+func (s *EventStream) emitEvicted(node, topic string, id SubscriberID, status DeliveryStatus) {
+	if s.enabled() {
+		s.emit(SubscriberEvicted{Node: node, Topic: topic, Subscriber: id, Status: status, Time: time.Now()})
+	}
+}

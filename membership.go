@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"slices"
 	"strings"
 	"time"
@@ -187,8 +188,12 @@ func (n *Node) onMembers(m *nats.Msg) {
 		return
 	}
 	if from.GetNodeId() == n.id {
-		if from.GetIncarnation() != n.incarnation {
-			n.log.Warn("another node uses this node's ID", "node", n.id)
+		if from.GetIncarnation() != n.incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
+			n.idConflict.Store(true)
+			n.log.Warn("another live node uses this node's ID", "node", n.id)
+			if hb.GetKind() == wire.Heartbeat_JOIN {
+				n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "") // let the joiner see us at once
+			}
 		}
 		return
 	}
@@ -343,6 +348,9 @@ func (n *Node) joinView(ctx context.Context) error {
 			}
 			n.memMu.Unlock()
 		case <-tick.C:
+		}
+		if n.idConflict.Load() {
+			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.id)
 		}
 		if time.Since(lastChange) >= quiet && n.viewsAgree() {
 			return nil

@@ -43,18 +43,18 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // merged. Do not modify the messages before PublishBatch returns.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
 	if err := validateTopic(topic); err != nil {
-		return rejected(topic, len(batch), err)
+		return n.reject(topic, len(batch), err)
 	}
 	if n.closed.Load() {
-		return rejected(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, ErrClosed))
+		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, ErrClosed))
 	}
 	if err := ctx.Err(); err != nil {
-		return rejected(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
 	}
 	limit := n.MaxMessageSize()
 	for i, m := range batch {
 		if len(m) > limit {
-			return rejected(topic, len(batch), fmt.Errorf("pubsub: publish to %q: message %d is %d bytes, limit %d: %w", topic, i, len(m), limit, ErrTooLarge))
+			return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: message %d is %d bytes, limit %d: %w", topic, i, len(m), limit, ErrTooLarge))
 		}
 	}
 	if len(batch) == 0 {
@@ -64,7 +64,7 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 	for first, chunk := range chunks(batch, limit) {
 		ack, err := n.publishChunk(ctx, topic, chunk)
 		if err != nil {
-			return rejected(topic, len(batch), err)
+			return n.reject(topic, len(batch), err)
 		}
 		if first == 0 {
 			total = ack
@@ -74,6 +74,15 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 	}
 	total.Messages = len(batch)
 	return total, nil
+}
+
+// reject builds a Rejected ack on the publisher side and emits it.
+func (n *Node) reject(topic string, messages int, err error) (PublishAck, error) {
+	ack, err := rejected(topic, messages, err)
+	if n.events.enabled() {
+		n.events.emit(PublishRejected{Node: n.id, Topic: topic, Messages: messages, Reason: ack.Reason, Time: time.Now()})
+	}
+	return ack, err
 }
 
 // MaxMessageSize is the largest message this node publishes: the connection's

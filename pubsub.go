@@ -40,6 +40,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -92,6 +93,8 @@ type Node struct {
 	subTag  string // makes SubscriberID.Local unique across incarnations
 
 	stats nodeStats
+
+	idConflict atomic.Bool // a live node with our ID and another incarnation was heard
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
@@ -114,10 +117,12 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		return nil, err
 	}
 	n := &Node{
-		cfg:            cfg,
-		nc:             nc,
-		id:             cfg.NodeID,
-		incarnation:    randomUint64() | 1,
+		cfg: cfg,
+		nc:  nc,
+		id:  cfg.NodeID,
+		// Incarnations grow with time, so peers tell a restarted node from a
+		// stale message of its previous life.
+		incarnation:    uint64(time.Now().UnixNano()),
 		inbox:          natsutil.NodeSubject(cfg.Prefix, cfg.NodeID),
 		membersSubject: natsutil.MembersSubject(cfg.Prefix),
 		log:            cfg.Logger.With("node", cfg.NodeID),
@@ -125,7 +130,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		topics:         make(map[string]*topicActor),
 		subs:           make(map[string]*Subscription),
 	}
-	n.subTag = fmt.Sprintf("%x", n.incarnation&0xffffff)
+	n.subTag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
 	n.events = newEventStream(n)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.control.goroutines = &n.goroutines

@@ -31,6 +31,7 @@ const noEpoch = ^uint64(0)
 
 // nodeSubscribers is one node's subscribers of one topic.
 type nodeSubscribers struct {
+	inc  uint64 // the node's incarnation
 	set  map[string]struct{}
 	list []string // sorted cache of set; nil when stale
 }
@@ -74,10 +75,17 @@ func (a *topicActor) reconcile() *view {
 	v := n.view()
 	if a.epoch != v.epoch {
 		owned := v.ownerOf(a.topic).ID == n.id
+		if a.epoch != noEpoch && owned != a.owned && n.events.enabled() {
+			old, next := "", v.ownerOf(a.topic).ID
+			if a.owned {
+				old = n.id
+			}
+			n.events.emit(TopicOwnerChanged{Node: n.id, Topic: a.topic, OldOwner: old, NewOwner: next, Time: time.Now()})
+		}
 		keep := owned && a.owned && a.ready && n.ownedThroughout(a.topic, a.epoch, v.epoch)
 		if keep {
-			for id := range a.nodes {
-				if _, ok := v.member(id); !ok {
+			for id, ns := range a.nodes {
+				if m, ok := v.member(id); !ok || m.Incarnation != ns.inc {
 					a.dropNode(id)
 				}
 			}
@@ -92,8 +100,9 @@ func (a *topicActor) reconcile() *view {
 	if a.owned && !a.ready {
 		if subs, ok := n.registry.take(a.topic, v.epoch); ok {
 			for node, locals := range subs {
+				m, _ := v.member(node)
 				for _, l := range locals {
-					a.add(node, l)
+					a.add(node, m.Incarnation, l)
 				}
 			}
 			a.ready = true
@@ -102,13 +111,17 @@ func (a *topicActor) reconcile() *view {
 	return v
 }
 
-func (a *topicActor) add(node, local string) bool {
+func (a *topicActor) add(node string, inc uint64, local string) bool {
 	if a.nodes == nil {
 		a.nodes = make(map[string]*nodeSubscribers)
 	}
 	ns := a.nodes[node]
+	if ns != nil && ns.inc != inc {
+		a.dropNode(node) // subscribers of the node's previous life are gone
+		ns = nil
+	}
 	if ns == nil {
-		ns = &nodeSubscribers{set: make(map[string]struct{}, 1)}
+		ns = &nodeSubscribers{inc: inc, set: make(map[string]struct{}, 1)}
 		a.nodes[node] = ns
 	}
 	if _, ok := ns.set[local]; ok {
@@ -138,9 +151,17 @@ func (a *topicActor) remove(id SubscriberID) bool {
 
 func (a *topicActor) dropNode(node string) {
 	for l := range a.nodes[node].set {
-		delete(a.fails, SubscriberID{Node: node, Local: l})
+		id := SubscriberID{Node: node, Local: l}
+		delete(a.fails, id)
+		a.n.emitSubscriberRemoved(a.topic, id)
 	}
 	delete(a.nodes, node)
+}
+
+func (n *Node) emitSubscriberRemoved(topic string, id SubscriberID) {
+	if n.events.enabled() {
+		n.events.emit(SubscriberRemoved{Node: n.id, Topic: topic, Subscriber: id, Time: time.Now()})
+	}
 }
 
 // check answers whether the actor can serve a request now.
@@ -168,9 +189,11 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 	}
 	id := SubscriberID{Node: from.GetNodeId(), Local: local}
 	if unsubscribe {
-		a.remove(id)
-	} else {
-		a.add(id.Node, id.Local)
+		if a.remove(id) {
+			a.n.emitSubscriberRemoved(a.topic, id)
+		}
+	} else if a.add(id.Node, from.GetIncarnation(), id.Local) && a.n.events.enabled() {
+		a.n.events.emit(SubscriberAdded{Node: a.n.id, Topic: a.topic, Subscriber: id, Time: time.Now()})
 	}
 	answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id})
 }
@@ -193,6 +216,7 @@ func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
 	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: len(msgs)}
 	n.stats.published.Add(uint64(len(msgs)))
 	if len(a.nodes) == 0 {
+		n.emitAccepted(b.ack)
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
 	}
@@ -308,6 +332,7 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus)
 	// Evictions are queued before the answer, so the publisher's next batch
 	// is served without the subscribers this one evicted.
 	a.s.do(func() { a.account(b.outcomes) })
+	a.n.emitAccepted(b.ack)
 	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack})
 }
 
@@ -336,6 +361,9 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 		}
 		a.remove(o.id)
 		a.n.notifyEvicted(a.topic, o.id, o.status)
+		if o.id.Node != a.n.id { // a local subscriber's eviction is emitted once, by evictLocal
+			a.n.events.emitEvicted(a.n.id, a.topic, o.id, o.status)
+		}
 	}
 }
 
@@ -396,4 +424,20 @@ func ackFromWire(topic string, w *wire.Ack) PublishAck {
 		a.Failures = append(a.Failures, DeliveryFailure{Subscriber: SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}, Status: DeliveryStatus(f.GetStatus())})
 	}
 	return a
+}
+
+// emitAccepted reports an answered batch: one PublishAccepted, one
+// DeliverySucceeded, and one DeliveryFailed per failed subscriber.
+func (n *Node) emitAccepted(ack PublishAck) {
+	if !n.events.enabled() {
+		return
+	}
+	now := time.Now()
+	n.events.emit(PublishAccepted{Node: n.id, Topic: ack.Topic, Messages: ack.Messages, Delivered: ack.Delivered, Failed: len(ack.Failures), Time: now})
+	if ack.Delivered > 0 {
+		n.events.emit(DeliverySucceeded{Node: n.id, Topic: ack.Topic, Subscribers: ack.Delivered, Messages: ack.Messages, Time: now})
+	}
+	for _, f := range ack.Failures {
+		n.events.emit(DeliveryFailed{Node: n.id, Topic: ack.Topic, Subscriber: f.Subscriber, Status: f.Status, Messages: ack.Messages, Time: now})
+	}
 }
