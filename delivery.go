@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -15,13 +16,76 @@ import (
 
 // onDeliver handles a DeliverBatch from a remote owner.
 func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
-	n.deliver(d.GetTopic(), d.GetSubscribers(), d.GetMessages(), func(st []DeliveryStatus) {
+	report := func(st []DeliveryStatus) *wire.Reply {
 		rep := &wire.Reply{Code: wire.Reply_OK, Statuses: make([]uint32, len(st))}
 		for i, s := range st {
 			rep.Statuses[i] = uint32(s)
 		}
+		return rep
+	}
+	if !d.GetAtLeastOnce() {
+		n.deliver(d.GetTopic(), d.GetSubscribers(), d.GetMessages(), func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		return
+	}
+	// At-least-once: the owner re-sends a batch it got no report for. Every
+	// copy is answered, but the batch reaches the mailboxes once.
+	key := batchKey{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), topic: d.GetTopic(), seq: d.GetSeq()}
+	n.recentMu.Lock()
+	if rb := n.recent[key]; rb != nil {
+		if rb.report == nil {
+			rb.replies = append(rb.replies, reply)
+			n.recentMu.Unlock()
+			return
+		}
+		rep := rb.report
+		n.recentMu.Unlock()
 		n.replyTo(reply, rep)
+		return
+	}
+	rb := &recentBatch{replies: []string{reply}, at: time.Now()}
+	if n.recent == nil {
+		n.recent = make(map[batchKey]*recentBatch)
+	}
+	n.recent[key] = rb
+	n.recentMu.Unlock()
+	n.deliver(d.GetTopic(), d.GetSubscribers(), d.GetMessages(), func(st []DeliveryStatus) {
+		rep := report(st)
+		n.recentMu.Lock()
+		rb.report = rep
+		replies := rb.replies
+		rb.replies = nil
+		n.recentMu.Unlock()
+		for _, r := range replies {
+			n.replyTo(r, rep)
+		}
 	})
+}
+
+// batchKey identifies one batch of one owner incarnation.
+type batchKey struct {
+	owner string
+	inc   uint64
+	topic string
+	seq   uint64
+}
+
+// recentBatch remembers an at-least-once batch so copies are not delivered twice.
+type recentBatch struct {
+	replies []string    // waiting for the report
+	report  *wire.Reply // set once every subscriber finished
+	at      time.Time
+}
+
+// forgetRecent drops remembered batches old enough that no copy can still come.
+func (n *Node) forgetRecent() {
+	horizon := time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout))
+	n.recentMu.Lock()
+	for k, rb := range n.recent {
+		if rb.report != nil && rb.at.Before(horizon) {
+			delete(n.recent, k)
+		}
+	}
+	n.recentMu.Unlock()
 }
 
 // deliver puts one batch in the mailbox of each listed local subscriber and

@@ -254,6 +254,7 @@ func (n *Node) heartbeatLoop() {
 		}
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
 		n.checkInboxDrops()
+		n.forgetRecent()
 		n.memMu.Lock()
 		changed := false
 		for id, p := range n.peers {

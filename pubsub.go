@@ -94,6 +94,10 @@ type Node struct {
 
 	stats nodeStats
 
+	// At-least-once batches recently received, for duplicate suppression.
+	recentMu sync.Mutex
+	recent   map[batchKey]*recentBatch
+
 	idConflict atomic.Bool // a live node with our ID and another incarnation was heard
 }
 

@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -221,6 +222,7 @@ func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
 		return
 	}
 	var common []byte // the encoded part all remote nodes share
+	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
 	for node, ns := range a.nodes {
 		locals := ns.locals()
 		if node == n.id {
@@ -234,25 +236,43 @@ func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
 		}
 		if common == nil {
 			common, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
-				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Messages: msgs}}})
+				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Messages: msgs, AtLeastOnce: atLeastOnce}}})
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
 		// of re-encoding the messages for every node.
 		data, _ := proto.MarshalOptions{}.MarshalAppend(slices.Clip(common), &wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: locals}}})
-		n.deliverRemote(b, m, data, locals, time.Now().Add(n.cfg.SubscriberTimeout))
+		n.deliverRemote(b, m, data, locals, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
 	}
 }
 
 // deliverRemote sends one node its batch and reports the outcome to b. When
 // NATS answers "no responders" (the node's inbox interest has not reached our
 // server yet, or the node is reconnecting) nothing was delivered, so it
-// retries while the node is in the view, until the subscriber timeout.
-func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []string, until time.Time) {
-	tok := n.rpc.send(m.Inbox, data, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout/2, func(rep *wire.Reply, err error) {
-		if natsutil.IsNoResponders(err) && time.Now().Before(until) && n.ctx.Err() == nil {
-			if cur, ok := n.view().member(m.ID); ok && cur.Incarnation == m.Incarnation {
-				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, locals, until) })
+// retries while the node is in the view, until the subscriber timeout. In
+// at-least-once mode it also re-sends when a copy got no report in a quarter
+// of the subscriber timeout; the node delivers the batch once and answers
+// every copy.
+func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []string, atLeastOnce bool, until time.Time) {
+	timeout := n.cfg.SubscriberTimeout + n.cfg.RequestTimeout/2
+	if atLeastOnce {
+		timeout = max(n.cfg.SubscriberTimeout/4, 20*time.Millisecond)
+	}
+	alive := func() bool {
+		cur, ok := n.view().member(m.ID)
+		return ok && cur.Incarnation == m.Incarnation
+	}
+	tok := n.rpc.send(m.Inbox, data, timeout, func(rep *wire.Reply, err error) {
+		retry := natsutil.IsNoResponders(err) || (atLeastOnce && errors.Is(err, ErrTimeout))
+		if retry && n.ctx.Err() == nil && alive() {
+			if natsutil.IsNoResponders(err) && time.Now().Before(until) {
+				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, locals, atLeastOnce, until) })
+				return
+			}
+			// A copy may be in the node's mailboxes: keep asking until the
+			// node's own subscriber timeout must have passed.
+			if atLeastOnce && time.Now().Before(until.Add(n.cfg.RequestTimeout/2)) {
+				n.deliverRemote(b, m, data, locals, atLeastOnce, until)
 				return
 			}
 		}
@@ -260,10 +280,7 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []st
 	})
 	// A node that leaves the view (crash) will not report: its subscribers
 	// are gone, and the ack need not wait for the timeout.
-	n.rpc.watch(tok, func() bool {
-		cur, ok := n.view().member(m.ID)
-		return ok && cur.Incarnation == m.Incarnation
-	}, n.cfg.HeartbeatInterval)
+	n.rpc.watch(tok, alive, n.cfg.HeartbeatInterval)
 }
 
 // remoteStatuses turns a node's delivery report (or its absence) into one

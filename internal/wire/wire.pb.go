@@ -681,12 +681,15 @@ func (x *Sync) GetTopics() []*TopicSubscribers {
 
 // DeliverBatch is one accepted batch for the subscribers on one node.
 type DeliverBatch struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Owner         *MemberRef             `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
-	Topic         string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
-	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
-	Subscribers   []string               `protobuf:"bytes,4,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
-	Messages      [][]byte               `protobuf:"bytes,5,rep,name=messages,proto3" json:"messages,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Owner       *MemberRef             `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
+	Topic       string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
+	Seq         uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	Subscribers []string               `protobuf:"bytes,4,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
+	Messages    [][]byte               `protobuf:"bytes,5,rep,name=messages,proto3" json:"messages,omitempty"`
+	// at_least_once: the owner may re-send this batch; the node answers every
+	// copy but hands the batch to mailboxes once.
+	AtLeastOnce   bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -754,6 +757,13 @@ func (x *DeliverBatch) GetMessages() [][]byte {
 		return x.Messages
 	}
 	return nil
+}
+
+func (x *DeliverBatch) GetAtLeastOnce() bool {
+	if x != nil {
+		return x.AtLeastOnce
+	}
+	return false
 }
 
 // Evict tells a node that the owner removed one of its subscribers.
@@ -1089,13 +1099,14 @@ const file_wire_proto_rawDesc = "" +
 	"\x04Sync\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12<\n" +
-	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\"\xa9\x01\n" +
+	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\"\xcd\x01\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12 \n" +
 	"\vsubscribers\x18\x04 \x03(\tR\vsubscribers\x12\x1a\n" +
-	"\bmessages\x18\x05 \x03(\fR\bmessages\"\x8a\x01\n" +
+	"\bmessages\x18\x05 \x03(\fR\bmessages\x12\"\n" +
+	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnce\"\x8a\x01\n" +
 	"\x05Evict\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x1e\n" +

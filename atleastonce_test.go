@@ -1,0 +1,75 @@
+package pubsub_test
+
+import (
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+func atLeastOnce(string) pubsub.DeliveryMode { return pubsub.AtLeastOnce }
+
+func TestAtLeastOnceCopiesAreDeliveredOnce(t *testing.T) {
+	c := newCluster(t, 1, 1, pubsub.WithDeliveryMode(atLeastOnce))
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[0], "alo", rec.handler)
+	raw := c.Connect(t, 0)
+	batch := &wire.DeliverBatch{
+		Owner: &wire.MemberRef{NodeId: "some-owner", Incarnation: 7}, Topic: "alo", Seq: 1,
+		Subscribers: []string{s.ID().Local}, Messages: [][]byte{[]byte("once")}, AtLeastOnce: true,
+	}
+	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		m, err := raw.Request("pubsub.node."+c.Nodes[0].ID(), data, 2*time.Second)
+		if err != nil {
+			t.Fatalf("copy %d: %v", i, err)
+		}
+		var env wire.Envelope
+		if err := proto.Unmarshal(m.Data, &env); err != nil || env.GetReply() == nil {
+			t.Fatalf("copy %d: bad reply %v", i, err)
+		}
+		if st := env.GetReply().GetStatuses(); len(st) != 1 || pubsub.DeliveryStatus(st[0]) != pubsub.Delivered {
+			t.Fatalf("copy %d: statuses %v, want [delivered]", i, st)
+		}
+	}
+	if got := rec.of(s.ID()); len(got) != 1 {
+		t.Fatalf("handler saw %q for three copies of one batch, want it once", got)
+	}
+	// An at-most-once copy is not deduplicated: the flag is what opts in.
+	batch.AtLeastOnce, batch.Seq = false, 2
+	data, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
+	for i := 0; i < 2; i++ {
+		if _, err := raw.Request("pubsub.node."+c.Nodes[0].ID(), data, 2*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := rec.of(s.ID()); len(got) != 3 {
+		t.Fatalf("handler saw %d messages, want 3", len(got))
+	}
+}
+
+func TestAtLeastOnceSurvivesSubscriberServerLoss(t *testing.T) {
+	c := newCluster(t, 3, 3, pubsub.WithDeliveryMode(atLeastOnce), pubsub.WithMemberTimeout(5*time.Second),
+		pubsub.WithSubscriberTimeout(2*time.Second))
+	topic := ownedBy(t, c.Nodes[0], "alo-loss")
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[1], topic, rec.handler)
+	ctx := ctxT(t)
+	ack, err := c.Nodes[0].Publish(ctx, topic, []byte("before"))
+	mustAccept(t, ack, err, 1)
+
+	c.ShutdownServer(1) // node 1 reconnects to another server; deliveries meanwhile are lost
+	ack, err = c.Nodes[0].Publish(ctx, topic, []byte("during"))
+	mustAccept(t, ack, err, 1)
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(rec.of(s.ID())) >= 2 }, "subscriber did not get the message sent during the outage")
+	if got := rec.of(s.ID()); len(got) != 2 || got[1] != "during" {
+		t.Fatalf("subscriber got %q, want [before during] exactly once each", got)
+	}
+}
