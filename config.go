@@ -59,6 +59,9 @@ type Config struct {
 	Logger *slog.Logger
 	// DeliveryMode returns the mode of a topic. Default: AtMostOnce for all.
 	DeliveryMode func(topic string) DeliveryMode
+	// MetricsInterval between MetricsSnapshot events. Default 10s; negative
+	// disables them (WithMetricsInterval(0) does that too).
+	MetricsInterval time.Duration
 }
 
 // Defaults of Config.
@@ -69,6 +72,7 @@ const (
 	DefaultRequestTimeout    = 5 * time.Second
 	DefaultEvictAfter        = 3
 	DefaultMailboxSize       = 1024
+	DefaultMetricsInterval   = 10 * time.Second
 )
 
 // Option changes one Config field.
@@ -110,6 +114,17 @@ func WithDeliveryMode(mode func(topic string) DeliveryMode) Option {
 	return func(c *Config) { c.DeliveryMode = mode }
 }
 
+// WithMetricsInterval sets the period of MetricsSnapshot events (default
+// 10s); 0 or negative disables them.
+func WithMetricsInterval(d time.Duration) Option {
+	return func(c *Config) {
+		if d <= 0 {
+			d = -1
+		}
+		c.MetricsInterval = d
+	}
+}
+
 // resolve fills defaults and validates.
 func (c *Config) resolve() error {
 	if c.NodeID == "" {
@@ -127,6 +142,7 @@ func (c *Config) resolve() error {
 	def(&c.MemberTimeout, DefaultMemberTimeout)
 	def(&c.SubscriberTimeout, DefaultSubscriberTimeout)
 	def(&c.RequestTimeout, DefaultRequestTimeout)
+	def(&c.MetricsInterval, DefaultMetricsInterval)
 	if c.EvictAfter == 0 {
 		c.EvictAfter = DefaultEvictAfter
 	}

@@ -79,6 +79,7 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 // reject builds a Rejected ack on the publisher side and emits it.
 func (n *Node) reject(topic string, messages int, err error) (PublishAck, error) {
 	ack, err := rejected(topic, messages, err)
+	n.stats.rejected.Add(uint64(messages))
 	if n.events.enabled() {
 		n.events.emit(PublishRejected{Node: n.id, Topic: topic, Messages: messages, Reason: ack.Reason, Time: time.Now()})
 	}
@@ -202,9 +203,15 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 				return ok && m.Incarnation == owner.Incarnation
 			}, n.cfg.HeartbeatInterval)
 			if err == nil {
-				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId()}
+				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
 				if rep.GetCode() == wire.Reply_OK {
 					ans.ack = ackFromWire(topic, rep.GetAck())
+				}
+				if rep.GetSubscribers() != nil {
+					ans.counts = make(map[string]int, len(rep.GetSubscribers()))
+					for k, c := range rep.GetSubscribers() {
+						ans.counts[k] = int(c)
+					}
 				}
 			}
 		}

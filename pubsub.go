@@ -165,6 +165,10 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	}
 	n.goroutines.add()
 	go n.heartbeatLoop()
+	if cfg.MetricsInterval > 0 {
+		n.goroutines.add()
+		go n.metricsLoop()
+	}
 	if err = n.joinView(ctx); err != nil {
 		return fail(err)
 	}

@@ -36,6 +36,13 @@ func (s *serial) do(f func()) bool {
 	return true
 }
 
+// depth returns the number of queued items.
+func (s *serial) depth() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.queue)
+}
+
 func (s *serial) run() {
 	if s.goroutines != nil {
 		defer s.goroutines.done()

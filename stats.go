@@ -1,45 +1,122 @@
 package pubsub
 
-import "sync/atomic"
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"time"
 
-// Stats are a node's figures since it joined.
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// Stats are a node's figures. Counters count since the node joined.
 type Stats struct {
-	Members           int    // members in the current view
-	TopicsOwned       int    // topics this node owns and serves
-	Subscriptions     int    // local subscriptions
-	MessagesPublished uint64 // messages accepted by this node as owner
-	Deliveries        uint64 // subscriber deliveries that succeeded (owner side)
-	DeliveryFailures  uint64 // subscriber deliveries that failed (owner side)
-	Evictions         uint64 // subscribers this node evicted as owner
-	Malformed         uint64 // malformed messages dropped
-	InboxDropped      uint64 // inbox messages NATS dropped (slow consumer)
+	Members           int            // members in the current view
+	TopicsOwned       int            // topics this node owns and holds state for
+	Subscribers       map[string]int // subscribers per owned topic (owner side)
+	Subscriptions     int            // local subscriptions
+	MaxMailboxDepth   int            // deepest local mailbox, in batches
+	MessagesPublished uint64         // messages accepted by this node as owner
+	Deliveries        uint64         // subscriber deliveries that succeeded (owner side)
+	DeliveryFailures  uint64         // subscriber deliveries that failed (owner side)
+	Rejected          uint64         // messages this node rejected as publisher
+	Evictions         uint64         // subscribers this node evicted as owner
+	Malformed         uint64         // malformed messages dropped
+	InboxDropped      uint64         // inbox messages NATS dropped (slow consumer)
 }
 
 type nodeStats struct {
-	published, delivered, failed, evicted, malformed, inboxDropped atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped atomic.Uint64
 }
 
-// Stats returns the node's current figures.
+// Stats returns the node's current figures. It takes a few locks but never
+// waits for an actor, so it is cheap enough to poll.
 func (n *Node) Stats() Stats {
 	st := Stats{
 		Members:           len(n.view().members),
+		Subscribers:       map[string]int{},
 		MessagesPublished: n.stats.published.Load(),
 		Deliveries:        n.stats.delivered.Load(),
 		DeliveryFailures:  n.stats.failed.Load(),
+		Rejected:          n.stats.rejected.Load(),
 		Evictions:         n.stats.evicted.Load(),
 		Malformed:         n.stats.malformed.Load(),
 		InboxDropped:      n.stats.inboxDropped.Load(),
 	}
 	v := n.view()
 	n.topicsMu.Lock()
-	for t := range n.topics {
+	for t, a := range n.topics {
 		if v.ownerOf(t).ID == n.id {
 			st.TopicsOwned++
+			st.Subscribers[t] = int(a.count.Load())
 		}
 	}
 	n.topicsMu.Unlock()
 	n.subsMu.RLock()
 	st.Subscriptions = len(n.subs)
+	for _, s := range n.subs {
+		st.MaxMailboxDepth = max(st.MaxMailboxDepth, s.mailbox.depth())
+	}
 	n.subsMu.RUnlock()
 	return st
+}
+
+// metricsLoop emits a MetricsSnapshot every MetricsInterval while anyone listens.
+func (n *Node) metricsLoop() {
+	defer n.goroutines.done()
+	t := time.NewTicker(n.cfg.MetricsInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+			if n.events.enabled() {
+				n.events.emit(MetricsSnapshot{Node: n.id, Stats: n.Stats(), Time: time.Now()})
+			}
+		}
+	}
+}
+
+// TopicStats describes one topic as its owner sees it.
+type TopicStats struct {
+	Topic       string
+	Owner       string         // the owner's node ID
+	Subscribers map[string]int // subscribers per node ID
+	Total       int            // all subscribers
+}
+
+// TopicStats asks the topic's owner for its subscriber counts.
+func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error) {
+	if err := validateTopic(topic); err != nil {
+		return TopicStats{}, err
+	}
+	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: topic, Stats: true}
+	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
+		req.ViewId = v.id
+		return &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}}
+	}, func(a *topicActor, answer func(ownerAnswer)) {
+		a.stats(answer)
+	}, n.cfg.RequestTimeout)
+	if err != nil {
+		return TopicStats{}, fmt.Errorf("pubsub: stats of %q: %w", topic, err)
+	}
+	ts := TopicStats{Topic: topic, Owner: ans.owner, Subscribers: ans.counts}
+	for _, c := range ans.counts {
+		ts.Total += c
+	}
+	return ts, nil
+}
+
+// stats answers a TopicStats request on the owner.
+func (a *topicActor) stats(answer func(ownerAnswer)) {
+	v, code := a.check()
+	ans := ownerAnswer{code: code, viewID: v.id, owner: a.n.id}
+	if code == wire.Reply_OK {
+		ans.counts = make(map[string]int, len(a.nodes))
+		for node, ns := range a.nodes {
+			ans.counts[node] = len(ns.set)
+		}
+	}
+	answer(ans)
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -26,6 +27,7 @@ type topicActor struct {
 	seq   uint64
 	nodes map[string]*nodeSubscribers
 	fails map[SubscriberID]int // consecutive failures, for eviction
+	count atomic.Int64         // subscribers, readable by Stats without the actor
 }
 
 const noEpoch = ^uint64(0)
@@ -53,6 +55,8 @@ type ownerAnswer struct {
 	code   wire.Reply_Code
 	viewID uint64
 	ack    PublishAck
+	owner  string         // stats answers
+	counts map[string]int // stats answers: subscribers per node
 }
 
 // actor returns the topic's actor, creating it.
@@ -95,6 +99,7 @@ func (a *topicActor) reconcile() *view {
 				n.log.Debug("topic moved away", "topic", a.topic, "owner", v.ownerOf(a.topic).ID)
 			}
 			a.nodes, a.fails, a.ready = nil, nil, false
+			a.count.Store(0)
 		}
 		a.owned, a.epoch = owned, v.epoch
 	}
@@ -130,6 +135,7 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	}
 	ns.set[local] = struct{}{}
 	ns.list = nil
+	a.count.Add(1)
 	return true
 }
 
@@ -143,6 +149,7 @@ func (a *topicActor) remove(id SubscriberID) bool {
 	}
 	delete(ns.set, id.Local)
 	ns.list = nil
+	a.count.Add(-1)
 	if len(ns.set) == 0 {
 		delete(a.nodes, id.Node)
 	}
@@ -156,6 +163,7 @@ func (a *topicActor) dropNode(node string) {
 		delete(a.fails, id)
 		a.n.emitSubscriberRemoved(a.topic, id)
 	}
+	a.count.Add(-int64(len(a.nodes[node].set)))
 	delete(a.nodes, node)
 }
 
@@ -404,7 +412,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 // onSubscribeRequest serves a remote subscriber's node.
 func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
 	topic := req.GetTopic()
-	if validateTopic(topic) != nil || req.GetSubscriber() == "" || req.GetFrom() == nil {
+	if validateTopic(topic) != nil || (req.GetSubscriber() == "" && !req.GetStats()) || req.GetFrom() == nil {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid subscribe"})
 		return
 	}
@@ -413,15 +421,24 @@ func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
 		return
 	}
 	a := n.actor(topic)
-	a.s.do(func() {
-		a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
-	})
+	answer := func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) }
+	if req.GetStats() {
+		a.s.do(func() { a.stats(answer) })
+		return
+	}
+	a.s.do(func() { a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), answer) })
 }
 
 func (ans ownerAnswer) wire() *wire.Reply {
-	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID}
+	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID, Owner: ans.owner}
 	if ans.code == wire.Reply_OK {
 		rep.Ack = ackToWire(ans.ack)
+	}
+	if ans.counts != nil {
+		rep.Subscribers = make(map[string]uint32, len(ans.counts))
+		for k, v := range ans.counts {
+			rep.Subscribers[k] = uint32(v)
+		}
 	}
 	return rep
 }

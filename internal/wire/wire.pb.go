@@ -420,12 +420,14 @@ func (x *Heartbeat) GetMembers() []*MemberRef {
 
 // SubscribeRequest registers (or removes) one subscription with a topic's owner.
 type SubscribeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	From          *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	ViewId        uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
-	Topic         string                 `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
-	Subscriber    string                 `protobuf:"bytes,4,opt,name=subscriber,proto3" json:"subscriber,omitempty"` // SubscriberID.Local on the sender
-	Unsubscribe   bool                   `protobuf:"varint,5,opt,name=unsubscribe,proto3" json:"unsubscribe,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	From        *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	ViewId      uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
+	Topic       string                 `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
+	Subscriber  string                 `protobuf:"bytes,4,opt,name=subscriber,proto3" json:"subscriber,omitempty"` // SubscriberID.Local on the sender
+	Unsubscribe bool                   `protobuf:"varint,5,opt,name=unsubscribe,proto3" json:"unsubscribe,omitempty"`
+	// stats: only ask for the topic's subscriber counts (Node.TopicStats).
+	Stats         bool `protobuf:"varint,6,opt,name=stats,proto3" json:"stats,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -491,6 +493,13 @@ func (x *SubscribeRequest) GetSubscriber() string {
 func (x *SubscribeRequest) GetUnsubscribe() bool {
 	if x != nil {
 		return x.Unsubscribe
+	}
+	return false
+}
+
+func (x *SubscribeRequest) GetStats() bool {
+	if x != nil {
+		return x.Stats
 	}
 	return false
 }
@@ -980,8 +989,11 @@ type Reply struct {
 	ViewId uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
 	Ack    *Ack                   `protobuf:"bytes,3,opt,name=ack,proto3" json:"ack,omitempty"`
 	// statuses answers a DeliverBatch: one DeliveryStatus per subscriber, in order.
-	Statuses      []uint32 `protobuf:"varint,4,rep,packed,name=statuses,proto3" json:"statuses,omitempty"`
-	Error         string   `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	Statuses []uint32 `protobuf:"varint,4,rep,packed,name=statuses,proto3" json:"statuses,omitempty"`
+	Error    string   `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// subscribers answers a stats request: subscriber count per node ID.
+	Subscribers   map[string]uint32 `protobuf:"bytes,6,rep,name=subscribers,proto3" json:"subscribers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Owner         string            `protobuf:"bytes,7,opt,name=owner,proto3" json:"owner,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1051,6 +1063,20 @@ func (x *Reply) GetError() string {
 	return ""
 }
 
+func (x *Reply) GetSubscribers() map[string]uint32 {
+	if x != nil {
+		return x.Subscribers
+	}
+	return nil
+}
+
+func (x *Reply) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
 var File_wire_proto protoreflect.FileDescriptor
 
 const file_wire_proto_rawDesc = "" +
@@ -1079,7 +1105,7 @@ const file_wire_proto_rawDesc = "" +
 	"\x04JOIN\x10\x01\x12\t\n" +
 	"\x05LEAVE\x10\x02\x12\x0e\n" +
 	"\n" +
-	"JOIN_REPLY\x10\x03\"\xb6\x01\n" +
+	"JOIN_REPLY\x10\x03\"\xcc\x01\n" +
 	"\x10SubscribeRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1087,7 +1113,8 @@ const file_wire_proto_rawDesc = "" +
 	"\n" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
-	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\"\x8e\x01\n" +
+	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\x8e\x01\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1123,13 +1150,18 @@ const file_wire_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\rR\x06reason\x12\x1a\n" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
-	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\"\xfc\x01\n" +
+	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\"\xa0\x03\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
 	"\x03ack\x18\x03 \x01(\v2\x17.clusterpubsub.wire.AckR\x03ack\x12\x1a\n" +
 	"\bstatuses\x18\x04 \x03(\rR\bstatuses\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"I\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\x12L\n" +
+	"\vsubscribers\x18\x06 \x03(\v2*.clusterpubsub.wire.Reply.SubscribersEntryR\vsubscribers\x12\x14\n" +
+	"\x05owner\x18\a \x01(\tR\x05owner\x1a>\n" +
+	"\x10SubscribersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"I\n" +
 	"\x04Code\x12\x06\n" +
 	"\x02OK\x10\x00\x12\r\n" +
 	"\tNOT_OWNER\x10\x01\x12\r\n" +
@@ -1151,7 +1183,7 @@ func file_wire_proto_rawDescGZIP() []byte {
 }
 
 var file_wire_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_wire_proto_goTypes = []any{
 	(Heartbeat_Kind)(0),      // 0: clusterpubsub.wire.Heartbeat.Kind
 	(Reply_Code)(0),          // 1: clusterpubsub.wire.Reply.Code
@@ -1167,6 +1199,7 @@ var file_wire_proto_goTypes = []any{
 	(*Failure)(nil),          // 11: clusterpubsub.wire.Failure
 	(*Ack)(nil),              // 12: clusterpubsub.wire.Ack
 	(*Reply)(nil),            // 13: clusterpubsub.wire.Reply
+	nil,                      // 14: clusterpubsub.wire.Reply.SubscribersEntry
 }
 var file_wire_proto_depIdxs = []int32{
 	4,  // 0: clusterpubsub.wire.Envelope.heartbeat:type_name -> clusterpubsub.wire.Heartbeat
@@ -1188,11 +1221,12 @@ var file_wire_proto_depIdxs = []int32{
 	11, // 16: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
 	1,  // 17: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
 	12, // 18: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	14, // 19: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
@@ -1215,7 +1249,7 @@ func file_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_proto_rawDesc), len(file_wire_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
