@@ -191,7 +191,9 @@ func (s *Subscription) handle(ctx context.Context, msgs [][]byte, t *batchTracke
 	for j, data := range msgs {
 		batch[j] = Message{Topic: s.topic, Data: data, Subscriber: s.id}
 		if err := s.call(ctx, &batch[j]); err != nil {
-			s.node.log.Debug("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err)
+			if ok, held := s.node.logLimit.allow("handler/" + s.id.Local); ok {
+				s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+			}
 			t.set(i, HandlerError)
 			return
 		}

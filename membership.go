@@ -169,6 +169,18 @@ func (n *Node) ownedThroughout(topic string, from, to uint64) bool {
 	return true
 }
 
+// viewAt returns the recent view with the given epoch, or nil.
+func (n *Node) viewAt(epoch uint64) *view {
+	n.memMu.Lock()
+	defer n.memMu.Unlock()
+	for _, v := range n.history {
+		if v.epoch == epoch {
+			return v
+		}
+	}
+	return nil
+}
+
 func (n *Node) selfMember() Member {
 	return Member{ID: n.id, Incarnation: n.incarnation, Inbox: n.inbox}
 }
@@ -255,6 +267,7 @@ func (n *Node) heartbeatLoop() {
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
 		n.checkInboxDrops()
 		n.forgetRecent()
+		n.logLimit.sweep()
 		n.memMu.Lock()
 		changed := false
 		for id, p := range n.peers {

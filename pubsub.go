@@ -92,7 +92,8 @@ type Node struct {
 	nextSub atomic.Uint64
 	subTag  string // makes SubscriberID.Local unique across incarnations
 
-	stats nodeStats
+	stats    nodeStats
+	logLimit logThrottle
 
 	// At-least-once batches recently received, for duplicate suppression.
 	recentMu sync.Mutex
@@ -136,6 +137,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	}
 	n.subTag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
 	n.events = newEventStream(n)
+	n.logLimit.interval = logThrottleInterval
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.control.goroutines = &n.goroutines
 	first := newView(0, []Member{n.selfMember()})

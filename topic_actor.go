@@ -80,12 +80,15 @@ func (a *topicActor) reconcile() *view {
 	v := n.view()
 	if a.epoch != v.epoch {
 		owned := v.ownerOf(a.topic).ID == n.id
-		if a.epoch != noEpoch && owned != a.owned && n.events.enabled() {
-			old, next := "", v.ownerOf(a.topic).ID
-			if a.owned {
-				old = n.id
+		if n.events.enabled() {
+			// Report a move this node takes part in: it owned the topic in
+			// the previous view and not now, or the other way round.
+			if prev := n.viewAt(v.epoch - 1); prev != nil {
+				was := prev.ownerOf(a.topic).ID
+				if (was == n.id) != owned {
+					n.events.emit(TopicOwnerChanged{Node: n.id, Topic: a.topic, OldOwner: was, NewOwner: v.ownerOf(a.topic).ID, Time: time.Now()})
+				}
 			}
-			n.events.emit(TopicOwnerChanged{Node: n.id, Topic: a.topic, OldOwner: old, NewOwner: next, Time: time.Now()})
 		}
 		keep := owned && a.owned && a.ready && n.ownedThroughout(a.topic, a.epoch, v.epoch)
 		if keep {
@@ -307,7 +310,9 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
 		return fill(count, SubscriberGone)
 	}
-	n.log.Debug("delivery failed", "node", node, "err", err, "code", rep.GetCode())
+	if ok, held := n.logLimit.allow("deliver/" + node); ok {
+		n.log.Warn("delivery to node failed", "node", node, "err", err, "code", rep.GetCode(), "suppressed", held)
+	}
 	return fill(count, Timeout)
 }
 
