@@ -1,0 +1,34 @@
+package pubsub
+
+import "testing"
+
+// With nobody listening, emitting costs an atomic load and no allocation.
+func TestEmitWithoutListenersAllocatesNothing(t *testing.T) {
+	n := &Node{id: "n"}
+	n.events = newEventStream(n)
+	ack := PublishAck{Topic: "t", Status: Accepted, Messages: 10, Delivered: 3,
+		Failures: []DeliveryFailure{{Subscriber: SubscriberID{Node: "a", Local: "1"}, Status: Timeout}}}
+	allocs := testing.AllocsPerRun(1000, func() {
+		n.emitAccepted(ack)
+		n.events.emitEvicted("n", "t", ack.Failures[0].Subscriber, Timeout)
+		n.emitSubscriberRemoved("t", ack.Failures[0].Subscriber)
+	})
+	if allocs != 0 {
+		t.Fatalf("emitting with no listener allocates %.1f times per call", allocs)
+	}
+	cancel := n.events.Subscribe(func(Event) {})
+	defer cancel()
+	if !n.events.enabled() {
+		t.Fatal("stream not enabled with a listener")
+	}
+}
+
+func BenchmarkEmitNoListener(b *testing.B) {
+	n := &Node{id: "n"}
+	n.events = newEventStream(n)
+	ack := PublishAck{Topic: "t", Status: Accepted, Messages: 10, Delivered: 3}
+	b.ReportAllocs()
+	for b.Loop() {
+		n.emitAccepted(ack)
+	}
+}
