@@ -35,8 +35,8 @@ func (m DeliveryMode) String() string {
 // with Options passed to Join; they apply in order, a later one overriding an
 // earlier one.
 type Config struct {
-	// NodeID names the node; unique among live nodes, a single NATS subject
-	// token ([A-Za-z0-9_-]). Default: random.
+	// NodeID names the node; unique among live nodes. Dot-separated tokens of
+	// [A-Za-z0-9_-], at most 128 bytes. Default: random.
 	NodeID string
 	// Prefix of every subject the node uses. Default "pubsub".
 	Prefix string

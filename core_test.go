@@ -334,3 +334,14 @@ func TestJoinValidatesConfig(t *testing.T) {
 		t.Error("Join with a nil connection succeeded")
 	}
 }
+
+func TestJoinWithoutDeadline(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	n, err := pubsub.Join(context.Background(), c.Connect(t, 0), fast...)
+	if err != nil {
+		t.Fatalf("Join with a context without deadline: %v", err)
+	}
+	if err := n.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}

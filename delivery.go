@@ -216,8 +216,9 @@ func (s *Subscription) call(ctx context.Context, m *Message) (err error) {
 }
 
 // onEvict ends a local subscription its owner evicted.
-func (n *Node) onEvict(e *wire.Evict) {
+func (n *Node) onEvict(e *wire.Evict, reply string) {
 	n.evictLocal(e.GetTopic(), e.GetSubscriber(), DeliveryStatus(e.GetStatus()))
+	n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK})
 }
 
 func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
@@ -247,6 +248,29 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 	if !ok {
 		return
 	}
-	n.publishEnvelope(m.Inbox, &wire.Envelope{Body: &wire.Envelope_Evict{Evict: &wire.Evict{
-		Owner: n.selfRef(), Topic: topic, Subscriber: id.Local, Status: uint32(status)}}})
+	// Acknowledged and retried: a lost notice would leave the subscription
+	// believing it is active, and the node would re-register it at the next
+	// view change.
+	env := &wire.Envelope{Body: &wire.Envelope_Evict{Evict: &wire.Evict{
+		Owner: n.selfRef(), Topic: topic, Subscriber: id.Local, Status: uint32(status)}}}
+	n.goroutines.add()
+	go func() {
+		defer n.goroutines.done()
+		backoff := 5 * time.Millisecond
+		for n.ctx.Err() == nil {
+			if cur, ok := n.view().member(m.ID); !ok || cur.Incarnation != m.Incarnation {
+				return // the node is gone, and its subscriptions with it
+			}
+			if _, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0); err == nil {
+				return
+			}
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-n.ctx.Done():
+				t.Stop()
+			}
+			backoff = min(2*backoff, 500*time.Millisecond)
+		}
+	}()
 }

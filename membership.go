@@ -313,7 +313,11 @@ func (n *Node) joinView(ctx context.Context) error {
 		return err
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	if err := n.nc.FlushWithContext(ctx); err != nil {
+	// FlushWithContext needs a deadline; Join's ctx need not have one.
+	fctx, cancel := context.WithTimeout(ctx, n.cfg.RequestTimeout)
+	err = n.nc.FlushWithContext(fctx)
+	cancel()
+	if err != nil {
 		return err
 	}
 	quiet := min(n.cfg.HeartbeatInterval, 100*time.Millisecond)

@@ -253,7 +253,7 @@ func (n *Node) onInbox(m *nats.Msg) {
 	case *wire.Envelope_Sync:
 		n.onSync(b.Sync, m.Reply)
 	case *wire.Envelope_Evict:
-		n.onEvict(b.Evict)
+		n.onEvict(b.Evict, m.Reply)
 	default:
 		n.malformed("inbox", len(m.Data))
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "unexpected message"})
