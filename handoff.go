@@ -16,19 +16,20 @@ type syncRegistry struct {
 	n        *Node
 	mu       sync.Mutex
 	view     *view
-	from     map[string]bool
+	from     map[string]bool                // members whose sync is complete
+	parts    map[string]map[uint32]bool     // parts received of split syncs
 	subs     map[string]map[string][]string // topic -> node -> subscribers
 	complete bool
 	// future keeps the latest sync of each sender for a view this node has
 	// not reached yet; it is replayed when it does.
-	future map[string]*wire.Sync
+	future map[futureKey]*wire.Sync
 }
 
 const maxFutureSyncs = 4096
 
 func (r *syncRegistry) init(n *Node) {
 	r.n = n
-	r.future = make(map[string]*wire.Sync)
+	r.future = make(map[futureKey]*wire.Sync)
 }
 
 // reset starts collecting for v, with this node's own sync. Called with memMu
@@ -36,12 +37,13 @@ func (r *syncRegistry) init(n *Node) {
 func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
 	r.mu.Lock()
 	r.view, r.from, r.subs, r.complete = v, map[string]bool{}, map[string]map[string][]string{}, false
-	r.addLocked(r.n.id, self)
-	for id, s := range r.future {
+	r.parts = map[string]map[uint32]bool{}
+	r.addLocked(&wire.Sync{From: r.n.selfRef(), ViewId: v.id, Topics: self})
+	for key, s := range r.future {
 		if s.GetViewId() == v.id {
-			delete(r.future, id)
+			delete(r.future, key)
 			if v.has(s.GetFrom()) {
-				r.addLocked(id, s.GetTopics())
+				r.addLocked(s)
 			}
 		}
 	}
@@ -56,8 +58,12 @@ func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
 func (r *syncRegistry) apply(s *wire.Sync) {
 	r.mu.Lock()
 	if s.GetViewId() != r.view.id {
-		if len(r.future) < maxFutureSyncs || r.future[s.GetFrom().GetNodeId()] != nil {
-			r.future[s.GetFrom().GetNodeId()] = s
+		key := futureKey{s.GetFrom().GetNodeId(), s.GetPart()}
+		if old := r.future[key]; old != nil || len(r.future) < maxFutureSyncs {
+			if old == nil || old.GetViewId() != s.GetViewId() || s.GetParts() != old.GetParts() {
+				r.dropFutureLocked(key.node) // a newer view of the sender replaces all its parts
+			}
+			r.future[key] = s
 		}
 		r.mu.Unlock()
 		return
@@ -66,7 +72,7 @@ func (r *syncRegistry) apply(s *wire.Sync) {
 		r.mu.Unlock()
 		return
 	}
-	r.addLocked(s.GetFrom().GetNodeId(), s.GetTopics())
+	r.addLocked(s)
 	done := r.checkLocked()
 	r.mu.Unlock()
 	if done {
@@ -74,9 +80,34 @@ func (r *syncRegistry) apply(s *wire.Sync) {
 	}
 }
 
-func (r *syncRegistry) addLocked(node string, topics []*wire.TopicSubscribers) {
-	r.from[node] = true
-	for _, t := range topics {
+func (r *syncRegistry) dropFutureLocked(node string) {
+	for k := range r.future {
+		if k.node == node {
+			delete(r.future, k)
+		}
+	}
+}
+
+// futureKey names one part of a member's sync kept for a later view.
+type futureKey struct {
+	node string
+	part uint32
+}
+
+func (r *syncRegistry) addLocked(s *wire.Sync) {
+	node := s.GetFrom().GetNodeId()
+	if parts := max(s.GetParts(), 1); parts == 1 {
+		r.from[node] = true
+	} else {
+		got := r.parts[node]
+		if got == nil {
+			got = make(map[uint32]bool, parts)
+			r.parts[node] = got
+		}
+		got[s.GetPart()] = true
+		r.from[node] = len(got) >= int(parts)
+	}
+	for _, t := range s.GetTopics() {
 		if len(t.GetSubscribers()) == 0 || r.view.ownerOf(t.GetTopic()).ID != r.n.id {
 			continue
 		}
@@ -168,27 +199,66 @@ func (n *Node) viewChanged(prev, next *view) {
 	}
 }
 
-// sendSync delivers this node's sync for v to m, retrying until m
+// sendSync delivers this node's sync for v to m, retrying each part until m
 // acknowledges it, the view changes, or the node closes.
 func (n *Node) sendSync(v *view, m Member) {
 	defer n.goroutines.done()
-	backoff := 5 * time.Millisecond
-	for n.view().id == v.id && n.ctx.Err() == nil {
-		env := &wire.Envelope{Body: &wire.Envelope_Sync{Sync: &wire.Sync{From: n.selfRef(), ViewId: v.id, Topics: n.localSync(v, m.ID)}}}
-		rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0)
-		if err == nil && rep.GetCode() != wire.Reply_BAD_REQUEST {
-			return
+	parts := splitSync(n.localSync(v, m.ID), n.MaxMessageSize())
+	for i, topics := range parts {
+		sync := &wire.Sync{From: n.selfRef(), ViewId: v.id, Topics: topics, Part: uint32(i), Parts: uint32(len(parts))}
+		env := &wire.Envelope{Body: &wire.Envelope_Sync{Sync: sync}}
+		backoff := 5 * time.Millisecond
+		for {
+			if n.view().id != v.id || n.ctx.Err() != nil {
+				return // a newer view sends its own syncs
+			}
+			rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0)
+			if err == nil && rep.GetCode() != wire.Reply_BAD_REQUEST {
+				break
+			}
+			n.log.Debug("sync not acknowledged, retrying", "member", m.ID, "err", err)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-n.ctx.Done():
+				t.Stop()
+				return
+			}
+			backoff = min(backoff*2, 500*time.Millisecond)
 		}
-		n.log.Debug("sync not acknowledged, retrying", "member", m.ID, "err", err)
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-n.ctx.Done():
-			t.Stop()
-			return
-		}
-		backoff = min(backoff*2, 500*time.Millisecond)
 	}
+}
+
+// splitSync cuts a sync's topic list into parts that each fit in limit
+// bytes; there is always at least one part, possibly empty.
+func splitSync(topics []*wire.TopicSubscribers, limit int) [][]*wire.TopicSubscribers {
+	var parts [][]*wire.TopicSubscribers
+	var cur []*wire.TopicSubscribers
+	size := 0
+	for _, t := range topics {
+		sz := len(t.GetTopic()) + 8
+		for _, s := range t.GetSubscribers() {
+			sz += len(s) + 4
+		}
+		if sz > limit {
+			// One topic with more subscribers than fit: split its list.
+			half := len(t.GetSubscribers()) / 2
+			a := &wire.TopicSubscribers{Topic: t.GetTopic(), Subscribers: t.GetSubscribers()[:half]}
+			b := &wire.TopicSubscribers{Topic: t.GetTopic(), Subscribers: t.GetSubscribers()[half:]}
+			parts = append(parts, splitSync([]*wire.TopicSubscribers{a, b}, limit)...)
+			continue
+		}
+		if size+sz > limit && len(cur) > 0 {
+			parts = append(parts, cur)
+			cur, size = nil, 0
+		}
+		cur = append(cur, t)
+		size += sz
+	}
+	if len(cur) > 0 || len(parts) == 0 {
+		parts = append(parts, cur)
+	}
+	return parts
 }
 
 // localSync lists this node's subscriptions of the topics owner owns under v.

@@ -629,10 +629,14 @@ func (x *TopicSubscribers) GetSubscribers() []string {
 // Sync carries, for view view_id, all the sender's subscriptions of the topics
 // the receiver owns under that view (possibly none).
 type Sync struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	From          *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	ViewId        uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
-	Topics        []*TopicSubscribers    `protobuf:"bytes,3,rep,name=topics,proto3" json:"topics,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	From   *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	ViewId uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
+	Topics []*TopicSubscribers    `protobuf:"bytes,3,rep,name=topics,proto3" json:"topics,omitempty"`
+	// A sync too large for one NATS message is split: part counts from 0 to
+	// parts-1; the receiver counts the sender synced once it has every part.
+	Part          uint32 `protobuf:"varint,4,opt,name=part,proto3" json:"part,omitempty"`
+	Parts         uint32 `protobuf:"varint,5,opt,name=parts,proto3" json:"parts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -686,6 +690,20 @@ func (x *Sync) GetTopics() []*TopicSubscribers {
 		return x.Topics
 	}
 	return nil
+}
+
+func (x *Sync) GetPart() uint32 {
+	if x != nil {
+		return x.Part
+	}
+	return 0
+}
+
+func (x *Sync) GetParts() uint32 {
+	if x != nil {
+		return x.Parts
+	}
+	return 0
 }
 
 // DeliverBatch is one accepted batch for the subscribers on one node.
@@ -1122,11 +1140,13 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x04 \x03(\fR\bmessages\"J\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
-	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\x90\x01\n" +
+	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\xba\x01\n" +
 	"\x04Sync\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12<\n" +
-	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\"\xcd\x01\n" +
+	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\x12\x12\n" +
+	"\x04part\x18\x04 \x01(\rR\x04part\x12\x14\n" +
+	"\x05parts\x18\x05 \x01(\rR\x05parts\"\xcd\x01\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
