@@ -261,7 +261,7 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 			if cur, ok := n.view().member(m.ID); !ok || cur.Incarnation != m.Incarnation {
 				return // the node is gone, and its subscriptions with it
 			}
-			if _, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0); err == nil {
+			if _, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil); err == nil {
 				return
 			}
 			t := time.NewTimer(backoff)

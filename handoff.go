@@ -212,7 +212,7 @@ func (n *Node) sendSync(v *view, m Member) {
 			if n.view().id != v.id || n.ctx.Err() != nil {
 				return // a newer view sends its own syncs
 			}
-			rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0)
+			rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil)
 			if err == nil && rep.GetCode() != wire.Reply_BAD_REQUEST {
 				break
 			}

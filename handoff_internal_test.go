@@ -82,11 +82,14 @@ func TestRegistryCompletesOnlyWithEveryPart(t *testing.T) {
 		t.Fatal("a sync for another view completed this one")
 	}
 	n.registry.apply(part(1, "y"))
-	subs, ok := n.registry.take(topic, v.epoch)
-	if !ok || len(subs["b"]) != 3 { // x twice (deduplicated by the actor) and y
-		t.Fatalf("take = %v, %v; want b's subscribers x, x, y", subs, ok)
-	}
+	// Completion hands the topic's subscribers to its actor, which becomes ready.
 	if err := n.goroutines.wait(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+	n.topicsMu.Lock()
+	a := n.topics[topic]
+	n.topicsMu.Unlock()
+	if a == nil || !a.ready || a.nodes["b"] == nil || len(a.nodes["b"].set) != 2 {
+		t.Fatalf("actor after completion: %+v; want ready with b's subscribers x and y", a)
 	}
 }

@@ -14,7 +14,7 @@ import (
 // fast keeps membership changes quick in tests.
 var fast = []pubsub.Option{
 	pubsub.WithHeartbeatInterval(50 * time.Millisecond),
-	pubsub.WithMemberTimeout(600 * time.Millisecond),
+	pubsub.WithMemberTimeout(time.Second),
 	pubsub.WithRequestTimeout(3 * time.Second),
 	pubsub.WithSubscriberTimeout(2 * time.Second),
 }

@@ -42,6 +42,16 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // large in total is split into several publishes, in order, and their acks
 // merged. Do not modify the messages before PublishBatch returns.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
+	return n.publishBatchIssued(ctx, topic, batch, nil)
+}
+
+// publishBatchIssued is PublishBatch that calls issued (if not nil) once the
+// batch's place in this node's order towards the owner is fixed: queued on
+// the local topic actor, or written to the connection. A BatchingProducer
+// starts its next batch then, so several can be in flight in order. A retry
+// after a redirect (ownership moving) can still reorder two batches in
+// flight.
+func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func()) (PublishAck, error) {
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, len(batch), err)
 	}
@@ -58,11 +68,18 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 		}
 	}
 	if len(batch) == 0 {
+		if issued != nil {
+			issued()
+		}
 		return PublishAck{Topic: topic, Status: Accepted}, nil
 	}
 	var total PublishAck
 	for first, chunk := range chunks(batch, limit) {
-		ack, err := n.publishChunk(ctx, topic, chunk)
+		var sig func() // only the last chunk fixes the batch's place
+		if len(chunk) > 0 && &chunk[len(chunk)-1] == &batch[len(batch)-1] {
+			sig = issued
+		}
+		ack, err := n.publishChunk(ctx, topic, chunk, sig)
 		if err != nil {
 			return n.reject(topic, len(batch), err)
 		}
@@ -133,14 +150,14 @@ func mergeAcks(a, b PublishAck) PublishAck {
 	return a
 }
 
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte) (PublishAck, error) {
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func()) (PublishAck, error) {
 	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Messages: msgs}
 	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
 		req.ViewId = v.id
 		return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: req}}
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.publish(msgs, answer)
-	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout)
+	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
 	if err != nil {
 		return PublishAck{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
 	}
@@ -156,7 +173,7 @@ func (n *Node) Initialize(ctx context.Context, topic string) error {
 		return err
 	}
 	// An empty publish is answered by a ready owner and delivers nothing.
-	_, err := n.toOwner(ctx, topic, nil, nil, 0)
+	_, err := n.toOwner(ctx, topic, nil, nil, 0, nil)
 	if err != nil {
 		return fmt.Errorf("pubsub: initialize %q: %w", topic, err)
 	}
@@ -170,8 +187,17 @@ func (n *Node) Initialize(ctx context.Context, topic string) error {
 // attempt; a remote attempt that times out fails with ErrTimeout (the outcome
 // is unknown, so it is not retried). With local == nil the request only
 // probes readiness.
+//
+// issued, if not nil, is called once, when the first attempt is queued on the
+// local actor or written to the connection.
 func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wire.Envelope,
-	local func(*topicActor, func(ownerAnswer)), wait time.Duration) (ownerAnswer, error) {
+	local func(*topicActor, func(ownerAnswer)), wait time.Duration, issued func()) (ownerAnswer, error) {
+	signal := func() {
+		if issued != nil {
+			issued()
+			issued = nil
+		}
+	}
 	deadline := time.Now().Add(n.cfg.RequestTimeout)
 	backoff := time.Millisecond
 	last := "no attempt"
@@ -195,13 +221,13 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 		var ans ownerAnswer
 		var err error
 		if owner.ID == n.id {
-			ans, err = n.askLocal(ctx, topic, local)
+			ans, err = n.askLocal(ctx, topic, local, signal)
 		} else {
 			var rep *wire.Reply
 			rep, err = n.rpc.call(ctx, owner.Inbox, remote(v), wait, func() bool {
 				m, ok := n.view().member(owner.ID)
 				return ok && m.Incarnation == owner.Incarnation
-			}, n.cfg.HeartbeatInterval)
+			}, n.cfg.HeartbeatInterval, signal)
 			if err == nil {
 				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
 				if rep.GetCode() == wire.Reply_OK {
@@ -249,10 +275,11 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 }
 
 // askLocal runs a request on this node's actor for topic and waits for its answer.
-func (n *Node) askLocal(ctx context.Context, topic string, local func(*topicActor, func(ownerAnswer))) (ownerAnswer, error) {
+func (n *Node) askLocal(ctx context.Context, topic string, local func(*topicActor, func(ownerAnswer)), queued func()) (ownerAnswer, error) {
 	ch := make(chan ownerAnswer, 1)
 	a := n.actor(topic)
 	a.s.do(func() { local(a, func(ans ownerAnswer) { ch <- ans }) })
+	queued()
 	select {
 	case ans := <-ch:
 		return ans, nil
@@ -270,3 +297,5 @@ func validateTopic(topic string) error {
 	}
 	return nil
 }
+
+var _ orderedPublisher = (*Node)(nil)

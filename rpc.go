@@ -106,7 +106,9 @@ func (r *rpc) watch(tok uint64, alive func() bool, interval time.Duration) {
 // checked every interval; when it turns false the peer is gone from the view
 // and call gives up with ErrTimeout instead of waiting out the timeout: the
 // request may or may not have been processed.
-func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, timeout time.Duration, alive func() bool, interval time.Duration) (*wire.Reply, error) {
+//
+// sent, if not nil, is called once the request is written to the connection.
+func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, timeout time.Duration, alive func() bool, interval time.Duration, sent func()) (*wire.Reply, error) {
 	data, err := proto.Marshal(env)
 	if err != nil {
 		return nil, err
@@ -120,6 +122,9 @@ func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, time
 	}
 	ch := make(chan result, 1)
 	tok := r.send(subject, data, timeout, func(rep *wire.Reply, err error) { ch <- result{rep, err} })
+	if sent != nil {
+		sent()
+	}
 	var tick <-chan time.Time
 	if alive != nil {
 		t := time.NewTicker(interval)

@@ -97,7 +97,7 @@ func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error)
 		return &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}}
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.stats(answer)
-	}, n.cfg.RequestTimeout)
+	}, n.cfg.RequestTimeout, nil)
 	if err != nil {
 		return TopicStats{}, fmt.Errorf("pubsub: stats of %q: %w", topic, err)
 	}

@@ -175,7 +175,7 @@ func (n *Node) registerWithOwner(ctx context.Context, s *Subscription, unsubscri
 		return &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}}
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.subscribe(req.GetFrom(), req.GetSubscriber(), unsubscribe, answer)
-	}, n.cfg.RequestTimeout)
+	}, n.cfg.RequestTimeout, nil)
 	if errors.Is(err, ErrClosed) && unsubscribe {
 		return nil // our own node is closing: the owner drops us anyway
 	}

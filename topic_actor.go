@@ -390,6 +390,14 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			}
 		}
 		a.remove(o.id)
+		if o.status == SubscriberGone {
+			// Its node no longer has it, or left the view. Nothing to tell:
+			// a node wrongly suspected re-registers its live subscriptions
+			// by sync when it reappears, and a notice would end them.
+			a.n.stats.evicted.Add(1)
+			a.n.events.emitEvicted(a.n.id, a.topic, o.id, o.status)
+			continue
+		}
 		a.n.notifyEvicted(a.topic, o.id, o.status)
 		if o.id.Node != a.n.id { // a local subscriber's eviction is emitted once, by evictLocal
 			a.n.events.emitEvicted(a.n.id, a.topic, o.id, o.status)

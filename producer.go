@@ -1,0 +1,331 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// How the producer works, for maintainers:
+//
+//   - Intake. Produce appends an entry to a mutex-guarded slice and, only when
+//     the actor asked to hear about it (wakeLen/wakeBytes), nudges it through
+//     a 1-buffered channel. There is no goroutine and no channel per message:
+//     futures come from small slabs and allocate their done channel only when
+//     someone calls Done, or Wait before completion.
+//   - Batches. One goroutine, the actor, alone changes the producer's state.
+//     It swaps the intake slice for its own drained one and cuts batches from
+//     it, dropping messages whose context is already done. Each attempt runs
+//     on its own goroutine, which reports back on a channel; attempts start
+//     in batch order, and the next one starts only once the previous one was
+//     issued (see orderedPublisher).
+//   - Order. Batches sit in a FIFO; futures are completed from its head only,
+//     so they complete in produce order whatever order the attempts finish
+//     in. Flush relies on it: it waits for the last future.
+//   - Errors. A failed attempt goes to OnPublishError on the actor's
+//     goroutine. While a batch waits to be retried no new batch starts.
+//   - Shutdown. Close stops intake and lets the actor drain; if Close's ctx
+//     ends first it cancels the producer's lifetime context, which aborts
+//     attempts and retry waits, and the actor fails what is left with
+//     ErrClosed. The actor returns once no attempt goroutine is left.
+
+// BatchingProducer publishes single messages to one topic in batches.
+// Produce queues a message and returns its future at once; the producer's
+// goroutine cuts batches of up to BatchSize messages (sent at once when
+// nothing is in flight, or after Linger) and publishes them through a
+// Publisher, usually a *Node, in order, retrying or failing them as
+// OnPublishError decides. Every message's future completes with its batch's
+// PublishAck or with why it was not published. Messages produced from one
+// goroutine reach every subscriber in produce order.
+//
+// A BatchingProducer is safe for concurrent use. Close it to release its
+// goroutine.
+type BatchingProducer struct {
+	pub    Publisher
+	init   Initializer // nil when pub does not implement it
+	topic  string
+	cfg    ProducerConfig
+	maxMsg int // largest message Produce accepts
+
+	ctx       context.Context // the producer's lifetime: cancelled when Close gives up
+	cancel    context.CancelFunc
+	wake      chan struct{}     // 1-buffered nudge from Produce, Flush and Close
+	events    chan attemptEvent // attempt goroutines report here
+	exited    chan struct{}     // closed when the actor returns
+	abandoned atomic.Bool       // the actor failed work because the lifetime ended
+	full      *Produced         // shared future, already done with ErrQueueFull
+
+	// mu guards the intake, shared by Produce, Flush, Close and the actor.
+	mu        sync.Mutex
+	in        []producerEntry // appended by Produce, swapped out by the actor
+	queued    int             // messages queued and not yet cut into a batch
+	qbytes    int             // their size, counted as in a batch
+	firstAt   time.Time       // when the queue last went from empty to non-empty
+	seq       uint64          // messages ever queued
+	cutSeq    uint64          // messages ever taken out of the queue
+	flushSeq  uint64          // the first flushSeq messages go out without lingering
+	wakeLen   int             // Produce nudges the actor when queued reaches it...
+	wakeBytes int             // ...or qbytes reaches this
+	closed    *Produced       // once intake stopped: the done future Produce returns
+	closing   bool            // Close was called: drain, then return
+	last      *Produced       // future of the last queued message
+	slab      []Produced      // futures not yet handed out
+
+	// Actor state: touched only by the producer goroutine.
+	pend        []producerEntry // taken from in; pend[pendHead:] still queued
+	pendHead    int
+	fifo        []*producerBatch // batches cut and not yet completed, in order
+	free        []*producerBatch // recycled batches
+	active      int              // batches issued and not resolved (running or awaiting retry)
+	running     int              // attempt goroutines alive
+	retrying    int              // batches that failed and will be retried
+	gate        uint64           // attempt that must be issued before the next starts; 0: none
+	nextID      uint64           // attempt IDs
+	initialized bool             // Initialize succeeded (or pub is no Initializer)
+	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
+	dead        bool             // the lifetime context ended
+}
+
+// producerEntry is one queued message.
+type producerEntry struct {
+	ctx     context.Context
+	data    []byte
+	fut     *Produced
+	dropped bool // its context ended before the batch was sent
+}
+
+// producerBatch is one batch from its cut until its futures complete.
+type producerBatch struct {
+	entries  []producerEntry // in produce order, dropped ones included
+	msgs     [][]byte        // the data of the entries not dropped
+	state    batchState
+	id       uint64 // ID of the current attempt
+	failures int    // failed attempts so far
+	retryAt  time.Time
+	retrying bool           // counted in BatchingProducer.retrying
+	last     *produceResult // outcome of the last failed attempt
+	res      *produceResult // final outcome of the entries not dropped
+	reuse    bool           // msgs may be reused: the publisher holds no reference
+}
+
+type batchState uint8
+
+const (
+	batchCut       batchState = iota // cut, never issued
+	batchRunning                     // an attempt is running
+	batchRetryWait                   // failed, waiting for retryAt
+	batchResolved                    // outcome known; futures complete when it reaches the FIFO head
+)
+
+// attemptEvent is an attempt goroutine's report to the actor.
+type attemptEvent struct {
+	id          uint64
+	b           *producerBatch
+	issued      bool // only an issue notice: the next batch may start
+	initialized bool // Initialize succeeded during this attempt
+	ack         PublishAck
+	err         error
+}
+
+// orderedPublisher is implemented by a Publisher that can tell when a
+// batch's place in its per-publisher order is fixed (for a Node: once the
+// request is queued on the owner's topic actor, or written to the NATS
+// connection, as one request). A BatchingProducer with MaxInFlight > 1
+// starts the next batch only after issued was called (or the call
+// returned), so batches keep their order while several are in flight.
+//
+// A publisher without it gets one batch at a time whatever MaxInFlight
+// says: two PublishBatch calls started one after the other from two
+// goroutines may reach the owner in either order (the second can simply be
+// scheduled first, or take less time to validate and encode), and the order
+// of messages is a guarantee while pipelining is only an optimisation.
+//
+// issued must be called at most once, and not after the call returned.
+type orderedPublisher interface {
+	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func()) (PublishAck, error)
+}
+
+// messageSizer is implemented by publishers that know their message size
+// limit; *Node does.
+type messageSizer interface {
+	MaxMessageSize() int
+}
+
+// NewBatchingProducer returns a producer of messages for topic, published
+// through p, and starts its goroutine. Zero fields of cfg take their
+// defaults; a negative one fails with ErrInvalidConfig, an invalid topic with
+// ErrInvalidTopic. Call Close to stop the goroutine.
+func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*BatchingProducer, error) {
+	if n, isNode := p.(*Node); p == nil || (isNode && n == nil) {
+		return nil, fmt.Errorf("%w: producer: nil Publisher", ErrInvalidConfig)
+	}
+	if err := validateTopic(topic); err != nil {
+		return nil, fmt.Errorf("pubsub: producer: %w", err)
+	}
+	switch {
+	case cfg.BatchSize < 0:
+		return nil, fmt.Errorf("%w: producer: BatchSize %d is negative", ErrInvalidConfig, cfg.BatchSize)
+	case cfg.MaxBatchBytes < 0:
+		return nil, fmt.Errorf("%w: producer: MaxBatchBytes %d is negative", ErrInvalidConfig, cfg.MaxBatchBytes)
+	case cfg.Linger < 0:
+		return nil, fmt.Errorf("%w: producer: Linger %v is negative", ErrInvalidConfig, cfg.Linger)
+	case cfg.MaxQueueSize < 0:
+		return nil, fmt.Errorf("%w: producer: MaxQueueSize %d is negative", ErrInvalidConfig, cfg.MaxQueueSize)
+	case cfg.PublishTimeout < 0:
+		return nil, fmt.Errorf("%w: producer: PublishTimeout %v is negative", ErrInvalidConfig, cfg.PublishTimeout)
+	case cfg.MaxInFlight < 0:
+		return nil, fmt.Errorf("%w: producer: MaxInFlight %d is negative", ErrInvalidConfig, cfg.MaxInFlight)
+	}
+	if cfg.BatchSize == 0 {
+		cfg.BatchSize = DefaultBatchSize
+	}
+	limit := 0 // the publisher's own message size limit, when it has one
+	if s, ok := p.(messageSizer); ok {
+		limit = s.MaxMessageSize()
+	}
+	if cfg.MaxBatchBytes == 0 {
+		cfg.MaxBatchBytes = DefaultMaxBatchBytes
+		if limit > 0 {
+			cfg.MaxBatchBytes = limit
+		}
+	}
+	if cfg.MaxQueueSize == 0 {
+		cfg.MaxQueueSize = DefaultMaxQueueSize
+	}
+	if cfg.PublishTimeout == 0 {
+		cfg.PublishTimeout = DefaultPublishTimeout
+	}
+	if cfg.MaxInFlight == 0 {
+		cfg.MaxInFlight = DefaultMaxInFlight
+	}
+	if cfg.OnPublishError == nil {
+		cfg.OnPublishError = func(int, error) ErrorDecision { return FailBatchAndStop }
+	}
+	bp := &BatchingProducer{
+		pub:       p,
+		topic:     topic,
+		cfg:       cfg,
+		maxMsg:    cfg.MaxBatchBytes,
+		wake:      make(chan struct{}, 1),
+		events:    make(chan attemptEvent, 2*cfg.MaxInFlight),
+		exited:    make(chan struct{}),
+		wakeLen:   1,
+		wakeBytes: math.MaxInt,
+	}
+	if limit > 0 && limit < bp.maxMsg {
+		bp.maxMsg = limit
+	}
+	bp.init, _ = p.(Initializer)
+	bp.initialized = bp.init == nil
+	bp.full = doneFuture(bp.failure(fmt.Errorf("pubsub: producer for %q: %d messages queued: %w", topic, cfg.MaxQueueSize, ErrQueueFull)))
+	bp.ctx, bp.cancel = context.WithCancel(context.Background())
+	go bp.run()
+	return bp, nil
+}
+
+// Topic returns the topic the producer publishes to.
+func (p *BatchingProducer) Topic() string { return p.topic }
+
+// Produce queues data for publishing and returns its future at once; it
+// never blocks. The future is already done when data is larger than
+// MaxBatchBytes (ErrTooLarge), when MaxQueueSize messages are queued
+// (ErrQueueFull), when ctx has ended (its error), and after Close or after
+// the producer stopped (ErrClosed). Futures already done with ErrQueueFull or
+// ErrClosed may be shared between calls.
+//
+// If ctx ends before the message's batch is sent (or retried), the message
+// is left out of it and its future completes with ctx's error
+// (ReasonCancelled). Data is not copied: do not modify it until the future
+// is done.
+func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
+	if len(data) > p.maxMsg {
+		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes, limit %d: %w", p.topic, len(data), p.maxMsg, ErrTooLarge)))
+	}
+	if err := ctx.Err(); err != nil {
+		return doneFuture(cancelled(p.topic, err))
+	}
+	p.mu.Lock()
+	if p.closed != nil {
+		f := p.closed
+		p.mu.Unlock()
+		return f
+	}
+	if p.queued >= p.cfg.MaxQueueSize {
+		p.mu.Unlock()
+		return p.full
+	}
+	if len(p.slab) == 0 {
+		p.slab = make([]Produced, futureSlab)
+	}
+	f := &p.slab[0]
+	p.slab = p.slab[1:]
+	p.in = append(p.in, producerEntry{ctx: ctx, data: data, fut: f})
+	p.queued++
+	p.qbytes += len(data) + batchOverhead
+	p.seq++
+	p.last = f
+	if p.queued == 1 && p.cfg.Linger > 0 {
+		p.firstAt = time.Now()
+	}
+	wake := p.queued >= p.wakeLen || p.qbytes >= p.wakeBytes
+	if wake {
+		p.wakeLen, p.wakeBytes = math.MaxInt, math.MaxInt // the actor resets them
+	}
+	p.mu.Unlock()
+	if wake {
+		p.nudge()
+	}
+	return f
+}
+
+// Flush sends every queued message without waiting for Linger and returns
+// nil once every message produced before the call is done, whatever its
+// outcome; it returns ctx's error if ctx ends first.
+func (p *BatchingProducer) Flush(ctx context.Context) error {
+	p.mu.Lock()
+	last := p.last
+	p.flushSeq = p.seq
+	p.mu.Unlock()
+	if last == nil || last.res.Load() != nil {
+		return nil
+	}
+	p.nudge()
+	select {
+	case <-last.Done():
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close stops intake (a later Produce returns ErrClosed), publishes what is
+// queued while ctx allows (with retries, if OnPublishError asks for them),
+// and returns once the producer's goroutine has ended. If ctx ends first,
+// Close aborts the attempts in flight and the retry waits, completes every
+// unfinished future with ErrClosed and returns ctx's error. A producer
+// stopped by FailBatchAndStop closes with nil. A second Close waits like the
+// first and returns nil.
+func (p *BatchingProducer) Close(ctx context.Context) error {
+	p.mu.Lock()
+	again := p.closing
+	p.closing = true
+	if p.closed == nil {
+		p.closed = doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, ErrClosed)))
+	}
+	p.mu.Unlock()
+	p.nudge()
+	select {
+	case <-p.exited:
+		return nil
+	case <-ctx.Done():
+	}
+	p.cancel()
+	<-p.exited // the attempts in flight return promptly once their context is cancelled
+	if again || !p.abandoned.Load() {
+		return nil
+	}
+	return ctx.Err()
+}

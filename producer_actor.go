@@ -1,0 +1,466 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sync/atomic"
+	"time"
+)
+
+// nudge wakes the actor without blocking.
+func (p *BatchingProducer) nudge() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run is the actor: it alone changes the producer's state below mu.
+func (p *BatchingProducer) run() {
+	defer close(p.exited)
+	defer p.cancel()
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	lifetime := p.ctx.Done()
+	for {
+		next := p.pump()
+		if p.finished() {
+			return
+		}
+		if next.IsZero() {
+			timer.Stop()
+		} else {
+			timer.Reset(time.Until(next))
+		}
+		select {
+		case <-p.wake:
+		case ev := <-p.events:
+			p.onEvent(ev)
+		case <-timer.C:
+		case <-lifetime:
+			lifetime = nil
+			p.abandon()
+		}
+	}
+}
+
+// finished reports whether the actor may return: intake stopped and
+// drained, every future completed and no attempt goroutine left.
+func (p *BatchingProducer) finished() bool {
+	if len(p.fifo) > 0 || p.running > 0 {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.closed != nil && p.queued == 0 && (p.closing || p.stopping || p.dead)
+}
+
+// pump does everything that can be done now: completes the futures of
+// resolved batches, starts due retries and new batches, and tells Produce
+// when to nudge next. It returns when the actor must wake up by itself next
+// (zero: never).
+func (p *BatchingProducer) pump() time.Time {
+	for {
+		p.completeHead()
+		now := time.Now()
+		if p.retryDue(now) {
+			continue
+		}
+		p.mu.Lock()
+		can := p.canIssue()
+		linger := p.firstAt.Add(p.cfg.Linger)
+		if can && p.queued > 0 && (p.cfg.Linger == 0 || !now.Before(linger) ||
+			p.queued >= p.cfg.BatchSize || p.qbytes >= p.cfg.MaxBatchBytes ||
+			p.closing || p.flushSeq > p.cutSeq) {
+			p.mu.Unlock()
+			p.cutAndIssue()
+			continue
+		}
+		var next time.Time
+		switch {
+		case !can: // a result will wake us
+			p.wakeLen, p.wakeBytes = math.MaxInt, math.MaxInt
+		case p.queued == 0:
+			p.wakeLen, p.wakeBytes = 1, math.MaxInt
+		default: // lingering: wake when the batch is full or Linger is over
+			p.wakeLen, p.wakeBytes = p.cfg.BatchSize, p.cfg.MaxBatchBytes
+			next = linger
+		}
+		p.mu.Unlock()
+		for _, b := range p.fifo {
+			if b.state == batchRetryWait && (next.IsZero() || b.retryAt.Before(next)) {
+				next = b.retryAt
+			}
+		}
+		return next
+	}
+}
+
+// canIssue reports whether a new batch may start now.
+func (p *BatchingProducer) canIssue() bool {
+	return !p.stopping && !p.dead && p.active < p.cfg.MaxInFlight && p.retrying == 0 && p.gate == 0 &&
+		(p.initialized || p.active == 0) // the first batch initializes alone
+}
+
+// cutAndIssue takes the next batch from the queue and starts publishing it.
+// Messages whose context ended are kept in the batch, to complete in order,
+// but not sent; a batch with nothing left to send is not published.
+func (p *BatchingProducer) cutAndIssue() {
+	b := p.newBatch()
+	taken, takenBytes, size := 0, 0, 0
+	for len(b.msgs) < p.cfg.BatchSize {
+		if p.pendHead == len(p.pend) {
+			p.mu.Lock()
+			if len(p.in) == 0 {
+				p.mu.Unlock()
+				break
+			}
+			p.pend, p.in = p.in, p.pend[:0] // pend is drained and zeroed
+			p.pendHead = 0
+			p.mu.Unlock()
+		}
+		e := &p.pend[p.pendHead]
+		sz := len(e.data) + batchOverhead
+		live := e.ctx.Err() == nil
+		if live && len(b.msgs) > 0 && size+sz > p.cfg.MaxBatchBytes {
+			break
+		}
+		p.pendHead++
+		taken++
+		takenBytes += sz
+		b.entries = append(b.entries, producerEntry{ctx: e.ctx, data: e.data, fut: e.fut, dropped: !live})
+		if live {
+			b.msgs = append(b.msgs, e.data)
+			size += sz
+		}
+		*e = producerEntry{} // release the references
+	}
+	p.mu.Lock()
+	p.queued -= taken
+	p.qbytes -= takenBytes
+	p.cutSeq += uint64(taken)
+	p.mu.Unlock()
+	p.fifo = append(p.fifo, b)
+	if len(b.msgs) == 0 {
+		b.state = batchResolved
+		b.reuse = true
+		return
+	}
+	p.active++
+	p.issue(b)
+}
+
+// issue starts an attempt for b on its own goroutine.
+func (p *BatchingProducer) issue(b *producerBatch) {
+	p.nextID++
+	b.id = p.nextID
+	b.state = batchRunning
+	p.running++
+	gated := p.cfg.MaxInFlight > 1
+	if gated {
+		p.gate = b.id
+	}
+	go p.attempt(b.id, b, b.msgs, !p.initialized, gated)
+}
+
+// attempt publishes msgs once (initializing the topic first if needed) and
+// reports to the actor. It never blocks on the report: events has room for
+// two reports per attempt that can run at once.
+func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs [][]byte, initialize, gated bool) {
+	ev := attemptEvent{id: id, b: b}
+	if initialize {
+		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
+		err := p.init.Initialize(ctx, p.topic)
+		cancel()
+		if err != nil {
+			ev.err = fmt.Errorf("pubsub: producer: initialize %q: %w", p.topic, err)
+			p.events <- ev
+			return
+		}
+		ev.initialized = true
+	}
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
+	if op, ok := p.pub.(orderedPublisher); ok && gated {
+		var once atomic.Bool
+		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, func() {
+			if once.CompareAndSwap(false, true) {
+				p.events <- attemptEvent{id: id, issued: true}
+			}
+		})
+	} else {
+		// Without an issue report the gate opens with the result: one
+		// batch at a time, as two concurrent calls may swap.
+		ev.ack, ev.err = p.pub.PublishBatch(ctx, p.topic, msgs)
+	}
+	cancel()
+	p.events <- ev
+}
+
+// onEvent handles an attempt's report.
+func (p *BatchingProducer) onEvent(ev attemptEvent) {
+	if p.gate == ev.id {
+		p.gate = 0
+	}
+	if ev.issued {
+		return
+	}
+	p.running--
+	b := ev.b
+	if ev.initialized {
+		p.initialized = true
+	}
+	ack, err := p.normalize(ev.ack, ev.err, len(b.msgs))
+	if err == nil {
+		// Reuse msgs only when no subscriber can still be reading it: a
+		// Node's local fast path hands this very slice to local mailboxes,
+		// and a subscriber that timed out may still be in its handler.
+		b.reuse = len(ack.Failures) == 0
+		p.resolve(b, &produceResult{ack: ack})
+		return
+	}
+	b.failures++
+	b.last = &produceResult{ack: ack, err: err}
+	switch {
+	case p.dead:
+		p.abandoned.Store(true)
+		p.resolve(b, p.closedResult(len(b.msgs), "producer closed while the batch was being published (outcome unknown)", err))
+	case p.stopping:
+		p.resolve(b, b.last)
+	case ack.Reason == ReasonTooLarge, ack.Reason == ReasonInvalidTopic:
+		p.resolve(b, b.last) // no retry can fix these
+	case ack.Reason == ReasonClosed:
+		p.resolve(b, b.last) // the publisher is closed for good
+		p.stop(err)
+	default:
+		d := p.decide(b.failures, err)
+		switch d.action {
+		case actionRetry:
+			b.state = batchRetryWait
+			b.retryAt = time.Now().Add(d.delay)
+			if !b.retrying {
+				b.retrying = true
+				p.retrying++
+			}
+		case actionContinue:
+			p.resolve(b, b.last)
+		default:
+			p.resolve(b, b.last)
+			p.stop(err)
+		}
+	}
+}
+
+// decide asks OnPublishError; an unknown decision counts as FailBatchAndStop.
+func (p *BatchingProducer) decide(attempt int, err error) ErrorDecision {
+	d := p.cfg.OnPublishError(attempt, err)
+	if d.action > actionRetry {
+		return FailBatchAndStop
+	}
+	return d
+}
+
+// normalize makes a publisher's answer follow the Publisher contract: err
+// non-nil exactly when the ack is Rejected, and errors.Is(err,
+// ack.Reason.Err()).
+func (p *BatchingProducer) normalize(ack PublishAck, err error, n int) (PublishAck, error) {
+	if err == nil && ack.Status == Rejected {
+		err = ack.Reason.Err()
+		if err == nil {
+			err = errors.New("pubsub: publisher rejected the batch without a reason")
+		}
+	}
+	if err != nil {
+		if ack.Status != Rejected || ack.Reason == ReasonNone || !errors.Is(err, ack.Reason.Err()) {
+			return rejected(p.topic, n, err)
+		}
+		if ack.Topic == "" {
+			ack.Topic = p.topic
+		}
+		return ack, err
+	}
+	if ack.Topic == "" {
+		ack.Topic = p.topic
+	}
+	return ack, nil
+}
+
+// resolve records b's final outcome; its futures complete once it reaches
+// the head of the FIFO.
+func (p *BatchingProducer) resolve(b *producerBatch, r *produceResult) {
+	if b.state == batchRunning || b.state == batchRetryWait {
+		p.active--
+	}
+	if b.retrying {
+		b.retrying = false
+		p.retrying--
+	}
+	b.state = batchResolved
+	b.res = r
+}
+
+// retryDue restarts the batches whose retry delay is over, leaving out the
+// messages whose context ended meanwhile. It reports whether it did anything.
+func (p *BatchingProducer) retryDue(now time.Time) bool {
+	did := false
+	for _, b := range p.fifo {
+		if b.state != batchRetryWait || now.Before(b.retryAt) {
+			continue
+		}
+		did = true
+		// A fresh slice: the failed attempt's publisher may still hold the
+		// old one (see onEvent).
+		msgs := make([][]byte, 0, len(b.msgs))
+		for i := range b.entries {
+			e := &b.entries[i]
+			if !e.dropped && e.ctx.Err() != nil {
+				e.dropped = true
+			}
+			if !e.dropped {
+				msgs = append(msgs, e.data)
+			}
+		}
+		b.msgs = msgs
+		if len(msgs) == 0 {
+			p.resolve(b, nil) // every message was dropped: nothing to send
+			continue
+		}
+		p.issue(b)
+	}
+	return did
+}
+
+// completeHead completes the futures of the resolved batches at the head of
+// the FIFO, in order, and recycles the batches.
+func (p *BatchingProducer) completeHead() {
+	for len(p.fifo) > 0 && p.fifo[0].state == batchResolved {
+		b := p.fifo[0]
+		for i := range b.entries {
+			e := &b.entries[i]
+			if e.dropped {
+				e.fut.complete(cancelled(p.topic, e.ctx.Err()))
+			} else {
+				e.fut.complete(b.res)
+			}
+		}
+		copy(p.fifo, p.fifo[1:])
+		p.fifo[len(p.fifo)-1] = nil
+		p.fifo = p.fifo[:len(p.fifo)-1]
+		p.recycle(b)
+	}
+}
+
+// stop fails everything queued with ErrClosed (wrapping cause) and stops
+// starting batches; the batches in flight still complete.
+func (p *BatchingProducer) stop(cause error) {
+	if p.stopping {
+		return
+	}
+	p.stopping = true
+	res := p.closedResult(1, "producer stopped after a batch failed", cause)
+	p.shutIntake(res)
+	for _, b := range p.fifo {
+		if b.state == batchRetryWait {
+			p.resolve(b, b.last)
+		}
+	}
+}
+
+// abandon runs when the lifetime context ends (Close gave up): it fails
+// everything queued or waiting for a retry with ErrClosed; the attempts in
+// flight end with their cancelled context (and count as abandoned only if
+// they then fail).
+func (p *BatchingProducer) abandon() {
+	p.dead = true
+	if p.shutIntake(p.closedResult(1, "producer closed before the message was published", nil)) {
+		p.abandoned.Store(true)
+	}
+	for _, b := range p.fifo {
+		if b.state == batchRetryWait {
+			p.abandoned.Store(true)
+			p.resolve(b, p.closedResult(len(b.msgs), "producer closed before the batch was retried", b.last.err))
+		}
+	}
+}
+
+// shutIntake stops intake and moves every queued message into a resolved
+// batch with outcome r. It reports whether there was any.
+func (p *BatchingProducer) shutIntake(r *produceResult) bool {
+	b := p.newBatch()
+	for i := p.pendHead; i < len(p.pend); i++ {
+		b.entries = append(b.entries, p.pend[i])
+		p.pend[i] = producerEntry{}
+	}
+	p.pend, p.pendHead = p.pend[:0], 0
+	p.mu.Lock()
+	if p.closed == nil {
+		p.closed = doneFuture(r)
+	}
+	b.entries = append(b.entries, p.in...)
+	clear(p.in)
+	p.in = p.in[:0]
+	p.cutSeq += uint64(p.queued)
+	p.queued, p.qbytes = 0, 0
+	p.mu.Unlock()
+	if len(b.entries) == 0 {
+		p.recycle(b)
+		return false
+	}
+	b.state = batchResolved
+	b.res = r
+	p.fifo = append(p.fifo, b)
+	return true
+}
+
+// closedResult is a Rejected outcome with ReasonClosed for n messages,
+// explaining why and wrapping cause when not nil.
+func (p *BatchingProducer) closedResult(n int, why string, cause error) *produceResult {
+	var err error
+	if cause != nil {
+		err = fmt.Errorf("%w: %s: %w", ErrClosed, why, cause)
+	} else {
+		err = fmt.Errorf("%w: %s", ErrClosed, why)
+	}
+	return &produceResult{ack: PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonClosed, Messages: n}, err: err}
+}
+
+// cancelled is the outcome of a message dropped because its context ended
+// (err is the context's error).
+func cancelled(topic string, err error) *produceResult {
+	if errors.Is(err, context.Canceled) {
+		err = fmt.Errorf("pubsub: message dropped before it was published: %w", err)
+	} else {
+		err = fmt.Errorf("pubsub: message dropped before it was published: %w (%w)", ErrCancelled, err)
+	}
+	return &produceResult{ack: PublishAck{Topic: topic, Status: Rejected, Reason: ReasonCancelled, Messages: 1}, err: err}
+}
+
+// newBatch returns an empty batch, recycled when possible.
+func (p *BatchingProducer) newBatch() *producerBatch {
+	if n := len(p.free); n > 0 {
+		b := p.free[n-1]
+		p.free[n-1] = nil
+		p.free = p.free[:n-1]
+		return b
+	}
+	return &producerBatch{}
+}
+
+// recycle keeps b's buffers for a later batch. msgs is kept only when no
+// publisher can still hold it.
+func (p *BatchingProducer) recycle(b *producerBatch) {
+	clear(b.entries)
+	entries := b.entries[:0]
+	var msgs [][]byte
+	if b.reuse {
+		clear(b.msgs)
+		msgs = b.msgs[:0]
+	}
+	if len(p.free) >= p.cfg.MaxInFlight+1 {
+		return
+	}
+	*b = producerBatch{entries: entries, msgs: msgs}
+	p.free = append(p.free, b)
+}

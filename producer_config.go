@@ -1,0 +1,117 @@
+package pubsub
+
+import (
+	"fmt"
+	"time"
+)
+
+// ProducerConfig configures a BatchingProducer. A zero field means its
+// default; a negative size or duration is an error (ErrInvalidConfig).
+type ProducerConfig struct {
+	// BatchSize is the largest number of messages in one batch. Default 2000.
+	BatchSize int
+	// MaxBatchBytes is the largest size of one batch, counting each message
+	// as its length plus 8 bytes of framing. It is also the largest message
+	// Produce accepts: a bigger one is rejected at once with ErrTooLarge.
+	// Default: the publisher's MaxMessageSize() when it has that method (a
+	// *Node does; then a batch is never split by Node.PublishBatch), else
+	// 1 MiB - 64 KiB. A message larger than the publisher's MaxMessageSize
+	// is rejected at Produce even if MaxBatchBytes is set higher.
+	MaxBatchBytes int
+	// Linger is how long a batch may wait for more messages after its first
+	// one was queued, so that it goes out fuller. Default 0: a batch goes as
+	// soon as a slot of MaxInFlight is free, and while all slots are busy the
+	// next batch fills up (natural batching). A full batch (BatchSize or
+	// MaxBatchBytes) never waits, nor do batches during Flush and Close.
+	Linger time.Duration
+	// MaxQueueSize is the largest number of messages waiting in the queue
+	// (not counting the batches in flight). Produce past it returns a future
+	// already done with ErrQueueFull. Default 100 000.
+	MaxQueueSize int
+	// PublishTimeout bounds each attempt to publish a batch (and the
+	// Initialize call before the first one). An attempt that times out
+	// fails with an error wrapping ErrTimeout and context.DeadlineExceeded;
+	// its outcome is unknown. Default 5s.
+	PublishTimeout time.Duration
+	// MaxInFlight is the number of batches published at once. Batches are
+	// issued in order and their futures complete in order whatever the
+	// value. More than one batch is in flight only when the Publisher can
+	// report when a batch's place in the order is fixed (an unexported
+	// capability, for publishers of this package); with any other Publisher
+	// the next batch starts once the previous call returned, since
+	// concurrent calls could be reordered. With more than one in flight, a
+	// batch that fails and is then retried is delivered after the batches
+	// issued behind it. Default 1.
+	MaxInFlight int
+	// OnPublishError decides what happens to a batch whose publish attempt
+	// failed: attempt counts the failed attempts of that batch, from 1; err
+	// is the attempt's error. It is called on the producer's goroutine and
+	// must return quickly and not panic. It sees timeouts (ErrTimeout),
+	// ErrTopicUnavailable and any error of a custom Publisher; it is not
+	// called for rejections that no retry can fix: ErrTooLarge and
+	// ErrInvalidTopic fail the batch only, and ErrClosed from the publisher
+	// (a closed Node) fails the batch and stops the producer. Default:
+	// always FailBatchAndStop.
+	OnPublishError func(attempt int, err error) ErrorDecision
+}
+
+// Defaults of ProducerConfig.
+const (
+	DefaultBatchSize      = 2000            // messages per batch
+	DefaultMaxBatchBytes  = 1<<20 - 64<<10  // bytes per batch when the publisher has no MaxMessageSize
+	DefaultMaxQueueSize   = 100_000         // queued messages
+	DefaultPublishTimeout = 5 * time.Second // per attempt
+	DefaultMaxInFlight    = 1               // batches in flight
+)
+
+// batchOverhead is what a message costs in a batch beyond its data: the
+// framing Node.PublishBatch counts when it splits a batch. Counting the same
+// way keeps a batch within MaxBatchBytes = Node.MaxMessageSize() in one
+// request, so batches cannot interleave.
+const batchOverhead = 8
+
+// futureSlab is how many futures Produce allocates at once.
+const futureSlab = 64
+
+// ErrorDecision is what OnPublishError decides for a failed batch. Compare
+// decisions with ==; the zero value is FailBatchAndStop.
+type ErrorDecision struct {
+	action errorAction
+	delay  time.Duration
+}
+
+type errorAction uint8
+
+const (
+	actionStop errorAction = iota
+	actionContinue
+	actionRetry
+)
+
+var (
+	// FailBatchAndStop fails the batch, fails every queued message with
+	// ErrClosed and stops the producer: a later Produce returns ErrClosed.
+	FailBatchAndStop = ErrorDecision{action: actionStop}
+	// FailBatchAndContinue fails the batch and goes on with the next one.
+	FailBatchAndContinue = ErrorDecision{action: actionContinue}
+)
+
+// RetryBatch retries the batch after the given delay (a negative delay
+// counts as 0). Close cuts the wait short when its context ends. Messages
+// whose context ended meanwhile are left out of the retry.
+func RetryBatch(after time.Duration) ErrorDecision {
+	return ErrorDecision{action: actionRetry, delay: max(after, 0)}
+}
+
+// String implements fmt.Stringer.
+func (d ErrorDecision) String() string {
+	switch d.action {
+	case actionStop:
+		return "fail-batch-and-stop"
+	case actionContinue:
+		return "fail-batch-and-continue"
+	case actionRetry:
+		return fmt.Sprintf("retry-batch(%v)", d.delay)
+	}
+	return fmt.Sprintf("ErrorDecision(%d)", d.action)
+}

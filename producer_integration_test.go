@@ -1,0 +1,239 @@
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// produceAll produces n messages msg(0..n-1) through a producer on node,
+// checks that every future is Accepted and delivered to subs subscribers,
+// and closes the producer.
+func produceAll(t *testing.T, node *pubsub.Node, topic string, n, subs int, cfg pubsub.ProducerConfig) {
+	t.Helper()
+	ctx := ctxT(t)
+	p, err := pubsub.NewBatchingProducer(node, topic, cfg)
+	if err != nil {
+		t.Fatalf("NewBatchingProducer: %v", err)
+	}
+	futs := make([]*pubsub.Produced, n)
+	for i := range futs {
+		futs[i] = p.Produce(ctx, msg(i))
+	}
+	if err := p.Flush(ctx); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	batches := map[int]bool{} // distinct ack.Messages seen, to log the batching
+	for i, f := range futs {
+		ack, err := f.Wait(ctx)
+		if err != nil || ack.Status != pubsub.Accepted || ack.Delivered != subs || len(ack.Failures) != 0 {
+			t.Fatalf("message %d: ack %+v, err %v; want Accepted, delivered to %d", i, ack, err, subs)
+		}
+		batches[ack.Messages] = true
+	}
+	t.Logf("%d messages; batch sizes seen: %d distinct", n, len(batches))
+	if err := p.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	ack, err := p.Produce(ctx, []byte("late")).Wait(ctx)
+	if !errors.Is(err, pubsub.ErrClosed) || ack.Reason != pubsub.ReasonClosed {
+		t.Fatalf("Produce after Close: %+v, %v; want ErrClosed", ack, err)
+	}
+}
+
+// checkInOrder fails unless every subscription received msg(0..n-1) in order.
+func checkInOrder(t *testing.T, rec *recorder, subs []*pubsub.Subscription, n int) {
+	t.Helper()
+	for _, s := range subs {
+		got := rec.of(s.ID())
+		if len(got) != n {
+			t.Fatalf("%s received %d messages, want %d", s.ID(), len(got), n)
+		}
+		for i, m := range got {
+			if m != string(msg(i)) {
+				t.Fatalf("%s: message %d = %s, want %s", s.ID(), i, m, msg(i))
+			}
+		}
+	}
+}
+
+func TestProducerIntegrationDeliversInOrder(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	rec := newRecorder()
+	const topic, n = "producer-order", 10_000
+	var subs []*pubsub.Subscription
+	for _, node := range c.Nodes {
+		subs = append(subs, subscribe(t, node, topic, rec.handler))
+	}
+	produceAll(t, c.Nodes[0], topic, n, len(subs), pubsub.ProducerConfig{})
+	checkInOrder(t, rec, subs, n)
+}
+
+func TestProducerIntegrationMaxInFlightKeepsOrder(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	// The owner on the producer's node (local fast path) and on another
+	// node (over NATS): batches must not overtake each other on either.
+	for _, owner := range []int{0, 1} {
+		t.Run(fmt.Sprintf("owner=n%d", owner), func(t *testing.T) {
+			rec := newRecorder()
+			topic := ownedBy(t, c.Nodes[owner], "producer-inflight")
+			const n = 10_000
+			var subs []*pubsub.Subscription
+			for _, node := range c.Nodes {
+				subs = append(subs, subscribe(t, node, topic, rec.handler))
+			}
+			// Small batches of varying size, so that many are in flight and
+			// a small one could overtake a big one.
+			produceAll(t, c.Nodes[0], topic, n, len(subs), pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 150})
+			checkInOrder(t, rec, subs, n)
+		})
+	}
+}
+
+func TestProducerIntegrationCloseReleasesEverything(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	rec := newRecorder()
+	const topic = "producer-close"
+	subscribe(t, c.Nodes[2], topic, rec.handler)
+	ctx := ctxT(t)
+	p, err := pubsub.NewBatchingProducer(c.Nodes[1], topic, pubsub.ProducerConfig{Linger: time.Hour, MaxInFlight: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	futs := make([]*pubsub.Produced, 100)
+	for i := range futs {
+		futs[i] = p.Produce(ctx, msg(i))
+	}
+	// The hour of linger does not hold Close back: it publishes the queue.
+	if err := p.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	for i, f := range futs {
+		select {
+		case <-f.Done():
+		default:
+			t.Fatalf("future %d not done after Close", i)
+		}
+		if _, err := f.Wait(ctx); err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	if got := rec.total(); got != len(futs) {
+		t.Fatalf("delivered %d, want %d", got, len(futs))
+	}
+	if err := p.Close(ctx); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	// goleak (TestMain) checks that no producer goroutine is left.
+}
+
+// BenchmarkProducerLocal measures deliveries per second through a
+// BatchingProducer on one node with three local subscribers: publisher,
+// owner and subscribers coincide, so nothing crosses NATS.
+func BenchmarkProducerLocal(b *testing.B) {
+	for _, inFlight := range []int{1, 4} {
+		b.Run(fmt.Sprintf("inflight=%d", inFlight), func(b *testing.B) {
+			c := testcluster.New(b, 1, 1, fast...)
+			c.WaitConverged(b, 10*time.Second)
+			node := c.Nodes[0]
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+			defer cancel()
+			const topic = "bench-local"
+			var delivered atomic.Int64
+			for range 3 {
+				if _, err := node.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error {
+					delivered.Add(1)
+					return nil
+				}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			p, err := pubsub.NewBatchingProducer(node, topic, pubsub.ProducerConfig{MaxInFlight: inFlight})
+			if err != nil {
+				b.Fatal(err)
+			}
+			data := make([]byte, 128)
+			// Back-pressure: never more than window messages outstanding,
+			// well below MaxQueueSize, so nothing is rejected.
+			const window = 50_000
+			ring := make([]*pubsub.Produced, window)
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			for i := range b.N {
+				if f := ring[i%window]; f != nil {
+					<-f.Done()
+				}
+				ring[i%window] = p.Produce(ctx, data)
+			}
+			if err := p.Flush(ctx); err != nil {
+				b.Fatal(err)
+			}
+			elapsed := time.Since(start)
+			b.StopTimer()
+			for _, f := range ring {
+				if f == nil {
+					continue
+				}
+				if _, err := f.Wait(ctx); err != nil {
+					b.Fatalf("produce: %v", err)
+				}
+			}
+			if got, want := delivered.Load(), int64(3*b.N); got != want {
+				b.Fatalf("delivered %d, want %d", got, want)
+			}
+			b.ReportMetric(float64(3*b.N)/elapsed.Seconds(), "deliveries/s")
+			if err := p.Close(ctx); err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
+// Several pipelined producers on one node, to topics owned across the
+// cluster, each keep their order at every subscriber.
+func TestProducerIntegrationConcurrentPipelinedProducersKeepOrder(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	const topics, n = 6, 3000
+	recs := make([]*recorder, topics)
+	subs := make([][]*pubsub.Subscription, topics)
+	for i := range recs {
+		recs[i] = newRecorder()
+		for _, node := range c.Nodes {
+			subs[i] = append(subs[i], subscribe(t, node, fmt.Sprintf("pipelined-%d", i), recs[i].handler))
+		}
+	}
+	ctx := ctxT(t)
+	errs := make(chan error, topics)
+	for i := 0; i < topics; i++ {
+		go func(i int) {
+			p, err := pubsub.NewBatchingProducer(c.Nodes[0], fmt.Sprintf("pipelined-%d", i), pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 100})
+			if err != nil {
+				errs <- err
+				return
+			}
+			for j := 0; j < n; j++ {
+				p.Produce(ctx, msg(j))
+			}
+			if err := p.Flush(ctx); err != nil {
+				errs <- err
+				return
+			}
+			errs <- p.Close(ctx)
+		}(i)
+	}
+	for i := 0; i < topics; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range recs {
+		checkInOrder(t, recs[i], subs[i], n)
+	}
+}
