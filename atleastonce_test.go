@@ -20,7 +20,7 @@ func TestAtLeastOnceCopiesAreDeliveredOnce(t *testing.T) {
 	raw := c.Connect(t, 0)
 	batch := &wire.DeliverBatch{
 		Owner: &wire.MemberRef{NodeId: "some-owner", Incarnation: 7}, Topic: "alo", Seq: 1,
-		Subscribers: []string{s.ID().Local}, Messages: [][]byte{[]byte("once")}, AtLeastOnce: true,
+		Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte("once")}), Count: 1, AtLeastOnce: true,
 	}
 	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
 	if err != nil {

@@ -23,8 +23,14 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		}
 		return rep
 	}
+	msgs, err := wire.Unpack(d.GetPacked(), d.GetCount())
+	if err != nil {
+		n.malformed("inbox", len(d.GetPacked()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
+		return
+	}
 	if !d.GetAtLeastOnce() {
-		n.deliver(d.GetTopic(), d.GetSubscribers(), d.GetMessages(), func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
 		return
 	}
 	// At-least-once: the owner re-sends a batch it got no report for. Every
@@ -48,7 +54,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	}
 	n.recent[key] = rb
 	n.recentMu.Unlock()
-	n.deliver(d.GetTopic(), d.GetSubscribers(), d.GetMessages(), func(st []DeliveryStatus) {
+	n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) {
 		rep := report(st)
 		n.recentMu.Lock()
 		rb.report = rep
@@ -107,6 +113,12 @@ func (n *Node) deliver(topic string, locals []string, msgs [][]byte, done func([
 	t.cancel = cancel
 	t.stop = context.AfterFunc(ctx, t.expire)
 	t.mu.Unlock()
+	// One Message per message for all of this node's subscribers: handlers
+	// see them read-only, so they can share them.
+	batch := make([]Message, len(msgs))
+	for j, data := range msgs {
+		batch[j] = Message{Topic: topic, Data: data}
+	}
 	n.subsMu.RLock()
 	for i, l := range locals {
 		s := n.subs[l]
@@ -114,7 +126,7 @@ func (n *Node) deliver(topic string, locals []string, msgs [][]byte, done func([
 			t.set(i, SubscriberGone)
 			continue
 		}
-		if !s.mailbox.do(func() { s.handle(ctx, msgs, t, i) }) {
+		if !s.mailbox.do(func() { s.handle(ctx, batch, t, i) }) {
 			t.set(i, MailboxFull)
 		}
 	}
@@ -179,7 +191,7 @@ func (t *batchTracker) finish() {
 
 // handle runs on the subscription's mailbox: the handler sees the batch's
 // messages in order and stops at the first error.
-func (s *Subscription) handle(ctx context.Context, msgs [][]byte, t *batchTracker, i int) {
+func (s *Subscription) handle(ctx context.Context, batch []Message, t *batchTracker, i int) {
 	if ctx.Err() != nil {
 		return // already reported as Timeout
 	}
@@ -187,9 +199,8 @@ func (s *Subscription) handle(ctx context.Context, msgs [][]byte, t *batchTracke
 		t.set(i, SubscriberGone)
 		return
 	}
-	batch := make([]Message, len(msgs)) // one allocation per batch, not per message
-	for j, data := range msgs {
-		batch[j] = Message{Topic: s.topic, Data: data, Subscriber: s.id}
+	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
+	for j := range batch {
 		if err := s.call(ctx, &batch[j]); err != nil {
 			if ok, held := s.node.logLimit.allow("handler/" + s.id.Local); ok {
 				s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)

@@ -42,8 +42,12 @@ type recorder struct {
 func newRecorder() *recorder { return &recorder{got: map[pubsub.SubscriberID][]string{}} }
 
 func (r *recorder) handler(ctx context.Context, m *pubsub.Message) error {
+	id, ok := pubsub.SubscriberFromContext(ctx)
+	if !ok {
+		panic("handler context without subscriber")
+	}
 	r.mu.Lock()
-	r.got[m.Subscriber] = append(r.got[m.Subscriber], string(m.Data))
+	r.got[id] = append(r.got[id], string(m.Data))
 	r.n++
 	r.mu.Unlock()
 	return nil

@@ -151,12 +151,15 @@ func mergeAcks(a, b PublishAck) PublishAck {
 }
 
 func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func()) (PublishAck, error) {
-	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Messages: msgs}
+	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs))}
 	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
 		req.ViewId = v.id
+		if req.Packed == nil {
+			req.Packed = wire.Pack(nil, msgs)
+		}
 		return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: req}}
 	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.publish(msgs, answer)
+		a.publish(msgs, nil, answer)
 	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
 	if err != nil {
 		return PublishAck{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)

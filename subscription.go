@@ -17,12 +17,21 @@ import (
 // this subscriber.
 type Handler func(ctx context.Context, m *Message) error
 
-// Message is one delivered message. Data may be shared with other
-// subscribers on the same node: treat it as read-only.
+// Message is one delivered message. The subscribers of one node share it:
+// treat it, and Data, as read-only (copy Data to keep a changed version).
+// SubscriberFromContext tells a handler shared by several subscriptions
+// which one it runs for.
 type Message struct {
-	Topic      string
-	Data       []byte
-	Subscriber SubscriberID // the subscription receiving it
+	Topic string
+	Data  []byte
+}
+
+type subscriberKey struct{}
+
+// SubscriberFromContext returns the subscription a handler's ctx belongs to.
+func SubscriberFromContext(ctx context.Context) (SubscriberID, bool) {
+	id, ok := ctx.Value(subscriberKey{}).(SubscriberID)
+	return id, ok
 }
 
 // SubscriberID names one subscription in the cluster.

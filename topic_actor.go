@@ -212,7 +212,10 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 
 // publish fans an accepted batch out: one delivery per node, the local one by
 // function call, and answers once every node reported or timed out.
-func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
+//
+// packed is msgs in wire form when they arrived over NATS (nil otherwise);
+// remote nodes get it as is, so a batch is never re-encoded message by message.
+func (a *topicActor) publish(msgs [][]byte, packed []byte, answer func(ownerAnswer)) {
 	v, code := a.check()
 	if code != wire.Reply_OK {
 		answer(ownerAnswer{code: code, viewID: v.id})
@@ -246,14 +249,17 @@ func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
 			continue
 		}
 		if common == nil {
+			if packed == nil {
+				packed = wire.Pack(nil, msgs)
+			}
 			common, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
-				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Messages: msgs, AtLeastOnce: atLeastOnce}}})
+				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Packed: packed, Count: uint32(len(msgs)), AtLeastOnce: atLeastOnce}}})
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
 		// of re-encoding the messages for every node.
-		data, _ := proto.MarshalOptions{}.MarshalAppend(slices.Clip(common), &wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: locals}}})
-		n.deliverRemote(b, m, data, locals, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: locals}}})
+		n.deliverRemote(b, m, remoteBatch{common, suffix}, locals, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
 	}
 }
 
@@ -264,7 +270,7 @@ func (a *topicActor) publish(msgs [][]byte, answer func(ownerAnswer)) {
 // at-least-once mode it also re-sends when a copy got no report in a quarter
 // of the subscriber timeout; the node delivers the batch once and answers
 // every copy.
-func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []string, atLeastOnce bool, until time.Time) {
+func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals []string, atLeastOnce bool, until time.Time) {
 	timeout := n.cfg.SubscriberTimeout + n.cfg.RequestTimeout/2
 	if atLeastOnce {
 		timeout = max(n.cfg.SubscriberTimeout/4, 20*time.Millisecond)
@@ -273,7 +279,8 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []st
 		cur, ok := n.view().member(m.ID)
 		return ok && cur.Incarnation == m.Incarnation
 	}
-	tok := n.rpc.send(m.Inbox, data, timeout, func(rep *wire.Reply, err error) {
+	buf := data.encode()
+	tok := n.rpc.send(m.Inbox, *buf, timeout, func(rep *wire.Reply, err error) {
 		retry := natsutil.IsNoResponders(err) || (atLeastOnce && errors.Is(err, ErrTimeout))
 		if retry && n.ctx.Err() == nil && alive() {
 			if natsutil.IsNoResponders(err) && time.Now().Before(until) {
@@ -289,9 +296,24 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data []byte, locals []st
 		}
 		b.report(m.ID, locals, remoteStatuses(n, m.ID, len(locals), rep, err))
 	})
+	sendBufs.Put(buf) // the connection copied it
 	// A node that leaves the view (crash) will not report: its subscribers
 	// are gone, and the ack need not wait for the timeout.
 	n.rpc.watch(tok, alive, n.cfg.HeartbeatInterval)
+}
+
+// remoteBatch is one node's DeliverBatch: the encoding shared by every node
+// of the batch, then that node's subscriber list.
+type remoteBatch struct{ common, suffix []byte }
+
+// sendBufs recycles the buffers remote batches are assembled in; NATS copies
+// a message into its own write buffer before Publish returns.
+var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+func (r remoteBatch) encode() *[]byte {
+	buf := sendBufs.Get().(*[]byte)
+	*buf = append(append((*buf)[:0], r.common...), r.suffix...)
+	return buf
 }
 
 // remoteStatuses turns a node's delivery report (or its absence) into one
@@ -416,9 +438,15 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return
 	}
+	msgs, err := wire.Unpack(req.GetPacked(), req.GetCount())
+	if err != nil {
+		n.malformed("inbox", len(req.GetPacked()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
+		return
+	}
 	a := n.actor(topic)
 	a.s.do(func() {
-		a.publish(req.GetMessages(), func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
+		a.publish(msgs, req.GetPacked(), func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 	})
 }
 

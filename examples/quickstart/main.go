@@ -144,9 +144,10 @@ func run() int {
 	// 6. One subscriber per node and topic. Subscribe returns once the owner
 	// recorded it, so the publishes below cannot miss it.
 	var received atomic.Int64
-	handler := func(_ context.Context, m *pubsub.Message) error {
+	handler := func(ctx context.Context, m *pubsub.Message) error {
 		received.Add(1)
-		fmt.Printf("recv    %-18s %-9s %q\n", m.Subscriber, m.Topic, m.Data)
+		sub, _ := pubsub.SubscriberFromContext(ctx)
+		fmt.Printf("recv    %-18s %-9s %q\n", sub, m.Topic, m.Data)
 		return nil
 	}
 	for _, n := range nodes {

@@ -506,11 +506,15 @@ func (x *SubscribeRequest) GetStats() bool {
 
 // PublishRequest asks a topic's owner to accept a batch.
 type PublishRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	From          *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	ViewId        uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
-	Topic         string                 `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
-	Messages      [][]byte               `protobuf:"bytes,4,rep,name=messages,proto3" json:"messages,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	From   *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	ViewId uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
+	Topic  string                 `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
+	// packed holds count messages, each a varint length and its bytes: one
+	// bytes field is copied once on decode, where a repeated bytes field
+	// would allocate per message.
+	Packed        []byte `protobuf:"bytes,5,opt,name=packed,proto3" json:"packed,omitempty"`
+	Count         uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -566,11 +570,18 @@ func (x *PublishRequest) GetTopic() string {
 	return ""
 }
 
-func (x *PublishRequest) GetMessages() [][]byte {
+func (x *PublishRequest) GetPacked() []byte {
 	if x != nil {
-		return x.Messages
+		return x.Packed
 	}
 	return nil
+}
+
+func (x *PublishRequest) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
 }
 
 // TopicSubscribers lists one node's subscribers of one topic.
@@ -713,7 +724,8 @@ type DeliverBatch struct {
 	Topic       string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
 	Seq         uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
 	Subscribers []string               `protobuf:"bytes,4,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
-	Messages    [][]byte               `protobuf:"bytes,5,rep,name=messages,proto3" json:"messages,omitempty"`
+	Packed      []byte                 `protobuf:"bytes,7,opt,name=packed,proto3" json:"packed,omitempty"` // as in PublishRequest
+	Count       uint32                 `protobuf:"varint,8,opt,name=count,proto3" json:"count,omitempty"`
 	// at_least_once: the owner may re-send this batch; the node answers every
 	// copy but hands the batch to mailboxes once.
 	AtLeastOnce   bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
@@ -779,11 +791,18 @@ func (x *DeliverBatch) GetSubscribers() []string {
 	return nil
 }
 
-func (x *DeliverBatch) GetMessages() [][]byte {
+func (x *DeliverBatch) GetPacked() []byte {
 	if x != nil {
-		return x.Messages
+		return x.Packed
 	}
 	return nil
+}
+
+func (x *DeliverBatch) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
 }
 
 func (x *DeliverBatch) GetAtLeastOnce() bool {
@@ -1132,12 +1151,13 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\x8e\x01\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xa6\x01\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
-	"\x05topic\x18\x03 \x01(\tR\x05topic\x12\x1a\n" +
-	"\bmessages\x18\x04 \x03(\fR\bmessages\"J\n" +
+	"\x05topic\x18\x03 \x01(\tR\x05topic\x12\x16\n" +
+	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x14\n" +
+	"\x05count\x18\x06 \x01(\rR\x05countJ\x04\b\x04\x10\x05\"J\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\xba\x01\n" +
@@ -1146,14 +1166,15 @@ const file_wire_proto_rawDesc = "" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12<\n" +
 	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\x12\x12\n" +
 	"\x04part\x18\x04 \x01(\rR\x04part\x12\x14\n" +
-	"\x05parts\x18\x05 \x01(\rR\x05parts\"\xcd\x01\n" +
+	"\x05parts\x18\x05 \x01(\rR\x05parts\"\xe5\x01\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12 \n" +
-	"\vsubscribers\x18\x04 \x03(\tR\vsubscribers\x12\x1a\n" +
-	"\bmessages\x18\x05 \x03(\fR\bmessages\x12\"\n" +
-	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnce\"\x8a\x01\n" +
+	"\vsubscribers\x18\x04 \x03(\tR\vsubscribers\x12\x16\n" +
+	"\x06packed\x18\a \x01(\fR\x06packed\x12\x14\n" +
+	"\x05count\x18\b \x01(\rR\x05count\x12\"\n" +
+	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnceJ\x04\b\x05\x10\x06\"\x8a\x01\n" +
 	"\x05Evict\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x1e\n" +

@@ -1,0 +1,48 @@
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+)
+
+// Pack appends msgs to dst, each as a uvarint length and its bytes.
+func Pack(dst []byte, msgs [][]byte) []byte {
+	size := 0
+	for _, m := range msgs {
+		size += binary.MaxVarintLen32 + len(m)
+	}
+	if cap(dst)-len(dst) < size {
+		grown := make([]byte, len(dst), len(dst)+size)
+		copy(grown, dst)
+		dst = grown
+	}
+	for _, m := range msgs {
+		dst = binary.AppendUvarint(dst, uint64(len(m)))
+		dst = append(dst, m...)
+	}
+	return dst
+}
+
+// ErrBadPacking reports a packed field that does not hold what it claims.
+var ErrBadPacking = errors.New("wire: malformed packed messages")
+
+// Unpack splits packed into count messages that alias it.
+func Unpack(packed []byte, count uint32) ([][]byte, error) {
+	if uint64(count) > uint64(len(packed)) {
+		return nil, ErrBadPacking // every message takes at least its length byte
+	}
+	msgs := make([][]byte, 0, count)
+	for i := uint32(0); i < count; i++ {
+		l, n := binary.Uvarint(packed)
+		if n <= 0 || l > uint64(len(packed)-n) {
+			return nil, ErrBadPacking
+		}
+		packed = packed[n:]
+		msgs = append(msgs, packed[:l:l])
+		packed = packed[l:]
+	}
+	if len(packed) != 0 {
+		return nil, ErrBadPacking
+	}
+	return msgs, nil
+}
