@@ -23,8 +23,8 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		}
 		return rep
 	}
-	msgs, err := wire.Unpack(d.GetPacked(), d.GetCount())
-	if err != nil {
+	msgs := payload{packed: d.GetPacked(), count: int(d.GetCount())}
+	if err := wire.Validate(msgs.packed, d.GetCount()); err != nil {
 		n.malformed("inbox", len(d.GetPacked()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
@@ -97,7 +97,7 @@ func (n *Node) forgetRecent() {
 // deliver puts one batch in the mailbox of each listed local subscriber and
 // calls done once with one status per subscriber. It never blocks: a full
 // mailbox is a MailboxFull failure, not back-pressure on the inbox.
-func (n *Node) deliver(topic string, locals []string, msgs [][]byte, done func([]DeliveryStatus)) {
+func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]DeliveryStatus)) {
 	t := &batchTracker{statuses: make([]DeliveryStatus, len(locals)), remaining: len(locals), done: done}
 	for i := range t.statuses {
 		t.statuses[i] = statusPending
@@ -115,10 +115,7 @@ func (n *Node) deliver(topic string, locals []string, msgs [][]byte, done func([
 	t.mu.Unlock()
 	// One Message per message for all of this node's subscribers: handlers
 	// see them read-only, so they can share them.
-	batch := make([]Message, len(msgs))
-	for j, data := range msgs {
-		batch[j] = Message{Topic: topic, Data: data}
-	}
+	batch := msgs.messages(topic)
 	n.subsMu.RLock()
 	for i, l := range locals {
 		s := n.subs[l]
@@ -284,4 +281,41 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 			backoff = min(2*backoff, 500*time.Millisecond)
 		}
 	}()
+}
+
+// payload is one batch's messages: the publisher's own slices when it
+// published on this node, or the packed wire field as received. Either way
+// no message is copied on its way to the handlers.
+type payload struct {
+	msgs   [][]byte
+	packed []byte
+	count  int
+}
+
+func (p payload) len() int {
+	if p.msgs != nil {
+		return len(p.msgs)
+	}
+	return p.count
+}
+
+// wire returns the packed form, packing the publisher's slices if needed.
+func (p *payload) wire() []byte {
+	if p.packed == nil {
+		p.packed = wire.Pack(nil, p.msgs)
+	}
+	return p.packed
+}
+
+// messages builds the Messages a node's subscribers share.
+func (p payload) messages(topic string) []Message {
+	batch := make([]Message, 0, p.len())
+	if p.msgs != nil {
+		for _, data := range p.msgs {
+			batch = append(batch, Message{Topic: topic, Data: data})
+		}
+		return batch
+	}
+	wire.Each(p.packed, func(data []byte) { batch = append(batch, Message{Topic: topic, Data: data}) })
+	return batch
 }

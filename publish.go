@@ -159,7 +159,7 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, is
 		}
 		return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: req}}
 	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.publish(msgs, nil, answer)
+		a.publish(payload{msgs: msgs}, answer)
 	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
 	if err != nil {
 		return PublishAck{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)

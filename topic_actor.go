@@ -213,23 +213,23 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 // publish fans an accepted batch out: one delivery per node, the local one by
 // function call, and answers once every node reported or timed out.
 //
-// packed is msgs in wire form when they arrived over NATS (nil otherwise);
-// remote nodes get it as is, so a batch is never re-encoded message by message.
-func (a *topicActor) publish(msgs [][]byte, packed []byte, answer func(ownerAnswer)) {
+// A batch that arrived over NATS stays packed: remote nodes get it as is,
+// so it is never re-encoded message by message.
+func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	v, code := a.check()
 	if code != wire.Reply_OK {
 		answer(ownerAnswer{code: code, viewID: v.id})
 		return
 	}
 	n := a.n
-	if len(msgs) == 0 { // a readiness probe (Initialize)
+	if msgs.len() == 0 { // a readiness probe (Initialize)
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: PublishAck{Topic: a.topic, Status: Accepted}})
 		return
 	}
 	a.seq++
 	b := &pendingBatch{a: a, answer: answer, remaining: len(a.nodes)}
-	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: len(msgs)}
-	n.stats.published.Add(uint64(len(msgs)))
+	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len()}
+	n.stats.published.Add(uint64(msgs.len()))
 	if len(a.nodes) == 0 {
 		n.emitAccepted(b.ack)
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
@@ -249,11 +249,8 @@ func (a *topicActor) publish(msgs [][]byte, packed []byte, answer func(ownerAnsw
 			continue
 		}
 		if common == nil {
-			if packed == nil {
-				packed = wire.Pack(nil, msgs)
-			}
 			common, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
-				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Packed: packed, Count: uint32(len(msgs)), AtLeastOnce: atLeastOnce}}})
+				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Packed: msgs.wire(), Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce}}})
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
@@ -438,15 +435,15 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return
 	}
-	msgs, err := wire.Unpack(req.GetPacked(), req.GetCount())
-	if err != nil {
+	if err := wire.Validate(req.GetPacked(), req.GetCount()); err != nil {
 		n.malformed("inbox", len(req.GetPacked()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
+	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount())}
 	a := n.actor(topic)
 	a.s.do(func() {
-		a.publish(msgs, req.GetPacked(), func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
+		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 	})
 }
 

@@ -28,21 +28,43 @@ var ErrBadPacking = errors.New("wire: malformed packed messages")
 
 // Unpack splits packed into count messages that alias it.
 func Unpack(packed []byte, count uint32) ([][]byte, error) {
-	if uint64(count) > uint64(len(packed)) {
-		return nil, ErrBadPacking // every message takes at least its length byte
+	if err := Validate(packed, count); err != nil {
+		return nil, err
 	}
 	msgs := make([][]byte, 0, count)
+	Each(packed, func(m []byte) { msgs = append(msgs, m) })
+	return msgs, nil
+}
+
+// Validate checks, without allocating, that packed holds exactly count
+// messages.
+func Validate(packed []byte, count uint32) error {
+	if uint64(count) > uint64(len(packed)) {
+		return ErrBadPacking // every message takes at least its length byte
+	}
 	for i := uint32(0); i < count; i++ {
 		l, n := binary.Uvarint(packed)
 		if n <= 0 || l > uint64(len(packed)-n) {
-			return nil, ErrBadPacking
+			return ErrBadPacking
 		}
-		packed = packed[n:]
-		msgs = append(msgs, packed[:l:l])
-		packed = packed[l:]
+		packed = packed[n+int(l):]
 	}
 	if len(packed) != 0 {
-		return nil, ErrBadPacking
+		return ErrBadPacking
 	}
-	return msgs, nil
+	return nil
+}
+
+// Each calls fn with every message of a packed field that Validate accepted;
+// the messages alias packed.
+func Each(packed []byte, fn func([]byte)) {
+	for len(packed) > 0 {
+		l, n := binary.Uvarint(packed)
+		if n <= 0 || l > uint64(len(packed)-n) {
+			return
+		}
+		packed = packed[n:]
+		fn(packed[:l:l])
+		packed = packed[l:]
+	}
 }
