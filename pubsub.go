@@ -46,7 +46,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
@@ -234,7 +233,7 @@ func (n *Node) shutdown() {
 // subscription's goroutine and never blocks: work goes to actors.
 func (n *Node) onInbox(m *nats.Msg) {
 	var env wire.Envelope
-	if err := proto.Unmarshal(m.Data, &env); err != nil {
+	if err := wire.Decode(m.Data, &env); err != nil {
 		n.malformed("inbox", len(m.Data))
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "malformed envelope"})
 		return

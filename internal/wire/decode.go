@@ -1,0 +1,146 @@
+package wire
+
+import (
+	"errors"
+
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Decode unmarshals an Envelope. Publish and deliver bodies, which carry the
+// batches, are decoded by hand so that their packed messages alias data
+// instead of being copied: data must then stay unmodified while they are in
+// use (NATS hands each subscription callback a fresh slice, so it does).
+// Everything else goes through proto.Unmarshal.
+func Decode(data []byte, env *Envelope) error {
+	num, typ, n := protowire.ConsumeTag(data)
+	if n < 0 || typ != protowire.BytesType || (num != 3 && num != 5) {
+		return proto.Unmarshal(data, env)
+	}
+	var pub *PublishRequest
+	var del *DeliverBatch
+	for len(data) > 0 {
+		num, typ, n := protowire.ConsumeTag(data)
+		if n < 0 {
+			return errMalformed
+		}
+		data = data[n:]
+		if typ != protowire.BytesType || (num != 3 && num != 5) {
+			return errMalformed // a batch envelope holds nothing else
+		}
+		body, n := protowire.ConsumeBytes(data)
+		if n < 0 {
+			return errMalformed
+		}
+		data = data[n:]
+		var err error
+		switch {
+		case num == 3 && del == nil:
+			if pub == nil {
+				pub = &PublishRequest{}
+			}
+			err = decodePublish(body, pub)
+		case num == 5 && pub == nil:
+			if del == nil {
+				del = &DeliverBatch{}
+			}
+			err = decodeDeliver(body, del)
+		default:
+			err = errMalformed
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if pub != nil {
+		env.Body = &Envelope_Publish{Publish: pub}
+	} else {
+		env.Body = &Envelope_Deliver{Deliver: del}
+	}
+	return nil
+}
+
+var errMalformed = errors.New("wire: malformed envelope")
+
+// field walks the fields of a message, calling fn with each field's number,
+// type and raw value (the varint, or the bytes of a length-delimited field).
+func fields(b []byte, fn func(num protowire.Number, v uint64, bytes []byte) error) error {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return errMalformed
+		}
+		b = b[n:]
+		var v uint64
+		var bs []byte
+		switch typ {
+		case protowire.VarintType:
+			v, n = protowire.ConsumeVarint(b)
+		case protowire.BytesType:
+			bs, n = protowire.ConsumeBytes(b)
+		default:
+			n = protowire.ConsumeFieldValue(num, typ, b)
+		}
+		if n < 0 {
+			return errMalformed
+		}
+		b = b[n:]
+		if err := fn(num, v, bs); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func decodeRef(b []byte) (*MemberRef, error) {
+	ref := &MemberRef{}
+	return ref, fields(b, func(num protowire.Number, v uint64, bs []byte) error {
+		switch num {
+		case 1:
+			ref.NodeId = string(bs)
+		case 2:
+			ref.Incarnation = v
+		}
+		return nil
+	})
+}
+
+func decodePublish(b []byte, p *PublishRequest) error {
+	return fields(b, func(num protowire.Number, v uint64, bs []byte) (err error) {
+		switch num {
+		case 1:
+			p.From, err = decodeRef(bs)
+		case 2:
+			p.ViewId = v
+		case 3:
+			p.Topic = string(bs)
+		case 5:
+			p.Packed = bs
+		case 6:
+			p.Count = uint32(v)
+		}
+		return err
+	})
+}
+
+func decodeDeliver(b []byte, d *DeliverBatch) error {
+	return fields(b, func(num protowire.Number, v uint64, bs []byte) (err error) {
+		switch num {
+		case 1:
+			d.Owner, err = decodeRef(bs)
+		case 2:
+			d.Topic = string(bs)
+		case 3:
+			d.Seq = v
+		case 4:
+			d.Subscribers = append(d.Subscribers, string(bs))
+		case 6:
+			d.AtLeastOnce = v != 0
+		case 7:
+			d.Packed = bs
+		case 8:
+			d.Count = uint32(v)
+		}
+		return err
+	})
+}

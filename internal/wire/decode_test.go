@@ -1,0 +1,46 @@
+package wire
+
+import (
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+)
+
+// Decode must agree with proto.Unmarshal on every envelope, including a
+// deliver envelope sent as two concatenated encodings (shared part, then the
+// node's subscriber list).
+func TestDecodeAgreesWithProto(t *testing.T) {
+	packed := Pack(nil, [][]byte{[]byte("one"), []byte("two")})
+	common, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{
+		Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 7, Packed: packed, Count: 2, AtLeastOnce: true}}})
+	suffix, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Subscribers: []string{"a", "b"}}}})
+	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{
+		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2}}})
+	hb, _ := proto.Marshal(&Envelope{Body: &Envelope_Heartbeat{Heartbeat: &Heartbeat{From: &MemberRef{NodeId: "x"}}}})
+	for name, data := range map[string][]byte{
+		"deliver": append(append([]byte{}, common...), suffix...),
+		"publish": pub,
+		"other":   hb,
+	} {
+		var want, got Envelope
+		if err := proto.Unmarshal(data, &want); err != nil {
+			t.Fatal(err)
+		}
+		if err := Decode(data, &got); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !proto.Equal(&want, &got) {
+			t.Fatalf("%s: Decode = %v, want %v", name, &got, &want)
+		}
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{Topic: "t", Packed: Pack(nil, [][]byte{[]byte("x")}), Count: 1}}})
+	f.Add(pub)
+	f.Add([]byte{0x2a, 0x02, 0x10, 0x01})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var env Envelope
+		_ = Decode(data, &env) // must not panic
+	})
+}
