@@ -190,3 +190,62 @@ func ExampleReason_Err() {
 	// errors.Is(err, ack.Reason.Err()): true
 	// caller's bug: do not retry
 }
+
+// A BatchingProducer batches single messages for a service: Produce never
+// blocks, and each message's future completes with its batch's ack.
+func ExampleBatchingProducer() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(500*time.Millisecond))
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+
+	received := make(chan string, 100)
+	if _, err := node.Subscribe(ctx, "telemetry", func(_ context.Context, m *pubsub.Message) error {
+		received <- string(m.Data)
+		return nil
+	}); err != nil {
+		panic(err)
+	}
+	p, err := pubsub.NewBatchingProducer(node, "telemetry", pubsub.ProducerConfig{
+		Linger:         5 * time.Millisecond,
+		OnPublishError: func(attempt int, err error) pubsub.ErrorDecision { return pubsub.RetryBatch(50 * time.Millisecond) },
+	})
+	if err != nil {
+		panic(err)
+	}
+	var futures []*pubsub.Produced
+	for i := 0; i < 3; i++ {
+		futures = append(futures, p.Produce(ctx, []byte(fmt.Sprintf("reading %d", i))))
+	}
+	for _, f := range futures {
+		ack, err := f.Wait(ctx)
+		fmt.Println(ack.Status, ack.Delivered, err)
+	}
+	if err := p.Close(ctx); err != nil {
+		panic(err)
+	}
+	for i := 0; i < 3; i++ {
+		fmt.Println(<-received)
+	}
+	// Output:
+	// accepted 1 <nil>
+	// accepted 1 <nil>
+	// accepted 1 <nil>
+	// reading 0
+	// reading 1
+	// reading 2
+}
