@@ -272,13 +272,9 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 			if _, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil); err == nil {
 				return
 			}
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-n.ctx.Done():
-				t.Stop()
+			if !n.pause(n.ctx, &backoff, 500*time.Millisecond) {
+				return
 			}
-			backoff = min(2*backoff, 500*time.Millisecond)
 		}
 	}()
 }

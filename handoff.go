@@ -217,14 +217,9 @@ func (n *Node) sendSync(v *view, m Member) {
 				break
 			}
 			n.log.Debug("sync not acknowledged, retrying", "member", m.ID, "err", err)
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-n.ctx.Done():
-				t.Stop()
+			if !n.pause(n.ctx, &backoff, 500*time.Millisecond) {
 				return
 			}
-			backoff = min(backoff*2, 500*time.Millisecond)
 		}
 	}
 }

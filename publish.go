@@ -263,17 +263,12 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 		if time.Now().Add(backoff).After(deadline) {
 			return ans, fmt.Errorf("%w: %s (after %v)", ErrTopicUnavailable, last, n.cfg.RequestTimeout)
 		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return ans, ctx.Err()
-		case <-n.ctx.Done():
-			t.Stop()
+		if !n.pause(ctx, &backoff, 100*time.Millisecond) {
+			if ctx.Err() != nil {
+				return ans, ctx.Err()
+			}
 			return ans, ErrClosed
 		}
-		backoff = min(backoff*2, 100*time.Millisecond)
 	}
 }
 

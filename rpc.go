@@ -211,3 +211,19 @@ func (n *Node) replyTo(subject string, rep *wire.Reply) {
 		n.log.Debug("reply failed", "subject", subject, "err", err)
 	}
 }
+
+// pause waits *backoff (then doubles it, up to limit) before a retry. It
+// reports false, early, when ctx ends or the node closes.
+func (n *Node) pause(ctx context.Context, backoff *time.Duration, limit time.Duration) bool {
+	t := time.NewTimer(*backoff)
+	defer t.Stop()
+	*backoff = min(2**backoff, limit)
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	case <-n.ctx.Done():
+		return false
+	}
+}
