@@ -14,9 +14,10 @@ import (
 // in produce order, except those already done when Produce returns. Treat
 // the ack's Failures as read-only: the batch's futures share it.
 type Produced struct {
-	res  atomic.Pointer[produceResult] // set once, before done is closed
-	mu   sync.Mutex                    // guards done
-	done chan struct{}                 // made by the first Done before completion
+	topic string
+	res   atomic.Pointer[produceResult] // set once, before done is closed
+	mu    sync.Mutex                    // guards done
+	done  chan struct{}                 // made by the first Done before completion
 }
 
 type produceResult struct {
@@ -61,7 +62,8 @@ func (f *Produced) Wait(ctx context.Context) (PublishAck, error) {
 		r := f.res.Load()
 		return r.ack, r.err
 	case <-ctx.Done():
-		return rejected("", 1, fmt.Errorf("pubsub: waiting for a produced message: %w", ctx.Err()))
+		// The message may still be published: only this wait ended.
+		return rejected(f.topic, 1, fmt.Errorf("pubsub: waiting for a produced message: %w", ctx.Err()))
 	}
 }
 
@@ -86,7 +88,7 @@ func (f *Produced) complete(r *produceResult) {
 
 // doneFuture returns a future already completed with r.
 func doneFuture(r *produceResult) *Produced {
-	f := &Produced{}
+	f := &Produced{topic: r.ack.Topic}
 	f.res.Store(r)
 	return f
 }

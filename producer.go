@@ -261,6 +261,7 @@ func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 		p.slab = make([]Produced, futureSlab)
 	}
 	f := &p.slab[0]
+	f.topic = p.topic
 	p.slab = p.slab[1:]
 	p.in = append(p.in, producerEntry{ctx: ctx, data: data, fut: f})
 	p.queued++
