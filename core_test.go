@@ -345,3 +345,31 @@ func TestJoinWithoutDeadline(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestBatchTooLargeInTotalIsSplitInOrder(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	ctx := ctxT(t)
+	topic := ownedBy(t, c.Nodes[1], "big")
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[2], topic, rec.handler)
+	size := c.Nodes[0].MaxMessageSize() * 2 / 5
+	batch := make([][]byte, 6) // about 2.4 payload limits in total
+	for i := range batch {
+		batch[i] = make([]byte, size)
+		copy(batch[i], msg(i))
+	}
+	ack, err := c.Nodes[0].PublishBatch(ctx, topic, batch)
+	mustAccept(t, ack, err, 1)
+	if ack.Messages != len(batch) {
+		t.Fatalf("ack.Messages = %d, want %d", ack.Messages, len(batch))
+	}
+	got := rec.of(s.ID())
+	if len(got) != len(batch) {
+		t.Fatalf("subscriber got %d messages, want %d", len(got), len(batch))
+	}
+	for i, m := range got {
+		if m[:6] != string(msg(i)) {
+			t.Fatalf("message %d starts %q, want %q", i, m[:6], msg(i))
+		}
+	}
+}
