@@ -157,7 +157,7 @@ func TestOwnerLeavesGracefully(t *testing.T) {
 		t.Fatalf("closed node still owns %s", topic)
 	}
 	// A few heartbeats at most: the leave is announced, not timed out.
-	publishUntilAccepted(t, c.Nodes[2], topic, []byte("after"), 2, 10*50*time.Millisecond+time.Second)
+	publishUntilAccepted(t, c.Nodes[2], topic, []byte("after"), 2, 10*50*time.Millisecond+2*time.Second)
 	for _, s := range []*pubsub.Subscription{s1, s2} {
 		if got := rec.of(s.ID()); len(got) < 2 || got[0] != "before" || got[len(got)-1] != "after" {
 			t.Fatalf("%s got %q, want before ... after", s.ID(), got)

@@ -99,6 +99,7 @@ type Node struct {
 	recent   map[batchKey]*recentBatch
 
 	idConflict atomic.Bool // a live node with our ID and another incarnation was heard
+	joined     atomic.Bool // Join returned: the view is stable enough to serve topics
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
@@ -173,6 +174,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if err = n.joinView(ctx); err != nil {
 		return fail(err)
 	}
+	n.joined.Store(true)
 	n.log.Debug("joined", "members", len(n.view().members))
 	return n, nil
 }

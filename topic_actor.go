@@ -21,13 +21,14 @@ type topicActor struct {
 	topic string
 	s     serial
 
-	epoch uint64 // view epoch the state was reconciled to; noEpoch when fresh
-	owned bool   // this node owns the topic in view epoch
-	ready bool   // the subscriber set is complete for epoch
-	seq   uint64
-	nodes map[string]*nodeSubscribers
-	fails map[SubscriberID]int // consecutive failures, for eviction
-	count atomic.Int64         // subscribers, readable by Stats without the actor
+	epoch  uint64 // view epoch the state was reconciled to; noEpoch when fresh
+	synced uint64 // view epoch whose syncs were merged; noEpoch when none
+	owned  bool   // this node owns the topic in view epoch
+	ready  bool   // the subscriber set is complete for epoch
+	seq    uint64
+	nodes  map[string]*nodeSubscribers
+	fails  map[SubscriberID]int // consecutive failures, for eviction
+	count  atomic.Int64         // subscribers, readable by Stats without the actor
 }
 
 const noEpoch = ^uint64(0)
@@ -65,7 +66,7 @@ func (n *Node) actor(topic string) *topicActor {
 	defer n.topicsMu.Unlock()
 	a := n.topics[topic]
 	if a == nil {
-		a = &topicActor{n: n, topic: topic, epoch: noEpoch}
+		a = &topicActor{n: n, topic: topic, epoch: noEpoch, synced: noEpoch}
 		a.s.goroutines = &n.goroutines
 		n.topics[topic] = a
 	}
@@ -106,7 +107,10 @@ func (a *topicActor) reconcile() *view {
 		}
 		a.owned, a.epoch = owned, v.epoch
 	}
-	if a.owned && !a.ready {
+	// Every member's sync for this view is merged once it is complete, also
+	// into a topic kept from the previous view: a member that was dropped
+	// (a false suspicion) and is back re-registers its subscribers this way.
+	if a.owned && a.synced != v.epoch {
 		if subs, ok := n.registry.take(a.topic, v.epoch); ok {
 			for node, locals := range subs {
 				m, _ := v.member(node)
@@ -114,7 +118,7 @@ func (a *topicActor) reconcile() *view {
 					a.add(node, m.Incarnation, l)
 				}
 			}
-			a.ready = true
+			a.ready, a.synced = true, v.epoch
 		}
 	}
 	return v
@@ -182,7 +186,9 @@ func (a *topicActor) check() (*view, wire.Reply_Code) {
 	switch {
 	case !a.owned:
 		return v, wire.Reply_NOT_OWNER
-	case !a.ready:
+	case !a.ready || !a.n.joined.Load():
+		// Until Join has a stable view, this node's view may lack members
+		// whose subscriptions it would then never ask for.
 		return v, wire.Reply_NOT_READY
 	}
 	return v, wire.Reply_OK

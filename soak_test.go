@@ -1,0 +1,130 @@
+//go:build soak
+
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clusterpubsub/pubsub"
+)
+
+// TestSoakChurn publishes from several nodes while nodes join, crash and
+// leave, and checks that every accepted message reached every subscriber that
+// lived through the whole run, or that its ack said it did not, and that
+// each publisher's accepted messages arrived in order. Run it with
+//
+//	go test -race -tags soak -run Soak -timeout 20m .      (PUBSUB_SOAK=2m for longer)
+func TestSoakChurn(t *testing.T) {
+	duration := 45 * time.Second
+	if d, err := time.ParseDuration(os.Getenv("PUBSUB_SOAK")); err == nil {
+		duration = d
+	}
+	c := newCluster(t, 3, 4)
+	const topics = 8
+	rec := newRecorder()
+	// Nodes 0 and 1 stay up and hold the subscribers that are checked.
+	var stable []pubsub.SubscriberID
+	topicOf := map[pubsub.SubscriberID]string{}
+	for i := 0; i < topics; i++ {
+		topic := fmt.Sprintf("soak-%d", i)
+		for _, n := range c.Nodes[:2] {
+			id := subscribe(t, n, topic, rec.handler).ID()
+			stable = append(stable, id)
+			topicOf[id] = topic
+		}
+		subscribe(t, c.Nodes[2], topic, rec.handler)
+		subscribe(t, c.Nodes[3], topic, rec.handler)
+	}
+	type sent struct {
+		topic, data string
+		ack         pubsub.PublishAck
+	}
+	var mu sync.Mutex
+	var accepted []sent
+	rejected := map[pubsub.Reason]int{}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w, n := range c.Nodes[:2] {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				topic := fmt.Sprintf("soak-%d", i%topics)
+				data := fmt.Sprintf("p%d-%07d", w, i)
+				ack, err := n.Publish(context.Background(), topic, []byte(data))
+				mu.Lock()
+				if err != nil {
+					if !errors.Is(err, ack.Reason.Err()) {
+						t.Errorf("error %v does not match reason %s", err, ack.Reason)
+					}
+					rejected[ack.Reason]++
+				} else {
+					accepted = append(accepted, sent{topic, data, ack})
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	deadline := time.Now().Add(duration)
+	r := rand.New(rand.NewPCG(1, 2))
+	churn := 0
+	for time.Now().Before(deadline) {
+		// Add a node, then take one of the added ones away, by crash or close.
+		n := c.AddNode(t, fmt.Sprintf("churn%d", churn), churn%3, fast...)
+		idx := len(c.Nodes) - 1
+		subscribe(t, n, fmt.Sprintf("soak-%d", churn%topics), rec.handler)
+		c.WaitConverged(t, 10*time.Second)
+		if r.IntN(2) == 0 {
+			c.Crash(idx)
+		} else {
+			c.CloseNode(t, idx)
+		}
+		c.WaitConverged(t, 10*time.Second)
+		churn++
+	}
+	close(stop)
+	wg.Wait()
+
+	got := map[pubsub.SubscriberID]map[string]int{}
+	for _, id := range stable {
+		got[id] = map[string]int{}
+		last := map[byte]string{}
+		for i, d := range rec.of(id) {
+			got[id][d] = i
+			if prev, ok := last[d[1]]; ok && prev > d {
+				t.Errorf("%s received %s after %s: out of order", id, d, prev)
+			}
+			last[d[1]] = d
+		}
+	}
+	missing := 0
+	for _, s := range accepted {
+		for _, id := range stable {
+			if topicOf[id] != s.topic {
+				continue
+			}
+			if _, ok := got[id][s.data]; ok {
+				continue
+			}
+			if _, reported := failureOf(s.ack, id); !reported {
+				missing++
+				if missing < 10 {
+					t.Errorf("%s accepted (%+v) but %s neither got it nor was reported", s.data, s.ack, id)
+				}
+			}
+		}
+	}
+	t.Logf("%d churn rounds; %d publishes accepted, rejected by reason %v; %d silently missing", churn, len(accepted), rejected, missing)
+}
