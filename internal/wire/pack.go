@@ -26,16 +26,6 @@ func Pack(dst []byte, msgs [][]byte) []byte {
 // ErrBadPacking reports a packed field that does not hold what it claims.
 var ErrBadPacking = errors.New("wire: malformed packed messages")
 
-// Unpack splits packed into count messages that alias it.
-func Unpack(packed []byte, count uint32) ([][]byte, error) {
-	if err := Validate(packed, count); err != nil {
-		return nil, err
-	}
-	msgs := make([][]byte, 0, count)
-	Each(packed, func(m []byte) { msgs = append(msgs, m) })
-	return msgs, nil
-}
-
 // Validate checks, without allocating, that packed holds exactly count
 // messages.
 func Validate(packed []byte, count uint32) error {

@@ -6,10 +6,20 @@ import (
 	"testing"
 )
 
+// unpack is Validate then Each, as the node does.
+func unpack(packed []byte, count uint32) ([][]byte, error) {
+	if err := Validate(packed, count); err != nil {
+		return nil, err
+	}
+	var msgs [][]byte
+	Each(packed, func(m []byte) { msgs = append(msgs, m) })
+	return msgs, nil
+}
+
 func TestPackRoundTrip(t *testing.T) {
 	msgs := [][]byte{[]byte("a"), {}, bytes.Repeat([]byte("x"), 300), []byte("last")}
 	packed := Pack([]byte("prefix"), msgs)
-	got, err := Unpack(packed[len("prefix"):], uint32(len(msgs)))
+	got, err := unpack(packed[len("prefix"):], uint32(len(msgs)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,11 +47,11 @@ func TestUnpackRejectsMalformed(t *testing.T) {
 		"length past end": {[]byte{0x05, 'a'}, 1},
 		"count, no bytes": {nil, 1},
 	} {
-		if _, err := Unpack(c.b, c.count); !errors.Is(err, ErrBadPacking) {
+		if _, err := unpack(c.b, c.count); !errors.Is(err, ErrBadPacking) {
 			t.Errorf("%s: err = %v, want ErrBadPacking", name, err)
 		}
 	}
-	if msgs, err := Unpack(nil, 0); err != nil || len(msgs) != 0 {
+	if msgs, err := unpack(nil, 0); err != nil || len(msgs) != 0 {
 		t.Errorf("empty: %v, %v", msgs, err)
 	}
 }
@@ -49,7 +59,7 @@ func TestUnpackRejectsMalformed(t *testing.T) {
 func FuzzUnpack(f *testing.F) {
 	f.Add(Pack(nil, [][]byte{[]byte("abc")}), uint32(1))
 	f.Fuzz(func(t *testing.T, b []byte, count uint32) {
-		msgs, err := Unpack(b, count)
+		msgs, err := unpack(b, count)
 		if err != nil {
 			return
 		}
