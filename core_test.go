@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -371,5 +372,41 @@ func TestBatchTooLargeInTotalIsSplitInOrder(t *testing.T) {
 		if m[:6] != string(msg(i)) {
 			t.Fatalf("message %d starts %q, want %q", i, m[:6], msg(i))
 		}
+	}
+}
+
+// A full-size batch to a node with so many subscribers of the topic that
+// their list does not fit beside it goes out in several messages.
+func TestManySubscribersOnOneNodeBesideAFullBatch(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	ctx := ctxT(t)
+	topic := ownedBy(t, c.Nodes[1], "crowded")
+	const subs = 6000 // about 80 KiB of subscriber IDs, more than the room left
+	var count atomic.Int64
+	errs := make(chan error, 8)
+	for w := 0; w < 8; w++ {
+		go func() {
+			for i := 0; i < subs/8; i++ {
+				if _, err := c.Nodes[2].Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error {
+					count.Add(1)
+					return nil
+				}); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for w := 0; w < 8; w++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	big := make([]byte, c.Nodes[0].MaxMessageSize())
+	ack, err := c.Nodes[0].Publish(ctx, topic, big)
+	mustAccept(t, ack, err, subs)
+	if got := count.Load(); got != subs {
+		t.Fatalf("%d handler calls, want %d", got, subs)
 	}
 }

@@ -80,7 +80,11 @@ func mustAccept(t *testing.T, ack pubsub.PublishAck, err error, wantDelivered in
 		t.Fatalf("publish: %v (ack %+v)", err, ack)
 	}
 	if ack.Status != pubsub.Accepted || ack.Delivered != wantDelivered || len(ack.Failures) != 0 {
-		t.Fatalf("ack = %+v, want Accepted with %d delivered and no failures", ack, wantDelivered)
+		shown := ack
+		if len(shown.Failures) > 3 {
+			shown.Failures = shown.Failures[:3] // the rest are counted below
+		}
+		t.Fatalf("ack = %+v (%d failures in all), want Accepted with %d delivered and no failures", shown, len(ack.Failures), wantDelivered)
 	}
 }
 

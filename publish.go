@@ -108,9 +108,11 @@ func (n *Node) reject(topic string, messages int, err error) (PublishAck, error)
 // MaxMessageSize is the largest message this node publishes: the connection's
 // payload limit less room for the envelope and subscriber lists.
 func (n *Node) MaxMessageSize() int {
-	mp := int(n.nc.MaxPayload())
+	mp := n.maxPayload()
 	return mp - min(64<<10, mp/8)
 }
+
+func (n *Node) maxPayload() int { return int(n.nc.MaxPayload()) }
 
 // chunks splits batch into runs whose encoded size stays within limit; it
 // yields each run with its index.

@@ -260,10 +260,31 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
-		// of re-encoding the messages for every node.
-		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: locals}}})
-		n.deliverRemote(b, m, remoteBatch{common, suffix}, locals, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+		// of re-encoding the messages for every node. A list too long to fit
+		// beside the batch goes in several messages, each reported apart.
+		parts := splitSubscribers(locals, n.maxPayload()-len(common))
+		b.addParts(len(parts) - 1)
+		for _, part := range parts {
+			suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: part}}})
+			n.deliverRemote(b, m, remoteBatch{common, suffix}, part, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+		}
 	}
+}
+
+// splitSubscribers cuts a node's subscriber list into runs whose encoding
+// fits in room bytes (at least one subscriber per run).
+func splitSubscribers(locals []string, room int) [][]string {
+	var parts [][]string
+	start, size := 0, 16 // envelope and field headers
+	for i, l := range locals {
+		sz := len(l) + 3
+		if i > start && size+sz > room {
+			parts = append(parts, locals[start:i])
+			start, size = i, 16
+		}
+		size += sz
+	}
+	return append(parts, locals[start:])
 }
 
 // deliverRemote sends one node its batch and reports the outcome to b. When
@@ -362,6 +383,15 @@ type pendingBatch struct {
 type subscriberOutcome struct {
 	id     SubscriberID
 	status DeliveryStatus
+}
+
+// addParts counts extra reports to wait for (a node's list sent in parts).
+func (b *pendingBatch) addParts(k int) {
+	if k > 0 {
+		b.mu.Lock()
+		b.remaining += k
+		b.mu.Unlock()
+	}
 }
 
 func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus) {
