@@ -410,3 +410,21 @@ func TestManySubscribersOnOneNodeBesideAFullBatch(t *testing.T) {
 		t.Fatalf("%d handler calls, want %d", got, subs)
 	}
 }
+
+func TestDottedNodeIDsAndPrefix(t *testing.T) {
+	c := newCluster(t, 3, 0)
+	ctx := ctxT(t)
+	var nodes []*pubsub.Node
+	for i, id := range []string{"eu.n-1", "eu.n-1.b", "us.n-2"} {
+		nodes = append(nodes, c.AddNode(t, id, i, append(fast, pubsub.WithPrefix("app-1.pubsub"))...))
+	}
+	c.WaitConverged(t, 5*time.Second)
+	rec := newRecorder()
+	for _, n := range nodes {
+		subscribe(t, n, "orders.eu-west.v1", rec.handler)
+	}
+	for _, n := range nodes {
+		ack, err := n.Publish(ctx, "orders.eu-west.v1", []byte("x"))
+		mustAccept(t, ack, err, 3)
+	}
+}

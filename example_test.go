@@ -249,3 +249,45 @@ func ExampleBatchingProducer() {
 	// reading 1
 	// reading 2
 }
+
+// Every decision of the library is an event. A listener runs on its own
+// goroutine; a slow one loses events (reported as EventsDropped) and never
+// slows publishing.
+func ExampleEventStream_Subscribe() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc, pubsub.WithNodeID("n1"),
+		pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(500*time.Millisecond))
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+
+	accepted := make(chan pubsub.PublishAccepted, 1)
+	stop := node.Events().Subscribe(func(e pubsub.Event) {
+		if a, ok := e.(pubsub.PublishAccepted); ok {
+			accepted <- a
+		}
+	})
+	defer stop()
+	if _, err := node.Subscribe(ctx, "orders", func(context.Context, *pubsub.Message) error { return nil }); err != nil {
+		panic(err)
+	}
+	if _, err := node.PublishBatch(ctx, "orders", [][]byte{[]byte("a"), []byte("b")}); err != nil {
+		panic(err)
+	}
+	a := <-accepted
+	fmt.Printf("%s accepted %d messages on %q: %d delivered, %d failed\n", a.Node, a.Messages, a.Topic, a.Delivered, a.Failed)
+	// Output:
+	// n1 accepted 2 messages on "orders": 1 delivered, 0 failed
+}
