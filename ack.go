@@ -131,9 +131,14 @@ const (
 	Timeout                              // the handler did not finish within SubscriberTimeout
 	HandlerError                         // the handler returned an error or panicked
 	MailboxFull                          // the subscriber's mailbox had no room for the batch
+	// OutOfOrder: the subscriber had already received a later batch of the
+	// same BatchingProducer (this one was redirected or retried), so it was
+	// dropped to keep the producer's order. Not the subscriber's fault: it
+	// never counts towards eviction.
+	OutOfOrder
 )
 
-var deliveryNames = [...]string{"delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full"}
+var deliveryNames = [...]string{"delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full", "out-of-order"}
 
 // String implements fmt.Stringer.
 func (s DeliveryStatus) String() string {

@@ -73,3 +73,48 @@ func TestAtLeastOnceSurvivesSubscriberServerLoss(t *testing.T) {
 		t.Fatalf("subscriber got %q, want [before during] exactly once each", got)
 	}
 }
+
+// A subscriber node keeps each BatchingProducer's order: a batch older than
+// one already handed to the subscriber is dropped and reported OutOfOrder,
+// the same batch again counts as delivered without running the handler.
+func TestNodeKeepsProducerOrder(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[0], "ordered", rec.handler)
+	raw := c.Connect(t, 0)
+	send := func(seq uint64, data string) pubsub.DeliveryStatus {
+		t.Helper()
+		env := &wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
+			Owner: &wire.MemberRef{NodeId: "owner", Incarnation: 1}, Topic: "ordered", Seq: seq,
+			Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte(data)}), Count: 1,
+			Producer: "producer-a", ProducerSeq: seq,
+		}}}
+		b, _ := proto.Marshal(env)
+		m, err := raw.Request("pubsub.node."+c.Nodes[0].ID(), b, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rep wire.Envelope
+		if err := proto.Unmarshal(m.Data, &rep); err != nil || len(rep.GetReply().GetStatuses()) != 1 {
+			t.Fatalf("bad reply: %v", err)
+		}
+		return pubsub.DeliveryStatus(rep.GetReply().GetStatuses()[0])
+	}
+	for _, step := range []struct {
+		seq  uint64
+		data string
+		want pubsub.DeliveryStatus
+	}{
+		{5, "five", pubsub.Delivered},
+		{3, "three", pubsub.OutOfOrder},
+		{5, "five again", pubsub.Delivered},
+		{6, "six", pubsub.Delivered},
+	} {
+		if got := send(step.seq, step.data); got != step.want {
+			t.Fatalf("batch %d: status %s, want %s", step.seq, got, step.want)
+		}
+	}
+	if got := rec.of(s.ID()); len(got) != 2 || got[0] != "five" || got[1] != "six" {
+		t.Fatalf("handler saw %q, want [five six]", got)
+	}
+}

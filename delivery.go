@@ -23,7 +23,8 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		}
 		return rep
 	}
-	msgs := payload{packed: d.GetPacked(), count: int(d.GetCount())}
+	msgs := payload{packed: d.GetPacked(), count: int(d.GetCount()),
+		origin: batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}}
 	if err := wire.Validate(msgs.packed, d.GetCount()); err != nil {
 		n.malformed("inbox", len(d.GetPacked()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
@@ -123,7 +124,7 @@ func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]
 			t.set(i, SubscriberGone)
 			continue
 		}
-		if !s.mailbox.do(func() { s.handle(ctx, batch, t, i) }) {
+		if !s.mailbox.do(func() { s.handle(ctx, batch, msgs.origin, t, i) }) {
 			t.set(i, MailboxFull)
 		}
 	}
@@ -188,13 +189,31 @@ func (t *batchTracker) finish() {
 
 // handle runs on the subscription's mailbox: the handler sees the batch's
 // messages in order and stops at the first error.
-func (s *Subscription) handle(ctx context.Context, batch []Message, t *batchTracker, i int) {
+func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, t *batchTracker, i int) {
 	if ctx.Err() != nil {
 		return // already reported as Timeout
 	}
 	if s.isDone() {
 		t.set(i, SubscriberGone)
 		return
+	}
+	if origin.producer != "" {
+		// A producer's batches reach the subscriber in its order: an older
+		// one arriving late (it was redirected, or retried after its owner
+		// died) is dropped and reported; the same one again was delivered.
+		last := s.producers[origin.producer]
+		switch {
+		case origin.seq == last:
+			t.set(i, Delivered)
+			return
+		case origin.seq < last:
+			t.set(i, OutOfOrder)
+			return
+		}
+		if s.producers == nil {
+			s.producers = make(map[string]uint64)
+		}
+		s.producers[origin.producer] = origin.seq
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
 	for j := range batch {
@@ -286,6 +305,7 @@ type payload struct {
 	msgs   [][]byte
 	packed []byte
 	count  int
+	origin batchOrigin
 }
 
 func (p payload) len() int {

@@ -48,7 +48,8 @@ type BatchingProducer struct {
 	init   Initializer // nil when pub does not implement it
 	topic  string
 	cfg    ProducerConfig
-	maxMsg int // largest message Produce accepts
+	maxMsg int    // largest message Produce accepts
+	id     string // names this producer's batches to subscriber nodes (batchOrigin)
 
 	ctx       context.Context // the producer's lifetime: cancelled when Close gives up
 	cancel    context.CancelFunc
@@ -84,6 +85,7 @@ type BatchingProducer struct {
 	retrying    int              // batches that failed and will be retried
 	gate        uint64           // attempt that must be issued before the next starts; 0: none
 	nextID      uint64           // attempt IDs
+	nextSeq     uint64           // batch numbers, kept by a batch across its retries
 	initialized bool             // Initialize succeeded (or pub is no Initializer)
 	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
 	dead        bool             // the lifetime context ended
@@ -103,6 +105,7 @@ type producerBatch struct {
 	msgs     [][]byte        // the data of the entries not dropped
 	state    batchState
 	id       uint64 // ID of the current attempt
+	seq      uint64 // the batch's number in this producer's order
 	failures int    // failed attempts so far
 	retryAt  time.Time
 	retrying bool           // counted in BatchingProducer.retrying
@@ -145,7 +148,7 @@ type attemptEvent struct {
 //
 // issued must be called at most once, and not after the call returned.
 type orderedPublisher interface {
-	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func()) (PublishAck, error)
+	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), origin batchOrigin) (PublishAck, error)
 }
 
 // messageSizer is implemented by publishers that know their message size
@@ -206,6 +209,7 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 	}
 	bp := &BatchingProducer{
 		pub:       p,
+		id:        randomID(),
 		topic:     topic,
 		cfg:       cfg,
 		maxMsg:    cfg.MaxBatchBytes,

@@ -110,6 +110,8 @@ func (p *BatchingProducer) canIssue() bool {
 // but not sent; a batch with nothing left to send is not published.
 func (p *BatchingProducer) cutAndIssue() {
 	b := p.newBatch()
+	p.nextSeq++
+	b.seq = p.nextSeq
 	taken, takenBytes, size := 0, 0, 0
 	for len(b.msgs) < p.cfg.BatchSize {
 		if p.pendHead == len(p.pend) {
@@ -183,13 +185,19 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs [][]byte, i
 		ev.initialized = true
 	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
-	if op, ok := p.pub.(orderedPublisher); ok && gated {
-		var once atomic.Bool
-		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, func() {
-			if once.CompareAndSwap(false, true) {
-				p.events <- attemptEvent{id: id, issued: true}
+	if op, ok := p.pub.(orderedPublisher); ok {
+		// The batch's number lets subscriber nodes keep this producer's
+		// order and drop a copy retried after an owner died.
+		issued := func() {}
+		if gated {
+			var once atomic.Bool
+			issued = func() {
+				if once.CompareAndSwap(false, true) {
+					p.events <- attemptEvent{id: id, issued: true}
+				}
 			}
-		})
+		}
+		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issued, batchOrigin{producer: p.id, seq: b.seq})
 	} else {
 		// Without an issue report the gate opens with the result: one
 		// batch at a time, as two concurrent calls may swap.

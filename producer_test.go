@@ -30,7 +30,8 @@ type mockPub struct {
 	calls    int
 	started  chan int // call index, sent (if not nil) when a call starts
 	fn       func(ctx context.Context, call int, batch [][]byte) (PublishAck, error)
-	maxBytes int // MaxMessageSize, when the mock is wrapped as a sizer
+	maxBytes int           // MaxMessageSize, when the mock is wrapped as a sizer
+	origins  []batchOrigin // recorded by orderedPub, one per call
 }
 
 func newMock() *mockPub { return &mockPub{started: make(chan int, 1000)} }
@@ -152,7 +153,10 @@ func (p *initPub) PublishBatch(ctx context.Context, topic string, batch [][]byte
 // batch issued once it has recorded it.
 type orderedPub struct{ *mockPub }
 
-func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func()) (PublishAck, error) {
+func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
+	o.mu.Lock()
+	o.origins = append(o.origins, origin)
+	o.mu.Unlock()
 	return o.do(ctx, topic, batch, issued)
 }
 
@@ -1158,5 +1162,43 @@ func TestProducerProduceAllocs(t *testing.T) {
 	allocs := testing.AllocsPerRun(1000, func() { p.Produce(ctx, data) })
 	if allocs > 0.1 {
 		t.Fatalf("Produce allocates %.2f times per message", allocs)
+	}
+}
+
+// Each batch carries the producer's ID and a number that grows with each
+// batch and stays the same across the batch's retries: subscriber nodes use
+// it to keep the producer's order and drop retried copies.
+func TestProducerNumbersBatchesForOrdering(t *testing.T) {
+	mp := newMock()
+	mp.fn = func(ctx context.Context, call int, batch [][]byte) (PublishAck, error) {
+		if call == 1 { // the second call fails once
+			return PublishAck{Status: Rejected, Reason: ReasonTimeout}, ErrTimeout
+		}
+		return PublishAck{Status: Accepted, Messages: len(batch)}, nil
+	}
+	p := newTestProducer(t, orderedPub{mp}, ProducerConfig{BatchSize: 1,
+		OnPublishError: func(int, error) ErrorDecision { return RetryBatch(time.Millisecond) }})
+	ctx := prodCtx(t, prodWait)
+	var futs []*Produced
+	for i := 0; i < 3; i++ {
+		futs = append(futs, p.Produce(ctx, pm(i)))
+	}
+	for _, f := range futs {
+		prodAccepted(t, f)
+	}
+	mp.mu.Lock()
+	defer mp.mu.Unlock()
+	if len(mp.origins) != 4 {
+		t.Fatalf("%d calls, want 4 (3 batches, one retried)", len(mp.origins))
+	}
+	seqs := []uint64{}
+	for _, o := range mp.origins {
+		if o.producer == "" || o.producer != mp.origins[0].producer {
+			t.Fatalf("origins %+v: want one non-empty producer ID", mp.origins)
+		}
+		seqs = append(seqs, o.seq)
+	}
+	if seqs[0] >= seqs[1] || seqs[1] != seqs[2] || seqs[2] >= seqs[3] {
+		t.Fatalf("batch numbers %v: want increasing, the retry keeping its number", seqs)
 	}
 }

@@ -44,7 +44,22 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // subscribers: do not modify them before PublishBatch returns, nor after it
 // if a subscriber timed out and may still be reading them.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
-	return n.publishBatchIssued(ctx, topic, batch, nil)
+	return n.publishBatchIssued(ctx, topic, batch, nil, batchOrigin{})
+}
+
+// batchOrigin names one batch of one BatchingProducer; the zero value, for
+// plain Publish calls, names none.
+type batchOrigin struct {
+	producer string
+	seq      uint64 // increases with each batch of the producer
+}
+
+// chunk names chunk i of a batch split for size; chunks keep the order.
+func (o batchOrigin) chunk(i int) batchOrigin {
+	if o.producer == "" {
+		return o
+	}
+	return batchOrigin{producer: o.producer, seq: o.seq<<16 | uint64(i)}
 }
 
 // publishBatchIssued is PublishBatch that calls issued (if not nil) once the
@@ -53,7 +68,7 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 // starts its next batch then, so several can be in flight in order. A retry
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
-func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func()) (PublishAck, error) {
+func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, len(batch), err)
 	}
@@ -81,7 +96,7 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 		if len(chunk) > 0 && &chunk[len(chunk)-1] == &batch[len(batch)-1] {
 			sig = issued
 		}
-		ack, err := n.publishChunk(ctx, topic, chunk, sig)
+		ack, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(first))
 		if err != nil {
 			return n.reject(topic, len(batch), err)
 		}
@@ -154,8 +169,9 @@ func mergeAcks(a, b PublishAck) PublishAck {
 	return a
 }
 
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func()) (PublishAck, error) {
-	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs))}
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
+	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)),
+		Producer: origin.producer, ProducerSeq: origin.seq}
 	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
 		req.ViewId = v.id
 		if req.Packed == nil {
@@ -163,7 +179,7 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, is
 		}
 		return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: req}}
 	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.publish(payload{msgs: msgs}, answer)
+		a.publish(payload{msgs: msgs, origin: origin}, answer)
 	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
 	if err != nil {
 		return PublishAck{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)

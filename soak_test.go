@@ -77,6 +77,35 @@ func TestSoakChurn(t *testing.T) {
 			}
 		}()
 	}
+	// A pipelined producer on a stable node: its messages must keep their
+	// order at every stable subscriber of its topic.
+	pipeRec := newRecorder()
+	var pipeSubs []*pubsub.Subscription
+	for _, n := range c.Nodes[:2] {
+		pipeSubs = append(pipeSubs, subscribe(t, n, "soak-pipelined", pipeRec.handler))
+	}
+	producer, err := pubsub.NewBatchingProducer(c.Nodes[0], "soak-pipelined", pubsub.ProducerConfig{
+		MaxInFlight: 4, BatchSize: 50, Linger: time.Millisecond,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.FailBatchAndContinue },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			f := producer.Produce(context.Background(), []byte(fmt.Sprintf("q-%07d", i)))
+			if i%200 == 199 {
+				_, _ = f.Wait(context.Background()) // keep the queue short
+			}
+		}
+	}()
 	deadline := time.Now().Add(duration)
 	r := rand.New(rand.NewPCG(1, 2))
 	churn := 0
@@ -97,6 +126,22 @@ func TestSoakChurn(t *testing.T) {
 	close(stop)
 	wg.Wait()
 
+	if err := producer.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range pipeSubs {
+		msgs := pipeRec.of(s.ID())
+		reordered := 0
+		for i := 1; i < len(msgs); i++ {
+			if msgs[i] <= msgs[i-1] {
+				reordered++
+			}
+		}
+		t.Logf("pipelined producer: %s got %d messages, %d out of order", s.ID(), len(msgs), reordered)
+		if reordered > 0 {
+			t.Errorf("pipelined producer's messages out of order at %s", s.ID())
+		}
+	}
 	got := map[pubsub.SubscriberID]map[string]int{}
 	for _, id := range stable {
 		got[id] = map[string]int{}

@@ -63,6 +63,9 @@ type Subscription struct {
 	id      SubscriberID
 	handler Handler
 	mailbox serial
+	// producers holds the last batch number of each BatchingProducer handed
+	// to the handler; only the mailbox's work touches it.
+	producers map[string]uint64
 
 	once sync.Once
 	done chan struct{}

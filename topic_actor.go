@@ -256,7 +256,8 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		}
 		if common == nil {
 			common, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
-				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Packed: msgs.wire(), Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce}}})
+				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Packed: msgs.wire(), Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce,
+				Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq}}})
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
@@ -347,7 +348,7 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 		st := make([]DeliveryStatus, count)
 		for i, s := range rep.GetStatuses() {
 			st[i] = DeliveryStatus(s)
-			if st[i] > MailboxFull {
+			if st[i] > OutOfOrder {
 				st[i] = HandlerError
 			}
 		}
@@ -430,6 +431,9 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			delete(a.fails, o.id)
 			continue
 		}
+		if o.status == OutOfOrder {
+			continue // the batch's fault, not the subscriber's
+		}
 		if ns := a.nodes[o.id.Node]; ns == nil {
 			continue // already removed
 		} else if _, ok := ns.set[o.id.Local]; !ok {
@@ -476,7 +480,8 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
-	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount())}
+	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()),
+		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq()}}
 	a := n.actor(topic)
 	a.s.do(func() {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })

@@ -118,6 +118,10 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.Packed = bs
 		case 6:
 			p.Count = uint32(v)
+		case 7:
+			p.Producer = string(bs)
+		case 8:
+			p.ProducerSeq = v
 		}
 		return err
 	})
@@ -140,6 +144,10 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.Packed = bs
 		case 8:
 			d.Count = uint32(v)
+		case 9:
+			d.Producer = string(bs)
+		case 10:
+			d.ProducerSeq = v
 		}
 		return err
 	})

@@ -12,10 +12,12 @@ import (
 func TestDecodeAgreesWithProto(t *testing.T) {
 	packed := Pack(nil, [][]byte{[]byte("one"), []byte("two")})
 	common, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{
-		Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 7, Packed: packed, Count: 2, AtLeastOnce: true}}})
+		Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 7, Packed: packed, Count: 2, AtLeastOnce: true,
+		Producer: "p1", ProducerSeq: 42}}})
 	suffix, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Subscribers: []string{"a", "b"}}}})
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{
-		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2}}})
+		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2,
+		Producer: "p1", ProducerSeq: 43}}})
 	hb, _ := proto.Marshal(&Envelope{Body: &Envelope_Heartbeat{Heartbeat: &Heartbeat{From: &MemberRef{NodeId: "x"}}}})
 	for name, data := range map[string][]byte{
 		"deliver": append(append([]byte{}, common...), suffix...),

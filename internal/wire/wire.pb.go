@@ -513,8 +513,14 @@ type PublishRequest struct {
 	// packed holds count messages, each a varint length and its bytes: one
 	// bytes field is copied once on decode, where a repeated bytes field
 	// would allocate per message.
-	Packed        []byte `protobuf:"bytes,5,opt,name=packed,proto3" json:"packed,omitempty"`
-	Count         uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	Packed []byte `protobuf:"bytes,5,opt,name=packed,proto3" json:"packed,omitempty"`
+	Count  uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	// producer and producer_seq name the batch of a BatchingProducer: subscriber
+	// nodes drop what is not newer than the last batch of that producer handed
+	// to a subscriber, which keeps its order across owner moves and drops a
+	// batch retried after an owner died.
+	Producer      string `protobuf:"bytes,7,opt,name=producer,proto3" json:"producer,omitempty"`
+	ProducerSeq   uint64 `protobuf:"varint,8,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -580,6 +586,20 @@ func (x *PublishRequest) GetPacked() []byte {
 func (x *PublishRequest) GetCount() uint32 {
 	if x != nil {
 		return x.Count
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetProducer() string {
+	if x != nil {
+		return x.Producer
+	}
+	return ""
+}
+
+func (x *PublishRequest) GetProducerSeq() uint64 {
+	if x != nil {
+		return x.ProducerSeq
 	}
 	return 0
 }
@@ -726,6 +746,8 @@ type DeliverBatch struct {
 	Subscribers []string               `protobuf:"bytes,4,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
 	Packed      []byte                 `protobuf:"bytes,7,opt,name=packed,proto3" json:"packed,omitempty"` // as in PublishRequest
 	Count       uint32                 `protobuf:"varint,8,opt,name=count,proto3" json:"count,omitempty"`
+	Producer    string                 `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"` // as in PublishRequest
+	ProducerSeq uint64                 `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
 	// at_least_once: the owner may re-send this batch; the node answers every
 	// copy but hands the batch to mailboxes once.
 	AtLeastOnce   bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
@@ -801,6 +823,20 @@ func (x *DeliverBatch) GetPacked() []byte {
 func (x *DeliverBatch) GetCount() uint32 {
 	if x != nil {
 		return x.Count
+	}
+	return 0
+}
+
+func (x *DeliverBatch) GetProducer() string {
+	if x != nil {
+		return x.Producer
+	}
+	return ""
+}
+
+func (x *DeliverBatch) GetProducerSeq() uint64 {
+	if x != nil {
+		return x.ProducerSeq
 	}
 	return 0
 }
@@ -1151,13 +1187,15 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xa6\x01\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xe5\x01\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
 	"\x05topic\x18\x03 \x01(\tR\x05topic\x12\x16\n" +
 	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x14\n" +
-	"\x05count\x18\x06 \x01(\rR\x05countJ\x04\b\x04\x10\x05\"J\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\x12\x1a\n" +
+	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
+	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeqJ\x04\b\x04\x10\x05\"J\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\xba\x01\n" +
@@ -1166,14 +1204,17 @@ const file_wire_proto_rawDesc = "" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12<\n" +
 	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\x12\x12\n" +
 	"\x04part\x18\x04 \x01(\rR\x04part\x12\x14\n" +
-	"\x05parts\x18\x05 \x01(\rR\x05parts\"\xe5\x01\n" +
+	"\x05parts\x18\x05 \x01(\rR\x05parts\"\xa4\x02\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12 \n" +
 	"\vsubscribers\x18\x04 \x03(\tR\vsubscribers\x12\x16\n" +
 	"\x06packed\x18\a \x01(\fR\x06packed\x12\x14\n" +
-	"\x05count\x18\b \x01(\rR\x05count\x12\"\n" +
+	"\x05count\x18\b \x01(\rR\x05count\x12\x1a\n" +
+	"\bproducer\x18\t \x01(\tR\bproducer\x12!\n" +
+	"\fproducer_seq\x18\n" +
+	" \x01(\x04R\vproducerSeq\x12\"\n" +
 	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnceJ\x04\b\x05\x10\x06\"\x8a\x01\n" +
 	"\x05Evict\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
