@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
 )
@@ -172,12 +174,10 @@ func mergeAcks(a, b PublishAck) PublishAck {
 func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
 	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)),
 		Producer: origin.producer, ProducerSeq: origin.seq}
-	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
+	ans, err := n.toOwner(ctx, topic, func(v *view, buf []byte) []byte {
 		req.ViewId = v.id
-		if req.Packed == nil {
-			req.Packed = wire.Pack(nil, msgs)
-		}
-		return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: req}}
+		// The messages are packed straight into the request: one copy.
+		return wire.AppendPublish(buf, req, msgs)
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.publish(payload{msgs: msgs, origin: origin}, answer)
 	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
@@ -213,7 +213,7 @@ func (n *Node) Initialize(ctx context.Context, topic string) error {
 //
 // issued, if not nil, is called once, when the first attempt is queued on the
 // local actor or written to the connection.
-func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wire.Envelope,
+func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, buf []byte) []byte,
 	local func(*topicActor, func(ownerAnswer)), wait time.Duration, issued func()) (ownerAnswer, error) {
 	signal := func() {
 		if issued != nil {
@@ -230,8 +230,8 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 			v, code := a.check()
 			answer(ownerAnswer{code: code, viewID: v.id})
 		}
-		remote = func(v *view) *wire.Envelope {
-			return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: n.selfRef(), ViewId: v.id, Topic: topic}}}
+		remote = func(v *view, buf []byte) []byte {
+			return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: n.selfRef(), ViewId: v.id, Topic: topic}}})
 		}
 		wait = n.cfg.RequestTimeout
 	}
@@ -247,10 +247,13 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(*view) *wi
 			ans, err = n.askLocal(ctx, topic, local, signal)
 		} else {
 			var rep *wire.Reply
-			rep, err = n.rpc.call(ctx, owner.Inbox, remote(v), wait, func() bool {
+			buf := sendBufs.Get().(*[]byte)
+			*buf = remote(v, (*buf)[:0])
+			rep, err = n.rpc.callData(ctx, owner.Inbox, *buf, wait, func() bool {
 				m, ok := n.view().member(owner.ID)
 				return ok && m.Incarnation == owner.Incarnation
 			}, n.cfg.HeartbeatInterval, signal)
+			sendBufs.Put(buf)
 			if err == nil {
 				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
 				if rep.GetCode() == wire.Reply_OK {
@@ -317,3 +320,12 @@ func validateTopic(topic string) error {
 }
 
 var _ orderedPublisher = (*Node)(nil)
+
+// appendEnvelope appends env's encoding to buf.
+func appendEnvelope(buf []byte, env *wire.Envelope) []byte {
+	out, err := proto.MarshalOptions{}.MarshalAppend(buf, env)
+	if err != nil {
+		panic(fmt.Sprintf("pubsub: encoding %T: %v", env.Body, err)) // our own messages always encode
+	}
+	return out
+}

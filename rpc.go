@@ -113,6 +113,12 @@ func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, time
 	if err != nil {
 		return nil, err
 	}
+	return r.callData(ctx, subject, data, timeout, alive, interval, sent)
+}
+
+// callData is call for an envelope already encoded. data may be reused once
+// callData returns, or once sent was called: NATS copies it.
+func (r *rpc) callData(ctx context.Context, subject string, data []byte, timeout time.Duration, alive func() bool, interval time.Duration, sent func()) (*wire.Reply, error) {
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
 		timeout = max(time.Until(dl), time.Millisecond)
 	}

@@ -92,9 +92,9 @@ func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error)
 		return TopicStats{}, err
 	}
 	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: topic, Stats: true}
-	ans, err := n.toOwner(ctx, topic, func(v *view) *wire.Envelope {
+	ans, err := n.toOwner(ctx, topic, func(v *view, buf []byte) []byte {
 		req.ViewId = v.id
-		return &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}}
+		return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}})
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.stats(answer)
 	}, n.cfg.RequestTimeout, nil)

@@ -241,7 +241,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
 	}
-	var common []byte // the encoded part all remote nodes share
+	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
 	for node, ns := range a.nodes {
 		locals := ns.locals()
@@ -254,20 +254,20 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 			b.report(node, locals, fill(len(locals), SubscriberGone))
 			continue
 		}
-		if common == nil {
-			common, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
-				Owner: n.selfRef(), Topic: a.topic, Seq: a.seq, Packed: msgs.wire(), Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce,
-				Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq}}})
+		if head == nil {
+			head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: a.seq,
+				Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq})
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
 		// of re-encoding the messages for every node. A list too long to fit
 		// beside the batch goes in several messages, each reported apart.
-		parts := splitSubscribers(locals, n.maxPayload()-len(common))
+		packed := msgs.wire()
+		parts := splitSubscribers(locals, n.maxPayload()-len(head)-len(packed)-16)
 		b.addParts(len(parts) - 1)
 		for _, part := range parts {
 			suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: part}}})
-			n.deliverRemote(b, m, remoteBatch{common, suffix}, part, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+			n.deliverRemote(b, m, remoteBatch{head, packed, suffix}, part, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
 		}
 	}
 }
@@ -327,9 +327,11 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals
 	n.rpc.watch(tok, alive, n.cfg.HeartbeatInterval)
 }
 
-// remoteBatch is one node's DeliverBatch: the encoding shared by every node
-// of the batch, then that node's subscriber list.
-type remoteBatch struct{ common, suffix []byte }
+// remoteBatch is one node's DeliverBatch: the batch fields and messages
+// shared by every node, then that node's subscriber list. It is assembled
+// into a pooled buffer for each send, so the messages are copied once per
+// node, straight into the buffer NATS copies from.
+type remoteBatch struct{ head, packed, suffix []byte }
 
 // sendBufs recycles the buffers remote batches are assembled in; NATS copies
 // a message into its own write buffer before Publish returns.
@@ -337,7 +339,7 @@ var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (r remoteBatch) encode() *[]byte {
 	buf := sendBufs.Get().(*[]byte)
-	*buf = append(append((*buf)[:0], r.common...), r.suffix...)
+	*buf = append(wire.AppendDeliver((*buf)[:0], r.head, r.packed), r.suffix...)
 	return buf
 }
 

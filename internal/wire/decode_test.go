@@ -46,3 +46,22 @@ func FuzzDecode(f *testing.F) {
 		_ = Decode(data, &env) // must not panic
 	})
 }
+
+// The hand-assembled batch envelopes decode to what proto would encode.
+func TestAppendBatchEnvelopes(t *testing.T) {
+	msgs := [][]byte{[]byte("one"), make([]byte, 300), {}}
+	req := &PublishRequest{From: &MemberRef{NodeId: "n", Incarnation: 2}, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9}
+	got := AppendPublish([]byte("x"), req, msgs)[1:]
+	want := &Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{From: req.From, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9, Packed: Pack(nil, msgs)}}}
+	var env Envelope
+	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, want) {
+		t.Fatalf("AppendPublish decodes to %v (%v), want %v", &env, err, want)
+	}
+	head, _ := proto.Marshal(&DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3})
+	got = AppendDeliver(nil, head, Pack(nil, msgs))
+	wantD := &Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3, Packed: Pack(nil, msgs)}}}
+	env.Reset()
+	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, wantD) {
+		t.Fatalf("AppendDeliver decodes to %v (%v), want %v", &env, err, wantD)
+	}
+}

@@ -1,0 +1,58 @@
+package wire
+
+import (
+	"encoding/binary"
+
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Envelope field numbers of the batch-carrying bodies.
+const (
+	envelopePublish protowire.Number = 3
+	envelopeDeliver protowire.Number = 5
+	publishPacked   protowire.Number = 5
+	deliverPacked   protowire.Number = 7
+)
+
+// AppendPublish appends Envelope{publish: req} with msgs packed into its
+// packed field, copying each message once. req.Packed must be empty.
+func AppendPublish(dst []byte, req *PublishRequest, msgs [][]byte) []byte {
+	head, _ := proto.Marshal(req)
+	return appendWithPacked(dst, envelopePublish, head, publishPacked, packedSize(msgs), func(b []byte) []byte {
+		return Pack(b, msgs)
+	})
+}
+
+// AppendDeliver appends Envelope{deliver: head + packed}: head is an encoded
+// DeliverBatch without its packed field, packed the batch's messages.
+func AppendDeliver(dst []byte, head, packed []byte) []byte {
+	return appendWithPacked(dst, envelopeDeliver, head, deliverPacked, len(packed), func(b []byte) []byte {
+		return append(b, packed...)
+	})
+}
+
+// appendWithPacked writes envelope field body := head followed by a bytes
+// field of size n that fill appends.
+func appendWithPacked(dst []byte, body protowire.Number, head []byte, field protowire.Number, n int, fill func([]byte) []byte) []byte {
+	inner := len(head) + protowire.SizeTag(field) + protowire.SizeBytes(n)
+	dst = protowire.AppendTag(dst, body, protowire.BytesType)
+	dst = protowire.AppendVarint(dst, uint64(inner))
+	dst = append(dst, head...)
+	dst = protowire.AppendTag(dst, field, protowire.BytesType)
+	dst = protowire.AppendVarint(dst, uint64(n))
+	return fill(dst)
+}
+
+func packedSize(msgs [][]byte) int {
+	n := 0
+	for _, m := range msgs {
+		n += varintLen(uint64(len(m))) + len(m)
+	}
+	return n
+}
+
+func varintLen(x uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(b[:], x)
+}
