@@ -116,8 +116,15 @@ func run() error {
 			return fmt.Errorf("publishes not served after the crash: %+v %v", ack, err)
 		}
 	}
+	// Listeners run on their own goroutines: wait until both survivors have
+	// printed beta's departure before stopping them.
+	for !printer.sawLeave("alpha", "beta") || !printer.sawLeave("gamma", "beta") {
+		if ctx.Err() != nil {
+			return errors.New("the survivors did not report beta leaving")
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, with ctx as deadline
+	}
 	fmt.Println("--- done: survivors serve the topic again")
-	time.Sleep(200 * time.Millisecond) // let the listeners print the last events
 	return nil
 }
 
@@ -126,9 +133,17 @@ func run() error {
 type printer struct {
 	mu    sync.Mutex
 	start time.Time
+	left  map[string]bool // "node/member" for each MemberLeft printed
 }
 
-func newPrinter() *printer { return &printer{start: time.Now()} }
+func newPrinter() *printer { return &printer{start: time.Now(), left: map[string]bool{}} }
+
+// sawLeave reports whether node's listener printed member leaving.
+func (p *printer) sawLeave(node, member string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.left[node+"/"+member]
+}
 
 func (p *printer) print(e pubsub.Event) {
 	var node, kind, detail string
@@ -164,5 +179,8 @@ func (p *printer) print(e pubsub.Event) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if l, ok := e.(pubsub.MemberLeft); ok {
+		p.left[l.Node+"/"+l.Member.ID] = true
+	}
 	fmt.Printf("%8.3fs  %-6s  %-19s %s\n", time.Since(p.start).Seconds(), node, kind, detail)
 }

@@ -1,35 +1,13 @@
 package main
 
 import (
-	"os"
-	"os/exec"
-	"strings"
 	"testing"
+
+	"github.com/clusterpubsub/pubsub/internal/examplerun"
 )
 
-// TestMain lets the test binary act as the example itself when asked to, so
-// that the test below runs the example exactly as a user does, in a process
-// of its own.
-func TestMain(m *testing.M) {
-	if os.Getenv("PUBSUB_RUN_EXAMPLE") == "1" {
-		os.Args = os.Args[:1]
-		main()
-		return
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { examplerun.Main(m, main) }
 
 func TestExampleRunsAndExitsZero(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs the whole example")
-	}
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "PUBSUB_RUN_EXAMPLE=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("example failed: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "--- done: survivors serve the topic again") {
-		t.Fatalf("example output lacks %q:\n%s", "--- done: survivors serve the topic again", out)
-	}
+	examplerun.Check(t, "--- done: survivors serve the topic again")
 }
