@@ -181,7 +181,7 @@ func TestMailboxFull(t *testing.T) {
 }
 
 func TestOwnerCrashTopicsMoveToSurvivors(t *testing.T) {
-	const memberTimeout = time.Second // as in fast
+	const memberTimeout = 2 * time.Second // as in fast
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "crash")
 	rec := newRecorder()

@@ -14,7 +14,9 @@ import (
 // fast keeps membership changes quick in tests.
 var fast = []pubsub.Option{
 	pubsub.WithHeartbeatInterval(50 * time.Millisecond),
-	pubsub.WithMemberTimeout(time.Second),
+	// 40 heartbeats: a loaded 2-core machine running several -race test
+	// binaries at once must not make a live member look dead.
+	pubsub.WithMemberTimeout(2 * time.Second),
 	pubsub.WithRequestTimeout(3 * time.Second),
 	pubsub.WithSubscriberTimeout(2 * time.Second),
 }
