@@ -165,6 +165,9 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if n.membersSub, err = nc.Subscribe(n.membersSubject, n.onMembers); err != nil {
 		return fail(err)
 	}
+	if err = n.checkPermissions(ctx); err != nil {
+		return fail(err)
+	}
 	n.goroutines.add()
 	go n.heartbeatLoop()
 	if cfg.MetricsInterval > 0 {
