@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
@@ -42,17 +43,40 @@ func TestAtLeastOnceCopiesAreDeliveredOnce(t *testing.T) {
 	if got := rec.of(s.ID()); len(got) != 1 {
 		t.Fatalf("handler saw %q for three copies of one batch, want it once", got)
 	}
-	// An at-most-once copy is not deduplicated: the flag is what opts in.
+	// At most once, a copy of the batch a subscriber just handled is not
+	// handed to it again either, and an older batch of the same owner that
+	// arrives late is dropped as out of order rather than delivered after a
+	// newer one.
 	batch.AtLeastOnce, batch.Seq = false, 2
 	data, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
 	for i := 0; i < 2; i++ {
-		if _, err := raw.Request("pubsub.node."+c.Nodes[0].ID(), data, 2*time.Second); err != nil {
-			t.Fatal(err)
+		if st := deliverRaw(t, raw, c.Nodes[0].ID(), data); st != pubsub.Delivered {
+			t.Fatalf("at-most-once copy %d: status %v, want delivered", i, st)
 		}
 	}
-	if got := rec.of(s.ID()); len(got) != 3 {
-		t.Fatalf("handler saw %d messages, want 3", len(got))
+	batch.Seq = 1
+	data, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
+	if st := deliverRaw(t, raw, c.Nodes[0].ID(), data); st != pubsub.OutOfOrder {
+		t.Fatalf("late older batch: status %v, want out-of-order", st)
 	}
+	if got := rec.of(s.ID()); len(got) != 2 {
+		t.Fatalf("handler saw %d messages, want 2", len(got))
+	}
+}
+
+// deliverRaw sends one encoded DeliverBatch for a single subscriber to node
+// and returns the status the node reported.
+func deliverRaw(t *testing.T, raw *nats.Conn, node string, data []byte) pubsub.DeliveryStatus {
+	t.Helper()
+	m, err := raw.Request("pubsub.node."+node, data, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env wire.Envelope
+	if err := proto.Unmarshal(m.Data, &env); err != nil || len(env.GetReply().GetStatuses()) != 1 {
+		t.Fatalf("bad reply %v: %v", &env, err)
+	}
+	return pubsub.DeliveryStatus(env.GetReply().GetStatuses()[0])
 }
 
 func TestAtLeastOnceSurvivesSubscriberServerLoss(t *testing.T) {

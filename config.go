@@ -62,6 +62,14 @@ type Config struct {
 	// MetricsInterval between MetricsSnapshot events. Default 10s; negative
 	// disables them (WithMetricsInterval(0) does that too).
 	MetricsInterval time.Duration
+	// MaxMembers caps the view, this node included. Heartbeats of further
+	// nodes are ignored, counted in Stats().MembersRejected, logged
+	// (throttled) and reported by a MemberRejected event. It bounds what a
+	// flood of forged heartbeats can cost. Default 1024.
+	MaxMembers int
+	// PartitionPolicy says what a node does when it cannot see a majority of
+	// the cluster. Default KeepServing.
+	PartitionPolicy PartitionPolicy
 }
 
 // Defaults of Config.
@@ -73,6 +81,7 @@ const (
 	DefaultEvictAfter        = 3
 	DefaultMailboxSize       = 1024
 	DefaultMetricsInterval   = 10 * time.Second
+	DefaultMaxMembers        = 1024
 )
 
 // Option changes one Config field.
@@ -125,6 +134,16 @@ func WithMetricsInterval(d time.Duration) Option {
 	}
 }
 
+// WithMaxMembers caps the member view (default 1024); nodes beyond it are
+// ignored, with a MemberRejected event.
+func WithMaxMembers(n int) Option { return func(c *Config) { c.MaxMembers = n } }
+
+// WithPartitionPolicy sets what a node cut off from the majority does
+// (default KeepServing).
+func WithPartitionPolicy(p PartitionPolicy) Option {
+	return func(c *Config) { c.PartitionPolicy = p }
+}
+
 // resolve fills defaults and validates.
 func (c *Config) resolve() error {
 	if c.NodeID == "" {
@@ -149,6 +168,9 @@ func (c *Config) resolve() error {
 	if c.MailboxSize == 0 {
 		c.MailboxSize = DefaultMailboxSize
 	}
+	if c.MaxMembers == 0 {
+		c.MaxMembers = DefaultMaxMembers
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -170,6 +192,10 @@ func (c *Config) resolve() error {
 		return fmt.Errorf("%w: EvictAfter %d is negative", ErrInvalidConfig, c.EvictAfter)
 	case c.MailboxSize < 0:
 		return fmt.Errorf("%w: MailboxSize %d is negative", ErrInvalidConfig, c.MailboxSize)
+	case c.MaxMembers < 0:
+		return fmt.Errorf("%w: MaxMembers %d is negative", ErrInvalidConfig, c.MaxMembers)
+	case c.PartitionPolicy > KeepMajority:
+		return fmt.Errorf("%w: unknown PartitionPolicy %d; use KeepServing or KeepMajority", ErrInvalidConfig, c.PartitionPolicy)
 	}
 	return nil
 }

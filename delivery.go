@@ -24,7 +24,8 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		return rep
 	}
 	msgs := payload{packed: d.GetPacked(), count: int(d.GetCount()),
-		origin: batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}}
+		origin: batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()},
+		seq:    batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}}
 	if err := wire.Validate(msgs.packed, d.GetCount()); err != nil {
 		n.malformed("inbox", len(d.GetPacked()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
@@ -124,7 +125,7 @@ func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]
 			t.set(i, SubscriberGone)
 			continue
 		}
-		if !s.mailbox.do(func() { s.handle(ctx, batch, msgs.origin, t, i) }) {
+		if !s.mailbox.do(func() { s.handle(ctx, batch, msgs.origin, msgs.seq, t, i) }) {
 			t.set(i, MailboxFull)
 		}
 	}
@@ -189,13 +190,29 @@ func (t *batchTracker) finish() {
 
 // handle runs on the subscription's mailbox: the handler sees the batch's
 // messages in order and stops at the first error.
-func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, t *batchTracker, i int) {
+func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int) {
 	if ctx.Err() != nil {
 		return // already reported as Timeout
 	}
 	if s.isDone() {
 		t.set(i, SubscriberGone)
 		return
+	}
+	if seq.seq != 0 {
+		// An owner numbers the batches of a topic in the order it accepted
+		// them: one that arrives after a later one (it was held up on a
+		// stalled route past its publish's timeout) is dropped, not
+		// delivered out of order.
+		last := s.lastBatch
+		if seq.owner == last.owner && seq.inc == last.inc && seq.seq <= last.seq {
+			if seq.seq == last.seq {
+				t.set(i, Delivered) // a copy of the batch just handled
+			} else {
+				t.set(i, OutOfOrder)
+			}
+			return
+		}
+		s.lastBatch = seq
 	}
 	if origin.producer != "" {
 		// A producer's batches reach the subscriber in its order: an older
@@ -302,10 +319,19 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 // published on this node, or the packed wire field as received. Either way
 // no message is copied on its way to the handlers.
 type payload struct {
-	msgs   [][]byte
-	packed []byte
-	count  int
-	origin batchOrigin
+	msgs    [][]byte
+	packed  []byte
+	count   int
+	origin  batchOrigin
+	seq     batchSeq // set by the owner when it accepts the batch
+	wantIDs bool     // the publisher asked for the delivered subscribers
+}
+
+// batchSeq is the owner's number for an accepted batch of one topic.
+type batchSeq struct {
+	owner string
+	inc   uint64
+	seq   uint64
 }
 
 func (p payload) len() int {

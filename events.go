@@ -113,6 +113,41 @@ type MetricsSnapshot struct {
 	Time  time.Time
 }
 
+// MemberRejected reports heartbeats of a node ignored because the view
+// already holds Config.MaxMembers members. It is emitted at most once per
+// 10 s per node, however many heartbeats were ignored (Rejected counts them
+// since the previous event).
+type MemberRejected struct {
+	Node     string // the node that ignored it
+	Member   string // the ignored node's ID (the latest one)
+	Members  int    // members in the view
+	Limit    int    // Config.MaxMembers
+	Rejected uint64 // heartbeats ignored since the previous event
+	Time     time.Time
+}
+
+// NodeStopped reports that a node stopped on its own: its NATS connection
+// was closed underneath it (by the application, or after nats.go ran out of
+// reconnect attempts). The node ended its subscriptions with Err, which
+// wraps ErrClosed, and fails every call with ErrClosed. It is not emitted by
+// Close.
+type NodeStopped struct {
+	Node string
+	Err  error
+	Time time.Time
+}
+
+// QuorumChanged reports, under the KeepMajority partition policy, that the
+// node lost or regained sight of a majority of the last stable view. While
+// HasQuorum is false it serves no topic as owner.
+type QuorumChanged struct {
+	Node      string
+	HasQuorum bool
+	Members   int // members in the current view
+	Stable    int // members in the last stable view
+	Time      time.Time
+}
+
 // EventsDropped tells a listener how many events it lost because it was slow.
 type EventsDropped struct {
 	Node    string
@@ -132,6 +167,9 @@ func (MemberLeft) event()        {}
 func (TopicOwnerChanged) event() {}
 func (MetricsSnapshot) event()   {}
 func (EventsDropped) event()     {}
+func (MemberRejected) event()    {}
+func (NodeStopped) event()       {}
+func (QuorumChanged) event()     {}
 
 // EventStream fans a node's events out to listeners. Emitting never blocks:
 // each listener has a bounded buffer and its own goroutine, and a listener

@@ -1,78 +1,164 @@
 package pubsub
 
 import (
+	"context"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
-// Ownership handoff. When a node's view changes to V, it sends every member M
-// one Sync{V} holding its subscriptions of all the topics M owns under V
-// (empty ones too). An owner keeps serving topics it owned throughout; a
-// topic it gained becomes ready once it has a Sync{V} from every member of V.
-// The syncRegistry collects those syncs for the current view.
+// Ownership handoff, pulled by the owner. When a node's view changes to V,
+// its sync loop asks every member of V for that member's subscriptions of
+// the topics this node owns under V, naming V's members in the request so the
+// member can compute ownership whatever its own view is. An owner keeps
+// serving the topics it owned throughout; a topic it gained becomes ready
+// once every member of V answered.
+//
+// Pulling, rather than each member pushing when its own view changes, is what
+// makes asymmetric view changes harmless: a node whose peers dropped and
+// re-added it (a one-way route stall, a forged LEAVE) never changed its own
+// view, yet every peer that did asks it again. It also needs no buffer for
+// syncs of views not reached yet, so forged syncs cannot fill memory.
+//
+// A member also pushes, unasked, its subscriptions of topics whose owner
+// changed in its own view, to the new owner: that owner may have owned the
+// topic all along in its view and so never ask.
 type syncRegistry struct {
 	n        *Node
+	wake     chan struct{} // the sync loop has a new round to run
 	mu       sync.Mutex
 	view     *view
-	from     map[string]bool                // members whose sync is complete
-	parts    map[string]map[uint32]bool     // parts received of split syncs
+	round    context.Context // cancelled when the view changes
+	cancel   context.CancelFunc
+	from     map[string]bool                // members whose subscriptions arrived
 	subs     map[string]map[string][]string // topic -> node -> subscribers
 	complete bool
-	// future keeps the latest sync of each sender for a view this node has
-	// not reached yet; it is replayed when it does.
-	future map[futureKey]*wire.Sync
 }
 
-const maxFutureSyncs = 4096
+// maxSyncPullers bounds the members asked at once: a view of forged members
+// costs a few goroutines, not one per member.
+const maxSyncPullers = 8
 
 func (r *syncRegistry) init(n *Node) {
 	r.n = n
-	r.future = make(map[futureKey]*wire.Sync)
+	r.wake = make(chan struct{}, 1)
 }
 
-// reset starts collecting for v, with this node's own sync. Called with memMu
-// held, in view order.
+// reset starts collecting for v, with this node's own subscriptions. Called
+// with memMu held, in view order.
 func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
 	r.mu.Lock()
+	if r.cancel != nil {
+		r.cancel()
+	}
+	r.round, r.cancel = context.WithCancel(r.n.ctx)
 	r.view, r.from, r.subs, r.complete = v, map[string]bool{}, map[string]map[string][]string{}, false
-	r.parts = map[string]map[uint32]bool{}
-	r.addLocked(&wire.Sync{From: r.n.selfRef(), ViewId: v.id, Topics: self})
-	for key, s := range r.future {
-		if s.GetViewId() == v.id {
-			delete(r.future, key)
-			if v.has(s.GetFrom()) {
-				r.addLocked(s)
-			}
-		}
-	}
+	r.addLocked(r.n.id, self)
 	done := r.checkLocked()
 	r.mu.Unlock()
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
 	if done {
 		r.n.refreshTopics()
 	}
 }
 
-// apply records a member's sync; one for another view is kept for later.
-func (r *syncRegistry) apply(s *wire.Sync) {
+// syncLoop runs one pull round per view change, until the node closes. A
+// round is abandoned as soon as the view changes again.
+func (n *Node) syncLoop() {
+	defer n.goroutines.done()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.registry.wake:
+		}
+		n.registry.pullRound()
+	}
+}
+
+// pullRound asks every member not yet heard for the current view.
+func (r *syncRegistry) pullRound() {
 	r.mu.Lock()
-	if s.GetViewId() != r.view.id {
-		key := futureKey{s.GetFrom().GetNodeId(), s.GetPart()}
-		if old := r.future[key]; old != nil || len(r.future) < maxFutureSyncs {
-			if old == nil || old.GetViewId() != s.GetViewId() || s.GetParts() != old.GetParts() {
-				r.dropFutureLocked(key.node) // a newer view of the sender replaces all its parts
-			}
-			r.future[key] = s
+	v, ctx := r.view, r.round
+	var missing []Member
+	for _, m := range v.members {
+		if !r.from[m.ID] {
+			missing = append(missing, m)
 		}
+	}
+	r.mu.Unlock()
+	if len(missing) == 0 || ctx.Err() != nil {
+		return
+	}
+	jobs := make(chan Member)
+	var wg sync.WaitGroup
+	for range min(maxSyncPullers, len(missing)) {
+		wg.Go(func() {
+			for m := range jobs {
+				r.pullMember(ctx, v, m)
+			}
+		})
+	}
+feed:
+	for _, m := range missing {
+		select {
+		case jobs <- m:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(jobs)
+	wg.Wait()
+}
+
+// pullMember asks m, page by page, for its subscriptions of the topics this
+// node owns under v, retrying until m answers, the view changes or the node
+// closes.
+func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
+	n := r.n
+	req := &wire.SyncRequest{From: n.selfRef(), ViewId: v.id, Members: v.refs()}
+	env := &wire.Envelope{Body: &wire.Envelope_SyncRequest{SyncRequest: req}}
+	var topics []*wire.TopicSubscribers
+	backoff := 5 * time.Millisecond
+	for ctx.Err() == nil {
+		rep, err := n.rpc.call(ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil)
+		page := rep.GetSync()
+		if err != nil || rep.GetCode() != wire.Reply_OK || page == nil ||
+			page.GetFrom().GetNodeId() != m.ID || page.GetFrom().GetIncarnation() != m.Incarnation {
+			// Unreachable, or its incarnation is not the one in v (it
+			// restarted, or v holds a forged one): v will change.
+			n.log.Debug("sync not answered, retrying", "member", m.ID, "err", err, "code", rep.GetCode())
+			if !n.pause(ctx, &backoff, 500*time.Millisecond) {
+				return
+			}
+			continue
+		}
+		backoff = 5 * time.Millisecond
+		topics = append(topics, page.GetTopics()...)
+		last := page.GetTopics()
+		if !page.GetMore() || len(last) == 0 || len(last[len(last)-1].GetSubscribers()) == 0 {
+			r.applyPulled(v, m.ID, topics)
+			return
+		}
+		t := last[len(last)-1]
+		req.AfterTopic, req.AfterSubscriber = t.GetTopic(), t.GetSubscribers()[len(t.GetSubscribers())-1]
+	}
+}
+
+// applyPulled records member node's subscriptions for v.
+func (r *syncRegistry) applyPulled(v *view, node string, topics []*wire.TopicSubscribers) {
+	r.mu.Lock()
+	if r.view != v || r.complete {
 		r.mu.Unlock()
 		return
 	}
-	if !r.view.has(s.GetFrom()) || r.complete {
-		r.mu.Unlock()
-		return
-	}
-	r.addLocked(s)
+	r.addLocked(node, topics)
 	done := r.checkLocked()
 	r.mu.Unlock()
 	if done {
@@ -80,35 +166,10 @@ func (r *syncRegistry) apply(s *wire.Sync) {
 	}
 }
 
-func (r *syncRegistry) dropFutureLocked(node string) {
-	for k := range r.future {
-		if k.node == node {
-			delete(r.future, k)
-		}
-	}
-}
-
-// futureKey names one part of a member's sync kept for a later view.
-type futureKey struct {
-	node string
-	part uint32
-}
-
-func (r *syncRegistry) addLocked(s *wire.Sync) {
-	node := s.GetFrom().GetNodeId()
-	if parts := max(s.GetParts(), 1); parts == 1 {
-		r.from[node] = true
-	} else {
-		got := r.parts[node]
-		if got == nil {
-			got = make(map[uint32]bool, parts)
-			r.parts[node] = got
-		}
-		got[s.GetPart()] = true
-		r.from[node] = len(got) >= int(parts)
-	}
-	for _, t := range s.GetTopics() {
-		if len(t.GetSubscribers()) == 0 || r.view.ownerOf(t.GetTopic()).ID != r.n.id {
+func (r *syncRegistry) addLocked(node string, topics []*wire.TopicSubscribers) {
+	r.from[node] = true
+	for _, t := range topics {
+		if len(t.GetSubscribers()) == 0 || validateTopic(t.GetTopic()) != nil || r.view.ownerOf(t.GetTopic()).ID != r.n.id {
 			continue
 		}
 		m := r.subs[t.GetTopic()]
@@ -120,7 +181,7 @@ func (r *syncRegistry) addLocked(s *wire.Sync) {
 	}
 }
 
-// checkLocked marks the registry complete once every member synced; it
+// checkLocked marks the registry complete once every member answered; it
 // reports whether this call completed it.
 func (r *syncRegistry) checkLocked() bool {
 	if r.complete {
@@ -135,8 +196,8 @@ func (r *syncRegistry) checkLocked() bool {
 	return true
 }
 
-// take hands a gained topic its subscribers once every member synced for the
-// view of epoch.
+// take hands a gained topic its subscribers once every member answered for
+// the view of epoch.
 func (r *syncRegistry) take(topic string, epoch uint64) (map[string][]string, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -176,7 +237,8 @@ func (n *Node) refreshTopics() {
 	}
 }
 
-// viewChanged runs on the control actor, in view order.
+// viewChanged runs on the control actor, in view order. Under a burst of view
+// changes (a flood of forged members) only the latest view does the work.
 func (n *Node) viewChanged(prev, next *view) {
 	for _, m := range next.members {
 		if _, ok := prev.member(m.ID); !ok {
@@ -190,42 +252,67 @@ func (n *Node) viewChanged(prev, next *view) {
 			n.events.emit(MemberLeft{Node: n.id, Member: m, Members: len(next.members), Time: time.Now()})
 		}
 	}
+	if n.view() != next {
+		return // a newer view is queued behind this one
+	}
 	n.refreshTopics()
-	for _, m := range next.members {
-		if m.ID != n.id {
-			n.goroutines.add()
-			go n.sendSync(next, m)
+	if n.pushedView != nil {
+		n.pushMoved(n.pushedView, next)
+	}
+	n.pushedView = next
+}
+
+// pushMoved sends each new owner this node's subscriptions of the topics it
+// gained between views prev and next.
+func (n *Node) pushMoved(prev, next *view) {
+	byOwner := map[string]map[string]*wire.TopicSubscribers{}
+	n.subsMu.RLock()
+	for local, s := range n.subs {
+		owner := next.ownerOf(s.topic).ID
+		if owner == n.id || prev.ownerOf(s.topic).ID == owner {
+			continue
+		}
+		topics := byOwner[owner]
+		if topics == nil {
+			topics = map[string]*wire.TopicSubscribers{}
+			byOwner[owner] = topics
+		}
+		t := topics[s.topic]
+		if t == nil {
+			t = &wire.TopicSubscribers{Topic: s.topic}
+			topics[s.topic] = t
+		}
+		t.Subscribers = append(t.Subscribers, local)
+	}
+	n.subsMu.RUnlock()
+	for owner, topics := range byOwner {
+		m, _ := next.member(owner)
+		list := make([]*wire.TopicSubscribers, 0, len(topics))
+		for _, t := range topics {
+			list = append(list, t)
+		}
+		for _, part := range splitSync(list, n.maxPayload()/2) {
+			env := &wire.Envelope{Body: &wire.Envelope_Sync{Sync: &wire.Sync{From: n.selfRef(), ViewId: next.id, Topics: part}}}
+			n.pushSync(next, m, env, 3)
 		}
 	}
 }
 
-// sendSync delivers this node's sync for v to m, retrying each part until m
-// acknowledges it, the view changes, or the node closes.
-func (n *Node) sendSync(v *view, m Member) {
-	defer n.goroutines.done()
-	parts := splitSync(n.localSync(v, m.ID), n.MaxMessageSize())
-	for i, topics := range parts {
-		sync := &wire.Sync{From: n.selfRef(), ViewId: v.id, Topics: topics, Part: uint32(i), Parts: uint32(len(parts))}
-		env := &wire.Envelope{Body: &wire.Envelope_Sync{Sync: sync}}
-		backoff := 5 * time.Millisecond
-		for {
-			if n.view().id != v.id || n.ctx.Err() != nil {
-				return // a newer view sends its own syncs
-			}
-			rep, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil)
-			if err == nil && rep.GetCode() != wire.Reply_BAD_REQUEST {
-				break
-			}
-			n.log.Debug("sync not acknowledged, retrying", "member", m.ID, "err", err)
-			if !n.pause(n.ctx, &backoff, 500*time.Millisecond) {
-				return
-			}
-		}
+// pushSync sends one pushed sync, retrying a few times while the view holds:
+// it is a shortcut, since an owner whose view changes pulls anyway.
+func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, tries int) {
+	if n.ctx.Err() != nil || n.view() != v {
+		return
 	}
+	n.rpc.sendEnvelope(m.Inbox, env, n.cfg.RequestTimeout, func(rep *wire.Reply, err error) {
+		if (err != nil || rep.GetCode() != wire.Reply_OK) && tries > 1 {
+			time.AfterFunc(50*time.Millisecond, func() { n.pushSync(v, m, env, tries-1) })
+		}
+	})
 }
 
-// splitSync cuts a sync's topic list into parts that each fit in limit
-// bytes; there is always at least one part, possibly empty.
+// splitSync cuts a topic list into parts that each fit in limit bytes; there
+// is always at least one part, possibly empty.
 func splitSync(topics []*wire.TopicSubscribers, limit int) [][]*wire.TopicSubscribers {
 	var parts [][]*wire.TopicSubscribers
 	var cur []*wire.TopicSubscribers
@@ -235,7 +322,7 @@ func splitSync(topics []*wire.TopicSubscribers, limit int) [][]*wire.TopicSubscr
 		for _, s := range t.GetSubscribers() {
 			sz += len(s) + 4
 		}
-		if sz > limit {
+		if sz > limit && len(t.GetSubscribers()) > 1 {
 			// One topic with more subscribers than fit: split its list.
 			half := len(t.GetSubscribers()) / 2
 			a := &wire.TopicSubscribers{Topic: t.GetTopic(), Subscribers: t.GetSubscribers()[:half]}
@@ -277,11 +364,117 @@ func (n *Node) localSync(v *view, owner string) []*wire.TopicSubscribers {
 	return out
 }
 
-func (n *Node) onSync(s *wire.Sync, reply string) {
-	if s.GetFrom() == nil {
-		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "sync without sender"})
+// onSyncRequest answers a member pulling this node's subscriptions for its
+// view: one page, sorted by (topic, subscriber), after the request's cursor.
+// The requester's view need not be ours: ownership is computed over the
+// members it names.
+func (n *Node) onSyncRequest(req *wire.SyncRequest, reply string) {
+	owner := req.GetFrom().GetNodeId()
+	v, self := viewOf(req.GetMembers(), n.id)
+	if owner == "" || v == nil || len(req.GetMembers()) > n.cfg.MaxMembers {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid sync request"})
 		return
 	}
-	n.registry.apply(s)
-	n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, ViewId: n.view().id})
+	if self.Incarnation != n.incarnation {
+		// The requester's view holds another incarnation of this node; it
+		// must see this one join first.
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
+		return
+	}
+	page := syncPage(n.subscriptionsOwnedBy(v, owner), req.GetAfterTopic(), req.GetAfterSubscriber(), n.maxPayload()/2)
+	page.From, page.ViewId = n.selfRef(), req.GetViewId()
+	n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, ViewId: n.view().id, Sync: page})
+}
+
+// syncPage returns the sorted entries after the cursor (afterTopic,
+// afterSub), grouped by topic, up to about limit bytes; More says whether
+// entries remain.
+func syncPage(entries [][2]string, afterTopic, afterSub string, limit int) *wire.Sync {
+	cursor := [2]string{afterTopic, afterSub}
+	i, found := slices.BinarySearchFunc(entries, cursor, compareEntries)
+	if found {
+		i++
+	}
+	page := &wire.Sync{}
+	for size := 0; i < len(entries) && size < limit; i++ {
+		e := entries[i]
+		if k := len(page.Topics); k == 0 || page.Topics[k-1].Topic != e[0] {
+			page.Topics = append(page.Topics, &wire.TopicSubscribers{Topic: e[0]})
+			size += len(e[0]) + 8
+		}
+		t := page.Topics[len(page.Topics)-1]
+		t.Subscribers = append(t.Subscribers, e[1])
+		size += len(e[1]) + 4
+	}
+	page.More = i < len(entries)
+	return page
+}
+
+func compareEntries(a, b [2]string) int {
+	if c := strings.Compare(a[0], b[0]); c != 0 {
+		return c
+	}
+	return strings.Compare(a[1], b[1])
+}
+
+// subscriptionsOwnedBy lists, sorted, the (topic, subscriber) pairs of this
+// node whose topic owner owns under v.
+func (n *Node) subscriptionsOwnedBy(v *view, owner string) [][2]string {
+	n.subsMu.RLock()
+	var out [][2]string
+	for local, s := range n.subs {
+		if v.ownerOf(s.topic).ID == owner {
+			out = append(out, [2]string{s.topic, local})
+		}
+	}
+	n.subsMu.RUnlock()
+	slices.SortFunc(out, compareEntries)
+	return out
+}
+
+// viewOf builds the view a requester named, and finds this node in it; nil
+// when the list is invalid or lacks this node.
+func viewOf(refs []*wire.MemberRef, self string) (*view, Member) {
+	members := make([]Member, 0, len(refs))
+	var me Member
+	found := false
+	for _, r := range refs {
+		if r.GetNodeId() == "" {
+			return nil, Member{}
+		}
+		m := Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation()}
+		if m.ID == self {
+			me, found = m, true
+		}
+		members = append(members, m)
+	}
+	if !found {
+		return nil, Member{}
+	}
+	return newView(0, members), me
+}
+
+// onSync merges subscriptions a member pushed because the topics' owner
+// changed in its view: like subscribe requests, recorded by a topic this node
+// owns whether or not it is ready yet.
+func (n *Node) onSync(s *wire.Sync, reply string) {
+	v := n.view()
+	if !v.has(s.GetFrom()) {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: v.id})
+		return
+	}
+	from := s.GetFrom()
+	for _, t := range s.GetTopics() {
+		if validateTopic(t.GetTopic()) != nil || v.ownerOf(t.GetTopic()).ID != n.id {
+			continue
+		}
+		a := n.actor(t.GetTopic())
+		locals := t.GetSubscribers()
+		a.s.do(func() {
+			for _, l := range locals {
+				a.subscribe(from, l, false, func(ownerAnswer) {})
+			}
+		})
+	}
+	n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, ViewId: v.id})
 }

@@ -1,8 +1,12 @@
 package pubsub
 
 import (
+	"context"
 	"fmt"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"google.golang.org/protobuf/proto"
 
@@ -31,7 +35,7 @@ func TestSplitSyncFitsEveryPartAndKeepsEverything(t *testing.T) {
 	}
 	seen := map[string]bool{}
 	for i, p := range parts {
-		size := proto.Size(&wire.Sync{From: &wire.MemberRef{NodeId: "n", Incarnation: 1}, ViewId: 1, Topics: p, Part: uint32(i), Parts: uint32(len(parts))})
+		size := proto.Size(&wire.Sync{From: &wire.MemberRef{NodeId: "n", Incarnation: 1}, ViewId: 1, Topics: p})
 		if size > limit+64 {
 			t.Errorf("part %d is %d bytes, limit %d", i, size, limit)
 		}
@@ -52,10 +56,44 @@ func TestSplitSyncFitsEveryPartAndKeepsEverything(t *testing.T) {
 	}
 }
 
-func TestRegistryCompletesOnlyWithEveryPart(t *testing.T) {
+func TestSyncPagesCarryEveryEntryOnceInOrder(t *testing.T) {
+	var entries [][2]string
+	for i := range 50 {
+		for j := range 1 + i%9 {
+			entries = append(entries, [2]string{fmt.Sprintf("topic-%02d", i), fmt.Sprintf("sub-%d", j)})
+		}
+	}
+	var got [][2]string
+	afterT, afterS := "", ""
+	pages := 0
+	for {
+		page := syncPage(entries, afterT, afterS, 200)
+		pages++
+		require.NotEmpty(t, page.GetTopics(), "page %d is empty", pages)
+		for _, ts := range page.GetTopics() {
+			for _, s := range ts.GetSubscribers() {
+				got = append(got, [2]string{ts.GetTopic(), s})
+			}
+		}
+		if !page.GetMore() {
+			break
+		}
+		last := got[len(got)-1]
+		afterT, afterS = last[0], last[1]
+	}
+	assert.Greater(t, pages, 3, "a small limit must need several pages")
+	assert.Equal(t, entries, got)
+	empty := syncPage(nil, "", "", 200)
+	assert.False(t, empty.GetMore())
+	assert.Empty(t, empty.GetTopics())
+}
+
+func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	n := &Node{id: "a", incarnation: 1, topics: map[string]*topicActor{}}
+	n.ctx, n.cancel = context.WithCancel(t.Context())
+	defer n.cancel()
 	n.events = newEventStream(n)
-	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}})
+	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3}})
 	n.curView.Store(v)
 	n.history = []*view{v}
 	n.registry.init(n)
@@ -66,30 +104,25 @@ func TestRegistryCompletesOnlyWithEveryPart(t *testing.T) {
 			break
 		}
 	}
-	from := &wire.MemberRef{NodeId: "b", Incarnation: 2}
-	part := func(i uint32, sub string) *wire.Sync {
-		return &wire.Sync{From: from, ViewId: v.id, Part: i, Parts: 2,
-			Topics: []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{sub}}}}
+	subs := func(s string) []*wire.TopicSubscribers {
+		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{s}}}
 	}
-	n.registry.apply(part(0, "x"))
-	n.registry.apply(part(0, "x")) // a retried part counts once
-	if _, ok := n.registry.take(topic, v.epoch); ok {
-		t.Fatal("registry complete after one of two parts")
-	}
-	// A part for a view this node has not reached is kept, not applied.
-	n.registry.apply(&wire.Sync{From: from, ViewId: v.id + 1, Parts: 1})
-	if _, ok := n.registry.take(topic, v.epoch); ok {
-		t.Fatal("a sync for another view completed this one")
-	}
-	n.registry.apply(part(1, "y"))
+	n.registry.applyPulled(v, "b", subs("x"))
+	_, ok := n.registry.take(topic, v.epoch)
+	require.False(t, ok, "complete without c")
+	// An answer for a view this node has left is dropped.
+	n.registry.applyPulled(newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), "c", subs("stale"))
+	_, ok = n.registry.take(topic, v.epoch)
+	require.False(t, ok, "an answer for another view completed this one")
+	n.registry.applyPulled(v, "c", subs("y"))
 	// Completion hands the topic's subscribers to its actor, which becomes ready.
-	if err := n.goroutines.wait(t.Context()); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, n.goroutines.wait(t.Context()))
 	n.topicsMu.Lock()
 	a := n.topics[topic]
 	n.topicsMu.Unlock()
-	if a == nil || !a.ready || a.nodes["b"] == nil || len(a.nodes["b"].set) != 2 {
-		t.Fatalf("actor after completion: %+v; want ready with b's subscribers x and y", a)
-	}
+	require.NotNil(t, a)
+	require.True(t, a.ready)
+	assert.Len(t, a.nodes["b"].set, 1)
+	assert.Len(t, a.nodes["c"].set, 1)
+	assert.NotContains(t, a.nodes["c"].set, "stale")
 }

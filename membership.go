@@ -40,6 +40,15 @@ func newView(epoch uint64, members []Member) *view {
 	return &view{id: mix64(h), epoch: epoch, members: members}
 }
 
+// refs lists the view's members for the wire.
+func (v *view) refs() []*wire.MemberRef {
+	refs := make([]*wire.MemberRef, len(v.members))
+	for i, m := range v.members {
+		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation}
+	}
+	return refs
+}
+
 // member returns the member with the given ID.
 func (v *view) member(id string) (Member, bool) {
 	i, ok := slices.BinarySearchFunc(v.members, id, func(m Member, id string) int { return strings.Compare(m.ID, id) })
@@ -146,6 +155,7 @@ func (n *Node) recomputeView() {
 		n.history = slices.Delete(n.history, 0, len(n.history)-maxViewHistory)
 	}
 	n.registry.reset(next, n.localSync(next, n.id))
+	n.updateQuorum(false)
 	n.control.do(func() { n.viewChanged(prev, next) })
 }
 
@@ -200,10 +210,15 @@ func (n *Node) onMembers(m *nats.Msg) {
 		return
 	}
 	if from.GetNodeId() == n.id {
-		if from.GetIncarnation() != n.incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
-			n.idConflict.Store(true)
+		// Two live nodes with one ID: the older incarnation wins, so of two
+		// nodes joining at once exactly one fails, and a running node is
+		// never pushed out by a newcomer.
+		if inc := from.GetIncarnation(); inc != n.incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
+			if inc < n.incarnation {
+				n.idConflict.Store(true)
+			}
 			n.log.Warn("another live node uses this node's ID", "node", n.id)
-			if hb.GetKind() == wire.Heartbeat_JOIN {
+			if hb.GetKind() == wire.Heartbeat_JOIN && inc > n.incarnation {
 				n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "") // let the joiner see us at once
 			}
 		}
@@ -243,6 +258,10 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		ok = false // the node restarted: its old subscriptions are gone
 	}
 	if !ok {
+		if _, known := n.peers[id]; !known && len(n.peers)+1 >= n.cfg.MaxMembers {
+			n.rejectMember(id)
+			return
+		}
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id)}}
 		n.peers[id] = p
 		n.recomputeView()
@@ -253,16 +272,36 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 	}
 }
 
-// heartbeatLoop announces this node and drops silent members.
+// rejectMember counts, logs and reports (both throttled) a node ignored
+// because the view is full. Callers hold memMu.
+func (n *Node) rejectMember(id string) {
+	n.stats.membersRejected.Add(1)
+	n.rejectedSince++
+	if ok, held := n.logLimit.allow("members/limit"); ok {
+		n.log.Warn("member ignored: the view holds MaxMembers members", "member", id, "limit", n.cfg.MaxMembers, "suppressed", held)
+		n.events.emit(MemberRejected{Node: n.id, Member: id, Members: len(n.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.rejectedSince, Time: time.Now()})
+		n.rejectedSince = 0
+	}
+}
+
+// heartbeatLoop announces this node and drops silent members. It also
+// notices a NATS connection closed underneath the node, and stops it.
 func (n *Node) heartbeatLoop() {
 	defer n.goroutines.done()
+	defer close(n.beatsStopped)
 	t := time.NewTicker(n.cfg.HeartbeatInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-n.ctx.Done():
 			return
+		case <-n.stopBeats:
+			return
 		case <-t.C:
+		}
+		if n.nc.IsClosed() {
+			n.connectionLost()
+			return
 		}
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
 		n.checkInboxDrops()
@@ -279,6 +318,7 @@ func (n *Node) heartbeatLoop() {
 		if changed {
 			n.recomputeView()
 		}
+		n.updateQuorum(n.viewsAgreeLocked())
 		n.memMu.Unlock()
 	}
 }
@@ -380,6 +420,10 @@ func (n *Node) joinView(ctx context.Context) error {
 func (n *Node) viewsAgree() bool {
 	n.memMu.Lock()
 	defer n.memMu.Unlock()
+	return n.viewsAgreeLocked()
+}
+
+func (n *Node) viewsAgreeLocked() bool {
 	id := n.view().id
 	for _, p := range n.peers {
 		if p.viewID != id {

@@ -92,24 +92,31 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 		}
 		return PublishAck{Topic: topic, Status: Accepted}, nil
 	}
-	var total PublishAck
-	for first, chunk := range chunks(batch, limit) {
+	var total chunkAcks
+	split := packedLen(batch) > limit
+	for i, chunk := range chunks(batch, limit) {
 		var sig func() // only the last chunk fixes the batch's place
 		if len(chunk) > 0 && &chunk[len(chunk)-1] == &batch[len(batch)-1] {
 			sig = issued
 		}
-		ack, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(first))
+		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(i), split)
 		if err != nil {
 			return n.reject(topic, len(batch), err)
 		}
-		if first == 0 {
-			total = ack
-		} else {
-			total = mergeAcks(total, ack)
-		}
+		total.add(i, ack, delivered)
 	}
-	total.Messages = len(batch)
-	return total, nil
+	ack := total.ack
+	ack.Messages = len(batch)
+	return ack, nil
+}
+
+// packedLen is the size chunks counts for batch.
+func packedLen(batch [][]byte) int {
+	size := 0
+	for _, m := range batch {
+		size += len(m) + 8
+	}
+	return size
 }
 
 // reject builds a Rejected ack on the publisher side and emits it.
@@ -151,41 +158,65 @@ func chunks(batch [][]byte, limit int) func(yield func(int, [][]byte) bool) {
 	}
 }
 
-// mergeAcks combines the acks of the chunks of one split batch: a subscriber
-// delivered the batch only if it was delivered every chunk.
-func mergeAcks(a, b PublishAck) PublishAck {
-	seen := make(map[SubscriberID]bool, len(a.Failures))
-	for _, f := range a.Failures {
-		seen[f.Subscriber] = true
-	}
-	for _, f := range b.Failures {
-		if !seen[f.Subscriber] {
-			seen[f.Subscriber] = true
-			a.Failures = append(a.Failures, f)
-		}
-	}
-	a.Delivered = max(a.Delivered+len(a.Failures), b.Delivered+len(b.Failures)) - len(a.Failures)
-	if a.Delivered < 0 {
-		a.Delivered = 0
-	}
-	return a
+// chunkAcks merges the acks of the chunks of one split batch. A subscriber
+// delivered the batch only if every chunk was delivered to it: one that
+// failed a chunk is listed with its first failure, and one that subscribed
+// between two chunks got only part of the batch, so it is neither counted
+// nor listed (it was not a subscriber when the batch was accepted).
+type chunkAcks struct {
+	ack       PublishAck
+	delivered map[SubscriberID]bool // delivered every chunk so far
 }
 
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
+func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
+	if i == 0 {
+		c.ack = ack
+		c.delivered = make(map[SubscriberID]bool, len(delivered))
+		for _, id := range delivered {
+			c.delivered[id] = true
+		}
+		return
+	}
+	failed := make(map[SubscriberID]bool, len(c.ack.Failures))
+	for _, f := range c.ack.Failures {
+		failed[f.Subscriber] = true
+	}
+	for _, f := range ack.Failures {
+		if !failed[f.Subscriber] {
+			failed[f.Subscriber] = true
+			delete(c.delivered, f.Subscriber)
+			c.ack.Failures = append(c.ack.Failures, f)
+		}
+	}
+	now := make(map[SubscriberID]bool, len(delivered))
+	for _, id := range delivered {
+		now[id] = true
+	}
+	for id := range c.delivered {
+		if !now[id] {
+			delete(c.delivered, id) // neither delivered nor failed: it left
+		}
+	}
+	c.ack.Delivered = len(c.delivered)
+}
+
+// publishChunk publishes one request's worth of a batch. With split, the
+// owner also lists the subscribers it delivered to, for chunkAcks.
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin, split bool) (PublishAck, []SubscriberID, error) {
 	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)),
-		Producer: origin.producer, ProducerSeq: origin.seq}
+		Producer: origin.producer, ProducerSeq: origin.seq, DeliveredIds: split}
 	ans, err := n.toOwner(ctx, topic, func(v *view, buf []byte) []byte {
 		req.ViewId = v.id
 		// The messages are packed straight into the request: one copy.
 		return wire.AppendPublish(buf, req, msgs)
 	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.publish(payload{msgs: msgs, origin: origin}, answer)
+		a.publish(payload{msgs: msgs, origin: origin, wantIDs: split}, answer)
 	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
 	if err != nil {
-		return PublishAck{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
+		return PublishAck{}, nil, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
 	}
 	ans.ack.Topic = topic
-	return ans.ack, nil
+	return ans.ack, ans.delivered, nil
 }
 
 // Initialize validates topic and returns once its owner serves it, or with
@@ -258,6 +289,9 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, b
 				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
 				if rep.GetCode() == wire.Reply_OK {
 					ans.ack = ackFromWire(topic, rep.GetAck())
+					for _, f := range rep.GetAck().GetDeliveredTo() {
+						ans.delivered = append(ans.delivered, SubscriberID{Node: f.GetNode(), Local: f.GetLocal()})
+					}
 				}
 				if rep.GetSubscribers() != nil {
 					ans.counts = make(map[string]int, len(rep.GetSubscribers()))
@@ -277,7 +311,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, b
 		case natsutil.IsNoResponders(err):
 			last = fmt.Sprintf("owner %s unreachable", owner.ID)
 		case errors.Is(err, ErrClosed) && n.closed.Load():
-			return ans, ErrClosed
+			return ans, err
 		case errors.Is(err, ErrTimeout) && probe:
 			last = fmt.Sprintf("owner %s did not answer", owner.ID)
 		default:
@@ -307,7 +341,7 @@ func (n *Node) askLocal(ctx context.Context, topic string, local func(*topicActo
 	case <-ctx.Done():
 		return ownerAnswer{}, ctx.Err()
 	case <-n.ctx.Done():
-		return ownerAnswer{}, ErrClosed
+		return ownerAnswer{}, errClosedInFlight
 	}
 }
 

@@ -74,12 +74,16 @@ type Node struct {
 	membersSub *nats.Subscription
 
 	// Membership. memMu guards peers and history; curView is read lock-free.
-	memMu    sync.Mutex
-	peers    map[string]*peer
-	history  []*view
-	curView  atomic.Pointer[view]
-	control  serial // runs view changes in order
-	registry syncRegistry
+	memMu         sync.Mutex
+	peers         map[string]*peer
+	rejectedSince uint64 // heartbeats ignored past MaxMembers since the last event
+	history       []*view
+	curView       atomic.Pointer[view]
+	control       serial // runs view changes in order
+	registry      syncRegistry
+	// pushedView is the last view whose moved subscriptions were pushed;
+	// only the control actor touches it.
+	pushedView *view
 
 	// Owner side: one actor per topic this node has owned.
 	topicsMu sync.Mutex
@@ -98,8 +102,14 @@ type Node struct {
 	recentMu sync.Mutex
 	recent   map[batchKey]*recentBatch
 
-	idConflict atomic.Bool // a live node with our ID and another incarnation was heard
+	idConflict atomic.Bool // an older live node with our ID was heard
 	joined     atomic.Bool // Join returned: the view is stable enough to serve topics
+	quorum     quorum      // KeepMajority's view of the partition
+
+	closeOnce    sync.Once     // shutdown runs once, from Close or on connection loss
+	closeCalled  atomic.Bool   // Close was called
+	stopBeats    chan struct{} // closed by Close before its LEAVE
+	beatsStopped chan struct{} // closed when the heartbeat loop returned
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
@@ -134,6 +144,8 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		peers:          make(map[string]*peer),
 		topics:         make(map[string]*topicActor),
 		subs:           make(map[string]*Subscription),
+		stopBeats:      make(chan struct{}),
+		beatsStopped:   make(chan struct{}),
 	}
 	n.subTag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
 	n.events = newEventStream(n)
@@ -143,11 +155,22 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	first := newView(0, []Member{n.selfMember()})
 	n.curView.Store(first)
 	n.history = []*view{first}
+	n.pushedView = first
 	n.registry.init(n)
 	n.registry.reset(first, nil)
 
+	announced := false
 	fail := func(err error) (*Node, error) {
-		n.shutdown()
+		if announced {
+			// Peers may have added this incarnation: take it back at once
+			// rather than leave a phantom member until MemberTimeout.
+			n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
+			fctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_ = n.nc.FlushWithContext(fctx)
+			cancel()
+		}
+		n.shutdown(ErrClosed)
+		n.waitStarted()
 		return nil, fmt.Errorf("pubsub: join %s: %w", n.id, err)
 	}
 	var err error
@@ -169,14 +192,18 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		return fail(err)
 	}
 	n.goroutines.add()
+	go n.syncLoop()
+	n.goroutines.add()
 	go n.heartbeatLoop()
 	if cfg.MetricsInterval > 0 {
 		n.goroutines.add()
 		go n.metricsLoop()
 	}
+	announced = true
 	if err = n.joinView(ctx); err != nil {
 		return fail(err)
 	}
+	n.startQuorum()
 	n.joined.Store(true)
 	n.log.Debug("joined", "members", len(n.view().members))
 	return n, nil
@@ -195,43 +222,77 @@ func (n *Node) ID() string { return n.id }
 // ErrClosed and waits, within ctx, for the node's goroutines (including
 // running handlers). It does not close the *nats.Conn. A second Close
 // returns nil.
+//
+// A publish still waiting for its owner when Close is called fails with
+// ErrTimeout: its subscribers may or may not have processed it.
 func (n *Node) Close(ctx context.Context) error {
-	if !n.closed.CompareAndSwap(false, true) {
+	if !n.closeCalled.CompareAndSwap(false, true) {
 		return nil
 	}
-	if !n.nc.IsClosed() {
+	if !n.closed.Load() && !n.nc.IsClosed() {
+		// The heartbeat loop stops first: a heartbeat sent after the LEAVE
+		// would re-add this node on some peers and not on others.
+		close(n.stopBeats)
+		select {
+		case <-n.beatsStopped:
+		case <-ctx.Done():
+		}
 		n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
 		fctx, cancel := context.WithTimeout(ctx, time.Second)
 		_ = n.nc.FlushWithContext(fctx)
 		cancel()
 	}
-	n.shutdown()
+	n.shutdown(ErrClosed)
 	if err := n.goroutines.wait(ctx); err != nil {
 		return fmt.Errorf("pubsub: close %s: waiting for handlers: %w", n.id, err)
 	}
 	return nil
 }
 
-// shutdown releases everything the node started; it never blocks.
-func (n *Node) shutdown() {
-	n.closed.Store(true)
-	for _, s := range []*nats.Subscription{n.inboxSub, n.membersSub} {
-		if s != nil {
-			_ = s.Unsubscribe()
+// waitStarted waits a bounded time for the goroutines of a node whose Join
+// failed: nothing of a failed Join may outlive it.
+func (n *Node) waitStarted() {
+	ctx, cancel := context.WithTimeout(context.Background(), n.cfg.RequestTimeout)
+	defer cancel()
+	_ = n.goroutines.wait(ctx)
+}
+
+// connectionLost stops a node whose NATS connection was closed underneath
+// it: without a connection it can neither serve nor be reached, and a node
+// that carried on would accept publishes it cannot deliver.
+func (n *Node) connectionLost() {
+	if n.closed.Load() {
+		return
+	}
+	err := fmt.Errorf("pubsub: node %s stopped: its NATS connection was closed: %w", n.id, ErrClosed)
+	n.log.Error("NATS connection closed: node stopped; Join again with a new connection", "err", err)
+	n.events.emit(NodeStopped{Node: n.id, Err: err, Time: time.Now()})
+	n.shutdown(err)
+}
+
+// shutdown releases everything the node started; it never blocks. Local
+// subscriptions end with reason, which wraps ErrClosed.
+func (n *Node) shutdown(reason error) {
+	n.closeOnce.Do(func() {
+		n.closed.Store(true)
+		for _, s := range []*nats.Subscription{n.inboxSub, n.membersSub} {
+			if s != nil {
+				_ = s.Unsubscribe()
+			}
 		}
-	}
-	n.cancel()
-	if n.rpc != nil {
-		n.rpc.close()
-	}
-	n.subsMu.Lock()
-	subs := n.subs
-	n.subs = map[string]*Subscription{}
-	n.subsMu.Unlock()
-	for _, s := range subs {
-		s.end(ErrClosed)
-	}
-	n.events.close()
+		n.cancel()
+		if n.rpc != nil {
+			n.rpc.close()
+		}
+		n.subsMu.Lock()
+		subs := n.subs
+		n.subs = map[string]*Subscription{}
+		n.subsMu.Unlock()
+		for _, s := range subs {
+			s.end(reason)
+		}
+		n.events.close()
+	})
 }
 
 // onInbox dispatches a message on this node's inbox. It runs on the inbox
@@ -256,6 +317,8 @@ func (n *Node) onInbox(m *nats.Msg) {
 		n.onSubscribeRequest(b.Subscribe, m.Reply)
 	case *wire.Envelope_Sync:
 		n.onSync(b.Sync, m.Reply)
+	case *wire.Envelope_SyncRequest:
+		n.onSyncRequest(b.SyncRequest, m.Reply)
 	case *wire.Envelope_Evict:
 		n.onEvict(b.Evict, m.Reply)
 	default:

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -38,6 +39,11 @@ type call struct {
 
 var errNoResponders = nats.ErrNoResponders
 
+// errClosedInFlight ends a request the node was still waiting for when it
+// closed: the request may have been processed, so it is a timeout (outcome
+// unknown), not a rejection.
+var errClosedInFlight = fmt.Errorf("%w: the node closed while waiting for the answer; the outcome is unknown", ErrTimeout)
+
 func newRPC(nc *nats.Conn) (*rpc, error) {
 	r := &rpc{nc: nc, pending: make(map[uint64]*call)}
 	r.prefix = nc.NewInbox() + "."
@@ -68,9 +74,22 @@ func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*
 	c.timer = time.AfterFunc(timeout, func() { r.finish(tok, nil, fmt.Errorf("%w: no reply from %s within %v", ErrTimeout, subject, timeout)) })
 	r.mu.Unlock()
 	if err := r.nc.PublishRequest(subject, r.prefix+strconv.FormatUint(tok, 36), data); err != nil {
+		if errors.Is(err, nats.ErrConnectionClosed) {
+			err = fmt.Errorf("%w: %w", ErrClosed, err) // nothing was sent
+		}
 		r.finish(tok, nil, err)
 	}
 	return tok
+}
+
+// sendEnvelope is send for an envelope not yet encoded.
+func (r *rpc) sendEnvelope(subject string, env *wire.Envelope, timeout time.Duration, cb func(*wire.Reply, error)) {
+	data, err := proto.Marshal(env)
+	if err != nil {
+		cb(nil, err)
+		return
+	}
+	r.send(subject, data, timeout, cb)
 }
 
 // watch fails the pending call tok with ErrTimeout as soon as alive turns
@@ -199,7 +218,7 @@ func (r *rpc) close() {
 	_ = r.sub.Unsubscribe()
 	for _, c := range pending {
 		c.timer.Stop()
-		c.cb(nil, ErrClosed)
+		c.cb(nil, errClosedInFlight)
 	}
 }
 

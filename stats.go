@@ -23,10 +23,11 @@ type Stats struct {
 	Evictions         uint64         // subscribers this node evicted as owner
 	Malformed         uint64         // malformed messages dropped
 	InboxDropped      uint64         // inbox messages NATS dropped (slow consumer)
+	MembersRejected   uint64         // heartbeats ignored past MaxMembers
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
@@ -42,6 +43,7 @@ func (n *Node) Stats() Stats {
 		Evictions:         n.stats.evicted.Load(),
 		Malformed:         n.stats.malformed.Load(),
 		InboxDropped:      n.stats.inboxDropped.Load(),
+		MembersRejected:   n.stats.membersRejected.Load(),
 	}
 	v := n.view()
 	n.topicsMu.Lock()

@@ -66,6 +66,9 @@ type Subscription struct {
 	// producers holds the last batch number of each BatchingProducer handed
 	// to the handler; only the mailbox's work touches it.
 	producers map[string]uint64
+	// lastBatch is the owner's number of the last batch handed to the
+	// handler; only the mailbox's work touches it.
+	lastBatch batchSeq
 
 	once sync.Once
 	done chan struct{}
@@ -188,7 +191,7 @@ func (n *Node) registerWithOwner(ctx context.Context, s *Subscription, unsubscri
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.subscribe(req.GetFrom(), req.GetSubscriber(), unsubscribe, answer)
 	}, n.cfg.RequestTimeout, nil)
-	if errors.Is(err, ErrClosed) && unsubscribe {
+	if (errors.Is(err, ErrClosed) || errors.Is(err, errClosedInFlight)) && unsubscribe {
 		return nil // our own node is closing: the owner drops us anyway
 	}
 	return err

@@ -58,6 +58,9 @@ type ownerAnswer struct {
 	ack    PublishAck
 	owner  string         // stats answers
 	counts map[string]int // stats answers: subscribers per node
+	// delivered lists the delivered subscribers, when the publish asked
+	// (a chunk of a split batch).
+	delivered []SubscriberID
 }
 
 // actor returns the topic's actor, creating it.
@@ -186,9 +189,10 @@ func (a *topicActor) check() (*view, wire.Reply_Code) {
 	switch {
 	case !a.owned:
 		return v, wire.Reply_NOT_OWNER
-	case !a.ready || !a.n.joined.Load():
+	case !a.ready || !a.n.joined.Load() || !a.n.servesAsOwner():
 		// Until Join has a stable view, this node's view may lack members
-		// whose subscriptions it would then never ask for.
+		// whose subscriptions it would then never ask for. Under
+		// KeepMajority a node cut off from the majority serves nothing.
 		return v, wire.Reply_NOT_READY
 	}
 	return v, wire.Reply_OK
@@ -233,7 +237,8 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		return
 	}
 	a.seq++
-	b := &pendingBatch{a: a, answer: answer, remaining: len(a.nodes)}
+	msgs.seq = batchSeq{owner: n.id, inc: n.incarnation, seq: a.seq}
+	b := &pendingBatch{a: a, answer: answer, remaining: len(a.nodes), wantIDs: msgs.wantIDs}
 	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len()}
 	n.stats.published.Add(uint64(msgs.len()))
 	if len(a.nodes) == 0 {
@@ -246,12 +251,12 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	for node, ns := range a.nodes {
 		locals := ns.locals()
 		if node == n.id {
-			n.deliver(a.topic, locals, msgs, func(st []DeliveryStatus) { b.report(node, locals, st) })
+			n.deliver(a.topic, locals, msgs, func(st []DeliveryStatus) { b.report(node, locals, st, false) })
 			continue
 		}
 		m, ok := v.member(node)
 		if !ok {
-			b.report(node, locals, fill(len(locals), SubscriberGone))
+			b.report(node, locals, fill(len(locals), SubscriberGone), false)
 			continue
 		}
 		if head == nil {
@@ -319,7 +324,8 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals
 				return
 			}
 		}
-		b.report(m.ID, locals, remoteStatuses(n, m.ID, len(locals), rep, err))
+		st, path := remoteStatuses(n, m.ID, len(locals), rep, err)
+		b.report(m.ID, locals, st, path)
 	})
 	sendBufs.Put(buf) // the connection copied it
 	// A node that leaves the view (crash) will not report: its subscribers
@@ -344,8 +350,10 @@ func (r remoteBatch) encode() *[]byte {
 }
 
 // remoteStatuses turns a node's delivery report (or its absence) into one
-// status per subscriber.
-func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) []DeliveryStatus {
+// status per subscriber. path is true when the node did not report: the
+// network or the node failed, not its subscribers, so the failures are
+// reported as Timeout (outcome unknown) but never count towards eviction.
+func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) (st []DeliveryStatus, path bool) {
 	if err == nil && rep.GetCode() == wire.Reply_OK && len(rep.GetStatuses()) == count {
 		st := make([]DeliveryStatus, count)
 		for i, s := range rep.GetStatuses() {
@@ -354,15 +362,15 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 				st[i] = HandlerError
 			}
 		}
-		return st
+		return st, false
 	}
 	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
-		return fill(count, SubscriberGone)
+		return fill(count, SubscriberGone), false
 	}
 	if ok, held := n.logLimit.allow("deliver/" + node); ok {
 		n.log.Warn("delivery to node failed", "node", node, "err", err, "code", rep.GetCode(), "suppressed", held)
 	}
-	return fill(count, Timeout)
+	return fill(count, Timeout), true
 }
 
 func fill(n int, s DeliveryStatus) []DeliveryStatus {
@@ -381,11 +389,14 @@ type pendingBatch struct {
 	remaining int
 	ack       PublishAck
 	outcomes  []subscriberOutcome
+	wantIDs   bool // list the delivered subscribers in the answer
+	delivered []SubscriberID
 }
 
 type subscriberOutcome struct {
 	id     SubscriberID
 	status DeliveryStatus
+	path   bool // no report from the node: not the subscriber's failure
 }
 
 // addParts counts extra reports to wait for (a node's list sent in parts).
@@ -397,16 +408,19 @@ func (b *pendingBatch) addParts(k int) {
 	}
 }
 
-func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus) {
+func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus, path bool) {
 	b.mu.Lock()
 	for i, s := range st {
 		id := SubscriberID{Node: node, Local: locals[i]}
 		if s == Delivered {
 			b.ack.Delivered++
+			if b.wantIDs {
+				b.delivered = append(b.delivered, id)
+			}
 		} else {
 			b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Subscriber: id, Status: s})
 		}
-		b.outcomes = append(b.outcomes, subscriberOutcome{id, s})
+		b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path})
 	}
 	b.remaining--
 	done := b.remaining == 0
@@ -421,20 +435,20 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus)
 	// is served without the subscribers this one evicted.
 	a.s.do(func() { a.account(b.outcomes) })
 	a.n.emitAccepted(b.ack)
-	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack})
+	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack, delivered: b.delivered})
 }
 
 // account applies a batch's outcomes: a success resets a subscriber's
-// failure count; SubscriberGone evicts at once; other failures evict after
-// EvictAfter in a row.
+// failure count; SubscriberGone evicts at once; other failures the node
+// reported evict after EvictAfter in a row.
 func (a *topicActor) account(outcomes []subscriberOutcome) {
 	for _, o := range outcomes {
 		if o.status == Delivered {
 			delete(a.fails, o.id)
 			continue
 		}
-		if o.status == OutOfOrder {
-			continue // the batch's fault, not the subscriber's
+		if o.status == OutOfOrder || o.path {
+			continue // the batch's or the network's fault, not the subscriber's
 		}
 		if ns := a.nodes[o.id.Node]; ns == nil {
 			continue // already removed
@@ -482,7 +496,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
-	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()),
+	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()), wantIDs: req.GetDeliveredIds(),
 		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq()}}
 	a := n.actor(topic)
 	a.s.do(func() {
@@ -514,6 +528,9 @@ func (ans ownerAnswer) wire() *wire.Reply {
 	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID, Owner: ans.owner}
 	if ans.code == wire.Reply_OK {
 		rep.Ack = ackToWire(ans.ack)
+		for _, id := range ans.delivered {
+			rep.Ack.DeliveredTo = append(rep.Ack.DeliveredTo, &wire.Failure{Node: id.Node, Local: id.Local})
+		}
 	}
 	if ans.counts != nil {
 		rep.Subscribers = make(map[string]uint32, len(ans.counts))

@@ -122,6 +122,8 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.Producer = string(bs)
 		case 8:
 			p.ProducerSeq = v
+		case 9:
+			p.DeliveredIds = v != 0
 		}
 		return err
 	})

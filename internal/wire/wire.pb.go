@@ -129,7 +129,7 @@ func (x Reply_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Reply_Code.Descriptor instead.
 func (Reply_Code) EnumDescriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{11, 0}
+	return file_wire_proto_rawDescGZIP(), []int{12, 0}
 }
 
 // Envelope is the only top-level message on the wire.
@@ -144,6 +144,7 @@ type Envelope struct {
 	//	*Envelope_Deliver
 	//	*Envelope_Reply
 	//	*Envelope_Evict
+	//	*Envelope_SyncRequest
 	Body          isEnvelope_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -249,6 +250,15 @@ func (x *Envelope) GetEvict() *Evict {
 	return nil
 }
 
+func (x *Envelope) GetSyncRequest() *SyncRequest {
+	if x != nil {
+		if x, ok := x.Body.(*Envelope_SyncRequest); ok {
+			return x.SyncRequest
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Body interface {
 	isEnvelope_Body()
 }
@@ -281,6 +291,10 @@ type Envelope_Evict struct {
 	Evict *Evict `protobuf:"bytes,7,opt,name=evict,proto3,oneof"`
 }
 
+type Envelope_SyncRequest struct {
+	SyncRequest *SyncRequest `protobuf:"bytes,8,opt,name=sync_request,json=syncRequest,proto3,oneof"`
+}
+
 func (*Envelope_Heartbeat) isEnvelope_Body() {}
 
 func (*Envelope_Subscribe) isEnvelope_Body() {}
@@ -294,6 +308,8 @@ func (*Envelope_Deliver) isEnvelope_Body() {}
 func (*Envelope_Reply) isEnvelope_Body() {}
 
 func (*Envelope_Evict) isEnvelope_Body() {}
+
+func (*Envelope_SyncRequest) isEnvelope_Body() {}
 
 // MemberRef names one incarnation of a node.
 type MemberRef struct {
@@ -515,6 +531,9 @@ type PublishRequest struct {
 	// would allocate per message.
 	Packed []byte `protobuf:"bytes,5,opt,name=packed,proto3" json:"packed,omitempty"`
 	Count  uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	// delivered_ids: list the delivered subscribers in the ack (a batch split
+	// into chunks merges them per subscriber).
+	DeliveredIds bool `protobuf:"varint,9,opt,name=delivered_ids,json=deliveredIds,proto3" json:"delivered_ids,omitempty"`
 	// producer and producer_seq name the batch of a BatchingProducer: subscriber
 	// nodes drop what is not newer than the last batch of that producer handed
 	// to a subscriber, which keeps its order across owner moves and drops a
@@ -590,6 +609,13 @@ func (x *PublishRequest) GetCount() uint32 {
 	return 0
 }
 
+func (x *PublishRequest) GetDeliveredIds() bool {
+	if x != nil {
+		return x.DeliveredIds
+	}
+	return false
+}
+
 func (x *PublishRequest) GetProducer() string {
 	if x != nil {
 		return x.Producer
@@ -657,17 +683,16 @@ func (x *TopicSubscribers) GetSubscribers() []string {
 	return nil
 }
 
-// Sync carries, for view view_id, all the sender's subscriptions of the topics
-// the receiver owns under that view (possibly none).
+// Sync carries, for view view_id, the sender's subscriptions of topics the
+// receiver owns under that view. As the answer to a SyncRequest it is one
+// page of them (more: another page follows); sent unasked, it pushes the
+// subscriptions of topics whose owner changed in the sender's view.
 type Sync struct {
-	state  protoimpl.MessageState `protogen:"open.v1"`
-	From   *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	ViewId uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
-	Topics []*TopicSubscribers    `protobuf:"bytes,3,rep,name=topics,proto3" json:"topics,omitempty"`
-	// A sync too large for one NATS message is split: part counts from 0 to
-	// parts-1; the receiver counts the sender synced once it has every part.
-	Part          uint32 `protobuf:"varint,4,opt,name=part,proto3" json:"part,omitempty"`
-	Parts         uint32 `protobuf:"varint,5,opt,name=parts,proto3" json:"parts,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	From          *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	ViewId        uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
+	Topics        []*TopicSubscribers    `protobuf:"bytes,3,rep,name=topics,proto3" json:"topics,omitempty"`
+	More          bool                   `protobuf:"varint,6,opt,name=more,proto3" json:"more,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -723,18 +748,90 @@ func (x *Sync) GetTopics() []*TopicSubscribers {
 	return nil
 }
 
-func (x *Sync) GetPart() uint32 {
+func (x *Sync) GetMore() bool {
 	if x != nil {
-		return x.Part
+		return x.More
+	}
+	return false
+}
+
+// SyncRequest asks a member for its subscriptions of the topics the sender
+// owns under the sender's view, listed in members. The answer is a page of
+// entries sorted by (topic, subscriber) after the cursor.
+type SyncRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	From            *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	ViewId          uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
+	Members         []*MemberRef           `protobuf:"bytes,3,rep,name=members,proto3" json:"members,omitempty"`
+	AfterTopic      string                 `protobuf:"bytes,4,opt,name=after_topic,json=afterTopic,proto3" json:"after_topic,omitempty"`
+	AfterSubscriber string                 `protobuf:"bytes,5,opt,name=after_subscriber,json=afterSubscriber,proto3" json:"after_subscriber,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *SyncRequest) Reset() {
+	*x = SyncRequest{}
+	mi := &file_wire_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncRequest) ProtoMessage() {}
+
+func (x *SyncRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
+func (*SyncRequest) Descriptor() ([]byte, []int) {
+	return file_wire_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SyncRequest) GetFrom() *MemberRef {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *SyncRequest) GetViewId() uint64 {
+	if x != nil {
+		return x.ViewId
 	}
 	return 0
 }
 
-func (x *Sync) GetParts() uint32 {
+func (x *SyncRequest) GetMembers() []*MemberRef {
 	if x != nil {
-		return x.Parts
+		return x.Members
 	}
-	return 0
+	return nil
+}
+
+func (x *SyncRequest) GetAfterTopic() string {
+	if x != nil {
+		return x.AfterTopic
+	}
+	return ""
+}
+
+func (x *SyncRequest) GetAfterSubscriber() string {
+	if x != nil {
+		return x.AfterSubscriber
+	}
+	return ""
 }
 
 // DeliverBatch is one accepted batch for the subscribers on one node.
@@ -757,7 +854,7 @@ type DeliverBatch struct {
 
 func (x *DeliverBatch) Reset() {
 	*x = DeliverBatch{}
-	mi := &file_wire_proto_msgTypes[7]
+	mi := &file_wire_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -769,7 +866,7 @@ func (x *DeliverBatch) String() string {
 func (*DeliverBatch) ProtoMessage() {}
 
 func (x *DeliverBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[7]
+	mi := &file_wire_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -782,7 +879,7 @@ func (x *DeliverBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliverBatch.ProtoReflect.Descriptor instead.
 func (*DeliverBatch) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{7}
+	return file_wire_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeliverBatch) GetOwner() *MemberRef {
@@ -861,7 +958,7 @@ type Evict struct {
 
 func (x *Evict) Reset() {
 	*x = Evict{}
-	mi := &file_wire_proto_msgTypes[8]
+	mi := &file_wire_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -873,7 +970,7 @@ func (x *Evict) String() string {
 func (*Evict) ProtoMessage() {}
 
 func (x *Evict) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[8]
+	mi := &file_wire_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -886,7 +983,7 @@ func (x *Evict) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Evict.ProtoReflect.Descriptor instead.
 func (*Evict) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{8}
+	return file_wire_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Evict) GetOwner() *MemberRef {
@@ -929,7 +1026,7 @@ type Failure struct {
 
 func (x *Failure) Reset() {
 	*x = Failure{}
-	mi := &file_wire_proto_msgTypes[9]
+	mi := &file_wire_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -941,7 +1038,7 @@ func (x *Failure) String() string {
 func (*Failure) ProtoMessage() {}
 
 func (x *Failure) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[9]
+	mi := &file_wire_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -954,7 +1051,7 @@ func (x *Failure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Failure.ProtoReflect.Descriptor instead.
 func (*Failure) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{9}
+	return file_wire_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Failure) GetNode() string {
@@ -980,19 +1077,21 @@ func (x *Failure) GetStatus() uint32 {
 
 // Ack is a PublishAck on the wire.
 type Ack struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Status        uint32                 `protobuf:"varint,1,opt,name=status,proto3" json:"status,omitempty"`
-	Reason        uint32                 `protobuf:"varint,2,opt,name=reason,proto3" json:"reason,omitempty"`
-	Messages      uint32                 `protobuf:"varint,3,opt,name=messages,proto3" json:"messages,omitempty"`
-	Delivered     uint32                 `protobuf:"varint,4,opt,name=delivered,proto3" json:"delivered,omitempty"`
-	Failures      []*Failure             `protobuf:"bytes,5,rep,name=failures,proto3" json:"failures,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Status    uint32                 `protobuf:"varint,1,opt,name=status,proto3" json:"status,omitempty"`
+	Reason    uint32                 `protobuf:"varint,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Messages  uint32                 `protobuf:"varint,3,opt,name=messages,proto3" json:"messages,omitempty"`
+	Delivered uint32                 `protobuf:"varint,4,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	Failures  []*Failure             `protobuf:"bytes,5,rep,name=failures,proto3" json:"failures,omitempty"`
+	// delivered_to lists the delivered subscribers when the request asked for it.
+	DeliveredTo   []*Failure `protobuf:"bytes,6,rep,name=delivered_to,json=deliveredTo,proto3" json:"delivered_to,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_wire_proto_msgTypes[10]
+	mi := &file_wire_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1004,7 +1103,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[10]
+	mi := &file_wire_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1017,7 +1116,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{10}
+	return file_wire_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Ack) GetStatus() uint32 {
@@ -1055,6 +1154,13 @@ func (x *Ack) GetFailures() []*Failure {
 	return nil
 }
 
+func (x *Ack) GetDeliveredTo() []*Failure {
+	if x != nil {
+		return x.DeliveredTo
+	}
+	return nil
+}
+
 // Reply answers any request sent to a node inbox.
 type Reply struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -1067,13 +1173,14 @@ type Reply struct {
 	// subscribers answers a stats request: subscriber count per node ID.
 	Subscribers   map[string]uint32 `protobuf:"bytes,6,rep,name=subscribers,proto3" json:"subscribers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	Owner         string            `protobuf:"bytes,7,opt,name=owner,proto3" json:"owner,omitempty"`
+	Sync          *Sync             `protobuf:"bytes,8,opt,name=sync,proto3" json:"sync,omitempty"` // answers a SyncRequest
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Reply) Reset() {
 	*x = Reply{}
-	mi := &file_wire_proto_msgTypes[11]
+	mi := &file_wire_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1085,7 +1192,7 @@ func (x *Reply) String() string {
 func (*Reply) ProtoMessage() {}
 
 func (x *Reply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[11]
+	mi := &file_wire_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1098,7 +1205,7 @@ func (x *Reply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reply.ProtoReflect.Descriptor instead.
 func (*Reply) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{11}
+	return file_wire_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Reply) GetCode() Reply_Code {
@@ -1150,12 +1257,19 @@ func (x *Reply) GetOwner() string {
 	return ""
 }
 
+func (x *Reply) GetSync() *Sync {
+	if x != nil {
+		return x.Sync
+	}
+	return nil
+}
+
 var File_wire_proto protoreflect.FileDescriptor
 
 const file_wire_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"wire.proto\x12\x12clusterpubsub.wire\"\xab\x03\n" +
+	"wire.proto\x12\x12clusterpubsub.wire\"\xf1\x03\n" +
 	"\bEnvelope\x12=\n" +
 	"\theartbeat\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.HeartbeatH\x00R\theartbeat\x12D\n" +
 	"\tsubscribe\x18\x02 \x01(\v2$.clusterpubsub.wire.SubscribeRequestH\x00R\tsubscribe\x12>\n" +
@@ -1163,7 +1277,8 @@ const file_wire_proto_rawDesc = "" +
 	"\x04sync\x18\x04 \x01(\v2\x18.clusterpubsub.wire.SyncH\x00R\x04sync\x12<\n" +
 	"\adeliver\x18\x05 \x01(\v2 .clusterpubsub.wire.DeliverBatchH\x00R\adeliver\x121\n" +
 	"\x05reply\x18\x06 \x01(\v2\x19.clusterpubsub.wire.ReplyH\x00R\x05reply\x121\n" +
-	"\x05evict\x18\a \x01(\v2\x19.clusterpubsub.wire.EvictH\x00R\x05evictB\x06\n" +
+	"\x05evict\x18\a \x01(\v2\x19.clusterpubsub.wire.EvictH\x00R\x05evict\x12D\n" +
+	"\fsync_request\x18\b \x01(\v2\x1f.clusterpubsub.wire.SyncRequestH\x00R\vsyncRequestB\x06\n" +
 	"\x04body\"F\n" +
 	"\tMemberRef\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
@@ -1187,24 +1302,31 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xe5\x01\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\x8a\x02\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
 	"\x05topic\x18\x03 \x01(\tR\x05topic\x12\x16\n" +
 	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x14\n" +
-	"\x05count\x18\x06 \x01(\rR\x05count\x12\x1a\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\x12#\n" +
+	"\rdelivered_ids\x18\t \x01(\bR\fdeliveredIds\x12\x1a\n" +
 	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeqJ\x04\b\x04\x10\x05\"J\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
-	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\xba\x01\n" +
+	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\xb0\x01\n" +
 	"\x04Sync\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12<\n" +
 	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\x12\x12\n" +
-	"\x04part\x18\x04 \x01(\rR\x04part\x12\x14\n" +
-	"\x05parts\x18\x05 \x01(\rR\x05parts\"\xa4\x02\n" +
+	"\x04more\x18\x06 \x01(\bR\x04moreJ\x04\b\x04\x10\x05J\x04\b\x05\x10\x06\"\xde\x01\n" +
+	"\vSyncRequest\x121\n" +
+	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
+	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x127\n" +
+	"\amembers\x18\x03 \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\amembers\x12\x1f\n" +
+	"\vafter_topic\x18\x04 \x01(\tR\n" +
+	"afterTopic\x12)\n" +
+	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\"\xa4\x02\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1226,13 +1348,14 @@ const file_wire_proto_rawDesc = "" +
 	"\aFailure\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05local\x18\x02 \x01(\tR\x05local\x12\x16\n" +
-	"\x06status\x18\x03 \x01(\rR\x06status\"\xa8\x01\n" +
+	"\x06status\x18\x03 \x01(\rR\x06status\"\xe8\x01\n" +
 	"\x03Ack\x12\x16\n" +
 	"\x06status\x18\x01 \x01(\rR\x06status\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\rR\x06reason\x12\x1a\n" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
-	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\"\xa0\x03\n" +
+	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xce\x03\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -1240,7 +1363,8 @@ const file_wire_proto_rawDesc = "" +
 	"\bstatuses\x18\x04 \x03(\rR\bstatuses\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x12L\n" +
 	"\vsubscribers\x18\x06 \x03(\v2*.clusterpubsub.wire.Reply.SubscribersEntryR\vsubscribers\x12\x14\n" +
-	"\x05owner\x18\a \x01(\tR\x05owner\x1a>\n" +
+	"\x05owner\x18\a \x01(\tR\x05owner\x12,\n" +
+	"\x04sync\x18\b \x01(\v2\x18.clusterpubsub.wire.SyncR\x04sync\x1a>\n" +
 	"\x10SubscribersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"I\n" +
@@ -1265,7 +1389,7 @@ func file_wire_proto_rawDescGZIP() []byte {
 }
 
 var file_wire_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_wire_proto_goTypes = []any{
 	(Heartbeat_Kind)(0),      // 0: clusterpubsub.wire.Heartbeat.Kind
 	(Reply_Code)(0),          // 1: clusterpubsub.wire.Reply.Code
@@ -1276,39 +1400,45 @@ var file_wire_proto_goTypes = []any{
 	(*PublishRequest)(nil),   // 6: clusterpubsub.wire.PublishRequest
 	(*TopicSubscribers)(nil), // 7: clusterpubsub.wire.TopicSubscribers
 	(*Sync)(nil),             // 8: clusterpubsub.wire.Sync
-	(*DeliverBatch)(nil),     // 9: clusterpubsub.wire.DeliverBatch
-	(*Evict)(nil),            // 10: clusterpubsub.wire.Evict
-	(*Failure)(nil),          // 11: clusterpubsub.wire.Failure
-	(*Ack)(nil),              // 12: clusterpubsub.wire.Ack
-	(*Reply)(nil),            // 13: clusterpubsub.wire.Reply
-	nil,                      // 14: clusterpubsub.wire.Reply.SubscribersEntry
+	(*SyncRequest)(nil),      // 9: clusterpubsub.wire.SyncRequest
+	(*DeliverBatch)(nil),     // 10: clusterpubsub.wire.DeliverBatch
+	(*Evict)(nil),            // 11: clusterpubsub.wire.Evict
+	(*Failure)(nil),          // 12: clusterpubsub.wire.Failure
+	(*Ack)(nil),              // 13: clusterpubsub.wire.Ack
+	(*Reply)(nil),            // 14: clusterpubsub.wire.Reply
+	nil,                      // 15: clusterpubsub.wire.Reply.SubscribersEntry
 }
 var file_wire_proto_depIdxs = []int32{
 	4,  // 0: clusterpubsub.wire.Envelope.heartbeat:type_name -> clusterpubsub.wire.Heartbeat
 	5,  // 1: clusterpubsub.wire.Envelope.subscribe:type_name -> clusterpubsub.wire.SubscribeRequest
 	6,  // 2: clusterpubsub.wire.Envelope.publish:type_name -> clusterpubsub.wire.PublishRequest
 	8,  // 3: clusterpubsub.wire.Envelope.sync:type_name -> clusterpubsub.wire.Sync
-	9,  // 4: clusterpubsub.wire.Envelope.deliver:type_name -> clusterpubsub.wire.DeliverBatch
-	13, // 5: clusterpubsub.wire.Envelope.reply:type_name -> clusterpubsub.wire.Reply
-	10, // 6: clusterpubsub.wire.Envelope.evict:type_name -> clusterpubsub.wire.Evict
-	0,  // 7: clusterpubsub.wire.Heartbeat.kind:type_name -> clusterpubsub.wire.Heartbeat.Kind
-	3,  // 8: clusterpubsub.wire.Heartbeat.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 9: clusterpubsub.wire.Heartbeat.members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 10: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 11: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 12: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
-	7,  // 13: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
-	3,  // 14: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 15: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
-	11, // 16: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
-	1,  // 17: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
-	12, // 18: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
-	14, // 19: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	10, // 4: clusterpubsub.wire.Envelope.deliver:type_name -> clusterpubsub.wire.DeliverBatch
+	14, // 5: clusterpubsub.wire.Envelope.reply:type_name -> clusterpubsub.wire.Reply
+	11, // 6: clusterpubsub.wire.Envelope.evict:type_name -> clusterpubsub.wire.Evict
+	9,  // 7: clusterpubsub.wire.Envelope.sync_request:type_name -> clusterpubsub.wire.SyncRequest
+	0,  // 8: clusterpubsub.wire.Heartbeat.kind:type_name -> clusterpubsub.wire.Heartbeat.Kind
+	3,  // 9: clusterpubsub.wire.Heartbeat.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 10: clusterpubsub.wire.Heartbeat.members:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 11: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 12: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 13: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
+	7,  // 14: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
+	3,  // 15: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 16: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 17: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 18: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
+	12, // 19: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
+	12, // 20: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
+	1,  // 21: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
+	13, // 22: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
+	15, // 23: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
+	8,  // 24: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
@@ -1324,6 +1454,7 @@ func file_wire_proto_init() {
 		(*Envelope_Deliver)(nil),
 		(*Envelope_Reply)(nil),
 		(*Envelope_Evict)(nil),
+		(*Envelope_SyncRequest)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1331,7 +1462,7 @@ func file_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_proto_rawDesc), len(file_wire_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   13,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,93 @@
+package pubsub
+
+import (
+	"fmt"
+	"sync/atomic"
+	"time"
+)
+
+// PartitionPolicy says what a node does when a network partition hides part
+// of the cluster from it.
+type PartitionPolicy uint8
+
+const (
+	// KeepServing: each side of a partition serves every topic. Publishes
+	// keep being accepted on both sides, each owner counting only the
+	// subscribers it can see, until the partition heals. The default.
+	KeepServing PartitionPolicy = iota
+	// KeepMajority: a node that cannot see a strict majority of the last
+	// stable view (on a tie, the half holding the lowest node ID wins) stops
+	// serving as owner; publishes to the topics it owns are rejected with
+	// ReasonTopicUnavailable until it sees a majority again. Losing half of
+	// the nodes at once (a crash, not a graceful leave) stops the service.
+	KeepMajority
+)
+
+// String implements fmt.Stringer.
+func (p PartitionPolicy) String() string {
+	switch p {
+	case KeepServing:
+		return "keep-serving"
+	case KeepMajority:
+		return "keep-majority"
+	}
+	return fmt.Sprintf("PartitionPolicy(%d)", uint8(p))
+}
+
+// quorum tracks, under KeepMajority, whether this node sees a majority of the
+// last stable view: the latest view every member reported while this node
+// had a majority. A minority never makes its own view stable, so it cannot
+// talk itself into a majority.
+type quorum struct {
+	stable *view // guarded by Node.memMu
+	has    atomic.Bool
+}
+
+// startQuorum makes the view Join settled on the first stable view.
+func (n *Node) startQuorum() {
+	n.memMu.Lock()
+	n.quorum.stable = n.view()
+	n.quorum.has.Store(true)
+	n.memMu.Unlock()
+}
+
+// updateQuorum re-evaluates the quorum; agree says every member reports the
+// current view. Callers hold memMu.
+func (n *Node) updateQuorum(agree bool) {
+	if n.cfg.PartitionPolicy != KeepMajority || n.quorum.stable == nil {
+		return
+	}
+	cur := n.view()
+	has := majorityOf(n.quorum.stable, cur)
+	stable := n.quorum.stable
+	if has && agree {
+		n.quorum.stable = cur
+	}
+	if n.quorum.has.Swap(has) == has {
+		return
+	}
+	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(stable.members))
+	n.events.emit(QuorumChanged{Node: n.id, HasQuorum: has, Members: len(cur.members), Stable: len(stable.members), Time: time.Now()})
+}
+
+// servesAsOwner reports whether the partition policy lets this node serve
+// its topics now.
+func (n *Node) servesAsOwner() bool {
+	return n.cfg.PartitionPolicy != KeepMajority || n.quorum.has.Load()
+}
+
+// majorityOf reports whether cur holds a strict majority of stable's members
+// (by ID), or exactly half including stable's lowest ID.
+func majorityOf(stable, cur *view) bool {
+	seen := 0
+	for _, m := range stable.members {
+		if _, ok := cur.member(m.ID); ok {
+			seen++
+		}
+	}
+	if 2*seen != len(stable.members) {
+		return 2*seen > len(stable.members)
+	}
+	_, ok := cur.member(stable.members[0].ID)
+	return ok
+}
