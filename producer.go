@@ -199,7 +199,9 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 		cfg.MaxQueueSize = DefaultMaxQueueSize
 	}
 	if cfg.PublishTimeout == 0 {
-		cfg.PublishTimeout = DefaultPublishTimeout
+		cfg.PublishTimeout = defaultPublishTimeout(p)
+	} else {
+		warnShortPublishTimeout(p, topic, cfg.PublishTimeout)
 	}
 	if cfg.MaxInFlight == 0 {
 		cfg.MaxInFlight = DefaultMaxInFlight

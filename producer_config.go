@@ -31,7 +31,23 @@ type ProducerConfig struct {
 	// PublishTimeout bounds each attempt to publish a batch (and the
 	// Initialize call before the first one). An attempt that times out
 	// fails with an error wrapping ErrTimeout and context.DeadlineExceeded;
-	// its outcome is unknown. Default 5s.
+	// its outcome is unknown.
+	//
+	// Default, with a *Node publisher: the node's SubscriberTimeout +
+	// RequestTimeout (the longest the node waits for the owner's answer,
+	// which itself outlives the owner's wait for subscribers) plus 1s;
+	// 11s with the node's default timeouts. An attempt then outlives the
+	// owner's wait, so a slow or blocked subscriber shows up as a Timeout
+	// failure in an Accepted ack (and is evicted as the node's EvictAfter
+	// says) instead of failing the batch, or, with FailBatchAndStop,
+	// stopping the producer for every subscriber. With any other Publisher:
+	// DefaultPublishTimeout (11s); set it explicitly for a Publisher that
+	// wraps a *Node with other timeouts.
+	//
+	// An explicit value shorter than a *Node's wait is honoured (the node
+	// logs a warning): a batch held up by one slow subscriber then times
+	// out with an unknown outcome although it may have reached the others,
+	// and OnPublishError decides what follows.
 	PublishTimeout time.Duration
 	// MaxInFlight is the number of batches published at once. Batches are
 	// issued in order and their futures complete in order whatever the
@@ -57,12 +73,18 @@ type ProducerConfig struct {
 
 // Defaults of ProducerConfig.
 const (
-	DefaultBatchSize      = 2000            // messages per batch
-	DefaultMaxBatchBytes  = 1<<20 - 64<<10  // bytes per batch when the publisher has no MaxMessageSize
-	DefaultMaxQueueSize   = 100_000         // queued messages
-	DefaultPublishTimeout = 5 * time.Second // per attempt
-	DefaultMaxInFlight    = 1               // batches in flight
+	DefaultBatchSize     = 2000           // messages per batch
+	DefaultMaxBatchBytes = 1<<20 - 64<<10 // bytes per batch when the publisher has no MaxMessageSize
+	DefaultMaxQueueSize  = 100_000        // queued messages
+	DefaultMaxInFlight   = 1              // batches in flight
 )
+
+// DefaultPublishTimeout (11s) is PublishTimeout's default for a Publisher
+// other than *Node: the attempt timeout a *Node with the default
+// SubscriberTimeout and RequestTimeout gets (their sum plus 1s). A *Node
+// publisher's default follows its own timeouts instead (see
+// ProducerConfig.PublishTimeout).
+const DefaultPublishTimeout = DefaultSubscriberTimeout + DefaultRequestTimeout + publishWaitMargin
 
 // batchOverhead is what a message costs in a batch beyond its data: the
 // framing Node.PublishBatch counts when it splits a batch. Counting the same

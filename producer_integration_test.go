@@ -237,3 +237,131 @@ func TestProducerIntegrationConcurrentPipelinedProducersKeepOrder(t *testing.T) 
 		checkInOrder(t, recs[i], subs[i], n)
 	}
 }
+
+// A default producer keeps going, and every message is Accepted, while one
+// subscriber's handler is blocked (issue finding 4, guarantee 6): the
+// producer's attempt outlives the node's wait for the owner, which outlives
+// the owner's wait for subscribers, so the blocked subscriber shows up as a
+// Timeout failure in Accepted acks and is evicted, and the healthy one gets
+// everything in order. With the old default (PublishTimeout 5s = the
+// default SubscriberTimeout) the first attempt timed out just before the
+// owner's ack and FailBatchAndStop stopped the producer: every later future
+// ended ErrClosed.
+func TestProducerIntegrationBlockedSubscriberDoesNotStopDefaultProducer(t *testing.T) {
+	cases := []struct {
+		name string
+		opts []pubsub.Option
+	}{
+		// The node's default subscriber and request timeouts, the setting
+		// the issue saw fail; one timeout evicts, to keep the test short.
+		{"node-default-timeouts", []pubsub.Option{
+			pubsub.WithSubscriberTimeout(pubsub.DefaultSubscriberTimeout),
+			pubsub.WithRequestTimeout(pubsub.DefaultRequestTimeout),
+			pubsub.WithEvictAfter(1),
+		}},
+		// Short timeouts and the default EvictAfter: several batches time
+		// out on the blocked subscriber before it is evicted.
+		{"short-subscriber-timeout", []pubsub.Option{
+			pubsub.WithSubscriberTimeout(300 * time.Millisecond),
+			pubsub.WithRequestTimeout(time.Second),
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			blockedSubscriberRun(t, tc.opts)
+		})
+	}
+}
+
+func blockedSubscriberRun(t *testing.T, opts []pubsub.Option) {
+	c := newCluster(t, 3, 3, opts...)
+	// Registered after the cluster, so it runs before the cluster's
+	// cleanup: the blocked handler returns and no goroutine is left.
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+
+	// Producer on n0, owner n2 (a remote owner: the producer's node waits
+	// for it), blocked subscriber on n1 (the owner waits for n1's report),
+	// healthy subscriber on n2.
+	topic := ownedBy(t, c.Nodes[2], "producer-blocked")
+	ctx := ctxT(t)
+	entered := make(chan struct{}, 1)
+	blocked := subscribe(t, c.Nodes[1], topic, func(context.Context, *pubsub.Message) error {
+		select {
+		case entered <- struct{}{}:
+		default:
+		}
+		<-release
+		return nil
+	})
+	rec := newRecorder()
+	healthy := subscribe(t, c.Nodes[2], topic, rec.handler)
+
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{})
+	if err != nil {
+		t.Fatalf("NewBatchingProducer: %v", err)
+	}
+	defer func() {
+		if err := p.Close(ctx); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	}()
+	const n = 20_000
+	futs := make([]*pubsub.Produced, n)
+	for i := range futs {
+		futs[i] = p.Produce(ctx, msg(i))
+	}
+	if err := p.Flush(ctx); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+
+	outcomes := map[string]int{} // "accepted" or the rejection, to show what went wrong
+	var firstBad string
+	timeouts := 0 // acks listing the blocked subscriber as timed out
+	for i, f := range futs {
+		ack, err := f.Wait(ctx)
+		switch {
+		case err != nil || ack.Status != pubsub.Accepted:
+			key := fmt.Sprintf("%v/%v", ack.Status, ack.Reason)
+			outcomes[key]++
+			if firstBad == "" {
+				firstBad = fmt.Sprintf("message %d: ack %+v, err %v", i, ack, err)
+			}
+			continue
+		case ack.Delivered != 1:
+			t.Fatalf("message %d: delivered to %d, want 1 (the healthy subscriber): %+v", i, ack.Delivered, ack)
+		}
+		outcomes["accepted"]++
+		for _, fl := range ack.Failures {
+			if fl.Subscriber != blocked.ID() || fl.Status != pubsub.Timeout {
+				t.Fatalf("message %d: unexpected failure %+v (blocked %s, healthy %s)", i, fl, blocked.ID(), healthy.ID())
+			}
+			timeouts++
+		}
+	}
+	if outcomes["accepted"] != n {
+		t.Fatalf("outcomes %v, want all %d accepted; first: %s", outcomes, n, firstBad)
+	}
+	if timeouts == 0 {
+		t.Fatalf("no ack reported the blocked subscriber %s as timed out", blocked.ID())
+	}
+	select {
+	case <-entered:
+	default:
+		t.Fatalf("the blocked handler was never called")
+	}
+	checkInOrder(t, rec, []*pubsub.Subscription{healthy}, n)
+
+	testcluster.WaitFor(t, 10*time.Second, func() bool {
+		select {
+		case <-blocked.Done():
+			return true
+		default:
+			return false
+		}
+	}, "blocked subscriber %s not evicted", blocked.ID())
+	if err := blocked.Err(); !errors.Is(err, pubsub.ErrEvicted) {
+		t.Fatalf("blocked subscriber's Err() = %v, want ErrEvicted", err)
+	}
+	t.Logf("%d messages accepted; the blocked subscriber was reported timed out for %d messages, then evicted", n, timeouts)
+}

@@ -247,6 +247,54 @@ func (g *testGate) wait(ctx context.Context) error {
 	}
 }
 
+// waitPub is a mockPub that reports its own wait per attempt, as *Node does.
+type waitPub struct {
+	*mockPub
+	wait time.Duration
+}
+
+func (w waitPub) publishWait() time.Duration { return w.wait }
+
+// The default PublishTimeout outlives the publisher's own wait when it
+// reports one (a *Node: SubscriberTimeout + RequestTimeout), so a blocked
+// subscriber cannot time the producer's attempts out (issue finding 4).
+func TestProducerDefaultPublishTimeout(t *testing.T) {
+	cases := []struct {
+		name     string
+		pub      Publisher
+		explicit time.Duration
+		want     time.Duration
+	}{
+		{"waiter, zero", waitPub{newMock(), 1300 * time.Millisecond}, 0, 2300 * time.Millisecond},
+		{"waiter with the node defaults, zero", waitPub{newMock(), DefaultSubscriberTimeout + DefaultRequestTimeout}, 0, 11 * time.Second},
+		{"waiter, explicit", waitPub{newMock(), 10 * time.Second}, 3 * time.Second, 3 * time.Second},
+		{"waiter reporting no wait, zero", waitPub{newMock(), 0}, 0, DefaultPublishTimeout},
+		{"custom publisher, zero", newMock(), 0, DefaultPublishTimeout},
+		{"custom publisher, explicit", newMock(), 42 * time.Millisecond, 42 * time.Millisecond},
+	}
+	for _, c := range cases {
+		p := newTestProducer(t, c.pub, ProducerConfig{PublishTimeout: c.explicit})
+		if p.cfg.PublishTimeout != c.want {
+			t.Errorf("%s: PublishTimeout = %v, want %v", c.name, p.cfg.PublishTimeout, c.want)
+		}
+	}
+	if DefaultPublishTimeout != 11*time.Second {
+		t.Errorf("DefaultPublishTimeout = %v, want 11s (the default node's wait + 1s)", DefaultPublishTimeout)
+	}
+	// *Node reports the wait publishChunk gives one attempt, which
+	// outlives the owner's wait for a remote node's report.
+	n := &Node{cfg: Config{SubscriberTimeout: 300 * time.Millisecond, RequestTimeout: time.Second}}
+	if got := n.publishWait(); got != 1300*time.Millisecond {
+		t.Errorf("Node.publishWait() = %v, want 1.3s", got)
+	}
+	if owner := n.cfg.SubscriberTimeout + n.cfg.RequestTimeout/2; n.publishWait() <= owner {
+		t.Errorf("Node.publishWait() = %v does not outlive the owner's wait %v", n.publishWait(), owner)
+	}
+	if got := defaultPublishTimeout(n); got != 2300*time.Millisecond {
+		t.Errorf("default PublishTimeout for a *Node = %v, want its wait + 1s = 2.3s", got)
+	}
+}
+
 func TestProducerConfigValidation(t *testing.T) {
 	mp := newMock()
 	cases := []struct {
@@ -281,7 +329,7 @@ func TestProducerConfigValidation(t *testing.T) {
 	p := newTestProducer(t, mp, ProducerConfig{})
 	c := p.cfg
 	if c.BatchSize != 2000 || c.MaxBatchBytes != 1<<20-64<<10 || c.Linger != 0 || c.MaxQueueSize != 100_000 ||
-		c.PublishTimeout != 5*time.Second || c.MaxInFlight != 1 {
+		c.PublishTimeout != DefaultPublishTimeout || c.MaxInFlight != 1 {
 		t.Errorf("defaults = %+v", c)
 	}
 	if c.OnPublishError == nil || c.OnPublishError(1, errors.New("x")) != FailBatchAndStop {

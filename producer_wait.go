@@ -1,0 +1,68 @@
+package pubsub
+
+import "time"
+
+// publishWaitMargin is how much longer than its publisher's own wait a
+// producer's attempt lasts by default, so that the publisher's answer (an
+// ack listing a timed-out subscriber, or the publisher's own ErrTimeout)
+// always arrives before the producer gives up on the attempt.
+const publishWaitMargin = time.Second
+
+// publishWaiter is implemented by a Publisher that bounds each publish
+// attempt itself and can say by how much. *Node does: it waits up to
+// SubscriberTimeout + RequestTimeout for the owner's answer, and the owner
+// waits less than that for the subscriber nodes' reports (SubscriberTimeout
+// + RequestTimeout/2), so the owner's ack, failures included, comes back
+// within the node's wait.
+type publishWaiter interface {
+	// publishWait is the longest a publish attempt waits for its outcome.
+	publishWait() time.Duration
+}
+
+var _ publishWaiter = (*Node)(nil)
+
+// publishWait mirrors the wait publishChunk gives one attempt to the owner.
+func (n *Node) publishWait() time.Duration {
+	return n.cfg.SubscriberTimeout + n.cfg.RequestTimeout
+}
+
+// defaultPublishTimeout is ProducerConfig.PublishTimeout's default for
+// publisher p: its own wait plus publishWaitMargin when it reports one
+// (a *Node), else DefaultPublishTimeout.
+//
+// The producer's attempt must outlive the publisher's wait, which outlives
+// the owner's wait for subscribers: otherwise one blocked subscriber makes
+// every attempt time out just before the owner's ack arrives, the batch
+// fails although it was delivered to everyone else, and with the default
+// FailBatchAndStop the producer stops for every subscriber (guarantee 6,
+// isolation, broken by a default).
+func defaultPublishTimeout(p Publisher) time.Duration {
+	if w, ok := p.(publishWaiter); ok {
+		if d := w.publishWait(); d > 0 {
+			return d + publishWaitMargin
+		}
+	}
+	return DefaultPublishTimeout
+}
+
+// warnShortPublishTimeout logs, on a *Node publisher's logger, that an
+// explicit PublishTimeout does not outlive the node's own wait.
+//
+// Such a value is allowed rather than rejected with ErrInvalidConfig: a
+// producer may rightly prefer to give up early (an unknown outcome, then
+// FailBatchAndContinue or RetryBatch) to waiting for a slow subscriber, the
+// contract honours explicit values, and rejecting would make a producer's
+// configuration valid or not depending on node timeouts set elsewhere
+// (raising the node's SubscriberTimeout would break producers at start).
+// The trade-off is documented on ProducerConfig.PublishTimeout and logged
+// here once per producer.
+func warnShortPublishTimeout(p Publisher, topic string, timeout time.Duration) {
+	n, ok := p.(*Node)
+	if !ok || n.log == nil {
+		return
+	}
+	if wait := n.publishWait(); timeout <= wait {
+		n.log.Warn("producer PublishTimeout does not outlive the node's wait for the owner: a slow subscriber can time out its batches (outcome unknown) and, with FailBatchAndStop, stop the producer; leave PublishTimeout zero for the default",
+			"topic", topic, "publishTimeout", timeout, "nodeWait", wait, "default", wait+publishWaitMargin)
+	}
+}
