@@ -1,0 +1,171 @@
+package pubsub_test
+
+// Handoff under asymmetric view changes (finding 1) and large subscription
+// sets (finding 2).
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// subscribeEverywhere subscribes every node to count topics named
+// prefix-<i> and returns the topics.
+func subscribeEverywhere(t *testing.T, c *testcluster.Cluster, rec *recorder, prefix string, count int) []string {
+	t.Helper()
+	topics := make([]string, count)
+	for i := range topics {
+		topics[i] = fmt.Sprintf("%s-%d", prefix, i)
+		for _, n := range c.Nodes {
+			subscribe(t, n, topics[i], rec.handler)
+		}
+	}
+	return topics
+}
+
+// everyTopicReachesAll publishes to every topic from node from until each is
+// accepted with want deliveries and no failure.
+func everyTopicReachesAll(t *testing.T, c *testcluster.Cluster, from int, topics []string, want int, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for _, topic := range topics {
+		publishUntilAccepted(t, c.Nodes[from], topic, []byte("after-"+topic), want, time.Until(deadline))
+	}
+}
+
+func memberOf(t *testing.T, n *pubsub.Node, id string) pubsub.Member {
+	t.Helper()
+	m, ok := lookupMember(n, id)
+	if !ok {
+		t.Fatalf("%s does not see %s", n.ID(), id)
+	}
+	return m
+}
+
+func lookupMember(n *pubsub.Node, id string) (pubsub.Member, bool) {
+	for _, m := range n.Members() {
+		if m.ID == id {
+			return m, true
+		}
+	}
+	return pubsub.Member{}, false
+}
+
+// A forged LEAVE of a live member makes its peers drop and re-add it while
+// its own view never changes. Before owners pulled subscriptions, the member
+// never re-sent them: topics its peers gained stayed NOT_READY and its
+// subscribers were silently left out of topics they kept.
+func TestForgedLeaveOfALiveMemberHeals(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	rec := newRecorder()
+	topics := subscribeEverywhere(t, c, rec, "flap", 30)
+	everyTopicReachesAll(t, c, 0, topics, 3, 5*time.Second)
+
+	left := make(chan struct{}, 1)
+	cancel := c.Nodes[0].Events().Subscribe(func(e pubsub.Event) {
+		if l, ok := e.(pubsub.MemberLeft); ok && l.Member.ID == "n2" {
+			select {
+			case left <- struct{}{}:
+			default:
+			}
+		}
+	})
+	defer cancel()
+	n2 := memberOf(t, c.Nodes[0], "n2")
+	raw := c.Connect(t, 0)
+	require.NoError(t, raw.Publish("pubsub.members", heartbeat(wire.Heartbeat_LEAVE, "n2", n2.Incarnation, 0)))
+	require.NoError(t, raw.Flush())
+	select {
+	case <-left:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the forged LEAVE did not make n0 drop n2")
+	}
+	c.WaitConverged(t, 5*time.Second)
+	everyTopicReachesAll(t, c, 0, topics, 3, 2*2*time.Second)
+	everyTopicReachesAll(t, c, 1, topics, 3, 2*time.Second)
+}
+
+// A forged heartbeat with a member's incarnation + 1 makes peers take it for
+// a restart; the real member's heartbeats look stale until the forged one
+// times out. Everything must serve again within 2 x MemberTimeout of that.
+func TestForgedNewerIncarnationHeals(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	rec := newRecorder()
+	topics := subscribeEverywhere(t, c, rec, "reinc", 20)
+	n2 := memberOf(t, c.Nodes[0], "n2")
+	raw := c.Connect(t, 0)
+	require.NoError(t, raw.Publish("pubsub.members", heartbeat(wire.Heartbeat_HEARTBEAT, "n2", n2.Incarnation+1, 0)))
+	require.NoError(t, raw.Flush())
+	forged := time.Now()
+	testcluster.WaitFor(t, 2*time.Second, func() bool {
+		m, _ := lookupMember(c.Nodes[0], "n2")
+		return m.Incarnation == n2.Incarnation+1
+	}, "n0 did not take the forged incarnation")
+	// The forged incarnation falls silent and times out (MemberTimeout 2 s);
+	// n2 is then re-added with its real one.
+	testcluster.WaitFor(t, 2*2*time.Second, func() bool {
+		for _, n := range c.Nodes {
+			if m, _ := lookupMember(n, "n2"); m.Incarnation != n2.Incarnation {
+				return false
+			}
+		}
+		return true
+	}, "n2's real incarnation is not back in every view")
+	everyTopicReachesAll(t, c, 0, topics, 3, 2*2*time.Second)
+	t.Logf("every topic reached every subscriber %v after the forged heartbeat", time.Since(forged))
+}
+
+// Subscriptions that do not fit in one NATS message are pulled in pages. A
+// crash then moves thousands of topics whose subscriber lists span pages.
+func TestSubscriptionsLargerThanOneMessageMoveAfterACrash(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	const count = 5000
+	name := strings.Repeat("x", 200)
+	topics := make([]string, count)
+	for i := range topics {
+		topics[i] = fmt.Sprintf("big-%05d-%s", i, name)
+	}
+	// Each survivor subscribes to every topic: 5000 x ~215 bytes per node,
+	// more than one NATS message (and two of the half-megabyte pages a sync
+	// answer holds).
+	ctx := ctxT(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for _, n := range c.Nodes[1:] {
+		wg.Go(func() {
+			for _, topic := range topics {
+				if _, err := n.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error { return nil }); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	require.NoError(t, <-errs)
+	var moved []string
+	for _, topic := range topics {
+		if m, _ := c.Nodes[1].OwnerOf(topic); m.ID == "n0" {
+			moved = append(moved, topic)
+		}
+	}
+	require.NotEmpty(t, moved)
+	crashed := time.Now()
+	c.Crash(0)
+	c.WaitConverged(t, 5*time.Second)
+	// Every moved topic serves both survivors' subscribers.
+	for _, topic := range moved {
+		publishUntilAccepted(t, c.Nodes[1], topic, []byte("after"), 2, 5*time.Second)
+	}
+	t.Logf("%d moved topics served again %v after the crash", len(moved), time.Since(crashed))
+}
