@@ -54,6 +54,16 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	if n.recent == nil {
 		n.recent = make(map[batchKey]*recentBatch)
 	}
+	if len(n.recent) >= maxRecentBatches {
+		// Remembering more would let any sender grow the map: this batch is
+		// delivered without duplicate suppression, and that is logged.
+		n.recentMu.Unlock()
+		if ok, held := n.logLimit.allow("recent/full"); ok {
+			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
+		}
+		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		return
+	}
 	n.recent[key] = rb
 	n.recentMu.Unlock()
 	n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) {
@@ -76,6 +86,10 @@ type batchKey struct {
 	topic string
 	seq   uint64
 }
+
+// maxRecentBatches bounds the at-least-once batches remembered for duplicate
+// suppression (each for 2 x (SubscriberTimeout + RequestTimeout)).
+const maxRecentBatches = 1 << 16
 
 // recentBatch remembers an at-least-once batch so copies are not delivered twice.
 type recentBatch struct {

@@ -204,3 +204,34 @@ func TestBitFlippedTrafficDoesNotStopTheCluster(t *testing.T) {
 	require.NoError(t, err)
 	assert.GreaterOrEqual(t, ack.Delivered, 1)
 }
+
+// Publishes to topics nobody subscribes to, from anyone, must not cost the
+// owner memory for good: idle topic actors are collected.
+func TestPublishesToRandomTopicsDoNotAccumulate(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	node := c.Nodes[0]
+	ctx := ctxT(t)
+	for i := range 5000 {
+		ack, err := node.Publish(ctx, fmt.Sprintf("random-%d", i), []byte("x"))
+		require.NoError(t, err)
+		require.Equal(t, 0, ack.Delivered)
+	}
+	owned := node.Stats().TopicsOwned
+	require.GreaterOrEqual(t, owned, 5000)
+	kept := ownedBy(t, node, "kept")
+	rec := newRecorder()
+	s := subscribe(t, node, kept, rec.handler)
+	// Collected after MemberTimeout (2 s) idle, checked every MemberTimeout.
+	testcluster.WaitFor(t, 3*2*time.Second, func() bool { return node.Stats().TopicsOwned <= 1 },
+		"%d topic actors still held, want only the subscribed one", node.Stats().TopicsOwned)
+	// A collected topic serves again at once, and batches keep their order
+	// for a subscriber that saw the old actor's batches.
+	for i := range 3 {
+		ack, err := node.Publish(ctx, kept, msg(i))
+		mustAccept(t, ack, err, 1)
+	}
+	ack, err := node.Publish(ctx, "random-7", []byte("x"))
+	require.NoError(t, err)
+	assert.Equal(t, pubsub.Accepted, ack.Status)
+	assert.Equal(t, []string{"m00000", "m00001", "m00002"}, rec.of(s.ID()))
+}

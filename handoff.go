@@ -468,9 +468,8 @@ func (n *Node) onSync(s *wire.Sync, reply string) {
 		if validateTopic(t.GetTopic()) != nil || v.ownerOf(t.GetTopic()).ID != n.id {
 			continue
 		}
-		a := n.actor(t.GetTopic())
 		locals := t.GetSubscribers()
-		a.s.do(func() {
+		n.onActor(t.GetTopic(), false, func(a *topicActor) {
 			for _, l := range locals {
 				a.subscribe(from, l, false, func(ownerAnswer) {})
 			}

@@ -291,6 +291,7 @@ func (n *Node) heartbeatLoop() {
 	defer close(n.beatsStopped)
 	t := time.NewTicker(n.cfg.HeartbeatInterval)
 	defer t.Stop()
+	lastCollect := time.Now()
 	for {
 		select {
 		case <-n.ctx.Done():
@@ -307,6 +308,10 @@ func (n *Node) heartbeatLoop() {
 		n.checkInboxDrops()
 		n.forgetRecent()
 		n.logLimit.sweep()
+		if time.Since(lastCollect) >= n.cfg.MemberTimeout {
+			lastCollect = time.Now()
+			n.collectIdleActors(n.cfg.MemberTimeout)
+		}
 		n.memMu.Lock()
 		changed := false
 		for id, p := range n.peers {

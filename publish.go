@@ -332,8 +332,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, b
 // askLocal runs a request on this node's actor for topic and waits for its answer.
 func (n *Node) askLocal(ctx context.Context, topic string, local func(*topicActor, func(ownerAnswer)), queued func()) (ownerAnswer, error) {
 	ch := make(chan ownerAnswer, 1)
-	a := n.actor(topic)
-	a.s.do(func() { local(a, func(ans ownerAnswer) { ch <- ans }) })
+	n.onActor(topic, false, func(a *topicActor) { local(a, func(ans ownerAnswer) { ch <- ans }) })
 	queued()
 	select {
 	case ans := <-ch:

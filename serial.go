@@ -16,9 +16,13 @@ type serial struct {
 }
 
 // do queues f. It reports false, without queueing, when limit items wait.
-func (s *serial) do(f func()) bool {
+func (s *serial) do(f func()) bool { return s.doUpTo(f, s.limit) }
+
+// doUpTo is do with another limit (0: unbounded), for work that must never
+// be refused beside work that may be.
+func (s *serial) doUpTo(f func(), limit int) bool {
 	s.mu.Lock()
-	if s.limit > 0 && len(s.queue) >= s.limit {
+	if limit > 0 && len(s.queue) >= limit {
 		s.mu.Unlock()
 		return false
 	}

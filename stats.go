@@ -24,10 +24,11 @@ type Stats struct {
 	Malformed         uint64         // malformed messages dropped
 	InboxDropped      uint64         // inbox messages NATS dropped (slow consumer)
 	MembersRejected   uint64         // heartbeats ignored past MaxMembers
+	RequestsRefused   uint64         // requests refused: their topic actor's queue was full
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
@@ -44,6 +45,7 @@ func (n *Node) Stats() Stats {
 		Malformed:         n.stats.malformed.Load(),
 		InboxDropped:      n.stats.inboxDropped.Load(),
 		MembersRejected:   n.stats.membersRejected.Load(),
+		RequestsRefused:   n.stats.refused.Load(),
 	}
 	v := n.view()
 	n.topicsMu.Lock()

@@ -25,10 +25,15 @@ type topicActor struct {
 	synced uint64 // view epoch whose syncs were merged; noEpoch when none
 	owned  bool   // this node owns the topic in view epoch
 	ready  bool   // the subscriber set is complete for epoch
-	seq    uint64
+	seq    uint64 // the last batch's number; starts at the creation time
 	nodes  map[string]*nodeSubscribers
-	fails  map[SubscriberID]int // consecutive failures, for eviction
-	count  atomic.Int64         // subscribers, readable by Stats without the actor
+	// inflight counts accepted batches not yet accounted; used marks the
+	// last request. An idle actor without subscribers is collected.
+	inflight int
+	used     time.Time
+	dead     bool                 // collected: work that still reaches it goes to its successor
+	fails    map[SubscriberID]int // consecutive failures, for eviction
+	count    atomic.Int64         // subscribers, readable by Stats without the actor
 }
 
 const noEpoch = ^uint64(0)
@@ -69,11 +74,66 @@ func (n *Node) actor(topic string) *topicActor {
 	defer n.topicsMu.Unlock()
 	a := n.topics[topic]
 	if a == nil {
-		a = &topicActor{n: n, topic: topic, epoch: noEpoch, synced: noEpoch}
+		// Batch numbers start at the creation time, so an actor made again
+		// after one was collected numbers its batches above the old one's:
+		// subscribers drop batches numbered below the last they saw.
+		now := time.Now()
+		a = &topicActor{n: n, topic: topic, epoch: noEpoch, synced: noEpoch, seq: uint64(now.UnixNano()), used: now}
 		a.s.goroutines = &n.goroutines
 		n.topics[topic] = a
 	}
 	return a
+}
+
+// maxActorQueue bounds the requests from other nodes waiting for one topic
+// actor; past it they are refused (NOT_READY, so publishers retry) and
+// counted in Stats().RequestsRefused.
+const maxActorQueue = 1 << 16
+
+// onActor runs fn on topic's actor. With bounded, it refuses (reports false)
+// when maxActorQueue items already wait. Work that reaches an actor
+// collected meanwhile goes on to its successor.
+func (n *Node) onActor(topic string, bounded bool, fn func(*topicActor)) bool {
+	a := n.actor(topic)
+	limit := 0
+	if bounded {
+		limit = maxActorQueue
+	}
+	return a.s.doUpTo(func() {
+		if a.dead {
+			n.onActor(topic, false, fn)
+			return
+		}
+		a.used = time.Now()
+		fn(a)
+	}, limit)
+}
+
+// collectIdleActors forgets the actors of topics without subscribers that
+// saw no request for idle: a topic anyone can name must not cost memory for
+// good (forged publishes to random topics, for one).
+func (n *Node) collectIdleActors(idle time.Duration) {
+	n.topicsMu.Lock()
+	actors := make([]*topicActor, 0, len(n.topics))
+	for _, a := range n.topics {
+		if a.count.Load() == 0 {
+			actors = append(actors, a)
+		}
+	}
+	n.topicsMu.Unlock()
+	for _, a := range actors {
+		a.s.do(func() {
+			if a.dead || len(a.nodes) > 0 || a.inflight > 0 || time.Since(a.used) < idle {
+				return
+			}
+			n.topicsMu.Lock()
+			if n.topics[a.topic] == a {
+				delete(n.topics, a.topic)
+				a.dead = true
+			}
+			n.topicsMu.Unlock()
+		})
+	}
 }
 
 // reconcile brings the actor's state to the node's current view: it keeps
@@ -246,6 +306,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
 	}
+	a.inflight++ // until account runs for b
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
 	for node, ns := range a.nodes {
@@ -433,7 +494,10 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus,
 	a.n.stats.failed.Add(uint64(len(b.ack.Failures)))
 	// Evictions are queued before the answer, so the publisher's next batch
 	// is served without the subscribers this one evicted.
-	a.s.do(func() { a.account(b.outcomes) })
+	a.s.do(func() {
+		a.inflight--
+		a.account(b.outcomes)
+	})
 	a.n.emitAccepted(b.ack)
 	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack, delivered: b.delivered})
 }
@@ -498,10 +562,20 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 	}
 	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()), wantIDs: req.GetDeliveredIds(),
 		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq()}}
-	a := n.actor(topic)
-	a.s.do(func() {
+	if !n.onActor(topic, true, func(a *topicActor) {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
-	})
+	}) {
+		n.refuse(topic, reply)
+	}
+}
+
+// refuse answers a request its topic actor had no room for.
+func (n *Node) refuse(topic, reply string) {
+	n.stats.refused.Add(1)
+	if ok, held := n.logLimit.allow("refused"); ok {
+		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "suppressed", held)
+	}
+	n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
 }
 
 // onSubscribeRequest serves a remote subscriber's node.
@@ -515,13 +589,16 @@ func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return
 	}
-	a := n.actor(topic)
 	answer := func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) }
-	if req.GetStats() {
-		a.s.do(func() { a.stats(answer) })
-		return
+	if !n.onActor(topic, true, func(a *topicActor) {
+		if req.GetStats() {
+			a.stats(answer)
+			return
+		}
+		a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), answer)
+	}) {
+		n.refuse(topic, reply)
 	}
-	a.s.do(func() { a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), answer) })
 }
 
 func (ans ownerAnswer) wire() *wire.Reply {
