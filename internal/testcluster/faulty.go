@@ -158,15 +158,6 @@ func (f *faults) closeRouteLinks() {
 	}
 }
 
-// mustFaulty fails the test unless c was made by NewFaulty.
-func (c *Cluster) mustFaulty(t testing.TB) *faults {
-	t.Helper()
-	if c.faults == nil {
-		t.Fatalf("testcluster: cluster has no fault links; create it with NewFaulty")
-	}
-	return c.faults
-}
-
 // Route returns the link carrying the route between servers i and j (in
 // either order). Its Forward direction runs from the higher-numbered server
 // (which dials) to the lower-numbered one (which listens). Panics unless the

@@ -1,7 +1,10 @@
 // Package testcluster runs a pubsub cluster inside one test process: several
 // embedded NATS servers joined by routes, and pubsub nodes spread over them,
 // with helpers to inject faults (crashed nodes, lost servers) and to wait for
-// the cluster to settle.
+// the cluster to settle. NewFaulty builds the same cluster with a
+// fault-injecting proxy (internal/faultnet) on every route and every node
+// connection, for cut and one-way stalled links, and the Forge helpers
+// inject hand-made messages.
 //
 // Everything started here is torn down by t.Cleanup, in dependency order:
 // nodes first (so their leave announcements can still go out), then NATS
