@@ -1,7 +1,10 @@
 // Package testcluster runs a pubsub cluster inside one test process: several
 // embedded NATS servers joined by routes, and pubsub nodes spread over them,
 // with helpers to inject faults (crashed nodes, lost servers) and to wait for
-// the cluster to settle.
+// the cluster to settle. NewFaulty builds the same cluster with a
+// fault-injecting proxy (internal/faultnet) on every route and every node
+// connection, for cut and one-way stalled links, and the Forge helpers
+// inject hand-made messages.
 //
 // Everything started here is torn down by t.Cleanup, in dependency order:
 // nodes first (so their leave announcements can still go out), then NATS
@@ -24,6 +27,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/faultnet"
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
@@ -55,9 +59,15 @@ type Cluster struct {
 	// Conns[i] is the NATS connection of Nodes[i].
 	Conns []*nats.Conn
 
-	mu   sync.Mutex
-	live []bool       // live[i]: Nodes[i] is neither crashed nor closed
-	raw  []*nats.Conn // connections made by Connect
+	// faults is set by NewFaulty: the proxies every route and every node
+	// connection go through. Nil for clusters made by New.
+	faults *faults
+
+	mu          sync.Mutex
+	live        []bool             // live[i]: Nodes[i] is neither crashed nor closed
+	raw         []*nats.Conn       // connections made by Connect
+	clientLinks []*faultnet.Link   // clientLinks[i] carries Conns[i]; all nil unless faulty
+	forgers     map[int]*nats.Conn // raw connections used by the Forge helpers, by server
 }
 
 // New starts servers embedded NATS servers as a routed cluster and then, one
@@ -98,13 +108,7 @@ func (c *Cluster) AddNode(t testing.TB, id string, server int, opts ...pubsub.Op
 		name = "node-" + strconv.Itoa(len(c.Nodes))
 		c.mu.Unlock()
 	}
-	nc, err := nats.Connect(strings.Join(c.urlsFrom(server), ","),
-		nats.Name(name),
-		nats.DontRandomize(),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(reconnectWait),
-		nats.NoCallbacksAfterClientClose(),
-	)
+	nc, link, err := c.connectNode(name, server)
 	if err != nil {
 		t.Fatalf("testcluster: connect node %s to server %d: %v", name, server, err)
 	}
@@ -117,6 +121,9 @@ func (c *Cluster) AddNode(t testing.TB, id string, server int, opts ...pubsub.Op
 	if err != nil {
 		// Not appended: Nodes and Conns must stay index-aligned.
 		nc.Close()
+		if link != nil {
+			link.Close()
+		}
 		t.Fatalf("testcluster: join node %s on server %d: %v", name, server, err)
 	}
 	c.mu.Lock()
@@ -124,6 +131,7 @@ func (c *Cluster) AddNode(t testing.TB, id string, server int, opts ...pubsub.Op
 	c.Nodes = append(c.Nodes, node)
 	c.Conns = append(c.Conns, nc)
 	c.live = append(c.live, true)
+	c.clientLinks = append(c.clientLinks, link)
 	return node
 }
 
@@ -282,6 +290,24 @@ func (c *Cluster) urlsFrom(first int) []string {
 	return append(urls[first:], urls[:first]...)
 }
 
+// connectNode opens the NATS connection of a new node named name, first
+// connected to server. In a cluster made by New it lists every server and
+// fails over between them; in one made by NewFaulty it goes through a new
+// client link to server only (see NewFaulty), and link is that link.
+func (c *Cluster) connectNode(name string, server int) (nc *nats.Conn, link *faultnet.Link, err error) {
+	opts := []nats.Option{
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(reconnectWait),
+		nats.NoCallbacksAfterClientClose(),
+	}
+	if c.faults == nil {
+		nc, err = nats.Connect(strings.Join(c.urlsFrom(server), ","), append(opts, nats.DontRandomize())...)
+		return nc, nil, err
+	}
+	return c.faults.connectNode(c.Servers.Servers[server], opts)
+}
+
 // checkServer fails the test if server is not a valid server index.
 func (c *Cluster) checkServer(t testing.TB, server int) {
 	t.Helper()
@@ -291,16 +317,23 @@ func (c *Cluster) checkServer(t testing.TB, server int) {
 }
 
 // cleanup tears the cluster down in dependency order: nodes, connections,
-// servers. Nodes are closed concurrently, so a large cluster does not pay
+// proxies (NewFaulty only, healed first), servers. Nodes are closed concurrently, so a large cluster does not pay
 // one leave round per node; a failed Close is an error only for a live node
 // on a connected connection, where a graceful leave must succeed (crashed
 // and already closed nodes are closed again only to release goroutines).
 func (c *Cluster) cleanup(t testing.TB) {
+	if c.faults != nil {
+		// Nodes must be able to announce their leave and connections to
+		// close cleanly, so no fault may outlive the test.
+		c.HealAll()
+		c.waitNodesReconnected(opTimeout)
+	}
 	c.mu.Lock()
 	nodes := slices.Clone(c.Nodes)
 	nodeConns := slices.Clone(c.Conns)
 	raw := slices.Clone(c.raw)
 	live := slices.Clone(c.live)
+	clientLinks := slices.Clone(c.clientLinks)
 	c.mu.Unlock()
 
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
@@ -322,6 +355,14 @@ func (c *Cluster) cleanup(t testing.TB) {
 
 	for _, nc := range slices.Concat(nodeConns, raw) {
 		nc.Close()
+	}
+	for _, l := range clientLinks {
+		if l != nil {
+			l.Close()
+		}
+	}
+	if c.faults != nil {
+		c.faults.closeRouteLinks()
 	}
 	c.Servers.Shutdown()
 }

@@ -69,6 +69,17 @@ func StartServer() (*server.Server, error) {
 	return start(baseOptions())
 }
 
+// StartServerWith starts one NATS server with the options StartServer uses,
+// after configure has adjusted them, and returns once it accepts
+// connections. It lets tests build topologies StartCluster does not, such as
+// routes through fault-injecting proxies; configure may set any field,
+// including the ones StartServer chooses.
+func StartServerWith(configure func(opts *server.Options)) (*server.Server, error) {
+	opts := baseOptions()
+	configure(opts)
+	return start(opts)
+}
+
 // Cluster is a set of embedded NATS servers joined by routes into one NATS
 // cluster: a message published on any server reaches subscribers on every
 // other one. Servers[i] is named "s<i>".
