@@ -244,6 +244,15 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		if s.producers == nil {
 			s.producers = make(map[string]uint64)
 		}
+		if _, known := s.producers[origin.producer]; !known && len(s.producers) >= maxTrackedProducers {
+			// Forget one: every node incarnation and producer ever seen
+			// would otherwise stay here. Only that one's order protection
+			// is lost, against a batch already older than its newest.
+			for k := range s.producers {
+				delete(s.producers, k)
+				break
+			}
+		}
 		s.producers[origin.producer] = origin.seq
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
@@ -261,6 +270,11 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	}
 	t.set(i, Delivered)
 }
+
+// maxTrackedProducers bounds the producers (BatchingProducers and the
+// implicit one of each publishing node incarnation) a subscription keeps
+// the last batch number of.
+const maxTrackedProducers = 4096
 
 // call runs the handler, turning a panic into an error so one bad message
 // cannot take the node down.

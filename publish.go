@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -99,7 +100,12 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 		if len(chunk) > 0 && &chunk[len(chunk)-1] == &batch[len(batch)-1] {
 			sig = issued
 		}
-		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(i), split)
+		chunkOrigin, release := origin.chunk(i), func() {}
+		if origin.producer == "" {
+			chunkOrigin, sig, release = n.numberPublish(topic, sig)
+		}
+		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, chunkOrigin, split)
+		release()
 		if err != nil {
 			return n.reject(topic, len(batch), err)
 		}
@@ -117,6 +123,28 @@ func packedLen(batch [][]byte) int {
 		size += len(m) + 8
 	}
 	return size
+}
+
+// numberPublish gives a plain publish its place among this node's publishes
+// to topic: the next number of the node's implicit producer, taken under a
+// lock that is held until the request is queued on the owner's actor or
+// written to the connection (issued), so numbers follow the order requests
+// leave the node. Subscribers drop a batch numbered below one they already
+// handled, as they do for a BatchingProducer: a request held up on a stalled
+// route, whose publish already returned ErrTimeout, then never arrives
+// after a later one, even through another owner. release must be called
+// once the attempt is over, in case it never got as far as issued.
+func (n *Node) numberPublish(topic string, issued func()) (batchOrigin, func(), func()) {
+	stripe := &n.publishOrder[fnvString(fnvOffset, topic)%uint64(len(n.publishOrder))]
+	stripe.Lock()
+	release := sync.OnceFunc(stripe.Unlock)
+	origin := batchOrigin{producer: n.publisherKey, seq: n.publishSeq.Add(1)}
+	return origin, func() {
+		release()
+		if issued != nil {
+			issued()
+		}
+	}, release
 }
 
 // reject builds a Rejected ack on the publisher side and emits it.

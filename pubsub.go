@@ -110,6 +110,12 @@ type Node struct {
 	closeCalled  atomic.Bool   // Close was called
 	stopBeats    chan struct{} // closed by Close before its LEAVE
 	beatsStopped chan struct{} // closed when the heartbeat loop returned
+
+	// Plain publishes are numbered like the batches of one producer per
+	// node incarnation; see numberPublish.
+	publisherKey string
+	publishSeq   atomic.Uint64
+	publishOrder [64]sync.Mutex
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
@@ -148,6 +154,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		beatsStopped:   make(chan struct{}),
 	}
 	n.subTag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
+	n.publisherKey = n.id + "/" + n.subTag
 	n.events = newEventStream(n)
 	n.logLimit.interval = logThrottleInterval
 	n.ctx, n.cancel = context.WithCancel(context.Background())
