@@ -107,7 +107,7 @@ func (l *faultLoad) stopPublishers() {
 
 // waitServing publishes a marker to every topic until each reaches every
 // live subscription, and returns how long that took.
-func (l *faultLoad) waitServing(t *testing.T, within time.Duration) time.Duration {
+func (l *faultLoad) waitServing(t *testing.T, within time.Duration, tag string) time.Duration {
 	t.Helper()
 	start := time.Now()
 	deadline := start.Add(within)
@@ -121,7 +121,7 @@ func (l *faultLoad) waitServing(t *testing.T, within time.Duration) time.Duratio
 				live = append(live, s)
 			}
 		}
-		marker := fmt.Sprintf("%s|marker|%d", topic, i)
+		marker := fmt.Sprintf("%s|marker|%s-%d", topic, tag, i)
 		for {
 			ack, err := l.c.Nodes[i%len(l.c.Nodes)].Publish(ctxT(t), topic, []byte(marker))
 			if err == nil && ack.Delivered == len(live) && len(ack.Failures) == 0 {
@@ -191,7 +191,7 @@ func runFault(t *testing.T, c *testcluster.Cluster, inject func()) *faultLoad {
 	inject()
 	time.Sleep(faultDuration) // the fault's duration is the point here
 	c.HealAll()
-	healed := l.waitServing(t, 2*faultMemberTimeout+2*time.Second)
+	healed := l.waitServing(t, 2*faultMemberTimeout+2*time.Second, "healed")
 	t.Logf("every topic served every live subscription %v after the heal (MemberTimeout %v)", healed, faultMemberTimeout)
 	l.stopPublishers()
 	l.checkHonest(t)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/faultnet"
 )
 
 // TestSoakChurn publishes from several nodes while nodes join, crash and
@@ -172,4 +173,48 @@ func TestSoakChurn(t *testing.T) {
 		}
 	}
 	t.Logf("%d churn rounds; %d publishes accepted, rejected by reason %v; %d silently missing", churn, len(accepted), rejected, missing)
+}
+
+// TestSoakFaults runs the fault tests' workload (every node publishing
+// sequentially to topics owned by every node, subscribers everywhere) through
+// random network faults on a proxied 3-server cluster: one-way and two-way
+// route stalls, route cuts and node connection cuts of 1 to 4 s. After each
+// heal every topic must serve every live subscription within
+// 2 x MemberTimeout (+2 s on a loaded machine); at the end no ack may claim
+// more deliveries than happened and every publisher's order must hold.
+//
+//	go test -race -tags soak -run SoakFaults -timeout 20m .   (PUBSUB_SOAK=2m for longer)
+func TestSoakFaults(t *testing.T) {
+	duration := 45 * time.Second
+	if d, err := time.ParseDuration(os.Getenv("PUBSUB_SOAK")); err == nil {
+		duration = d
+	}
+	c := newFaultyCluster(t)
+	l := newFaultLoad(t, c)
+	l.start()
+	r := rand.New(rand.NewPCG(3, 4))
+	faults := []struct {
+		name   string
+		inject func(a, b int)
+	}{
+		{"route stalled one way", func(a, b int) { c.StallRoute(a, b) }},
+		{"route stalled both ways", func(a, b int) { c.Route(a, b).Stall(faultnet.Both) }},
+		{"route cut", func(a, b int) { c.Route(a, b).Cut() }},
+		{"client cut", func(a, _ int) { c.Client(a).Cut() }},
+	}
+	rounds := 0
+	for deadline := time.Now().Add(duration); time.Now().Before(deadline); rounds++ {
+		f := faults[r.IntN(len(faults))]
+		a := r.IntN(3)
+		b := (a + 1 + r.IntN(2)) % 3
+		hold := time.Second + time.Duration(r.IntN(3000))*time.Millisecond
+		f.inject(a, b)
+		time.Sleep(hold) // the fault's duration is the point
+		c.HealAll()
+		healed := l.waitServing(t, 2*faultMemberTimeout+2*time.Second, fmt.Sprint(rounds))
+		t.Logf("round %d: %s (%d, %d) for %v; serving again %v after the heal", rounds, f.name, a, b, hold, healed)
+	}
+	l.stopPublishers()
+	l.checkHonest(t)
+	t.Logf("%d fault rounds", rounds)
 }
