@@ -291,3 +291,52 @@ func ExampleEventStream_Subscribe() {
 	// Output:
 	// n1 accepted 2 messages on "orders": 1 delivered, 0 failed
 }
+
+// Under KeepMajority a node that loses sight of most of the cluster stops
+// serving the topics it owns instead of accepting publishes its subscribers
+// elsewhere would never see. A lone node is its own majority. A connection
+// closed underneath a node stops it, with a NodeStopped event.
+func ExampleWithPartitionPolicy() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithPartitionPolicy(pubsub.KeepMajority),
+		pubsub.WithMaxMembers(64), // a cap on the view: forged heartbeats cannot grow it past this
+		pubsub.WithHeartbeatInterval(50*time.Millisecond),
+		pubsub.WithMemberTimeout(500*time.Millisecond),
+	)
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+	stopped := make(chan pubsub.NodeStopped, 1)
+	defer node.Events().Subscribe(func(e pubsub.Event) {
+		if s, ok := e.(pubsub.NodeStopped); ok {
+			stopped <- s
+		}
+	})()
+
+	ack, err := node.Publish(ctx, "orders", []byte("o-1"))
+	fmt.Println(ack.Status, err)
+
+	nc.Close() // the application closed the connection the node was using
+	s := <-stopped
+	fmt.Println("stopped:", errors.Is(s.Err, pubsub.ErrClosed))
+	_, err = node.Publish(ctx, "orders", []byte("o-2"))
+	fmt.Println(errors.Is(err, pubsub.ErrClosed))
+	// Output:
+	// accepted <nil>
+	// stopped: true
+	// true
+}
