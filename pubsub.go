@@ -268,11 +268,13 @@ func (n *Node) waitStarted() {
 // it: without a connection it can neither serve nor be reached, and a node
 // that carried on would accept publishes it cannot deliver.
 func (n *Node) connectionLost() {
-	if n.closed.Load() {
+	if !n.closed.CompareAndSwap(false, true) {
 		return
 	}
 	err := fmt.Errorf("pubsub: node %s stopped: its NATS connection was closed: %w", n.id, ErrClosed)
 	n.log.Error("NATS connection closed: node stopped; Join again with a new connection", "err", err)
+	// closed is already set, so calls fail from the moment a listener can
+	// see the event; shutdown closes the stream after it.
 	n.events.emit(NodeStopped{Node: n.id, Err: err, Time: time.Now()})
 	n.shutdown(err)
 }
