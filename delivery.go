@@ -220,7 +220,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		last := s.lastBatch
 		if seq.owner == last.owner && seq.inc == last.inc && seq.seq <= last.seq {
 			if seq.seq == last.seq {
-				t.set(i, Delivered) // a copy of the batch just handled
+				t.set(i, s.lastStatus) // a copy of the batch just handled: its outcome
 			} else {
 				t.set(i, OutOfOrder)
 			}
@@ -234,15 +234,15 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// died) is dropped and reported; the same one again was delivered.
 		last := s.producers[origin.producer]
 		switch {
-		case origin.seq == last:
-			t.set(i, Delivered)
+		case origin.seq == last.seq:
+			t.set(i, last.status) // the same batch again: the outcome it had
 			return
-		case origin.seq < last:
+		case origin.seq < last.seq:
 			t.set(i, OutOfOrder)
 			return
 		}
 		if s.producers == nil {
-			s.producers = make(map[string]uint64)
+			s.producers = make(map[string]producerMark)
 		}
 		if _, known := s.producers[origin.producer]; !known && len(s.producers) >= maxTrackedProducers {
 			// Forget one: every node incarnation and producer ever seen
@@ -253,22 +253,40 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 				break
 			}
 		}
-		s.producers[origin.producer] = origin.seq
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
+	st := s.run(ctx, batch)
+	if seq.seq != 0 {
+		s.lastStatus = st
+	}
+	if origin.producer != "" {
+		s.producers[origin.producer] = producerMark{seq: origin.seq, status: st}
+	}
+	t.set(i, st)
+}
+
+// producerMark is the last batch of one producer a subscription ran, and
+// its outcome.
+type producerMark struct {
+	seq    uint64
+	status DeliveryStatus
+}
+
+// run hands a batch's messages to the handler in order, stopping at the
+// first error.
+func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus {
 	for j := range batch {
 		if err := s.call(ctx, &batch[j]); err != nil {
 			if ok, held := s.node.logLimit.allow("handler/" + s.id.Local); ok {
 				s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 			}
-			t.set(i, HandlerError)
-			return
+			return HandlerError
 		}
 		if s.isDone() {
 			break // unsubscribed mid-batch: no further message reaches it
 		}
 	}
-	t.set(i, Delivered)
+	return Delivered
 }
 
 // maxTrackedProducers bounds the producers (BatchingProducers and the

@@ -209,6 +209,13 @@ func (r *syncRegistry) take(topic string, epoch uint64) (map[string][]string, bo
 	return subs, true
 }
 
+// hasPending reports whether topic has synced subscribers not yet taken.
+func (r *syncRegistry) hasPending(topic string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.subs[topic] != nil
+}
+
 // topicsPending lists the topics that have synced subscribers not yet taken.
 func (r *syncRegistry) topicsPending() []string {
 	r.mu.Lock()
@@ -227,13 +234,15 @@ func (n *Node) refreshTopics() {
 		n.actor(t)
 	}
 	n.topicsMu.Lock()
-	actors := make([]*topicActor, 0, len(n.topics))
-	for _, a := range n.topics {
-		actors = append(actors, a)
+	topics := make([]string, 0, len(n.topics))
+	for t := range n.topics {
+		topics = append(topics, t)
 	}
 	n.topicsMu.Unlock()
-	for _, a := range actors {
-		a.s.do(func() { a.reconcile() })
+	for _, t := range topics {
+		// Through onActor: an actor collected meanwhile must not take the
+		// topic's synced subscribers with it.
+		n.onActor(t, false, func(a *topicActor) { a.reconcile() })
 	}
 }
 

@@ -226,12 +226,13 @@ func (n *Node) onMembers(m *nats.Msg) {
 	}
 	n.memMu.Lock()
 	defer n.memMu.Unlock()
-	if n.closed.Load() {
-		return
+	if n.closed.Load() || n.closeCalled.Load() {
+		return // leaving: a JOIN answered now would re-add this node on the joiner
 	}
 	if hb.GetKind() == wire.Heartbeat_LEAVE {
 		if p, ok := n.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
 			delete(n.peers, from.GetNodeId())
+			n.forgetLeaver(from.GetNodeId())
 			n.recomputeView()
 		}
 		return

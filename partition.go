@@ -70,6 +70,27 @@ func (n *Node) updateQuorum(agree bool) {
 	n.events.emit(QuorumChanged{Node: n.id, HasQuorum: has, Members: len(cur.members), Stable: len(stable.members), Time: time.Now()})
 }
 
+// forgetLeaver drops a member that left gracefully from the stable view,
+// so a cluster scaled down by graceful leaves keeps its majority. It runs
+// before the view without the leaver is installed, and only while this node
+// has a majority. Callers hold memMu.
+func (n *Node) forgetLeaver(id string) {
+	st := n.quorum.stable
+	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !n.quorum.has.Load() {
+		return
+	}
+	if _, ok := st.member(id); !ok {
+		return
+	}
+	members := make([]Member, 0, len(st.members)-1)
+	for _, m := range st.members {
+		if m.ID != id {
+			members = append(members, m)
+		}
+	}
+	n.quorum.stable = newView(st.epoch, members)
+}
+
 // servesAsOwner reports whether the partition policy lets this node serve
 // its topics now.
 func (n *Node) servesAsOwner() bool {

@@ -100,12 +100,7 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 		if len(chunk) > 0 && &chunk[len(chunk)-1] == &batch[len(batch)-1] {
 			sig = issued
 		}
-		chunkOrigin, release := origin.chunk(i), func() {}
-		if origin.producer == "" {
-			chunkOrigin, sig, release = n.numberPublish(topic, sig)
-		}
-		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, chunkOrigin, split)
-		release()
+		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(i), split)
 		if err != nil {
 			return n.reject(topic, len(batch), err)
 		}
@@ -125,26 +120,22 @@ func packedLen(batch [][]byte) int {
 	return size
 }
 
-// numberPublish gives a plain publish its place among this node's publishes
-// to topic: the next number of the node's implicit producer, taken under a
-// lock that is held until the request is queued on the owner's actor or
-// written to the connection (issued), so numbers follow the order requests
-// leave the node. Subscribers drop a batch numbered below one they already
-// handled, as they do for a BatchingProducer: a request held up on a stalled
-// route, whose publish already returned ErrTimeout, then never arrives
-// after a later one, even through another owner. release must be called
-// once the attempt is over, in case it never got as far as issued.
-func (n *Node) numberPublish(topic string, issued func()) (batchOrigin, func(), func()) {
+// numberAttempt gives one attempt of a plain publish its place among this
+// node's publishes to topic: the next number of the node's implicit
+// producer, taken under a lock held until the attempt is queued on the
+// owner's actor or written to the connection (the returned release), so
+// numbers follow the order requests leave the node. Subscribers drop a batch
+// numbered below one they already handled, as they do for a
+// BatchingProducer: a request held up on a stalled route, whose publish
+// already returned ErrTimeout, then never arrives after a later one, even
+// through another owner. Each attempt is numbered anew: one answered "not
+// owner" or "not ready" delivered nothing, and keeping its old number would
+// make its retry look late beside publishes numbered meanwhile.
+func (n *Node) numberAttempt(topic string, origin *batchOrigin) (release func()) {
 	stripe := &n.publishOrder[fnvString(fnvOffset, topic)%uint64(len(n.publishOrder))]
 	stripe.Lock()
-	release := sync.OnceFunc(stripe.Unlock)
-	origin := batchOrigin{producer: n.publisherKey, seq: n.publishSeq.Add(1)}
-	return origin, func() {
-		release()
-		if issued != nil {
-			issued()
-		}
-	}, release
+	*origin = batchOrigin{producer: n.publisherKey, seq: n.publishSeq.Add(1)}
+	return sync.OnceFunc(stripe.Unlock)
 }
 
 // reject builds a Rejected ack on the publisher side and emits it.
@@ -231,15 +222,18 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 // publishChunk publishes one request's worth of a batch. With split, the
 // owner also lists the subscribers it delivered to, for chunkAcks.
 func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin, split bool) (PublishAck, []SubscriberID, error) {
-	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)),
-		Producer: origin.producer, ProducerSeq: origin.seq, DeliveredIds: split}
+	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)), DeliveredIds: split}
+	var attempt func() func()
+	if origin.producer == "" {
+		attempt = func() func() { return n.numberAttempt(topic, &origin) }
+	}
 	ans, err := n.toOwner(ctx, topic, func(v *view, buf []byte) []byte {
-		req.ViewId = v.id
+		req.ViewId, req.Producer, req.ProducerSeq = v.id, origin.producer, origin.seq
 		// The messages are packed straight into the request: one copy.
 		return wire.AppendPublish(buf, req, msgs)
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.publish(payload{msgs: msgs, origin: origin, wantIDs: split}, answer)
-	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued)
+	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued, attempt)
 	if err != nil {
 		return PublishAck{}, nil, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
 	}
@@ -255,7 +249,7 @@ func (n *Node) Initialize(ctx context.Context, topic string) error {
 		return err
 	}
 	// An empty publish is answered by a ready owner and delivers nothing.
-	_, err := n.toOwner(ctx, topic, nil, nil, 0, nil)
+	_, err := n.toOwner(ctx, topic, nil, nil, 0, nil, nil)
 	if err != nil {
 		return fmt.Errorf("pubsub: initialize %q: %w", topic, err)
 	}
@@ -271,10 +265,17 @@ func (n *Node) Initialize(ctx context.Context, topic string) error {
 // probes readiness.
 //
 // issued, if not nil, is called once, when the first attempt is queued on the
-// local actor or written to the connection.
+// local actor or written to the connection. attempt, if not nil, runs before
+// each attempt, and the func it returns once that attempt is queued or
+// written (or failed before).
 func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, buf []byte) []byte,
-	local func(*topicActor, func(ownerAnswer)), wait time.Duration, issued func()) (ownerAnswer, error) {
+	local func(*topicActor, func(ownerAnswer)), wait time.Duration, issued func(), attempt func() func()) (ownerAnswer, error) {
+	var attemptIssued func()
 	signal := func() {
+		if attemptIssued != nil {
+			attemptIssued()
+			attemptIssued = nil
+		}
 		if issued != nil {
 			issued()
 			issued = nil
@@ -302,6 +303,9 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, b
 		owner := v.ownerOf(topic)
 		var ans ownerAnswer
 		var err error
+		if attempt != nil {
+			attemptIssued = attempt()
+		}
 		if owner.ID == n.id {
 			ans, err = n.askLocal(ctx, topic, local, signal)
 		} else {
@@ -328,6 +332,10 @@ func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, b
 					}
 				}
 			}
+		}
+		if attemptIssued != nil { // the attempt failed before it was issued
+			attemptIssued()
+			attemptIssued = nil
 		}
 		switch {
 		case err == nil && ans.code == wire.Reply_OK:

@@ -88,6 +88,7 @@ type Node struct {
 	// Owner side: one actor per topic this node has owned.
 	topicsMu sync.Mutex
 	topics   map[string]*topicActor
+	seqFloor uint64 // the highest batch number of a collected actor
 
 	// Subscriber side: this node's subscriptions.
 	subsMu  sync.RWMutex

@@ -6,8 +6,10 @@ package pubsub_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -235,4 +237,74 @@ func TestDuplicateIDJoiningTogetherOneWins(t *testing.T) {
 	ack, err := c.Nodes[1].Publish(ctxT(t), topic, []byte("x"))
 	mustAccept(t, ack, err, 1)
 	assert.Equal(t, []string{"x"}, rec.of(s.ID()))
+}
+
+// Found in review: under KeepMajority, graceful leaves must shrink the stable
+// view, so a cluster scaled down one graceful leave at a time keeps serving,
+// and scales up again with new IDs.
+func TestKeepMajorityGracefulScaleDownKeepsServing(t *testing.T) {
+	c := newCluster(t, 1, 3, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
+	c.CloseNode(t, 0)
+	c.WaitConverged(t, 10*time.Second)
+	c.CloseNode(t, 1)
+	c.WaitConverged(t, 10*time.Second)
+	survivor := c.Nodes[2]
+	publishUntilAccepted(t, survivor, "alone", []byte("x"), 0, 2*time.Second)
+	for _, id := range []string{"n3", "n4"} {
+		c.AddNode(t, id, 0, append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))...)
+	}
+	c.WaitConverged(t, 10*time.Second)
+	for i := range 3 {
+		topic := ownedBy(t, survivor, fmt.Sprintf("scaled-%d", i))
+		publishUntilAccepted(t, c.Nodes[3], topic, []byte("x"), 0, 2*time.Second)
+	}
+}
+
+// Found in review: several goroutines of one node publishing while topics
+// move must not lose messages as OutOfOrder: a retried attempt (after "not
+// owner" or "not ready") is numbered anew.
+func TestConcurrentPublishersKeepTheirMessagesThroughAHandoff(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	ctx := ctxT(t)
+	const topics = 20
+	rec := newRecorder()
+	for i := range topics {
+		subscribe(t, c.Nodes[0], fmt.Sprintf("conc-%d", i), rec.handler)
+	}
+	pub := c.Nodes[0]
+	var stop atomic.Bool
+	var accepted, outOfOrder atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for k := 0; !stop.Load(); k++ {
+				ack, err := pub.Publish(ctx, fmt.Sprintf("conc-%d", k%topics), []byte(fmt.Sprintf("g%d-%d", g, k)))
+				if err != nil {
+					continue
+				}
+				accepted.Add(1)
+				for _, f := range ack.Failures {
+					if f.Status == pubsub.OutOfOrder {
+						outOfOrder.Add(1)
+					}
+				}
+			}
+		})
+	}
+	progress := func(min int64) {
+		t.Helper()
+		target := accepted.Load() + min
+		testcluster.WaitFor(t, 10*time.Second, func() bool { return accepted.Load() >= target }, "publishers stalled")
+	}
+	progress(200)
+	c.AddNode(t, "n2", 0, fast...)
+	c.WaitConverged(t, 10*time.Second)
+	progress(200)
+	c.CloseNode(t, 2)
+	c.WaitConverged(t, 10*time.Second)
+	progress(200)
+	stop.Store(true)
+	wg.Wait()
+	t.Logf("accepted %d, OutOfOrder failures %d", accepted.Load(), outOfOrder.Load())
+	assert.Zero(t, outOfOrder.Load(), "accepted publishes dropped as OutOfOrder during a handoff")
 }

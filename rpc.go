@@ -214,6 +214,11 @@ func (r *rpc) close() {
 	r.closed = true
 	pending := r.pending
 	r.pending = map[uint64]*call{}
+	for _, c := range pending {
+		if c.watch != nil {
+			c.watch.Stop()
+		}
+	}
 	r.mu.Unlock()
 	_ = r.sub.Unsubscribe()
 	for _, c := range pending {

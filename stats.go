@@ -101,7 +101,7 @@ func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error)
 		return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}})
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.stats(answer)
-	}, n.cfg.RequestTimeout, nil)
+	}, n.cfg.RequestTimeout, nil, nil)
 	if err != nil {
 		return TopicStats{}, fmt.Errorf("pubsub: stats of %q: %w", topic, err)
 	}

@@ -65,10 +65,13 @@ type Subscription struct {
 	mailbox serial
 	// producers holds the last batch number of each BatchingProducer handed
 	// to the handler; only the mailbox's work touches it.
-	producers map[string]uint64
+	producers map[string]producerMark
 	// lastBatch is the owner's number of the last batch handed to the
 	// handler; only the mailbox's work touches it.
 	lastBatch batchSeq
+	// lastStatus is the outcome of the last batch run, the answer to a copy
+	// of it; only the mailbox's work touches it.
+	lastStatus DeliveryStatus
 
 	once sync.Once
 	done chan struct{}
@@ -190,7 +193,7 @@ func (n *Node) registerWithOwner(ctx context.Context, s *Subscription, unsubscri
 		return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}})
 	}, func(a *topicActor, answer func(ownerAnswer)) {
 		a.subscribe(req.GetFrom(), req.GetSubscriber(), unsubscribe, answer)
-	}, n.cfg.RequestTimeout, nil)
+	}, n.cfg.RequestTimeout, nil, nil)
 	if (errors.Is(err, ErrClosed) || errors.Is(err, errClosedInFlight)) && unsubscribe {
 		return nil // our own node is closing: the owner drops us anyway
 	}

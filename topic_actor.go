@@ -74,11 +74,13 @@ func (n *Node) actor(topic string) *topicActor {
 	defer n.topicsMu.Unlock()
 	a := n.topics[topic]
 	if a == nil {
-		// Batch numbers start at the creation time, so an actor made again
-		// after one was collected numbers its batches above the old one's:
-		// subscribers drop batches numbered below the last they saw.
+		// Batch numbers start above those of every collected actor (and at
+		// the creation time, for other incarnations' sake), so an actor made
+		// again numbers its batches above the old one's: subscribers drop
+		// batches numbered below the last they saw.
 		now := time.Now()
-		a = &topicActor{n: n, topic: topic, epoch: noEpoch, synced: noEpoch, seq: uint64(now.UnixNano()), used: now}
+		seq := max(uint64(now.UnixNano()), n.seqFloor)
+		a = &topicActor{n: n, topic: topic, epoch: noEpoch, synced: noEpoch, seq: seq, used: now}
 		a.s.goroutines = &n.goroutines
 		n.topics[topic] = a
 	}
@@ -123,13 +125,14 @@ func (n *Node) collectIdleActors(idle time.Duration) {
 	n.topicsMu.Unlock()
 	for _, a := range actors {
 		a.s.do(func() {
-			if a.dead || len(a.nodes) > 0 || a.inflight > 0 || time.Since(a.used) < idle {
+			if a.dead || len(a.nodes) > 0 || a.inflight > 0 || time.Since(a.used) < idle || n.registry.hasPending(a.topic) {
 				return
 			}
 			n.topicsMu.Lock()
 			if n.topics[a.topic] == a {
 				delete(n.topics, a.topic)
 				a.dead = true
+				n.seqFloor = max(n.seqFloor, a.seq)
 			}
 			n.topicsMu.Unlock()
 		})
