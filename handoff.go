@@ -302,20 +302,23 @@ func (n *Node) pushMoved(prev, next *view) {
 		}
 		for _, part := range splitSync(list, n.maxPayload()/2) {
 			env := &wire.Envelope{Body: &wire.Envelope_Sync{Sync: &wire.Sync{From: n.selfRef(), ViewId: next.id, Topics: part}}}
-			n.pushSync(next, m, env, 3)
+			n.pushSync(next, m, env, 5*time.Millisecond)
 		}
 	}
 }
 
-// pushSync sends one pushed sync, retrying a few times while the view holds:
-// it is a shortcut, since an owner whose view changes pulls anyway.
-func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, tries int) {
+// pushSync sends one pushed sync, retrying with backoff (up to a second)
+// until the owner takes it or this node's view changes, when the next view's
+// pushes replace it. An owner that does not know this node yet answers
+// NOT_READY, and is asked again.
+func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, backoff time.Duration) {
 	if n.ctx.Err() != nil || n.view() != v {
 		return
 	}
 	n.rpc.sendEnvelope(m.Inbox, env, n.cfg.RequestTimeout, func(rep *wire.Reply, err error) {
-		if (err != nil || rep.GetCode() != wire.Reply_OK) && tries > 1 {
-			time.AfterFunc(50*time.Millisecond, func() { n.pushSync(v, m, env, tries-1) })
+		if err != nil || rep.GetCode() != wire.Reply_OK {
+			next := min(2*backoff, time.Second)
+			time.AfterFunc(backoff, func() { n.pushSync(v, m, env, next) })
 		}
 	})
 }

@@ -256,6 +256,12 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		if ref.GetIncarnation() < p.m.Incarnation {
 			return // a stale message of an older incarnation
 		}
+		if time.Since(p.lastSeen) < 2*n.cfg.HeartbeatInterval {
+			// The older incarnation is alive: a second node joining with
+			// its ID (which will fail and leave), not a restart. Replacing
+			// it would drop a live node's subscriptions until then.
+			return
+		}
 		ok = false // the node restarted: its old subscriptions are gone
 	}
 	if !ok {

@@ -101,6 +101,10 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 			sig = issued
 		}
 		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(i), split)
+		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
+			// Earlier chunks were delivered: the batch was not "not taken".
+			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
+		}
 		if err != nil {
 			return n.reject(topic, len(batch), err)
 		}
