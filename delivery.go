@@ -322,7 +322,7 @@ func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
 	n.subsMu.Unlock()
 	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
 	s.end(fmt.Errorf("%w: %s", ErrEvicted, status))
-	n.events.emitEvicted(n.id, topic, s.id, status)
+	emit(n.events, SubscriberEvicted{Topic: topic, Subscriber: s.id, Status: status})
 }
 
 // notifyEvicted tells the subscriber's node (by message, or directly when

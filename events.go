@@ -9,7 +9,9 @@ import (
 // Event is one decision of the library, delivered to EventStream listeners
 // as a value of one of the event types of this package (PublishAccepted,
 // MemberJoined, ...). The interface is sealed.
-type Event interface{ event() }
+type Event interface {
+	stamped(node string, at time.Time) Event
+}
 
 // PublishAccepted is emitted on the topic's owner when it answered an
 // accepted batch.
@@ -22,8 +24,9 @@ type PublishAccepted struct {
 	Time      time.Time
 }
 
-// PublishRejected is emitted on the owner when it rejects a batch, and on the
-// publisher when the owner was never reached.
+// PublishRejected is emitted on the publishing node when a publish is
+// rejected, whether the node itself or the topic's owner refused it (the
+// Reason says why).
 type PublishRejected struct {
 	Node     string
 	Topic    string
@@ -155,27 +158,29 @@ type EventsDropped struct {
 	Time    time.Time
 }
 
-func (PublishAccepted) event()   {}
-func (PublishRejected) event()   {}
-func (DeliverySucceeded) event() {}
-func (DeliveryFailed) event()    {}
-func (SubscriberAdded) event()   {}
-func (SubscriberRemoved) event() {}
-func (SubscriberEvicted) event() {}
-func (MemberJoined) event()      {}
-func (MemberLeft) event()        {}
-func (TopicOwnerChanged) event() {}
-func (MetricsSnapshot) event()   {}
-func (EventsDropped) event()     {}
-func (MemberRejected) event()    {}
-func (NodeStopped) event()       {}
-func (QuorumChanged) event()     {}
+// stamped returns the event with the emitting node and the time set: events
+// are built without them, and EventStream.emit fills them in one place.
+func (e PublishAccepted) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e PublishRejected) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e DeliverySucceeded) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e DeliveryFailed) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e SubscriberAdded) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e SubscriberRemoved) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e SubscriberEvicted) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e MemberJoined) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e MemberLeft) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e TopicOwnerChanged) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e MetricsSnapshot) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e EventsDropped) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e MemberRejected) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e NodeStopped) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e QuorumChanged) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
 
 // EventStream fans a node's events out to listeners. Emitting never blocks:
 // each listener has a bounded buffer and its own goroutine, and a listener
 // that falls behind loses events, counted in a later EventsDropped.
 type EventStream struct {
-	node      *Node
+	node      string // the node's ID
 	mu        sync.Mutex
 	listeners []*listener
 	active    atomic.Int32 // len(listeners), read without the lock on the hot path
@@ -192,7 +197,7 @@ type listener struct {
 	done    chan struct{}
 }
 
-func newEventStream(n *Node) *EventStream { return &EventStream{node: n} }
+func newEventStream(node string) *EventStream { return &EventStream{node: node} }
 
 // Subscribe runs fn for every event, on a goroutine of its own, until cancel
 // is called or the node closes. cancel waits for that goroutine to end and
@@ -231,7 +236,7 @@ func (s *EventStream) remove(l *listener) {
 	}
 }
 
-func (l *listener) run(n *Node, fn func(Event)) {
+func (l *listener) run(node string, fn func(Event)) {
 	defer close(l.done)
 	for {
 		select {
@@ -239,7 +244,7 @@ func (l *listener) run(n *Node, fn func(Event)) {
 			return
 		case e := <-l.ch:
 			if d := l.dropped.Swap(0); d > 0 {
-				fn(EventsDropped{Node: n.id, Dropped: d, Time: time.Now()})
+				fn(EventsDropped{Dropped: d}.stamped(node, time.Now()))
 			}
 			fn(e)
 		}
@@ -250,11 +255,17 @@ func (l *listener) run(n *Node, fn func(Event)) {
 // otherwise, so an unobserved node pays one atomic load per decision.
 func (s *EventStream) enabled() bool { return s.active.Load() > 0 }
 
-// emit offers e to every listener without blocking.
-func (s *EventStream) emit(e Event) {
+// emit stamps e with the node and the time and offers it to every listener
+// without blocking. It is generic so that an event nobody listens to is never
+// boxed: with no listener, emitting costs one atomic load.
+func emit[E Event](s *EventStream, e E) {
 	if !s.enabled() {
 		return
 	}
+	s.offer(e.stamped(s.node, time.Now()))
+}
+
+func (s *EventStream) offer(e Event) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, l := range s.listeners {
@@ -278,11 +289,3 @@ func (s *EventStream) close() {
 	s.mu.Unlock()
 }
 
-// Events returns the node's event stream.
-func (n *Node) Events() *EventStream { return n.events }
-
-func (s *EventStream) emitEvicted(node, topic string, id SubscriberID, status DeliveryStatus) {
-	if s.enabled() {
-		s.emit(SubscriberEvicted{Node: node, Topic: topic, Subscriber: id, Status: status, Time: time.Now()})
-	}
-}

@@ -5,13 +5,13 @@ import "testing"
 // With nobody listening, emitting costs an atomic load and no allocation.
 func TestEmitWithoutListenersAllocatesNothing(t *testing.T) {
 	n := &Node{id: "n"}
-	n.events = newEventStream(n)
+	n.events = newEventStream(n.id)
 	ack := PublishAck{Topic: "t", Status: Accepted, Messages: 10, Delivered: 3,
 		Failures: []DeliveryFailure{{Subscriber: SubscriberID{Node: "a", Local: "1"}, Status: Timeout}}}
 	allocs := testing.AllocsPerRun(1000, func() {
 		n.emitAccepted(ack)
-		n.events.emitEvicted("n", "t", ack.Failures[0].Subscriber, Timeout)
-		n.emitSubscriberRemoved("t", ack.Failures[0].Subscriber)
+		emit(n.events, SubscriberEvicted{Topic: "t", Subscriber: ack.Failures[0].Subscriber, Status: Timeout})
+		emit(n.events, SubscriberRemoved{Topic: "t", Subscriber: ack.Failures[0].Subscriber})
 	})
 	if allocs != 0 {
 		t.Fatalf("emitting with no listener allocates %.1f times per call", allocs)
@@ -25,7 +25,7 @@ func TestEmitWithoutListenersAllocatesNothing(t *testing.T) {
 
 func BenchmarkEmitNoListener(b *testing.B) {
 	n := &Node{id: "n"}
-	n.events = newEventStream(n)
+	n.events = newEventStream(n.id)
 	ack := PublishAck{Topic: "t", Status: Accepted, Messages: 10, Delivered: 3}
 	b.ReportAllocs()
 	for b.Loop() {

@@ -252,13 +252,13 @@ func (n *Node) viewChanged(prev, next *view) {
 	for _, m := range next.members {
 		if _, ok := prev.member(m.ID); !ok {
 			n.log.Info("member joined", "member", m.ID, "members", len(next.members))
-			n.events.emit(MemberJoined{Node: n.id, Member: m, Members: len(next.members), Time: time.Now()})
+			emit(n.events, MemberJoined{Member: m, Members: len(next.members)})
 		}
 	}
 	for _, m := range prev.members {
 		if cur, ok := next.member(m.ID); !ok || cur.Incarnation != m.Incarnation {
 			n.log.Info("member left", "member", m.ID, "members", len(next.members))
-			n.events.emit(MemberLeft{Node: n.id, Member: m, Members: len(next.members), Time: time.Now()})
+			emit(n.events, MemberLeft{Member: m, Members: len(next.members)})
 		}
 	}
 	if n.view() != next {

@@ -92,7 +92,7 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	n := &Node{id: "a", incarnation: 1, topics: map[string]*topicActor{}}
 	n.ctx, n.cancel = context.WithCancel(t.Context())
 	defer n.cancel()
-	n.events = newEventStream(n)
+	n.events = newEventStream(n.id)
 	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3}})
 	n.curView.Store(v)
 	n.history = []*view{v}

@@ -286,7 +286,7 @@ func (n *Node) rejectMember(id string) {
 	n.rejectedSince++
 	if ok, held := n.logLimit.allow("members/limit"); ok {
 		n.log.Warn("member ignored: the view holds MaxMembers members", "member", id, "limit", n.cfg.MaxMembers, "suppressed", held)
-		n.events.emit(MemberRejected{Node: n.id, Member: id, Members: len(n.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.rejectedSince, Time: time.Now()})
+		emit(n.events, MemberRejected{Member: id, Members: len(n.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.rejectedSince})
 		n.rejectedSince = 0
 	}
 }

@@ -3,7 +3,6 @@ package pubsub
 import (
 	"fmt"
 	"sync/atomic"
-	"time"
 )
 
 // PartitionPolicy says what a node does when a network partition hides part
@@ -67,7 +66,7 @@ func (n *Node) updateQuorum(agree bool) {
 		return
 	}
 	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(stable.members))
-	n.events.emit(QuorumChanged{Node: n.id, HasQuorum: has, Members: len(cur.members), Stable: len(stable.members), Time: time.Now()})
+	emit(n.events, QuorumChanged{HasQuorum: has, Members: len(cur.members), Stable: len(stable.members)})
 }
 
 // forgetLeaver drops a member that left gracefully from the stable view,

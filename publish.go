@@ -146,9 +146,7 @@ func (n *Node) numberAttempt(topic string, origin *batchOrigin) (release func())
 func (n *Node) reject(topic string, messages int, err error) (PublishAck, error) {
 	ack, err := rejected(topic, messages, err)
 	n.stats.rejected.Add(uint64(messages))
-	if n.events.enabled() {
-		n.events.emit(PublishRejected{Node: n.id, Topic: topic, Messages: messages, Reason: ack.Reason, Time: time.Now()})
-	}
+	emit(n.events, PublishRejected{Topic: topic, Messages: messages, Reason: ack.Reason})
 	return ack, err
 }
 

@@ -156,7 +156,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	}
 	n.subTag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
 	n.publisherKey = n.id + "/" + n.subTag
-	n.events = newEventStream(n)
+	n.events = newEventStream(cfg.NodeID)
 	n.logLimit.interval = logThrottleInterval
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.control.goroutines = &n.goroutines
@@ -222,6 +222,9 @@ const (
 	inboxPendingBytes = 512 << 20
 )
 
+// Events returns the node's event stream.
+func (n *Node) Events() *EventStream { return n.events }
+
 // ID returns the node ID.
 func (n *Node) ID() string { return n.id }
 
@@ -276,7 +279,7 @@ func (n *Node) connectionLost() {
 	n.log.Error("NATS connection closed: node stopped; Join again with a new connection", "err", err)
 	// closed is already set, so calls fail from the moment a listener can
 	// see the event; shutdown closes the stream after it.
-	n.events.emit(NodeStopped{Node: n.id, Err: err, Time: time.Now()})
+	emit(n.events, NodeStopped{Err: err})
 	n.shutdown(err)
 }
 

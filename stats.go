@@ -76,7 +76,7 @@ func (n *Node) metricsLoop() {
 			return
 		case <-t.C:
 			if n.events.enabled() {
-				n.events.emit(MetricsSnapshot{Node: n.id, Stats: n.Stats(), Time: time.Now()})
+				emit(n.events, MetricsSnapshot{Stats: n.Stats()})
 			}
 		}
 	}

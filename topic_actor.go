@@ -153,7 +153,7 @@ func (a *topicActor) reconcile() *view {
 			if prev := n.viewAt(v.epoch - 1); prev != nil {
 				was := prev.ownerOf(a.topic).ID
 				if (was == n.id) != owned {
-					n.events.emit(TopicOwnerChanged{Node: n.id, Topic: a.topic, OldOwner: was, NewOwner: v.ownerOf(a.topic).ID, Time: time.Now()})
+					emit(n.events, TopicOwnerChanged{Topic: a.topic, OldOwner: was, NewOwner: v.ownerOf(a.topic).ID})
 				}
 			}
 		}
@@ -234,17 +234,12 @@ func (a *topicActor) dropNode(node string) {
 	for l := range a.nodes[node].set {
 		id := SubscriberID{Node: node, Local: l}
 		delete(a.fails, id)
-		a.n.emitSubscriberRemoved(a.topic, id)
+		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id})
 	}
 	a.count.Add(-int64(len(a.nodes[node].set)))
 	delete(a.nodes, node)
 }
 
-func (n *Node) emitSubscriberRemoved(topic string, id SubscriberID) {
-	if n.events.enabled() {
-		n.events.emit(SubscriberRemoved{Node: n.id, Topic: topic, Subscriber: id, Time: time.Now()})
-	}
-}
 
 // check answers whether the actor can serve a request now.
 func (a *topicActor) check() (*view, wire.Reply_Code) {
@@ -275,10 +270,10 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 	id := SubscriberID{Node: from.GetNodeId(), Local: local}
 	if unsubscribe {
 		if a.remove(id) {
-			a.n.emitSubscriberRemoved(a.topic, id)
+			emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id})
 		}
-	} else if a.add(id.Node, from.GetIncarnation(), id.Local) && a.n.events.enabled() {
-		a.n.events.emit(SubscriberAdded{Node: a.n.id, Topic: a.topic, Subscriber: id, Time: time.Now()})
+	} else if a.add(id.Node, from.GetIncarnation(), id.Local) {
+		emit(a.n.events, SubscriberAdded{Topic: a.topic, Subscriber: id})
 	}
 	answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id})
 }
@@ -537,12 +532,12 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			// a node wrongly suspected re-registers its live subscriptions
 			// by sync when it reappears, and a notice would end them.
 			a.n.stats.evicted.Add(1)
-			a.n.events.emitEvicted(a.n.id, a.topic, o.id, o.status)
+			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Status: o.status})
 			continue
 		}
 		a.n.notifyEvicted(a.topic, o.id, o.status)
 		if o.id.Node != a.n.id { // a local subscriber's eviction is emitted once, by evictLocal
-			a.n.events.emitEvicted(a.n.id, a.topic, o.id, o.status)
+			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Status: o.status})
 		}
 	}
 }
@@ -644,12 +639,11 @@ func (n *Node) emitAccepted(ack PublishAck) {
 	if !n.events.enabled() {
 		return
 	}
-	now := time.Now()
-	n.events.emit(PublishAccepted{Node: n.id, Topic: ack.Topic, Messages: ack.Messages, Delivered: ack.Delivered, Failed: len(ack.Failures), Time: now})
+	emit(n.events, PublishAccepted{Topic: ack.Topic, Messages: ack.Messages, Delivered: ack.Delivered, Failed: len(ack.Failures)})
 	if ack.Delivered > 0 {
-		n.events.emit(DeliverySucceeded{Node: n.id, Topic: ack.Topic, Subscribers: ack.Delivered, Messages: ack.Messages, Time: now})
+		emit(n.events, DeliverySucceeded{Topic: ack.Topic, Subscribers: ack.Delivered, Messages: ack.Messages})
 	}
 	for _, f := range ack.Failures {
-		n.events.emit(DeliveryFailed{Node: n.id, Topic: ack.Topic, Subscriber: f.Subscriber, Status: f.Status, Messages: ack.Messages, Time: now})
+		emit(n.events, DeliveryFailed{Topic: ack.Topic, Subscriber: f.Subscriber, Status: f.Status, Messages: ack.Messages})
 	}
 }
