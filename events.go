@@ -160,21 +160,45 @@ type EventsDropped struct {
 
 // stamped returns the event with the emitting node and the time set: events
 // are built without them, and EventStream.emit fills them in one place.
-func (e PublishAccepted) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e PublishRejected) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e DeliverySucceeded) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e PublishAccepted) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
+func (e PublishRejected) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
+func (e DeliverySucceeded) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
 func (e DeliveryFailed) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e SubscriberAdded) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e SubscriberRemoved) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e SubscriberEvicted) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e SubscriberAdded) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
+func (e SubscriberRemoved) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
+func (e SubscriberEvicted) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
 func (e MemberJoined) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e MemberLeft) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e TopicOwnerChanged) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e MetricsSnapshot) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e EventsDropped) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e MemberLeft) stamped(node string, at time.Time) Event   { e.Node, e.Time = node, at; return e }
+func (e TopicOwnerChanged) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
+func (e MetricsSnapshot) stamped(node string, at time.Time) Event {
+	e.Node, e.Time = node, at
+	return e
+}
+func (e EventsDropped) stamped(node string, at time.Time) Event  { e.Node, e.Time = node, at; return e }
 func (e MemberRejected) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e NodeStopped) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
-func (e QuorumChanged) stamped(node string, at time.Time) Event { e.Node, e.Time = node, at; return e }
+func (e NodeStopped) stamped(node string, at time.Time) Event    { e.Node, e.Time = node, at; return e }
+func (e QuorumChanged) stamped(node string, at time.Time) Event  { e.Node, e.Time = node, at; return e }
 
 // EventStream fans a node's events out to listeners. Emitting never blocks:
 // each listener has a bounded buffer and its own goroutine, and a listener
@@ -288,4 +312,3 @@ func (s *EventStream) close() {
 	}
 	s.mu.Unlock()
 }
-

@@ -240,7 +240,6 @@ func (a *topicActor) dropNode(node string) {
 	delete(a.nodes, node)
 }
 
-
 // check answers whether the actor can serve a request now.
 func (a *topicActor) check() (*view, wire.Reply_Code) {
 	v := a.reconcile()
