@@ -346,18 +346,13 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 	n.goroutines.add()
 	go func() {
 		defer n.goroutines.done()
-		backoff := 5 * time.Millisecond
-		for n.ctx.Err() == nil {
-			if cur, ok := n.view().member(m.ID); !ok || cur.Incarnation != m.Incarnation {
-				return // the node is gone, and its subscriptions with it
+		n.retry(n.ctx, func() bool {
+			if !n.view().holds(m) {
+				return true // the node is gone, and its subscriptions with it
 			}
-			if _, err := n.rpc.call(n.ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil); err == nil {
-				return
-			}
-			if !n.pause(n.ctx, &backoff, 500*time.Millisecond) {
-				return
-			}
-		}
+			_, err := n.rpc.callEnvelope(n.ctx, m.Inbox, env, callOpts{timeout: n.cfg.RequestTimeout})
+			return err == nil
+		})
 	}()
 }
 

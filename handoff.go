@@ -125,21 +125,23 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 	req := &wire.SyncRequest{From: n.selfRef(), ViewId: v.id, Members: v.refs()}
 	env := &wire.Envelope{Body: &wire.Envelope_SyncRequest{SyncRequest: req}}
 	var topics []*wire.TopicSubscribers
-	backoff := 5 * time.Millisecond
 	for ctx.Err() == nil {
-		rep, err := n.rpc.call(ctx, m.Inbox, env, n.cfg.RequestTimeout, nil, 0, nil)
-		page := rep.GetSync()
-		if err != nil || rep.GetCode() != wire.Reply_OK || page == nil ||
-			page.GetFrom().GetNodeId() != m.ID || page.GetFrom().GetIncarnation() != m.Incarnation {
-			// Unreachable, or its incarnation is not the one in v (it
-			// restarted, or v holds a forged one): v will change.
-			n.log.Debug("sync not answered, retrying", "member", m.ID, "err", err, "code", rep.GetCode())
-			if !n.pause(ctx, &backoff, 500*time.Millisecond) {
-				return
+		var page *wire.Sync
+		n.retry(ctx, func() bool {
+			rep, err := n.rpc.callEnvelope(ctx, m.Inbox, env, callOpts{timeout: n.cfg.RequestTimeout})
+			page = rep.GetSync()
+			if err != nil || rep.GetCode() != wire.Reply_OK || page == nil ||
+				page.GetFrom().GetNodeId() != m.ID || page.GetFrom().GetIncarnation() != m.Incarnation {
+				// Unreachable, or its incarnation is not the one in v (it
+				// restarted, or v holds a forged one): v will change.
+				n.log.Debug("sync not answered, retrying", "member", m.ID, "err", err, "code", rep.GetCode())
+				return false
 			}
-			continue
+			return true
+		})
+		if ctx.Err() != nil {
+			return
 		}
-		backoff = 5 * time.Millisecond
 		topics = append(topics, page.GetTopics()...)
 		last := page.GetTopics()
 		if !page.GetMore() || len(last) == 0 || len(last[len(last)-1].GetSubscribers()) == 0 {

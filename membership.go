@@ -58,6 +58,12 @@ func (v *view) member(id string) (Member, bool) {
 	return v.members[i], true
 }
 
+// holds reports whether m, in its incarnation, is in the view.
+func (v *view) holds(m Member) bool {
+	cur, ok := v.member(m.ID)
+	return ok && cur.Incarnation == m.Incarnation
+}
+
 // has reports whether the member's incarnation is in the view.
 func (v *view) has(ref *wire.MemberRef) bool {
 	m, ok := v.member(ref.GetNodeId())

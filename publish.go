@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -224,18 +223,13 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 // publishChunk publishes one request's worth of a batch. With split, the
 // owner also lists the subscribers it delivered to, for chunkAcks.
 func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin, split bool) (PublishAck, []SubscriberID, error) {
-	req := &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)), DeliveredIds: split}
-	var attempt func() func()
+	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)), DeliveredIds: split},
+		msgs: msgs, origin: &origin, wantIDs: split}
+	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued}
 	if origin.producer == "" {
-		attempt = func() func() { return n.numberAttempt(topic, &origin) }
+		call.attempt = func() func() { return n.numberAttempt(topic, &origin) }
 	}
-	ans, err := n.toOwner(ctx, topic, func(v *view, buf []byte) []byte {
-		req.ViewId, req.Producer, req.ProducerSeq = v.id, origin.producer, origin.seq
-		// The messages are packed straight into the request: one copy.
-		return wire.AppendPublish(buf, req, msgs)
-	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.publish(payload{msgs: msgs, origin: origin, wantIDs: split}, answer)
-	}, n.cfg.SubscriberTimeout+n.cfg.RequestTimeout, issued, attempt)
+	ans, err := n.toOwner(ctx, topic, req, call)
 	if err != nil {
 		return PublishAck{}, nil, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
 	}
@@ -251,135 +245,11 @@ func (n *Node) Initialize(ctx context.Context, topic string) error {
 		return err
 	}
 	// An empty publish is answered by a ready owner and delivers nothing.
-	_, err := n.toOwner(ctx, topic, nil, nil, 0, nil, nil)
+	_, err := n.toOwner(ctx, topic, readinessProbe{from: n.selfRef(), topic: topic}, ownerCall{probe: true})
 	if err != nil {
 		return fmt.Errorf("pubsub: initialize %q: %w", topic, err)
 	}
 	return nil
-}
-
-// toOwner routes one request to the topic's owner: by function call when the
-// owner is this node, over its inbox otherwise. It follows ownership changes,
-// retrying "not owner", "not ready", a closing owner and NATS's no-responders
-// until RequestTimeout, then fails with ErrTopicUnavailable. wait bounds one
-// attempt; a remote attempt that times out fails with ErrTimeout (the outcome
-// is unknown, so it is not retried). With local == nil the request only
-// probes readiness.
-//
-// issued, if not nil, is called once, when the first attempt is queued on the
-// local actor or written to the connection. attempt, if not nil, runs before
-// each attempt, and the func it returns once that attempt is queued or
-// written (or failed before).
-func (n *Node) toOwner(ctx context.Context, topic string, remote func(v *view, buf []byte) []byte,
-	local func(*topicActor, func(ownerAnswer)), wait time.Duration, issued func(), attempt func() func()) (ownerAnswer, error) {
-	var attemptIssued func()
-	signal := func() {
-		if attemptIssued != nil {
-			attemptIssued()
-			attemptIssued = nil
-		}
-		if issued != nil {
-			issued()
-			issued = nil
-		}
-	}
-	deadline := time.Now().Add(n.cfg.RequestTimeout)
-	backoff := time.Millisecond
-	last := "no attempt"
-	probe := local == nil
-	if probe {
-		local = func(a *topicActor, answer func(ownerAnswer)) {
-			v, code := a.check()
-			answer(ownerAnswer{code: code, viewID: v.id})
-		}
-		remote = func(v *view, buf []byte) []byte {
-			return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: n.selfRef(), ViewId: v.id, Topic: topic}}})
-		}
-		wait = n.cfg.RequestTimeout
-	}
-	for {
-		if n.closed.Load() {
-			return ownerAnswer{}, ErrClosed
-		}
-		v := n.view()
-		owner := v.ownerOf(topic)
-		var ans ownerAnswer
-		var err error
-		if attempt != nil {
-			attemptIssued = attempt()
-		}
-		if owner.ID == n.id {
-			ans, err = n.askLocal(ctx, topic, local, signal)
-		} else {
-			var rep *wire.Reply
-			buf := sendBufs.Get().(*[]byte)
-			*buf = remote(v, (*buf)[:0])
-			rep, err = n.rpc.callData(ctx, owner.Inbox, *buf, wait, func() bool {
-				m, ok := n.view().member(owner.ID)
-				return ok && m.Incarnation == owner.Incarnation
-			}, n.cfg.HeartbeatInterval, signal)
-			sendBufs.Put(buf)
-			if err == nil {
-				ans = ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
-				if rep.GetCode() == wire.Reply_OK {
-					ans.ack = ackFromWire(topic, rep.GetAck())
-					for _, f := range rep.GetAck().GetDeliveredTo() {
-						ans.delivered = append(ans.delivered, SubscriberID{Node: f.GetNode(), Local: f.GetLocal()})
-					}
-				}
-				if rep.GetSubscribers() != nil {
-					ans.counts = make(map[string]int, len(rep.GetSubscribers()))
-					for k, c := range rep.GetSubscribers() {
-						ans.counts[k] = int(c)
-					}
-				}
-			}
-		}
-		if attemptIssued != nil { // the attempt failed before it was issued
-			attemptIssued()
-			attemptIssued = nil
-		}
-		switch {
-		case err == nil && ans.code == wire.Reply_OK:
-			return ans, nil
-		case err == nil && ans.code == wire.Reply_BAD_REQUEST:
-			return ans, fmt.Errorf("pubsub: owner %s refused the request as malformed", owner.ID)
-		case err == nil:
-			last = fmt.Sprintf("owner %s answered %s", owner.ID, ans.code)
-		case natsutil.IsNoResponders(err):
-			last = fmt.Sprintf("owner %s unreachable", owner.ID)
-		case errors.Is(err, ErrClosed) && n.closed.Load():
-			return ans, err
-		case errors.Is(err, ErrTimeout) && probe:
-			last = fmt.Sprintf("owner %s did not answer", owner.ID)
-		default:
-			return ans, err
-		}
-		if time.Now().Add(backoff).After(deadline) {
-			return ans, fmt.Errorf("%w: %s (after %v)", ErrTopicUnavailable, last, n.cfg.RequestTimeout)
-		}
-		if !n.pause(ctx, &backoff, 100*time.Millisecond) {
-			if ctx.Err() != nil {
-				return ans, ctx.Err()
-			}
-			return ans, ErrClosed
-		}
-	}
-}
-
-// askLocal runs a request on this node's actor for topic and waits for its answer.
-func (n *Node) askLocal(ctx context.Context, topic string, local func(*topicActor, func(ownerAnswer)), queued func()) (ownerAnswer, error) {
-	ch := make(chan ownerAnswer, 1)
-	n.onActor(topic, false, func(a *topicActor) { local(a, func(ans ownerAnswer) { ch <- ans }) })
-	queued()
-	select {
-	case ans := <-ch:
-		return ans, nil
-	case <-ctx.Done():
-		return ownerAnswer{}, ctx.Err()
-	case <-n.ctx.Done():
-		return ownerAnswer{}, errClosedInFlight
-	}
 }
 
 // validateTopic checks a topic name, wrapping ErrInvalidTopic.

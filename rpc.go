@@ -121,23 +121,34 @@ func (r *rpc) watch(tok uint64, alive func() bool, interval time.Duration) {
 	r.mu.Unlock()
 }
 
-// call is the blocking form of send. While it waits, alive (if not nil) is
-// checked every interval; when it turns false the peer is gone from the view
-// and call gives up with ErrTimeout instead of waiting out the timeout: the
-// request may or may not have been processed.
-//
-// sent, if not nil, is called once the request is written to the connection.
-func (r *rpc) call(ctx context.Context, subject string, env *wire.Envelope, timeout time.Duration, alive func() bool, interval time.Duration, sent func()) (*wire.Reply, error) {
+// callOpts are the per-call options of rpc.call.
+type callOpts struct {
+	timeout time.Duration
+	// alive, if not nil, is checked every every; when it turns false the
+	// peer is gone from the view and call gives up with ErrTimeout instead
+	// of waiting out the timeout: the request may or may not have been
+	// processed.
+	alive func() bool
+	every time.Duration
+	// sent, if not nil, is called once the request is written to the
+	// connection.
+	sent func()
+}
+
+// callEnvelope is call for an envelope not yet encoded.
+func (r *rpc) callEnvelope(ctx context.Context, subject string, env *wire.Envelope, o callOpts) (*wire.Reply, error) {
 	data, err := proto.Marshal(env)
 	if err != nil {
 		return nil, err
 	}
-	return r.callData(ctx, subject, data, timeout, alive, interval, sent)
+	return r.call(ctx, subject, data, o)
 }
 
-// callData is call for an envelope already encoded. data may be reused once
-// callData returns, or once sent was called: NATS copies it.
-func (r *rpc) callData(ctx context.Context, subject string, data []byte, timeout time.Duration, alive func() bool, interval time.Duration, sent func()) (*wire.Reply, error) {
+// call is the blocking form of send. data may be reused once call returns,
+// or once sent was called: NATS copies it. The timeout is cut to ctx's
+// deadline.
+func (r *rpc) call(ctx context.Context, subject string, data []byte, o callOpts) (*wire.Reply, error) {
+	timeout := o.timeout
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
 		timeout = max(time.Until(dl), time.Millisecond)
 	}
@@ -147,12 +158,12 @@ func (r *rpc) callData(ctx context.Context, subject string, data []byte, timeout
 	}
 	ch := make(chan result, 1)
 	tok := r.send(subject, data, timeout, func(rep *wire.Reply, err error) { ch <- result{rep, err} })
-	if sent != nil {
-		sent()
+	if o.sent != nil {
+		o.sent()
 	}
 	var tick <-chan time.Time
-	if alive != nil {
-		t := time.NewTicker(interval)
+	if o.alive != nil {
+		t := time.NewTicker(o.every)
 		defer t.Stop()
 		tick = t.C
 	}
@@ -164,7 +175,7 @@ func (r *rpc) callData(ctx context.Context, subject string, data []byte, timeout
 			r.finish(tok, nil, ctx.Err())
 			return nil, ctx.Err()
 		case <-tick:
-			if !alive() {
+			if !o.alive() {
 				err := fmt.Errorf("%w: %s left the cluster while the request was in flight", ErrTimeout, subject)
 				r.finish(tok, nil, err)
 				return nil, err
@@ -239,6 +250,17 @@ func (n *Node) replyTo(subject string, rep *wire.Reply) {
 	}
 	if err != nil {
 		n.log.Debug("reply failed", "subject", subject, "err", err)
+	}
+}
+
+// retry runs attempt until it reports done, pausing between attempts from
+// 5 ms, doubling up to 500 ms. It gives up when ctx ends or the node closes.
+func (n *Node) retry(ctx context.Context, attempt func() (done bool)) {
+	backoff := 5 * time.Millisecond
+	for ctx.Err() == nil && !attempt() {
+		if !n.pause(ctx, &backoff, 500*time.Millisecond) {
+			return
+		}
 	}
 }
 

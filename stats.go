@@ -96,12 +96,7 @@ func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error)
 		return TopicStats{}, err
 	}
 	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: topic, Stats: true}
-	ans, err := n.toOwner(ctx, topic, func(v *view, buf []byte) []byte {
-		req.ViewId = v.id
-		return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}})
-	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.stats(answer)
-	}, n.cfg.RequestTimeout, nil, nil)
+	ans, err := n.toOwner(ctx, topic, subscribeRequest{req}, ownerCall{})
 	if err != nil {
 		return TopicStats{}, fmt.Errorf("pubsub: stats of %q: %w", topic, err)
 	}

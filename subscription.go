@@ -188,12 +188,7 @@ func (s *Subscription) Unsubscribe(ctx context.Context) error {
 // and waits for its acknowledgement, following ownership changes.
 func (n *Node) registerWithOwner(ctx context.Context, s *Subscription, unsubscribe bool) error {
 	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: s.topic, Subscriber: s.id.Local, Unsubscribe: unsubscribe}
-	_, err := n.toOwner(ctx, s.topic, func(v *view, buf []byte) []byte {
-		req.ViewId = v.id
-		return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: req}})
-	}, func(a *topicActor, answer func(ownerAnswer)) {
-		a.subscribe(req.GetFrom(), req.GetSubscriber(), unsubscribe, answer)
-	}, n.cfg.RequestTimeout, nil, nil)
+	_, err := n.toOwner(ctx, s.topic, subscribeRequest{req}, ownerCall{})
 	if (errors.Is(err, ErrClosed) || errors.Is(err, errClosedInFlight)) && unsubscribe {
 		return nil // our own node is closing: the owner drops us anyway
 	}

@@ -363,10 +363,7 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals
 	if atLeastOnce {
 		timeout = max(n.cfg.SubscriberTimeout/4, 20*time.Millisecond)
 	}
-	alive := func() bool {
-		cur, ok := n.view().member(m.ID)
-		return ok && cur.Incarnation == m.Incarnation
-	}
+	alive := n.holds(m)
 	buf := data.encode()
 	tok := n.rpc.send(m.Inbox, *buf, timeout, func(rep *wire.Reply, err error) {
 		retry := natsutil.IsNoResponders(err) || (atLeastOnce && errors.Is(err, ErrTimeout))
@@ -613,6 +610,24 @@ func (ans ownerAnswer) wire() *wire.Reply {
 		}
 	}
 	return rep
+}
+
+// answerFromWire decodes a remote owner's answer.
+func answerFromWire(topic string, rep *wire.Reply) ownerAnswer {
+	ans := ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
+	if rep.GetCode() == wire.Reply_OK {
+		ans.ack = ackFromWire(topic, rep.GetAck())
+		for _, f := range rep.GetAck().GetDeliveredTo() {
+			ans.delivered = append(ans.delivered, SubscriberID{Node: f.GetNode(), Local: f.GetLocal()})
+		}
+	}
+	if rep.GetSubscribers() != nil {
+		ans.counts = make(map[string]int, len(rep.GetSubscribers()))
+		for k, c := range rep.GetSubscribers() {
+			ans.counts[k] = int(c)
+		}
+	}
+	return ans
 }
 
 func ackToWire(a PublishAck) *wire.Ack {

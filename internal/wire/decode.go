@@ -14,7 +14,7 @@ import (
 // Everything else goes through proto.Unmarshal.
 func Decode(data []byte, env *Envelope) error {
 	num, typ, n := protowire.ConsumeTag(data)
-	if n < 0 || typ != protowire.BytesType || (num != 3 && num != 5) {
+	if n < 0 || typ != protowire.BytesType || (num != envelopePublish && num != envelopeDeliver) {
 		return proto.Unmarshal(data, env)
 	}
 	var pub *PublishRequest
@@ -25,7 +25,7 @@ func Decode(data []byte, env *Envelope) error {
 			return errMalformed
 		}
 		data = data[n:]
-		if typ != protowire.BytesType || (num != 3 && num != 5) {
+		if typ != protowire.BytesType || (num != envelopePublish && num != envelopeDeliver) {
 			return errMalformed // a batch envelope holds nothing else
 		}
 		body, n := protowire.ConsumeBytes(data)
@@ -35,12 +35,12 @@ func Decode(data []byte, env *Envelope) error {
 		data = data[n:]
 		var err error
 		switch {
-		case num == 3 && del == nil:
+		case num == envelopePublish && del == nil:
 			if pub == nil {
 				pub = &PublishRequest{}
 			}
 			err = decodePublish(body, pub)
-		case num == 5 && pub == nil:
+		case num == envelopeDeliver && pub == nil:
 			if del == nil {
 				del = &DeliverBatch{}
 			}
@@ -96,9 +96,9 @@ func decodeRef(b []byte) (*MemberRef, error) {
 	ref := &MemberRef{}
 	return ref, fields(b, func(num protowire.Number, v uint64, bs []byte) error {
 		switch num {
-		case 1:
+		case refNodeID:
 			ref.NodeId = string(bs)
-		case 2:
+		case refIncarnation:
 			ref.Incarnation = v
 		}
 		return nil
@@ -108,21 +108,21 @@ func decodeRef(b []byte) (*MemberRef, error) {
 func decodePublish(b []byte, p *PublishRequest) error {
 	return fields(b, func(num protowire.Number, v uint64, bs []byte) (err error) {
 		switch num {
-		case 1:
+		case publishFrom:
 			p.From, err = decodeRef(bs)
-		case 2:
+		case publishViewID:
 			p.ViewId = v
-		case 3:
+		case publishTopic:
 			p.Topic = string(bs)
-		case 5:
+		case publishPacked:
 			p.Packed = bs
-		case 6:
+		case publishCount:
 			p.Count = uint32(v)
-		case 7:
+		case publishProducer:
 			p.Producer = string(bs)
-		case 8:
+		case publishProducerSeq:
 			p.ProducerSeq = v
-		case 9:
+		case publishDeliveredIDs:
 			p.DeliveredIds = v != 0
 		}
 		return err
@@ -132,23 +132,23 @@ func decodePublish(b []byte, p *PublishRequest) error {
 func decodeDeliver(b []byte, d *DeliverBatch) error {
 	return fields(b, func(num protowire.Number, v uint64, bs []byte) (err error) {
 		switch num {
-		case 1:
+		case deliverOwner:
 			d.Owner, err = decodeRef(bs)
-		case 2:
+		case deliverTopic:
 			d.Topic = string(bs)
-		case 3:
+		case deliverSeq:
 			d.Seq = v
-		case 4:
+		case deliverSubscribers:
 			d.Subscribers = append(d.Subscribers, string(bs))
-		case 6:
+		case deliverAtLeastOnce:
 			d.AtLeastOnce = v != 0
-		case 7:
+		case deliverPacked:
 			d.Packed = bs
-		case 8:
+		case deliverCount:
 			d.Count = uint32(v)
-		case 9:
+		case deliverProducer:
 			d.Producer = string(bs)
-		case 10:
+		case deliverProducerSeq:
 			d.ProducerSeq = v
 		}
 		return err

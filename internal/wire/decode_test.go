@@ -3,7 +3,9 @@ package wire
 import (
 	"testing"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // Decode must agree with proto.Unmarshal on every envelope, including a
@@ -64,4 +66,24 @@ func TestAppendBatchEnvelopes(t *testing.T) {
 	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, wantD) {
 		t.Fatalf("AppendDeliver decodes to %v (%v), want %v", &env, err, wantD)
 	}
+}
+
+// The hand-written codec's field numbers match wire.proto's.
+func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
+	check := func(m proto.Message, want map[string]protowire.Number) {
+		t.Helper()
+		fields := m.ProtoReflect().Descriptor().Fields()
+		for name, num := range want {
+			f := fields.ByName(protoreflect.Name(name))
+			if f == nil || f.Number() != num {
+				t.Errorf("%T.%s: hand-coded number %d, proto says %v", m, name, num, f)
+			}
+		}
+	}
+	check(&Envelope{}, map[string]protowire.Number{"publish": envelopePublish, "deliver": envelopeDeliver})
+	check(&MemberRef{}, map[string]protowire.Number{"node_id": refNodeID, "incarnation": refIncarnation})
+	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
+		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs})
+	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
+		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq})
 }

@@ -7,12 +7,33 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// Envelope field numbers of the batch-carrying bodies.
+// Field numbers of the messages encoded and decoded by hand, as in
+// wire.proto; a test checks them against the generated descriptors.
 const (
 	envelopePublish protowire.Number = 3
 	envelopeDeliver protowire.Number = 5
-	publishPacked   protowire.Number = 5
-	deliverPacked   protowire.Number = 7
+
+	refNodeID      protowire.Number = 1
+	refIncarnation protowire.Number = 2
+
+	publishFrom         protowire.Number = 1
+	publishViewID       protowire.Number = 2
+	publishTopic        protowire.Number = 3
+	publishPacked       protowire.Number = 5
+	publishCount        protowire.Number = 6
+	publishProducer     protowire.Number = 7
+	publishProducerSeq  protowire.Number = 8
+	publishDeliveredIDs protowire.Number = 9
+
+	deliverOwner       protowire.Number = 1
+	deliverTopic       protowire.Number = 2
+	deliverSeq         protowire.Number = 3
+	deliverSubscribers protowire.Number = 4
+	deliverAtLeastOnce protowire.Number = 6
+	deliverPacked      protowire.Number = 7
+	deliverCount       protowire.Number = 8
+	deliverProducer    protowire.Number = 9
+	deliverProducerSeq protowire.Number = 10
 )
 
 // AppendPublish appends Envelope{publish: req} with msgs packed into its
