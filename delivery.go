@@ -9,11 +9,6 @@ import (
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
-// The node side of delivery: a DeliverBatch arrives on the node inbox (or by
-// function call from a local owner), each target subscriber's mailbox gets
-// the batch, and once every subscriber finished or SubscriberTimeout passed,
-// the per-subscriber statuses go back to the owner.
-
 // onDeliver handles a DeliverBatch from a remote owner.
 func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	report := func(st []DeliveryStatus) *wire.Reply {
@@ -38,41 +33,38 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	// At-least-once: the owner re-sends a batch it got no report for. Every
 	// copy is answered, but the batch reaches the mailboxes once.
 	key := batchKey{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), topic: d.GetTopic(), seq: d.GetSeq()}
-	n.recentMu.Lock()
-	if rb := n.recent[key]; rb != nil {
+	n.subscriber.recentMu.Lock()
+	if rb := n.subscriber.recent[key]; rb != nil {
 		if rb.report == nil {
 			rb.replies = append(rb.replies, reply)
-			n.recentMu.Unlock()
+			n.subscriber.recentMu.Unlock()
 			return
 		}
 		rep := rb.report
-		n.recentMu.Unlock()
+		n.subscriber.recentMu.Unlock()
 		n.replyTo(reply, rep)
 		return
 	}
 	rb := &recentBatch{replies: []string{reply}, at: time.Now()}
-	if n.recent == nil {
-		n.recent = make(map[batchKey]*recentBatch)
-	}
-	if len(n.recent) >= maxRecentBatches {
+	if len(n.subscriber.recent) >= maxRecentBatches {
 		// Remembering more would let any sender grow the map: this batch is
 		// delivered without duplicate suppression, and that is logged.
-		n.recentMu.Unlock()
+		n.subscriber.recentMu.Unlock()
 		if ok, held := n.logLimit.allow("recent/full"); ok {
 			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
 		}
 		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
 		return
 	}
-	n.recent[key] = rb
-	n.recentMu.Unlock()
+	n.subscriber.recent[key] = rb
+	n.subscriber.recentMu.Unlock()
 	n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) {
 		rep := report(st)
-		n.recentMu.Lock()
+		n.subscriber.recentMu.Lock()
 		rb.report = rep
 		replies := rb.replies
 		rb.replies = nil
-		n.recentMu.Unlock()
+		n.subscriber.recentMu.Unlock()
 		for _, r := range replies {
 			n.replyTo(r, rep)
 		}
@@ -98,18 +90,6 @@ type recentBatch struct {
 	at      time.Time
 }
 
-// forgetRecent drops remembered batches old enough that no copy can still come.
-func (n *Node) forgetRecent() {
-	horizon := time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout))
-	n.recentMu.Lock()
-	for k, rb := range n.recent {
-		if rb.report != nil && rb.at.Before(horizon) {
-			delete(n.recent, k)
-		}
-	}
-	n.recentMu.Unlock()
-}
-
 // deliver puts one batch in the mailbox of each listed local subscriber and
 // calls done once with one status per subscriber. It never blocks: a full
 // mailbox is a MailboxFull failure, not back-pressure on the inbox.
@@ -122,7 +102,7 @@ func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]
 		done(t.statuses)
 		return
 	}
-	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.SubscriberTimeout)
+	ctx, cancel := context.WithTimeout(n.life.ctx, n.cfg.SubscriberTimeout)
 	// The deadline reports every subscriber still busy as Timeout; the
 	// handler keeps its goroutine, so only its own mailbox waits for it.
 	t.mu.Lock()
@@ -132,9 +112,9 @@ func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]
 	// One Message per message for all of this node's subscribers: handlers
 	// see them read-only, so they can share them.
 	batch := msgs.messages(topic)
-	n.subsMu.RLock()
+	n.subscriber.mu.RLock()
 	for i, l := range locals {
-		s := n.subs[l]
+		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {
 			t.set(i, SubscriberGone)
 			continue
@@ -143,7 +123,7 @@ func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]
 			t.set(i, MailboxFull)
 		}
 	}
-	n.subsMu.RUnlock()
+	n.subscriber.mu.RUnlock()
 }
 
 // statusPending marks a subscriber that has not reported yet.
@@ -312,14 +292,10 @@ func (n *Node) onEvict(e *wire.Evict, reply string) {
 }
 
 func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
-	n.subsMu.Lock()
-	s := n.subs[local]
-	if s == nil || s.topic != topic {
-		n.subsMu.Unlock()
+	s := n.subscriber.remove(local, topic)
+	if s == nil {
 		return
 	}
-	delete(n.subs, local)
-	n.subsMu.Unlock()
 	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
 	s.end(fmt.Errorf("%w: %s", ErrEvicted, status))
 	emit(n.events, SubscriberEvicted{Topic: topic, Subscriber: s.id, Status: status})
@@ -330,7 +306,7 @@ func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
 func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatus) {
 	n.log.Info("evicting subscriber", "topic", topic, "subscriber", id.String(), "status", status.String())
 	n.stats.evicted.Add(1)
-	if id.Node == n.id {
+	if id.Node == n.self.ID {
 		n.evictLocal(topic, id.Local, status)
 		return
 	}
@@ -343,14 +319,14 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 	// view change.
 	env := &wire.Envelope{Body: &wire.Envelope_Evict{Evict: &wire.Evict{
 		Owner: n.selfRef(), Topic: topic, Subscriber: id.Local, Status: uint32(status)}}}
-	n.goroutines.add()
+	n.life.goroutines.add()
 	go func() {
-		defer n.goroutines.done()
-		n.retry(n.ctx, func() bool {
+		defer n.life.goroutines.done()
+		n.retry(n.life.ctx, func() bool {
 			if !n.view().holds(m) {
 				return true // the node is gone, and its subscriptions with it
 			}
-			_, err := n.rpc.callEnvelope(n.ctx, m.Inbox, env, callOpts{timeout: n.cfg.RequestTimeout})
+			_, err := n.rpc.callEnvelope(n.life.ctx, m.Inbox, env, callOpts{timeout: n.cfg.RequestTimeout})
 			return err == nil
 		})
 	}()

@@ -4,8 +4,8 @@ import "testing"
 
 // With nobody listening, emitting costs an atomic load and no allocation.
 func TestEmitWithoutListenersAllocatesNothing(t *testing.T) {
-	n := &Node{id: "n"}
-	n.events = newEventStream(n.id)
+	n := &Node{self: Member{ID: "n"}}
+	n.events = newEventStream(n.self.ID)
 	ack := PublishAck{Topic: "t", Status: Accepted, Messages: 10, Delivered: 3,
 		Failures: []DeliveryFailure{{Subscriber: SubscriberID{Node: "a", Local: "1"}, Status: Timeout}}}
 	allocs := testing.AllocsPerRun(1000, func() {
@@ -24,8 +24,8 @@ func TestEmitWithoutListenersAllocatesNothing(t *testing.T) {
 }
 
 func BenchmarkEmitNoListener(b *testing.B) {
-	n := &Node{id: "n"}
-	n.events = newEventStream(n.id)
+	n := &Node{self: Member{ID: "n"}}
+	n.events = newEventStream(n.self.ID)
 	ack := PublishAck{Topic: "t", Status: Accepted, Messages: 10, Delivered: 3}
 	b.ReportAllocs()
 	for b.Loop() {

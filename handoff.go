@@ -54,9 +54,9 @@ func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
 	if r.cancel != nil {
 		r.cancel()
 	}
-	r.round, r.cancel = context.WithCancel(r.n.ctx)
+	r.round, r.cancel = context.WithCancel(r.n.life.ctx)
 	r.view, r.from, r.subs, r.complete = v, map[string]bool{}, map[string]map[string][]string{}, false
-	r.addLocked(r.n.id, self)
+	r.addLocked(r.n.self.ID, self)
 	done := r.checkLocked()
 	r.mu.Unlock()
 	select {
@@ -71,14 +71,14 @@ func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
 // syncLoop runs one pull round per view change, until the node closes. A
 // round is abandoned as soon as the view changes again.
 func (n *Node) syncLoop() {
-	defer n.goroutines.done()
+	defer n.life.goroutines.done()
 	for {
 		select {
-		case <-n.ctx.Done():
+		case <-n.life.ctx.Done():
 			return
-		case <-n.registry.wake:
+		case <-n.owner.registry.wake:
 		}
-		n.registry.pullRound()
+		n.owner.registry.pullRound()
 	}
 }
 
@@ -171,7 +171,7 @@ func (r *syncRegistry) applyPulled(v *view, node string, topics []*wire.TopicSub
 func (r *syncRegistry) addLocked(node string, topics []*wire.TopicSubscribers) {
 	r.from[node] = true
 	for _, t := range topics {
-		if len(t.GetSubscribers()) == 0 || validateTopic(t.GetTopic()) != nil || r.view.ownerOf(t.GetTopic()).ID != r.n.id {
+		if len(t.GetSubscribers()) == 0 || validateTopic(t.GetTopic()) != nil || r.view.ownerOf(t.GetTopic()).ID != r.n.self.ID {
 			continue
 		}
 		m := r.subs[t.GetTopic()]
@@ -229,25 +229,6 @@ func (r *syncRegistry) topicsPending() []string {
 	return ts
 }
 
-// refreshTopics makes every actor reconcile with the current view, creating
-// actors for topics whose subscribers arrived by sync.
-func (n *Node) refreshTopics() {
-	for _, t := range n.registry.topicsPending() {
-		n.actor(t)
-	}
-	n.topicsMu.Lock()
-	topics := make([]string, 0, len(n.topics))
-	for t := range n.topics {
-		topics = append(topics, t)
-	}
-	n.topicsMu.Unlock()
-	for _, t := range topics {
-		// Through onActor: an actor collected meanwhile must not take the
-		// topic's synced subscribers with it.
-		n.onActor(t, false, func(a *topicActor) { a.reconcile() })
-	}
-}
-
 // viewChanged runs on the control actor, in view order. Under a burst of view
 // changes (a flood of forged members) only the latest view does the work.
 func (n *Node) viewChanged(prev, next *view) {
@@ -267,21 +248,20 @@ func (n *Node) viewChanged(prev, next *view) {
 		return // a newer view is queued behind this one
 	}
 	n.refreshTopics()
-	if n.pushedView != nil {
-		n.pushMoved(n.pushedView, next)
+	if n.members.pushed != nil {
+		n.pushMoved(n.members.pushed, next)
 	}
-	n.pushedView = next
+	n.members.pushed = next
 }
 
 // pushMoved sends each new owner this node's subscriptions of the topics it
 // gained between views prev and next.
 func (n *Node) pushMoved(prev, next *view) {
 	byOwner := map[string]map[string]*wire.TopicSubscribers{}
-	n.subsMu.RLock()
-	for local, s := range n.subs {
+	n.subscriber.each(func(local string, s *Subscription) {
 		owner := next.ownerOf(s.topic).ID
-		if owner == n.id || prev.ownerOf(s.topic).ID == owner {
-			continue
+		if owner == n.self.ID || prev.ownerOf(s.topic).ID == owner {
+			return
 		}
 		topics := byOwner[owner]
 		if topics == nil {
@@ -294,8 +274,7 @@ func (n *Node) pushMoved(prev, next *view) {
 			topics[s.topic] = t
 		}
 		t.Subscribers = append(t.Subscribers, local)
-	}
-	n.subsMu.RUnlock()
+	})
 	for owner, topics := range byOwner {
 		m, _ := next.member(owner)
 		list := make([]*wire.TopicSubscribers, 0, len(topics))
@@ -314,7 +293,7 @@ func (n *Node) pushMoved(prev, next *view) {
 // pushes replace it. An owner that does not know this node yet answers
 // NOT_READY, and is asked again.
 func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, backoff time.Duration) {
-	if n.ctx.Err() != nil || n.view() != v {
+	if n.life.ctx.Err() != nil || n.view() != v {
 		return
 	}
 	n.rpc.sendEnvelope(m.Inbox, env, n.cfg.RequestTimeout, func(rep *wire.Reply, err error) {
@@ -357,39 +336,18 @@ func splitSync(topics []*wire.TopicSubscribers, limit int) [][]*wire.TopicSubscr
 	return parts
 }
 
-// localSync lists this node's subscriptions of the topics owner owns under v.
-func (n *Node) localSync(v *view, owner string) []*wire.TopicSubscribers {
-	n.subsMu.RLock()
-	defer n.subsMu.RUnlock()
-	byTopic := map[string]*wire.TopicSubscribers{}
-	var out []*wire.TopicSubscribers
-	for local, s := range n.subs {
-		if v.ownerOf(s.topic).ID != owner {
-			continue
-		}
-		t := byTopic[s.topic]
-		if t == nil {
-			t = &wire.TopicSubscribers{Topic: s.topic}
-			byTopic[s.topic] = t
-			out = append(out, t)
-		}
-		t.Subscribers = append(t.Subscribers, local)
-	}
-	return out
-}
-
 // onSyncRequest answers a member pulling this node's subscriptions for its
 // view: one page, sorted by (topic, subscriber), after the request's cursor.
 // The requester's view need not be ours: ownership is computed over the
 // members it names.
 func (n *Node) onSyncRequest(req *wire.SyncRequest, reply string) {
 	owner := req.GetFrom().GetNodeId()
-	v, self := viewOf(req.GetMembers(), n.id)
+	v, self := viewOf(req.GetMembers(), n.self.ID)
 	if owner == "" || v == nil || len(req.GetMembers()) > n.cfg.MaxMembers {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid sync request"})
 		return
 	}
-	if self.Incarnation != n.incarnation {
+	if self.Incarnation != n.self.Incarnation {
 		// The requester's view holds another incarnation of this node; it
 		// must see this one join first.
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
@@ -434,14 +392,12 @@ func compareEntries(a, b [2]string) int {
 // subscriptionsOwnedBy lists, sorted, the (topic, subscriber) pairs of this
 // node whose topic owner owns under v.
 func (n *Node) subscriptionsOwnedBy(v *view, owner string) [][2]string {
-	n.subsMu.RLock()
 	var out [][2]string
-	for local, s := range n.subs {
+	n.subscriber.each(func(local string, s *Subscription) {
 		if v.ownerOf(s.topic).ID == owner {
 			out = append(out, [2]string{s.topic, local})
 		}
-	}
-	n.subsMu.RUnlock()
+	})
 	slices.SortFunc(out, compareEntries)
 	return out
 }
@@ -479,11 +435,11 @@ func (n *Node) onSync(s *wire.Sync, reply string) {
 	}
 	from := s.GetFrom()
 	for _, t := range s.GetTopics() {
-		if validateTopic(t.GetTopic()) != nil || v.ownerOf(t.GetTopic()).ID != n.id {
+		if validateTopic(t.GetTopic()) != nil || v.ownerOf(t.GetTopic()).ID != n.self.ID {
 			continue
 		}
 		locals := t.GetSubscribers()
-		n.onActor(t.GetTopic(), false, func(a *topicActor) {
+		n.owner.onActor(t.GetTopic(), false, func(a *topicActor) {
 			for _, l := range locals {
 				a.subscribe(from, l, false, func(ownerAnswer) {})
 			}

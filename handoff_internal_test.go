@@ -89,15 +89,14 @@ func TestSyncPagesCarryEveryEntryOnceInOrder(t *testing.T) {
 }
 
 func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
-	n := &Node{id: "a", incarnation: 1, topics: map[string]*topicActor{}}
-	n.ctx, n.cancel = context.WithCancel(t.Context())
-	defer n.cancel()
-	n.events = newEventStream(n.id)
+	n := &Node{self: Member{ID: "a", Incarnation: 1}}
+	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+	defer n.life.cancel()
+	n.events = newEventStream(n.self.ID)
 	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3}})
-	n.curView.Store(v)
-	n.history = []*view{v}
-	n.registry.init(n)
-	n.registry.reset(v, nil)
+	n.members.cur.Store(v)
+	n.members.history = []*view{v}
+	n.owner.init(n)
 	var topic string
 	for i := 0; ; i++ {
 		if topic = fmt.Sprintf("t%d", i); v.ownerOf(topic).ID == "a" {
@@ -107,19 +106,19 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	subs := func(s string) []*wire.TopicSubscribers {
 		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{s}}}
 	}
-	n.registry.applyPulled(v, "b", subs("x"))
-	_, ok := n.registry.take(topic, v.epoch)
+	n.owner.registry.applyPulled(v, "b", subs("x"))
+	_, ok := n.owner.registry.take(topic, v.epoch)
 	require.False(t, ok, "complete without c")
 	// An answer for a view this node has left is dropped.
-	n.registry.applyPulled(newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), "c", subs("stale"))
-	_, ok = n.registry.take(topic, v.epoch)
+	n.owner.registry.applyPulled(newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), "c", subs("stale"))
+	_, ok = n.owner.registry.take(topic, v.epoch)
 	require.False(t, ok, "an answer for another view completed this one")
-	n.registry.applyPulled(v, "c", subs("y"))
+	n.owner.registry.applyPulled(v, "c", subs("y"))
 	// Completion hands the topic's subscribers to its actor, which becomes ready.
-	require.NoError(t, n.goroutines.wait(t.Context()))
-	n.topicsMu.Lock()
-	a := n.topics[topic]
-	n.topicsMu.Unlock()
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	n.owner.mu.Lock()
+	a := n.owner.topics[topic]
+	n.owner.mu.Unlock()
 	require.NotNil(t, a)
 	require.True(t, a.ready)
 	assert.Len(t, a.nodes["b"].set, 1)

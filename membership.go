@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -116,6 +118,36 @@ func mix64(x uint64) uint64 {
 	return x
 }
 
+// membership is the node's view of the live members: heartbeats in and out,
+// the peers heard from, the recent views, the partition quorum. mu guards
+// peers, rejectedSince, history and quorum.stable; cur is read lock-free.
+type membership struct {
+	mu            sync.Mutex
+	peers         map[string]*peer
+	rejectedSince uint64 // heartbeats ignored past MaxMembers since the last event
+	history       []*view
+	cur           atomic.Pointer[view]
+	control       serial // runs view changes in order
+	pushed        *view  // the last view whose moved subscriptions were pushed; control actor only
+	subject       string // <prefix>.members
+	sub           *nats.Subscription
+	idConflict    atomic.Bool // an older live node with our ID was heard
+	joined        atomic.Bool // Join returned: the view is stable enough to serve topics
+	quorum        quorum      // KeepMajority's view of the partition
+}
+
+func (m *membership) init(n *Node) {
+	m.peers = make(map[string]*peer)
+	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
+	m.control.goroutines = &n.life.goroutines
+	first := newView(0, []Member{n.self})
+	m.cur.Store(first)
+	m.history = []*view{first}
+	m.pushed = first
+}
+
+func (m *membership) view() *view { return m.cur.Load() }
+
 // peer is what this node knows of another member.
 type peer struct {
 	m        Member
@@ -136,18 +168,18 @@ func (n *Node) OwnerOf(topic string) (Member, error) {
 	return n.view().ownerOf(topic), nil
 }
 
-func (n *Node) view() *view { return n.curView.Load() }
+func (n *Node) view() *view { return n.members.view() }
 
 func (n *Node) selfRef() *wire.MemberRef {
-	return &wire.MemberRef{NodeId: n.id, Incarnation: n.incarnation}
+	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation}
 }
 
 // recomputeView installs a new view if the peer set changed. Callers hold memMu,
 // so views are installed, and their handoff queued, in order.
 func (n *Node) recomputeView() {
-	members := make([]Member, 0, len(n.peers)+1)
-	members = append(members, n.selfMember())
-	for _, p := range n.peers {
+	members := make([]Member, 0, len(n.members.peers)+1)
+	members = append(members, n.self)
+	for _, p := range n.members.peers {
 		members = append(members, p.m)
 	}
 	prev := n.view()
@@ -155,14 +187,14 @@ func (n *Node) recomputeView() {
 	if next.id == prev.id {
 		return
 	}
-	n.curView.Store(next)
-	n.history = append(n.history, next)
-	if len(n.history) > maxViewHistory {
-		n.history = slices.Delete(n.history, 0, len(n.history)-maxViewHistory)
+	n.members.cur.Store(next)
+	n.members.history = append(n.members.history, next)
+	if len(n.members.history) > maxViewHistory {
+		n.members.history = slices.Delete(n.members.history, 0, len(n.members.history)-maxViewHistory)
 	}
-	n.registry.reset(next, n.localSync(next, n.id))
+	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID))
 	n.updateQuorum(false)
-	n.control.do(func() { n.viewChanged(prev, next) })
+	n.members.control.do(func() { n.viewChanged(prev, next) })
 }
 
 // maxViewHistory bounds the views kept to decide whether this node owned a
@@ -172,13 +204,13 @@ const maxViewHistory = 64
 // ownedThroughout reports whether this node owned topic in every view with
 // an epoch in (from, to].
 func (n *Node) ownedThroughout(topic string, from, to uint64) bool {
-	n.memMu.Lock()
-	defer n.memMu.Unlock()
-	if len(n.history) == 0 || n.history[0].epoch > from+1 {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	if len(n.members.history) == 0 || n.members.history[0].epoch > from+1 {
 		return false
 	}
-	for _, v := range n.history {
-		if v.epoch > from && v.epoch <= to && v.ownerOf(topic).ID != n.id {
+	for _, v := range n.members.history {
+		if v.epoch > from && v.epoch <= to && v.ownerOf(topic).ID != n.self.ID {
 			return false
 		}
 	}
@@ -187,18 +219,14 @@ func (n *Node) ownedThroughout(topic string, from, to uint64) bool {
 
 // viewAt returns the recent view with the given epoch, or nil.
 func (n *Node) viewAt(epoch uint64) *view {
-	n.memMu.Lock()
-	defer n.memMu.Unlock()
-	for _, v := range n.history {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	for _, v := range n.members.history {
 		if v.epoch == epoch {
 			return v
 		}
 	}
 	return nil
-}
-
-func (n *Node) selfMember() Member {
-	return Member{ID: n.id, Incarnation: n.incarnation, Inbox: n.inbox}
 }
 
 // onMembers handles a message on <prefix>.members. Malformed messages are
@@ -215,29 +243,29 @@ func (n *Node) onMembers(m *nats.Msg) {
 		n.malformed("members", len(m.Data))
 		return
 	}
-	if from.GetNodeId() == n.id {
+	if from.GetNodeId() == n.self.ID {
 		// Two live nodes with one ID: the older incarnation wins, so of two
 		// nodes joining at once exactly one fails, and a running node is
 		// never pushed out by a newcomer.
-		if inc := from.GetIncarnation(); inc != n.incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
-			if inc < n.incarnation {
-				n.idConflict.Store(true)
+		if inc := from.GetIncarnation(); inc != n.self.Incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
+			if inc < n.self.Incarnation {
+				n.members.idConflict.Store(true)
 			}
-			n.log.Warn("another live node uses this node's ID", "node", n.id)
-			if hb.GetKind() == wire.Heartbeat_JOIN && inc > n.incarnation {
+			n.log.Warn("another live node uses this node's ID", "node", n.self.ID)
+			if hb.GetKind() == wire.Heartbeat_JOIN && inc > n.self.Incarnation {
 				n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "") // let the joiner see us at once
 			}
 		}
 		return
 	}
-	n.memMu.Lock()
-	defer n.memMu.Unlock()
-	if n.closed.Load() || n.closeCalled.Load() {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	if n.life.closed.Load() || n.life.closeCalled.Load() {
 		return // leaving: a JOIN answered now would re-add this node on the joiner
 	}
 	if hb.GetKind() == wire.Heartbeat_LEAVE {
-		if p, ok := n.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
-			delete(n.peers, from.GetNodeId())
+		if p, ok := n.members.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
+			delete(n.members.peers, from.GetNodeId())
 			n.forgetLeaver(from.GetNodeId())
 			n.recomputeView()
 		}
@@ -257,7 +285,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 // seen records a sign of life of ref; callers hold memMu.
 func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 	id := ref.GetNodeId()
-	p, ok := n.peers[id]
+	p, ok := n.members.peers[id]
 	if ok && p.m.Incarnation != ref.GetIncarnation() {
 		if ref.GetIncarnation() < p.m.Incarnation {
 			return // a stale message of an older incarnation
@@ -271,12 +299,12 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		ok = false // the node restarted: its old subscriptions are gone
 	}
 	if !ok {
-		if _, known := n.peers[id]; !known && len(n.peers)+1 >= n.cfg.MaxMembers {
+		if _, known := n.members.peers[id]; !known && len(n.members.peers)+1 >= n.cfg.MaxMembers {
 			n.rejectMember(id)
 			return
 		}
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id)}}
-		n.peers[id] = p
+		n.members.peers[id] = p
 		n.recomputeView()
 	}
 	p.lastSeen = time.Now()
@@ -289,27 +317,27 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 // because the view is full. Callers hold memMu.
 func (n *Node) rejectMember(id string) {
 	n.stats.membersRejected.Add(1)
-	n.rejectedSince++
+	n.members.rejectedSince++
 	if ok, held := n.logLimit.allow("members/limit"); ok {
 		n.log.Warn("member ignored: the view holds MaxMembers members", "member", id, "limit", n.cfg.MaxMembers, "suppressed", held)
-		emit(n.events, MemberRejected{Member: id, Members: len(n.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.rejectedSince})
-		n.rejectedSince = 0
+		emit(n.events, MemberRejected{Member: id, Members: len(n.members.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.members.rejectedSince})
+		n.members.rejectedSince = 0
 	}
 }
 
 // heartbeatLoop announces this node and drops silent members. It also
 // notices a NATS connection closed underneath the node, and stops it.
 func (n *Node) heartbeatLoop() {
-	defer n.goroutines.done()
-	defer close(n.beatsStopped)
+	defer n.life.goroutines.done()
+	defer close(n.life.beatsStopped)
 	t := time.NewTicker(n.cfg.HeartbeatInterval)
 	defer t.Stop()
 	lastCollect := time.Now()
 	for {
 		select {
-		case <-n.ctx.Done():
+		case <-n.life.ctx.Done():
 			return
-		case <-n.stopBeats:
+		case <-n.life.stopBeats:
 			return
 		case <-t.C:
 		}
@@ -319,17 +347,17 @@ func (n *Node) heartbeatLoop() {
 		}
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
 		n.checkInboxDrops()
-		n.forgetRecent()
+		n.subscriber.forgetRecent(time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)))
 		n.logLimit.sweep()
 		if time.Since(lastCollect) >= n.cfg.MemberTimeout {
 			lastCollect = time.Now()
-			n.collectIdleActors(n.cfg.MemberTimeout)
+			n.owner.collectIdleActors(n.cfg.MemberTimeout)
 		}
-		n.memMu.Lock()
+		n.members.mu.Lock()
 		changed := false
-		for id, p := range n.peers {
+		for id, p := range n.members.peers {
 			if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
-				delete(n.peers, id)
+				delete(n.members.peers, id)
 				changed = true
 			}
 		}
@@ -337,14 +365,14 @@ func (n *Node) heartbeatLoop() {
 			n.recomputeView()
 		}
 		n.updateQuorum(n.viewsAgreeLocked())
-		n.memMu.Unlock()
+		n.members.mu.Unlock()
 	}
 }
 
 func (n *Node) sendHeartbeat(kind wire.Heartbeat_Kind, reply string) {
 	hb := &wire.Heartbeat{Kind: kind, From: n.selfRef(), ViewId: n.view().id}
 	data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
-	msg := &nats.Msg{Subject: n.membersSubject, Reply: reply, Data: data}
+	msg := &nats.Msg{Subject: n.members.subject, Reply: reply, Data: data}
 	if err := n.nc.PublishMsg(msg); err != nil {
 		n.log.Debug("heartbeat failed", "err", err)
 	}
@@ -398,7 +426,7 @@ func (n *Node) joinView(ctx context.Context) error {
 			return ctx.Err()
 		case <-deadline.C:
 			// Views still disagree; heartbeats will converge them.
-			n.log.Info("joined before views converged", "node", n.id)
+			n.log.Info("joined before views converged", "node", n.self.ID)
 			return nil
 		case m := <-replies:
 			var env wire.Envelope
@@ -406,15 +434,15 @@ func (n *Node) joinView(ctx context.Context) error {
 				continue
 			}
 			hb := env.GetHeartbeat()
-			if hb == nil || hb.GetFrom().GetNodeId() == n.id || natsutil.ValidateNodeID(hb.GetFrom().GetNodeId()) != nil {
+			if hb == nil || hb.GetFrom().GetNodeId() == n.self.ID || natsutil.ValidateNodeID(hb.GetFrom().GetNodeId()) != nil {
 				continue
 			}
-			n.memMu.Lock()
+			n.members.mu.Lock()
 			before := n.view().id
 			n.seen(hb.GetFrom(), hb.GetViewId())
 			for _, ref := range hb.GetMembers() {
-				if ref.GetNodeId() != n.id && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
-					if _, known := n.peers[ref.GetNodeId()]; !known {
+				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
+					if _, known := n.members.peers[ref.GetNodeId()]; !known {
 						n.seen(ref, 0)
 					}
 				}
@@ -422,11 +450,11 @@ func (n *Node) joinView(ctx context.Context) error {
 			if n.view().id != before {
 				lastChange = time.Now()
 			}
-			n.memMu.Unlock()
+			n.members.mu.Unlock()
 		case <-tick.C:
 		}
-		if n.idConflict.Load() {
-			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.id)
+		if n.members.idConflict.Load() {
+			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.self.ID)
 		}
 		if time.Since(lastChange) >= quiet && n.viewsAgree() {
 			return nil
@@ -436,14 +464,14 @@ func (n *Node) joinView(ctx context.Context) error {
 
 // viewsAgree reports whether every peer last reported this node's view.
 func (n *Node) viewsAgree() bool {
-	n.memMu.Lock()
-	defer n.memMu.Unlock()
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
 	return n.viewsAgreeLocked()
 }
 
 func (n *Node) viewsAgreeLocked() bool {
 	id := n.view().id
-	for _, p := range n.peers {
+	for _, p := range n.members.peers {
 		if p.viewID != id {
 			return false
 		}
@@ -455,7 +483,7 @@ func (n *Node) viewsAgreeLocked() bool {
 // node fell behind (slow consumer). The owners of the dropped deliveries see
 // them as timeouts; this makes the cause visible.
 func (n *Node) checkInboxDrops() {
-	d, err := n.inboxSub.Dropped()
+	d, err := n.life.inboxSub.Dropped()
 	if err != nil {
 		return
 	}

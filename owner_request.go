@@ -58,7 +58,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 	backoff := time.Millisecond
 	last := "no attempt"
 	for {
-		if n.closed.Load() {
+		if n.life.closed.Load() {
 			return ownerAnswer{}, ErrClosed
 		}
 		v := n.view()
@@ -68,7 +68,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		}
 		var ans ownerAnswer
 		var err error
-		if owner.ID == n.id {
+		if owner.ID == n.self.ID {
 			ans, err = n.askLocal(ctx, topic, req, signal)
 		} else {
 			ans, err = n.askRemote(ctx, topic, v, owner, req, o.wait, signal)
@@ -86,7 +86,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			last = fmt.Sprintf("owner %s answered %s", owner.ID, ans.code)
 		case natsutil.IsNoResponders(err):
 			last = fmt.Sprintf("owner %s unreachable", owner.ID)
-		case errors.Is(err, ErrClosed) && n.closed.Load():
+		case errors.Is(err, ErrClosed) && n.life.closed.Load():
 			return ans, err
 		case errors.Is(err, ErrTimeout) && o.probe:
 			last = fmt.Sprintf("owner %s did not answer", owner.ID)
@@ -108,14 +108,14 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 // askLocal runs a request on this node's actor for topic and waits for its answer.
 func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, queued func()) (ownerAnswer, error) {
 	ch := make(chan ownerAnswer, 1)
-	n.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ans ownerAnswer) { ch <- ans }) })
+	n.owner.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ans ownerAnswer) { ch <- ans }) })
 	queued()
 	select {
 	case ans := <-ch:
 		return ans, nil
 	case <-ctx.Done():
 		return ownerAnswer{}, ctx.Err()
-	case <-n.ctx.Done():
+	case <-n.life.ctx.Done():
 		return ownerAnswer{}, errClosedInFlight
 	}
 }
@@ -189,4 +189,68 @@ func (r readinessProbe) encode(v *view, buf []byte) []byte {
 func (r readinessProbe) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	v, code := a.check()
 	answer(ownerAnswer{code: code, viewID: v.id})
+}
+
+// ownerAnswer is an owner's answer to a subscribe or publish, local or remote.
+type ownerAnswer struct {
+	code   wire.Reply_Code
+	viewID uint64
+	ack    PublishAck
+	owner  string         // stats answers
+	counts map[string]int // stats answers: subscribers per node
+	// delivered lists the delivered subscribers, when the publish asked
+	// (a chunk of a split batch).
+	delivered []SubscriberID
+}
+
+func (ans ownerAnswer) wire() *wire.Reply {
+	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID, Owner: ans.owner}
+	if ans.code == wire.Reply_OK {
+		rep.Ack = ackToWire(ans.ack)
+		for _, id := range ans.delivered {
+			rep.Ack.DeliveredTo = append(rep.Ack.DeliveredTo, &wire.Failure{Node: id.Node, Local: id.Local})
+		}
+	}
+	if ans.counts != nil {
+		rep.Subscribers = make(map[string]uint32, len(ans.counts))
+		for k, v := range ans.counts {
+			rep.Subscribers[k] = uint32(v)
+		}
+	}
+	return rep
+}
+
+// answerFromWire decodes a remote owner's answer.
+func answerFromWire(topic string, rep *wire.Reply) ownerAnswer {
+	ans := ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
+	if rep.GetCode() == wire.Reply_OK {
+		ans.ack = ackFromWire(topic, rep.GetAck())
+		for _, f := range rep.GetAck().GetDeliveredTo() {
+			ans.delivered = append(ans.delivered, SubscriberID{Node: f.GetNode(), Local: f.GetLocal()})
+		}
+	}
+	if rep.GetSubscribers() != nil {
+		ans.counts = make(map[string]int, len(rep.GetSubscribers()))
+		for k, c := range rep.GetSubscribers() {
+			ans.counts[k] = int(c)
+		}
+	}
+	return ans
+}
+
+func ackToWire(a PublishAck) *wire.Ack {
+	w := &wire.Ack{Status: uint32(a.Status), Reason: uint32(a.Reason), Messages: uint32(a.Messages), Delivered: uint32(a.Delivered)}
+	for _, f := range a.Failures {
+		w.Failures = append(w.Failures, &wire.Failure{Node: f.Subscriber.Node, Local: f.Subscriber.Local, Status: uint32(f.Status)})
+	}
+	return w
+}
+
+func ackFromWire(topic string, w *wire.Ack) PublishAck {
+	a := PublishAck{Topic: topic, Status: AckStatus(w.GetStatus()), Reason: Reason(w.GetReason()),
+		Messages: int(w.GetMessages()), Delivered: int(w.GetDelivered())}
+	for _, f := range w.GetFailures() {
+		a.Failures = append(a.Failures, DeliveryFailure{Subscriber: SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}, Status: DeliveryStatus(f.GetStatus())})
+	}
+	return a
 }

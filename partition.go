@@ -44,25 +44,25 @@ type quorum struct {
 
 // startQuorum makes the view Join settled on the first stable view.
 func (n *Node) startQuorum() {
-	n.memMu.Lock()
-	n.quorum.stable = n.view()
-	n.quorum.has.Store(true)
-	n.memMu.Unlock()
+	n.members.mu.Lock()
+	n.members.quorum.stable = n.view()
+	n.members.quorum.has.Store(true)
+	n.members.mu.Unlock()
 }
 
 // updateQuorum re-evaluates the quorum; agree says every member reports the
 // current view. Callers hold memMu.
 func (n *Node) updateQuorum(agree bool) {
-	if n.cfg.PartitionPolicy != KeepMajority || n.quorum.stable == nil {
+	if n.cfg.PartitionPolicy != KeepMajority || n.members.quorum.stable == nil {
 		return
 	}
 	cur := n.view()
-	has := majorityOf(n.quorum.stable, cur)
-	stable := n.quorum.stable
+	has := majorityOf(n.members.quorum.stable, cur)
+	stable := n.members.quorum.stable
 	if has && agree {
-		n.quorum.stable = cur
+		n.members.quorum.stable = cur
 	}
-	if n.quorum.has.Swap(has) == has {
+	if n.members.quorum.has.Swap(has) == has {
 		return
 	}
 	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(stable.members))
@@ -74,8 +74,8 @@ func (n *Node) updateQuorum(agree bool) {
 // before the view without the leaver is installed, and only while this node
 // has a majority. Callers hold memMu.
 func (n *Node) forgetLeaver(id string) {
-	st := n.quorum.stable
-	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !n.quorum.has.Load() {
+	st := n.members.quorum.stable
+	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !n.members.quorum.has.Load() {
 		return
 	}
 	if _, ok := st.member(id); !ok {
@@ -87,13 +87,13 @@ func (n *Node) forgetLeaver(id string) {
 			members = append(members, m)
 		}
 	}
-	n.quorum.stable = newView(st.epoch, members)
+	n.members.quorum.stable = newView(st.epoch, members)
 }
 
 // servesAsOwner reports whether the partition policy lets this node serve
 // its topics now.
 func (n *Node) servesAsOwner() bool {
-	return n.cfg.PartitionPolicy != KeepMajority || n.quorum.has.Load()
+	return n.cfg.PartitionPolicy != KeepMajority || n.members.quorum.has.Load()
 }
 
 // majorityOf reports whether cur holds a strict majority of stable's members

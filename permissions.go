@@ -90,9 +90,9 @@ func (n *Node) checkPermissions(parent context.Context) error {
 		switch right {
 		case "publish":
 			switch {
-			case subject == n.membersSubject:
-				return fail("publish on " + n.membersSubject), true
-			case subject == probeSubject || subject == n.inbox:
+			case subject == n.members.subject:
+				return fail("publish on " + n.members.subject), true
+			case subject == probeSubject || subject == n.self.Inbox:
 				return fail("publish on " + nodeWildcard + " (other nodes' inboxes)"), true
 			case strings.HasPrefix(subject, n.rpc.prefix):
 				return fmt.Errorf("%w: the NATS user may not publish %q, a reply to its own request: grant publish on %s.> or allow_responses to this user so it can answer requests; %s",
@@ -100,10 +100,10 @@ func (n *Node) checkPermissions(parent context.Context) error {
 			}
 		case "subscribe":
 			switch subject {
-			case n.membersSubject:
-				return fail("subscribe on " + n.membersSubject), true
-			case n.inbox:
-				return fail("subscribe on " + n.inbox + " (or " + nodeWildcard + ")"), true
+			case n.members.subject:
+				return fail("subscribe on " + n.members.subject), true
+			case n.self.Inbox:
+				return fail("subscribe on " + n.self.Inbox + " (or " + nodeWildcard + ")"), true
 			case replySubject:
 				return fail("subscribe on " + inboxPrefix + ".> (the connection's reply inboxes)"), true
 			}
@@ -144,7 +144,7 @@ func (n *Node) checkPermissions(parent context.Context) error {
 		probes = nil
 	}
 	defer unsubscribe()
-	for _, subj := range []string{replySubject, n.inbox, n.membersSubject} {
+	for _, subj := range []string{replySubject, n.self.Inbox, n.members.subject} {
 		sub, err := nc.ChanSubscribe(subj, drop)
 		if err != nil {
 			return fmt.Errorf("permission check: subscribe %s: %w", subj, err)
@@ -155,14 +155,14 @@ func (n *Node) checkPermissions(parent context.Context) error {
 	// Publish probes.
 	leave := &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
 		Kind: wire.Heartbeat_LEAVE,
-		From: &wire.MemberRef{NodeId: n.id, Incarnation: 0},
+		From: &wire.MemberRef{NodeId: n.self.ID, Incarnation: 0},
 	}}}
 	data, err := proto.Marshal(leave)
 	if err != nil {
 		return err
 	}
-	if err := nc.Publish(n.membersSubject, data); err != nil {
-		return fmt.Errorf("permission check: publish %s: %w", n.membersSubject, err)
+	if err := nc.Publish(n.members.subject, data); err != nil {
+		return fmt.Errorf("permission check: publish %s: %w", n.members.subject, err)
 	}
 	if err := nc.Publish(probeSubject, nil); err != nil {
 		return fmt.Errorf("permission check: publish %s: %w", probeSubject, err)
@@ -190,7 +190,7 @@ func (n *Node) checkPermissions(parent context.Context) error {
 		if dl, ok := ctx.Deadline(); ok {
 			timeout = max(time.Until(dl), time.Millisecond)
 		}
-		tok := n.rpc.send(n.inbox, req, timeout, func(rep *wire.Reply, err error) { replies <- result{rep, err} })
+		tok := n.rpc.send(n.self.Inbox, req, timeout, func(rep *wire.Reply, err error) { replies <- result{rep, err} })
 		defer n.rpc.finish(tok, nil, ErrClosed) // no-op once answered
 	}
 
@@ -232,7 +232,7 @@ func (n *Node) checkPermissions(parent context.Context) error {
 			if ferr != nil {
 				return n.permCheckEnded(parent, ferr)
 			}
-			return fmt.Errorf("permission check: request to own inbox %s: %w", n.inbox, res.err)
+			return fmt.Errorf("permission check: request to own inbox %s: %w", n.self.Inbox, res.err)
 		case <-poll.C:
 		case <-ctx.Done():
 			if perr := violation(); perr != nil {
@@ -252,7 +252,7 @@ func (n *Node) permCheckEnded(parent context.Context, err error) error {
 	}
 	if errors.Is(err, ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%w: permission check got no answer within %v (last error: %v); check that the NATS user may subscribe on %s and on its reply inboxes, and may publish replies (publish on the inbox prefix or allow_responses); %s",
-			ErrTimeout, n.cfg.RequestTimeout, err, n.inbox, permissionsSeeREADME)
+			ErrTimeout, n.cfg.RequestTimeout, err, n.self.Inbox, permissionsSeeREADME)
 	}
 	return fmt.Errorf("permission check: %w", err)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/proto"
 
@@ -74,7 +75,7 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, len(batch), err)
 	}
-	if n.closed.Load() {
+	if n.life.closed.Load() {
 		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, ErrClosed))
 	}
 	if err := ctx.Err(); err != nil {
@@ -123,6 +124,16 @@ func packedLen(batch [][]byte) int {
 	return size
 }
 
+// publisherSide numbers this node's plain publishes as the batches of one
+// implicit producer per node incarnation (see numberAttempt).
+type publisherSide struct {
+	key   string // the implicit producer's ID: node ID and incarnation tag
+	seq   atomic.Uint64
+	order [64]sync.Mutex // by topic hash: numbers follow the order requests leave
+}
+
+func (p *publisherSide) init(node, tag string) { p.key = node + "/" + tag }
+
 // numberAttempt gives one attempt of a plain publish its place among this
 // node's publishes to topic: the next number of the node's implicit
 // producer, taken under a lock held until the attempt is queued on the
@@ -134,10 +145,10 @@ func packedLen(batch [][]byte) int {
 // through another owner. Each attempt is numbered anew: one answered "not
 // owner" or "not ready" delivered nothing, and keeping its old number would
 // make its retry look late beside publishes numbered meanwhile.
-func (n *Node) numberAttempt(topic string, origin *batchOrigin) (release func()) {
-	stripe := &n.publishOrder[fnvString(fnvOffset, topic)%uint64(len(n.publishOrder))]
+func (p *publisherSide) numberAttempt(topic string, origin *batchOrigin) (release func()) {
+	stripe := &p.order[fnvString(fnvOffset, topic)%uint64(len(p.order))]
 	stripe.Lock()
-	*origin = batchOrigin{producer: n.publisherKey, seq: n.publishSeq.Add(1)}
+	*origin = batchOrigin{producer: p.key, seq: p.seq.Add(1)}
 	return sync.OnceFunc(stripe.Unlock)
 }
 
@@ -227,7 +238,7 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, is
 		msgs: msgs, origin: &origin, wantIDs: split}
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued}
 	if origin.producer == "" {
-		call.attempt = func() func() { return n.numberAttempt(topic, &origin) }
+		call.attempt = func() func() { return n.publisher.numberAttempt(topic, &origin) }
 	}
 	ans, err := n.toOwner(ctx, topic, req, call)
 	if err != nil {

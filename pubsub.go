@@ -40,7 +40,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,70 +52,40 @@ import (
 
 // Node is one process's participant in the cluster. It is safe for
 // concurrent use. *Node implements Publisher and Initializer.
+//
+// A Node wires together the roles it plays, each with its own state and
+// locks: its membership (membership.go), the owner side of the topics it owns
+// (owner.go, topic_actor.go, handoff.go), the subscriber side of its own
+// subscriptions (subscribers.go, delivery.go) and the publisher side of its
+// publishes (publish.go).
 type Node struct {
-	cfg            Config
-	nc             *nats.Conn
-	id             string
-	incarnation    uint64
-	inbox          string
-	membersSubject string
-	log            *slog.Logger
-	rpc            *rpc
-	events         *EventStream
+	cfg        Config
+	self       Member // this node: ID, incarnation, inbox subject
+	nc         *nats.Conn
+	log        *slog.Logger
+	rpc        *rpc
+	events     *EventStream
+	life       lifecycle
+	members    membership
+	owner      ownerSide
+	subscriber subscriberSide
+	publisher  publisherSide
+	stats      nodeStats
+	logLimit   logThrottle
+}
 
-	ctx    context.Context // cancelled by Close
-	cancel context.CancelFunc
-	closed atomic.Bool
-
-	goroutines group
-
-	inboxSub   *nats.Subscription
-	membersSub *nats.Subscription
-
-	// Membership. memMu guards peers and history; curView is read lock-free.
-	memMu         sync.Mutex
-	peers         map[string]*peer
-	rejectedSince uint64 // heartbeats ignored past MaxMembers since the last event
-	history       []*view
-	curView       atomic.Pointer[view]
-	control       serial // runs view changes in order
-	registry      syncRegistry
-	// pushedView is the last view whose moved subscriptions were pushed;
-	// only the control actor touches it.
-	pushedView *view
-
-	// Owner side: one actor per topic this node has owned.
-	topicsMu sync.Mutex
-	topics   map[string]*topicActor
-	seqFloor uint64 // the highest batch number of a collected actor
-
-	// Subscriber side: this node's subscriptions.
-	subsMu  sync.RWMutex
-	subs    map[string]*Subscription // by SubscriberID.Local
-	nextSub atomic.Uint64
-	subTag  string // makes SubscriberID.Local unique across incarnations
-
-	stats    nodeStats
-	logLimit logThrottle
-
-	// At-least-once batches recently received, for duplicate suppression.
-	recentMu sync.Mutex
-	recent   map[batchKey]*recentBatch
-
-	idConflict atomic.Bool // an older live node with our ID was heard
-	joined     atomic.Bool // Join returned: the view is stable enough to serve topics
-	quorum     quorum      // KeepMajority's view of the partition
-
-	closeOnce    sync.Once     // shutdown runs once, from Close or on connection loss
-	closeCalled  atomic.Bool   // Close was called
+// lifecycle is what starts and stops a node: its context, its goroutines and
+// its inbox subscription.
+type lifecycle struct {
+	ctx          context.Context // cancelled by Close
+	cancel       context.CancelFunc
+	closed       atomic.Bool // calls fail with ErrClosed
+	closeOnce    sync.Once   // shutdown runs once, from Close or on connection loss
+	closeCalled  atomic.Bool // Close was called
+	goroutines   group       // every goroutine the node started, for Close to wait
+	inboxSub     *nats.Subscription
 	stopBeats    chan struct{} // closed by Close before its LEAVE
 	beatsStopped chan struct{} // closed when the heartbeat loop returned
-
-	// Plain publishes are numbered like the batches of one producer per
-	// node incarnation; see numberPublish.
-	publisherKey string
-	publishSeq   atomic.Uint64
-	publishOrder [64]sync.Mutex
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
@@ -141,31 +110,19 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	n := &Node{
 		cfg: cfg,
 		nc:  nc,
-		id:  cfg.NodeID,
 		// Incarnations grow with time, so peers tell a restarted node from a
 		// stale message of its previous life.
-		incarnation:    uint64(time.Now().UnixNano()),
-		inbox:          natsutil.NodeSubject(cfg.Prefix, cfg.NodeID),
-		membersSubject: natsutil.MembersSubject(cfg.Prefix),
-		log:            cfg.Logger.With("node", cfg.NodeID),
-		peers:          make(map[string]*peer),
-		topics:         make(map[string]*topicActor),
-		subs:           make(map[string]*Subscription),
-		stopBeats:      make(chan struct{}),
-		beatsStopped:   make(chan struct{}),
+		self:   Member{ID: cfg.NodeID, Incarnation: uint64(time.Now().UnixNano()), Inbox: natsutil.NodeSubject(cfg.Prefix, cfg.NodeID)},
+		log:    cfg.Logger.With("node", cfg.NodeID),
+		events: newEventStream(cfg.NodeID),
 	}
-	n.subTag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
-	n.publisherKey = n.id + "/" + n.subTag
-	n.events = newEventStream(cfg.NodeID)
+	n.life.ctx, n.life.cancel = context.WithCancel(context.Background())
+	n.life.stopBeats, n.life.beatsStopped = make(chan struct{}), make(chan struct{})
 	n.logLimit.interval = logThrottleInterval
-	n.ctx, n.cancel = context.WithCancel(context.Background())
-	n.control.goroutines = &n.goroutines
-	first := newView(0, []Member{n.selfMember()})
-	n.curView.Store(first)
-	n.history = []*view{first}
-	n.pushedView = first
-	n.registry.init(n)
-	n.registry.reset(first, nil)
+	n.members.init(n)
+	n.owner.init(n)
+	n.subscriber.init()
+	n.publisher.init(n.self.ID, n.subscriber.tag)
 
 	announced := false
 	fail := func(err error) (*Node, error) {
@@ -179,32 +136,32 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		}
 		n.shutdown(ErrClosed)
 		n.waitStarted()
-		return nil, fmt.Errorf("pubsub: join %s: %w", n.id, err)
+		return nil, fmt.Errorf("pubsub: join %s: %w", n.self.ID, err)
 	}
 	var err error
 	if n.rpc, err = newRPC(nc); err != nil {
 		return fail(err)
 	}
-	if n.inboxSub, err = nc.Subscribe(n.inbox, n.onInbox); err != nil {
+	if n.life.inboxSub, err = nc.Subscribe(n.self.Inbox, n.onInbox); err != nil {
 		return fail(err)
 	}
 	// The inbox carries every delivery to this node; NATS's default pending
 	// limits would drop bursts, so they are raised deliberately.
-	if err = n.inboxSub.SetPendingLimits(inboxPendingMsgs, inboxPendingBytes); err != nil {
+	if err = n.life.inboxSub.SetPendingLimits(inboxPendingMsgs, inboxPendingBytes); err != nil {
 		return fail(err)
 	}
-	if n.membersSub, err = nc.Subscribe(n.membersSubject, n.onMembers); err != nil {
+	if n.members.sub, err = nc.Subscribe(n.members.subject, n.onMembers); err != nil {
 		return fail(err)
 	}
 	if err = n.checkPermissions(ctx); err != nil {
 		return fail(err)
 	}
-	n.goroutines.add()
+	n.life.goroutines.add()
 	go n.syncLoop()
-	n.goroutines.add()
+	n.life.goroutines.add()
 	go n.heartbeatLoop()
 	if cfg.MetricsInterval > 0 {
-		n.goroutines.add()
+		n.life.goroutines.add()
 		go n.metricsLoop()
 	}
 	announced = true
@@ -212,7 +169,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		return fail(err)
 	}
 	n.startQuorum()
-	n.joined.Store(true)
+	n.members.joined.Store(true)
 	n.log.Debug("joined", "members", len(n.view().members))
 	return n, nil
 }
@@ -226,7 +183,7 @@ const (
 func (n *Node) Events() *EventStream { return n.events }
 
 // ID returns the node ID.
-func (n *Node) ID() string { return n.id }
+func (n *Node) ID() string { return n.self.ID }
 
 // Close leaves the cluster gracefully: it announces the leave so peers re-own
 // this node's topics at once, stops serving, ends local subscriptions with
@@ -237,15 +194,15 @@ func (n *Node) ID() string { return n.id }
 // A publish still waiting for its owner when Close is called fails with
 // ErrTimeout: its subscribers may or may not have processed it.
 func (n *Node) Close(ctx context.Context) error {
-	if !n.closeCalled.CompareAndSwap(false, true) {
+	if !n.life.closeCalled.CompareAndSwap(false, true) {
 		return nil
 	}
-	if !n.closed.Load() && !n.nc.IsClosed() {
+	if !n.life.closed.Load() && !n.nc.IsClosed() {
 		// The heartbeat loop stops first: a heartbeat sent after the LEAVE
 		// would re-add this node on some peers and not on others.
-		close(n.stopBeats)
+		close(n.life.stopBeats)
 		select {
-		case <-n.beatsStopped:
+		case <-n.life.beatsStopped:
 		case <-ctx.Done():
 		}
 		n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
@@ -254,8 +211,8 @@ func (n *Node) Close(ctx context.Context) error {
 		cancel()
 	}
 	n.shutdown(ErrClosed)
-	if err := n.goroutines.wait(ctx); err != nil {
-		return fmt.Errorf("pubsub: close %s: waiting for handlers: %w", n.id, err)
+	if err := n.life.goroutines.wait(ctx); err != nil {
+		return fmt.Errorf("pubsub: close %s: waiting for handlers: %w", n.self.ID, err)
 	}
 	return nil
 }
@@ -265,17 +222,17 @@ func (n *Node) Close(ctx context.Context) error {
 func (n *Node) waitStarted() {
 	ctx, cancel := context.WithTimeout(context.Background(), n.cfg.RequestTimeout)
 	defer cancel()
-	_ = n.goroutines.wait(ctx)
+	_ = n.life.goroutines.wait(ctx)
 }
 
 // connectionLost stops a node whose NATS connection was closed underneath
 // it: without a connection it can neither serve nor be reached, and a node
 // that carried on would accept publishes it cannot deliver.
 func (n *Node) connectionLost() {
-	if !n.closed.CompareAndSwap(false, true) {
+	if !n.life.closed.CompareAndSwap(false, true) {
 		return
 	}
-	err := fmt.Errorf("pubsub: node %s stopped: its NATS connection was closed: %w", n.id, ErrClosed)
+	err := fmt.Errorf("pubsub: node %s stopped: its NATS connection was closed: %w", n.self.ID, ErrClosed)
 	n.log.Error("NATS connection closed: node stopped; Join again with a new connection", "err", err)
 	// closed is already set, so calls fail from the moment a listener can
 	// see the event; shutdown closes the stream after it.
@@ -286,22 +243,18 @@ func (n *Node) connectionLost() {
 // shutdown releases everything the node started; it never blocks. Local
 // subscriptions end with reason, which wraps ErrClosed.
 func (n *Node) shutdown(reason error) {
-	n.closeOnce.Do(func() {
-		n.closed.Store(true)
-		for _, s := range []*nats.Subscription{n.inboxSub, n.membersSub} {
+	n.life.closeOnce.Do(func() {
+		n.life.closed.Store(true)
+		for _, s := range []*nats.Subscription{n.life.inboxSub, n.members.sub} {
 			if s != nil {
 				_ = s.Unsubscribe()
 			}
 		}
-		n.cancel()
+		n.life.cancel()
 		if n.rpc != nil {
 			n.rpc.close()
 		}
-		n.subsMu.Lock()
-		subs := n.subs
-		n.subs = map[string]*Subscription{}
-		n.subsMu.Unlock()
-		for _, s := range subs {
+		for _, s := range n.subscriber.takeAll() {
 			s.end(reason)
 		}
 		n.events.close()
@@ -317,7 +270,7 @@ func (n *Node) onInbox(m *nats.Msg) {
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "malformed envelope"})
 		return
 	}
-	if n.closed.Load() {
+	if n.life.closed.Load() {
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_CLOSED})
 		return
 	}

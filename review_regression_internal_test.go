@@ -81,13 +81,13 @@ func TestCollectedActorDoesNotSwallowPulledSubscribers(t *testing.T) {
 	ack, err := a.Publish(ctx, topic, []byte("before"))
 	t.Logf("before: ack=%+v err=%v", ack, err)
 
-	act := a.actor(topic)
+	act := a.owner.actor(topic)
 	// A forged LEAVE with b's real incarnation, seen by a only in effect.
 	env := &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{Kind: wire.Heartbeat_LEAVE, From: b.selfRef()}}}
 	data, _ := proto.Marshal(env)
 	forger, _ := nats.Connect(s.ClientURL())
 	defer forger.Close()
-	_ = forger.Publish(a.membersSubject, data)
+	_ = forger.Publish(a.members.subject, data)
 	_ = forger.Flush()
 	waitForTest(t, "a drops b's subscriber", func() bool { return act.count.Load() == 0 })
 
@@ -95,11 +95,11 @@ func TestCollectedActorDoesNotSwallowPulledSubscribers(t *testing.T) {
 	// queue in the order they can also meet in by chance.
 	release := make(chan struct{})
 	act.s.do(func() { act.used = time.Time{}; <-release })
-	a.collectIdleActors(0)
+	a.owner.collectIdleActors(0)
 	waitForTest(t, "a re-adds b and pulls its subscriptions", func() bool {
-		a.registry.mu.Lock()
-		defer a.registry.mu.Unlock()
-		return len(a.registry.view.members) == 2 && a.registry.complete
+		a.owner.registry.mu.Lock()
+		defer a.owner.registry.mu.Unlock()
+		return len(a.owner.registry.view.members) == 2 && a.owner.registry.complete
 	})
 	waitForTest(t, "refreshTopics queues its reconcile behind the collector", func() bool { return act.s.depth() >= 2 })
 	close(release)
@@ -116,7 +116,7 @@ func TestCollectedActorDoesNotSwallowPulledSubscribers(t *testing.T) {
 }
 
 // Found in review: a second copy of a batch (at-least-once re-send that bypasses the
-// node's duplicate memory, e.g. when n.recent holds maxRecentBatches) is
+// node's duplicate memory, e.g. when n.subscriber.recent holds maxRecentBatches) is
 // reported Delivered because lastBatch was set before the first copy's
 // handler ran, even though that handler failed: the ack over-claims.
 func TestDuplicateCopyReportsTheFirstCopysOutcome(t *testing.T) {

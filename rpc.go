@@ -275,7 +275,7 @@ func (n *Node) pause(ctx context.Context, backoff *time.Duration, limit time.Dur
 		return true
 	case <-ctx.Done():
 		return false
-	case <-n.ctx.Done():
+	case <-n.life.ctx.Done():
 		return false
 	}
 }

@@ -48,31 +48,29 @@ func (n *Node) Stats() Stats {
 		RequestsRefused:   n.stats.refused.Load(),
 	}
 	v := n.view()
-	n.topicsMu.Lock()
-	for t, a := range n.topics {
-		if v.ownerOf(t).ID == n.id {
+	n.owner.mu.Lock()
+	for t, a := range n.owner.topics {
+		if v.ownerOf(t).ID == n.self.ID {
 			st.TopicsOwned++
 			st.Subscribers[t] = int(a.count.Load())
 		}
 	}
-	n.topicsMu.Unlock()
-	n.subsMu.RLock()
-	st.Subscriptions = len(n.subs)
-	for _, s := range n.subs {
+	n.owner.mu.Unlock()
+	n.subscriber.each(func(_ string, s *Subscription) {
+		st.Subscriptions++
 		st.MaxMailboxDepth = max(st.MaxMailboxDepth, s.mailbox.depth())
-	}
-	n.subsMu.RUnlock()
+	})
 	return st
 }
 
 // metricsLoop emits a MetricsSnapshot every MetricsInterval while anyone listens.
 func (n *Node) metricsLoop() {
-	defer n.goroutines.done()
+	defer n.life.goroutines.done()
 	t := time.NewTicker(n.cfg.MetricsInterval)
 	defer t.Stop()
 	for {
 		select {
-		case <-n.ctx.Done():
+		case <-n.life.ctx.Done():
 			return
 		case <-t.C:
 			if n.events.enabled() {
@@ -110,7 +108,7 @@ func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error)
 // stats answers a TopicStats request on the owner.
 func (a *topicActor) stats(answer func(ownerAnswer)) {
 	v, code := a.check()
-	ans := ownerAnswer{code: code, viewID: v.id, owner: a.n.id}
+	ans := ownerAnswer{code: code, viewID: v.id, owner: a.n.self.ID}
 	if code == wire.Reply_OK {
 		ans.counts = make(map[string]int, len(a.nodes))
 		for node, ns := range a.nodes {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -140,23 +139,17 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
 	}
-	local := n.subTag + "-" + strconv.FormatUint(n.nextSub.Add(1), 36)
-	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.id, Local: local}, handler: h, done: make(chan struct{})}
+	local := n.subscriber.newLocal()
+	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.self.ID, Local: local}, handler: h, done: make(chan struct{})}
 	s.mailbox.limit = cfg.mailboxSize
-	s.mailbox.goroutines = &n.goroutines
+	s.mailbox.goroutines = &n.life.goroutines
 	// Registered locally first: the node is the source of truth, so a sync
 	// sent during the request already carries it.
-	n.subsMu.Lock()
-	if n.closed.Load() {
-		n.subsMu.Unlock()
+	if !n.subscriber.add(s, n.life.closed.Load) {
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, ErrClosed)
 	}
-	n.subs[local] = s
-	n.subsMu.Unlock()
 	if err := n.registerWithOwner(ctx, s, false); err != nil {
-		n.subsMu.Lock()
-		delete(n.subs, local)
-		n.subsMu.Unlock()
+		n.subscriber.remove(local, "")
 		s.end(err)
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
 	}
@@ -170,11 +163,7 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // the owner confirmed. Unsubscribing an ended subscription returns nil.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	n := s.node
-	n.subsMu.Lock()
-	_, active := n.subs[s.id.Local]
-	delete(n.subs, s.id.Local)
-	n.subsMu.Unlock()
-	if !active {
+	if n.subscriber.remove(s.id.Local, "") == nil {
 		return nil
 	}
 	s.end(nil)

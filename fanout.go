@@ -1,0 +1,175 @@
+package pubsub
+
+import (
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
+)
+
+// The owner's network fan-out: one DeliverBatch per subscriber node, sent
+// from pooled buffers, and the collection of the nodes' reports into one
+// ack.
+
+// splitSubscribers cuts a node's subscriber list into runs whose encoding
+// fits in room bytes (at least one subscriber per run).
+func splitSubscribers(locals []string, room int) [][]string {
+	var parts [][]string
+	start, size := 0, 16 // envelope and field headers
+	for i, l := range locals {
+		sz := len(l) + 3
+		if i > start && size+sz > room {
+			parts = append(parts, locals[start:i])
+			start, size = i, 16
+		}
+		size += sz
+	}
+	return append(parts, locals[start:])
+}
+
+// deliverRemote sends one node its batch and reports the outcome to b. When
+// NATS answers "no responders" (the node's inbox interest has not reached our
+// server yet, or the node is reconnecting) nothing was delivered, so it
+// retries while the node is in the view, until the subscriber timeout. In
+// at-least-once mode it also re-sends when a copy got no report in a quarter
+// of the subscriber timeout; the node delivers the batch once and answers
+// every copy.
+func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals []string, atLeastOnce bool, until time.Time) {
+	timeout := n.cfg.SubscriberTimeout + n.cfg.RequestTimeout/2
+	if atLeastOnce {
+		timeout = max(n.cfg.SubscriberTimeout/4, 20*time.Millisecond)
+	}
+	alive := n.holds(m)
+	buf := data.encode()
+	tok := n.rpc.send(m.Inbox, *buf, timeout, func(rep *wire.Reply, err error) {
+		retry := natsutil.IsNoResponders(err) || (atLeastOnce && errors.Is(err, ErrTimeout))
+		if retry && n.life.ctx.Err() == nil && alive() {
+			if natsutil.IsNoResponders(err) && time.Now().Before(until) {
+				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, locals, atLeastOnce, until) })
+				return
+			}
+			// A copy may be in the node's mailboxes: keep asking until the
+			// node's own subscriber timeout must have passed.
+			if atLeastOnce && time.Now().Before(until.Add(n.cfg.RequestTimeout/2)) {
+				n.deliverRemote(b, m, data, locals, atLeastOnce, until)
+				return
+			}
+		}
+		st, path := remoteStatuses(n, m.ID, len(locals), rep, err)
+		b.report(m.ID, locals, st, path)
+	})
+	sendBufs.Put(buf) // the connection copied it
+	// A node that leaves the view (crash) will not report: its subscribers
+	// are gone, and the ack need not wait for the timeout.
+	n.rpc.watch(tok, alive, n.cfg.HeartbeatInterval)
+}
+
+// remoteBatch is one node's DeliverBatch: the batch fields and messages
+// shared by every node, then that node's subscriber list. It is assembled
+// into a pooled buffer for each send, so the messages are copied once per
+// node, straight into the buffer NATS copies from.
+type remoteBatch struct{ head, packed, suffix []byte }
+
+// sendBufs recycles the buffers remote batches are assembled in; NATS copies
+// a message into its own write buffer before Publish returns.
+var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+func (r remoteBatch) encode() *[]byte {
+	buf := sendBufs.Get().(*[]byte)
+	*buf = append(wire.AppendDeliver((*buf)[:0], r.head, r.packed), r.suffix...)
+	return buf
+}
+
+// remoteStatuses turns a node's delivery report (or its absence) into one
+// status per subscriber. path is true when the node did not report: the
+// network or the node failed, not its subscribers, so the failures are
+// reported as Timeout (outcome unknown) but never count towards eviction.
+func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) (st []DeliveryStatus, path bool) {
+	if err == nil && rep.GetCode() == wire.Reply_OK && len(rep.GetStatuses()) == count {
+		st := make([]DeliveryStatus, count)
+		for i, s := range rep.GetStatuses() {
+			st[i] = DeliveryStatus(s)
+			if st[i] > OutOfOrder {
+				st[i] = HandlerError
+			}
+		}
+		return st, false
+	}
+	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
+		return fill(count, SubscriberGone), false
+	}
+	if ok, held := n.logLimit.allow("deliver/" + node); ok {
+		n.log.Warn("delivery to node failed", "node", node, "err", err, "code", rep.GetCode(), "suppressed", held)
+	}
+	return fill(count, Timeout), true
+}
+
+func fill(n int, s DeliveryStatus) []DeliveryStatus {
+	st := make([]DeliveryStatus, n)
+	for i := range st {
+		st[i] = s
+	}
+	return st
+}
+
+// pendingBatch collects the per-node reports of one accepted batch.
+type pendingBatch struct {
+	a         *topicActor
+	answer    func(ownerAnswer)
+	mu        sync.Mutex
+	remaining int
+	ack       PublishAck
+	outcomes  []subscriberOutcome
+	wantIDs   bool // list the delivered subscribers in the answer
+	delivered []SubscriberID
+}
+
+type subscriberOutcome struct {
+	id     SubscriberID
+	status DeliveryStatus
+	path   bool // no report from the node: not the subscriber's failure
+}
+
+// addParts counts extra reports to wait for (a node's list sent in parts).
+func (b *pendingBatch) addParts(k int) {
+	if k > 0 {
+		b.mu.Lock()
+		b.remaining += k
+		b.mu.Unlock()
+	}
+}
+
+func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus, path bool) {
+	b.mu.Lock()
+	for i, s := range st {
+		id := SubscriberID{Node: node, Local: locals[i]}
+		if s == Delivered {
+			b.ack.Delivered++
+			if b.wantIDs {
+				b.delivered = append(b.delivered, id)
+			}
+		} else {
+			b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Subscriber: id, Status: s})
+		}
+		b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path})
+	}
+	b.remaining--
+	done := b.remaining == 0
+	b.mu.Unlock()
+	if !done {
+		return
+	}
+	a := b.a
+	a.n.stats.delivered.Add(uint64(b.ack.Delivered))
+	a.n.stats.failed.Add(uint64(len(b.ack.Failures)))
+	// Evictions are queued before the answer, so the publisher's next batch
+	// is served without the subscribers this one evicted.
+	a.s.do(func() {
+		a.inflight--
+		a.account(b.outcomes)
+	})
+	a.n.emitAccepted(b.ack)
+	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack, delivered: b.delivered})
+}

@@ -1,0 +1,199 @@
+package pubsub
+
+import (
+	"sync"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// ownerSide is the node as topic owner: one actor per topic it holds state
+// for, and the registry that collects the members' subscriptions when
+// ownership moves (handoff.go). mu guards topics and seqFloor.
+type ownerSide struct {
+	n        *Node
+	mu       sync.Mutex
+	topics   map[string]*topicActor
+	seqFloor uint64 // the highest batch number of a collected actor
+	registry syncRegistry
+}
+
+func (o *ownerSide) init(n *Node) {
+	o.n = n
+	o.topics = make(map[string]*topicActor)
+	o.registry.init(n)
+	o.registry.reset(n.view(), nil)
+}
+
+// names lists the topics that have an actor.
+func (o *ownerSide) names() []string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	topics := make([]string, 0, len(o.topics))
+	for t := range o.topics {
+		topics = append(topics, t)
+	}
+	return topics
+}
+
+// actor returns the topic's actor, creating it.
+func (o *ownerSide) actor(topic string) *topicActor {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	a := o.topics[topic]
+	if a == nil {
+		// Batch numbers start above those of every collected actor (and at
+		// the creation time, for other incarnations' sake), so an actor made
+		// again numbers its batches above the old one's: subscribers drop
+		// batches numbered below the last they saw.
+		now := time.Now()
+		seq := max(uint64(now.UnixNano()), o.seqFloor)
+		a = &topicActor{n: o.n, topic: topic, epoch: noEpoch, synced: noEpoch, seq: seq, used: now}
+		a.s.goroutines = &o.n.life.goroutines
+		o.topics[topic] = a
+	}
+	return a
+}
+
+// maxActorQueue bounds the requests from other nodes waiting for one topic
+// actor; past it they are refused (NOT_READY, so publishers retry) and
+// counted in Stats().RequestsRefused.
+const maxActorQueue = 1 << 16
+
+// onActor runs fn on topic's actor. With bounded, it refuses (reports false)
+// when maxActorQueue items already wait. Work that reaches an actor
+// collected meanwhile goes on to its successor.
+func (o *ownerSide) onActor(topic string, bounded bool, fn func(*topicActor)) bool {
+	a := o.actor(topic)
+	limit := 0
+	if bounded {
+		limit = maxActorQueue
+	}
+	return a.s.doUpTo(func() {
+		if a.dead {
+			o.onActor(topic, false, fn)
+			return
+		}
+		a.used = time.Now()
+		fn(a)
+	}, limit)
+}
+
+// collectIdleActors forgets the actors of topics without subscribers that
+// saw no request for idle: a topic anyone can name must not cost memory for
+// good (forged publishes to random topics, for one).
+func (o *ownerSide) collectIdleActors(idle time.Duration) {
+	o.mu.Lock()
+	actors := make([]*topicActor, 0, len(o.topics))
+	for _, a := range o.topics {
+		if a.count.Load() == 0 {
+			actors = append(actors, a)
+		}
+	}
+	o.mu.Unlock()
+	for _, a := range actors {
+		a.s.do(func() {
+			if a.dead || len(a.nodes) > 0 || a.inflight > 0 || time.Since(a.used) < idle || o.registry.hasPending(a.topic) {
+				return
+			}
+			o.mu.Lock()
+			if o.topics[a.topic] == a {
+				delete(o.topics, a.topic)
+				a.dead = true
+				o.seqFloor = max(o.seqFloor, a.seq)
+			}
+			o.mu.Unlock()
+		})
+	}
+}
+
+// onPublishRequest serves a remote publisher.
+func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
+	topic := req.GetTopic()
+	if validateTopic(topic) != nil {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid topic"})
+		return
+	}
+	if v := n.view(); v.ownerOf(topic).ID != n.self.ID {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
+		return
+	}
+	if err := wire.Validate(req.GetPacked(), req.GetCount()); err != nil {
+		n.malformed("inbox", len(req.GetPacked()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
+		return
+	}
+	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()), wantIDs: req.GetDeliveredIds(),
+		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq()}}
+	if !n.owner.onActor(topic, true, func(a *topicActor) {
+		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
+	}) {
+		n.refuse(topic, reply)
+	}
+}
+
+// refuse answers a request its topic actor had no room for.
+func (n *Node) refuse(topic, reply string) {
+	n.stats.refused.Add(1)
+	if ok, held := n.logLimit.allow("refused"); ok {
+		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "suppressed", held)
+	}
+	n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
+}
+
+// onSubscribeRequest serves a remote subscriber's node.
+func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
+	topic := req.GetTopic()
+	if validateTopic(topic) != nil || (req.GetSubscriber() == "" && !req.GetStats()) || req.GetFrom() == nil {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid subscribe"})
+		return
+	}
+	if v := n.view(); v.ownerOf(topic).ID != n.self.ID {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
+		return
+	}
+	answer := func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) }
+	if !n.owner.onActor(topic, true, func(a *topicActor) {
+		if req.GetStats() {
+			a.stats(answer)
+			return
+		}
+		a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), answer)
+	}) {
+		n.refuse(topic, reply)
+	}
+}
+
+// emitAccepted reports an answered batch: one PublishAccepted, one
+// DeliverySucceeded, and one DeliveryFailed per failed subscriber.
+func (n *Node) emitAccepted(ack PublishAck) {
+	if !n.events.enabled() {
+		return
+	}
+	emit(n.events, PublishAccepted{Topic: ack.Topic, Messages: ack.Messages, Delivered: ack.Delivered, Failed: len(ack.Failures)})
+	if ack.Delivered > 0 {
+		emit(n.events, DeliverySucceeded{Topic: ack.Topic, Subscribers: ack.Delivered, Messages: ack.Messages})
+	}
+	for _, f := range ack.Failures {
+		emit(n.events, DeliveryFailed{Topic: ack.Topic, Subscriber: f.Subscriber, Status: f.Status, Messages: ack.Messages})
+	}
+}
+
+// refreshTopics makes every actor reconcile with the current view, creating
+// actors for topics whose subscribers arrived by sync.
+func (n *Node) refreshTopics() {
+	for _, t := range n.owner.registry.topicsPending() {
+		n.owner.actor(t)
+	}
+	n.owner.mu.Lock()
+	topics := make([]string, 0, len(n.owner.topics))
+	for t := range n.owner.topics {
+		topics = append(topics, t)
+	}
+	n.owner.mu.Unlock()
+	for _, t := range topics {
+		// Through onActor: an actor collected meanwhile must not take the
+		// topic's synced subscribers with it.
+		n.owner.onActor(t, false, func(a *topicActor) { a.reconcile() })
+	}
+}

@@ -1,0 +1,110 @@
+package pubsub
+
+import (
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// subscriberSide is the node as subscriber: its own subscriptions, the
+// source of truth the topics' owners pull (handoff.go), and the at-least-once
+// batches it received recently, for duplicate suppression (delivery.go).
+type subscriberSide struct {
+	mu   sync.RWMutex
+	subs map[string]*Subscription // by SubscriberID.Local
+	next atomic.Uint64
+	tag  string // makes SubscriberID.Local unique across incarnations
+
+	recentMu sync.Mutex
+	recent   map[batchKey]*recentBatch
+}
+
+func (s *subscriberSide) init() {
+	s.subs = make(map[string]*Subscription)
+	s.recent = make(map[batchKey]*recentBatch)
+	s.tag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
+}
+
+// newLocal names a new subscription.
+func (s *subscriberSide) newLocal() string {
+	return s.tag + "-" + strconv.FormatUint(s.next.Add(1), 36)
+}
+
+// add registers sub unless closed reports the node closed, under the lock
+// shutdown takes, so no subscription is added after shutdown ended them all.
+func (s *subscriberSide) add(sub *Subscription, closed func() bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if closed() {
+		return false
+	}
+	s.subs[sub.id.Local] = sub
+	return true
+}
+
+// remove unregisters local and returns the subscription it was, if it was
+// registered for topic (any topic when topic is "").
+func (s *subscriberSide) remove(local, topic string) *Subscription {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sub := s.subs[local]
+	if sub == nil || (topic != "" && sub.topic != topic) {
+		return nil
+	}
+	delete(s.subs, local)
+	return sub
+}
+
+// takeAll unregisters and returns every subscription.
+func (s *subscriberSide) takeAll() map[string]*Subscription {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	subs := s.subs
+	s.subs = map[string]*Subscription{}
+	return subs
+}
+
+// each calls fn for every subscription under the read lock; fn must not
+// block.
+func (s *subscriberSide) each(fn func(local string, sub *Subscription)) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for local, sub := range s.subs {
+		fn(local, sub)
+	}
+}
+
+// ownedBy lists this node's subscriptions of the topics owner owns under
+// v, grouped by topic.
+func (s *subscriberSide) ownedBy(v *view, owner string) []*wire.TopicSubscribers {
+	byTopic := map[string]*wire.TopicSubscribers{}
+	var out []*wire.TopicSubscribers
+	s.each(func(local string, sub *Subscription) {
+		if v.ownerOf(sub.topic).ID != owner {
+			return
+		}
+		t := byTopic[sub.topic]
+		if t == nil {
+			t = &wire.TopicSubscribers{Topic: sub.topic}
+			byTopic[sub.topic] = t
+			out = append(out, t)
+		}
+		t.Subscribers = append(t.Subscribers, local)
+	})
+	return out
+}
+
+// forgetRecent drops remembered at-least-once batches old enough that no
+// copy can still come.
+func (s *subscriberSide) forgetRecent(horizon time.Time) {
+	s.recentMu.Lock()
+	defer s.recentMu.Unlock()
+	for k, rb := range s.recent {
+		if rb.report != nil && rb.at.Before(horizon) {
+			delete(s.recent, k)
+		}
+	}
+}
