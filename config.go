@@ -244,10 +244,11 @@ func exceeds(field string, v time.Duration, other string, ov time.Duration) erro
 	return invalidConfig(field, v, "does not exceed "+other+" "+ov.String(), "set it above "+other+" (by a few heartbeats; the defaults are 3s and 500ms)")
 }
 
-// validSubjectTokens reports a value of field that validate rejects.
+// validSubjectTokens reports a value of field that validate rejects; its
+// error names the allowed characters and length.
 func validSubjectTokens(field, v string, validate func(string) error, orElse string) error {
 	if err := validate(v); err != nil {
-		return invalidConfig(field, strconv.Quote(v), "is invalid ("+err.Error()+")", "use dot-separated tokens of A-Z a-z 0-9 _ -, or "+orElse)
+		return invalidConfig(field, strconv.Quote(v), "is invalid ("+err.Error()+")", "correct it, or "+orElse)
 	}
 	return nil
 }
