@@ -13,20 +13,21 @@ type ProducerConfig struct {
 	// BatchSize is the largest number of messages in one batch. Default: 2000
 	// messages (DefaultBatchSize).
 	BatchSize int
-	// MaxBatchBytes is the largest size of one batch in bytes, counting each message
-	// as its length plus 8 bytes of framing. It is also the largest message
-	// Produce accepts: a bigger one is rejected at once with ErrTooLarge.
-	// Default: the publisher's MaxMessageSize() when it has that method (a
-	// *Node does; then a batch is never split by Node.PublishBatch), else
-	// 1 MiB - 64 KiB (DefaultMaxBatchBytes). A message larger than the publisher's MaxMessageSize
-	// is rejected at Produce even if MaxBatchBytes is set higher.
+	// MaxBatchBytes is the largest size of one batch in bytes, counting each
+	// message as its length plus 8 bytes of framing. It is also the largest
+	// message Produce accepts: a bigger one is rejected at once with
+	// ErrTooLarge. Default: the publisher's MaxMessageSize() when it has that
+	// method (a *Node does; then a batch is never split by
+	// Node.PublishBatch), else 1 MiB - 64 KiB (DefaultMaxBatchBytes). A
+	// message larger than the publisher's MaxMessageSize is rejected at
+	// Produce even if MaxBatchBytes is set higher.
 	MaxBatchBytes int
 	// Linger is how long a batch may wait for more messages after its first
 	// one was queued, so that it goes out fuller, a duration. Default: 0, no
-	// wait: a batch goes as
-	// soon as a slot of MaxInFlight is free, and while all slots are busy the
-	// next batch fills up (natural batching). A full batch (BatchSize or
-	// MaxBatchBytes) never waits, nor do batches during Flush and Close.
+	// wait: a batch goes as soon as a slot of MaxInFlight is free, and while
+	// all slots are busy the next batch fills up (natural batching). A full
+	// batch (BatchSize or MaxBatchBytes) never waits, nor do batches during
+	// Flush and Close.
 	Linger time.Duration
 	// MaxQueueSize is the largest number of messages waiting in the queue
 	// (not counting the batches in flight). Produce past it returns a future
@@ -34,9 +35,9 @@ type ProducerConfig struct {
 	// (DefaultMaxQueueSize).
 	MaxQueueSize int
 	// PublishTimeout bounds each attempt to publish a batch (and the
-	// Initialize call before the first one), a duration. An attempt that times out
-	// fails with an error wrapping ErrTimeout and context.DeadlineExceeded;
-	// its outcome is unknown.
+	// Initialize call before the first one), a duration. An attempt that
+	// times out fails with an error wrapping ErrTimeout and
+	// context.DeadlineExceeded; its outcome is unknown.
 	//
 	// Default, with a *Node publisher: the node's SubscriberTimeout +
 	// RequestTimeout (the longest the node waits for the owner's answer,
@@ -94,15 +95,15 @@ const DefaultPublishTimeout = DefaultSubscriberTimeout + DefaultRequestTimeout +
 // resolve fills the defaults of c's zero fields for publisher p, then
 // validates it (see Config.resolve).
 func (c *ProducerConfig) resolve(p Publisher) error {
+	if c.OnPublishError == nil {
+		c.OnPublishError = func(int, error) ErrorDecision { return FailBatchAndStop }
+	}
 	maxBatchBytes, publishTimeout := defaultMaxBatchBytes(p), defaultPublishTimeout(p)
 	orDefault(&c.BatchSize, DefaultBatchSize)
 	orDefault(&c.MaxBatchBytes, maxBatchBytes)
 	orDefault(&c.MaxQueueSize, DefaultMaxQueueSize)
 	orDefault(&c.PublishTimeout, publishTimeout)
 	orDefault(&c.MaxInFlight, DefaultMaxInFlight)
-	if c.OnPublishError == nil {
-		c.OnPublishError = func(int, error) ErrorDecision { return FailBatchAndStop }
-	}
 	return errors.Join(
 		notNegative("BatchSize", c.BatchSize, DefaultBatchSize, " messages"),
 		notNegative("MaxBatchBytes", c.MaxBatchBytes, maxBatchBytes, " bytes"),
