@@ -1,8 +1,10 @@
 package pubsub
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/natsutil"
@@ -31,44 +33,55 @@ func (m DeliveryMode) String() string {
 	return fmt.Sprintf("DeliveryMode(%d)", uint8(m))
 }
 
-// Config holds a node's settings. A zero field means its default. Build it
-// with Options passed to Join; they apply in order, a later one overriding an
-// earlier one.
+// Config holds a node's settings. Build it with Options passed to Join; they
+// apply in order, a later one overriding an earlier one. A zero field means
+// its default; a negative number or duration makes Join fail with
+// ErrInvalidConfig (except MetricsInterval, where it disables the events).
 type Config struct {
-	// NodeID names the node; unique among live nodes. Dot-separated tokens of
-	// [A-Za-z0-9_-], at most 128 bytes. Default: random.
+	// NodeID names the node; unique among live nodes: dot-separated tokens
+	// of [A-Za-z0-9_-], at most 128 bytes. Default: a random ID.
 	NodeID string
-	// Prefix of every subject the node uses. Default "pubsub".
+	// Prefix of every subject the node uses: dot-separated tokens of
+	// [A-Za-z0-9_-]. Default: "pubsub".
 	Prefix string
-	// HeartbeatInterval between membership heartbeats. Default 500ms.
+	// HeartbeatInterval is the period of membership heartbeats, a duration.
+	// Default: 500ms (DefaultHeartbeatInterval).
 	HeartbeatInterval time.Duration
-	// MemberTimeout after which a silent member is dropped. Default 3s; must
-	// exceed HeartbeatInterval.
+	// MemberTimeout is how long a silent member stays in the view, a
+	// duration; it must exceed HeartbeatInterval. Default: 3s
+	// (DefaultMemberTimeout).
 	MemberTimeout time.Duration
-	// SubscriberTimeout a subscriber has to process one batch. Default 5s.
+	// SubscriberTimeout is how long a subscriber has to process one batch, a
+	// duration. Default: 5s (DefaultSubscriberTimeout).
 	SubscriberTimeout time.Duration
-	// RequestTimeout of node-to-node requests (subscribe, sync, publish
-	// routing). Default 5s.
+	// RequestTimeout bounds node-to-node requests (subscribe, sync, publish
+	// routing), a duration. Default: 5s (DefaultRequestTimeout).
 	RequestTimeout time.Duration
-	// EvictAfter consecutive failures of a subscriber evict it. Default 3.
+	// EvictAfter is the number of consecutive failures that evict a
+	// subscriber. Default: 3 (DefaultEvictAfter).
 	EvictAfter int
 	// MailboxSize is the default number of batches a subscription's mailbox
-	// holds before deliveries fail with MailboxFull. Default 1024.
+	// holds before deliveries fail with MailboxFull (WithSubscriptionMailbox
+	// overrides it per subscription). Default: 1024 batches
+	// (DefaultMailboxSize).
 	MailboxSize int
-	// Logger receives the node's logs. Default: discard.
+	// Logger receives the node's logs. Default: nil, which discards them.
 	Logger *slog.Logger
-	// DeliveryMode returns the mode of a topic. Default: AtMostOnce for all.
+	// DeliveryMode returns the mode of a topic. Default: nil, which means
+	// AtMostOnce for every topic.
 	DeliveryMode func(topic string) DeliveryMode
-	// MetricsInterval between MetricsSnapshot events. Default 10s; negative
-	// disables them (WithMetricsInterval(0) does that too).
+	// MetricsInterval is the period of MetricsSnapshot events, a duration;
+	// negative disables them (WithMetricsInterval(0) does that too).
+	// Default: 10s (DefaultMetricsInterval).
 	MetricsInterval time.Duration
-	// MaxMembers caps the view, this node included. Heartbeats of further
-	// nodes are ignored, counted in Stats().MembersRejected, logged
+	// MaxMembers caps the view, this node included, in nodes. Heartbeats of
+	// further nodes are ignored, counted in Stats().MembersRejected, logged
 	// (throttled) and reported by a MemberRejected event. It bounds what a
-	// flood of forged heartbeats can cost. Default 1024.
+	// flood of forged heartbeats can cost. Default: 1024 nodes
+	// (DefaultMaxMembers).
 	MaxMembers int
 	// PartitionPolicy says what a node does when it cannot see a majority of
-	// the cluster. Default KeepServing.
+	// the cluster. Default: KeepServing (the zero value).
 	PartitionPolicy PartitionPolicy
 }
 
@@ -78,53 +91,65 @@ const (
 	DefaultMemberTimeout     = 3 * time.Second
 	DefaultSubscriberTimeout = 5 * time.Second
 	DefaultRequestTimeout    = 5 * time.Second
-	DefaultEvictAfter        = 3
-	DefaultMailboxSize       = 1024
+	DefaultEvictAfter        = 3    // consecutive failures
+	DefaultMailboxSize       = 1024 // batches
 	DefaultMetricsInterval   = 10 * time.Second
-	DefaultMaxMembers        = 1024
+	DefaultMaxMembers        = 1024 // nodes, this one included
 )
 
 // Option changes one Config field.
 type Option func(*Config)
 
-// WithNodeID sets the node ID (default random).
+// WithNodeID sets Config.NodeID, the node's name: dot-separated tokens of
+// [A-Za-z0-9_-], at most 128 bytes. Default: a random ID.
 func WithNodeID(id string) Option { return func(c *Config) { c.NodeID = id } }
 
-// WithPrefix sets the subject prefix (default "pubsub").
+// WithPrefix sets Config.Prefix, the prefix of every subject the node uses.
+// Default: "pubsub".
 func WithPrefix(prefix string) Option { return func(c *Config) { c.Prefix = prefix } }
 
-// WithHeartbeatInterval sets the heartbeat period (default 500ms).
+// WithHeartbeatInterval sets Config.HeartbeatInterval, the period of
+// membership heartbeats. Default: 500ms (DefaultHeartbeatInterval).
 func WithHeartbeatInterval(d time.Duration) Option {
 	return func(c *Config) { c.HeartbeatInterval = d }
 }
 
-// WithMemberTimeout sets how long a silent member stays in the view (default 3s).
+// WithMemberTimeout sets Config.MemberTimeout, how long a silent member stays
+// in the view; it must exceed the heartbeat interval. Default: 3s
+// (DefaultMemberTimeout).
 func WithMemberTimeout(d time.Duration) Option { return func(c *Config) { c.MemberTimeout = d } }
 
-// WithSubscriberTimeout sets the time a subscriber has per batch (default 5s).
+// WithSubscriberTimeout sets Config.SubscriberTimeout, the time a subscriber
+// has per batch. Default: 5s (DefaultSubscriberTimeout).
 func WithSubscriberTimeout(d time.Duration) Option {
 	return func(c *Config) { c.SubscriberTimeout = d }
 }
 
-// WithRequestTimeout sets the timeout of node-to-node requests (default 5s).
+// WithRequestTimeout sets Config.RequestTimeout, the timeout of node-to-node
+// requests. Default: 5s (DefaultRequestTimeout).
 func WithRequestTimeout(d time.Duration) Option { return func(c *Config) { c.RequestTimeout = d } }
 
-// WithEvictAfter sets the consecutive failures that evict a subscriber (default 3).
+// WithEvictAfter sets Config.EvictAfter, the number of consecutive failures
+// that evict a subscriber. Default: 3 (DefaultEvictAfter).
 func WithEvictAfter(n int) Option { return func(c *Config) { c.EvictAfter = n } }
 
-// WithMailboxSize sets the default mailbox capacity in batches (default 1024).
+// WithMailboxSize sets Config.MailboxSize, the default mailbox capacity of a
+// subscription in batches. Default: 1024 batches (DefaultMailboxSize).
 func WithMailboxSize(n int) Option { return func(c *Config) { c.MailboxSize = n } }
 
-// WithLogger sets the logger (default: discard).
+// WithLogger sets Config.Logger, the node's logger. Default: nil, which
+// discards the logs.
 func WithLogger(l *slog.Logger) Option { return func(c *Config) { c.Logger = l } }
 
-// WithDeliveryMode sets the per-topic delivery mode (default AtMostOnce).
+// WithDeliveryMode sets Config.DeliveryMode, the delivery mode of each topic.
+// Default: nil, which means AtMostOnce for every topic.
 func WithDeliveryMode(mode func(topic string) DeliveryMode) Option {
 	return func(c *Config) { c.DeliveryMode = mode }
 }
 
-// WithMetricsInterval sets the period of MetricsSnapshot events (default
-// 10s); 0 or negative disables them.
+// WithMetricsInterval sets Config.MetricsInterval, the period of
+// MetricsSnapshot events; 0 or negative disables them. Default (without this
+// option): 10s (DefaultMetricsInterval).
 func WithMetricsInterval(d time.Duration) Option {
 	return func(c *Config) {
 		if d <= 0 {
@@ -134,68 +159,104 @@ func WithMetricsInterval(d time.Duration) Option {
 	}
 }
 
-// WithMaxMembers caps the member view (default 1024); nodes beyond it are
-// ignored, with a MemberRejected event.
+// WithMaxMembers sets Config.MaxMembers, the largest view in nodes, this one
+// included; nodes beyond it are ignored, with a MemberRejected event.
+// Default: 1024 nodes (DefaultMaxMembers).
 func WithMaxMembers(n int) Option { return func(c *Config) { c.MaxMembers = n } }
 
-// WithPartitionPolicy sets what a node cut off from the majority does
-// (default KeepServing).
+// WithPartitionPolicy sets Config.PartitionPolicy, what a node cut off from
+// the majority does. Default: KeepServing.
 func WithPartitionPolicy(p PartitionPolicy) Option {
 	return func(c *Config) { c.PartitionPolicy = p }
 }
 
-// resolve fills defaults and validates.
+// Every configuration is resolved in the same three steps: apply the options
+// (or copy the struct), fill the defaults of zero fields, validate, reporting
+// each invalid field as invalidConfig words it. Config: Join applies the
+// Options, then Config.resolve. ProducerConfig: NewBatchingProducer copies it,
+// then ProducerConfig.resolve. Subscriptions: newSubscribeConfig applies the
+// SubscribeOptions, then subscribeConfig.resolve.
+
+// resolve fills the defaults of c's zero fields, then validates it.
 func (c *Config) resolve() error {
 	if c.NodeID == "" {
 		c.NodeID = randomID()
 	}
-	if c.Prefix == "" {
-		c.Prefix = natsutil.DefaultPrefix
-	}
-	def := func(d *time.Duration, v time.Duration) {
-		if *d == 0 {
-			*d = v
-		}
-	}
-	def(&c.HeartbeatInterval, DefaultHeartbeatInterval)
-	def(&c.MemberTimeout, DefaultMemberTimeout)
-	def(&c.SubscriberTimeout, DefaultSubscriberTimeout)
-	def(&c.RequestTimeout, DefaultRequestTimeout)
-	def(&c.MetricsInterval, DefaultMetricsInterval)
-	if c.EvictAfter == 0 {
-		c.EvictAfter = DefaultEvictAfter
-	}
-	if c.MailboxSize == 0 {
-		c.MailboxSize = DefaultMailboxSize
-	}
-	if c.MaxMembers == 0 {
-		c.MaxMembers = DefaultMaxMembers
-	}
+	orDefault(&c.Prefix, natsutil.DefaultPrefix)
+	orDefault(&c.HeartbeatInterval, DefaultHeartbeatInterval)
+	orDefault(&c.MemberTimeout, DefaultMemberTimeout)
+	orDefault(&c.SubscriberTimeout, DefaultSubscriberTimeout)
+	orDefault(&c.RequestTimeout, DefaultRequestTimeout)
+	orDefault(&c.EvictAfter, DefaultEvictAfter)
+	orDefault(&c.MailboxSize, DefaultMailboxSize)
+	orDefault(&c.MetricsInterval, DefaultMetricsInterval)
+	orDefault(&c.MaxMembers, DefaultMaxMembers)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.DeliveryMode == nil {
 		c.DeliveryMode = func(string) DeliveryMode { return AtMostOnce }
 	}
-	if err := natsutil.ValidateNodeID(c.NodeID); err != nil {
-		return fmt.Errorf("%w: node ID: %v", ErrInvalidConfig, err)
+	return errors.Join(
+		validSubjectTokens("NodeID", c.NodeID, natsutil.ValidateNodeID, "leave it empty for a random ID"),
+		validSubjectTokens("Prefix", c.Prefix, natsutil.ValidatePrefix, `leave it empty for "pubsub"`),
+		notNegative("HeartbeatInterval", c.HeartbeatInterval, DefaultHeartbeatInterval, ""),
+		notNegative("MemberTimeout", c.MemberTimeout, DefaultMemberTimeout, ""),
+		exceeds("MemberTimeout", c.MemberTimeout, "HeartbeatInterval", c.HeartbeatInterval),
+		notNegative("SubscriberTimeout", c.SubscriberTimeout, DefaultSubscriberTimeout, ""),
+		notNegative("RequestTimeout", c.RequestTimeout, DefaultRequestTimeout, ""),
+		notNegative("EvictAfter", c.EvictAfter, DefaultEvictAfter, " failures"),
+		notNegative("MailboxSize", c.MailboxSize, DefaultMailboxSize, " batches"),
+		notNegative("MaxMembers", c.MaxMembers, DefaultMaxMembers, " nodes"),
+		knownPartitionPolicy(c.PartitionPolicy),
+	)
+}
+
+// invalidConfig is how every resolver words an invalid field: "<Field>
+// <value> <problem>; <what to do>", wrapping ErrInvalidConfig.
+func invalidConfig(field string, value any, problem, todo string) error {
+	return fmt.Errorf("%w: %s %v %s; %s", ErrInvalidConfig, field, value, problem, todo)
+}
+
+// orDefault sets *v to def when it is zero.
+func orDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
 	}
-	if err := natsutil.ValidatePrefix(c.Prefix); err != nil {
-		return fmt.Errorf("%w: prefix: %v", ErrInvalidConfig, err)
+}
+
+// notNegative reports a negative v of field; def (followed by unit) is the
+// default a zero gives.
+func notNegative[T ~int | ~int64](field string, v, def T, unit string) error {
+	if v >= 0 {
+		return nil
 	}
-	switch {
-	case c.HeartbeatInterval < 0, c.MemberTimeout < 0, c.SubscriberTimeout < 0, c.RequestTimeout < 0:
-		return fmt.Errorf("%w: negative duration", ErrInvalidConfig)
-	case c.MemberTimeout <= c.HeartbeatInterval:
-		return fmt.Errorf("%w: MemberTimeout %v must exceed HeartbeatInterval %v", ErrInvalidConfig, c.MemberTimeout, c.HeartbeatInterval)
-	case c.EvictAfter < 0:
-		return fmt.Errorf("%w: EvictAfter %d is negative", ErrInvalidConfig, c.EvictAfter)
-	case c.MailboxSize < 0:
-		return fmt.Errorf("%w: MailboxSize %d is negative", ErrInvalidConfig, c.MailboxSize)
-	case c.MaxMembers < 0:
-		return fmt.Errorf("%w: MaxMembers %d is negative", ErrInvalidConfig, c.MaxMembers)
-	case c.PartitionPolicy > KeepMajority:
-		return fmt.Errorf("%w: unknown PartitionPolicy %d; use KeepServing or KeepMajority", ErrInvalidConfig, c.PartitionPolicy)
+	return invalidConfig(field, v, "is negative", fmt.Sprintf("use 0 for the default (%v%s) or a positive value", def, unit))
+}
+
+// exceeds reports a non-negative v of field that is not above other's value
+// ov (a negative v is notNegative's to report).
+func exceeds(field string, v time.Duration, other string, ov time.Duration) error {
+	if v < 0 || v > ov {
+		return nil
+	}
+	return invalidConfig(field, v, "does not exceed "+other+" "+ov.String(), "set it above "+other+" (by a few heartbeats; the defaults are 3s and 500ms)")
+}
+
+// validSubjectTokens reports a value of field that validate rejects; its
+// error names the allowed characters and length.
+func validSubjectTokens(field, v string, validate func(string) error, orElse string) error {
+	if err := validate(v); err != nil {
+		return invalidConfig(field, strconv.Quote(v), "is invalid ("+err.Error()+")", "correct it, or "+orElse)
 	}
 	return nil
+}
+
+// knownPartitionPolicy reports a PartitionPolicy this version does not know.
+func knownPartitionPolicy(p PartitionPolicy) error {
+	if p <= KeepMajority {
+		return nil
+	}
+	return invalidConfig("PartitionPolicy", p, "is unknown", "use KeepServing (the default) or KeepMajority")
 }

@@ -163,52 +163,15 @@ type messageSizer interface {
 // ErrInvalidTopic. Call Close to stop the goroutine.
 func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*BatchingProducer, error) {
 	if n, isNode := p.(*Node); p == nil || (isNode && n == nil) {
-		return nil, fmt.Errorf("%w: producer: nil Publisher", ErrInvalidConfig)
+		return nil, fmt.Errorf("%w: producer: Publisher is nil; pass a *Node or another Publisher", ErrInvalidConfig)
 	}
 	if err := validateTopic(topic); err != nil {
 		return nil, fmt.Errorf("pubsub: producer: %w", err)
 	}
-	switch {
-	case cfg.BatchSize < 0:
-		return nil, fmt.Errorf("%w: producer: BatchSize %d is negative", ErrInvalidConfig, cfg.BatchSize)
-	case cfg.MaxBatchBytes < 0:
-		return nil, fmt.Errorf("%w: producer: MaxBatchBytes %d is negative", ErrInvalidConfig, cfg.MaxBatchBytes)
-	case cfg.Linger < 0:
-		return nil, fmt.Errorf("%w: producer: Linger %v is negative", ErrInvalidConfig, cfg.Linger)
-	case cfg.MaxQueueSize < 0:
-		return nil, fmt.Errorf("%w: producer: MaxQueueSize %d is negative", ErrInvalidConfig, cfg.MaxQueueSize)
-	case cfg.PublishTimeout < 0:
-		return nil, fmt.Errorf("%w: producer: PublishTimeout %v is negative", ErrInvalidConfig, cfg.PublishTimeout)
-	case cfg.MaxInFlight < 0:
-		return nil, fmt.Errorf("%w: producer: MaxInFlight %d is negative", ErrInvalidConfig, cfg.MaxInFlight)
+	if err := cfg.resolve(p); err != nil {
+		return nil, fmt.Errorf("pubsub: producer for %q: %w", topic, err)
 	}
-	if cfg.BatchSize == 0 {
-		cfg.BatchSize = DefaultBatchSize
-	}
-	limit := 0 // the publisher's own message size limit, when it has one
-	if s, ok := p.(messageSizer); ok {
-		limit = s.MaxMessageSize()
-	}
-	if cfg.MaxBatchBytes == 0 {
-		cfg.MaxBatchBytes = DefaultMaxBatchBytes
-		if limit > 0 {
-			cfg.MaxBatchBytes = limit
-		}
-	}
-	if cfg.MaxQueueSize == 0 {
-		cfg.MaxQueueSize = DefaultMaxQueueSize
-	}
-	if cfg.PublishTimeout == 0 {
-		cfg.PublishTimeout = defaultPublishTimeout(p)
-	} else {
-		warnShortPublishTimeout(p, topic, cfg.PublishTimeout)
-	}
-	if cfg.MaxInFlight == 0 {
-		cfg.MaxInFlight = DefaultMaxInFlight
-	}
-	if cfg.OnPublishError == nil {
-		cfg.OnPublishError = func(int, error) ErrorDecision { return FailBatchAndStop }
-	}
+	warnShortPublishTimeout(p, topic, cfg.PublishTimeout)
 	bp := &BatchingProducer{
 		pub:       p,
 		id:        randomID(),
@@ -221,8 +184,8 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 		wakeLen:   1,
 		wakeBytes: math.MaxInt,
 	}
-	if limit > 0 && limit < bp.maxMsg {
-		bp.maxMsg = limit
+	if limit := messageLimit(p); limit > 0 {
+		bp.maxMsg = min(bp.maxMsg, limit)
 	}
 	bp.init, _ = p.(Initializer)
 	bp.initialized = bp.init == nil

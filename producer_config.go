@@ -1,37 +1,43 @@
 package pubsub
 
 import (
+	"errors"
 	"fmt"
 	"time"
 )
 
 // ProducerConfig configures a BatchingProducer. A zero field means its
-// default; a negative size or duration is an error (ErrInvalidConfig).
+// default; a negative number or duration makes NewBatchingProducer fail with
+// ErrInvalidConfig.
 type ProducerConfig struct {
-	// BatchSize is the largest number of messages in one batch. Default 2000.
+	// BatchSize is the largest number of messages in one batch. Default: 2000
+	// messages (DefaultBatchSize).
 	BatchSize int
-	// MaxBatchBytes is the largest size of one batch, counting each message
-	// as its length plus 8 bytes of framing. It is also the largest message
-	// Produce accepts: a bigger one is rejected at once with ErrTooLarge.
-	// Default: the publisher's MaxMessageSize() when it has that method (a
-	// *Node does; then a batch is never split by Node.PublishBatch), else
-	// 1 MiB - 64 KiB. A message larger than the publisher's MaxMessageSize
-	// is rejected at Produce even if MaxBatchBytes is set higher.
+	// MaxBatchBytes is the largest size of one batch in bytes, counting each
+	// message as its length plus 8 bytes of framing. It is also the largest
+	// message Produce accepts: a bigger one is rejected at once with
+	// ErrTooLarge. Default: the publisher's MaxMessageSize() when it has that
+	// method (a *Node does; then a batch is never split by
+	// Node.PublishBatch), else 1 MiB - 64 KiB (DefaultMaxBatchBytes). A
+	// message larger than the publisher's MaxMessageSize is rejected at
+	// Produce even if MaxBatchBytes is set higher.
 	MaxBatchBytes int
 	// Linger is how long a batch may wait for more messages after its first
-	// one was queued, so that it goes out fuller. Default 0: a batch goes as
-	// soon as a slot of MaxInFlight is free, and while all slots are busy the
-	// next batch fills up (natural batching). A full batch (BatchSize or
-	// MaxBatchBytes) never waits, nor do batches during Flush and Close.
+	// one was queued, so that it goes out fuller, a duration. Default: 0, no
+	// wait: a batch goes as soon as a slot of MaxInFlight is free, and while
+	// all slots are busy the next batch fills up (natural batching). A full
+	// batch (BatchSize or MaxBatchBytes) never waits, nor do batches during
+	// Flush and Close.
 	Linger time.Duration
 	// MaxQueueSize is the largest number of messages waiting in the queue
 	// (not counting the batches in flight). Produce past it returns a future
-	// already done with ErrQueueFull. Default 100 000.
+	// already done with ErrQueueFull. Default: 100 000 messages
+	// (DefaultMaxQueueSize).
 	MaxQueueSize int
 	// PublishTimeout bounds each attempt to publish a batch (and the
-	// Initialize call before the first one). An attempt that times out
-	// fails with an error wrapping ErrTimeout and context.DeadlineExceeded;
-	// its outcome is unknown.
+	// Initialize call before the first one), a duration. An attempt that
+	// times out fails with an error wrapping ErrTimeout and
+	// context.DeadlineExceeded; its outcome is unknown.
 	//
 	// Default, with a *Node publisher: the node's SubscriberTimeout +
 	// RequestTimeout (the longest the node waits for the owner's answer,
@@ -57,7 +63,7 @@ type ProducerConfig struct {
 	// the next batch starts once the previous call returned, since
 	// concurrent calls could be reordered. With more than one in flight, a
 	// batch that fails and is then retried is delivered after the batches
-	// issued behind it. Default 1.
+	// issued behind it. Default: 1 batch (DefaultMaxInFlight).
 	MaxInFlight int
 	// OnPublishError decides what happens to a batch whose publish attempt
 	// failed: attempt counts the failed attempts of that batch, from 1; err
@@ -66,8 +72,8 @@ type ProducerConfig struct {
 	// ErrTopicUnavailable and any error of a custom Publisher; it is not
 	// called for rejections that no retry can fix: ErrTooLarge and
 	// ErrInvalidTopic fail the batch only, and ErrClosed from the publisher
-	// (a closed Node) fails the batch and stops the producer. Default:
-	// always FailBatchAndStop.
+	// (a closed Node) fails the batch and stops the producer. Default: nil,
+	// which always decides FailBatchAndStop.
 	OnPublishError func(attempt int, err error) ErrorDecision
 }
 
@@ -85,6 +91,46 @@ const (
 // publisher's default follows its own timeouts instead (see
 // ProducerConfig.PublishTimeout).
 const DefaultPublishTimeout = DefaultSubscriberTimeout + DefaultRequestTimeout + publishWaitMargin
+
+// resolve fills the defaults of c's zero fields for publisher p, then
+// validates it (see Config.resolve).
+func (c *ProducerConfig) resolve(p Publisher) error {
+	if c.OnPublishError == nil {
+		c.OnPublishError = func(int, error) ErrorDecision { return FailBatchAndStop }
+	}
+	maxBatchBytes, publishTimeout := defaultMaxBatchBytes(p), defaultPublishTimeout(p)
+	orDefault(&c.BatchSize, DefaultBatchSize)
+	orDefault(&c.MaxBatchBytes, maxBatchBytes)
+	orDefault(&c.MaxQueueSize, DefaultMaxQueueSize)
+	orDefault(&c.PublishTimeout, publishTimeout)
+	orDefault(&c.MaxInFlight, DefaultMaxInFlight)
+	return errors.Join(
+		notNegative("BatchSize", c.BatchSize, DefaultBatchSize, " messages"),
+		notNegative("MaxBatchBytes", c.MaxBatchBytes, maxBatchBytes, " bytes"),
+		notNegative("Linger", c.Linger, 0, ", no wait"),
+		notNegative("MaxQueueSize", c.MaxQueueSize, DefaultMaxQueueSize, " messages"),
+		notNegative("PublishTimeout", c.PublishTimeout, publishTimeout, " for this publisher"),
+		notNegative("MaxInFlight", c.MaxInFlight, DefaultMaxInFlight, " batch"),
+	)
+}
+
+// messageLimit is the largest message p accepts: its MaxMessageSize when it
+// has that method, else 0 (no limit of its own).
+func messageLimit(p Publisher) int {
+	if s, ok := p.(messageSizer); ok {
+		return s.MaxMessageSize()
+	}
+	return 0
+}
+
+// defaultMaxBatchBytes is ProducerConfig.MaxBatchBytes's default for
+// publisher p.
+func defaultMaxBatchBytes(p Publisher) int {
+	if limit := messageLimit(p); limit > 0 {
+		return limit
+	}
+	return DefaultMaxBatchBytes
+}
 
 // batchOverhead is what a message costs in a batch beyond its data: the
 // framing Node.PublishBatch counts when it splits a batch. Counting the same

@@ -45,8 +45,9 @@ func defaultPublishTimeout(p Publisher) time.Duration {
 	return DefaultPublishTimeout
 }
 
-// warnShortPublishTimeout logs, on a *Node publisher's logger, that an
-// explicit PublishTimeout does not outlive the node's own wait.
+// warnShortPublishTimeout logs, on a *Node publisher's logger, that a
+// resolved PublishTimeout does not outlive the node's own wait. Only an
+// explicit value can: the default is the wait plus publishWaitMargin.
 //
 // Such a value is allowed rather than rejected with ErrInvalidConfig: a
 // producer may rightly prefer to give up early (an unknown outcome, then

@@ -42,19 +42,6 @@ type SubscriberID struct {
 // String returns "node/local".
 func (id SubscriberID) String() string { return id.Node + "/" + id.Local }
 
-// SubscribeOption configures one subscription.
-type SubscribeOption func(*subscribeConfig)
-
-type subscribeConfig struct {
-	mailboxSize int
-}
-
-// WithSubscriptionMailbox sets how many batches this subscription's mailbox holds
-// before deliveries fail with MailboxFull (default Config.MailboxSize).
-func WithSubscriptionMailbox(batches int) SubscribeOption {
-	return func(c *subscribeConfig) { c.mailboxSize = batches }
-}
-
 // Subscription is one handler registered for one topic.
 type Subscription struct {
 	node    *Node
@@ -127,14 +114,9 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 	if h == nil {
 		return nil, fmt.Errorf("pubsub: subscribe %q: nil handler", topic)
 	}
-	cfg := subscribeConfig{mailboxSize: n.cfg.MailboxSize}
-	for _, o := range opts {
-		if o != nil {
-			o(&cfg)
-		}
-	}
-	if cfg.mailboxSize <= 0 {
-		return nil, fmt.Errorf("%w: subscribe %q: mailbox size %d", ErrInvalidConfig, topic, cfg.mailboxSize)
+	cfg, err := newSubscribeConfig(&n.cfg, opts)
+	if err != nil {
+		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
