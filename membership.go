@@ -1,11 +1,7 @@
 package pubsub
 
 import (
-	"context"
-	"encoding/binary"
-	"fmt"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,107 +12,6 @@ import (
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
 )
-
-// Member is one live node in a view.
-type Member struct {
-	ID          string // node ID
-	Incarnation uint64 // changes every time a node with this ID joins
-	Inbox       string // the node's inbox subject, <prefix>.node.<ID>
-}
-
-// view is an immutable membership snapshot. epoch counts this node's view
-// changes; id hashes the member list so nodes can tell when views agree.
-type view struct {
-	id      uint64
-	epoch   uint64
-	members []Member // sorted by ID, includes self
-}
-
-func newView(epoch uint64, members []Member) *view {
-	slices.SortFunc(members, func(a, b Member) int { return strings.Compare(a.ID, b.ID) })
-	h := uint64(fnvOffset)
-	for _, m := range members {
-		h = fnvString(h, m.ID)
-		h = fnvUint(h, m.Incarnation)
-	}
-	return &view{id: mix64(h), epoch: epoch, members: members}
-}
-
-// refs lists the view's members for the wire.
-func (v *view) refs() []*wire.MemberRef {
-	refs := make([]*wire.MemberRef, len(v.members))
-	for i, m := range v.members {
-		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation}
-	}
-	return refs
-}
-
-// member returns the member with the given ID.
-func (v *view) member(id string) (Member, bool) {
-	i, ok := slices.BinarySearchFunc(v.members, id, func(m Member, id string) int { return strings.Compare(m.ID, id) })
-	if !ok {
-		return Member{}, false
-	}
-	return v.members[i], true
-}
-
-// holds reports whether m, in its incarnation, is in the view.
-func (v *view) holds(m Member) bool {
-	cur, ok := v.member(m.ID)
-	return ok && cur.Incarnation == m.Incarnation
-}
-
-// has reports whether the member's incarnation is in the view.
-func (v *view) has(ref *wire.MemberRef) bool {
-	m, ok := v.member(ref.GetNodeId())
-	return ok && m.Incarnation == ref.GetIncarnation()
-}
-
-// ownerOf returns the rendezvous owner of topic: the member with the highest
-// hash of (topic, member ID). Only topics of a joining or leaving member move.
-func (v *view) ownerOf(topic string) Member {
-	best, bestH := 0, uint64(0)
-	for i, m := range v.members {
-		h := mix64(fnvString(fnvString(fnvOffset, topic)^0xff, m.ID))
-		if i == 0 || h > bestH {
-			best, bestH = i, h
-		}
-	}
-	return v.members[best]
-}
-
-const (
-	fnvOffset = 14695981039346656037
-	fnvPrime  = 1099511628211
-)
-
-func fnvString(h uint64, s string) uint64 {
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= fnvPrime
-	}
-	return h
-}
-
-func fnvUint(h uint64, x uint64) uint64 {
-	var b [8]byte
-	binary.LittleEndian.PutUint64(b[:], x)
-	for _, c := range b {
-		h ^= uint64(c)
-		h *= fnvPrime
-	}
-	return h
-}
-
-// mix64 is splitmix64's finaliser: FNV alone clusters similar strings.
-func mix64(x uint64) uint64 {
-	x ^= x >> 30
-	x *= 0xbf58476d1ce4e5b9
-	x ^= x >> 27
-	x *= 0x94d049bb133111eb
-	x ^= x >> 31
-	return x
-}
 
 // membership is the node's view of the live members: heartbeats in and out,
 // the peers heard from, the recent views, the partition quorum. mu guards
@@ -386,97 +281,6 @@ func (n *Node) publishEnvelope(subject string, env *wire.Envelope) {
 	if err != nil {
 		n.log.Debug("publish failed", "subject", subject, "err", err)
 	}
-}
-
-// joinView announces this node and waits until its view is stable: no new
-// member for a quiet period, and every member reports the same view. A lone
-// node returns after the quiet period.
-func (n *Node) joinView(ctx context.Context) error {
-	replies := make(chan *nats.Msg, 256)
-	inbox := n.nc.NewInbox()
-	sub, err := n.nc.ChanSubscribe(inbox, replies)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	// FlushWithContext needs a deadline; Join's ctx need not have one.
-	fctx, cancel := context.WithTimeout(ctx, n.cfg.RequestTimeout)
-	err = n.nc.FlushWithContext(fctx)
-	cancel()
-	if err != nil {
-		return err
-	}
-	quiet := min(n.cfg.HeartbeatInterval, 100*time.Millisecond)
-	start := time.Now()
-	lastChange := start
-	// Re-announce: a reply can be lost while our reply subscription's interest
-	// travels to the other servers.
-	resend := []time.Duration{0, quiet / 4, quiet / 2, quiet, 2 * quiet, 4 * quiet}
-	deadline := time.NewTimer(n.cfg.MemberTimeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(quiet / 8)
-	defer tick.Stop()
-	for {
-		if len(resend) > 0 && time.Since(start) >= resend[0] {
-			resend = resend[1:]
-			n.sendHeartbeat(wire.Heartbeat_JOIN, inbox)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-deadline.C:
-			// Views still disagree; heartbeats will converge them.
-			n.log.Info("joined before views converged", "node", n.self.ID)
-			return nil
-		case m := <-replies:
-			var env wire.Envelope
-			if proto.Unmarshal(m.Data, &env) != nil {
-				continue
-			}
-			hb := env.GetHeartbeat()
-			if hb == nil || hb.GetFrom().GetNodeId() == n.self.ID || natsutil.ValidateNodeID(hb.GetFrom().GetNodeId()) != nil {
-				continue
-			}
-			n.members.mu.Lock()
-			before := n.view().id
-			n.seen(hb.GetFrom(), hb.GetViewId())
-			for _, ref := range hb.GetMembers() {
-				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
-					if _, known := n.members.peers[ref.GetNodeId()]; !known {
-						n.seen(ref, 0)
-					}
-				}
-			}
-			if n.view().id != before {
-				lastChange = time.Now()
-			}
-			n.members.mu.Unlock()
-		case <-tick.C:
-		}
-		if n.members.idConflict.Load() {
-			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.self.ID)
-		}
-		if time.Since(lastChange) >= quiet && n.viewsAgree() {
-			return nil
-		}
-	}
-}
-
-// viewsAgree reports whether every peer last reported this node's view.
-func (n *Node) viewsAgree() bool {
-	n.members.mu.Lock()
-	defer n.members.mu.Unlock()
-	return n.viewsAgreeLocked()
-}
-
-func (n *Node) viewsAgreeLocked() bool {
-	id := n.view().id
-	for _, p := range n.members.peers {
-		if p.viewID != id {
-			return false
-		}
-	}
-	return true
 }
 
 // checkInboxDrops surfaces messages NATS dropped on the inbox because the

@@ -1,0 +1,105 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
+	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/proto"
+)
+
+// Joining: announce the node and wait for a stable initial view.
+
+// joinView announces this node and waits until its view is stable: no new
+// member for a quiet period, and every member reports the same view. A lone
+// node returns after the quiet period.
+func (n *Node) joinView(ctx context.Context) error {
+	replies := make(chan *nats.Msg, 256)
+	inbox := n.nc.NewInbox()
+	sub, err := n.nc.ChanSubscribe(inbox, replies)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	// FlushWithContext needs a deadline; Join's ctx need not have one.
+	fctx, cancel := context.WithTimeout(ctx, n.cfg.RequestTimeout)
+	err = n.nc.FlushWithContext(fctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	quiet := min(n.cfg.HeartbeatInterval, 100*time.Millisecond)
+	start := time.Now()
+	lastChange := start
+	// Re-announce: a reply can be lost while our reply subscription's interest
+	// travels to the other servers.
+	resend := []time.Duration{0, quiet / 4, quiet / 2, quiet, 2 * quiet, 4 * quiet}
+	deadline := time.NewTimer(n.cfg.MemberTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(quiet / 8)
+	defer tick.Stop()
+	for {
+		if len(resend) > 0 && time.Since(start) >= resend[0] {
+			resend = resend[1:]
+			n.sendHeartbeat(wire.Heartbeat_JOIN, inbox)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-deadline.C:
+			// Views still disagree; heartbeats will converge them.
+			n.log.Info("joined before views converged", "node", n.self.ID)
+			return nil
+		case m := <-replies:
+			var env wire.Envelope
+			if proto.Unmarshal(m.Data, &env) != nil {
+				continue
+			}
+			hb := env.GetHeartbeat()
+			if hb == nil || hb.GetFrom().GetNodeId() == n.self.ID || natsutil.ValidateNodeID(hb.GetFrom().GetNodeId()) != nil {
+				continue
+			}
+			n.members.mu.Lock()
+			before := n.view().id
+			n.seen(hb.GetFrom(), hb.GetViewId())
+			for _, ref := range hb.GetMembers() {
+				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
+					if _, known := n.members.peers[ref.GetNodeId()]; !known {
+						n.seen(ref, 0)
+					}
+				}
+			}
+			if n.view().id != before {
+				lastChange = time.Now()
+			}
+			n.members.mu.Unlock()
+		case <-tick.C:
+		}
+		if n.members.idConflict.Load() {
+			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.self.ID)
+		}
+		if time.Since(lastChange) >= quiet && n.viewsAgree() {
+			return nil
+		}
+	}
+}
+
+// viewsAgree reports whether every peer last reported this node's view.
+func (n *Node) viewsAgree() bool {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	return n.viewsAgreeLocked()
+}
+
+func (n *Node) viewsAgreeLocked() bool {
+	id := n.view().id
+	for _, p := range n.members.peers {
+		if p.viewID != id {
+			return false
+		}
+	}
+	return true
+}

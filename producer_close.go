@@ -1,0 +1,95 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// How a BatchingProducer stops: shutting intake, finishing or abandoning what
+// is queued, and the results of futures it never published.
+
+// stop fails everything queued with ErrClosed (wrapping cause) and stops
+// starting batches; the batches in flight still complete.
+func (p *BatchingProducer) stop(cause error) {
+	if p.stopping {
+		return
+	}
+	p.stopping = true
+	res := p.closedResult(1, "producer stopped after a batch failed", cause)
+	p.shutIntake(res)
+	for _, b := range p.fifo {
+		if b.state == batchRetryWait {
+			p.resolve(b, b.last)
+		}
+	}
+}
+
+// abandon runs when the lifetime context ends (Close gave up): it fails
+// everything queued or waiting for a retry with ErrClosed; the attempts in
+// flight end with their cancelled context (and count as abandoned only if
+// they then fail).
+func (p *BatchingProducer) abandon() {
+	p.dead = true
+	if p.shutIntake(p.closedResult(1, "producer closed before the message was published", nil)) {
+		p.abandoned.Store(true)
+	}
+	for _, b := range p.fifo {
+		if b.state == batchRetryWait {
+			p.abandoned.Store(true)
+			p.resolve(b, p.closedResult(len(b.msgs), "producer closed before the batch was retried", b.last.err))
+		}
+	}
+}
+
+// shutIntake stops intake and moves every queued message into a resolved
+// batch with outcome r. It reports whether there was any.
+func (p *BatchingProducer) shutIntake(r *produceResult) bool {
+	b := p.newBatch()
+	for i := p.pendHead; i < len(p.pend); i++ {
+		b.entries = append(b.entries, p.pend[i])
+		p.pend[i] = producerEntry{}
+	}
+	p.pend, p.pendHead = p.pend[:0], 0
+	p.mu.Lock()
+	if p.closed == nil {
+		p.closed = doneFuture(r)
+	}
+	b.entries = append(b.entries, p.in...)
+	clear(p.in)
+	p.in = p.in[:0]
+	p.cutSeq += uint64(p.queued)
+	p.queued, p.qbytes = 0, 0
+	p.mu.Unlock()
+	if len(b.entries) == 0 {
+		p.recycle(b)
+		return false
+	}
+	b.state = batchResolved
+	b.res = r
+	p.fifo = append(p.fifo, b)
+	return true
+}
+
+// closedResult is a Rejected outcome with ReasonClosed for n messages,
+// explaining why and wrapping cause when not nil.
+func (p *BatchingProducer) closedResult(n int, why string, cause error) *produceResult {
+	var err error
+	if cause != nil {
+		err = fmt.Errorf("%w: %s: %w", ErrClosed, why, cause)
+	} else {
+		err = fmt.Errorf("%w: %s", ErrClosed, why)
+	}
+	return &produceResult{ack: PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonClosed, Messages: n}, err: err}
+}
+
+// cancelled is the outcome of a message dropped because its context ended
+// (err is the context's error).
+func cancelled(topic string, err error) *produceResult {
+	if errors.Is(err, context.Canceled) {
+		err = fmt.Errorf("pubsub: message dropped before it was published: %w", err)
+	} else {
+		err = fmt.Errorf("pubsub: message dropped before it was published: %w (%w)", ErrCancelled, err)
+	}
+	return &produceResult{ack: PublishAck{Topic: topic, Status: Rejected, Reason: ReasonCancelled, Messages: 1}, err: err}
+}

@@ -1,0 +1,113 @@
+package pubsub
+
+import (
+	"encoding/binary"
+	"slices"
+	"strings"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// Views and ownership: an immutable member list with an ID that hashes it,
+// and rendezvous hashing over it.
+
+// Member is one live node in a view.
+type Member struct {
+	ID          string // node ID
+	Incarnation uint64 // changes every time a node with this ID joins
+	Inbox       string // the node's inbox subject, <prefix>.node.<ID>
+}
+
+// view is an immutable membership snapshot. epoch counts this node's view
+// changes; id hashes the member list so nodes can tell when views agree.
+type view struct {
+	id      uint64
+	epoch   uint64
+	members []Member // sorted by ID, includes self
+}
+
+func newView(epoch uint64, members []Member) *view {
+	slices.SortFunc(members, func(a, b Member) int { return strings.Compare(a.ID, b.ID) })
+	h := uint64(fnvOffset)
+	for _, m := range members {
+		h = fnvString(h, m.ID)
+		h = fnvUint(h, m.Incarnation)
+	}
+	return &view{id: mix64(h), epoch: epoch, members: members}
+}
+
+// refs lists the view's members for the wire.
+func (v *view) refs() []*wire.MemberRef {
+	refs := make([]*wire.MemberRef, len(v.members))
+	for i, m := range v.members {
+		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation}
+	}
+	return refs
+}
+
+// member returns the member with the given ID.
+func (v *view) member(id string) (Member, bool) {
+	i, ok := slices.BinarySearchFunc(v.members, id, func(m Member, id string) int { return strings.Compare(m.ID, id) })
+	if !ok {
+		return Member{}, false
+	}
+	return v.members[i], true
+}
+
+// holds reports whether m, in its incarnation, is in the view.
+func (v *view) holds(m Member) bool {
+	cur, ok := v.member(m.ID)
+	return ok && cur.Incarnation == m.Incarnation
+}
+
+// has reports whether the member's incarnation is in the view.
+func (v *view) has(ref *wire.MemberRef) bool {
+	m, ok := v.member(ref.GetNodeId())
+	return ok && m.Incarnation == ref.GetIncarnation()
+}
+
+// ownerOf returns the rendezvous owner of topic: the member with the highest
+// hash of (topic, member ID). Only topics of a joining or leaving member move.
+func (v *view) ownerOf(topic string) Member {
+	best, bestH := 0, uint64(0)
+	for i, m := range v.members {
+		h := mix64(fnvString(fnvString(fnvOffset, topic)^0xff, m.ID))
+		if i == 0 || h > bestH {
+			best, bestH = i, h
+		}
+	}
+	return v.members[best]
+}
+
+const (
+	fnvOffset = 14695981039346656037
+	fnvPrime  = 1099511628211
+)
+
+func fnvString(h uint64, s string) uint64 {
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= fnvPrime
+	}
+	return h
+}
+
+func fnvUint(h uint64, x uint64) uint64 {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], x)
+	for _, c := range b {
+		h ^= uint64(c)
+		h *= fnvPrime
+	}
+	return h
+}
+
+// mix64 is splitmix64's finaliser: FNV alone clusters similar strings.
+func mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
