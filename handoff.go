@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -222,11 +223,7 @@ func (r *syncRegistry) hasPending(topic string) bool {
 func (r *syncRegistry) topicsPending() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	ts := make([]string, 0, len(r.subs))
-	for t := range r.subs {
-		ts = append(ts, t)
-	}
-	return ts
+	return slices.Collect(maps.Keys(r.subs))
 }
 
 // viewChanged runs on the control actor, in view order. Under a burst of view

@@ -1,6 +1,8 @@
 package pubsub
 
 import (
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -29,11 +31,7 @@ func (o *ownerSide) init(n *Node) {
 func (o *ownerSide) names() []string {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	topics := make([]string, 0, len(o.topics))
-	for t := range o.topics {
-		topics = append(topics, t)
-	}
-	return topics
+	return slices.Collect(maps.Keys(o.topics))
 }
 
 // actor returns the topic's actor, creating it.
@@ -185,13 +183,7 @@ func (n *Node) refreshTopics() {
 	for _, t := range n.owner.registry.topicsPending() {
 		n.owner.actor(t)
 	}
-	n.owner.mu.Lock()
-	topics := make([]string, 0, len(n.owner.topics))
-	for t := range n.owner.topics {
-		topics = append(topics, t)
-	}
-	n.owner.mu.Unlock()
-	for _, t := range topics {
+	for _, t := range n.owner.names() {
 		// Through onActor: an actor collected meanwhile must not take the
 		// topic's synced subscribers with it.
 		n.owner.onActor(t, false, func(a *topicActor) { a.reconcile() })

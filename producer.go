@@ -49,7 +49,7 @@ type BatchingProducer struct {
 	topic  string
 	cfg    ProducerConfig
 	maxMsg int    // largest message Produce accepts
-	id     string // names this producer's batches to subscriber nodes (batchOrigin)
+	id     string // names this producer's batches to subscriber nodes
 
 	ctx       context.Context // the producer's lifetime: cancelled when Close gives up
 	cancel    context.CancelFunc
@@ -148,7 +148,7 @@ type attemptEvent struct {
 //
 // issued must be called at most once, and not after the call returned.
 type orderedPublisher interface {
-	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), origin batchOrigin) (PublishAck, error)
+	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq uint64) (PublishAck, error)
 }
 
 // messageSizer is implemented by publishers that know their message size
@@ -162,7 +162,7 @@ type messageSizer interface {
 // defaults; a negative one fails with ErrInvalidConfig, an invalid topic with
 // ErrInvalidTopic. Call Close to stop the goroutine.
 func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*BatchingProducer, error) {
-	if n, isNode := p.(*Node); p == nil || (isNode && n == nil) {
+	if p == nil || isNilPointer(p) {
 		return nil, fmt.Errorf("%w: producer: Publisher is nil; pass a *Node or another Publisher", ErrInvalidConfig)
 	}
 	if err := validateTopic(topic); err != nil {

@@ -197,7 +197,7 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs [][]byte, i
 				}
 			}
 		}
-		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issued, batchOrigin{producer: p.id, seq: b.seq})
+		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issued, p.id, b.seq)
 	} else {
 		// Without an issue report the gate opens with the result: one
 		// batch at a time, as two concurrent calls may swap.

@@ -153,9 +153,9 @@ func (p *initPub) PublishBatch(ctx context.Context, topic string, batch [][]byte
 // batch issued once it has recorded it.
 type orderedPub struct{ *mockPub }
 
-func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
+func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq uint64) (PublishAck, error) {
 	o.mu.Lock()
-	o.origins = append(o.origins, origin)
+	o.origins = append(o.origins, batchOrigin{producer: producer, seq: seq})
 	o.mu.Unlock()
 	return o.do(ctx, topic, batch, issued)
 }

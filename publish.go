@@ -47,7 +47,7 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // subscribers: do not modify them before PublishBatch returns, nor after it
 // if a subscriber timed out and may still be reading them.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
-	return n.publishBatchIssued(ctx, topic, batch, nil, batchOrigin{})
+	return n.publishBatchIssued(ctx, topic, batch, nil, "", 0)
 }
 
 // batchOrigin names one batch of one BatchingProducer; the zero value, for
@@ -71,7 +71,8 @@ func (o batchOrigin) chunk(i int) batchOrigin {
 // starts its next batch then, so several can be in flight in order. A retry
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
-func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), origin batchOrigin) (PublishAck, error) {
+func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq uint64) (PublishAck, error) {
+	origin := batchOrigin{producer: producer, seq: seq}
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, len(batch), err)
 	}
