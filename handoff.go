@@ -49,7 +49,7 @@ func (r *syncRegistry) init(n *Node) {
 }
 
 // reset starts collecting for v, with this node's own subscriptions. Called
-// with memMu held, in view order.
+// with members.mu held, in view order.
 func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
 	r.mu.Lock()
 	if r.cancel != nil {

@@ -69,7 +69,7 @@ func (n *Node) selfRef() *wire.MemberRef {
 	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation}
 }
 
-// recomputeView installs a new view if the peer set changed. Callers hold memMu,
+// recomputeView installs a new view if the peer set changed. Callers hold members.mu,
 // so views are installed, and their handoff queued, in order.
 func (n *Node) recomputeView() {
 	members := make([]Member, 0, len(n.members.peers)+1)
@@ -209,7 +209,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 }
 
 // rejectMember counts, logs and reports (both throttled) a node ignored
-// because the view is full. Callers hold memMu.
+// because the view is full. Callers hold members.mu.
 func (n *Node) rejectMember(id string) {
 	n.stats.membersRejected.Add(1)
 	n.members.rejectedSince++

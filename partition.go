@@ -38,7 +38,7 @@ func (p PartitionPolicy) String() string {
 // had a majority. A minority never makes its own view stable, so it cannot
 // talk itself into a majority.
 type quorum struct {
-	stable *view // guarded by Node.memMu
+	stable *view // guarded by membership.mu
 	has    atomic.Bool
 }
 
@@ -51,7 +51,7 @@ func (n *Node) startQuorum() {
 }
 
 // updateQuorum re-evaluates the quorum; agree says every member reports the
-// current view. Callers hold memMu.
+// current view. Callers hold members.mu.
 func (n *Node) updateQuorum(agree bool) {
 	if n.cfg.PartitionPolicy != KeepMajority || n.members.quorum.stable == nil {
 		return
@@ -72,7 +72,7 @@ func (n *Node) updateQuorum(agree bool) {
 // forgetLeaver drops a member that left gracefully from the stable view,
 // so a cluster scaled down by graceful leaves keeps its majority. It runs
 // before the view without the leaver is installed, and only while this node
-// has a majority. Callers hold memMu.
+// has a majority. Callers hold members.mu.
 func (n *Node) forgetLeaver(id string) {
 	st := n.members.quorum.stable
 	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !n.members.quorum.has.Load() {
