@@ -177,7 +177,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 	}
 }
 
-// seen records a sign of life of ref; callers hold memMu.
+// seen records a sign of life of ref; callers hold members.mu.
 func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 	id := ref.GetNodeId()
 	p, ok := n.members.peers[id]
