@@ -50,7 +50,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		// Remembering more would let any sender grow the map: this batch is
 		// delivered without duplicate suppression, and that is logged.
 		n.subscriber.recentMu.Unlock()
-		if ok, held := n.logLimit.allow("recent/full"); ok {
+		if ok, held := n.log.limit.allow("recent/full"); ok {
 			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
 		}
 		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
@@ -257,7 +257,7 @@ type producerMark struct {
 func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus {
 	for j := range batch {
 		if err := s.call(ctx, &batch[j]); err != nil {
-			if ok, held := s.node.logLimit.allow("handler/" + s.id.Local); ok {
+			if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
 				s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 			}
 			return HandlerError

@@ -100,7 +100,7 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
 		return fill(count, SubscriberGone), false
 	}
-	if ok, held := n.logLimit.allow("deliver/" + node); ok {
+	if ok, held := n.log.limit.allow("deliver/" + node); ok {
 		n.log.Warn("delivery to node failed", "node", node, "err", err, "code", rep.GetCode(), "suppressed", held)
 	}
 	return fill(count, Timeout), true

@@ -1,9 +1,16 @@
 package pubsub
 
 import (
+	"log/slog"
 	"sync"
 	"time"
 )
+
+// nodeLogger is a node's logger and the throttle of its repeating lines.
+type nodeLogger struct {
+	*slog.Logger
+	limit logThrottle
+}
 
 // logThrottle lets one log line per key through per interval and counts the
 // lines it held back, so a subscriber failing on every message costs one

@@ -213,7 +213,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 func (n *Node) rejectMember(id string) {
 	n.stats.membersRejected.Add(1)
 	n.members.rejectedSince++
-	if ok, held := n.logLimit.allow("members/limit"); ok {
+	if ok, held := n.log.limit.allow("members/limit"); ok {
 		n.log.Warn("member ignored: the view holds MaxMembers members", "member", id, "limit", n.cfg.MaxMembers, "suppressed", held)
 		emit(n.events, MemberRejected{Member: id, Members: len(n.members.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.members.rejectedSince})
 		n.members.rejectedSince = 0
@@ -243,7 +243,7 @@ func (n *Node) heartbeatLoop() {
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
 		n.checkInboxDrops()
 		n.subscriber.forgetRecent(time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)))
-		n.logLimit.sweep()
+		n.log.limit.sweep()
 		if time.Since(lastCollect) >= n.cfg.MemberTimeout {
 			lastCollect = time.Now()
 			n.owner.collectIdleActors(n.cfg.MemberTimeout)

@@ -133,7 +133,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 // refuse answers a request its topic actor had no room for.
 func (n *Node) refuse(topic, reply string) {
 	n.stats.refused.Add(1)
-	if ok, held := n.logLimit.allow("refused"); ok {
+	if ok, held := n.log.limit.allow("refused"); ok {
 		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "suppressed", held)
 	}
 	n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})

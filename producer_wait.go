@@ -1,6 +1,9 @@
 package pubsub
 
-import "time"
+import (
+	"log/slog"
+	"time"
+)
 
 // publishWaitMargin is how much longer than its publisher's own wait a
 // producer's attempt lasts by default, so that the publisher's answer (an
@@ -19,11 +22,10 @@ type publishWaiter interface {
 	publishWait() time.Duration
 }
 
-var _ publishWaiter = (*Node)(nil)
-
-// publishWait mirrors the wait publishChunk gives one attempt to the owner.
-func (n *Node) publishWait() time.Duration {
-	return n.cfg.SubscriberTimeout + n.cfg.RequestTimeout
+// publisherLogger is implemented by a Publisher with a logger a producer
+// may log about it on. *Node does.
+type publisherLogger interface {
+	logger() *slog.Logger
 }
 
 // defaultPublishTimeout is ProducerConfig.PublishTimeout's default for
@@ -58,12 +60,13 @@ func defaultPublishTimeout(p Publisher) time.Duration {
 // The trade-off is documented on ProducerConfig.PublishTimeout and logged
 // here once per producer.
 func warnShortPublishTimeout(p Publisher, topic string, timeout time.Duration) {
-	n, ok := p.(*Node)
-	if !ok || n.log == nil {
+	w, ok := p.(publishWaiter)
+	l, logs := p.(publisherLogger)
+	if !ok || !logs || l.logger() == nil {
 		return
 	}
-	if wait := n.publishWait(); timeout <= wait {
-		n.log.Warn("producer PublishTimeout does not outlive the node's wait for the owner: a slow subscriber can time out its batches (outcome unknown) and, with FailBatchAndStop, stop the producer; leave PublishTimeout zero for the default",
+	if wait := w.publishWait(); timeout <= wait {
+		l.logger().Warn("producer PublishTimeout does not outlive the node's wait for the owner: a slow subscriber can time out its batches (outcome unknown) and, with FailBatchAndStop, stop the producer; leave PublishTimeout zero for the default",
 			"topic", topic, "publishTimeout", timeout, "nodeWait", wait, "default", wait+publishWaitMargin)
 	}
 }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -272,7 +274,20 @@ func validateTopic(topic string) error {
 	return nil
 }
 
-var _ orderedPublisher = (*Node)(nil)
+var (
+	_ orderedPublisher = (*Node)(nil)
+	_ publishWaiter    = (*Node)(nil)
+	_ publisherLogger  = (*Node)(nil)
+)
+
+// publishWait mirrors the wait publishChunk gives one attempt to the owner:
+// a producer's attempt outlives it by default (producer_wait.go).
+func (n *Node) publishWait() time.Duration {
+	return n.cfg.SubscriberTimeout + n.cfg.RequestTimeout
+}
+
+// logger is where a producer publishing through the node logs.
+func (n *Node) logger() *slog.Logger { return n.log.Logger }
 
 // appendEnvelope appends env's encoding to buf.
 func appendEnvelope(buf []byte, env *wire.Envelope) []byte {

@@ -36,7 +36,6 @@ package pubsub
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -59,7 +58,7 @@ type Node struct {
 	cfg        Config
 	self       Member // this node: ID, incarnation, inbox subject
 	nc         *nats.Conn
-	log        *slog.Logger
+	log        nodeLogger
 	rpc        *rpc
 	events     *EventStream
 	life       lifecycle
@@ -68,7 +67,6 @@ type Node struct {
 	subscriber subscriberSide
 	publisher  publisherSide
 	stats      nodeStats
-	logLimit   logThrottle
 }
 
 // lifecycle is what starts and stops a node: its context, its goroutines and
@@ -110,12 +108,11 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		// Incarnations grow with time, so peers tell a restarted node from a
 		// stale message of its previous life.
 		self:   Member{ID: cfg.NodeID, Incarnation: uint64(time.Now().UnixNano()), Inbox: natsutil.NodeSubject(cfg.Prefix, cfg.NodeID)},
-		log:    cfg.Logger.With("node", cfg.NodeID),
+		log:    nodeLogger{Logger: cfg.Logger.With("node", cfg.NodeID), limit: logThrottle{interval: logThrottleInterval}},
 		events: newEventStream(cfg.NodeID),
 	}
 	n.life.ctx, n.life.cancel = context.WithCancel(context.Background())
 	n.life.stopBeats, n.life.beatsStopped = make(chan struct{}), make(chan struct{})
-	n.logLimit.interval = logThrottleInterval
 	n.members.init(n)
 	n.owner.init(n)
 	n.subscriber.init()
