@@ -270,6 +270,12 @@ func TestMalformedMessagesDoNotDisturbNodes(t *testing.T) {
 		require.NoError(t, raw.Publish("pubsub.members", j))
 	}
 	require.NoError(t, raw.Flush())
+	// Each node answered the requests, so it has handled everything sent
+	// to its inbox: at least the first junk, which cannot be decoded, sent
+	// twice.
+	for _, n := range c.Nodes {
+		assert.GreaterOrEqual(t, n.Stats().Malformed, uint64(2), "malformed messages counted by %s", n.ID())
+	}
 	c.WaitConverged(t, 2*time.Second)
 	for i, n := range c.Nodes {
 		ack, err := n.Publish(ctxT(t), topic, msg(i))
