@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
@@ -23,60 +24,38 @@ func TestAtLeastOnceCopiesAreDeliveredOnce(t *testing.T) {
 		Owner: &wire.MemberRef{NodeId: "some-owner", Incarnation: 7}, Topic: "alo", Seq: 1,
 		Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte("once")}), Count: 1, AtLeastOnce: true,
 	}
-	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
-	if err != nil {
-		t.Fatal(err)
+	for i := range 3 {
+		st := deliverRaw(t, raw, c.Nodes[0].ID(), batch)
+		require.Equal(t, pubsub.Delivered, st, "status of copy %d", i)
 	}
-	for i := 0; i < 3; i++ {
-		m, err := raw.Request("pubsub.node."+c.Nodes[0].ID(), data, 2*time.Second)
-		if err != nil {
-			t.Fatalf("copy %d: %v", i, err)
-		}
-		var env wire.Envelope
-		if err := proto.Unmarshal(m.Data, &env); err != nil || env.GetReply() == nil {
-			t.Fatalf("copy %d: bad reply %v", i, err)
-		}
-		if st := env.GetReply().GetStatuses(); len(st) != 1 || pubsub.DeliveryStatus(st[0]) != pubsub.Delivered {
-			t.Fatalf("copy %d: statuses %v, want [delivered]", i, st)
-		}
-	}
-	if got := rec.of(s.ID()); len(got) != 1 {
-		t.Fatalf("handler saw %q for three copies of one batch, want it once", got)
-	}
+	require.Len(t, rec.of(s.ID()), 1, "handler calls for three copies of one batch")
 	// At most once, a copy of the batch a subscriber just handled is not
 	// handed to it again either, and an older batch of the same owner that
 	// arrives late is dropped as out of order rather than delivered after a
 	// newer one.
 	batch.AtLeastOnce, batch.Seq = false, 2
-	data, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
-	for i := 0; i < 2; i++ {
-		if st := deliverRaw(t, raw, c.Nodes[0].ID(), data); st != pubsub.Delivered {
-			t.Fatalf("at-most-once copy %d: status %v, want delivered", i, st)
-		}
+	for i := range 2 {
+		st := deliverRaw(t, raw, c.Nodes[0].ID(), batch)
+		require.Equal(t, pubsub.Delivered, st, "status of at-most-once copy %d", i)
 	}
 	batch.Seq = 1
-	data, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
-	if st := deliverRaw(t, raw, c.Nodes[0].ID(), data); st != pubsub.OutOfOrder {
-		t.Fatalf("late older batch: status %v, want out-of-order", st)
-	}
-	if got := rec.of(s.ID()); len(got) != 2 {
-		t.Fatalf("handler saw %d messages, want 2", len(got))
-	}
+	require.Equal(t, pubsub.OutOfOrder, deliverRaw(t, raw, c.Nodes[0].ID(), batch), "status of a late older batch")
+	require.Len(t, rec.of(s.ID()), 2, "messages handled")
 }
 
-// deliverRaw sends one encoded DeliverBatch for a single subscriber to node
-// and returns the status the node reported.
-func deliverRaw(t *testing.T, raw *nats.Conn, node string, data []byte) pubsub.DeliveryStatus {
+// deliverRaw sends batch, for a single subscriber, to node as its owner
+// would and returns the status the node reported.
+func deliverRaw(t *testing.T, raw *nats.Conn, node string, batch *wire.DeliverBatch) pubsub.DeliveryStatus {
 	t.Helper()
+	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: batch}})
+	require.NoError(t, err)
 	m, err := raw.Request("pubsub.node."+node, data, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	var env wire.Envelope
-	if err := proto.Unmarshal(m.Data, &env); err != nil || len(env.GetReply().GetStatuses()) != 1 {
-		t.Fatalf("bad reply %v: %v", &env, err)
-	}
-	return pubsub.DeliveryStatus(env.GetReply().GetStatuses()[0])
+	require.NoError(t, proto.Unmarshal(m.Data, &env), "reply")
+	statuses := env.GetReply().GetStatuses()
+	require.Len(t, statuses, 1, "statuses in reply %v", &env)
+	return pubsub.DeliveryStatus(statuses[0])
 }
 
 func TestAtLeastOnceSurvivesSubscriberServerLoss(t *testing.T) {
@@ -93,9 +72,7 @@ func TestAtLeastOnceSurvivesSubscriberServerLoss(t *testing.T) {
 	ack, err = c.Nodes[0].Publish(ctx, topic, []byte("during"))
 	mustAccept(t, ack, err, 1)
 	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(rec.of(s.ID())) >= 2 }, "subscriber did not get the message sent during the outage")
-	if got := rec.of(s.ID()); len(got) != 2 || got[1] != "during" {
-		t.Fatalf("subscriber got %q, want [before during] exactly once each", got)
-	}
+	require.Equal(t, []string{"before", "during"}, rec.of(s.ID()), "received exactly once each")
 }
 
 // A subscriber node keeps each BatchingProducer's order: a batch older than
@@ -108,21 +85,11 @@ func TestNodeKeepsProducerOrder(t *testing.T) {
 	raw := c.Connect(t, 0)
 	send := func(seq uint64, data string) pubsub.DeliveryStatus {
 		t.Helper()
-		env := &wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{
+		return deliverRaw(t, raw, c.Nodes[0].ID(), &wire.DeliverBatch{
 			Owner: &wire.MemberRef{NodeId: "owner", Incarnation: 1}, Topic: "ordered", Seq: seq,
 			Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte(data)}), Count: 1,
 			Producer: "producer-a", ProducerSeq: seq,
-		}}}
-		b, _ := proto.Marshal(env)
-		m, err := raw.Request("pubsub.node."+c.Nodes[0].ID(), b, 2*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var rep wire.Envelope
-		if err := proto.Unmarshal(m.Data, &rep); err != nil || len(rep.GetReply().GetStatuses()) != 1 {
-			t.Fatalf("bad reply: %v", err)
-		}
-		return pubsub.DeliveryStatus(rep.GetReply().GetStatuses()[0])
+		})
 	}
 	for _, step := range []struct {
 		seq  uint64
@@ -138,7 +105,5 @@ func TestNodeKeepsProducerOrder(t *testing.T) {
 			t.Fatalf("batch %d: status %s, want %s", step.seq, got, step.want)
 		}
 	}
-	if got := rec.of(s.ID()); len(got) != 2 || got[0] != "five" || got[1] != "six" {
-		t.Fatalf("handler saw %q, want [five six]", got)
-	}
+	require.Equal(t, []string{"five", "six"}, rec.of(s.ID()), "messages handled")
 }

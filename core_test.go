@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
@@ -18,17 +21,16 @@ func TestPublishReachesEverySubscriberOnce(t *testing.T) {
 	rec := newRecorder()
 	const topic = "orders"
 	const subs = 20
+	var all []*pubsub.Subscription
 	for i := 0; i < subs; i++ {
-		subscribe(t, c.Nodes[i%3], topic, rec.handler)
+		all = append(all, subscribe(t, c.Nodes[i%3], topic, rec.handler))
 	}
 	ctx := ctxT(t)
 	for i := 0; i < 100; i++ {
 		ack, err := c.Nodes[i%3].Publish(ctx, topic, msg(i))
 		mustAccept(t, ack, err, subs)
 	}
-	if got := rec.total(); got != 100*subs {
-		t.Fatalf("deliveries = %d, want %d", got, 100*subs)
-	}
+	require.Equal(t, 100*subs, rec.total(), "deliveries")
 	for i := 0; i < 10; i++ {
 		batch := make([][]byte, 10)
 		for j := range batch {
@@ -36,27 +38,12 @@ func TestPublishReachesEverySubscriberOnce(t *testing.T) {
 		}
 		ack, err := c.Nodes[(i+1)%3].PublishBatch(ctx, topic, batch)
 		mustAccept(t, ack, err, subs)
-		if ack.Messages != 10 {
-			t.Fatalf("ack.Messages = %d, want 10", ack.Messages)
-		}
+		require.Equal(t, 10, ack.Messages, "ack.Messages")
 	}
-	if got := rec.total(); got != 200*subs {
-		t.Fatalf("deliveries = %d, want %d", got, 200*subs)
-	}
-	// Exactly once and in order, per subscriber.
-	for id, got := range rec.got {
-		if len(got) != 200 {
-			t.Fatalf("%s got %d messages, want 200", id, len(got))
-		}
-		for i, m := range got {
-			if m != string(msg(i)) {
-				t.Fatalf("%s message %d = %s, want %s", id, i, m, msg(i))
-			}
-		}
-	}
-	if len(rec.got) != subs {
-		t.Fatalf("%d subscribers received, want %d", len(rec.got), subs)
-	}
+	require.Equal(t, 200*subs, rec.total(), "deliveries")
+	// Exactly once and in order, per subscriber, and nobody else.
+	checkInOrder(t, rec, all, 200)
+	require.Len(t, rec.got, subs, "subscribers that received")
 }
 
 func TestPublishRightAfterSubscribeArrives(t *testing.T) {
@@ -68,9 +55,7 @@ func TestPublishRightAfterSubscribeArrives(t *testing.T) {
 		s := subscribe(t, c.Nodes[1], topic, rec.handler)
 		ack, err := c.Nodes[2].Publish(ctx, topic, []byte("hello"))
 		mustAccept(t, ack, err, 1)
-		if got := rec.of(s.ID()); len(got) != 1 || got[0] != "hello" {
-			t.Fatalf("round %d: subscriber got %q, want [hello]", i, got)
-		}
+		require.Equal(t, []string{"hello"}, rec.of(s.ID()), "round %d: received by the subscriber", i)
 	}
 }
 
@@ -85,33 +70,23 @@ func TestUnsubscribeStopsOnlyThatSubscriber(t *testing.T) {
 	ack, err := c.Nodes[2].Publish(ctx, topic, []byte("one"))
 	mustAccept(t, ack, err, 3)
 
-	if err := b.Unsubscribe(ctx); err != nil {
-		t.Fatalf("unsubscribe: %v", err)
-	}
+	require.NoError(t, b.Unsubscribe(ctx))
 	select {
 	case <-b.Done():
 	default:
 		t.Fatal("Done() not closed after Unsubscribe")
 	}
-	if b.Err() != nil {
-		t.Fatalf("Err() = %v after Unsubscribe, want nil", b.Err())
-	}
+	require.NoError(t, b.Err(), "Err() after Unsubscribe")
 	ack, err = c.Nodes[2].Publish(ctx, topic, []byte("two"))
 	mustAccept(t, ack, err, 2)
-	if got := rec.of(b.ID()); len(got) != 1 {
-		t.Fatalf("unsubscribed subscriber got %q, want only [one]", got)
-	}
+	assert.Equal(t, []string{"one"}, rec.of(b.ID()), "received by the unsubscribed subscriber")
 	for _, s := range []*pubsub.Subscription{a, b2} {
-		if got := rec.of(s.ID()); len(got) != 2 {
-			t.Fatalf("%s got %q, want [one two]", s.ID(), got)
-		}
+		assert.Equal(t, []string{"one", "two"}, rec.of(s.ID()), "received by %s", s.ID())
 	}
-	if err := b.Unsubscribe(ctx); err != nil {
-		t.Fatalf("second Unsubscribe: %v", err)
-	}
+	require.NoError(t, b.Unsubscribe(ctx), "second Unsubscribe")
 }
 
-// ownedBy returns a topic that nodes[i] owns in its current view.
+// ownedBy returns a topic named prefix-<k> that n owns in its current view.
 func ownedBy(t *testing.T, n *pubsub.Node, prefix string) string {
 	t.Helper()
 	for i := 0; i < 10000; i++ {
@@ -193,59 +168,67 @@ func TestJoiningNodeTakesOverTopics(t *testing.T) {
 	}
 }
 
+// TestBadInput checks guarantee 8 for the caller's own mistakes: each is a
+// clear error, and the node carries on serving.
 func TestBadInput(t *testing.T) {
 	c := newCluster(t, 1, 1)
 	n := c.Nodes[0]
 	ctx := ctxT(t)
 	for _, topic := range []string{"", "has space", "tab\t", "ctl\x01", strings.Repeat("x", 257), "\xff\xfe"} {
-		ack, err := n.Publish(ctx, topic, []byte("x"))
-		if !errors.Is(err, pubsub.ErrInvalidTopic) || ack.Status != pubsub.Rejected || ack.Reason != pubsub.ReasonInvalidTopic {
-			t.Errorf("Publish(%q) = %+v, %v; want Rejected invalid-topic", topic, ack, err)
+		name := fmt.Sprintf("topic %q", topic)
+		if len(topic) > 32 {
+			name = fmt.Sprintf("topic of %d bytes", len(topic))
 		}
-		if s, err := n.Subscribe(ctx, topic, newRecorder().handler); s != nil || !errors.Is(err, pubsub.ErrInvalidTopic) {
-			t.Errorf("Subscribe(%q) = %v, %v; want nil, ErrInvalidTopic", topic, s, err)
-		}
-		if _, err := n.OwnerOf(topic); !errors.Is(err, pubsub.ErrInvalidTopic) {
-			t.Errorf("OwnerOf(%q) error = %v, want ErrInvalidTopic", topic, err)
-		}
+		t.Run(name, func(t *testing.T) {
+			ack, err := n.Publish(ctx, topic, []byte("x"))
+			assert.ErrorIs(t, err, pubsub.ErrInvalidTopic, "Publish")
+			assert.Equal(t, pubsub.Rejected, ack.Status, "Publish: ack %+v", ack)
+			assert.Equal(t, pubsub.ReasonInvalidTopic, ack.Reason, "Publish: ack %+v", ack)
+			s, err := n.Subscribe(ctx, topic, newRecorder().handler)
+			assert.Nil(t, s, "Subscribe")
+			assert.ErrorIs(t, err, pubsub.ErrInvalidTopic, "Subscribe")
+			_, err = n.OwnerOf(topic)
+			assert.ErrorIs(t, err, pubsub.ErrInvalidTopic, "OwnerOf")
+		})
 	}
-	if s, err := n.Subscribe(ctx, "ok", nil); s != nil || err == nil {
-		t.Errorf("Subscribe with nil handler = %v, %v; want an error", s, err)
-	}
-	big := make([]byte, n.MaxMessageSize()+1)
-	ack, err := n.PublishBatch(ctx, "ok", [][]byte{[]byte("small"), big})
-	if !errors.Is(err, pubsub.ErrTooLarge) || ack.Reason != pubsub.ReasonTooLarge {
-		t.Errorf("oversized publish = %+v, %v; want ErrTooLarge", ack, err)
-	}
-	cancelled, cancel := context.WithCancel(ctx)
-	cancel()
-	ack, err = n.Publish(cancelled, "ok", []byte("x"))
-	if !errors.Is(err, context.Canceled) || ack.Reason != pubsub.ReasonCancelled {
-		t.Errorf("publish with cancelled ctx = %+v, %v; want ReasonCancelled", ack, err)
-	}
-	if s, err := n.Subscribe(cancelled, "ok", newRecorder().handler); s != nil || !errors.Is(err, context.Canceled) {
-		t.Errorf("subscribe with cancelled ctx = %v, %v", s, err)
-	}
+	t.Run("nil handler", func(t *testing.T) {
+		s, err := n.Subscribe(ctx, "ok", nil)
+		assert.Nil(t, s)
+		assert.Error(t, err)
+	})
+	t.Run("oversized message", func(t *testing.T) {
+		big := make([]byte, n.MaxMessageSize()+1)
+		ack, err := n.PublishBatch(ctx, "ok", [][]byte{[]byte("small"), big})
+		assert.ErrorIs(t, err, pubsub.ErrTooLarge)
+		assert.Equal(t, pubsub.ReasonTooLarge, ack.Reason, "ack %+v", ack)
+	})
+	t.Run("cancelled context", func(t *testing.T) {
+		cancelled, cancel := context.WithCancel(ctx)
+		cancel()
+		ack, err := n.Publish(cancelled, "ok", []byte("x"))
+		assert.ErrorIs(t, err, context.Canceled, "Publish")
+		assert.Equal(t, pubsub.ReasonCancelled, ack.Reason, "Publish: ack %+v", ack)
+		s, err := n.Subscribe(cancelled, "ok", newRecorder().handler)
+		assert.Nil(t, s, "Subscribe")
+		assert.ErrorIs(t, err, context.Canceled, "Subscribe")
+	})
 	// The node still serves.
 	rec := newRecorder()
 	subscribe(t, n, "ok", rec.handler)
-	ack, err = n.Publish(ctx, "ok", []byte("fine"))
+	ack, err := n.Publish(ctx, "ok", []byte("fine"))
 	mustAccept(t, ack, err, 1)
 
-	// After Close: ErrClosed everywhere, and a second Close is nil.
-	if err := n.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Close(ctx); err != nil {
-		t.Fatalf("second Close = %v", err)
-	}
-	ack, err = n.Publish(ctx, "ok", []byte("x"))
-	if !errors.Is(err, pubsub.ErrClosed) || ack.Reason != pubsub.ReasonClosed {
-		t.Errorf("publish after Close = %+v, %v", ack, err)
-	}
-	if s, err := n.Subscribe(ctx, "ok", rec.handler); s != nil || !errors.Is(err, pubsub.ErrClosed) {
-		t.Errorf("subscribe after Close = %v, %v", s, err)
-	}
+	t.Run("closed node", func(t *testing.T) {
+		// After Close: ErrClosed everywhere, and a second Close is nil.
+		require.NoError(t, n.Close(ctx))
+		require.NoError(t, n.Close(ctx), "second Close")
+		ack, err := n.Publish(ctx, "ok", []byte("x"))
+		assert.ErrorIs(t, err, pubsub.ErrClosed, "Publish")
+		assert.Equal(t, pubsub.ReasonClosed, ack.Reason, "Publish: ack %+v", ack)
+		s, err := n.Subscribe(ctx, "ok", rec.handler)
+		assert.Nil(t, s, "Subscribe")
+		assert.ErrorIs(t, err, pubsub.ErrClosed, "Subscribe")
+	})
 }
 
 func TestCloseEndsSubscriptionsWithErrClosed(t *testing.T) {
@@ -257,9 +240,7 @@ func TestCloseEndsSubscriptionsWithErrClosed(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Done not closed by node Close")
 	}
-	if !errors.Is(s.Err(), pubsub.ErrClosed) {
-		t.Fatalf("Err() = %v, want ErrClosed", s.Err())
-	}
+	require.ErrorIs(t, s.Err(), pubsub.ErrClosed)
 }
 
 func TestMalformedMessagesDoNotDisturbNodes(t *testing.T) {
@@ -282,19 +263,18 @@ func TestMalformedMessagesDoNotDisturbNodes(t *testing.T) {
 	}
 	for _, j := range junk {
 		for _, n := range c.Nodes {
-			if err := raw.Publish("pubsub.node."+n.ID(), j); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := raw.Request("pubsub.node."+n.ID(), j, time.Second); err != nil {
-				t.Fatalf("request with junk to %s: %v", n.ID(), err)
-			}
+			require.NoError(t, raw.Publish("pubsub.node."+n.ID(), j))
+			_, err := raw.Request("pubsub.node."+n.ID(), j, time.Second)
+			require.NoError(t, err, "request with junk % x to %s", j, n.ID())
 		}
-		if err := raw.Publish("pubsub.members", j); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, raw.Publish("pubsub.members", j))
 	}
-	if err := raw.Flush(); err != nil {
-		t.Fatal(err)
+	require.NoError(t, raw.Flush())
+	// Each node answered the requests, so it has handled everything sent
+	// to its inbox: at least the first junk, which cannot be decoded, sent
+	// twice.
+	for _, n := range c.Nodes {
+		assert.GreaterOrEqual(t, n.Stats().Malformed, uint64(2), "malformed messages counted by %s", n.ID())
 	}
 	c.WaitConverged(t, 2*time.Second)
 	for i, n := range c.Nodes {
@@ -312,39 +292,40 @@ func TestJoinWithLiveNodeIDFails(t *testing.T) {
 		_ = n.Close(ctxT(t))
 		t.Fatal("Join with the ID of a live node succeeded")
 	}
-	if !errors.Is(err, pubsub.ErrInvalidConfig) {
-		t.Fatalf("err = %v, want ErrInvalidConfig", err)
-	}
+	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
 }
 
 func TestJoinValidatesConfig(t *testing.T) {
 	c := newCluster(t, 1, 1)
 	nc := c.Connect(t, 0)
-	for name, opts := range map[string][]pubsub.Option{
-		"bad node ID":      {pubsub.WithNodeID("a b")},
-		"bad prefix":       {pubsub.WithPrefix("a..b")},
-		"negative timeout": {pubsub.WithRequestTimeout(-time.Second)},
-		"member <= beat":   {pubsub.WithHeartbeatInterval(time.Second), pubsub.WithMemberTimeout(time.Second)},
-		"negative evict":   {pubsub.WithEvictAfter(-1)},
+	for _, tc := range []struct {
+		name string
+		opts []pubsub.Option
+	}{
+		{"bad node ID", []pubsub.Option{pubsub.WithNodeID("a b")}},
+		{"bad prefix", []pubsub.Option{pubsub.WithPrefix("a..b")}},
+		{"negative timeout", []pubsub.Option{pubsub.WithRequestTimeout(-time.Second)}},
+		{"member timeout not above heartbeat", []pubsub.Option{pubsub.WithHeartbeatInterval(time.Second), pubsub.WithMemberTimeout(time.Second)}},
+		{"negative evict", []pubsub.Option{pubsub.WithEvictAfter(-1)}},
 	} {
-		if n, err := pubsub.Join(ctxT(t), nc, opts...); err == nil || n != nil || !errors.Is(err, pubsub.ErrInvalidConfig) {
-			t.Errorf("%s: Join = %v, %v; want ErrInvalidConfig", name, n, err)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			n, err := pubsub.Join(ctxT(t), nc, tc.opts...)
+			assert.Nil(t, n)
+			assert.ErrorIs(t, err, pubsub.ErrInvalidConfig)
+		})
 	}
-	if _, err := pubsub.Join(ctxT(t), nil); err == nil {
-		t.Error("Join with a nil connection succeeded")
-	}
+	t.Run("nil connection", func(t *testing.T) {
+		n, err := pubsub.Join(ctxT(t), nil)
+		assert.Nil(t, n)
+		assert.Error(t, err)
+	})
 }
 
 func TestJoinWithoutDeadline(t *testing.T) {
 	c := newCluster(t, 1, 1)
 	n, err := pubsub.Join(context.Background(), c.Connect(t, 0), fast...)
-	if err != nil {
-		t.Fatalf("Join with a context without deadline: %v", err)
-	}
-	if err := n.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err, "Join with a context without deadline")
+	require.NoError(t, n.Close(context.Background()))
 }
 
 func TestBatchTooLargeInTotalIsSplitInOrder(t *testing.T) {
@@ -361,17 +342,11 @@ func TestBatchTooLargeInTotalIsSplitInOrder(t *testing.T) {
 	}
 	ack, err := c.Nodes[0].PublishBatch(ctx, topic, batch)
 	mustAccept(t, ack, err, 1)
-	if ack.Messages != len(batch) {
-		t.Fatalf("ack.Messages = %d, want %d", ack.Messages, len(batch))
-	}
+	require.Equal(t, len(batch), ack.Messages, "ack.Messages")
 	got := rec.of(s.ID())
-	if len(got) != len(batch) {
-		t.Fatalf("subscriber got %d messages, want %d", len(got), len(batch))
-	}
+	require.Len(t, got, len(batch), "messages received")
 	for i, m := range got {
-		if m[:6] != string(msg(i)) {
-			t.Fatalf("message %d starts %q, want %q", i, m[:6], msg(i))
-		}
+		require.Equal(t, string(msg(i)), m[:6], "start of message %d", i)
 	}
 }
 
@@ -401,19 +376,15 @@ func TestManySubscribersOnOneNodeBesideAFullBatch(t *testing.T) {
 			errs <- nil
 		}()
 	}
-	for w := 0; w < 8; w++ {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
-		}
+	for range 8 {
+		require.NoError(t, <-errs)
 	}
 	big := make([]byte, c.Nodes[0].MaxMessageSize())
 	start := time.Now()
 	ack, err := c.Nodes[0].Publish(ctx, topic, big)
 	t.Logf("publish to %d subscribers took %v", subs, time.Since(start))
 	mustAccept(t, ack, err, subs)
-	if got := count.Load(); got != subs {
-		t.Fatalf("%d handler calls, want %d", got, subs)
-	}
+	require.EqualValues(t, subs, count.Load(), "handler calls")
 }
 
 func TestDottedNodeIDsAndPrefix(t *testing.T) {

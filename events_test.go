@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
+
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
@@ -58,9 +60,8 @@ func TestEventsOfPublishAndDelivery(t *testing.T) {
 	if added.Topic != topic || added.Node != c.Nodes[0].ID() || added.Time.IsZero() {
 		t.Errorf("SubscriberAdded = %+v", added)
 	}
-	if _, err := c.Nodes[2].PublishBatch(ctx, topic, [][]byte{[]byte("a"), []byte("b")}); err != nil {
-		t.Fatal(err)
-	}
+	_, err := c.Nodes[2].PublishBatch(ctx, topic, [][]byte{[]byte("a"), []byte("b")})
+	require.NoError(t, err)
 	acc := find(t, owner, func(e pubsub.PublishAccepted) bool { return e.Topic == topic })
 	if acc.Messages != 2 || acc.Delivered != 1 || acc.Failed != 1 {
 		t.Errorf("PublishAccepted = %+v, want 2 messages, 1 delivered, 1 failed", acc)
@@ -75,26 +76,22 @@ func TestEventsOfPublishAndDelivery(t *testing.T) {
 	}
 	// A second failure evicts (EvictAfter 2): both the owner and the
 	// subscriber's node say so.
-	if _, err := c.Nodes[2].Publish(ctx, topic, []byte("c")); err != nil {
-		t.Fatal(err)
-	}
+	_, err = c.Nodes[2].Publish(ctx, topic, []byte("c"))
+	require.NoError(t, err)
 	for _, l := range []*eventLog{owner, subNode} {
 		ev := find(t, l, func(e pubsub.SubscriberEvicted) bool { return e.Subscriber == bad.ID() })
 		if ev.Status != pubsub.HandlerError || ev.Topic != topic {
 			t.Errorf("SubscriberEvicted = %+v", ev)
 		}
 	}
-	if err := good.Unsubscribe(ctx); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, good.Unsubscribe(ctx))
 	rm := find(t, owner, func(e pubsub.SubscriberRemoved) bool { return e.Subscriber == good.ID() })
 	if rm.Topic != topic {
 		t.Errorf("SubscriberRemoved = %+v", rm)
 	}
 	// Rejected on the publisher when the owner is never reached.
-	if _, err := c.Nodes[2].Publish(ctx, "bad topic", []byte("x")); err == nil {
-		t.Fatal("invalid topic accepted")
-	}
+	_, err = c.Nodes[2].Publish(ctx, "bad topic", []byte("x"))
+	require.Error(t, err, "invalid topic accepted")
 	rej := find(t, publisher, func(e pubsub.PublishRejected) bool { return e.Topic == "bad topic" })
 	if rej.Reason != pubsub.ReasonInvalidTopic || rej.Node != c.Nodes[2].ID() {
 		t.Errorf("PublishRejected = %+v", rej)
@@ -153,18 +150,11 @@ func TestTopicStatsAgreesWithSubscriptions(t *testing.T) {
 	}
 	for _, n := range c.Nodes {
 		ts, err := n.TopicStats(ctxT(t), "counted")
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		owner, _ := n.OwnerOf("counted")
-		if ts.Total != 6 || ts.Owner != owner.ID || len(ts.Subscribers) != 3 {
-			t.Fatalf("TopicStats from %s = %+v", n.ID(), ts)
-		}
-		for node, cnt := range want {
-			if ts.Subscribers[node] != cnt {
-				t.Fatalf("TopicStats from %s: %s has %d, want %d", n.ID(), node, ts.Subscribers[node], cnt)
-			}
-		}
+		require.Equal(t, 6, ts.Total, "TopicStats from %s: total", n.ID())
+		require.Equal(t, owner.ID, ts.Owner, "TopicStats from %s: owner", n.ID())
+		require.Equal(t, want, ts.Subscribers, "TopicStats from %s: subscribers per node", n.ID())
 	}
 }
 
@@ -211,7 +201,5 @@ func TestBlockedListenerDoesNotSlowPublishing(t *testing.T) {
 	defer mu.Unlock()
 	// 2 events per publish were emitted while the listener was stuck; its
 	// buffer took EventBufferSize of them.
-	if want := uint64(2*publishes - pubsub.EventBufferSize); dropped != want {
-		t.Fatalf("EventsDropped counted %d, want %d", dropped, want)
-	}
+	require.Equal(t, uint64(2*publishes-pubsub.EventBufferSize), dropped, "events counted by EventsDropped")
 }

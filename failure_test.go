@@ -9,11 +9,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
+
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
-// failuresOf returns the status reported for id in ack, if any.
+// failureOf returns the status ack reports for subscriber id, and whether
+// it reports one.
 func failureOf(ack pubsub.PublishAck, id pubsub.SubscriberID) (pubsub.DeliveryStatus, bool) {
 	for _, f := range ack.Failures {
 		if f.Subscriber == id {
@@ -44,16 +47,12 @@ func TestHandlerErrorIsReportedThenEvicted(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("failing subscriber not evicted after EvictAfter failures")
 	}
-	if !errors.Is(bad.Err(), pubsub.ErrEvicted) {
-		t.Fatalf("Err() = %v, want ErrEvicted", bad.Err())
-	}
+	require.ErrorIs(t, bad.Err(), pubsub.ErrEvicted)
 	for i := 3; i < 6; i++ {
 		ack, err := c.Nodes[0].Publish(ctx, topic, msg(i))
 		mustAccept(t, ack, err, 1)
 	}
-	if got := good.of(ok.ID()); len(got) != 6 {
-		t.Fatalf("healthy subscriber got %d messages, want 6", len(got))
-	}
+	require.Len(t, good.of(ok.ID()), 6, "messages received by the healthy subscriber")
 }
 
 func TestSuccessResetsFailureCount(t *testing.T) {
@@ -67,13 +66,10 @@ func TestSuccessResetsFailureCount(t *testing.T) {
 		return nil
 	})
 	for i := 0; i < 6; i++ {
-		if _, err := c.Nodes[0].Publish(ctx, "alternating", msg(i)); err != nil {
-			t.Fatal(err)
-		}
+		_, err := c.Nodes[0].Publish(ctx, "alternating", msg(i))
+		require.NoError(t, err)
 	}
-	if s.Err() != nil {
-		t.Fatalf("subscriber failing every other batch was evicted: %v", s.Err())
-	}
+	require.NoError(t, s.Err(), "subscriber failing every other batch was evicted")
 }
 
 func TestPanickingHandlerIsRecovered(t *testing.T) {
@@ -82,9 +78,7 @@ func TestPanickingHandlerIsRecovered(t *testing.T) {
 	const topic = "panics"
 	p := subscribe(t, c.Nodes[1], topic, func(context.Context, *pubsub.Message) error { panic("handler bug") })
 	ack, err := c.Nodes[0].Publish(ctx, topic, []byte("x"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	if st, found := failureOf(ack, p.ID()); !found || st != pubsub.HandlerError {
 		t.Fatalf("failures %+v, want handler-error for the panicking subscriber", ack.Failures)
 	}
@@ -151,20 +145,14 @@ func TestMailboxFull(t *testing.T) {
 	n := c.Nodes[0]
 	ctx := ctxT(t)
 	s, err := n.Subscribe(ctx, "full", func(context.Context, *pubsub.Message) error { <-release; return nil }, pubsub.WithSubscriptionMailbox(1))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	// Batch 1 occupies the handler, batch 2 the single mailbox slot; batch 3 has no room.
-	var wg sync.WaitGroup
 	acks := make([]pubsub.PublishAck, 3)
 	for i := range acks {
 		ack, err := n.Publish(ctx, "full", msg(i))
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err, "publish %d", i)
 		acks[i] = ack
 	}
-	wg.Wait()
 	st, found := failureOf(acks[2], s.ID())
 	if !found || (st != pubsub.MailboxFull && st != pubsub.Timeout) {
 		t.Fatalf("third ack %+v, want a failure for the full mailbox", acks[2])
@@ -199,9 +187,9 @@ func TestOwnerCrashTopicsMoveToSurvivors(t *testing.T) {
 		t.Fatalf("crashed node's subscriber still in ack: %+v", ack)
 	}
 	for _, s := range []*pubsub.Subscription{s1, s2} {
-		if got := rec.of(s.ID()); got[len(got)-1] != "after" {
-			t.Fatalf("%s got %q, want ... after", s.ID(), got)
-		}
+		got := rec.of(s.ID())
+		require.NotEmpty(t, got, "messages received by %s", s.ID())
+		require.Equal(t, "after", got[len(got)-1], "last message received by %s, of %q", s.ID(), got)
 	}
 }
 
@@ -252,7 +240,6 @@ func TestSubscriptionsSurviveRepeatedOwnershipChanges(t *testing.T) {
 
 func TestServerLossNodeFailsOver(t *testing.T) {
 	c := newCluster(t, 3, 3, pubsub.WithMemberTimeout(3*time.Second))
-	ctx := ctxT(t)
 	left := make(chan pubsub.MemberLeft, 16)
 	cancel := c.Nodes[0].Events().Subscribe(func(e pubsub.Event) {
 		if l, ok := e.(pubsub.MemberLeft); ok {
@@ -271,15 +258,14 @@ func TestServerLossNodeFailsOver(t *testing.T) {
 	// Node 1 still receives and publishes.
 	publishUntilAccepted(t, c.Nodes[0], "failover", []byte("to-1"), 2, 5*time.Second)
 	publishUntilAccepted(t, c.Nodes[1], "failover", []byte("from-1"), 2, 5*time.Second)
-	if got := rec.of(s1.ID()); got[len(got)-1] != "from-1" {
-		t.Fatalf("node 1's subscriber got %q", got)
-	}
+	got := rec.of(s1.ID())
+	require.NotEmpty(t, got, "messages received by node 1's subscriber")
+	require.Equal(t, "from-1", got[len(got)-1], "last message received by node 1's subscriber, of %q", got)
 	select {
 	case l := <-left:
 		t.Fatalf("membership flapped during a short server outage: %+v", l)
 	default:
 	}
-	_ = ctx
 }
 
 func TestPublishDuringOwnershipChangeIsNeverSilentlyLost(t *testing.T) {

@@ -2,11 +2,13 @@ package pubsub_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
@@ -19,16 +21,12 @@ func produceAll(t *testing.T, node *pubsub.Node, topic string, n, subs int, cfg 
 	t.Helper()
 	ctx := ctxT(t)
 	p, err := pubsub.NewBatchingProducer(node, topic, cfg)
-	if err != nil {
-		t.Fatalf("NewBatchingProducer: %v", err)
-	}
+	require.NoError(t, err, "NewBatchingProducer")
 	futs := make([]*pubsub.Produced, n)
 	for i := range futs {
 		futs[i] = p.Produce(ctx, msg(i))
 	}
-	if err := p.Flush(ctx); err != nil {
-		t.Fatalf("Flush: %v", err)
-	}
+	require.NoError(t, p.Flush(ctx), "Flush")
 	batches := map[int]bool{} // distinct ack.Messages seen, to log the batching
 	for i, f := range futs {
 		ack, err := f.Wait(ctx)
@@ -38,13 +36,10 @@ func produceAll(t *testing.T, node *pubsub.Node, topic string, n, subs int, cfg 
 		batches[ack.Messages] = true
 	}
 	t.Logf("%d messages; batch sizes seen: %d distinct", n, len(batches))
-	if err := p.Close(ctx); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
+	require.NoError(t, p.Close(ctx), "Close")
 	ack, err := p.Produce(ctx, []byte("late")).Wait(ctx)
-	if !errors.Is(err, pubsub.ErrClosed) || ack.Reason != pubsub.ReasonClosed {
-		t.Fatalf("Produce after Close: %+v, %v; want ErrClosed", ack, err)
-	}
+	require.ErrorIs(t, err, pubsub.ErrClosed, "Produce after Close")
+	require.Equal(t, pubsub.ReasonClosed, ack.Reason, "Produce after Close: ack %+v", ack)
 }
 
 // checkInOrder fails unless every subscription received msg(0..n-1) in order.
@@ -103,34 +98,26 @@ func TestProducerIntegrationCloseReleasesEverything(t *testing.T) {
 	subscribe(t, c.Nodes[2], topic, rec.handler)
 	ctx := ctxT(t)
 	p, err := pubsub.NewBatchingProducer(c.Nodes[1], topic, pubsub.ProducerConfig{Linger: time.Hour, MaxInFlight: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	futs := make([]*pubsub.Produced, 100)
 	for i := range futs {
 		futs[i] = p.Produce(ctx, msg(i))
 	}
 	// The hour of linger does not hold Close back: it publishes the queue.
-	if err := p.Close(ctx); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
+	require.NoError(t, p.Close(ctx), "Close")
 	for i, f := range futs {
 		select {
 		case <-f.Done():
 		default:
 			t.Fatalf("future %d not done after Close", i)
 		}
-		if _, err := f.Wait(ctx); err != nil {
-			t.Fatalf("message %d: %v", i, err)
-		}
+		_, err := f.Wait(ctx)
+		require.NoError(t, err, "message %d", i)
 	}
-	if got := rec.total(); got != len(futs) {
-		t.Fatalf("delivered %d, want %d", got, len(futs))
-	}
-	if err := p.Close(ctx); err != nil {
-		t.Fatalf("second Close: %v", err)
-	}
-	// goleak (TestMain) checks that no producer goroutine is left.
+	require.Equal(t, len(futs), rec.total(), "deliveries")
+	require.NoError(t, p.Close(ctx), "second Close")
+	// The cluster's cleanup (goleak) checks that no producer goroutine is
+	// left.
 }
 
 // BenchmarkProducerLocal measures deliveries per second through a
@@ -228,10 +215,8 @@ func TestProducerIntegrationConcurrentPipelinedProducersKeepOrder(t *testing.T) 
 			errs <- p.Close(ctx)
 		}(i)
 	}
-	for i := 0; i < topics; i++ {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
-		}
+	for range topics {
+		require.NoError(t, <-errs)
 	}
 	for i := range recs {
 		checkInOrder(t, recs[i], subs[i], n)
@@ -298,22 +283,14 @@ func blockedSubscriberRun(t *testing.T, opts []pubsub.Option) {
 	healthy := subscribe(t, c.Nodes[2], topic, rec.handler)
 
 	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{})
-	if err != nil {
-		t.Fatalf("NewBatchingProducer: %v", err)
-	}
-	defer func() {
-		if err := p.Close(ctx); err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	}()
+	require.NoError(t, err, "NewBatchingProducer")
+	defer func() { assert.NoError(t, p.Close(ctx), "Close") }()
 	const n = 20_000
 	futs := make([]*pubsub.Produced, n)
 	for i := range futs {
 		futs[i] = p.Produce(ctx, msg(i))
 	}
-	if err := p.Flush(ctx); err != nil {
-		t.Fatalf("Flush: %v", err)
-	}
+	require.NoError(t, p.Flush(ctx), "Flush")
 
 	outcomes := map[string]int{} // "accepted" or the rejection, to show what went wrong
 	var firstBad string
@@ -360,8 +337,6 @@ func blockedSubscriberRun(t *testing.T, opts []pubsub.Option) {
 			return false
 		}
 	}, "blocked subscriber %s not evicted", blocked.ID())
-	if err := blocked.Err(); !errors.Is(err, pubsub.ErrEvicted) {
-		t.Fatalf("blocked subscriber's Err() = %v, want ErrEvicted", err)
-	}
+	require.ErrorIs(t, blocked.Err(), pubsub.ErrEvicted, "blocked subscriber's Err()")
 	t.Logf("%d messages accepted; the blocked subscriber was reported timed out for %d messages, then evicted", n, timeouts)
 }

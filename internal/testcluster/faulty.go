@@ -57,12 +57,13 @@ type faults struct {
 // and inject traffic without being subject to faults.
 //
 // The cleanup heals every link, then tears down nodes, connections, links
-// and servers in that order.
+// and servers in that order, and checks for leaked goroutines as New's does.
 func NewFaulty(t testing.TB, servers, nodes int, opts ...pubsub.Option) *Cluster {
 	t.Helper()
 	if servers < 1 {
 		t.Fatalf("testcluster: %d servers, want at least 1", servers)
 	}
+	verifyNoLeaks(t)
 	f := &faults{prefix: prefixOf(opts), routes: make(map[[2]int]*faultnet.Link)}
 	c := &Cluster{Servers: &embedded.Cluster{}, faults: f}
 	// Registered first, so a failure half-way through releases what was

@@ -8,7 +8,10 @@
 //
 // Everything started here is torn down by t.Cleanup, in dependency order:
 // nodes first (so their leave announcements can still go out), then NATS
-// connections, then servers.
+// connections, then servers. After the teardown the same cleanup checks,
+// with goleak, that no goroutine started since the cluster was created
+// outlives it, so a leak fails the test that caused it, not only the test
+// binary.
 //
 // Functions taking a testing.TB may call t.Fatalf, so they must be called
 // from the test's own goroutine.
@@ -25,6 +28,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"go.uber.org/goleak"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
@@ -78,9 +82,11 @@ type Cluster struct {
 // joins with opts followed by WithNodeID, so the harness's IDs always win.
 //
 // New does not wait for the nodes' views to converge; call WaitConverged.
-// The cluster is torn down by t.Cleanup.
+// The cluster is torn down by t.Cleanup, which then fails t if a goroutine
+// started after New was called is still running (see verifyNoLeaks).
 func New(t testing.TB, servers, nodes int, opts ...pubsub.Option) *Cluster {
 	t.Helper()
+	verifyNoLeaks(t)
 	sc, err := embedded.StartCluster(servers)
 	if err != nil {
 		t.Fatalf("testcluster: start %d NATS servers: %v", servers, err)
@@ -316,9 +322,28 @@ func (c *Cluster) checkServer(t testing.TB, server int) {
 	}
 }
 
+// verifyNoLeaks registers a cleanup that fails t if a goroutine that was not
+// running when verifyNoLeaks was called outlives the test. New and NewFaulty
+// call it before registering the cluster's own cleanup: cleanups run last
+// registered first, so the check runs after the teardown, and after every
+// cleanup the test registered once it had the cluster. Goroutines that
+// already ran when the cluster was created (the test's own, or a parallel
+// test's) are not blamed; goleak retries for a while, so goroutines still
+// winding down after a Close (a NATS connection's read loop, say) are given
+// time to exit. It checks nothing once t has failed: a failing test may well
+// leave goroutines behind, and their report would only bury the failure.
+func verifyNoLeaks(t testing.TB) {
+	running := goleak.IgnoreCurrent()
+	t.Cleanup(func() {
+		if !t.Failed() {
+			goleak.VerifyNone(t, running)
+		}
+	})
+}
+
 // cleanup tears the cluster down in dependency order: nodes, connections,
-// proxies (NewFaulty only, healed first), servers. Nodes are closed concurrently, so a large cluster does not pay
-// one leave round per node; a failed Close is an error only for a live node
+// proxies (NewFaulty only, healed first), servers. Nodes are closed
+// concurrently, so a large cluster does not pay one leave round per node; a failed Close is an error only for a live node
 // on a connected connection, where a graceful leave must succeed (crashed
 // and already closed nodes are closed again only to release goroutines).
 func (c *Cluster) cleanup(t testing.TB) {
