@@ -3,7 +3,6 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -118,69 +117,6 @@ func TestProducerIntegrationCloseReleasesEverything(t *testing.T) {
 	require.NoError(t, p.Close(ctx), "second Close")
 	// The cluster's cleanup (goleak) checks that no producer goroutine is
 	// left.
-}
-
-// BenchmarkProducerLocal measures deliveries per second through a
-// BatchingProducer on one node with three local subscribers: publisher,
-// owner and subscribers coincide, so nothing crosses NATS.
-func BenchmarkProducerLocal(b *testing.B) {
-	for _, inFlight := range []int{1, 4} {
-		b.Run(fmt.Sprintf("inflight=%d", inFlight), func(b *testing.B) {
-			c := testcluster.New(b, 1, 1, fast...)
-			c.WaitConverged(b, 10*time.Second)
-			node := c.Nodes[0]
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-			defer cancel()
-			const topic = "bench-local"
-			var delivered atomic.Int64
-			for range 3 {
-				if _, err := node.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error {
-					delivered.Add(1)
-					return nil
-				}); err != nil {
-					b.Fatal(err)
-				}
-			}
-			p, err := pubsub.NewBatchingProducer(node, topic, pubsub.ProducerConfig{MaxInFlight: inFlight})
-			if err != nil {
-				b.Fatal(err)
-			}
-			data := make([]byte, 128)
-			// Back-pressure: never more than window messages outstanding,
-			// well below MaxQueueSize, so nothing is rejected.
-			const window = 50_000
-			ring := make([]*pubsub.Produced, window)
-			b.ReportAllocs()
-			b.ResetTimer()
-			start := time.Now()
-			for i := range b.N {
-				if f := ring[i%window]; f != nil {
-					<-f.Done()
-				}
-				ring[i%window] = p.Produce(ctx, data)
-			}
-			if err := p.Flush(ctx); err != nil {
-				b.Fatal(err)
-			}
-			elapsed := time.Since(start)
-			b.StopTimer()
-			for _, f := range ring {
-				if f == nil {
-					continue
-				}
-				if _, err := f.Wait(ctx); err != nil {
-					b.Fatalf("produce: %v", err)
-				}
-			}
-			if got, want := delivered.Load(), int64(3*b.N); got != want {
-				b.Fatalf("delivered %d, want %d", got, want)
-			}
-			b.ReportMetric(float64(3*b.N)/elapsed.Seconds(), "deliveries/s")
-			if err := p.Close(ctx); err != nil {
-				b.Fatal(err)
-			}
-		})
-	}
 }
 
 // Several pipelined producers on one node, to topics owned across the
