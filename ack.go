@@ -44,14 +44,14 @@ const (
 )
 
 // String implements fmt.Stringer.
-func (s AckStatus) String() string {
-	switch s {
-	case Accepted:
-		return "accepted"
-	case Rejected:
-		return "rejected"
+func (s AckStatus) String() string { return enumName(s, "AckStatus", "accepted", "rejected") }
+
+// enumName names v by its place in names, or as type(v) when out of range.
+func enumName[T ~uint8](v T, typ string, names ...string) string {
+	if int(v) < len(names) {
+		return names[v]
 	}
-	return fmt.Sprintf("AckStatus(%d)", uint8(s))
+	return fmt.Sprintf("%s(%d)", typ, uint8(v))
 }
 
 // Reason says why a publish was rejected.
@@ -68,14 +68,9 @@ const (
 	ReasonTopicUnavailable               // no ready owner within the request timeout
 )
 
-var reasonNames = [...]string{"none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable"}
-
 // String implements fmt.Stringer.
 func (r Reason) String() string {
-	if int(r) < len(reasonNames) {
-		return reasonNames[r]
-	}
-	return fmt.Sprintf("Reason(%d)", uint8(r))
+	return enumName(r, "Reason", "none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable")
 }
 
 // Err returns the sentinel error of r, or nil for ReasonNone.
@@ -138,14 +133,9 @@ const (
 	OutOfOrder
 )
 
-var deliveryNames = [...]string{"delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full", "out-of-order"}
-
 // String implements fmt.Stringer.
 func (s DeliveryStatus) String() string {
-	if int(s) < len(deliveryNames) {
-		return deliveryNames[s]
-	}
-	return fmt.Sprintf("DeliveryStatus(%d)", uint8(s))
+	return enumName(s, "DeliveryStatus", "delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full", "out-of-order")
 }
 
 // PublishAck is the answer to a publish. For Publish and PublishBatch, the

@@ -24,13 +24,7 @@ const (
 
 // String implements fmt.Stringer.
 func (m DeliveryMode) String() string {
-	switch m {
-	case AtMostOnce:
-		return "at-most-once"
-	case AtLeastOnce:
-		return "at-least-once"
-	}
-	return fmt.Sprintf("DeliveryMode(%d)", uint8(m))
+	return enumName(m, "DeliveryMode", "at-most-once", "at-least-once")
 }
 
 // Config holds a node's settings. Build it with Options passed to Join; they

@@ -1,7 +1,6 @@
 package pubsub
 
 import (
-	"fmt"
 	"sync/atomic"
 )
 
@@ -24,13 +23,7 @@ const (
 
 // String implements fmt.Stringer.
 func (p PartitionPolicy) String() string {
-	switch p {
-	case KeepServing:
-		return "keep-serving"
-	case KeepMajority:
-		return "keep-majority"
-	}
-	return fmt.Sprintf("PartitionPolicy(%d)", uint8(p))
+	return enumName(p, "PartitionPolicy", "keep-serving", "keep-majority")
 }
 
 // quorum tracks, under KeepMajority, whether this node sees a majority of the

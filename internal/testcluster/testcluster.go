@@ -40,10 +40,6 @@ const (
 	// above what a healthy cluster needs, so that only a real hang fails.
 	opTimeout = 10 * time.Second
 
-	// pollInterval is how often WaitFor and WaitConverged re-check their
-	// condition.
-	pollInterval = 5 * time.Millisecond
-
 	// reconnectWait is the pause between reconnect attempts of the nodes'
 	// connections: short, so that failover after ShutdownServer takes
 	// milliseconds rather than the client's default 2 s.
@@ -249,7 +245,7 @@ func (c *Cluster) WaitConverged(t testing.TB, timeout time.Duration, live ...int
 	t.Fatalf("testcluster: views of nodes %v did not converge on %v within %v:%s", live, want, timeout, views.String())
 }
 
-// WaitFor polls cond every 5 ms until it returns true, and fails the test
+// WaitFor polls cond every millisecond until it returns true, and fails the test
 // with the given message if it still does not after timeout. cond is
 // checked once more at the deadline, so a zero timeout is a plain assertion.
 func WaitFor(t testing.TB, timeout time.Duration, cond func() bool, format string, args ...any) {
@@ -259,20 +255,10 @@ func WaitFor(t testing.TB, timeout time.Duration, cond func() bool, format strin
 	}
 }
 
-// waitUntil polls cond every pollInterval until it holds or timeout
-// elapses, and reports whether it held. cond is evaluated at least once,
-// and once more after the deadline has passed.
+// waitUntil polls cond until it holds or timeout elapses, and reports
+// whether it held (embedded.Poll).
 func waitUntil(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(pollInterval)
-	}
+	return embedded.Poll(timeout, cond)
 }
 
 // memberIDs returns the sorted IDs of n's current member view. It sorts

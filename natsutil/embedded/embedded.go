@@ -137,7 +137,7 @@ func StartCluster(n int) (*Cluster, error) {
 		}
 		return true
 	}
-	if !poll(readyTimeout, meshed) {
+	if !Poll(readyTimeout, meshed) {
 		routes := make([]int, n)
 		for i, s := range c.Servers {
 			routes[i] = s.NumRoutes()
@@ -194,7 +194,7 @@ func (c *Cluster) WaitForInterest(subject string, timeout time.Duration) error {
 		}
 		return names
 	}
-	if poll(timeout, func() bool { return len(missing()) == 0 }) {
+	if Poll(timeout, func() bool { return len(missing()) == 0 }) {
 		return nil
 	}
 	// Re-check rather than report a stale list: interest may have arrived
@@ -205,10 +205,11 @@ func (c *Cluster) WaitForInterest(subject string, timeout time.Duration) error {
 	return nil
 }
 
-// poll evaluates cond every pollInterval until it holds or timeout elapses,
-// and reports whether it held. cond is evaluated at least once, and once more
-// after the deadline has passed, so a zero timeout is a plain check.
-func poll(timeout time.Duration, cond func() bool) bool {
+// Poll evaluates cond every millisecond until it holds or timeout elapses,
+// and reports whether it held: the way to wait for a condition in a test
+// instead of sleeping. cond is evaluated at least once, and once more after
+// the deadline has passed, so a zero timeout is a plain check.
+func Poll(timeout time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(timeout)
 	for {
 		if cond() {
