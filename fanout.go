@@ -168,6 +168,7 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus,
 	// is served without the subscribers this one evicted.
 	a.s.do(func() {
 		a.inflight--
+		a.n.owner.inflight.Add(-1)
 		a.account(b.outcomes)
 	})
 	a.n.emitAccepted(b.ack)

@@ -2,121 +2,12 @@ package pubsub
 
 import (
 	"context"
-	"maps"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
-
-// Ownership handoff, pulled by the owner. When a node's view changes to V,
-// its sync loop asks every member of V for that member's subscriptions of
-// the topics this node owns under V, naming V's members in the request so the
-// member can compute ownership whatever its own view is. An owner keeps
-// serving the topics it owned throughout; a topic it gained becomes ready
-// once every member of V answered.
-//
-// Pulling, rather than each member pushing when its own view changes, is what
-// makes asymmetric view changes harmless: a node whose peers dropped and
-// re-added it (a one-way route stall, a forged LEAVE) never changed its own
-// view, yet every peer that did asks it again. It also needs no buffer for
-// syncs of views not reached yet, so forged syncs cannot fill memory.
-//
-// A member also pushes, unasked, its subscriptions of topics whose owner
-// changed in its own view, to the new owner: that owner may have owned the
-// topic all along in its view and so never ask.
-type syncRegistry struct {
-	n        *Node
-	wake     chan struct{} // the sync loop has a new round to run
-	mu       sync.Mutex
-	view     *view
-	round    context.Context // cancelled when the view changes
-	cancel   context.CancelFunc
-	from     map[string]bool                // members whose subscriptions arrived
-	subs     map[string]map[string][]string // topic -> node -> subscribers
-	complete bool
-}
-
-// maxSyncPullers bounds the members asked at once: a view of forged members
-// costs a few goroutines, not one per member.
-const maxSyncPullers = 8
-
-func (r *syncRegistry) init(n *Node) {
-	r.n = n
-	r.wake = make(chan struct{}, 1)
-}
-
-// reset starts collecting for v, with this node's own subscriptions. Called
-// with members.mu held, in view order.
-func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers) {
-	r.mu.Lock()
-	if r.cancel != nil {
-		r.cancel()
-	}
-	r.round, r.cancel = context.WithCancel(r.n.life.ctx)
-	r.view, r.from, r.subs, r.complete = v, map[string]bool{}, map[string]map[string][]string{}, false
-	r.addLocked(r.n.self.ID, self)
-	done := r.checkLocked()
-	r.mu.Unlock()
-	select {
-	case r.wake <- struct{}{}:
-	default:
-	}
-	if done {
-		r.n.refreshTopics()
-	}
-}
-
-// syncLoop runs one pull round per view change, until the node closes. A
-// round is abandoned as soon as the view changes again.
-func (n *Node) syncLoop() {
-	defer n.life.goroutines.done()
-	for {
-		select {
-		case <-n.life.ctx.Done():
-			return
-		case <-n.owner.registry.wake:
-		}
-		n.owner.registry.pullRound()
-	}
-}
-
-// pullRound asks every member not yet heard for the current view.
-func (r *syncRegistry) pullRound() {
-	r.mu.Lock()
-	v, ctx := r.view, r.round
-	var missing []Member
-	for _, m := range v.members {
-		if !r.from[m.ID] {
-			missing = append(missing, m)
-		}
-	}
-	r.mu.Unlock()
-	if len(missing) == 0 || ctx.Err() != nil {
-		return
-	}
-	jobs := make(chan Member)
-	var wg sync.WaitGroup
-	for range min(maxSyncPullers, len(missing)) {
-		wg.Go(func() {
-			for m := range jobs {
-				r.pullMember(ctx, v, m)
-			}
-		})
-	}
-feed:
-	for _, m := range missing {
-		select {
-		case jobs <- m:
-		case <-ctx.Done():
-			break feed
-		}
-	}
-	close(jobs)
-	wg.Wait()
-}
 
 // pullMember asks m, page by page, for its subscriptions of the topics this
 // node owns under v, retrying until m answers, the view changes or the node
@@ -146,84 +37,12 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 		topics = append(topics, page.GetTopics()...)
 		last := page.GetTopics()
 		if !page.GetMore() || len(last) == 0 || len(last[len(last)-1].GetSubscribers()) == 0 {
-			r.applyPulled(v, m.ID, topics)
+			r.applyPulled(v, m, topics)
 			return
 		}
 		t := last[len(last)-1]
 		req.AfterTopic, req.AfterSubscriber = t.GetTopic(), t.GetSubscribers()[len(t.GetSubscribers())-1]
 	}
-}
-
-// applyPulled records member node's subscriptions for v.
-func (r *syncRegistry) applyPulled(v *view, node string, topics []*wire.TopicSubscribers) {
-	r.mu.Lock()
-	if r.view != v || r.complete {
-		r.mu.Unlock()
-		return
-	}
-	r.addLocked(node, topics)
-	done := r.checkLocked()
-	r.mu.Unlock()
-	if done {
-		r.n.refreshTopics()
-	}
-}
-
-func (r *syncRegistry) addLocked(node string, topics []*wire.TopicSubscribers) {
-	r.from[node] = true
-	for _, t := range topics {
-		if len(t.GetSubscribers()) == 0 || validateTopic(t.GetTopic()) != nil || r.view.ownerOf(t.GetTopic()).ID != r.n.self.ID {
-			continue
-		}
-		m := r.subs[t.GetTopic()]
-		if m == nil {
-			m = make(map[string][]string)
-			r.subs[t.GetTopic()] = m
-		}
-		m[node] = append(m[node], t.GetSubscribers()...)
-	}
-}
-
-// checkLocked marks the registry complete once every member answered; it
-// reports whether this call completed it.
-func (r *syncRegistry) checkLocked() bool {
-	if r.complete {
-		return false
-	}
-	for _, m := range r.view.members {
-		if !r.from[m.ID] {
-			return false
-		}
-	}
-	r.complete = true
-	return true
-}
-
-// take hands a gained topic its subscribers once every member answered for
-// the view of epoch.
-func (r *syncRegistry) take(topic string, epoch uint64) (map[string][]string, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.view.epoch != epoch || !r.complete {
-		return nil, false
-	}
-	subs := r.subs[topic]
-	delete(r.subs, topic)
-	return subs, true
-}
-
-// hasPending reports whether topic has synced subscribers not yet taken.
-func (r *syncRegistry) hasPending(topic string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.subs[topic] != nil
-}
-
-// topicsPending lists the topics that have synced subscribers not yet taken.
-func (r *syncRegistry) topicsPending() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Collect(maps.Keys(r.subs))
 }
 
 // viewChanged runs on the control actor, in view order. Under a burst of view
@@ -339,12 +158,16 @@ func splitSync(topics []*wire.TopicSubscribers, limit int) [][]*wire.TopicSubscr
 // members it names.
 func (n *Node) onSyncRequest(req *wire.SyncRequest, reply string) {
 	owner := req.GetFrom().GetNodeId()
-	v, self := viewOf(req.GetMembers(), n.self.ID)
+	v := viewOf(req.GetMembers())
 	if owner == "" || v == nil || len(req.GetMembers()) > n.cfg.MaxMembers {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid sync request"})
 		return
 	}
-	if self.Incarnation != n.self.Incarnation {
+	if req.GetHandover() {
+		n.serveHandover(v, owner, reply)
+		return
+	}
+	if !v.holds(n.self) {
 		// The requester's view holds another incarnation of this node; it
 		// must see this one join first.
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
@@ -399,26 +222,16 @@ func (n *Node) subscriptionsOwnedBy(v *view, owner string) [][2]string {
 	return out
 }
 
-// viewOf builds the view a requester named, and finds this node in it; nil
-// when the list is invalid or lacks this node.
-func viewOf(refs []*wire.MemberRef, self string) (*view, Member) {
+// viewOf builds the view a requester named; nil when the list is invalid.
+func viewOf(refs []*wire.MemberRef) *view {
 	members := make([]Member, 0, len(refs))
-	var me Member
-	found := false
 	for _, r := range refs {
 		if r.GetNodeId() == "" {
-			return nil, Member{}
+			return nil
 		}
-		m := Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation()}
-		if m.ID == self {
-			me, found = m, true
-		}
-		members = append(members, m)
+		members = append(members, Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation()})
 	}
-	if !found {
-		return nil, Member{}
-	}
-	return newView(0, members), me
+	return newView(0, members)
 }
 
 // onSync merges subscriptions a member pushed because the topics' owner
@@ -443,4 +256,26 @@ func (n *Node) onSync(s *wire.Sync, reply string) {
 		})
 	}
 	n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, ViewId: v.id})
+}
+
+// pullHandover asks leaver, draining after its LEAVE, for its state as owner
+// of the topics this node gains from it. A leaver that cannot give it (gone,
+// not ready for one of those topics, too much for one message) makes every
+// member be asked instead.
+func (r *syncRegistry) pullHandover(ctx context.Context, v *view, leaver Member) {
+	n := r.n
+	req := &wire.SyncRequest{From: n.selfRef(), ViewId: v.id, Members: v.refs(), Handover: true}
+	env := &wire.Envelope{Body: &wire.Envelope_SyncRequest{SyncRequest: req}}
+	rep, err := n.rpc.callEnvelope(ctx, leaver.Inbox, env, callOpts{timeout: n.cfg.RequestTimeout / 2})
+	if ctx.Err() != nil {
+		return
+	}
+	page := rep.GetSync()
+	if err != nil || rep.GetCode() != wire.Reply_OK || page == nil || page.GetIncomplete() ||
+		page.GetFrom().GetNodeId() != leaver.ID || page.GetFrom().GetIncarnation() != leaver.Incarnation {
+		n.log.Debug("no handover: asking every member", "leaver", leaver.ID, "err", err, "code", rep.GetCode(), "incomplete", page.GetIncomplete())
+		r.fallBack(v)
+		return
+	}
+	r.applyHandover(v, leaver.ID, page.GetTopics())
 }

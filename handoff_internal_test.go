@@ -106,14 +106,14 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	subs := func(s string) []*wire.TopicSubscribers {
 		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{s}}}
 	}
-	n.owner.registry.applyPulled(v, "b", subs("x"))
+	n.owner.registry.applyPulled(v, Member{ID: "b", Incarnation: 2}, subs("x"))
 	_, ok := n.owner.registry.take(topic, v.epoch)
 	require.False(t, ok, "complete without c")
 	// An answer for a view this node has left is dropped.
-	n.owner.registry.applyPulled(newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), "c", subs("stale"))
+	n.owner.registry.applyPulled(newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), Member{ID: "c", Incarnation: 3}, subs("stale"))
 	_, ok = n.owner.registry.take(topic, v.epoch)
 	require.False(t, ok, "an answer for another view completed this one")
-	n.owner.registry.applyPulled(v, "c", subs("y"))
+	n.owner.registry.applyPulled(v, Member{ID: "c", Incarnation: 3}, subs("y"))
 	// Completion hands the topic's subscribers to its actor, which becomes ready.
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	n.owner.mu.Lock()

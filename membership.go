@@ -29,10 +29,62 @@ type membership struct {
 	idConflict    atomic.Bool // an older live node with our ID was heard
 	joined        atomic.Bool // Join returned: the view is stable enough to serve topics
 	quorum        quorum      // KeepMajority's view of the partition
+	left          map[string]leave // members that left gracefully, recently
+}
+
+// leave remembers a graceful leave: its heartbeats, arriving late, must not
+// re-add the node, and the owners it leaves topics to ask it for a handover.
+type leave struct {
+	inc uint64
+	at  time.Time
+}
+
+// bury records m's graceful leave, forgetting the oldest one past limit.
+// Callers hold mu.
+func (m *membership) bury(leaver Member, limit int) {
+	if len(m.left) >= limit {
+		oldest := ""
+		for id, l := range m.left {
+			if oldest == "" || l.at.Before(m.left[oldest].at) {
+				oldest = id
+			}
+		}
+		delete(m.left, oldest)
+	}
+	m.left[leaver.ID] = leave{inc: leaver.Incarnation, at: time.Now()}
+}
+
+// buried reports whether incarnation inc of id left within ttl. Callers
+// hold mu.
+func (m *membership) buried(id string, inc uint64, ttl time.Duration) bool {
+	l, ok := m.left[id]
+	if ok && time.Since(l.at) > ttl {
+		delete(m.left, id)
+		return false
+	}
+	return ok && l.inc == inc
+}
+
+// changeBetween says what the registry must ask about for the move from
+// prev to next. Callers hold mu.
+func (m *membership) changeBetween(prev, next *view, self string) viewChange {
+	var c viewChange
+	for _, p := range prev.members {
+		if p.ID == self || next.holds(p) {
+			continue
+		}
+		if l, ok := m.left[p.ID]; ok && l.inc == p.Incarnation {
+			c.leavers = append(c.leavers, p)
+		} else {
+			c.lost = true
+		}
+	}
+	return c
 }
 
 func (m *membership) init(n *Node) {
 	m.peers = make(map[string]*peer)
+	m.left = make(map[string]leave)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
 	first := newView(0, []Member{n.self})
@@ -87,7 +139,7 @@ func (n *Node) recomputeView() {
 	if len(n.members.history) > maxViewHistory {
 		n.members.history = slices.Delete(n.members.history, 0, len(n.members.history)-maxViewHistory)
 	}
-	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID))
+	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
 	n.members.control.do(func() { n.viewChanged(prev, next) })
 }
@@ -156,10 +208,16 @@ func (n *Node) onMembers(m *nats.Msg) {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	if n.life.closed.Load() || n.life.closeCalled.Load() {
-		return // leaving: a JOIN answered now would re-add this node on the joiner
+		// Leaving: a JOIN answered now would re-add this node on the joiner.
+		// Peers leaving too need no handover from it.
+		if hb.GetKind() == wire.Heartbeat_LEAVE {
+			n.life.drain.markLeft(from.GetNodeId())
+		}
+		return
 	}
 	if hb.GetKind() == wire.Heartbeat_LEAVE {
 		if p, ok := n.members.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
+			n.members.bury(p.m, n.cfg.MaxMembers)
 			delete(n.members.peers, from.GetNodeId())
 			n.forgetLeaver(from.GetNodeId())
 			n.recomputeView()
@@ -181,6 +239,9 @@ func (n *Node) onMembers(m *nats.Msg) {
 func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 	id := ref.GetNodeId()
 	p, ok := n.members.peers[id]
+	if n.members.buried(id, ref.GetIncarnation(), n.cfg.MemberTimeout) {
+		return // a heartbeat of a node that left, arriving late
+	}
 	if ok && p.m.Incarnation != ref.GetIncarnation() {
 		if ref.GetIncarnation() < p.m.Incarnation {
 			return // a stale message of an older incarnation

@@ -4,6 +4,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -18,13 +19,14 @@ type ownerSide struct {
 	topics   map[string]*topicActor
 	seqFloor uint64 // the highest batch number of a collected actor
 	registry syncRegistry
+	inflight atomic.Int64 // accepted batches not yet answered, for a draining Close
 }
 
 func (o *ownerSide) init(n *Node) {
 	o.n = n
 	o.topics = make(map[string]*topicActor)
 	o.registry.init(n)
-	o.registry.reset(n.view(), nil)
+	o.registry.reset(n.view(), nil, viewChange{})
 }
 
 // names lists the topics that have an actor.

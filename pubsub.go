@@ -81,6 +81,7 @@ type lifecycle struct {
 	inboxSub     *nats.Subscription
 	stopBeats    chan struct{} // closed by Close before its LEAVE
 	beatsStopped chan struct{} // closed when the heartbeat loop returned
+	drain        drainState    // Close's drain: handovers served, leaves seen
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
@@ -199,10 +200,7 @@ func (n *Node) Close(ctx context.Context) error {
 		case <-n.life.beatsStopped:
 		case <-ctx.Done():
 		}
-		n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
-		fctx, cancel := context.WithTimeout(ctx, time.Second)
-		_ = n.nc.FlushWithContext(fctx)
-		cancel()
+		n.drainAndLeave(ctx)
 	}
 	n.shutdown(ErrClosed)
 	if err := n.life.goroutines.wait(ctx); err != nil {
@@ -266,6 +264,10 @@ func (n *Node) onInbox(m *nats.Msg) {
 	}
 	if n.life.closed.Load() {
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_CLOSED})
+		return
+	}
+	if n.life.drain.on.Load() {
+		n.onInboxDraining(&env, m.Reply)
 		return
 	}
 	switch b := env.Body.(type) {

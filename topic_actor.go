@@ -217,7 +217,8 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
 	}
-	a.inflight++    // until account runs for b
+	a.inflight++ // until account runs for b
+	n.owner.inflight.Add(1)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
 	for node, ns := range a.nodes {

@@ -632,9 +632,12 @@ func (x *PublishRequest) GetProducerSeq() uint64 {
 
 // TopicSubscribers lists one node's subscribers of one topic.
 type TopicSubscribers struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Topic         string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
-	Subscribers   []string               `protobuf:"bytes,2,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Topic       string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
+	Subscribers []string               `protobuf:"bytes,2,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
+	// node holds the subscribers when they are not the sender's own: in a
+	// handover, a leaving owner's state of the topic.
+	Node          string `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -683,16 +686,26 @@ func (x *TopicSubscribers) GetSubscribers() []string {
 	return nil
 }
 
+func (x *TopicSubscribers) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 // Sync carries, for view view_id, the sender's subscriptions of topics the
 // receiver owns under that view. As the answer to a SyncRequest it is one
 // page of them (more: another page follows); sent unasked, it pushes the
 // subscriptions of topics whose owner changed in the sender's view.
 type Sync struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	From          *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	ViewId        uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
-	Topics        []*TopicSubscribers    `protobuf:"bytes,3,rep,name=topics,proto3" json:"topics,omitempty"`
-	More          bool                   `protobuf:"varint,6,opt,name=more,proto3" json:"more,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	From   *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	ViewId uint64                 `protobuf:"varint,2,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
+	Topics []*TopicSubscribers    `protobuf:"bytes,3,rep,name=topics,proto3" json:"topics,omitempty"`
+	More   bool                   `protobuf:"varint,6,opt,name=more,proto3" json:"more,omitempty"`
+	// incomplete: a handover the leaving owner could not give in full (a topic
+	// it was not ready for, or too much for one message); ask every member.
+	Incomplete    bool `protobuf:"varint,7,opt,name=incomplete,proto3" json:"incomplete,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -755,6 +768,13 @@ func (x *Sync) GetMore() bool {
 	return false
 }
 
+func (x *Sync) GetIncomplete() bool {
+	if x != nil {
+		return x.Incomplete
+	}
+	return false
+}
+
 // SyncRequest asks a member for its subscriptions of the topics the sender
 // owns under the sender's view, listed in members. The answer is a page of
 // entries sorted by (topic, subscriber) after the cursor.
@@ -765,8 +785,12 @@ type SyncRequest struct {
 	Members         []*MemberRef           `protobuf:"bytes,3,rep,name=members,proto3" json:"members,omitempty"`
 	AfterTopic      string                 `protobuf:"bytes,4,opt,name=after_topic,json=afterTopic,proto3" json:"after_topic,omitempty"`
 	AfterSubscriber string                 `protobuf:"bytes,5,opt,name=after_subscriber,json=afterSubscriber,proto3" json:"after_subscriber,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// handover: ask a leaving owner for its state of the topics the sender
+	// gains now that it leaves (every node's subscribers), not for its own
+	// subscriptions.
+	Handover      bool `protobuf:"varint,6,opt,name=handover,proto3" json:"handover,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SyncRequest) Reset() {
@@ -832,6 +856,13 @@ func (x *SyncRequest) GetAfterSubscriber() string {
 		return x.AfterSubscriber
 	}
 	return ""
+}
+
+func (x *SyncRequest) GetHandover() bool {
+	if x != nil {
+		return x.Handover
+	}
+	return false
 }
 
 // DeliverBatch is one accepted batch for the subscribers on one node.
@@ -1311,22 +1342,27 @@ const file_wire_proto_rawDesc = "" +
 	"\x05count\x18\x06 \x01(\rR\x05count\x12#\n" +
 	"\rdelivered_ids\x18\t \x01(\bR\fdeliveredIds\x12\x1a\n" +
 	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
-	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeqJ\x04\b\x04\x10\x05\"J\n" +
+	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeqJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
-	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\"\xb0\x01\n" +
+	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\"\xd0\x01\n" +
 	"\x04Sync\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12<\n" +
 	"\x06topics\x18\x03 \x03(\v2$.clusterpubsub.wire.TopicSubscribersR\x06topics\x12\x12\n" +
-	"\x04more\x18\x06 \x01(\bR\x04moreJ\x04\b\x04\x10\x05J\x04\b\x05\x10\x06\"\xde\x01\n" +
+	"\x04more\x18\x06 \x01(\bR\x04more\x12\x1e\n" +
+	"\n" +
+	"incomplete\x18\a \x01(\bR\n" +
+	"incompleteJ\x04\b\x04\x10\x05J\x04\b\x05\x10\x06\"\xfa\x01\n" +
 	"\vSyncRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x127\n" +
 	"\amembers\x18\x03 \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\amembers\x12\x1f\n" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
-	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\"\xa4\x02\n" +
+	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xa4\x02\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +

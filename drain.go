@@ -1,0 +1,176 @@
+package pubsub
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// A graceful leave drains. Close stops the heartbeats, stops taking
+// requests (answering CLOSED, so requesters retry with the new owner at
+// once instead of waiting for a membership check), announces the LEAVE,
+// waits for the batches it accepted as owner to be answered, and serves
+// each member that gains some of its topics a handover: its subscriber sets
+// of those topics, so the new owners serve them without asking every member.
+// Only then does it unsubscribe its inbox.
+
+// drainState tracks a draining Close.
+type drainState struct {
+	on     atomic.Bool
+	mu     sync.Mutex
+	served map[string]bool // members that took their handover
+	left   map[string]bool // members that left meanwhile and need none
+}
+
+func (d *drainState) start() {
+	d.mu.Lock()
+	d.served, d.left = map[string]bool{}, map[string]bool{}
+	d.mu.Unlock()
+	d.on.Store(true)
+}
+
+func (d *drainState) markServed(id string) { d.mark(func() { d.served[id] = true }) }
+func (d *drainState) markLeft(id string)   { d.mark(func() { d.left[id] = true }) }
+
+func (d *drainState) mark(f func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.served != nil {
+		f()
+	}
+}
+
+// settled reports whether every member of v but self took its handover or
+// left.
+func (d *drainState) settled(v *view, self string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, m := range v.members {
+		if m.ID != self && !d.served[m.ID] && !d.left[m.ID] {
+			return false
+		}
+	}
+	return true
+}
+
+// drainAndLeave is the graceful part of Close; it returns within ctx and at
+// most SubscriberTimeout + RequestTimeout.
+func (n *Node) drainAndLeave(ctx context.Context) {
+	n.life.drain.start()
+	n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
+	fctx, cancel := context.WithTimeout(ctx, time.Second)
+	_ = n.nc.FlushWithContext(fctx)
+	cancel()
+	v := n.view()
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	// Batches accepted as owner are answered first: their publishers would
+	// otherwise get ErrTimeout.
+	answered := time.Now().Add(n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)
+	for n.owner.inflight.Load() > 0 && time.Now().Before(answered) {
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return
+		}
+	}
+	// Peers ask for their handover as soon as they see the LEAVE. One that
+	// has not asked within the window (crashed, partitioned, slow) asks
+	// every member instead: slower for it, never wrong.
+	window := time.Now().Add(max(handoverWindow, 2*n.cfg.HeartbeatInterval))
+	for !n.life.drain.settled(v, n.self.ID) {
+		if time.Now().After(window) {
+			n.log.Info("leaving before every member took its handover", "members", len(v.members))
+			return
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// handoverWindow is the least time a leaving node waits for its peers to
+// take their handovers.
+const handoverWindow = 250 * time.Millisecond
+
+// onInboxDraining answers a request that reaches a draining node.
+func (n *Node) onInboxDraining(env *wire.Envelope, reply string) {
+	switch b := env.Body.(type) {
+	case *wire.Envelope_SyncRequest:
+		if b.SyncRequest.GetHandover() {
+			n.onSyncRequest(b.SyncRequest, reply)
+			return
+		}
+	case *wire.Envelope_Evict:
+		n.onEvict(b.Evict, reply)
+		return
+	}
+	n.replyTo(reply, &wire.Reply{Code: wire.Reply_CLOSED})
+}
+
+// serveHandover answers requester, which owns under v some of the topics
+// this draining node owned, with its subscriber sets of those topics. A node
+// that is not draining, or was not ready for one of them, answers
+// incomplete: the requester then asks every member.
+func (n *Node) serveHandover(v *view, requester, reply string) {
+	if !n.life.drain.on.Load() {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, Sync: &wire.Sync{From: n.selfRef(), Incomplete: true}})
+		return
+	}
+	n.life.goroutines.add()
+	go func() {
+		defer n.life.goroutines.done()
+		page := n.handoverFor(v, requester)
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
+		n.life.drain.markServed(requester)
+	}()
+}
+
+// handoverFor collects, from the topic actors, the subscriber sets of the
+// topics requester owns under v.
+func (n *Node) handoverFor(v *view, requester string) *wire.Sync {
+	page := &wire.Sync{From: n.selfRef()}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	size, limit := 0, n.maxPayload()/2
+	for _, t := range n.owner.names() {
+		if v.ownerOf(t).ID != requester {
+			continue
+		}
+		wg.Add(1)
+		n.owner.onActor(t, false, func(a *topicActor) {
+			defer wg.Done()
+			a.reconcile()
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case !a.owned:
+				return // not this node's: nothing to hand over
+			case !a.ready:
+				page.Incomplete = true
+				return
+			}
+			for node, ns := range a.nodes {
+				if node == n.self.ID {
+					continue // leaving with this node
+				}
+				locals := append([]string(nil), ns.locals()...)
+				page.Topics = append(page.Topics, &wire.TopicSubscribers{Topic: t, Node: node, Subscribers: locals})
+				size += len(t) + len(node) + 8 + 4*len(locals)
+				for _, l := range locals {
+					size += len(l)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if size > limit {
+		page.Topics, page.Incomplete = nil, true
+	}
+	return page
+}
