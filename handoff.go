@@ -157,6 +157,7 @@ func splitSync(topics []*wire.TopicSubscribers, limit int) [][]*wire.TopicSubscr
 // The requester's view need not be ours: ownership is computed over the
 // members it names.
 func (n *Node) onSyncRequest(req *wire.SyncRequest, reply string) {
+	n.stats.syncRequests.Add(1)
 	owner := req.GetFrom().GetNodeId()
 	v := viewOf(req.GetMembers())
 	if owner == "" || v == nil || len(req.GetMembers()) > n.cfg.MaxMembers {

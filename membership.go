@@ -26,9 +26,9 @@ type membership struct {
 	pushed        *view  // the last view whose moved subscriptions were pushed; control actor only
 	subject       string // <prefix>.members
 	sub           *nats.Subscription
-	idConflict    atomic.Bool // an older live node with our ID was heard
-	joined        atomic.Bool // Join returned: the view is stable enough to serve topics
-	quorum        quorum      // KeepMajority's view of the partition
+	idConflict    atomic.Bool      // an older live node with our ID was heard
+	joined        atomic.Bool      // Join returned: the view is stable enough to serve topics
+	quorum        quorum           // KeepMajority's view of the partition
 	left          map[string]leave // members that left gracefully, recently
 }
 

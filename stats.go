@@ -25,10 +25,11 @@ type Stats struct {
 	InboxDropped      uint64         // inbox messages NATS dropped (slow consumer)
 	MembersRejected   uint64         // heartbeats ignored past MaxMembers
 	RequestsRefused   uint64         // requests refused: their topic actor's queue was full
+	SyncRequests      uint64         // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, syncRequests atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
@@ -46,6 +47,7 @@ func (n *Node) Stats() Stats {
 		InboxDropped:      n.stats.inboxDropped.Load(),
 		MembersRejected:   n.stats.membersRejected.Load(),
 		RequestsRefused:   n.stats.refused.Load(),
+		SyncRequests:      n.stats.syncRequests.Load(),
 	}
 	v := n.view()
 	n.owner.mu.Lock()

@@ -29,8 +29,8 @@ type syncRegistry struct {
 	view     *view
 	round    context.Context // cancelled when the view changes
 	cancel   context.CancelFunc
-	answered map[string]uint64 // member ID -> incarnation whose subscriptions are in subs
-	handover map[string]Member // leavers whose handover this node awaits
+	answered map[string]uint64                         // member ID -> incarnation whose subscriptions are in subs
+	handover map[string]Member                         // leavers whose handover this node awaits
 	subs     map[string]map[string]map[string]struct{} // topic -> node -> subscribers, not yet taken
 	complete bool
 }
