@@ -17,7 +17,9 @@ import (
 // member for a quiet period, and every member reports the same view. A lone
 // node returns after the quiet period.
 func (n *Node) joinView(ctx context.Context) error {
-	replies := make(chan *nats.Msg, 256)
+	// Every member answers each of the JOIN's resends: room for a few rounds
+	// of a full view, so no reply is dropped as a slow consumer.
+	replies := make(chan *nats.Msg, 4*n.cfg.MaxMembers)
 	inbox := n.nc.NewInbox()
 	sub, err := n.nc.ChanSubscribe(inbox, replies)
 	if err != nil {

@@ -175,7 +175,8 @@ func runMembershipScale(t *testing.T, size int) string {
 		}
 	}
 
-	// 50 publishers, 40 messages/s each, on the two stable nodes.
+	// 50 pipelined BatchingProducers (MaxInFlight 4), 40 messages/s each,
+	// on the two stable nodes; the latency is from Produce to the future.
 	type sent struct {
 		topic, data string
 		ack         pubsub.PublishAck
@@ -183,35 +184,48 @@ func runMembershipScale(t *testing.T, size int) string {
 	var mu sync.Mutex
 	var accepted []sent
 	var latencies []time.Duration
-	var outOfOrder atomic.Int64
+	var outOfOrder, rejected atomic.Int64
 	stop := make(chan struct{})
 	var pubs sync.WaitGroup
 	for p := range 50 {
+		topic := names[(p*7919)%topics]
+		prod, err := pubsub.NewBatchingProducer(f.nodes[p%2], topic, pubsub.ProducerConfig{MaxInFlight: 4,
+			OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.FailBatchAndContinue }})
+		if err != nil {
+			t.Fatal(err)
+		}
 		pubs.Go(func() {
+			defer func() { _ = prod.Close(context.Background()) }()
 			tick := time.NewTicker(25 * time.Millisecond)
 			defer tick.Stop()
+			var inflight sync.WaitGroup
+			defer inflight.Wait()
 			for k := 0; ; k++ {
 				select {
 				case <-stop:
 					return
 				case <-tick.C:
 				}
-				topic := names[(p*7919+k)%topics]
 				data := fmt.Sprintf("p%d-%d", p, k)
 				t0 := time.Now()
-				ack, err := f.nodes[p%2].Publish(context.Background(), topic, []byte(data))
-				d := time.Since(t0)
-				mu.Lock()
-				latencies = append(latencies, d)
-				if err == nil {
+				fut := prod.Produce(context.Background(), []byte(data))
+				inflight.Go(func() {
+					ack, err := fut.Wait(context.Background())
+					d := time.Since(t0)
+					mu.Lock()
+					defer mu.Unlock()
+					latencies = append(latencies, d)
+					if err != nil {
+						rejected.Add(1)
+						return
+					}
 					accepted = append(accepted, sent{topic, data, ack})
 					for _, fl := range ack.Failures {
 						if fl.Status == pubsub.OutOfOrder {
 							outOfOrder.Add(1)
 						}
 					}
-				}
-				mu.Unlock()
+				})
 			}
 		})
 	}
