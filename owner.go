@@ -124,7 +124,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		return
 	}
 	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()), wantIDs: req.GetDeliveredIds(),
-		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq()}}
+		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}}
 	if !n.owner.onActor(topic, true, func(a *topicActor) {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 	}) {

@@ -54,7 +54,8 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			o.issued = nil
 		}
 	}
-	deadline := time.Now().Add(n.cfg.RequestTimeout)
+	start := time.Now()
+	deadline := start.Add(n.cfg.RequestTimeout)
 	backoff := time.Millisecond
 	last := "no attempt"
 	for {
@@ -82,6 +83,11 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			return ans, nil
 		case err == nil && ans.code == wire.Reply_BAD_REQUEST:
 			return ans, fmt.Errorf("pubsub: owner %s refused the request as malformed", owner.ID)
+		case err == nil && ans.code == wire.Reply_ORDER_WAIT:
+			// Waiting for the producer's previous batch to settle can take
+			// as long as that batch's delivery.
+			last = fmt.Sprintf("owner %s holds the batch until the producer's previous one settles", owner.ID)
+			deadline = start.Add(max(n.cfg.RequestTimeout, o.wait))
 		case err == nil:
 			last = fmt.Sprintf("owner %s answered %s", owner.ID, ans.code)
 		case natsutil.IsNoResponders(err):
@@ -150,12 +156,15 @@ type publishRequest struct {
 }
 
 func (r *publishRequest) encode(v *view, buf []byte) []byte {
+	r.origin.refresh()
 	r.wire.ViewId, r.wire.Producer, r.wire.ProducerSeq = v.id, r.origin.producer, r.origin.seq
+	r.wire.ProducerPrev, r.wire.ProducerSettled = r.origin.prev, r.origin.settled
 	// The messages are packed straight into the request: one copy.
 	return wire.AppendPublish(buf, r.wire, r.msgs)
 }
 
 func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
+	r.origin.refresh()
 	a.publish(payload{msgs: r.msgs, origin: *r.origin, wantIDs: r.wantIDs}, answer)
 }
 

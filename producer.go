@@ -86,6 +86,7 @@ type BatchingProducer struct {
 	gate        uint64           // attempt that must be issued before the next starts; 0: none
 	nextID      uint64           // attempt IDs
 	nextSeq     uint64           // batch numbers, kept by a batch across its retries
+	settled     atomic.Uint64    // every batch up to this number is settled (read by publish attempts)
 	initialized bool             // Initialize succeeded (or pub is no Initializer)
 	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
 	dead        bool             // the lifetime context ended
@@ -148,7 +149,7 @@ type attemptEvent struct {
 //
 // issued must be called at most once, and not after the call returned.
 type orderedPublisher interface {
-	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq uint64) (PublishAck, error)
+	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error)
 }
 
 // messageSizer is implemented by publishers that know their message size

@@ -197,7 +197,7 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs [][]byte, i
 				}
 			}
 		}
-		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issued, p.id, b.seq)
+		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issued, p.id, b.seq, b.seq-1, p.settled.Load)
 	} else {
 		// Without an issue report the gate opens with the result: one
 		// batch at a time, as two concurrent calls may swap.
@@ -353,6 +353,7 @@ func (p *BatchingProducer) completeHead() {
 				e.fut.complete(b.res)
 			}
 		}
+		p.settled.Store(b.seq)
 		copy(p.fifo, p.fifo[1:])
 		p.fifo[len(p.fifo)-1] = nil
 		p.fifo = p.fifo[:len(p.fifo)-1]

@@ -151,7 +151,7 @@ func (p *initPub) PublishBatch(ctx context.Context, topic string, batch [][]byte
 // batch issued once it has recorded it.
 type orderedPub struct{ *mockPub }
 
-func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq uint64) (PublishAck, error) {
+func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq, _ uint64, _ func() uint64) (PublishAck, error) {
 	o.mu.Lock()
 	o.origins = append(o.origins, batchOrigin{producer: producer, seq: seq})
 	o.mu.Unlock()

@@ -49,7 +49,7 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // subscribers: do not modify them before PublishBatch returns, nor after it
 // if a subscriber timed out and may still be reading them.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
-	return n.publishBatchIssued(ctx, topic, batch, nil, "", 0)
+	return n.publishBatchIssued(ctx, topic, batch, nil, "", 0, 0, nil)
 }
 
 // batchOrigin names one batch of one BatchingProducer; the zero value, for
@@ -57,6 +57,14 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 type batchOrigin struct {
 	producer string
 	seq      uint64 // increases with each batch of the producer
+	// prev is the producer's batch before this one, and settled the
+	// highest batch up to which all its batches are settled (answered or
+	// failed), as known when the attempt left: an owner that has not seen
+	// prev serves this batch only once prev is settled. 0: no such check
+	// (plain publishes, split batches). Both count batches, not chunks.
+	prev       uint64
+	settled    uint64
+	settledNow func() uint64 // the producer's current settled, read per attempt
 }
 
 // chunk names chunk i of a batch split for size; chunks keep the order.
@@ -64,7 +72,23 @@ func (o batchOrigin) chunk(i int) batchOrigin {
 	if o.producer == "" {
 		return o
 	}
-	return batchOrigin{producer: o.producer, seq: o.seq<<16 | uint64(i)}
+	o.seq = o.seq<<16 | uint64(i)
+	return o
+}
+
+// refresh reads the producer's settled batch for the next attempt.
+func (o *batchOrigin) refresh() {
+	if o.settledNow != nil {
+		o.settled = o.settledNow()
+	}
+}
+
+// mustWaitFor reports whether an owner that last accepted batch number last
+// of this producer (0: none) must hold this batch back: its previous batch
+// was accepted elsewhere, or not yet, and is not settled, so serving this
+// one now could put it ahead of that one at the subscribers.
+func (o batchOrigin) mustWaitFor(last uint64) bool {
+	return o.producer != "" && o.prev != 0 && last>>16 < o.prev && o.settled < o.prev
 }
 
 // publishBatchIssued is PublishBatch that calls issued (if not nil) once the
@@ -73,8 +97,11 @@ func (o batchOrigin) chunk(i int) batchOrigin {
 // starts its next batch then, so several can be in flight in order. A retry
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
-func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq uint64) (PublishAck, error) {
-	origin := batchOrigin{producer: producer, seq: seq}
+func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error) {
+	origin := batchOrigin{producer: producer, seq: seq, prev: prev, settledNow: settled}
+	if settled == nil || packedLen(batch) > n.MaxMessageSize() {
+		origin.prev = 0 // split batches are not held back: their chunks go one by one
+	}
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, len(batch), err)
 	}

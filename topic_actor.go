@@ -31,6 +31,10 @@ type topicActor struct {
 	dead     bool                 // collected: work that still reaches it goes to its successor
 	fails    map[SubscriberID]int // consecutive failures, for eviction
 	count    atomic.Int64         // subscribers, readable by Stats without the actor
+	// producers holds the last batch number accepted of each producer
+	// (bounded by maxTrackedProducers), to keep a pipelined producer's order
+	// through a move.
+	producers map[string]uint64
 }
 
 const noEpoch = ^uint64(0)
@@ -102,6 +106,29 @@ func (a *topicActor) reconcile() *view {
 		}
 	}
 	return v
+}
+
+// producerOrder reports whether a batch of origin may be served now, and
+// records it as the producer's last accepted batch if so.
+func (a *topicActor) producerOrder(o batchOrigin) bool {
+	if o.producer == "" {
+		return true
+	}
+	last := a.producers[o.producer]
+	if o.mustWaitFor(last) {
+		return false
+	}
+	if a.producers == nil {
+		a.producers = make(map[string]uint64)
+	}
+	if _, known := a.producers[o.producer]; !known && len(a.producers) >= maxTrackedProducers {
+		for k := range a.producers {
+			delete(a.producers, k) // forget one: at worst a later batch waits for it to settle
+			break
+		}
+	}
+	a.producers[o.producer] = max(last, o.seq)
+	return true
 }
 
 func (a *topicActor) add(node string, inc uint64, local string) bool {
@@ -205,6 +232,14 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	n := a.n
 	if msgs.len() == 0 { // a readiness probe (Initialize)
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: PublishAck{Topic: a.topic, Status: Accepted}})
+		return
+	}
+	if !a.producerOrder(msgs.origin) {
+		// The producer's previous batch went to another owner (the topic
+		// moved) and is not settled: serving this one now could put it
+		// ahead at the subscribers, who would drop that one. The
+		// publisher retries.
+		answer(ownerAnswer{code: wire.Reply_ORDER_WAIT, viewID: v.id})
 		return
 	}
 	a.seq++

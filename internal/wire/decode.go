@@ -124,6 +124,10 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.ProducerSeq = v
 		case publishDeliveredIDs:
 			p.DeliveredIds = v != 0
+		case publishPrev:
+			p.ProducerPrev = v
+		case publishSettled:
+			p.ProducerSettled = v
 		}
 		return err
 	})

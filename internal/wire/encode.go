@@ -24,6 +24,8 @@ const (
 	publishProducer     protowire.Number = 7
 	publishProducerSeq  protowire.Number = 8
 	publishDeliveredIDs protowire.Number = 9
+	publishPrev         protowire.Number = 10
+	publishSettled      protowire.Number = 11
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2

@@ -85,6 +85,9 @@ const (
 	Reply_NOT_READY   Reply_Code = 2 // the receiver owns it but has not heard every member yet
 	Reply_BAD_REQUEST Reply_Code = 3
 	Reply_CLOSED      Reply_Code = 4
+	// ORDER_WAIT: the owner holds a producer's batch back until the one
+	// before it, sent to another owner, is settled; retry.
+	Reply_ORDER_WAIT Reply_Code = 5
 )
 
 // Enum value maps for Reply_Code.
@@ -95,6 +98,7 @@ var (
 		2: "NOT_READY",
 		3: "BAD_REQUEST",
 		4: "CLOSED",
+		5: "ORDER_WAIT",
 	}
 	Reply_Code_value = map[string]int32{
 		"OK":          0,
@@ -102,6 +106,7 @@ var (
 		"NOT_READY":   2,
 		"BAD_REQUEST": 3,
 		"CLOSED":      4,
+		"ORDER_WAIT":  5,
 	}
 )
 
@@ -534,6 +539,13 @@ type PublishRequest struct {
 	// delivered_ids: list the delivered subscribers in the ack (a batch split
 	// into chunks merges them per subscriber).
 	DeliveredIds bool `protobuf:"varint,9,opt,name=delivered_ids,json=deliveredIds,proto3" json:"delivered_ids,omitempty"`
+	// producer_prev is the number of the producer's batch before this one (0:
+	// none, or unknown), producer_settled the highest number up to which all
+	// its batches are settled at the producer. An owner that has not seen the
+	// previous batch serves this one only once it is settled: a pipelined
+	// producer's batches redirected while their topic moves keep their order.
+	ProducerPrev    uint64 `protobuf:"varint,10,opt,name=producer_prev,json=producerPrev,proto3" json:"producer_prev,omitempty"`
+	ProducerSettled uint64 `protobuf:"varint,11,opt,name=producer_settled,json=producerSettled,proto3" json:"producer_settled,omitempty"`
 	// producer and producer_seq name the batch of a BatchingProducer: subscriber
 	// nodes drop what is not newer than the last batch of that producer handed
 	// to a subscriber, which keeps its order across owner moves and drops a
@@ -614,6 +626,20 @@ func (x *PublishRequest) GetDeliveredIds() bool {
 		return x.DeliveredIds
 	}
 	return false
+}
+
+func (x *PublishRequest) GetProducerPrev() uint64 {
+	if x != nil {
+		return x.ProducerPrev
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetProducerSettled() uint64 {
+	if x != nil {
+		return x.ProducerSettled
+	}
+	return 0
 }
 
 func (x *PublishRequest) GetProducer() string {
@@ -1333,14 +1359,17 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\x8a\x02\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xda\x02\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
 	"\x05topic\x18\x03 \x01(\tR\x05topic\x12\x16\n" +
 	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x14\n" +
 	"\x05count\x18\x06 \x01(\rR\x05count\x12#\n" +
-	"\rdelivered_ids\x18\t \x01(\bR\fdeliveredIds\x12\x1a\n" +
+	"\rdelivered_ids\x18\t \x01(\bR\fdeliveredIds\x12#\n" +
+	"\rproducer_prev\x18\n" +
+	" \x01(\x04R\fproducerPrev\x12)\n" +
+	"\x10producer_settled\x18\v \x01(\x04R\x0fproducerSettled\x12\x1a\n" +
 	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeqJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
@@ -1391,7 +1420,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xce\x03\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xde\x03\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -1403,14 +1432,16 @@ const file_wire_proto_rawDesc = "" +
 	"\x04sync\x18\b \x01(\v2\x18.clusterpubsub.wire.SyncR\x04sync\x1a>\n" +
 	"\x10SubscribersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"I\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"Y\n" +
 	"\x04Code\x12\x06\n" +
 	"\x02OK\x10\x00\x12\r\n" +
 	"\tNOT_OWNER\x10\x01\x12\r\n" +
 	"\tNOT_READY\x10\x02\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x03\x12\n" +
 	"\n" +
-	"\x06CLOSED\x10\x04B/Z-github.com/clusterpubsub/pubsub/internal/wireb\x06proto3"
+	"\x06CLOSED\x10\x04\x12\x0e\n" +
+	"\n" +
+	"ORDER_WAIT\x10\x05B/Z-github.com/clusterpubsub/pubsub/internal/wireb\x06proto3"
 
 var (
 	file_wire_proto_rawDescOnce sync.Once
