@@ -6,6 +6,7 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -160,5 +161,88 @@ func TestLateHeartbeatDoesNotResurrectALeftNode(t *testing.T) {
 	for _, i := range []int{1, 2} {
 		_, ok := lookupMember(c.Nodes[i], "n0")
 		assert.False(t, ok, "%s sees n0 again", c.Nodes[i].ID())
+	}
+}
+
+// A pipelined producer keeps every accepted message, in order, at every
+// subscriber while its topic's owner leaves and another node joins: no
+// batch is dropped as OutOfOrder at the move.
+func TestPipelinedProducerThroughOwnerMovesDropsNothing(t *testing.T) {
+	c := newCluster(t, 3, 4)
+	topic := ownedBy(t, c.Nodes[3], "moving")
+	rec := newRecorder()
+	subs := []*pubsub.Subscription{subscribe(t, c.Nodes[1], topic, rec.handler), subscribe(t, c.Nodes[2], topic, rec.handler)}
+	prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 20,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.FailBatchAndContinue }})
+	require.NoError(t, err)
+	var mu sync.Mutex
+	var outOfOrder, failed int
+	var accepted []string
+	var futures sync.WaitGroup
+	var stop atomic.Bool
+	produce := func() {
+		for i := 0; !stop.Load(); i++ {
+			data := fmt.Sprintf("m%06d", i)
+			f := prod.Produce(context.Background(), []byte(data))
+			futures.Go(func() {
+				ack, err := f.Wait(context.Background())
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					failed++
+					return
+				}
+				accepted = append(accepted, data)
+				for _, fl := range ack.Failures {
+					if fl.Status == pubsub.OutOfOrder {
+						outOfOrder++
+					}
+				}
+			})
+			if i%20 == 0 {
+				time.Sleep(time.Millisecond) // a steady stream, not one burst: pacing, not synchronisation
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		produce()
+	}()
+	// The topic's owner leaves, and a node joins, three times over.
+	for round := range 3 {
+		owner, err := c.Nodes[0].OwnerOf(topic)
+		require.NoError(t, err)
+		for i, n := range c.Nodes {
+			if n.ID() == owner.ID && slices.Contains(c.Live(), i) && i > 2 {
+				c.CloseNode(t, i)
+			}
+		}
+		c.WaitConverged(t, 10*time.Second)
+		c.AddNode(t, fmt.Sprintf("mover-%d", round), round%3, fast...)
+		c.WaitConverged(t, 10*time.Second)
+	}
+	stop.Store(true)
+	<-done
+	require.NoError(t, prod.Flush(ctxT(t)))
+	futures.Wait()
+	require.NoError(t, prod.Close(ctxT(t)))
+	t.Logf("%d accepted, %d failed, %d OutOfOrder", len(accepted), failed, outOfOrder)
+	assert.Zero(t, outOfOrder, "accepted batches dropped as OutOfOrder at a subscriber")
+	slices.Sort(accepted)
+	for _, s := range subs {
+		got := rec.of(s.ID())
+		require.True(t, slices.IsSorted(got), "%s received the producer's messages out of order", s.ID())
+		have := map[string]bool{}
+		for _, d := range got {
+			have[d] = true
+		}
+		missing := 0
+		for _, d := range accepted {
+			if !have[d] {
+				missing++
+			}
+		}
+		assert.Zero(t, missing, "%s misses %d accepted messages", s.ID(), missing)
 	}
 }
