@@ -30,7 +30,11 @@ type membership struct {
 	joined        atomic.Bool      // Join returned: the view is stable enough to serve topics
 	quorum        quorum           // KeepMajority's view of the partition
 	left          map[string]leave // members that left gracefully, recently
+	beatNow       chan struct{}    // the view changed: heartbeat early
 }
+
+// earlyBeatSpacing bounds the heartbeats a burst of view changes triggers.
+const earlyBeatSpacing = 20 * time.Millisecond
 
 // leave remembers a graceful leave: its heartbeats, arriving late, must not
 // re-add the node, and the owners it leaves topics to ask it for a handover.
@@ -85,6 +89,7 @@ func (m *membership) changeBetween(prev, next *view, self string) viewChange {
 func (m *membership) init(n *Node) {
 	m.peers = make(map[string]*peer)
 	m.left = make(map[string]leave)
+	m.beatNow = make(chan struct{}, 1)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
 	first := newView(0, []Member{n.self})
@@ -141,6 +146,10 @@ func (n *Node) recomputeView() {
 	}
 	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
+	select {
+	case n.members.beatNow <- struct{}{}:
+	default:
+	}
 	n.members.control.do(func() { n.viewChanged(prev, next) })
 }
 
@@ -289,12 +298,31 @@ func (n *Node) heartbeatLoop() {
 	t := time.NewTicker(n.cfg.HeartbeatInterval)
 	defer t.Stop()
 	lastCollect := time.Now()
+	var lastEarly time.Time
+	var early <-chan time.Time // an early heartbeat deferred by the spacing
 	for {
 		select {
 		case <-n.life.ctx.Done():
 			return
 		case <-n.life.stopBeats:
 			return
+		case <-n.members.beatNow:
+			// The view changed: tell the peers now, so views agree (and
+			// joins return) without waiting for the next tick; a burst of
+			// changes gets one early heartbeat per earlyBeatSpacing.
+			if wait := earlyBeatSpacing - time.Since(lastEarly); wait > 0 {
+				if early == nil {
+					early = time.After(wait)
+				}
+				continue
+			}
+			lastEarly = time.Now()
+			n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
+			continue
+		case <-early:
+			early, lastEarly = nil, time.Now()
+			n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
+			continue
 		case <-t.C:
 		}
 		if n.nc.IsClosed() {
