@@ -285,3 +285,58 @@ func runMembershipScale(t *testing.T, size int) string {
 		joinTime.Round(time.Millisecond), idle, pct(steps, 0.5).Round(time.Millisecond), pct(steps, 1).Round(time.Millisecond),
 		pct(latencies, 0.5).Round(100*time.Microsecond), pct(latencies, 0.99).Round(time.Millisecond), restartCPU, handoff, outOfOrder.Load(), missing)
 }
+
+// TestNoGhostRejoin closes and rejoins a node 500 times beside two others
+// with default timings, and counts the closed incarnations that any peer
+// re-added after their LEAVE (a heartbeat racing the leave, or arriving
+// late).
+//
+//	go test -tags scale -run NoGhostRejoin -v .
+func TestNoGhostRejoin(t *testing.T) {
+	const closes = 500
+	c := testcluster.New(t, 3, 2, pubsub.WithMetricsInterval(0))
+	c.WaitConverged(t, 10*time.Second)
+	// A ghost is an incarnation a peer adds twice: joined, left, re-added.
+	var mu sync.Mutex
+	joins := map[string]int{} // peer/incarnation -> MemberJoined events
+	for _, n := range c.Nodes {
+		cancel := n.Events().Subscribe(func(e pubsub.Event) {
+			if j, ok := e.(pubsub.MemberJoined); ok && j.Member.ID == "closer" {
+				mu.Lock()
+				joins[fmt.Sprintf("%s/%d", j.Node, j.Member.Incarnation)]++
+				mu.Unlock()
+			}
+		})
+		defer cancel()
+	}
+	for range closes {
+		nc, err := nats.Connect(c.Servers.URL(0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		n, err := pubsub.Join(ctx, nc, pubsub.WithNodeID("closer"), pubsub.WithMetricsInterval(0))
+		if err != nil {
+			cancel()
+			t.Fatal(err)
+		}
+		if err := n.Close(ctx); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		nc.Close()
+	}
+	c.WaitConverged(t, 10*time.Second)
+	mu.Lock()
+	ghosts := 0
+	for _, k := range joins {
+		if k > 1 {
+			ghosts++
+		}
+	}
+	mu.Unlock()
+	t.Logf("%d closes, %d ghost rejoins", closes, ghosts)
+	if ghosts > 0 {
+		t.Errorf("%d closed incarnations re-added after their leave", ghosts)
+	}
+}
