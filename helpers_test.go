@@ -91,3 +91,21 @@ func mustAccept(t *testing.T, ack pubsub.PublishAck, err error, wantDelivered in
 }
 
 func msg(i int) []byte { return []byte(fmt.Sprintf("m%05d", i)) }
+
+// watchJoins reports, on the returned channel, each of the listed nodes that
+// emits a MemberJoined for member id, until the test ends.
+func watchJoins(t *testing.T, c *testcluster.Cluster, id string, nodes ...int) <-chan string {
+	joined := make(chan string, 16)
+	for _, i := range nodes {
+		cancel := c.Nodes[i].Events().Subscribe(func(e pubsub.Event) {
+			if j, ok := e.(pubsub.MemberJoined); ok && j.Member.ID == id {
+				select {
+				case joined <- j.Node:
+				default:
+				}
+			}
+		})
+		t.Cleanup(cancel)
+	}
+	return joined
+}

@@ -141,15 +141,7 @@ func TestGracefulLeaveIsNeverUndoneByALateHeartbeat(t *testing.T) {
 
 func gracefulLeaveRound(t *testing.T, round int) {
 	c := newCluster(t, 3, 3, pubsub.WithHeartbeatInterval(time.Millisecond*10))
-	rejoined := make(chan string, 16)
-	for _, i := range []int{1, 2} {
-		cancel := c.Nodes[i].Events().Subscribe(func(e pubsub.Event) {
-			if j, ok := e.(pubsub.MemberJoined); ok && j.Member.ID == "n0" {
-				rejoined <- j.Node
-			}
-		})
-		defer cancel()
-	}
+	rejoined := watchJoins(t, c, "n0", 1, 2)
 	c.CloseNode(t, 0)
 	c.WaitConverged(t, 5*time.Second, 1, 2)
 	// Several heartbeat intervals: a heartbeat racing the LEAVE would

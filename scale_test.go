@@ -129,15 +129,7 @@ func TestGracefulLeaveDrains(t *testing.T) {
 func TestLateHeartbeatDoesNotResurrectALeftNode(t *testing.T) {
 	c := newCluster(t, 1, 3)
 	gone := memberOf(t, c.Nodes[1], "n0")
-	rejoined := make(chan string, 4)
-	for _, i := range []int{1, 2} {
-		cancel := c.Nodes[i].Events().Subscribe(func(e pubsub.Event) {
-			if j, ok := e.(pubsub.MemberJoined); ok && j.Member.ID == "n0" {
-				rejoined <- j.Node
-			}
-		})
-		defer cancel()
-	}
+	rejoined := watchJoins(t, c, "n0", 1, 2)
 	c.CloseNode(t, 0)
 	c.WaitConverged(t, 5*time.Second, 1, 2)
 	raw := c.Connect(t, 0)
