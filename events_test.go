@@ -101,14 +101,15 @@ func TestEventsOfPublishAndDelivery(t *testing.T) {
 func TestEventsOfMembershipAndOwnership(t *testing.T) {
 	c := newCluster(t, 3, 2)
 	l0 := watch(t, c.Nodes[0])
-	topic := ownedBy(t, c.Nodes[0], "own")
-	subscribe(t, c.Nodes[1], topic, newRecorder().handler)
 	c.AddNode(t, "n2", 2, fast...)
 	joined := find(t, l0, func(e pubsub.MemberJoined) bool { return e.Member.ID == "n2" })
 	if joined.Members != 3 || joined.Node != c.Nodes[0].ID() {
 		t.Errorf("MemberJoined = %+v", joined)
 	}
 	c.WaitConverged(t, 5*time.Second)
+	// A topic n0 owns among the three: it moves when n0 leaves.
+	topic := ownedBy(t, c.Nodes[0], "own")
+	subscribe(t, c.Nodes[1], topic, newRecorder().handler)
 	l1, l2 := watch(t, c.Nodes[1]), watch(t, c.Nodes[2])
 	c.CloseNode(t, 0)
 	left := find(t, l1, func(e pubsub.MemberLeft) bool { return e.Member.ID == c.Nodes[0].ID() })

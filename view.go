@@ -24,6 +24,7 @@ type view struct {
 	id      uint64
 	epoch   uint64
 	members []Member // sorted by ID, includes self
+	keys    []uint64 // keys[i]: members[i]'s rendezvous key, hashed once per view
 }
 
 func newView(epoch uint64, members []Member) *view {
@@ -33,7 +34,11 @@ func newView(epoch uint64, members []Member) *view {
 		h = fnvString(h, m.ID)
 		h = fnvUint(h, m.Incarnation)
 	}
-	return &view{id: mix64(h), epoch: epoch, members: members}
+	keys := make([]uint64, len(members))
+	for i, m := range members {
+		keys[i] = mix64(fnvString(fnvOffset, m.ID))
+	}
+	return &view{id: mix64(h), epoch: epoch, members: members, keys: keys}
 }
 
 // refs lists the view's members for the wire.
@@ -69,10 +74,12 @@ func (v *view) has(ref *wire.MemberRef) bool {
 // ownerOf returns the rendezvous owner of topic: the member with the highest
 // hash of (topic, member ID). Only topics of a joining or leaving member move.
 func (v *view) ownerOf(topic string) Member {
+	// The topic is hashed once, each member's key once per view: a lookup
+	// costs one mix per member, not a hash of the member's ID.
+	t := mix64(fnvString(fnvOffset, topic) ^ 0xff)
 	best, bestH := 0, uint64(0)
-	for i, m := range v.members {
-		h := mix64(fnvString(fnvString(fnvOffset, topic)^0xff, m.ID))
-		if i == 0 || h > bestH {
+	for i, k := range v.keys {
+		if h := mix64(t ^ k); i == 0 || h > bestH {
 			best, bestH = i, h
 		}
 	}
