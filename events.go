@@ -217,7 +217,8 @@ const EventBufferSize = 1024
 type listener struct {
 	ch      chan Event
 	dropped atomic.Uint64
-	stop    chan struct{}
+	stop    chan struct{} // closed by cancel: stop at once
+	closing chan struct{} // closed when the node closes: deliver what is buffered, then stop
 	done    chan struct{}
 }
 
@@ -227,7 +228,7 @@ func newEventStream(node string) *EventStream { return &EventStream{node: node} 
 // is called or the node closes. cancel waits for that goroutine to end and
 // must not be called from fn.
 func (s *EventStream) Subscribe(fn func(Event)) (cancel func()) {
-	l := &listener{ch: make(chan Event, EventBufferSize), stop: make(chan struct{}), done: make(chan struct{})}
+	l := &listener{ch: make(chan Event, EventBufferSize), stop: make(chan struct{}), closing: make(chan struct{}), done: make(chan struct{})}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -262,15 +263,29 @@ func (s *EventStream) remove(l *listener) {
 
 func (l *listener) run(node string, fn func(Event)) {
 	defer close(l.done)
+	deliver := func(e Event) {
+		if d := l.dropped.Swap(0); d > 0 {
+			fn(EventsDropped{Dropped: d}.stamped(node, time.Now()))
+		}
+		fn(e)
+	}
 	for {
 		select {
 		case <-l.stop:
 			return
-		case e := <-l.ch:
-			if d := l.dropped.Swap(0); d > 0 {
-				fn(EventsDropped{Dropped: d}.stamped(node, time.Now()))
+		case <-l.closing:
+			// The node's last events (NodeStopped among them) were
+			// emitted before it closed the stream: hand them over.
+			for {
+				select {
+				case e := <-l.ch:
+					deliver(e)
+				default:
+					return
+				}
 			}
-			fn(e)
+		case e := <-l.ch:
+			deliver(e)
 		}
 	}
 }
@@ -308,7 +323,7 @@ func (s *EventStream) close() {
 	s.listeners, s.closed = nil, true
 	s.active.Store(0)
 	for _, l := range ls {
-		close(l.stop)
+		close(l.closing)
 	}
 	s.mu.Unlock()
 }

@@ -32,3 +32,24 @@ func BenchmarkEmitNoListener(b *testing.B) {
 		n.emitAccepted(ack)
 	}
 }
+
+// Events emitted just before the node closes the stream still reach every
+// listener: a node's NodeStopped is emitted right before it closes.
+func TestEventsEmittedBeforeCloseAreDelivered(t *testing.T) {
+	for i := range 500 {
+		s := newEventStream("n")
+		got := make(chan Event, 4)
+		cancel := s.Subscribe(func(e Event) { got <- e })
+		emit(s, NodeStopped{Err: ErrClosed})
+		s.close()
+		cancel() // waits for the listener to finish
+		select {
+		case e := <-got:
+			if _, ok := e.(NodeStopped); !ok {
+				t.Fatalf("round %d: got %T, want NodeStopped", i, e)
+			}
+		default:
+			t.Fatalf("round %d: the event emitted before close was lost", i)
+		}
+	}
+}
