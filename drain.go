@@ -19,15 +19,17 @@ import (
 
 // drainState tracks a draining Close.
 type drainState struct {
-	on     atomic.Bool
-	mu     sync.Mutex
-	served map[string]bool // members that took their handover
-	left   map[string]bool // members that left meanwhile and need none
+	on      atomic.Bool
+	serving chan struct{} // bounds the handovers built at once
+	mu      sync.Mutex
+	served  map[string]bool // members that took their handover
+	left    map[string]bool // members that left meanwhile and need none
 }
 
 func (d *drainState) start() {
 	d.mu.Lock()
 	d.served, d.left = map[string]bool{}, map[string]bool{}
+	d.serving = make(chan struct{}, maxSyncPullers)
 	d.mu.Unlock()
 	d.on.Store(true)
 }
@@ -118,13 +120,27 @@ func (n *Node) onInboxDraining(env *wire.Envelope, reply string) {
 // that is not draining, or was not ready for one of them, answers
 // incomplete: the requester then asks every member.
 func (n *Node) serveHandover(v *view, requester, reply string) {
-	if !n.life.drain.on.Load() {
+	incomplete := func() {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, Sync: &wire.Sync{From: n.selfRef(), Incomplete: true}})
+	}
+	if !n.life.drain.on.Load() {
+		incomplete()
+		return
+	}
+	if _, member := n.view().member(requester); !member {
+		incomplete() // not a peer this node leaves topics to (or forged)
+		return
+	}
+	select {
+	case n.life.drain.serving <- struct{}{}:
+	default:
+		incomplete() // a flood of requests costs no goroutine each
 		return
 	}
 	n.life.goroutines.add()
 	go func() {
 		defer n.life.goroutines.done()
+		defer func() { <-n.life.drain.serving }()
 		page := n.handoverFor(v, requester)
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
 		n.life.drain.markServed(requester)

@@ -214,10 +214,8 @@ func compareEntries(a, b [2]string) int {
 // node whose topic owner owns under v.
 func (n *Node) subscriptionsOwnedBy(v *view, owner string) [][2]string {
 	var out [][2]string
-	n.subscriber.each(func(local string, s *Subscription) {
-		if v.ownerOf(s.topic).ID == owner {
-			out = append(out, [2]string{s.topic, local})
-		}
+	n.subscriber.eachOwnedBy(v, owner, func(topic, local string) {
+		out = append(out, [2]string{topic, local})
 	})
 	slices.SortFunc(out, compareEntries)
 	return out

@@ -82,19 +82,32 @@ func (s *subscriberSide) each(fn func(local string, sub *Subscription)) {
 func (s *subscriberSide) ownedBy(v *view, owner string) []*wire.TopicSubscribers {
 	byTopic := map[string]*wire.TopicSubscribers{}
 	var out []*wire.TopicSubscribers
-	s.each(func(local string, sub *Subscription) {
-		if v.ownerOf(sub.topic).ID != owner {
-			return
-		}
-		t := byTopic[sub.topic]
+	s.eachOwnedBy(v, owner, func(topic, local string) {
+		t := byTopic[topic]
 		if t == nil {
-			t = &wire.TopicSubscribers{Topic: sub.topic}
-			byTopic[sub.topic] = t
+			t = &wire.TopicSubscribers{Topic: topic}
+			byTopic[topic] = t
 			out = append(out, t)
 		}
 		t.Subscribers = append(t.Subscribers, local)
 	})
 	return out
+}
+
+// eachOwnedBy calls fn for each subscription whose topic owner owns under
+// v, hashing each topic once however many subscriptions it has.
+func (s *subscriberSide) eachOwnedBy(v *view, owner string, fn func(topic, local string)) {
+	owned := map[string]bool{}
+	s.each(func(local string, sub *Subscription) {
+		is, known := owned[sub.topic]
+		if !known {
+			is = v.ownerOf(sub.topic).ID == owner
+			owned[sub.topic] = is
+		}
+		if is {
+			fn(sub.topic, local)
+		}
+	})
 }
 
 // forgetRecent drops remembered at-least-once batches old enough that no
