@@ -33,6 +33,9 @@ type syncRegistry struct {
 	handover map[string]Member                         // leavers whose handover this node awaits
 	subs     map[string]map[string]map[string]struct{} // topic -> node -> subscribers, not yet taken
 	complete bool
+	// validFrom is the epoch of the last view a member vanished or left in:
+	// answers asked for under views from it on are still valid.
+	validFrom uint64
 }
 
 // viewChange is what a new view changed that the registry must ask about.
@@ -57,10 +60,18 @@ func (r *syncRegistry) init(n *Node) {
 // with members.mu held, in view order.
 func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers, change viewChange) {
 	r.mu.Lock()
-	if r.cancel != nil {
-		r.cancel()
+	if r.cancel == nil || change.lost || len(change.leavers) > 0 {
+		// Answers asked for under earlier views no longer cover what this
+		// node may own: stop asking, and drop those still in flight.
+		if r.cancel != nil {
+			r.cancel()
+		}
+		r.round, r.cancel = context.WithCancel(r.n.life.ctx)
+		r.validFrom = v.epoch
 	}
-	r.round, r.cancel = context.WithCancel(r.n.life.ctx)
+	// Otherwise only members joined: answers to requests made under an
+	// earlier view still cover this node's (smaller) share, so requests
+	// in flight go on and count.
 	r.view, r.complete = v, false
 	if change.lost {
 		clear(r.answered)
@@ -196,7 +207,7 @@ func (r *syncRegistry) fallBack(v *view) {
 
 func (r *syncRegistry) apply(v *view, change func()) {
 	r.mu.Lock()
-	if r.view != v {
+	if v.epoch < r.validFrom {
 		r.mu.Unlock()
 		return
 	}
