@@ -95,7 +95,7 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	n.events = newEventStream(n.self.ID)
 	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3}})
 	n.members.cur.Store(v)
-	n.members.history = []*view{v}
+	n.members.history.remember(v)
 	n.owner.init(n)
 	var topic string
 	for i := 0; ; i++ {

@@ -25,7 +25,14 @@ func (n *Node) joinView(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer func() { _ = sub.Unsubscribe() }()
+	defer func() {
+		// Replies dropped as a slow consumer cost a resend round, or a
+		// member learnt late from heartbeats: worth knowing.
+		if d, _ := sub.Dropped(); d > 0 {
+			n.log.Warn("join replies dropped: slow consumer", "dropped", d)
+		}
+		_ = sub.Unsubscribe()
+	}()
 	// FlushWithContext needs a deadline; Join's ctx need not have one.
 	fctx, cancel := context.WithTimeout(ctx, n.cfg.RequestTimeout)
 	err = n.nc.FlushWithContext(fctx)

@@ -20,7 +20,7 @@ type membership struct {
 	mu            sync.Mutex
 	peers         map[string]*peer
 	rejectedSince uint64 // heartbeats ignored past MaxMembers since the last event
-	history       []*view
+	history       viewHistory
 	cur           atomic.Pointer[view]
 	control       serial // runs view changes in order
 	pushed        *view  // the last view whose moved subscriptions were pushed; control actor only
@@ -94,7 +94,7 @@ func (m *membership) init(n *Node) {
 	m.control.goroutines = &n.life.goroutines
 	first := newView(0, []Member{n.self})
 	m.cur.Store(first)
-	m.history = []*view{first}
+	m.history.remember(first)
 	m.pushed = first
 }
 
@@ -140,10 +140,7 @@ func (n *Node) recomputeView() {
 		return
 	}
 	n.members.cur.Store(next)
-	n.members.history = append(n.members.history, next)
-	if len(n.members.history) > maxViewHistory {
-		n.members.history = slices.Delete(n.members.history, 0, len(n.members.history)-maxViewHistory)
-	}
+	n.members.history.remember(next)
 	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
 	select {
@@ -153,36 +150,19 @@ func (n *Node) recomputeView() {
 	n.members.control.do(func() { n.viewChanged(prev, next) })
 }
 
-// maxViewHistory bounds the views kept to decide whether this node owned a
-// topic continuously; an actor idle for longer re-checks by sync.
-const maxViewHistory = 64
-
 // ownedThroughout reports whether this node owned topic in every view with
 // an epoch in (from, to].
 func (n *Node) ownedThroughout(topic string, from, to uint64) bool {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
-	if len(n.members.history) == 0 || n.members.history[0].epoch > from+1 {
-		return false
-	}
-	for _, v := range n.members.history {
-		if v.epoch > from && v.epoch <= to && v.ownerOf(topic).ID != n.self.ID {
-			return false
-		}
-	}
-	return true
+	return n.members.history.ownedThroughout(n.self.ID, topic, from, to)
 }
 
 // viewAt returns the recent view with the given epoch, or nil.
 func (n *Node) viewAt(epoch uint64) *view {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
-	for _, v := range n.members.history {
-		if v.epoch == epoch {
-			return v
-		}
-	}
-	return nil
+	return n.members.history.at(epoch)
 }
 
 // onMembers handles a message on <prefix>.members. Malformed messages are
@@ -237,8 +217,8 @@ func (n *Node) onMembers(m *nats.Msg) {
 	if hb.GetKind() == wire.Heartbeat_JOIN && m.Reply != "" {
 		v := n.view()
 		reply := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), ViewId: v.id}
-		for _, mem := range v.members {
-			reply.Members = append(reply.Members, &wire.MemberRef{NodeId: mem.ID, Incarnation: mem.Incarnation})
+		if v.listsFor(from.GetNodeId(), n.self.ID) {
+			reply.Members = v.refs()
 		}
 		n.publishEnvelope(m.Reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: reply}})
 	}

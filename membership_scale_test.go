@@ -17,7 +17,9 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,7 +68,25 @@ type scaleFleet struct {
 	nodes []*pubsub.Node // by index; nil while restarting
 	conns []*nats.Conn
 	done  atomic.Uint64 // handoff requests answered by nodes already closed
+	drops warnCounter   // "join replies dropped" warnings of every node
 }
+
+// warnCounter is a slog handler counting the records whose message holds
+// a substring.
+type warnCounter struct {
+	match string
+	n     atomic.Int64
+}
+
+func (w *warnCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (w *warnCounter) Handle(_ context.Context, r slog.Record) error {
+	if strings.Contains(r.Message, w.match) {
+		w.n.Add(1)
+	}
+	return nil
+}
+func (w *warnCounter) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnCounter) WithGroup(string) slog.Handler      { return w }
 
 func (f *scaleFleet) join(i int) (*pubsub.Node, error) {
 	nc, err := nats.Connect(f.c.Servers.URL(i%len(f.c.Servers.Servers)), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
@@ -75,7 +95,8 @@ func (f *scaleFleet) join(i int) (*pubsub.Node, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, err := pubsub.Join(ctx, nc, pubsub.WithNodeID(fmt.Sprintf("s%03d", i)), pubsub.WithMetricsInterval(0))
+	n, err := pubsub.Join(ctx, nc, pubsub.WithNodeID(fmt.Sprintf("s%03d", i)), pubsub.WithMetricsInterval(0),
+		pubsub.WithLogger(slog.New(&f.drops)))
 	if err != nil {
 		nc.Close()
 		return nil, err
@@ -125,7 +146,7 @@ func (f *scaleFleet) converged(want int) bool {
 
 func runMembershipScale(t *testing.T, size int) string {
 	c := testcluster.New(t, 3, 0)
-	f := &scaleFleet{t: t, c: c, nodes: make([]*pubsub.Node, size), conns: make([]*nats.Conn, size)}
+	f := &scaleFleet{t: t, c: c, nodes: make([]*pubsub.Node, size), conns: make([]*nats.Conn, size), drops: warnCounter{match: "join replies dropped"}}
 	t.Cleanup(func() {
 		for i := range f.nodes {
 			if f.nodes[i] != nil {
@@ -153,7 +174,10 @@ func runMembershipScale(t *testing.T, size int) string {
 	}
 	testcluster.WaitFor(t, 60*time.Second, func() bool { return f.converged(size) }, "views of %d nodes never converged", size)
 	joinTime := time.Since(start)
-	t.Logf("%d concurrent joins returned in %v; every view holds all %d members after %v", size, joinsReturned, size, joinTime)
+	t.Logf("%d concurrent joins returned in %v; every view holds all %d members after %v; %d joins dropped replies", size, joinsReturned, size, joinTime, f.drops.n.Load())
+	if d := f.drops.n.Load(); d > 0 {
+		t.Errorf("%d joins dropped replies as a slow consumer", d)
+	}
 
 	// Idle CPU, once settled.
 	time.Sleep(2 * time.Second) // settling is the point: heartbeats only
@@ -341,4 +365,52 @@ func TestNoGhostRejoin(t *testing.T) {
 	if ghosts > 0 {
 		t.Errorf("%d closed incarnations re-added after their leave", ghosts)
 	}
+}
+
+// TestConcurrentJoin joins N nodes at once (PUBSUB_SCALE_N, default 96) and
+// reports when every Join returned and when every view held all N.
+//
+//	go test -tags scale -run ConcurrentJoin -v .
+func TestConcurrentJoin(t *testing.T) {
+	size := 96
+	if s := os.Getenv("PUBSUB_SCALE_N"); s != "" {
+		size, _ = strconv.Atoi(s)
+	}
+	c := testcluster.New(t, 3, 0)
+	f := &scaleFleet{t: t, c: c, nodes: make([]*pubsub.Node, size), conns: make([]*nats.Conn, size), drops: warnCounter{match: "join replies dropped"}}
+	t.Cleanup(func() {
+		var closing sync.WaitGroup
+		for i := range f.nodes {
+			if f.nodes[i] != nil {
+				closing.Go(func() { f.close(i) })
+			}
+		}
+		closing.Wait()
+	})
+	if path := os.Getenv("PUBSUB_JOIN_PROFILE"); path != "" {
+		out, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer out.Close()
+		if err := pprof.StartCPUProfile(out); err != nil {
+			t.Fatal(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	cpu0 := cpuTime()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range size {
+		wg.Go(func() {
+			if _, err := f.join(i); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	returned := time.Since(start)
+	testcluster.WaitFor(t, 60*time.Second, func() bool { return f.converged(size) }, "views of %d nodes never converged", size)
+	t.Logf("%d concurrent joins returned in %v; every view holds all %d members after %v; CPU %v; %d joins dropped replies", size, returned, size, time.Since(start), cpuTime()-cpu0, f.drops.n.Load())
+	pprof.StopCPUProfile()
 }

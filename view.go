@@ -86,6 +86,36 @@ func (v *view) ownerOf(topic string) Member {
 	return v.members[best]
 }
 
+// joinListers is how many members answer a JOIN with their member list;
+// the others answer with themselves only. Every member answers every JOIN,
+// so a joiner hears each member directly; the lists only cover a member
+// whose answer was lost. Listing from every member made a concurrent join
+// of N nodes cost O(N^3) member entries on the wire.
+const joinListers = 3
+
+// listsFor reports whether self is one of the joinListers members of the
+// view that rank highest for joiner. Views may disagree: a member ranks
+// itself no lower in its own, smaller view, so the true top members list.
+func (v *view) listsFor(joiner, self string) bool {
+	if len(v.members) <= joinListers {
+		return true
+	}
+	j := mix64(fnvString(fnvOffset, joiner) ^ 0x5a)
+	i, ok := slices.BinarySearchFunc(v.members, self, func(m Member, id string) int { return strings.Compare(m.ID, id) })
+	if !ok {
+		return true
+	}
+	mine, above := mix64(j^v.keys[i]), 0
+	for k, key := range v.keys {
+		if k != i && mix64(j^key) > mine {
+			if above++; above >= joinListers {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 const (
 	fnvOffset = 14695981039346656037
 	fnvPrime  = 1099511628211

@@ -1,0 +1,59 @@
+package pubsub
+
+import "slices"
+
+// viewHistory keeps a node's recent views, oldest first, to decide whether
+// the node owned a topic continuously; an actor idle for longer than the
+// history reaches re-checks by sync. It keeps at most maxViewHistory views
+// and at most historyPerMember member entries per member of the newest view:
+// its memory is O(N) with a small factor (about 8 views of the current size),
+// however many views a fleet's churn produces. Guarded by membership.mu.
+type viewHistory struct {
+	views   []*view
+	entries int // members summed over views
+}
+
+const (
+	maxViewHistory   = 64
+	historyPerMember = 8
+)
+
+// remember appends v and trims the history to its bounds, keeping at least
+// the two newest views.
+func (h *viewHistory) remember(v *view) {
+	h.views = append(h.views, v)
+	h.entries += len(v.members)
+	budget := historyPerMember * len(v.members)
+	drop := 0
+	for len(h.views)-drop > 2 && (len(h.views)-drop > maxViewHistory || h.entries > budget) {
+		h.entries -= len(h.views[drop].members)
+		drop++
+	}
+	if drop > 0 {
+		h.views = slices.Delete(h.views, 0, drop)
+	}
+}
+
+// ownedThroughout reports whether self owned topic in every view with an
+// epoch in (from, to]; false when the history no longer reaches from.
+func (h *viewHistory) ownedThroughout(self, topic string, from, to uint64) bool {
+	if len(h.views) == 0 || h.views[0].epoch > from+1 {
+		return false
+	}
+	for _, v := range h.views {
+		if v.epoch > from && v.epoch <= to && v.ownerOf(topic).ID != self {
+			return false
+		}
+	}
+	return true
+}
+
+// at returns the remembered view with the given epoch, or nil.
+func (h *viewHistory) at(epoch uint64) *view {
+	for _, v := range h.views {
+		if v.epoch == epoch {
+			return v
+		}
+	}
+	return nil
+}
