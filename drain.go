@@ -20,18 +20,57 @@ import (
 // drainState tracks a draining Close.
 type drainState struct {
 	on      atomic.Bool
-	serving chan struct{} // bounds the handovers built at once
 	mu      sync.Mutex
 	served  map[string]bool // members that took their handover
 	left    map[string]bool // members that left meanwhile and need none
+	queued  []handoverJob   // requests waiting for a server, one per member at most
+	serving int             // goroutines serving handovers, at most maxSyncPullers
+}
+
+// handoverJob is one member's request for its handover.
+type handoverJob struct {
+	v                *view
+	requester, reply string
 }
 
 func (d *drainState) start() {
 	d.mu.Lock()
 	d.served, d.left = map[string]bool{}, map[string]bool{}
-	d.serving = make(chan struct{}, maxSyncPullers)
 	d.mu.Unlock()
 	d.on.Store(true)
+}
+
+// enqueue adds j, and reports whether the caller must start a server for
+// it (fewer than maxSyncPullers run). A member asking again while its
+// request waits is not queued twice: queued is bounded by the view.
+func (d *drainState) enqueue(j handoverJob) (start, dup bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, q := range d.queued {
+		if q.requester == j.requester {
+			return false, true
+		}
+	}
+	d.queued = append(d.queued, j)
+	if d.serving < maxSyncPullers {
+		d.serving++
+		return true, false
+	}
+	return false, false
+}
+
+// next takes the next queued request; when none is left the calling server
+// stops.
+func (d *drainState) next() (handoverJob, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.queued) == 0 {
+		d.serving--
+		return handoverJob{}, false
+	}
+	j := d.queued[0]
+	d.queued = d.queued[1:]
+	return j, true
 }
 
 func (d *drainState) markServed(id string) { d.mark(func() { d.served[id] = true }) }
@@ -131,19 +170,30 @@ func (n *Node) serveHandover(v *view, requester, reply string) {
 		incomplete() // not a peer this node leaves topics to (or forged)
 		return
 	}
-	select {
-	case n.life.drain.serving <- struct{}{}:
-	default:
-		incomplete() // a flood of requests costs no goroutine each
+	// At most maxSyncPullers servers build handovers at once, and the
+	// other members' requests wait for one: refusing them (answering
+	// incomplete) made each ask every member instead, and kept this node
+	// waiting for them until the handover window closed.
+	start, dup := n.life.drain.enqueue(handoverJob{v: v, requester: requester, reply: reply})
+	if dup {
+		incomplete() // a copy of a request still waiting: costs nothing
+		return
+	}
+	if !start {
 		return
 	}
 	n.life.goroutines.add()
 	go func() {
 		defer n.life.goroutines.done()
-		defer func() { <-n.life.drain.serving }()
-		page := n.handoverFor(v, requester)
-		n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
-		n.life.drain.markServed(requester)
+		for {
+			j, ok := n.life.drain.next()
+			if !ok {
+				return
+			}
+			page := n.handoverFor(j.v, j.requester)
+			n.replyTo(j.reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
+			n.life.drain.markServed(j.requester)
+		}
 	}()
 }
 

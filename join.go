@@ -42,7 +42,7 @@ func (n *Node) joinView(ctx context.Context) error {
 	}
 	quiet := min(n.cfg.HeartbeatInterval, 100*time.Millisecond)
 	start := time.Now()
-	lastChange := start
+	lastChange, lastInstall := start, time.Time{}
 	// Re-announce: a reply can be lost while our reply subscription's interest
 	// travels to the other servers.
 	resend := []time.Duration{0, quiet / 4, quiet / 2, quiet, 2 * quiet, 4 * quiet}
@@ -60,6 +60,7 @@ func (n *Node) joinView(ctx context.Context) error {
 			return ctx.Err()
 		case <-deadline.C:
 			// Views still disagree; heartbeats will converge them.
+			n.installPending()
 			n.log.Info("joined before views converged", "node", n.self.ID)
 			return nil
 		case m := <-replies:
@@ -72,7 +73,6 @@ func (n *Node) joinView(ctx context.Context) error {
 				continue
 			}
 			n.members.mu.Lock()
-			before := n.view().id
 			n.seen(hb.GetFrom(), hb.GetViewId())
 			for _, ref := range hb.GetMembers() {
 				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
@@ -81,19 +81,48 @@ func (n *Node) joinView(ctx context.Context) error {
 					}
 				}
 			}
-			if n.view().id != before {
-				lastChange = time.Now()
-			}
 			n.members.mu.Unlock()
 		case <-tick.C:
 		}
 		if n.members.idConflict.Load() {
 			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.self.ID)
 		}
+		// Peers heard since the last install join the view together, at
+		// most once a tick: a view per answer would cost a handoff round
+		// per member.
+		if time.Since(lastInstall) >= quiet/8 && n.installPending() {
+			lastInstall, lastChange = time.Now(), time.Now()
+		}
 		if time.Since(lastChange) >= quiet && n.viewsAgree() {
 			return nil
 		}
 	}
+}
+
+// markJoined ends joining: from now on a peer heard changes the view at
+// once. A peer added since joinView's last install joins the view now.
+func (n *Node) markJoined() {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	n.members.joined.Store(true)
+	if n.members.viewPending {
+		n.members.viewPending = false
+		n.recomputeView()
+	}
+}
+
+// installPending installs the view of the peers added while joining, if
+// any, and reports whether the view changed.
+func (n *Node) installPending() bool {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	if !n.members.viewPending {
+		return false
+	}
+	n.members.viewPending = false
+	before := n.view().id
+	n.recomputeView()
+	return n.view().id != before
 }
 
 // viewsAgree reports whether every peer last reported this node's view.

@@ -28,6 +28,7 @@ type membership struct {
 	sub           *nats.Subscription
 	idConflict    atomic.Bool      // an older live node with our ID was heard
 	joined        atomic.Bool      // Join returned: the view is stable enough to serve topics
+	viewPending   bool             // joining: peers were added and joinView installs their view
 	quorum        quorum           // KeepMajority's view of the partition
 	left          map[string]leave // members that left gracefully, recently
 	beatNow       chan struct{}    // the view changed: heartbeat early
@@ -250,7 +251,13 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		}
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id)}}
 		n.members.peers[id] = p
-		n.recomputeView()
+		if n.members.joined.Load() {
+			n.recomputeView()
+		} else {
+			// Joining: members answer one by one, and a view per answer
+			// cost a handoff round each; joinView installs them together.
+			n.members.viewPending = true
+		}
 	}
 	p.lastSeen = time.Now()
 	if viewID != 0 {

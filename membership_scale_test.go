@@ -259,10 +259,11 @@ func runMembershipScale(t *testing.T, size int) string {
 	// Rolling restart of every node but the two stable ones.
 	sync0 := f.syncRequests()
 	cpu1, wall1 := cpuTime(), time.Now()
-	var steps []time.Duration
+	var steps, closes []time.Duration
 	for i := 2; i < size; i++ {
 		s0 := time.Now()
 		f.close(i)
+		closes = append(closes, time.Since(s0))
 		if _, err := f.join(i); err != nil {
 			t.Fatal(err)
 		}
@@ -301,6 +302,8 @@ func runMembershipScale(t *testing.T, size int) string {
 	}
 	slices.Sort(latencies)
 	slices.Sort(steps)
+	slices.Sort(closes)
+	t.Logf("restart steps: Close p50 %v max %v; whole step p50 %v max %v", closes[len(closes)/2], closes[len(closes)-1], steps[len(steps)/2], steps[len(steps)-1])
 	pct := func(d []time.Duration, p float64) time.Duration {
 		if len(d) == 0 {
 			return 0

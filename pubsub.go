@@ -164,7 +164,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		return fail(err)
 	}
 	n.startQuorum()
-	n.members.joined.Store(true)
+	n.markJoined()
 	n.log.Debug("joined", "members", len(n.view().members))
 	return n, nil
 }

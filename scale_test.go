@@ -124,6 +124,31 @@ func TestGracefulLeaveDrains(t *testing.T) {
 	assert.Less(t, served, 300*time.Millisecond)
 }
 
+// A leaving node serves every member its handover, however many ask at
+// once: beyond the 8 it builds at a time, requests wait their turn. It once
+// answered them "incomplete", so each of those members asked every member
+// instead, and Close waited for them until its handover window closed (1 s
+// with default timings): a 48-node rolling restart took 1.1 s a step and
+// 58 000 handoff requests instead of 0.14 s and 6 500.
+func TestGracefulLeaveHandsOverToEveryMember(t *testing.T) {
+	const nodes = 12 // 11 members ask the leaver at once
+	c := newCluster(t, 3, nodes)
+	for i := range nodes {
+		subscribe(t, c.Nodes[i], ownedBy(t, c.Nodes[0], fmt.Sprintf("handover-%d", i)), newRecorder().handler)
+	}
+	asked := func() (total uint64) {
+		for _, n := range c.Nodes[1:] {
+			total += n.Stats().SyncRequests
+		}
+		return total
+	}
+	before, leaverBefore := asked(), c.Nodes[0].Stats().SyncRequests
+	c.CloseNode(t, 0)
+	c.WaitConverged(t, 10*time.Second, c.Live()...)
+	assert.Equal(t, uint64(nodes-1), c.Nodes[0].Stats().SyncRequests-leaverBefore, "every member took its handover from the leaver")
+	assert.Zero(t, asked()-before, "no member fell back to asking every member")
+}
+
 // A heartbeat of a node that left, arriving after its LEAVE (it was held up
 // on a route, or forged), does not bring it back.
 func TestLateHeartbeatDoesNotResurrectALeftNode(t *testing.T) {
