@@ -66,11 +66,12 @@ const (
 	ReasonInvalidTopic                   // topic failed validation
 	ReasonCancelled                      // the caller's context was cancelled
 	ReasonTopicUnavailable               // no ready owner within the request timeout
+	ReasonInvalidMessage                 // an invalid header name, or a value the codec could not encode
 )
 
 // String implements fmt.Stringer.
 func (r Reason) String() string {
-	return enumName(r, "Reason", "none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable")
+	return enumName(r, "Reason", "none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable", "invalid-message")
 }
 
 // Err returns the sentinel error of r, or nil for ReasonNone.
@@ -92,6 +93,8 @@ func (r Reason) Err() error {
 		return ErrCancelled
 	case ReasonTopicUnavailable:
 		return ErrTopicUnavailable
+	case ReasonInvalidMessage:
+		return ErrInvalidMessage
 	}
 	return fmt.Errorf("pubsub: unknown reason %d", uint8(r))
 }
@@ -113,6 +116,8 @@ func reasonOf(err error) Reason {
 		return ReasonCancelled
 	case errors.Is(err, ErrTopicUnavailable):
 		return ReasonTopicUnavailable
+	case errors.Is(err, ErrInvalidMessage):
+		return ReasonInvalidMessage
 	}
 	return ReasonTimeout // deadline exceeded, transport errors: outcome unknown
 }
@@ -131,11 +136,18 @@ const (
 	// dropped to keep the producer's order. Not the subscriber's fault: it
 	// never counts towards eviction.
 	OutOfOrder
+	// DecodeError: the subscriber's codec (a Topic's) rejected the bytes of
+	// at least one message; its handler never saw them, and got the batch's
+	// valid messages. The publisher sent garbage, the subscriber did nothing
+	// wrong: it never counts towards eviction.
+	DecodeError
+
+	lastDeliveryStatus = DecodeError // the highest status this version knows
 )
 
 // String implements fmt.Stringer.
 func (s DeliveryStatus) String() string {
-	return enumName(s, "DeliveryStatus", "delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full", "out-of-order")
+	return enumName(s, "DeliveryStatus", "delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full", "out-of-order", "decode-error")
 }
 
 // PublishAck is the answer to a publish. For Publish and PublishBatch, the

@@ -77,6 +77,10 @@ type Config struct {
 	// PartitionPolicy says what a node does when it cannot see a majority of
 	// the cluster. Default: KeepServing (the zero value).
 	PartitionPolicy PartitionPolicy
+	// Propagator injects context (a trace) into each published message's
+	// header and extracts it into each handler's ctx. Default: nil, which
+	// costs nothing.
+	Propagator Propagator
 }
 
 // Defaults of Config.

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -18,14 +19,15 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		}
 		return rep
 	}
-	msgs := payload{packed: d.GetPacked(), count: int(d.GetCount()),
-		origin: batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()},
-		seq:    batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}}
-	if err := wire.Validate(msgs.packed, d.GetCount()); err != nil {
-		n.malformed("inbox", len(d.GetPacked()))
+	msgs, err := receivedPayload(d.GetPacked(), d.GetPackedMeta(), d.GetCount())
+	if err != nil {
+		n.malformed("inbox", len(d.GetPacked())+len(d.GetPackedMeta()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
+	msgs.publisher = d.GetPublisher()
+	msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}
+	msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
 	if !d.GetAtLeastOnce() {
 		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
 		return
@@ -253,10 +255,25 @@ type producerMark struct {
 }
 
 // run hands a batch's messages to the handler in order, stopping at the
-// first error.
+// first error. A message its codec rejects (a Topic's handler) is skipped
+// and reported as DecodeError once the rest of the batch ran. With a
+// Propagator, each message gets the ctx it extracts from its header.
 func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus {
+	status := Delivered
+	prop := s.node.cfg.Propagator
 	for j := range batch {
-		if err := s.call(ctx, &batch[j]); err != nil {
+		mctx := ctx
+		if prop != nil {
+			mctx = prop.Extract(ctx, batch[j].Header)
+		}
+		if err := s.call(mctx, &batch[j]); err != nil {
+			if errors.As(err, new(*decodeError)) {
+				status = DecodeError
+				if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
+					s.node.log.Warn("message rejected by the codec", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+				}
+				continue
+			}
 			if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
 				s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 			}
@@ -266,7 +283,7 @@ func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus 
 			break // unsubscribed mid-batch: no further message reaches it
 		}
 	}
-	return Delivered
+	return status
 }
 
 // maxTrackedProducers bounds the producers (BatchingProducers and the
@@ -336,12 +353,27 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 // published on this node, or the packed wire field as received. Either way
 // no message is copied on its way to the handlers.
 type payload struct {
-	msgs    [][]byte
-	packed  []byte
-	count   int
-	origin  batchOrigin
-	seq     batchSeq // set by the owner when it accepts the batch
-	wantIDs bool     // the publisher asked for the delivered subscribers
+	msgs      msgBatch
+	packed    []byte
+	withMeta  bool // packed is in format 2: keys and headers beside the bytes
+	count     int
+	publisher string // the publishing node's ID
+	origin    batchOrigin
+	seq       batchSeq // set by the owner when it accepts the batch
+	wantIDs   bool     // the publisher asked for the delivered subscribers
+}
+
+// receivedPayload checks the packed fields of a batch received over NATS:
+// exactly one format, holding exactly count messages. A node that knew only
+// format 1 rejects a format 2 batch the same way, finding no messages.
+func receivedPayload(packed, packedMeta []byte, count uint32) (payload, error) {
+	if len(packedMeta) > 0 {
+		if len(packed) > 0 {
+			return payload{}, wire.ErrBadPacking
+		}
+		return payload{packed: packedMeta, withMeta: true, count: int(count)}, wire.ValidateMeta(packedMeta, count)
+	}
+	return payload{packed: packed, count: int(count)}, wire.Validate(packed, count)
 }
 
 // batchSeq is the owner's number for an accepted batch of one topic.
@@ -352,29 +384,49 @@ type batchSeq struct {
 }
 
 func (p payload) len() int {
-	if p.msgs != nil {
-		return len(p.msgs)
+	if p.msgs.data != nil {
+		return p.msgs.len()
 	}
 	return p.count
 }
 
-// wire returns the packed form, packing the publisher's slices if needed.
-func (p *payload) wire() []byte {
+// wire returns the packed form, packing the publisher's slices if needed,
+// and whether it is format 2.
+func (p *payload) wire() ([]byte, bool) {
 	if p.packed == nil {
-		p.packed = wire.Pack(nil, p.msgs)
+		if p.msgs.meta != nil {
+			p.packed, p.withMeta = wire.PackMeta(nil, p.msgs.data, p.msgs.meta), true
+		} else {
+			p.packed = wire.Pack(nil, p.msgs.data)
+		}
 	}
-	return p.packed
+	return p.packed, p.withMeta
 }
 
-// messages builds the Messages a node's subscribers share.
+// messages builds the Messages a node's subscribers share. A message
+// without key or header costs nothing more than its Message.
 func (p payload) messages(topic string) []Message {
 	batch := make([]Message, 0, p.len())
-	if p.msgs != nil {
-		for _, data := range p.msgs {
-			batch = append(batch, Message{Topic: topic, Data: data})
+	switch {
+	case p.msgs.data != nil:
+		for i, data := range p.msgs.data {
+			m := Message{Topic: topic, Data: data, Publisher: p.publisher}
+			if p.msgs.meta != nil {
+				m.Key, m.Header = p.msgs.meta[i].Key, p.msgs.meta[i].Header
+			}
+			batch = append(batch, m)
 		}
-		return batch
+	case p.withMeta:
+		wire.EachMeta(p.packed, func(data, meta []byte) {
+			m := Message{Topic: topic, Data: data, Publisher: p.publisher}
+			if meta != nil {
+				md := wire.DecodeMeta(meta)
+				m.Key, m.Header = md.Key, md.Header
+			}
+			batch = append(batch, m)
+		})
+	default:
+		wire.Each(p.packed, func(data []byte) { batch = append(batch, Message{Topic: topic, Data: data, Publisher: p.publisher}) })
 	}
-	wire.Each(p.packed, func(data []byte) { batch = append(batch, Message{Topic: topic, Data: data}) })
 	return batch
 }

@@ -70,7 +70,10 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals
 // shared by every node, then that node's subscriber list. It is assembled
 // into a pooled buffer for each send, so the messages are copied once per
 // node, straight into the buffer NATS copies from.
-type remoteBatch struct{ head, packed, suffix []byte }
+type remoteBatch struct {
+	head, packed, suffix []byte
+	withMeta             bool // packed is format 2
+}
 
 // sendBufs recycles the buffers remote batches are assembled in; NATS copies
 // a message into its own write buffer before Publish returns.
@@ -78,7 +81,7 @@ var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (r remoteBatch) encode() *[]byte {
 	buf := sendBufs.Get().(*[]byte)
-	*buf = append(wire.AppendDeliver((*buf)[:0], r.head, r.packed), r.suffix...)
+	*buf = append(wire.AppendDeliver((*buf)[:0], r.head, r.packed, r.withMeta), r.suffix...)
 	return buf
 }
 
@@ -91,8 +94,8 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 		st := make([]DeliveryStatus, count)
 		for i, s := range rep.GetStatuses() {
 			st[i] = DeliveryStatus(s)
-			if st[i] > OutOfOrder {
-				st[i] = HandlerError
+			if st[i] > lastDeliveryStatus {
+				st[i] = HandlerError // a newer node's status this one cannot name
 			}
 		}
 		return st, false

@@ -155,9 +155,13 @@ func TestBitFlippedTrafficDoesNotStopTheCluster(t *testing.T) {
 	ref := &wire.MemberRef{NodeId: "n0", Incarnation: 1}
 	add(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{From: ref, ViewId: 9}}})
 	add(&wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: &wire.SubscribeRequest{From: ref, Topic: topic, Subscriber: "x"}}})
-	samples = append(samples, wire.AppendPublish(nil, &wire.PublishRequest{From: ref, Topic: topic, Count: 2}, [][]byte{[]byte("a"), []byte("b")}))
+	samples = append(samples, wire.AppendPublish(nil, &wire.PublishRequest{From: ref, Topic: topic, Count: 2}, [][]byte{[]byte("a"), []byte("b")}, nil))
+	meta := []wire.Meta{{Key: "k", Header: map[string][]string{"h": {"v"}}}, {}}
+	samples = append(samples, wire.AppendPublish(nil, &wire.PublishRequest{From: ref, Topic: topic, Count: 2}, [][]byte{[]byte("a"), []byte("b")}, meta))
 	add(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Owner: ref, Topic: topic, Seq: 3,
 		Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte("z")}), Count: 1}}})
+	add(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Owner: ref, Topic: topic, Seq: 4, Publisher: "n0",
+		Subscribers: []string{s.ID().Local}, PackedMeta: wire.PackMeta(nil, [][]byte{[]byte("z"), nil}, meta), Count: 2}}})
 	add(&wire.Envelope{Body: &wire.Envelope_SyncRequest{SyncRequest: &wire.SyncRequest{From: ref, Members: []*wire.MemberRef{ref}}}})
 	add(&wire.Envelope{Body: &wire.Envelope_Evict{Evict: &wire.Evict{Owner: ref, Topic: topic, Subscriber: "nobody"}}})
 

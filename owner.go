@@ -118,13 +118,14 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return
 	}
-	if err := wire.Validate(req.GetPacked(), req.GetCount()); err != nil {
-		n.malformed("inbox", len(req.GetPacked()))
+	msgs, err := receivedPayload(req.GetPacked(), req.GetPackedMeta(), req.GetCount())
+	if err != nil {
+		n.malformed("inbox", len(req.GetPacked())+len(req.GetPackedMeta()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
-	msgs := payload{packed: req.GetPacked(), count: int(req.GetCount()), wantIDs: req.GetDeliveredIds(),
-		origin: batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}}
+	msgs.wantIDs, msgs.publisher = req.GetDeliveredIds(), req.GetFrom().GetNodeId()
+	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}
 	if !n.owner.onActor(topic, true, func(a *topicActor) {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 	}) {

@@ -147,7 +147,7 @@ func (n *Node) holds(m Member) func() bool {
 // publishRequest publishes one chunk of a batch.
 type publishRequest struct {
 	wire *wire.PublishRequest // the request, without its messages
-	msgs [][]byte
+	msgs msgBatch
 	// origin numbers the chunk (a producer's batch, or the node's implicit
 	// producer, renumbered per attempt); wantIDs asks for the delivered
 	// subscribers.
@@ -160,12 +160,12 @@ func (r *publishRequest) encode(v *view, buf []byte) []byte {
 	r.wire.ViewId, r.wire.Producer, r.wire.ProducerSeq = v.id, r.origin.producer, r.origin.seq
 	r.wire.ProducerPrev, r.wire.ProducerSettled = r.origin.prev, r.origin.settled
 	// The messages are packed straight into the request: one copy.
-	return wire.AppendPublish(buf, r.wire, r.msgs)
+	return wire.AppendPublish(buf, r.wire, r.msgs.data, r.msgs.meta)
 }
 
 func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	r.origin.refresh()
-	a.publish(payload{msgs: r.msgs, origin: *r.origin, wantIDs: r.wantIDs}, answer)
+	a.publish(payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs}, answer)
 }
 
 // subscribeRequest records, removes, or (stats) counts subscribers.

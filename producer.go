@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // How the producer works, for maintainers:
@@ -50,6 +52,10 @@ type BatchingProducer struct {
 	cfg    ProducerConfig
 	maxMsg int    // largest message Produce accepts
 	id     string // names this producer's batches to subscriber nodes
+	// prop is the node's Propagator, if pub is a *Node with one; metaPub
+	// is pub when it can carry keys and headers.
+	prop    Propagator
+	metaPub messagePublisher
 
 	ctx       context.Context // the producer's lifetime: cancelled when Close gives up
 	cancel    context.CancelFunc
@@ -96,14 +102,18 @@ type BatchingProducer struct {
 type producerEntry struct {
 	ctx     context.Context
 	data    []byte
+	meta    wire.Meta // key and header, after the propagator's Inject
 	fut     *Produced
 	dropped bool // its context ended before the batch was sent
 }
 
+// size is what the entry counts for in a batch.
+func (e *producerEntry) size() int { return len(e.data) + wire.MetaSize(e.meta) + batchOverhead }
+
 // producerBatch is one batch from its cut until its futures complete.
 type producerBatch struct {
 	entries  []producerEntry // in produce order, dropped ones included
-	msgs     [][]byte        // the data of the entries not dropped
+	msgs     msgBatch        // the entries not dropped
 	state    batchState
 	id       uint64 // ID of the current attempt
 	seq      uint64 // the batch's number in this producer's order
@@ -149,7 +159,13 @@ type attemptEvent struct {
 //
 // issued must be called at most once, and not after the call returned.
 type orderedPublisher interface {
-	publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error)
+	publishBatchIssued(ctx context.Context, topic string, batch msgBatch, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error)
+}
+
+// messagePublisher is a Publisher that carries keys and headers; *Node is
+// one.
+type messagePublisher interface {
+	PublishMessages(ctx context.Context, topic string, msgs []Outgoing, opts ...PublishOption) (PublishAck, error)
 }
 
 // messageSizer is implemented by publishers that know their message size
@@ -189,6 +205,10 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 		bp.maxMsg = min(bp.maxMsg, limit)
 	}
 	bp.init, _ = p.(Initializer)
+	bp.metaPub, _ = p.(messagePublisher)
+	if n, ok := p.(*Node); ok {
+		bp.prop = n.cfg.Propagator
+	}
 	bp.initialized = bp.init == nil
 	bp.full = doneFuture(bp.failure(fmt.Errorf("pubsub: producer for %q: %d messages queued: %w", topic, cfg.MaxQueueSize, ErrQueueFull)))
 	bp.ctx, bp.cancel = context.WithCancel(context.Background())
@@ -211,8 +231,34 @@ func (p *BatchingProducer) Topic() string { return p.topic }
 // (ReasonCancelled). Data is not copied: do not modify it until the future
 // is done.
 func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
-	if len(data) > p.maxMsg {
-		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes, limit %d: %w", p.topic, len(data), p.maxMsg, ErrTooLarge)))
+	var meta wire.Meta
+	if p.prop != nil {
+		meta = messageMeta(ctx, "", nil, p.prop)
+	}
+	return p.produce(ctx, data, meta)
+}
+
+// ProduceMessage queues m, with its key and header, like Produce. A header
+// name that is empty or holds whitespace, ':' or a control character fails
+// the future with ErrInvalidMessage; the key and header count towards the
+// message's size. With a Propagator on the producer's node, Inject runs
+// here with ctx, on a copy of m.Header. A Publisher other than a *Node must
+// implement PublishMessages to carry keys and headers; otherwise such a
+// message fails with ErrInvalidConfig.
+func (p *BatchingProducer) ProduceMessage(ctx context.Context, m Outgoing) *Produced {
+	if err := validateHeader(m.Header); err != nil {
+		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
+	}
+	meta := messageMeta(ctx, m.Key, m.Header, p.prop)
+	if !meta.Empty() && p.metaPub == nil {
+		return doneFuture(p.failure(fmt.Errorf("%w: producer for %q: its Publisher (%T) has no PublishMessages to carry keys and headers", ErrInvalidConfig, p.topic, p.pub)))
+	}
+	return p.produce(ctx, m.Data, meta)
+}
+
+func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.Meta) *Produced {
+	if size := len(data) + wire.MetaSize(meta); size > p.maxMsg {
+		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes with its key and header, limit %d: %w", p.topic, size, p.maxMsg, ErrTooLarge)))
 	}
 	if err := ctx.Err(); err != nil {
 		return doneFuture(cancelled(p.topic, err))
@@ -233,9 +279,9 @@ func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 	f := &p.slab[0]
 	f.topic = p.topic
 	p.slab = p.slab[1:]
-	p.in = append(p.in, producerEntry{ctx: ctx, data: data, fut: f})
+	p.in = append(p.in, producerEntry{ctx: ctx, data: data, meta: meta, fut: f})
 	p.queued++
-	p.qbytes += len(data) + batchOverhead
+	p.qbytes += p.in[len(p.in)-1].size()
 	p.seq++
 	p.last = f
 	if p.queued == 1 && p.cfg.Linger > 0 {

@@ -113,7 +113,7 @@ func (p *BatchingProducer) cutAndIssue() {
 	p.nextSeq++
 	b.seq = p.nextSeq
 	taken, takenBytes, size := 0, 0, 0
-	for len(b.msgs) < p.cfg.BatchSize {
+	for b.msgs.len() < p.cfg.BatchSize {
 		if p.pendHead == len(p.pend) {
 			p.mu.Lock()
 			if len(p.in) == 0 {
@@ -125,17 +125,17 @@ func (p *BatchingProducer) cutAndIssue() {
 			p.mu.Unlock()
 		}
 		e := &p.pend[p.pendHead]
-		sz := len(e.data) + batchOverhead
+		sz := e.size()
 		live := e.ctx.Err() == nil
-		if live && len(b.msgs) > 0 && size+sz > p.cfg.MaxBatchBytes {
+		if live && b.msgs.len() > 0 && size+sz > p.cfg.MaxBatchBytes {
 			break
 		}
 		p.pendHead++
 		taken++
 		takenBytes += sz
-		b.entries = append(b.entries, producerEntry{ctx: e.ctx, data: e.data, fut: e.fut, dropped: !live})
+		b.entries = append(b.entries, producerEntry{ctx: e.ctx, data: e.data, meta: e.meta, fut: e.fut, dropped: !live})
 		if live {
-			b.msgs = append(b.msgs, e.data)
+			b.msgs.add(e.data, e.meta)
 			size += sz
 		}
 		*e = producerEntry{} // release the references
@@ -146,7 +146,7 @@ func (p *BatchingProducer) cutAndIssue() {
 	p.cutSeq += uint64(taken)
 	p.mu.Unlock()
 	p.fifo = append(p.fifo, b)
-	if len(b.msgs) == 0 {
+	if b.msgs.len() == 0 {
 		b.state = batchResolved
 		b.reuse = true
 		return
@@ -171,7 +171,7 @@ func (p *BatchingProducer) issue(b *producerBatch) {
 // attempt publishes msgs once (initializing the topic first if needed) and
 // reports to the actor. It never blocks on the report: events has room for
 // two reports per attempt that can run at once.
-func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs [][]byte, initialize, gated bool) {
+func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, initialize, gated bool) {
 	ev := attemptEvent{id: id, b: b}
 	if initialize {
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
@@ -201,10 +201,24 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs [][]byte, i
 	} else {
 		// Without an issue report the gate opens with the result: one
 		// batch at a time, as two concurrent calls may swap.
-		ev.ack, ev.err = p.pub.PublishBatch(ctx, p.topic, msgs)
+		ev.ack, ev.err = p.publishUnordered(ctx, msgs)
 	}
 	cancel()
 	p.events <- ev
+}
+
+// publishUnordered publishes through a Publisher that is no
+// orderedPublisher: PublishMessages when the batch has keys or headers
+// (ProduceMessage let none in otherwise), PublishBatch when not.
+func (p *BatchingProducer) publishUnordered(ctx context.Context, msgs msgBatch) (PublishAck, error) {
+	if msgs.meta == nil {
+		return p.pub.PublishBatch(ctx, p.topic, msgs.data)
+	}
+	out := make([]Outgoing, msgs.len())
+	for i, data := range msgs.data {
+		out[i] = Outgoing{Data: data, Key: msgs.meta[i].Key, Header: msgs.meta[i].Header}
+	}
+	return p.metaPub.PublishMessages(ctx, p.topic, out)
 }
 
 // onEvent handles an attempt's report.
@@ -220,7 +234,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 	if ev.initialized {
 		p.initialized = true
 	}
-	ack, err := p.normalize(ev.ack, ev.err, len(b.msgs))
+	ack, err := p.normalize(ev.ack, ev.err, b.msgs.len())
 	if err == nil {
 		// Reuse msgs only when no subscriber can still be reading it: a
 		// Node's local fast path hands this very slice to local mailboxes,
@@ -234,7 +248,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 	switch {
 	case p.dead:
 		p.abandoned.Store(true)
-		p.resolve(b, p.closedResult(len(b.msgs), "producer closed while the batch was being published (outcome unknown)", err))
+		p.resolve(b, p.closedResult(b.msgs.len(), "producer closed while the batch was being published (outcome unknown)", err))
 	case p.stopping:
 		p.resolve(b, b.last)
 	case ack.Reason == ReasonTooLarge, ack.Reason == ReasonInvalidTopic:
@@ -320,18 +334,18 @@ func (p *BatchingProducer) retryDue(now time.Time) bool {
 		did = true
 		// A fresh slice: the failed attempt's publisher may still hold the
 		// old one (see onEvent).
-		msgs := make([][]byte, 0, len(b.msgs))
+		msgs := msgBatch{data: make([][]byte, 0, b.msgs.len())}
 		for i := range b.entries {
 			e := &b.entries[i]
 			if !e.dropped && e.ctx.Err() != nil {
 				e.dropped = true
 			}
 			if !e.dropped {
-				msgs = append(msgs, e.data)
+				msgs.add(e.data, e.meta)
 			}
 		}
 		b.msgs = msgs
-		if len(msgs) == 0 {
+		if msgs.len() == 0 {
 			p.resolve(b, nil) // every message was dropped: nothing to send
 			continue
 		}
@@ -377,10 +391,13 @@ func (p *BatchingProducer) newBatch() *producerBatch {
 func (p *BatchingProducer) recycle(b *producerBatch) {
 	clear(b.entries)
 	entries := b.entries[:0]
-	var msgs [][]byte
+	var msgs msgBatch
 	if b.reuse {
-		clear(b.msgs)
-		msgs = b.msgs[:0]
+		clear(b.msgs.data)
+		clear(b.msgs.meta)
+		msgs.data = b.msgs.data[:0]
+		// meta stays nil until a message has some: a plain batch must
+		// not look like one with keys or headers.
 	}
 	if len(p.free) >= p.cfg.MaxInFlight+1 {
 		return

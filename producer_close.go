@@ -37,7 +37,7 @@ func (p *BatchingProducer) abandon() {
 	for _, b := range p.fifo {
 		if b.state == batchRetryWait {
 			p.abandoned.Store(true)
-			p.resolve(b, p.closedResult(len(b.msgs), "producer closed before the batch was retried", b.last.err))
+			p.resolve(b, p.closedResult(b.msgs.len(), "producer closed before the batch was retried", b.last.err))
 		}
 	}
 }

@@ -49,7 +49,28 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // subscribers: do not modify them before PublishBatch returns, nor after it
 // if a subscriber timed out and may still be reading them.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
-	return n.publishBatchIssued(ctx, topic, batch, nil, "", 0, 0, nil)
+	return n.publishBatchIssued(ctx, topic, plainBatch(ctx, batch, n.cfg.Propagator), nil, "", 0, 0, nil)
+}
+
+// PublishMessages publishes msgs, each with its optional key and header, as
+// one batch: PublishBatch's semantics and ack. A header name that is empty
+// or holds whitespace, ':' or a control character rejects the batch whole
+// with ErrInvalidMessage; keys and headers count towards MaxMessageSize.
+// With a Propagator, its Inject adds to a copy of each message's header.
+// Neither the messages nor their headers are copied on their way to this
+// node's own subscribers: do not modify them before PublishMessages returns.
+func (n *Node) PublishMessages(ctx context.Context, topic string, msgs []Outgoing, opts ...PublishOption) (PublishAck, error) {
+	var cfg publishConfig
+	for _, o := range opts {
+		if o != nil {
+			o(&cfg)
+		}
+	}
+	b, err := outgoingBatch(ctx, msgs, n.cfg.Propagator)
+	if err != nil {
+		return n.reject(topic, len(msgs), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+	}
+	return n.publishBatchIssued(ctx, topic, b, nil, "", 0, 0, nil)
 }
 
 // batchOrigin names one batch of one BatchingProducer; the zero value, for
@@ -97,27 +118,28 @@ func (o batchOrigin) mustWaitFor(last uint64) bool {
 // starts its next batch then, so several can be in flight in order. A retry
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
-func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]byte, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error) {
+func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error) {
 	origin := batchOrigin{producer: producer, seq: seq, prev: prev, settledNow: settled}
 	if settled == nil || packedLen(batch) > n.MaxMessageSize() {
 		origin.prev = 0 // split batches are not held back: their chunks go one by one
 	}
+	count := batch.len()
 	if err := validateTopic(topic); err != nil {
-		return n.reject(topic, len(batch), err)
+		return n.reject(topic, count, err)
 	}
 	if n.life.closed.Load() {
-		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, ErrClosed))
+		return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: %w", topic, ErrClosed))
 	}
 	if err := ctx.Err(); err != nil {
-		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+		return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: %w", topic, err))
 	}
 	limit := n.MaxMessageSize()
-	for i, m := range batch {
-		if len(m) > limit {
-			return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: message %d is %d bytes, limit %d: %w", topic, i, len(m), limit, ErrTooLarge))
+	for i := range count {
+		if size := batch.size(i); size > limit {
+			return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: message %d is %d bytes with its key and header, limit %d: %w", topic, i, size, limit, ErrTooLarge))
 		}
 	}
-	if len(batch) == 0 {
+	if count == 0 {
 		if issued != nil {
 			issued()
 		}
@@ -125,31 +147,31 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch [][]b
 	}
 	var total chunkAcks
 	split := packedLen(batch) > limit
-	for i, chunk := range chunks(batch, limit) {
+	for i, run := range chunks(batch, limit) {
 		var sig func() // only the last chunk fixes the batch's place
-		if len(chunk) > 0 && &chunk[len(chunk)-1] == &batch[len(batch)-1] {
+		if run.end == count {
 			sig = issued
 		}
-		ack, delivered, err := n.publishChunk(ctx, topic, chunk, sig, origin.chunk(i), split)
+		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split)
 		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
 			// Earlier chunks were delivered: the batch was not "not taken".
 			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
 		}
 		if err != nil {
-			return n.reject(topic, len(batch), err)
+			return n.reject(topic, count, err)
 		}
 		total.add(i, ack, delivered)
 	}
 	ack := total.ack
-	ack.Messages = len(batch)
+	ack.Messages = count
 	return ack, nil
 }
 
 // packedLen is the size chunks counts for batch.
-func packedLen(batch [][]byte) int {
+func packedLen(batch msgBatch) int {
 	size := 0
-	for _, m := range batch {
-		size += len(m) + 8
+	for i := range batch.len() {
+		size += batch.size(i) + 8
 	}
 	return size
 }
@@ -199,15 +221,15 @@ func (n *Node) MaxMessageSize() int {
 
 func (n *Node) maxPayload() int { return int(n.nc.MaxPayload()) }
 
-// chunks splits batch into runs whose encoded size stays within limit; it
-// yields each run with its index.
-func chunks(batch [][]byte, limit int) func(yield func(int, [][]byte) bool) {
-	return func(yield func(int, [][]byte) bool) {
+// chunks splits batch into runs [start, end) whose encoded size stays
+// within limit; it yields each run with its index.
+func chunks(batch msgBatch, limit int) func(yield func(int, span) bool) {
+	return func(yield func(int, span) bool) {
 		start, size, idx := 0, 0, 0
-		for i, m := range batch {
-			sz := len(m) + 8 // protobuf tag and length
+		for i := range batch.len() {
+			sz := batch.size(i) + 8 // protobuf tag and length
 			if i > start && size+sz > limit {
-				if !yield(idx, batch[start:i]) {
+				if !yield(idx, span{start, i}) {
 					return
 				}
 				idx++
@@ -215,9 +237,12 @@ func chunks(batch [][]byte, limit int) func(yield func(int, [][]byte) bool) {
 			}
 			size += sz
 		}
-		yield(idx, batch[start:])
+		yield(idx, span{start, batch.len()})
 	}
 }
+
+// span is the run [start, end) of a batch.
+type span struct{ start, end int }
 
 // chunkAcks merges the acks of the chunks of one split batch. A subscriber
 // delivered the batch only if every chunk was delivered to it: one that
@@ -263,8 +288,8 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 
 // publishChunk publishes one request's worth of a batch. With split, the
 // owner also lists the subscribers it delivered to, for chunkAcks.
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs [][]byte, issued func(), origin batchOrigin, split bool) (PublishAck, []SubscriberID, error) {
-	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(len(msgs)), DeliveredIds: split},
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool) (PublishAck, []SubscriberID, error) {
+	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split},
 		msgs: msgs, origin: &origin, wantIDs: split}
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued}
 	if origin.producer == "" {

@@ -133,7 +133,7 @@ func TestDuplicateCopyReportsTheFirstCopysOutcome(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	msgs := payload{msgs: [][]byte{[]byte("x")}, seq: batchSeq{owner: "o", inc: 1, seq: 42}}
+	msgs := payload{msgs: msgBatch{data: [][]byte{[]byte("x")}}, seq: batchSeq{owner: "o", inc: 1, seq: 42}}
 	for copyNo := 1; copyNo <= 2; copyNo++ {
 		done := make(chan []DeliveryStatus, 1)
 		a.deliver("t", []string{sub.ID().Local}, msgs, func(st []DeliveryStatus) { done <- st })

@@ -17,12 +17,19 @@ import (
 type Handler func(ctx context.Context, m *Message) error
 
 // Message is one delivered message. The subscribers of one node share it:
-// treat it, and Data, as read-only (copy Data to keep a changed version).
-// SubscriberFromContext tells a handler shared by several subscriptions
-// which one it runs for.
+// treat it, Data and Header as read-only (copy them to keep a changed
+// version). SubscriberFromContext tells a handler shared by several
+// subscriptions which one it runs for.
 type Message struct {
 	Topic string
 	Data  []byte
+	// Key is the routing key the message was published with, or "".
+	Key string
+	// Header is the header the message was published with (plus what a
+	// Propagator injected), or nil.
+	Header Header
+	// Publisher is the ID of the node that published the message.
+	Publisher string
 }
 
 type subscriberKey struct{}

@@ -269,18 +269,19 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		}
 		if head == nil {
 			head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: a.seq,
-				Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq})
+				Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
+				Publisher: msgs.publisher})
 		}
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
 		// of re-encoding the messages for every node. A list too long to fit
 		// beside the batch goes in several messages, each reported apart.
-		packed := msgs.wire()
+		packed, withMeta := msgs.wire()
 		parts := splitSubscribers(locals, n.maxPayload()-len(head)-len(packed)-16)
 		b.addParts(len(parts) - 1)
 		for _, part := range parts {
 			suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: part}}})
-			n.deliverRemote(b, m, remoteBatch{head, packed, suffix}, part, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+			n.deliverRemote(b, m, remoteBatch{head, packed, suffix, withMeta}, part, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
 		}
 	}
 }
@@ -294,8 +295,8 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			delete(a.fails, o.id)
 			continue
 		}
-		if o.status == OutOfOrder || o.path {
-			continue // the batch's or the network's fault, not the subscriber's
+		if o.status == OutOfOrder || o.status == DecodeError || o.path {
+			continue // the batch's, the publisher's or the network's fault, not the subscriber's
 		}
 		if ns := a.nodes[o.id.Node]; ns == nil {
 			continue // already removed

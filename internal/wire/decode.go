@@ -116,6 +116,8 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.Topic = string(bs)
 		case publishPacked:
 			p.Packed = bs
+		case publishPackedMeta:
+			p.PackedMeta = bs
 		case publishCount:
 			p.Count = uint32(v)
 		case publishProducer:
@@ -148,6 +150,10 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.AtLeastOnce = v != 0
 		case deliverPacked:
 			d.Packed = bs
+		case deliverPackedMeta:
+			d.PackedMeta = bs
+		case deliverPublisher:
+			d.Publisher = string(bs)
 		case deliverCount:
 			d.Count = uint32(v)
 		case deliverProducer:

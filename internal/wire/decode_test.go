@@ -43,6 +43,9 @@ func FuzzDecode(f *testing.F) {
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{Topic: "t", Packed: Pack(nil, [][]byte{[]byte("x")}), Count: 1}}})
 	f.Add(pub)
 	f.Add([]byte{0x2a, 0x02, 0x10, 0x01})
+	meta, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Topic: "t", Publisher: "n",
+		PackedMeta: PackMeta(nil, [][]byte{[]byte("x"), nil}, []Meta{{Key: "k", Header: map[string][]string{"a": {"1"}}}, {}}), Count: 2}}})
+	f.Add(meta)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var env Envelope
 		_ = Decode(data, &env) // must not panic
@@ -53,18 +56,38 @@ func FuzzDecode(f *testing.F) {
 func TestAppendBatchEnvelopes(t *testing.T) {
 	msgs := [][]byte{[]byte("one"), make([]byte, 300), {}}
 	req := &PublishRequest{From: &MemberRef{NodeId: "n", Incarnation: 2}, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9}
-	got := AppendPublish([]byte("x"), req, msgs)[1:]
+	got := AppendPublish([]byte("x"), req, msgs, nil)[1:]
 	want := &Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{From: req.From, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9, Packed: Pack(nil, msgs)}}}
 	var env Envelope
 	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, want) {
 		t.Fatalf("AppendPublish decodes to %v (%v), want %v", &env, err, want)
 	}
 	head, _ := proto.Marshal(&DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3})
-	got = AppendDeliver(nil, head, Pack(nil, msgs))
+	got = AppendDeliver(nil, head, Pack(nil, msgs), false)
 	wantD := &Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3, Packed: Pack(nil, msgs)}}}
 	env.Reset()
 	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, wantD) {
 		t.Fatalf("AppendDeliver decodes to %v (%v), want %v", &env, err, wantD)
+	}
+
+	// Format 2 goes in the packed_meta fields, and Decode reads them as
+	// proto does.
+	meta := []Meta{{Key: "k1"}, {}, {Header: map[string][]string{"h": {"v1", "v2"}}}}
+	got = AppendPublish(nil, req, msgs, meta)
+	want = &Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{From: req.From, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9, PackedMeta: PackMeta(nil, msgs, meta)}}}
+	var dec Envelope
+	env.Reset()
+	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, want) {
+		t.Fatalf("AppendPublish with meta decodes to %v (%v), want %v", &env, err, want)
+	}
+	if err := Decode(got, &dec); err != nil || !proto.Equal(&dec, want) {
+		t.Fatalf("Decode of a publish with meta = %v (%v), want %v", &dec, err, want)
+	}
+	got = AppendDeliver(nil, head, PackMeta(nil, msgs, meta), true)
+	wantD = &Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3, PackedMeta: PackMeta(nil, msgs, meta)}}}
+	dec.Reset()
+	if err := Decode(got, &dec); err != nil || !proto.Equal(&dec, wantD) {
+		t.Fatalf("Decode of a deliver with meta = %v (%v), want %v", &dec, err, wantD)
 	}
 }
 
@@ -84,7 +107,8 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&MemberRef{}, map[string]protowire.Number{"node_id": refNodeID, "incarnation": refIncarnation})
 	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
-		"producer_prev": publishPrev, "producer_settled": publishSettled})
+		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
-		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq})
+		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
+		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher})
 }

@@ -26,6 +26,7 @@ const (
 	publishDeliveredIDs protowire.Number = 9
 	publishPrev         protowire.Number = 10
 	publishSettled      protowire.Number = 11
+	publishPackedMeta   protowire.Number = 12
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2
@@ -36,21 +37,34 @@ const (
 	deliverCount       protowire.Number = 8
 	deliverProducer    protowire.Number = 9
 	deliverProducerSeq protowire.Number = 10
+	deliverPackedMeta  protowire.Number = 11
+	deliverPublisher   protowire.Number = 12
 )
 
 // AppendPublish appends Envelope{publish: req} with msgs packed into its
-// packed field, copying each message once. req.Packed must be empty.
-func AppendPublish(dst []byte, req *PublishRequest, msgs [][]byte) []byte {
+// packed field, copying each message once; with meta (one per message) into
+// its packed_meta field in format 2. req.Packed must be empty.
+func AppendPublish(dst []byte, req *PublishRequest, msgs [][]byte, meta []Meta) []byte {
 	head, _ := proto.Marshal(req)
+	if meta != nil {
+		return appendWithPacked(dst, envelopePublish, head, publishPackedMeta, PackedMetaSize(msgs, meta), func(b []byte) []byte {
+			return PackMeta(b, msgs, meta)
+		})
+	}
 	return appendWithPacked(dst, envelopePublish, head, publishPacked, packedSize(msgs), func(b []byte) []byte {
 		return Pack(b, msgs)
 	})
 }
 
 // AppendDeliver appends Envelope{deliver: head + packed}: head is an encoded
-// DeliverBatch without its packed field, packed the batch's messages.
-func AppendDeliver(dst []byte, head, packed []byte) []byte {
-	return appendWithPacked(dst, envelopeDeliver, head, deliverPacked, len(packed), func(b []byte) []byte {
+// DeliverBatch without its packed field, packed the batch's messages, in
+// format 2 when withMeta.
+func AppendDeliver(dst []byte, head, packed []byte, withMeta bool) []byte {
+	field := deliverPacked
+	if withMeta {
+		field = deliverPackedMeta
+	}
+	return appendWithPacked(dst, envelopeDeliver, head, field, len(packed), func(b []byte) []byte {
 		return append(b, packed...)
 	})
 }

@@ -535,7 +535,14 @@ type PublishRequest struct {
 	// bytes field is copied once on decode, where a repeated bytes field
 	// would allocate per message.
 	Packed []byte `protobuf:"bytes,5,opt,name=packed,proto3" json:"packed,omitempty"`
-	Count  uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	// packed_meta replaces packed (format 2) when a message of the batch has a
+	// key or a header: each message is a varint (length << 1 | has meta), its
+	// meta if the bit is set (a varint length, then the key and the header),
+	// and its bytes. A node that does not know this field finds count messages
+	// and no packed field, and rejects the batch as malformed instead of
+	// misreading it. A later format takes a new field the same way.
+	PackedMeta []byte `protobuf:"bytes,12,opt,name=packed_meta,json=packedMeta,proto3" json:"packed_meta,omitempty"`
+	Count      uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
 	// delivered_ids: list the delivered subscribers in the ack (a batch split
 	// into chunks merges them per subscriber).
 	DeliveredIds bool `protobuf:"varint,9,opt,name=delivered_ids,json=deliveredIds,proto3" json:"delivered_ids,omitempty"`
@@ -610,6 +617,13 @@ func (x *PublishRequest) GetTopic() string {
 func (x *PublishRequest) GetPacked() []byte {
 	if x != nil {
 		return x.Packed
+	}
+	return nil
+}
+
+func (x *PublishRequest) GetPackedMeta() []byte {
+	if x != nil {
+		return x.PackedMeta
 	}
 	return nil
 }
@@ -898,9 +912,11 @@ type DeliverBatch struct {
 	Topic       string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
 	Seq         uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
 	Subscribers []string               `protobuf:"bytes,4,rep,name=subscribers,proto3" json:"subscribers,omitempty"`
-	Packed      []byte                 `protobuf:"bytes,7,opt,name=packed,proto3" json:"packed,omitempty"` // as in PublishRequest
+	Packed      []byte                 `protobuf:"bytes,7,opt,name=packed,proto3" json:"packed,omitempty"`                            // as in PublishRequest
+	PackedMeta  []byte                 `protobuf:"bytes,11,opt,name=packed_meta,json=packedMeta,proto3" json:"packed_meta,omitempty"` // as in PublishRequest
 	Count       uint32                 `protobuf:"varint,8,opt,name=count,proto3" json:"count,omitempty"`
-	Producer    string                 `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"` // as in PublishRequest
+	Publisher   string                 `protobuf:"bytes,12,opt,name=publisher,proto3" json:"publisher,omitempty"` // the publishing node's ID
+	Producer    string                 `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"`    // as in PublishRequest
 	ProducerSeq uint64                 `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
 	// at_least_once: the owner may re-send this batch; the node answers every
 	// copy but hands the batch to mailboxes once.
@@ -974,11 +990,25 @@ func (x *DeliverBatch) GetPacked() []byte {
 	return nil
 }
 
+func (x *DeliverBatch) GetPackedMeta() []byte {
+	if x != nil {
+		return x.PackedMeta
+	}
+	return nil
+}
+
 func (x *DeliverBatch) GetCount() uint32 {
 	if x != nil {
 		return x.Count
 	}
 	return 0
+}
+
+func (x *DeliverBatch) GetPublisher() string {
+	if x != nil {
+		return x.Publisher
+	}
+	return ""
 }
 
 func (x *DeliverBatch) GetProducer() string {
@@ -1359,12 +1389,14 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xda\x02\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xfb\x02\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
 	"\x05topic\x18\x03 \x01(\tR\x05topic\x12\x16\n" +
-	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x14\n" +
+	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x1f\n" +
+	"\vpacked_meta\x18\f \x01(\fR\n" +
+	"packedMeta\x12\x14\n" +
 	"\x05count\x18\x06 \x01(\rR\x05count\x12#\n" +
 	"\rdelivered_ids\x18\t \x01(\bR\fdeliveredIds\x12#\n" +
 	"\rproducer_prev\x18\n" +
@@ -1391,14 +1423,17 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xa4\x02\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xe3\x02\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12 \n" +
 	"\vsubscribers\x18\x04 \x03(\tR\vsubscribers\x12\x16\n" +
-	"\x06packed\x18\a \x01(\fR\x06packed\x12\x14\n" +
-	"\x05count\x18\b \x01(\rR\x05count\x12\x1a\n" +
+	"\x06packed\x18\a \x01(\fR\x06packed\x12\x1f\n" +
+	"\vpacked_meta\x18\v \x01(\fR\n" +
+	"packedMeta\x12\x14\n" +
+	"\x05count\x18\b \x01(\rR\x05count\x12\x1c\n" +
+	"\tpublisher\x18\f \x01(\tR\tpublisher\x12\x1a\n" +
 	"\bproducer\x18\t \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\n" +
 	" \x01(\x04R\vproducerSeq\x12\"\n" +

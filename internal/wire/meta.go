@@ -1,0 +1,234 @@
+package wire
+
+import (
+	"encoding/binary"
+	"math"
+)
+
+// Format 2 of a packed batch (the packed_meta fields) carries each message's
+// key and header beside its bytes:
+//
+//	message := uvarint(len(data) << 1 | hasMeta) [uvarint(len(meta)) meta] data
+//	meta    := uvarint(len(key)) key uvarint(headers) header*
+//	header  := uvarint(len(name)) name uvarint(values) (uvarint(len(v)) v)*
+//
+// A message without key or header costs its length and bytes, as in format
+// 1: the flag is the length's low bit.
+
+// Meta is one message's key and header. The zero value is a message with
+// neither.
+type Meta struct {
+	Key    string
+	Header map[string][]string
+}
+
+// Empty reports whether m carries nothing.
+func (m Meta) Empty() bool { return m.Key == "" && len(m.Header) == 0 }
+
+// MetaSize is the encoded size of m's meta section (0 when m is empty).
+func MetaSize(m Meta) int {
+	if m.Empty() {
+		return 0
+	}
+	n := uvarintLen(uint64(len(m.Key))) + len(m.Key) + uvarintLen(uint64(len(m.Header)))
+	for k, vs := range m.Header {
+		n += uvarintLen(uint64(len(k))) + len(k) + uvarintLen(uint64(len(vs)))
+		for _, v := range vs {
+			n += uvarintLen(uint64(len(v))) + len(v)
+		}
+	}
+	return n
+}
+
+// PackedMetaSize is the size of msgs packed in format 2 with meta (one per
+// message).
+func PackedMetaSize(msgs [][]byte, meta []Meta) int {
+	n := 0
+	for i, m := range msgs {
+		ms := MetaSize(meta[i])
+		n += uvarintLen(uint64(len(m))<<1) + len(m)
+		if ms > 0 {
+			n += uvarintLen(uint64(ms)) + ms
+		}
+	}
+	return n
+}
+
+// PackMeta appends msgs in format 2; meta holds one entry per message.
+func PackMeta(dst []byte, msgs [][]byte, meta []Meta) []byte {
+	if need := PackedMetaSize(msgs, meta); cap(dst)-len(dst) < need {
+		grown := make([]byte, len(dst), len(dst)+need)
+		copy(grown, dst)
+		dst = grown
+	}
+	for i, data := range msgs {
+		m := meta[i]
+		if m.Empty() {
+			dst = binary.AppendUvarint(dst, uint64(len(data))<<1)
+			dst = append(dst, data...)
+			continue
+		}
+		dst = binary.AppendUvarint(dst, uint64(len(data))<<1|1)
+		dst = binary.AppendUvarint(dst, uint64(MetaSize(m)))
+		dst = appendString(dst, m.Key)
+		dst = binary.AppendUvarint(dst, uint64(len(m.Header)))
+		for k, vs := range m.Header {
+			dst = appendString(dst, k)
+			dst = binary.AppendUvarint(dst, uint64(len(vs)))
+			for _, v := range vs {
+				dst = appendString(dst, v)
+			}
+		}
+		dst = append(dst, data...)
+	}
+	return dst
+}
+
+func appendString(dst []byte, s string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(s)))
+	return append(dst, s...)
+}
+
+// ValidateMeta checks, without allocating, that packed holds exactly count
+// messages in format 2, each meta section well formed.
+func ValidateMeta(packed []byte, count uint32) error {
+	if uint64(count) > uint64(len(packed)) {
+		return ErrBadPacking
+	}
+	for i := uint32(0); i < count; i++ {
+		var meta []byte
+		var ok bool
+		if _, meta, packed, ok = nextMeta(packed); !ok {
+			return ErrBadPacking
+		}
+		if meta != nil && !validMeta(meta) {
+			return ErrBadPacking
+		}
+	}
+	if len(packed) != 0 {
+		return ErrBadPacking
+	}
+	return nil
+}
+
+// EachMeta calls fn with every message of a format 2 packed field that
+// ValidateMeta accepted: its bytes and its meta section (nil without one),
+// both aliasing packed.
+func EachMeta(packed []byte, fn func(data, meta []byte)) {
+	for len(packed) > 0 {
+		data, meta, rest, ok := nextMeta(packed)
+		if !ok {
+			return
+		}
+		fn(data, meta)
+		packed = rest
+	}
+}
+
+func nextMeta(b []byte) (data, meta, rest []byte, ok bool) {
+	head, n := binary.Uvarint(b)
+	if n <= 0 {
+		return nil, nil, nil, false
+	}
+	b = b[n:]
+	if head&1 == 1 {
+		ml, n := binary.Uvarint(b)
+		if n <= 0 || ml == 0 || ml > uint64(len(b)-n) {
+			return nil, nil, nil, false
+		}
+		meta = b[n : n+int(ml) : n+int(ml)]
+		b = b[n+int(ml):]
+	}
+	l := head >> 1
+	if l > uint64(len(b)) {
+		return nil, nil, nil, false
+	}
+	return b[:l:l], meta, b[l:], true
+}
+
+// validMeta checks a meta section's structure: every length within it, and
+// nothing left over. Counts are bounded by the bytes left (every string
+// takes at least its length byte), so a forged count cannot make a decoder
+// allocate more than the message's size.
+func validMeta(b []byte) bool {
+	var ok bool
+	if _, b, ok = nextString(b); !ok {
+		return false
+	}
+	nh, n := binary.Uvarint(b)
+	if n <= 0 || nh > uint64(len(b)) {
+		return false
+	}
+	b = b[n:]
+	for range nh {
+		if _, b, ok = nextString(b); !ok {
+			return false
+		}
+		nv, n := binary.Uvarint(b)
+		if n <= 0 || nv > uint64(len(b)-n) {
+			return false
+		}
+		b = b[n:]
+		for range nv {
+			if _, b, ok = nextString(b); !ok {
+				return false
+			}
+		}
+	}
+	return len(b) == 0
+}
+
+func nextString(b []byte) (s, rest []byte, ok bool) {
+	l, n := binary.Uvarint(b)
+	if n <= 0 || l > uint64(len(b)-n) {
+		return nil, nil, false
+	}
+	return b[n : n+int(l)], b[n+int(l):], true
+}
+
+// DecodeMeta decodes a meta section ValidateMeta accepted. The header is nil
+// when the message has none; its strings are copies.
+func DecodeMeta(b []byte) Meta {
+	var m Meta
+	key, b, ok := nextString(b)
+	if !ok {
+		return m
+	}
+	m.Key = string(key)
+	nh, n := binary.Uvarint(b)
+	if n <= 0 || nh == 0 || nh > uint64(len(b)) {
+		return m
+	}
+	b = b[n:]
+	m.Header = make(map[string][]string, int(min(nh, math.MaxInt32)))
+	for range nh {
+		var name []byte
+		if name, b, ok = nextString(b); !ok {
+			return m
+		}
+		nv, n := binary.Uvarint(b)
+		if n <= 0 || nv > uint64(len(b)-n) {
+			return m
+		}
+		b = b[n:]
+		vs := make([]string, 0, int(nv))
+		for range nv {
+			var v []byte
+			if v, b, ok = nextString(b); !ok {
+				return m
+			}
+			vs = append(vs, string(v))
+		}
+		m.Header[string(name)] = append(m.Header[string(name)], vs...)
+	}
+	return m
+}
+
+func uvarintLen(x uint64) int {
+	n := 1
+	for x >= 0x80 {
+		x >>= 7
+		n++
+	}
+	return n
+}

@@ -1,0 +1,126 @@
+package wire
+
+import (
+	"bytes"
+	"errors"
+	"maps"
+	"slices"
+	"testing"
+)
+
+// unpackMeta is ValidateMeta then EachMeta and DecodeMeta, as the node does.
+func unpackMeta(packed []byte, count uint32) ([][]byte, []Meta, error) {
+	if err := ValidateMeta(packed, count); err != nil {
+		return nil, nil, err
+	}
+	var msgs [][]byte
+	var meta []Meta
+	EachMeta(packed, func(data, m []byte) {
+		msgs = append(msgs, data)
+		if m == nil {
+			meta = append(meta, Meta{})
+		} else {
+			meta = append(meta, DecodeMeta(m))
+		}
+	})
+	return msgs, meta, nil
+}
+
+func sameMeta(a, b Meta) bool {
+	return a.Key == b.Key && maps.EqualFunc(a.Header, b.Header, slices.Equal)
+}
+
+func TestPackMetaRoundTrip(t *testing.T) {
+	msgs := [][]byte{[]byte("a"), {}, bytes.Repeat([]byte("x"), 300), []byte("last"), nil}
+	meta := []Meta{
+		{Key: "order-17"},
+		{},
+		{Key: string(bytes.Repeat([]byte("k"), 200)), Header: map[string][]string{"traceparent": {"00-abc-def-01"}, "multi": {"1", "", "3"}}},
+		{Header: map[string][]string{"only": {"header"}}},
+		{},
+	}
+	packed := PackMeta([]byte("prefix"), msgs, meta)
+	if got, want := len(packed)-len("prefix"), PackedMetaSize(msgs, meta); got != want {
+		t.Fatalf("packed %d bytes, PackedMetaSize says %d", got, want)
+	}
+	got, gotMeta, err := unpackMeta(packed[len("prefix"):], uint32(len(msgs)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(msgs) {
+		t.Fatalf("%d messages, want %d", len(got), len(msgs))
+	}
+	for i := range msgs {
+		if !bytes.Equal(got[i], msgs[i]) || !sameMeta(gotMeta[i], meta[i]) {
+			t.Fatalf("message %d = %q %+v, want %q %+v", i, got[i], gotMeta[i], msgs[i], meta[i])
+		}
+	}
+	if gotMeta[1].Header != nil || gotMeta[0].Header != nil {
+		t.Fatal("a message without header must decode with a nil header")
+	}
+}
+
+// A message without key or header costs in format 2 what it costs in
+// format 1 (the flag is the length's low bit), except when that bit makes
+// its length varint one byte longer.
+func TestPackMetaCostsNothingWithoutMeta(t *testing.T) {
+	msgs := [][]byte{[]byte("abc"), bytes.Repeat([]byte("y"), 40)}
+	none := []Meta{{}, {}}
+	if a, b := len(PackMeta(nil, msgs, none)), len(Pack(nil, msgs)); a != b {
+		t.Fatalf("format 2 without meta: %d bytes, format 1: %d", a, b)
+	}
+}
+
+func TestUnpackMetaRejectsMalformed(t *testing.T) {
+	good := PackMeta(nil, [][]byte{[]byte("abc"), []byte("de")}, []Meta{{Key: "k", Header: map[string][]string{"h": {"v"}}}, {}})
+	for name, c := range map[string]struct {
+		b     []byte
+		count uint32
+	}{
+		"count too high":           {good, 3},
+		"count too low":            {good, 1},
+		"truncated":                {good[:len(good)-1], 2},
+		"huge count":               {good, 1 << 31},
+		"bad varint":               {[]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}, 1},
+		"meta past end":            {[]byte{0x03, 0x09, 0x00}, 1},
+		"empty meta":               {[]byte{0x03, 0x00, 'a'}, 1},
+		"header count too high":    {[]byte{0x01, 0x02, 0x00, 0x7f}, 1},
+		"value count too high":     {[]byte{0x01, 0x05, 0x00, 0x01, 0x01, 'h', 0x7f}, 1},
+		"trailing bytes in meta":   {[]byte{0x01, 0x03, 0x00, 0x00, 0x00}, 1},
+		"count, no bytes":          {nil, 1},
+		"format 1 read as meta":    {Pack(nil, [][]byte{[]byte("abc")}), 1},
+		"data length past the end": {[]byte{0x08, 'a'}, 1},
+	} {
+		if _, _, err := unpackMeta(c.b, c.count); !errors.Is(err, ErrBadPacking) {
+			t.Errorf("%s: err = %v, want ErrBadPacking", name, err)
+		}
+	}
+}
+
+func FuzzUnpackMeta(f *testing.F) {
+	f.Add(PackMeta(nil, [][]byte{[]byte("abc"), nil}, []Meta{{Key: "k", Header: map[string][]string{"h": {"v", "w"}}}, {}}), uint32(2))
+	f.Add(PackMeta(nil, [][]byte{[]byte("x")}, []Meta{{}}), uint32(1))
+	f.Fuzz(func(t *testing.T, b []byte, count uint32) {
+		msgs, meta, err := unpackMeta(b, count)
+		if err != nil {
+			return
+		}
+		total := 0
+		for i, m := range msgs {
+			total += len(m) + MetaSize(meta[i])
+		}
+		if len(msgs) != int(count) || total > len(b) {
+			t.Fatalf("unpacked %d messages, %d bytes, from %d bytes", len(msgs), total, len(b))
+		}
+		// What decodes re-encodes to something that decodes the same.
+		again, againMeta, err := unpackMeta(PackMeta(nil, msgs, meta), count)
+		if err != nil {
+			t.Fatalf("repacking: %v", err)
+		}
+		for i := range msgs {
+			if !bytes.Equal(again[i], msgs[i]) || !sameMeta(againMeta[i], meta[i]) {
+				t.Fatalf("message %d changed on a round trip", i)
+			}
+		}
+	})
+}

@@ -1,0 +1,206 @@
+package pubsub_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/codec/protocodec"
+)
+
+type order struct {
+	ID    int    `json:"id"`
+	Item  string `json:"item"`
+	Count int    `json:"count"`
+}
+
+// typedInbox collects a typed handler's values with their messages.
+type typedInbox[T any] struct {
+	mu   sync.Mutex
+	vals []T
+	msgs []pubsub.Message
+}
+
+func (in *typedInbox[T]) handler(_ context.Context, v T, m *pubsub.Message) error {
+	in.mu.Lock()
+	in.vals = append(in.vals, v)
+	in.msgs = append(in.msgs, *m)
+	in.mu.Unlock()
+	return nil
+}
+
+func (in *typedInbox[T]) values() []T {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return append([]T(nil), in.vals...)
+}
+
+func TestTypedTopicRoundTripJSON(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	name := ownedBy(t, c.Nodes[1], "typed-json")
+	sub, err := pubsub.NewTopic(c.Nodes[2], name, pubsub.JSONCodec[order]())
+	require.NoError(t, err)
+	var in typedInbox[order]
+	_, err = sub.Subscribe(ctxT(t), in.handler)
+	require.NoError(t, err)
+
+	pub, err := pubsub.NewTopic(c.Nodes[0], name, pubsub.JSONCodec[order]())
+	require.NoError(t, err)
+	assert.Equal(t, name, pub.Name())
+	ack, err := pub.Publish(ctxT(t), order{ID: 1, Item: "widget", Count: 3})
+	mustAccept(t, ack, err, 1)
+	ack, err = pub.PublishMessage(ctxT(t), order{ID: 2, Item: "gadget"}, pubsub.Outgoing{Key: "customer-9", Header: pubsub.Header{"tenant": {"acme"}}})
+	mustAccept(t, ack, err, 1)
+
+	require.Equal(t, []order{{ID: 1, Item: "widget", Count: 3}, {ID: 2, Item: "gadget"}}, in.values())
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	assert.Equal(t, `{"id":1,"item":"widget","count":3}`, string(in.msgs[0].Data), "the handler sees the bytes too")
+	assert.Equal(t, "customer-9", in.msgs[1].Key)
+	assert.Equal(t, "acme", in.msgs[1].Header.Get("tenant"))
+	assert.Equal(t, c.Nodes[0].ID(), in.msgs[1].Publisher)
+}
+
+func TestTypedTopicRoundTripProtobuf(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	name := ownedBy(t, c.Nodes[1], "typed-proto")
+	codec := protocodec.New[*wrapperspb.StringValue]()
+	sub, err := pubsub.NewTopic(c.Nodes[2], name, codec)
+	require.NoError(t, err)
+	var in typedInbox[*wrapperspb.StringValue]
+	_, err = sub.Subscribe(ctxT(t), in.handler)
+	require.NoError(t, err)
+	pub, err := pubsub.NewTopic(c.Nodes[0], name, codec)
+	require.NoError(t, err)
+	for _, v := range []string{"one", "", "three"} {
+		ack, err := pub.Publish(ctxT(t), wrapperspb.String(v))
+		mustAccept(t, ack, err, 1)
+	}
+	got := in.values()
+	require.Len(t, got, 3)
+	for i, v := range []string{"one", "", "three"} {
+		assert.True(t, proto.Equal(wrapperspb.String(v), got[i]), "value %d = %v", i, got[i])
+	}
+}
+
+// unencodable fails to encode when Bad is set.
+type unencodable struct{ Bad bool }
+
+type failingCodec struct{}
+
+func (failingCodec) Encode(v unencodable) ([]byte, error) {
+	if v.Bad {
+		return nil, fmt.Errorf("cannot encode a bad value")
+	}
+	return []byte("ok"), nil
+}
+
+func (failingCodec) Decode(data []byte) (unencodable, error) { return unencodable{}, nil }
+
+func TestTypedEncodeFailureIsRejectedAtThePublisher(t *testing.T) {
+	c := newCluster(t, 3, 2)
+	topic, err := pubsub.NewTopic[unencodable](c.Nodes[0], ownedBy(t, c.Nodes[1], "unencodable"), failingCodec{})
+	require.NoError(t, err)
+	ack, err := topic.Publish(ctxT(t), unencodable{Bad: true})
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	assert.Equal(t, pubsub.ReasonInvalidMessage, ack.Reason)
+	assert.Equal(t, pubsub.Rejected, ack.Status)
+
+	prod, err := pubsub.NewTypedProducer(topic, pubsub.ProducerConfig{})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
+	_, err = prod.Produce(ctxT(t), unencodable{Bad: true}).Wait(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	ack, err = prod.Produce(ctxT(t), unencodable{}).Wait(ctxT(t))
+	require.NoError(t, err, "the producer goes on after a value it could not encode")
+	assert.Equal(t, pubsub.Accepted, ack.Status)
+
+	_, err = pubsub.NewTopic(c.Nodes[0], "bad topic", pubsub.JSONCodec[int]())
+	require.ErrorIs(t, err, pubsub.ErrInvalidTopic)
+	_, err = pubsub.NewTopic[int](c.Nodes[0], "t", nil)
+	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
+}
+
+// Bytes a typed subscriber's codec rejects never reach its handler, are
+// reported as DecodeError, never evict, and never stop the valid messages
+// of the same batch or of later ones.
+func TestDecodeErrorIsReportedAndNeverEvicts(t *testing.T) {
+	c := newCluster(t, 3, 3, pubsub.WithEvictAfter(2))
+	name := ownedBy(t, c.Nodes[1], "garbage")
+	typed, err := pubsub.NewTopic(c.Nodes[2], name, pubsub.JSONCodec[order]())
+	require.NoError(t, err)
+	var in typedInbox[order]
+	s, err := typed.Subscribe(ctxT(t), in.handler)
+	require.NoError(t, err)
+	valid := func(id int) []byte { return fmt.Appendf(nil, `{"id":%d}`, id) }
+
+	const rounds = 5 // well past EvictAfter
+	for r := range rounds {
+		ack, err := c.Nodes[0].PublishBatch(ctxT(t), name, [][]byte{valid(2 * r), []byte("not json"), valid(2*r + 1)})
+		require.NoError(t, err)
+		assert.Equal(t, 0, ack.Delivered, "a subscriber that skipped a message did not process the whole batch")
+		require.Len(t, ack.Failures, 1)
+		assert.Equal(t, pubsub.DeliveryFailure{Subscriber: s.ID(), Status: pubsub.DecodeError}, ack.Failures[0])
+	}
+	select {
+	case <-s.Done():
+		t.Fatalf("subscription ended: %v", s.Err())
+	default:
+	}
+	ack, err := c.Nodes[0].PublishBatch(ctxT(t), name, [][]byte{valid(100)})
+	mustAccept(t, ack, err, 1)
+	var want []order
+	for id := range 2 * rounds {
+		want = append(want, order{ID: id})
+	}
+	want = append(want, order{ID: 100})
+	assert.Equal(t, want, in.values(), "every valid message reached the handler, in order")
+	assert.Equal(t, "decode-error", pubsub.DecodeError.String())
+}
+
+func TestTypedProducerKeepsOrder(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	name := ownedBy(t, c.Nodes[1], "typed-order")
+	var ins [2]typedInbox[order]
+	for i, n := range []*pubsub.Node{c.Nodes[0], c.Nodes[2]} {
+		typed, err := pubsub.NewTopic(n, name, pubsub.JSONCodec[order]())
+		require.NoError(t, err)
+		_, err = typed.Subscribe(ctxT(t), ins[i].handler)
+		require.NoError(t, err)
+	}
+	topic, err := pubsub.NewTopic(c.Nodes[0], name, pubsub.JSONCodec[order]())
+	require.NoError(t, err)
+	prod, err := pubsub.NewTypedProducer(topic, pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 16})
+	require.NoError(t, err)
+	require.Equal(t, name, prod.Producer().Topic())
+	const count = 1000
+	futures := make([]*pubsub.Produced, count)
+	for i := range futures {
+		if i%2 == 0 {
+			futures[i] = prod.Produce(ctxT(t), order{ID: i})
+		} else {
+			futures[i] = prod.ProduceMessage(ctxT(t), order{ID: i}, pubsub.Outgoing{Key: fmt.Sprint(i % 7)})
+		}
+	}
+	require.NoError(t, prod.Flush(ctxT(t)))
+	for i, f := range futures {
+		ack, err := f.Wait(ctxT(t))
+		require.NoError(t, err, "message %d", i)
+		require.Equal(t, 2, ack.Delivered)
+	}
+	require.NoError(t, prod.Close(ctxT(t)))
+	for i := range ins {
+		got := ins[i].values()
+		require.Len(t, got, count)
+		for j, v := range got {
+			require.Equal(t, j, v.ID, "subscriber %d: message %d out of order", i, j)
+		}
+	}
+}
