@@ -41,13 +41,13 @@ func BenchmarkProducerLocal(b *testing.B) {
 	b.Run("default-burst", func(b *testing.B) {
 		p, d := setup(b, pubsub.ProducerConfig{})
 		b.ReportAllocs()
-		produceBurst(b, p, pubsub.Outgoing{Data: data}, d, 3)
+		produceBurst(b, p, []pubsub.Outgoing{{Data: data}}, d, 3)
 	})
 	for _, inFlight := range []int{1, 4} {
 		b.Run("tuned-window/inflight="+strconv.Itoa(inFlight), func(b *testing.B) {
 			p, d := setup(b, pubsub.ProducerConfig{MaxInFlight: inFlight})
 			b.ReportAllocs()
-			produceWindow(b, p, pubsub.Outgoing{Data: data}, d, 3, 50_000)
+			produceWindow(b, p, []pubsub.Outgoing{{Data: data}}, d, 3, 50_000)
 		})
 	}
 }

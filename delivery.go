@@ -408,19 +408,21 @@ func (p *payload) wire() ([]byte, bool) {
 func (p payload) messages(topic string) []Message {
 	batch := make([]Message, 0, p.len())
 	switch {
+	case p.msgs.data != nil && p.msgs.meta == nil:
+		for _, data := range p.msgs.data {
+			batch = append(batch, Message{Topic: topic, Data: data, Publisher: p.publisher})
+		}
 	case p.msgs.data != nil:
 		for i, data := range p.msgs.data {
-			m := Message{Topic: topic, Data: data, Publisher: p.publisher}
-			if p.msgs.meta != nil {
-				m.Key, m.Header = p.msgs.meta[i].Key, p.msgs.meta[i].Header
-			}
-			batch = append(batch, m)
+			meta := &p.msgs.meta[i]
+			batch = append(batch, Message{Topic: topic, Data: data, Key: meta.Key, Header: meta.Header, Publisher: p.publisher})
 		}
 	case p.withMeta:
+		var dec wire.MetaDecoder // equal headers in a row share one map
 		wire.EachMeta(p.packed, func(data, meta []byte) {
 			m := Message{Topic: topic, Data: data, Publisher: p.publisher}
 			if meta != nil {
-				md := wire.DecodeMeta(meta)
+				md := dec.Decode(meta)
 				m.Key, m.Header = md.Key, md.Header
 			}
 			batch = append(batch, m)

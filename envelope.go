@@ -109,15 +109,32 @@ func validHeaderName(name string) error {
 	if name == "" {
 		return fmt.Errorf("%w: empty header name; name every header", ErrInvalidMessage)
 	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c >= utf8.RuneSelf {
+			return validHeaderNameRunes(name) // rare: the whole name, rune by rune
+		}
+		if c <= ' ' || c == ':' || c == 0x7f {
+			return invalidHeaderName(name)
+		}
+	}
+	return nil
+}
+
+func validHeaderNameRunes(name string) error {
 	if !utf8.ValidString(name) {
 		return fmt.Errorf("%w: header name %q is not UTF-8", ErrInvalidMessage, name)
 	}
 	for _, r := range name {
 		if unicode.IsSpace(r) || unicode.IsControl(r) || r == ':' {
-			return fmt.Errorf("%w: header name %q holds whitespace, ':' or a control character", ErrInvalidMessage, name)
+			return invalidHeaderName(name)
 		}
 	}
 	return nil
+}
+
+func invalidHeaderName(name string) error {
+	return fmt.Errorf("%w: header name %q holds whitespace, ':' or a control character", ErrInvalidMessage, name)
 }
 
 // msgBatch is a batch on its way to the owner: the messages' bytes, and
@@ -143,7 +160,7 @@ func (b *msgBatch) add(data []byte, meta wire.Meta) {
 }
 
 // size is message i's size as it counts towards MaxMessageSize.
-func (b msgBatch) size(i int) int {
+func (b *msgBatch) size(i int) int {
 	if b.meta == nil {
 		return len(b.data[i])
 	}
@@ -195,7 +212,7 @@ func messageMeta(ctx context.Context, key string, h Header, prop Propagator) wir
 	if len(h) == 0 {
 		h = nil
 	}
-	return wire.Meta{Key: key, Header: h}
+	return wire.NewMeta(key, h)
 }
 
 // plainBatch is a batch of bytes only, with prop's injections if a

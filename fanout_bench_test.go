@@ -64,13 +64,13 @@ func BenchmarkFanout(b *testing.B) {
 	b.Run("default-burst", func(b *testing.B) {
 		topic, d := setup(b)
 		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{})
-		reportRatio(b, produceBurst(b, p, pubsub.Outgoing{Data: data}, d, 3), raw)
+		reportRatio(b, produceBurst(b, p, []pubsub.Outgoing{{Data: data}}, d, 3), raw)
 	})
 
 	b.Run("tuned-window", func(b *testing.B) {
 		topic, d := setup(b)
 		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4})
-		reportRatio(b, produceWindow(b, p, pubsub.Outgoing{Data: data}, d, 3, 20_000), raw)
+		reportRatio(b, produceWindow(b, p, []pubsub.Outgoing{{Data: data}}, d, 3, 20_000), raw)
 	})
 }
 
@@ -172,12 +172,12 @@ func subscribeBench(b *testing.B, node *pubsub.Node, topic string, d *deliveries
 // subscribers got every accepted message, reports deliveries/s (accepted
 // messages only) and the share of ErrQueueFull rejections, and returns the
 // deliveries/s.
-func produceBurst(b *testing.B, p *pubsub.BatchingProducer, m pubsub.Outgoing, d *deliveries, subs int) float64 {
+func produceBurst(b *testing.B, p *pubsub.BatchingProducer, msgs []pubsub.Outgoing, d *deliveries, subs int) float64 {
 	ctx := context.Background()
 	futures := make([]*pubsub.Produced, b.N)
 	b.ResetTimer()
 	for i := range futures {
-		futures[i] = produceOne(ctx, p, m)
+		futures[i] = produceOne(ctx, p, msgs[i%len(msgs)])
 	}
 	if _, err := futures[len(futures)-1].Wait(ctx); err != nil && !errors.Is(err, pubsub.ErrQueueFull) {
 		b.Fatal(err)
@@ -210,7 +210,7 @@ func produceBurst(b *testing.B, p *pubsub.BatchingProducer, m pubsub.Outgoing, d
 // a service producing at the rate its publishes complete, keeps at most
 // window futures outstanding. It waits until subs subscribers got every
 // message, reports deliveries/s and returns it.
-func produceWindow(b *testing.B, p *pubsub.BatchingProducer, m pubsub.Outgoing, d *deliveries, subs, window int) float64 {
+func produceWindow(b *testing.B, p *pubsub.BatchingProducer, msgs []pubsub.Outgoing, d *deliveries, subs, window int) float64 {
 	ctx := context.Background()
 	ring := make([]*pubsub.Produced, window)
 	b.ResetTimer()
@@ -220,7 +220,7 @@ func produceWindow(b *testing.B, p *pubsub.BatchingProducer, m pubsub.Outgoing, 
 				b.Fatal(err)
 			}
 		}
-		ring[i%window] = produceOne(ctx, p, m)
+		ring[i%window] = produceOne(ctx, p, msgs[i%len(msgs)])
 	}
 	if err := p.Flush(ctx); err != nil {
 		b.Fatal(err)

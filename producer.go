@@ -108,7 +108,12 @@ type producerEntry struct {
 }
 
 // size is what the entry counts for in a batch.
-func (e *producerEntry) size() int { return len(e.data) + wire.MetaSize(e.meta) + batchOverhead }
+func (e *producerEntry) size() int {
+	if e.meta.Key == "" && e.meta.Header == nil {
+		return len(e.data) + batchOverhead
+	}
+	return len(e.data) + wire.MetaSize(e.meta) + batchOverhead
+}
 
 // producerBatch is one batch from its cut until its futures complete.
 type producerBatch struct {
@@ -257,8 +262,8 @@ func (p *BatchingProducer) ProduceMessage(ctx context.Context, m Outgoing) *Prod
 }
 
 func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.Meta) *Produced {
-	if size := len(data) + wire.MetaSize(meta); size > p.maxMsg {
-		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes with its key and header, limit %d: %w", p.topic, size, p.maxMsg, ErrTooLarge)))
+	if size := len(data); size > p.maxMsg || (!meta.Empty() && size+wire.MetaSize(meta) > p.maxMsg) {
+		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes with its key and header, limit %d: %w", p.topic, size+wire.MetaSize(meta), p.maxMsg, ErrTooLarge)))
 	}
 	if err := ctx.Err(); err != nil {
 		return doneFuture(cancelled(p.topic, err))

@@ -119,10 +119,6 @@ func (o batchOrigin) mustWaitFor(last uint64) bool {
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
 func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error) {
-	origin := batchOrigin{producer: producer, seq: seq, prev: prev, settledNow: settled}
-	if settled == nil || packedLen(batch) > n.MaxMessageSize() {
-		origin.prev = 0 // split batches are not held back: their chunks go one by one
-	}
 	count := batch.len()
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, count, err)
@@ -134,10 +130,16 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBa
 		return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: %w", topic, err))
 	}
 	limit := n.MaxMessageSize()
-	for i := range count {
-		if size := batch.size(i); size > limit {
+	packed := 0 // the size chunks counts, in one pass with the check
+	for i, data := range batch.data {
+		size := len(data)
+		if batch.meta != nil {
+			size += wire.MetaSize(batch.meta[i])
+		}
+		if size > limit {
 			return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: message %d is %d bytes with its key and header, limit %d: %w", topic, i, size, limit, ErrTooLarge))
 		}
+		packed += size + 8
 	}
 	if count == 0 {
 		if issued != nil {
@@ -146,8 +148,12 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBa
 		return PublishAck{Topic: topic, Status: Accepted}, nil
 	}
 	var total chunkAcks
-	split := packedLen(batch) > limit
-	for i, run := range chunks(batch, limit) {
+	split := packed > limit
+	origin := batchOrigin{producer: producer, seq: seq, prev: prev, settledNow: settled}
+	if settled == nil || split {
+		origin.prev = 0 // split batches are not held back: their chunks go one by one
+	}
+	for i, run := range chunks(batch, limit, split) {
 		var sig func() // only the last chunk fixes the batch's place
 		if run.end == count {
 			sig = issued
@@ -165,15 +171,6 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBa
 	ack := total.ack
 	ack.Messages = count
 	return ack, nil
-}
-
-// packedLen is the size chunks counts for batch.
-func packedLen(batch msgBatch) int {
-	size := 0
-	for i := range batch.len() {
-		size += batch.size(i) + 8
-	}
-	return size
 }
 
 // publisherSide numbers this node's plain publishes as the batches of one
@@ -222,9 +219,14 @@ func (n *Node) MaxMessageSize() int {
 func (n *Node) maxPayload() int { return int(n.nc.MaxPayload()) }
 
 // chunks splits batch into runs [start, end) whose encoded size stays
-// within limit; it yields each run with its index.
-func chunks(batch msgBatch, limit int) func(yield func(int, span) bool) {
+// within limit; it yields each run with its index. Without split (the batch
+// fits), it yields the whole batch.
+func chunks(batch msgBatch, limit int, split bool) func(yield func(int, span) bool) {
 	return func(yield func(int, span) bool) {
+		if !split {
+			yield(0, span{0, batch.len()}) // the common case: one chunk
+			return
+		}
 		start, size, idx := 0, 0, 0
 		for i := range batch.len() {
 			sz := batch.size(i) + 8 // protobuf tag and length

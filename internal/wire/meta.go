@@ -1,8 +1,11 @@
 package wire
 
 import (
+	"bytes"
 	"encoding/binary"
 	"math"
+	"slices"
+	"unsafe"
 )
 
 // Format 2 of a packed batch (the packed_meta fields) carries each message's
@@ -20,6 +23,17 @@ import (
 type Meta struct {
 	Key    string
 	Header map[string][]string
+	// Size caches the encoded size of the meta section (NewMeta sets it;
+	// 0 means not measured): a batch's metas are measured several times on
+	// the way out, and walking a map each time showed in profiles.
+	Size int
+}
+
+// NewMeta returns the Meta of key and header, measured once.
+func NewMeta(key string, header map[string][]string) Meta {
+	m := Meta{Key: key, Header: header}
+	m.Size = metaSize(m)
+	return m
 }
 
 // Empty reports whether m carries nothing.
@@ -27,6 +41,13 @@ func (m Meta) Empty() bool { return m.Key == "" && len(m.Header) == 0 }
 
 // MetaSize is the encoded size of m's meta section (0 when m is empty).
 func MetaSize(m Meta) int {
+	if m.Size > 0 || m.Empty() {
+		return m.Size
+	}
+	return metaSize(m)
+}
+
+func metaSize(m Meta) int {
 	if m.Empty() {
 		return 0
 	}
@@ -61,6 +82,8 @@ func PackMeta(dst []byte, msgs [][]byte, meta []Meta) []byte {
 		copy(grown, dst)
 		dst = grown
 	}
+	var last map[string][]string // the header encoded last, at dst[lastAt:lastEnd]
+	lastAt, lastEnd := 0, 0
 	for i, data := range msgs {
 		m := meta[i]
 		if m.Empty() {
@@ -71,15 +94,46 @@ func PackMeta(dst []byte, msgs [][]byte, meta []Meta) []byte {
 		dst = binary.AppendUvarint(dst, uint64(len(data))<<1|1)
 		dst = binary.AppendUvarint(dst, uint64(MetaSize(m)))
 		dst = appendString(dst, m.Key)
-		dst = binary.AppendUvarint(dst, uint64(len(m.Header)))
-		for k, vs := range m.Header {
-			dst = appendString(dst, k)
-			dst = binary.AppendUvarint(dst, uint64(len(vs)))
-			for _, v := range vs {
-				dst = appendString(dst, v)
-			}
+		if m.Header != nil && sameMap(m.Header, last) {
+			// A producer often sends one header map with many messages:
+			// its encoding is copied, not walked and sorted again.
+			dst = append(dst, dst[lastAt:lastEnd]...)
+		} else {
+			lastAt = len(dst)
+			dst = appendHeader(dst, m.Header)
+			last, lastEnd = m.Header, len(dst)
 		}
 		dst = append(dst, data...)
+	}
+	return dst
+}
+
+// sameMap reports whether a and b are the same map (not equal contents).
+func sameMap(a, b map[string][]string) bool {
+	return b != nil && *(*unsafe.Pointer)(unsafe.Pointer(&a)) == *(*unsafe.Pointer)(unsafe.Pointer(&b))
+}
+
+// appendHeader appends h with its names in order, so that equal headers
+// encode to equal bytes and a decoder can share one map between the
+// messages of a batch that carry the same header (MetaDecoder).
+func appendHeader(dst []byte, h map[string][]string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(h)))
+	var small [8]string
+	names := small[:0]
+	if len(h) > len(small) {
+		names = make([]string, 0, len(h))
+	}
+	for k := range h {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	for _, k := range names {
+		vs := h[k]
+		dst = appendString(dst, k)
+		dst = binary.AppendUvarint(dst, uint64(len(vs)))
+		for _, v := range vs {
+			dst = appendString(dst, v)
+		}
 	}
 	return dst
 }
@@ -186,42 +240,98 @@ func nextString(b []byte) (s, rest []byte, ok bool) {
 	return b[n : n+int(l)], b[n+int(l):], true
 }
 
-// DecodeMeta decodes a meta section ValidateMeta accepted. The header is nil
-// when the message has none; its strings are copies.
+// DecodeMeta decodes a meta section ValidateMeta accepted; see
+// MetaDecoder.Decode.
 func DecodeMeta(b []byte) Meta {
-	var m Meta
+	var d MetaDecoder
+	return d.Decode(b)
+}
+
+// MetaDecoder decodes the meta sections of one batch in turn. A header
+// encoded exactly as the previous message's is not decoded again: both
+// messages get the same map (read-only, as every received header is).
+type MetaDecoder struct {
+	last       []byte // the previous message's encoded header
+	lastHeader map[string][]string
+}
+
+// Decode decodes a meta section ValidateMeta accepted. The header is nil
+// when the message has none. The key, names and values alias b, as the
+// messages' bytes alias the packed field: b must stay unmodified while they
+// are in use (nothing writes to a received NATS message). A message's
+// values share one backing array.
+func (d *MetaDecoder) Decode(b []byte) Meta {
+	var m Meta // Size stays 0: a forged section may repeat a name, and re-encode smaller
 	key, b, ok := nextString(b)
 	if !ok {
 		return m
 	}
-	m.Key = string(key)
-	nh, n := binary.Uvarint(b)
-	if n <= 0 || nh == 0 || nh > uint64(len(b)) {
+	m.Key = alias(key)
+	if d.lastHeader != nil && bytes.Equal(b, d.last) {
+		m.Header = d.lastHeader
 		return m
 	}
-	b = b[n:]
-	m.Header = make(map[string][]string, int(min(nh, math.MaxInt32)))
-	for range nh {
-		var name []byte
-		if name, b, ok = nextString(b); !ok {
-			return m
-		}
-		nv, n := binary.Uvarint(b)
-		if n <= 0 || nv > uint64(len(b)-n) {
-			return m
-		}
-		b = b[n:]
-		vs := make([]string, 0, int(nv))
-		for range nv {
-			var v []byte
-			if v, b, ok = nextString(b); !ok {
-				return m
-			}
-			vs = append(vs, string(v))
-		}
-		m.Header[string(name)] = append(m.Header[string(name)], vs...)
+	m.Header = decodeHeader(b)
+	if m.Header != nil {
+		d.last, d.lastHeader = b, m.Header
 	}
 	return m
+}
+
+func decodeHeader(b []byte) map[string][]string {
+	var ok bool
+	nh, n := binary.Uvarint(b)
+	if n <= 0 || nh == 0 || nh > uint64(len(b)) {
+		return nil
+	}
+	b = b[n:]
+	// Count the values first: one allocation holds them all.
+	total, rest := 0, b
+	for range nh {
+		if _, rest, ok = nextString(rest); !ok {
+			return nil
+		}
+		nv, n := binary.Uvarint(rest)
+		if n <= 0 || nv > uint64(len(rest)-n) {
+			return nil
+		}
+		rest = rest[n:]
+		total += int(nv)
+		for range nv {
+			if _, rest, ok = nextString(rest); !ok {
+				return nil
+			}
+		}
+	}
+	values := make([]string, total)
+	h := make(map[string][]string, int(min(nh, math.MaxInt32)))
+	for range nh {
+		var name []byte
+		name, b, _ = nextString(b)
+		nv, n := binary.Uvarint(b)
+		b = b[n:]
+		vs := values[:nv:nv]
+		values = values[nv:]
+		for i := range vs {
+			var v []byte
+			v, b, _ = nextString(b)
+			vs[i] = alias(v)
+		}
+		k := alias(name)
+		if prev, dup := h[k]; dup {
+			vs = append(prev[:len(prev):len(prev)], vs...) // a forged batch may repeat a name
+		}
+		h[k] = vs
+	}
+	return h
+}
+
+// alias returns b as a string without copying it.
+func alias(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return unsafe.String(&b[0], len(b))
 }
 
 func uvarintLen(x uint64) int {

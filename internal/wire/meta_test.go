@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"maps"
+	"reflect"
 	"slices"
 	"testing"
 )
@@ -123,4 +124,40 @@ func FuzzUnpackMeta(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Equal headers encode to equal bytes whatever the map's order, and the
+// messages of a batch that carry them in a row share one decoded map.
+func TestEqualHeadersShareOneDecodedMap(t *testing.T) {
+	h := func() map[string][]string {
+		return map[string][]string{"a": {"1"}, "b": {"2"}, "c": {"3"}, "d": {"4", "5"}}
+	}
+	msgs := [][]byte{[]byte("x"), []byte("y"), []byte("z"), []byte("w")}
+	meta := []Meta{{Key: "k1", Header: h()}, {Key: "k2", Header: h()}, {Header: map[string][]string{"a": {"other"}}}, {Header: h()}}
+	packed := PackMeta(nil, msgs, meta)
+	for range 20 { // map order is random: the encoding must not be
+		if again := PackMeta(nil, msgs, []Meta{{Key: "k1", Header: h()}, {Key: "k2", Header: h()}, meta[2], {Header: h()}}); !bytes.Equal(again, packed) {
+			t.Fatal("equal headers encoded differently")
+		}
+	}
+	var got []Meta
+	var dec MetaDecoder
+	EachMeta(packed, func(_, m []byte) { got = append(got, dec.Decode(m)) })
+	if got[0].Key != "k1" || got[1].Key != "k2" {
+		t.Fatalf("keys %q %q", got[0].Key, got[1].Key)
+	}
+	same := func(a, b map[string][]string) bool {
+		return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
+	}
+	if !same(got[0].Header, got[1].Header) {
+		t.Error("equal headers in a row must share one map")
+	}
+	if same(got[1].Header, got[2].Header) || same(got[2].Header, got[3].Header) {
+		t.Error("different headers must not share a map")
+	}
+	for i, m := range got {
+		if !sameMeta(Meta{Key: m.Key, Header: m.Header}, Meta{Key: meta[i].Key, Header: meta[i].Header}) {
+			t.Errorf("message %d decoded as %+v, want %+v", i, m, meta[i])
+		}
+	}
 }
