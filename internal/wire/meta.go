@@ -12,20 +12,24 @@ import (
 // key and header beside its bytes:
 //
 //	message := uvarint(len(data) << 1 | hasMeta) [uvarint(len(meta)) meta] data
-//	meta    := uvarint(len(key)) key uvarint(headers) header*
-//	header  := uvarint(len(name)) name uvarint(values) (uvarint(len(v)) v)*
+//	meta    := uvarint(len(key)) key header
+//	header  := uvarint(names << 1) (uvarint(len(name)) name uvarint(values) (uvarint(len(v)) v)*)*
+//	         | uvarint(1)    the header of the last message before it that had one
 //
 // A message without key or header costs its length and bytes, as in format
-// 1: the flag is the length's low bit.
+// 1: the flag is the length's low bit. Names are written in order, so equal
+// headers encode alike, and a header repeated from one message to the next
+// (a producer sending one header map with many messages) costs one byte.
 
 // Meta is one message's key and header. The zero value is a message with
 // neither.
 type Meta struct {
 	Key    string
 	Header map[string][]string
-	// Size caches the encoded size of the meta section (NewMeta sets it;
-	// 0 means not measured): a batch's metas are measured several times on
-	// the way out, and walking a map each time showed in profiles.
+	// Size caches the encoded size of the meta section with its header in
+	// full (NewMeta sets it; 0 means not measured): a batch's metas are
+	// measured several times on the way out, and walking a map each time
+	// showed in profiles.
 	Size int
 }
 
@@ -39,7 +43,8 @@ func NewMeta(key string, header map[string][]string) Meta {
 // Empty reports whether m carries nothing.
 func (m Meta) Empty() bool { return m.Key == "" && len(m.Header) == 0 }
 
-// MetaSize is the encoded size of m's meta section (0 when m is empty).
+// MetaSize is the encoded size of m's meta section with its header in full
+// (0 when m is empty): what the message counts towards the size limit.
 func MetaSize(m Meta) int {
 	if m.Size > 0 || m.Empty() {
 		return m.Size
@@ -51,7 +56,7 @@ func metaSize(m Meta) int {
 	if m.Empty() {
 		return 0
 	}
-	n := uvarintLen(uint64(len(m.Key))) + len(m.Key) + uvarintLen(uint64(len(m.Header)))
+	n := keySize(m.Key) + uvarintLen(uint64(len(m.Header))<<1)
 	for k, vs := range m.Header {
 		n += uvarintLen(uint64(len(k))) + len(k) + uvarintLen(uint64(len(vs)))
 		for _, v := range vs {
@@ -61,16 +66,44 @@ func metaSize(m Meta) int {
 	return n
 }
 
+func keySize(key string) int { return uvarintLen(uint64(len(key))) + len(key) }
+
+// metaEncoder tracks, along a batch, the header a later message may repeat.
+type metaEncoder struct{ last map[string][]string }
+
+// repeats reports whether m's header is the one encoded last (the same map),
+// and remembers m's header otherwise.
+func (e *metaEncoder) repeats(m Meta) bool {
+	if len(m.Header) == 0 {
+		return false
+	}
+	if sameMap(m.Header, e.last) {
+		return true
+	}
+	e.last = m.Header
+	return false
+}
+
+// sameMap reports whether a and b are the same map (not equal contents).
+func sameMap(a, b map[string][]string) bool {
+	return b != nil && *(*unsafe.Pointer)(unsafe.Pointer(&a)) == *(*unsafe.Pointer)(unsafe.Pointer(&b))
+}
+
 // PackedMetaSize is the size of msgs packed in format 2 with meta (one per
 // message).
 func PackedMetaSize(msgs [][]byte, meta []Meta) int {
+	var e metaEncoder
 	n := 0
 	for i, m := range msgs {
-		ms := MetaSize(meta[i])
 		n += uvarintLen(uint64(len(m))<<1) + len(m)
-		if ms > 0 {
-			n += uvarintLen(uint64(ms)) + ms
+		if meta[i].Empty() {
+			continue
 		}
+		ms := MetaSize(meta[i])
+		if e.repeats(meta[i]) {
+			ms = keySize(meta[i].Key) + 1
+		}
+		n += uvarintLen(uint64(ms)) + ms
 	}
 	return n
 }
@@ -82,8 +115,7 @@ func PackMeta(dst []byte, msgs [][]byte, meta []Meta) []byte {
 		copy(grown, dst)
 		dst = grown
 	}
-	var last map[string][]string // the header encoded last, at dst[lastAt:lastEnd]
-	lastAt, lastEnd := 0, 0
+	var e metaEncoder
 	for i, data := range msgs {
 		m := meta[i]
 		if m.Empty() {
@@ -92,32 +124,24 @@ func PackMeta(dst []byte, msgs [][]byte, meta []Meta) []byte {
 			continue
 		}
 		dst = binary.AppendUvarint(dst, uint64(len(data))<<1|1)
-		dst = binary.AppendUvarint(dst, uint64(MetaSize(m)))
-		dst = appendString(dst, m.Key)
-		if m.Header != nil && sameMap(m.Header, last) {
-			// A producer often sends one header map with many messages:
-			// its encoding is copied, not walked and sorted again.
-			dst = append(dst, dst[lastAt:lastEnd]...)
+		if e.repeats(m) {
+			dst = binary.AppendUvarint(dst, uint64(keySize(m.Key)+1))
+			dst = appendString(dst, m.Key)
+			dst = append(dst, 1)
 		} else {
-			lastAt = len(dst)
+			dst = binary.AppendUvarint(dst, uint64(MetaSize(m)))
+			dst = appendString(dst, m.Key)
 			dst = appendHeader(dst, m.Header)
-			last, lastEnd = m.Header, len(dst)
 		}
 		dst = append(dst, data...)
 	}
 	return dst
 }
 
-// sameMap reports whether a and b are the same map (not equal contents).
-func sameMap(a, b map[string][]string) bool {
-	return b != nil && *(*unsafe.Pointer)(unsafe.Pointer(&a)) == *(*unsafe.Pointer)(unsafe.Pointer(&b))
-}
-
 // appendHeader appends h with its names in order, so that equal headers
-// encode to equal bytes and a decoder can share one map between the
-// messages of a batch that carry the same header (MetaDecoder).
+// encode to equal bytes (and a decoder shares one map between them).
 func appendHeader(dst []byte, h map[string][]string) []byte {
-	dst = binary.AppendUvarint(dst, uint64(len(h)))
+	dst = binary.AppendUvarint(dst, uint64(len(h))<<1)
 	var small [8]string
 	names := small[:0]
 	if len(h) > len(small) {
@@ -144,18 +168,23 @@ func appendString(dst []byte, s string) []byte {
 }
 
 // ValidateMeta checks, without allocating, that packed holds exactly count
-// messages in format 2, each meta section well formed.
+// messages in format 2, each meta section well formed and each repeated
+// header preceded by one to repeat.
 func ValidateMeta(packed []byte, count uint32) error {
 	if uint64(count) > uint64(len(packed)) {
 		return ErrBadPacking
 	}
+	haveHeader := false
 	for i := uint32(0); i < count; i++ {
 		var meta []byte
 		var ok bool
 		if _, meta, packed, ok = nextMeta(packed); !ok {
 			return ErrBadPacking
 		}
-		if meta != nil && !validMeta(meta) {
+		if meta == nil {
+			continue
+		}
+		if haveHeader, ok = validMeta(meta, haveHeader); !ok {
 			return ErrBadPacking
 		}
 	}
@@ -167,7 +196,8 @@ func ValidateMeta(packed []byte, count uint32) error {
 
 // EachMeta calls fn with every message of a format 2 packed field that
 // ValidateMeta accepted: its bytes and its meta section (nil without one),
-// both aliasing packed.
+// both aliasing packed. A MetaDecoder given the sections in this order
+// decodes them.
 func EachMeta(packed []byte, fn func(data, meta []byte)) {
 	for len(packed) > 0 {
 		data, meta, rest, ok := nextMeta(packed)
@@ -203,33 +233,42 @@ func nextMeta(b []byte) (data, meta, rest []byte, ok bool) {
 // validMeta checks a meta section's structure: every length within it, and
 // nothing left over. Counts are bounded by the bytes left (every string
 // takes at least its length byte), so a forged count cannot make a decoder
-// allocate more than the message's size.
-func validMeta(b []byte) bool {
+// allocate more than the message's size. haveHeader says whether an earlier
+// message of the batch had a header, which this one may repeat; it returns
+// whether one had, counting this one.
+func validMeta(b []byte, haveHeader bool) (bool, bool) {
 	var ok bool
 	if _, b, ok = nextString(b); !ok {
-		return false
+		return haveHeader, false
 	}
-	nh, n := binary.Uvarint(b)
-	if n <= 0 || nh > uint64(len(b)) {
-		return false
+	v, n := binary.Uvarint(b)
+	if n <= 0 {
+		return haveHeader, false
 	}
 	b = b[n:]
+	if v&1 == 1 {
+		return haveHeader, v == 1 && haveHeader && len(b) == 0
+	}
+	nh := v >> 1
+	if nh > uint64(len(b)) {
+		return haveHeader, false
+	}
 	for range nh {
 		if _, b, ok = nextString(b); !ok {
-			return false
+			return haveHeader, false
 		}
 		nv, n := binary.Uvarint(b)
 		if n <= 0 || nv > uint64(len(b)-n) {
-			return false
+			return haveHeader, false
 		}
 		b = b[n:]
 		for range nv {
 			if _, b, ok = nextString(b); !ok {
-				return false
+				return haveHeader, false
 			}
 		}
 	}
-	return len(b) == 0
+	return haveHeader || nh > 0, len(b) == 0
 }
 
 func nextString(b []byte) (s, rest []byte, ok bool) {
@@ -240,26 +279,19 @@ func nextString(b []byte) (s, rest []byte, ok bool) {
 	return b[n : n+int(l)], b[n+int(l):], true
 }
 
-// DecodeMeta decodes a meta section ValidateMeta accepted; see
-// MetaDecoder.Decode.
-func DecodeMeta(b []byte) Meta {
-	var d MetaDecoder
-	return d.Decode(b)
-}
-
-// MetaDecoder decodes the meta sections of one batch in turn. A header
-// encoded exactly as the previous message's is not decoded again: both
-// messages get the same map (read-only, as every received header is).
+// MetaDecoder decodes the meta sections of one batch, in order. Messages
+// whose header repeats the previous one's (by reference, or encoded alike)
+// get the same map: read-only, as every received header is.
 type MetaDecoder struct {
-	last       []byte // the previous message's encoded header
+	last       []byte // the last header decoded, encoded
 	lastHeader map[string][]string
 }
 
-// Decode decodes a meta section ValidateMeta accepted. The header is nil
-// when the message has none. The key, names and values alias b, as the
-// messages' bytes alias the packed field: b must stay unmodified while they
-// are in use (nothing writes to a received NATS message). A message's
-// values share one backing array.
+// Decode decodes the next meta section of a batch ValidateMeta accepted.
+// The header is nil when the message has none. The key, names and values
+// alias b, as the messages' bytes alias the packed field: b must stay
+// unmodified while they are in use (nothing writes to a received NATS
+// message). A message's values share one backing array.
 func (d *MetaDecoder) Decode(b []byte) Meta {
 	var m Meta // Size stays 0: a forged section may repeat a name, and re-encode smaller
 	key, b, ok := nextString(b)
@@ -267,21 +299,21 @@ func (d *MetaDecoder) Decode(b []byte) Meta {
 		return m
 	}
 	m.Key = alias(key)
-	if d.lastHeader != nil && bytes.Equal(b, d.last) {
+	if len(b) == 1 && b[0] == 1 || d.lastHeader != nil && bytes.Equal(b, d.last) {
 		m.Header = d.lastHeader
 		return m
 	}
-	m.Header = decodeHeader(b)
-	if m.Header != nil {
-		d.last, d.lastHeader = b, m.Header
+	if h := decodeHeader(b); h != nil {
+		m.Header, d.last, d.lastHeader = h, b, h
 	}
 	return m
 }
 
 func decodeHeader(b []byte) map[string][]string {
 	var ok bool
-	nh, n := binary.Uvarint(b)
-	if n <= 0 || nh == 0 || nh > uint64(len(b)) {
+	v, n := binary.Uvarint(b)
+	nh := v >> 1
+	if n <= 0 || v&1 == 1 || nh == 0 || nh > uint64(len(b)) {
 		return nil
 	}
 	b = b[n:]

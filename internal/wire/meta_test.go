@@ -16,12 +16,13 @@ func unpackMeta(packed []byte, count uint32) ([][]byte, []Meta, error) {
 	}
 	var msgs [][]byte
 	var meta []Meta
+	var dec MetaDecoder
 	EachMeta(packed, func(data, m []byte) {
 		msgs = append(msgs, data)
 		if m == nil {
 			meta = append(meta, Meta{})
 		} else {
-			meta = append(meta, DecodeMeta(m))
+			meta = append(meta, dec.Decode(m))
 		}
 	})
 	return msgs, meta, nil
@@ -159,5 +160,38 @@ func TestEqualHeadersShareOneDecodedMap(t *testing.T) {
 		if !sameMeta(Meta{Key: m.Key, Header: m.Header}, Meta{Key: meta[i].Key, Header: meta[i].Header}) {
 			t.Errorf("message %d decoded as %+v, want %+v", i, m, meta[i])
 		}
+	}
+}
+
+// A header map sent with several messages in a row is encoded once; the
+// others refer to it in one byte, and decode to the same map.
+func TestRepeatedHeaderIsEncodedOnce(t *testing.T) {
+	h := map[string][]string{"tenant": {"acme"}, "content-type": {"application/json"}}
+	msgs := [][]byte{[]byte("a"), []byte("b"), []byte("c"), []byte("d")}
+	meta := []Meta{NewMeta("k1", h), NewMeta("k2", h), {}, NewMeta("k3", h)}
+	packed := PackMeta(nil, msgs, meta)
+	if len(packed) != PackedMetaSize(msgs, meta) {
+		t.Fatalf("packed %d bytes, PackedMetaSize says %d", len(packed), PackedMetaSize(msgs, meta))
+	}
+	full := len(PackMeta(nil, msgs[:1], meta[:1]))
+	if len(packed) > full+3*(len("k1")+6) {
+		t.Fatalf("%d bytes for 4 messages, %d for the first alone: the header was not shared", len(packed), full)
+	}
+	// The bytes of the valid repeat, checked by hand: the second message's
+	// meta is key "k2" and the repeat marker.
+	if !bytes.Contains(packed, []byte{0x03, 0x04, 0x02, 'k', '2', 0x01, 'b'}) {
+		t.Fatalf("no repeat marker in %x", packed)
+	}
+	got, gotMeta, err := unpackMeta(packed, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range msgs {
+		if !bytes.Equal(got[i], msgs[i]) || !sameMeta(gotMeta[i], Meta{Key: meta[i].Key, Header: meta[i].Header}) {
+			t.Fatalf("message %d = %q %+v", i, got[i], gotMeta[i])
+		}
+	}
+	if !sameMap(gotMeta[0].Header, gotMeta[3].Header) {
+		t.Error("repeated headers must decode to one map")
 	}
 }

@@ -1,0 +1,65 @@
+package pubsub
+
+import (
+	"context"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// messagesPub is a mock Publisher that also carries keys and headers.
+type messagesPub struct {
+	*mockPub
+	mu  sync.Mutex
+	got [][]Outgoing
+}
+
+func (p *messagesPub) PublishMessages(ctx context.Context, topic string, msgs []Outgoing, _ ...PublishOption) (PublishAck, error) {
+	p.mu.Lock()
+	p.got = append(p.got, append([]Outgoing(nil), msgs...))
+	p.mu.Unlock()
+	return PublishAck{Topic: topic, Status: Accepted, Messages: len(msgs), Delivered: 1}, nil
+}
+
+func TestProduceMessageThroughAnyPublisher(t *testing.T) {
+	t.Run("without PublishMessages", func(t *testing.T) {
+		m := newMock()
+		p := newTestProducer(t, m, ProducerConfig{})
+		_, err := p.ProduceMessage(t.Context(), Outgoing{Data: []byte("k"), Key: "k"}).Wait(t.Context())
+		require.ErrorIs(t, err, ErrInvalidConfig, "a key needs a Publisher that carries it")
+		_, err = p.ProduceMessage(t.Context(), Outgoing{Data: []byte("plain")}).Wait(t.Context())
+		require.NoError(t, err, "a message without key or header needs nothing more")
+		assert.Equal(t, [][]string{{"plain"}}, m.recorded())
+	})
+	t.Run("with PublishMessages", func(t *testing.T) {
+		m := &messagesPub{mockPub: newMock()}
+		p := newTestProducer(t, m, ProducerConfig{BatchSize: 3})
+		futures := []*Produced{
+			p.ProduceMessage(t.Context(), Outgoing{Data: []byte("a"), Key: "ka", Header: Header{"h": {"1"}}}),
+			p.Produce(t.Context(), []byte("b")),
+			p.ProduceMessage(t.Context(), Outgoing{Data: []byte("c"), Key: "kc"}),
+		}
+		for _, f := range futures {
+			_, err := f.Wait(t.Context())
+			require.NoError(t, err)
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		keys := map[string]string{}
+		total := 0
+		for _, batch := range m.got {
+			for _, o := range batch {
+				keys[string(o.Data)] = o.Key
+				total++
+			}
+		}
+		for _, batch := range m.recorded() {
+			total += len(batch) // plain batches go through PublishBatch
+		}
+		assert.Equal(t, 3, total)
+		assert.Equal(t, "ka", keys["a"], "a batch with keys goes through PublishMessages with them")
+		assert.Equal(t, "kc", keys["c"])
+	})
+}
