@@ -77,6 +77,10 @@ type Config struct {
 	// PartitionPolicy says what a node does when it cannot see a majority of
 	// the cluster. Default: KeepServing (the zero value).
 	PartitionPolicy PartitionPolicy
+	// ClientOnly makes the node publish and subscribe without ever owning a
+	// topic (edge services, tools): ownership runs over the other members.
+	// Default: false.
+	ClientOnly bool
 	// Propagator injects context (a trace) into each published message's
 	// header and extracts it into each handler's ctx. Default: nil, which
 	// costs nothing.
@@ -161,6 +165,12 @@ func WithMetricsInterval(d time.Duration) Option {
 // included; nodes beyond it are ignored, with a MemberRejected event.
 // Default: 1024 nodes (DefaultMaxMembers).
 func WithMaxMembers(n int) Option { return func(c *Config) { c.MaxMembers = n } }
+
+// WithClientOnly makes the node client-only (Config.ClientOnly): it
+// publishes and subscribes but never owns a topic. A cluster whose members
+// are all client-only has no owner: publishes and subscribes fail with
+// ErrTopicUnavailable.
+func WithClientOnly() Option { return func(c *Config) { c.ClientOnly = true } }
 
 // WithPartitionPolicy sets Config.PartitionPolicy, what a node cut off from
 // the majority does. Default: KeepServing.

@@ -267,17 +267,16 @@ func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus 
 			mctx = prop.Extract(ctx, batch[j].Header)
 		}
 		if err := s.call(mctx, &batch[j]); err != nil {
-			if errors.As(err, new(*decodeError)) {
-				status = DecodeError
-				if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
-					s.node.log.Warn("message rejected by the codec", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+			if !errors.As(err, new(*decodeError)) {
+				if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
+					s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 				}
-				continue
+				return HandlerError
 			}
-			if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
-				s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+			status = DecodeError
+			if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
+				s.node.log.Warn("message rejected by the codec", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 			}
-			return HandlerError
 		}
 		if s.isDone() {
 			break // unsubscribed mid-batch: no further message reaches it

@@ -95,8 +95,11 @@ type Propagator interface {
 // nothing is injected or extracted, at no cost.
 func WithPropagator(p Propagator) Option { return func(c *Config) { c.Propagator = p } }
 
-// validateHeader checks every name of h.
+// validateHeader checks every name of h, and their number.
 func validateHeader(h Header) error {
+	if len(h) > wire.MaxHeaderNames {
+		return fmt.Errorf("%w: a header of %d names, limit %d", ErrInvalidMessage, len(h), wire.MaxHeaderNames)
+	}
 	for name := range h {
 		if err := validHeaderName(name); err != nil {
 			return err
@@ -183,24 +186,33 @@ func outgoingBatch(ctx context.Context, msgs []Outgoing, prop Propagator) (msgBa
 	b := msgBatch{data: make([][]byte, len(msgs))}
 	for i, m := range msgs {
 		b.data[i] = m.Data
-		if err := validateHeader(m.Header); err != nil {
+		meta, err := messageMeta(ctx, m.Key, m.Header, prop)
+		if err != nil {
 			return msgBatch{}, fmt.Errorf("message %d: %w", i, err)
 		}
-		meta := messageMeta(ctx, m.Key, m.Header, prop)
-		if meta.Empty() {
-			continue
-		}
-		if b.meta == nil {
-			b.meta = make([]wire.Meta, len(msgs))
-		}
-		b.meta[i] = meta
+		b.setMeta(i, len(msgs), meta)
 	}
 	return b, nil
 }
 
-// messageMeta is one outgoing message's key and header, after prop's
-// Inject.
-func messageMeta(ctx context.Context, key string, h Header, prop Propagator) wire.Meta {
+// setMeta records message i's meta, making room for n once one has some.
+func (b *msgBatch) setMeta(i, n int, meta wire.Meta) {
+	if meta.Empty() {
+		return
+	}
+	if b.meta == nil {
+		b.meta = make([]wire.Meta, n)
+	}
+	b.meta[i] = meta
+}
+
+// messageMeta validates h and returns one outgoing message's key and
+// header, after prop's Inject (whose names are checked too: a propagator
+// adding an invalid name is refused like a caller doing so).
+func messageMeta(ctx context.Context, key string, h Header, prop Propagator) (wire.Meta, error) {
+	if err := validateHeader(h); err != nil {
+		return wire.Meta{}, err
+	}
 	if prop != nil {
 		if h == nil {
 			h = Header{}
@@ -208,29 +220,29 @@ func messageMeta(ctx context.Context, key string, h Header, prop Propagator) wir
 			h = h.clone()
 		}
 		prop.Inject(ctx, h)
+		if err := validateHeader(h); err != nil {
+			return wire.Meta{}, fmt.Errorf("after the Propagator's Inject: %w", err)
+		}
 	}
 	if len(h) == 0 {
 		h = nil
 	}
-	return wire.NewMeta(key, h)
+	return wire.NewMeta(key, h), nil
 }
 
 // plainBatch is a batch of bytes only, with prop's injections if a
 // propagator is set.
-func plainBatch(ctx context.Context, data [][]byte, prop Propagator) msgBatch {
+func plainBatch(ctx context.Context, data [][]byte, prop Propagator) (msgBatch, error) {
 	b := msgBatch{data: data}
 	if prop == nil {
-		return b
+		return b, nil
 	}
 	for i := range data {
-		meta := messageMeta(ctx, "", nil, prop)
-		if meta.Empty() {
-			continue
+		meta, err := messageMeta(ctx, "", nil, prop)
+		if err != nil {
+			return msgBatch{}, fmt.Errorf("message %d: %w", i, err)
 		}
-		if b.meta == nil {
-			b.meta = make([]wire.Meta, len(data))
-		}
-		b.meta[i] = meta
+		b.setMeta(i, len(data), meta)
 	}
-	return b
+	return b, nil
 }

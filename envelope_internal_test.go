@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // messagesPub is a mock Publisher that also carries keys and headers.
@@ -62,4 +64,14 @@ func TestProduceMessageThroughAnyPublisher(t *testing.T) {
 		assert.Equal(t, "ka", keys["a"], "a batch with keys goes through PublishMessages with them")
 		assert.Equal(t, "kc", keys["c"])
 	})
+}
+
+// A status number from a newer node that this one cannot name is reported
+// as HandlerError, however large: a uint32 past 255 once wrapped to
+// Delivered.
+func TestUnknownRemoteStatusIsHandlerError(t *testing.T) {
+	rep := &wire.Reply{Code: wire.Reply_OK, Statuses: []uint32{uint32(Delivered), uint32(DecodeError), uint32(lastDeliveryStatus) + 1, 256, 1 << 31}}
+	st, path := remoteStatuses(&Node{}, "n", len(rep.Statuses), rep, nil)
+	assert.False(t, path)
+	assert.Equal(t, []DeliveryStatus{Delivered, DecodeError, HandlerError, HandlerError, HandlerError}, st)
 }

@@ -313,3 +313,26 @@ func TestHeaderMethods(t *testing.T) {
 	assert.Equal(t, pubsub.Header{"b": {"3"}}, h)
 	assert.Equal(t, "", h.Get("B"), "names are case-sensitive")
 }
+
+// badPropagator injects a header name that is not allowed.
+type badPropagator struct{}
+
+func (badPropagator) Inject(_ context.Context, h pubsub.Header) { h.Set("bad name", "v") }
+func (badPropagator) Extract(ctx context.Context, _ pubsub.Header) context.Context {
+	return ctx
+}
+
+// Names a Propagator injects are checked like the caller's.
+func TestPropagatorInjectingAnInvalidNameIsRefused(t *testing.T) {
+	c := newCluster(t, 1, 1, pubsub.WithPropagator(badPropagator{}))
+	_, err := c.Nodes[0].Publish(ctxT(t), "t", []byte("x"))
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	assert.Contains(t, err.Error(), "Propagator")
+	_, err = c.Nodes[0].PublishMessages(ctxT(t), "t", []pubsub.Outgoing{{Data: []byte("x")}})
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	prod, err := pubsub.NewBatchingProducer(c.Nodes[0], "t", pubsub.ProducerConfig{})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
+	_, err = prod.Produce(ctxT(t), []byte("x")).Wait(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+}

@@ -94,7 +94,7 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 		st := make([]DeliveryStatus, count)
 		for i, s := range rep.GetStatuses() {
 			st[i] = DeliveryStatus(s)
-			if st[i] > lastDeliveryStatus {
+			if s > uint32(lastDeliveryStatus) {
 				st[i] = HandlerError // a newer node's status this one cannot name
 			}
 		}

@@ -76,7 +76,7 @@ func (n *Node) pushMoved(prev, next *view) {
 	byOwner := map[string]map[string]*wire.TopicSubscribers{}
 	n.subscriber.each(func(local string, s *Subscription) {
 		owner := next.ownerOf(s.topic).ID
-		if owner == n.self.ID || prev.ownerOf(s.topic).ID == owner {
+		if owner == "" || owner == n.self.ID || prev.ownerOf(s.topic).ID == owner {
 			return
 		}
 		topics := byOwner[owner]

@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -114,17 +115,23 @@ func (n *Node) Members() []Member {
 }
 
 // OwnerOf returns the member that owns topic in this node's current view.
+// In a view of client-only members (WithClientOnly) no member owns topics:
+// it fails with ErrTopicUnavailable.
 func (n *Node) OwnerOf(topic string) (Member, error) {
 	if err := validateTopic(topic); err != nil {
 		return Member{}, err
 	}
-	return n.view().ownerOf(topic), nil
+	owner := n.view().ownerOf(topic)
+	if owner.ID == "" {
+		return Member{}, fmt.Errorf("%w: no member may own %q: every member of the view is client-only", ErrTopicUnavailable, topic)
+	}
+	return owner, nil
 }
 
 func (n *Node) view() *view { return n.members.view() }
 
 func (n *Node) selfRef() *wire.MemberRef {
-	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation}
+	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation, ClientOnly: n.self.ClientOnly}
 }
 
 // recomputeView installs a new view if the peer set changed. Callers hold members.mu,
@@ -249,7 +256,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 			n.rejectMember(id)
 			return
 		}
-		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id)}}
+		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
 			n.recomputeView()

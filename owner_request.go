@@ -69,9 +69,12 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		}
 		var ans ownerAnswer
 		var err error
-		if owner.ID == n.self.ID {
+		switch owner.ID {
+		case "":
+			err = errNoOwner // waited for like an owner not ready: one may join
+		case n.self.ID:
 			ans, err = n.askLocal(ctx, topic, req, signal)
-		} else {
+		default:
 			ans, err = n.askRemote(ctx, topic, v, owner, req, o.wait, signal)
 		}
 		if attemptIssued != nil { // the attempt failed before it was issued
@@ -90,6 +93,8 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			deadline = start.Add(max(n.cfg.RequestTimeout, o.wait))
 		case err == nil:
 			last = fmt.Sprintf("owner %s answered %s", owner.ID, ans.code)
+		case err == errNoOwner:
+			last = "no member may own topics (every member of the view is client-only)"
 		case natsutil.IsNoResponders(err):
 			last = fmt.Sprintf("owner %s unreachable", owner.ID)
 		case errors.Is(err, ErrClosed) && n.life.closed.Load():
@@ -110,6 +115,9 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		}
 	}
 }
+
+// errNoOwner: every member of the view is client-only.
+var errNoOwner = errors.New("pubsub: no owner-eligible member")
 
 // askLocal runs a request on this node's actor for topic and waits for its answer.
 func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, queued func()) (ownerAnswer, error) {

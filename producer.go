@@ -238,7 +238,10 @@ func (p *BatchingProducer) Topic() string { return p.topic }
 func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 	var meta wire.Meta
 	if p.prop != nil {
-		meta = messageMeta(ctx, "", nil, p.prop)
+		var err error
+		if meta, err = messageMeta(ctx, "", nil, p.prop); err != nil {
+			return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
+		}
 	}
 	return p.produce(ctx, data, meta)
 }
@@ -247,14 +250,15 @@ func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 // name that is empty or holds whitespace, ':' or a control character fails
 // the future with ErrInvalidMessage; the key and header count towards the
 // message's size. With a Propagator on the producer's node, Inject runs
-// here with ctx, on a copy of m.Header. A Publisher other than a *Node must
-// implement PublishMessages to carry keys and headers; otherwise such a
-// message fails with ErrInvalidConfig.
+// here with ctx, on a copy of m.Header. Neither m.Data nor m.Header is
+// copied otherwise: do not modify them until the future is done. A
+// Publisher other than a *Node must implement PublishMessages to carry keys
+// and headers; otherwise such a message fails with ErrInvalidConfig.
 func (p *BatchingProducer) ProduceMessage(ctx context.Context, m Outgoing) *Produced {
-	if err := validateHeader(m.Header); err != nil {
+	meta, err := messageMeta(ctx, m.Key, m.Header, p.prop)
+	if err != nil {
 		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
 	}
-	meta := messageMeta(ctx, m.Key, m.Header, p.prop)
 	if !meta.Empty() && p.metaPub == nil {
 		return doneFuture(p.failure(fmt.Errorf("%w: producer for %q: its Publisher (%T) has no PublishMessages to carry keys and headers", ErrInvalidConfig, p.topic, p.pub)))
 	}

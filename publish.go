@@ -49,7 +49,11 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // subscribers: do not modify them before PublishBatch returns, nor after it
 // if a subscriber timed out and may still be reading them.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
-	return n.publishBatchIssued(ctx, topic, plainBatch(ctx, batch, n.cfg.Propagator), nil, "", 0, 0, nil)
+	b, err := plainBatch(ctx, batch, n.cfg.Propagator)
+	if err != nil {
+		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+	}
+	return n.publishBatchIssued(ctx, topic, b, nil, "", 0, 0, nil)
 }
 
 // PublishMessages publishes msgs, each with its optional key and header, as

@@ -108,7 +108,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		nc:  nc,
 		// Incarnations grow with time, so peers tell a restarted node from a
 		// stale message of its previous life.
-		self:   Member{ID: cfg.NodeID, Incarnation: uint64(time.Now().UnixNano()), Inbox: natsutil.NodeSubject(cfg.Prefix, cfg.NodeID)},
+		self:   Member{ID: cfg.NodeID, Incarnation: uint64(time.Now().UnixNano()), Inbox: natsutil.NodeSubject(cfg.Prefix, cfg.NodeID), ClientOnly: cfg.ClientOnly},
 		log:    nodeLogger{Logger: cfg.Logger.With("node", cfg.NodeID), limit: logThrottle{interval: logThrottleInterval}},
 		events: newEventStream(cfg.NodeID),
 	}

@@ -26,10 +26,16 @@ type Message struct {
 	// Key is the routing key the message was published with, or "".
 	Key string
 	// Header is the header the message was published with (plus what a
-	// Propagator injected), or nil.
+	// Propagator injected), or nil. Messages with equal headers may share
+	// one map.
 	Header Header
-	// Publisher is the ID of the node that published the message.
+	// Publisher is the ID of the node that published the message, as the
+	// request named it (anyone who may publish on the node subjects can
+	// claim any ID).
 	Publisher string
+	// Key and the header's strings received from another node refer to the
+	// batch's buffer, as Data does: keeping one keeps the whole batch in
+	// memory; strings.Clone what you keep for long.
 }
 
 type subscriberKey struct{}

@@ -16,6 +16,7 @@ type Member struct {
 	ID          string // node ID
 	Incarnation uint64 // changes every time a node with this ID joins
 	Inbox       string // the node's inbox subject, <prefix>.node.<ID>
+	ClientOnly  bool   // the node never owns a topic (WithClientOnly)
 }
 
 // view is an immutable membership snapshot. epoch counts this node's view
@@ -25,6 +26,9 @@ type view struct {
 	epoch   uint64
 	members []Member // sorted by ID, includes self
 	keys    []uint64 // keys[i]: members[i]'s rendezvous key, hashed once per view
+	// owners indexes the members that may own topics (not client-only):
+	// rendezvous runs over them alone.
+	owners []int
 }
 
 func newView(epoch uint64, members []Member) *view {
@@ -33,19 +37,26 @@ func newView(epoch uint64, members []Member) *view {
 	for _, m := range members {
 		h = fnvString(h, m.ID)
 		h = fnvUint(h, m.Incarnation)
+		if m.ClientOnly {
+			h = fnvUint(h, 1)
+		}
 	}
 	keys := make([]uint64, len(members))
+	owners := make([]int, 0, len(members))
 	for i, m := range members {
 		keys[i] = mix64(fnvString(fnvOffset, m.ID))
+		if !m.ClientOnly {
+			owners = append(owners, i)
+		}
 	}
-	return &view{id: mix64(h), epoch: epoch, members: members, keys: keys}
+	return &view{id: mix64(h), epoch: epoch, members: members, keys: keys, owners: owners}
 }
 
 // refs lists the view's members for the wire.
 func (v *view) refs() []*wire.MemberRef {
 	refs := make([]*wire.MemberRef, len(v.members))
 	for i, m := range v.members {
-		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation}
+		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation, ClientOnly: m.ClientOnly}
 	}
 	return refs
 }
@@ -71,15 +82,20 @@ func (v *view) has(ref *wire.MemberRef) bool {
 	return ok && m.Incarnation == ref.GetIncarnation()
 }
 
-// ownerOf returns the rendezvous owner of topic: the member with the highest
-// hash of (topic, member ID). Only topics of a joining or leaving member move.
+// ownerOf returns the rendezvous owner of topic: the member, among those
+// that may own, with the highest hash of (topic, member ID). Only topics of
+// a joining or leaving member move. The zero Member (ID "") when every
+// member is client-only.
 func (v *view) ownerOf(topic string) Member {
+	if len(v.owners) == 0 {
+		return Member{}
+	}
 	// The topic is hashed once, each member's key once per view: a lookup
 	// costs one mix per member, not a hash of the member's ID.
 	t := mix64(fnvString(fnvOffset, topic) ^ 0xff)
-	best, bestH := 0, uint64(0)
-	for i, k := range v.keys {
-		if h := mix64(t ^ k); i == 0 || h > bestH {
+	best, bestH := v.owners[0], uint64(0)
+	for j, i := range v.owners {
+		if h := mix64(t ^ v.keys[i]); j == 0 || h > bestH {
 			best, bestH = i, h
 		}
 	}

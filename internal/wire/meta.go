@@ -3,7 +3,6 @@ package wire
 import (
 	"bytes"
 	"encoding/binary"
-	"math"
 	"slices"
 	"unsafe"
 )
@@ -90,7 +89,9 @@ func sameMap(a, b map[string][]string) bool {
 }
 
 // PackedMetaSize is the size of msgs packed in format 2 with meta (one per
-// message).
+// message). Like PackMeta it measures the headers as they are now, not by
+// the cached Size, so the two agree as long as no header changes between
+// the calls (a caller may not change a header it handed over).
 func PackedMetaSize(msgs [][]byte, meta []Meta) int {
 	var e metaEncoder
 	n := 0
@@ -99,9 +100,11 @@ func PackedMetaSize(msgs [][]byte, meta []Meta) int {
 		if meta[i].Empty() {
 			continue
 		}
-		ms := MetaSize(meta[i])
+		var ms int
 		if e.repeats(meta[i]) {
 			ms = keySize(meta[i].Key) + 1
+		} else {
+			ms = metaSize(meta[i])
 		}
 		n += uvarintLen(uint64(ms)) + ms
 	}
@@ -129,7 +132,7 @@ func PackMeta(dst []byte, msgs [][]byte, meta []Meta) []byte {
 			dst = appendString(dst, m.Key)
 			dst = append(dst, 1)
 		} else {
-			dst = binary.AppendUvarint(dst, uint64(MetaSize(m)))
+			dst = binary.AppendUvarint(dst, uint64(metaSize(m)))
 			dst = appendString(dst, m.Key)
 			dst = appendHeader(dst, m.Header)
 		}
@@ -241,22 +244,31 @@ func validMeta(b []byte, haveHeader bool) (bool, bool) {
 	if _, b, ok = nextString(b); !ok {
 		return haveHeader, false
 	}
+	if len(b) == 1 && b[0] == 1 { // the back-reference, in its one encoding
+		return haveHeader, haveHeader
+	}
 	v, n := binary.Uvarint(b)
-	if n <= 0 {
+	if n <= 0 || v&1 == 1 {
 		return haveHeader, false
 	}
 	b = b[n:]
-	if v&1 == 1 {
-		return haveHeader, v == 1 && haveHeader && len(b) == 0
-	}
 	nh := v >> 1
-	if nh > uint64(len(b)) {
+	if nh > MaxHeaderNames || nh > uint64(len(b)) {
 		return haveHeader, false
 	}
-	for range nh {
-		if _, b, ok = nextString(b); !ok {
+	var prev []byte
+	for i := range nh {
+		var name []byte
+		if name, b, ok = nextString(b); !ok {
 			return haveHeader, false
 		}
+		// Names are unique and in order, as the encoder writes them: a
+		// decoder never merges two entries (a forged batch repeating one
+		// name cost quadratic time).
+		if len(name) == 0 || (i > 0 && bytes.Compare(prev, name) >= 0) {
+			return haveHeader, false
+		}
+		prev = name
 		nv, n := binary.Uvarint(b)
 		if n <= 0 || nv > uint64(len(b)-n) {
 			return haveHeader, false
@@ -270,6 +282,9 @@ func validMeta(b []byte, haveHeader bool) (bool, bool) {
 	}
 	return haveHeader || nh > 0, len(b) == 0
 }
+
+// MaxHeaderNames bounds the names of one message's header.
+const MaxHeaderNames = 1024
 
 func nextString(b []byte) (s, rest []byte, ok bool) {
 	l, n := binary.Uvarint(b)
@@ -336,24 +351,23 @@ func decodeHeader(b []byte) map[string][]string {
 		}
 	}
 	values := make([]string, total)
-	h := make(map[string][]string, int(min(nh, math.MaxInt32)))
+	h := make(map[string][]string, int(min(nh, 16))) // grows with what is really there
 	for range nh {
 		var name []byte
 		name, b, _ = nextString(b)
 		nv, n := binary.Uvarint(b)
 		b = b[n:]
-		vs := values[:nv:nv]
-		values = values[nv:]
+		var vs []string // nil without values, as published
+		if nv > 0 {
+			vs = values[:nv:nv]
+			values = values[nv:]
+		}
 		for i := range vs {
 			var v []byte
 			v, b, _ = nextString(b)
 			vs[i] = alias(v)
 		}
-		k := alias(name)
-		if prev, dup := h[k]; dup {
-			vs = append(prev[:len(prev):len(prev)], vs...) // a forged batch may repeat a name
-		}
-		h[k] = vs
+		h[alias(name)] = vs // names are unique: validMeta checked
 	}
 	return h
 }

@@ -2,7 +2,9 @@ package wire
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"maps"
 	"reflect"
 	"slices"
@@ -86,8 +88,14 @@ func TestUnpackMetaRejectsMalformed(t *testing.T) {
 		"bad varint":               {[]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}, 1},
 		"meta past end":            {[]byte{0x03, 0x09, 0x00}, 1},
 		"empty meta":               {[]byte{0x03, 0x00, 'a'}, 1},
-		"header count too high":    {[]byte{0x01, 0x02, 0x00, 0x7f}, 1},
-		"value count too high":     {[]byte{0x01, 0x05, 0x00, 0x01, 0x01, 'h', 0x7f}, 1},
+		"header count too high":    {[]byte{0x01, 0x02, 0x00, 0x7e}, 1},
+		"value count too high":     {[]byte{0x01, 0x05, 0x00, 0x02, 0x01, 'h', 0x7f}, 1},
+		"repeated name":            {[]byte{0x01, 0x0a, 0x00, 0x04, 0x01, 'h', 0x01, 0x01, 'v', 0x01, 'h', 0x00}, 1},
+		"names out of order":       {[]byte{0x01, 0x0a, 0x00, 0x04, 0x01, 'h', 0x01, 0x01, 'v', 0x01, 'a', 0x00}, 1},
+		"empty name":               {[]byte{0x01, 0x04, 0x00, 0x02, 0x00, 0x00}, 1},
+		"back-reference first":     {[]byte{0x01, 0x02, 0x00, 0x01}, 1},
+		"overlong back-reference":  {[]byte{0x01, 0x07, 0x00, 0x02, 0x01, 'a', 0x01, 0x01, 'b', 0x01, 0x03, 0x00, 0x81, 0x00}, 2},
+		"odd header count":         {[]byte{0x01, 0x07, 0x00, 0x02, 0x01, 'a', 0x01, 0x01, 'b', 0x01, 0x02, 0x00, 0x03}, 2},
 		"trailing bytes in meta":   {[]byte{0x01, 0x03, 0x00, 0x00, 0x00}, 1},
 		"count, no bytes":          {nil, 1},
 		"format 1 read as meta":    {Pack(nil, [][]byte{[]byte("abc")}), 1},
@@ -193,5 +201,40 @@ func TestRepeatedHeaderIsEncodedOnce(t *testing.T) {
 	}
 	if !sameMap(gotMeta[0].Header, gotMeta[3].Header) {
 		t.Error("repeated headers must decode to one map")
+	}
+}
+
+// A forged header of many names is refused, or decoded in linear time: it
+// once cost quadratic time and memory when names repeated.
+func TestForgedHeadersAreBounded(t *testing.T) {
+	many := func(names int, name func(i int) []byte) []byte {
+		var h []byte
+		h = binary.AppendUvarint(h, uint64(names)<<1)
+		for i := range names {
+			n := name(i)
+			h = binary.AppendUvarint(h, uint64(len(n)))
+			h = append(h, n...)
+			h = append(h, 0) // no values
+		}
+		meta := append([]byte{0x00}, h...) // empty key
+		packed := []byte{0x01}             // an empty message with meta
+		packed = binary.AppendUvarint(packed, uint64(len(meta)))
+		return append(packed, meta...)
+	}
+	repeated := many(40000, func(int) []byte { return []byte("a") })
+	if _, _, err := unpackMeta(repeated, 1); !errors.Is(err, ErrBadPacking) {
+		t.Fatalf("40 000 copies of one name: %v, want ErrBadPacking", err)
+	}
+	tooMany := many(MaxHeaderNames+1, func(i int) []byte { return fmt.Appendf(nil, "n%05d", i) })
+	if _, _, err := unpackMeta(tooMany, 1); !errors.Is(err, ErrBadPacking) {
+		t.Fatalf("%d names: %v, want ErrBadPacking", MaxHeaderNames+1, err)
+	}
+	most := many(MaxHeaderNames, func(i int) []byte { return fmt.Appendf(nil, "n%05d", i) })
+	_, meta, err := unpackMeta(most, 1)
+	if err != nil || len(meta[0].Header) != MaxHeaderNames {
+		t.Fatalf("%d names: %d decoded, %v", MaxHeaderNames, len(meta[0].Header), err)
+	}
+	if vs, ok := meta[0].Header["n00000"]; !ok || vs != nil {
+		t.Fatalf("a name without values decodes to nil values, got %#v", vs)
 	}
 }

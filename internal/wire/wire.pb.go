@@ -318,9 +318,11 @@ func (*Envelope_SyncRequest) isEnvelope_Body() {}
 
 // MemberRef names one incarnation of a node.
 type MemberRef struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Incarnation   uint64                 `protobuf:"varint,2,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	NodeId      string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Incarnation uint64                 `protobuf:"varint,2,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	// client_only: the member never owns a topic (WithClientOnly).
+	ClientOnly    bool `protobuf:"varint,3,opt,name=client_only,json=clientOnly,proto3" json:"client_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -367,6 +369,13 @@ func (x *MemberRef) GetIncarnation() uint64 {
 		return x.Incarnation
 	}
 	return 0
+}
+
+func (x *MemberRef) GetClientOnly() bool {
+	if x != nil {
+		return x.ClientOnly
+	}
+	return false
 }
 
 // Heartbeat is published on <prefix>.members.
@@ -1366,10 +1375,12 @@ const file_wire_proto_rawDesc = "" +
 	"\x05reply\x18\x06 \x01(\v2\x19.clusterpubsub.wire.ReplyH\x00R\x05reply\x121\n" +
 	"\x05evict\x18\a \x01(\v2\x19.clusterpubsub.wire.EvictH\x00R\x05evict\x12D\n" +
 	"\fsync_request\x18\b \x01(\v2\x1f.clusterpubsub.wire.SyncRequestH\x00R\vsyncRequestB\x06\n" +
-	"\x04body\"F\n" +
+	"\x04body\"g\n" +
 	"\tMemberRef\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
-	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\"\x84\x02\n" +
+	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
+	"\vclient_only\x18\x03 \x01(\bR\n" +
+	"clientOnly\"\x84\x02\n" +
 	"\tHeartbeat\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".clusterpubsub.wire.Heartbeat.KindR\x04kind\x121\n" +
 	"\x04from\x18\x02 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
