@@ -158,14 +158,17 @@ type PublishAck struct {
 	Status    AckStatus
 	Reason    Reason            // ReasonNone when Accepted
 	Messages  int               // messages in the batch
-	Delivered int               // subscribers that processed the whole batch
+	Delivered int               // subscribers that processed the whole batch; a consumer group counts once
 	Failures  []DeliveryFailure // subscribers that did not, with why
 }
 
-// DeliveryFailure is one subscriber that did not process a batch.
+// DeliveryFailure is one subscriber that did not process a batch. For a
+// member of a consumer group Group names the group; a group with no live
+// member fails with a zero Subscriber, Group set and SubscriberGone.
 type DeliveryFailure struct {
 	Subscriber SubscriberID
 	Status     DeliveryStatus
+	Group      string
 }
 
 // rejected builds a Rejected ack and its error for err.

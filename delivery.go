@@ -25,11 +25,17 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
+	shares, ok := sharesFromWire(d.GetShares(), msgs.count)
+	if !ok {
+		n.malformed("inbox", len(d.GetPacked())+len(d.GetPackedMeta()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "share index past the batch"})
+		return
+	}
 	msgs.publisher = d.GetPublisher()
 	msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}
 	msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
 	if !d.GetAtLeastOnce() {
-		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
 		return
 	}
 	// At-least-once: the owner re-sends a batch it got no report for. Every
@@ -55,12 +61,12 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		if ok, held := n.log.limit.allow("recent/full"); ok {
 			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
 		}
-		n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
 		return
 	}
 	n.subscriber.recent[key] = rb
 	n.subscriber.recentMu.Unlock()
-	n.deliver(d.GetTopic(), d.GetSubscribers(), msgs, func(st []DeliveryStatus) {
+	n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) {
 		rep := report(st)
 		n.subscriber.recentMu.Lock()
 		rb.report = rep
@@ -95,12 +101,16 @@ type recentBatch struct {
 // deliver puts one batch in the mailbox of each listed local subscriber and
 // calls done once with one status per subscriber. It never blocks: a full
 // mailbox is a MailboxFull failure, not back-pressure on the inbox.
-func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]DeliveryStatus)) {
-	t := &batchTracker{statuses: make([]DeliveryStatus, len(locals)), remaining: len(locals), done: done}
+//
+// Group members get their shares instead (the messages at the share's
+// indices); their statuses follow the locals'.
+func (n *Node) deliver(topic string, locals []string, shares []share, msgs payload, done func([]DeliveryStatus)) {
+	count := len(locals) + len(shares)
+	t := &batchTracker{statuses: make([]DeliveryStatus, count), remaining: count, done: done}
 	for i := range t.statuses {
 		t.statuses[i] = statusPending
 	}
-	if len(locals) == 0 {
+	if count == 0 {
 		done(t.statuses)
 		return
 	}
@@ -115,17 +125,27 @@ func (n *Node) deliver(topic string, locals []string, msgs payload, done func([]
 	// see them read-only, so they can share them.
 	batch := msgs.messages(topic)
 	n.subscriber.mu.RLock()
-	for i, l := range locals {
+	defer n.subscriber.mu.RUnlock()
+	for i := range count {
+		l, part := "", batch
+		if i < len(locals) {
+			l = locals[i]
+		} else {
+			sh := shares[i-len(locals)]
+			l, part = sh.local, make([]Message, len(sh.idx))
+			for j, k := range sh.idx {
+				part[j] = batch[k]
+			}
+		}
 		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {
 			t.set(i, SubscriberGone)
 			continue
 		}
-		if !s.mailbox.do(func() { s.handle(ctx, batch, msgs.origin, msgs.seq, t, i) }) {
+		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i) }) {
 			t.set(i, MailboxFull)
 		}
 	}
-	n.subscriber.mu.RUnlock()
 }
 
 // statusPending marks a subscriber that has not reported yet.
@@ -314,7 +334,7 @@ func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
 	}
 	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
 	s.end(fmt.Errorf("%w: %s", ErrEvicted, status))
-	emit(n.events, SubscriberEvicted{Topic: topic, Subscriber: s.id, Status: status})
+	emit(n.events, SubscriberEvicted{Topic: topic, Subscriber: s.id, Group: s.id.Group(), Status: status})
 }
 
 // notifyEvicted tells the subscriber's node (by message, or directly when

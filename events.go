@@ -61,6 +61,7 @@ type SubscriberAdded struct {
 	Node       string
 	Topic      string
 	Subscriber SubscriberID
+	Group      string // the subscriber's consumer group, or ""
 	Time       time.Time
 }
 
@@ -70,6 +71,7 @@ type SubscriberRemoved struct {
 	Node       string
 	Topic      string
 	Subscriber SubscriberID
+	Group      string // the subscriber's consumer group, or ""
 	Time       time.Time
 }
 
@@ -79,6 +81,7 @@ type SubscriberEvicted struct {
 	Node       string
 	Topic      string
 	Subscriber SubscriberID
+	Group      string         // the subscriber's consumer group, or ""
 	Status     DeliveryStatus // the failure that caused it
 	Time       time.Time
 }

@@ -127,6 +127,9 @@ type pendingBatch struct {
 	outcomes  []subscriberOutcome
 	wantIDs   bool // list the delivered subscribers in the answer
 	delivered []SubscriberID
+	// groups: whether every member of each group with a share so far
+	// processed it; a group counts once in Delivered.
+	groups map[string]bool
 }
 
 type subscriberOutcome struct {
@@ -148,7 +151,16 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus,
 	b.mu.Lock()
 	for i, s := range st {
 		id := SubscriberID{Node: node, Local: locals[i]}
-		if s == Delivered {
+		if g := id.Group(); g != "" {
+			if b.groups == nil {
+				b.groups = map[string]bool{}
+			}
+			ok, seen := b.groups[g]
+			b.groups[g] = (ok || !seen) && s == Delivered
+			if s != Delivered {
+				b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Subscriber: id, Status: s, Group: g})
+			}
+		} else if s == Delivered {
 			b.ack.Delivered++
 			if b.wantIDs {
 				b.delivered = append(b.delivered, id)
@@ -160,6 +172,16 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus,
 	}
 	b.remaining--
 	done := b.remaining == 0
+	if done {
+		for g, ok := range b.groups {
+			if ok {
+				b.ack.Delivered++
+				if b.wantIDs { // chunkAcks merges a group by this stand-in ID
+					b.delivered = append(b.delivered, SubscriberID{Local: groupMark + g})
+				}
+			}
+		}
+	}
 	b.mu.Unlock()
 	if !done {
 		return

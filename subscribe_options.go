@@ -1,5 +1,11 @@
 package pubsub
 
+import (
+	"fmt"
+
+	"github.com/clusterpubsub/pubsub/natsutil"
+)
+
 // SubscribeOption configures one subscription; pass it to Node.Subscribe.
 type SubscribeOption func(*subscribeConfig)
 
@@ -8,6 +14,18 @@ type SubscribeOption func(*subscribeConfig)
 type subscribeConfig struct {
 	// mailboxSize is set by WithSubscriptionMailbox.
 	mailboxSize int
+	// group is set by WithGroup; "" subscribes to every message.
+	group string
+}
+
+// WithGroup makes the subscription a member of the consumer group name on
+// its topic: each message reaches exactly one live member of the group
+// (a message with a Key always the same member while the group is
+// unchanged), while subscribers without a group get every message. The
+// name follows the rules of topic names; "" (the default) means no group.
+// The subscription's SubscriberID.Local ends with "@" and the name.
+func WithGroup(name string) SubscribeOption {
+	return func(c *subscribeConfig) { c.group = name }
 }
 
 // WithSubscriptionMailbox sets how many batches this subscription's mailbox
@@ -35,5 +53,10 @@ func newSubscribeConfig(node *Config, opts []SubscribeOption) (subscribeConfig, 
 // resolve fills the defaults of c's zero fields from node, then validates it.
 func (c *subscribeConfig) resolve(node *Config) error {
 	orDefault(&c.mailboxSize, node.MailboxSize)
+	if c.group != "" {
+		if err := natsutil.ValidateTopic(c.group); err != nil {
+			return fmt.Errorf("%w: WithGroup(%q): a group name follows the topic rules: %v", ErrInvalidConfig, c.group, err)
+		}
+	}
 	return notNegative("WithSubscriptionMailbox", c.mailboxSize, node.MailboxSize, " batches, the node's MailboxSize")
 }

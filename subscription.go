@@ -55,6 +55,10 @@ type SubscriberID struct {
 // String returns "node/local".
 func (id SubscriberID) String() string { return id.Node + "/" + id.Local }
 
+// Group returns the consumer group of the subscriber (the part of Local
+// after "@"), or "".
+func (id SubscriberID) Group() string { return groupOf(id.Local) }
+
 // Subscription is one handler registered for one topic.
 type Subscription struct {
 	node    *Node
@@ -83,6 +87,10 @@ func (s *Subscription) Topic() string { return s.topic }
 
 // ID returns the subscription's cluster-wide ID.
 func (s *Subscription) ID() SubscriberID { return s.id }
+
+// Group returns the consumer group the subscription belongs to (WithGroup),
+// or "" when it gets every message.
+func (s *Subscription) Group() string { return s.id.Group() }
 
 // Done is closed when the subscription ends: Unsubscribe, eviction, or Close
 // of its node.
@@ -135,6 +143,11 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
 	}
 	local := n.subscriber.newLocal()
+	if cfg.group != "" {
+		// The group travels with the ID through every request, sync and
+		// handover that names the subscriber.
+		local += groupMark + cfg.group
+	}
 	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.self.ID, Local: local}, handler: h, done: make(chan struct{})}
 	s.mailbox.limit = cfg.mailboxSize
 	s.mailbox.goroutines = &n.life.goroutines

@@ -35,6 +35,49 @@ type topicActor struct {
 	// (bounded by maxTrackedProducers), to keep a pipelined producer's order
 	// through a move.
 	producers map[string]uint64
+	groups    groupBook
+}
+
+// groupBook is what a topic actor knows of its consumer groups.
+type groupBook struct {
+	plan     *fanoutPlan    // nil when the subscriber set changed since it was built
+	sizes    map[string]int // members per group
+	vanished map[string]bool
+	// vanished: groups whose members all went with their nodes (or were
+	// evicted): batches report them SubscriberGone until a member joins.
+	// A group whose last member unsubscribed ends silently.
+}
+
+// joined counts a member of group g in.
+func (b *groupBook) joined(g string) {
+	b.plan = nil
+	if g == "" {
+		return
+	}
+	if b.sizes == nil {
+		b.sizes = map[string]int{}
+	}
+	b.sizes[g]++
+	delete(b.vanished, g)
+}
+
+// left counts a member of group g out; the group vanishes with its last
+// member unless that one unsubscribed.
+func (b *groupBook) left(g string, unsubscribed bool) {
+	b.plan = nil
+	if g == "" {
+		return
+	}
+	if b.sizes[g]--; b.sizes[g] > 0 {
+		return
+	}
+	delete(b.sizes, g)
+	if !unsubscribed {
+		if b.vanished == nil {
+			b.vanished = map[string]bool{}
+		}
+		b.vanished[g] = true
+	}
 }
 
 const noEpoch = ^uint64(0)
@@ -86,7 +129,7 @@ func (a *topicActor) reconcile() *view {
 			if a.owned && !owned {
 				n.log.Debug("topic moved away", "topic", a.topic, "owner", v.ownerOf(a.topic).ID)
 			}
-			a.nodes, a.fails, a.ready = nil, nil, false
+			a.nodes, a.fails, a.ready, a.groups = nil, nil, false, groupBook{}
 			a.count.Store(0)
 		}
 		a.owned, a.epoch = owned, v.epoch
@@ -150,10 +193,12 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	ns.set[local] = struct{}{}
 	ns.list = nil
 	a.count.Add(1)
+	a.groups.joined(groupOf(local))
 	return true
 }
 
-func (a *topicActor) remove(id SubscriberID) bool {
+// remove removes a subscriber: unsubscribed, or evicted.
+func (a *topicActor) remove(id SubscriberID, unsubscribed bool) bool {
 	ns := a.nodes[id.Node]
 	if ns == nil {
 		return false
@@ -168,6 +213,7 @@ func (a *topicActor) remove(id SubscriberID) bool {
 		delete(a.nodes, id.Node)
 	}
 	delete(a.fails, id)
+	a.groups.left(groupOf(id.Local), unsubscribed)
 	return true
 }
 
@@ -175,7 +221,8 @@ func (a *topicActor) dropNode(node string) {
 	for l := range a.nodes[node].set {
 		id := SubscriberID{Node: node, Local: l}
 		delete(a.fails, id)
-		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id})
+		a.groups.left(id.Group(), false)
+		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
 	}
 	a.count.Add(-int64(len(a.nodes[node].set)))
 	delete(a.nodes, node)
@@ -209,11 +256,11 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 	}
 	id := SubscriberID{Node: from.GetNodeId(), Local: local}
 	if unsubscribe {
-		if a.remove(id) {
-			emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id})
+		if a.remove(id, true) {
+			emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
 		}
 	} else if a.add(id.Node, from.GetIncarnation(), id.Local) {
-		emit(a.n.events, SubscriberAdded{Topic: a.topic, Subscriber: id})
+		emit(a.n.events, SubscriberAdded{Topic: a.topic, Subscriber: id, Group: id.Group()})
 	}
 	answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id})
 }
@@ -244,10 +291,14 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	}
 	a.seq++
 	msgs.seq = batchSeq{owner: n.self.ID, inc: n.self.Incarnation, seq: a.seq}
-	b := &pendingBatch{a: a, answer: answer, remaining: len(a.nodes), wantIDs: msgs.wantIDs}
+	targets := a.targets(msgs)
+	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs}
 	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len()}
+	for g := range a.groups.vanished {
+		b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Group: g, Status: SubscriberGone})
+	}
 	n.stats.published.Add(uint64(msgs.len()))
-	if len(a.nodes) == 0 {
+	if len(targets) == 0 {
 		n.emitAccepted(b.ack)
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
@@ -256,15 +307,16 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	n.owner.inflight.Add(1)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
-	for node, ns := range a.nodes {
-		locals := ns.locals()
+	for _, t := range targets {
+		node, locals, shares := t.node, t.locals, t.shares
 		if node == n.self.ID {
-			n.deliver(a.topic, locals, msgs, func(st []DeliveryStatus) { b.report(node, locals, st, false) })
+			n.deliver(a.topic, locals, shares, msgs, func(st []DeliveryStatus) { b.report(node, t.all(), st, false) })
 			continue
 		}
 		m, ok := v.member(node)
 		if !ok {
-			b.report(node, locals, fill(len(locals), SubscriberGone), false)
+			all := t.all()
+			b.report(node, all, fill(len(all), SubscriberGone), false)
 			continue
 		}
 		if head == nil {
@@ -275,15 +327,77 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		// Protobuf merges repeated occurrences of an embedded message, so the
 		// per-node subscriber list is appended to the shared encoding instead
 		// of re-encoding the messages for every node. A list too long to fit
-		// beside the batch goes in several messages, each reported apart.
+		// beside the batch goes in several messages, each reported apart;
+		// the group members' shares go with the first.
 		packed, withMeta := msgs.wire()
-		parts := splitSubscribers(locals, n.maxPayload()-len(head)-len(packed)-16)
+		parts := splitSubscribers(locals, n.maxPayload()-len(head)-len(packed)-16-sharesSize(shares))
 		b.addParts(len(parts) - 1)
-		for _, part := range parts {
-			suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Subscribers: part}}})
-			n.deliverRemote(b, m, remoteBatch{head, packed, suffix, withMeta}, part, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+		for i, part := range parts {
+			body := &wire.DeliverBatch{Subscribers: part}
+			reported := part
+			if i == 0 && len(shares) > 0 {
+				body.Shares = sharesToWire(shares)
+				reported = append(slices.Clip(part), sharedLocals(shares)...)
+			}
+			suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
+			n.deliverRemote(b, m, remoteBatch{head, packed, suffix, withMeta}, reported, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
 		}
 	}
+}
+
+// nodeTarget is one node's part of a batch: its subscribers that get every
+// message, and its group members' shares.
+type nodeTarget struct {
+	node   string
+	locals []string
+	shares []share
+}
+
+// all lists the target's subscribers in the order of their statuses.
+func (t nodeTarget) all() []string {
+	if len(t.shares) == 0 {
+		return t.locals
+	}
+	return append(slices.Clip(t.locals), sharedLocals(t.shares)...)
+}
+
+func sharedLocals(shares []share) []string {
+	out := make([]string, len(shares))
+	for i, s := range shares {
+		out[i] = s.local
+	}
+	return out
+}
+
+// sharesSize bounds the encoded size of shares.
+func sharesSize(shares []share) int {
+	n := 0
+	for _, s := range shares {
+		n += len(s.local) + 8 + 5*len(s.idx)
+	}
+	return n
+}
+
+// targets arranges a batch by node: without groups every subscriber of a
+// node gets the whole batch; a group's members get their shares.
+func (a *topicActor) targets(msgs payload) []nodeTarget {
+	if len(a.groups.sizes) == 0 {
+		out := make([]nodeTarget, 0, len(a.nodes))
+		for node, ns := range a.nodes {
+			out = append(out, nodeTarget{node: node, locals: ns.locals()})
+		}
+		return out
+	}
+	p := a.plan()
+	shares := p.assign(msgs)
+	out := make([]nodeTarget, 0, len(a.nodes))
+	for node := range a.nodes {
+		t := nodeTarget{node: node, locals: p.broadcast[node], shares: shares[node]}
+		if len(t.locals) > 0 || len(t.shares) > 0 {
+			out = append(out, t)
+		}
+	}
+	return out
 }
 
 // account applies a batch's outcomes: a success resets a subscriber's
@@ -312,18 +426,18 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 				continue
 			}
 		}
-		a.remove(o.id)
+		a.remove(o.id, false)
 		if o.status == SubscriberGone {
 			// Its node no longer has it, or left the view. Nothing to tell:
 			// a node wrongly suspected re-registers its live subscriptions
 			// by sync when it reappears, and a notice would end them.
 			a.n.stats.evicted.Add(1)
-			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Status: o.status})
+			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Group: o.id.Group(), Status: o.status})
 			continue
 		}
 		a.n.notifyEvicted(a.topic, o.id, o.status)
 		if o.id.Node != a.n.self.ID { // a local subscriber's eviction is emitted once, by evictLocal
-			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Status: o.status})
+			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Group: o.id.Group(), Status: o.status})
 		}
 	}
 }

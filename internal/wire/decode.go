@@ -154,6 +154,11 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.PackedMeta = bs
 		case deliverPublisher:
 			d.Publisher = string(bs)
+		case deliverShares:
+			sh := &Share{}
+			if err = proto.Unmarshal(bs, sh); err == nil {
+				d.Shares = append(d.Shares, sh)
+			}
 		case deliverCount:
 			d.Count = uint32(v)
 		case deliverProducer:

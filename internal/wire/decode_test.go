@@ -16,7 +16,8 @@ func TestDecodeAgreesWithProto(t *testing.T) {
 	common, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{
 		Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 7, Packed: packed, Count: 2, AtLeastOnce: true,
 		Producer: "p1", ProducerSeq: 42}}})
-	suffix, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Subscribers: []string{"a", "b"}}}})
+	suffix, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Subscribers: []string{"a", "b"},
+		Shares: []*Share{{Subscriber: "c@g", Indices: []uint32{0, 2}}, {Subscriber: "d@g", Indices: []uint32{1}}}}}})
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{
 		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2,
 		Producer: "p1", ProducerSeq: 43}}})
@@ -110,5 +111,5 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
-		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher})
+		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares})
 }

@@ -39,6 +39,7 @@ const (
 	deliverProducerSeq protowire.Number = 10
 	deliverPackedMeta  protowire.Number = 11
 	deliverPublisher   protowire.Number = 12
+	deliverShares      protowire.Number = 13
 )
 
 // AppendPublish appends Envelope{publish: req} with msgs packed into its

@@ -388,3 +388,20 @@ func uvarintLen(x uint64) int {
 	}
 	return n
 }
+
+// Keys returns the key of each message of a format 2 packed field that
+// ValidateMeta accepted ("" for a message without one), aliasing packed,
+// without decoding any header.
+func Keys(packed []byte, count int) []string {
+	keys := make([]string, 0, count)
+	EachMeta(packed, func(_, meta []byte) {
+		key := ""
+		if meta != nil {
+			if k, _, ok := nextString(meta); ok {
+				key = alias(k)
+			}
+		}
+		keys = append(keys, key)
+	})
+	return keys
+}

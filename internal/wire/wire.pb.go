@@ -134,7 +134,7 @@ func (x Reply_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Reply_Code.Descriptor instead.
 func (Reply_Code) EnumDescriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{12, 0}
+	return file_wire_proto_rawDescGZIP(), []int{13, 0}
 }
 
 // Envelope is the only top-level message on the wire.
@@ -925,8 +925,11 @@ type DeliverBatch struct {
 	PackedMeta  []byte                 `protobuf:"bytes,11,opt,name=packed_meta,json=packedMeta,proto3" json:"packed_meta,omitempty"` // as in PublishRequest
 	Count       uint32                 `protobuf:"varint,8,opt,name=count,proto3" json:"count,omitempty"`
 	Publisher   string                 `protobuf:"bytes,12,opt,name=publisher,proto3" json:"publisher,omitempty"` // the publishing node's ID
-	Producer    string                 `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"`    // as in PublishRequest
-	ProducerSeq uint64                 `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
+	// shares: consumer-group members on this node and the messages (by index
+	// in the batch) each one gets; subscribers get every message.
+	Shares      []*Share `protobuf:"bytes,13,rep,name=shares,proto3" json:"shares,omitempty"`
+	Producer    string   `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"` // as in PublishRequest
+	ProducerSeq uint64   `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
 	// at_least_once: the owner may re-send this batch; the node answers every
 	// copy but hands the batch to mailboxes once.
 	AtLeastOnce   bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
@@ -1020,6 +1023,13 @@ func (x *DeliverBatch) GetPublisher() string {
 	return ""
 }
 
+func (x *DeliverBatch) GetShares() []*Share {
+	if x != nil {
+		return x.Shares
+	}
+	return nil
+}
+
 func (x *DeliverBatch) GetProducer() string {
 	if x != nil {
 		return x.Producer
@@ -1041,6 +1051,59 @@ func (x *DeliverBatch) GetAtLeastOnce() bool {
 	return false
 }
 
+// Share is one consumer-group member's part of a batch.
+type Share struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Subscriber    string                 `protobuf:"bytes,1,opt,name=subscriber,proto3" json:"subscriber,omitempty"`
+	Indices       []uint32               `protobuf:"varint,2,rep,packed,name=indices,proto3" json:"indices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Share) Reset() {
+	*x = Share{}
+	mi := &file_wire_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Share) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Share) ProtoMessage() {}
+
+func (x *Share) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Share.ProtoReflect.Descriptor instead.
+func (*Share) Descriptor() ([]byte, []int) {
+	return file_wire_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Share) GetSubscriber() string {
+	if x != nil {
+		return x.Subscriber
+	}
+	return ""
+}
+
+func (x *Share) GetIndices() []uint32 {
+	if x != nil {
+		return x.Indices
+	}
+	return nil
+}
+
 // Evict tells a node that the owner removed one of its subscribers.
 type Evict struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1054,7 +1117,7 @@ type Evict struct {
 
 func (x *Evict) Reset() {
 	*x = Evict{}
-	mi := &file_wire_proto_msgTypes[9]
+	mi := &file_wire_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1129,7 @@ func (x *Evict) String() string {
 func (*Evict) ProtoMessage() {}
 
 func (x *Evict) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[9]
+	mi := &file_wire_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1142,7 @@ func (x *Evict) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Evict.ProtoReflect.Descriptor instead.
 func (*Evict) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{9}
+	return file_wire_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Evict) GetOwner() *MemberRef {
@@ -1122,7 +1185,7 @@ type Failure struct {
 
 func (x *Failure) Reset() {
 	*x = Failure{}
-	mi := &file_wire_proto_msgTypes[10]
+	mi := &file_wire_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1197,7 @@ func (x *Failure) String() string {
 func (*Failure) ProtoMessage() {}
 
 func (x *Failure) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[10]
+	mi := &file_wire_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1210,7 @@ func (x *Failure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Failure.ProtoReflect.Descriptor instead.
 func (*Failure) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{10}
+	return file_wire_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Failure) GetNode() string {
@@ -1187,7 +1250,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_wire_proto_msgTypes[11]
+	mi := &file_wire_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1199,7 +1262,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[11]
+	mi := &file_wire_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1212,7 +1275,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{11}
+	return file_wire_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Ack) GetStatus() uint32 {
@@ -1276,7 +1339,7 @@ type Reply struct {
 
 func (x *Reply) Reset() {
 	*x = Reply{}
-	mi := &file_wire_proto_msgTypes[12]
+	mi := &file_wire_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1288,7 +1351,7 @@ func (x *Reply) String() string {
 func (*Reply) ProtoMessage() {}
 
 func (x *Reply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[12]
+	mi := &file_wire_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1301,7 +1364,7 @@ func (x *Reply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reply.ProtoReflect.Descriptor instead.
 func (*Reply) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Reply) GetCode() Reply_Code {
@@ -1434,7 +1497,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xe3\x02\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\x96\x03\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1444,11 +1507,17 @@ const file_wire_proto_rawDesc = "" +
 	"\vpacked_meta\x18\v \x01(\fR\n" +
 	"packedMeta\x12\x14\n" +
 	"\x05count\x18\b \x01(\rR\x05count\x12\x1c\n" +
-	"\tpublisher\x18\f \x01(\tR\tpublisher\x12\x1a\n" +
+	"\tpublisher\x18\f \x01(\tR\tpublisher\x121\n" +
+	"\x06shares\x18\r \x03(\v2\x19.clusterpubsub.wire.ShareR\x06shares\x12\x1a\n" +
 	"\bproducer\x18\t \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\n" +
 	" \x01(\x04R\vproducerSeq\x12\"\n" +
-	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnceJ\x04\b\x05\x10\x06\"\x8a\x01\n" +
+	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnceJ\x04\b\x05\x10\x06\"A\n" +
+	"\x05Share\x12\x1e\n" +
+	"\n" +
+	"subscriber\x18\x01 \x01(\tR\n" +
+	"subscriber\x12\x18\n" +
+	"\aindices\x18\x02 \x03(\rR\aindices\"\x8a\x01\n" +
 	"\x05Evict\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x1e\n" +
@@ -1502,7 +1571,7 @@ func file_wire_proto_rawDescGZIP() []byte {
 }
 
 var file_wire_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_wire_proto_goTypes = []any{
 	(Heartbeat_Kind)(0),      // 0: clusterpubsub.wire.Heartbeat.Kind
 	(Reply_Code)(0),          // 1: clusterpubsub.wire.Reply.Code
@@ -1515,11 +1584,12 @@ var file_wire_proto_goTypes = []any{
 	(*Sync)(nil),             // 8: clusterpubsub.wire.Sync
 	(*SyncRequest)(nil),      // 9: clusterpubsub.wire.SyncRequest
 	(*DeliverBatch)(nil),     // 10: clusterpubsub.wire.DeliverBatch
-	(*Evict)(nil),            // 11: clusterpubsub.wire.Evict
-	(*Failure)(nil),          // 12: clusterpubsub.wire.Failure
-	(*Ack)(nil),              // 13: clusterpubsub.wire.Ack
-	(*Reply)(nil),            // 14: clusterpubsub.wire.Reply
-	nil,                      // 15: clusterpubsub.wire.Reply.SubscribersEntry
+	(*Share)(nil),            // 11: clusterpubsub.wire.Share
+	(*Evict)(nil),            // 12: clusterpubsub.wire.Evict
+	(*Failure)(nil),          // 13: clusterpubsub.wire.Failure
+	(*Ack)(nil),              // 14: clusterpubsub.wire.Ack
+	(*Reply)(nil),            // 15: clusterpubsub.wire.Reply
+	nil,                      // 16: clusterpubsub.wire.Reply.SubscribersEntry
 }
 var file_wire_proto_depIdxs = []int32{
 	4,  // 0: clusterpubsub.wire.Envelope.heartbeat:type_name -> clusterpubsub.wire.Heartbeat
@@ -1527,8 +1597,8 @@ var file_wire_proto_depIdxs = []int32{
 	6,  // 2: clusterpubsub.wire.Envelope.publish:type_name -> clusterpubsub.wire.PublishRequest
 	8,  // 3: clusterpubsub.wire.Envelope.sync:type_name -> clusterpubsub.wire.Sync
 	10, // 4: clusterpubsub.wire.Envelope.deliver:type_name -> clusterpubsub.wire.DeliverBatch
-	14, // 5: clusterpubsub.wire.Envelope.reply:type_name -> clusterpubsub.wire.Reply
-	11, // 6: clusterpubsub.wire.Envelope.evict:type_name -> clusterpubsub.wire.Evict
+	15, // 5: clusterpubsub.wire.Envelope.reply:type_name -> clusterpubsub.wire.Reply
+	12, // 6: clusterpubsub.wire.Envelope.evict:type_name -> clusterpubsub.wire.Evict
 	9,  // 7: clusterpubsub.wire.Envelope.sync_request:type_name -> clusterpubsub.wire.SyncRequest
 	0,  // 8: clusterpubsub.wire.Heartbeat.kind:type_name -> clusterpubsub.wire.Heartbeat.Kind
 	3,  // 9: clusterpubsub.wire.Heartbeat.from:type_name -> clusterpubsub.wire.MemberRef
@@ -1540,18 +1610,19 @@ var file_wire_proto_depIdxs = []int32{
 	3,  // 15: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
 	3,  // 16: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
 	3,  // 17: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 18: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
-	12, // 19: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
-	12, // 20: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
-	1,  // 21: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
-	13, // 22: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
-	15, // 23: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
-	8,  // 24: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	11, // 18: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
+	3,  // 19: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
+	13, // 20: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
+	13, // 21: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
+	1,  // 22: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
+	14, // 23: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
+	16, // 24: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
+	8,  // 25: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
+	26, // [26:26] is the sub-list for method output_type
+	26, // [26:26] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
@@ -1575,7 +1646,7 @@ func file_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_proto_rawDesc), len(file_wire_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,183 @@
+package pubsub
+
+import (
+	"maps"
+	"slices"
+	"strings"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// Consumer groups, owner side. A group member's SubscriberID.Local ends
+// with groupMark and the group's name, so the group travels with the ID
+// through subscribe requests, syncs and handovers unchanged. For each batch
+// the topic actor assigns every message to one member of each group and
+// sends each node, in its one delivery, the broadcast subscribers' full
+// batch and each member's share (wire.Share: message indices).
+
+const groupMark = "@"
+
+// groupOf returns the group named in a subscriber's local ID, or "".
+func groupOf(local string) string {
+	if i := strings.Index(local, groupMark); i >= 0 {
+		return local[i+len(groupMark):]
+	}
+	return ""
+}
+
+// share is one group member's part of a batch on its node.
+type share struct {
+	local string
+	idx   []uint32 // indices of the batch's messages, increasing
+}
+
+// fanoutPlan is a topic's subscribers arranged for fan-out; the actor keeps
+// it until its subscriber set changes.
+type fanoutPlan struct {
+	broadcast map[string][]string // node -> subscribers without a group, sorted
+	groups    []*groupRoute       // by name
+}
+
+// groupRoute chooses a group's member for each message.
+type groupRoute struct {
+	name    string
+	members []SubscriberID // sorted by String
+	keys    []uint64       // rendezvous key of each member
+	slots   []uint32       // slot -> member index; built on the first keyed message
+	next    int            // round-robin position for messages without a key
+}
+
+// keySlots is the number of slots keys hash to: a keyed message goes to the
+// member ranking highest for its slot (rendezvous hashing over the members),
+// so per batch a group costs O(messages + members), and a member joining or
+// leaving moves only its share of the slots.
+const keySlots = 4096
+
+func newGroupRoute(name string, members []SubscriberID) *groupRoute {
+	slices.SortFunc(members, func(a, b SubscriberID) int { return strings.Compare(a.String(), b.String()) })
+	g := &groupRoute{name: name, members: members, keys: make([]uint64, len(members))}
+	for i, m := range members {
+		g.keys[i] = mix64(fnvString(fnvString(fnvOffset, m.Node), "/"+m.Local))
+	}
+	return g
+}
+
+// forKey returns the index of the member that gets messages with key.
+func (g *groupRoute) forKey(key string) int {
+	if g.slots == nil {
+		g.slots = make([]uint32, keySlots)
+		for s := range g.slots {
+			g.slots[s] = uint32(g.rank(uint64(s), nil))
+		}
+	}
+	return int(g.slots[slotOf(key)])
+}
+
+func slotOf(key string) uint64 { return mix64(fnvString(fnvOffset, key)) % keySlots }
+
+// rank returns the member ranking highest for slot, skipping excluded ones
+// (-1 when none is left).
+func (g *groupRoute) rank(slot uint64, excluded func(int) bool) int {
+	s := mix64(slot ^ 0x9e3779b97f4a7c15)
+	best, bestH := -1, uint64(0)
+	for i, k := range g.keys {
+		if excluded != nil && excluded(i) {
+			continue
+		}
+		if h := mix64(s ^ k); best < 0 || h > bestH {
+			best, bestH = i, h
+		}
+	}
+	return best
+}
+
+// plan returns the actor's fan-out plan, rebuilding it after a change of
+// its subscriber set.
+func (a *topicActor) plan() *fanoutPlan {
+	if a.groups.plan != nil {
+		return a.groups.plan
+	}
+	p := &fanoutPlan{broadcast: map[string][]string{}}
+	byGroup := map[string][]SubscriberID{}
+	for node, ns := range a.nodes {
+		for _, l := range ns.locals() {
+			if g := groupOf(l); g != "" {
+				byGroup[g] = append(byGroup[g], SubscriberID{Node: node, Local: l})
+			} else {
+				p.broadcast[node] = append(p.broadcast[node], l)
+			}
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(byGroup)) {
+		p.groups = append(p.groups, newGroupRoute(name, byGroup[name]))
+	}
+	a.groups.plan = p
+	return p
+}
+
+// assign gives every message of msgs to one member of each group and
+// returns the shares by node.
+func (p *fanoutPlan) assign(msgs payload) map[string][]share {
+	count := msgs.len()
+	keys := msgs.keys()
+	out := map[string][]share{}
+	for _, g := range p.groups {
+		byMember := make([][]uint32, len(g.members))
+		for i := range count {
+			var m int
+			if keys != nil && keys[i] != "" {
+				m = g.forKey(keys[i])
+			} else {
+				m = g.next
+				g.next = (g.next + 1) % len(g.members)
+			}
+			byMember[m] = append(byMember[m], uint32(i))
+		}
+		for m, idx := range byMember {
+			if len(idx) > 0 {
+				id := g.members[m]
+				out[id.Node] = append(out[id.Node], share{local: id.Local, idx: idx})
+			}
+		}
+	}
+	return out
+}
+
+// keys returns each message's key, or nil when no message has one.
+func (p payload) keys() []string {
+	switch {
+	case p.msgs.data != nil && p.msgs.meta != nil:
+		keys := make([]string, len(p.msgs.meta))
+		for i, m := range p.msgs.meta {
+			keys[i] = m.Key
+		}
+		return keys
+	case p.msgs.data == nil && p.withMeta:
+		return wire.Keys(p.packed, p.count)
+	}
+	return nil
+}
+
+// sharesToWire and sharesFromWire convert a node's shares.
+func sharesToWire(shares []share) []*wire.Share {
+	out := make([]*wire.Share, len(shares))
+	for i, s := range shares {
+		out[i] = &wire.Share{Subscriber: s.local, Indices: s.idx}
+	}
+	return out
+}
+
+// sharesFromWire converts received shares, refusing an index past the
+// batch (a forged or corrupted delivery).
+func sharesFromWire(in []*wire.Share, count int) ([]share, bool) {
+	out := make([]share, len(in))
+	for i, s := range in {
+		for _, k := range s.GetIndices() {
+			if int(k) >= count {
+				return nil, false
+			}
+		}
+		out[i] = share{local: s.GetSubscriber(), idx: s.GetIndices()}
+	}
+	return out, true
+}
