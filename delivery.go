@@ -32,9 +32,13 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		return
 	}
 	msgs.publisher = d.GetPublisher()
-	msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}
-	msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
-	if !d.GetAtLeastOnce() {
+	if !d.GetReroute() {
+		// A re-routed share is taken whatever batches its member already
+		// had: it carries neither number to check.
+		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}
+		msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
+	}
+	if !d.GetAtLeastOnce() || d.GetReroute() { // a re-route is sent once
 		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
 		return
 	}

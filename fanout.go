@@ -129,7 +129,8 @@ type pendingBatch struct {
 	delivered []SubscriberID
 	// groups: whether every member of each group with a share so far
 	// processed it; a group counts once in Delivered.
-	groups map[string]bool
+	groups  map[string]bool
+	reroute *reroutes // nil without groups
 }
 
 type subscriberOutcome struct {
@@ -149,8 +150,19 @@ func (b *pendingBatch) addParts(k int) {
 
 func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus, path bool) {
 	b.mu.Lock()
+	var moved []map[string][]share
 	for i, s := range st {
 		id := SubscriberID{Node: node, Local: locals[i]}
+		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(s) {
+			if plan, ok := b.reroute.plan(id); ok {
+				// Its share goes to the next member; the outcome there
+				// decides the group's.
+				b.remaining += len(plan)
+				moved = append(moved, plan)
+				b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path})
+				continue
+			}
+		}
 		if g := id.Group(); g != "" {
 			if b.groups == nil {
 				b.groups = map[string]bool{}
@@ -183,6 +195,9 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus,
 		}
 	}
 	b.mu.Unlock()
+	for _, plan := range moved {
+		b.a.sendReroutes(b, plan)
+	}
 	if !done {
 		return
 	}

@@ -115,11 +115,9 @@ func (a *topicActor) plan() *fanoutPlan {
 	return p
 }
 
-// assign gives every message of msgs to one member of each group and
-// returns the shares by node.
-func (p *fanoutPlan) assign(msgs payload) map[string][]share {
-	count := msgs.len()
-	keys := msgs.keys()
+// assign gives each of count messages (with keys, nil when none has one)
+// to one member of each group and returns the shares by node.
+func (p *fanoutPlan) assign(count int, keys []string) map[string][]share {
 	out := map[string][]share{}
 	for _, g := range p.groups {
 		byMember := make([][]uint32, len(g.members))

@@ -205,3 +205,113 @@ func TestWithGroupValidatesTheName(t *testing.T) {
 	_, err := c.Nodes[0].Subscribe(ctxT(t), "t", newRecorder().handler, pubsub.WithGroup("bad name"))
 	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
 }
+
+// A member whose mailbox is full does not lose its share: the owner sends
+// it to the next member, and the group counts as delivered.
+func TestGroupReroutesAShareOnMailboxFull(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[0], "reroute")
+	in := newGroupInbox()
+	release := make(chan struct{})
+	unblock := sync.OnceFunc(func() { close(release) })
+	defer unblock() // a failing test must not leave the handler blocked
+	started := make(chan struct{}, 16)
+	blocked, err := c.Nodes[1].Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
+		started <- struct{}{}
+		<-release
+		return in.handler(ctx, m)
+	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
+	require.NoError(t, err)
+	free := subscribeGroup(t, c.Nodes[2:], topic, "g", in.handler)[0]
+
+	// Batches of two messages: one for each member, round robin.
+	batch := func(i int) [][]byte { return [][]byte{msg(2 * i), msg(2*i + 1)} }
+	var pending sync.WaitGroup
+	for i := range 2 { // one running in the blocked handler, one queued
+		pending.Go(func() { _, _ = c.Nodes[0].PublishBatch(context.Background(), topic, batch(i)) })
+		if i == 0 {
+			<-started
+		}
+	}
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return c.Nodes[1].Stats().MaxMailboxDepth >= 1 }, "second batch never queued")
+	ack, err := c.Nodes[0].PublishBatch(ctxT(t), topic, batch(2))
+	mustAccept(t, ack, err, 1) // the full mailbox's share went to the other member
+	got := in.of(free.ID())
+	require.Len(t, got, 4, "the free member's message of each batch, and the re-routed one")
+	assert.ElementsMatch(t, []string{string(msg(4)), string(msg(5))}, []string{got[2].data, got[3].data})
+
+	unblock()
+	pending.Wait()
+	all := map[string]int{}
+	for _, s := range []*pubsub.Subscription{blocked, free} {
+		for _, r := range in.of(s.ID()) {
+			all[r.data]++
+		}
+	}
+	for i := range 6 {
+		assert.Equal(t, 1, all[string(msg(i))], "message %d reached the group once", i)
+	}
+}
+
+// A member's node crashing mid-stream: the keys of the surviving members
+// stay where they were, the crashed member's keys move to the survivors,
+// and no message reaches the group twice.
+func TestGroupSurvivesAMemberCrash(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[0], "crash")
+	in := newGroupInbox()
+	members := subscribeGroup(t, c.Nodes, topic, "g", in.handler)
+	prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 2})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
+	produce := func(from, to int) []*pubsub.Produced {
+		var fs []*pubsub.Produced
+		for i := from; i < to; i++ {
+			fs = append(fs, prod.ProduceMessage(ctxT(t), pubsub.Outgoing{Data: msg(i), Key: fmt.Sprint("k", i%30)}))
+		}
+		return fs
+	}
+	for _, f := range produce(0, 600) {
+		ack, err := f.Wait(ctxT(t))
+		require.NoError(t, err)
+		require.Equal(t, 1, ack.Delivered)
+	}
+	before := map[string]pubsub.SubscriberID{}
+	for _, m := range members {
+		for _, r := range in.of(m.ID()) {
+			before[r.key] = m.ID()
+		}
+	}
+	during := produce(600, 900)
+	c.Crash(2)
+	c.WaitConverged(t, 10*time.Second, 0, 1)
+	after := produce(900, 1500)
+	for _, f := range append(during, after...) {
+		_, _ = f.Wait(ctxT(t)) // some in flight at the crash fail: at most once
+	}
+	for i, f := range after {
+		ack, err, done := f.Result()
+		require.True(t, done)
+		require.NoError(t, err)
+		require.Equal(t, 1, ack.Delivered, "message %d after the view change", 900+i)
+	}
+	seen := map[string]int{}
+	for _, m := range members {
+		for _, r := range in.of(m.ID()) {
+			seen[r.data]++
+			if owner, ok := before[r.key]; ok && owner != members[2].ID() {
+				var i int
+				_, _ = fmt.Sscanf(r.data, "m%d", &i)
+				if i >= 900 {
+					require.Equal(t, owner, m.ID(), "key %s of a surviving member moved", r.key)
+				}
+			}
+		}
+	}
+	for d, k := range seen {
+		require.Equal(t, 1, k, "%s reached the group %d times", d, k)
+	}
+	for i := 900; i < 1500; i++ {
+		require.Equal(t, 1, seen[string(msg(i))], "message %d accepted after the view change", i)
+	}
+}

@@ -291,8 +291,13 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	}
 	a.seq++
 	msgs.seq = batchSeq{owner: n.self.ID, inc: n.self.Incarnation, seq: a.seq}
-	targets := a.targets(msgs)
-	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs}
+	targets, reroute := a.targets(msgs)
+	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs, reroute: reroute}
+	if reroute != nil {
+		reroute.v, reroute.seq = v, a.seq
+		reroute.until = time.Now().Add(n.cfg.SubscriberTimeout)
+		reroute.atLeastOnce = n.cfg.DeliveryMode(a.topic) == AtLeastOnce
+	}
 	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len()}
 	for g := range a.groups.vanished {
 		b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Group: g, Status: SubscriberGone})
@@ -379,25 +384,34 @@ func sharesSize(shares []share) int {
 }
 
 // targets arranges a batch by node: without groups every subscriber of a
-// node gets the whole batch; a group's members get their shares.
-func (a *topicActor) targets(msgs payload) []nodeTarget {
+// node gets the whole batch; a group's members get their shares, and what
+// re-routing a failed share needs is returned with them.
+func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	if len(a.groups.sizes) == 0 {
 		out := make([]nodeTarget, 0, len(a.nodes))
 		for node, ns := range a.nodes {
 			out = append(out, nodeTarget{node: node, locals: ns.locals()})
 		}
-		return out
+		return out, nil
 	}
 	p := a.plan()
-	shares := p.assign(msgs)
+	keys := msgs.keys()
+	shares := p.assign(msgs.len(), keys)
+	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}, shareOf: map[SubscriberID][]uint32{}}
+	for _, g := range p.groups {
+		r.groups[g.name] = g
+	}
 	out := make([]nodeTarget, 0, len(a.nodes))
 	for node := range a.nodes {
 		t := nodeTarget{node: node, locals: p.broadcast[node], shares: shares[node]}
+		for _, sh := range t.shares {
+			r.shareOf[SubscriberID{Node: node, Local: sh.local}] = sh.idx
+		}
 		if len(t.locals) > 0 || len(t.shares) > 0 {
 			out = append(out, t)
 		}
 	}
-	return out
+	return out, r
 }
 
 // account applies a batch's outcomes: a success resets a subscriber's

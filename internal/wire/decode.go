@@ -154,6 +154,8 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.PackedMeta = bs
 		case deliverPublisher:
 			d.Publisher = string(bs)
+		case deliverReroute:
+			d.Reroute = v != 0
 		case deliverShares:
 			sh := &Share{}
 			if err = proto.Unmarshal(bs, sh); err == nil {

@@ -111,5 +111,6 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
-		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares})
+		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,
+		"reroute": deliverReroute})
 }

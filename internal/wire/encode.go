@@ -40,6 +40,7 @@ const (
 	deliverPackedMeta  protowire.Number = 11
 	deliverPublisher   protowire.Number = 12
 	deliverShares      protowire.Number = 13
+	deliverReroute     protowire.Number = 14
 )
 
 // AppendPublish appends Envelope{publish: req} with msgs packed into its

@@ -927,9 +927,13 @@ type DeliverBatch struct {
 	Publisher   string                 `protobuf:"bytes,12,opt,name=publisher,proto3" json:"publisher,omitempty"` // the publishing node's ID
 	// shares: consumer-group members on this node and the messages (by index
 	// in the batch) each one gets; subscribers get every message.
-	Shares      []*Share `protobuf:"bytes,13,rep,name=shares,proto3" json:"shares,omitempty"`
-	Producer    string   `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"` // as in PublishRequest
-	ProducerSeq uint64   `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
+	Shares []*Share `protobuf:"bytes,13,rep,name=shares,proto3" json:"shares,omitempty"`
+	// reroute: the shares of a group member that did not process them, sent
+	// to the next-ranked member; subscribers take them whatever batches they
+	// already had.
+	Reroute     bool   `protobuf:"varint,14,opt,name=reroute,proto3" json:"reroute,omitempty"`
+	Producer    string `protobuf:"bytes,9,opt,name=producer,proto3" json:"producer,omitempty"` // as in PublishRequest
+	ProducerSeq uint64 `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
 	// at_least_once: the owner may re-send this batch; the node answers every
 	// copy but hands the batch to mailboxes once.
 	AtLeastOnce   bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
@@ -1028,6 +1032,13 @@ func (x *DeliverBatch) GetShares() []*Share {
 		return x.Shares
 	}
 	return nil
+}
+
+func (x *DeliverBatch) GetReroute() bool {
+	if x != nil {
+		return x.Reroute
+	}
+	return false
 }
 
 func (x *DeliverBatch) GetProducer() string {
@@ -1497,7 +1508,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\x96\x03\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xb0\x03\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1508,7 +1519,8 @@ const file_wire_proto_rawDesc = "" +
 	"packedMeta\x12\x14\n" +
 	"\x05count\x18\b \x01(\rR\x05count\x12\x1c\n" +
 	"\tpublisher\x18\f \x01(\tR\tpublisher\x121\n" +
-	"\x06shares\x18\r \x03(\v2\x19.clusterpubsub.wire.ShareR\x06shares\x12\x1a\n" +
+	"\x06shares\x18\r \x03(\v2\x19.clusterpubsub.wire.ShareR\x06shares\x12\x18\n" +
+	"\areroute\x18\x0e \x01(\bR\areroute\x12\x1a\n" +
 	"\bproducer\x18\t \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\n" +
 	" \x01(\x04R\vproducerSeq\x12\"\n" +

@@ -1,0 +1,155 @@
+package pubsub_test
+
+import (
+	"context"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// BenchmarkGroup compares delivered messages per second to a consumer group
+// through a BatchingProducer (3 nodes on a 3-server cluster, one member of
+// group "workers" per node, 128-byte keyless messages) with a raw NATS core
+// queue group doing the same work with one NATS message per logical message,
+// measured in the same run on the same servers. Each message reaches exactly
+// one member, so deliveries/s is the number of messages the group consumed
+// per second.
+//
+// raw-nats-queue runs first, on the 3 servers with no node attached (the
+// nodes join only after it): a queue group "workers" of 3 subscriber
+// connections, one per server, and one publisher connection on server 0.
+// (The publisher's server picks a member at random for each message, so
+// two thirds of the messages cross a route.) Then the nodes join and two
+// library patterns run on a fresh topic each, reporting deliveries/s and
+// x-raw, its ratio to the raw-nats-queue figure of the same run:
+//
+//   - default-burst: ProducerConfig{} (every default), b.N Produce calls in a
+//     loop, then a wait for the last future: what users try first. Produce
+//     calls past MaxQueueSize fail at once with ErrQueueFull; deliveries/s
+//     counts the accepted messages only and %queue-full reports the rest.
+//   - tuned-window: MaxInFlight 4 and at most 20 000 futures outstanding.
+//
+// DESIGN target: at least 3x the NATS queue group's deliveries/s, for a
+// burst of 300 000 messages. Run with -count 1 (repeat the command) so that
+// every ratio compares with the raw figure of its own run:
+//
+//	go test -run '^$' -bench Group -benchtime 300000x .
+func BenchmarkGroup(b *testing.B) {
+	c := testcluster.New(b, 3, 0) // servers only: nodes join after raw-nats-queue
+	data := make([]byte, 128)
+
+	var raw float64 // deliveries/s of the last raw-nats-queue run (the one at the full b.N with -count 1)
+	b.Run("raw-nats-queue", func(b *testing.B) {
+		raw = rawQueue(b, c, data)
+	})
+
+	for i := range 3 {
+		c.AddNode(b, "n"+strconv.Itoa(i), i, fast...)
+	}
+	c.WaitConverged(b, 10*time.Second)
+	var run atomic.Int64 // a fresh topic for every run: no member of an earlier run
+	setup := func(b *testing.B) (string, *deliveries) {
+		topic := "bench-group-" + strconv.FormatInt(run.Add(1), 10)
+		d := newDeliveries()
+		for _, n := range c.Nodes {
+			subscribeGroupBench(b, n, topic, "workers", d)
+		}
+		return topic, d
+	}
+
+	// subs is 1 in both: each message is delivered once, to one member.
+	b.Run("default-burst", func(b *testing.B) {
+		topic, d := setup(b)
+		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{})
+		reportRatio(b, produceBurst(b, p, []pubsub.Outgoing{{Data: data}}, d, 1), raw)
+	})
+
+	b.Run("tuned-window", func(b *testing.B) {
+		topic, d := setup(b)
+		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4})
+		reportRatio(b, produceWindow(b, p, []pubsub.Outgoing{{Data: data}}, d, 1, 20_000), raw)
+	})
+}
+
+// rawQueue publishes b.N messages on server 0 to a NATS queue group of one
+// subscriber connection on each of c's servers, one NATS message per logical
+// message, waits until the group got all of them (each once), reports
+// deliveries/s and returns it. Its connections are closed when it returns.
+func rawQueue(b *testing.B, c *testcluster.Cluster, data []byte) float64 {
+	// A subject per run, as in rawFanout: members of an earlier run, whose
+	// connections are closed, may still be known over the routes.
+	subject := "bench.group." + strconv.Itoa(b.N)
+	d := newDeliveries()
+	var conns []*nats.Conn
+	defer func() {
+		for _, nc := range conns {
+			nc.Close()
+		}
+	}()
+	for i := range c.Servers.Servers {
+		nc := c.Connect(b, i)
+		conns = append(conns, nc)
+		sub, err := nc.QueueSubscribe(subject, "workers", func(*nats.Msg) { d.add() })
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := sub.SetPendingLimits(-1, -1); err != nil { // measure throughput, not drops
+			b.Fatal(err)
+		}
+		if err := nc.Flush(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := c.Servers.WaitForInterest(subject, 5*time.Second); err != nil {
+		b.Fatal(err)
+	}
+	// Server 0, where the publisher is, must also know the members on the
+	// other servers (its own and one over each route).
+	s0 := c.Servers.Servers[0].GlobalAccount()
+	testcluster.WaitFor(b, 5*time.Second, func() bool { return s0.Interest(subject) == len(conns) },
+		"server 0 does not know all %d queue members on %s", len(conns), subject)
+	pub := c.Connect(b, 0)
+	conns = append(conns, pub)
+	b.ResetTimer()
+	for range b.N {
+		if err := pub.Publish(subject, data); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := pub.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	d.wait(b, int64(b.N))
+	rate := float64(b.N) / b.Elapsed().Seconds()
+	b.StopTimer()
+	if got := d.got.Load(); got != int64(b.N) {
+		b.Fatalf("the queue group got %d deliveries of %d messages", got, b.N)
+	}
+	b.ReportMetric(rate, "deliveries/s")
+	return rate
+}
+
+// subscribeGroupBench is subscribeBench for a member of group: its handler
+// counts into d, and it is unsubscribed when b ends.
+func subscribeGroupBench(b *testing.B, node *pubsub.Node, topic, group string, d *deliveries) {
+	sub, err := node.Subscribe(context.Background(), topic, func(context.Context, *pubsub.Message) error {
+		d.add()
+		return nil
+	}, pubsub.WithGroup(group))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := sub.Unsubscribe(ctx); err != nil {
+			b.Error(err)
+		}
+	})
+}
