@@ -253,10 +253,17 @@ func TestGroupReroutesAShareOnMailboxFull(t *testing.T) {
 	}
 }
 
-// A member's node crashing mid-stream: the keys of the surviving members
-// stay where they were, the crashed member's keys move to the survivors,
-// and no message reaches the group twice.
-func TestGroupSurvivesAMemberCrash(t *testing.T) {
+// A member leaving mid-stream (its node crashing, or unsubscribing): the
+// keys of the other members stay where they were, the leaver's keys move to
+// them, nothing accepted after the change is lost, and no message reaches
+// the group twice.
+func TestGroupSurvivesAMemberLeaving(t *testing.T) {
+	for _, how := range []string{"crash", "unsubscribe"} {
+		t.Run(how, func(t *testing.T) { groupMemberLeaves(t, how) })
+	}
+}
+
+func groupMemberLeaves(t *testing.T, how string) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "crash")
 	in := newGroupInbox()
@@ -283,8 +290,12 @@ func TestGroupSurvivesAMemberCrash(t *testing.T) {
 		}
 	}
 	during := produce(600, 900)
-	c.Crash(2)
-	c.WaitConverged(t, 10*time.Second, 0, 1)
+	if how == "crash" {
+		c.Crash(2)
+		c.WaitConverged(t, 10*time.Second, 0, 1)
+	} else {
+		require.NoError(t, members[2].Unsubscribe(ctxT(t)))
+	}
 	after := produce(900, 1500)
 	for _, f := range append(during, after...) {
 		_, _ = f.Wait(ctxT(t)) // some in flight at the crash fail: at most once
@@ -314,4 +325,33 @@ func TestGroupSurvivesAMemberCrash(t *testing.T) {
 	for i := 900; i < 1500; i++ {
 		require.Equal(t, 1, seen[string(msg(i))], "message %d accepted after the view change", i)
 	}
+}
+
+// Group membership is soft state like any subscription: when the owner
+// crashes, the new owner rebuilds the groups from the members' nodes.
+func TestGroupSurvivesItsOwnersCrash(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[0], "owner-crash")
+	in := newGroupInbox()
+	members := subscribeGroup(t, c.Nodes[1:], topic, "g", in.handler)
+	all := newGroupInbox()
+	broadcast := subscribe(t, c.Nodes[2], topic, all.handler)
+	c.Crash(0)
+	c.WaitConverged(t, 10*time.Second, 1, 2)
+	var want []string
+	for i := range 200 {
+		out := []pubsub.Outgoing{{Data: msg(i), Key: fmt.Sprint("k", i%9)}}
+		testcluster.WaitFor(t, 5*time.Second, func() bool {
+			ack, err := c.Nodes[1].PublishMessages(ctxT(t), topic, out)
+			return err == nil && ack.Delivered == 2 && len(ack.Failures) == 0
+		}, "message %d not delivered to the broadcast subscriber and the group", i)
+		want = append(want, string(msg(i)))
+	}
+	checkGroup(t, in, members, want)
+	assert.Len(t, all.of(broadcast.ID()), 200)
+	sizes := c.Nodes[1].Stats().Groups[topic]
+	if owner, _ := c.Nodes[1].OwnerOf(topic); owner.ID != c.Nodes[1].ID() {
+		sizes = c.Nodes[2].Stats().Groups[topic]
+	}
+	assert.Equal(t, map[string]int{"g": 2}, sizes, "Stats().Groups on the new owner")
 }

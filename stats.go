@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"maps"
 	"sync/atomic"
 	"time"
 
@@ -11,21 +12,22 @@ import (
 
 // Stats are a node's figures. Counters count since the node joined.
 type Stats struct {
-	Members           int            // members in the current view
-	TopicsOwned       int            // topics this node owns and holds state for
-	Subscribers       map[string]int // subscribers per owned topic (owner side)
-	Subscriptions     int            // local subscriptions
-	MaxMailboxDepth   int            // deepest local mailbox, in batches
-	MessagesPublished uint64         // messages accepted by this node as owner
-	Deliveries        uint64         // subscriber deliveries that succeeded (owner side)
-	DeliveryFailures  uint64         // subscriber deliveries that failed (owner side)
-	Rejected          uint64         // messages this node rejected as publisher
-	Evictions         uint64         // subscribers this node evicted as owner
-	Malformed         uint64         // malformed messages dropped
-	InboxDropped      uint64         // inbox messages NATS dropped (slow consumer)
-	MembersRejected   uint64         // heartbeats ignored past MaxMembers
-	RequestsRefused   uint64         // requests refused: their topic actor's queue was full
-	SyncRequests      uint64         // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
+	Members           int                       // members in the current view
+	TopicsOwned       int                       // topics this node owns and holds state for
+	Subscribers       map[string]int            // subscribers per owned topic (owner side)
+	Groups            map[string]map[string]int // members per consumer group, per owned topic with groups (owner side)
+	Subscriptions     int                       // local subscriptions
+	MaxMailboxDepth   int                       // deepest local mailbox, in batches
+	MessagesPublished uint64                    // messages accepted by this node as owner
+	Deliveries        uint64                    // subscriber deliveries that succeeded (owner side)
+	DeliveryFailures  uint64                    // subscriber deliveries that failed (owner side)
+	Rejected          uint64                    // messages this node rejected as publisher
+	Evictions         uint64                    // subscribers this node evicted as owner
+	Malformed         uint64                    // malformed messages dropped
+	InboxDropped      uint64                    // inbox messages NATS dropped (slow consumer)
+	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
+	RequestsRefused   uint64                    // requests refused: their topic actor's queue was full
+	SyncRequests      uint64                    // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
 }
 
 type nodeStats struct {
@@ -55,6 +57,12 @@ func (n *Node) Stats() Stats {
 		if v.ownerOf(t).ID == n.self.ID {
 			st.TopicsOwned++
 			st.Subscribers[t] = int(a.count.Load())
+			if g := a.groupSizes.Load(); g != nil && len(*g) > 0 {
+				if st.Groups == nil {
+					st.Groups = map[string]map[string]int{}
+				}
+				st.Groups[t] = maps.Clone(*g)
+			}
 		}
 	}
 	n.owner.mu.Unlock()

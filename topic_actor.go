@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"maps"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -31,11 +32,22 @@ type topicActor struct {
 	dead     bool                 // collected: work that still reaches it goes to its successor
 	fails    map[SubscriberID]int // consecutive failures, for eviction
 	count    atomic.Int64         // subscribers, readable by Stats without the actor
+	// groupSizes is a copy of groups.sizes for Stats, replaced on change.
+	groupSizes atomic.Pointer[map[string]int]
 	// producers holds the last batch number accepted of each producer
 	// (bounded by maxTrackedProducers), to keep a pipelined producer's order
 	// through a move.
 	producers map[string]uint64
 	groups    groupBook
+}
+
+// publishGroupSizes gives Stats a copy of the group sizes.
+func (a *topicActor) publishGroupSizes() {
+	if len(a.groups.sizes) == 0 && a.groupSizes.Load() == nil {
+		return
+	}
+	sizes := maps.Clone(a.groups.sizes)
+	a.groupSizes.Store(&sizes)
 }
 
 // groupBook is what a topic actor knows of its consumer groups.
@@ -130,6 +142,7 @@ func (a *topicActor) reconcile() *view {
 				n.log.Debug("topic moved away", "topic", a.topic, "owner", v.ownerOf(a.topic).ID)
 			}
 			a.nodes, a.fails, a.ready, a.groups = nil, nil, false, groupBook{}
+			a.publishGroupSizes()
 			a.count.Store(0)
 		}
 		a.owned, a.epoch = owned, v.epoch
@@ -193,7 +206,12 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	ns.set[local] = struct{}{}
 	ns.list = nil
 	a.count.Add(1)
-	a.groups.joined(groupOf(local))
+	if g := groupOf(local); g != "" {
+		a.groups.joined(g)
+		a.publishGroupSizes()
+	} else {
+		a.groups.plan = nil
+	}
 	return true
 }
 
@@ -214,6 +232,7 @@ func (a *topicActor) remove(id SubscriberID, unsubscribed bool) bool {
 	}
 	delete(a.fails, id)
 	a.groups.left(groupOf(id.Local), unsubscribed)
+	a.publishGroupSizes()
 	return true
 }
 
@@ -226,6 +245,7 @@ func (a *topicActor) dropNode(node string) {
 	}
 	a.count.Add(-int64(len(a.nodes[node].set)))
 	delete(a.nodes, node)
+	a.publishGroupSizes()
 }
 
 // check answers whether the actor can serve a request now.
