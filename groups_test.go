@@ -193,6 +193,10 @@ func TestGroupWithoutLiveMembers(t *testing.T) {
 	}, "no SubscriberGone for the vanished group: %+v %v", ack, err)
 	assert.Equal(t, pubsub.DeliveryFailure{Group: "gone", Status: pubsub.SubscriberGone}, ack.Failures[0])
 	assert.Zero(t, ack.Delivered)
+	// The same through a remote owner's answer.
+	ack, err = c.Nodes[1].Publish(ctxT(t), topic, []byte("remote"))
+	require.NoError(t, err)
+	assert.Equal(t, []pubsub.DeliveryFailure{{Group: "gone", Status: pubsub.SubscriberGone}}, ack.Failures)
 
 	// A new member brings the group back.
 	subscribeGroup(t, c.Nodes[1:2], topic, "gone", in.handler)
@@ -354,4 +358,8 @@ func TestGroupSurvivesItsOwnersCrash(t *testing.T) {
 		sizes = c.Nodes[2].Stats().Groups[topic]
 	}
 	assert.Equal(t, map[string]int{"g": 2}, sizes, "Stats().Groups on the new owner")
+	ts, err := c.Nodes[2].TopicStats(ctxT(t), topic)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]int{"g": 2}, ts.Groups, "TopicStats from any node")
+	assert.Equal(t, 3, ts.Total)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -215,6 +216,7 @@ type ownerAnswer struct {
 	ack    PublishAck
 	owner  string         // stats answers
 	counts map[string]int // stats answers: subscribers per node
+	groups map[string]int // stats answers: members per group
 	// delivered lists the delivered subscribers, when the publish asked
 	// (a chunk of a split batch).
 	delivered []SubscriberID
@@ -228,13 +230,30 @@ func (ans ownerAnswer) wire() *wire.Reply {
 			rep.Ack.DeliveredTo = append(rep.Ack.DeliveredTo, &wire.Failure{Node: id.Node, Local: id.Local})
 		}
 	}
-	if ans.counts != nil {
-		rep.Subscribers = make(map[string]uint32, len(ans.counts))
-		for k, v := range ans.counts {
-			rep.Subscribers[k] = uint32(v)
-		}
-	}
+	rep.Subscribers, rep.Groups = countsToWire(ans.counts), countsToWire(ans.groups)
 	return rep
+}
+
+func countsToWire(counts map[string]int) map[string]uint32 {
+	if counts == nil {
+		return nil
+	}
+	out := make(map[string]uint32, len(counts))
+	for k, v := range counts {
+		out[k] = uint32(v)
+	}
+	return out
+}
+
+func countsFromWire(counts map[string]uint32) map[string]int {
+	if counts == nil {
+		return nil
+	}
+	out := make(map[string]int, len(counts))
+	for k, v := range counts {
+		out[k] = int(v)
+	}
+	return out
 }
 
 // answerFromWire decodes a remote owner's answer.
@@ -246,19 +265,18 @@ func answerFromWire(topic string, rep *wire.Reply) ownerAnswer {
 			ans.delivered = append(ans.delivered, SubscriberID{Node: f.GetNode(), Local: f.GetLocal()})
 		}
 	}
-	if rep.GetSubscribers() != nil {
-		ans.counts = make(map[string]int, len(rep.GetSubscribers()))
-		for k, c := range rep.GetSubscribers() {
-			ans.counts[k] = int(c)
-		}
-	}
+	ans.counts, ans.groups = countsFromWire(rep.GetSubscribers()), countsFromWire(rep.GetGroups())
 	return ans
 }
 
 func ackToWire(a PublishAck) *wire.Ack {
 	w := &wire.Ack{Status: uint32(a.Status), Reason: uint32(a.Reason), Messages: uint32(a.Messages), Delivered: uint32(a.Delivered)}
 	for _, f := range a.Failures {
-		w.Failures = append(w.Failures, &wire.Failure{Node: f.Subscriber.Node, Local: f.Subscriber.Local, Status: uint32(f.Status)})
+		local := f.Subscriber.Local
+		if f.Subscriber == (SubscriberID{}) && f.Group != "" {
+			local = groupMark + f.Group // a group with no live member
+		}
+		w.Failures = append(w.Failures, &wire.Failure{Node: f.Subscriber.Node, Local: local, Status: uint32(f.Status)})
 	}
 	return w
 }
@@ -267,7 +285,16 @@ func ackFromWire(topic string, w *wire.Ack) PublishAck {
 	a := PublishAck{Topic: topic, Status: AckStatus(w.GetStatus()), Reason: Reason(w.GetReason()),
 		Messages: int(w.GetMessages()), Delivered: int(w.GetDelivered())}
 	for _, f := range w.GetFailures() {
-		a.Failures = append(a.Failures, DeliveryFailure{Subscriber: SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}, Status: DeliveryStatus(f.GetStatus())})
+		st := DeliveryStatus(f.GetStatus())
+		if f.GetStatus() > uint32(lastDeliveryStatus) {
+			st = HandlerError // a newer owner's status this node cannot name
+		}
+		id := SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}
+		fl := DeliveryFailure{Subscriber: id, Status: st, Group: id.Group()}
+		if id.Node == "" && strings.HasPrefix(id.Local, groupMark) {
+			fl.Subscriber = SubscriberID{} // a group with no live member
+		}
+		a.Failures = append(a.Failures, fl)
 	}
 	return a
 }

@@ -96,6 +96,7 @@ type TopicStats struct {
 	Owner       string         // the owner's node ID
 	Subscribers map[string]int // subscribers per node ID
 	Total       int            // all subscribers
+	Groups      map[string]int // members per consumer group; nil without groups
 }
 
 // TopicStats asks the topic's owner for its subscriber counts.
@@ -108,7 +109,7 @@ func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error)
 	if err != nil {
 		return TopicStats{}, fmt.Errorf("pubsub: stats of %q: %w", topic, err)
 	}
-	ts := TopicStats{Topic: topic, Owner: ans.owner, Subscribers: ans.counts}
+	ts := TopicStats{Topic: topic, Owner: ans.owner, Subscribers: ans.counts, Groups: ans.groups}
 	for _, c := range ans.counts {
 		ts.Total += c
 	}
@@ -123,6 +124,9 @@ func (a *topicActor) stats(answer func(ownerAnswer)) {
 		ans.counts = make(map[string]int, len(a.nodes))
 		for node, ns := range a.nodes {
 			ans.counts[node] = len(ns.set)
+		}
+		if len(a.groups.sizes) > 0 {
+			ans.groups = maps.Clone(a.groups.sizes)
 		}
 	}
 	answer(ans)

@@ -1341,9 +1341,11 @@ type Reply struct {
 	Statuses []uint32 `protobuf:"varint,4,rep,packed,name=statuses,proto3" json:"statuses,omitempty"`
 	Error    string   `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
 	// subscribers answers a stats request: subscriber count per node ID.
-	Subscribers   map[string]uint32 `protobuf:"bytes,6,rep,name=subscribers,proto3" json:"subscribers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	Owner         string            `protobuf:"bytes,7,opt,name=owner,proto3" json:"owner,omitempty"`
-	Sync          *Sync             `protobuf:"bytes,8,opt,name=sync,proto3" json:"sync,omitempty"` // answers a SyncRequest
+	Subscribers map[string]uint32 `protobuf:"bytes,6,rep,name=subscribers,proto3" json:"subscribers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Owner       string            `protobuf:"bytes,7,opt,name=owner,proto3" json:"owner,omitempty"`
+	Sync        *Sync             `protobuf:"bytes,8,opt,name=sync,proto3" json:"sync,omitempty"` // answers a SyncRequest
+	// groups answers a stats request: members per consumer group.
+	Groups        map[string]uint32 `protobuf:"bytes,9,rep,name=groups,proto3" json:"groups,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1430,6 +1432,13 @@ func (x *Reply) GetOwner() string {
 func (x *Reply) GetSync() *Sync {
 	if x != nil {
 		return x.Sync
+	}
+	return nil
+}
+
+func (x *Reply) GetGroups() map[string]uint32 {
+	if x != nil {
+		return x.Groups
 	}
 	return nil
 }
@@ -1547,7 +1556,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xde\x03\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xd8\x04\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -1556,8 +1565,12 @@ const file_wire_proto_rawDesc = "" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x12L\n" +
 	"\vsubscribers\x18\x06 \x03(\v2*.clusterpubsub.wire.Reply.SubscribersEntryR\vsubscribers\x12\x14\n" +
 	"\x05owner\x18\a \x01(\tR\x05owner\x12,\n" +
-	"\x04sync\x18\b \x01(\v2\x18.clusterpubsub.wire.SyncR\x04sync\x1a>\n" +
+	"\x04sync\x18\b \x01(\v2\x18.clusterpubsub.wire.SyncR\x04sync\x12=\n" +
+	"\x06groups\x18\t \x03(\v2%.clusterpubsub.wire.Reply.GroupsEntryR\x06groups\x1a>\n" +
 	"\x10SubscribersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
+	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"Y\n" +
 	"\x04Code\x12\x06\n" +
@@ -1583,7 +1596,7 @@ func file_wire_proto_rawDescGZIP() []byte {
 }
 
 var file_wire_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_wire_proto_goTypes = []any{
 	(Heartbeat_Kind)(0),      // 0: clusterpubsub.wire.Heartbeat.Kind
 	(Reply_Code)(0),          // 1: clusterpubsub.wire.Reply.Code
@@ -1602,6 +1615,7 @@ var file_wire_proto_goTypes = []any{
 	(*Ack)(nil),              // 14: clusterpubsub.wire.Ack
 	(*Reply)(nil),            // 15: clusterpubsub.wire.Reply
 	nil,                      // 16: clusterpubsub.wire.Reply.SubscribersEntry
+	nil,                      // 17: clusterpubsub.wire.Reply.GroupsEntry
 }
 var file_wire_proto_depIdxs = []int32{
 	4,  // 0: clusterpubsub.wire.Envelope.heartbeat:type_name -> clusterpubsub.wire.Heartbeat
@@ -1630,11 +1644,12 @@ var file_wire_proto_depIdxs = []int32{
 	14, // 23: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
 	16, // 24: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
 	8,  // 25: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
-	26, // [26:26] is the sub-list for method output_type
-	26, // [26:26] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	17, // 26: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
@@ -1658,7 +1673,7 @@ func file_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_proto_rawDesc), len(file_wire_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
