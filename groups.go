@@ -179,3 +179,57 @@ func sharesFromWire(in []*wire.Share, count int) ([]share, bool) {
 	}
 	return out, true
 }
+
+// subset returns the batch restricted to the messages of shares, with the
+// shares' indices into it, when that is smaller than the whole batch: a node
+// with only group members then gets a third of a batch for a third of the
+// work, not all of it. A batch received with keys or headers (format 2) is
+// sent whole: its headers may refer to earlier messages'.
+func (p *payload) subset(shares []share) (payload, []share, bool) {
+	if p.msgs.data == nil && p.withMeta {
+		return payload{}, nil, false
+	}
+	count := p.len()
+	take := make([]bool, count)
+	n := 0
+	for _, sh := range shares {
+		for _, k := range sh.idx {
+			if !take[k] {
+				take[k] = true
+				n++
+			}
+		}
+	}
+	if n == count {
+		return payload{}, nil, false
+	}
+	all := p.msgs.data
+	if all == nil {
+		all = make([][]byte, 0, count)
+		wire.Each(p.packed, func(m []byte) { all = append(all, m) })
+	}
+	pos := make([]uint32, count)
+	sub := msgBatch{data: make([][]byte, 0, n)}
+	if p.msgs.meta != nil {
+		sub.meta = make([]wire.Meta, 0, n)
+	}
+	for i, ok := range take {
+		if !ok {
+			continue
+		}
+		pos[i] = uint32(len(sub.data))
+		sub.data = append(sub.data, all[i])
+		if sub.meta != nil {
+			sub.meta = append(sub.meta, p.msgs.meta[i])
+		}
+	}
+	moved := make([]share, len(shares))
+	for i, sh := range shares {
+		idx := make([]uint32, len(sh.idx))
+		for j, k := range sh.idx {
+			idx[j] = pos[k]
+		}
+		moved[i] = share{local: sh.local, idx: idx}
+	}
+	return payload{msgs: sub, publisher: p.publisher, origin: p.origin, seq: p.seq}, moved, true
+}

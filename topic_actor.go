@@ -344,29 +344,44 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 			b.report(node, all, fill(len(all), SubscriberGone), false)
 			continue
 		}
-		if head == nil {
-			head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: a.seq,
-				Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
-				Publisher: msgs.publisher})
+		a.sendRemote(b, m, t, &msgs, &head, atLeastOnce)
+	}
+}
+
+// sendRemote sends a remote node its part of a batch. Protobuf merges
+// repeated occurrences of an embedded message, so the node's subscriber
+// list is appended to the encoding all nodes share (head, built once, and
+// the packed messages) instead of re-encoding the messages for every node.
+// A list too long to fit beside the batch goes in several messages, each
+// reported apart; the group members' shares go with the first. A node
+// with only group members gets only their messages.
+func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *payload, head *[]byte, atLeastOnce bool) {
+	n := a.n
+	shares := t.shares
+	if len(t.locals) == 0 {
+		if sub, sh, ok := msgs.subset(shares); ok {
+			msgs, shares = &sub, sh
+			var own []byte // the shared head counts the whole batch
+			head = &own
 		}
-		// Protobuf merges repeated occurrences of an embedded message, so the
-		// per-node subscriber list is appended to the shared encoding instead
-		// of re-encoding the messages for every node. A list too long to fit
-		// beside the batch goes in several messages, each reported apart;
-		// the group members' shares go with the first.
-		packed, withMeta := msgs.wire()
-		parts := splitSubscribers(locals, n.maxPayload()-len(head)-len(packed)-16-sharesSize(shares))
-		b.addParts(len(parts) - 1)
-		for i, part := range parts {
-			body := &wire.DeliverBatch{Subscribers: part}
-			reported := part
-			if i == 0 && len(shares) > 0 {
-				body.Shares = sharesToWire(shares)
-				reported = append(slices.Clip(part), sharedLocals(shares)...)
-			}
-			suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
-			n.deliverRemote(b, m, remoteBatch{head, packed, suffix, withMeta}, reported, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+	}
+	if *head == nil {
+		*head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: msgs.seq.seq,
+			Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
+			Publisher: msgs.publisher})
+	}
+	packed, withMeta := msgs.wire()
+	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-len(packed)-16-sharesSize(shares))
+	b.addParts(len(parts) - 1)
+	for i, part := range parts {
+		body := &wire.DeliverBatch{Subscribers: part}
+		reported := part
+		if i == 0 && len(shares) > 0 {
+			body.Shares = sharesToWire(shares)
+			reported = append(slices.Clip(part), sharedLocals(shares)...)
 		}
+		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
+		n.deliverRemote(b, m, remoteBatch{*head, packed, suffix, withMeta}, reported, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
 	}
 }
 
