@@ -51,6 +51,7 @@ type DeliveryFailed struct {
 	Node       string
 	Topic      string
 	Subscriber SubscriberID
+	Group      string // the subscriber's consumer group (or the group with no live member), or ""
 	Status     DeliveryStatus
 	Messages   int
 	Time       time.Time

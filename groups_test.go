@@ -363,3 +363,36 @@ func TestGroupSurvivesItsOwnersCrash(t *testing.T) {
 	assert.Equal(t, map[string]int{"g": 2}, ts.Groups, "TopicStats from any node")
 	assert.Equal(t, 3, ts.Total)
 }
+
+func TestGroupEventsCarryTheGroup(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	topic := ownedBy(t, c.Nodes[0], "group-events")
+	var mu sync.Mutex
+	var added []pubsub.SubscriberAdded
+	var failed []pubsub.DeliveryFailed
+	cancel := c.Nodes[0].Events().Subscribe(func(e pubsub.Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch e := e.(type) {
+		case pubsub.SubscriberAdded:
+			added = append(added, e)
+		case pubsub.DeliveryFailed:
+			failed = append(failed, e)
+		}
+	})
+	defer cancel()
+	s := subscribeGroup(t, c.Nodes[1:], topic, "g", func(context.Context, *pubsub.Message) error { return fmt.Errorf("fails") })[0]
+	ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
+	require.NoError(t, err)
+	require.Equal(t, []pubsub.DeliveryFailure{{Subscriber: s.ID(), Status: pubsub.HandlerError, Group: "g"}}, ack.Failures)
+	testcluster.WaitFor(t, 5*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(added) == 1 && len(failed) == 1
+	}, "events not seen")
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, "g", added[0].Group)
+	assert.Equal(t, "g", failed[0].Group)
+	assert.Equal(t, s.ID(), failed[0].Subscriber)
+}

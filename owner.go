@@ -176,7 +176,7 @@ func (n *Node) emitAccepted(ack PublishAck) {
 		emit(n.events, DeliverySucceeded{Topic: ack.Topic, Subscribers: ack.Delivered, Messages: ack.Messages})
 	}
 	for _, f := range ack.Failures {
-		emit(n.events, DeliveryFailed{Topic: ack.Topic, Subscriber: f.Subscriber, Status: f.Status, Messages: ack.Messages})
+		emit(n.events, DeliveryFailed{Topic: ack.Topic, Subscriber: f.Subscriber, Group: f.Group, Status: f.Status, Messages: ack.Messages})
 	}
 }
 
