@@ -25,7 +25,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return
 	}
-	shares, ok := sharesFromWire(d.GetShares(), msgs.count)
+	shares, ok := sharesFromWire(d.GetShares(), d.GetSubscribers(), msgs.count)
 	if !ok {
 		n.malformed("inbox", len(d.GetPacked())+len(d.GetPackedMeta()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "share index past the batch"})

@@ -36,10 +36,16 @@ func splitSubscribers(locals []string, room int) [][]string {
 // at-least-once mode it also re-sends when a copy got no report in a quarter
 // of the subscriber timeout; the node delivers the batch once and answers
 // every copy.
-func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals []string, atLeastOnce bool, until time.Time) {
+//
+// wait, when not zero, bounds the wait for the node's report (a re-route
+// must be answered within the publisher's wait).
+func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nodeTarget, atLeastOnce bool, until time.Time, wait time.Duration) {
 	timeout := n.cfg.SubscriberTimeout + n.cfg.RequestTimeout/2
 	if atLeastOnce {
 		timeout = max(n.cfg.SubscriberTimeout/4, 20*time.Millisecond)
+	}
+	if wait > 0 {
+		timeout = min(timeout, wait)
 	}
 	alive := n.holds(m)
 	buf := data.encode()
@@ -47,18 +53,18 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, locals
 		retry := natsutil.IsNoResponders(err) || (atLeastOnce && errors.Is(err, ErrTimeout))
 		if retry && n.life.ctx.Err() == nil && alive() {
 			if natsutil.IsNoResponders(err) && time.Now().Before(until) {
-				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, locals, atLeastOnce, until) })
+				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) })
 				return
 			}
 			// A copy may be in the node's mailboxes: keep asking until the
 			// node's own subscriber timeout must have passed.
 			if atLeastOnce && time.Now().Before(until.Add(n.cfg.RequestTimeout/2)) {
-				n.deliverRemote(b, m, data, locals, atLeastOnce, until)
+				n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
 				return
 			}
 		}
-		st, path := remoteStatuses(n, m.ID, len(locals), rep, err)
-		b.report(m.ID, locals, st, path)
+		st, path := remoteStatuses(n, m.ID, to.len(), rep, err)
+		b.report(to, st, path)
 	})
 	sendBufs.Put(buf) // the connection copied it
 	// A node that leaves the view (crash) will not report: its subscribers
@@ -148,13 +154,13 @@ func (b *pendingBatch) addParts(k int) {
 	}
 }
 
-func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus, path bool) {
+func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, path bool) {
 	b.mu.Lock()
 	var moved []map[string][]share
 	for i, s := range st {
-		id := SubscriberID{Node: node, Local: locals[i]}
-		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(s) {
-			if plan, ok := b.reroute.plan(id); ok {
+		id := SubscriberID{Node: to.node, Local: to.local(i)}
+		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(id, s) {
+			if plan, ok := b.reroute.plan(id, to.idx(i), s); ok {
 				// Its share goes to the next member; the outcome there
 				// decides the group's.
 				b.remaining += len(plan)
@@ -196,7 +202,7 @@ func (b *pendingBatch) report(node string, locals []string, st []DeliveryStatus,
 	}
 	b.mu.Unlock()
 	for _, plan := range moved {
-		b.a.sendReroutes(b, plan)
+		b.reroute.send(b, plan)
 	}
 	if !done {
 		return

@@ -165,13 +165,25 @@ func sharesToWire(shares []share) []*wire.Share {
 	return out
 }
 
-// sharesFromWire converts received shares, refusing an index past the
-// batch (a forged or corrupted delivery).
-func sharesFromWire(in []*wire.Share, count int) ([]share, bool) {
+// sharesFromWire converts received shares, refusing (as forged or
+// corrupted) indices that are not increasing or run past the batch, and a
+// subscriber listed twice: a share is then never longer than the batch.
+func sharesFromWire(in []*wire.Share, subscribers []string, count int) ([]share, bool) {
+	if len(in) == 0 {
+		return nil, true
+	}
+	seen := make(map[string]bool, len(in)+len(subscribers))
+	for _, l := range subscribers {
+		seen[l] = true
+	}
 	out := make([]share, len(in))
 	for i, s := range in {
-		for _, k := range s.GetIndices() {
-			if int(k) >= count {
+		if seen[s.GetSubscriber()] {
+			return nil, false
+		}
+		seen[s.GetSubscriber()] = true
+		for j, k := range s.GetIndices() {
+			if int(k) >= count || (j > 0 && k <= s.GetIndices()[j-1]) {
 				return nil, false
 			}
 		}

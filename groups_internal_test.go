@@ -1,7 +1,9 @@
 package pubsub
 
 import (
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -32,4 +34,86 @@ func TestSubsetSendsOnlyTheSharesMessages(t *testing.T) {
 	meta := wire.PackMeta(nil, data, make([]wire.Meta, len(data)))
 	_, _, ok = (&payload{packed: meta, withMeta: true, count: len(data)}).subset(shares)
 	assert.False(t, ok, "a received format 2 batch goes whole")
+}
+
+// A re-route moves only the messages of the delivery that failed: a member
+// that processed its own share and then failed a re-routed one must not
+// have its own share moved on (it would reach the group twice).
+func TestReroutePlansOnlyTheFailedDelivery(t *testing.T) {
+	n := &Node{self: Member{ID: "o", Incarnation: 1}}
+	n.cfg.SubscriberTimeout, n.cfg.RequestTimeout = time.Minute, time.Minute
+	n.members.cur.Store(newView(1, []Member{{ID: "o", Incarnation: 1}, {ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 1}, {ID: "c", Incarnation: 1}}))
+	members := []SubscriberID{{Node: "a", Local: "1@g"}, {Node: "b", Local: "1@g"}, {Node: "c", Local: "1@g"}}
+	g := newGroupRoute("g", slices.Clone(members))
+	r := &reroutes{n: n, groups: map[string]*groupRoute{"g": g}, accepted: time.Now()}
+	first, ok := r.plan(g.members[0], []uint32{0, 3}, MailboxFull)
+	require.True(t, ok)
+	var to SubscriberID
+	for node, shares := range first {
+		require.Len(t, shares, 1)
+		assert.Equal(t, []uint32{0, 3}, shares[0].idx)
+		to = SubscriberID{Node: node, Local: shares[0].local}
+	}
+	// That member then fails its own delivery (messages 1 and 4): only
+	// those move, to the member left.
+	second, ok := r.plan(to, []uint32{1, 4}, SubscriberGone)
+	require.True(t, ok)
+	for _, shares := range second {
+		assert.Equal(t, []uint32{1, 4}, shares[0].idx)
+		assert.NotEqual(t, to.Local+to.Node, shares[0].local+"", "never back to a member that failed")
+	}
+	// Nobody is left once every member failed.
+	var last SubscriberID
+	for node, shares := range second {
+		last = SubscriberID{Node: node, Local: shares[0].local}
+	}
+	_, ok = r.plan(last, []uint32{2}, SubscriberGone)
+	assert.False(t, ok)
+	// Too late.
+	r2 := &reroutes{n: n, groups: r.groups, accepted: time.Now().Add(-2 * time.Minute)}
+	_, ok = r2.plan(g.members[0], []uint32{0}, MailboxFull)
+	assert.False(t, ok)
+}
+
+// The last member's unsubscribe ends its group even when a batch evicted
+// the member as gone first (its node drops it before the owner hears).
+func TestUnsubscribeAfterEvictionEndsTheGroup(t *testing.T) {
+	n := &Node{self: Member{ID: "o", Incarnation: 1}}
+	n.events = newEventStream("o")
+	a := &topicActor{n: n, topic: "t"}
+	id := SubscriberID{Node: "a", Local: "1@g"}
+	require.True(t, a.add(id.Node, 1, id.Local))
+	require.True(t, a.remove(id, false))
+	assert.True(t, a.groups.vanished["g"], "evicted as gone: the group vanished")
+	a.unsubscribe(id)
+	assert.False(t, a.groups.vanished["g"], "its unsubscribe ends it silently")
+}
+
+func TestSharesFromTheWireAreChecked(t *testing.T) {
+	for name, c := range map[string]struct {
+		shares []*wire.Share
+		subs   []string
+		ok     bool
+	}{
+		"fine":              {[]*wire.Share{{Subscriber: "a@g", Indices: []uint32{0, 2}}, {Subscriber: "b@g", Indices: []uint32{1}}}, []string{"x"}, true},
+		"past the batch":    {[]*wire.Share{{Subscriber: "a@g", Indices: []uint32{3}}}, nil, false},
+		"repeated index":    {[]*wire.Share{{Subscriber: "a@g", Indices: []uint32{1, 1}}}, nil, false},
+		"decreasing":        {[]*wire.Share{{Subscriber: "a@g", Indices: []uint32{2, 1}}}, nil, false},
+		"subscriber twice":  {[]*wire.Share{{Subscriber: "a@g", Indices: []uint32{0}}, {Subscriber: "a@g", Indices: []uint32{1}}}, nil, false},
+		"also a subscriber": {[]*wire.Share{{Subscriber: "x", Indices: []uint32{0}}}, []string{"x"}, false},
+	} {
+		_, ok := sharesFromWire(c.shares, c.subs, 3)
+		assert.Equal(t, c.ok, ok, name)
+	}
+}
+
+// Split batches: two groups without live members are both listed, and a
+// group delivered in one chunk but vanished in the next is not counted.
+func TestChunkAcksKeepEveryVanishedGroup(t *testing.T) {
+	var c chunkAcks
+	c.add(0, PublishAck{Delivered: 1, Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}}},
+		[]SubscriberID{{Local: groupMark + "g2"}})
+	c.add(1, PublishAck{Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}}, nil)
+	assert.Equal(t, []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}, c.ack.Failures)
+	assert.Zero(t, c.ack.Delivered)
 }

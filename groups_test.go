@@ -211,8 +211,16 @@ func TestWithGroupValidatesTheName(t *testing.T) {
 }
 
 // A member whose mailbox is full does not lose its share: the owner sends
-// it to the next member, and the group counts as delivered.
+// it to the next member, on another node or on the owner itself (where a
+// re-route once came back as that member's earlier status, unprocessed),
+// and the group counts as delivered.
 func TestGroupReroutesAShareOnMailboxFull(t *testing.T) {
+	for name, freeOn := range map[string]int{"to another node": 2, "to the owner's node": 0} {
+		t.Run(name, func(t *testing.T) { rerouteOnMailboxFull(t, freeOn) })
+	}
+}
+
+func rerouteOnMailboxFull(t *testing.T, freeOn int) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "reroute")
 	in := newGroupInbox()
@@ -226,7 +234,7 @@ func TestGroupReroutesAShareOnMailboxFull(t *testing.T) {
 		return in.handler(ctx, m)
 	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
 	require.NoError(t, err)
-	free := subscribeGroup(t, c.Nodes[2:], topic, "g", in.handler)[0]
+	free := subscribeGroup(t, c.Nodes[freeOn:freeOn+1], topic, "g", in.handler)[0]
 
 	// Batches of two messages: one for each member, round robin.
 	batch := func(i int) [][]byte { return [][]byte{msg(2 * i), msg(2*i + 1)} }
@@ -395,4 +403,31 @@ func TestGroupEventsCarryTheGroup(t *testing.T) {
 	assert.Equal(t, "g", added[0].Group)
 	assert.Equal(t, "g", failed[0].Group)
 	assert.Equal(t, s.ID(), failed[0].Subscriber)
+}
+
+// On an AtLeastOnce topic a member that times out has its share re-routed
+// too (the Timeout comes after SubscriberTimeout: the window allows it).
+func TestGroupReroutesATimeoutAtLeastOnce(t *testing.T) {
+	c := newCluster(t, 3, 3, pubsub.WithSubscriberTimeout(500*time.Millisecond),
+		pubsub.WithDeliveryMode(func(string) pubsub.DeliveryMode { return pubsub.AtLeastOnce }))
+	topic := ownedBy(t, c.Nodes[0], "slow")
+	in := newGroupInbox()
+	release := make(chan struct{})
+	defer close(release)
+	_, err := c.Nodes[1].Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return ctx.Err()
+	}, pubsub.WithGroup("g"))
+	require.NoError(t, err)
+	free := subscribeGroup(t, c.Nodes[2:], topic, "g", in.handler)[0]
+	ack, err := c.Nodes[0].PublishBatch(ctxT(t), topic, [][]byte{msg(0), msg(1)})
+	mustAccept(t, ack, err, 1)
+	var got []string
+	for _, r := range in.of(free.ID()) {
+		got = append(got, r.data)
+	}
+	assert.ElementsMatch(t, []string{string(msg(0)), string(msg(1))}, got, "the free member ran both")
 }

@@ -269,14 +269,23 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 		}
 		return
 	}
-	failed := make(map[SubscriberID]bool, len(c.ack.Failures))
+	// A group with no live member fails with a zero Subscriber: failures
+	// are told apart by group too.
+	type failedKey struct {
+		id    SubscriberID
+		group string
+	}
+	failed := make(map[failedKey]bool, len(c.ack.Failures))
 	for _, f := range c.ack.Failures {
-		failed[f.Subscriber] = true
+		failed[failedKey{f.Subscriber, f.Group}] = true
 	}
 	for _, f := range ack.Failures {
-		if !failed[f.Subscriber] {
-			failed[f.Subscriber] = true
+		if k := (failedKey{f.Subscriber, f.Group}); !failed[k] {
+			failed[k] = true
 			delete(c.delivered, f.Subscriber)
+			if f.Subscriber == (SubscriberID{}) {
+				delete(c.delivered, SubscriberID{Local: groupMark + f.Group})
+			}
 			c.ack.Failures = append(c.ack.Failures, f)
 		}
 	}

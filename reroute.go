@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -12,54 +13,87 @@ import (
 
 // Re-routing, owner side: a group member that definitely did not process
 // its share of a batch (SubscriberGone, MailboxFull; on an AtLeastOnce
-// topic also Timeout) has it sent to the next-ranked live member, within
-// SubscriberTimeout of the batch's acceptance. The group then counts as
-// delivered if the share was processed there.
+// topic also Timeout) has it sent to the next-ranked live member that has
+// not failed the batch. The group then counts as delivered if the share was
+// processed there. Re-routes start within SubscriberTimeout of the batch's
+// acceptance (a Timeout, which comes only after it, within half a
+// RequestTimeout more), and each is answered before the publisher's wait
+// ends.
 
 // reroutes is what a batch with groups keeps to re-route a failed share.
-// Everything in it is read-only once the batch is sent: reports arrive on
-// any goroutine.
+// Its fields are read-only once the batch is sent (reports arrive on any
+// goroutine), but tried, which the batch's mu guards.
 type reroutes struct {
-	msgs        payload
-	v           *view
+	n           *Node
+	topic       string
+	msgs        payload // never modified: copied before use
 	seq         uint64
 	groups      map[string]*groupRoute
-	shareOf     map[SubscriberID][]uint32
-	keys        []string // per message, nil without keys
-	until       time.Time
+	keys        []string  // per message, nil without keys
+	accepted    time.Time // when the owner accepted the batch
 	atLeastOnce bool
-	// tried and shareOf's growth are guarded by the batch's mu: tried
-	// lists the members that failed the batch, so a share never goes back
-	// to one of them.
+	// tried lists the members that failed the batch, so a share never
+	// goes back to one of them.
 	tried map[SubscriberID]bool
-	pack  sync.Once // packs msgs for remote re-routes, once
+
+	pack     sync.Once // packs the batch for remote re-routes, once
+	packed   []byte
+	withMeta bool
 }
 
-// reroutable reports whether status leaves the share surely unprocessed
-// (or, at least once, possibly so).
-func (r *reroutes) reroutable(s DeliveryStatus) bool {
-	return s == SubscriberGone || s == MailboxFull || (r.atLeastOnce && s == Timeout)
+// reroutable reports whether status leaves id's share surely unprocessed
+// (or, at least once, possibly so). SubscriberGone is sure only from a node
+// still in the view (it said so itself): a node that left the view, as by
+// crashing, may have run the share first, and an at-most-once topic must
+// not run it twice.
+func (r *reroutes) reroutable(id SubscriberID, s DeliveryStatus) bool {
+	switch s {
+	case MailboxFull:
+		return true
+	case SubscriberGone:
+		_, inView := r.n.view().member(id.Node)
+		return inView || r.atLeastOnce
+	case Timeout:
+		return r.atLeastOnce
+	}
+	return false
 }
 
-// plan re-assigns failed's share among the group's members that have not
-// failed this batch; ok is false when none is left or time is up. Callers
-// hold the batch's mu.
-func (r *reroutes) plan(failed SubscriberID) (map[string][]share, bool) {
+// until is the last moment a re-route may start.
+func (r *reroutes) until(s DeliveryStatus) time.Time {
+	until := r.accepted.Add(r.n.cfg.SubscriberTimeout)
+	if s == Timeout {
+		until = until.Add(r.n.cfg.RequestTimeout / 2)
+	}
+	return until
+}
+
+// answerBy is when every re-route must have reported: before the
+// publisher, who waits SubscriberTimeout + RequestTimeout from its send,
+// gives up.
+func (r *reroutes) answerBy() time.Time {
+	return r.accepted.Add(r.n.cfg.SubscriberTimeout + r.n.cfg.RequestTimeout*3/4)
+}
+
+// plan re-assigns idx, the messages failed did not process, among the
+// group's live members that have not failed this batch, by node; ok is
+// false when none is left or it is too late. Callers hold the batch's mu.
+func (r *reroutes) plan(failed SubscriberID, idx []uint32, status DeliveryStatus) (map[string][]share, bool) {
 	g := r.groups[failed.Group()]
-	idx := r.shareOf[failed]
-	if g == nil || len(idx) == 0 || time.Now().After(r.until) {
+	if g == nil || len(idx) == 0 || time.Now().After(r.until(status)) {
 		return nil, false
 	}
 	if r.tried == nil {
 		r.tried = map[SubscriberID]bool{}
 	}
 	r.tried[failed] = true
+	v := r.n.view() // members that died since the batch was accepted are skipped
 	excluded := func(i int) bool {
-		_, live := r.v.member(g.members[i].Node)
+		_, live := v.member(g.members[i].Node)
 		return r.tried[g.members[i]] || !live
 	}
 	byMember := map[int][]uint32{}
-	for _, k := range idx {
+	for _, k := range idx { // increasing, so each member's share is too
 		var m int
 		if r.keys != nil && r.keys[k] != "" {
 			m = g.rank(slotOf(r.keys[k]), excluded)
@@ -72,10 +106,9 @@ func (r *reroutes) plan(failed SubscriberID) (map[string][]share, bool) {
 		byMember[m] = append(byMember[m], k)
 	}
 	out := map[string][]share{}
-	for m, k := range byMember {
+	for _, m := range slices.Sorted(maps.Keys(byMember)) {
 		id := g.members[m]
-		out[id.Node] = append(out[id.Node], share{local: id.Local, idx: k})
-		r.shareOf[id] = slices.Concat(r.shareOf[id], k) // if it fails too, all of it moves on
+		out[id.Node] = append(out[id.Node], share{local: id.Local, idx: byMember[m]})
 	}
 	return out, true
 }
@@ -96,27 +129,33 @@ func (g *groupRoute) nextAfter(id SubscriberID, excluded func(int) bool) int {
 	return -1
 }
 
-// sendReroutes delivers re-routed shares, each node's in one delivery
+// send delivers re-routed shares, each node's in one delivery
 // marked reroute, and reports them to b like any other.
-func (a *topicActor) sendReroutes(b *pendingBatch, byNode map[string][]share) {
-	n, r := a.n, b.reroute
+func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
+	n := r.n
 	for node, shares := range byNode {
 		t := nodeTarget{node: node, shares: shares}
 		if node == n.self.ID {
-			n.deliver(a.topic, nil, shares, r.msgs, func(st []DeliveryStatus) { b.report(node, t.all(), st, false) })
+			// A re-route is taken whatever batches its member had: no
+			// batch or producer number to check.
+			msgs := r.msgs
+			msgs.seq, msgs.origin = batchSeq{}, batchOrigin{}
+			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
 			continue
 		}
-		m, ok := r.v.member(node)
-		if !ok {
-			all := t.all()
-			b.report(node, all, fill(len(all), SubscriberGone), false)
+		m, ok := n.view().member(node)
+		wait := time.Until(r.answerBy())
+		if !ok || wait <= 0 {
+			b.report(t, fill(t.len(), SubscriberGone), false)
 			continue
 		}
-		head, _ := proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: r.seq, Count: uint32(r.msgs.len()),
+		r.pack.Do(func() {
+			msgs := r.msgs
+			r.packed, r.withMeta = msgs.wire()
+		})
+		head, _ := proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: r.topic, Seq: r.seq, Count: uint32(r.msgs.len()),
 			Publisher: r.msgs.publisher, Reroute: true})
-		r.pack.Do(func() { r.msgs.wire() })
-		packed, withMeta := r.msgs.packed, r.msgs.withMeta
 		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Shares: sharesToWire(shares)}}})
-		n.deliverRemote(b, m, remoteBatch{head, packed, suffix, withMeta}, t.all(), false, r.until)
+		n.deliverRemote(b, m, remoteBatch{head, r.packed, suffix, r.withMeta}, t, false, r.answerBy(), wait)
 	}
 }

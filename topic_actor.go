@@ -215,6 +215,17 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	return true
 }
 
+// unsubscribe removes a subscriber that unsubscribed.
+func (a *topicActor) unsubscribe(id SubscriberID) {
+	if a.remove(id, true) {
+		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
+	} else if g := id.Group(); g != "" && a.groups.sizes[g] == 0 {
+		// A batch evicted it as gone before its unsubscribe arrived (its
+		// node drops it first): the group still ended by unsubscribing.
+		delete(a.groups.vanished, g)
+	}
+}
+
 // remove removes a subscriber: unsubscribed, or evicted.
 func (a *topicActor) remove(id SubscriberID, unsubscribed bool) bool {
 	ns := a.nodes[id.Node]
@@ -276,9 +287,7 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 	}
 	id := SubscriberID{Node: from.GetNodeId(), Local: local}
 	if unsubscribe {
-		if a.remove(id, true) {
-			emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
-		}
+		a.unsubscribe(id)
 	} else if a.add(id.Node, from.GetIncarnation(), id.Local) {
 		emit(a.n.events, SubscriberAdded{Topic: a.topic, Subscriber: id, Group: id.Group()})
 	}
@@ -314,8 +323,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	targets, reroute := a.targets(msgs)
 	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs, reroute: reroute}
 	if reroute != nil {
-		reroute.v, reroute.seq = v, a.seq
-		reroute.until = time.Now().Add(n.cfg.SubscriberTimeout)
+		reroute.n, reroute.topic, reroute.seq, reroute.accepted = n, a.topic, a.seq, time.Now()
 		reroute.atLeastOnce = n.cfg.DeliveryMode(a.topic) == AtLeastOnce
 	}
 	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len()}
@@ -335,13 +343,12 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	for _, t := range targets {
 		node, locals, shares := t.node, t.locals, t.shares
 		if node == n.self.ID {
-			n.deliver(a.topic, locals, shares, msgs, func(st []DeliveryStatus) { b.report(node, t.all(), st, false) })
+			n.deliver(a.topic, locals, shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
 			continue
 		}
 		m, ok := v.member(node)
 		if !ok {
-			all := t.all()
-			b.report(node, all, fill(len(all), SubscriberGone), false)
+			b.report(t, fill(t.len(), SubscriberGone), false)
 			continue
 		}
 		a.sendRemote(b, m, t, &msgs, &head, atLeastOnce)
@@ -375,13 +382,13 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	b.addParts(len(parts) - 1)
 	for i, part := range parts {
 		body := &wire.DeliverBatch{Subscribers: part}
-		reported := part
+		to := nodeTarget{node: t.node, locals: part}
 		if i == 0 && len(shares) > 0 {
 			body.Shares = sharesToWire(shares)
-			reported = append(slices.Clip(part), sharedLocals(shares)...)
+			to.shares = t.shares // reported by their indices into the whole batch, as re-routes need
 		}
 		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
-		n.deliverRemote(b, m, remoteBatch{*head, packed, suffix, withMeta}, reported, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout))
+		n.deliverRemote(b, m, remoteBatch{*head, packed, suffix, withMeta}, to, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout), 0)
 	}
 }
 
@@ -393,20 +400,25 @@ type nodeTarget struct {
 	shares []share
 }
 
-// all lists the target's subscribers in the order of their statuses.
-func (t nodeTarget) all() []string {
-	if len(t.shares) == 0 {
-		return t.locals
+// len is the number of statuses a delivery to the target reports: its
+// subscribers', then its shares'.
+func (t nodeTarget) len() int { return len(t.locals) + len(t.shares) }
+
+// local names the subscriber of status i.
+func (t nodeTarget) local(i int) string {
+	if i < len(t.locals) {
+		return t.locals[i]
 	}
-	return append(slices.Clip(t.locals), sharedLocals(t.shares)...)
+	return t.shares[i-len(t.locals)].local
 }
 
-func sharedLocals(shares []share) []string {
-	out := make([]string, len(shares))
-	for i, s := range shares {
-		out[i] = s.local
+// idx returns the message indices status i covers; nil for a subscriber
+// that got the whole batch.
+func (t nodeTarget) idx(i int) []uint32 {
+	if i < len(t.locals) {
+		return nil
 	}
-	return out
+	return t.shares[i-len(t.locals)].idx
 }
 
 // sharesSize bounds the encoded size of shares.
@@ -432,16 +444,13 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	p := a.plan()
 	keys := msgs.keys()
 	shares := p.assign(msgs.len(), keys)
-	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}, shareOf: map[SubscriberID][]uint32{}}
+	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}}
 	for _, g := range p.groups {
 		r.groups[g.name] = g
 	}
 	out := make([]nodeTarget, 0, len(a.nodes))
 	for node := range a.nodes {
 		t := nodeTarget{node: node, locals: p.broadcast[node], shares: shares[node]}
-		for _, sh := range t.shares {
-			r.shareOf[SubscriberID{Node: node, Local: sh.local}] = sh.idx
-		}
 		if len(t.locals) > 0 || len(t.shares) > 0 {
 			out = append(out, t)
 		}
