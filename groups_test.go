@@ -40,11 +40,6 @@ func (g *groupInbox) of(id pubsub.SubscriberID) []received {
 	return append([]received(nil), g.got[id]...)
 }
 
-func (g *groupInbox) total() int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.n
-}
 
 // subscribeGroup subscribes one member of group on each listed node.
 func subscribeGroup(t *testing.T, nodes []*pubsub.Node, topic, group string, h pubsub.Handler) []*pubsub.Subscription {

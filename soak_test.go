@@ -455,3 +455,10 @@ func TestSoakFaults(t *testing.T) {
 	l.checkHonest(t)
 	t.Logf("%d fault rounds", rounds)
 }
+
+// total counts every delivery the inbox recorded.
+func (g *groupInbox) total() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.n
+}
