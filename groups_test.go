@@ -40,7 +40,6 @@ func (g *groupInbox) of(id pubsub.SubscriberID) []received {
 	return append([]received(nil), g.got[id]...)
 }
 
-
 // subscribeGroup subscribes one member of group on each listed node.
 func subscribeGroup(t *testing.T, nodes []*pubsub.Node, topic, group string, h pubsub.Handler) []*pubsub.Subscription {
 	t.Helper()
