@@ -150,6 +150,33 @@ func (s DeliveryStatus) String() string {
 	return enumName(s, "DeliveryStatus", "delivered", "subscriber-gone", "timeout", "handler-error", "mailbox-full", "out-of-order", "decode-error")
 }
 
+// AckLevel says what a publish waits for, and what its ack attests.
+type AckLevel uint8
+
+const (
+	// AckDelivered: the ack comes once every subscriber the owner knew at
+	// acceptance processed the batch, failed or timed out, and lists each
+	// failure. The default.
+	AckDelivered AckLevel = iota
+	// AckAccepted: the ack comes once the owner accepted the batch and
+	// handed it to its per-node sends. Delivered is 0 and Failures empty;
+	// failures still reach events, eviction and at-least-once retries.
+	AckAccepted
+	// AckNone: the call returns once the request is written to NATS (or
+	// queued on this node when it owns the topic). Only what the publisher
+	// can see itself is rejected: an invalid topic or message, too large,
+	// closed, no owner in its view. A batch the owner refuses (it no longer
+	// owns the topic, or is not ready) is lost without a word.
+	AckNone
+)
+
+// String implements fmt.Stringer.
+func (l AckLevel) String() string { return enumName(l, "AckLevel", "delivered", "accepted", "none") }
+
+// WithAck sets what a PublishMessages or Topic.Publish call waits for.
+// Default: AckDelivered.
+func WithAck(level AckLevel) PublishOption { return func(c *publishConfig) { c.ack = level } }
+
 // PublishAck is the answer to a publish. For Publish and PublishBatch, the
 // returned error is non-nil exactly when Status is Rejected, and then
 // errors.Is(err, Reason.Err()) holds.
@@ -160,6 +187,7 @@ type PublishAck struct {
 	Messages  int               // messages in the batch
 	Delivered int               // subscribers that processed the whole batch; a consumer group counts once
 	Failures  []DeliveryFailure // subscribers that did not, with why
+	Level     AckLevel          // what this ack attests (see AckLevel)
 }
 
 // DeliveryFailure is one subscriber that did not process a batch. For a

@@ -384,6 +384,7 @@ type payload struct {
 	origin    batchOrigin
 	seq       batchSeq // set by the owner when it accepts the batch
 	wantIDs   bool     // the publisher asked for the delivered subscribers
+	level     AckLevel // what the publisher waits for
 }
 
 // receivedPayload checks the packed fields of a batch received over NATS:

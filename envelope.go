@@ -73,9 +73,10 @@ type Outgoing struct {
 // PublishOption configures one PublishMessages or Topic.Publish call.
 type PublishOption func(*publishConfig)
 
-// publishConfig is what PublishOptions set; the ack levels of a later
-// capability (WithAck) will be its first field.
-type publishConfig struct{}
+// publishConfig is what PublishOptions set.
+type publishConfig struct {
+	ack AckLevel // WithAck
+}
 
 // Propagator carries context across the publish, typically a W3C trace
 // context, in each message's header. The core package calls it and never

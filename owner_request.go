@@ -32,6 +32,10 @@ type ownerCall struct {
 	// attempt, if not nil, runs before each attempt; the func it returns
 	// runs once that attempt is queued or written (or failed before).
 	attempt func() func()
+	// noAnswer (AckNone): the call returns once the request is queued on
+	// the local actor or written to the connection, with an Accepted ack
+	// that attests nothing more.
+	noAnswer bool
 }
 
 // toOwner routes one request to the topic's owner: by function call when the
@@ -74,9 +78,13 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		case "":
 			err = errNoOwner // waited for like an owner not ready: one may join
 		case n.self.ID:
-			ans, err = n.askLocal(ctx, topic, req, signal)
+			ans, err = n.askLocal(ctx, topic, req, signal, o.noAnswer)
 		default:
-			ans, err = n.askRemote(ctx, topic, v, owner, req, o.wait, signal)
+			if o.noAnswer {
+				ans, err = n.tellRemote(v, owner, req, signal)
+			} else {
+				ans, err = n.askRemote(ctx, topic, v, owner, req, o.wait, signal)
+			}
 		}
 		if attemptIssued != nil { // the attempt failed before it was issued
 			attemptIssued()
@@ -120,8 +128,14 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 // errNoOwner: every member of the view is client-only.
 var errNoOwner = errors.New("pubsub: no owner-eligible member")
 
-// askLocal runs a request on this node's actor for topic and waits for its answer.
-func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, queued func()) (ownerAnswer, error) {
+// askLocal runs a request on this node's actor for topic and waits for its
+// answer; without answer, only until it is queued.
+func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, queued func(), noAnswer bool) (ownerAnswer, error) {
+	if noAnswer {
+		n.owner.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ownerAnswer) {}) })
+		queued()
+		return ownerAnswer{code: wire.Reply_OK, ack: PublishAck{Topic: topic, Status: Accepted}}, nil
+	}
 	ch := make(chan ownerAnswer, 1)
 	n.owner.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ans ownerAnswer) { ch <- ans }) })
 	queued()
@@ -133,6 +147,20 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 	case <-n.life.ctx.Done():
 		return ownerAnswer{}, errClosedInFlight
 	}
+}
+
+// tellRemote writes a request to a remote owner without a reply subject:
+// nothing comes back (AckNone).
+func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func()) (ownerAnswer, error) {
+	buf := sendBufs.Get().(*[]byte)
+	*buf = req.encode(v, (*buf)[:0])
+	err := n.nc.Publish(owner.Inbox, *buf)
+	sendBufs.Put(buf) // the connection copied it
+	if err != nil {
+		return ownerAnswer{}, wrapSendErr(err)
+	}
+	written()
+	return ownerAnswer{code: wire.Reply_OK, ack: PublishAck{Status: Accepted}}, nil
 }
 
 // askRemote sends a request to a remote owner and decodes its answer. It
@@ -174,7 +202,8 @@ func (r *publishRequest) encode(v *view, buf []byte) []byte {
 
 func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	r.origin.refresh()
-	a.publish(payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs}, answer)
+	a.publish(payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs,
+		level: AckLevel(r.wire.GetAckLevel())}, answer)
 }
 
 // subscribeRequest records, removes, or (stats) counts subscribers.

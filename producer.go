@@ -164,7 +164,7 @@ type attemptEvent struct {
 //
 // issued must be called at most once, and not after the call returned.
 type orderedPublisher interface {
-	publishBatchIssued(ctx context.Context, topic string, batch msgBatch, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error)
+	publishBatchIssued(ctx context.Context, topic string, batch msgBatch, o issueOpts) (PublishAck, error)
 }
 
 // messagePublisher is a Publisher that carries keys and headers; *Node is

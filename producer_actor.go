@@ -197,7 +197,8 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 				}
 			}
 		}
-		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issued, p.id, b.seq, b.seq-1, p.settled.Load)
+		ev.ack, ev.err = op.publishBatchIssued(ctx, p.topic, msgs, issueOpts{issued: issued, producer: p.id, seq: b.seq, prev: b.seq - 1,
+			settled: p.settled.Load, level: p.cfg.AckLevel})
 	} else {
 		// Without an issue report the gate opens with the result: one
 		// batch at a time, as two concurrent calls may swap.

@@ -75,6 +75,11 @@ type ProducerConfig struct {
 	// (a closed Node) fails the batch and stops the producer. Default: nil,
 	// which always decides FailBatchAndStop.
 	OnPublishError func(attempt int, err error) ErrorDecision
+	// AckLevel is what each batch's publish waits for (see AckLevel); the
+	// futures complete with acks of that level, in order. With AckAccepted
+	// or AckNone a batch settles sooner, so the next one starts sooner.
+	// Default: AckDelivered.
+	AckLevel AckLevel
 }
 
 // Defaults of ProducerConfig.

@@ -151,11 +151,11 @@ func (p *initPub) PublishBatch(ctx context.Context, topic string, batch [][]byte
 // batch issued once it has recorded it.
 type orderedPub struct{ *mockPub }
 
-func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, issued func(), producer string, seq, _ uint64, _ func() uint64) (PublishAck, error) {
+func (o orderedPub) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, opts issueOpts) (PublishAck, error) {
 	o.mu.Lock()
-	o.origins = append(o.origins, batchOrigin{producer: producer, seq: seq})
+	o.origins = append(o.origins, batchOrigin{producer: opts.producer, seq: opts.seq})
 	o.mu.Unlock()
-	return o.do(ctx, topic, batch.data, issued)
+	return o.do(ctx, topic, batch.data, opts.issued)
 }
 
 func newTestProducer(t *testing.T, p Publisher, cfg ProducerConfig) *BatchingProducer {

@@ -53,7 +53,7 @@ func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (
 	if err != nil {
 		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
 	}
-	return n.publishBatchIssued(ctx, topic, b, nil, "", 0, 0, nil)
+	return n.publishBatchIssued(ctx, topic, b, issueOpts{})
 }
 
 // PublishMessages publishes msgs, each with its optional key and header, as
@@ -72,9 +72,11 @@ func (n *Node) PublishMessages(ctx context.Context, topic string, msgs []Outgoin
 	}
 	b, err := outgoingBatch(ctx, msgs, n.cfg.Propagator)
 	if err != nil {
-		return n.reject(topic, len(msgs), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+		ack, err := n.reject(topic, len(msgs), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+		ack.Level = cfg.ack
+		return ack, err
 	}
-	return n.publishBatchIssued(ctx, topic, b, nil, "", 0, 0, nil)
+	return n.publishBatchIssued(ctx, topic, b, issueOpts{level: cfg.ack})
 }
 
 // batchOrigin names one batch of one BatchingProducer; the zero value, for
@@ -122,7 +124,25 @@ func (o batchOrigin) mustWaitFor(last uint64) bool {
 // starts its next batch then, so several can be in flight in order. A retry
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
-func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, issued func(), producer string, seq, prev uint64, settled func() uint64) (PublishAck, error) {
+func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, o issueOpts) (PublishAck, error) {
+	ack, err := n.publishLevel(ctx, topic, batch, o)
+	ack.Level = o.level
+	return ack, err
+}
+
+// issueOpts are publishBatchIssued's options: the issue notice, the
+// producer batch (zero for plain publishes) and the ack level.
+type issueOpts struct {
+	issued   func()
+	producer string
+	seq      uint64
+	prev     uint64
+	settled  func() uint64
+	level    AckLevel
+}
+
+func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o issueOpts) (PublishAck, error) {
+	issued := o.issued
 	count := batch.len()
 	if err := validateTopic(topic); err != nil {
 		return n.reject(topic, count, err)
@@ -153,8 +173,8 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBa
 	}
 	var total chunkAcks
 	split := packed > limit
-	origin := batchOrigin{producer: producer, seq: seq, prev: prev, settledNow: settled}
-	if settled == nil || split {
+	origin := batchOrigin{producer: o.producer, seq: o.seq, prev: o.prev, settledNow: o.settled}
+	if o.settled == nil || split {
 		origin.prev = 0 // split batches are not held back: their chunks go one by one
 	}
 	for i, run := range chunks(batch, limit, split) {
@@ -162,7 +182,7 @@ func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBa
 		if run.end == count {
 			sig = issued
 		}
-		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split)
+		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level)
 		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
 			// Earlier chunks were delivered: the batch was not "not taken".
 			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
@@ -303,10 +323,10 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 
 // publishChunk publishes one request's worth of a batch. With split, the
 // owner also lists the subscribers it delivered to, for chunkAcks.
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool) (PublishAck, []SubscriberID, error) {
-	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split},
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool, level AckLevel) (PublishAck, []SubscriberID, error) {
+	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split, AckLevel: uint32(level)},
 		msgs: msgs, origin: &origin, wantIDs: split}
-	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued}
+	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued, noAnswer: level == AckNone}
 	if origin.producer == "" {
 		call.attempt = func() func() { return n.publisher.numberAttempt(topic, &origin) }
 	}

@@ -74,12 +74,18 @@ func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*
 	c.timer = time.AfterFunc(timeout, func() { r.finish(tok, nil, fmt.Errorf("%w: no reply from %s within %v", ErrTimeout, subject, timeout)) })
 	r.mu.Unlock()
 	if err := r.nc.PublishRequest(subject, r.prefix+strconv.FormatUint(tok, 36), data); err != nil {
-		if errors.Is(err, nats.ErrConnectionClosed) {
-			err = fmt.Errorf("%w: %w", ErrClosed, err) // nothing was sent
-		}
-		r.finish(tok, nil, err)
+		r.finish(tok, nil, wrapSendErr(err))
 	}
 	return tok
+}
+
+// wrapSendErr marks a send on a closed connection as ErrClosed: nothing
+// was sent.
+func wrapSendErr(err error) error {
+	if errors.Is(err, nats.ErrConnectionClosed) {
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return err
 }
 
 // sendEnvelope is send for an envelope not yet encoded.

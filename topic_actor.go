@@ -322,6 +322,13 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	msgs.seq = batchSeq{owner: n.self.ID, inc: n.self.Incarnation, seq: a.seq}
 	targets, reroute := a.targets(msgs)
 	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs, reroute: reroute}
+	if msgs.level != AckDelivered {
+		// Answered once handed to the sends, below; the outcomes still go
+		// to events, eviction and at-least-once retries.
+		b.answer = func(ownerAnswer) {}
+		defer answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id,
+			ack: PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len(), Level: msgs.level}})
+	}
 	if reroute != nil {
 		reroute.n, reroute.topic, reroute.seq, reroute.accepted = n, a.topic, a.seq, time.Now()
 		reroute.atLeastOnce = n.cfg.DeliveryMode(a.topic) == AtLeastOnce
@@ -333,7 +340,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	n.stats.published.Add(uint64(msgs.len()))
 	if len(targets) == 0 {
 		n.emitAccepted(b.ack)
-		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
+		b.answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
 	}
 	a.inflight++ // until account runs for b

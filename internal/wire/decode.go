@@ -118,6 +118,8 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.Packed = bs
 		case publishPackedMeta:
 			p.PackedMeta = bs
+		case publishAckLevel:
+			p.AckLevel = uint32(v)
 		case publishCount:
 			p.Count = uint32(v)
 		case publishProducer:

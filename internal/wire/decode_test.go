@@ -108,7 +108,7 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&MemberRef{}, map[string]protowire.Number{"node_id": refNodeID, "incarnation": refIncarnation})
 	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
-		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta})
+		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,

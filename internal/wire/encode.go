@@ -27,6 +27,7 @@ const (
 	publishPrev         protowire.Number = 10
 	publishSettled      protowire.Number = 11
 	publishPackedMeta   protowire.Number = 12
+	publishAckLevel     protowire.Number = 13
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2

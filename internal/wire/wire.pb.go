@@ -552,6 +552,9 @@ type PublishRequest struct {
 	// misreading it. A later format takes a new field the same way.
 	PackedMeta []byte `protobuf:"bytes,12,opt,name=packed_meta,json=packedMeta,proto3" json:"packed_meta,omitempty"`
 	Count      uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	// ack_level: what the publisher waits for (AckLevel): 1 answers once
+	// accepted, 2 expects no answer.
+	AckLevel uint32 `protobuf:"varint,13,opt,name=ack_level,json=ackLevel,proto3" json:"ack_level,omitempty"`
 	// delivered_ids: list the delivered subscribers in the ack (a batch split
 	// into chunks merges them per subscriber).
 	DeliveredIds bool `protobuf:"varint,9,opt,name=delivered_ids,json=deliveredIds,proto3" json:"delivered_ids,omitempty"`
@@ -640,6 +643,13 @@ func (x *PublishRequest) GetPackedMeta() []byte {
 func (x *PublishRequest) GetCount() uint32 {
 	if x != nil {
 		return x.Count
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetAckLevel() uint32 {
+	if x != nil {
+		return x.AckLevel
 	}
 	return 0
 }
@@ -1483,7 +1493,7 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xfb\x02\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\x98\x03\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1491,7 +1501,8 @@ const file_wire_proto_rawDesc = "" +
 	"\x06packed\x18\x05 \x01(\fR\x06packed\x12\x1f\n" +
 	"\vpacked_meta\x18\f \x01(\fR\n" +
 	"packedMeta\x12\x14\n" +
-	"\x05count\x18\x06 \x01(\rR\x05count\x12#\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\x12\x1b\n" +
+	"\tack_level\x18\r \x01(\rR\backLevel\x12#\n" +
 	"\rdelivered_ids\x18\t \x01(\bR\fdeliveredIds\x12#\n" +
 	"\rproducer_prev\x18\n" +
 	" \x01(\x04R\fproducerPrev\x12)\n" +

@@ -1,0 +1,138 @@
+package pubsub_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// An AckAccepted publish returns once the owner took the batch, while the
+// only subscriber's handler is still blocked, whether the owner is the
+// publishing node or another one.
+func TestAckAcceptedReturnsWhileAHandlerIsBlocked(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	for name, owner := range map[string]int{"local owner": 0, "remote owner": 1} {
+		t.Run(name, func(t *testing.T) {
+			topic := ownedBy(t, c.Nodes[owner], "accepted-"+fmt.Sprint(owner))
+			release := make(chan struct{})
+			defer close(release)
+			started := make(chan struct{}, 1)
+			subscribe(t, c.Nodes[2], topic, func(ctx context.Context, m *pubsub.Message) error {
+				started <- struct{}{}
+				<-release
+				return nil
+			})
+			ack, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.WithAck(pubsub.AckAccepted))
+			require.NoError(t, err)
+			assert.Equal(t, pubsub.PublishAck{Topic: topic, Status: pubsub.Accepted, Messages: 1, Level: pubsub.AckAccepted}, ack)
+			<-started // the handler got it, and has not returned
+		})
+	}
+}
+
+// At every level a failing subscriber is still evicted: the owner still
+// collects the outcomes.
+func TestAckLevelsStillEvictFailingSubscribers(t *testing.T) {
+	c := newCluster(t, 3, 3, pubsub.WithEvictAfter(2))
+	for _, level := range []pubsub.AckLevel{pubsub.AckAccepted, pubsub.AckNone} {
+		t.Run(level.String(), func(t *testing.T) {
+			topic := ownedBy(t, c.Nodes[1], "evict-"+level.String())
+			s := subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error { return fmt.Errorf("broken") })
+			testcluster.WaitFor(t, 10*time.Second, func() bool {
+				ack, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.WithAck(level))
+				require.NoError(t, err)
+				require.Equal(t, level, ack.Level)
+				require.Zero(t, ack.Delivered)
+				require.Empty(t, ack.Failures)
+				select {
+				case <-s.Done():
+					return true
+				default:
+					return false
+				}
+			}, "never evicted")
+			require.ErrorIs(t, s.Err(), pubsub.ErrEvicted)
+		})
+	}
+}
+
+// A pipelined producer keeps its order at every level, and its futures say
+// which level they attest; with AckNone every message still arrives when
+// nothing fails.
+func TestProducerKeepsOrderAtEveryAckLevel(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted, pubsub.AckNone} {
+		t.Run(level.String(), func(t *testing.T) {
+			topic := ownedBy(t, c.Nodes[1], "order-"+level.String())
+			rec := newRecorder()
+			s := subscribe(t, c.Nodes[2], topic, rec.handler)
+			prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 50, AckLevel: level})
+			require.NoError(t, err)
+			defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
+			const count = 2000
+			futures := make([]*pubsub.Produced, count)
+			for i := range futures {
+				futures[i] = prod.Produce(ctxT(t), msg(i))
+			}
+			for i, f := range futures {
+				ack, err := f.Wait(ctxT(t))
+				require.NoError(t, err, "message %d", i)
+				require.Equal(t, level, ack.Level)
+			}
+			testcluster.WaitFor(t, 10*time.Second, func() bool { return len(rec.of(s.ID())) == count }, "not every message arrived")
+			for i, d := range rec.of(s.ID()) {
+				require.Equal(t, string(msg(i)), d, "order")
+			}
+		})
+	}
+}
+
+// AckNone rejects what the publisher can see itself, with the usual errors,
+// and accepts the rest without waiting for the owner.
+func TestAckNoneRejectsOnlyLocallyVisibleErrors(t *testing.T) {
+	c := newCluster(t, 3, 2)
+	none := pubsub.WithAck(pubsub.AckNone)
+	topic := ownedBy(t, c.Nodes[1], "fire")
+	for name, tc := range map[string]struct {
+		topic string
+		msgs  []pubsub.Outgoing
+		want  error
+	}{
+		"invalid topic":  {"bad topic", []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.ErrInvalidTopic},
+		"too large":      {topic, []pubsub.Outgoing{{Data: make([]byte, c.Nodes[0].MaxMessageSize()+1)}}, pubsub.ErrTooLarge},
+		"invalid header": {topic, []pubsub.Outgoing{{Data: []byte("x"), Header: pubsub.Header{"a b": {"v"}}}}, pubsub.ErrInvalidMessage},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ack, err := c.Nodes[0].PublishMessages(ctxT(t), tc.topic, tc.msgs, none)
+			require.ErrorIs(t, err, tc.want)
+			assert.Equal(t, pubsub.Rejected, ack.Status)
+			assert.Equal(t, pubsub.AckNone, ack.Level)
+		})
+	}
+	var mu sync.Mutex
+	got := 0
+	subscribe(t, c.Nodes[1], topic, func(context.Context, *pubsub.Message) error {
+		mu.Lock()
+		got++
+		mu.Unlock()
+		return nil
+	})
+	ack, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}}, none)
+	require.NoError(t, err)
+	assert.Equal(t, pubsub.PublishAck{Topic: topic, Status: pubsub.Accepted, Messages: 1, Level: pubsub.AckNone}, ack)
+	testcluster.WaitFor(t, 5*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return got == 1 }, "the message never arrived")
+
+	c.CloseNode(t, 0)
+	_, err = c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}}, none)
+	require.ErrorIs(t, err, pubsub.ErrClosed)
+	assert.Equal(t, "accepted none delivered AckLevel(9)",
+		pubsub.AckAccepted.String()+" "+pubsub.AckNone.String()+" "+pubsub.AckDelivered.String()+" "+pubsub.AckLevel(9).String())
+}
