@@ -2,13 +2,17 @@ package pubsub_test
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -55,29 +59,145 @@ func BenchmarkPublishRoundTrip(b *testing.B) {
 	}
 	c.WaitConverged(b, 10*time.Second)
 
-	b.Run("pubsub-publish", func(b *testing.B) {
-		var topic string
+	var topic string
+	for i := 0; ; i++ {
+		topic = "bench-rt-" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
+		if m, _ := c.Nodes[0].OwnerOf(topic); m.ID == c.Nodes[1].ID() {
+			break
+		}
+	}
+	subscribeBench(b, c.Nodes[2], topic, newDeliveries())
+	data := make([]byte, 128)
+	for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted} {
+		// pubsub-publish is AckDelivered, the default: its ack waits for
+		// the subscriber; AckAccepted's for the owner only.
+		name := "pubsub-publish"
+		if level != pubsub.AckDelivered {
+			name += "/ack=" + level.String()
+		}
+		b.Run(name, func(b *testing.B) {
+			msgs := []pubsub.Outgoing{{Data: data}}
+			lat := make([]time.Duration, 0, b.N)
+			for b.Loop() {
+				start := time.Now()
+				ack, err := c.Nodes[0].PublishMessages(ctx, topic, msgs, pubsub.WithAck(level))
+				if err != nil || (level == pubsub.AckDelivered && ack.Delivered != 1) {
+					b.Fatalf("ack %+v err %v", ack, err)
+				}
+				lat = append(lat, time.Since(start))
+			}
+			median, p99 := reportMedian(b, lat)
+			if rawMedian > 0 && rawP99 > 0 {
+				b.ReportMetric(float64(median)/float64(rawMedian), "x-raw-median")
+				b.ReportMetric(float64(p99)/float64(rawP99), "x-raw-p99")
+			}
+		})
+	}
+}
+
+// BenchmarkAckNone compares AckNone publishes, one call at a time from a
+// node that does not own the topic (publisher on server 0, owner on server
+// 1, subscriber on server 2), with raw NATS publishes of the same payloads
+// from server 0 to a subscriber on server 2, in the same run, raw first with
+// no node attached. It reports the calls' rate (calls/s) and the rate of
+// deliveries until every message was delivered or refused (msgs/s,
+// x-raw), checks the order of what arrived, and reports the share the
+// owner refused: an AckNone publisher has no back-pressure, and past the
+// topic actor's queue of 65 536 requests the owner refuses, counts and logs
+// them. (The subscription's mailbox holds every batch: one batch per
+// publish.) The target: at least 0.5x the raw publish rate, all delivered.
+//
+//	go test -run '^$' -bench AckNone -benchtime 200000x .
+func BenchmarkAckNone(b *testing.B) {
+	c := testcluster.New(b, 3, 0)
+	data := make([]byte, 128)
+	var raw float64
+	b.Run("raw-nats-publish", func(b *testing.B) {
+		sub := c.Connect(b, 2)
+		defer sub.Close()
+		subject := "bench.none." + strconv.Itoa(b.N)
+		d := newDeliveries()
+		if _, err := sub.Subscribe(subject, func(*nats.Msg) { d.add() }); err != nil {
+			b.Fatal(err)
+		}
+		if err := c.Servers.WaitForInterest(subject, 5*time.Second); err != nil {
+			b.Fatal(err)
+		}
+		pub := c.Connect(b, 0)
+		defer pub.Close()
+		b.ResetTimer()
+		for range b.N {
+			if err := pub.Publish(subject, data); err != nil {
+				b.Fatal(err)
+			}
+		}
+		d.wait(b, int64(b.N))
+		raw = float64(b.N) / b.Elapsed().Seconds()
+		b.ReportMetric(raw, "msgs/s")
+	})
+	for i := range 3 {
+		c.AddNode(b, "n"+strconv.Itoa(i), i, fast...)
+	}
+	c.WaitConverged(b, 10*time.Second)
+	var run atomic.Int64
+	b.Run("pubsub-ack=none", func(b *testing.B) {
+		topic := ""
 		for i := 0; ; i++ {
-			topic = "bench-rt-" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
+			topic = "bench-none-" + strconv.FormatInt(run.Add(1), 10) + "-" + strconv.Itoa(i)
 			if m, _ := c.Nodes[0].OwnerOf(topic); m.ID == c.Nodes[1].ID() {
 				break
 			}
 		}
-		subscribeBench(b, c.Nodes[2], topic, newDeliveries()) // unsubscribed when the run ends
-		data := make([]byte, 128)
-		lat := make([]time.Duration, 0, b.N)
-		for b.Loop() {
-			start := time.Now()
-			ack, err := c.Nodes[0].Publish(ctx, topic, data)
-			if err != nil || ack.Delivered != 1 {
-				b.Fatalf("ack %+v err %v", ack, err)
+		var mu sync.Mutex
+		last, outOfOrder := -1, 0
+		d := newDeliveries()
+		s, err := c.Nodes[2].Subscribe(context.Background(), topic, func(_ context.Context, m *pubsub.Message) error {
+			mu.Lock()
+			if n, _ := strconv.Atoi(string(m.Data[:8])); n <= last {
+				outOfOrder++
+			} else {
+				last = n
 			}
-			lat = append(lat, time.Since(start))
+			mu.Unlock()
+			d.add()
+			return nil
+		}, pubsub.WithSubscriptionMailbox(b.N+1)) // one batch per publish: room for all
+		if err != nil {
+			b.Fatal(err)
 		}
-		median, p99 := reportMedian(b, lat)
-		if rawMedian > 0 && rawP99 > 0 {
-			b.ReportMetric(float64(median)/float64(rawMedian), "x-raw-median")
-			b.ReportMetric(float64(p99)/float64(rawP99), "x-raw-p99")
+		defer func() { _ = s.Unsubscribe(context.Background()) }()
+		msgs := make([][]pubsub.Outgoing, b.N)
+		for i := range msgs {
+			payload := make([]byte, 128)
+			copy(payload, fmt.Sprintf("%08d", i))
+			msgs[i] = []pubsub.Outgoing{{Data: payload}}
+		}
+		none := pubsub.WithAck(pubsub.AckNone)
+		refused0 := c.Nodes[1].Stats().RequestsRefused
+		b.ResetTimer()
+		for i := range b.N {
+			if _, err := c.Nodes[0].PublishMessages(context.Background(), topic, msgs[i], none); err != nil {
+				b.Fatal(err)
+			}
+		}
+		calls := float64(b.N) / b.Elapsed().Seconds()
+		// Every message is delivered, or refused by the owner's full queue
+		// (nothing tells an AckNone publisher: the owner counts it).
+		refused := func() int64 { return int64(c.Nodes[1].Stats().RequestsRefused - refused0) }
+		testcluster.WaitFor(b, time.Minute, func() bool { return d.got.Load()+refused() >= int64(b.N) },
+			"%d of %d delivered, %d refused", d.got.Load(), b.N, refused())
+		rate := float64(d.got.Load()) / b.Elapsed().Seconds()
+		b.StopTimer()
+		mu.Lock()
+		defer mu.Unlock()
+		if outOfOrder > 0 {
+			b.Fatalf("%d messages out of order", outOfOrder)
+		}
+		b.ReportMetric(calls, "calls/s")
+		b.ReportMetric(100*float64(refused())/float64(b.N), "%refused")
+		b.ReportMetric(rate, "msgs/s")
+		if raw > 0 {
+			b.ReportMetric(rate/raw, "x-raw")
 		}
 	})
 }

@@ -1,0 +1,123 @@
+// Command pubsub is a command-line tool for github.com/clusterpubsub/pubsub,
+// in the style of the nats CLI. Its one command, bench, measures the library
+// beside raw NATS core on the same servers in the same run:
+//
+//	pubsub bench [scenario...] [flags]
+//
+// For each scenario, raw NATS runs first with nothing else attached to the
+// servers; then pubsub nodes join those servers, the library runs the same
+// workload, the nodes leave, and the table shows both figures and their
+// ratio (pubsub / raw). The scenarios, run in this order by default:
+//
+//   - fanout: --nodes nodes (node i on server i % servers), one subscriber
+//     per node, a BatchingProducer on node 0 producing --count messages of
+//     --size bytes to a topic owned by node 1; raw: one publisher connection
+//     on server 0, one subscriber connection per server, one NATS message
+//     per message. Deliveries per second.
+//   - local: one node, --subs local subscribers, a BatchingProducer on the
+//     same node; nothing crosses NATS, so there is no raw figure.
+//   - latency: one publish at a time, publisher, owner and subscriber on
+//     three nodes on three servers, at each ack level (WithAck); raw:
+//     request/reply, requester on server 0, responder on server 1.
+//     Percentiles p50, p90, p99 and p99.9.
+//   - group: a consumer group of --nodes members, one per node, fed by a
+//     BatchingProducer on node 0; raw: a NATS queue group of one connection
+//     per server fed by one publisher on server 0.
+//
+// The producer scenarios use one of two patterns: --burst (the default), every
+// message produced in a loop with the default ProducerConfig, then a wait for
+// the last accepted future, reporting the accepted rate and the share of
+// Produce calls rejected with ErrQueueFull; or --window N, at most N futures
+// outstanding with ProducerConfig{MaxInFlight: 4}.
+//
+// --count defaults to 300000 messages for fanout and group, 1000000 for
+// local and 5000 publish calls (per ack level) for latency; with every
+// default, pubsub bench takes about 5 seconds on a 2-core machine. Nodes
+// run with 50 ms heartbeats, as the in-repo benchmarks do, and each
+// scenario joins fresh nodes and closes them before the next one starts.
+//
+// Without --url, bench starts an embedded cluster of --servers NATS servers
+// and shuts it down at exit; with --url, node i and raw connection i use
+// URL i % len(URLs). --json prints one JSON object instead of the table:
+// the run's settings, then per scenario its raw NATS figures ("raw", null
+// for local) and its pubsub results, each with "pubsub" figures
+// (deliveries_per_sec, queue_full_pct, or latency_us percentiles) and
+// "ratio" (pubsub over raw: a number, per-percentile ratios for latency,
+// or null). A progress bar of messages done appears on stderr, when it is
+// a terminal, for phases running longer than two seconds.
+//
+// Examples:
+//
+//	pubsub bench
+//	pubsub bench fanout --window 20000
+//	pubsub bench --json --count 2000 latency
+//	pubsub bench --url nats://a:4222,nats://b:4222,nats://c:4222
+//
+// Errors go to stderr, and the exit status is then 1.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run runs the command line args (without the program name), writing
+// results to stdout and errors, usage and progress to stderr, and returns
+// the exit status.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		printUsage(stderr)
+		return 1
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		printUsage(stdout)
+		return 0
+	case "bench":
+		cfg, err := parseBench(args[1:], stdout)
+		if errors.Is(err, errHelpShown) {
+			return 0
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "pubsub bench: %v\n", err)
+			fmt.Fprintln(stderr, "Run 'pubsub bench --help' for usage.")
+			return 1
+		}
+		if err := runBench(ctx, cfg, stdout, stderr); err != nil {
+			fmt.Fprintf(stderr, "pubsub bench: %v\n", err)
+			return 1
+		}
+		return 0
+	default:
+		fmt.Fprintf(stderr, "pubsub: unknown command %q\n", args[0])
+		printUsage(stderr)
+		return 1
+	}
+}
+
+// printUsage writes the tool's usage, every flag of every command included.
+func printUsage(w io.Writer) {
+	fmt.Fprint(w, `pubsub: a command-line tool for github.com/clusterpubsub/pubsub.
+
+Usage:
+  pubsub <command> [arguments]
+
+Commands:
+  bench [scenario...] [flags]
+        compare the library with raw NATS on the same servers, in one run
+  help  show this help
+
+`)
+	printBenchUsage(w)
+}

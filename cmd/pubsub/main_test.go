@@ -1,0 +1,310 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"os"
+	"os/exec"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
+)
+
+// runEnv makes the test binary run the tool with its arguments instead of
+// the tests, as internal/examplerun does for the examples.
+const runEnv = "PUBSUB_CMD_RUN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runEnv) == "1" {
+		os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// runTool runs the tool in a process of its own with args and returns its
+// exit status, stdout and stderr.
+func runTool(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], args...)
+	cmd.Env = append(os.Environ(), runEnv+"=1")
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatalf("pubsub %s: %v", strings.Join(args, " "), err)
+	}
+	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
+}
+
+// TestBenchTable runs every scenario with tiny counts and checks the table:
+// a row per scenario, a ratio for each scenario with a raw baseline, and
+// "—" for local's.
+func TestBenchTable(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the whole benchmark")
+	}
+	code, out, errs := runTool(t, "bench", "--count", "2000")
+	if code != 0 {
+		t.Fatalf("exit status %d\nstdout:\n%s\nstderr:\n%s", code, out, errs)
+	}
+	t.Logf("\n%s", out)
+	ratio := `\d+\.\d\dx`
+	for _, row := range []string{
+		`(?m)^fanout +burst +\d+\.\d+ [kM]?/s +\d+\.\d+ [kM]?/s +` + ratio + ` .*queue-full`,
+		`(?m)^local +burst +\d+\.\d+ [kM]?/s +— +— `,
+		`(?m)^latency +ack=delivered p50 +\d+\.\d µs +\d+\.\d µs +` + ratio,
+		`(?m)^latency +ack=delivered p99\.9 +\d+\.\d µs +\d+\.\d µs +` + ratio,
+		`(?m)^group +burst +\d+\.\d+ [kM]?/s +\d+\.\d+ [kM]?/s +` + ratio,
+	} {
+		if !regexp.MustCompile(row).MatchString(out) {
+			t.Errorf("no row matching %s", row)
+		}
+	}
+	for _, lvl := range latencyLevels {
+		if !strings.Contains(out, lvl.name+" p50") {
+			t.Errorf("no latency row for %s", lvl.name)
+		}
+	}
+	for _, col := range []string{"SCENARIO", "PATTERN", "PUBSUB", "RAW NATS", "RATIO", "NOTES"} {
+		if !strings.Contains(out, col) {
+			t.Errorf("no %s column", col)
+		}
+	}
+}
+
+// TestBenchJSONLatency checks the JSON of the latency scenario: a raw
+// baseline, and each ack level with its percentiles and their ratios.
+func TestBenchJSONLatency(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a benchmark")
+	}
+	code, out, errs := runTool(t, "bench", "--json", "--count", "2000", "latency")
+	if code != 0 {
+		t.Fatalf("exit status %d\nstdout:\n%s\nstderr:\n%s", code, out, errs)
+	}
+	var rep struct {
+		Servers   int `json:"servers"`
+		Scenarios []struct {
+			Name     string `json:"name"`
+			Messages int    `json:"messages"`
+			Raw      *struct {
+				Latency *latency `json:"latency_us"`
+			} `json:"raw"`
+			Results []struct {
+				Pattern string `json:"pattern"`
+				PubSub  struct {
+					Latency *latency `json:"latency_us"`
+				} `json:"pubsub"`
+				Ratio *latency `json:"ratio"`
+			} `json:"results"`
+		} `json:"scenarios"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("output is not one JSON object: %v\n%s", err, out)
+	}
+	if rep.Servers != 3 || len(rep.Scenarios) != 1 {
+		t.Fatalf("servers %d, %d scenarios; want 3 servers, 1 scenario:\n%s", rep.Servers, len(rep.Scenarios), out)
+	}
+	s := rep.Scenarios[0]
+	if s.Name != "latency" || s.Messages != 2000 {
+		t.Errorf("scenario %q of %d messages, want latency of 2000", s.Name, s.Messages)
+	}
+	if s.Raw == nil || s.Raw.Latency == nil || s.Raw.Latency.P50 <= 0 {
+		t.Fatalf("no raw latency:\n%s", out)
+	}
+	if len(s.Results) != len(latencyLevels) {
+		t.Fatalf("%d results, want one per ack level (%d):\n%s", len(s.Results), len(latencyLevels), out)
+	}
+	for i, r := range s.Results {
+		if r.Pattern != latencyLevels[i].name {
+			t.Errorf("result %d is %q, want %q", i, r.Pattern, latencyLevels[i].name)
+		}
+		l, x := r.PubSub.Latency, r.Ratio
+		if l == nil || x == nil {
+			t.Errorf("%s: latency %v, ratio %v", r.Pattern, l, x)
+			continue
+		}
+		if !(0 < l.P50 && l.P50 <= l.P90 && l.P90 <= l.P99 && l.P99 <= l.P999) {
+			t.Errorf("%s: percentiles out of order: %+v", r.Pattern, *l)
+		}
+		if x.P50 <= 0 || x.P999 <= 0 {
+			t.Errorf("%s: ratios %+v", r.Pattern, *x)
+		}
+	}
+}
+
+// TestHelpListsEveryFlag checks that both helps list every bench flag and
+// its default, and exit 0.
+func TestHelpListsEveryFlag(t *testing.T) {
+	var f benchFlags
+	fs := newBenchFlagSet(&f)
+	for _, args := range [][]string{{"--help"}, {"bench", "--help"}, {"bench", "-h"}} {
+		code, out, errs := runTool(t, args...)
+		if code != 0 {
+			t.Errorf("%v: exit status %d, stderr %s", args, code, errs)
+		}
+		fs.VisitAll(func(fl *flag.Flag) {
+			i := strings.Index(out, "\n  --"+fl.Name)
+			if i < 0 {
+				t.Errorf("%v: flag --%s missing from:\n%s", args, fl.Name, out)
+				return
+			}
+			doc := out[i+1:]
+			if j := strings.Index(doc[2:], "\n  --"); j >= 0 {
+				doc = doc[:j+2]
+			}
+			if !strings.Contains(doc, "(default") {
+				t.Errorf("%v: --%s does not give its default:\n%s", args, fl.Name, doc)
+			}
+		})
+		for _, s := range allScenarios {
+			if !strings.Contains(out, "\n  "+s+" ") {
+				t.Errorf("%v: scenario %s not documented", args, s)
+			}
+		}
+	}
+}
+
+// TestBadUsageExitsOne checks that usage errors go to stderr with exit
+// status 1.
+func TestBadUsageExitsOne(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{}, "Usage:"},
+		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
+		{[]string{"bench", "nope"}, `unknown scenario "nope"`},
+		{[]string{"bench", "--window", "100", "--burst"}, "exclude each other"},
+		{[]string{"bench", "--window", "0"}, "--window 0"},
+		{[]string{"bench", "--count", "-1"}, "--count -1"},
+		{[]string{"bench", "--url", "nats://a:1", "--servers", "2"}, "--servers"},
+		{[]string{"bench", "--bogus"}, "bogus"},
+	} {
+		code, out, errs := runTool(t, tc.args...)
+		if code != 1 || !strings.Contains(errs, tc.want) || out != "" {
+			t.Errorf("%v: exit status %d, stdout %q, stderr %q; want 1, nothing, %q", tc.args, code, out, errs, tc.want)
+		}
+	}
+}
+
+// TestUnreachableServerFails checks that a run that cannot connect fails
+// with exit status 1 and says why.
+func TestUnreachableServerFails(t *testing.T) {
+	code, _, errs := runTool(t, "bench", "--url", "nats://127.0.0.1:1", "--count", "10", "fanout")
+	if code != 1 || !strings.Contains(errs, "connect") {
+		t.Errorf("exit status %d, stderr %q; want 1 and a connect error", code, errs)
+	}
+}
+
+func TestParseInterleavesScenariosAndFlags(t *testing.T) {
+	cfg, err := parseBench([]string{"group", "--count", "10", "fanout", "--window", "50", "group"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"group", "fanout", "group"}; !slices.Equal(cfg.scenarios, want) {
+		t.Errorf("scenarios %v, want %v", cfg.scenarios, want)
+	}
+	if cfg.count != 10 || cfg.window != 50 || cfg.pattern() != "window 50" {
+		t.Errorf("count %d, window %d, pattern %q", cfg.count, cfg.window, cfg.pattern())
+	}
+	cfg, err = parseBench(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(cfg.scenarios, allScenarios) || cfg.pattern() != "burst" {
+		t.Errorf("defaults: scenarios %v, pattern %q", cfg.scenarios, cfg.pattern())
+	}
+	for s, want := range map[string]int{"fanout": 300_000, "local": 1_000_000, "latency": 5_000, "group": 300_000} {
+		if got := cfg.countFor(s); got != want {
+			t.Errorf("default count of %s: %d, want %d", s, got, want)
+		}
+	}
+}
+
+// TestRunLeavesNoGoroutine runs the tool in this process, with the window
+// pattern, and checks that nothing it started outlives it.
+func TestRunLeavesNoGoroutine(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a benchmark")
+	}
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	var out, errs bytes.Buffer
+	code := run(context.Background(), []string{"bench", "--json", "--count", "1000", "--window", "100", "local", "group"}, &out, &errs)
+	if code != 0 {
+		t.Fatalf("exit status %d, stderr %s", code, errs.String())
+	}
+	var rep struct {
+		Scenarios []struct {
+			Name    string `json:"name"`
+			Results []struct {
+				Pattern string `json:"pattern"`
+				Ratio   any    `json:"ratio"`
+			} `json:"results"`
+		} `json:"scenarios"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+		t.Fatalf("output is not one JSON object: %v\n%s", err, out.String())
+	}
+	if len(rep.Scenarios) != 2 {
+		t.Fatalf("%d scenarios, want 2:\n%s", len(rep.Scenarios), out.String())
+	}
+	for _, s := range rep.Scenarios {
+		if len(s.Results) != 1 || s.Results[0].Pattern != "window 100" {
+			t.Errorf("%s: results %+v, want one of pattern \"window 100\"", s.Name, s.Results)
+			continue
+		}
+		switch x := s.Results[0].Ratio; s.Name {
+		case "local":
+			if x != nil {
+				t.Errorf("local: ratio %v, want null (no raw baseline)", x)
+			}
+		case "group":
+			if f, ok := x.(float64); !ok || f <= 0 {
+				t.Errorf("group: ratio %v, want a positive number", x)
+			}
+		default:
+			t.Errorf("unexpected scenario %q", s.Name)
+		}
+	}
+}
+
+// TestBenchAgainstURLs runs every scenario, in this process, against two
+// servers given by --url: nodes and raw connections spread over them.
+func TestBenchAgainstURLs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a benchmark")
+	}
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	sc, err := embedded.StartCluster(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Shutdown()
+	var out, errs bytes.Buffer
+	code := run(context.Background(), []string{"bench", "--url", strings.Join(sc.URLs(), ","), "--count", "1000", "--prefix", "other.prefix"}, &out, &errs)
+	if code != 0 {
+		t.Fatalf("exit status %d, stderr %s", code, errs.String())
+	}
+	t.Logf("\n%s", out.String())
+	if !strings.Contains(out.String(), "2 NATS server URLs") {
+		t.Errorf("the header does not name the 2 URLs:\n%s", out.String())
+	}
+	for _, s := range allScenarios {
+		if !regexp.MustCompile(`(?m)^` + s + ` `).MatchString(out.String()) {
+			t.Errorf("no row for %s", s)
+		}
+	}
+}
