@@ -193,7 +193,7 @@ func (b *bench) connect(i int, name string) (*nats.Conn, error) {
 }
 
 // cleanup runs functions in reverse order of their addition, as defer
-// does, and remembers the first error.
+// does, and returns their errors joined.
 type cleanup struct {
 	fns []func() error
 }
@@ -215,10 +215,10 @@ type cluster struct {
 	conns []*nats.Conn
 }
 
-// join starts n nodes, node i on server i % servers, with the given
-// prefix, and waits until each sees all of them. The nodes and their
-// connections are closed by cl.
-func (b *bench) join(ctx context.Context, cl *cleanup, scenario string, n int, prefix string) (*cluster, error) {
+// join starts n nodes, node i on server i % servers, with prefix --prefix,
+// and waits until each sees all of them. The nodes and their connections
+// are closed by cl.
+func (b *bench) join(ctx context.Context, cl *cleanup, scenario string, n int) (*cluster, error) {
 	c := &cluster{nodes: make([]*pubsub.Node, n), conns: make([]*nats.Conn, n)}
 	cl.add(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
@@ -252,7 +252,7 @@ func (b *bench) join(ctx context.Context, cl *cleanup, scenario string, n int, p
 	errs := make([]error, n)
 	for i, nc := range c.conns {
 		id := "bench-" + b.runID + "-" + scenario + "-n" + strconv.Itoa(i)
-		opts := append(slices.Clip(nodeOptions), pubsub.WithNodeID(id), pubsub.WithPrefix(prefix))
+		opts := append(slices.Clip(nodeOptions), pubsub.WithNodeID(id), pubsub.WithPrefix(b.cfg.prefix))
 		wg.Go(func() {
 			node, err := pubsub.Join(jctx, nc, opts...)
 			c.nodes[i], errs[i] = node, err

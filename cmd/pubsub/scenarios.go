@@ -29,7 +29,7 @@ func (b *bench) fanout(ctx context.Context) (res scenarioResult, err error) {
 
 	var cl cleanup
 	defer func() { err = errors.Join(err, cl.run()) }()
-	c, err := b.join(ctx, &cl, scenarioFanout, n, b.cfg.prefix)
+	c, err := b.join(ctx, &cl, scenarioFanout, n)
 	if err != nil {
 		return res, err
 	}
@@ -63,7 +63,7 @@ func (b *bench) local(ctx context.Context) (res scenarioResult, err error) {
 
 	var cl cleanup
 	defer func() { err = errors.Join(err, cl.run()) }()
-	c, err := b.join(ctx, &cl, scenarioLocal, 1, b.cfg.prefix)
+	c, err := b.join(ctx, &cl, scenarioLocal, 1)
 	if err != nil {
 		return res, err
 	}
@@ -100,7 +100,7 @@ func (b *bench) group(ctx context.Context) (res scenarioResult, err error) {
 
 	var cl cleanup
 	defer func() { err = errors.Join(err, cl.run()) }()
-	c, err := b.join(ctx, &cl, scenarioGroup, n, b.cfg.prefix)
+	c, err := b.join(ctx, &cl, scenarioGroup, n)
 	if err != nil {
 		return res, err
 	}
@@ -141,7 +141,7 @@ func (b *bench) latency(ctx context.Context) (res scenarioResult, err error) {
 
 	var cl cleanup
 	defer func() { err = errors.Join(err, cl.run()) }()
-	c, err := b.join(ctx, &cl, scenarioLatency, 3, b.cfg.prefix)
+	c, err := b.join(ctx, &cl, scenarioLatency, 3)
 	if err != nil {
 		return res, err
 	}
