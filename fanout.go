@@ -69,7 +69,7 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 	sendBufs.Put(buf) // the connection copied it
 	// A node that leaves the view (crash) will not report: its subscribers
 	// are gone, and the ack need not wait for the timeout.
-	n.rpc.watch(tok, alive, n.cfg.HeartbeatInterval)
+	n.rpc.watch(tok, alive)
 }
 
 // remoteBatch is one node's DeliverBatch: the batch fields and messages

@@ -48,6 +48,9 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 // viewChanged runs on the control actor, in view order. Under a burst of view
 // changes (a flood of forged members) only the latest view does the work.
 func (n *Node) viewChanged(prev, next *view) {
+	// Requests in flight to members that left give up a heartbeat later:
+	// a member that leaves gracefully answers them while it drains.
+	time.AfterFunc(n.cfg.HeartbeatInterval, n.rpc.sweep)
 	for _, m := range next.members {
 		if _, ok := prev.member(m.ID); !ok {
 			n.log.Info("member joined", "member", m.ID, "members", len(next.members))

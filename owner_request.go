@@ -168,7 +168,7 @@ func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func(
 func (n *Node) askRemote(ctx context.Context, topic string, v *view, owner Member, req ownerRequest, wait time.Duration, sent func()) (ownerAnswer, error) {
 	buf := sendBufs.Get().(*[]byte)
 	*buf = req.encode(v, (*buf)[:0])
-	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.holds(owner), every: n.cfg.HeartbeatInterval, sent: sent})
+	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.holds(owner), sent: sent})
 	sendBufs.Put(buf)
 	if err != nil {
 		return ownerAnswer{}, err

@@ -34,7 +34,7 @@ type rpc struct {
 type call struct {
 	cb    func(*wire.Reply, error)
 	timer *time.Timer
-	watch *time.Timer // see watch; nil when unwatched
+	alive func() bool // see watch; nil when unwatched
 }
 
 var errNoResponders = nats.ErrNoResponders
@@ -98,44 +98,45 @@ func (r *rpc) sendEnvelope(subject string, env *wire.Envelope, timeout time.Dura
 	r.send(subject, data, timeout, cb)
 }
 
-// watch fails the pending call tok with ErrTimeout as soon as alive turns
-// false (checked every interval): a peer that left the view will not answer,
-// and the caller should not wait out the whole timeout.
-func (r *rpc) watch(tok uint64, alive func() bool, interval time.Duration) {
-	var check func()
-	check = func() {
-		r.mu.Lock()
-		c, ok := r.pending[tok]
-		r.mu.Unlock()
-		if !ok {
-			return
-		}
-		if !alive() {
-			r.finish(tok, nil, fmt.Errorf("%w: peer left the cluster", ErrTimeout))
-			return
-		}
-		r.mu.Lock()
-		if _, still := r.pending[tok]; still {
-			c.watch = time.AfterFunc(interval, check)
-		}
-		r.mu.Unlock()
-	}
+// watch makes pending call tok fail with ErrTimeout once alive turns false
+// (its peer left the view: the request may or may not have been
+// processed). The node sweeps the watched calls a heartbeat after each view
+// change (no timer per call: an owner with a deep backlog of deliveries
+// once spent a fifth of its CPU on them); alive is checked once now too.
+func (r *rpc) watch(tok uint64, alive func() bool) {
 	r.mu.Lock()
 	if c, ok := r.pending[tok]; ok {
-		c.watch = time.AfterFunc(interval, check)
+		c.alive = alive
 	}
 	r.mu.Unlock()
+	if !alive() {
+		r.finish(tok, nil, fmt.Errorf("%w: peer left the cluster", ErrTimeout))
+	}
+}
+
+// sweep fails the watched calls whose peer is no longer alive.
+func (r *rpc) sweep() {
+	r.mu.Lock()
+	var gone []uint64
+	for tok, c := range r.pending {
+		if c.alive != nil && !c.alive() {
+			gone = append(gone, tok)
+		}
+	}
+	r.mu.Unlock()
+	for _, tok := range gone {
+		r.finish(tok, nil, fmt.Errorf("%w: peer left the cluster while the request was in flight", ErrTimeout))
+	}
 }
 
 // callOpts are the per-call options of rpc.call.
 type callOpts struct {
 	timeout time.Duration
-	// alive, if not nil, is checked every every; when it turns false the
+	// alive, if not nil, is watched (see watch): when it turns false the
 	// peer is gone from the view and call gives up with ErrTimeout instead
 	// of waiting out the timeout: the request may or may not have been
 	// processed.
 	alive func() bool
-	every time.Duration
 	// sent, if not nil, is called once the request is written to the
 	// connection.
 	sent func()
@@ -167,26 +168,15 @@ func (r *rpc) call(ctx context.Context, subject string, data []byte, o callOpts)
 	if o.sent != nil {
 		o.sent()
 	}
-	var tick <-chan time.Time
 	if o.alive != nil {
-		t := time.NewTicker(o.every)
-		defer t.Stop()
-		tick = t.C
+		r.watch(tok, o.alive)
 	}
-	for {
-		select {
-		case res := <-ch:
-			return res.rep, res.err
-		case <-ctx.Done():
-			r.finish(tok, nil, ctx.Err())
-			return nil, ctx.Err()
-		case <-tick:
-			if !o.alive() {
-				err := fmt.Errorf("%w: %s left the cluster while the request was in flight", ErrTimeout, subject)
-				r.finish(tok, nil, err)
-				return nil, err
-			}
-		}
+	select {
+	case res := <-ch:
+		return res.rep, res.err
+	case <-ctx.Done():
+		r.finish(tok, nil, ctx.Err())
+		return nil, ctx.Err()
 	}
 }
 
@@ -195,9 +185,6 @@ func (r *rpc) finish(tok uint64, rep *wire.Reply, err error) {
 	c, ok := r.pending[tok]
 	if ok {
 		delete(r.pending, tok)
-		if c.watch != nil {
-			c.watch.Stop()
-		}
 	}
 	r.mu.Unlock()
 	if !ok {
@@ -231,11 +218,6 @@ func (r *rpc) close() {
 	r.closed = true
 	pending := r.pending
 	r.pending = map[uint64]*call{}
-	for _, c := range pending {
-		if c.watch != nil {
-			c.watch.Stop()
-		}
-	}
 	r.mu.Unlock()
 	_ = r.sub.Unsubscribe()
 	for _, c := range pending {
