@@ -9,7 +9,9 @@ import (
 // Sentinel errors. Every error returned by this package wraps one of them (or
 // a context error), so callers branch with errors.Is.
 var (
-	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages.
+	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages,
+	// or an AckNone publish found its topic's queue on this node (the
+	// owner) full.
 	ErrQueueFull = errors.New("pubsub: queue full")
 	// ErrTimeout: no answer in time; the outcome of the publish is unknown.
 	ErrTimeout = errors.New("pubsub: timeout")
@@ -165,7 +167,8 @@ const (
 	// AckNone: the call returns once the request is written to NATS (or
 	// queued on this node when it owns the topic). Only what the publisher
 	// can see itself is rejected: an invalid topic or message, too large,
-	// closed, no owner in its view. A batch the owner refuses (it no longer
+	// closed, no owner in its view, its own topic queue full (ErrQueueFull,
+	// when this node owns the topic). A batch the owner refuses (it no longer
 	// owns the topic, or is not ready) is lost without a word.
 	AckNone
 )

@@ -75,3 +75,28 @@ func TestUnknownRemoteStatusIsHandlerError(t *testing.T) {
 	assert.False(t, path)
 	assert.Equal(t, []DeliveryStatus{Delivered, DecodeError, HandlerError, HandlerError, HandlerError}, st)
 }
+
+// An AckNone publish to a topic this node owns queues on its actor without
+// anyone waiting: past the actor's bound it is refused with ErrQueueFull,
+// not queued without end.
+func TestAckNoneLocalQueueIsBounded(t *testing.T) {
+	n := &Node{self: Member{ID: "a", Incarnation: 1}}
+	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+	defer n.life.cancel()
+	n.events = newEventStream(n.self.ID)
+	n.members.cur.Store(newView(1, []Member{n.self}))
+	n.owner.init(n)
+	release := make(chan struct{})
+	n.owner.onActor("t", false, func(*topicActor) { <-release }) // keeps the actor busy
+	req := readinessProbe{from: n.selfRef(), topic: "t"}
+	var err error
+	for i := 0; i <= maxActorQueue && err == nil; i++ {
+		_, err = n.askLocal(t.Context(), "t", req, func() {}, true)
+	}
+	close(release)
+	drained := make(chan struct{})
+	n.owner.onActor("t", false, func(*topicActor) { close(drained) })
+	<-drained // the actor's goroutine ends before the test does
+	require.ErrorIs(t, err, ErrQueueFull)
+	assert.Equal(t, uint64(1), n.stats.refused.Load())
+}

@@ -132,7 +132,12 @@ var errNoOwner = errors.New("pubsub: no owner-eligible member")
 // answer; without answer, only until it is queued.
 func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, queued func(), noAnswer bool) (ownerAnswer, error) {
 	if noAnswer {
-		n.owner.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ownerAnswer) {}) })
+		// Nothing waits for the actor: its queue is bounded as for remote
+		// requests, or a publishing loop would grow it without end.
+		if !n.owner.onActor(topic, true, func(a *topicActor) { req.runLocal(a, func(ownerAnswer) {}) }) {
+			n.stats.refused.Add(1)
+			return ownerAnswer{}, fmt.Errorf("%w: the topic's actor on this node holds %d requests", ErrQueueFull, maxActorQueue)
+		}
 		queued()
 		return ownerAnswer{code: wire.Reply_OK, ack: PublishAck{Topic: topic, Status: Accepted}}, nil
 	}
