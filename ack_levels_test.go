@@ -66,32 +66,38 @@ func TestAckLevelsStillEvictFailingSubscribers(t *testing.T) {
 
 // A pipelined producer keeps its order at every level, and its futures say
 // which level they attest; with AckNone every message still arrives when
-// nothing fails.
+// nothing fails, intact: with the owner on the producer's node the actor
+// reads a batch after its future completed and the producer reused the
+// batch (it once delivered empty or shifted messages).
 func TestProducerKeepsOrderAtEveryAckLevel(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted, pubsub.AckNone} {
-		t.Run(level.String(), func(t *testing.T) {
-			topic := ownedBy(t, c.Nodes[1], "order-"+level.String())
-			rec := newRecorder()
-			s := subscribe(t, c.Nodes[2], topic, rec.handler)
-			prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 50, AckLevel: level})
-			require.NoError(t, err)
-			defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
-			const count = 2000
-			futures := make([]*pubsub.Produced, count)
-			for i := range futures {
-				futures[i] = prod.Produce(ctxT(t), msg(i))
-			}
-			for i, f := range futures {
-				ack, err := f.Wait(ctxT(t))
-				require.NoError(t, err, "message %d", i)
-				require.Equal(t, level, ack.Level)
-			}
-			testcluster.WaitFor(t, 10*time.Second, func() bool { return len(rec.of(s.ID())) == count }, "not every message arrived")
-			for i, d := range rec.of(s.ID()) {
-				require.Equal(t, string(msg(i)), d, "order")
-			}
-		})
+		for where, owner := range map[string]int{"remote owner": 1, "local owner": 0} {
+			t.Run(level.String()+"/"+where, func(t *testing.T) { producerOrderAt(t, c, level, owner) })
+		}
+	}
+}
+
+func producerOrderAt(t *testing.T, c *testcluster.Cluster, level pubsub.AckLevel, owner int) {
+	topic := ownedBy(t, c.Nodes[owner], fmt.Sprintf("order-%s-%d", level, owner))
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[2-owner], topic, rec.handler)
+	prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 50, AckLevel: level})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
+	const count = 2000
+	futures := make([]*pubsub.Produced, count)
+	for i := range futures {
+		futures[i] = prod.Produce(ctxT(t), msg(i))
+	}
+	for i, f := range futures {
+		ack, err := f.Wait(ctxT(t))
+		require.NoError(t, err, "message %d", i)
+		require.Equal(t, level, ack.Level)
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(rec.of(s.ID())) == count }, "not every message arrived")
+	for i, d := range rec.of(s.ID()) {
+		require.Equal(t, string(msg(i)), d, "order")
 	}
 }
 
@@ -135,4 +141,42 @@ func TestAckNoneRejectsOnlyLocallyVisibleErrors(t *testing.T) {
 	require.ErrorIs(t, err, pubsub.ErrClosed)
 	assert.Equal(t, "accepted none delivered AckLevel(9)",
 		pubsub.AckAccepted.String()+" "+pubsub.AckNone.String()+" "+pubsub.AckDelivered.String()+" "+pubsub.AckLevel(9).String())
+}
+
+// With AckAccepted or AckNone the caller may reuse its bytes once the call
+// returned, even when this node owns the topic and its handlers read them
+// later.
+func TestEarlyAckLevelsLetTheCallerReuseItsBytes(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	for _, level := range []pubsub.AckLevel{pubsub.AckAccepted, pubsub.AckNone} {
+		t.Run(level.String(), func(t *testing.T) {
+			topic := "reuse-" + level.String()
+			release := make(chan struct{})
+			rec := newRecorder()
+			s := subscribe(t, c.Nodes[0], topic, func(ctx context.Context, m *pubsub.Message) error {
+				<-release // every publish returns before a handler reads
+				return rec.handler(ctx, m)
+			})
+			buf := make([]byte, 4)
+			for i := range 200 {
+				copy(buf, fmt.Sprintf("%04d", i))
+				_, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: buf, Header: pubsub.Header{"i": {fmt.Sprint(i)}}}}, pubsub.WithAck(level))
+				require.NoError(t, err)
+			}
+			close(release)
+			testcluster.WaitFor(t, 10*time.Second, func() bool { return len(rec.of(s.ID())) == 200 }, "not every message arrived")
+			for i, d := range rec.of(s.ID()) {
+				require.Equal(t, fmt.Sprintf("%04d", i), d)
+			}
+		})
+	}
+}
+
+func TestAckLevelsOutOfRangeAreRefused(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	ack, err := c.Nodes[0].PublishMessages(ctxT(t), "t", []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.WithAck(pubsub.AckLevel(7)))
+	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
+	assert.Equal(t, pubsub.Rejected, ack.Status)
+	_, err = pubsub.NewBatchingProducer(c.Nodes[0], "t", pubsub.ProducerConfig{AckLevel: 7})
+	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
 }

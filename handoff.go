@@ -50,7 +50,7 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 func (n *Node) viewChanged(prev, next *view) {
 	// Requests in flight to members that left give up a heartbeat later:
 	// a member that leaves gracefully answers them while it drains.
-	time.AfterFunc(n.cfg.HeartbeatInterval, n.rpc.sweep)
+	n.rpc.sweepAfter(n.cfg.HeartbeatInterval)
 	for _, m := range next.members {
 		if _, ok := prev.member(m.ID); !ok {
 			n.log.Info("member joined", "member", m.ID, "members", len(next.members))

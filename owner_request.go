@@ -131,6 +131,9 @@ var errNoOwner = errors.New("pubsub: no owner-eligible member")
 // askLocal runs a request on this node's actor for topic and waits for its
 // answer; without answer, only until it is queued.
 func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, queued func(), noAnswer bool) (ownerAnswer, error) {
+	if p, ok := req.(*publishRequest); ok && p.owned == nil && p.wire.GetAckLevel() != uint32(AckDelivered) {
+		p.detach() // the actor reads it after this call returns
+	}
 	if noAnswer {
 		// Nothing waits for the actor: its queue is bounded as for remote
 		// requests, or a publishing loop would grow it without end.
@@ -195,6 +198,7 @@ type publishRequest struct {
 	// subscribers.
 	origin  *batchOrigin
 	wantIDs bool
+	owned   *ownedCopy // set by detach: the local owner reads this instead of msgs
 }
 
 func (r *publishRequest) encode(v *view, buf []byte) []byte {
@@ -207,8 +211,27 @@ func (r *publishRequest) encode(v *view, buf []byte) []byte {
 
 func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	r.origin.refresh()
-	a.publish(payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs,
-		level: AckLevel(r.wire.GetAckLevel())}, answer)
+	p := payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs,
+		level: AckLevel(min(r.wire.GetAckLevel(), uint32(AckNone)))}
+	if r.owned != nil {
+		p.msgs, p.packed, p.withMeta, p.count = msgBatch{}, r.owned.packed, r.owned.withMeta, r.msgs.len()
+	}
+	a.publish(p, answer)
+}
+
+// ownedCopy is a batch packed into a buffer of the node's own.
+type ownedCopy struct {
+	packed   []byte
+	withMeta bool
+}
+
+// detach packs the batch into a buffer of its own, for a local owner that
+// reads it after the call returned (AckAccepted, AckNone): the caller's
+// slices, and a producer's recycled batch, may change by then.
+func (r *publishRequest) detach() {
+	p := payload{msgs: r.msgs}
+	packed, withMeta := p.wire()
+	r.owned = &ownedCopy{packed: packed, withMeta: withMeta}
 }
 
 // subscribeRequest records, removes, or (stats) counts subscribers.

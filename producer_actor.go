@@ -209,17 +209,18 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 }
 
 // publishUnordered publishes through a Publisher that is no
-// orderedPublisher: PublishMessages when the batch has keys or headers
-// (ProduceMessage let none in otherwise), PublishBatch when not.
+// orderedPublisher: PublishMessages when the batch has keys or headers, or
+// an AckLevel to ask for (resolve and ProduceMessage let neither in
+// otherwise), PublishBatch when not.
 func (p *BatchingProducer) publishUnordered(ctx context.Context, msgs msgBatch) (PublishAck, error) {
-	if msgs.meta == nil {
+	if msgs.meta == nil && p.cfg.AckLevel == AckDelivered {
 		return p.pub.PublishBatch(ctx, p.topic, msgs.data)
 	}
 	out := make([]Outgoing, msgs.len())
 	for i, data := range msgs.data {
 		out[i] = Outgoing{Data: data, Key: msgs.meta[i].Key, Header: msgs.meta[i].Header}
 	}
-	return p.metaPub.PublishMessages(ctx, p.topic, out)
+	return p.metaPub.PublishMessages(ctx, p.topic, out, WithAck(p.cfg.AckLevel))
 }
 
 // onEvent handles an attempt's report.
@@ -236,6 +237,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		p.initialized = true
 	}
 	ack, err := p.normalize(ev.ack, ev.err, b.msgs.len())
+	ack.Level = p.cfg.AckLevel
 	if err == nil {
 		// Reuse msgs only when no subscriber can still be reading it: a
 		// Node's local fast path hands this very slice to local mailboxes,

@@ -116,7 +116,23 @@ func (c *ProducerConfig) resolve(p Publisher) error {
 		notNegative("MaxQueueSize", c.MaxQueueSize, DefaultMaxQueueSize, " messages"),
 		notNegative("PublishTimeout", c.PublishTimeout, publishTimeout, " for this publisher"),
 		notNegative("MaxInFlight", c.MaxInFlight, DefaultMaxInFlight, " batch"),
+		c.checkAckLevel(p),
 	)
+}
+
+// checkAckLevel refuses a level that is not one, and a level other than
+// AckDelivered through a Publisher that cannot carry it (only a *Node can,
+// or a Publisher with PublishMessages).
+func (c *ProducerConfig) checkAckLevel(p Publisher) error {
+	if c.AckLevel > AckNone {
+		return fmt.Errorf("%w: AckLevel %s is not an AckLevel", ErrInvalidConfig, c.AckLevel)
+	}
+	_, ordered := p.(orderedPublisher)
+	_, messages := p.(messagePublisher)
+	if c.AckLevel != AckDelivered && !ordered && !messages {
+		return fmt.Errorf("%w: AckLevel %s needs a *Node or a Publisher with PublishMessages; %T has neither", ErrInvalidConfig, c.AckLevel, p)
+	}
+	return nil
 }
 
 // messageLimit is the largest message p accepts: its MaxMessageSize when it

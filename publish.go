@@ -70,6 +70,9 @@ func (n *Node) PublishMessages(ctx context.Context, topic string, msgs []Outgoin
 			o(&cfg)
 		}
 	}
+	if cfg.ack > AckNone {
+		return n.reject(topic, len(msgs), fmt.Errorf("%w: publish to %q: WithAck(%s): not an AckLevel", ErrInvalidConfig, topic, cfg.ack))
+	}
 	b, err := outgoingBatch(ctx, msgs, n.cfg.Propagator)
 	if err != nil {
 		ack, err := n.reject(topic, len(msgs), fmt.Errorf("pubsub: publish to %q: %w", topic, err))

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -29,6 +30,8 @@ type rpc struct {
 	next    uint64
 	pending map[uint64]*call
 	closed  bool
+
+	sweepPending atomic.Bool // a sweep is scheduled
 }
 
 type call struct {
@@ -111,6 +114,17 @@ func (r *rpc) watch(tok uint64, alive func() bool) {
 	r.mu.Unlock()
 	if !alive() {
 		r.finish(tok, nil, fmt.Errorf("%w: peer left the cluster", ErrTimeout))
+	}
+}
+
+// sweepAfter sweeps once d from now; a burst of view changes (a flood of
+// forged members) schedules one sweep, not one each.
+func (r *rpc) sweepAfter(d time.Duration) {
+	if r.sweepPending.CompareAndSwap(false, true) {
+		time.AfterFunc(d, func() {
+			r.sweepPending.Store(false)
+			r.sweep()
+		})
 	}
 }
 
