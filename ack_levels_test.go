@@ -180,3 +180,36 @@ func TestAckLevelsOutOfRangeAreRefused(t *testing.T) {
 	_, err = pubsub.NewBatchingProducer(c.Nodes[0], "t", pubsub.ProducerConfig{AckLevel: 7})
 	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
 }
+
+// The owner serves runs of AckAccepted publishes as one batch; each call
+// still gets its own ack, counting its own messages, and every message
+// arrives once.
+func TestAckAcceptedAnswersEachPublishOfARun(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[1], "runs")
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[2], topic, rec.handler)
+	accepted := pubsub.WithAck(pubsub.AckAccepted)
+	var wg sync.WaitGroup
+	for g := 1; g <= 5; g++ {
+		wg.Go(func() {
+			for k := range 200 {
+				out := make([]pubsub.Outgoing, g)
+				for j := range out {
+					out[j] = pubsub.Outgoing{Data: fmt.Appendf(nil, "g%d-%d-%d", g, k, j)}
+				}
+				ack, err := c.Nodes[0].PublishMessages(context.Background(), topic, out, accepted)
+				assert.NoError(t, err)
+				assert.Equal(t, g, ack.Messages, "an ack counts its own call's messages")
+			}
+		})
+	}
+	wg.Wait()
+	want := 200 * (1 + 2 + 3 + 4 + 5)
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(rec.of(s.ID())) == want }, "not every message arrived")
+	seen := map[string]bool{}
+	for _, d := range rec.of(s.ID()) {
+		require.False(t, seen[d], "%s twice", d)
+		seen[d] = true
+	}
+}

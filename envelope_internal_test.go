@@ -100,3 +100,36 @@ func TestAckNoneLocalQueueIsBounded(t *testing.T) {
 	require.ErrorIs(t, err, ErrQueueFull)
 	assert.Equal(t, uint64(1), n.stats.refused.Load())
 }
+
+// Consecutive early-ack publishes of one publisher are served as one batch;
+// each request still gets its own answer with its own message count.
+func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
+	n := &Node{}
+	plain := func(publisher string, seq uint64, msgs ...string) payload {
+		data := make([][]byte, len(msgs))
+		for i, m := range msgs {
+			data[i] = []byte(m)
+		}
+		return payload{packed: wire.Pack(nil, data), count: len(msgs), publisher: publisher,
+			origin: batchOrigin{producer: publisher + "/p", seq: seq}, level: AckNone}
+	}
+	withMeta := plain("a", 9, "m")
+	withMeta.withMeta = true
+	reqs := []earlyRequest{
+		{plain("a", 1, "1", "2"), ""}, {plain("a", 2, "3"), ""}, // one run
+		{plain("b", 1, "x"), ""}, // another publisher
+		{withMeta, ""},           // keys or headers: alone
+		{plain("a", 3, "4"), ""},
+	}
+	runs := n.mergeEarlyWithin(reqs, 1<<20)
+	require.Len(t, runs, 4)
+	got := runs[0].msgs.messages("t")
+	require.Len(t, got, 3)
+	assert.Equal(t, "3", string(got[2].Data))
+	assert.Equal(t, uint64(2), runs[0].msgs.origin.seq, "the run carries its last number")
+	assert.Equal(t, 1, runs[1].msgs.count)
+	assert.True(t, runs[2].msgs.withMeta)
+	assert.Equal(t, "4", string(runs[3].msgs.messages("t")[0].Data))
+	// The size limit splits runs too.
+	assert.Len(t, n.mergeEarlyWithin(reqs[:2], 4), 2)
+}

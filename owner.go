@@ -127,6 +127,12 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 	msgs.wantIDs, msgs.publisher = req.GetDeliveredIds(), req.GetFrom().GetNodeId()
 	msgs.level = AckLevel(min(req.GetAckLevel(), uint32(AckNone)))
 	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}
+	if msgs.level != AckDelivered {
+		if !n.publishEarly(topic, msgs, reply) {
+			n.refuse(topic, reply)
+		}
+		return
+	}
 	if !n.owner.onActor(topic, true, func(a *topicActor) {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 	}) {

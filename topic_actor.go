@@ -39,6 +39,7 @@ type topicActor struct {
 	// through a move.
 	producers map[string]uint64
 	groups    groupBook
+	early     earlyQueue // shared with the inbox: see early.go
 }
 
 // publishGroupSizes gives Stats a copy of the group sizes.

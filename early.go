@@ -1,0 +1,109 @@
+package pubsub
+
+import (
+	"slices"
+	"sync"
+)
+
+// Publishes nobody waits on the delivery of (AckAccepted, AckNone) arrive
+// one small batch at a time from a publishing loop: served one by one, each
+// costs the owner a batch (a delivery and a report per subscriber node).
+// The inbox queues them per topic, and the actor serves each run of
+// consecutive ones from one publisher as a single batch.
+
+// earlyQueue holds a topic's early-ack publishes until its actor serves
+// them; the inbox goroutine and the actor share it under mu.
+type earlyQueue struct {
+	mu        sync.Mutex
+	reqs      []earlyRequest
+	scheduled bool // an actor task will take reqs
+}
+
+type earlyRequest struct {
+	msgs  payload
+	reply string
+}
+
+// publishEarly queues msgs for topic's actor, and reports false when the
+// queue is full (the request is then refused like any other).
+func (n *Node) publishEarly(topic string, msgs payload, reply string) bool {
+	q := &n.owner.actor(topic).early
+	q.mu.Lock()
+	if len(q.reqs) >= maxActorQueue {
+		q.mu.Unlock()
+		return false
+	}
+	q.reqs = append(q.reqs, earlyRequest{msgs, reply})
+	if q.scheduled {
+		q.mu.Unlock()
+		return true
+	}
+	q.scheduled = true
+	q.mu.Unlock()
+	n.owner.onActor(topic, false, func(a *topicActor) {
+		q.mu.Lock()
+		reqs := q.reqs
+		q.reqs, q.scheduled = nil, false
+		q.mu.Unlock()
+		for _, run := range n.mergeEarly(reqs) {
+			a.publish(run.msgs, run.answer)
+		}
+	})
+	return true
+}
+
+// earlyRun is one batch made of consecutive early-ack publishes.
+type earlyRun struct {
+	msgs   payload
+	answer func(ownerAnswer)
+}
+
+// mergeEarly joins consecutive requests of one publisher (and producer)
+// into one batch while it fits in a message; each request still gets its
+// own answer. Only batches without keys or headers merge: a format 2
+// batch's headers may refer to the message before.
+func (n *Node) mergeEarly(reqs []earlyRequest) []earlyRun {
+	return n.mergeEarlyWithin(reqs, n.MaxMessageSize())
+}
+
+// mergeEarlyWithin is mergeEarly with runs of at most limit packed bytes.
+func (n *Node) mergeEarlyWithin(reqs []earlyRequest, limit int) []earlyRun {
+	var runs []earlyRun
+	for i := 0; i < len(reqs); {
+		first := reqs[i].msgs
+		j, size := i+1, len(first.packed)
+		for j < len(reqs) && mergeable(first, reqs[j].msgs) && size+len(reqs[j].msgs.packed) <= limit {
+			size += len(reqs[j].msgs.packed)
+			j++
+		}
+		run := reqs[i:j]
+		msgs := first
+		if len(run) > 1 {
+			packed := make([]byte, 0, size)
+			msgs.count = 0
+			for _, r := range run {
+				packed = append(packed, r.msgs.packed...)
+				msgs.count += r.msgs.count
+				msgs.origin.seq = max(msgs.origin.seq, r.msgs.origin.seq)
+			}
+			msgs.packed = packed
+		}
+		replies := slices.Clone(run)
+		runs = append(runs, earlyRun{msgs: msgs, answer: func(ans ownerAnswer) {
+			for _, r := range replies {
+				each := ans
+				each.ack.Messages = r.msgs.count
+				n.replyTo(r.reply, each.wire())
+			}
+		}})
+		i = j
+	}
+	return runs
+}
+
+// mergeable reports whether b can join a batch that starts with a.
+func mergeable(a, b payload) bool {
+	return !a.withMeta && !b.withMeta && a.msgs.data == nil && b.msgs.data == nil &&
+		a.publisher == b.publisher && a.origin.producer == b.origin.producer &&
+		a.origin.prev == 0 && b.origin.prev == 0 && a.level == b.level && !a.wantIDs && !b.wantIDs
+}
