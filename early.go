@@ -16,8 +16,13 @@ import (
 type earlyQueue struct {
 	mu        sync.Mutex
 	reqs      []earlyRequest
+	bytes     int  // packed bytes held in reqs
 	scheduled bool // an actor task will take reqs
 }
+
+// maxEarlyBytes bounds the bytes a topic's early-ack queue holds (besides
+// maxActorQueue requests): past it a request is refused like any other.
+const maxEarlyBytes = 64 << 20
 
 type earlyRequest struct {
 	msgs  payload
@@ -29,11 +34,12 @@ type earlyRequest struct {
 func (n *Node) publishEarly(topic string, msgs payload, reply string) bool {
 	q := &n.owner.actor(topic).early
 	q.mu.Lock()
-	if len(q.reqs) >= maxActorQueue {
+	if len(q.reqs) >= maxActorQueue || q.bytes+len(msgs.packed) > maxEarlyBytes {
 		q.mu.Unlock()
 		return false
 	}
 	q.reqs = append(q.reqs, earlyRequest{msgs, reply})
+	q.bytes += len(msgs.packed)
 	if q.scheduled {
 		q.mu.Unlock()
 		return true
@@ -43,7 +49,7 @@ func (n *Node) publishEarly(topic string, msgs payload, reply string) bool {
 	n.owner.onActor(topic, false, func(a *topicActor) {
 		q.mu.Lock()
 		reqs := q.reqs
-		q.reqs, q.scheduled = nil, false
+		q.reqs, q.bytes, q.scheduled = nil, 0, false
 		q.mu.Unlock()
 		for _, run := range n.mergeEarly(reqs) {
 			a.publish(run.msgs, run.answer)

@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -158,4 +159,84 @@ func ExampleWithPropagator() {
 	}
 	// Output:
 	// job-1 handled for request req-42
+}
+
+// Subscribers that share a group name split the topic's messages: each
+// message reaches one member of the group, the same member for one key,
+// while a subscriber without a group gets every message. In the ack the
+// group counts once.
+func ExampleWithGroup() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, stop := exampleNode(ctx)
+	defer stop()
+
+	var mu sync.Mutex
+	perMember := map[string]int{}
+	for range 2 {
+		_, err := node.Subscribe(ctx, "jobs", func(ctx context.Context, m *pubsub.Message) error {
+			id, _ := pubsub.SubscriberFromContext(ctx)
+			mu.Lock()
+			perMember[id.Local]++
+			mu.Unlock()
+			return nil
+		}, pubsub.WithGroup("workers"))
+		if err != nil {
+			panic(err)
+		}
+	}
+	audit, err := node.Subscribe(ctx, "jobs", func(context.Context, *pubsub.Message) error { return nil })
+	if err != nil {
+		panic(err)
+	}
+	jobs := make([]pubsub.Outgoing, 10)
+	for i := range jobs {
+		jobs[i] = pubsub.Outgoing{Data: fmt.Appendf(nil, "job-%d", i)}
+	}
+	ack, err := node.PublishMessages(ctx, "jobs", jobs)
+	if err != nil {
+		panic(err)
+	}
+	mu.Lock()
+	total := 0
+	for _, n := range perMember {
+		total += n
+	}
+	fmt.Printf("delivered=%d (the audit subscriber and the group); the group ran %d jobs over %d members\n", ack.Delivered, total, len(perMember))
+	fmt.Println("audit group:", audit.Group() == "")
+	mu.Unlock()
+	// Output:
+	// delivered=2 (the audit subscriber and the group); the group ran 10 jobs over 2 members
+	// audit group: true
+}
+
+// WithAck chooses what a publish waits for: AckAccepted returns once the
+// owner took the batch, while a subscriber may still be working on it.
+func ExampleWithAck() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, stop := exampleNode(ctx)
+	defer stop()
+
+	release := make(chan struct{})
+	done := make(chan struct{})
+	_, err := node.Subscribe(ctx, "reports", func(context.Context, *pubsub.Message) error {
+		<-release // a slow subscriber
+		close(done)
+		return nil
+	})
+	if err != nil {
+		panic(err)
+	}
+	ack, err := node.PublishMessages(ctx, "reports", []pubsub.Outgoing{{Data: []byte("r1")}}, pubsub.WithAck(pubsub.AckAccepted))
+	if err != nil {
+		panic(err)
+	}
+	fmt.Printf("%s at level %s: delivered=%d\n", ack.Status, ack.Level, ack.Delivered)
+	close(release)
+	<-done
+	fmt.Println("handled after the publish returned")
+	// Output:
+	// accepted at level accepted: delivered=0
+	// handled after the publish returned
 }

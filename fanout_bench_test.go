@@ -78,7 +78,18 @@ func BenchmarkFanout(b *testing.B) {
 // on each of c's servers, one NATS message per logical message, reports
 // deliveries/s and returns it. Its connections are closed when it returns.
 func rawFanout(b *testing.B, c *testcluster.Cluster, data []byte) float64 {
-	subject := "bench.fanout." + strconv.Itoa(b.N)
+	return rawDeliver(b, c, "bench.fanout", "", data)
+}
+
+// rawDeliver publishes b.N messages on server 0 to one subscriber
+// connection on each of c's servers, all of them in NATS queue group queue
+// when it is not "" (each message then reaches one of them), waits until
+// every delivery arrived, reports deliveries/s and returns it. Its
+// connections are closed when it returns.
+func rawDeliver(b *testing.B, c *testcluster.Cluster, prefix, queue string, data []byte) float64 {
+	// A subject per run: subscribers of an earlier run, whose connections
+	// are closed, may still be known over the routes.
+	subject := prefix + "." + strconv.Itoa(b.N)
 	d := newDeliveries()
 	var conns []*nats.Conn
 	defer func() {
@@ -89,7 +100,7 @@ func rawFanout(b *testing.B, c *testcluster.Cluster, data []byte) float64 {
 	for i := range c.Servers.Servers {
 		nc := c.Connect(b, i)
 		conns = append(conns, nc)
-		sub, err := nc.Subscribe(subject, func(*nats.Msg) { d.add() })
+		sub, err := nc.QueueSubscribe(subject, queue, func(*nats.Msg) { d.add() }) // "" : a plain subscription
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -100,13 +111,17 @@ func rawFanout(b *testing.B, c *testcluster.Cluster, data []byte) float64 {
 			b.Fatal(err)
 		}
 	}
-	// Server 0, where the publisher is, must know all three subscriptions
+	// Server 0, where the publisher is, must know all the subscriptions
 	// (its own and one over each route), or it drops messages.
 	s0 := c.Servers.Servers[0].GlobalAccount()
 	testcluster.WaitFor(b, 5*time.Second, func() bool { return s0.Interest(subject) == len(conns) },
 		"server 0 does not know all %d subscriptions to %s", len(conns), subject)
 	pub := c.Connect(b, 0)
 	conns = append(conns, pub)
+	want := int64(len(conns)-1) * int64(b.N)
+	if queue != "" {
+		want = int64(b.N)
+	}
 	b.ResetTimer()
 	for range b.N {
 		if err := pub.Publish(subject, data); err != nil {
@@ -116,9 +131,12 @@ func rawFanout(b *testing.B, c *testcluster.Cluster, data []byte) float64 {
 	if err := pub.Flush(); err != nil {
 		b.Fatal(err)
 	}
-	d.wait(b, int64(len(conns)-1)*int64(b.N))
+	d.wait(b, want)
 	rate := float64(d.got.Load()) / b.Elapsed().Seconds()
 	b.StopTimer()
+	if got := d.got.Load(); got != want {
+		b.Fatalf("%d deliveries of %d messages, want %d", got, b.N, want)
+	}
 	b.ReportMetric(rate, "deliveries/s")
 	return rate
 }

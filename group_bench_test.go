@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
@@ -46,7 +44,7 @@ func BenchmarkGroup(b *testing.B) {
 
 	var raw float64 // deliveries/s of the last raw-nats-queue run (the one at the full b.N with -count 1)
 	b.Run("raw-nats-queue", func(b *testing.B) {
-		raw = rawQueue(b, c, data)
+		raw = rawDeliver(b, c, "bench.group", "workers", data)
 	})
 
 	for i := range 3 {
@@ -75,64 +73,6 @@ func BenchmarkGroup(b *testing.B) {
 		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4})
 		reportRatio(b, produceWindow(b, p, []pubsub.Outgoing{{Data: data}}, d, 1, 20_000), raw)
 	})
-}
-
-// rawQueue publishes b.N messages on server 0 to a NATS queue group of one
-// subscriber connection on each of c's servers, one NATS message per logical
-// message, waits until the group got all of them (each once), reports
-// deliveries/s and returns it. Its connections are closed when it returns.
-func rawQueue(b *testing.B, c *testcluster.Cluster, data []byte) float64 {
-	// A subject per run, as in rawFanout: members of an earlier run, whose
-	// connections are closed, may still be known over the routes.
-	subject := "bench.group." + strconv.Itoa(b.N)
-	d := newDeliveries()
-	var conns []*nats.Conn
-	defer func() {
-		for _, nc := range conns {
-			nc.Close()
-		}
-	}()
-	for i := range c.Servers.Servers {
-		nc := c.Connect(b, i)
-		conns = append(conns, nc)
-		sub, err := nc.QueueSubscribe(subject, "workers", func(*nats.Msg) { d.add() })
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := sub.SetPendingLimits(-1, -1); err != nil { // measure throughput, not drops
-			b.Fatal(err)
-		}
-		if err := nc.Flush(); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := c.Servers.WaitForInterest(subject, 5*time.Second); err != nil {
-		b.Fatal(err)
-	}
-	// Server 0, where the publisher is, must also know the members on the
-	// other servers (its own and one over each route).
-	s0 := c.Servers.Servers[0].GlobalAccount()
-	testcluster.WaitFor(b, 5*time.Second, func() bool { return s0.Interest(subject) == len(conns) },
-		"server 0 does not know all %d queue members on %s", len(conns), subject)
-	pub := c.Connect(b, 0)
-	conns = append(conns, pub)
-	b.ResetTimer()
-	for range b.N {
-		if err := pub.Publish(subject, data); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := pub.Flush(); err != nil {
-		b.Fatal(err)
-	}
-	d.wait(b, int64(b.N))
-	rate := float64(b.N) / b.Elapsed().Seconds()
-	b.StopTimer()
-	if got := d.got.Load(); got != int64(b.N) {
-		b.Fatalf("the queue group got %d deliveries of %d messages", got, b.N)
-	}
-	b.ReportMetric(rate, "deliveries/s")
-	return rate
 }
 
 // subscribeGroupBench is subscribeBench for a member of group: its handler

@@ -31,6 +31,14 @@
 // For high rates use a BatchingProducer, which batches, pipelines and keeps
 // per-message futures. Every decision the library makes is observable on
 // Node.Events.
+//
+// Messages can carry a routing key and a header (PublishMessages,
+// Outgoing, Header), and a Propagator carries trace context through them;
+// Topic[T] is a typed view of a topic through a Codec. WithGroup makes
+// subscribers a consumer group: each message reaches one member, the same
+// one for a key. WithAck chooses what a publish waits for: every
+// subscriber (the default), the owner's acceptance, or nothing. A node
+// joined WithClientOnly never owns a topic.
 package pubsub
 
 import (
