@@ -13,13 +13,14 @@ import (
 
 // How the producer works, for maintainers:
 //
-//   - Intake. Produce appends an entry to a mutex-guarded slice and, only when
+//   - Intake. Produce appends an entry to a mutex-guarded chain of
+//     fixed-size blocks (producer_intake.go) and, only when
 //     the actor asked to hear about it (wakeLen/wakeBytes), nudges it through
 //     a 1-buffered channel. There is no goroutine and no channel per message:
 //     futures come from small slabs and allocate their done channel only when
 //     someone calls Done, or Wait before completion.
 //   - Batches. One goroutine, the actor, alone changes the producer's state.
-//     It swaps the intake slice for its own drained one and cuts batches from
+//     It takes the whole chain once it read its own and cuts batches from
 //     it, dropping messages whose context is already done. Each attempt runs
 //     on its own goroutine, which reports back on a channel; attempts start
 //     in batch order, and the next one starts only once the previous one was
@@ -67,23 +68,22 @@ type BatchingProducer struct {
 
 	// mu guards the intake, shared by Produce, Flush, Close and the actor.
 	mu        sync.Mutex
-	in        []producerEntry // appended by Produce, swapped out by the actor
-	queued    int             // messages queued and not yet cut into a batch
-	qbytes    int             // their size, counted as in a batch
-	firstAt   time.Time       // when the queue last went from empty to non-empty
-	seq       uint64          // messages ever queued
-	cutSeq    uint64          // messages ever taken out of the queue
-	flushSeq  uint64          // the first flushSeq messages go out without lingering
-	wakeLen   int             // Produce nudges the actor when queued reaches it...
-	wakeBytes int             // ...or qbytes reaches this
-	closed    *Produced       // once intake stopped: the done future Produce returns
-	closing   bool            // Close was called: drain, then return
-	last      *Produced       // future of the last queued message
-	slab      []Produced      // futures not yet handed out
+	in        intakeQueue // appended by Produce, taken whole by the actor
+	queued    int         // messages queued and not yet cut into a batch
+	qbytes    int         // their size, counted as in a batch
+	firstAt   time.Time   // when the queue last went from empty to non-empty
+	seq       uint64      // messages ever queued
+	cutSeq    uint64      // messages ever taken out of the queue
+	flushSeq  uint64      // the first flushSeq messages go out without lingering
+	wakeLen   int         // Produce nudges the actor when queued reaches it...
+	wakeBytes int         // ...or qbytes reaches this
+	closed    *Produced   // once intake stopped: the done future Produce returns
+	closing   bool        // Close was called: drain, then return
+	last      *Produced   // future of the last queued message
+	slab      []Produced  // futures not yet handed out
 
 	// Actor state: touched only by the producer goroutine.
-	pend        []producerEntry // taken from in; pend[pendHead:] still queued
-	pendHead    int
+	pend        intakeQueue      // taken from in, read by cutAndIssue
 	fifo        []*producerBatch // batches cut and not yet completed, in order
 	free        []*producerBatch // recycled batches
 	active      int              // batches issued and not resolved (running or awaiting retry)
@@ -288,9 +288,8 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 	f := &p.slab[0]
 	f.topic = p.topic
 	p.slab = p.slab[1:]
-	p.in = append(p.in, producerEntry{ctx: ctx, data: data, meta: meta, fut: f})
 	p.queued++
-	p.qbytes += p.in[len(p.in)-1].size()
+	p.qbytes += p.in.push(producerEntry{ctx: ctx, data: data, meta: meta, fut: f}).size()
 	p.seq++
 	p.last = f
 	if p.queued == 1 && p.cfg.Linger > 0 {

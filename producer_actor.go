@@ -114,23 +114,20 @@ func (p *BatchingProducer) cutAndIssue() {
 	b.seq = p.nextSeq
 	taken, takenBytes, size := 0, 0, 0
 	for b.msgs.len() < p.cfg.BatchSize {
-		if p.pendHead == len(p.pend) {
+		if p.pend.empty() {
 			p.mu.Lock()
-			if len(p.in) == 0 {
-				p.mu.Unlock()
+			p.pend = p.in.take()
+			p.mu.Unlock()
+			if p.pend.empty() {
 				break
 			}
-			p.pend, p.in = p.in, p.pend[:0] // pend is drained and zeroed
-			p.pendHead = 0
-			p.mu.Unlock()
 		}
-		e := &p.pend[p.pendHead]
+		e := p.pend.front()
 		sz := e.size()
 		live := e.ctx.Err() == nil
 		if live && b.msgs.len() > 0 && size+sz > p.cfg.MaxBatchBytes {
 			break
 		}
-		p.pendHead++
 		taken++
 		takenBytes += sz
 		b.entries = append(b.entries, producerEntry{ctx: e.ctx, data: e.data, meta: e.meta, fut: e.fut, dropped: !live})
@@ -138,7 +135,7 @@ func (p *BatchingProducer) cutAndIssue() {
 			b.msgs.add(e.data, e.meta)
 			size += sz
 		}
-		*e = producerEntry{} // release the references
+		p.pend.pop() // releases the references
 	}
 	p.mu.Lock()
 	p.queued -= taken

@@ -46,18 +46,16 @@ func (p *BatchingProducer) abandon() {
 // batch with outcome r. It reports whether there was any.
 func (p *BatchingProducer) shutIntake(r *produceResult) bool {
 	b := p.newBatch()
-	for i := p.pendHead; i < len(p.pend); i++ {
-		b.entries = append(b.entries, p.pend[i])
-		p.pend[i] = producerEntry{}
-	}
-	p.pend, p.pendHead = p.pend[:0], 0
 	p.mu.Lock()
 	if p.closed == nil {
 		p.closed = doneFuture(r)
 	}
-	b.entries = append(b.entries, p.in...)
-	clear(p.in)
-	p.in = p.in[:0]
+	for _, q := range []*intakeQueue{&p.pend, &p.in} {
+		for !q.empty() {
+			b.entries = append(b.entries, *q.front())
+			q.pop()
+		}
+	}
 	p.cutSeq += uint64(p.queued)
 	p.queued, p.qbytes = 0, 0
 	p.mu.Unlock()

@@ -61,9 +61,11 @@ type ProducerConfig struct {
 	// report when a batch's place in the order is fixed (an unexported
 	// capability, for publishers of this package); with any other Publisher
 	// the next batch starts once the previous call returned, since
-	// concurrent calls could be reordered. With more than one in flight, a
-	// batch that fails and is then retried is delivered after the batches
-	// issued behind it. Default: 1 batch (DefaultMaxInFlight).
+	// concurrent calls could be reordered. At any value a subscriber never
+	// handles a producer's batch after a later one: a late retried copy is
+	// dropped and reported OutOfOrder in its ack's Failures. Default: 4
+	// batches (DefaultMaxInFlight; it was 1 until 4 measured faster for
+	// every producer scenario).
 	MaxInFlight int
 	// OnPublishError decides what happens to a batch whose publish attempt
 	// failed: attempt counts the failed attempts of that batch, from 1; err
@@ -87,7 +89,7 @@ const (
 	DefaultBatchSize     = 2000           // messages per batch
 	DefaultMaxBatchBytes = 1<<20 - 64<<10 // bytes per batch when the publisher has no MaxMessageSize
 	DefaultMaxQueueSize  = 100_000        // queued messages
-	DefaultMaxInFlight   = 1              // batches in flight
+	DefaultMaxInFlight   = 4              // batches in flight
 )
 
 // DefaultPublishTimeout (11s) is PublishTimeout's default for a Publisher
@@ -115,7 +117,7 @@ func (c *ProducerConfig) resolve(p Publisher) error {
 		notNegative("Linger", c.Linger, 0, ", no wait"),
 		notNegative("MaxQueueSize", c.MaxQueueSize, DefaultMaxQueueSize, " messages"),
 		notNegative("PublishTimeout", c.PublishTimeout, publishTimeout, " for this publisher"),
-		notNegative("MaxInFlight", c.MaxInFlight, DefaultMaxInFlight, " batch"),
+		notNegative("MaxInFlight", c.MaxInFlight, DefaultMaxInFlight, " batches"),
 		c.checkAckLevel(p),
 	)
 }

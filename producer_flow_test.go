@@ -161,12 +161,7 @@ func TestProducerMaxInFlight(t *testing.T) {
 func TestProducerFlush(t *testing.T) {
 	mp := newMock()
 	g := newTestGate()
-	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
-		if err := g.wait(ctx); err != nil {
-			return rejected("test-topic", len(b), err)
-		}
-		return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b)}, nil
-	}
+	mp.fn = acceptAfter(g)
 	p := newTestProducer(t, mp, ProducerConfig{BatchSize: 4})
 	ctx := prodCtx(t, prodWait)
 	if err := p.Flush(ctx); err != nil {
@@ -350,7 +345,8 @@ func TestProducerNumbersBatchesForOrdering(t *testing.T) {
 		}
 		return PublishAck{Status: Accepted, Messages: len(batch)}, nil
 	}
-	p := newTestProducer(t, orderedPub{mp}, ProducerConfig{BatchSize: 1,
+	// One batch at a time, so that the retry comes before the third batch.
+	p := newTestProducer(t, orderedPub{mp}, ProducerConfig{BatchSize: 1, MaxInFlight: 1,
 		OnPublishError: func(int, error) ErrorDecision { return RetryBatch(time.Millisecond) }})
 	ctx := prodCtx(t, prodWait)
 	var futs []*Produced

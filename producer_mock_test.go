@@ -236,6 +236,17 @@ type testGate struct {
 
 func newTestGate() *testGate { return &testGate{ch: make(chan struct{})} }
 
+// acceptAfter is a mockPub script: each call waits for g to open, then
+// accepts its batch (or fails with ctx's error if ctx ends first).
+func acceptAfter(g *testGate) func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+	return func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+		if err := g.wait(ctx); err != nil {
+			return rejected("test-topic", len(b), err)
+		}
+		return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b)}, nil
+	}
+}
+
 func (g *testGate) open() { g.once.Do(func() { close(g.ch) }) }
 
 func (g *testGate) wait(ctx context.Context) error {

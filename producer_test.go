@@ -83,7 +83,7 @@ func TestProducerConfigValidation(t *testing.T) {
 	p := newTestProducer(t, mp, ProducerConfig{})
 	c := p.cfg
 	if c.BatchSize != 2000 || c.MaxBatchBytes != 1<<20-64<<10 || c.Linger != 0 || c.MaxQueueSize != 100_000 ||
-		c.PublishTimeout != DefaultPublishTimeout || c.MaxInFlight != 1 {
+		c.PublishTimeout != DefaultPublishTimeout || c.MaxInFlight != 4 {
 		t.Errorf("defaults = %+v", c)
 	}
 	if c.OnPublishError == nil || c.OnPublishError(1, errors.New("x")) != FailBatchAndStop {
@@ -296,12 +296,7 @@ func TestProducerCloseFailsPendingWhenCtxEnds(t *testing.T) {
 func TestProducerQueueFull(t *testing.T) {
 	mp := newMock()
 	g := newTestGate()
-	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
-		if err := g.wait(ctx); err != nil {
-			return rejected("test-topic", len(b), err)
-		}
-		return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b)}, nil
-	}
+	mp.fn = acceptAfter(g)
 	p := newTestProducer(t, mp, ProducerConfig{BatchSize: 1, MaxQueueSize: 5})
 	ctx := prodCtx(t, prodWait)
 	first := p.Produce(ctx, pm(0))

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
@@ -41,6 +42,8 @@ type benchConfig struct {
 	count     int // 0: the scenario's defaultCount
 	size      int
 	window    int // 0: the burst pattern
+	queue     int // ProducerConfig.MaxQueueSize; 0: the default
+	inflight  int // ProducerConfig.MaxInFlight; 0: the default
 	prefix    string
 	json      bool
 	timeout   time.Duration
@@ -54,27 +57,50 @@ func (c *benchConfig) countFor(scenario string) int {
 	return defaultCount[scenario]
 }
 
+// maxWindow is the largest --window: the producer's MaxQueueSize, past
+// which Produce is rejected with ErrQueueFull.
+func (c *benchConfig) maxWindow() int {
+	if c.queue > 0 {
+		return c.queue
+	}
+	return pubsub.DefaultMaxQueueSize
+}
+
+// producerConfig is the ProducerConfig the pattern and flags ask for.
+func (c *benchConfig) producerConfig() pubsub.ProducerConfig {
+	return pubsub.ProducerConfig{MaxQueueSize: c.queue, MaxInFlight: c.inflight}
+}
+
 // pattern names the producer pattern, as the table and the JSON show it.
 func (c *benchConfig) pattern() string {
+	name := "burst"
 	if c.window > 0 {
-		return fmt.Sprintf("window %d", c.window)
+		name = fmt.Sprintf("window %d", c.window)
 	}
-	return "burst"
+	if c.queue > 0 {
+		name += fmt.Sprintf(" queue %d", c.queue)
+	}
+	if c.inflight > 0 {
+		name += fmt.Sprintf(" inflight %d", c.inflight)
+	}
+	return name
 }
 
 // benchFlags holds the destinations of the bench flag set.
 type benchFlags struct {
-	url     string
-	servers int
-	nodes   int
-	subs    int
-	count   int
-	size    int
-	burst   bool
-	window  int
-	prefix  string
-	json    bool
-	timeout time.Duration
+	url      string
+	servers  int
+	nodes    int
+	subs     int
+	count    int
+	size     int
+	burst    bool
+	window   int
+	queue    int
+	inflight int
+	prefix   string
+	json     bool
+	timeout  time.Duration
 }
 
 // newBenchFlagSet returns the flag set of the bench command, writing into f.
@@ -87,8 +113,10 @@ func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs.IntVar(&f.subs, "subs", 3, "local subscribers in the local scenario")
 	fs.IntVar(&f.count, "count", 0, "messages per scenario, publish calls for latency (default: fanout 300000, local 1000000, latency 5000, group 300000)")
 	fs.IntVar(&f.size, "size", 128, "message payload size in `bytes`")
-	fs.BoolVar(&f.burst, "burst", false, "producer pattern: Produce every message in a loop with the default ProducerConfig, wait for the last accepted future, report the accepted rate and the % rejected with ErrQueueFull (default: the pattern unless --window is set)")
-	fs.IntVar(&f.window, "window", 0, "producer pattern: keep at most `N` futures outstanding (1 to 100000), ProducerConfig{MaxInFlight: 4} (default 0: --burst)")
+	fs.BoolVar(&f.burst, "burst", false, "producer pattern: Produce every message in a loop with the default ProducerConfig (but --queue and --inflight), wait for the last accepted future, report the accepted rate and the % rejected with ErrQueueFull (default: the pattern unless --window is set)")
+	fs.IntVar(&f.window, "window", 0, "producer pattern: keep at most `N` futures outstanding (1 to the queue size), the default ProducerConfig (but --queue and --inflight) (default 0: --burst)")
+	fs.IntVar(&f.queue, "queue", 0, "the producer's MaxQueueSize in `messages`, for either pattern (default 0: the library's default, 100000)")
+	fs.IntVar(&f.inflight, "inflight", 0, "the producer's MaxInFlight in `batches`, for either pattern (default 0: the library's default, 4)")
 	fs.StringVar(&f.prefix, "prefix", "pubsub-bench", "subject prefix of the pubsub nodes; raw NATS subjects are <prefix>.raw.*")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object with every scenario's figures instead of the table")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "overall time limit of the run")
@@ -124,15 +152,17 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
 
 	cfg := &benchConfig{
-		servers: f.servers,
-		nodes:   f.nodes,
-		subs:    f.subs,
-		count:   f.count,
-		size:    f.size,
-		window:  f.window,
-		prefix:  f.prefix,
-		json:    f.json,
-		timeout: f.timeout,
+		servers:  f.servers,
+		nodes:    f.nodes,
+		subs:     f.subs,
+		count:    f.count,
+		size:     f.size,
+		window:   f.window,
+		queue:    f.queue,
+		inflight: f.inflight,
+		prefix:   f.prefix,
+		json:     f.json,
+		timeout:  f.timeout,
 	}
 	for _, n := range names {
 		switch {
@@ -173,8 +203,12 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		return nil, fmt.Errorf("--count %d: want at least 1", cfg.count)
 	case cfg.size < 0:
 		return nil, fmt.Errorf("--size %d: want at least 0", cfg.size)
-	case set["window"] && (cfg.window < 1 || cfg.window > maxWindow):
-		return nil, fmt.Errorf("--window %d: want 1 to %d (the producer's default MaxQueueSize)", cfg.window, maxWindow)
+	case set["queue"] && cfg.queue < 1:
+		return nil, fmt.Errorf("--queue %d: want at least 1", cfg.queue)
+	case set["inflight"] && cfg.inflight < 1:
+		return nil, fmt.Errorf("--inflight %d: want at least 1", cfg.inflight)
+	case set["window"] && (cfg.window < 1 || cfg.window > cfg.maxWindow()):
+		return nil, fmt.Errorf("--window %d: want 1 to %d (the producer's MaxQueueSize; raise it with --queue)", cfg.window, cfg.maxWindow())
 	case set["window"] && set["burst"] && f.burst:
 		return nil, errors.New("--burst and --window exclude each other")
 	case set["burst"] && !f.burst:

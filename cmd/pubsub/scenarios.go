@@ -11,10 +11,6 @@ import (
 	"github.com/clusterpubsub/pubsub"
 )
 
-// maxWindow is the largest --window: the producer's default MaxQueueSize,
-// past which Produce is rejected with ErrQueueFull.
-const maxWindow = 100_000
-
 // fanout measures a BatchingProducer on node 0 fanning out to one
 // subscriber on each of --nodes nodes, the topic owned by node 1, against
 // raw NATS fan-out to one subscriber connection per server.
@@ -272,11 +268,7 @@ func subscribe(ctx context.Context, node *pubsub.Node, topic string, d *counter,
 // queue-full rejections, after "; ", for the burst pattern.
 func (b *bench) produce(ctx context.Context, cl *cleanup, node *pubsub.Node, topic string, d *counter, subs, count int, scenario string) (result, error) {
 	r := result{Pattern: b.cfg.pattern()}
-	var pcfg pubsub.ProducerConfig
-	if b.cfg.window > 0 {
-		pcfg.MaxInFlight = 4
-	}
-	p, err := pubsub.NewBatchingProducer(node, topic, pcfg)
+	p, err := pubsub.NewBatchingProducer(node, topic, b.cfg.producerConfig())
 	if err != nil {
 		return r, err
 	}

@@ -1,0 +1,75 @@
+package pubsub
+
+import "sync"
+
+// intakeBlockLen is how many entries one intake block holds: 512 entries of
+// 80 bytes, a 40 KiB block.
+const intakeBlockLen = 512
+
+// intakeBlock is a fixed-size run of queued messages. Blocks are chained
+// and never grown, so a queue of a million messages is never copied:
+// Produce writes each entry once, the actor reads it once.
+type intakeBlock struct {
+	next *intakeBlock
+	r, w int // next entry to read, next to write
+	e    [intakeBlockLen]producerEntry
+}
+
+// intakeBlocks recycles blocks between bursts; a block in it holds no
+// references (pop clears every entry it reads).
+var intakeBlocks = sync.Pool{New: func() any { return new(intakeBlock) }}
+
+// intakeQueue is a FIFO of producer entries in a chain of blocks. The
+// producer has two: in, written by Produce under the producer's mutex, and
+// pend, read by the actor alone after it took in's chain whole (take).
+type intakeQueue struct {
+	head, tail *intakeBlock
+}
+
+// push appends e, starting a block when the last one is full.
+func (q *intakeQueue) push(e producerEntry) *producerEntry {
+	t := q.tail
+	if t == nil || t.w == intakeBlockLen {
+		b := intakeBlocks.Get().(*intakeBlock)
+		if t == nil {
+			q.head = b
+		} else {
+			t.next = b
+		}
+		q.tail, t = b, b
+	}
+	t.e[t.w] = e
+	t.w++
+	return &t.e[t.w-1]
+}
+
+// empty reports whether q holds no entry: a block is released as soon as
+// its last written entry is read.
+func (q *intakeQueue) empty() bool { return q.head == nil }
+
+// front returns the first entry; q must not be empty.
+func (q *intakeQueue) front() *producerEntry { return &q.head.e[q.head.r] }
+
+// pop removes the first entry, dropping its references, and releases its
+// block once read to the end. q must not be empty.
+func (q *intakeQueue) pop() {
+	h := q.head
+	h.e[h.r] = producerEntry{}
+	h.r++
+	if h.r < h.w {
+		return
+	}
+	q.head = h.next
+	if q.head == nil {
+		q.tail = nil
+	}
+	h.next, h.r, h.w = nil, 0, 0 // its entries were cleared one by one
+	intakeBlocks.Put(h)
+}
+
+// take moves every entry of q into a new queue, leaving q empty.
+func (q *intakeQueue) take() intakeQueue {
+	t := *q
+	*q = intakeQueue{}
+	return t
+}
