@@ -99,9 +99,12 @@ func (p *BatchingProducer) pump() time.Time {
 	}
 }
 
-// canIssue reports whether a new batch may start now.
+// canIssue reports whether a new batch may start now. A batch counts
+// against MaxInFlight until its futures complete, not only until its
+// outcome is known: batches resolved behind a slow one wait in the FIFO,
+// and without this bound a stuck batch would let the FIFO grow without end.
 func (p *BatchingProducer) canIssue() bool {
-	return !p.stopping && !p.dead && p.active < p.cfg.MaxInFlight && p.retrying == 0 && p.gate == 0 &&
+	return !p.stopping && !p.dead && len(p.fifo) < p.cfg.MaxInFlight && p.retrying == 0 && p.gate == 0 &&
 		(p.initialized || p.active == 0) // the first batch initializes alone
 }
 

@@ -55,7 +55,9 @@ type ProducerConfig struct {
 	// out with an unknown outcome although it may have reached the others,
 	// and OnPublishError decides what follows.
 	PublishTimeout time.Duration
-	// MaxInFlight is the number of batches published at once. Batches are
+	// MaxInFlight is the number of batches published at once: a batch
+	// counts from its first attempt until its futures complete, so a stuck
+	// batch holds back at most MaxInFlight-1 batches behind it. Batches are
 	// issued in order and their futures complete in order whatever the
 	// value. More than one batch is in flight only when the Publisher can
 	// report when a batch's place in the order is fixed (an unexported
@@ -182,6 +184,8 @@ const (
 var (
 	// FailBatchAndStop fails the batch, fails every queued message with
 	// ErrClosed and stops the producer: a later Produce returns ErrClosed.
+	// Batches already in flight behind it (MaxInFlight > 1) keep the
+	// outcome of their own publish.
 	FailBatchAndStop = ErrorDecision{action: actionStop}
 	// FailBatchAndContinue fails the batch and goes on with the next one.
 	FailBatchAndContinue = ErrorDecision{action: actionContinue}

@@ -8,6 +8,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestProducerLinger(t *testing.T) {
@@ -371,4 +374,41 @@ func TestProducerNumbersBatchesForOrdering(t *testing.T) {
 	if seqs[0] >= seqs[1] || seqs[1] != seqs[2] || seqs[2] >= seqs[3] {
 		t.Fatalf("batch numbers %v: want increasing, the retry keeping its number", seqs)
 	}
+}
+
+// A batch counts against MaxInFlight until its futures complete: while the
+// oldest batch is stuck, the batches resolved behind it wait in order and
+// no further batch starts, so a stuck publish cannot let the producer's
+// memory grow past MaxInFlight batches and MaxQueueSize messages.
+func TestProducerStuckBatchBoundsTheBatchesBehindIt(t *testing.T) {
+	mp := newMock()
+	g := newTestGate()
+	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+		if call == 0 {
+			if err := g.wait(ctx); err != nil {
+				return rejected("test-topic", len(b), err)
+			}
+		}
+		return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b)}, nil
+	}
+	p := newTestProducer(t, orderedPub{mp}, ProducerConfig{BatchSize: 1, MaxInFlight: 3})
+	ctx := prodCtx(t, prodWait)
+	var futs []*Produced
+	for i := range 20 {
+		futs = append(futs, p.Produce(ctx, pm(i)))
+	}
+	waitForTest(t, "3 batches in flight", func() bool { return mp.callCount() >= 3 })
+	// Batches 1 and 2 are answered at once; before the fix, 17 more batches
+	// started behind the stuck one within microseconds.
+	assert.Never(t, func() bool { return mp.callCount() > 3 }, 200*time.Millisecond, 5*time.Millisecond,
+		"batches started while the oldest was stuck")
+	for _, f := range futs {
+		_, _, done := f.Result()
+		require.False(t, done, "a future completed before the stuck batch ahead of it")
+	}
+	g.open()
+	for _, f := range futs {
+		prodAccepted(t, f)
+	}
+	require.Len(t, mp.flat(), 20)
 }
