@@ -11,7 +11,8 @@ import (
 var (
 	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages,
 	// or an AckNone publish found its topic's queue on this node (the
-	// owner) full.
+	// owner) full, or its topic's outbox on this node full until its ctx
+	// ended.
 	ErrQueueFull = errors.New("pubsub: queue full")
 	// ErrTimeout: no answer in time; the outcome of the publish is unknown.
 	ErrTimeout = errors.New("pubsub: timeout")
@@ -164,12 +165,17 @@ const (
 	// handed it to its per-node sends. Delivered is 0 and Failures empty;
 	// failures still reach events, eviction and at-least-once retries.
 	AckAccepted
-	// AckNone: the call returns once the request is written to NATS (or
-	// queued on this node when it owns the topic). Only what the publisher
-	// can see itself is rejected: an invalid topic or message, too large,
-	// closed, no owner in its view, its own topic queue full (ErrQueueFull,
-	// when this node owns the topic). A batch the owner refuses (it no longer
-	// owns the topic, or is not ready) is lost without a word.
+	// AckNone: the call returns once the request is written to NATS, or
+	// queued on this node: on the topic's actor when this node owns the
+	// topic, else, for messages without keys or headers, merged with the
+	// publishes before it into one request that a flusher writes (Close
+	// writes what is left). Only what the publisher can see itself is
+	// rejected: an invalid topic or message, too large, closed, no owner in
+	// its view, its own topic queue full (ErrQueueFull, when this node owns
+	// the topic, or when the topic's outbox stays full until ctx ends). A
+	// batch the owner refuses (it no longer owns the topic, or is not ready)
+	// is lost without a word; merged messages this node cannot write count
+	// in Stats().Rejected.
 	AckNone
 )
 

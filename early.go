@@ -32,17 +32,37 @@ type earlyRequest struct {
 // publishEarly queues msgs for topic's actor, and reports false when the
 // queue is full (the request is then refused like any other).
 func (n *Node) publishEarly(topic string, msgs payload, reply string) bool {
+	_, ok := n.queueEarly(topic, msgs, reply, false)
+	return ok
+}
+
+// publishBehindEarly queues a publish that waits for its delivery behind
+// the early-ack publishes the topic's actor has not served yet, and reports
+// false (queued) when there are none: the actor then takes it as any
+// request. Served before them, it could reach the subscribers ahead of a
+// publish its publisher made before it, and be dropped there as late.
+func (n *Node) publishBehindEarly(topic string, msgs payload, reply string) (queued, ok bool) {
+	return n.queueEarly(topic, msgs, reply, true)
+}
+
+// queueEarly is publishEarly; with behind, it queues only behind requests
+// not served yet.
+func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool) (queued, ok bool) {
 	q := &n.owner.actor(topic).early
 	q.mu.Lock()
+	if behind && !q.scheduled {
+		q.mu.Unlock()
+		return false, true
+	}
 	if len(q.reqs) >= maxActorQueue || q.bytes+len(msgs.packed) > maxEarlyBytes {
 		q.mu.Unlock()
-		return false
+		return true, false
 	}
 	q.reqs = append(q.reqs, earlyRequest{msgs, reply})
 	q.bytes += len(msgs.packed)
 	if q.scheduled {
 		q.mu.Unlock()
-		return true
+		return true, true
 	}
 	q.scheduled = true
 	q.mu.Unlock()
@@ -55,7 +75,7 @@ func (n *Node) publishEarly(topic string, msgs payload, reply string) bool {
 			a.publish(run.msgs, run.answer)
 		}
 	})
-	return true
+	return true, true
 }
 
 // earlyRun is one batch made of consecutive early-ack publishes.
@@ -109,7 +129,7 @@ func (n *Node) mergeEarlyWithin(reqs []earlyRequest, limit int) []earlyRun {
 
 // mergeable reports whether b can join a batch that starts with a.
 func mergeable(a, b payload) bool {
-	return !a.withMeta && !b.withMeta && a.msgs.data == nil && b.msgs.data == nil &&
+	return a.level != AckDelivered && !a.withMeta && !b.withMeta && a.msgs.data == nil && b.msgs.data == nil &&
 		a.publisher == b.publisher && a.origin.producer == b.origin.producer &&
 		a.origin.prev == 0 && b.origin.prev == 0 && a.level == b.level && !a.wantIDs && !b.wantIDs
 }

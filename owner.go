@@ -133,6 +133,12 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 		}
 		return
 	}
+	if queued, ok := n.publishBehindEarly(topic, msgs, reply); queued {
+		if !ok {
+			n.refuse(topic, reply)
+		}
+		return
+	}
 	if !n.owner.onActor(topic, true, func(a *topicActor) {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 	}) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -199,12 +200,18 @@ type publishRequest struct {
 	origin  *batchOrigin
 	wantIDs bool
 	owned   *ownedCopy // set by detach: the local owner reads this instead of msgs
+	// run, instead of msgs, holds messages packed by an outbox
+	// (outbox.go), in a buffer it reuses once the request was written.
+	run []byte
 }
 
 func (r *publishRequest) encode(v *view, buf []byte) []byte {
 	r.origin.refresh()
 	r.wire.ViewId, r.wire.Producer, r.wire.ProducerSeq = v.id, r.origin.producer, r.origin.seq
 	r.wire.ProducerPrev, r.wire.ProducerSettled = r.origin.prev, r.origin.settled
+	if r.run != nil {
+		return wire.AppendPublishPacked(buf, r.wire, r.run) // packed already: an outbox's run
+	}
 	// The messages are packed straight into the request: one copy.
 	return wire.AppendPublish(buf, r.wire, r.msgs.data, r.msgs.meta)
 }
@@ -214,7 +221,7 @@ func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	p := payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs,
 		level: AckLevel(min(r.wire.GetAckLevel(), uint32(AckNone)))}
 	if r.owned != nil {
-		p.msgs, p.packed, p.withMeta, p.count = msgBatch{}, r.owned.packed, r.owned.withMeta, r.msgs.len()
+		p.msgs, p.packed, p.withMeta, p.count = msgBatch{}, r.owned.packed, r.owned.withMeta, int(r.wire.GetCount())
 	}
 	a.publish(p, answer)
 }
@@ -229,6 +236,10 @@ type ownedCopy struct {
 // reads it after the call returned (AckAccepted, AckNone): the caller's
 // slices, and a producer's recycled batch, may change by then.
 func (r *publishRequest) detach() {
+	if r.run != nil {
+		r.owned = &ownedCopy{packed: slices.Clone(r.run)}
+		return
+	}
 	p := payload{msgs: r.msgs}
 	packed, withMeta := p.wire()
 	r.owned = &ownedCopy{packed: packed, withMeta: withMeta}

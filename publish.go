@@ -174,8 +174,16 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 		}
 		return PublishAck{Topic: topic, Status: Accepted}, nil
 	}
-	var total chunkAcks
 	split := packed > limit
+	if o.level == AckNone && o.producer == "" && issued == nil && batch.meta == nil && !split {
+		if handled, err := n.publishMerged(ctx, topic, batch); handled {
+			if err != nil {
+				return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+			}
+			return PublishAck{Topic: topic, Status: Accepted, Messages: count}, nil
+		}
+	}
+	var total chunkAcks
 	origin := batchOrigin{producer: o.producer, seq: o.seq, prev: o.prev, settledNow: o.settled}
 	if o.settled == nil || split {
 		origin.prev = 0 // split batches are not held back: their chunks go one by one
@@ -206,9 +214,13 @@ type publisherSide struct {
 	key   string // the implicit producer's ID: node ID and incarnation tag
 	seq   atomic.Uint64
 	order [64]sync.Mutex // by topic hash: numbers follow the order requests leave
+	out   outboxes       // merged AckNone publishes (outbox.go)
 }
 
-func (p *publisherSide) init(node, tag string) { p.key = node + "/" + tag }
+func (p *publisherSide) init(node, tag string) {
+	p.key = node + "/" + tag
+	p.out.init()
+}
 
 // numberAttempt gives one attempt of a plain publish its place among this
 // node's publishes to topic: the next number of the node's implicit
@@ -332,6 +344,30 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, is
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued, noAnswer: level == AckNone}
 	if origin.producer == "" {
 		call.attempt = func() func() { return n.publisher.numberAttempt(topic, &origin) }
+		if ob := n.publisher.out.lookup(topic); ob != nil {
+			// AckNone publishes merged before this one leave first; the
+			// outbox's token is held until this request is written.
+			if err := n.flushOutbox(ctx, context.Background(), ob); err != nil {
+				return PublishAck{}, nil, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
+			}
+			held := true
+			defer func() {
+				if held {
+					ob.unhold()
+				}
+			}()
+			call.attempt = func() func() {
+				release := n.publisher.numberAttempt(topic, &origin)
+				if !held {
+					return release
+				}
+				return func() {
+					release()
+					held = false
+					ob.unhold()
+				}
+			}
+		}
 	}
 	ans, err := n.toOwner(ctx, topic, req, call)
 	if err != nil {

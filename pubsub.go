@@ -201,6 +201,9 @@ func (n *Node) Close(ctx context.Context) error {
 		return nil
 	}
 	if !n.life.closed.Load() && !n.nc.IsClosed() {
+		// Merged AckNone publishes were accepted: they leave while the
+		// owners still serve this node.
+		n.flushOutboxes(ctx)
 		// The heartbeat loop stops first: a heartbeat sent after the LEAVE
 		// would re-add this node on some peers and not on others.
 		close(n.life.stopBeats)

@@ -31,6 +31,6 @@ var latencyLevels = []latencyLevel{
 		name:  "ack=none",
 		opts:  []pubsub.PublishOption{pubsub.WithAck(pubsub.AckNone)},
 		check: func(pubsub.PublishAck) bool { return true },
-		note:  "returns once written to NATS",
+		note:  "returns once merged into the publisher's outbox (written by its flusher)",
 	},
 }

@@ -59,6 +59,15 @@ func AppendPublish(dst []byte, req *PublishRequest, msgs [][]byte, meta []Meta) 
 	})
 }
 
+// AppendPublishPacked is AppendPublish for messages already packed in
+// format 1 (Pack's output, or several of them one after the other).
+func AppendPublishPacked(dst []byte, req *PublishRequest, packed []byte) []byte {
+	head, _ := proto.Marshal(req)
+	return appendWithPacked(dst, envelopePublish, head, publishPacked, len(packed), func(b []byte) []byte {
+		return append(b, packed...)
+	})
+}
+
 // AppendDeliver appends Envelope{deliver: head + packed}: head is an encoded
 // DeliverBatch without its packed field, packed the batch's messages, in
 // format 2 when withMeta.
