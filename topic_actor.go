@@ -348,18 +348,24 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	n.owner.inflight.Add(1)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
-	for _, t := range targets {
-		node, locals, shares := t.node, t.locals, t.shares
-		if node == n.self.ID {
-			n.deliver(a.topic, locals, shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
+	// Remote nodes first: their batches are on the wire while this node's
+	// own subscribers get theirs.
+	local := -1
+	for i, t := range targets {
+		if t.node == n.self.ID {
+			local = i
 			continue
 		}
-		m, ok := v.member(node)
+		m, ok := v.member(t.node)
 		if !ok {
 			b.report(t, fill(t.len(), SubscriberGone), false)
 			continue
 		}
 		a.sendRemote(b, m, t, &msgs, &head, atLeastOnce)
+	}
+	if local >= 0 {
+		t := targets[local]
+		n.deliver(a.topic, t.locals, t.shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
 	}
 }
 
