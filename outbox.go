@@ -3,8 +3,10 @@ package pubsub
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -44,12 +46,16 @@ import (
 // Close writes what the outboxes hold before it leaves; a node stopped by
 // the loss of its connection drops it (counted).
 
-// outboxLimits bound one topic's outbox.
+// outboxLimits bound one topic's outbox (msgs, bytes) and all of a node's
+// (nodeBytes, boxes). Past the node's, a publish to a topic without an
+// outbox takes the direct path, written by the caller as before merging
+// existed: many topics each with a message or two cost no more than that.
 type outboxLimits struct {
-	msgs, bytes int
+	msgs, bytes      int
+	nodeBytes, boxes int
 }
 
-var defaultOutboxLimits = outboxLimits{msgs: maxActorQueue, bytes: 16 << 20}
+var defaultOutboxLimits = outboxLimits{msgs: maxActorQueue, bytes: 16 << 20, nodeBytes: 64 << 20, boxes: 1024}
 
 // outboxes are this node's outboxes, one per topic that has messages
 // waiting or being written; an idle one is forgotten.
@@ -57,11 +63,14 @@ type outboxes struct {
 	mu     sync.Mutex
 	boxes  map[string]*outbox
 	limits outboxLimits
+	live   atomic.Int64 // len(boxes): a plain publish skips the lookup at 0
+	held   atomic.Int64 // bytes held by every outbox
 }
 
 // outbox holds a topic's merged AckNone publishes until they are written.
 type outbox struct {
 	topic string
+	held  *atomic.Int64 // the node's outboxes' bytes, shared
 	// sending holds a token while what the outbox took, or another
 	// plain publish to the topic, is numbered and written.
 	sending chan struct{}
@@ -83,23 +92,31 @@ type outboxRun struct {
 
 func (o *outboxes) init() { o.limits = defaultOutboxLimits }
 
-// get returns topic's outbox, creating it.
+// get returns topic's outbox, creating it unless the node holds
+// limits.boxes outboxes or limits.nodeBytes bytes already (then nil).
 func (o *outboxes) get(topic string) *outbox {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	ob := o.boxes[topic]
 	if ob == nil {
+		if len(o.boxes) >= o.limits.boxes || int(o.held.Load()) >= o.limits.nodeBytes {
+			return nil
+		}
 		if o.boxes == nil {
 			o.boxes = make(map[string]*outbox)
 		}
-		ob = &outbox{topic: topic, sending: make(chan struct{}, 1)}
+		ob = &outbox{topic: topic, sending: make(chan struct{}, 1), held: &o.held}
 		o.boxes[topic] = ob
+		o.live.Add(1)
 	}
 	return ob
 }
 
 // lookup returns topic's outbox, or nil.
 func (o *outboxes) lookup(topic string) *outbox {
+	if o.live.Load() == 0 {
+		return nil // no AckNone publish is held: the common case costs no lock
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.boxes[topic]
@@ -128,6 +145,7 @@ func (o *outboxes) forgetIfIdle(ob *outbox) {
 	}
 	ob.dead = true
 	delete(o.boxes, ob.topic)
+	o.live.Add(-1)
 }
 
 // runBytes is the size of an outbox's run, one request: large enough that
@@ -136,16 +154,26 @@ func (o *outboxes) forgetIfIdle(ob *outbox) {
 // A batch larger than that has a run of its own, as large as it.
 const runBytes = 64 << 10
 
-// runBufs recycles runs' buffers: a request's bytes are copied when it is
-// written (or, for a local owner, by detach).
+// smallRun is the first buffer of a run in an outbox that had no full run:
+// a topic published to now and then holds a few hundred bytes, not 64 KiB.
+const smallRun = 2 << 10
+
+// runBufs recycles full-size runs' buffers: a request's bytes are copied
+// when it is written (or, for a local owner, by detach).
 var runBufs = sync.Pool{New: func() any { b := make([]byte, 0, runBytes); return &b }}
 
-// newRun returns an empty buffer for a run that starts with size bytes.
-func newRun(size int) []byte {
-	if size > runBytes {
+// newRun returns an empty buffer for a run that starts with size bytes:
+// a pooled full-size one when the outbox is busy (its previous run
+// filled), else a small one that append grows as needed.
+func newRun(size int, busy bool) []byte {
+	switch {
+	case size > runBytes:
 		return make([]byte, 0, size)
+	case busy:
+		return (*runBufs.Get().(*[]byte))[:0]
+	default:
+		return make([]byte, 0, max(size, smallRun))
 	}
-	return (*runBufs.Get().(*[]byte))[:0]
 }
 
 // freeRun recycles a run's buffer once its request is written.
@@ -180,30 +208,46 @@ func (n *Node) publishMerged(ctx context.Context, topic string, batch msgBatch) 
 		size += packedLen(d)
 	}
 	out := &n.publisher.out
+	// A run is one request: it must fit the connection's payload limit as
+	// well as runBytes.
+	limit := min(runBytes, n.MaxMessageSize())
 	for {
 		ob := out.get(topic)
+		if ob == nil {
+			return false, nil // the node's outboxes are at their limit: write directly
+		}
 		ob.mu.Lock()
 		if ob.dead {
 			ob.mu.Unlock()
 			continue
 		}
-		if ob.msgs > 0 && (ob.msgs+batch.len() > out.limits.msgs || ob.bytes+size > out.limits.bytes) {
+		if n.life.closed.Load() {
+			ob.mu.Unlock()
+			return true, ErrClosed // no flusher may start once Close waited for them
+		}
+		if ob.msgs > 0 && (ob.msgs+batch.len() > out.limits.msgs || ob.bytes+size > out.limits.bytes ||
+			int(out.held.Load())+size > out.limits.nodeBytes) {
 			held, bytes := ob.msgs, ob.bytes
 			ob.mu.Unlock()
 			if err := n.hold(ctx, ob); err != nil {
-				return true, fmt.Errorf("%w: the topic's outbox on this node holds %d messages (%d bytes), limit %d (%d bytes): %w",
-					ErrQueueFull, held, bytes, out.limits.msgs, out.limits.bytes, err)
+				if errors.Is(err, ErrClosed) {
+					return true, err
+				}
+				return true, fmt.Errorf("%w: the topic's outbox on this node holds %d messages (%d bytes), limit %d (%d bytes; %d bytes for all topics): %w",
+					ErrQueueFull, held, bytes, out.limits.msgs, out.limits.bytes, out.limits.nodeBytes, err)
 			}
 			n.sendRuns(context.Background(), ob, ob.take(false))
 			ob.unhold()
 			continue
 		}
-		if ob.cur.count > 0 && len(ob.cur.packed)+size > cap(ob.cur.packed) {
+		busy := len(ob.full) > 0
+		if ob.cur.count > 0 && len(ob.cur.packed)+size > limit {
 			ob.full = append(ob.full, ob.cur)
 			ob.cur = outboxRun{}
+			busy = true
 		}
 		if ob.cur.packed == nil {
-			ob.cur.packed = newRun(size)
+			ob.cur.packed = newRun(size, busy)
 		}
 		for _, d := range batch.data {
 			ob.cur.packed = binary.AppendUvarint(ob.cur.packed, uint64(len(d)))
@@ -212,6 +256,7 @@ func (n *Node) publishMerged(ctx context.Context, topic string, batch msgBatch) 
 		ob.cur.count += batch.len()
 		ob.msgs += batch.len()
 		ob.bytes += size
+		out.held.Add(int64(size))
 		start, help := !ob.running, len(ob.full) > 0
 		ob.running = true
 		ob.mu.Unlock()
@@ -250,6 +295,7 @@ func (ob *outbox) written(r outboxRun) {
 	ob.msgs -= r.count
 	ob.bytes -= len(r.packed)
 	ob.mu.Unlock()
+	ob.held.Add(-int64(len(r.packed)))
 }
 
 // hold takes ob's sending token, within ctx.
@@ -331,6 +377,7 @@ func (n *Node) flushOutboxes(ctx context.Context) {
 // written is counted and reported as rejected: its callers were told it
 // was accepted.
 func (n *Node) sendRuns(ctx context.Context, ob *outbox, runs []outboxRun) {
+	var failed error // once a run could not be written, the others are not tried
 	for _, r := range runs {
 		var origin batchOrigin
 		req := &publishRequest{
@@ -338,16 +385,23 @@ func (n *Node) sendRuns(ctx context.Context, ob *outbox, runs []outboxRun) {
 			origin: &origin,
 			run:    r.packed,
 		}
-		var err error
-		if n.life.closed.Load() {
+		err := failed
+		switch {
+		case err != nil:
+		case n.life.closed.Load():
 			err = ErrClosed
-		} else {
+		default:
+			// Each run waits at most RequestTimeout for an owner; after
+			// a failure the rest fail at once, so the token (which other
+			// publishes to the topic, and Close, wait for) is held for
+			// one RequestTimeout, not one per run.
 			_, err = n.toOwner(ctx, ob.topic, req, ownerCall{noAnswer: true,
 				attempt: func() func() { return n.publisher.numberAttempt(ob.topic, &origin) }})
 		}
 		ob.written(r)
 		freeRun(r.packed)
 		if err != nil {
+			failed = err
 			_, err = n.reject(ob.topic, r.count, fmt.Errorf("pubsub: publish to %q: %d merged AckNone messages lost: %w", ob.topic, r.count, err))
 			if ok, held := n.log.limit.allow("outbox/" + ob.topic); ok {
 				n.log.Warn("merged AckNone publishes lost", "topic", ob.topic, "messages", r.count, "err", err, "suppressed", held)

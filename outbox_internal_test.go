@@ -63,7 +63,7 @@ func wantMessages(count int) []string {
 // once the write ends. Every accepted message arrives, in order.
 func TestAckNoneOutboxIsBounded(t *testing.T) {
 	a, _, topic, got := outboxPair(t)
-	a.publisher.out.limits = outboxLimits{msgs: 8, bytes: 1 << 20}
+	a.publisher.out.limits = outboxLimits{msgs: 8, bytes: 1 << 20, nodeBytes: 64 << 20, boxes: 16}
 	ob := a.publisher.out.get(topic)
 	ob.sending <- struct{}{} // a write in progress: nothing leaves the outbox
 	for i := range 8 {
@@ -93,7 +93,7 @@ func TestAckNoneOutboxIsBounded(t *testing.T) {
 	assert.Equal(t, 8, msgs, "a refused call adds nothing")
 
 	// The byte limit binds alike.
-	a.publisher.out.limits = outboxLimits{msgs: 100, bytes: 8*2 + 1}
+	a.publisher.out.limits = outboxLimits{msgs: 100, bytes: 8*2 + 1, nodeBytes: 64 << 20, boxes: 16}
 	short2, cancel2 := context.WithTimeout(t.Context(), 20*time.Millisecond)
 	defer cancel2()
 	_, err = publishNone(short2, a, topic, "xx")
@@ -101,7 +101,7 @@ func TestAckNoneOutboxIsBounded(t *testing.T) {
 	assert.Equal(t, 8*2, bytes)
 
 	// A call with room in its ctx proceeds once the write in progress ends.
-	a.publisher.out.limits = outboxLimits{msgs: 8, bytes: 1 << 20}
+	a.publisher.out.limits = outboxLimits{msgs: 8, bytes: 1 << 20, nodeBytes: 64 << 20, boxes: 16}
 	done := make(chan error, 1)
 	go func() {
 		_, err := publishNone(t.Context(), a, topic, "8")
