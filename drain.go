@@ -10,12 +10,12 @@ import (
 )
 
 // A graceful leave drains. Close stops the heartbeats, stops taking
-// requests (answering CLOSED, so requesters retry with the new owner at
-// once instead of waiting for a membership check), announces the LEAVE,
-// waits for the batches it accepted as owner to be answered, and serves
-// each member that gains some of its topics a handover: its subscriber sets
-// of those topics, so the new owners serve them without asking every member.
-// Only then does it unsubscribe its inbox.
+// requests (answering CLOSED, so requesters retry, and go to the new owner
+// once they saw the LEAVE), waits for the batches it accepted as owner to
+// be answered, announces the LEAVE, and serves each member that gains some
+// of its topics a handover: its subscriber sets of those topics, so the new
+// owners serve them without asking every member. Only then does it
+// unsubscribe its inbox.
 
 // drainState tracks a draining Close.
 type drainState struct {
@@ -101,23 +101,26 @@ func (d *drainState) settled(v *view, self string) bool {
 // most SubscriberTimeout + RequestTimeout.
 func (n *Node) drainAndLeave(ctx context.Context) {
 	n.life.drain.start()
-	n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
-	fctx, cancel := context.WithTimeout(ctx, time.Second)
-	_ = n.nc.FlushWithContext(fctx)
-	cancel()
-	v := n.view()
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
-	// Batches accepted as owner are answered first: their publishers would
-	// otherwise get ErrTimeout.
+	// Batches accepted as owner are answered first, and requests that got
+	// past the inbox's drain check just before it began are served, all
+	// before the LEAVE: a publisher gives up on a request to an owner that
+	// left its view (ErrTimeout, outcome unknown). Meanwhile new requests
+	// are answered CLOSED and retried.
 	answered := time.Now().Add(n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)
-	for n.owner.inflight.Load() > 0 && time.Now().Before(answered) {
+	for (n.owner.queued.Load() > 0 || n.owner.inflight.Load() > 0) && time.Now().Before(answered) {
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
 			return
 		}
 	}
+	n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
+	fctx, cancel := context.WithTimeout(ctx, time.Second)
+	_ = n.nc.FlushWithContext(fctx)
+	cancel()
+	v := n.view()
 	// Peers ask for their handover as soon as they see the LEAVE. One that
 	// has not asked within the window (crashed, partitioned, slow) asks
 	// every member instead: slower for it, never wrong.

@@ -74,6 +74,7 @@ func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool)
 		for _, run := range n.mergeEarly(reqs) {
 			a.publish(run.msgs, run.answer)
 		}
+		n.owner.queued.Add(-int64(len(reqs))) // each came from the inbox (onPublishRequest)
 	})
 	return true, true
 }

@@ -20,6 +20,11 @@ type ownerSide struct {
 	seqFloor uint64 // the highest batch number of a collected actor
 	registry syncRegistry
 	inflight atomic.Int64 // accepted batches not yet answered, for a draining Close
+	// queued counts publish requests from the inbox from before the drain
+	// check until their actor took them (then inflight counts them): a
+	// draining Close waits for both, or a request that passed the check
+	// just before the drain began would be served after the node left.
+	queued atomic.Int64
 }
 
 func (o *ownerSide) init(n *Node) {
@@ -107,22 +112,24 @@ func (o *ownerSide) collectIdleActors(idle time.Duration) {
 	}
 }
 
-// onPublishRequest serves a remote publisher.
-func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
+// onPublishRequest serves a remote publisher. The caller counted the
+// request in owner.queued; it reports whether the request was queued on
+// its actor, which then uncounts it (else the caller does).
+func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued bool) {
 	topic := req.GetTopic()
 	if validateTopic(topic) != nil {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid topic"})
-		return
+		return false
 	}
 	if v := n.view(); v.ownerOf(topic).ID != n.self.ID {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
-		return
+		return false
 	}
 	msgs, err := receivedPayload(req.GetPacked(), req.GetPackedMeta(), req.GetCount())
 	if err != nil {
 		n.malformed("inbox", len(req.GetPacked())+len(req.GetPackedMeta()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
-		return
+		return false
 	}
 	msgs.wantIDs, msgs.publisher = req.GetDeliveredIds(), req.GetFrom().GetNodeId()
 	msgs.level = AckLevel(min(req.GetAckLevel(), uint32(AckNone)))
@@ -130,20 +137,24 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) {
 	if msgs.level != AckDelivered {
 		if !n.publishEarly(topic, msgs, reply) {
 			n.refuse(topic, reply)
+			return false
 		}
-		return
+		return true
 	}
 	if queued, ok := n.publishBehindEarly(topic, msgs, reply); queued {
 		if !ok {
 			n.refuse(topic, reply)
 		}
-		return
+		return ok
 	}
 	if !n.owner.onActor(topic, true, func(a *topicActor) {
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
+		n.owner.queued.Add(-1)
 	}) {
 		n.refuse(topic, reply)
+		return false
 	}
+	return true
 }
 
 // refuse answers a request its topic actor had no room for.

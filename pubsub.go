@@ -273,19 +273,32 @@ func (n *Node) onInbox(m *nats.Msg) {
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "malformed envelope"})
 		return
 	}
-	if n.life.closed.Load() {
-		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_CLOSED})
+	publish, isPublish := env.Body.(*wire.Envelope_Publish)
+	if isPublish {
+		// Counted before the drain check (see ownerSide.queued): a
+		// draining Close that saw no count sees drain.on set here.
+		n.owner.queued.Add(1)
+	}
+	if n.life.closed.Load() || n.life.drain.on.Load() {
+		if isPublish {
+			n.owner.queued.Add(-1)
+		}
+		if n.life.closed.Load() {
+			n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_CLOSED})
+		} else {
+			n.onInboxDraining(&env, m.Reply)
+		}
 		return
 	}
-	if n.life.drain.on.Load() {
-		n.onInboxDraining(&env, m.Reply)
+	if isPublish {
+		if !n.onPublishRequest(publish.Publish, m.Reply) {
+			n.owner.queued.Add(-1)
+		}
 		return
 	}
 	switch b := env.Body.(type) {
 	case *wire.Envelope_Deliver:
 		n.onDeliver(b.Deliver, m.Reply)
-	case *wire.Envelope_Publish:
-		n.onPublishRequest(b.Publish, m.Reply)
 	case *wire.Envelope_Subscribe:
 		n.onSubscribeRequest(b.Subscribe, m.Reply)
 	case *wire.Envelope_Sync:
