@@ -14,7 +14,7 @@ import (
 // in produce order, except those already done when Produce returns. Treat
 // the ack's Failures as read-only: the batch's futures share it.
 type Produced struct {
-	topic string
+	topic *string                       // the producer's (8 bytes, not a string header: a deep queue holds a million futures)
 	res   atomic.Pointer[produceResult] // set once, before done is closed
 	mu    sync.Mutex                    // guards done
 	done  chan struct{}                 // made by the first Done before completion
@@ -63,7 +63,7 @@ func (f *Produced) Wait(ctx context.Context) (PublishAck, error) {
 		return r.ack, r.err
 	case <-ctx.Done():
 		// The message may still be published: only this wait ended.
-		return rejected(f.topic, 1, fmt.Errorf("pubsub: waiting for a produced message: %w", ctx.Err()))
+		return rejected(*f.topic, 1, fmt.Errorf("pubsub: waiting for a produced message: %w", ctx.Err()))
 	}
 }
 
@@ -88,7 +88,7 @@ func (f *Produced) complete(r *produceResult) {
 
 // doneFuture returns a future already completed with r.
 func doneFuture(r *produceResult) *Produced {
-	f := &Produced{topic: r.ack.Topic}
+	f := &Produced{topic: &r.ack.Topic}
 	f.res.Store(r)
 	return f
 }

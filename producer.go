@@ -98,21 +98,14 @@ type BatchingProducer struct {
 	dead        bool             // the lifetime context ended
 }
 
-// producerEntry is one queued message.
+// producerEntry is one message of a cut batch (queued ones are
+// intakeEntry).
 type producerEntry struct {
 	ctx     context.Context
 	data    []byte
 	meta    wire.Meta // key and header, after the propagator's Inject
 	fut     *Produced
 	dropped bool // its context ended before the batch was sent
-}
-
-// size is what the entry counts for in a batch.
-func (e *producerEntry) size() int {
-	if e.meta.Key == "" && e.meta.Header == nil {
-		return len(e.data) + batchOverhead
-	}
-	return len(e.data) + wire.MetaSize(e.meta) + batchOverhead
 }
 
 // producerBatch is one batch from its cut until its futures complete.
@@ -286,10 +279,14 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 		p.slab = make([]Produced, futureSlab)
 	}
 	f := &p.slab[0]
-	f.topic = p.topic
+	f.topic = &p.topic
 	p.slab = p.slab[1:]
+	e := intakeEntry{ctx: ctx, data: data, fut: f}
+	if !meta.Empty() {
+		e.meta = &meta // rare: a plain entry holds no Meta
+	}
 	p.queued++
-	p.qbytes += p.in.push(producerEntry{ctx: ctx, data: data, meta: meta, fut: f}).size()
+	p.qbytes += p.in.push(e).size()
 	p.seq++
 	p.last = f
 	if p.queued == 1 && p.cfg.Linger > 0 {

@@ -133,9 +133,9 @@ func (p *BatchingProducer) cutAndIssue() {
 		}
 		taken++
 		takenBytes += sz
-		b.entries = append(b.entries, producerEntry{ctx: e.ctx, data: e.data, meta: e.meta, fut: e.fut, dropped: !live})
+		b.entries = append(b.entries, e.batchEntry(!live))
 		if live {
-			b.msgs.add(e.data, e.meta)
+			b.msgs.add(e.data, b.entries[len(b.entries)-1].meta)
 			size += sz
 		}
 		p.pend.pop() // releases the references

@@ -52,7 +52,7 @@ func (p *BatchingProducer) shutIntake(r *produceResult) bool {
 	}
 	for _, q := range []*intakeQueue{&p.pend, &p.in} {
 		for !q.empty() {
-			b.entries = append(b.entries, *q.front())
+			b.entries = append(b.entries, q.front().batchEntry(false))
 			q.pop()
 		}
 	}

@@ -18,11 +18,11 @@ func TestIntakeQueueKeepsOrderAcrossBlocks(t *testing.T) {
 		t.Run(fmt.Sprint(n), func(t *testing.T) {
 			var in intakeQueue
 			for i := range n {
-				in.push(producerEntry{data: pm(i)})
+				in.push(intakeEntry{data: pm(i)})
 			}
 			q := in.take()
 			require.True(t, in.empty(), "take leaves the queue empty")
-			in.push(producerEntry{data: []byte("after take")}) // a new chain: q is not written
+			in.push(intakeEntry{data: []byte("after take")}) // a new chain: q is not written
 			for i := range n {
 				require.False(t, q.empty(), "entry %d missing", i)
 				h, r := q.head, q.head.r
