@@ -283,7 +283,8 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 	p.slab = p.slab[1:]
 	e := intakeEntry{ctx: ctx, data: data, fut: f}
 	if !meta.Empty() {
-		e.meta = &meta // rare: a plain entry holds no Meta
+		m := meta // on the heap only here: a plain entry holds no Meta
+		e.meta = &m
 	}
 	p.queued++
 	p.qbytes += p.in.push(e).size()
