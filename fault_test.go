@@ -41,6 +41,7 @@ type faultLoad struct {
 	copies   map[string]int                   // message body -> subscribers that got it
 	acks     map[string]pubsub.PublishAck     // message body -> its accepted ack
 	rejected map[pubsub.Reason]int
+	levels   []pubsub.AckLevel // publishers cycle through them; empty: AckDelivered
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -82,8 +83,12 @@ func (l *faultLoad) start() {
 				}
 				topic := l.topics[seq%len(l.topics)]
 				body := fmt.Sprintf("%s|p%d|%d", topic, k, seq)
+				level := pubsub.AckDelivered
+				if len(l.levels) > 0 {
+					level = l.levels[seq%len(l.levels)]
+				}
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				ack, err := n.Publish(ctx, topic, []byte(body))
+				ack, err := n.PublishMessages(ctx, topic, []pubsub.Outgoing{{Data: []byte(body)}}, pubsub.WithAck(level))
 				cancel()
 				l.mu.Lock()
 				if err == nil {
@@ -180,8 +185,10 @@ func (l *faultLoad) checkHonest(t *testing.T) {
 }
 
 // runFault runs the workload around one fault and checks the invariants.
-func runFault(t *testing.T, c *testcluster.Cluster, inject func()) *faultLoad {
+// With levels, each publisher cycles through those ack levels.
+func runFault(t *testing.T, c *testcluster.Cluster, inject func(), levels ...pubsub.AckLevel) *faultLoad {
 	l := newFaultLoad(t, c)
+	l.levels = levels
 	l.start()
 	testcluster.WaitFor(t, 5*time.Second, func() bool {
 		l.mu.Lock()
@@ -217,6 +224,23 @@ func TestFaultRouteStalledBothWays(t *testing.T) {
 // Finding 5: a route cut longer than SubscriberTimeout must not evict
 // subscribers whose handlers never ran late: their node did not answer,
 // which is not their failure.
+// The same faults with every ack level in each publisher's sequence: the
+// early-ack queue, the publisher's AckNone outbox and AckDelivered
+// publishes interleave, and each publisher's order must hold at every
+// subscriber through the fault and the heal (an AckNone message may be
+// lost in the fault, never reordered), with no ack claiming a delivery.
+func TestFaultMixedAckLevels(t *testing.T) {
+	levels := []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckNone, pubsub.AckNone, pubsub.AckAccepted, pubsub.AckNone}
+	t.Run("route stalled one way", func(t *testing.T) {
+		c := newFaultyCluster(t)
+		runFault(t, c, func() { c.StallRoute(1, 0) }, levels...)
+	})
+	t.Run("route cut", func(t *testing.T) {
+		c := newFaultyCluster(t)
+		runFault(t, c, func() { c.Route(0, 1).Cut() }, levels...)
+	})
+}
+
 func TestFaultRouteCutEvictsNobody(t *testing.T) {
 	c := newFaultyCluster(t)
 	l := runFault(t, c, func() { c.Route(0, 1).Cut() })
