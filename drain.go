@@ -10,12 +10,13 @@ import (
 )
 
 // A graceful leave drains. Close stops the heartbeats, stops taking
-// requests (answering CLOSED, so requesters retry, and go to the new owner
-// once they saw the LEAVE), waits for the batches it accepted as owner to
-// be answered, announces the LEAVE, and serves each member that gains some
-// of its topics a handover: its subscriber sets of those topics, so the new
-// owners serve them without asking every member. Only then does it
-// unsubscribe its inbox.
+// requests (answering CLOSED, so requesters retry with the new owner at
+// once), announces the LEAVE, answers the batches it accepted as owner and
+// the requests that passed the drain check just before it began (their
+// publishers keep waiting for a gracefully leaving owner), and serves each
+// member that gains some of its topics a handover: its subscriber sets of
+// those topics, so the new owners serve them without asking every member.
+// Only then does it unsubscribe its inbox.
 
 // drainState tracks a draining Close.
 type drainState struct {
@@ -103,11 +104,16 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	n.life.drain.start()
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
-	// Batches accepted as owner are answered first, and requests that got
-	// past the inbox's drain check just before it began are served, all
-	// before the LEAVE: a publisher gives up on a request to an owner that
-	// left its view (ErrTimeout, outcome unknown). Meanwhile new requests
-	// are answered CLOSED and retried.
+	// The LEAVE goes first, so peers re-own this node's topics at once
+	// (new requests are answered CLOSED meanwhile, and retried). Then the
+	// batches accepted as owner are answered and the requests that got
+	// past the inbox's drain check just before it began are served: their
+	// publishers keep waiting for an owner that left gracefully
+	// (ownerAnswers).
+	n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
+	fctx, cancel := context.WithTimeout(ctx, time.Second)
+	_ = n.nc.FlushWithContext(fctx)
+	cancel()
 	answered := time.Now().Add(n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)
 	for (n.owner.queued.Load() > 0 || n.owner.inflight.Load() > 0) && time.Now().Before(answered) {
 		select {
@@ -116,10 +122,6 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 			return
 		}
 	}
-	n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
-	fctx, cancel := context.WithTimeout(ctx, time.Second)
-	_ = n.nc.FlushWithContext(fctx)
-	cancel()
 	v := n.view()
 	// Peers ask for their handover as soon as they see the LEAVE. One that
 	// has not asked within the window (crashed, partitioned, slow) asks

@@ -177,7 +177,7 @@ func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func(
 func (n *Node) askRemote(ctx context.Context, topic string, v *view, owner Member, req ownerRequest, wait time.Duration, sent func()) (ownerAnswer, error) {
 	buf := sendBufs.Get().(*[]byte)
 	*buf = req.encode(v, (*buf)[:0])
-	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.holds(owner), sent: sent})
+	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.ownerAnswers(owner), sent: sent})
 	sendBufs.Put(buf)
 	if err != nil {
 		return ownerAnswer{}, err
@@ -188,6 +188,21 @@ func (n *Node) askRemote(ctx context.Context, topic string, v *view, owner Membe
 // holds returns a check that m, in its incarnation, is still in the view.
 func (n *Node) holds(m Member) func() bool {
 	return func() bool { return n.view().holds(m) }
+}
+
+// ownerAnswers returns a check that owner m may still answer a request it
+// was sent: it is in the view, or it left gracefully within MemberTimeout.
+// A leaving owner sends its LEAVE first, then answers the requests it took
+// before the drain began, so its publishers must not give up on them.
+func (n *Node) ownerAnswers(m Member) func() bool {
+	return func() bool {
+		if n.view().holds(m) {
+			return true
+		}
+		n.members.mu.Lock()
+		defer n.members.mu.Unlock()
+		return n.members.buried(m.ID, m.Incarnation, n.cfg.MemberTimeout)
+	}
 }
 
 // publishRequest publishes one chunk of a batch.

@@ -95,6 +95,7 @@ type BatchingProducer struct {
 	settled     atomic.Uint64    // every batch up to this number is settled (read by publish attempts)
 	initialized bool             // Initialize succeeded (or pub is no Initializer)
 	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
+	frozen      bool             // settled stays before the batch that stopped the producer
 	dead        bool             // the lifetime context ended
 }
 
@@ -121,6 +122,7 @@ type producerBatch struct {
 	last     *produceResult // outcome of the last failed attempt
 	res      *produceResult // final outcome of the entries not dropped
 	reuse    bool           // msgs may be reused: the publisher holds no reference
+	stopped  bool           // its failure stopped the producer
 }
 
 type batchState uint8

@@ -258,6 +258,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		p.resolve(b, b.last) // no retry can fix these
 	case ack.Reason == ReasonClosed:
 		p.resolve(b, b.last) // the publisher is closed for good
+		b.stopped = true
 		p.stop(err)
 	default:
 		d := p.decide(b.failures, err)
@@ -273,6 +274,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 			p.resolve(b, b.last)
 		default:
 			p.resolve(b, b.last)
+			b.stopped = true
 			p.stop(err)
 		}
 	}
@@ -370,7 +372,15 @@ func (p *BatchingProducer) completeHead() {
 				e.fut.complete(b.res)
 			}
 		}
-		p.settled.Store(b.seq)
+		// A batch whose failure stopped the producer never counts as
+		// settled, nor does any after it: an owner holding a later batch
+		// back until this one settles (ORDER_WAIT) must not let it through,
+		// or messages after the failure would be published although the
+		// producer stopped there.
+		p.frozen = p.frozen || b.stopped
+		if !p.frozen {
+			p.settled.Store(b.seq)
+		}
 		copy(p.fifo, p.fifo[1:])
 		p.fifo[len(p.fifo)-1] = nil
 		p.fifo = p.fifo[:len(p.fifo)-1]

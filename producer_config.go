@@ -185,7 +185,8 @@ var (
 	// FailBatchAndStop fails the batch, fails every queued message with
 	// ErrClosed and stops the producer: a later Produce returns ErrClosed.
 	// Batches already in flight behind it (MaxInFlight > 1) keep the
-	// outcome of their own publish.
+	// outcome of their own publish, except that an owner holding one back
+	// until the failed batch settles never lets it through: it fails.
 	FailBatchAndStop = ErrorDecision{action: actionStop}
 	// FailBatchAndContinue fails the batch and goes on with the next one.
 	FailBatchAndContinue = ErrorDecision{action: actionContinue}

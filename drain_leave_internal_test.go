@@ -1,0 +1,149 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
+)
+
+// Regression (review): a graceful Close waited for its in-flight batches
+// before sending the LEAVE. Meanwhile every publish to any topic the
+// leaving node owns was answered CLOSED and could not move to the new owner
+// (the LEAVE was not out), so one slow subscriber on one topic stalled
+// publishes to all of its topics for up to SubscriberTimeout. The LEAVE
+// goes first: such a publish moves within milliseconds.
+func TestGracefulCloseDoesNotHoldBackTheLeaveForASlowBatch(t *testing.T) {
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
+	owner := joinForTest(t, s.ClientURL(), "owner", 50*time.Millisecond) // SubscriberTimeout 2s
+	pub := joinForTest(t, s.ClientURL(), "pub", 50*time.Millisecond)
+	waitForTest(t, "views", func() bool { return len(owner.view().members) == 2 && len(pub.view().members) == 2 })
+	var topics []string
+	for i := 0; len(topics) < 2; i++ {
+		if tp := fmt.Sprintf("s-%d", i); pub.view().ownerOf(tp).ID == "owner" {
+			topics = append(topics, tp)
+		}
+	}
+	slow, other := topics[0], topics[1]
+	release := make(chan struct{})
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	_, err = pub.Subscribe(t.Context(), slow, func(ctx context.Context, _ *Message) error {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	go func() { _, _ = pub.Publish(context.Background(), slow, []byte("slow")) }()
+	waitForTest(t, "the slow batch in flight at the owner", func() bool { return owner.owner.inflight.Load() == 1 })
+
+	closed := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		closed <- owner.Close(ctx)
+	}()
+	waitForTest(t, "the drain began", owner.life.drain.on.Load)
+
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := pub.Publish(context.Background(), other, []byte("unrelated topic"))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(time.Second):
+		t.Fatalf("a publish to another topic of the leaving node waited %v (and counting) behind one slow batch: the LEAVE is held back", time.Since(start))
+	}
+	close(release)
+	require.NoError(t, <-closed)
+}
+
+func joinWithForTest(t *testing.T, url, id string, opts ...Option) *Node {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	n, err := Join(ctx, nc, append([]Option{WithNodeID(id)}, opts...)...)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = n.Close(ctx)
+	})
+	return n
+}
+
+// Regression (review): Close stops the heartbeats; when it then waited up
+// to SubscriberTimeout + RequestTimeout for its in-flight batches before
+// the LEAVE (5 s + 5 s by default, more than MemberTimeout's 3 s), a batch
+// held by a slow subscriber made every peer time the leaver out as crashed
+// before its LEAVE went out: no handover, and the publisher of the batch
+// gave up on an owner that left its view. The LEAVE goes first, and the
+// publisher keeps waiting for a gracefully leaving owner's answer
+// (ownerAnswers). Scaled down: MemberTimeout 1 s, SubscriberTimeout and
+// RequestTimeout 4 s.
+func TestGracefulCloseLeavesBeforeMemberTimeout(t *testing.T) {
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
+	opts := []Option{WithHeartbeatInterval(50 * time.Millisecond), WithMemberTimeout(time.Second),
+		WithRequestTimeout(4 * time.Second), WithSubscriberTimeout(4 * time.Second)}
+	owner := joinWithForTest(t, s.ClientURL(), "owner", opts...)
+	pub := joinWithForTest(t, s.ClientURL(), "pub", opts...)
+	waitForTest(t, "views", func() bool { return len(owner.view().members) == 2 && len(pub.view().members) == 2 })
+	var topic string
+	for i := 0; topic == ""; i++ {
+		if tp := fmt.Sprintf("m-%d", i); pub.view().ownerOf(tp).ID == "owner" {
+			topic = tp
+		}
+	}
+	ownerGone := func() bool { _, ok := pub.view().member("owner"); return !ok }
+	// The handler takes as long as it takes the publisher's node to drop
+	// the owner (bounded by its ctx, SubscriberTimeout).
+	_, err = pub.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
+		for !ownerGone() && ctx.Err() == nil {
+			time.Sleep(5 * time.Millisecond) // a slow handler's work, polling
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	published := make(chan error, 1)
+	go func() {
+		_, err := pub.Publish(context.Background(), topic, []byte("slow"))
+		published <- err
+	}()
+	waitForTest(t, "the batch in flight at the owner", func() bool { return owner.owner.inflight.Load() == 1 })
+	closed := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		closed <- owner.Close(ctx)
+	}()
+	waitForTest(t, "the publisher's node drops the owner", ownerGone)
+	pub.members.mu.Lock()
+	_, graceful := pub.members.left["owner"]
+	pub.members.mu.Unlock()
+	assert.True(t, graceful, "the owner was timed out as crashed before its LEAVE went out")
+	require.NoError(t, <-published, "the publish in flight at the leaving owner")
+	require.NoError(t, <-closed)
+}
