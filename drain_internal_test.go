@@ -12,6 +12,31 @@ import (
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
+// ownerAndPublisher starts a NATS server and joins two nodes to it, "owner"
+// and "pub", with opts, once each sees the other.
+func ownerAndPublisher(t *testing.T, opts ...Option) (owner, pub *Node) {
+	t.Helper()
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() }) // after the nodes' Close (cleanups run last first)
+	owner = joinWithForTest(t, s.ClientURL(), "owner", opts...)
+	pub = joinWithForTest(t, s.ClientURL(), "pub", opts...)
+	waitForTest(t, "views", func() bool { return len(owner.view().members) == 2 && len(pub.view().members) == 2 })
+	return owner, pub
+}
+
+// ownedTopics returns count topics named prefix-N that member ownerID owns
+// in n's view.
+func ownedTopics(n *Node, ownerID, prefix string, count int) []string {
+	var topics []string
+	for i := 0; len(topics) < count; i++ {
+		if tp := fmt.Sprintf("%s-%d", prefix, i); n.view().ownerOf(tp).ID == ownerID {
+			topics = append(topics, tp)
+		}
+	}
+	return topics
+}
+
 // Regression: a publish request that passed the owner's inbox drain check
 // just before a graceful Close began, and still sat in its topic actor's
 // queue, was not waited for (the drain only counted batches the actor had
@@ -20,20 +45,11 @@ import (
 // owner's actor is held busy so the request waits in its queue while
 // Close starts; Close must wait for it and the publish must be accepted.
 func TestGracefulCloseServesRequestsQueuedBeforeTheDrain(t *testing.T) {
-	s, err := embedded.StartServer()
-	require.NoError(t, err)
-	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
-	owner := joinForTest(t, s.ClientURL(), "owner", 50*time.Millisecond)
-	pub := joinForTest(t, s.ClientURL(), "pub", 50*time.Millisecond)
-	waitForTest(t, "views", func() bool { return len(owner.view().members) == 2 && len(pub.view().members) == 2 })
-	var topic string
-	for i := 0; topic == ""; i++ {
-		if tp := fmt.Sprintf("q-%d", i); pub.view().ownerOf(tp).ID == "owner" {
-			topic = tp
-		}
-	}
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(2*time.Second),
+		WithRequestTimeout(3*time.Second), WithSubscriberTimeout(2*time.Second))
+	topic := ownedTopics(pub, "owner", "q", 1)[0]
 	delivered := make(chan struct{}, 1)
-	_, err = pub.Subscribe(t.Context(), topic, func(context.Context, *Message) error {
+	_, err := pub.Subscribe(t.Context(), topic, func(context.Context, *Message) error {
 		delivered <- struct{}{}
 		return nil
 	})

@@ -2,15 +2,12 @@ package pubsub
 
 import (
 	"context"
-	"fmt"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
 // Regression (review): a graceful Close waited for its in-flight batches
@@ -20,18 +17,9 @@ import (
 // publishes to all of its topics for up to SubscriberTimeout. The LEAVE
 // goes first: such a publish moves within milliseconds.
 func TestGracefulCloseDoesNotHoldBackTheLeaveForASlowBatch(t *testing.T) {
-	s, err := embedded.StartServer()
-	require.NoError(t, err)
-	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
-	owner := joinForTest(t, s.ClientURL(), "owner", 50*time.Millisecond) // SubscriberTimeout 2s
-	pub := joinForTest(t, s.ClientURL(), "pub", 50*time.Millisecond)
-	waitForTest(t, "views", func() bool { return len(owner.view().members) == 2 && len(pub.view().members) == 2 })
-	var topics []string
-	for i := 0; len(topics) < 2; i++ {
-		if tp := fmt.Sprintf("s-%d", i); pub.view().ownerOf(tp).ID == "owner" {
-			topics = append(topics, tp)
-		}
-	}
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(2*time.Second),
+		WithRequestTimeout(3*time.Second), WithSubscriberTimeout(2*time.Second))
+	topics := ownedTopics(pub, "owner", "s", 2)
 	slow, other := topics[0], topics[1]
 	release := make(chan struct{})
 	t.Cleanup(func() {
@@ -41,7 +29,7 @@ func TestGracefulCloseDoesNotHoldBackTheLeaveForASlowBatch(t *testing.T) {
 			close(release)
 		}
 	})
-	_, err = pub.Subscribe(t.Context(), slow, func(ctx context.Context, _ *Message) error {
+	_, err := pub.Subscribe(t.Context(), slow, func(ctx context.Context, _ *Message) error {
 		select {
 		case <-release:
 		case <-ctx.Done():
@@ -103,24 +91,13 @@ func joinWithForTest(t *testing.T, url, id string, opts ...Option) *Node {
 // (ownerAnswers). Scaled down: MemberTimeout 1 s, SubscriberTimeout and
 // RequestTimeout 4 s.
 func TestGracefulCloseLeavesBeforeMemberTimeout(t *testing.T) {
-	s, err := embedded.StartServer()
-	require.NoError(t, err)
-	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
-	opts := []Option{WithHeartbeatInterval(50 * time.Millisecond), WithMemberTimeout(time.Second),
-		WithRequestTimeout(4 * time.Second), WithSubscriberTimeout(4 * time.Second)}
-	owner := joinWithForTest(t, s.ClientURL(), "owner", opts...)
-	pub := joinWithForTest(t, s.ClientURL(), "pub", opts...)
-	waitForTest(t, "views", func() bool { return len(owner.view().members) == 2 && len(pub.view().members) == 2 })
-	var topic string
-	for i := 0; topic == ""; i++ {
-		if tp := fmt.Sprintf("m-%d", i); pub.view().ownerOf(tp).ID == "owner" {
-			topic = tp
-		}
-	}
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second),
+		WithRequestTimeout(4*time.Second), WithSubscriberTimeout(4*time.Second))
+	topic := ownedTopics(pub, "owner", "m", 1)[0]
 	ownerGone := func() bool { _, ok := pub.view().member("owner"); return !ok }
 	// The handler takes as long as it takes the publisher's node to drop
 	// the owner (bounded by its ctx, SubscriberTimeout).
-	_, err = pub.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
+	_, err := pub.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
 		for !ownerGone() && ctx.Err() == nil {
 			time.Sleep(5 * time.Millisecond) // a slow handler's work, polling
 		}
