@@ -20,10 +20,6 @@ type earlyQueue struct {
 	scheduled bool // an actor task will take reqs
 }
 
-// maxEarlyBytes bounds the bytes a topic's early-ack queue holds (besides
-// maxActorQueue requests): past it a request is refused like any other.
-const maxEarlyBytes = 64 << 20
-
 type earlyRequest struct {
 	msgs  payload
 	reply string
@@ -54,7 +50,7 @@ func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool)
 		q.mu.Unlock()
 		return false, true
 	}
-	if len(q.reqs) >= maxActorQueue || q.bytes+len(msgs.packed) > maxEarlyBytes {
+	if len(q.reqs) >= maxActorQueue || q.bytes+len(msgs.packed) > maxActorQueueBytes {
 		q.mu.Unlock()
 		return true, false
 	}

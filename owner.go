@@ -65,6 +65,13 @@ func (o *ownerSide) actor(topic string) *topicActor {
 // counted in Stats().RequestsRefused.
 const maxActorQueue = 1 << 16
 
+// maxActorQueueBytes bounds the packed bytes of publishes from other nodes
+// waiting for one topic actor, in each of its two queues (AckDelivered
+// requests, and the early-ack queue, early.go): 65 536 requests of up to a
+// NATS message each would otherwise hold gigabytes. Past it a request is
+// refused like any other.
+const maxActorQueueBytes = 64 << 20
+
 // onActor runs fn on topic's actor. With bounded, it refuses (reports false)
 // when maxActorQueue items already wait. Work that reaches an actor
 // collected meanwhile goes on to its successor.
@@ -147,10 +154,18 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		}
 		return ok
 	}
+	held, size := n.owner.actor(topic), int64(len(msgs.packed))
+	if held.queuedBytes.Add(size) > maxActorQueueBytes {
+		held.queuedBytes.Add(-size)
+		n.refuse(topic, reply)
+		return false
+	}
 	if !n.owner.onActor(topic, true, func(a *topicActor) {
+		held.queuedBytes.Add(-size) // held, not a: a successor may run this
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 		n.owner.queued.Add(-1)
 	}) {
+		held.queuedBytes.Add(-size)
 		n.refuse(topic, reply)
 		return false
 	}
@@ -161,7 +176,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 func (n *Node) refuse(topic, reply string) {
 	n.stats.refused.Add(1)
 	if ok, held := n.log.limit.allow("refused"); ok {
-		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "suppressed", held)
+		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "limit_bytes", maxActorQueueBytes, "suppressed", held)
 	}
 	n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
 }

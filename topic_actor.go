@@ -40,6 +40,9 @@ type topicActor struct {
 	producers map[string]uint64
 	groups    groupBook
 	early     earlyQueue // shared with the inbox: see early.go
+	// queuedBytes counts the packed bytes of AckDelivered publishes from
+	// other nodes waiting in the actor's queue (shared with the inbox).
+	queuedBytes atomic.Int64
 }
 
 // publishGroupSizes gives Stats a copy of the group sizes.
