@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -35,4 +36,25 @@ func TestActorQueueIsBoundedInBytes(t *testing.T) {
 		require.NoError(t, <-errs, "a publish refused while the queue was full is retried and served")
 	}
 	assert.Zero(t, owner.owner.actor(topic).queuedBytes.Load(), "queued bytes left after the queue drained")
+}
+
+// A subscriber that appears twice among a batch's outcomes (a group
+// member whose own share and a re-routed share both failed) takes one
+// eviction strike for the batch, not two.
+func TestOneStrikePerSubscriberPerBatch(t *testing.T) {
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithEvictAfter(2))
+	topic := ownedTopics(pub, "owner", "strike", 1)[0]
+	s, err := pub.Subscribe(t.Context(), topic, func(context.Context, *Message) error { return nil }, WithGroup("workers"))
+	require.NoError(t, err)
+	fails := make(chan int, 1)
+	owner.owner.onActor(topic, false, func(a *topicActor) {
+		a.account([]subscriberOutcome{{id: s.ID(), status: MailboxFull}, {id: s.ID(), status: Timeout}})
+		fails <- a.fails[s.ID()]
+	})
+	assert.Equal(t, 1, <-fails, "strikes for one batch")
+	select {
+	case <-s.Done():
+		t.Fatalf("evicted after one batch with EvictAfter 2: %v", s.Err())
+	default:
+	}
 }

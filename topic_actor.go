@@ -479,6 +479,7 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 // failure count; SubscriberGone evicts at once; other failures the node
 // reported evict after EvictAfter in a row.
 func (a *topicActor) account(outcomes []subscriberOutcome) {
+	var struck map[SubscriberID]bool // one strike per subscriber per batch
 	for _, o := range outcomes {
 		if o.status == Delivered {
 			delete(a.fails, o.id)
@@ -493,6 +494,13 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			continue
 		}
 		if o.status != SubscriberGone {
+			if struck[o.id] {
+				continue // a group member's own share and a re-routed one both failed
+			}
+			if struck == nil {
+				struck = make(map[SubscriberID]bool)
+			}
+			struck[o.id] = true
 			if a.fails == nil {
 				a.fails = make(map[SubscriberID]int)
 			}
