@@ -109,7 +109,9 @@ func (a *topicActor) plan() *fanoutPlan {
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(byGroup)) {
-		p.groups = append(p.groups, newGroupRoute(name, byGroup[name]))
+		g := newGroupRoute(name, byGroup[name])
+		g.next = a.groups.next[name] % len(g.members) // carried over from the previous plan
+		p.groups = append(p.groups, g)
 	}
 	a.groups.plan = p
 	return p

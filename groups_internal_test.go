@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -118,4 +119,28 @@ func TestChunkAcksKeepEveryVanishedGroup(t *testing.T) {
 	c.add(1, PublishAck{Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}}, nil)
 	assert.Equal(t, []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}, c.ack.Failures)
 	assert.Zero(t, c.ack.Delivered)
+}
+
+// Keyless round robin keeps its place when the subscriber set changes: it
+// restarted at the first member on every change, so with frequent changes
+// that member got more than its share.
+func TestGroupRoundRobinKeepsItsPlaceAcrossChanges(t *testing.T) {
+	n := &Node{self: Member{ID: "o", Incarnation: 1}}
+	n.events = newEventStream("o")
+	a := &topicActor{n: n, topic: "t"}
+	for _, node := range []string{"a", "b", "c"} {
+		require.True(t, a.add(node, 1, "1@g"))
+	}
+	got := map[string]int{}
+	for i := range 9 {
+		for node := range a.plan().assign(1, nil) {
+			got[node]++
+		}
+		// A broadcast subscriber comes and goes after every batch: the
+		// plan is rebuilt each time.
+		local := fmt.Sprintf("b%d", i)
+		require.True(t, a.add("x", 1, local))
+		require.True(t, a.remove(SubscriberID{Node: "x", Local: local}, false))
+	}
+	assert.Equal(t, map[string]int{"a": 3, "b": 3, "c": 3}, got, "keyless messages per member")
 }

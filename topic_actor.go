@@ -57,6 +57,7 @@ func (a *topicActor) publishGroupSizes() {
 // groupBook is what a topic actor knows of its consumer groups.
 type groupBook struct {
 	plan     *fanoutPlan    // nil when the subscriber set changed since it was built
+	next     map[string]int // keyless round-robin position per group, kept across plans
 	sizes    map[string]int // members per group
 	vanished map[string]bool
 	// vanished: groups whose members all went with their nodes (or were
@@ -64,9 +65,25 @@ type groupBook struct {
 	// A group whose last member unsubscribed ends silently.
 }
 
+// invalidate drops the plan after a change of the subscriber set, keeping
+// each group's round-robin position: restarting at the first member on
+// every change would hand it more than its share.
+func (b *groupBook) invalidate() {
+	if b.plan == nil {
+		return
+	}
+	for _, g := range b.plan.groups {
+		if b.next == nil {
+			b.next = map[string]int{}
+		}
+		b.next[g.name] = g.next
+	}
+	b.plan = nil
+}
+
 // joined counts a member of group g in.
 func (b *groupBook) joined(g string) {
-	b.plan = nil
+	b.invalidate()
 	if g == "" {
 		return
 	}
@@ -80,7 +97,7 @@ func (b *groupBook) joined(g string) {
 // left counts a member of group g out; the group vanishes with its last
 // member unless that one unsubscribed.
 func (b *groupBook) left(g string, unsubscribed bool) {
-	b.plan = nil
+	b.invalidate()
 	if g == "" {
 		return
 	}
@@ -88,6 +105,7 @@ func (b *groupBook) left(g string, unsubscribed bool) {
 		return
 	}
 	delete(b.sizes, g)
+	delete(b.next, g)
 	if !unsubscribed {
 		if b.vanished == nil {
 			b.vanished = map[string]bool{}
@@ -214,7 +232,7 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 		a.groups.joined(g)
 		a.publishGroupSizes()
 	} else {
-		a.groups.plan = nil
+		a.groups.invalidate()
 	}
 	return true
 }
