@@ -7,6 +7,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
+	"google.golang.org/protobuf/proto"
 )
 
 // The owner's network fan-out: one DeliverBatch per subscriber node, sent
@@ -219,4 +220,79 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, path bool) {
 	})
 	a.n.emitAccepted(b.ack)
 	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack, delivered: b.delivered})
+}
+
+// sendRemote sends a remote node its part of a batch. Protobuf merges
+// repeated occurrences of an embedded message, so the node's subscriber
+// list is appended to the encoding all nodes share (head, built once, and
+// the packed messages) instead of re-encoding the messages for every node.
+// A list too long to fit beside the batch goes in several messages, each
+// reported apart; the group members' shares go with the first. A node
+// with only group members gets only their messages.
+func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *payload, head *[]byte, atLeastOnce bool) {
+	n := a.n
+	shares := t.shares
+	if len(t.locals) == 0 {
+		if sub, sh, ok := msgs.subset(shares); ok {
+			msgs, shares = &sub, sh
+			var own []byte // the shared head counts the whole batch
+			head = &own
+		}
+	}
+	if *head == nil {
+		*head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: msgs.seq.seq,
+			Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
+			Publisher: msgs.publisher})
+	}
+	packed, withMeta := msgs.wire()
+	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-len(packed)-16-sharesSize(shares))
+	b.addParts(len(parts) - 1)
+	for i, part := range parts {
+		body := &wire.DeliverBatch{Subscribers: part}
+		to := nodeTarget{node: t.node, locals: part}
+		if i == 0 && len(shares) > 0 {
+			body.Shares = sharesToWire(shares)
+			to.shares = t.shares // reported by their indices into the whole batch, as re-routes need
+		}
+		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
+		n.deliverRemote(b, m, remoteBatch{*head, packed, suffix, withMeta}, to, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout), 0)
+	}
+}
+
+// nodeTarget is one node's part of a batch: its subscribers that get every
+// message, and its group members' shares.
+type nodeTarget struct {
+	node   string
+	locals []string
+	shares []share
+}
+
+// len is the number of statuses a delivery to the target reports: its
+// subscribers', then its shares'.
+func (t nodeTarget) len() int { return len(t.locals) + len(t.shares) }
+
+// local names the subscriber of status i.
+func (t nodeTarget) local(i int) string {
+	if i < len(t.locals) {
+		return t.locals[i]
+	}
+	return t.shares[i-len(t.locals)].local
+}
+
+// idx returns the message indices status i covers; nil for a subscriber
+// that got the whole batch.
+func (t nodeTarget) idx(i int) []uint32 {
+	if i < len(t.locals) {
+		return nil
+	}
+	return t.shares[i-len(t.locals)].idx
+}
+
+// sharesSize bounds the encoded size of shares.
+func sharesSize(shares []share) int {
+	n := 0
+	for _, s := range shares {
+		n += len(s.local) + 8 + 5*len(s.idx)
+	}
+	return n
 }

@@ -247,3 +247,74 @@ func (p *payload) subset(shares []share) (payload, []share, bool) {
 	}
 	return payload{msgs: sub, publisher: p.publisher, origin: p.origin, seq: p.seq}, moved, true
 }
+
+// publishGroupSizes gives Stats a copy of the group sizes.
+func (a *topicActor) publishGroupSizes() {
+	if len(a.groups.sizes) == 0 && a.groupSizes.Load() == nil {
+		return
+	}
+	sizes := maps.Clone(a.groups.sizes)
+	a.groupSizes.Store(&sizes)
+}
+
+// groupBook is what a topic actor knows of its consumer groups.
+type groupBook struct {
+	plan     *fanoutPlan    // nil when the subscriber set changed since it was built
+	next     map[string]int // keyless round-robin position per group, kept across plans
+	sizes    map[string]int // members per group
+	vanished map[string]bool
+	// vanished: groups whose members all went with their nodes (or were
+	// evicted): batches report them SubscriberGone until a member joins.
+	// A group whose last member unsubscribed ends silently.
+}
+
+// invalidate drops the plan after a change of the subscriber set, keeping
+// each group's round-robin position: restarting at the first member on
+// every change would hand it more than its share.
+func (b *groupBook) invalidate() {
+	if b.plan == nil {
+		return
+	}
+	for _, g := range b.plan.groups {
+		if b.next == nil {
+			b.next = map[string]int{}
+		}
+		b.next[g.name] = g.next
+	}
+	b.plan = nil
+}
+
+// joined counts a member of group g in.
+func (b *groupBook) joined(g string) {
+	b.invalidate()
+	if g == "" {
+		return
+	}
+	if b.sizes == nil {
+		b.sizes = map[string]int{}
+	}
+	b.sizes[g]++
+	delete(b.vanished, g)
+}
+
+// left counts a member of group g out; the group vanishes with its last
+// member unless that one unsubscribed.
+func (b *groupBook) left(g string, unsubscribed bool) {
+	b.invalidate()
+	if g == "" {
+		return
+	}
+	if b.sizes[g]--; b.sizes[g] > 0 {
+		return
+	}
+	delete(b.sizes, g)
+	delete(b.next, g)
+	if !unsubscribed {
+		if b.vanished == nil {
+			b.vanished = map[string]bool{}
+		}
+		b.vanished[g] = true
+	}
+}
+
+const noEpoch = ^uint64(0)

@@ -1,12 +1,9 @@
 package pubsub
 
 import (
-	"maps"
 	"slices"
 	"sync/atomic"
 	"time"
-
-	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -44,77 +41,6 @@ type topicActor struct {
 	// other nodes waiting in the actor's queue (shared with the inbox).
 	queuedBytes atomic.Int64
 }
-
-// publishGroupSizes gives Stats a copy of the group sizes.
-func (a *topicActor) publishGroupSizes() {
-	if len(a.groups.sizes) == 0 && a.groupSizes.Load() == nil {
-		return
-	}
-	sizes := maps.Clone(a.groups.sizes)
-	a.groupSizes.Store(&sizes)
-}
-
-// groupBook is what a topic actor knows of its consumer groups.
-type groupBook struct {
-	plan     *fanoutPlan    // nil when the subscriber set changed since it was built
-	next     map[string]int // keyless round-robin position per group, kept across plans
-	sizes    map[string]int // members per group
-	vanished map[string]bool
-	// vanished: groups whose members all went with their nodes (or were
-	// evicted): batches report them SubscriberGone until a member joins.
-	// A group whose last member unsubscribed ends silently.
-}
-
-// invalidate drops the plan after a change of the subscriber set, keeping
-// each group's round-robin position: restarting at the first member on
-// every change would hand it more than its share.
-func (b *groupBook) invalidate() {
-	if b.plan == nil {
-		return
-	}
-	for _, g := range b.plan.groups {
-		if b.next == nil {
-			b.next = map[string]int{}
-		}
-		b.next[g.name] = g.next
-	}
-	b.plan = nil
-}
-
-// joined counts a member of group g in.
-func (b *groupBook) joined(g string) {
-	b.invalidate()
-	if g == "" {
-		return
-	}
-	if b.sizes == nil {
-		b.sizes = map[string]int{}
-	}
-	b.sizes[g]++
-	delete(b.vanished, g)
-}
-
-// left counts a member of group g out; the group vanishes with its last
-// member unless that one unsubscribed.
-func (b *groupBook) left(g string, unsubscribed bool) {
-	b.invalidate()
-	if g == "" {
-		return
-	}
-	if b.sizes[g]--; b.sizes[g] > 0 {
-		return
-	}
-	delete(b.sizes, g)
-	delete(b.next, g)
-	if !unsubscribed {
-		if b.vanished == nil {
-			b.vanished = map[string]bool{}
-		}
-		b.vanished[g] = true
-	}
-}
-
-const noEpoch = ^uint64(0)
 
 // nodeSubscribers is one node's subscribers of one topic.
 type nodeSubscribers struct {
@@ -388,81 +314,6 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		t := targets[local]
 		n.deliver(a.topic, t.locals, t.shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
 	}
-}
-
-// sendRemote sends a remote node its part of a batch. Protobuf merges
-// repeated occurrences of an embedded message, so the node's subscriber
-// list is appended to the encoding all nodes share (head, built once, and
-// the packed messages) instead of re-encoding the messages for every node.
-// A list too long to fit beside the batch goes in several messages, each
-// reported apart; the group members' shares go with the first. A node
-// with only group members gets only their messages.
-func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *payload, head *[]byte, atLeastOnce bool) {
-	n := a.n
-	shares := t.shares
-	if len(t.locals) == 0 {
-		if sub, sh, ok := msgs.subset(shares); ok {
-			msgs, shares = &sub, sh
-			var own []byte // the shared head counts the whole batch
-			head = &own
-		}
-	}
-	if *head == nil {
-		*head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: msgs.seq.seq,
-			Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
-			Publisher: msgs.publisher})
-	}
-	packed, withMeta := msgs.wire()
-	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-len(packed)-16-sharesSize(shares))
-	b.addParts(len(parts) - 1)
-	for i, part := range parts {
-		body := &wire.DeliverBatch{Subscribers: part}
-		to := nodeTarget{node: t.node, locals: part}
-		if i == 0 && len(shares) > 0 {
-			body.Shares = sharesToWire(shares)
-			to.shares = t.shares // reported by their indices into the whole batch, as re-routes need
-		}
-		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
-		n.deliverRemote(b, m, remoteBatch{*head, packed, suffix, withMeta}, to, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout), 0)
-	}
-}
-
-// nodeTarget is one node's part of a batch: its subscribers that get every
-// message, and its group members' shares.
-type nodeTarget struct {
-	node   string
-	locals []string
-	shares []share
-}
-
-// len is the number of statuses a delivery to the target reports: its
-// subscribers', then its shares'.
-func (t nodeTarget) len() int { return len(t.locals) + len(t.shares) }
-
-// local names the subscriber of status i.
-func (t nodeTarget) local(i int) string {
-	if i < len(t.locals) {
-		return t.locals[i]
-	}
-	return t.shares[i-len(t.locals)].local
-}
-
-// idx returns the message indices status i covers; nil for a subscriber
-// that got the whole batch.
-func (t nodeTarget) idx(i int) []uint32 {
-	if i < len(t.locals) {
-		return nil
-	}
-	return t.shares[i-len(t.locals)].idx
-}
-
-// sharesSize bounds the encoded size of shares.
-func sharesSize(shares []share) int {
-	n := 0
-	for _, s := range shares {
-		n += len(s.local) + 8 + 5*len(s.idx)
-	}
-	return n
 }
 
 // targets arranges a batch by node: without groups every subscriber of a
