@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -66,37 +65,8 @@ type BatchingProducer struct {
 	abandoned atomic.Bool       // the actor failed work because the lifetime ended
 	full      *Produced         // shared future, already done with ErrQueueFull
 
-	// mu guards the intake, shared by Produce, Flush, Close and the actor.
-	mu        sync.Mutex
-	in        intakeQueue // appended by Produce, taken whole by the actor
-	queued    int         // messages queued and not yet cut into a batch
-	qbytes    int         // their size, counted as in a batch
-	firstAt   time.Time   // when the queue last went from empty to non-empty
-	seq       uint64      // messages ever queued
-	cutSeq    uint64      // messages ever taken out of the queue
-	flushSeq  uint64      // the first flushSeq messages go out without lingering
-	wakeLen   int         // Produce nudges the actor when queued reaches it...
-	wakeBytes int         // ...or qbytes reaches this
-	closed    *Produced   // once intake stopped: the done future Produce returns
-	closing   bool        // Close was called: drain, then return
-	last      *Produced   // future of the last queued message
-	slab      []Produced  // futures not yet handed out
-
-	// Actor state: touched only by the producer goroutine.
-	pend        intakeQueue      // taken from in, read by cutAndIssue
-	fifo        []*producerBatch // batches cut and not yet completed, in order
-	free        []*producerBatch // recycled batches
-	active      int              // batches issued and not resolved (running or awaiting retry)
-	running     int              // attempt goroutines alive
-	retrying    int              // batches that failed and will be retried
-	gate        uint64           // attempt that must be issued before the next starts; 0: none
-	nextID      uint64           // attempt IDs
-	nextSeq     uint64           // batch numbers, kept by a batch across its retries
-	settled     atomic.Uint64    // every batch up to this number is settled (read by publish attempts)
-	initialized bool             // Initialize succeeded (or pub is no Initializer)
-	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
-	frozen      bool             // settled stays before the batch that stopped the producer
-	dead        bool             // the lifetime context ended
+	producerIntake // what Produce queued: guarded by its mu (producer_intake.go)
+	producerState  // the actor's own: touched only by the producer goroutine (producer_actor.go)
 }
 
 // producerEntry is one message of a cut batch (queued ones are
@@ -190,16 +160,15 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 	}
 	warnShortPublishTimeout(p, topic, cfg.PublishTimeout)
 	bp := &BatchingProducer{
-		pub:       p,
-		id:        randomID(),
-		topic:     topic,
-		cfg:       cfg,
-		maxMsg:    cfg.MaxBatchBytes,
-		wake:      make(chan struct{}, 1),
-		events:    make(chan attemptEvent, 2*cfg.MaxInFlight),
-		exited:    make(chan struct{}),
-		wakeLen:   1,
-		wakeBytes: math.MaxInt,
+		pub:            p,
+		id:             randomID(),
+		topic:          topic,
+		cfg:            cfg,
+		maxMsg:         cfg.MaxBatchBytes,
+		wake:           make(chan struct{}, 1),
+		events:         make(chan attemptEvent, 2*cfg.MaxInFlight),
+		exited:         make(chan struct{}),
+		producerIntake: producerIntake{wakeLen: 1, wakeBytes: math.MaxInt},
 	}
 	if limit := messageLimit(p); limit > 0 {
 		bp.maxMsg = min(bp.maxMsg, limit)

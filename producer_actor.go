@@ -9,6 +9,25 @@ import (
 	"time"
 )
 
+// producerState is the actor's own state: touched only by the producer
+// goroutine, except settled, which publish attempts read.
+type producerState struct {
+	pend        intakeQueue      // taken from in, read by cutAndIssue
+	fifo        []*producerBatch // batches cut and not yet completed, in order
+	free        []*producerBatch // recycled batches
+	active      int              // batches issued and not resolved (running or awaiting retry)
+	running     int              // attempt goroutines alive
+	retrying    int              // batches that failed and will be retried
+	gate        uint64           // attempt that must be issued before the next starts; 0: none
+	nextID      uint64           // attempt IDs
+	nextSeq     uint64           // batch numbers, kept by a batch across its retries
+	settled     atomic.Uint64    // every batch up to this number is settled (read by publish attempts)
+	initialized bool             // Initialize succeeded (or pub is no Initializer)
+	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
+	frozen      bool             // settled stays before the batch that stopped the producer
+	dead        bool             // the lifetime context ended
+}
+
 // nudge wakes the actor without blocking.
 func (p *BatchingProducer) nudge() {
 	select {

@@ -3,9 +3,29 @@ package pubsub
 import (
 	"context"
 	"sync"
+	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
+
+// producerIntake is a BatchingProducer's queue of produced messages and
+// the bookkeeping Produce, Flush, Close and the actor share under mu.
+type producerIntake struct {
+	mu        sync.Mutex
+	in        intakeQueue // appended by Produce, taken whole by the actor
+	queued    int         // messages queued and not yet cut into a batch
+	qbytes    int         // their size, counted as in a batch
+	firstAt   time.Time   // when the queue last went from empty to non-empty
+	seq       uint64      // messages ever queued
+	cutSeq    uint64      // messages ever taken out of the queue
+	flushSeq  uint64      // the first flushSeq messages go out without lingering
+	wakeLen   int         // Produce nudges the actor when queued reaches it...
+	wakeBytes int         // ...or qbytes reaches this
+	closed    *Produced   // once intake stopped: the done future Produce returns
+	closing   bool        // Close was called: drain, then return
+	last      *Produced   // future of the last queued message
+	slab      []Produced  // futures not yet handed out
+}
 
 // intakeBlockLen is how many entries one intake block holds: 512 entries of
 // 56 bytes, a 28 KiB block.
