@@ -38,10 +38,14 @@ import (
 // within its ctx, for the request being written, then writes what the
 // outbox holds itself (ErrQueueFull when its ctx ends first): a loop faster
 // than the writes is slowed to their pace, as a NATS publish is by its
-// full buffer. A run that cannot be written (no owner within
-// RequestTimeout, the owner's queue full when the topic moved to this
-// node, the node stopped) is counted in Rejected, emitted as
-// PublishRejected and logged.
+// full buffer. The node's outboxes together hold at most 1 024 topics and
+// 64 MiB; past that a publish to a topic without an outbox is written by its
+// caller. A run that cannot be written (no owner within RequestTimeout,
+// the owner's queue full when the topic moved to this node, the node
+// stopped) is counted in Rejected, emitted as PublishRejected and logged,
+// and the runs held behind it fail at once with it: the sending token is
+// held for one RequestTimeout, not one per run. A run is at most the
+// connection's MaxMessageSize, whatever runBytes says.
 //
 // Close writes what the outboxes hold before it leaves; a node stopped by
 // the loss of its connection drops it (counted).
