@@ -204,7 +204,9 @@ func packedLen(data []byte) int {
 // the request being written, and write what the outbox holds itself.
 func (n *Node) publishMerged(ctx context.Context, topic string, batch msgBatch) (handled bool, err error) {
 	owner := n.view().ownerOf(topic)
-	if owner.ID == "" || owner.ID == n.self.ID {
+	if owner.ID == "" || owner.ID == n.self.ID || n.life.closeCalled.Load() {
+		// Once Close began, the caller writes its own publish: what an
+		// outbox took now might still be held when the node stops.
 		return false, nil
 	}
 	size := 0

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -222,4 +223,40 @@ func TestOutboxRunsReachALocalOwnerInOrder(t *testing.T) {
 		require.Equal(t, fmt.Sprintf("%05d", i), g)
 	}
 	assert.Zero(t, a.Stats().Rejected)
+}
+
+// Close while AckNone publishers keep publishing: every call returns
+// Accepted or ErrClosed, and every accepted message is either delivered
+// or counted in Rejected (never silently lost), with no goroutine left.
+func TestCloseDuringAckNoneLoopsLosesNothingSilently(t *testing.T) {
+	a, _, topic, got := outboxPair(t)
+	var accepted, refused atomic.Int64
+	var wg sync.WaitGroup
+	for p := range 3 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				_, err := publishNone(context.Background(), a, topic, fmt.Sprintf("%d-%d", p, i))
+				if err != nil {
+					assert.ErrorIs(t, err, ErrClosed)
+					refused.Add(1) // counted in Rejected too
+					return
+				}
+				accepted.Add(1)
+			}
+		})
+	}
+	waitForTest(t, "publishers running", func() bool { return accepted.Load() > 1000 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.NoError(t, a.Close(ctx))
+	wg.Wait()
+	lost := func() int64 { return int64(a.Stats().Rejected) - refused.Load() }
+	waitForTest(t, "every accepted message delivered or counted", func() bool {
+		return int64(len(got()))+lost() >= accepted.Load()
+	})
+	assert.Equal(t, accepted.Load(), int64(len(got()))+lost(), "delivered + counted as lost")
+	a.life.goroutines.mu.Lock()
+	assert.Zero(t, a.life.goroutines.n, "goroutines left after Close")
+	a.life.goroutines.mu.Unlock()
+	t.Logf("%d accepted: %d delivered, %d counted as lost", accepted.Load(), len(got()), lost())
 }
