@@ -206,7 +206,7 @@ func run() int {
 
 	// 6. The producer, on node-c, with up to 4 batches in flight (still
 	// delivered in produce order).
-	producer, err := pubsub.NewBatchingProducer(nodes[2], topic, pubsub.ProducerConfig{MaxInFlight: 4})
+	producer, err := pubsub.NewBatchingProducer(nodes[2], topic, pubsub.ProducerConfig{})
 	if err != nil {
 		return fail("producer: %v", err)
 	}

@@ -123,12 +123,12 @@ func run() int {
 	fmt.Printf("ready   %v, producing %d msg/s to %q\n", ids, *rate, *topic)
 
 	// 5. The producer: a batch waits up to 5ms to fill up, and up to 4 are
-	// in flight at once (still delivered in order). A failed attempt (a
-	// timeout, the topic's owner moving) is retried after 100ms; after the
-	// 5th failed attempt the batch's futures fail and the producer goes on.
+	// in flight at once (the default MaxInFlight; still delivered in
+	// order). A failed attempt (a timeout, the topic's owner moving) is
+	// retried after 100ms; after the 5th failed attempt the batch's futures
+	// fail and the producer goes on.
 	producer, err := pubsub.NewBatchingProducer(nodes[0], *topic, pubsub.ProducerConfig{
-		Linger:      5 * time.Millisecond,
-		MaxInFlight: 4,
+		Linger: 5 * time.Millisecond,
 		OnPublishError: func(attempt int, err error) pubsub.ErrorDecision {
 			fmt.Fprintf(os.Stderr, "publish attempt %d failed: %v\n", attempt, err)
 			if attempt < 5 {

@@ -236,7 +236,7 @@ func run() int {
 	if err != nil {
 		return fail("topic on %s: %v", checkout.ID(), err)
 	}
-	producer, err := pubsub.NewTypedProducer(orders, pubsub.ProducerConfig{MaxInFlight: 4})
+	producer, err := pubsub.NewTypedProducer(orders, pubsub.ProducerConfig{})
 	if err != nil {
 		return fail("producer: %v", err)
 	}
