@@ -276,9 +276,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 	case ack.Reason == ReasonTooLarge, ack.Reason == ReasonInvalidTopic:
 		p.resolve(b, b.last) // no retry can fix these
 	case ack.Reason == ReasonClosed:
-		p.resolve(b, b.last) // the publisher is closed for good
-		b.stopped = true
-		p.stop(err)
+		p.stopAt(b, err) // the publisher is closed for good
 	default:
 		d := p.decide(b.failures, err)
 		switch d.action {
@@ -292,11 +290,17 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		case actionContinue:
 			p.resolve(b, b.last)
 		default:
-			p.resolve(b, b.last)
-			b.stopped = true
-			p.stop(err)
+			p.stopAt(b, err)
 		}
 	}
+}
+
+// stopAt fails b with its last outcome and stops the producer there: b
+// never counts as settled (see completeHead).
+func (p *BatchingProducer) stopAt(b *producerBatch, err error) {
+	p.resolve(b, b.last)
+	b.stopped = true
+	p.stop(err)
 }
 
 // decide asks OnPublishError; an unknown decision counts as FailBatchAndStop.
