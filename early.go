@@ -1,7 +1,6 @@
 package pubsub
 
 import (
-	"slices"
 	"sync"
 )
 
@@ -111,9 +110,8 @@ func (n *Node) mergeEarlyWithin(reqs []earlyRequest, limit int) []earlyRun {
 			}
 			msgs.packed = packed
 		}
-		replies := slices.Clone(run)
 		runs = append(runs, earlyRun{msgs: msgs, answer: func(ans ownerAnswer) {
-			for _, r := range replies {
+			for _, r := range run { // reqs is the queue's, taken whole: nothing changes it
 				each := ans
 				each.ack.Messages = r.msgs.count
 				n.replyTo(r.reply, each.wire())
