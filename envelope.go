@@ -82,13 +82,15 @@ type publishConfig struct {
 // context, in each message's header. The core package calls it and never
 // imports a tracing library; an OpenTelemetry adapter implements it.
 type Propagator interface {
-	// Inject runs once per outgoing message on the publishing node, with
-	// the publishing call's ctx (for a producer, the ctx given to Produce).
-	// h is never nil; Inject may add to it.
+	// Inject runs on the publishing node with the publishing call's ctx
+	// (for a producer, the ctx given to Produce): once per message that has
+	// a key or header of its own, once per call for a batch of plain bytes
+	// (PublishBatch), whose messages then share the header. h is never
+	// nil; Inject may add to it.
 	Inject(ctx context.Context, h Header)
-	// Extract runs once per message on each subscriber's node, and returns
-	// the ctx the handler gets for that message. h is nil when the message
-	// has no header.
+	// Extract runs once per message for each subscription, before its
+	// handler, and returns the ctx the handler gets for that message. h is
+	// nil when the message has no header.
 	Extract(ctx context.Context, h Header) context.Context
 }
 
@@ -238,11 +240,13 @@ func plainBatch(ctx context.Context, data [][]byte, prop Propagator) (msgBatch, 
 	if prop == nil {
 		return b, nil
 	}
+	// Every message has the same ctx and no header of its own: one Inject,
+	// one header shared by all (it also packs as one-byte back-references).
+	meta, err := messageMeta(ctx, "", nil, prop)
+	if err != nil {
+		return msgBatch{}, err
+	}
 	for i := range data {
-		meta, err := messageMeta(ctx, "", nil, prop)
-		if err != nil {
-			return msgBatch{}, fmt.Errorf("message %d: %w", i, err)
-		}
 		b.setMeta(i, len(data), meta)
 	}
 	return b, nil

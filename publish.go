@@ -158,11 +158,8 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 	}
 	limit := n.MaxMessageSize()
 	packed := 0 // the size chunks counts, in one pass with the check
-	for i, data := range batch.data {
-		size := len(data)
-		if batch.meta != nil {
-			size += wire.MetaSize(batch.meta[i])
-		}
+	for i := range batch.data {
+		size := batch.size(i)
 		if size > limit {
 			return n.reject(topic, count, fmt.Errorf("pubsub: publish to %q: message %d is %d bytes with its key and header, limit %d: %w", topic, i, size, limit, ErrTooLarge))
 		}

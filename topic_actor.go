@@ -277,9 +277,10 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		defer answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id,
 			ack: PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len(), Level: msgs.level}})
 	}
+	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce // the user's function: asked once per batch
 	if reroute != nil {
 		reroute.n, reroute.topic, reroute.seq, reroute.accepted = n, a.topic, a.seq, time.Now()
-		reroute.atLeastOnce = n.cfg.DeliveryMode(a.topic) == AtLeastOnce
+		reroute.atLeastOnce = atLeastOnce
 	}
 	b.ack = PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len()}
 	for g := range a.groups.vanished {
@@ -294,7 +295,6 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	a.inflight++ // until account runs for b
 	n.owner.inflight.Add(1)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
-	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce
 	// Remote nodes first: their batches are on the wire while this node's
 	// own subscribers get theirs.
 	local := -1

@@ -59,11 +59,7 @@ func (t *Topic[T]) Name() string { return t.name }
 // codec cannot encode is rejected with ErrInvalidMessage
 // (ReasonInvalidMessage) and nothing is sent.
 func (t *Topic[T]) Publish(ctx context.Context, v T, opts ...PublishOption) (PublishAck, error) {
-	data, err := t.codec.Encode(v)
-	if err != nil {
-		return t.node.reject(t.name, 1, fmt.Errorf("pubsub: publish to %q: encoding %T: %w: %v", t.name, v, ErrInvalidMessage, err))
-	}
-	return t.node.PublishMessages(ctx, t.name, []Outgoing{{Data: data}}, opts...)
+	return t.PublishMessage(ctx, v, Outgoing{}, opts...)
 }
 
 // PublishMessage is Publish with a key and a header for the message (its
