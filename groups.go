@@ -298,14 +298,15 @@ func (b *groupBook) joined(g string) {
 }
 
 // left counts a member of group g out; the group vanishes with its last
-// member unless that one unsubscribed.
-func (b *groupBook) left(g string, unsubscribed bool) {
+// member unless that one unsubscribed. It returns a vanished group it
+// forgot to make room, or "".
+func (b *groupBook) left(g string, unsubscribed bool) (forgot string) {
 	b.invalidate()
 	if g == "" {
-		return
+		return ""
 	}
 	if b.sizes[g]--; b.sizes[g] > 0 {
-		return
+		return ""
 	}
 	delete(b.sizes, g)
 	delete(b.next, g)
@@ -313,8 +314,22 @@ func (b *groupBook) left(g string, unsubscribed bool) {
 		if b.vanished == nil {
 			b.vanished = map[string]bool{}
 		}
+		if len(b.vanished) >= maxVanishedGroups {
+			// Group names that come and go (per host, per deploy) must not
+			// grow the map, nor every ack by a failure each.
+			for forgot = range b.vanished {
+				delete(b.vanished, forgot)
+				break
+			}
+		}
 		b.vanished[g] = true
 	}
+	return forgot
 }
+
+// maxVanishedGroups bounds the vanished groups a topic actor reports; past
+// it an arbitrary one is forgotten (logged) and ends silently, as if its
+// last member had unsubscribed.
+const maxVanishedGroups = 64
 
 const noEpoch = ^uint64(0)

@@ -2,7 +2,9 @@ package pubsub
 
 import (
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -143,4 +145,21 @@ func TestGroupRoundRobinKeepsItsPlaceAcrossChanges(t *testing.T) {
 		require.True(t, a.remove(SubscriberID{Node: "x", Local: local}, false))
 	}
 	assert.Equal(t, map[string]int{"a": 3, "b": 3, "c": 3}, got, "keyless messages per member")
+}
+
+// The vanished groups a topic actor reports (and adds to every ack) are
+// bounded: group names that come and go must not grow the map, nor every
+// ack, without end. Past maxVanishedGroups one is forgotten and logged.
+func TestVanishedGroupsAreBounded(t *testing.T) {
+	var logs strings.Builder
+	n := &Node{self: Member{ID: "o", Incarnation: 1},
+		log: nodeLogger{Logger: slog.New(slog.NewTextHandler(&logs, nil)), limit: logThrottle{interval: time.Hour}}}
+	n.events = newEventStream("o")
+	a := &topicActor{n: n, topic: "t"}
+	for i := range maxVanishedGroups + 10 {
+		require.True(t, a.add("a", 1, fmt.Sprintf("1@g%d", i)))
+	}
+	a.dropNode("a")
+	assert.Len(t, a.groups.vanished, maxVanishedGroups)
+	assert.Contains(t, logs.String(), "vanished consumer group forgotten")
 }

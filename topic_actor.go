@@ -190,16 +190,27 @@ func (a *topicActor) remove(id SubscriberID, unsubscribed bool) bool {
 		delete(a.nodes, id.Node)
 	}
 	delete(a.fails, id)
-	a.groups.left(groupOf(id.Local), unsubscribed)
+	a.groupLeft(groupOf(id.Local), unsubscribed)
 	a.publishGroupSizes()
 	return true
+}
+
+// groupLeft counts a member of group g out (groupBook.left) and logs a
+// vanished group forgotten to make room.
+func (a *topicActor) groupLeft(g string, unsubscribed bool) {
+	if forgot := a.groups.left(g, unsubscribed); forgot != "" {
+		if ok, held := a.n.log.limit.allow("vanished/" + a.topic); ok {
+			a.n.log.Warn("vanished consumer group forgotten: acks no longer report it", "topic", a.topic, "group", forgot,
+				"limit", maxVanishedGroups, "suppressed", held)
+		}
+	}
 }
 
 func (a *topicActor) dropNode(node string) {
 	for l := range a.nodes[node].set {
 		id := SubscriberID{Node: node, Local: l}
 		delete(a.fails, id)
-		a.groups.left(id.Group(), false)
+		a.groupLeft(id.Group(), false)
 		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
 	}
 	a.count.Add(-int64(len(a.nodes[node].set)))
