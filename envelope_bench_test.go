@@ -2,7 +2,6 @@ package pubsub_test
 
 import (
 	"fmt"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -51,7 +50,7 @@ func BenchmarkEnvelope(b *testing.B) {
 			c := testcluster.New(b, path.servers, path.servers, fast...)
 			c.WaitConverged(b, 10*time.Second)
 			setup := func(b *testing.B, cfg pubsub.ProducerConfig) (*pubsub.BatchingProducer, *deliveries) {
-				topic := "bench-envelope-" + strconv.FormatInt(run.Add(1), 10)
+				topic := benchTopic(c, "bench-envelope-", &run, 1%len(c.Nodes)) // fan-out: owned by n1, as in BenchmarkFanout
 				d := newDeliveries()
 				for i := range 3 {
 					subscribeBench(b, c.Nodes[i%len(c.Nodes)], topic, d)

@@ -1,7 +1,6 @@
 package pubsub_test
 
 import (
-	"context"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -53,10 +52,10 @@ func BenchmarkGroup(b *testing.B) {
 	c.WaitConverged(b, 10*time.Second)
 	var run atomic.Int64 // a fresh topic for every run: no member of an earlier run
 	setup := func(b *testing.B) (string, *deliveries) {
-		topic := "bench-group-" + strconv.FormatInt(run.Add(1), 10)
+		topic := benchTopic(c, "bench-group-", &run, 1)
 		d := newDeliveries()
 		for _, n := range c.Nodes {
-			subscribeGroupBench(b, n, topic, "workers", d)
+			subscribeBench(b, n, topic, d, pubsub.WithGroup("workers"))
 		}
 		return topic, d
 	}
@@ -72,24 +71,5 @@ func BenchmarkGroup(b *testing.B) {
 		topic, d := setup(b)
 		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4})
 		reportRatio(b, produceWindow(b, p, []pubsub.Outgoing{{Data: data}}, d, 1, 20_000), raw)
-	})
-}
-
-// subscribeGroupBench is subscribeBench for a member of group: its handler
-// counts into d, and it is unsubscribed when b ends.
-func subscribeGroupBench(b *testing.B, node *pubsub.Node, topic, group string, d *deliveries) {
-	sub, err := node.Subscribe(context.Background(), topic, func(context.Context, *pubsub.Message) error {
-		d.add()
-		return nil
-	}, pubsub.WithGroup(group))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := sub.Unsubscribe(ctx); err != nil {
-			b.Error(err)
-		}
 	})
 }
