@@ -33,7 +33,7 @@
 //
 // --count defaults to 300000 messages for fanout and group, 1000000 for
 // local and 5000 publish calls (per ack level) for latency; with every
-// default, pubsub bench takes about 5 seconds on a 2-core machine. Nodes
+// default, pubsub bench takes about 3 seconds on a 2-core machine. Nodes
 // run with 50 ms heartbeats, as the in-repo benchmarks do, and each
 // scenario joins fresh nodes and closes them before the next one starts.
 //

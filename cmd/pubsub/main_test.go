@@ -105,7 +105,8 @@ func TestBenchJSONLatency(t *testing.T) {
 			Results []struct {
 				Pattern string `json:"pattern"`
 				PubSub  struct {
-					Latency *latency `json:"latency_us"`
+					Latency    *latency `json:"latency_us"`
+					Deliveries int      `json:"deliveries"`
 				} `json:"pubsub"`
 				Ratio *latency `json:"ratio"`
 			} `json:"results"`
@@ -130,6 +131,9 @@ func TestBenchJSONLatency(t *testing.T) {
 	for i, r := range s.Results {
 		if r.Pattern != latencyLevels[i].name {
 			t.Errorf("result %d is %q, want %q", i, r.Pattern, latencyLevels[i].name)
+		}
+		if r.PubSub.Deliveries != s.Messages {
+			t.Errorf("%s: %d of %d messages reached the subscriber", r.Pattern, r.PubSub.Deliveries, s.Messages)
 		}
 		l, x := r.PubSub.Latency, r.Ratio
 		if l == nil || x == nil {
