@@ -240,3 +240,49 @@ func ExampleWithAck() {
 	// accepted at level accepted: delivered=0
 	// handled after the publish returned
 }
+
+// A client-only node publishes and subscribes but never owns a topic: an
+// edge service or a tool joins with WithClientOnly, and every topic stays
+// with the other members.
+func ExampleWithClientOnly() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	join := func(opts ...pubsub.Option) (*pubsub.Node, func()) {
+		nc, err := nats.Connect(srv.ClientURL())
+		if err != nil {
+			panic(err)
+		}
+		node, err := pubsub.Join(ctx, nc, append([]pubsub.Option{
+			pubsub.WithHeartbeatInterval(50 * time.Millisecond), pubsub.WithMemberTimeout(500 * time.Millisecond)}, opts...)...)
+		if err != nil {
+			panic(err)
+		}
+		return node, func() { _ = node.Close(ctx); nc.Close() }
+	}
+	server, closeServer := join(pubsub.WithNodeID("server"))
+	defer closeServer()
+	edge, closeEdge := join(pubsub.WithNodeID("edge"), pubsub.WithClientOnly())
+	defer closeEdge()
+
+	if _, err := server.Subscribe(ctx, "orders", func(context.Context, *pubsub.Message) error { return nil }); err != nil {
+		panic(err)
+	}
+	owner, err := edge.OwnerOf("orders")
+	if err != nil {
+		panic(err)
+	}
+	ack, err := edge.Publish(ctx, "orders", []byte("from the edge"))
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("owner:", owner.ID)
+	fmt.Println("delivered:", ack.Delivered)
+	// Output:
+	// owner: server
+	// delivered: 1
+}
