@@ -231,7 +231,7 @@ func viewOf(refs []*wire.MemberRef) *view {
 		if r.GetNodeId() == "" {
 			return nil
 		}
-		members = append(members, Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation()})
+		members = append(members, Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation(), ClientOnly: r.GetClientOnly()})
 	}
 	return newView(0, members)
 }

@@ -80,3 +80,18 @@ func TestJoinRepliesListMembersFromFewMembers(t *testing.T) {
 		})
 	}
 }
+
+// A view rebuilt from its refs (a requester's view in a sync or handover
+// request) is the same view: same ID, same owners. viewOf dropped
+// ClientOnly, so with a client-only member a third of the topics had
+// another owner on the answering side, whose answers then left out their
+// subscriber sets.
+func TestViewOfKeepsClientOnly(t *testing.T) {
+	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3, ClientOnly: true}})
+	w := viewOf(v.refs())
+	require.Equal(t, v.id, w.id)
+	for i := range 1000 {
+		topic := fmt.Sprintf("t%d", i)
+		require.Equal(t, v.ownerOf(topic).ID, w.ownerOf(topic).ID, "owner of %s", topic)
+	}
+}
