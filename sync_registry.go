@@ -36,6 +36,7 @@ type syncRegistry struct {
 	// validFrom is the epoch of the last view a member vanished or left in:
 	// answers asked for under views from it on are still valid.
 	validFrom uint64
+	resynced  uint64 // the view resync last asked every member again for
 }
 
 // viewChange is what a new view changed that the registry must ask about.
@@ -202,6 +203,29 @@ func (r *syncRegistry) fallBack(v *view) {
 			}
 		}
 	})
+	r.poke()
+}
+
+// resync asks every member again for v. A topic actor that slept through
+// several views and cannot prove it owned its topic throughout (the view
+// history is bounded) rebuilds from the registry, which after leaves and
+// joins holds only the leavers' and joiners' share: without every member's
+// answer it would come back ready without its other subscribers. Until
+// they answered, no gained topic completes. At most once per view.
+func (r *syncRegistry) resync(v *view) {
+	r.mu.Lock()
+	if r.view != v || r.resynced == v.epoch {
+		r.mu.Unlock()
+		return
+	}
+	r.resynced = v.epoch
+	for id := range r.answered {
+		if id != r.n.self.ID {
+			delete(r.answered, id)
+		}
+	}
+	r.complete = false
+	r.mu.Unlock()
 	r.poke()
 }
 

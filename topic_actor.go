@@ -89,6 +89,11 @@ func (a *topicActor) reconcile() *view {
 			if a.owned && !owned {
 				n.log.Debug("topic moved away", "topic", a.topic, "owner", v.ownerOf(a.topic).ID)
 			}
+			if owned && a.epoch != noEpoch && a.epoch+1 < v.epoch {
+				// Asleep for several views: this view's registry may hold
+				// only the share of the members that changed in it.
+				n.owner.registry.resync(v)
+			}
 			a.nodes, a.fails, a.ready, a.groups = nil, nil, false, groupBook{}
 			a.publishGroupSizes()
 			a.count.Store(0)

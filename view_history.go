@@ -4,7 +4,8 @@ import "slices"
 
 // viewHistory keeps a node's recent views, oldest first, to decide whether
 // the node owned a topic continuously; an actor idle for longer than the
-// history reaches re-checks by sync. It keeps at most maxViewHistory views
+// history reaches re-checks by sync, asking every member again
+// (syncRegistry.resync). It keeps at most maxViewHistory views
 // and at most historyPerMember member entries per member of the newest view:
 // its memory is O(N) with a small factor (about 8 views of the current size),
 // however many views a fleet's churn produces. Guarded by membership.mu.

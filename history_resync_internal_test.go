@@ -1,0 +1,90 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// Regression (review): a topic actor busy through more views than the
+// bounded view history keeps (here a scale-down by 10 graceful leaves)
+// could not prove it owned its topic throughout, cleared its state and
+// rebuilt it from the registry, which after graceful leaves held only the
+// leavers' handovers: it came back ready without member b's subscriber.
+// Now it asks every member again (syncRegistry.resync) and is ready only
+// once they answered, with b's subscriber.
+func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
+	n := &Node{self: Member{ID: "a", Incarnation: 1}}
+	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+	defer n.life.cancel()
+	n.events = newEventStream(n.self.ID)
+	ms := []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}}
+	for i := range 10 {
+		ms = append(ms, Member{ID: fmt.Sprintf("d%02d", i), Incarnation: uint64(10 + i)})
+	}
+	v := newView(1, ms)
+	n.members.cur.Store(v)
+	n.members.history.remember(v)
+	n.owner.init(n)
+	var topic string
+	for i := 0; ; i++ {
+		if topic = fmt.Sprintf("t%d", i); v.ownerOf(topic).ID == "a" {
+			break
+		}
+	}
+	bSubs := []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{"x"}}}
+	for _, m := range ms[1:] {
+		var ts []*wire.TopicSubscribers
+		if m.ID == "b" {
+			ts = bSubs
+		}
+		n.owner.registry.applyPulled(v, m, ts)
+	}
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	a := n.owner.actor(topic)
+	require.True(t, a.ready)
+	require.Len(t, a.nodes["b"].set, 1)
+
+	release := make(chan struct{})
+	n.owner.onActor(topic, false, func(*topicActor) { <-release }) // busy actor
+	cur := ms
+	var last *view
+	for i := range 10 {
+		leaver := cur[len(cur)-1]
+		cur = cur[:len(cur)-1]
+		last = newView(uint64(i+2), append([]Member(nil), cur...))
+		n.members.mu.Lock()
+		n.members.cur.Store(last)
+		n.members.history.remember(last)
+		n.owner.registry.reset(last, nil, viewChange{leavers: []Member{leaver}})
+		n.members.mu.Unlock()
+		n.owner.registry.applyHandover(last, leaver.ID, nil)
+	}
+	require.Less(t, len(n.members.history.views), 10, "the history no longer reaches the actor's view")
+	close(release)
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	reconciled := func() (ready bool, subs int) {
+		done := make(chan struct{})
+		n.owner.onActor(topic, false, func(a *topicActor) {
+			a.reconcile()
+			ready = a.ready
+			if ns := a.nodes["b"]; ns != nil {
+				subs = len(ns.set)
+			}
+			close(done)
+		})
+		<-done
+		return ready, subs
+	}
+	ready, _ := reconciled()
+	require.False(t, ready, "ready before the members answered again")
+	n.owner.registry.applyPulled(last, Member{ID: "b", Incarnation: 2}, bSubs) // b answers the resync
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	ready, subs := reconciled()
+	require.True(t, ready)
+	require.Equal(t, 1, subs, "b's subscriber survived a scale-down its actor slept through")
+}
