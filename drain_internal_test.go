@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -56,6 +57,9 @@ func TestGracefulCloseServesRequestsQueuedBeforeTheDrain(t *testing.T) {
 	require.NoError(t, err)
 
 	release := make(chan struct{})
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(free)                                                    // a failed wait below must not leave the actor blocked
 	owner.owner.onActor(topic, false, func(*topicActor) { <-release }) // the actor is busy
 	type result struct {
 		ack PublishAck
@@ -79,7 +83,7 @@ func TestGracefulCloseServesRequestsQueuedBeforeTheDrain(t *testing.T) {
 	// handover at once and nothing counted the queued request.
 	assert.Never(t, func() bool { return len(closed) > 0 }, 300*time.Millisecond, 10*time.Millisecond,
 		"Close left while a publish request waited in its actor's queue")
-	close(release)
+	free()
 	r := <-published
 	require.NoError(t, r.err, "the publish queued before the drain")
 	assert.Equal(t, 1, r.ack.Delivered)
