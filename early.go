@@ -43,7 +43,8 @@ func (n *Node) publishBehindEarly(topic string, msgs payload, reply string) (que
 // queueEarly is publishEarly; with behind, it queues only behind requests
 // not served yet.
 func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool) (queued, ok bool) {
-	q := &n.owner.actor(topic).early
+	held := n.owner.actor(topic)
+	q := &held.early
 	q.mu.Lock()
 	if behind && !q.scheduled {
 		q.mu.Unlock()
@@ -61,7 +62,7 @@ func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool)
 	}
 	q.scheduled = true
 	q.mu.Unlock()
-	n.owner.onActor(topic, false, func(a *topicActor) {
+	n.owner.onActorOf(held, false, func(a *topicActor) {
 		q.mu.Lock()
 		reqs := q.reqs
 		q.reqs, q.bytes, q.scheduled = nil, 0, false

@@ -76,7 +76,12 @@ const maxActorQueueBytes = 64 << 20
 // when maxActorQueue items already wait. Work that reaches an actor
 // collected meanwhile goes on to its successor.
 func (o *ownerSide) onActor(topic string, bounded bool, fn func(*topicActor)) bool {
-	a := o.actor(topic)
+	return o.onActorOf(o.actor(topic), bounded, fn)
+}
+
+// onActorOf is onActor for an actor already looked up.
+func (o *ownerSide) onActorOf(a *topicActor, bounded bool, fn func(*topicActor)) bool {
+	topic := a.topic
 	limit := 0
 	if bounded {
 		limit = maxActorQueue
@@ -160,7 +165,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.refuse(topic, reply)
 		return false
 	}
-	if !n.owner.onActor(topic, true, func(a *topicActor) {
+	if !n.owner.onActorOf(held, true, func(a *topicActor) {
 		held.queuedBytes.Add(-size) // held, not a: a successor may run this
 		a.publish(msgs, func(ans ownerAnswer) { n.replyTo(reply, ans.wire()) })
 		n.owner.queued.Add(-1)
