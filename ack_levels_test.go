@@ -33,7 +33,11 @@ func TestAckAcceptedReturnsWhileAHandlerIsBlocked(t *testing.T) {
 			ack, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.WithAck(pubsub.AckAccepted))
 			require.NoError(t, err)
 			assert.Equal(t, pubsub.PublishAck{Topic: topic, Status: pubsub.Accepted, Messages: 1, Level: pubsub.AckAccepted}, ack)
-			<-started // the handler got it, and has not returned
+			select { // the handler got it, and has not returned
+			case <-started:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the handler never got the accepted message")
+			}
 		})
 	}
 }
