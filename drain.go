@@ -116,6 +116,9 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	cancel()
 	answered := time.Now().Add(n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)
 	for (n.owner.queued.Load() > 0 || n.owner.inflight.Load() > 0) && time.Now().Before(answered) {
+		if n.nc.IsClosed() { // closed underneath: nothing can be answered any more
+			return
+		}
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
@@ -127,7 +130,7 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	// has not asked within the window (crashed, partitioned, slow) asks
 	// every member instead: slower for it, never wrong.
 	window := time.Now().Add(max(handoverWindow, 2*n.cfg.HeartbeatInterval))
-	for !n.life.drain.settled(v, n.self.ID) {
+	for !n.life.drain.settled(v, n.self.ID) && !n.nc.IsClosed() {
 		if time.Now().After(window) {
 			n.log.Info("leaving before every member took its handover", "members", len(v.members))
 			return

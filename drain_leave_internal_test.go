@@ -104,18 +104,7 @@ func TestGracefulCloseLeavesBeforeMemberTimeout(t *testing.T) {
 		return nil
 	})
 	require.NoError(t, err)
-	published := make(chan error, 1)
-	go func() {
-		_, err := pub.Publish(context.Background(), topic, []byte("slow"))
-		published <- err
-	}()
-	waitForTest(t, "the batch in flight at the owner", func() bool { return owner.owner.inflight.Load() == 1 })
-	closed := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		closed <- owner.Close(ctx)
-	}()
+	published, closed := publishHeldThenClose(t, owner, pub, topic)
 	waitForTest(t, "the publisher's node drops the owner", ownerGone)
 	pub.members.mu.Lock()
 	_, graceful := pub.members.left["owner"]
@@ -123,4 +112,66 @@ func TestGracefulCloseLeavesBeforeMemberTimeout(t *testing.T) {
 	assert.True(t, graceful, "the owner was timed out as crashed before its LEAVE went out")
 	require.NoError(t, <-published, "the publish in flight at the leaving owner")
 	require.NoError(t, <-closed)
+}
+
+// Regression (review): a publisher keeps waiting for an owner that left
+// gracefully (ownerAnswers: it still answers what it took), but only
+// MemberTimeout long. When the leaver died while draining, nothing swept
+// the publisher's call again once that grace was over (sweeps ran only on
+// view changes), so it waited out RequestTimeout. Scaled down:
+// MemberTimeout 1 s, RequestTimeout and SubscriberTimeout 30 s.
+func TestPublisherStopsWaitingForALeaverThatDiedDraining(t *testing.T) {
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second),
+		WithRequestTimeout(30*time.Second), WithSubscriberTimeout(30*time.Second))
+	topic := ownedTopics(pub, "owner", "d", 1)[0]
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	_, err := pub.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
+		select { // holds the batch at the owner until released
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	published, closed := publishHeldThenClose(t, owner, pub, topic)
+	waitForTest(t, "the publisher's node sees the LEAVE", func() bool {
+		pub.members.mu.Lock()
+		defer pub.members.mu.Unlock()
+		_, left := pub.members.left["owner"]
+		return left
+	})
+	left := time.Now()
+	owner.nc.Close() // the leaver dies while draining: it will never answer
+	select {
+	case err := <-published:
+		require.ErrorIs(t, err, ErrTimeout, "the outcome of a publish whose owner died is unknown")
+		assert.GreaterOrEqual(t, time.Since(left), 900*time.Millisecond, "gave up on a gracefully leaving owner before MemberTimeout")
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the publisher still waits %v after its owner left and died (MemberTimeout 1 s)", time.Since(left))
+	}
+	select {
+	case <-closed: // whatever it says of a connection closed underneath it
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close still drains a node whose connection is closed (its ctx: 20 s)")
+	}
+}
+
+// publishHeldThenClose publishes to topic from pub, waits until the batch
+// is in flight at owner (a handler holds it), then starts owner's Close
+// with 20 s to finish. It returns the publish's and Close's outcomes.
+func publishHeldThenClose(t *testing.T, owner, pub *Node, topic string) (published, closed chan error) {
+	t.Helper()
+	published, closed = make(chan error, 1), make(chan error, 1)
+	go func() {
+		_, err := pub.Publish(context.Background(), topic, []byte("held"))
+		published <- err
+	}()
+	waitForTest(t, "the batch in flight at the owner", func() bool { return owner.owner.inflight.Load() == 1 })
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		closed <- owner.Close(ctx)
+	}()
+	return published, closed
 }

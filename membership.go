@@ -215,6 +215,10 @@ func (n *Node) onMembers(m *nats.Msg) {
 	if hb.GetKind() == wire.Heartbeat_LEAVE {
 		if p, ok := n.members.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
 			n.members.bury(p.m, n.cfg.MaxMembers)
+			// Its publishers wait for its answers while it drains, up to
+			// MemberTimeout (ownerAnswers); if it dies meanwhile, they must
+			// not wait out RequestTimeout.
+			n.rpc.sweepBy(time.Now().Add(n.cfg.MemberTimeout + n.cfg.HeartbeatInterval))
 			delete(n.members.peers, from.GetNodeId())
 			n.forgetLeaver(from.GetNodeId())
 			n.recomputeView()

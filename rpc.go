@@ -32,6 +32,10 @@ type rpc struct {
 	closed  bool
 
 	sweepPending atomic.Bool // a sweep is scheduled
+
+	laterMu    sync.Mutex
+	laterAt    time.Time   // the latest time sweepBy asked for
+	laterTimer *time.Timer // nil: none scheduled; stopped by close
 }
 
 type call struct {
@@ -128,17 +132,65 @@ func (r *rpc) sweepAfter(d time.Duration) {
 	}
 }
 
-// sweep fails the watched calls whose peer is no longer alive.
-func (r *rpc) sweep() {
+// sweepBy makes sure a sweep runs at or after at: a peer that left
+// gracefully stays alive for its requests for a while (ownerAnswers), and
+// if it dies while draining, nothing else would sweep its calls until
+// they time out. One timer serves every such request, rescheduled to the
+// latest time asked for.
+func (r *rpc) sweepBy(at time.Time) {
+	r.laterMu.Lock()
+	defer r.laterMu.Unlock()
+	if at.After(r.laterAt) {
+		r.laterAt = at
+	}
+	if r.laterTimer == nil && !r.isClosed() {
+		r.laterTimer = time.AfterFunc(time.Until(at), r.sweepLater)
+	}
+}
+
+func (r *rpc) sweepLater() {
+	r.sweep()
+	r.laterMu.Lock()
+	defer r.laterMu.Unlock()
+	if r.laterTimer == nil { // closed meanwhile
+		return
+	}
+	if d := time.Until(r.laterAt); d > 0 {
+		r.laterTimer.Reset(d)
+		return
+	}
+	r.laterTimer = nil
+}
+
+func (r *rpc) isClosed() bool {
 	r.mu.Lock()
-	var gone []uint64
+	defer r.mu.Unlock()
+	return r.closed
+}
+
+// sweep fails the watched calls whose peer is no longer alive. The checks
+// run outside r.mu: they take other roles' locks (ownerAnswers takes
+// members.mu), and r.mu is the hot lock every send and reply takes.
+func (r *rpc) sweep() {
+	type watched struct {
+		tok   uint64
+		alive func() bool
+	}
+	r.mu.Lock()
+	var calls []watched
 	for tok, c := range r.pending {
-		if c.alive != nil && !c.alive() {
-			gone = append(gone, tok)
+		if c.alive != nil {
+			calls = append(calls, watched{tok, c.alive})
 		}
 	}
 	r.mu.Unlock()
-	for _, tok := range gone {
+	var gone []uint64
+	for _, c := range calls {
+		if !c.alive() {
+			gone = append(gone, c.tok)
+		}
+	}
+	for _, tok := range gone { // a call answered meanwhile is no longer pending: finish ignores it
 		r.finish(tok, nil, fmt.Errorf("%w: peer left the cluster while the request was in flight", ErrTimeout))
 	}
 }
@@ -234,6 +286,12 @@ func (r *rpc) close() {
 	r.pending = map[uint64]*call{}
 	r.mu.Unlock()
 	_ = r.sub.Unsubscribe()
+	r.laterMu.Lock()
+	if r.laterTimer != nil {
+		r.laterTimer.Stop()
+		r.laterTimer = nil
+	}
+	r.laterMu.Unlock()
 	for _, c := range pending {
 		c.timer.Stop()
 		c.cb(nil, errClosedInFlight)
