@@ -28,11 +28,23 @@ type drainState struct {
 	serving int             // goroutines serving handovers, at most maxSyncPullers
 }
 
-// handoverJob is one member's request for its handover.
+// handoverJob is what one member asked for its handover while its request
+// waited for a server: every copy is answered (a copy can be a retry, or
+// a forgery naming the member: answering only one would let a forged
+// request take the member's place).
 type handoverJob struct {
-	v                *view
-	requester, reply string
+	requester string
+	asks      []handoverAsk // at most maxHandoverAsks
 }
+
+type handoverAsk struct {
+	v     *view // the requester's view, as the request named it
+	reply string
+}
+
+// maxHandoverAsks bounds the copies of one member's request that wait;
+// past it a copy is answered incomplete (its requester asks every member).
+const maxHandoverAsks = 4
 
 func (d *drainState) start() {
 	d.mu.Lock()
@@ -41,18 +53,23 @@ func (d *drainState) start() {
 	d.on.Store(true)
 }
 
-// enqueue adds j, and reports whether the caller must start a server for
-// it (fewer than maxSyncPullers run). A member asking again while its
-// request waits is not queued twice: queued is bounded by the view.
-func (d *drainState) enqueue(j handoverJob) (start, dup bool) {
+// enqueue queues requester's ask, and reports whether the caller must
+// start a server for it (fewer than maxSyncPullers run), or that the ask
+// is refused: maxHandoverAsks copies of the member's request already wait.
+// queued is bounded by the view, each job by maxHandoverAsks.
+func (d *drainState) enqueue(requester string, a handoverAsk) (start, refused bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for _, q := range d.queued {
-		if q.requester == j.requester {
-			return false, true
+	for i := range d.queued {
+		if j := &d.queued[i]; j.requester == requester {
+			if len(j.asks) >= maxHandoverAsks {
+				return false, true
+			}
+			j.asks = append(j.asks, a)
+			return false, false
 		}
 	}
-	d.queued = append(d.queued, j)
+	d.queued = append(d.queued, handoverJob{requester: requester, asks: []handoverAsk{a}})
 	if d.serving < maxSyncPullers {
 		d.serving++
 		return true, false
@@ -182,27 +199,37 @@ func (n *Node) serveHandover(v *view, requester, reply string) {
 	// other members' requests wait for one: refusing them (answering
 	// incomplete) made each ask every member instead, and kept this node
 	// waiting for them until the handover window closed.
-	start, dup := n.life.drain.enqueue(handoverJob{v: v, requester: requester, reply: reply})
-	if dup {
-		incomplete() // a copy of a request still waiting: costs nothing
+	start, refused := n.life.drain.enqueue(requester, handoverAsk{v: v, reply: reply})
+	if refused {
+		incomplete()
 		return
 	}
-	if !start {
-		return
+	if start {
+		n.life.goroutines.add()
+		go n.serveHandovers()
 	}
-	n.life.goroutines.add()
-	go func() {
-		defer n.life.goroutines.done()
-		for {
-			j, ok := n.life.drain.next()
-			if !ok {
-				return
-			}
-			page := n.handoverFor(j.v, j.requester)
-			n.replyTo(j.reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
-			n.life.drain.markServed(j.requester)
+}
+
+// serveHandovers serves queued handover requests until none is left. The
+// copies of one member's request get one page per view they named.
+func (n *Node) serveHandovers() {
+	defer n.life.goroutines.done()
+	for {
+		j, ok := n.life.drain.next()
+		if !ok {
+			return
 		}
-	}()
+		pages := map[uint64]*wire.Sync{}
+		for _, a := range j.asks {
+			page, ok := pages[a.v.id]
+			if !ok {
+				page = n.handoverFor(a.v, j.requester)
+				pages[a.v.id] = page
+			}
+			n.replyTo(a.reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
+		}
+		n.life.drain.markServed(j.requester)
+	}
 }
 
 // handoverFor collects, from the topic actors, the subscriber sets of the

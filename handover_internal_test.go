@@ -1,0 +1,83 @@
+package pubsub
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// Copies of one member's handover request queue as one job, every copy is
+// answered, and past maxHandoverAsks a copy is refused.
+func TestHandoverQueueKeepsEveryCopy(t *testing.T) {
+	var d drainState
+	d.start()
+	d.serving = maxSyncPullers // every server busy: requests wait
+	v := newView(1, []Member{{ID: "a"}})
+	for i := range maxHandoverAsks {
+		start, refused := d.enqueue("a", handoverAsk{v: v, reply: string(rune('0' + i))})
+		require.False(t, start)
+		require.False(t, refused, "copy %d refused", i)
+	}
+	_, refused := d.enqueue("a", handoverAsk{v: v, reply: "past the bound"})
+	assert.True(t, refused, "copies past maxHandoverAsks are queued")
+	_, refused = d.enqueue("b", handoverAsk{v: v, reply: "b"})
+	assert.False(t, refused)
+	require.Len(t, d.queued, 2, "one job per member")
+	assert.Len(t, d.queued[0].asks, maxHandoverAsks)
+}
+
+// Regression (review): a copy of a member's handover request that arrived
+// while the first waited for a server was answered incomplete, so a
+// retry, or a forged request naming the member sent just before it, left
+// the member asking every member instead. Every copy gets the handover.
+func TestHandoverAnswersEveryCopyOfARequest(t *testing.T) {
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond))
+	topic := ownedTopics(pub, "owner", "h", 1)[0]
+	sub, err := pub.Subscribe(t.Context(), topic, func(_ context.Context, _ *Message) error { return nil })
+	require.NoError(t, err)
+
+	nc, err := nats.Connect(owner.nc.ConnectedUrl())
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	replies := make([]*nats.Subscription, 3)
+	for i := range replies {
+		replies[i], err = nc.SubscribeSync(nats.NewInbox())
+		require.NoError(t, err)
+	}
+	require.NoError(t, nc.Flush())
+
+	// The owner drains with every handover server busy, so the copies wait.
+	owner.life.drain.start()
+	owner.life.drain.mu.Lock()
+	owner.life.drain.serving = maxSyncPullers
+	owner.life.drain.mu.Unlock()
+	me, ok := owner.view().member("pub")
+	require.True(t, ok)
+	after := newView(owner.view().epoch+1, []Member{me}) // the requester's view without the leaver
+	for _, r := range replies {
+		owner.serveHandover(after, "pub", r.Subject)
+	}
+	// One of the busy servers (counted in serving) gets to the queue.
+	owner.life.goroutines.add()
+	go owner.serveHandovers()
+
+	for i, r := range replies {
+		m, err := r.NextMsg(5 * time.Second)
+		require.NoError(t, err, "copy %d of the request got no answer", i)
+		var env wire.Envelope
+		require.NoError(t, proto.Unmarshal(m.Data, &env))
+		page := env.GetReply().GetSync()
+		require.NotNil(t, page, "copy %d", i)
+		assert.False(t, page.GetIncomplete(), "copy %d was answered incomplete", i)
+		require.Len(t, page.GetTopics(), 1, "copy %d", i)
+		assert.Equal(t, topic, page.GetTopics()[0].GetTopic())
+		assert.Equal(t, []string{sub.ID().Local}, page.GetTopics()[0].GetSubscribers())
+	}
+}
