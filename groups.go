@@ -31,11 +31,14 @@ type share struct {
 	idx   []uint32 // indices of the batch's messages, increasing
 }
 
-// fanoutPlan is a topic's subscribers arranged for fan-out; the actor keeps
-// it until its subscriber set changes.
+// fanoutPlan is a topic's subscribers arranged for fan-out. The actor keeps
+// it across changes of its subscriber set and rebuilds only what a change
+// touched: the broadcast lists, or one group's route (whose key slots cost
+// 4 096 rankings over its members to rebuild).
 type fanoutPlan struct {
-	broadcast map[string][]string // node -> subscribers without a group, sorted
+	broadcast map[string][]string // node -> subscribers without a group, sorted; nil: to rebuild
 	groups    []*groupRoute       // by name
+	stale     bool                // a group may lack its route: rebuild the missing ones
 }
 
 // groupRoute chooses a group's member for each message.
@@ -91,29 +94,49 @@ func (g *groupRoute) rank(slot uint64, excluded func(int) bool) int {
 	return best
 }
 
-// plan returns the actor's fan-out plan, rebuilding it after a change of
-// its subscriber set.
+// plan returns the actor's fan-out plan, rebuilding what a change of its
+// subscriber set made stale.
 func (a *topicActor) plan() *fanoutPlan {
-	if a.groups.plan != nil {
-		return a.groups.plan
+	p := a.groups.plan
+	if p == nil {
+		p = &fanoutPlan{stale: true}
+		a.groups.plan = p
 	}
-	p := &fanoutPlan{broadcast: map[string][]string{}}
+	if p.broadcast != nil && !p.stale {
+		return p
+	}
+	rebuildBroadcast := p.broadcast == nil
+	if rebuildBroadcast {
+		p.broadcast = map[string][]string{}
+	}
+	var routed map[string]bool
 	byGroup := map[string][]SubscriberID{}
+	if p.stale {
+		routed = make(map[string]bool, len(p.groups))
+		for _, g := range p.groups {
+			routed[g.name] = true
+		}
+	}
 	for node, ns := range a.nodes {
 		for _, l := range ns.locals() {
-			if g := groupOf(l); g != "" {
+			if g := groupOf(l); g == "" {
+				if rebuildBroadcast {
+					p.broadcast[node] = append(p.broadcast[node], l)
+				}
+			} else if p.stale && !routed[g] {
 				byGroup[g] = append(byGroup[g], SubscriberID{Node: node, Local: l})
-			} else {
-				p.broadcast[node] = append(p.broadcast[node], l)
 			}
 		}
 	}
-	for _, name := range slices.Sorted(maps.Keys(byGroup)) {
-		g := newGroupRoute(name, byGroup[name])
-		g.next = a.groups.next[name] % len(g.members) // carried over from the previous plan
-		p.groups = append(p.groups, g)
+	if p.stale {
+		for name, members := range byGroup {
+			g := newGroupRoute(name, members)
+			g.next = a.groups.next[name] % len(g.members) // carried over from the previous route
+			p.groups = append(p.groups, g)
+		}
+		slices.SortFunc(p.groups, func(x, y *groupRoute) int { return strings.Compare(x.name, y.name) })
+		p.stale = false
 	}
-	a.groups.plan = p
 	return p
 }
 
@@ -259,7 +282,7 @@ func (a *topicActor) publishGroupSizes() {
 
 // groupBook is what a topic actor knows of its consumer groups.
 type groupBook struct {
-	plan     *fanoutPlan    // nil when the subscriber set changed since it was built
+	plan     *fanoutPlan    // parts are rebuilt after a change of the subscriber set (invalidate)
 	next     map[string]int // keyless round-robin position per group, kept across plans
 	sizes    map[string]int // members per group
 	vanished map[string]bool
@@ -268,25 +291,35 @@ type groupBook struct {
 	// A group whose last member unsubscribed ends silently.
 }
 
-// invalidate drops the plan after a change of the subscriber set, keeping
-// each group's round-robin position: restarting at the first member on
+// invalidate makes the part of the plan a change of the subscriber set
+// touched stale: the broadcast lists when g is "", else group g's route,
+// keeping its round-robin position: restarting at the first member on
 // every change would hand it more than its share.
-func (b *groupBook) invalidate() {
-	if b.plan == nil {
+func (b *groupBook) invalidate(g string) {
+	p := b.plan
+	if p == nil {
 		return
 	}
-	for _, g := range b.plan.groups {
-		if b.next == nil {
-			b.next = map[string]int{}
-		}
-		b.next[g.name] = g.next
+	if g == "" {
+		p.broadcast = nil
+		return
 	}
-	b.plan = nil
+	p.stale = true
+	for i, r := range p.groups {
+		if r.name == g {
+			if b.next == nil {
+				b.next = map[string]int{}
+			}
+			b.next[g] = r.next
+			p.groups = slices.Delete(p.groups, i, i+1)
+			return
+		}
+	}
 }
 
 // joined counts a member of group g in.
 func (b *groupBook) joined(g string) {
-	b.invalidate()
+	b.invalidate(g)
 	if g == "" {
 		return
 	}
@@ -301,7 +334,7 @@ func (b *groupBook) joined(g string) {
 // member unless that one unsubscribed. It returns a vanished group it
 // forgot to make room, or "".
 func (b *groupBook) left(g string, unsubscribed bool) (forgot string) {
-	b.invalidate()
+	b.invalidate(g)
 	if g == "" {
 		return ""
 	}

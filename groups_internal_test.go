@@ -138,9 +138,13 @@ func TestGroupRoundRobinKeepsItsPlaceAcrossChanges(t *testing.T) {
 		for node := range a.plan().assign(1, nil) {
 			got[node]++
 		}
-		// A broadcast subscriber comes and goes after every batch: the
-		// plan is rebuilt each time.
+		// A subscriber comes and goes after every batch, alternately a
+		// broadcast one and a member of the group: the group's route is
+		// rebuilt every other time.
 		local := fmt.Sprintf("b%d", i)
+		if i%2 == 1 {
+			local += "@g"
+		}
 		require.True(t, a.add("x", 1, local))
 		require.True(t, a.remove(SubscriberID{Node: "x", Local: local}, false))
 	}
@@ -162,4 +166,59 @@ func TestVanishedGroupsAreBounded(t *testing.T) {
 	a.dropNode("a")
 	assert.Len(t, a.groups.vanished, maxVanishedGroups)
 	assert.Contains(t, logs.String(), "vanished consumer group forgotten")
+}
+
+// A change of the subscriber set rebuilds only the part of the fan-out
+// plan it touched: a broadcast subscriber coming or going kept every
+// group's route, whose key slots cost 4 096 rankings over its members (a
+// broadcast join took 0.47 ms with a 50-member group), and a member of one
+// group keeps the other groups' routes.
+func TestPlanRebuildsOnlyWhatAChangeTouched(t *testing.T) {
+	n := &Node{self: Member{ID: "o", Incarnation: 1}}
+	n.events = newEventStream("o")
+	a := &topicActor{n: n, topic: "t"}
+	for i := range 50 {
+		require.True(t, a.add(fmt.Sprintf("n%d", i%5), 1, fmt.Sprintf("%d@big", i)))
+	}
+	require.True(t, a.add("n0", 1, "1@small"))
+	require.True(t, a.add("n1", 1, "plain"))
+	route := func(name string) *groupRoute {
+		for _, g := range a.plan().groups {
+			if g.name == name {
+				return g
+			}
+		}
+		return nil
+	}
+	big := route("big")
+	require.NotNil(t, big)
+	require.Len(t, big.members, 50)
+	big.forKey("k") // builds its key slots
+	small := route("small")
+
+	require.True(t, a.add("n2", 1, "another"))
+	assert.Same(t, big, route("big"), "a broadcast join rebuilt a group's route")
+	assert.Equal(t, map[string][]string{"n1": {"plain"}, "n2": {"another"}}, a.plan().broadcast)
+	require.True(t, a.remove(SubscriberID{Node: "n1", Local: "plain"}, true))
+	assert.Same(t, big, route("big"), "a broadcast leave rebuilt a group's route")
+	assert.Equal(t, map[string][]string{"n2": {"another"}}, a.plan().broadcast)
+
+	require.True(t, a.add("n3", 1, "2@small"))
+	assert.Same(t, big, route("big"), "a member of another group rebuilt this group's route")
+	require.NotSame(t, small, route("small"))
+	assert.Len(t, route("small").members, 2)
+
+	require.True(t, a.remove(SubscriberID{Node: "n0", Local: "1@small"}, true))
+	require.True(t, a.remove(SubscriberID{Node: "n3", Local: "2@small"}, true))
+	assert.Nil(t, route("small"), "a group without members keeps a route")
+	assert.Equal(t, []string{"big"}, func() (names []string) {
+		for _, g := range a.plan().groups {
+			names = append(names, g.name)
+		}
+		return names
+	}())
+
+	require.True(t, a.add("n4", 1, "50@big"))
+	assert.Len(t, route("big").members, 51, "a join to the group rebuilt its route")
+	assert.Equal(t, map[string][]string{"n2": {"another"}}, a.plan().broadcast)
 }

@@ -163,7 +163,7 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 		a.groups.joined(g)
 		a.publishGroupSizes()
 	} else {
-		a.groups.invalidate()
+		a.groups.invalidate("")
 	}
 	return true
 }
