@@ -220,12 +220,10 @@ func sharesFromWire(in []*wire.Share, subscribers []string, count int) ([]share,
 // subset returns the batch restricted to the messages of shares, with the
 // shares' indices into it, when that is smaller than the whole batch: a node
 // with only group members then gets a third of a batch for a third of the
-// work, not all of it. A batch received with keys or headers (format 2) is
-// sent whole: its headers may refer to earlier messages'.
+// work, not all of it. A received batch is unpacked once (unpack) for all
+// the nodes it is cut for; a format 2 subset is packed anew, so a header
+// that repeated an earlier message's still finds it.
 func (p *payload) subset(shares []share) (payload, []share, bool) {
-	if p.msgs.data == nil && p.withMeta {
-		return payload{}, nil, false
-	}
 	count := p.len()
 	take := make([]bool, count)
 	n := 0
@@ -240,11 +238,8 @@ func (p *payload) subset(shares []share) (payload, []share, bool) {
 	if n == count {
 		return payload{}, nil, false
 	}
+	p.unpack()
 	all := p.msgs.data
-	if all == nil {
-		all = make([][]byte, 0, count)
-		wire.Each(p.packed, func(m []byte) { all = append(all, m) })
-	}
 	pos := make([]uint32, count)
 	sub := msgBatch{data: make([][]byte, 0, n)}
 	if p.msgs.meta != nil {
@@ -269,6 +264,33 @@ func (p *payload) subset(shares []share) (payload, []share, bool) {
 		moved[i] = share{local: sh.local, idx: idx}
 	}
 	return payload{msgs: sub, publisher: p.publisher, origin: p.origin, seq: p.seq}, moved, true
+}
+
+// unpack fills p.msgs, once, with the messages of a batch received packed:
+// their bytes, and for format 2 their keys and headers (aliasing packed,
+// as Messages do). p.packed stays what nodes that get the whole batch are
+// sent.
+func (p *payload) unpack() {
+	if p.msgs.data != nil {
+		return
+	}
+	data := make([][]byte, 0, p.count)
+	if !p.withMeta {
+		wire.Each(p.packed, func(m []byte) { data = append(data, m) })
+		p.msgs = msgBatch{data: data}
+		return
+	}
+	meta := make([]wire.Meta, 0, p.count)
+	var dec wire.MetaDecoder // a header repeating the previous one is decoded in order
+	wire.EachMeta(p.packed, func(d, m []byte) {
+		data = append(data, d)
+		var md wire.Meta
+		if m != nil {
+			md = dec.Decode(m)
+		}
+		meta = append(meta, md)
+	})
+	p.msgs = msgBatch{data: data, meta: meta}
 }
 
 // publishGroupSizes gives Stats a copy of the group sizes.

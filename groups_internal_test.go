@@ -34,9 +34,50 @@ func TestSubsetSendsOnlyTheSharesMessages(t *testing.T) {
 	all := []share{{local: "a@g", idx: []uint32{0, 1, 2}}, {local: "b@g", idx: []uint32{3, 4, 5}}}
 	_, _, ok := (&payload{msgs: msgBatch{data: data}}).subset(all)
 	assert.False(t, ok, "every message: the whole batch goes as is")
-	meta := wire.PackMeta(nil, data, make([]wire.Meta, len(data)))
-	_, _, ok = (&payload{packed: meta, withMeta: true, count: len(data)}).subset(shares)
-	assert.False(t, ok, "a received format 2 batch goes whole")
+}
+
+// Regression (review): a batch received with keys or headers (format 2)
+// went whole to a node with only group members, and every node's subset
+// walked the packed batch again. It is unpacked once, and each subset is
+// packed anew: a message whose header repeated the one before it (a
+// one-byte back-reference on the wire) keeps its header when that one is
+// not in the subset.
+func TestSubsetOfAKeyedBatch(t *testing.T) {
+	data := [][]byte{[]byte("m0"), []byte("m1"), []byte("m2"), []byte("m3")}
+	h := map[string][]string{"trace": {"t1"}}
+	meta := []wire.Meta{wire.NewMeta("k0", h), wire.NewMeta("k1", h), {}, wire.NewMeta("k3", nil)}
+	packed := wire.PackMeta(nil, data, meta)
+	require.NoError(t, wire.ValidateMeta(packed, uint32(len(data))))
+	p := payload{packed: packed, withMeta: true, count: len(data), publisher: "n1"}
+	assert.Equal(t, []string{"k0", "k1", "", "k3"}, p.keys())
+
+	for node, shares := range map[string][]share{
+		"a": {{local: "x@g", idx: []uint32{1, 3}}}, // m1 repeats m0's header, which stays behind
+		"b": {{local: "y@g", idx: []uint32{0, 2}}},
+	} {
+		t.Run(node, func(t *testing.T) {
+			sub, moved, ok := p.subset(shares)
+			require.True(t, ok, "a keyed batch went whole")
+			require.Len(t, moved, 1)
+			got, withMeta := sub.wire()
+			require.True(t, withMeta, "the subset lost its keys and headers")
+			require.NoError(t, wire.ValidateMeta(got, uint32(sub.len())))
+			received, err := receivedPayload(nil, got, uint32(sub.len()))
+			require.NoError(t, err)
+			msgs := received.messages("t")
+			require.Len(t, msgs, len(shares[0].idx))
+			for j, k := range shares[0].idx {
+				m := msgs[moved[0].idx[j]]
+				assert.Equal(t, string(data[k]), string(m.Data))
+				assert.Equal(t, meta[k].Key, m.Key)
+				assert.Equal(t, meta[k].Header, map[string][]string(m.Header), "message %d's header", k)
+			}
+		})
+	}
+	// The packed batch still goes as is to a node that gets all of it.
+	whole, withMeta := p.wire()
+	assert.True(t, withMeta)
+	assert.Equal(t, packed, whole)
 }
 
 // A re-route moves only the messages of the delivery that failed: a member
