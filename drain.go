@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,12 +30,15 @@ type drainState struct {
 }
 
 // handoverJob is what one member asked for its handover while its request
-// waited for a server: every copy is answered (a copy can be a retry, or
-// a forgery naming the member: answering only one would let a forged
-// request take the member's place).
+// waited for a server. Every copy that waits is answered: a copy can be a
+// retry, or a forgery naming the member, and answering only the first let
+// a forged request sent just before the member's own one take its place.
+// (A forged copy served alone still counts the member as served, so the
+// leaver may go before the member's own request is served; the member then
+// asks every member, slower but never wrong.)
 type handoverJob struct {
 	requester string
-	asks      []handoverAsk // at most maxHandoverAsks
+	asks      []handoverAsk // at most maxHandoverAsks, the newest
 }
 
 type handoverAsk struct {
@@ -43,7 +47,8 @@ type handoverAsk struct {
 }
 
 // maxHandoverAsks bounds the copies of one member's request that wait;
-// past it a copy is answered incomplete (its requester asks every member).
+// past it the oldest copy is answered incomplete (its requester asks every
+// member) and the newest, which a retrying member waits for, is kept.
 const maxHandoverAsks = 4
 
 func (d *drainState) start() {
@@ -54,27 +59,28 @@ func (d *drainState) start() {
 }
 
 // enqueue queues requester's ask, and reports whether the caller must
-// start a server for it (fewer than maxSyncPullers run), or that the ask
-// is refused: maxHandoverAsks copies of the member's request already wait.
-// queued is bounded by the view, each job by maxHandoverAsks.
-func (d *drainState) enqueue(requester string, a handoverAsk) (start, refused bool) {
+// start a server for it (fewer than maxSyncPullers run), and the reply
+// subject of a copy it pushed out to stay within maxHandoverAsks ("" if
+// none). queued is bounded by the view, each job by maxHandoverAsks.
+func (d *drainState) enqueue(requester string, a handoverAsk) (start bool, dropped string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for i := range d.queued {
 		if j := &d.queued[i]; j.requester == requester {
 			if len(j.asks) >= maxHandoverAsks {
-				return false, true
+				dropped = j.asks[0].reply
+				j.asks = append(j.asks[:0], j.asks[1:]...)
 			}
 			j.asks = append(j.asks, a)
-			return false, false
+			return false, dropped
 		}
 	}
 	d.queued = append(d.queued, handoverJob{requester: requester, asks: []handoverAsk{a}})
 	if d.serving < maxSyncPullers {
 		d.serving++
-		return true, false
+		return true, ""
 	}
-	return false, false
+	return false, ""
 }
 
 // next takes the next queued request; when none is left the calling server
@@ -131,11 +137,23 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	fctx, cancel := context.WithTimeout(ctx, time.Second)
 	_ = n.nc.FlushWithContext(fctx)
 	cancel()
+	// The LEAVE repeats every heartbeat interval while the node drains:
+	// publishers waiting for its answers give up MemberTimeout after the
+	// last one they heard (ownerAnswers), so a leaver that dies draining
+	// is not waited for until RequestTimeout.
+	lastLeave := time.Now()
+	repeatLeave := func() {
+		if time.Since(lastLeave) >= n.cfg.HeartbeatInterval {
+			n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
+			lastLeave = time.Now()
+		}
+	}
 	answered := time.Now().Add(n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)
 	for (n.owner.queued.Load() > 0 || n.owner.inflight.Load() > 0) && time.Now().Before(answered) {
 		if n.nc.IsClosed() { // closed underneath: nothing can be answered any more
 			return
 		}
+		repeatLeave()
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
@@ -152,6 +170,7 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 			n.log.Info("leaving before every member took its handover", "members", len(v.members))
 			return
 		}
+		repeatLeave()
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
@@ -199,10 +218,9 @@ func (n *Node) serveHandover(v *view, requester, reply string) {
 	// other members' requests wait for one: refusing them (answering
 	// incomplete) made each ask every member instead, and kept this node
 	// waiting for them until the handover window closed.
-	start, refused := n.life.drain.enqueue(requester, handoverAsk{v: v, reply: reply})
-	if refused {
-		incomplete()
-		return
+	start, dropped := n.life.drain.enqueue(requester, handoverAsk{v: v, reply: reply})
+	if dropped != "" {
+		n.replyTo(dropped, &wire.Reply{Code: wire.Reply_OK, Sync: &wire.Sync{From: n.selfRef(), Incomplete: true}})
 	}
 	if start {
 		n.life.goroutines.add()
@@ -211,7 +229,8 @@ func (n *Node) serveHandover(v *view, requester, reply string) {
 }
 
 // serveHandovers serves queued handover requests until none is left. The
-// copies of one member's request get one page per view they named.
+// copies of one member's request share a page when they named the same
+// members (compared in full: a view ID is a hash a forger could match).
 func (n *Node) serveHandovers() {
 	defer n.life.goroutines.done()
 	for {
@@ -219,14 +238,18 @@ func (n *Node) serveHandovers() {
 		if !ok {
 			return
 		}
-		pages := map[uint64]*wire.Sync{}
+		type built struct {
+			v    *view
+			page *wire.Sync
+		}
+		var pages []built
 		for _, a := range j.asks {
-			page, ok := pages[a.v.id]
-			if !ok {
-				page = n.handoverFor(a.v, j.requester)
-				pages[a.v.id] = page
+			i := slices.IndexFunc(pages, func(b built) bool { return slices.Equal(b.v.members, a.v.members) })
+			if i < 0 {
+				pages = append(pages, built{a.v, n.handoverFor(a.v, j.requester)})
+				i = len(pages) - 1
 			}
-			n.replyTo(a.reply, &wire.Reply{Code: wire.Reply_OK, Sync: page})
+			n.replyTo(a.reply, &wire.Reply{Code: wire.Reply_OK, Sync: pages[i].page})
 		}
 		n.life.drain.markServed(j.requester)
 	}

@@ -115,11 +115,11 @@ func TestGracefulCloseLeavesBeforeMemberTimeout(t *testing.T) {
 }
 
 // Regression (review): a publisher keeps waiting for an owner that left
-// gracefully (ownerAnswers: it still answers what it took), but only
-// MemberTimeout long. When the leaver died while draining, nothing swept
-// the publisher's call again once that grace was over (sweeps ran only on
-// view changes), so it waited out RequestTimeout. Scaled down:
-// MemberTimeout 1 s, RequestTimeout and SubscriberTimeout 30 s.
+// gracefully (ownerAnswers: it still answers what it took) while its LEAVE
+// repeats. When the leaver died while draining, nothing swept the
+// publisher's call again (sweeps ran only on view changes), so it waited
+// out RequestTimeout. Scaled down: MemberTimeout 1 s, RequestTimeout and
+// SubscriberTimeout 30 s.
 func TestPublisherStopsWaitingForALeaverThatDiedDraining(t *testing.T) {
 	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second),
 		WithRequestTimeout(30*time.Second), WithSubscriberTimeout(30*time.Second))
@@ -174,4 +174,31 @@ func publishHeldThenClose(t *testing.T, owner, pub *Node, topic string) (publish
 		closed <- owner.Close(ctx)
 	}()
 	return published, closed
+}
+
+// The counterpart (review): a leaver that drains longer than MemberTimeout
+// (a handler taking 2.5 s, MemberTimeout 1 s) is still alive, repeats its
+// LEAVE, and answers: its publisher must get the answer, not ErrTimeout
+// once MemberTimeout passed after the first LEAVE.
+func TestPublisherWaitsForALeaverDrainingPastMemberTimeout(t *testing.T) {
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second),
+		WithRequestTimeout(30*time.Second), WithSubscriberTimeout(30*time.Second))
+	topic := ownedTopics(pub, "owner", "slow", 1)[0]
+	const handling = 2500 * time.Millisecond
+	_, err := pub.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
+		select { // a slow handler's work
+		case <-time.After(handling):
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	published, closed := publishHeldThenClose(t, owner, pub, topic)
+	select {
+	case err := <-published:
+		require.NoError(t, err, "the publisher gave up on a leaver that was still draining")
+	case <-time.After(20 * time.Second):
+		t.Fatal("the publish never returned")
+	}
+	require.NoError(t, <-closed)
 }

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -13,24 +14,28 @@ import (
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
-// Copies of one member's handover request queue as one job, every copy is
-// answered, and past maxHandoverAsks a copy is refused.
-func TestHandoverQueueKeepsEveryCopy(t *testing.T) {
+// Copies of one member's handover request queue as one job, and past
+// maxHandoverAsks the oldest copy is pushed out (to be answered
+// incomplete), not the newest: four forged copies sent ahead of the
+// member's own request must not get it refused.
+func TestHandoverQueueKeepsTheNewestCopies(t *testing.T) {
 	var d drainState
 	d.start()
 	d.serving = maxSyncPullers // every server busy: requests wait
 	v := newView(1, []Member{{ID: "a"}})
 	for i := range maxHandoverAsks {
-		start, refused := d.enqueue("a", handoverAsk{v: v, reply: string(rune('0' + i))})
+		start, dropped := d.enqueue("a", handoverAsk{v: v, reply: fmt.Sprint("forged-", i)})
 		require.False(t, start)
-		require.False(t, refused, "copy %d refused", i)
+		require.Empty(t, dropped, "copy %d pushed one out", i)
 	}
-	_, refused := d.enqueue("a", handoverAsk{v: v, reply: "past the bound"})
-	assert.True(t, refused, "copies past maxHandoverAsks are queued")
-	_, refused = d.enqueue("b", handoverAsk{v: v, reply: "b"})
-	assert.False(t, refused)
+	_, dropped := d.enqueue("a", handoverAsk{v: v, reply: "own"})
+	assert.Equal(t, "forged-0", dropped, "the oldest copy goes")
+	_, dropped = d.enqueue("b", handoverAsk{v: v, reply: "b"})
+	assert.Empty(t, dropped)
 	require.Len(t, d.queued, 2, "one job per member")
-	assert.Len(t, d.queued[0].asks, maxHandoverAsks)
+	asks := d.queued[0].asks
+	require.Len(t, asks, maxHandoverAsks)
+	assert.Equal(t, "own", asks[len(asks)-1].reply, "the member's own request is served")
 }
 
 // Regression (review): a copy of a member's handover request that arrived

@@ -60,8 +60,21 @@ func (m *membership) bury(leaver Member, limit int) {
 	m.left[leaver.ID] = leave{inc: leaver.Incarnation, at: time.Now()}
 }
 
-// buried reports whether incarnation inc of id left within ttl. Callers
-// hold mu.
+// stillLeaving records a repeated LEAVE of incarnation inc of id, which
+// left gracefully and is still draining, and reports whether it was one.
+// Callers hold mu.
+func (m *membership) stillLeaving(id string, inc uint64) bool {
+	l, ok := m.left[id]
+	if !ok || l.inc != inc {
+		return false
+	}
+	l.at = time.Now()
+	m.left[id] = l
+	return true
+}
+
+// buried reports whether incarnation inc of id left, or repeated its LEAVE
+// while draining, within ttl. Callers hold mu.
 func (m *membership) buried(id string, inc uint64, ttl time.Duration) bool {
 	l, ok := m.left[id]
 	if ok && time.Since(l.at) > ttl {
@@ -213,16 +226,20 @@ func (n *Node) onMembers(m *nats.Msg) {
 		return
 	}
 	if hb.GetKind() == wire.Heartbeat_LEAVE {
-		if p, ok := n.members.peers[from.GetNodeId()]; ok && p.m.Incarnation == from.GetIncarnation() {
+		id, inc := from.GetNodeId(), from.GetIncarnation()
+		if p, ok := n.members.peers[id]; ok && p.m.Incarnation == inc {
 			n.members.bury(p.m, n.cfg.MaxMembers)
-			// Its publishers wait for its answers while it drains, up to
-			// MemberTimeout (ownerAnswers); if it dies meanwhile, they must
-			// not wait out RequestTimeout.
-			n.rpc.sweepBy(time.Now().Add(n.cfg.MemberTimeout + n.cfg.HeartbeatInterval))
-			delete(n.members.peers, from.GetNodeId())
-			n.forgetLeaver(from.GetNodeId())
+			delete(n.members.peers, id)
+			n.forgetLeaver(id)
 			n.recomputeView()
+		} else if !n.members.stillLeaving(id, inc) {
+			return
 		}
+		// A leaver repeats its LEAVE while it drains, and its publishers
+		// keep waiting for its answers until MemberTimeout after the last
+		// one (ownerAnswers): if it dies meanwhile, they must not wait out
+		// RequestTimeout.
+		n.rpc.sweepUntil(time.Now().Add(n.cfg.MemberTimeout+n.cfg.HeartbeatInterval), n.cfg.HeartbeatInterval)
 		return
 	}
 	n.seen(from, hb.GetViewId())

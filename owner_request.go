@@ -191,9 +191,11 @@ func (n *Node) holds(m Member) func() bool {
 }
 
 // ownerAnswers returns a check that owner m may still answer a request it
-// was sent: it is in the view, or it left gracefully within MemberTimeout.
-// A leaving owner sends its LEAVE first, then answers the requests it took
-// before the drain began, so its publishers must not give up on them.
+// was sent: it is in the view, or it left gracefully and its LEAVE, which
+// it repeats while it drains, was heard within MemberTimeout. A leaving
+// owner sends its LEAVE first, then answers the requests it took before
+// the drain began, so its publishers must not give up on them while it
+// drains; once its LEAVEs stop (it died, or is gone) they do.
 func (n *Node) ownerAnswers(m Member) func() bool {
 	return func() bool {
 		if n.view().holds(m) {

@@ -34,8 +34,9 @@ type rpc struct {
 	sweepPending atomic.Bool // a sweep is scheduled
 
 	laterMu    sync.Mutex
-	laterAt    time.Time   // the latest time sweepBy asked for
-	laterTimer *time.Timer // nil: none scheduled; stopped by close
+	laterUntil time.Time     // sweepUntil: sweep until then...
+	laterStep  time.Duration // ...every step
+	laterTimer *time.Timer   // nil: none scheduled; stopped by close
 }
 
 type call struct {
@@ -132,19 +133,20 @@ func (r *rpc) sweepAfter(d time.Duration) {
 	}
 }
 
-// sweepBy makes sure a sweep runs at or after at: a peer that left
-// gracefully stays alive for its requests for a while (ownerAnswers), and
-// if it dies while draining, nothing else would sweep its calls until
-// they time out. One timer serves every such request, rescheduled to the
-// latest time asked for.
-func (r *rpc) sweepBy(at time.Time) {
+// sweepUntil sweeps every step until until. A peer that left gracefully
+// stays alive for its requests while its LEAVE repeats (ownerAnswers); if
+// it dies while draining nothing else would sweep its calls before they
+// time out. Each LEAVE heard extends one shared timer, so a call is swept
+// within a step of its peer's grace running out, whichever peer it is.
+func (r *rpc) sweepUntil(until time.Time, step time.Duration) {
 	r.laterMu.Lock()
 	defer r.laterMu.Unlock()
-	if at.After(r.laterAt) {
-		r.laterAt = at
+	if until.After(r.laterUntil) {
+		r.laterUntil = until
 	}
+	r.laterStep = step
 	if r.laterTimer == nil && !r.isClosed() {
-		r.laterTimer = time.AfterFunc(time.Until(at), r.sweepLater)
+		r.laterTimer = time.AfterFunc(step, r.sweepLater)
 	}
 }
 
@@ -155,8 +157,8 @@ func (r *rpc) sweepLater() {
 	if r.laterTimer == nil { // closed meanwhile
 		return
 	}
-	if d := time.Until(r.laterAt); d > 0 {
-		r.laterTimer.Reset(d)
+	if time.Now().Before(r.laterUntil) {
+		r.laterTimer.Reset(r.laterStep)
 		return
 	}
 	r.laterTimer = nil

@@ -2,7 +2,6 @@ package pubsub
 
 import (
 	"errors"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -63,32 +62,43 @@ func TestRPCSweepChecksWithoutItsLock(t *testing.T) {
 	assert.Len(t, r.pending, 2)
 }
 
-// sweepBy runs one sweep at the latest time asked for, on one timer, and
-// close stops it.
-func TestRPCSweepByRunsAtTheLatestTime(t *testing.T) {
+// sweepUntil sweeps every step until the latest time asked for, so each
+// call is swept within a step of its peer going, however the times asked
+// for interleave (a timer moved to the latest time only skipped a middle
+// leaver's deadline: its call was swept 300 ms late in the review's
+// probe). close stops it.
+func TestRPCSweepUntilSweepsEveryStep(t *testing.T) {
 	r := &rpc{pending: map[uint64]*call{}}
-	var alive atomic.Bool
-	alive.Store(true)
-	_, done := pendingForTest(r, alive.Load)
+	const step = 20 * time.Millisecond
 	start := time.Now()
-	r.sweepBy(start.Add(50 * time.Millisecond))
-	r.sweepBy(start.Add(300 * time.Millisecond)) // the one that counts
-	r.sweepBy(start.Add(100 * time.Millisecond))
-	alive.Store(false) // the peer's grace is over by the later time
-	select {
-	case err := <-done:
-		assert.ErrorIs(t, err, ErrTimeout)
-	case <-time.After(5 * time.Second):
-		t.Fatal("no sweep ran after the times asked for")
+	deaths := []time.Duration{60 * time.Millisecond, 150 * time.Millisecond, 240 * time.Millisecond}
+	dones := make([]chan error, len(deaths))
+	for i, d := range deaths {
+		dies := start.Add(d)
+		_, dones[i] = pendingForTest(r, func() bool { return time.Now().Before(dies) })
+	}
+	r.sweepUntil(start.Add(100*time.Millisecond), step)
+	r.sweepUntil(start.Add(400*time.Millisecond), step)
+	r.sweepUntil(start.Add(200*time.Millisecond), step)
+	for i, d := range deaths {
+		select {
+		case err := <-dones[i]:
+			assert.ErrorIs(t, err, ErrTimeout)
+			late := time.Since(start) - d
+			// A step late at most, plus generous scheduling slack.
+			assert.Less(t, late, step+150*time.Millisecond, "call %d swept %v after its peer went", i, late)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("call %d was never swept", i)
+		}
 	}
 	require.Eventually(t, func() bool {
 		r.laterMu.Lock()
 		defer r.laterMu.Unlock()
 		return r.laterTimer == nil
 	}, 5*time.Second, 5*time.Millisecond, "the timer is not released after the latest time")
-	assert.False(t, time.Now().Before(start.Add(300*time.Millisecond)), "released before the latest time asked for")
+	assert.False(t, time.Now().Before(start.Add(400*time.Millisecond)), "released before the latest time asked for")
 
-	r.sweepBy(time.Now().Add(time.Hour))
+	r.sweepUntil(time.Now().Add(time.Hour), step)
 	r.close()
 	r.laterMu.Lock()
 	defer r.laterMu.Unlock()
