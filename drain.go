@@ -27,6 +27,49 @@ type drainState struct {
 	left    map[string]bool // members that left meanwhile and need none
 	queued  []handoverJob   // requests waiting for a server, one per member at most
 	serving int             // goroutines serving handovers, at most maxSyncPullers
+	owners  []*topicOwners  // per view requesters named, at most maxOwnerViews
+}
+
+// topicOwners is which of this node's topics each member owns under one
+// view. Every member's handover needs it for the view it names, which is
+// usually the same for all of them (the view without this node): computed
+// once per view, a leave costs one rendezvous per topic, not one per topic
+// per member.
+type topicOwners struct {
+	v    *view
+	once sync.Once
+	by   map[string][]string // member ID -> topics
+}
+
+// maxOwnerViews bounds the views whose topic owners are kept; requests
+// naming other views (forged, or from members that saw other changes) get
+// theirs computed for them alone.
+const maxOwnerViews = 4
+
+// ownersUnder returns the topic owners under v, computing them once per
+// view (views compared by their members, not by their hash: a forger
+// could match a hash).
+func (d *drainState) ownersUnder(v *view, topics func() []string) map[string][]string {
+	d.mu.Lock()
+	i := slices.IndexFunc(d.owners, func(o *topicOwners) bool { return slices.Equal(o.v.members, v.members) })
+	var o *topicOwners
+	if i >= 0 {
+		o = d.owners[i]
+	} else {
+		o = &topicOwners{v: v}
+		if len(d.owners) < maxOwnerViews {
+			d.owners = append(d.owners, o)
+		}
+	}
+	d.mu.Unlock()
+	o.once.Do(func() {
+		o.by = map[string][]string{}
+		for _, t := range topics() {
+			id := v.ownerOf(t).ID
+			o.by[id] = append(o.by[id], t)
+		}
+	})
+	return o.by
 }
 
 // handoverJob is what one member asked for its handover while its request
@@ -53,7 +96,7 @@ const maxHandoverAsks = 4
 
 func (d *drainState) start() {
 	d.mu.Lock()
-	d.served, d.left = map[string]bool{}, map[string]bool{}
+	d.served, d.left, d.owners = map[string]bool{}, map[string]bool{}, nil
 	d.mu.Unlock()
 	d.on.Store(true)
 }
@@ -256,16 +299,13 @@ func (n *Node) serveHandovers() {
 }
 
 // handoverFor collects, from the topic actors, the subscriber sets of the
-// topics requester owns under v.
+// topics requester owns under v (ownersUnder: computed once per view).
 func (n *Node) handoverFor(v *view, requester string) *wire.Sync {
 	page := &wire.Sync{From: n.selfRef()}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	size, limit := 0, n.maxPayload()/2
-	for _, t := range n.owner.names() {
-		if v.ownerOf(t).ID != requester {
-			continue
-		}
+	for _, t := range n.life.drain.ownersUnder(v, n.owner.names)[requester] {
 		wg.Add(1)
 		n.owner.onActor(t, false, func(a *topicActor) {
 			defer wg.Done()

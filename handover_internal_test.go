@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -85,4 +86,40 @@ func TestHandoverAnswersEveryCopyOfARequest(t *testing.T) {
 		assert.Equal(t, topic, page.GetTopics()[0].GetTopic())
 		assert.Equal(t, []string{sub.ID().Local}, page.GetTopics()[0].GetSubscribers())
 	}
+}
+
+// A leaving node works out which member owns each of its topics once per
+// view its peers name (they usually name the same one), not once per
+// member asking: a leave in a 48-node cluster walked every topic 47 times.
+// Views are told apart by their members, and only a few are kept.
+func TestHandoverTopicOwnersOncePerView(t *testing.T) {
+	var d drainState
+	d.start()
+	topics := []string{"t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"}
+	walks := 0
+	names := func() []string { walks++; return topics }
+	members := []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 1}, {ID: "c", Incarnation: 1}}
+	v := newView(1, members)
+	by := d.ownersUnder(v, names)
+	got := 0
+	for id, ts := range by {
+		for _, tp := range ts {
+			assert.Equal(t, id, v.ownerOf(tp).ID, "topic %s listed under the wrong member", tp)
+			got++
+		}
+	}
+	assert.Equal(t, len(topics), got, "every topic listed once")
+	same := newView(7, slices.Clone(members)) // another epoch, the same members
+	assert.Equal(t, by, d.ownersUnder(same, names))
+	assert.Equal(t, 1, walks, "the same members: topics walked again")
+
+	const others = maxOwnerViews + 2
+	for i := range others {
+		other := newView(1, append(slices.Clone(members), Member{ID: fmt.Sprint("x", i), Incarnation: 1}))
+		d.ownersUnder(other, names)
+		d.ownersUnder(other, names)
+	}
+	assert.Len(t, d.owners, maxOwnerViews, "views kept past the bound")
+	kept := maxOwnerViews - 1 // beside the first view
+	assert.Equal(t, 1+kept+2*(others-kept), walks, "views past the bound are walked for each request, the others once")
 }
