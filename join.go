@@ -105,10 +105,7 @@ func (n *Node) markJoined() {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	n.members.joined.Store(true)
-	if n.members.viewPending {
-		n.members.viewPending = false
-		n.recomputeView()
-	}
+	n.installPendingLocked()
 }
 
 // installPending installs the view of the peers added while joining, if
@@ -116,6 +113,10 @@ func (n *Node) markJoined() {
 func (n *Node) installPending() bool {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
+	return n.installPendingLocked()
+}
+
+func (n *Node) installPendingLocked() bool {
 	if !n.members.viewPending {
 		return false
 	}
