@@ -117,6 +117,16 @@ func TestGroupKeyedMessagesGoToOneMemberInOrder(t *testing.T) {
 	}
 	counts := checkGroup(t, in, members, want)
 	t.Logf("keyed shares: %v", counts)
+	// Every member, on the owner's node, on a node with a broadcast
+	// subscriber (the whole batch) and on one with only the member (its
+	// messages, repacked), gets each message with its key.
+	for _, m := range members {
+		for _, r := range in.of(m.ID()) {
+			var i int
+			_, _ = fmt.Sscanf(r.data, "m%d", &i)
+			require.Equal(t, fmt.Sprint("customer-", i%50), r.key, "%s at %s", r.data, m.ID())
+		}
+	}
 	assert.Len(t, all.of(broadcast.ID()), count, "the broadcast subscriber gets every message")
 	for id, n := range counts {
 		assert.Greater(t, n, 0, "%s got no key of 50", id)
