@@ -266,33 +266,6 @@ func (p *payload) subset(shares []share) (payload, []share, bool) {
 	return payload{msgs: sub, publisher: p.publisher, origin: p.origin, seq: p.seq}, moved, true
 }
 
-// unpack fills p.msgs, once, with the messages of a batch received packed:
-// their bytes, and for format 2 their keys and headers (aliasing packed,
-// as Messages do). p.packed stays what nodes that get the whole batch are
-// sent.
-func (p *payload) unpack() {
-	if p.msgs.data != nil {
-		return
-	}
-	data := make([][]byte, 0, p.count)
-	if !p.withMeta {
-		wire.Each(p.packed, func(m []byte) { data = append(data, m) })
-		p.msgs = msgBatch{data: data}
-		return
-	}
-	meta := make([]wire.Meta, 0, p.count)
-	var dec wire.MetaDecoder // a header repeating the previous one is decoded in order
-	wire.EachMeta(p.packed, func(d, m []byte) {
-		data = append(data, d)
-		var md wire.Meta
-		if m != nil {
-			md = dec.Decode(m)
-		}
-		meta = append(meta, md)
-	})
-	p.msgs = msgBatch{data: data, meta: meta}
-}
-
 // publishGroupSizes gives Stats a copy of the group sizes.
 func (a *topicActor) publishGroupSizes() {
 	if len(a.groups.sizes) == 0 && a.groupSizes.Load() == nil {

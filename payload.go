@@ -1,0 +1,117 @@
+package pubsub
+
+import "github.com/clusterpubsub/pubsub/internal/wire"
+
+// A batch's messages as the owner and the subscriber nodes hold them.
+
+// payload is one batch's messages: the publisher's own slices when it
+// published on this node, or the packed wire field as received. Either way
+// no message is copied on its way to the handlers.
+type payload struct {
+	msgs      msgBatch
+	packed    []byte
+	withMeta  bool // packed is in format 2: keys and headers beside the bytes
+	count     int
+	publisher string // the publishing node's ID
+	origin    batchOrigin
+	seq       batchSeq // set by the owner when it accepts the batch
+	wantIDs   bool     // the publisher asked for the delivered subscribers
+	level     AckLevel // what the publisher waits for
+}
+
+// receivedPayload checks the packed fields of a batch received over NATS:
+// exactly one format, holding exactly count messages. A node that knew only
+// format 1 rejects a format 2 batch the same way, finding no messages.
+func receivedPayload(packed, packedMeta []byte, count uint32) (payload, error) {
+	if len(packedMeta) > 0 {
+		if len(packed) > 0 {
+			return payload{}, wire.ErrBadPacking
+		}
+		return payload{packed: packedMeta, withMeta: true, count: int(count)}, wire.ValidateMeta(packedMeta, count)
+	}
+	return payload{packed: packed, count: int(count)}, wire.Validate(packed, count)
+}
+
+// batchSeq is the owner's number for an accepted batch of one topic.
+type batchSeq struct {
+	owner string
+	inc   uint64
+	seq   uint64
+}
+
+func (p payload) len() int {
+	if p.msgs.data != nil {
+		return p.msgs.len()
+	}
+	return p.count
+}
+
+// wire returns the packed form, packing the publisher's slices if needed,
+// and whether it is format 2.
+func (p *payload) wire() ([]byte, bool) {
+	if p.packed == nil {
+		if p.msgs.meta != nil {
+			p.packed, p.withMeta = wire.PackMeta(nil, p.msgs.data, p.msgs.meta), true
+		} else {
+			p.packed = wire.Pack(nil, p.msgs.data)
+		}
+	}
+	return p.packed, p.withMeta
+}
+
+// messages builds the Messages a node's subscribers share. A message
+// without key or header costs nothing more than its Message.
+func (p payload) messages(topic string) []Message {
+	batch := make([]Message, 0, p.len())
+	switch {
+	case p.msgs.data != nil && p.msgs.meta == nil:
+		for _, data := range p.msgs.data {
+			batch = append(batch, Message{Topic: topic, Data: data, Publisher: p.publisher})
+		}
+	case p.msgs.data != nil:
+		for i, data := range p.msgs.data {
+			meta := &p.msgs.meta[i]
+			batch = append(batch, Message{Topic: topic, Data: data, Key: meta.Key, Header: meta.Header, Publisher: p.publisher})
+		}
+	case p.withMeta:
+		var dec wire.MetaDecoder // equal headers in a row share one map
+		wire.EachMeta(p.packed, func(data, meta []byte) {
+			m := Message{Topic: topic, Data: data, Publisher: p.publisher}
+			if meta != nil {
+				md := dec.Decode(meta)
+				m.Key, m.Header = md.Key, md.Header
+			}
+			batch = append(batch, m)
+		})
+	default:
+		wire.Each(p.packed, func(data []byte) { batch = append(batch, Message{Topic: topic, Data: data, Publisher: p.publisher}) })
+	}
+	return batch
+}
+
+// unpack fills p.msgs, once, with the messages of a batch received packed:
+// their bytes, and for format 2 their keys and headers (aliasing packed,
+// as Messages do). p.packed stays what nodes that get the whole batch are
+// sent.
+func (p *payload) unpack() {
+	if p.msgs.data != nil {
+		return
+	}
+	data := make([][]byte, 0, p.count)
+	if !p.withMeta {
+		wire.Each(p.packed, func(m []byte) { data = append(data, m) })
+		p.msgs = msgBatch{data: data}
+		return
+	}
+	meta := make([]wire.Meta, 0, p.count)
+	var dec wire.MetaDecoder // a header repeating the previous one is decoded in order
+	wire.EachMeta(p.packed, func(d, m []byte) {
+		data = append(data, d)
+		var md wire.Meta
+		if m != nil {
+			md = dec.Decode(m)
+		}
+		meta = append(meta, md)
+	})
+	p.msgs = msgBatch{data: data, meta: meta}
+}
