@@ -263,3 +263,25 @@ func TestPlanRebuildsOnlyWhatAChangeTouched(t *testing.T) {
 	assert.Len(t, route("big").members, 51, "a join to the group rebuilt its route")
 	assert.Equal(t, map[string][]string{"n2": {"another"}}, a.plan().broadcast)
 }
+
+// BenchmarkPlanBroadcastChurn measures a broadcast subscriber joining and
+// leaving a topic that also has a keyed 50-member group, each change
+// followed by a keyed batch's plan: the group's route and its key slots
+// must survive both changes.
+//
+//	go test -run '^$' -bench PlanBroadcastChurn .
+func BenchmarkPlanBroadcastChurn(b *testing.B) {
+	n := &Node{self: Member{ID: "o", Incarnation: 1}}
+	n.events = newEventStream("o")
+	a := &topicActor{n: n, topic: "t"}
+	for i := range 50 {
+		a.add(fmt.Sprintf("n%d", i%5), 1, fmt.Sprintf("%d@big", i))
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		a.add("x", 1, "plain")
+		a.plan().groups[0].forKey("k")
+		a.remove(SubscriberID{Node: "x", Local: "plain"}, true)
+		a.plan().groups[0].forKey("k")
+	}
+}
