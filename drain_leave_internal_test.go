@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,31 +22,8 @@ func TestGracefulCloseDoesNotHoldBackTheLeaveForASlowBatch(t *testing.T) {
 		WithRequestTimeout(3*time.Second), WithSubscriberTimeout(2*time.Second))
 	topics := ownedTopics(pub, "owner", "s", 2)
 	slow, other := topics[0], topics[1]
-	release := make(chan struct{})
-	t.Cleanup(func() {
-		select {
-		case <-release:
-		default:
-			close(release)
-		}
-	})
-	_, err := pub.Subscribe(t.Context(), slow, func(ctx context.Context, _ *Message) error {
-		select {
-		case <-release:
-		case <-ctx.Done():
-		}
-		return nil
-	})
-	require.NoError(t, err)
-	go func() { _, _ = pub.Publish(context.Background(), slow, []byte("slow")) }()
-	waitForTest(t, "the slow batch in flight at the owner", func() bool { return owner.owner.inflight.Load() == 1 })
-
-	closed := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		closed <- owner.Close(ctx)
-	}()
+	release := holdDeliveries(t, pub, slow)
+	_, closed := publishHeldThenClose(t, owner, pub, slow)
 	waitForTest(t, "the drain began", owner.life.drain.on.Load)
 
 	done := make(chan error, 1)
@@ -60,7 +38,7 @@ func TestGracefulCloseDoesNotHoldBackTheLeaveForASlowBatch(t *testing.T) {
 	case <-time.After(time.Second):
 		t.Fatalf("a publish to another topic of the leaving node waited %v (and counting) behind one slow batch: the LEAVE is held back", time.Since(start))
 	}
-	close(release)
+	release()
 	require.NoError(t, <-closed)
 }
 
@@ -106,10 +84,7 @@ func TestGracefulCloseLeavesBeforeMemberTimeout(t *testing.T) {
 	require.NoError(t, err)
 	published, closed := publishHeldThenClose(t, owner, pub, topic)
 	waitForTest(t, "the publisher's node drops the owner", ownerGone)
-	pub.members.mu.Lock()
-	_, graceful := pub.members.left["owner"]
-	pub.members.mu.Unlock()
-	assert.True(t, graceful, "the owner was timed out as crashed before its LEAVE went out")
+	assert.True(t, leftGracefully(pub, owner), "the owner was timed out as crashed before its LEAVE went out")
 	require.NoError(t, <-published, "the publish in flight at the leaving owner")
 	require.NoError(t, <-closed)
 }
@@ -124,23 +99,9 @@ func TestPublisherStopsWaitingForALeaverThatDiedDraining(t *testing.T) {
 	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second),
 		WithRequestTimeout(30*time.Second), WithSubscriberTimeout(30*time.Second))
 	topic := ownedTopics(pub, "owner", "d", 1)[0]
-	release := make(chan struct{})
-	t.Cleanup(func() { close(release) })
-	_, err := pub.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
-		select { // holds the batch at the owner until released
-		case <-release:
-		case <-ctx.Done():
-		}
-		return nil
-	})
-	require.NoError(t, err)
+	holdDeliveries(t, pub, topic)
 	published, closed := publishHeldThenClose(t, owner, pub, topic)
-	waitForTest(t, "the publisher's node sees the LEAVE", func() bool {
-		pub.members.mu.Lock()
-		defer pub.members.mu.Unlock()
-		_, left := pub.members.left["owner"]
-		return left
-	})
+	waitForTest(t, "the publisher's node sees the LEAVE", func() bool { return leftGracefully(pub, owner) })
 	left := time.Now()
 	owner.nc.Close() // the leaver dies while draining: it will never answer
 	select {
@@ -194,6 +155,69 @@ func TestPublisherWaitsForALeaverDrainingPastMemberTimeout(t *testing.T) {
 	})
 	require.NoError(t, err)
 	published, closed := publishHeldThenClose(t, owner, pub, topic)
+	requireAnsweredByLeaver(t, published, closed)
+}
+
+// leftGracefully reports whether n recorded leaver's graceful leave.
+func leftGracefully(n, leaver *Node) bool {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	_, ok := n.members.left[incarnation{leaver.self.ID, leaver.self.Incarnation}]
+	return ok
+}
+
+// Regression (review): graceful leaves were remembered per node ID, so a
+// new incarnation's LEAVE (here a restart under the ID that fails its Join
+// because the old incarnation still drains; a forgery does the same)
+// replaced the draining one's. Its repeated LEAVEs were then ignored and
+// its publishers gave up on it MemberTimeout later, while it still
+// answered. Leaves are remembered per incarnation.
+func TestPublisherWaitsForALeaverWhileItsIDRejoins(t *testing.T) {
+	opts := []Option{WithHeartbeatInterval(50 * time.Millisecond), WithMemberTimeout(time.Second),
+		WithRequestTimeout(30 * time.Second), WithSubscriberTimeout(30 * time.Second)}
+	owner, pub := ownerAndPublisher(t, opts...)
+	topic := ownedTopics(pub, "owner", "rejoin", 1)[0]
+	release := holdDeliveries(t, pub, topic)
+	published, closed := publishHeldThenClose(t, owner, pub, topic)
+	waitForTest(t, "the publisher's node sees the LEAVE", func() bool { return leftGracefully(pub, owner) })
+
+	nc, err := nats.Connect(owner.nc.ConnectedUrl())
+	require.NoError(t, err)
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = Join(ctx, nc, append([]Option{WithNodeID("owner")}, opts...)...)
+	require.ErrorIs(t, err, ErrInvalidConfig, "a second live node with the ID")
+	// The failed Join's LEAVE has gone out. The old incarnation keeps
+	// draining for longer than MemberTimeout, then answers.
+	timer := time.AfterFunc(1500*time.Millisecond, release)
+	defer timer.Stop()
+	requireAnsweredByLeaver(t, published, closed)
+}
+
+// holdDeliveries subscribes on n to topic with a handler that holds every
+// batch until release is called (or the test ends, or its ctx does).
+func holdDeliveries(t *testing.T, n *Node, topic string) (release func()) {
+	t.Helper()
+	held := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(held) }) }
+	t.Cleanup(release)
+	_, err := n.Subscribe(t.Context(), topic, func(ctx context.Context, _ *Message) error {
+		select {
+		case <-held:
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	return release
+}
+
+// requireAnsweredByLeaver asserts that a publish held at a leaving owner was
+// answered, and that the owner's Close returned without error.
+func requireAnsweredByLeaver(t *testing.T, published, closed chan error) {
+	t.Helper()
 	select {
 	case err := <-published:
 		require.NoError(t, err, "the publisher gave up on a leaver that was still draining")

@@ -52,7 +52,7 @@ func TestHandoverAnswersEveryCopyOfARequest(t *testing.T) {
 	nc, err := nats.Connect(owner.nc.ConnectedUrl())
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
-	replies := make([]*nats.Subscription, 3)
+	replies := make([]*nats.Subscription, maxHandoverAsks+1) // the first is pushed out by the last
 	for i := range replies {
 		replies[i], err = nc.SubscribeSync(nats.NewInbox())
 		require.NoError(t, err)
@@ -81,11 +81,21 @@ func TestHandoverAnswersEveryCopyOfARequest(t *testing.T) {
 		require.NoError(t, proto.Unmarshal(m.Data, &env))
 		page := env.GetReply().GetSync()
 		require.NotNil(t, page, "copy %d", i)
+		if i == 0 { // pushed out: told at once, so its requester asks every member
+			assert.True(t, page.GetIncomplete(), "the copy pushed out was not answered incomplete")
+			continue
+		}
 		assert.False(t, page.GetIncomplete(), "copy %d was answered incomplete", i)
 		require.Len(t, page.GetTopics(), 1, "copy %d", i)
 		assert.Equal(t, topic, page.GetTopics()[0].GetTopic())
 		assert.Equal(t, []string{sub.ID().Local}, page.GetTopics()[0].GetSubscribers())
 	}
+	// The copies named one view: the topics' owners were worked out once,
+	// for it (ownersUnder), not per copy.
+	owner.life.drain.mu.Lock()
+	defer owner.life.drain.mu.Unlock()
+	require.Len(t, owner.life.drain.owners, 1)
+	assert.Equal(t, []string{topic}, owner.life.drain.owners[0].by["pub"], "the handover did not use the owners worked out per view")
 }
 
 // A leaving node works out which member owns each of its topics once per

@@ -27,61 +27,65 @@ type membership struct {
 	pushed        *view  // the last view whose moved subscriptions were pushed; control actor only
 	subject       string // <prefix>.members
 	sub           *nats.Subscription
-	idConflict    atomic.Bool      // an older live node with our ID was heard
-	joined        atomic.Bool      // Join returned: the view is stable enough to serve topics
-	viewPending   bool             // joining: peers were added and joinView installs their view
-	quorum        quorum           // KeepMajority's view of the partition
-	left          map[string]leave // members that left gracefully, recently
-	beatNow       chan struct{}    // the view changed: heartbeat early
+	idConflict    atomic.Bool               // an older live node with our ID was heard
+	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
+	viewPending   bool                      // joining: peers were added and joinView installs their view
+	quorum        quorum                    // KeepMajority's view of the partition
+	left          map[incarnation]time.Time // members that left gracefully, recently: when last heard leaving
+	beatNow       chan struct{}             // the view changed: heartbeat early
 }
 
 // earlyBeatSpacing bounds the heartbeats a burst of view changes triggers.
 const earlyBeatSpacing = 20 * time.Millisecond
 
-// leave remembers a graceful leave: its heartbeats, arriving late, must not
-// re-add the node, and the owners it leaves topics to ask it for a handover.
-type leave struct {
+// incarnation names one life of a member. Graceful leaves are remembered
+// per incarnation: their heartbeats, arriving late, must not re-add the
+// node, the owners it leaves topics to ask it for a handover, and its
+// publishers wait for it while it drains. Keyed by ID alone, a new
+// incarnation's LEAVE (a failed restart under the ID, or a forgery)
+// replaced a draining one's, whose publishers then gave up on it.
+type incarnation struct {
+	id  string
 	inc uint64
-	at  time.Time
 }
 
 // bury records m's graceful leave, forgetting the oldest one past limit.
 // Callers hold mu.
 func (m *membership) bury(leaver Member, limit int) {
 	if len(m.left) >= limit {
-		oldest := ""
-		for id, l := range m.left {
-			if oldest == "" || l.at.Before(m.left[oldest].at) {
-				oldest = id
+		var oldest incarnation
+		var at time.Time
+		for k, t := range m.left {
+			if at.IsZero() || t.Before(at) {
+				oldest, at = k, t
 			}
 		}
 		delete(m.left, oldest)
 	}
-	m.left[leaver.ID] = leave{inc: leaver.Incarnation, at: time.Now()}
+	m.left[incarnation{leaver.ID, leaver.Incarnation}] = time.Now()
 }
 
 // stillLeaving records a repeated LEAVE of incarnation inc of id, which
-// left gracefully and is still draining, and reports whether it was one.
-// Callers hold mu.
-func (m *membership) stillLeaving(id string, inc uint64) bool {
-	l, ok := m.left[id]
-	if !ok || l.inc != inc {
+// left gracefully within ttl and is still draining, and reports whether it
+// was one. Callers hold mu.
+func (m *membership) stillLeaving(id string, inc uint64, ttl time.Duration) bool {
+	if !m.buried(id, inc, ttl) {
 		return false
 	}
-	l.at = time.Now()
-	m.left[id] = l
+	m.left[incarnation{id, inc}] = time.Now()
 	return true
 }
 
 // buried reports whether incarnation inc of id left, or repeated its LEAVE
 // while draining, within ttl. Callers hold mu.
 func (m *membership) buried(id string, inc uint64, ttl time.Duration) bool {
-	l, ok := m.left[id]
-	if ok && time.Since(l.at) > ttl {
-		delete(m.left, id)
+	k := incarnation{id, inc}
+	at, ok := m.left[k]
+	if ok && time.Since(at) > ttl {
+		delete(m.left, k)
 		return false
 	}
-	return ok && l.inc == inc
+	return ok
 }
 
 // changeBetween says what the registry must ask about for the move from
@@ -92,7 +96,7 @@ func (m *membership) changeBetween(prev, next *view, self string) viewChange {
 		if p.ID == self || next.holds(p) {
 			continue
 		}
-		if l, ok := m.left[p.ID]; ok && l.inc == p.Incarnation {
+		if _, ok := m.left[incarnation{p.ID, p.Incarnation}]; ok {
 			c.leavers = append(c.leavers, p)
 		} else {
 			c.lost = true
@@ -103,7 +107,7 @@ func (m *membership) changeBetween(prev, next *view, self string) viewChange {
 
 func (m *membership) init(n *Node) {
 	m.peers = make(map[string]*peer)
-	m.left = make(map[string]leave)
+	m.left = make(map[incarnation]time.Time)
 	m.beatNow = make(chan struct{}, 1)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
@@ -232,7 +236,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 			delete(n.members.peers, id)
 			n.forgetLeaver(id)
 			n.recomputeView()
-		} else if !n.members.stillLeaving(id, inc) {
+		} else if !n.members.stillLeaving(id, inc, n.cfg.MemberTimeout) {
 			return
 		}
 		// A leaver repeats its LEAVE while it drains, and its publishers
