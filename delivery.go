@@ -12,8 +12,8 @@ import (
 
 // onDeliver handles a DeliverBatch from a remote owner.
 func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
-	report := func(st []DeliveryStatus) *wire.Reply {
-		rep := &wire.Reply{Code: wire.Reply_OK, Statuses: make([]uint32, len(st))}
+	report := func(st []DeliveryStatus, processed []uint32) *wire.Reply {
+		rep := &wire.Reply{Code: wire.Reply_OK, Statuses: make([]uint32, len(st)), Processed: processed}
 		for i, s := range st {
 			rep.Statuses[i] = uint32(s)
 		}
@@ -39,7 +39,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
 	}
 	if !d.GetAtLeastOnce() || d.GetReroute() { // a re-route is sent once
-		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
 		return
 	}
 	// At-least-once: the owner re-sends a batch it got no report for. Every
@@ -65,13 +65,13 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		if ok, held := n.log.limit.allow("recent/full"); ok {
 			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
 		}
-		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) { n.replyTo(reply, report(st)) })
+		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
 		return
 	}
 	n.subscriber.recent[key] = rb
 	n.subscriber.recentMu.Unlock()
-	n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus) {
-		rep := report(st)
+	n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) {
+		rep := report(st, processed)
 		n.subscriber.recentMu.Lock()
 		rb.report = rep
 		replies := rb.replies
@@ -103,19 +103,21 @@ type recentBatch struct {
 }
 
 // deliver puts one batch in the mailbox of each listed local subscriber and
-// calls done once with one status per subscriber. It never blocks: a full
-// mailbox is a MailboxFull failure, not back-pressure on the inbox.
+// calls done once with one status per subscriber, and with processed (nil
+// unless a subscription ended partway through its messages: how many it
+// ran, per status). It never blocks: a full mailbox is a MailboxFull
+// failure, not back-pressure on the inbox.
 //
 // Group members get their shares instead (the messages at the share's
 // indices); their statuses follow the locals'.
-func (n *Node) deliver(topic string, locals []string, shares []share, msgs payload, done func([]DeliveryStatus)) {
+func (n *Node) deliver(topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed []uint32)) {
 	count := len(locals) + len(shares)
 	t := &batchTracker{statuses: make([]DeliveryStatus, count), remaining: count, done: done}
 	for i := range t.statuses {
 		t.statuses[i] = statusPending
 	}
 	if count == 0 {
-		done(t.statuses)
+		done(t.statuses, nil)
 		return
 	}
 	ctx, cancel := context.WithTimeout(n.life.ctx, n.cfg.SubscriberTimeout)
@@ -159,8 +161,9 @@ const statusPending DeliveryStatus = 0xff
 type batchTracker struct {
 	mu        sync.Mutex
 	statuses  []DeliveryStatus
+	processed []uint32 // nil until a subscription ends partway through (setPartial)
 	remaining int
-	done      func([]DeliveryStatus)
+	done      func([]DeliveryStatus, []uint32)
 	cancel    context.CancelFunc
 	stop      func() bool // unregisters expire
 }
@@ -178,6 +181,20 @@ func (t *batchTracker) set(i int, s DeliveryStatus) {
 	if finished {
 		t.finish()
 	}
+}
+
+// setPartial reports subscriber i's status with the number of its
+// messages it processed before its subscription ended.
+func (t *batchTracker) setPartial(i int, s DeliveryStatus, processed int) {
+	t.mu.Lock()
+	if t.remaining > 0 && t.statuses[i] == statusPending {
+		if t.processed == nil {
+			t.processed = make([]uint32, len(t.statuses))
+		}
+		t.processed[i] = uint32(processed)
+	}
+	t.mu.Unlock()
+	t.set(i, s)
 }
 
 // expire reports every subscriber still pending as Timeout.
@@ -205,7 +222,7 @@ func (t *batchTracker) finish() {
 		stop()
 		cancel()
 	}
-	t.done(t.statuses)
+	t.done(t.statuses, t.processed)
 }
 
 // handle runs on the subscription's mailbox: the handler sees the batch's
@@ -261,12 +278,16 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		}
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
-	st := s.run(ctx, batch)
+	st, processed := s.run(ctx, batch)
 	if seq.seq != 0 {
 		s.lastStatus = st
 	}
 	if origin.producer != "" {
 		s.producers[origin.producer] = producerMark{seq: origin.seq, status: st}
+	}
+	if st == SubscriberGone {
+		t.setPartial(i, st, processed)
+		return
 	}
 	t.set(i, st)
 }
@@ -282,8 +303,13 @@ type producerMark struct {
 // first error. A message its codec rejects (a Topic's handler) is skipped
 // and reported as DecodeError once the rest of the batch ran. With a
 // Propagator, each message gets the ctx it extracts from its header.
-func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus {
-	status := Delivered
+//
+// A subscription that ends partway through (Unsubscribe, Close) stops
+// there: the batch is SubscriberGone, not Delivered, and processed says
+// how many messages ran, so the owner re-routes only the rest of a group
+// member's share.
+func (s *Subscription) run(ctx context.Context, batch []Message) (status DeliveryStatus, processed int) {
+	status = Delivered
 	prop := s.node.cfg.Propagator
 	for j := range batch {
 		mctx := ctx
@@ -295,18 +321,18 @@ func (s *Subscription) run(ctx context.Context, batch []Message) DeliveryStatus 
 				if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
 					s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 				}
-				return HandlerError
+				return HandlerError, j
 			}
 			status = DecodeError
 			if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
 				s.node.log.Warn("message rejected by the codec", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 			}
 		}
-		if s.isDone() {
-			break // unsubscribed mid-batch: no further message reaches it
+		if s.isDone() && j < len(batch)-1 {
+			return SubscriberGone, j + 1 // ended mid-batch: no further message reaches it
 		}
 	}
-	return status
+	return status, len(batch)
 }
 
 // maxTrackedProducers bounds the producers (BatchingProducers and the

@@ -71,8 +71,9 @@ func TestProduceMessageThroughAnyPublisher(t *testing.T) {
 // Delivered.
 func TestUnknownRemoteStatusIsHandlerError(t *testing.T) {
 	rep := &wire.Reply{Code: wire.Reply_OK, Statuses: []uint32{uint32(Delivered), uint32(DecodeError), uint32(lastDeliveryStatus) + 1, 256, 1 << 31}}
-	st, path := remoteStatuses(&Node{}, "n", len(rep.Statuses), rep, nil)
+	st, processed, path := remoteStatuses(&Node{}, "n", len(rep.Statuses), rep, nil)
 	assert.False(t, path)
+	assert.Nil(t, processed)
 	assert.Equal(t, []DeliveryStatus{Delivered, DecodeError, HandlerError, HandlerError, HandlerError}, st)
 }
 

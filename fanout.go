@@ -64,8 +64,8 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 				return
 			}
 		}
-		st, path := remoteStatuses(n, m.ID, to.len(), rep, err)
-		b.report(to, st, path)
+		st, processed, path := remoteStatuses(n, m.ID, to.len(), rep, err)
+		b.report(to, st, processed, path)
 	})
 	sendBufs.Put(buf) // the connection copied it
 	// A node that leaves the view (crash) will not report: its subscribers
@@ -93,10 +93,12 @@ func (r remoteBatch) encode() *[]byte {
 }
 
 // remoteStatuses turns a node's delivery report (or its absence) into one
-// status per subscriber. path is true when the node did not report: the
-// network or the node failed, not its subscribers, so the failures are
-// reported as Timeout (outcome unknown) but never count towards eviction.
-func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) (st []DeliveryStatus, path bool) {
+// status per subscriber, and the messages each ran when the node said so
+// (nil otherwise; see wire.Reply.processed). path is true when the node
+// did not report: the network or the node failed, not its subscribers, so
+// the failures are reported as Timeout (outcome unknown) but never count
+// towards eviction.
+func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) (st []DeliveryStatus, processed []uint32, path bool) {
 	if err == nil && rep.GetCode() == wire.Reply_OK && len(rep.GetStatuses()) == count {
 		st := make([]DeliveryStatus, count)
 		for i, s := range rep.GetStatuses() {
@@ -105,15 +107,18 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 				st[i] = HandlerError // a newer node's status this one cannot name
 			}
 		}
-		return st, false
+		if p := rep.GetProcessed(); len(p) == count {
+			processed = p
+		}
+		return st, processed, false
 	}
 	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
-		return fill(count, SubscriberGone), false
+		return fill(count, SubscriberGone), nil, false
 	}
 	if ok, held := n.log.limit.allow("deliver/" + node); ok {
 		n.log.Warn("delivery to node failed", "node", node, "err", err, "code", rep.GetCode(), "suppressed", held)
 	}
-	return fill(count, Timeout), true
+	return fill(count, Timeout), nil, true
 }
 
 func fill(n int, s DeliveryStatus) []DeliveryStatus {
@@ -155,13 +160,21 @@ func (b *pendingBatch) addParts(k int) {
 	}
 }
 
-func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, path bool) {
+// report records one node's statuses for its part of the batch. processed,
+// when not nil, says how many messages each subscriber ran before its
+// subscription ended mid-batch: only the rest of a member's share is
+// re-routed, so the group sees no message twice.
+func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []uint32, path bool) {
 	b.mu.Lock()
 	var moved []map[string][]share
 	for i, s := range st {
 		id := SubscriberID{Node: to.node, Local: to.local(i)}
 		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(id, s) {
-			if plan, ok := b.reroute.plan(id, to.idx(i), s); ok {
+			idx := to.idx(i)
+			if processed != nil && int(processed[i]) <= len(idx) {
+				idx = idx[processed[i]:]
+			}
+			if plan, ok := b.reroute.plan(id, idx, s); ok {
 				// Its share goes to the next member; the outcome there
 				// decides the group's.
 				b.remaining += len(plan)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -433,4 +434,89 @@ func TestGroupReroutesATimeoutAtLeastOnce(t *testing.T) {
 		got = append(got, r.data)
 	}
 	assert.ElementsMatch(t, []string{string(msg(0)), string(msg(1))}, got, "the free member ran both")
+}
+
+// Regression (probe): a subscription that ended partway through a batch
+// (Unsubscribe while its handler ran) was reported Delivered, so the ack
+// counted a delivery that did not happen and, for a group member, the
+// rest of its share was lost without a word. The batch is SubscriberGone
+// for it, and only the rest of a member's share is re-routed: the group
+// gets every message once.
+func TestUnsubscribeMidBatchIsNotReportedDelivered(t *testing.T) {
+	for _, tc := range []struct {
+		group   string
+		leaving int // the node of the leaving subscriber: 0 owns the topic
+	}{{"", 1}, {"g", 1}, {"", 0}, {"g", 0}} {
+		group := tc.group
+		t.Run(fmt.Sprintf("group=%s/on-n%d", group, tc.leaving), func(t *testing.T) {
+			c := newCluster(t, 1, 2)
+			topic := ownedBy(t, c.Nodes[0], "midbatch")
+			var opts []pubsub.SubscribeOption
+			if group != "" {
+				opts = append(opts, pubsub.WithGroup(group))
+			}
+			in := newGroupInbox()
+			started, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			free := func() { once.Do(func() { close(release) }) }
+			t.Cleanup(free)
+			var first atomic.Bool
+			leaving, err := c.Nodes[tc.leaving].Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
+				require.NoError(t, in.handler(ctx, m))
+				if first.CompareAndSwap(false, true) {
+					close(started) // its first message: it unsubscribes meanwhile
+					<-release
+				}
+				return nil
+			}, opts...)
+			require.NoError(t, err)
+			members := []*pubsub.Subscription{leaving}
+			if group != "" {
+				other, err := c.Nodes[1-tc.leaving].Subscribe(ctxT(t), topic, in.handler, opts...)
+				require.NoError(t, err)
+				members = append(members, other)
+			}
+			var batch [][]byte
+			var want []string
+			for i := range 6 {
+				batch, want = append(batch, msg(i)), append(want, string(msg(i)))
+			}
+			type result struct {
+				ack pubsub.PublishAck
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				ack, err := c.Nodes[0].PublishBatch(context.Background(), topic, batch)
+				done <- result{ack, err}
+			}()
+			select {
+			case <-started:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the handler never started")
+			}
+			require.NoError(t, leaving.Unsubscribe(ctxT(t)))
+			free()
+			var r result
+			select {
+			case r = <-done:
+			case <-time.After(20 * time.Second):
+				t.Fatal("no ack")
+			}
+			require.NoError(t, r.err)
+			got := in.of(leaving.ID())
+			require.Len(t, got, 1, "a message reached the handler after Unsubscribe returned")
+			if group == "" {
+				assert.Equal(t, 0, r.ack.Delivered, "the ack counts a delivery that did not happen")
+				require.Len(t, r.ack.Failures, 1)
+				assert.Equal(t, pubsub.SubscriberGone, r.ack.Failures[0].Status)
+				assert.Equal(t, leaving.ID(), r.ack.Failures[0].Subscriber)
+				return
+			}
+			// The rest of the leaving member's share went to the other one.
+			assert.Equal(t, 1, r.ack.Delivered, "the group, counted once: %+v", r.ack)
+			assert.Empty(t, r.ack.Failures)
+			checkGroup(t, in, members, want)
+		})
+	}
 }

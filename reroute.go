@@ -140,13 +140,13 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 			// batch or producer number to check.
 			msgs := r.msgs
 			msgs.seq, msgs.origin = batchSeq{}, batchOrigin{}
-			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
+			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed []uint32) { b.report(t, st, processed, false) })
 			continue
 		}
 		m, ok := n.view().member(node)
 		wait := time.Until(r.answerBy())
 		if !ok || wait <= 0 {
-			b.report(t, fill(t.len(), SubscriberGone), false)
+			b.report(t, fill(t.len(), SubscriberGone), nil, false)
 			continue
 		}
 		r.pack.Do(func() {

@@ -321,14 +321,14 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		}
 		m, ok := v.member(t.node)
 		if !ok {
-			b.report(t, fill(t.len(), SubscriberGone), false)
+			b.report(t, fill(t.len(), SubscriberGone), nil, false)
 			continue
 		}
 		a.sendRemote(b, m, t, &msgs, &head, atLeastOnce)
 	}
 	if local >= 0 {
 		t := targets[local]
-		n.deliver(a.topic, t.locals, t.shares, msgs, func(st []DeliveryStatus) { b.report(t, st, false) })
+		n.deliver(a.topic, t.locals, t.shares, msgs, func(st []DeliveryStatus, processed []uint32) { b.report(t, st, processed, false) })
 	}
 }
 

@@ -1355,7 +1355,12 @@ type Reply struct {
 	Owner       string            `protobuf:"bytes,7,opt,name=owner,proto3" json:"owner,omitempty"`
 	Sync        *Sync             `protobuf:"bytes,8,opt,name=sync,proto3" json:"sync,omitempty"` // answers a SyncRequest
 	// groups answers a stats request: members per consumer group.
-	Groups        map[string]uint32 `protobuf:"bytes,9,rep,name=groups,proto3" json:"groups,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Groups map[string]uint32 `protobuf:"bytes,9,rep,name=groups,proto3" json:"groups,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// processed, when set, has one entry per status: how many of its
+	// messages the subscriber's handler ran before the subscription ended
+	// partway through the batch (status SubscriberGone); 0 for the others.
+	// The owner re-routes only the rest of a group member's share.
+	Processed     []uint32 `protobuf:"varint,10,rep,packed,name=processed,proto3" json:"processed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1449,6 +1454,13 @@ func (x *Reply) GetSync() *Sync {
 func (x *Reply) GetGroups() map[string]uint32 {
 	if x != nil {
 		return x.Groups
+	}
+	return nil
+}
+
+func (x *Reply) GetProcessed() []uint32 {
+	if x != nil {
+		return x.Processed
 	}
 	return nil
 }
@@ -1567,7 +1579,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xd8\x04\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xf6\x04\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -1577,7 +1589,9 @@ const file_wire_proto_rawDesc = "" +
 	"\vsubscribers\x18\x06 \x03(\v2*.clusterpubsub.wire.Reply.SubscribersEntryR\vsubscribers\x12\x14\n" +
 	"\x05owner\x18\a \x01(\tR\x05owner\x12,\n" +
 	"\x04sync\x18\b \x01(\v2\x18.clusterpubsub.wire.SyncR\x04sync\x12=\n" +
-	"\x06groups\x18\t \x03(\v2%.clusterpubsub.wire.Reply.GroupsEntryR\x06groups\x1a>\n" +
+	"\x06groups\x18\t \x03(\v2%.clusterpubsub.wire.Reply.GroupsEntryR\x06groups\x12\x1c\n" +
+	"\tprocessed\x18\n" +
+	" \x03(\rR\tprocessed\x1a>\n" +
 	"\x10SubscribersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
