@@ -52,7 +52,9 @@ type Config struct {
 	// routing), a duration. Default: 5s (DefaultRequestTimeout).
 	RequestTimeout time.Duration
 	// EvictAfter is the number of consecutive failures that evict a
-	// subscriber. Default: 3 (DefaultEvictAfter).
+	// subscriber. Default: 3 (DefaultEvictAfter). MailboxFull failures
+	// evict only once the run has also lasted SubscriberTimeout, so a burst
+	// that overflows a healthy subscriber's mailbox does not.
 	EvictAfter int
 	// MailboxSize is the default number of batches a subscription's mailbox
 	// holds before deliveries fail with MailboxFull (WithSubscriptionMailbox

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -303,4 +304,42 @@ func TestPartitionPolicy(t *testing.T) {
 			publishUntilAccepted(t, c.Nodes[2], majorityTopic, []byte("healed"), 3, 2*faultMemberTimeout)
 		})
 	}
+}
+
+// Regression (probe): during a one-way stall of the route from a topic's
+// owner to a subscriber's node, the owner keeps sending it batches, which
+// pile up in the route. At the heal they arrive at once, more than the
+// subscriber's mailbox holds, and the MailboxFull failures of the last
+// ones evicted a healthy subscriber (EvictAfter in a row, within
+// milliseconds). MailboxFull now evicts only a subscriber that stays
+// behind for SubscriberTimeout. MemberTimeout is above the stall here, so
+// the view never changes and the owner waits for every held batch.
+func TestFaultStallBacklogEvictsNobody(t *testing.T) {
+	c := testcluster.NewFaulty(t, 2, 2, append(append([]pubsub.Option{}, fast...),
+		pubsub.WithMemberTimeout(10*time.Second), pubsub.WithSubscriberTimeout(10*time.Second))...)
+	c.WaitConverged(t, 10*time.Second)
+	topic := ownedBy(t, c.Nodes[0], "backlog")
+	var got atomic.Int64
+	sub := subscribe(t, c.Nodes[1], topic, func(context.Context, *pubsub.Message) error { got.Add(1); return nil })
+	ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("before"))
+	mustAccept(t, ack, err, 1)
+
+	c.StallRoute(0, 1) // deliveries held; the node's reports and heartbeats still flow
+	backlog := 3 * pubsub.DefaultMailboxSize / 2
+	for i := range backlog { // one-message batches nobody waits on: all held in the stall
+		_, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: msg(i)}}, pubsub.WithAck(pubsub.AckAccepted))
+		require.NoError(t, err)
+	}
+	c.HealAll()
+	testcluster.WaitFor(t, 2*faultMemberTimeout, func() bool {
+		ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("after"))
+		return err == nil && ack.Delivered == 1
+	}, "no publish reached the subscriber after the heal")
+	select {
+	case <-sub.Done():
+		t.Fatalf("a healthy subscriber was evicted by a stalled route's backlog of %d batches (mailbox %d): %v",
+			backlog, pubsub.DefaultMailboxSize, sub.Err())
+	default:
+	}
+	t.Logf("%d messages handled in all, %d of them held in the stall", got.Load(), backlog)
 }

@@ -49,12 +49,66 @@ func TestOneStrikePerSubscriberPerBatch(t *testing.T) {
 	fails := make(chan int, 1)
 	owner.owner.onActor(topic, false, func(a *topicActor) {
 		a.account([]subscriberOutcome{{id: s.ID(), status: MailboxFull}, {id: s.ID(), status: Timeout}})
-		fails <- a.fails[s.ID()]
+		fails <- a.fails[s.ID()].n
 	})
 	assert.Equal(t, 1, <-fails, "strikes for one batch")
 	select {
 	case <-s.Done():
 		t.Fatalf("evicted after one batch with EvictAfter 2: %v", s.Err())
 	default:
+	}
+}
+
+// MailboxFull evicts only once a subscriber's run of failures has lasted
+// SubscriberTimeout: a burst of MailboxFull (a stalled route's backlog
+// released at once) is EvictAfter failures in a row within milliseconds,
+// and evicted a healthy subscriber. Other failures evict after EvictAfter
+// in a row, as before.
+func TestMailboxFullEvictsOnlyASubscriberThatStaysBehind(t *testing.T) {
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithEvictAfter(3), WithSubscriberTimeout(time.Hour))
+	topics := ownedTopics(pub, "owner", "behind", 2)
+	handler := func(context.Context, *Message) error { return nil }
+	full, err := pub.Subscribe(t.Context(), topics[0], handler)
+	require.NoError(t, err)
+	stuck, err := pub.Subscribe(t.Context(), topics[1], handler)
+	require.NoError(t, err)
+	account := func(topic string, id SubscriberID, s DeliveryStatus, times int) {
+		done := make(chan struct{})
+		owner.owner.onActor(topic, false, func(a *topicActor) {
+			for range times {
+				a.account([]subscriberOutcome{{id: id, status: s}})
+			}
+			close(done)
+		})
+		<-done
+	}
+	account(topics[0], full.ID(), MailboxFull, 50)
+	select {
+	case <-full.Done():
+		t.Fatalf("evicted by a burst of MailboxFull: %v", full.Err())
+	default:
+	}
+	// The same run, SubscriberTimeout later: it stayed behind.
+	done := make(chan struct{})
+	owner.owner.onActor(topics[0], false, func(a *topicActor) {
+		run := a.fails[full.ID()]
+		run.since = run.since.Add(-time.Hour)
+		a.fails[full.ID()] = run
+		close(done)
+	})
+	<-done
+	account(topics[0], full.ID(), MailboxFull, 1)
+	requireEvicted(t, full, "a subscriber whose mailbox stayed full for SubscriberTimeout")
+	account(topics[1], stuck.ID(), Timeout, 3)
+	requireEvicted(t, stuck, "three timeouts in a row")
+}
+
+func requireEvicted(t *testing.T, s *Subscription, what string) {
+	t.Helper()
+	select {
+	case <-s.Done():
+		require.ErrorIs(t, s.Err(), ErrEvicted)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: not evicted", what)
 	}
 }

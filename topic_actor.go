@@ -26,9 +26,9 @@ type topicActor struct {
 	// last request. An idle actor without subscribers is collected.
 	inflight int
 	used     time.Time
-	dead     bool                 // collected: work that still reaches it goes to its successor
-	fails    map[SubscriberID]int // consecutive failures, for eviction
-	count    atomic.Int64         // subscribers, readable by Stats without the actor
+	dead     bool                        // collected: work that still reaches it goes to its successor
+	fails    map[SubscriberID]failStreak // consecutive failures, for eviction
+	count    atomic.Int64                // subscribers, readable by Stats without the actor
 	// groupSizes is a copy of groups.sizes for Stats, replaced on change.
 	groupSizes atomic.Pointer[map[string]int]
 	// producers holds the last batch number accepted of each producer
@@ -360,9 +360,18 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	return out, r
 }
 
+// failStreak is a subscriber's run of failed batches with no success.
+type failStreak struct {
+	n     int
+	since time.Time // the first failure of the run
+}
+
 // account applies a batch's outcomes: a success resets a subscriber's
 // failure count; SubscriberGone evicts at once; other failures the node
-// reported evict after EvictAfter in a row.
+// reported evict after EvictAfter in a row. MailboxFull evicts only once
+// the run has also lasted SubscriberTimeout: a burst that overflows a
+// healthy subscriber's mailbox (a stalled route's backlog released at the
+// heal, all at once) passes, a subscriber that stays behind does not.
 func (a *topicActor) account(outcomes []subscriberOutcome) {
 	var struck map[SubscriberID]bool // one strike per subscriber per batch
 	for _, o := range outcomes {
@@ -387,10 +396,15 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			}
 			struck[o.id] = true
 			if a.fails == nil {
-				a.fails = make(map[SubscriberID]int)
+				a.fails = make(map[SubscriberID]failStreak)
 			}
-			a.fails[o.id]++
-			if a.fails[o.id] < a.n.cfg.EvictAfter {
+			run := a.fails[o.id]
+			if run.n == 0 {
+				run.since = time.Now()
+			}
+			run.n++
+			a.fails[o.id] = run
+			if run.n < a.n.cfg.EvictAfter || o.status == MailboxFull && time.Since(run.since) < a.n.cfg.SubscriberTimeout {
 				continue
 			}
 		}
