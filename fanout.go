@@ -40,10 +40,18 @@ func splitSubscribers(locals []string, room int) [][]string {
 //
 // wait, when not zero, bounds the wait for the node's report (a re-route
 // must be answered within the publisher's wait).
+//
+// In at-least-once mode a node that never reports is given up on a quarter
+// of a RequestTimeout after its subscribers' own timeout (resendUntil):
+// that leaves a consumer group's re-route of the share (reroutes.until,
+// half a RequestTimeout after it) time to be planned, and answered before
+// the publisher stops waiting. Giving up at the re-route deadline itself
+// meant a member on an unreachable node was never re-routed.
 func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nodeTarget, atLeastOnce bool, until time.Time, wait time.Duration) {
 	timeout := n.cfg.SubscriberTimeout + n.cfg.RequestTimeout/2
+	resendUntil := until.Add(n.cfg.RequestTimeout / 4)
 	if atLeastOnce {
-		timeout = max(n.cfg.SubscriberTimeout/4, 20*time.Millisecond)
+		timeout = max(min(n.cfg.SubscriberTimeout/4, time.Until(resendUntil)), 20*time.Millisecond)
 	}
 	if wait > 0 {
 		timeout = min(timeout, wait)
@@ -59,7 +67,7 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 			}
 			// A copy may be in the node's mailboxes: keep asking until the
 			// node's own subscriber timeout must have passed.
-			if atLeastOnce && time.Now().Before(until.Add(n.cfg.RequestTimeout/2)) {
+			if atLeastOnce && time.Now().Before(resendUntil) {
 				n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
 				return
 			}

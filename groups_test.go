@@ -436,6 +436,34 @@ func TestGroupReroutesATimeoutAtLeastOnce(t *testing.T) {
 	assert.ElementsMatch(t, []string{string(msg(0)), string(msg(1))}, got, "the free member ran both")
 }
 
+// Regression (probe): on an AtLeastOnce topic, a member whose node never
+// reports (here the route from the owner to it is stalled) was reported
+// Timeout only when the re-route window had closed: the owner re-sent
+// until SubscriberTimeout + RequestTimeout/2, exactly the last moment a
+// re-route may start. It now gives up a quarter of a RequestTimeout
+// earlier, and the live member gets the share.
+func TestGroupReroutesAnUnreachableMemberAtLeastOnce(t *testing.T) {
+	c := testcluster.NewFaulty(t, 3, 3, append(append([]pubsub.Option{}, fast...),
+		pubsub.WithSubscriberTimeout(500*time.Millisecond), pubsub.WithDeliveryMode(atLeastOnce))...)
+	c.WaitConverged(t, 10*time.Second)
+	topic := ownedBy(t, c.Nodes[0], "unreachable")
+	in := newGroupInbox()
+	members := subscribeGroup(t, c.Nodes[1:], topic, "g", in.handler)
+	ack, err := c.Nodes[0].PublishBatch(ctxT(t), topic, [][]byte{msg(0), msg(1)})
+	mustAccept(t, ack, err, 1)
+	require.Len(t, in.of(members[0].ID()), 1, "keyless: one message each")
+
+	c.StallRoute(0, 1) // the owner's deliveries to n1's member are held; n1's heartbeats still reach it
+	ack, err = c.Nodes[0].PublishBatch(ctxT(t), topic, [][]byte{msg(2), msg(3)})
+	mustAccept(t, ack, err, 1)
+	var got []string
+	for _, r := range in.of(members[1].ID()) {
+		got = append(got, r.data)
+	}
+	assert.Subset(t, got, []string{string(msg(2)), string(msg(3))}, "the reachable member ran the unreachable one's share too")
+	c.HealAll()
+}
+
 // Regression (probe): a subscription that ended partway through a batch
 // (Unsubscribe while its handler ran) was reported Delivered, so the ack
 // counted a delivery that did not happen and, for a group member, the
