@@ -107,3 +107,28 @@ func TestNodeKeepsProducerOrder(t *testing.T) {
 	}
 	require.Equal(t, []string{"five", "six"}, rec.of(s.ID()), "messages handled")
 }
+
+// Regression (review): a node's subscriber list too long for one message
+// goes in several parts carrying the batch's number; the at-least-once
+// duplicate suppression keyed copies by batch alone, so a later part was
+// answered with the first part's report and its subscribers were counted
+// Delivered without running. Copies are now told apart by part.
+func TestAtLeastOnceTellsPartsOfABatchApart(t *testing.T) {
+	c := newCluster(t, 1, 1, pubsub.WithDeliveryMode(atLeastOnce))
+	first, second := newRecorder(), newRecorder()
+	s1 := subscribe(t, c.Nodes[0], "alo-parts", first.handler)
+	s2 := subscribe(t, c.Nodes[0], "alo-parts", second.handler)
+	raw := c.Connect(t, 0)
+	part := func(local string) *wire.DeliverBatch {
+		return &wire.DeliverBatch{
+			Owner: &wire.MemberRef{NodeId: "some-owner", Incarnation: 7}, Topic: "alo-parts", Seq: 1,
+			Subscribers: []string{local}, Packed: wire.Pack(nil, [][]byte{[]byte("m")}), Count: 1, AtLeastOnce: true,
+		}
+	}
+	require.Equal(t, pubsub.Delivered, deliverRaw(t, raw, c.Nodes[0].ID(), part(s1.ID().Local)))
+	require.Equal(t, pubsub.Delivered, deliverRaw(t, raw, c.Nodes[0].ID(), part(s2.ID().Local)))
+	require.Len(t, second.of(s2.ID()), 1, "the second part was answered without reaching its subscriber")
+	require.Equal(t, pubsub.Delivered, deliverRaw(t, raw, c.Nodes[0].ID(), part(s2.ID().Local)), "a copy of the second part")
+	require.Len(t, second.of(s2.ID()), 1, "a copy of a part is delivered once")
+	require.Len(t, first.of(s1.ID()), 1)
+}

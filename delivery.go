@@ -44,7 +44,8 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	}
 	// At-least-once: the owner re-sends a batch it got no report for. Every
 	// copy is answered, but the batch reaches the mailboxes once.
-	key := batchKey{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), topic: d.GetTopic(), seq: d.GetSeq()}
+	key := batchKey{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), topic: d.GetTopic(), seq: d.GetSeq(),
+		part: partOf(d)}
 	n.subscriber.recentMu.Lock()
 	if rb := n.subscriber.recent[key]; rb != nil {
 		if rb.report == nil {
@@ -83,12 +84,30 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	})
 }
 
-// batchKey identifies one batch of one owner incarnation.
+// batchKey identifies one node's part of one batch of one owner
+// incarnation. A node's subscriber list too long for one message goes in
+// several parts with the batch's number (sendRemote): without the part,
+// a later part was answered with the first part's report, its subscribers
+// counted Delivered without running.
 type batchKey struct {
 	owner string
 	inc   uint64
 	topic string
 	seq   uint64
+	part  uint64 // hash of the part's subscribers and shares
+}
+
+// partOf hashes the subscribers a DeliverBatch names: every copy of one
+// part names the same ones, in the same order.
+func partOf(d *wire.DeliverBatch) uint64 {
+	h := uint64(fnvOffset)
+	for _, l := range d.GetSubscribers() {
+		h = fnvString(fnvString(h, l), "\x00")
+	}
+	for _, sh := range d.GetShares() {
+		h = fnvString(fnvString(h, sh.GetSubscriber()), "\x01")
+	}
+	return h
 }
 
 // maxRecentBatches bounds the at-least-once batches remembered for duplicate
