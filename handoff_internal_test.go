@@ -97,12 +97,7 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	n.members.cur.Store(v)
 	n.members.history.remember(v)
 	n.owner.init(n)
-	var topic string
-	for i := 0; ; i++ {
-		if topic = fmt.Sprintf("t%d", i); v.ownerOf(topic).ID == "a" {
-			break
-		}
-	}
+	topic := ownedTopics(n, "a", "t", 1)[0]
 	subs := func(s string) []*wire.TopicSubscribers {
 		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{s}}}
 	}

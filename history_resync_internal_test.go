@@ -30,12 +30,7 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 	n.members.cur.Store(v)
 	n.members.history.remember(v)
 	n.owner.init(n)
-	var topic string
-	for i := 0; ; i++ {
-		if topic = fmt.Sprintf("t%d", i); v.ownerOf(topic).ID == "a" {
-			break
-		}
-	}
+	topic := ownedTopics(n, "a", "t", 1)[0]
 	bSubs := []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{"x"}}}
 	for _, m := range ms[1:] {
 		var ts []*wire.TopicSubscribers

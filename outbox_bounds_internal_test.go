@@ -25,15 +25,7 @@ func TestOutboxRunsFitTheServersPayloadLimit(t *testing.T) {
 	s, err := embedded.StartServerWith(func(o *server.Options) { o.MaxPayload = 32 << 10 })
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
-	a := joinForTest(t, s.ClientURL(), "a", 50*time.Millisecond)
-	b := joinForTest(t, s.ClientURL(), "b", 50*time.Millisecond)
-	waitForTest(t, "views", func() bool { return len(a.view().members) == 2 && len(b.view().members) == 2 })
-	var topic string
-	for i := 0; topic == ""; i++ {
-		if tp := fmt.Sprintf("t-%d", i); a.view().ownerOf(tp).ID == "b" {
-			topic = tp
-		}
-	}
+	a, b, topic := pairOn(t, s.ClientURL())
 	var mu sync.Mutex
 	got := 0
 	_, err = b.Subscribe(t.Context(), topic, func(_ context.Context, m *Message) error {
@@ -73,12 +65,7 @@ func TestOutboxesAreBoundedAcrossTopics(t *testing.T) {
 	a, _, _, _ := outboxPair(t)
 	out := &a.publisher.out
 	out.limits.boxes = 4
-	var topics []string
-	for i := 0; len(topics) < 10; i++ {
-		if tp := fmt.Sprintf("m-%d", i); a.view().ownerOf(tp).ID == "b" {
-			topics = append(topics, tp)
-		}
-	}
+	topics := ownedTopics(a, "b", "m", 10)
 	var held []*outbox
 	defer func() {
 		for _, ob := range held {
@@ -178,15 +165,7 @@ func TestOutboxRunsReachALocalOwnerInOrder(t *testing.T) {
 	s, err := embedded.StartServer()
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
-	a := joinForTest(t, s.ClientURL(), "a", 50*time.Millisecond)
-	b := joinForTest(t, s.ClientURL(), "b", 50*time.Millisecond)
-	waitForTest(t, "views", func() bool { return len(a.view().members) == 2 && len(b.view().members) == 2 })
-	var topic string
-	for i := 0; topic == ""; i++ {
-		if tp := fmt.Sprintf("t-%d", i); a.view().ownerOf(tp).ID == "b" {
-			topic = tp
-		}
-	}
+	a, b, topic := pairOn(t, s.ClientURL())
 	var mu sync.Mutex
 	var got []string
 	_, err = a.Subscribe(t.Context(), topic, func(_ context.Context, m *Message) error {

@@ -13,6 +13,16 @@ import (
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
+// pairOn joins nodes "a" and "b" to the server at url (50 ms heartbeats),
+// waits until each sees the other, and returns a topic b owns.
+func pairOn(t *testing.T, url string) (a, b *Node, topic string) {
+	t.Helper()
+	a = joinForTest(t, url, "a", 50*time.Millisecond)
+	b = joinForTest(t, url, "b", 50*time.Millisecond)
+	waitForTest(t, "views", func() bool { return len(a.view().members) == 2 && len(b.view().members) == 2 })
+	return a, b, ownedTopics(a, "b", "t", 1)[0]
+}
+
 // outboxPair joins a publisher a and an owner b, subscribes on b to a
 // topic b owns, and returns it with the messages b's subscriber received.
 func outboxPair(t *testing.T) (a, b *Node, topic string, got func() []string) {
@@ -20,14 +30,7 @@ func outboxPair(t *testing.T) (a, b *Node, topic string, got func() []string) {
 	s, err := embedded.StartServer()
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() }) // after the nodes' Close (cleanups run last first)
-	a = joinForTest(t, s.ClientURL(), "a", 50*time.Millisecond)
-	b = joinForTest(t, s.ClientURL(), "b", 50*time.Millisecond)
-	waitForTest(t, "views", func() bool { return len(a.view().members) == 2 && len(b.view().members) == 2 })
-	for i := 0; topic == ""; i++ {
-		if tp := fmt.Sprintf("t-%d", i); a.view().ownerOf(tp).ID == "b" {
-			topic = tp
-		}
-	}
+	a, b, topic = pairOn(t, s.ClientURL())
 	var mu sync.Mutex
 	var msgs []string
 	_, err = b.Subscribe(t.Context(), topic, func(_ context.Context, m *Message) error {

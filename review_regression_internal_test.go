@@ -16,24 +16,8 @@ import (
 
 func joinForTest(t *testing.T, url, id string, heartbeat time.Duration) *Node {
 	t.Helper()
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	n, err := Join(ctx, nc, WithNodeID(id), WithHeartbeatInterval(heartbeat),
+	return joinWithForTest(t, url, id, WithHeartbeatInterval(heartbeat),
 		WithMemberTimeout(2*time.Second), WithRequestTimeout(3*time.Second), WithSubscriberTimeout(2*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = n.Close(ctx)
-	})
-	return n
 }
 
 func waitForTest(t *testing.T, what string, cond func() bool) {
@@ -66,12 +50,7 @@ func TestCollectedActorDoesNotSwallowPulledSubscribers(t *testing.T) {
 	// the actor never sees b gone).
 	b := joinForTest(t, s.ClientURL(), "b", 400*time.Millisecond)
 	waitForTest(t, "views", func() bool { return len(a.view().members) == 2 && len(b.view().members) == 2 })
-	topic := ""
-	for i := 0; topic == ""; i++ {
-		if tp := fmt.Sprintf("t-%d", i); a.view().ownerOf(tp).ID == "a" {
-			topic = tp
-		}
-	}
+	topic := ownedTopics(a, "a", "t", 1)[0]
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	got := make(chan string, 16)
