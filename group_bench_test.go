@@ -31,7 +31,8 @@ import (
 //     calls past MaxQueueSize fail at once with ErrQueueFull; deliveries/s
 //     counts the accepted messages only and %queue-full reports the rest.
 //   - tuned-window: MaxInFlight 4 and at most 20 000 futures outstanding.
-//   - keyed-window: tuned-window with one of 64 keys on every message.
+//   - keyed-burst, keyed-window: default-burst and tuned-window with one
+//     of 64 keys on every message.
 //
 // DESIGN target: at least 3x the NATS queue group's deliveries/s, for a
 // burst of 300 000 messages. Run with -count 1 (repeat the command) so that
@@ -74,16 +75,22 @@ func BenchmarkGroup(b *testing.B) {
 		reportRatio(b, produceWindow(b, p, []pubsub.Outgoing{{Data: data}}, d, 1, 20_000), raw)
 	})
 
-	// keyed-window is tuned-window with a key on every message (64 keys in
-	// turn): the batches reach the owner with keys (format 2), and each
-	// member's node gets only its members' messages.
+	// keyed-burst and keyed-window are default-burst and tuned-window with
+	// a key on every message (64 keys in turn): the batches reach the owner
+	// with keys (format 2), and each member's node gets only its members'
+	// messages.
+	keyed := make([]pubsub.Outgoing, 64)
+	for i := range keyed {
+		keyed[i] = pubsub.Outgoing{Data: data, Key: "customer-" + strconv.Itoa(i)}
+	}
+	b.Run("keyed-burst", func(b *testing.B) {
+		topic, d := setup(b)
+		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{})
+		reportRatio(b, produceBurst(b, p, keyed, d, 1), raw)
+	})
 	b.Run("keyed-window", func(b *testing.B) {
 		topic, d := setup(b)
 		p := newBenchProducer(b, c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4})
-		keyed := make([]pubsub.Outgoing, 64)
-		for i := range keyed {
-			keyed[i] = pubsub.Outgoing{Data: data, Key: "customer-" + strconv.Itoa(i)}
-		}
 		reportRatio(b, produceWindow(b, p, keyed, d, 1, 20_000), raw)
 	})
 }
