@@ -73,7 +73,7 @@ func (n *Node) joinView(ctx context.Context) error {
 				continue
 			}
 			n.members.mu.Lock()
-			n.seen(hb.GetFrom(), hb.GetViewId())
+			n.heard(hb)
 			for _, ref := range hb.GetMembers() {
 				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
 					if _, known := n.members.peers[ref.GetNodeId()]; !known {

@@ -124,6 +124,11 @@ type peer struct {
 	m        Member
 	lastSeen time.Time
 	viewID   uint64 // the peer's view as last reported
+	// The peer's stable view as last reported (KeepMajority only); stable
+	// and stablePrev hold the members the heartbeat listed, if any.
+	stableEpoch, stableID uint64
+	stableConfirmed       bool
+	stable, stablePrev    *view
 }
 
 // Members returns the current view, sorted by ID, including this node.
@@ -246,14 +251,25 @@ func (n *Node) onMembers(m *nats.Msg) {
 		n.rpc.sweepUntil(time.Now().Add(n.cfg.MemberTimeout+n.cfg.HeartbeatInterval), n.cfg.HeartbeatInterval)
 		return
 	}
-	n.seen(from, hb.GetViewId())
+	n.heard(hb)
 	if hb.GetKind() == wire.Heartbeat_JOIN && m.Reply != "" {
 		v := n.view()
 		reply := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), ViewId: v.id}
 		if v.listsFor(from.GetNodeId(), n.self.ID) {
 			reply.Members = v.refs()
 		}
+		n.members.quorum.stampHeartbeat(reply)
 		n.publishEnvelope(m.Reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: reply}})
+	}
+}
+
+// heard records a heartbeat of a live member: a sign of life, its view, its
+// stable view. Callers hold members.mu.
+func (n *Node) heard(hb *wire.Heartbeat) {
+	from := hb.GetFrom()
+	n.seen(from, hb.GetViewId())
+	if p := n.members.peers[from.GetNodeId()]; p != nil && p.m.Incarnation == from.GetIncarnation() {
+		n.noteStable(p, hb)
 	}
 }
 
@@ -374,6 +390,7 @@ func (n *Node) heartbeatLoop() {
 
 func (n *Node) sendHeartbeat(kind wire.Heartbeat_Kind, reply string) {
 	hb := &wire.Heartbeat{Kind: kind, From: n.selfRef(), ViewId: n.view().id}
+	n.members.quorum.stampHeartbeat(hb)
 	data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
 	msg := &nats.Msg{Subject: n.members.subject, Reply: reply, Data: data}
 	if err := n.nc.PublishMsg(msg); err != nil {

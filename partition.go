@@ -2,6 +2,9 @@ package pubsub
 
 import (
 	"sync/atomic"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
 // PartitionPolicy says what a node does when a network partition hides part
@@ -26,49 +29,289 @@ func (p PartitionPolicy) String() string {
 	return enumName(p, "PartitionPolicy", "keep-serving", "keep-majority")
 }
 
-// quorum tracks, under KeepMajority, whether this node sees a majority of the
-// last stable view: the latest view every member reported while this node
-// had a majority. A minority never makes its own view stable, so it cannot
-// talk itself into a majority.
+// quorum tracks, under KeepMajority, the last stable view and whether this
+// node sees a majority of it.
+//
+// Stable views are agreed on, not adopted per node. Each has an epoch, and
+// every heartbeat reports the sender's (epoch, view ID). A node counts a
+// member towards its majority only while the member reports the same stable
+// view (or, while it catches up, the one before). A node holding a newer
+// stable view tells the others in its heartbeats, and they adopt it once a
+// majority of its members report it. Counted per node instead, a node that
+// missed a change (cut off while the others dropped it) counted them
+// against its older, larger stable view after the heal, and a second
+// partition right then let both sides count a majority.
+//
+// A change is not atomic: the members of the old stable view move to the
+// new one one heartbeat apart, and a partition in between can leave some on
+// the old one, where they may still count a majority. So until the change is
+// confirmed (a majority of the old stable view reported moving past it,
+// seen by this node or reported by a member that saw it), a node also needs
+// a majority of the old view on its side, as a joint configuration does.
+// A minority never makes its own view stable, so it cannot talk itself into
+// a majority.
 type quorum struct {
-	stable *view // guarded by membership.mu
-	has    atomic.Bool
+	stable    *view  // guarded by membership.mu, as is everything but has and report
+	epoch     uint64 // stable's place in the agreed sequence: 0 until the first agreement
+	prev      *view  // the stable view of epoch-1, when this node held it
+	confirmed bool   // no majority of prev can still hold it
+	has       atomic.Bool
+	report    atomic.Pointer[stableReport] // what this node's heartbeats carry
 }
 
-// startQuorum makes the view Join settled on the first stable view.
+// stableReport is the stable view as heartbeats carry it.
+type stableReport struct {
+	epoch, id uint64
+	members   []*wire.MemberRef
+	confirmed bool
+	prev      []*wire.MemberRef // while not confirmed
+}
+
+// setStable makes v the stable view of epoch; prev is the one before it
+// (nil if unknown), confirmed whether that change is. Callers hold
+// members.mu.
+func (q *quorum) setStable(epoch uint64, v, prev *view, confirmed bool) {
+	q.stable, q.epoch, q.prev, q.confirmed = v, epoch, prev, confirmed
+	q.publish()
+}
+
+// confirm records that the stable view's change is confirmed.
+func (q *quorum) confirm() {
+	q.confirmed = true
+	q.publish()
+}
+
+func (q *quorum) publish() {
+	r := &stableReport{epoch: q.epoch, id: q.stable.id, members: q.stable.refs(), confirmed: q.confirmed}
+	if !q.confirmed && q.prev != nil {
+		r.prev = q.prev.refs()
+	}
+	q.report.Store(r)
+}
+
+// stampHeartbeat adds the stable view to an outgoing heartbeat: its members
+// only when they are not the sender's current view, which receivers know.
+func (q *quorum) stampHeartbeat(hb *wire.Heartbeat) {
+	r := q.report.Load()
+	if r == nil {
+		return
+	}
+	hb.StableEpoch, hb.StableId, hb.StableConfirmed, hb.PrevMembers = r.epoch, r.id, r.confirmed, r.prev
+	if r.id != hb.GetViewId() {
+		hb.StableMembers = r.members
+	}
+}
+
+// startQuorum makes the view Join settled on the first stable view, at
+// epoch 0: it counts until the first agreement moves the cluster to 1.
 func (n *Node) startQuorum() {
+	if n.cfg.PartitionPolicy != KeepMajority {
+		return
+	}
 	n.members.mu.Lock()
-	n.members.quorum.stable = n.view()
-	n.members.quorum.has.Store(true)
-	n.members.mu.Unlock()
+	defer n.members.mu.Unlock()
+	n.members.quorum.setStable(0, n.view(), nil, true)
+	n.members.quorum.has.Store(n.seesMajority(n.view()))
 }
 
-// updateQuorum re-evaluates the quorum; agree says every member reports the
-// current view. Callers hold members.mu.
+// noteStable records the stable view a heartbeat from p reports, and
+// re-evaluates the quorum when it changed. Callers hold members.mu.
+func (n *Node) noteStable(p *peer, hb *wire.Heartbeat) {
+	if n.cfg.PartitionPolicy != KeepMajority {
+		return
+	}
+	epoch, id, confirmed := hb.GetStableEpoch(), hb.GetStableId(), hb.GetStableConfirmed()
+	if epoch == p.stableEpoch && id == p.stableID && confirmed == p.stableConfirmed {
+		return
+	}
+	p.stableEpoch, p.stableID, p.stableConfirmed = epoch, id, confirmed
+	p.stable, p.stablePrev = n.listedView(hb.GetStableMembers(), id), n.listedView(hb.GetPrevMembers(), 0)
+	q := &n.members.quorum
+	if q.stable == nil {
+		return // joining: startQuorum counts what peers reported
+	}
+	if confirmed && epoch == q.epoch && id == q.stable.id && !q.confirmed {
+		q.confirm()
+	}
+	// A peer that moved to the stable view this node would move to now
+	// (the current view, agreed) is one tick ahead: follow it at once.
+	n.updateQuorum(epoch == q.epoch+1 && id == n.view().id && n.viewsAgreeLocked())
+}
+
+// listedView returns the view of the members a heartbeat lists, or nil when
+// it lists none, a malformed list, or one whose ID is not id (unless id is
+// 0). Callers hold members.mu.
+func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
+	if len(refs) == 0 || len(refs) > n.cfg.MaxMembers {
+		return nil
+	}
+	members := make([]Member, 0, len(refs))
+	for _, r := range refs {
+		if natsutil.ValidateNodeID(r.GetNodeId()) != nil {
+			return nil
+		}
+		members = append(members, Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation(), ClientOnly: r.GetClientOnly()})
+	}
+	if v := newView(0, members); id == 0 || v.id == id {
+		return v
+	}
+	return nil
+}
+
+// newestReported returns the member of cur reporting the newest stable
+// view above this node's epoch whose members this node knows (listed in
+// the heartbeat, or this node's current or a recent view), and that view.
+// Callers hold members.mu.
+func (n *Node) newestReported(cur *view) (*peer, *view) {
+	var best *peer
+	var bestView *view
+	for _, p := range n.members.peers {
+		if p.stableEpoch <= n.members.quorum.epoch || best != nil && p.stableEpoch <= best.stableEpoch || !cur.holds(p.m) {
+			continue
+		}
+		v := p.stable
+		if v == nil && cur.id == p.stableID {
+			v = cur
+		} else if v == nil {
+			v = n.members.history.byID(p.stableID)
+		}
+		if v != nil {
+			best, bestView = p, v
+		}
+	}
+	return best, bestView
+}
+
+// updateQuorum re-evaluates the quorum. It adopts a newer stable view a
+// majority of its members report, confirms the last change when it can,
+// counts, and, when this node has a majority, the last change is confirmed
+// and agree says every member reports the current view, makes the current
+// view the next stable one. Callers hold members.mu.
 func (n *Node) updateQuorum(agree bool) {
-	if n.cfg.PartitionPolicy != KeepMajority || n.members.quorum.stable == nil {
+	q := &n.members.quorum
+	if n.cfg.PartitionPolicy != KeepMajority || q.stable == nil {
 		return
 	}
 	cur := n.view()
-	has := majorityOf(n.members.quorum.stable, cur)
-	stable := n.members.quorum.stable
-	if has && agree {
-		n.members.quorum.stable = cur
+	if p, v := n.newestReported(cur); p != nil && majorityOf(v, n.reports(p.stableEpoch, v.id)) {
+		n.log.Debug("partition policy: stable view adopted from peers", "epoch", p.stableEpoch, "members", len(v.members))
+		prev := p.stablePrev
+		if p.stableEpoch == q.epoch+1 {
+			prev = q.stable
+		}
+		q.setStable(p.stableEpoch, v, prev, p.stableConfirmed)
 	}
-	if n.members.quorum.has.Swap(has) == has {
+	if !q.confirmed && q.prev != nil && majorityOf(q.prev, n.movedPast(q.epoch)) {
+		q.confirm()
+	}
+	has := n.seesMajority(cur) && (q.confirmed || q.prev != nil && majorityOf(q.prev, n.onThisSide(cur)))
+	if has && q.confirmed && agree && (cur.id != q.stable.id || q.epoch == 0) {
+		q.setStable(q.epoch+1, cur, q.stable, false)
+		select { // tell the peers now: until they hear, they count this node as catching up
+		case n.members.beatNow <- struct{}{}:
+		default:
+		}
+	}
+	stable := q.stable
+	if q.has.Swap(has) == has {
 		return
 	}
-	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(stable.members))
+	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(stable.members), "epoch", q.epoch)
 	emit(n.events, QuorumChanged{HasQuorum: has, Members: len(cur.members), Stable: len(stable.members)})
 }
 
+// reports returns whether a member reports the stable view (epoch, id):
+// this node counts itself as reporting any view it is in.
+func (n *Node) reports(epoch, id uint64) func(Member) bool {
+	cur := n.view()
+	return func(m Member) bool {
+		member := m.ID
+		if member == n.self.ID {
+			return true
+		}
+		if _, ok := cur.member(member); !ok {
+			return false
+		}
+		p := n.members.peers[member]
+		return p != nil && p.stableEpoch == epoch && p.stableID == id
+	}
+}
+
+// movedPast returns whether a member reported a stable view of epoch or
+// later, or left gracefully: either way it no longer counts for an older one.
+func (n *Node) movedPast(epoch uint64) func(Member) bool {
+	return func(m Member) bool {
+		if m.ID == n.self.ID || n.members.buried(m.ID, m.Incarnation, n.cfg.MemberTimeout) {
+			return true
+		}
+		p := n.members.peers[m.ID]
+		return p != nil && p.stableEpoch >= epoch
+	}
+}
+
+// onThisSide returns whether a member is in cur or left gracefully: not
+// where another side could count it.
+func (n *Node) onThisSide(cur *view) func(Member) bool {
+	return func(m Member) bool {
+		_, ok := cur.member(m.ID)
+		return ok || n.members.buried(m.ID, m.Incarnation, n.cfg.MemberTimeout)
+	}
+}
+
+// seesMajority reports whether the members of cur that hold this node's
+// stable view are a majority of it. A member holds it when it reports it;
+// while the current view is the stable one, also when it reports the stable
+// view before (it has not heard of the change yet) or an older one while
+// its current view is this one (it will make it stable at its next tick).
+// Until the first agreement (epoch 0), with no member past it, members
+// reporting this node's current view count. Callers hold members.mu.
+func (n *Node) seesMajority(cur *view) bool {
+	q := &n.members.quorum
+	catchingUp := cur.id == q.stable.id
+	bootstrap := q.epoch == 0
+	if bootstrap {
+		for _, p := range n.members.peers {
+			if p.stableEpoch > 0 {
+				bootstrap = false
+				break
+			}
+		}
+	}
+	return majorityOf(q.stable, func(m Member) bool {
+		member := m.ID
+		if member == n.self.ID {
+			return true
+		}
+		if _, ok := cur.member(member); !ok {
+			return false
+		}
+		p := n.members.peers[member]
+		switch {
+		case p == nil:
+			return false
+		case p.stableEpoch == q.epoch && p.stableID == q.stable.id:
+			return true
+		case bootstrap:
+			return p.stableEpoch == 0 && p.viewID == cur.id
+		case !catchingUp:
+			return false
+		case q.prev != nil && p.stableEpoch == q.epoch-1 && p.stableID == q.prev.id:
+			return true
+		default:
+			return p.stableEpoch < q.epoch && p.viewID == q.stable.id
+		}
+	})
+}
+
 // forgetLeaver drops a member that left gracefully from the stable view,
-// so a cluster scaled down by graceful leaves keeps its majority. It runs
-// before the view without the leaver is installed, and only while this node
-// has a majority. Callers hold members.mu.
+// so a cluster scaled down by graceful leaves keeps its majority: the next
+// epoch, which every member holding this one computes alike. It runs before
+// the view without the leaver is installed, and only while this node has a
+// majority. Callers hold members.mu.
 func (n *Node) forgetLeaver(id string) {
-	st := n.members.quorum.stable
-	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !n.members.quorum.has.Load() {
+	q := &n.members.quorum
+	st := q.stable
+	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !q.has.Load() {
 		return
 	}
 	if _, ok := st.member(id); !ok {
@@ -80,7 +323,10 @@ func (n *Node) forgetLeaver(id string) {
 			members = append(members, m)
 		}
 	}
-	n.members.quorum.stable = newView(st.epoch, members)
+	q.setStable(q.epoch+1, newView(st.epoch, members), st, false)
+	if majorityOf(q.prev, n.movedPast(q.epoch)) {
+		q.confirm() // the leaver is buried: with this node, a majority may be
+	}
 }
 
 // servesAsOwner reports whether the partition policy lets this node serve
@@ -89,18 +335,17 @@ func (n *Node) servesAsOwner() bool {
 	return n.cfg.PartitionPolicy != KeepMajority || n.members.quorum.has.Load()
 }
 
-// majorityOf reports whether cur holds a strict majority of stable's members
-// (by ID), or exactly half including stable's lowest ID.
-func majorityOf(stable, cur *view) bool {
+// majorityOf reports whether the members of stable that counts accepts are
+// a strict majority of it (by ID), or exactly half including its lowest ID.
+func majorityOf(stable *view, counts func(Member) bool) bool {
 	seen := 0
 	for _, m := range stable.members {
-		if _, ok := cur.member(m.ID); ok {
+		if counts(m) {
 			seen++
 		}
 	}
 	if 2*seen != len(stable.members) {
 		return 2*seen > len(stable.members)
 	}
-	_, ok := cur.member(stable.members[0].ID)
-	return ok
+	return counts(stable.members[0])
 }

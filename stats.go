@@ -28,6 +28,13 @@ type Stats struct {
 	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
 	RequestsRefused   uint64                    // requests refused: their topic actor's queue was full
 	SyncRequests      uint64                    // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
+	// Under KeepMajority: whether this node sees a majority of the last
+	// stable view and so serves the topics it owns (always true under
+	// KeepServing), and that view's agreed epoch and size (0 under
+	// KeepServing).
+	HasQuorum     bool
+	StableEpoch   uint64
+	StableMembers int
 }
 
 type nodeStats struct {
@@ -50,6 +57,14 @@ func (n *Node) Stats() Stats {
 		MembersRejected:   n.stats.membersRejected.Load(),
 		RequestsRefused:   n.stats.refused.Load(),
 		SyncRequests:      n.stats.syncRequests.Load(),
+	}
+	st.HasQuorum = n.servesAsOwner()
+	if n.cfg.PartitionPolicy == KeepMajority {
+		n.members.mu.Lock()
+		if q := &n.members.quorum; q.stable != nil {
+			st.StableEpoch, st.StableMembers = q.epoch, len(q.stable.members)
+		}
+		n.members.mu.Unlock()
 	}
 	v := n.view()
 	n.owner.mu.Lock()

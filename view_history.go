@@ -58,3 +58,13 @@ func (h *viewHistory) at(epoch uint64) *view {
 	}
 	return nil
 }
+
+// byID returns the remembered view with the given ID, or nil.
+func (h *viewHistory) byID(id uint64) *view {
+	for _, v := range h.views {
+		if v.id == id {
+			return v
+		}
+	}
+	return nil
+}

@@ -385,7 +385,20 @@ type Heartbeat struct {
 	From   *MemberRef             `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
 	ViewId uint64                 `protobuf:"varint,3,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
 	// members is the sender's view (set on JOIN_REPLY).
-	Members       []*MemberRef `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`
+	Members []*MemberRef `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`
+	// The sender's last stable view, under the KeepMajority partition policy
+	// only: stable_epoch numbers the stable views the cluster agreed on (0
+	// until the first), stable_id hashes its members, and stable_members
+	// lists them when they are not the sender's current view (view_id).
+	StableEpoch   uint64       `protobuf:"varint,5,opt,name=stable_epoch,json=stableEpoch,proto3" json:"stable_epoch,omitempty"`
+	StableId      uint64       `protobuf:"varint,6,opt,name=stable_id,json=stableId,proto3" json:"stable_id,omitempty"`
+	StableMembers []*MemberRef `protobuf:"bytes,7,rep,name=stable_members,json=stableMembers,proto3" json:"stable_members,omitempty"`
+	// stable_confirmed: a majority of the stable view before this one has
+	// moved past it, so none of its members can still count a majority of it.
+	StableConfirmed bool `protobuf:"varint,8,opt,name=stable_confirmed,json=stableConfirmed,proto3" json:"stable_confirmed,omitempty"`
+	// prev_members lists the stable view before this one while the change
+	// is not confirmed, so a member adopting it can confirm it too.
+	PrevMembers   []*MemberRef `protobuf:"bytes,9,rep,name=prev_members,json=prevMembers,proto3" json:"prev_members,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -444,6 +457,41 @@ func (x *Heartbeat) GetViewId() uint64 {
 func (x *Heartbeat) GetMembers() []*MemberRef {
 	if x != nil {
 		return x.Members
+	}
+	return nil
+}
+
+func (x *Heartbeat) GetStableEpoch() uint64 {
+	if x != nil {
+		return x.StableEpoch
+	}
+	return 0
+}
+
+func (x *Heartbeat) GetStableId() uint64 {
+	if x != nil {
+		return x.StableId
+	}
+	return 0
+}
+
+func (x *Heartbeat) GetStableMembers() []*MemberRef {
+	if x != nil {
+		return x.StableMembers
+	}
+	return nil
+}
+
+func (x *Heartbeat) GetStableConfirmed() bool {
+	if x != nil {
+		return x.StableConfirmed
+	}
+	return false
+}
+
+func (x *Heartbeat) GetPrevMembers() []*MemberRef {
+	if x != nil {
+		return x.PrevMembers
 	}
 	return nil
 }
@@ -1485,12 +1533,17 @@ const file_wire_proto_rawDesc = "" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
 	"\vclient_only\x18\x03 \x01(\bR\n" +
-	"clientOnly\"\x84\x02\n" +
+	"clientOnly\"\xf7\x03\n" +
 	"\tHeartbeat\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".clusterpubsub.wire.Heartbeat.KindR\x04kind\x121\n" +
 	"\x04from\x18\x02 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x03 \x01(\x04R\x06viewId\x127\n" +
-	"\amembers\x18\x04 \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\amembers\":\n" +
+	"\amembers\x18\x04 \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\amembers\x12!\n" +
+	"\fstable_epoch\x18\x05 \x01(\x04R\vstableEpoch\x12\x1b\n" +
+	"\tstable_id\x18\x06 \x01(\x04R\bstableId\x12D\n" +
+	"\x0estable_members\x18\a \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\rstableMembers\x12)\n" +
+	"\x10stable_confirmed\x18\b \x01(\bR\x0fstableConfirmed\x12@\n" +
+	"\fprev_members\x18\t \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\vprevMembers\":\n" +
 	"\x04Kind\x12\r\n" +
 	"\tHEARTBEAT\x10\x00\x12\b\n" +
 	"\x04JOIN\x10\x01\x12\t\n" +
@@ -1654,27 +1707,29 @@ var file_wire_proto_depIdxs = []int32{
 	0,  // 8: clusterpubsub.wire.Heartbeat.kind:type_name -> clusterpubsub.wire.Heartbeat.Kind
 	3,  // 9: clusterpubsub.wire.Heartbeat.from:type_name -> clusterpubsub.wire.MemberRef
 	3,  // 10: clusterpubsub.wire.Heartbeat.members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 11: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 12: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 13: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
-	7,  // 14: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
-	3,  // 15: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 16: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 17: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
-	11, // 18: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
-	3,  // 19: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
-	13, // 20: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
-	13, // 21: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
-	1,  // 22: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
-	14, // 23: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
-	16, // 24: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
-	8,  // 25: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
-	17, // 26: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	3,  // 11: clusterpubsub.wire.Heartbeat.stable_members:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 12: clusterpubsub.wire.Heartbeat.prev_members:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 13: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 14: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 15: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
+	7,  // 16: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
+	3,  // 17: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 18: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
+	3,  // 19: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
+	11, // 20: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
+	3,  // 21: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
+	13, // 22: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
+	13, // 23: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
+	1,  // 24: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
+	14, // 25: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
+	16, // 26: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
+	8,  // 27: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
+	17, // 28: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
+	29, // [29:29] is the sub-list for method output_type
+	29, // [29:29] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
