@@ -225,16 +225,21 @@ func (n *Node) updateQuorum(agree bool) {
 func (n *Node) reports(epoch, id uint64) func(Member) bool {
 	cur := n.view()
 	return func(m Member) bool {
-		member := m.ID
-		if member == n.self.ID {
-			return true
-		}
-		if _, ok := cur.member(member); !ok {
-			return false
-		}
-		p := n.members.peers[member]
-		return p != nil && p.stableEpoch == epoch && p.stableID == id
+		p, self := n.peerIn(cur, m.ID)
+		return self || p != nil && p.stableEpoch == epoch && p.stableID == id
 	}
+}
+
+// peerIn returns the peer of member if cur holds it, and whether member is
+// this node. Callers hold members.mu.
+func (n *Node) peerIn(cur *view, member string) (p *peer, self bool) {
+	if member == n.self.ID {
+		return nil, true
+	}
+	if _, ok := cur.member(member); !ok {
+		return nil, false
+	}
+	return n.members.peers[member], false
 }
 
 // movedPast returns whether a member reported a stable view of epoch or
@@ -278,15 +283,10 @@ func (n *Node) seesMajority(cur *view) bool {
 		}
 	}
 	return majorityOf(q.stable, func(m Member) bool {
-		member := m.ID
-		if member == n.self.ID {
-			return true
-		}
-		if _, ok := cur.member(member); !ok {
-			return false
-		}
-		p := n.members.peers[member]
+		p, self := n.peerIn(cur, m.ID)
 		switch {
+		case self:
+			return true
 		case p == nil:
 			return false
 		case p.stableEpoch == q.epoch && p.stableID == q.stable.id:
