@@ -1,6 +1,8 @@
 package pubsub
 
 import (
+	"cmp"
+	"slices"
 	"sync/atomic"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -102,8 +104,9 @@ func (q *quorum) stampHeartbeat(hb *wire.Heartbeat) {
 	}
 }
 
-// startQuorum makes the view Join settled on the first stable view, at
-// epoch 0: it counts until the first agreement moves the cluster to 1.
+// startQuorum makes the view Join settled on this node's first stable view,
+// at epoch 0, unless the members report a later one it can adopt. A fresh
+// cluster counts at epoch 0 until its first agreement moves it to 1.
 func (n *Node) startQuorum() {
 	if n.cfg.PartitionPolicy != KeepMajority {
 		return
@@ -111,7 +114,9 @@ func (n *Node) startQuorum() {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	n.members.quorum.setStable(0, n.view(), nil, true)
-	n.members.quorum.has.Store(n.seesMajority(n.view()))
+	// A node joining a running cluster adopts its stable view from the
+	// heartbeats heard while joining; QuorumChanged reports changes after.
+	n.members.quorum.has.Store(n.evaluateQuorum(n.view(), false))
 }
 
 // noteStable records the stable view a heartbeat from p reports, and
@@ -158,15 +163,19 @@ func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
 	return nil
 }
 
-// newestReported returns the member of cur reporting the newest stable
-// view above this node's epoch whose members this node knows (listed in
-// the heartbeat, or this node's current or a recent view), and that view.
-// Callers hold members.mu.
-func (n *Node) newestReported(cur *view) (*peer, *view) {
-	var best *peer
-	var bestView *view
+// adoptReported adopts the newest stable view above this node's epoch that
+// a member of cur reports, whose members this node knows (listed in the
+// heartbeat, or this node's current or a recent view) and a majority of
+// them report. Callers hold members.mu.
+func (n *Node) adoptReported(cur *view) {
+	q := &n.members.quorum
+	type report struct {
+		p *peer
+		v *view
+	}
+	var reports []report
 	for _, p := range n.members.peers {
-		if p.stableEpoch <= n.members.quorum.epoch || best != nil && p.stableEpoch <= best.stableEpoch || !cur.holds(p.m) {
+		if p.stableEpoch <= q.epoch || !cur.holds(p.m) {
 			continue
 		}
 		v := p.stable
@@ -176,10 +185,22 @@ func (n *Node) newestReported(cur *view) (*peer, *view) {
 			v = n.members.history.byID(p.stableID)
 		}
 		if v != nil {
-			best, bestView = p, v
+			reports = append(reports, report{p, v})
 		}
 	}
-	return best, bestView
+	slices.SortFunc(reports, func(a, b report) int { return cmp.Compare(b.p.stableEpoch, a.p.stableEpoch) })
+	for _, r := range reports {
+		if !majorityOf(r.v, n.reports(r.p.stableEpoch, r.v.id)) {
+			continue
+		}
+		n.log.Debug("partition policy: stable view adopted from peers", "epoch", r.p.stableEpoch, "members", len(r.v.members))
+		prev := r.p.stablePrev
+		if r.p.stableEpoch == q.epoch+1 {
+			prev = q.stable
+		}
+		q.setStable(r.p.stableEpoch, r.v, prev, r.p.stableConfirmed)
+		return
+	}
 }
 
 // updateQuorum re-evaluates the quorum. It adopts a newer stable view a
@@ -193,14 +214,19 @@ func (n *Node) updateQuorum(agree bool) {
 		return
 	}
 	cur := n.view()
-	if p, v := n.newestReported(cur); p != nil && majorityOf(v, n.reports(p.stableEpoch, v.id)) {
-		n.log.Debug("partition policy: stable view adopted from peers", "epoch", p.stableEpoch, "members", len(v.members))
-		prev := p.stablePrev
-		if p.stableEpoch == q.epoch+1 {
-			prev = q.stable
-		}
-		q.setStable(p.stableEpoch, v, prev, p.stableConfirmed)
+	has := n.evaluateQuorum(cur, agree)
+	if q.has.Swap(has) == has {
+		return
 	}
+	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(q.stable.members), "epoch", q.epoch)
+	emit(n.events, QuorumChanged{HasQuorum: has, Members: len(cur.members), Stable: len(q.stable.members)})
+}
+
+// evaluateQuorum is updateQuorum but for its report: it returns whether
+// this node has a majority. Callers hold members.mu.
+func (n *Node) evaluateQuorum(cur *view, agree bool) bool {
+	q := &n.members.quorum
+	n.adoptReported(cur)
 	if !q.confirmed && q.prev != nil && majorityOf(q.prev, n.movedPast(q.epoch)) {
 		q.confirm()
 	}
@@ -212,12 +238,7 @@ func (n *Node) updateQuorum(agree bool) {
 		default:
 		}
 	}
-	stable := q.stable
-	if q.has.Swap(has) == has {
-		return
-	}
-	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(stable.members), "epoch", q.epoch)
-	emit(n.events, QuorumChanged{HasQuorum: has, Members: len(cur.members), Stable: len(stable.members)})
+	return has
 }
 
 // reports returns whether a member reports the stable view (epoch, id):

@@ -168,6 +168,7 @@ func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
 func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
 	c := newCluster(t, 1, 3, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	survivor := c.Nodes[2]
+	events := watch(t, survivor)
 	c.Crash(0)
 	c.Crash(1)
 	testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool { return len(survivor.Members()) == 1 && !survivor.Stats().HasQuorum },
@@ -175,6 +176,9 @@ func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
 	topic := ownedBy(t, survivor, "restart")
 	_, err := survivor.Publish(ctxT(t), topic, []byte("alone"))
 	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
+	lost := find(t, events, func(e pubsub.QuorumChanged) bool { return !e.HasQuorum })
+	assert.Equal(t, "n2", lost.Node)
+	assert.Equal(t, []int{1, 3}, []int{lost.Members, lost.Stable}, "members seen, of the stable view")
 
 	for _, id := range []string{"n0", "n1"} {
 		c.AddNode(t, id, 0, append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))...)
@@ -185,4 +189,28 @@ func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
 			"after the restarts: %s", quorumOf(c.Nodes[2:]))
 	}
 	publishUntilAccepted(t, c.Nodes[3], topic, []byte("back"), 0, 2*faultMemberTimeout)
+	find(t, events, func(e pubsub.QuorumChanged) bool { return e.HasQuorum })
+}
+
+// A node joining a running KeepMajority cluster adopts its stable view from
+// the heartbeats it hears while joining, so it serves the topics it takes
+// over as soon as Join returns, and the cluster makes the view with it
+// stable.
+func TestKeepMajorityJoinerServesWhenJoinReturns(t *testing.T) {
+	c := newCluster(t, 1, 3, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
+	for _, n := range c.Nodes {
+		testcluster.WaitFor(t, 2*time.Second, func() bool { return n.Stats().StableEpoch > 0 },
+			"the cluster never agreed a stable view: %s", quorumOf(c.Nodes))
+	}
+	for i, id := range []string{"n3", "n4"} {
+		joiner := c.AddNode(t, id, 0, append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))...)
+		require.True(t, joiner.Stats().HasQuorum, "%s joined without a majority: %s", id, quorumOf(c.Nodes))
+		ack, err := joiner.Publish(ctxT(t), ownedBy(t, joiner, fmt.Sprintf("joined-%d", i)), []byte("x"))
+		require.NoError(t, err)
+		assert.Equal(t, 0, ack.Delivered)
+	}
+	for _, n := range c.Nodes {
+		testcluster.WaitFor(t, 2*time.Second, func() bool { st := n.Stats(); return st.HasQuorum && st.StableMembers == 5 },
+			"the view with the joiners never became stable: %s", quorumOf(c.Nodes))
+	}
 }
