@@ -12,6 +12,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // AckNone publishes in a loop from a node that does not own the topic are
@@ -85,4 +86,30 @@ func TestAckNoneLoopArrivesInOrder(t *testing.T) {
 			require.Equal(t, i, n, "publisher %d: message %d out of order", g, i)
 		}
 	}
+}
+
+// An AckNone request carries no reply subject, so an owner that refuses it
+// cannot tell its publisher: it counts the lost messages
+// (Stats.AckNoneRefused) instead of dropping them without a trace. Here a
+// node that does not own the topic receives one, as after ownership moved
+// under a publisher; the owner accepts the same request and counts nothing.
+func TestAckNoneRefusedByAnOwnerIsCounted(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	topic := ownedBy(t, c.Nodes[1], "refused")
+	raw := c.Connect(t, 0)
+	req := &wire.PublishRequest{From: &wire.MemberRef{NodeId: c.Nodes[0].ID(), Incarnation: 1}, Topic: topic, Count: 3,
+		AckLevel: uint32(pubsub.AckNone)}
+	data := wire.AppendPublish(nil, req, [][]byte{[]byte("a"), []byte("b"), []byte("c")}, nil)
+	require.NoError(t, raw.Publish("pubsub.node."+c.Nodes[0].ID(), data)) // n0 is not the owner
+	require.NoError(t, raw.Flush())
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return c.Nodes[0].Stats().AckNoneRefused == 3 },
+		"AckNoneRefused %d, want the 3 messages", c.Nodes[0].Stats().AckNoneRefused)
+	assert.Zero(t, c.Nodes[1].Stats().AckNoneRefused)
+
+	// The owner accepts the same request: nothing counted.
+	require.NoError(t, raw.Publish("pubsub.node."+c.Nodes[1].ID(), data))
+	require.NoError(t, raw.Flush())
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return c.Nodes[1].Stats().MessagesPublished >= 3 },
+		"the owner never accepted the request")
+	assert.Zero(t, c.Nodes[1].Stats().AckNoneRefused)
 }

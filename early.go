@@ -67,7 +67,7 @@ func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool)
 		reqs := q.reqs
 		q.reqs, q.bytes, q.scheduled = nil, 0, false
 		q.mu.Unlock()
-		for _, run := range n.mergeEarly(reqs) {
+		for _, run := range n.mergeEarly(topic, reqs) {
 			a.publish(run.msgs, run.answer)
 		}
 		n.owner.queued.Add(-int64(len(reqs))) // each came from the inbox (onPublishRequest)
@@ -85,12 +85,12 @@ type earlyRun struct {
 // into one batch while it fits in a message; each request still gets its
 // own answer. Only batches without keys or headers merge: a format 2
 // batch's headers may refer to the message before.
-func (n *Node) mergeEarly(reqs []earlyRequest) []earlyRun {
-	return n.mergeEarlyWithin(reqs, n.MaxMessageSize())
+func (n *Node) mergeEarly(topic string, reqs []earlyRequest) []earlyRun {
+	return n.mergeEarlyWithin(topic, reqs, n.MaxMessageSize())
 }
 
 // mergeEarlyWithin is mergeEarly with runs of at most limit packed bytes.
-func (n *Node) mergeEarlyWithin(reqs []earlyRequest, limit int) []earlyRun {
+func (n *Node) mergeEarlyWithin(topic string, reqs []earlyRequest, limit int) []earlyRun {
 	var runs []earlyRun
 	for i := 0; i < len(reqs); {
 		first := reqs[i].msgs
@@ -115,7 +115,7 @@ func (n *Node) mergeEarlyWithin(reqs []earlyRequest, limit int) []earlyRun {
 			for _, r := range run { // reqs is the queue's, taken whole: nothing changes it
 				each := ans
 				each.ack.Messages = r.msgs.count
-				n.replyTo(r.reply, each.wire())
+				n.answerPublish(topic, r.reply, r.msgs.count, each.wire())
 			}
 		}})
 		i = j

@@ -122,7 +122,7 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 		{withMeta, ""},           // keys or headers: alone
 		{plain("a", 3, "4"), ""},
 	}
-	runs := n.mergeEarlyWithin(reqs, 1<<20)
+	runs := n.mergeEarlyWithin("t", reqs, 1<<20)
 	require.Len(t, runs, 4)
 	got := runs[0].msgs.messages("t")
 	require.Len(t, got, 3)
@@ -132,5 +132,5 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 	assert.True(t, runs[2].msgs.withMeta)
 	assert.Equal(t, "4", string(runs[3].msgs.messages("t")[0].Data))
 	// The size limit splits runs too.
-	assert.Len(t, n.mergeEarlyWithin(reqs[:2], 4), 2)
+	assert.Len(t, n.mergeEarlyWithin("t", reqs[:2], 4), 2)
 }

@@ -364,14 +364,6 @@ func (n *Node) heartbeatLoop() {
 			n.connectionLost()
 			return
 		}
-		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
-		n.checkInboxDrops()
-		n.subscriber.forgetRecent(time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)))
-		n.log.limit.sweep()
-		if time.Since(lastCollect) >= n.cfg.MemberTimeout {
-			lastCollect = time.Now()
-			n.owner.collectIdleActors(n.cfg.MemberTimeout)
-		}
 		n.members.mu.Lock()
 		changed := false
 		for id, p := range n.members.peers {
@@ -385,6 +377,20 @@ func (n *Node) heartbeatLoop() {
 		}
 		n.updateQuorum(n.viewsAgreeLocked())
 		n.members.mu.Unlock()
+		// After the sweep and the quorum: the heartbeat carries the view
+		// and stable view they just made.
+		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
+		select { // a change above asked for an early heartbeat: this is it
+		case <-n.members.beatNow:
+		default:
+		}
+		n.checkInboxDrops()
+		n.subscriber.forgetRecent(time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)))
+		n.log.limit.sweep()
+		if time.Since(lastCollect) >= n.cfg.MemberTimeout {
+			lastCollect = time.Now()
+			n.owner.collectIdleActors(n.cfg.MemberTimeout)
+		}
 	}
 }
 

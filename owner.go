@@ -134,7 +134,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		return false
 	}
 	if v := n.view(); v.ownerOf(topic).ID != n.self.ID {
-		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
+		n.answerPublish(topic, reply, int(req.GetCount()), &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return false
 	}
 	msgs, err := receivedPayload(req.GetPacked(), req.GetPackedMeta(), req.GetCount())
@@ -148,21 +148,21 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}
 	if msgs.level != AckDelivered {
 		if !n.publishEarly(topic, msgs, reply) {
-			n.refuse(topic, reply)
+			n.refuse(topic, reply, msgs.count)
 			return false
 		}
 		return true
 	}
 	if queued, ok := n.publishBehindEarly(topic, msgs, reply); queued {
 		if !ok {
-			n.refuse(topic, reply)
+			n.refuse(topic, reply, msgs.count)
 		}
 		return ok
 	}
 	held, size := n.owner.actor(topic), int64(len(msgs.packed))
 	if held.queuedBytes.Add(size) > maxActorQueueBytes {
 		held.queuedBytes.Add(-size)
-		n.refuse(topic, reply)
+		n.refuse(topic, reply, msgs.count)
 		return false
 	}
 	if !n.owner.onActorOf(held, true, func(a *topicActor) {
@@ -171,19 +171,37 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.owner.queued.Add(-1)
 	}) {
 		held.queuedBytes.Add(-size)
-		n.refuse(topic, reply)
+		n.refuse(topic, reply, msgs.count)
 		return false
 	}
 	return true
 }
 
-// refuse answers a request its topic actor had no room for.
-func (n *Node) refuse(topic, reply string) {
+// refuse answers a request of count messages its topic actor had no room
+// for.
+func (n *Node) refuse(topic, reply string, count int) {
 	n.stats.refused.Add(1)
 	if ok, held := n.log.limit.allow("refused"); ok {
 		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "limit_bytes", maxActorQueueBytes, "suppressed", held)
 	}
-	n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
+	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
+}
+
+// answerPublish answers a publish request of count messages. A request
+// without a reply subject (AckNone) that is refused is lost, and its
+// publisher never hears of it: counted (Stats.AckNoneRefused) and logged.
+func (n *Node) answerPublish(topic, reply string, count int, rep *wire.Reply) {
+	if reply != "" {
+		n.replyTo(reply, rep)
+		return
+	}
+	if rep.GetCode() == wire.Reply_OK {
+		return
+	}
+	n.stats.ackNoneRefused.Add(uint64(count))
+	if ok, held := n.log.limit.allow("acknone/refused"); ok {
+		n.log.Warn("AckNone publish refused as owner: its messages are lost", "topic", topic, "messages", count, "code", rep.GetCode(), "suppressed", held)
+	}
 }
 
 // onSubscribeRequest serves a remote subscriber's node.
@@ -205,7 +223,7 @@ func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
 		}
 		a.subscribe(req.GetFrom(), req.GetSubscriber(), req.GetUnsubscribe(), answer)
 	}) {
-		n.refuse(topic, reply)
+		n.refuse(topic, reply, 0)
 	}
 }
 

@@ -27,6 +27,7 @@ type Stats struct {
 	InboxDropped      uint64                    // inbox messages NATS dropped (slow consumer)
 	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
 	RequestsRefused   uint64                    // requests refused: their topic actor's queue was full
+	AckNoneRefused    uint64                    // messages of AckNone publishes this node refused as owner (not the owner, not ready, queue full): lost, and nobody tells their publisher
 	SyncRequests      uint64                    // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
@@ -38,7 +39,7 @@ type Stats struct {
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, syncRequests atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, syncRequests atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
@@ -56,6 +57,7 @@ func (n *Node) Stats() Stats {
 		InboxDropped:      n.stats.inboxDropped.Load(),
 		MembersRejected:   n.stats.membersRejected.Load(),
 		RequestsRefused:   n.stats.refused.Load(),
+		AckNoneRefused:    n.stats.ackNoneRefused.Load(),
 		SyncRequests:      n.stats.syncRequests.Load(),
 	}
 	st.HasQuorum = n.servesAsOwner()
