@@ -67,6 +67,7 @@ type stableReport struct {
 	members   []*wire.MemberRef
 	confirmed bool
 	prev      []*wire.MemberRef // while not confirmed
+	prevID    uint64
 }
 
 // setStable makes v the stable view of epoch; prev is the one before it
@@ -86,7 +87,7 @@ func (q *quorum) confirm() {
 func (q *quorum) publish() {
 	r := &stableReport{epoch: q.epoch, id: q.stable.id, members: q.stable.refs(), confirmed: q.confirmed}
 	if !q.confirmed && q.prev != nil {
-		r.prev = q.prev.refs()
+		r.prev, r.prevID = q.prev.refs(), q.prev.id
 	}
 	q.report.Store(r)
 }
@@ -98,7 +99,8 @@ func (q *quorum) stampHeartbeat(hb *wire.Heartbeat) {
 	if r == nil {
 		return
 	}
-	hb.StableEpoch, hb.StableId, hb.StableConfirmed, hb.PrevMembers = r.epoch, r.id, r.confirmed, r.prev
+	hb.StableEpoch, hb.StableId, hb.StableConfirmed = r.epoch, r.id, r.confirmed
+	hb.PrevMembers, hb.PrevId = r.prev, r.prevID
 	if r.id != hb.GetViewId() {
 		hb.StableMembers = r.members
 	}
@@ -119,18 +121,23 @@ func (n *Node) startQuorum() {
 	n.members.quorum.has.Store(n.evaluateQuorum(n.view(), false))
 }
 
+// maxStableEpoch bounds the epochs a heartbeat may report: a forged one
+// near the top would wrap the next advance to 0.
+const maxStableEpoch = 1 << 62
+
 // noteStable records the stable view a heartbeat from p reports, and
 // re-evaluates the quorum when it changed. Callers hold members.mu.
 func (n *Node) noteStable(p *peer, hb *wire.Heartbeat) {
-	if n.cfg.PartitionPolicy != KeepMajority {
+	if n.cfg.PartitionPolicy != KeepMajority || hb.GetStableEpoch() >= maxStableEpoch {
 		return
 	}
 	epoch, id, confirmed := hb.GetStableEpoch(), hb.GetStableId(), hb.GetStableConfirmed()
-	if epoch == p.stableEpoch && id == p.stableID && confirmed == p.stableConfirmed {
+	changed := epoch != p.stableEpoch || id != p.stableID || confirmed != p.stableConfirmed
+	if !changed && (p.stable != nil || len(hb.GetStableMembers()) == 0) && (p.stablePrev != nil || len(hb.GetPrevMembers()) == 0) {
 		return
 	}
 	p.stableEpoch, p.stableID, p.stableConfirmed = epoch, id, confirmed
-	p.stable, p.stablePrev = n.listedView(hb.GetStableMembers(), id), n.listedView(hb.GetPrevMembers(), 0)
+	p.stable, p.stablePrev = n.listedView(hb.GetStableMembers(), id), n.listedView(hb.GetPrevMembers(), hb.GetPrevId())
 	q := &n.members.quorum
 	if q.stable == nil {
 		return // joining: startQuorum counts what peers reported
@@ -144,8 +151,8 @@ func (n *Node) noteStable(p *peer, hb *wire.Heartbeat) {
 }
 
 // listedView returns the view of the members a heartbeat lists, or nil when
-// it lists none, a malformed list, or one whose ID is not id (unless id is
-// 0). Callers hold members.mu.
+// it lists none, a malformed list, or one whose ID is not id. Callers hold
+// members.mu.
 func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
 	if len(refs) == 0 || len(refs) > n.cfg.MaxMembers {
 		return nil
@@ -157,25 +164,32 @@ func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
 		}
 		members = append(members, Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation(), ClientOnly: r.GetClientOnly()})
 	}
-	if v := newView(0, members); id == 0 || v.id == id {
+	if v := newView(0, members); v.id == id {
 		return v
 	}
 	return nil
 }
 
-// adoptReported adopts the newest stable view above this node's epoch that
-// a member of cur reports, whose members this node knows (listed in the
-// heartbeat, or this node's current or a recent view) and a majority of
-// them report. Callers hold members.mu.
+// adoptReported adopts a stable view members report: the newest above
+// this node's epoch that it can adopt (adoptable). When no majority of its
+// members holds this node's stable view although the change to it is
+// confirmed, any other view it can adopt will do, of any epoch: two changes
+// made at once from different views (one node heard a LEAVE first) then
+// meet on the one a majority holds, and a view a forger talked a node into
+// is left once the forger is gone. The members come listed in the
+// heartbeat, or are this node's current or a recent view. Callers hold
+// members.mu.
 func (n *Node) adoptReported(cur *view) {
 	q := &n.members.quorum
+	stranded := q.confirmed && !majorityOf(q.stable, n.reports(q.epoch, q.stable.id, true))
 	type report struct {
 		p *peer
 		v *view
 	}
 	var reports []report
 	for _, p := range n.members.peers {
-		if p.stableEpoch <= q.epoch || !cur.holds(p.m) {
+		other := p.stableEpoch != q.epoch || p.stableID != q.stable.id
+		if !(p.stableEpoch > q.epoch || stranded && other) || !cur.holds(p.m) {
 			continue
 		}
 		v := p.stable
@@ -184,13 +198,13 @@ func (n *Node) adoptReported(cur *view) {
 		} else if v == nil {
 			v = n.members.history.byID(p.stableID)
 		}
-		if v != nil {
+		if v != nil && v.holds(p.m) { // a reporter outside its view is no evidence
 			reports = append(reports, report{p, v})
 		}
 	}
 	slices.SortFunc(reports, func(a, b report) int { return cmp.Compare(b.p.stableEpoch, a.p.stableEpoch) })
 	for _, r := range reports {
-		if !majorityOf(r.v, n.reports(r.p.stableEpoch, r.v.id)) {
+		if !n.adoptable(r.v, r.p.stableEpoch) {
 			continue
 		}
 		n.log.Debug("partition policy: stable view adopted from peers", "epoch", r.p.stableEpoch, "members", len(r.v.members))
@@ -201,6 +215,26 @@ func (n *Node) adoptReported(cur *view) {
 		q.setStable(r.p.stableEpoch, r.v, prev, r.p.stableConfirmed)
 		return
 	}
+}
+
+// adoptable reports whether this node may adopt v as the stable view of
+// epoch: a majority of v's other members report it, or this node is in v,
+// with itself a majority of v reports it, and v holds a majority of this
+// node's stable view (by ID, so a node restarted under a member's ID,
+// which remembers nothing, can adopt the survivors' view with them). A
+// forged heartbeat naming a fake member cannot so make an isolated node
+// a majority of a view of its own.
+func (n *Node) adoptable(v *view, epoch uint64) bool {
+	if majorityOf(v, n.reports(epoch, v.id, false)) {
+		return true
+	}
+	if _, in := v.member(n.self.ID); !in || !majorityOf(v, n.reports(epoch, v.id, true)) {
+		return false
+	}
+	return majorityOf(n.members.quorum.stable, func(m Member) bool {
+		_, ok := v.member(m.ID)
+		return ok
+	})
 }
 
 // updateQuorum re-evaluates the quorum. It adopts a newer stable view a
@@ -231,7 +265,7 @@ func (n *Node) evaluateQuorum(cur *view, agree bool) bool {
 		q.confirm()
 	}
 	has := n.seesMajority(cur) && (q.confirmed || q.prev != nil && majorityOf(q.prev, n.onThisSide(cur)))
-	if has && q.confirmed && agree && (cur.id != q.stable.id || q.epoch == 0) {
+	if has && q.confirmed && agree && (cur.id != q.stable.id || q.epoch == 0) && q.epoch+1 < maxStableEpoch {
 		q.setStable(q.epoch+1, cur, q.stable, false)
 		select { // tell the peers now: until they hear, they count this node as catching up
 		case n.members.beatNow <- struct{}{}:
@@ -241,13 +275,16 @@ func (n *Node) evaluateQuorum(cur *view, agree bool) bool {
 	return has
 }
 
-// reports returns whether a member reports the stable view (epoch, id):
-// this node counts itself as reporting any view it is in.
-func (n *Node) reports(epoch, id uint64) func(Member) bool {
+// reports returns whether a member of the current view reports the stable
+// view (epoch, id); withSelf counts this node as reporting it.
+func (n *Node) reports(epoch, id uint64, withSelf bool) func(Member) bool {
 	cur := n.view()
 	return func(m Member) bool {
 		p, self := n.peerIn(cur, m.ID)
-		return self || p != nil && p.stableEpoch == epoch && p.stableID == id
+		if self {
+			return withSelf
+		}
+		return p != nil && p.stableEpoch == epoch && p.stableID == id
 	}
 }
 
@@ -312,6 +349,10 @@ func (n *Node) seesMajority(cur *view) bool {
 			return false
 		case p.stableEpoch == q.epoch && p.stableID == q.stable.id:
 			return true
+		case p.stableEpoch == q.epoch+1 && p.stableID == cur.id && p.stablePrev != nil && p.stablePrev.id == q.stable.id:
+			// It moved from this stable view to the current view, as this
+			// node is about to: still a holder of this one.
+			return true
 		case bootstrap:
 			return p.stableEpoch == 0 && p.viewID == cur.id
 		case !catchingUp:
@@ -332,8 +373,8 @@ func (n *Node) seesMajority(cur *view) bool {
 func (n *Node) forgetLeaver(id string) {
 	q := &n.members.quorum
 	st := q.stable
-	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !q.has.Load() {
-		return
+	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !q.has.Load() || !q.confirmed {
+		return // an unconfirmed change still needs its old view: the next advance drops the leaver
 	}
 	if _, ok := st.member(id); !ok {
 		return

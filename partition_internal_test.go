@@ -44,11 +44,10 @@ func TestListedStableViewIsChecked(t *testing.T) {
 	v := newView(0, members)
 	refs := v.refs()
 	assert.Equal(t, v.id, n.listedView(refs, v.id).id, "a well-formed list with its ID")
-	assert.NotNil(t, n.listedView(refs, 0), "no ID to check (the previous view)")
 	assert.Nil(t, n.listedView(refs, v.id+1), "an ID the members do not hash to")
 	assert.Nil(t, n.listedView(nil, v.id), "no list")
 	bad := append(v.refs(), &wire.MemberRef{NodeId: "has space"})
-	assert.Nil(t, n.listedView(bad, 0), "an invalid node ID")
+	assert.Nil(t, n.listedView(bad, newView(0, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "has space"}}).id), "an invalid node ID")
 	long := append(v.refs(), &wire.MemberRef{NodeId: "c"}, &wire.MemberRef{NodeId: "d"})
-	assert.Nil(t, n.listedView(long, 0), "more than MaxMembers")
+	assert.Nil(t, n.listedView(long, newView(0, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c"}, {ID: "d"}}).id), "more than MaxMembers")
 }

@@ -7,9 +7,11 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // keepMajorityOpts is fast with KeepMajority and a 250 ms heartbeat: views
@@ -213,4 +215,117 @@ func TestKeepMajorityJoinerServesWhenJoinReturns(t *testing.T) {
 		testcluster.WaitFor(t, 2*time.Second, func() bool { st := n.Stats(); return st.HasQuorum && st.StableMembers == 5 },
 			"the view with the joiners never became stable: %s", quorumOf(c.Nodes))
 	}
+}
+
+// Found in review: two changes made at once from different views left the
+// cluster without a majority for good. Only n1 heard n0's LEAVE (its route
+// to the others was cut), so only n1 made {n1, ..., n5} stable; n6 joined
+// before the others timed n0 out, and they made {n1, ..., n6} stable at the
+// same epoch. The first of them to move stranded the rest (a member ahead
+// was not counted), and n1 never left its own view (only newer epochs were
+// adopted). Now a member one step ahead along this node's line still
+// counts, and a node whose stable view no majority holds adopts the one of
+// its epoch a majority does.
+func TestKeepMajorityChangesMadeAtOnceFromDifferentViewsConverge(t *testing.T) {
+	c := testcluster.NewFaulty(t, 3, 3, keepMajorityOpts()...)
+	for _, id := range []string{"n3", "n4", "n5"} {
+		c.AddNode(t, id, 2, keepMajorityOpts()...)
+	}
+	c.WaitConverged(t, 10*time.Second)
+	n := c.Nodes
+	waitStableEverywhere(t, n, 6)
+	c.Route(0, 2).Cut()
+	c.CloseNode(t, 0)
+	testcluster.WaitFor(t, 2*time.Second, func() bool { return n[1].Stats().StableMembers == 5 },
+		"n1 did not drop the leaver from its stable view: %s", quorumOf(n))
+	c.AddNode(t, "n6", 2, keepMajorityOpts()...)
+	c.HealAll()
+	c.WaitConverged(t, 3*faultMemberTimeout)
+	waitStableEverywhere(t, c.Nodes[1:], 6)
+}
+
+// Found in review: a rolling replacement (two of five crash, two new nodes
+// join before the crashed ones time out) left every node but the first to
+// move without a majority.
+func TestKeepMajorityRollingReplacementKeepsTheMajority(t *testing.T) {
+	c := newCluster(t, 1, 5, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
+	waitStableEverywhere(t, c.Nodes, 5)
+	c.Crash(0)
+	c.Crash(1)
+	for _, id := range []string{"a5", "a6"} {
+		c.AddNode(t, id, 0, append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))...)
+	}
+	c.WaitConverged(t, 3*faultMemberTimeout)
+	waitStableEverywhere(t, c.Nodes[2:], 5)
+}
+
+// waitStableEverywhere waits until every node serves with a stable view of
+// members members, the same epoch everywhere.
+func waitStableEverywhere(t *testing.T, nodes []*pubsub.Node, members int) {
+	t.Helper()
+	testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool {
+		for _, n := range nodes {
+			st := n.Stats()
+			if !st.HasQuorum || st.StableMembers != members || st.StableEpoch != nodes[0].Stats().StableEpoch {
+				return false
+			}
+		}
+		return true
+	}, "no common stable view of %d members everywhere: %s", members, quorumOf(nodes))
+}
+
+// forgeStable publishes, on server 0, one heartbeat of fake member from
+// reporting members as its stable view at epoch.
+func forgeStable(t *testing.T, c *testcluster.Cluster, from string, epoch uint64, members ...pubsub.Member) {
+	t.Helper()
+	refs := make([]*wire.MemberRef, len(members))
+	for i, m := range members {
+		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation}
+	}
+	v := pubsub.ViewIDForTest(members)
+	hb := &wire.Heartbeat{Kind: wire.Heartbeat_HEARTBEAT, From: &wire.MemberRef{NodeId: from, Incarnation: 1}, ViewId: 1,
+		StableEpoch: epoch, StableId: v, StableConfirmed: true, StableMembers: refs}
+	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
+	require.NoError(t, err)
+	c.ForgeMembers(t, 0, data)
+}
+
+// Found in review: one forged heartbeat from a fake member, claiming a
+// stable view of the isolated n0 alone (or of n0 and the fake, which sorts
+// first and so wins the tie), made n0 a majority of its own stable view
+// for good. A reporter must now be in the view it reports, and a node
+// adopts a view only when a majority of its other members report it, or
+// the view holds a majority of its own stable view: a fake's claim lasts
+// no longer than the fake.
+func TestKeepMajorityForgedStableViewsDoNotOutliveTheirFakes(t *testing.T) {
+	c := testcluster.NewFaulty(t, 3, 3, keepMajorityOpts()...)
+	c.WaitConverged(t, 10*time.Second)
+	n0, n1, n2 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	isolateServer(c, 0)
+	waitViews(t, []*pubsub.Node{n0}, []*pubsub.Node{n1, n2})
+	require.False(t, n0.Stats().HasQuorum)
+	self := n0.Members()[0]
+	fake := pubsub.Member{ID: "aa", Incarnation: 1}
+	forgeStable(t, c, "zz", 1000, self)
+	forgeStable(t, c, "aa", 1000, fake, self)
+	testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool { return len(n0.Members()) == 1 }, "the fakes never timed out: %v", n0.Members())
+	requireNeverBothSidesServe(t, []*pubsub.Node{n0}, []*pubsub.Node{n1, n2}, time.Second)
+	require.False(t, n0.Stats().HasQuorum, "the isolated node serves after the fakes left: %s", quorumOf(c.Nodes))
+	healAndServe(t, c) // n0 leaves the forged view for the cluster's
+}
+
+// Found in review: a forged stable epoch of MaxUint64 wrapped the next
+// advance to 0, and the cluster never agreed again. Epochs that high are
+// ignored.
+func TestKeepMajorityForgedTopEpochIsIgnored(t *testing.T) {
+	c := testcluster.NewFaulty(t, 1, 3, keepMajorityOpts()...)
+	c.WaitConverged(t, 10*time.Second)
+	waitStableEverywhere(t, c.Nodes, 3)
+	self := c.Nodes[0].Members()[0]
+	forgeStable(t, c, "zz", ^uint64(0), self)
+	forgeStable(t, c, "aa", ^uint64(0), pubsub.Member{ID: "aa", Incarnation: 1}, self)
+	testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool { return len(c.Nodes[0].Members()) == 4 }, "the fakes never joined the view")
+	c.WaitConverged(t, 3*faultMemberTimeout)
+	waitStableEverywhere(t, c.Nodes, 3)
+	assert.Less(t, c.Nodes[0].Stats().StableEpoch, uint64(1<<62))
 }

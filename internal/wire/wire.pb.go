@@ -399,6 +399,7 @@ type Heartbeat struct {
 	// prev_members lists the stable view before this one while the change
 	// is not confirmed, so a member adopting it can confirm it too.
 	PrevMembers   []*MemberRef `protobuf:"bytes,9,rep,name=prev_members,json=prevMembers,proto3" json:"prev_members,omitempty"`
+	PrevId        uint64       `protobuf:"varint,10,opt,name=prev_id,json=prevId,proto3" json:"prev_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -494,6 +495,13 @@ func (x *Heartbeat) GetPrevMembers() []*MemberRef {
 		return x.PrevMembers
 	}
 	return nil
+}
+
+func (x *Heartbeat) GetPrevId() uint64 {
+	if x != nil {
+		return x.PrevId
+	}
+	return 0
 }
 
 // SubscribeRequest registers (or removes) one subscription with a topic's owner.
@@ -1533,7 +1541,7 @@ const file_wire_proto_rawDesc = "" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
 	"\vclient_only\x18\x03 \x01(\bR\n" +
-	"clientOnly\"\xf7\x03\n" +
+	"clientOnly\"\x90\x04\n" +
 	"\tHeartbeat\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".clusterpubsub.wire.Heartbeat.KindR\x04kind\x121\n" +
 	"\x04from\x18\x02 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
@@ -1543,7 +1551,9 @@ const file_wire_proto_rawDesc = "" +
 	"\tstable_id\x18\x06 \x01(\x04R\bstableId\x12D\n" +
 	"\x0estable_members\x18\a \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\rstableMembers\x12)\n" +
 	"\x10stable_confirmed\x18\b \x01(\bR\x0fstableConfirmed\x12@\n" +
-	"\fprev_members\x18\t \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\vprevMembers\":\n" +
+	"\fprev_members\x18\t \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\vprevMembers\x12\x17\n" +
+	"\aprev_id\x18\n" +
+	" \x01(\x04R\x06prevId\":\n" +
 	"\x04Kind\x12\r\n" +
 	"\tHEARTBEAT\x10\x00\x12\b\n" +
 	"\x04JOIN\x10\x01\x12\t\n" +
