@@ -62,8 +62,12 @@ func (n *Node) Stats() Stats {
 	}
 	st.HasQuorum = n.servesAsOwner()
 	if n.cfg.PartitionPolicy == KeepMajority {
+		// Under the lock a view change holds until its quorum is re-evaluated:
+		// the figures agree with Members() read before.
 		n.members.mu.Lock()
-		if q := &n.members.quorum; q.stable != nil {
+		q := &n.members.quorum
+		st.HasQuorum = q.has.Load()
+		if q.stable != nil {
 			st.StableEpoch, st.StableMembers = q.epoch, len(q.stable.members)
 		}
 		n.members.mu.Unlock()
