@@ -115,7 +115,13 @@ func (n *Node) startQuorum() {
 	}
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
-	n.members.quorum.setStable(0, n.view(), nil, true)
+	// Heard from a cluster past its first agreement, the join view is no
+	// agreed view: only one adopted from the members makes this node count.
+	established := false
+	for _, p := range n.members.peers {
+		established = established || p.stableEpoch > 0
+	}
+	n.members.quorum.setStable(0, n.view(), nil, !established)
 	// A node joining a running cluster adopts its stable view from the
 	// heartbeats heard while joining; QuorumChanged reports changes after.
 	n.members.quorum.has.Store(n.evaluateQuorum(n.view(), false))
@@ -204,7 +210,7 @@ func (n *Node) adoptReported(cur *view) {
 	}
 	slices.SortFunc(reports, func(a, b report) int { return cmp.Compare(b.p.stableEpoch, a.p.stableEpoch) })
 	for _, r := range reports {
-		if !n.adoptable(r.v, r.p.stableEpoch) {
+		if r.p.stableEpoch <= q.epoch && !n.mayReturnTo(cur, r.v, r.p.stableEpoch) || !n.adoptable(r.v, r.p.stableEpoch) {
 			continue
 		}
 		n.log.Debug("partition policy: stable view adopted from peers", "epoch", r.p.stableEpoch, "members", len(r.v.members))
@@ -215,6 +221,30 @@ func (n *Node) adoptReported(cur *view) {
 		q.setStable(r.p.stableEpoch, r.v, prev, r.p.stableConfirmed)
 		return
 	}
+}
+
+// mayReturnTo reports whether this stranded node may adopt v, of an epoch
+// it has already reached. Having moved past that epoch, it must not vote
+// for v again (its move may have confirmed a change that let others stop
+// counting v's line): a majority of v's other members must report v, and so
+// must a majority of this node's own stable view, where its line went,
+// unless no other member of that view is here (a view a forged heartbeat
+// talked this node into, once the fakes are gone). Callers hold
+// members.mu.
+func (n *Node) mayReturnTo(cur, v *view, epoch uint64) bool {
+	others := n.reports(epoch, v.id, false)
+	if !majorityOf(v, others) {
+		return false
+	}
+	if majorityOf(n.members.quorum.stable, others) {
+		return true
+	}
+	for _, m := range n.members.quorum.stable.members {
+		if p, self := n.peerIn(cur, m.ID); !self && p != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // adoptable reports whether this node may adopt v as the stable view of
