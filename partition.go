@@ -1,12 +1,7 @@
 package pubsub
 
 import (
-	"cmp"
-	"slices"
 	"sync/atomic"
-
-	"github.com/clusterpubsub/pubsub/internal/wire"
-	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
 // PartitionPolicy says what a node does when a network partition hides part
@@ -61,51 +56,6 @@ type quorum struct {
 	report    atomic.Pointer[stableReport] // what this node's heartbeats carry
 }
 
-// stableReport is the stable view as heartbeats carry it.
-type stableReport struct {
-	epoch, id uint64
-	members   []*wire.MemberRef
-	confirmed bool
-	prev      []*wire.MemberRef // while not confirmed
-	prevID    uint64
-}
-
-// setStable makes v the stable view of epoch; prev is the one before it
-// (nil if unknown), confirmed whether that change is. Callers hold
-// members.mu.
-func (q *quorum) setStable(epoch uint64, v, prev *view, confirmed bool) {
-	q.stable, q.epoch, q.prev, q.confirmed = v, epoch, prev, confirmed
-	q.publish()
-}
-
-// confirm records that the stable view's change is confirmed.
-func (q *quorum) confirm() {
-	q.confirmed = true
-	q.publish()
-}
-
-func (q *quorum) publish() {
-	r := &stableReport{epoch: q.epoch, id: q.stable.id, members: q.stable.refs(), confirmed: q.confirmed}
-	if !q.confirmed && q.prev != nil {
-		r.prev, r.prevID = q.prev.refs(), q.prev.id
-	}
-	q.report.Store(r)
-}
-
-// stampHeartbeat adds the stable view to an outgoing heartbeat: its members
-// only when they are not the sender's current view, which receivers know.
-func (q *quorum) stampHeartbeat(hb *wire.Heartbeat) {
-	r := q.report.Load()
-	if r == nil {
-		return
-	}
-	hb.StableEpoch, hb.StableId, hb.StableConfirmed = r.epoch, r.id, r.confirmed
-	hb.PrevMembers, hb.PrevId = r.prev, r.prevID
-	if r.id != hb.GetViewId() {
-		hb.StableMembers = r.members
-	}
-}
-
 // startQuorum makes the view Join settled on this node's first stable view,
 // at epoch 0, unless the members report a later one it can adopt. A fresh
 // cluster counts at epoch 0 until its first agreement moves it to 1.
@@ -125,146 +75,6 @@ func (n *Node) startQuorum() {
 	// A node joining a running cluster adopts its stable view from the
 	// heartbeats heard while joining; QuorumChanged reports changes after.
 	n.members.quorum.has.Store(n.evaluateQuorum(n.view(), false))
-}
-
-// maxStableEpoch bounds the epochs a heartbeat may report: a forged one
-// near the top would wrap the next advance to 0.
-const maxStableEpoch = 1 << 62
-
-// noteStable records the stable view a heartbeat from p reports, and
-// re-evaluates the quorum when it changed. Callers hold members.mu.
-func (n *Node) noteStable(p *peer, hb *wire.Heartbeat) {
-	if n.cfg.PartitionPolicy != KeepMajority || hb.GetStableEpoch() >= maxStableEpoch {
-		return
-	}
-	epoch, id, confirmed := hb.GetStableEpoch(), hb.GetStableId(), hb.GetStableConfirmed()
-	changed := epoch != p.stableEpoch || id != p.stableID || confirmed != p.stableConfirmed
-	if !changed && (p.stable != nil || len(hb.GetStableMembers()) == 0) && (p.stablePrev != nil || len(hb.GetPrevMembers()) == 0) {
-		return
-	}
-	p.stableEpoch, p.stableID, p.stableConfirmed = epoch, id, confirmed
-	p.stable, p.stablePrev = n.listedView(hb.GetStableMembers(), id), n.listedView(hb.GetPrevMembers(), hb.GetPrevId())
-	q := &n.members.quorum
-	if q.stable == nil {
-		return // joining: startQuorum counts what peers reported
-	}
-	if confirmed && epoch == q.epoch && id == q.stable.id && !q.confirmed {
-		q.confirm()
-	}
-	// A peer that moved to the stable view this node would move to now
-	// (the current view, agreed) is one tick ahead: follow it at once.
-	n.updateQuorum(epoch == q.epoch+1 && id == n.view().id && n.viewsAgreeLocked())
-}
-
-// listedView returns the view of the members a heartbeat lists, or nil when
-// it lists none, a malformed list, or one whose ID is not id. Callers hold
-// members.mu.
-func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
-	if len(refs) == 0 || len(refs) > n.cfg.MaxMembers {
-		return nil
-	}
-	members := make([]Member, 0, len(refs))
-	for _, r := range refs {
-		if natsutil.ValidateNodeID(r.GetNodeId()) != nil {
-			return nil
-		}
-		members = append(members, Member{ID: r.GetNodeId(), Incarnation: r.GetIncarnation(), ClientOnly: r.GetClientOnly()})
-	}
-	if v := newView(0, members); v.id == id {
-		return v
-	}
-	return nil
-}
-
-// adoptReported adopts a stable view members report: the newest above
-// this node's epoch that it can adopt (adoptable). When no majority of its
-// members holds this node's stable view although the change to it is
-// confirmed, any other view it can adopt will do, of any epoch: two changes
-// made at once from different views (one node heard a LEAVE first) then
-// meet on the one a majority holds, and a view a forger talked a node into
-// is left once the forger is gone. The members come listed in the
-// heartbeat, or are this node's current or a recent view. Callers hold
-// members.mu.
-func (n *Node) adoptReported(cur *view) {
-	q := &n.members.quorum
-	stranded := q.confirmed && !majorityOf(q.stable, n.reports(q.epoch, q.stable.id, true))
-	type report struct {
-		p *peer
-		v *view
-	}
-	var reports []report
-	for _, p := range n.members.peers {
-		other := p.stableEpoch != q.epoch || p.stableID != q.stable.id
-		if !(p.stableEpoch > q.epoch || stranded && other) || !cur.holds(p.m) {
-			continue
-		}
-		v := p.stable
-		if v == nil && cur.id == p.stableID {
-			v = cur
-		} else if v == nil {
-			v = n.members.history.byID(p.stableID)
-		}
-		if v != nil && v.holds(p.m) { // a reporter outside its view is no evidence
-			reports = append(reports, report{p, v})
-		}
-	}
-	slices.SortFunc(reports, func(a, b report) int { return cmp.Compare(b.p.stableEpoch, a.p.stableEpoch) })
-	for _, r := range reports {
-		if r.p.stableEpoch <= q.epoch && !n.mayReturnTo(cur, r.v, r.p.stableEpoch) || !n.adoptable(r.v, r.p.stableEpoch) {
-			continue
-		}
-		n.log.Debug("partition policy: stable view adopted from peers", "epoch", r.p.stableEpoch, "members", len(r.v.members))
-		prev := r.p.stablePrev
-		if r.p.stableEpoch == q.epoch+1 {
-			prev = q.stable
-		}
-		q.setStable(r.p.stableEpoch, r.v, prev, r.p.stableConfirmed)
-		return
-	}
-}
-
-// mayReturnTo reports whether this stranded node may adopt v, of an epoch
-// it has already reached. Having moved past that epoch, it must not vote
-// for v again (its move may have confirmed a change that let others stop
-// counting v's line): a majority of v's other members must report v, and so
-// must a majority of this node's own stable view, where its line went,
-// unless no other member of that view is here (a view a forged heartbeat
-// talked this node into, once the fakes are gone). Callers hold
-// members.mu.
-func (n *Node) mayReturnTo(cur, v *view, epoch uint64) bool {
-	others := n.reports(epoch, v.id, false)
-	if !majorityOf(v, others) {
-		return false
-	}
-	if majorityOf(n.members.quorum.stable, others) {
-		return true
-	}
-	for _, m := range n.members.quorum.stable.members {
-		if p, self := n.peerIn(cur, m.ID); !self && p != nil {
-			return false
-		}
-	}
-	return true
-}
-
-// adoptable reports whether this node may adopt v as the stable view of
-// epoch: a majority of v's other members report it, or this node is in v,
-// with itself a majority of v reports it, and v holds a majority of this
-// node's stable view (by ID, so a node restarted under a member's ID,
-// which remembers nothing, can adopt the survivors' view with them). A
-// forged heartbeat naming a fake member cannot so make an isolated node
-// a majority of a view of its own.
-func (n *Node) adoptable(v *view, epoch uint64) bool {
-	if majorityOf(v, n.reports(epoch, v.id, false)) {
-		return true
-	}
-	if _, in := v.member(n.self.ID); !in || !majorityOf(v, n.reports(epoch, v.id, true)) {
-		return false
-	}
-	return majorityOf(n.members.quorum.stable, func(m Member) bool {
-		_, ok := v.member(m.ID)
-		return ok
-	})
 }
 
 // updateQuorum re-evaluates the quorum. It adopts a newer stable view a
