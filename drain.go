@@ -175,7 +175,11 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	// batches accepted as owner are answered and the requests that got
 	// past the inbox's drain check just before it began are served: their
 	// publishers keep waiting for an owner that left gracefully
-	// (ownerAnswers).
+	// (ownerAnswers). Under KeepMajority the LEAVE names the stable view
+	// this node hands on (handOver).
+	n.members.mu.Lock()
+	n.handOver()
+	n.members.mu.Unlock()
 	n.sendHeartbeat(wire.Heartbeat_LEAVE, "")
 	fctx, cancel := context.WithTimeout(ctx, time.Second)
 	_ = n.nc.FlushWithContext(fctx)

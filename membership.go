@@ -239,7 +239,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 		if p, ok := n.members.peers[id]; ok && p.m.Incarnation == inc {
 			n.members.bury(p.m, n.cfg.MaxMembers)
 			delete(n.members.peers, id)
-			n.forgetLeaver(id)
+			n.forgetLeaver(id, hb)
 			n.recomputeView()
 		} else if !n.members.stillLeaving(id, inc, n.cfg.MemberTimeout) {
 			return

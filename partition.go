@@ -1,7 +1,10 @@
 package pubsub
 
 import (
+	"slices"
 	"sync/atomic"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // PartitionPolicy says what a node does when a network partition hides part
@@ -54,6 +57,7 @@ type quorum struct {
 	confirmed bool   // no majority of prev can still hold it
 	has       atomic.Bool
 	report    atomic.Pointer[stableReport] // what this node's heartbeats carry
+	leave     atomic.Pointer[stableReport] // what its LEAVE hands on (handOver)
 }
 
 // startQuorum makes the view Join settled on this node's first stable view,
@@ -101,7 +105,7 @@ func (n *Node) updateQuorum(agree bool) {
 func (n *Node) evaluateQuorum(cur *view, agree bool) bool {
 	q := &n.members.quorum
 	n.adoptReported(cur)
-	if !q.confirmed && q.prev != nil && majorityOf(q.prev, n.movedPast(q.epoch)) {
+	if !q.confirmed && q.prev != nil && majorityOf(q.prev, n.movedTo(q.epoch, q.stable.id)) {
 		q.confirm()
 	}
 	has := n.seesMajority(cur) && (q.confirmed || q.prev != nil && majorityOf(q.prev, n.onThisSide(cur)))
@@ -140,15 +144,26 @@ func (n *Node) peerIn(cur *view, member string) (p *peer, self bool) {
 	return n.members.peers[member], false
 }
 
-// movedPast returns whether a member reported a stable view of epoch or
-// later, or left gracefully: either way it no longer counts for an older one.
-func (n *Node) movedPast(epoch uint64) func(Member) bool {
+// movedTo returns whether a member moved to the stable view (epoch, id):
+// it reports it, or the next one made from it, or left gracefully. A member
+// reporting another view of that epoch or later, made on another line (the
+// other side of a partition advanced from the same view), does not count:
+// counted, it confirmed this node's change while that line still held a
+// majority of its own.
+func (n *Node) movedTo(epoch, id uint64) func(Member) bool {
 	return func(m Member) bool {
 		if m.ID == n.self.ID || n.members.buried(m.ID, m.Incarnation, n.cfg.MemberTimeout) {
 			return true
 		}
 		p := n.members.peers[m.ID]
-		return p != nil && p.stableEpoch >= epoch
+		switch {
+		case p == nil:
+			return false
+		case p.stableEpoch == epoch && p.stableID == id:
+			return true
+		default:
+			return p.stableEpoch == epoch+1 && p.stablePrev != nil && p.stablePrev.id == id
+		}
 	}
 }
 
@@ -207,28 +222,81 @@ func (n *Node) seesMajority(cur *view) bool {
 
 // forgetLeaver drops a member that left gracefully from the stable view,
 // so a cluster scaled down by graceful leaves keeps its majority: the next
-// epoch, which every member holding this one computes alike. It runs before
-// the view without the leaver is installed, and only while this node has a
-// majority. Callers hold members.mu.
-func (n *Node) forgetLeaver(id string) {
+// epoch, which every member holding this one computes alike. A leaver that
+// held a majority names the view it hands on in its LEAVE (handOver), and
+// that one is taken. When neither has a member in sight, this node, if it
+// holds a majority, takes its own view without the leaver: the members
+// that counted the leaver (the half that wins a tie, or the whole view)
+// would otherwise be left holding a view none of them can serve in, or an
+// empty one. It runs before the view without the leaver is installed.
+// Callers hold members.mu.
+func (n *Node) forgetLeaver(id string, hb *wire.Heartbeat) {
 	q := &n.members.quorum
 	st := q.stable
-	if n.cfg.PartitionPolicy != KeepMajority || st == nil || !q.has.Load() || !q.confirmed {
-		return // an unconfirmed change still needs its old view: the next advance drops the leaver
-	}
-	if _, ok := st.member(id); !ok {
+	if n.cfg.PartitionPolicy != KeepMajority || st == nil || q.epoch+1 >= maxStableEpoch {
 		return
 	}
-	members := make([]Member, 0, len(st.members)-1)
-	for _, m := range st.members {
-		if m.ID != id {
-			members = append(members, m)
+	serving := q.has.Load() && q.confirmed
+	next := n.listedView(hb.GetStableMembers(), hb.GetStableId())
+	if next == nil || hb.GetStableEpoch() != q.epoch+1 || hb.GetPrevId() != st.id {
+		if _, ok := st.member(id); !ok || !serving {
+			return // an unconfirmed change still needs its old view: the next advance drops the leaver
 		}
+		next = newView(st.epoch, n.without(st, id))
 	}
-	q.setStable(q.epoch+1, newView(st.epoch, members), st, false)
-	if majorityOf(q.prev, n.movedPast(q.epoch)) {
+	if !n.inSight(next, id) {
+		if !serving {
+			return
+		}
+		next = newView(st.epoch, n.without(n.view(), id))
+	}
+	if len(next.members) == 0 {
+		return
+	}
+	q.setStable(q.epoch+1, next, st, false)
+	if majorityOf(q.prev, n.movedTo(q.epoch, q.stable.id)) {
 		q.confirm() // the leaver is buried: with this node, a majority may be
 	}
+}
+
+// handOver, run as this node starts to leave gracefully, picks the stable
+// view its LEAVE hands on while it holds a majority: its stable view
+// without it, or its current view without it when none of that view's
+// other members is in sight. Callers hold members.mu.
+func (n *Node) handOver() {
+	q := &n.members.quorum
+	if n.cfg.PartitionPolicy != KeepMajority || q.stable == nil || !q.has.Load() || !q.confirmed || q.epoch+1 >= maxStableEpoch {
+		return
+	}
+	next := newView(q.stable.epoch, n.without(q.stable, n.self.ID))
+	if !n.inSight(next, n.self.ID) {
+		next = newView(q.stable.epoch, n.without(n.view(), n.self.ID))
+	}
+	if len(next.members) == 0 {
+		return
+	}
+	q.leave.Store(&stableReport{epoch: q.epoch + 1, id: next.id, members: next.refs(), prev: q.stable.refs(), prevID: q.stable.id})
+}
+
+// without returns v's members but id.
+func (n *Node) without(v *view, id string) []Member {
+	out := make([]Member, 0, len(v.members))
+	for _, m := range v.members {
+		if m.ID != id {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// inSight reports whether v holds this node, or a member of its current
+// view other than leaver.
+func (n *Node) inSight(v *view, leaver string) bool {
+	cur := n.view()
+	return slices.ContainsFunc(v.members, func(m Member) bool {
+		_, ok := cur.member(m.ID)
+		return m.ID == n.self.ID || ok && m.ID != leaver
+	})
 }
 
 // servesAsOwner reports whether the partition policy lets this node serve
@@ -245,6 +313,9 @@ func majorityOf(stable *view, counts func(Member) bool) bool {
 		if counts(m) {
 			seen++
 		}
+	}
+	if len(stable.members) == 0 {
+		return false
 	}
 	if 2*seen != len(stable.members) {
 		return 2*seen > len(stable.members)

@@ -9,7 +9,7 @@ package pubsub_test
 // brain TestKeepMajorityRepartitionRightAfterAHealServesOneSide pins), and
 // crashes with a new node joining in the crashed one's place.
 //
-//	go test -race -tags soak -run SoakKeepMajority -v .
+//	go test -race -tags soak -run SoakKeepMajority -v .   # PUBSUB_SOAK_SEED=n for another run
 //
 // Checked: once the views show a partition, the two sides never serve at
 // once (sampled for a second); after every heal every node serves again,
@@ -19,6 +19,8 @@ package pubsub_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -30,7 +32,12 @@ func TestSoakKeepMajorityPartitions(t *testing.T) {
 	opts := append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	c := testcluster.NewFaulty(t, 3, 5, opts...)
 	c.WaitConverged(t, 10*time.Second)
-	r := rand.New(rand.NewPCG(5, 6))
+	seed := uint64(5)
+	if s, err := strconv.ParseUint(os.Getenv("PUBSUB_SOAK_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	t.Logf("seed %d (PUBSUB_SOAK_SEED)", seed)
+	r := rand.New(rand.NewPCG(seed, 6))
 	servers := len(c.Servers.Servers)
 	serverOf := []int{0, 1, 2, 0, 1} // NewFaulty puts node i on server i % servers
 	live := func() []*pubsub.Node {

@@ -430,3 +430,79 @@ func TestKeepMajorityMinorityDoesNotJoinALoneFreshNode(t *testing.T) {
 	waitViews(t, maj, append(min, x))
 	requireNeverBothSidesServe(t, maj, min, 2*faultMemberTimeout)
 }
+
+// Found by a randomized probe: re-partitions and the tie rule left n0 alone
+// as the whole stable view {n0}; the others adopted it after the heal, and
+// n0 left gracefully. Each dropped n0 from {n0}: an empty stable view, and
+// the next count panicked in the NATS callback, killing the process. A
+// leaver that holds a majority now hands on a view in its LEAVE (its view
+// without it, when its stable view without it has nobody in sight).
+func TestKeepMajorityLeaverOfAOneMemberStableViewHandsOn(t *testing.T) {
+	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
+	c.WaitConverged(t, 10*time.Second)
+	n := c.Nodes
+	waitStableEverywhere(t, n, 5)
+	cutSides(c, []int{3}, []int{0, 1, 2, 4}) // {n0, n1, n2, n4} stable
+	waitViews(t, []*pubsub.Node{n[3]}, []*pubsub.Node{n[0], n[1], n[2], n[4]})
+	waitStableEverywhere(t, []*pubsub.Node{n[0], n[1], n[2], n[4]}, 4)
+	waitConfirmed(t, n[0], n[1], n[2], n[4])
+	cutSides(c, []int{2, 4}, []int{0, 1}) // {n0, n1}: half of it, with its lowest ID
+	c.Route(2, 3).Heal()
+	c.Route(3, 4).Heal()
+	waitViews(t, []*pubsub.Node{n[0], n[1]}, []*pubsub.Node{n[2], n[3], n[4]})
+	waitStableEverywhere(t, []*pubsub.Node{n[0], n[1]}, 2)
+	waitConfirmed(t, n[0], n[1])
+	c.Route(0, 1).Cut() // {n0} alone: half of {n0, n1}, with its lowest ID
+	for _, s := range []int{2, 3, 4} {
+		c.Route(1, s).Heal()
+	}
+	waitViews(t, []*pubsub.Node{n[0]}, []*pubsub.Node{n[1], n[2], n[3], n[4]})
+	testcluster.WaitFor(t, 2*time.Second, func() bool { return n[0].Stats().StableMembers == 1 }, "n0 never made {n0} stable: %s", quorumOf(n))
+	waitConfirmed(t, n[0])
+	c.HealAll()
+	testcluster.WaitFor(t, 10*time.Second, func() bool {
+		for _, x := range n[1:] {
+			if st := x.Stats(); st.HasQuorum && st.StableMembers == 1 {
+				return true
+			}
+		}
+		return false
+	}, "nobody adopted {n0}: %s", quorumOf(n))
+	c.CloseNode(t, 0)
+	c.WaitMeshed(t, 10*time.Second)
+	c.WaitConverged(t, 3*faultMemberTimeout)
+	waitStableEverywhere(t, n[1:], 4)
+}
+
+// Found by a randomized probe: the lone half of a two-member stable view
+// that wins the tie crossed a partition, and the nodes there adopted its
+// view; it then left gracefully. They dropped it into a view of the other
+// member alone, whom none of them could see, and that member never heard
+// the LEAVE: after a full heal no node served again. The leaver now hands
+// on its view without it.
+func TestKeepMajorityTieBreakerLeavingHandsOn(t *testing.T) {
+	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
+	c.WaitConverged(t, 10*time.Second)
+	n := c.Nodes
+	waitStableEverywhere(t, n, 5)
+	cutSides(c, []int{3}, []int{0, 1, 2, 4}) // {n0, n1, n2, n4} stable
+	waitViews(t, []*pubsub.Node{n[3]}, []*pubsub.Node{n[0], n[1], n[2], n[4]})
+	waitStableEverywhere(t, []*pubsub.Node{n[0], n[1], n[2], n[4]}, 4)
+	waitConfirmed(t, n[0], n[1], n[2], n[4])
+	cutSides(c, []int{1, 4}, []int{0, 2}) // {n0, n2}: half, with the lowest ID
+	c.Route(1, 3).Heal()
+	c.Route(3, 4).Heal()
+	waitViews(t, []*pubsub.Node{n[0], n[2]}, []*pubsub.Node{n[1], n[3], n[4]})
+	waitStableEverywhere(t, []*pubsub.Node{n[0], n[2]}, 2)
+	waitConfirmed(t, n[0], n[2])
+	cutSides(c, []int{0}, []int{2}) // n0 crosses: {n2} | {n0, n1, n3, n4}
+	for _, s := range []int{1, 3, 4} {
+		c.Route(0, s).Heal()
+	}
+	testcluster.WaitFor(t, 2*time.Second, func() bool { return len(n[1].Members()) == 4 }, "n0 never reached n1")
+	c.CloseNode(t, 0)
+	c.HealAll()
+	c.WaitMeshed(t, 10*time.Second)
+	c.WaitConverged(t, 3*faultMemberTimeout)
+	waitStableEverywhere(t, n[1:], 4)
+}

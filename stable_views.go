@@ -47,6 +47,9 @@ func (q *quorum) publish() {
 // only when they are not the sender's current view, which receivers know.
 func (q *quorum) stampHeartbeat(hb *wire.Heartbeat) {
 	r := q.report.Load()
+	if l := q.leave.Load(); l != nil && hb.GetKind() == wire.Heartbeat_LEAVE {
+		r = l
+	}
 	if r == nil {
 		return
 	}
@@ -108,8 +111,8 @@ func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
 
 // adoptReported adopts a stable view members report: the newest above
 // this node's epoch that it can adopt (adoptable). When no majority of its
-// members holds this node's stable view although the change to it is
-// confirmed, any other view it can adopt will do, of any epoch: two changes
+// members holds this node's stable view, any other view it can adopt will
+// do, of any epoch: two changes
 // made at once from different views (one node heard a LEAVE first) then
 // meet on the one a majority holds, and a view a forger talked a node into
 // is left once the forger is gone. The members come listed in the
@@ -117,7 +120,10 @@ func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
 // members.mu.
 func (n *Node) adoptReported(cur *view) {
 	q := &n.members.quorum
-	stranded := q.confirmed && !majorityOf(q.stable, n.reports(q.epoch, q.stable.id, true))
+	// Stranded: the members here that hold this node's stable view, as
+	// seesMajority counts them (so a node that just moved, its members
+	// still catching up, is not), are no majority of it.
+	stranded := !n.seesMajority(cur)
 	type report struct {
 		p *peer
 		v *view
@@ -144,8 +150,8 @@ func (n *Node) adoptReported(cur *view) {
 			continue
 		}
 		n.log.Debug("partition policy: stable view adopted from peers", "epoch", r.p.stableEpoch, "members", len(r.v.members))
-		prev := r.p.stablePrev
-		if r.p.stableEpoch == q.epoch+1 {
+		prev := r.p.stablePrev // the view it was made from, on its own line
+		if prev == nil && r.p.stableEpoch == q.epoch+1 {
 			prev = q.stable
 		}
 		q.setStable(r.p.stableEpoch, r.v, prev, r.p.stableConfirmed)
