@@ -13,3 +13,20 @@ func (n *Node) StableConfirmedForTest() bool {
 	defer n.members.mu.Unlock()
 	return n.members.quorum.confirmed
 }
+
+// StableIDsForTest returns the IDs of the node's stable view, sorted
+// (KeepMajority).
+func (n *Node) StableIDsForTest() []string {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	q := &n.members.quorum
+	if q.stable == nil {
+		return nil
+	}
+	ids := make([]string, 0, len(q.stable.members))
+	for _, m := range q.stable.members {
+		ids = append(ids, m.ID)
+	}
+	slices.Sort(ids)
+	return ids
+}
