@@ -445,14 +445,7 @@ func TestKeepMajorityMinorityDoesNotJoinALoneFreshNode(t *testing.T) {
 // leaver that holds a majority now hands on a view in its LEAVE (its view
 // without it, when its stable view without it has nobody in sight).
 func TestKeepMajorityLeaverOfAOneMemberStableViewHandsOn(t *testing.T) {
-	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
-	c.WaitConverged(t, 10*time.Second)
-	n := c.Nodes
-	waitStableEverywhere(t, n, 5)
-	cutSides(c, []int{3}, []int{0, 1, 2, 4}) // {n0, n1, n2, n4} stable
-	waitViews(t, []*pubsub.Node{n[3]}, []*pubsub.Node{n[0], n[1], n[2], n[4]})
-	waitStableEverywhere(t, []*pubsub.Node{n[0], n[1], n[2], n[4]}, 4)
-	waitConfirmed(t, n[0], n[1], n[2], n[4])
+	c, n := fourOfFiveStable(t)
 	cutSides(c, []int{2, 4}, []int{0, 1}) // {n0, n1}: half of it, with its lowest ID
 	c.Route(2, 3).Heal()
 	c.Route(3, 4).Heal()
@@ -488,14 +481,7 @@ func TestKeepMajorityLeaverOfAOneMemberStableViewHandsOn(t *testing.T) {
 // the LEAVE: after a full heal no node served again. The leaver now hands
 // on its view without it.
 func TestKeepMajorityTieBreakerLeavingHandsOn(t *testing.T) {
-	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
-	c.WaitConverged(t, 10*time.Second)
-	n := c.Nodes
-	waitStableEverywhere(t, n, 5)
-	cutSides(c, []int{3}, []int{0, 1, 2, 4}) // {n0, n1, n2, n4} stable
-	waitViews(t, []*pubsub.Node{n[3]}, []*pubsub.Node{n[0], n[1], n[2], n[4]})
-	waitStableEverywhere(t, []*pubsub.Node{n[0], n[1], n[2], n[4]}, 4)
-	waitConfirmed(t, n[0], n[1], n[2], n[4])
+	c, n := fourOfFiveStable(t)
 	cutSides(c, []int{1, 4}, []int{0, 2}) // {n0, n2}: half, with the lowest ID
 	c.Route(1, 3).Heal()
 	c.Route(3, 4).Heal()
@@ -517,4 +503,19 @@ func TestKeepMajorityTieBreakerLeavingHandsOn(t *testing.T) {
 	c.WaitMeshed(t, 10*time.Second)
 	c.WaitConverged(t, 3*faultMemberTimeout)
 	waitStableEverywhere(t, n[1:], 4)
+}
+
+// fourOfFiveStable starts 5 nodes, one per server, and cuts n3 off until
+// the other four hold {n0, n1, n2, n4} as a confirmed stable view.
+func fourOfFiveStable(t *testing.T) (*testcluster.Cluster, []*pubsub.Node) {
+	t.Helper()
+	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
+	c.WaitConverged(t, 10*time.Second)
+	n := c.Nodes
+	waitStableEverywhere(t, n, 5)
+	cutSides(c, []int{3}, []int{0, 1, 2, 4})
+	waitViews(t, []*pubsub.Node{n[3]}, []*pubsub.Node{n[0], n[1], n[2], n[4]})
+	waitStableEverywhere(t, []*pubsub.Node{n[0], n[1], n[2], n[4]}, 4)
+	waitConfirmed(t, n[0], n[1], n[2], n[4])
+	return c, n
 }
