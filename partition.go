@@ -3,6 +3,7 @@ package pubsub
 import (
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -51,10 +52,11 @@ func (p PartitionPolicy) String() string {
 // A minority never makes its own view stable, so it cannot talk itself into
 // a majority.
 type quorum struct {
-	stable    *view  // guarded by membership.mu, as is everything but has and report
-	epoch     uint64 // stable's place in the agreed sequence: 0 until the first agreement
-	prev      *view  // the stable view of epoch-1, when this node held it
-	confirmed bool   // no majority of prev can still hold it
+	stable    *view     // guarded by membership.mu, as is everything but has and report
+	epoch     uint64    // stable's place in the agreed sequence: 0 until the first agreement
+	prev      *view     // the stable view of epoch-1, when this node held it
+	confirmed bool      // no majority of prev can still hold it
+	since     time.Time // when this node last changed its stable view
 	has       atomic.Bool
 	report    atomic.Pointer[stableReport] // what this node's heartbeats carry
 	leave     atomic.Pointer[stableReport] // what its LEAVE hands on (handOver)
@@ -273,6 +275,9 @@ func (n *Node) handOver() {
 		next = newView(q.stable.epoch, n.without(n.view(), n.self.ID))
 	}
 	if len(next.members) == 0 {
+		// Alone and serving: nobody hears the LEAVE, which then stops the
+		// service as a crash of this node would.
+		n.log.Warn("partition policy: leaving alone with the majority; the others stop serving until this node's ID returns or they are restarted", "stable", len(q.stable.members))
 		return
 	}
 	q.leave.Store(&stableReport{epoch: q.epoch + 1, id: next.id, members: next.refs(), prev: q.stable.refs(), prevID: q.stable.id})

@@ -519,3 +519,34 @@ func fourOfFiveStable(t *testing.T) (*testcluster.Cluster, []*pubsub.Node) {
 	waitConfirmed(t, n[0], n[1], n[2], n[4])
 	return c, n
 }
+
+// Found in the third review: a node that had just moved to a new stable
+// view, and could not hear its peers move with it (a one-way stall towards
+// it), went back to the view it had left on their old reports, and served
+// on it until its failure detector fired. A node returning to a view of an
+// epoch it reached counts only reports heard since it last moved.
+func TestKeepMajorityJustMovedNodeDoesNotGoBackOnOldReports(t *testing.T) {
+	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
+	c.WaitConverged(t, 10*time.Second)
+	for _, id := range []string{"x1", "x2"} {
+		c.AddNode(t, id, 4, keepMajorityOpts()...)
+	}
+	c.WaitConverged(t, 10*time.Second)
+	waitStableEverywhere(t, c.Nodes, 7)
+	n4 := c.Nodes[4]
+	e := n4.Stats().StableEpoch
+	for s := range 4 {
+		c.StallRoute(s, 4) // n4 hears nobody on servers 0-3; they hear it
+	}
+	c.CloseNode(t, 5)
+	testcluster.WaitFor(t, 2*time.Second, func() bool { return n4.Stats().StableEpoch == e+1 }, "n4 never took x1's hand-over: %s", quorumOf(c.Nodes[:5]))
+	c.CloseNode(t, 6)
+	for end := time.Now().Add(faultMemberTimeout / 2); time.Now().Before(end); {
+		st := n4.Stats()
+		require.GreaterOrEqual(t, st.StableEpoch, e+1, "n4 went back to the view it left: %v, quorum %v", n4.StableIDsForTest(), st.HasQuorum)
+		time.Sleep(5 * time.Millisecond) // sampling: the epoch must never go back
+	}
+	c.HealAll()
+	c.WaitConverged(t, 3*faultMemberTimeout)
+	waitStableEverywhere(t, c.Nodes[:5], 5)
+}

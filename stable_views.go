@@ -3,6 +3,7 @@ package pubsub
 import (
 	"cmp"
 	"slices"
+	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
@@ -25,7 +26,7 @@ type stableReport struct {
 // (nil if unknown), confirmed whether that change is. Callers hold
 // members.mu.
 func (q *quorum) setStable(epoch uint64, v, prev *view, confirmed bool) {
-	q.stable, q.epoch, q.prev, q.confirmed = v, epoch, prev, confirmed
+	q.stable, q.epoch, q.prev, q.confirmed, q.since = v, epoch, prev, confirmed, time.Now()
 	q.publish()
 }
 
@@ -168,7 +169,14 @@ func (n *Node) adoptReported(cur *view) {
 // talked this node into, once the fakes are gone). Callers hold
 // members.mu.
 func (n *Node) mayReturnTo(cur, v *view, epoch uint64) bool {
-	others := n.reports(epoch, v.id, false)
+	// Only what members said since this node last moved: a report heard
+	// before may be one they moved on from too (a node that could not hear
+	// its peers move went back to the view it had just left).
+	since, reported := n.members.quorum.since, n.reports(epoch, v.id, false)
+	others := func(m Member) bool {
+		p := n.members.peers[m.ID]
+		return reported(m) && p != nil && p.lastSeen.After(since)
+	}
 	if !majorityOf(v, others) {
 		return false
 	}
