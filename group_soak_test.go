@@ -45,6 +45,7 @@ import (
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
 const chaosGroup = "g"
@@ -258,18 +259,6 @@ func (p *groupChaos) cleanRunFrom(from int) (int, bool) {
 		}
 	}
 	return run, run >= 100
-}
-
-// pollUntil polls cond every 5 ms until it holds or within elapses.
-func pollUntil(within time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return true
 }
 
 // lastOutcome describes the last completed future that was not clean.
@@ -621,7 +610,7 @@ func runGroupFault(t *testing.T, bcastOn int, steps ...faultStep) {
 		t.Logf("[%s] took effect after %v", st.what, time.Since(faulted).Round(time.Millisecond))
 		// Hold the fault until the publisher has seen it in 3 batches (a
 		// failed future or an ack listing a failure), at most 6 s more.
-		if pollUntil(8*time.Second, func() bool { return p.dirtyBatches(atFault) >= chaosHold }) {
+		if embedded.Poll(8*time.Second, func() bool { return p.dirtyBatches(atFault) >= chaosHold }) {
 			t.Logf("[%s] seen by the publisher in %d batches after %v", st.what, chaosHold, time.Since(faulted).Round(time.Millisecond))
 		} else {
 			t.Logf("[%s] seen by the publisher in %d batches within %v", st.what, p.dirtyBatches(atFault), time.Since(faulted).Round(time.Millisecond))

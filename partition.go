@@ -52,7 +52,7 @@ func (p PartitionPolicy) String() string {
 // A minority never makes its own view stable, so it cannot talk itself into
 // a majority.
 type quorum struct {
-	stable    *view     // guarded by membership.mu, as is everything but has and report
+	stable    *view     // guarded by membership.mu, as is everything but the atomics
 	epoch     uint64    // stable's place in the agreed sequence: 0 until the first agreement
 	prev      *view     // the stable view of epoch-1, when this node held it
 	confirmed bool      // no majority of prev can still hold it
@@ -244,13 +244,13 @@ func (n *Node) forgetLeaver(id string, hb *wire.Heartbeat) {
 		if _, ok := st.member(id); !ok || !serving {
 			return // an unconfirmed change still needs its old view: the next advance drops the leaver
 		}
-		next = newView(st.epoch, n.without(st, id))
+		next = newView(st.epoch, membersWithout(st, id))
 	}
 	if !n.inSight(next, id) {
 		if !serving {
 			return
 		}
-		next = newView(st.epoch, n.without(n.view(), id))
+		next = newView(st.epoch, membersWithout(n.view(), id))
 	}
 	if len(next.members) == 0 {
 		return
@@ -270,9 +270,9 @@ func (n *Node) handOver() {
 	if n.cfg.PartitionPolicy != KeepMajority || q.stable == nil || !q.has.Load() || !q.confirmed || q.epoch+1 >= maxStableEpoch {
 		return
 	}
-	next := newView(q.stable.epoch, n.without(q.stable, n.self.ID))
+	next := newView(q.stable.epoch, membersWithout(q.stable, n.self.ID))
 	if !n.inSight(next, n.self.ID) {
-		next = newView(q.stable.epoch, n.without(n.view(), n.self.ID))
+		next = newView(q.stable.epoch, membersWithout(n.view(), n.self.ID))
 	}
 	if len(next.members) == 0 {
 		// Alone and serving: nobody hears the LEAVE, which then stops the
@@ -283,8 +283,8 @@ func (n *Node) handOver() {
 	q.leave.Store(&stableReport{epoch: q.epoch + 1, id: next.id, members: next.refs(), prev: q.stable.refs(), prevID: q.stable.id})
 }
 
-// without returns v's members but id.
-func (n *Node) without(v *view, id string) []Member {
+// membersWithout returns v's members but id.
+func membersWithout(v *view, id string) []Member {
 	out := make([]Member, 0, len(v.members))
 	for _, m := range v.members {
 		if m.ID != id {

@@ -113,12 +113,11 @@ func (n *Node) listedView(refs []*wire.MemberRef, id uint64) *view {
 // adoptReported adopts a stable view members report: the newest above
 // this node's epoch that it can adopt (adoptable). When no majority of its
 // members holds this node's stable view, any other view it can adopt will
-// do, of any epoch: two changes
-// made at once from different views (one node heard a LEAVE first) then
-// meet on the one a majority holds, and a view a forger talked a node into
-// is left once the forger is gone. The members come listed in the
-// heartbeat, or are this node's current or a recent view. Callers hold
-// members.mu.
+// do, of any epoch: two changes made at once from different views (one
+// node heard a LEAVE first) then meet on the one a majority holds, and a
+// view a forger talked a node into is left once the forger is gone. The
+// members come listed in the heartbeat, or are this node's current or a
+// recent view. Callers hold members.mu.
 func (n *Node) adoptReported(cur *view) {
 	q := &n.members.quorum
 	// Stranded: the members here that hold this node's stable view, as

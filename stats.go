@@ -60,7 +60,7 @@ func (n *Node) Stats() Stats {
 		AckNoneRefused:    n.stats.ackNoneRefused.Load(),
 		SyncRequests:      n.stats.syncRequests.Load(),
 	}
-	st.HasQuorum = n.servesAsOwner()
+	st.HasQuorum = true // KeepServing always serves
 	if n.cfg.PartitionPolicy == KeepMajority {
 		// Under the lock a view change holds until its quorum is re-evaluated:
 		// the figures agree with Members() read before.

@@ -169,8 +169,9 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // its handler) and then at the owner, and returns once the owner
 // acknowledged. A batch its handler is running when it ends stops after the
 // current message and counts as SubscriberGone for it, not Delivered; a
-// consumer group's other members get the rest of its share. The subscription is ended either way; the error says whether
-// the owner confirmed. Unsubscribing an ended subscription returns nil.
+// consumer group's other members get the rest of its share. The
+// subscription is ended either way; the error says whether the owner
+// confirmed. Unsubscribing an ended subscription returns nil.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	n := s.node
 	if n.subscriber.remove(s.id.Local, "") == nil {
