@@ -113,6 +113,7 @@ func (m *membership) init(n *Node) {
 	m.control.goroutines = &n.life.goroutines
 	first := newView(0, []Member{n.self})
 	m.cur.Store(first)
+	m.quorum.viewSince = time.Now()
 	m.history.remember(first)
 	m.pushed = first
 }
@@ -124,6 +125,10 @@ type peer struct {
 	m        Member
 	lastSeen time.Time
 	viewID   uint64 // the peer's view as last reported
+	// viewSince is when viewID last changed (or the peer was first heard):
+	// under KeepMajority a peer whose view disagrees with this node's for
+	// longer than viewDisagreementGrace does not count (seesMajority).
+	viewSince time.Time
 	// The peer's stable view as last reported (KeepMajority only); stable
 	// and stablePrev hold the members the heartbeat listed, if any.
 	stableEpoch, stableID uint64
@@ -170,6 +175,7 @@ func (n *Node) recomputeView() {
 		return
 	}
 	n.members.cur.Store(next)
+	n.members.quorum.viewSince = time.Now()
 	n.members.history.remember(next)
 	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
@@ -297,7 +303,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 			n.rejectMember(id)
 			return
 		}
-		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}}
+		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}, viewSince: time.Now()}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
 			n.recomputeView()
@@ -308,8 +314,8 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		}
 	}
 	p.lastSeen = time.Now()
-	if viewID != 0 {
-		p.viewID = viewID
+	if viewID != 0 && viewID != p.viewID {
+		p.viewID, p.viewSince = viewID, p.lastSeen
 	}
 }
 

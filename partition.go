@@ -57,6 +57,7 @@ type quorum struct {
 	prev      *view     // the stable view of epoch-1, when this node held it
 	confirmed bool      // no majority of prev can still hold it
 	since     time.Time // when this node last changed its stable view
+	viewSince time.Time // when this node installed its current view
 	has       atomic.Bool
 	report    atomic.Pointer[stableReport] // what this node's heartbeats carry
 	leave     atomic.Pointer[stableReport] // what its LEAVE hands on (handOver)
@@ -202,7 +203,7 @@ func (n *Node) seesMajority(cur *view) bool {
 		switch {
 		case self:
 			return true
-		case p == nil:
+		case p == nil, n.disagreesLong(p, cur):
 			return false
 		case p.stableEpoch == q.epoch && p.stableID == q.stable.id:
 			return true
@@ -220,6 +221,28 @@ func (n *Node) seesMajority(cur *view) bool {
 			return p.stableEpoch < q.epoch && p.viewID == q.stable.id
 		}
 	})
+}
+
+// viewDisagreementGrace is how long a peer may report a current view other
+// than this node's, neither view changing, and still count towards its
+// majority: failure detectors fire about a heartbeat apart, so views
+// disagree that long after every crash. Past it the disagreement is a
+// partition that is not transitive (a route cut between two servers of
+// three: the nodes behind them lose each other, the third sees both) or a
+// one-way stall, where counting each other let two nodes each count a
+// majority and both own the topics they took from each other.
+func (n *Node) viewDisagreementGrace() time.Duration {
+	return 3 * n.cfg.HeartbeatInterval
+}
+
+// disagreesLong reports whether p has reported a current view other than
+// cur for longer than viewDisagreementGrace. Callers hold members.mu.
+func (n *Node) disagreesLong(p *peer, cur *view) bool {
+	if p.viewID == cur.id {
+		return false
+	}
+	grace := n.viewDisagreementGrace()
+	return time.Since(p.viewSince) > grace && time.Since(n.members.quorum.viewSince) > grace
 }
 
 // forgetLeaver drops a member that left gracefully from the stable view,
