@@ -113,7 +113,6 @@ func (m *membership) init(n *Node) {
 	m.control.goroutines = &n.life.goroutines
 	first := newView(0, []Member{n.self})
 	m.cur.Store(first)
-	m.quorum.viewSince = time.Now()
 	m.history.remember(first)
 	m.pushed = first
 }
@@ -125,15 +124,26 @@ type peer struct {
 	m        Member
 	lastSeen time.Time
 	viewID   uint64 // the peer's view as last reported
-	// viewSince is when viewID last changed (or the peer was first heard):
-	// under KeepMajority a peer whose view disagrees with this node's for
-	// longer than viewDisagreementGrace does not count (seesMajority).
-	viewSince time.Time
+	// disagreeSince is when viewID and this node's view last started to
+	// differ (zero while they agree); a change on either side that leaves
+	// them apart does not restart it. Under KeepMajority a peer that
+	// disagrees for longer than viewDisagreementGrace does not count.
+	disagreeSince time.Time
 	// The peer's stable view as last reported (KeepMajority only); stable
 	// and stablePrev hold the members the heartbeat listed, if any.
 	stableEpoch, stableID uint64
 	stableConfirmed       bool
 	stable, stablePrev    *view
+}
+
+// noteAgreement starts or ends p's disagreement with this node's view cur.
+func (p *peer) noteAgreement(cur uint64, now time.Time) {
+	switch {
+	case p.viewID == cur:
+		p.disagreeSince = time.Time{}
+	case p.disagreeSince.IsZero():
+		p.disagreeSince = now
+	}
 }
 
 // Members returns the current view, sorted by ID, including this node.
@@ -175,7 +185,10 @@ func (n *Node) recomputeView() {
 		return
 	}
 	n.members.cur.Store(next)
-	n.members.quorum.viewSince = time.Now()
+	now := time.Now()
+	for _, p := range n.members.peers {
+		p.noteAgreement(next.id, now)
+	}
 	n.members.history.remember(next)
 	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
@@ -303,7 +316,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 			n.rejectMember(id)
 			return
 		}
-		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}, viewSince: time.Now()}
+		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
 			n.recomputeView()
@@ -314,9 +327,10 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		}
 	}
 	p.lastSeen = time.Now()
-	if viewID != 0 && viewID != p.viewID {
-		p.viewID, p.viewSince = viewID, p.lastSeen
+	if viewID != 0 {
+		p.viewID = viewID
 	}
+	p.noteAgreement(n.view().id, p.lastSeen)
 }
 
 // rejectMember counts, logs and reports (both throttled) a node ignored

@@ -57,7 +57,6 @@ type quorum struct {
 	prev      *view     // the stable view of epoch-1, when this node held it
 	confirmed bool      // no majority of prev can still hold it
 	since     time.Time // when this node last changed its stable view
-	viewSince time.Time // when this node installed its current view
 	has       atomic.Bool
 	report    atomic.Pointer[stableReport] // what this node's heartbeats carry
 	leave     atomic.Pointer[stableReport] // what its LEAVE hands on (handOver)
@@ -72,6 +71,16 @@ func (n *Node) startQuorum() {
 	}
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
+	// Disagreements between views count (disagreesLong) from now on: a
+	// joiner learns members from the others' lists, and one that crashed
+	// just before stays in its view, apart from the others', until its
+	// heartbeat loop, which starts after Join, drops it.
+	now := time.Now()
+	for _, p := range n.members.peers {
+		if !p.disagreeSince.IsZero() {
+			p.disagreeSince = now
+		}
+	}
 	// Heard from a cluster past its first agreement, the join view is no
 	// agreed view: only one adopted from the members makes this node count.
 	established := false
@@ -223,26 +232,26 @@ func (n *Node) seesMajority(cur *view) bool {
 	})
 }
 
-// viewDisagreementGrace is how long a peer may report a current view other
-// than this node's, neither view changing, and still count towards its
-// majority: failure detectors fire about a heartbeat apart, so views
-// disagree that long after every crash. Past it the disagreement is a
-// partition that is not transitive (a route cut between two servers of
-// three: the nodes behind them lose each other, the third sees both) or a
-// one-way stall, where counting each other let two nodes each count a
-// majority and both own the topics they took from each other.
+// viewDisagreementGrace is how long a peer's current view may differ from
+// this node's, without a break, while the peer still counts towards its
+// majority: 3 heartbeat intervals, or a quarter of MemberTimeout if that is
+// longer. Failure detectors fire about a heartbeat apart (more on a loaded
+// machine), so views disagree that long after every crash. Past it the
+// disagreement is a partition that is not transitive (a route cut between
+// two servers of three: the nodes behind it lose each other, the third
+// sees both) or a one-way stall, where counting each other let two nodes
+// each count a majority and both own the topics they took from each other.
+// Measured without a break, not since the last change: a join or a crash
+// elsewhere moves every view, and restarting the clock then let the nodes
+// behind a cut count each other again.
 func (n *Node) viewDisagreementGrace() time.Duration {
-	return 3 * n.cfg.HeartbeatInterval
+	return max(3*n.cfg.HeartbeatInterval, n.cfg.MemberTimeout/4)
 }
 
-// disagreesLong reports whether p has reported a current view other than
-// cur for longer than viewDisagreementGrace. Callers hold members.mu.
+// disagreesLong reports whether p's current view has differed from cur for
+// longer than viewDisagreementGrace. Callers hold members.mu.
 func (n *Node) disagreesLong(p *peer, cur *view) bool {
-	if p.viewID == cur.id {
-		return false
-	}
-	grace := n.viewDisagreementGrace()
-	return time.Since(p.viewSince) > grace && time.Since(n.members.quorum.viewSince) > grace
+	return p.viewID != cur.id && !p.disagreeSince.IsZero() && time.Since(p.disagreeSince) > n.viewDisagreementGrace()
 }
 
 // forgetLeaver drops a member that left gracefully from the stable view,
