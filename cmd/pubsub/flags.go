@@ -44,6 +44,7 @@ type benchConfig struct {
 	window    int // 0: the burst pattern
 	queue     int // ProducerConfig.MaxQueueSize; 0: the default
 	inflight  int // ProducerConfig.MaxInFlight; 0: the default
+	batch     int // ProducerConfig.BatchSize; 0: the default
 	prefix    string
 	json      bool
 	timeout   time.Duration
@@ -68,7 +69,7 @@ func (c *benchConfig) maxWindow() int {
 
 // producerConfig is the ProducerConfig the pattern and flags ask for.
 func (c *benchConfig) producerConfig() pubsub.ProducerConfig {
-	return pubsub.ProducerConfig{MaxQueueSize: c.queue, MaxInFlight: c.inflight}
+	return pubsub.ProducerConfig{MaxQueueSize: c.queue, MaxInFlight: c.inflight, BatchSize: c.batch}
 }
 
 // pattern names the producer pattern, as the table and the JSON show it.
@@ -82,6 +83,9 @@ func (c *benchConfig) pattern() string {
 	}
 	if c.inflight > 0 {
 		name += fmt.Sprintf(" inflight %d", c.inflight)
+	}
+	if c.batch > 0 {
+		name += fmt.Sprintf(" batch %d", c.batch)
 	}
 	return name
 }
@@ -98,6 +102,7 @@ type benchFlags struct {
 	window   int
 	queue    int
 	inflight int
+	batch    int
 	prefix   string
 	json     bool
 	timeout  time.Duration
@@ -113,10 +118,11 @@ func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs.IntVar(&f.subs, "subs", 3, "local subscribers in the local scenario")
 	fs.IntVar(&f.count, "count", 0, "messages per scenario, publish calls for latency (default: fanout 300000, local 1000000, latency 5000, group 300000)")
 	fs.IntVar(&f.size, "size", 128, "message payload size in `bytes`")
-	fs.BoolVar(&f.burst, "burst", false, "producer pattern: Produce every message in a loop with the default ProducerConfig (but --queue and --inflight), wait for the last accepted future, report the accepted rate and the % rejected with ErrQueueFull (default: the pattern unless --window is set)")
-	fs.IntVar(&f.window, "window", 0, "producer pattern: keep at most `N` futures outstanding (1 to the queue size), the default ProducerConfig (but --queue and --inflight) (default 0: --burst)")
+	fs.BoolVar(&f.burst, "burst", false, "producer pattern: Produce every message in a loop with the default ProducerConfig (but --queue, --inflight and --batch), wait for the last accepted future, report the accepted rate and the % rejected with ErrQueueFull (default: the pattern unless --window is set)")
+	fs.IntVar(&f.window, "window", 0, "producer pattern: keep at most `N` futures outstanding (1 to the queue size), the default ProducerConfig (but --queue, --inflight and --batch) (default 0: --burst)")
 	fs.IntVar(&f.queue, "queue", 0, fmt.Sprintf("the producer's MaxQueueSize in `messages`, for either pattern (default 0: the library's default, %d)", pubsub.DefaultMaxQueueSize))
 	fs.IntVar(&f.inflight, "inflight", 0, fmt.Sprintf("the producer's MaxInFlight in `batches`, for either pattern (default 0: the library's default, %d)", pubsub.DefaultMaxInFlight))
+	fs.IntVar(&f.batch, "batch", 0, fmt.Sprintf("the producer's BatchSize in `messages`, for either pattern (default 0: the library's default, %d)", pubsub.DefaultBatchSize))
 	fs.StringVar(&f.prefix, "prefix", "pubsub-bench", "subject prefix of the pubsub nodes; raw NATS subjects are <prefix>.raw.*")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object with every scenario's figures instead of the table")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "overall time limit of the run")
@@ -160,6 +166,7 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		window:   f.window,
 		queue:    f.queue,
 		inflight: f.inflight,
+		batch:    f.batch,
 		prefix:   f.prefix,
 		json:     f.json,
 		timeout:  f.timeout,
@@ -207,6 +214,8 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		return nil, fmt.Errorf("--queue %d: want at least 1", cfg.queue)
 	case set["inflight"] && cfg.inflight < 1:
 		return nil, fmt.Errorf("--inflight %d: want at least 1", cfg.inflight)
+	case set["batch"] && cfg.batch < 1:
+		return nil, fmt.Errorf("--batch %d: want at least 1", cfg.batch)
 	case set["window"] && (cfg.window < 1 || cfg.window > cfg.maxWindow()):
 		return nil, fmt.Errorf("--window %d: want 1 to %d (the producer's MaxQueueSize; raise it with --queue)", cfg.window, cfg.maxWindow())
 	case set["window"] && set["burst"] && f.burst:

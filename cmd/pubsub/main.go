@@ -28,8 +28,8 @@
 // message produced in a loop with the default ProducerConfig, then a wait for
 // the last accepted future, reporting the accepted rate and the share of
 // Produce calls rejected with ErrQueueFull; or --window N, at most N futures
-// outstanding. --queue and --inflight set the producer's MaxQueueSize and
-// MaxInFlight for either pattern.
+// outstanding. --queue, --inflight and --batch set the producer's
+// MaxQueueSize, MaxInFlight and BatchSize for either pattern.
 //
 // --count defaults to 300000 messages for fanout and group, 1000000 for
 // local and 5000 publish calls (per ack level) for latency; with every

@@ -196,6 +196,7 @@ func TestBadUsageExitsOne(t *testing.T) {
 		{[]string{"bench", "--count", "-1"}, "--count -1"},
 		{[]string{"bench", "--queue", "0"}, "--queue 0"},
 		{[]string{"bench", "--inflight", "-2"}, "--inflight -2"},
+		{[]string{"bench", "--batch", "0"}, "--batch 0"},
 		{[]string{"bench", "--window", "200000"}, "raise it with --queue"},
 		{[]string{"bench", "--window", "600", "--queue", "500"}, "want 1 to 500"},
 		{[]string{"bench", "--url", "nats://a:1", "--servers", "2"}, "--servers"},
@@ -228,12 +229,12 @@ func TestParseInterleavesScenariosAndFlags(t *testing.T) {
 	if cfg.count != 10 || cfg.window != 50 || cfg.pattern() != "window 50" {
 		t.Errorf("count %d, window %d, pattern %q", cfg.count, cfg.window, cfg.pattern())
 	}
-	cfg, err = parseBench([]string{"local", "--queue", "1000000", "--inflight", "2", "--window", "200000"}, nil)
+	cfg, err = parseBench([]string{"local", "--queue", "1000000", "--inflight", "2", "--batch", "500", "--window", "200000"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pc := cfg.producerConfig(); pc.MaxQueueSize != 1_000_000 || pc.MaxInFlight != 2 || cfg.pattern() != "window 200000 queue 1000000 inflight 2" {
-		t.Errorf("--queue and --inflight: producer config %+v, pattern %q", pc, cfg.pattern())
+	if pc := cfg.producerConfig(); pc.MaxQueueSize != 1_000_000 || pc.MaxInFlight != 2 || pc.BatchSize != 500 || cfg.pattern() != "window 200000 queue 1000000 inflight 2 batch 500" {
+		t.Errorf("--queue, --inflight and --batch: producer config %+v, pattern %q", pc, cfg.pattern())
 	}
 	cfg, err = parseBench(nil, nil)
 	if err != nil {
