@@ -34,6 +34,17 @@ import (
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
+// envUint returns the environment variable name as a number, or def when
+// it is unset or not one: the soak probes' seeds and rounds.
+func envUint(name string, def uint64) uint64 {
+	if v, err := strconv.ParseUint(os.Getenv(name), 10, 64); err == nil {
+		return v
+	}
+	return def
+}
+
+// probeOpts is keepMajorityOpts, with debug logs on stderr when PROBE_LOG
+// is set.
 func probeOpts() []pubsub.Option {
 	opts := keepMajorityOpts()
 	if os.Getenv("PROBE_LOG") != "" {
@@ -43,14 +54,7 @@ func probeOpts() []pubsub.Option {
 }
 
 func TestSoakKeepMajorityRandom(t *testing.T) {
-	seed := uint64(7)
-	if s := os.Getenv("PROBE_SEED"); s != "" {
-		seed, _ = strconv.ParseUint(s, 10, 64)
-	}
-	rounds := 12
-	if s := os.Getenv("PROBE_ROUNDS"); s != "" {
-		rounds, _ = strconv.Atoi(s)
-	}
+	seed, rounds := envUint("PROBE_SEED", 7), int(envUint("PROBE_ROUNDS", 12))
 	t.Logf("seed %d, %d rounds", seed, rounds)
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 

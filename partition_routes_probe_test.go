@@ -8,7 +8,7 @@ package pubsub_test
 // way or stalled both ways, sometimes with a crash, or a client-only or
 // full node joining, while the faults hold.
 //
-//	go test -race -tags soak -run SoakKeepMajorityRouteFaults -v .   # ROUTES_SEED=n ROUTES_ROUNDS=n ROUTES_LOG=1
+//	go test -race -tags soak -run SoakKeepMajorityRouteFaults -v .   # ROUTES_SEED=n ROUTES_ROUNDS=n PROBE_LOG=1
 //
 // Checked, once the faults and the event took effect (viewDisagreementGrace
 // + 2 heartbeats + MemberTimeout after the last of them), sampled every
@@ -27,12 +27,9 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"math/rand/v2"
-	"os"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -63,14 +60,6 @@ var rfGrace = max(3*rfHeartbeat, faultMemberTimeout/4)
 // room for a loaded machine (the last double owner seen in 30 seeds came
 // 3.18 s after the faults). 3.75 s.
 var rfSettle = rfGrace + 2*rfHeartbeat + faultMemberTimeout + 500*time.Millisecond
-
-func rfOpts() []pubsub.Option {
-	opts := keepMajorityOpts()
-	if os.Getenv("ROUTES_LOG") != "" {
-		opts = append(opts, pubsub.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))))
-	}
-	return opts
-}
 
 type rfKind int
 
@@ -337,18 +326,11 @@ func (rep rfRoundReport) String() string {
 }
 
 func TestSoakKeepMajorityRouteFaults(t *testing.T) {
-	seed := uint64(1)
-	if s := os.Getenv("ROUTES_SEED"); s != "" {
-		seed, _ = strconv.ParseUint(s, 10, 64)
-	}
-	rounds := 8
-	if s := os.Getenv("ROUTES_ROUNDS"); s != "" {
-		rounds, _ = strconv.Atoi(s)
-	}
+	seed, rounds := envUint("ROUTES_SEED", 1), int(envUint("ROUTES_ROUNDS", 8))
 	t.Logf("seed %d, %d rounds; grace %v, settle %v, sample %v", seed, rounds, rfGrace, rfSettle, rfSample)
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 
-	c := testcluster.NewFaulty(t, rfServers, rfServers, rfOpts()...)
+	c := testcluster.NewFaulty(t, rfServers, rfServers, probeOpts()...)
 	c.WaitConverged(t, 10*time.Second)
 	serverOf := []int{0, 1, 2, 3, 4}
 	live := func() []*pubsub.Node {
@@ -421,13 +403,13 @@ func TestSoakKeepMajorityRouteFaults(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				var err error
 				began := time.Now()
-				tool, err = pubsub.Join(ctx, nc, append(rfOpts(), pubsub.WithClientOnly(), pubsub.WithNodeID(newID("tool")))...)
+				tool, err = pubsub.Join(ctx, nc, append(probeOpts(), pubsub.WithClientOnly(), pubsub.WithNodeID(newID("tool")))...)
 				cancel()
 				require.NoError(t, err, "round %d: client-only join", round)
 				t.Logf("round %d: %s joined in %v", round, tool.ID(), time.Since(began).Round(time.Millisecond))
 			case "full join":
 				began := time.Now()
-				n := c.AddNode(t, newID("x"), joinServer, rfOpts()...)
+				n := c.AddNode(t, newID("x"), joinServer, probeOpts()...)
 				joined = len(c.Nodes) - 1
 				watched.Store(new(live()))
 				serverOf = append(serverOf, joinServer)
@@ -472,7 +454,7 @@ func TestSoakKeepMajorityRouteFaults(t *testing.T) {
 			c.CloseNode(t, joined)
 		}
 		if crashed >= 0 {
-			c.AddNode(t, newID("r"), serverOf[crashed], rfOpts()...)
+			c.AddNode(t, newID("r"), serverOf[crashed], probeOpts()...)
 			serverOf = append(serverOf, serverOf[crashed])
 		}
 		c.WaitConverged(t, 3*faultMemberTimeout)

@@ -19,8 +19,6 @@ package pubsub_test
 import (
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
 	"time"
 
@@ -32,10 +30,7 @@ func TestSoakKeepMajorityPartitions(t *testing.T) {
 	opts := append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	c := testcluster.NewFaulty(t, 3, 5, opts...)
 	c.WaitConverged(t, 10*time.Second)
-	seed := uint64(5)
-	if s, err := strconv.ParseUint(os.Getenv("PUBSUB_SOAK_SEED"), 10, 64); err == nil {
-		seed = s
-	}
+	seed := envUint("PUBSUB_SOAK_SEED", 5)
 	t.Logf("seed %d (PUBSUB_SOAK_SEED)", seed)
 	r := rand.New(rand.NewPCG(seed, 6))
 	servers := len(c.Servers.Servers)
