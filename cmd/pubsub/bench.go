@@ -179,13 +179,13 @@ func (b *bench) rawSubject(scenario string) string {
 }
 
 // connect connects to server i, falling back on the others in order.
-func (b *bench) connect(i int, name string) (*nats.Conn, error) {
+func (b *bench) connect(i int, name string, opts ...nats.Option) (*nats.Conn, error) {
 	urls := append(slices.Clone(b.urls[i:]), b.urls[:i]...)
-	nc, err := nats.Connect(strings.Join(urls, ","),
-		nats.Name("pubsub-bench-"+name),
+	nc, err := nats.Connect(strings.Join(urls, ","), append([]nats.Option{
+		nats.Name("pubsub-bench-" + name),
 		nats.DontRandomize(),
 		nats.NoCallbacksAfterClientClose(),
-	)
+	}, opts...)...)
 	if err != nil {
 		return nil, fmt.Errorf("connect %s to %s: %w", name, b.urls[i], err)
 	}

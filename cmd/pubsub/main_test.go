@@ -14,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
@@ -326,4 +329,46 @@ func TestBenchAgainstURLs(t *testing.T) {
 			t.Errorf("no row for %s", s)
 		}
 	}
+}
+
+// TestRawConnectionLossIsNamed closes a raw subscriber's connection in the
+// middle of the raw fan-out, as a server does to a slow consumer: the run
+// must fail at once and name the likely cause, not wait out the stall
+// timeout and report a bare count.
+func TestRawConnectionLossIsNamed(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	defer func() { s.Shutdown(); s.WaitForShutdown() }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out, errs bytes.Buffer
+	code := make(chan int, 1)
+	start := time.Now()
+	go func() {
+		code <- run(ctx, []string{"bench", "--url", s.ClientURL(), "--count", "100000000", "fanout"}, &out, &errs)
+	}()
+	// The raw subscriber, once deliveries reach it.
+	var cid uint64
+	require.True(t, embedded.Poll(30*time.Second, func() bool {
+		cz, err := s.Connz(&server.ConnzOptions{})
+		if err != nil {
+			return false
+		}
+		for _, c := range cz.Conns {
+			if c.Name == "pubsub-bench-raw-fanout-sub0" && c.OutMsgs > 1000 {
+				cid = c.Cid
+				return true
+			}
+		}
+		return false
+	}), "no raw subscriber received deliveries")
+	require.NoError(t, s.DisconnectClientByID(cid))
+
+	require.Equal(t, 1, <-code, "stdout %s", out.String())
+	t.Log(errs.String())
+	assert.Contains(t, errs.String(), "raw subscriber connection 0 was disconnected")
+	assert.Contains(t, errs.String(), "slow consumer")
+	assert.Less(t, time.Since(start), stallTimeout, "the loss was reported by the stall timeout, not at once")
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -16,6 +17,9 @@ import (
 // is a probe, not counted as a delivery. A probe reaching a subscriber
 // proves that the publisher's server routes the subject to it.
 const probeReply = "_pubsub_bench_probe"
+
+// errRawLost is the cause of a raw NATS run that lost deliveries.
+var errRawLost = errors.New("deliveries lost")
 
 // rawThroughput measures raw NATS core on the servers before any node
 // joins: one subscriber connection per server on subject <prefix>.raw.*
@@ -33,8 +37,20 @@ func (b *bench) rawThroughput(ctx context.Context, scenario string, queue bool, 
 	subject := b.rawSubject(scenario)
 	d := newCounter()
 	probed := make([]atomic.Bool, len(b.urls))
+	// Raw NATS core has no flow control: a subscriber connection that falls
+	// max_pending bytes behind its publisher is closed by its server (a slow
+	// consumer), and what was pending is lost. The client reconnects, so the
+	// loss would otherwise surface only as a stall; end the run at once
+	// and name the cause.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	for i := range b.urls {
-		nc, err := b.connect(i, fmt.Sprintf("raw-%s-sub%d", scenario, i))
+		lost := nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			cancel(fmt.Errorf("%w: raw subscriber connection %d was disconnected from %s (%v): raw NATS has no flow control, "+
+				"and a server closes a subscriber that falls max_pending bytes (64 MiB by default) behind as a slow consumer; "+
+				"if the server says so, try a smaller --count or --size", errRawLost, i, b.urls[i], err))
+		})
+		nc, err := b.connect(i, fmt.Sprintf("raw-%s-sub%d", scenario, i), lost)
 		if err != nil {
 			return m, err
 		}
@@ -84,7 +100,7 @@ func (b *bench) rawThroughput(ctx context.Context, scenario string, queue bool, 
 			return m, err
 		}
 		if i%4096 == 0 && ctx.Err() != nil {
-			return m, context.Cause(ctx)
+			return m, fmt.Errorf("raw NATS: %w", context.Cause(ctx))
 		}
 	}
 	if err := pub.Flush(); err != nil {
