@@ -190,14 +190,20 @@ func (n *Node) onThisSide(cur *view) func(Member) bool {
 
 // seesMajority reports whether the members of cur that hold this node's
 // stable view are a majority of it. A member holds it when it reports it;
-// while the current view is the stable one, also when it reports the stable
-// view before (it has not heard of the change yet) or an older one while
-// its current view is this one (it will make it stable at its next tick).
-// Until the first agreement (epoch 0), with no member past it, members
-// reporting this node's current view count. Callers hold members.mu.
+// while the current view holds every member of the stable one, also when it
+// reports the stable view before (it has not heard of the change yet) or an
+// older one while its current view is this one (it will make it stable at
+// its next tick). Members that joined since do not change that: only the
+// stable view's members count. Until the first agreement (epoch 0), with
+// no member past it, members reporting this node's current view count.
+// Callers hold members.mu.
 func (n *Node) seesMajority(cur *view) bool {
 	q := &n.members.quorum
-	catchingUp := cur.id == q.stable.id
+	// Counted only with all of the stable view in sight: it was "the
+	// current view is the stable view", and a join within milliseconds of a
+	// graceful leave then cost every member its majority until the peers'
+	// next heartbeats (TestKeepMajorityGracefulLeaveRightAfterAJoin...).
+	catchingUp := cur.holdsAll(q.stable)
 	bootstrap := q.epoch == 0
 	if bootstrap {
 		for _, p := range n.members.peers {

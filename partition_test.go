@@ -273,6 +273,43 @@ func TestKeepMajorityRollingReplacementKeepsTheMajority(t *testing.T) {
 	waitStableEverywhere(t, c.Nodes[2:], 5)
 }
 
+// A join and a graceful leave within milliseconds of each other, as in a
+// rolling restart: the members took the leave's stable view at once
+// (forgetLeaver) and counted the peers still reporting the one before as
+// catching up, but only while their current view was the stable one. The
+// joiner made it differ, so until the peers' next heartbeats (deferred up
+// to earlyBeatSpacing by the join's early one) they counted nobody and
+// lost their majority: QuorumChanged false, then true, publishes to their
+// topics rejected meanwhile.
+func TestKeepMajorityGracefulLeaveRightAfterAJoinKeepsTheMajority(t *testing.T) {
+	for round := range 3 {
+		t.Run(fmt.Sprint(round), func(t *testing.T) {
+			c := newCluster(t, 1, 4, keepMajorityOpts()...)
+			waitStableEverywhere(t, c.Nodes, 4)
+			stayers := c.Nodes[:3]
+			lost := countQuorumLosses(t, stayers)
+			admitted := make(chan struct{})
+			var once sync.Once
+			cancel := c.Nodes[0].Events().Subscribe(func(e pubsub.Event) {
+				if m, ok := e.(pubsub.MemberJoined); ok && m.Member.ID == "j" {
+					once.Do(func() { close(admitted) })
+				}
+			})
+			defer cancel()
+			closed := make(chan struct{})
+			go func() {
+				defer close(closed)
+				<-admitted
+				c.CloseNode(t, 3)
+			}()
+			j := c.AddNode(t, "j", 0, keepMajorityOpts()...)
+			<-closed
+			waitStableEverywhere(t, append(slices.Clone(stayers), j), 4)
+			assert.Zero(t, lost.Load(), "members lost their majority over a join and a leave: %s", quorumOf(stayers))
+		})
+	}
+}
+
 // waitStableEverywhere waits until every node serves, its confirmed stable
 // view the nodes themselves (by ID), of one epoch everywhere. Counting
 // members let a check pass on an old stable view of the same size.

@@ -76,6 +76,16 @@ func (v *view) holds(m Member) bool {
 	return ok && cur.Incarnation == m.Incarnation
 }
 
+// holdsAll reports whether every member of w, in its incarnation, is in v.
+func (v *view) holdsAll(w *view) bool {
+	for _, m := range w.members {
+		if !v.holds(m) {
+			return false
+		}
+	}
+	return true
+}
+
 // has reports whether the member's incarnation is in the view.
 func (v *view) has(ref *wire.MemberRef) bool {
 	m, ok := v.member(ref.GetNodeId())
