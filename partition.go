@@ -308,6 +308,12 @@ func (n *Node) handOver() {
 	if n.cfg.PartitionPolicy != KeepMajority || q.stable == nil || !q.has.Load() || !q.confirmed || q.epoch+1 >= maxStableEpoch {
 		return
 	}
+	if _, ok := q.stable.member(n.self.ID); !ok {
+		// A joiner that leaves before a stable view held it (a client-only
+		// one serves from the view it adopted): handing on the same
+		// members would only move the others to the next epoch.
+		return
+	}
 	next := newView(q.stable.epoch, membersWithout(q.stable, n.self.ID))
 	if !n.inSight(next, n.self.ID) {
 		next = newView(q.stable.epoch, membersWithout(n.view(), n.self.ID))

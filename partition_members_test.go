@@ -188,3 +188,34 @@ func TestKeepMajorityTieBreakerLeavingHandsOn(t *testing.T) {
 	c.WaitConverged(t, 3*faultMemberTimeout)
 	waitStableEverywhere(t, n[1:], 4)
 }
+
+// A member that leaves gracefully before any stable view held it has
+// nothing to hand on: the others' stable view must stay as it was, not
+// move to the next epoch with the same members. A client-only joiner
+// serves from the stable view it adopted at Join, without itself, until
+// the next advance takes it in; full joiners are in it when Join returns.
+func TestKeepMajorityLeaverNeverInTheStableViewLeavesItAlone(t *testing.T) {
+	// Heartbeats a second apart: a stable view advances on a tick, so the
+	// joiner's leave, right after its Join, comes before the advance.
+	opts := append(keepMajorityOpts(), pubsub.WithHeartbeatInterval(time.Second), pubsub.WithMemberTimeout(4*time.Second))
+	c := newCluster(t, 1, 3, opts...)
+	waitStableEverywhere(t, c.Nodes, 3)
+	exercised := 0
+	for round := 0; exercised < 2 && round < 12; round++ {
+		before := c.Nodes[0].Stats().StableEpoch
+		id := fmt.Sprintf("j%d", round)
+		j := c.AddNode(t, id, 0, append(opts, pubsub.WithClientOnly())...)
+		require.Equal(t, j, c.Nodes[len(c.Nodes)-1])
+		inStable := slices.Contains(c.Nodes[0].StableIDsForTest(), id)
+		c.CloseNode(t, len(c.Nodes)-1)
+		waitStableEverywhere(t, c.Nodes[:3], 3)
+		if inStable {
+			continue // the advance took it in: its leave moves the view on
+		}
+		exercised++
+		// Advanced to a view with the joiner after the check, then without
+		// it at its leave: two epochs. Never one, with the same members.
+		assert.NotEqual(t, before+1, c.Nodes[0].Stats().StableEpoch, "round %d: the stable view moved on for a leaver it never held", round)
+	}
+	require.NotZero(t, exercised, "every joiner was in the stable view before it left: nothing tested")
+}
