@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
@@ -48,7 +49,13 @@ type bench struct {
 	urls  []string // one per server
 	runID string   // makes node IDs, topics and raw subjects unique to this run
 	prog  *progress
+	// nodeLost holds the first disconnection of a node's connection in
+	// the current scenario: the likely cause when the scenario then fails.
+	nodeLost atomic.Pointer[error]
 }
+
+// slowConsumerHint says why a server closes a connection mid-run.
+const slowConsumerHint = "a server closes a connection that falls max_pending bytes (64 MiB by default) behind as a slow consumer"
 
 // report is everything a run measured: the JSON output.
 type report struct {
@@ -141,6 +148,9 @@ func runBench(ctx context.Context, cfg *benchConfig, stdout, stderr io.Writer) e
 			res, err = b.latency(ctx)
 		case scenarioGroup:
 			res, err = b.group(ctx)
+		}
+		if lost := b.nodeLost.Swap(nil); err != nil && lost != nil {
+			err = fmt.Errorf("%w; the likely cause: %w (%s: see the server's log)", err, *lost, slowConsumerHint)
 		}
 		switch cause := context.Cause(ctx); {
 		case err == nil && cause != nil:
@@ -240,7 +250,11 @@ func (b *bench) join(ctx context.Context, cl *cleanup, scenario string, n int) (
 	})
 	for i := range n {
 		id := "bench-" + b.runID + "-" + scenario + "-n" + strconv.Itoa(i)
-		nc, err := b.connect(b.server(i), id)
+		url := b.urls[b.server(i)]
+		nc, err := b.connect(b.server(i), id, nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			lost := fmt.Errorf("node n%d was disconnected from %s (%v)", i, url, err)
+			b.nodeLost.CompareAndSwap(nil, &lost)
+		}))
 		if err != nil {
 			return nil, err
 		}

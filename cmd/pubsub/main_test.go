@@ -331,25 +331,12 @@ func TestBenchAgainstURLs(t *testing.T) {
 	}
 }
 
-// TestRawConnectionLossIsNamed closes a raw subscriber's connection in the
-// middle of the raw fan-out, as a server does to a slow consumer: the run
-// must fail at once and name the likely cause, not wait out the stall
-// timeout and report a bare count.
-func TestRawConnectionLossIsNamed(t *testing.T) {
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	s, err := embedded.StartServer()
-	require.NoError(t, err)
-	defer func() { s.Shutdown(); s.WaitForShutdown() }()
-
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	var out, errs bytes.Buffer
-	code := make(chan int, 1)
-	start := time.Now()
-	go func() {
-		code <- run(ctx, []string{"bench", "--url", s.ClientURL(), "--count", "100000000", "fanout"}, &out, &errs)
-	}()
-	// The raw subscriber, once deliveries reach it.
+// kickWhenBusy waits until a client connection of s whose name ends with
+// suffix has received more than 1 MiB, then closes it as the server would
+// close a slow consumer. (Bytes, not messages: a node gets a batch of
+// thousands of messages as one NATS message, and heartbeats meanwhile.)
+func kickWhenBusy(t *testing.T, s *server.Server, suffix string) {
+	t.Helper()
 	var cid uint64
 	require.True(t, embedded.Poll(30*time.Second, func() bool {
 		cz, err := s.Connz(&server.ConnzOptions{})
@@ -357,18 +344,58 @@ func TestRawConnectionLossIsNamed(t *testing.T) {
 			return false
 		}
 		for _, c := range cz.Conns {
-			if c.Name == "pubsub-bench-raw-fanout-sub0" && c.OutMsgs > 1000 {
+			if strings.HasSuffix(c.Name, suffix) && c.OutBytes > 1<<20 {
 				cid = c.Cid
 				return true
 			}
 		}
 		return false
-	}), "no raw subscriber received deliveries")
+	}), "no connection named *%s received deliveries", suffix)
 	require.NoError(t, s.DisconnectClientByID(cid))
+}
 
-	require.Equal(t, 1, <-code, "stdout %s", out.String())
-	t.Log(errs.String())
-	assert.Contains(t, errs.String(), "raw subscriber connection 0 was disconnected")
-	assert.Contains(t, errs.String(), "slow consumer")
-	assert.Less(t, time.Since(start), stallTimeout, "the loss was reported by the stall timeout, not at once")
+// benchKicking runs pubsub bench with args against a server of its own and
+// closes the connection named *suffix once it is busy. It returns the exit
+// status, stderr and how long the run took.
+func benchKicking(t *testing.T, suffix string, args ...string) (code int, stderr string, took time.Duration) {
+	t.Helper()
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	defer func() { s.Shutdown(); s.WaitForShutdown() }()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out, errs bytes.Buffer
+	done := make(chan int, 1)
+	start := time.Now()
+	go func() {
+		done <- run(ctx, append([]string{"bench", "--url", s.ClientURL()}, args...), &out, &errs)
+	}()
+	kickWhenBusy(t, s, suffix)
+	code = <-done
+	t.Logf("exit status %d, stdout:\n%s\nstderr:\n%s", code, out.String(), errs.String())
+	return code, errs.String(), time.Since(start)
+}
+
+// TestRawConnectionLossIsNamed closes a raw subscriber's connection in the
+// middle of the raw fan-out, as a server does to a slow consumer: the run
+// must fail at once and name the likely cause, not wait out the stall
+// timeout and report a bare count.
+func TestRawConnectionLossIsNamed(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	code, errs, took := benchKicking(t, "raw-fanout-sub0", "--count", "100000000", "fanout")
+	require.Equal(t, 1, code)
+	assert.Contains(t, errs, "raw subscriber connection 0 was disconnected")
+	assert.Contains(t, errs, "slow consumer")
+	assert.Less(t, took, stallTimeout, "the loss was reported by the stall timeout, not at once")
+}
+
+// TestNodeConnectionLossIsNamed closes the owner's connection in the middle
+// of the library's fan-out: the run fails (its batches' answers are lost)
+// and the error names the disconnection as the likely cause.
+func TestNodeConnectionLossIsNamed(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	code, errs, _ := benchKicking(t, "-fanout-n1", "--count", "300000", "--queue", "300000", "fanout")
+	require.Equal(t, 1, code)
+	assert.Contains(t, errs, "the likely cause: node n1 was disconnected")
+	assert.Contains(t, errs, "slow consumer")
 }

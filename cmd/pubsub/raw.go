@@ -47,8 +47,7 @@ func (b *bench) rawThroughput(ctx context.Context, scenario string, queue bool, 
 	for i := range b.urls {
 		lost := nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			cancel(fmt.Errorf("%w: raw subscriber connection %d was disconnected from %s (%v): raw NATS has no flow control, "+
-				"and a server closes a subscriber that falls max_pending bytes (64 MiB by default) behind as a slow consumer; "+
-				"if the server says so, try a smaller --count or --size", errRawLost, i, b.urls[i], err))
+				"and %s; if the server's log says so, try a smaller --count or --size", errRawLost, i, b.urls[i], err, slowConsumerHint))
 		})
 		nc, err := b.connect(i, fmt.Sprintf("raw-%s-sub%d", scenario, i), lost)
 		if err != nil {

@@ -340,6 +340,9 @@ func produceBurst(ctx context.Context, p *pubsub.BatchingProducer, data []byte, 
 			return 0, 0, errors.New("a future is not done after Flush")
 		case err == nil:
 			accepted++
+			if err := undelivered(f); err != nil {
+				return 0, 0, err
+			}
 		case !errors.Is(err, pubsub.ErrQueueFull):
 			return 0, 0, err
 		}
@@ -357,9 +360,15 @@ func produceBurst(ctx context.Context, p *pubsub.BatchingProducer, data []byte, 
 func produceWindow(ctx context.Context, p *pubsub.BatchingProducer, data []byte, d *counter, subs, count, window int) (time.Duration, error) {
 	ring := make([]*pubsub.Produced, min(window, count))
 	start := time.Now()
+	wait := func(f *pubsub.Produced) error {
+		if _, err := f.Wait(ctx); err != nil {
+			return err
+		}
+		return undelivered(f)
+	}
 	for i := range count {
 		if f := ring[i%len(ring)]; f != nil {
-			if _, err := f.Wait(ctx); err != nil {
+			if err := wait(f); err != nil {
 				return 0, err
 			}
 		}
@@ -369,7 +378,7 @@ func produceWindow(ctx context.Context, p *pubsub.BatchingProducer, data []byte,
 		return 0, err
 	}
 	for _, f := range ring {
-		if _, err := f.Wait(ctx); err != nil {
+		if err := wait(f); err != nil {
 			return 0, err
 		}
 	}
@@ -377,6 +386,19 @@ func produceWindow(ctx context.Context, p *pubsub.BatchingProducer, data []byte,
 		return 0, err
 	}
 	return time.Since(start), nil
+}
+
+// undelivered returns an error naming the subscribers an accepted future's
+// batch failed to reach, as its ack reports them: the run then cannot
+// count every delivery, and says why instead of waiting out the stall.
+func undelivered(f *pubsub.Produced) error {
+	ack, _, _ := f.Result()
+	if len(ack.Failures) == 0 {
+		return nil
+	}
+	first := ack.Failures[0]
+	return fmt.Errorf("a batch of %d messages to %s did not reach %s, the first %s: %s",
+		ack.Messages, ack.Topic, plural(len(ack.Failures), "subscriber"), first.Subscriber, first.Status)
 }
 
 // plural returns "n thing" or "n things".
