@@ -87,6 +87,9 @@ type Config struct {
 	// header and extracts it into each handler's ctx. Default: nil, which
 	// costs nothing.
 	Propagator Propagator
+	// Hooks observe publishes and handled batches on the data path (see
+	// Hook). Default: none, which costs a length check.
+	Hooks []Hook
 }
 
 // Defaults of Config.

@@ -167,8 +167,10 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 			t.set(i, SubscriberGone)
 			continue
 		}
-		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i) }) {
+		queued := hookQueued(n.hooks.handled)
+		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i, queued) }) {
 			t.set(i, MailboxFull)
+			n.handled(s, len(part), MailboxFull, 0, 0)
 		}
 	}
 }
@@ -246,12 +248,14 @@ func (t *batchTracker) finish() {
 
 // handle runs on the subscription's mailbox: the handler sees the batch's
 // messages in order and stops at the first error.
-func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int) {
+func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int, queued time.Time) {
 	if ctx.Err() != nil {
+		s.node.handled(s, len(batch), Timeout, sinceQueued(queued), 0)
 		return // already reported as Timeout
 	}
 	if s.isDone() {
 		t.set(i, SubscriberGone)
+		s.node.handled(s, len(batch), SubscriberGone, sinceQueued(queued), 0)
 		return
 	}
 	if seq.seq != 0 {
@@ -265,6 +269,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 				t.set(i, s.lastStatus) // a copy of the batch just handled: its outcome
 			} else {
 				t.set(i, OutOfOrder)
+				s.node.handled(s, len(batch), OutOfOrder, sinceQueued(queued), 0)
 			}
 			return
 		}
@@ -281,6 +286,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 			return
 		case origin.seq < last.seq:
 			t.set(i, OutOfOrder)
+			s.node.handled(s, len(batch), OutOfOrder, sinceQueued(queued), 0)
 			return
 		}
 		if s.producers == nil {
@@ -297,7 +303,15 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		}
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
+	started := hookQueued(s.node.hooks.handled)
 	st, processed := s.run(ctx, batch)
+	if !started.IsZero() {
+		hst := st
+		if ctx.Err() != nil && st == Delivered {
+			hst = Timeout // its owner was told so at SubscriberTimeout
+		}
+		s.node.handled(s, len(batch), hst, started.Sub(queued), time.Since(started))
+	}
 	if seq.seq != 0 {
 		s.lastStatus = st
 	}

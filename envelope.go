@@ -173,6 +173,15 @@ func (b *msgBatch) size(i int) int {
 	return len(b.data[i]) + wire.MetaSize(b.meta[i])
 }
 
+// bytes is the sum of size over the batch.
+func (b *msgBatch) bytes() int {
+	total := 0
+	for i := range b.data {
+		total += b.size(i)
+	}
+	return total
+}
+
 // slice returns messages [i, j).
 func (b msgBatch) slice(i, j int) msgBatch {
 	s := msgBatch{data: b.data[i:j]}

@@ -51,7 +51,10 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
 	b, err := plainBatch(ctx, batch, n.cfg.Propagator)
 	if err != nil {
-		return n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+		start := hookStart(n.hooks.publish)
+		ack, err := n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
+		n.published(topic, len(batch), dataBytes(batch), start, ack, err)
+		return ack, err
 	}
 	return n.publishBatchIssued(ctx, topic, b, issueOpts{})
 }
@@ -70,13 +73,17 @@ func (n *Node) PublishMessages(ctx context.Context, topic string, msgs []Outgoin
 			o(&cfg)
 		}
 	}
+	start := hookStart(n.hooks.publish)
 	if cfg.ack > AckNone {
-		return n.reject(topic, len(msgs), fmt.Errorf("%w: publish to %q: WithAck(%s): not an AckLevel", ErrInvalidConfig, topic, cfg.ack))
+		ack, err := n.reject(topic, len(msgs), fmt.Errorf("%w: publish to %q: WithAck(%s): not an AckLevel", ErrInvalidConfig, topic, cfg.ack))
+		n.published(topic, len(msgs), outgoingBytes(msgs), start, ack, err)
+		return ack, err
 	}
 	b, err := outgoingBatch(ctx, msgs, n.cfg.Propagator)
 	if err != nil {
 		ack, err := n.reject(topic, len(msgs), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
 		ack.Level = cfg.ack
+		n.published(topic, len(msgs), outgoingBytes(msgs), start, ack, err)
 		return ack, err
 	}
 	return n.publishBatchIssued(ctx, topic, b, issueOpts{level: cfg.ack})
@@ -128,8 +135,12 @@ func (o batchOrigin) mustWaitFor(last uint64) bool {
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
 func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, o issueOpts) (PublishAck, error) {
+	start := hookStart(n.hooks.publish)
 	ack, err := n.publishLevel(ctx, topic, batch, o)
 	ack.Level = o.level
+	if len(n.hooks.publish) != 0 {
+		n.published(topic, batch.len(), batch.bytes(), start, ack, err)
+	}
 	return ack, err
 }
 

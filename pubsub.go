@@ -75,6 +75,7 @@ type Node struct {
 	subscriber subscriberSide
 	publisher  publisherSide
 	stats      nodeStats
+	hooks      hookSet
 }
 
 // lifecycle is what starts and stops a node: its context, its goroutines and
@@ -111,9 +112,14 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if err := cfg.resolve(); err != nil {
 		return nil, err
 	}
+	hooks, err := newHookSet(cfg.Hooks)
+	if err != nil {
+		return nil, err
+	}
 	n := &Node{
-		cfg: cfg,
-		nc:  nc,
+		cfg:   cfg,
+		nc:    nc,
+		hooks: hooks,
 		// Incarnations grow with time, so peers tell a restarted node from a
 		// stale message of its previous life.
 		self:   Member{ID: cfg.NodeID, Incarnation: uint64(time.Now().UnixNano()), Inbox: natsutil.NodeSubject(cfg.Prefix, cfg.NodeID), ClientOnly: cfg.ClientOnly},
@@ -141,7 +147,6 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		n.waitStarted()
 		return nil, fmt.Errorf("pubsub: join %s: %w", n.self.ID, err)
 	}
-	var err error
 	if n.rpc, err = newRPC(nc); err != nil {
 		return fail(err)
 	}

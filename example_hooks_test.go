@@ -1,0 +1,83 @@
+package pubsub_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
+)
+
+// counters is a minimal metrics adapter: it implements both hook
+// interfaces with atomic counters, as a Prometheus or OpenTelemetry
+// adapter would with its own instruments. Hooks run on the data path, so
+// they only count.
+type counters struct {
+	published, publishFailed, messages atomic.Int64
+	handled, handlerFailed             atomic.Int64
+}
+
+func (c *counters) OnPublish(i pubsub.PublishInfo) {
+	if i.Err != nil {
+		c.publishFailed.Add(1)
+		return
+	}
+	c.published.Add(1)
+	c.messages.Add(int64(i.Messages))
+}
+
+func (c *counters) OnHandled(i pubsub.HandledInfo) {
+	if i.Status != pubsub.Delivered {
+		c.handlerFailed.Add(1)
+		return
+	}
+	c.handled.Add(1)
+}
+
+// Hooks observe every publish on the publishing node and every batch each
+// subscriber handled on the subscriber's node: the seam for metrics and
+// tracing adapters.
+func ExampleWithHooks() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var m counters
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithHooks(&m),
+		pubsub.WithHeartbeatInterval(50*time.Millisecond),
+		pubsub.WithMemberTimeout(500*time.Millisecond),
+	)
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+	if _, err := node.Subscribe(ctx, "orders", func(context.Context, *pubsub.Message) error { return nil }); err != nil {
+		panic(err)
+	}
+
+	if _, err := node.PublishBatch(ctx, "orders", [][]byte{[]byte("o-1"), []byte("o-2")}); err != nil {
+		panic(err)
+	}
+	_, err = node.Publish(ctx, "no spaces in topics", []byte("o-3"))
+	fmt.Println("rejected:", err != nil)
+	fmt.Println("publishes:", m.published.Load(), "messages:", m.messages.Load(), "failed:", m.publishFailed.Load())
+	fmt.Println("batches handled:", m.handled.Load(), "failed:", m.handlerFailed.Load())
+	// Output:
+	// rejected: true
+	// publishes: 1 messages: 2 failed: 1
+	// batches handled: 1 failed: 0
+}

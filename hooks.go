@@ -1,0 +1,179 @@
+package pubsub
+
+import (
+	"fmt"
+	"time"
+)
+
+// Hook is a value implementing one or more of the hook interfaces
+// (PublishHook, HandledHook): the seam metrics and tracing adapters plug
+// into, in the style of franz-go's hooks. Give hooks to a node with
+// WithHooks. A hook implementing none of the interfaces makes Join fail
+// with ErrInvalidConfig.
+//
+// Hooks run synchronously on the data path, on the goroutine that did the
+// work (the publishing caller, a producer, a subscription's mailbox): they
+// must be fast and must not block. A hook that panics is recovered and
+// logged (throttled); the work it observed is not affected. Without hooks
+// the data path costs one length check.
+type Hook any
+
+// PublishHook observes publishing: OnPublish runs on the publishing node
+// once per Publish, PublishBatch or PublishMessages call (rejected ones
+// included) and once per attempt of each batch a BatchingProducer
+// publishes, when it returns, with its outcome.
+type PublishHook interface {
+	OnPublish(PublishInfo)
+}
+
+// HandledHook observes subscribers: OnHandled runs on the subscriber's node
+// once per subscriber per batch (for a group member, per share of a batch)
+// once the node knows how the subscriber fared: after its handler ran, or
+// when the batch could not reach it (MailboxFull, SubscriberGone,
+// OutOfOrder, or a Timeout before it started).
+type HandledHook interface {
+	OnHandled(HandledInfo)
+}
+
+// PublishInfo is one publish, as a PublishHook sees it.
+type PublishInfo struct {
+	Topic    string
+	Messages int // messages in the call or batch
+	// Bytes counts the messages' data, keys and headers as MaxMessageSize
+	// counts them (for a call rejected before its batch was built: data,
+	// keys, header names and values).
+	Bytes    int
+	Ack      PublishAck    // the ack the call returned
+	Err      error         // the error it returned, nil when accepted
+	Duration time.Duration // from the call to its return
+}
+
+// HandledInfo is one batch at one subscriber, as a HandledHook sees it.
+type HandledInfo struct {
+	Topic      string
+	Subscriber SubscriberID
+	Group      string // the subscriber's consumer group, "" for broadcast
+	Messages   int    // messages in the batch (a group member's share)
+	// Status is the subscriber's outcome for the batch. A handler that ran
+	// past SubscriberTimeout is reported Timeout, as its owner was told,
+	// once it returns.
+	Status DeliveryStatus
+	// Wait is the batch's time in the subscriber's mailbox; Duration the
+	// handler's time on it (0 when it never ran).
+	Wait, Duration time.Duration
+}
+
+// WithHooks adds hooks to Config.Hooks; several calls add up. Each hook
+// must implement PublishHook, HandledHook or both.
+func WithHooks(hooks ...Hook) Option {
+	return func(c *Config) { c.Hooks = append(c.Hooks, hooks...) }
+}
+
+// hookSet is a node's hooks, sorted by interface at Join.
+type hookSet struct {
+	publish []PublishHook
+	handled []HandledHook
+}
+
+// newHookSet sorts hooks, failing on one that implements no hook interface.
+func newHookSet(hooks []Hook) (hookSet, error) {
+	var s hookSet
+	for i, h := range hooks {
+		p, isPublish := h.(PublishHook)
+		d, isHandled := h.(HandledHook)
+		if !isPublish && !isHandled {
+			return hookSet{}, invalidConfig(fmt.Sprintf("Hooks[%d]", i), fmt.Sprintf("(%T)", h), "implements no hook interface", "give values implementing PublishHook or HandledHook")
+		}
+		if isPublish {
+			s.publish = append(s.publish, p)
+		}
+		if isHandled {
+			s.handled = append(s.handled, d)
+		}
+	}
+	return s, nil
+}
+
+// hookStart returns the time a hooked call starts: the zero time, and no
+// clock read, when nothing will look at it.
+func hookStart(hooks []PublishHook) time.Time {
+	if len(hooks) == 0 {
+		return time.Time{}
+	}
+	return time.Now()
+}
+
+// hookQueued returns the time a batch entered a mailbox (or a handler
+// started) when HandledHooks will want it, the zero time otherwise.
+func hookQueued(hooks []HandledHook) time.Time {
+	if len(hooks) == 0 {
+		return time.Time{}
+	}
+	return time.Now()
+}
+
+// sinceQueued is the time since queued, 0 when it was not taken.
+func sinceQueued(queued time.Time) time.Duration {
+	if queued.IsZero() {
+		return 0
+	}
+	return time.Since(queued)
+}
+
+// published runs the PublishHooks for a call that started at start.
+func (n *Node) published(topic string, messages, bytes int, start time.Time, ack PublishAck, err error) {
+	if len(n.hooks.publish) == 0 {
+		return
+	}
+	info := PublishInfo{Topic: topic, Messages: messages, Bytes: bytes, Ack: ack, Err: err, Duration: time.Since(start)}
+	for _, h := range n.hooks.publish {
+		n.runHook("publish", func() { h.OnPublish(info) })
+	}
+}
+
+// handled runs the HandledHooks for subscriber s's part of a batch.
+func (n *Node) handled(s *Subscription, messages int, status DeliveryStatus, wait, dur time.Duration) {
+	if len(n.hooks.handled) == 0 {
+		return
+	}
+	info := HandledInfo{Topic: s.topic, Subscriber: s.id, Group: s.id.Group(), Messages: messages, Status: status, Wait: wait, Duration: dur}
+	for _, h := range n.hooks.handled {
+		n.runHook("handled", func() { h.OnHandled(info) })
+	}
+}
+
+// runHook runs one hook call, recovering a panic into a throttled log.
+func (n *Node) runHook(kind string, call func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			if ok, held := n.log.limit.allow("hook/" + kind); ok {
+				n.log.Error("hook panicked", "hook", kind, "panic", r, "suppressed", held)
+			}
+		}
+	}()
+	call()
+}
+
+// dataBytes is the bytes of a plain batch, for a hook.
+func dataBytes(batch [][]byte) int {
+	total := 0
+	for _, d := range batch {
+		total += len(d)
+	}
+	return total
+}
+
+// outgoingBytes is the bytes of msgs as MaxMessageSize counts them, for a
+// hook: data, key, and each header name and value.
+func outgoingBytes(msgs []Outgoing) int {
+	total := 0
+	for _, m := range msgs {
+		total += len(m.Data) + len(m.Key)
+		for name, values := range m.Header {
+			for _, v := range values {
+				total += len(name) + len(v)
+			}
+		}
+	}
+	return total
+}

@@ -1,0 +1,230 @@
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// hookRecorder implements both hook interfaces and keeps what it saw.
+type hookRecorder struct {
+	mu        sync.Mutex
+	published []pubsub.PublishInfo
+	handled   []pubsub.HandledInfo
+}
+
+func (r *hookRecorder) OnPublish(i pubsub.PublishInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.published = append(r.published, i)
+}
+
+func (r *hookRecorder) OnHandled(i pubsub.HandledInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.handled = append(r.handled, i)
+}
+
+func (r *hookRecorder) publishes() []pubsub.PublishInfo {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]pubsub.PublishInfo(nil), r.published...)
+}
+
+func (r *hookRecorder) handles() []pubsub.HandledInfo {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]pubsub.HandledInfo(nil), r.handled...)
+}
+
+// waitHandled waits until r saw n handled batches and returns them.
+func (r *hookRecorder) waitHandled(t *testing.T, n int) []pubsub.HandledInfo {
+	t.Helper()
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(r.handles()) >= n }, "handled hooks: %d, want %d", len(r.handles()), n)
+	return r.handles()
+}
+
+// hookedCluster is 3 nodes on 3 servers, each with its own recorder.
+func hookedCluster(t *testing.T, opts ...pubsub.Option) (*testcluster.Cluster, []*hookRecorder) {
+	c := newCluster(t, 3, 0)
+	recs := make([]*hookRecorder, 3)
+	for i := range recs {
+		recs[i] = &hookRecorder{}
+		c.AddNode(t, "n"+string(rune('0'+i)), i, append(append(append([]pubsub.Option{}, fast...), opts...), pubsub.WithHooks(recs[i]))...)
+	}
+	c.WaitConverged(t, 10*time.Second)
+	return c, recs
+}
+
+func TestHooksSeePublishesAndHandledBatchesAcrossNodes(t *testing.T) {
+	c, recs := hookedCluster(t)
+	topic := ownedBy(t, c.Nodes[1], "hooked")
+	for _, i := range []int{1, 2} {
+		subscribe(t, c.Nodes[i], topic, func(context.Context, *pubsub.Message) error {
+			time.Sleep(5 * time.Millisecond) // a handler's time, for Duration
+			return nil
+		})
+	}
+	ack, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{
+		{Data: []byte("abc")}, {Data: []byte("de"), Key: "k"}, {Data: []byte("f"), Header: pubsub.Header{"h": {"vv"}}},
+	})
+	mustAccept(t, ack, err, 2)
+
+	pubs := recs[0].publishes()
+	require.Len(t, pubs, 1, "one OnPublish per call, on the publishing node")
+	p := pubs[0]
+	assert.Equal(t, topic, p.Topic)
+	assert.Equal(t, 3, p.Messages)
+	assert.GreaterOrEqual(t, p.Bytes, 3+2+1+1+1+2, "data, key and header count")
+	assert.NoError(t, p.Err)
+	assert.Equal(t, 2, p.Ack.Delivered)
+	assert.Greater(t, p.Duration, 5*time.Millisecond, "the call waited for the handlers")
+	assert.Empty(t, recs[1].publishes(), "the owner publishes nothing of its own")
+
+	for _, i := range []int{1, 2} {
+		h := recs[i].waitHandled(t, 1)
+		require.Len(t, h, 1)
+		assert.Equal(t, topic, h[0].Topic)
+		assert.Equal(t, c.Nodes[i].ID(), h[0].Subscriber.Node)
+		assert.Equal(t, 3, h[0].Messages)
+		assert.Equal(t, pubsub.Delivered, h[0].Status)
+		assert.GreaterOrEqual(t, h[0].Duration, 15*time.Millisecond, "three messages of 5 ms")
+		assert.Empty(t, h[0].Group)
+	}
+	assert.Empty(t, recs[0].handles(), "no subscriber on n0")
+}
+
+// The outcomes a subscriber's node can see, each reported once.
+func TestHandledHookReportsEachOutcome(t *testing.T) {
+	c, recs := hookedCluster(t, pubsub.WithSubscriberTimeout(300*time.Millisecond), pubsub.WithEvictAfter(100))
+	t.Run("handler error", func(t *testing.T) {
+		topic := ownedBy(t, c.Nodes[1], "fails")
+		subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error { return errors.New("no") })
+		before := len(recs[2].handles())
+		_, _ = c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
+		h := recs[2].waitHandled(t, before+1)[before]
+		assert.Equal(t, pubsub.HandlerError, h.Status)
+	})
+	t.Run("timeout, then mailbox wait", func(t *testing.T) {
+		topic := ownedBy(t, c.Nodes[1], "slow")
+		release := make(chan struct{})
+		subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error {
+			<-release
+			return nil
+		})
+		before := len(recs[2].handles())
+		first := make(chan struct{})
+		go func() {
+			defer close(first)
+			_, _ = c.Nodes[0].Publish(context.Background(), topic, []byte("blocks"))
+		}()
+		// The second batch waits in the mailbox behind the blocked first.
+		ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("waits"))
+		require.NoError(t, err)
+		require.Len(t, ack.Failures, 1)
+		assert.Equal(t, pubsub.Timeout, ack.Failures[0].Status)
+		<-first
+		close(release)
+		h := recs[2].waitHandled(t, before+2)[before:]
+		assert.Equal(t, pubsub.Timeout, h[0].Status, "the handler that ran past SubscriberTimeout")
+		assert.GreaterOrEqual(t, h[0].Duration, 300*time.Millisecond)
+		assert.Equal(t, pubsub.Timeout, h[1].Status, "the batch that timed out in the mailbox")
+		assert.GreaterOrEqual(t, h[1].Wait, 300*time.Millisecond)
+		assert.Zero(t, h[1].Duration, "its handler never ran it")
+	})
+}
+
+// Calls rejected before they leave the node reach the hook with their
+// error; a producer's batches reach it once each.
+func TestPublishHookSeesRejectionsAndProducerBatches(t *testing.T) {
+	c, recs := hookedCluster(t)
+	_, err := c.Nodes[0].Publish(ctxT(t), "bad topic", []byte("x"))
+	require.ErrorIs(t, err, pubsub.ErrInvalidTopic)
+	_, err = c.Nodes[0].PublishMessages(ctxT(t), "t", []pubsub.Outgoing{{Data: []byte("x"), Header: pubsub.Header{"bad name": {"v"}}}})
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	pubs := recs[0].publishes()
+	require.Len(t, pubs, 2)
+	assert.ErrorIs(t, pubs[0].Err, pubsub.ErrInvalidTopic)
+	assert.Equal(t, pubsub.Rejected, pubs[0].Ack.Status)
+	assert.ErrorIs(t, pubs[1].Err, pubsub.ErrInvalidMessage)
+	assert.Equal(t, 1, pubs[1].Messages)
+
+	topic := ownedBy(t, c.Nodes[1], "produced")
+	rec := newRecorder()
+	subscribe(t, c.Nodes[2], topic, rec.handler)
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{BatchSize: 10})
+	require.NoError(t, err)
+	defer p.Close(context.Background())
+	var last *pubsub.Produced
+	for i := range 30 {
+		last = p.Produce(ctxT(t), msg(i))
+	}
+	_, err = last.Wait(ctxT(t))
+	require.NoError(t, err)
+	messages := 0
+	for _, pi := range recs[0].publishes()[2:] {
+		assert.Equal(t, topic, pi.Topic)
+		assert.NoError(t, pi.Err)
+		messages += pi.Messages
+	}
+	assert.Equal(t, 30, messages, "every produced message in exactly one hooked batch")
+}
+
+// panicHook panics in both hooks.
+type panicHook struct{}
+
+func (panicHook) OnPublish(pubsub.PublishInfo) { panic("publish hook") }
+func (panicHook) OnHandled(pubsub.HandledInfo) { panic("handled hook") }
+
+func TestPanickingHookDoesNotStopTheWork(t *testing.T) {
+	c := newCluster(t, 1, 0)
+	n := c.AddNode(t, "n0", 0, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(panicHook{}))...)
+	rec := newRecorder()
+	subscribe(t, n, "t", rec.handler)
+	for i := range 2 {
+		ack, err := n.Publish(ctxT(t), "t", msg(i))
+		mustAccept(t, ack, err, 1)
+	}
+	assert.Equal(t, 2, rec.total())
+}
+
+func TestHookImplementingNothingIsRejected(t *testing.T) {
+	c := newCluster(t, 1, 0)
+	_, err := pubsub.Join(ctxT(t), c.Connect(t, 0), pubsub.WithHooks(&hookRecorder{}, "not a hook"))
+	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
+	assert.Contains(t, err.Error(), "Hooks[1]")
+	assert.Contains(t, err.Error(), "PublishHook or HandledHook")
+}
+
+// A group member's hook reports its share of each batch, with the group.
+func TestHandledHookReportsAGroupMembersShare(t *testing.T) {
+	c, recs := hookedCluster(t)
+	topic := ownedBy(t, c.Nodes[0], "grouped")
+	for _, i := range []int{1, 2} {
+		_, err := c.Nodes[i].Subscribe(ctxT(t), topic, func(context.Context, *pubsub.Message) error { return nil }, pubsub.WithGroup("workers"))
+		require.NoError(t, err)
+	}
+	batch := make([][]byte, 10)
+	for i := range batch {
+		batch[i] = msg(i)
+	}
+	ack, err := c.Nodes[0].PublishBatch(ctxT(t), topic, batch)
+	mustAccept(t, ack, err, 1)
+	total := 0
+	for _, i := range []int{1, 2} {
+		for _, h := range recs[i].handles() {
+			assert.Equal(t, "workers", h.Group)
+			assert.Equal(t, pubsub.Delivered, h.Status)
+			total += h.Messages
+		}
+	}
+	assert.Equal(t, 10, total, "the members' shares add up to the batch")
+}
