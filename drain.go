@@ -241,6 +241,9 @@ func (n *Node) onInboxDraining(env *wire.Envelope, reply string) {
 	case *wire.Envelope_Evict:
 		n.onEvict(b.Evict, reply)
 		return
+	case *wire.Envelope_Topics:
+		n.onTopicsRequest(b.Topics, reply) // read-only: its subscriptions still count
+		return
 	}
 	n.replyTo(reply, &wire.Reply{Code: wire.Reply_CLOSED})
 }

@@ -312,6 +312,8 @@ func (n *Node) onInbox(m *nats.Msg) {
 		n.onSyncRequest(b.SyncRequest, m.Reply)
 	case *wire.Envelope_Evict:
 		n.onEvict(b.Evict, m.Reply)
+	case *wire.Envelope_Topics:
+		n.onTopicsRequest(b.Topics, m.Reply)
 	default:
 		n.malformed("inbox", len(m.Data))
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "unexpected message"})

@@ -74,7 +74,7 @@ func (x Heartbeat_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Heartbeat_Kind.Descriptor instead.
 func (Heartbeat_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{2, 0}
+	return file_wire_proto_rawDescGZIP(), []int{4, 0}
 }
 
 type Reply_Code int32
@@ -134,7 +134,7 @@ func (x Reply_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Reply_Code.Descriptor instead.
 func (Reply_Code) EnumDescriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{13, 0}
+	return file_wire_proto_rawDescGZIP(), []int{15, 0}
 }
 
 // Envelope is the only top-level message on the wire.
@@ -150,6 +150,7 @@ type Envelope struct {
 	//	*Envelope_Reply
 	//	*Envelope_Evict
 	//	*Envelope_SyncRequest
+	//	*Envelope_Topics
 	Body          isEnvelope_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -264,6 +265,15 @@ func (x *Envelope) GetSyncRequest() *SyncRequest {
 	return nil
 }
 
+func (x *Envelope) GetTopics() *TopicsRequest {
+	if x != nil {
+		if x, ok := x.Body.(*Envelope_Topics); ok {
+			return x.Topics
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Body interface {
 	isEnvelope_Body()
 }
@@ -300,6 +310,10 @@ type Envelope_SyncRequest struct {
 	SyncRequest *SyncRequest `protobuf:"bytes,8,opt,name=sync_request,json=syncRequest,proto3,oneof"`
 }
 
+type Envelope_Topics struct {
+	Topics *TopicsRequest `protobuf:"bytes,9,opt,name=topics,proto3,oneof"`
+}
+
 func (*Envelope_Heartbeat) isEnvelope_Body() {}
 
 func (*Envelope_Subscribe) isEnvelope_Body() {}
@@ -316,6 +330,124 @@ func (*Envelope_Evict) isEnvelope_Body() {}
 
 func (*Envelope_SyncRequest) isEnvelope_Body() {}
 
+func (*Envelope_Topics) isEnvelope_Body() {}
+
+// TopicsRequest asks a member for one page of its live subscriptions,
+// summed per topic (Node.Topics): the topics sorted by name, after after.
+type TopicsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	From          *MemberRef             `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	After         string                 `protobuf:"bytes,2,opt,name=after,proto3" json:"after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopicsRequest) Reset() {
+	*x = TopicsRequest{}
+	mi := &file_wire_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopicsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopicsRequest) ProtoMessage() {}
+
+func (x *TopicsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopicsRequest.ProtoReflect.Descriptor instead.
+func (*TopicsRequest) Descriptor() ([]byte, []int) {
+	return file_wire_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *TopicsRequest) GetFrom() *MemberRef {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *TopicsRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+// TopicSummary is one topic's subscriptions on the answering member.
+type TopicSummary struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Topic       string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
+	Subscribers uint32                 `protobuf:"varint,2,opt,name=subscribers,proto3" json:"subscribers,omitempty"`
+	// groups: members per consumer group among them.
+	Groups        map[string]uint32 `protobuf:"bytes,3,rep,name=groups,proto3" json:"groups,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopicSummary) Reset() {
+	*x = TopicSummary{}
+	mi := &file_wire_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopicSummary) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopicSummary) ProtoMessage() {}
+
+func (x *TopicSummary) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopicSummary.ProtoReflect.Descriptor instead.
+func (*TopicSummary) Descriptor() ([]byte, []int) {
+	return file_wire_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TopicSummary) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
+func (x *TopicSummary) GetSubscribers() uint32 {
+	if x != nil {
+		return x.Subscribers
+	}
+	return 0
+}
+
+func (x *TopicSummary) GetGroups() map[string]uint32 {
+	if x != nil {
+		return x.Groups
+	}
+	return nil
+}
+
 // MemberRef names one incarnation of a node.
 type MemberRef struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
@@ -329,7 +461,7 @@ type MemberRef struct {
 
 func (x *MemberRef) Reset() {
 	*x = MemberRef{}
-	mi := &file_wire_proto_msgTypes[1]
+	mi := &file_wire_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -341,7 +473,7 @@ func (x *MemberRef) String() string {
 func (*MemberRef) ProtoMessage() {}
 
 func (x *MemberRef) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[1]
+	mi := &file_wire_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -354,7 +486,7 @@ func (x *MemberRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberRef.ProtoReflect.Descriptor instead.
 func (*MemberRef) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{1}
+	return file_wire_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *MemberRef) GetNodeId() string {
@@ -406,7 +538,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_wire_proto_msgTypes[2]
+	mi := &file_wire_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -418,7 +550,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[2]
+	mi := &file_wire_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -431,7 +563,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{2}
+	return file_wire_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Heartbeat) GetKind() Heartbeat_Kind {
@@ -520,7 +652,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_wire_proto_msgTypes[3]
+	mi := &file_wire_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -532,7 +664,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[3]
+	mi := &file_wire_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -545,7 +677,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{3}
+	return file_wire_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SubscribeRequest) GetFrom() *MemberRef {
@@ -633,7 +765,7 @@ type PublishRequest struct {
 
 func (x *PublishRequest) Reset() {
 	*x = PublishRequest{}
-	mi := &file_wire_proto_msgTypes[4]
+	mi := &file_wire_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -645,7 +777,7 @@ func (x *PublishRequest) String() string {
 func (*PublishRequest) ProtoMessage() {}
 
 func (x *PublishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[4]
+	mi := &file_wire_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -658,7 +790,7 @@ func (x *PublishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishRequest.ProtoReflect.Descriptor instead.
 func (*PublishRequest) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{4}
+	return file_wire_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PublishRequest) GetFrom() *MemberRef {
@@ -759,7 +891,7 @@ type TopicSubscribers struct {
 
 func (x *TopicSubscribers) Reset() {
 	*x = TopicSubscribers{}
-	mi := &file_wire_proto_msgTypes[5]
+	mi := &file_wire_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +903,7 @@ func (x *TopicSubscribers) String() string {
 func (*TopicSubscribers) ProtoMessage() {}
 
 func (x *TopicSubscribers) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[5]
+	mi := &file_wire_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +916,7 @@ func (x *TopicSubscribers) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopicSubscribers.ProtoReflect.Descriptor instead.
 func (*TopicSubscribers) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{5}
+	return file_wire_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TopicSubscribers) GetTopic() string {
@@ -827,7 +959,7 @@ type Sync struct {
 
 func (x *Sync) Reset() {
 	*x = Sync{}
-	mi := &file_wire_proto_msgTypes[6]
+	mi := &file_wire_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +971,7 @@ func (x *Sync) String() string {
 func (*Sync) ProtoMessage() {}
 
 func (x *Sync) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[6]
+	mi := &file_wire_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +984,7 @@ func (x *Sync) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Sync.ProtoReflect.Descriptor instead.
 func (*Sync) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{6}
+	return file_wire_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Sync) GetFrom() *MemberRef {
@@ -910,7 +1042,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_wire_proto_msgTypes[7]
+	mi := &file_wire_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -922,7 +1054,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[7]
+	mi := &file_wire_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -935,7 +1067,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{7}
+	return file_wire_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SyncRequest) GetFrom() *MemberRef {
@@ -1009,7 +1141,7 @@ type DeliverBatch struct {
 
 func (x *DeliverBatch) Reset() {
 	*x = DeliverBatch{}
-	mi := &file_wire_proto_msgTypes[8]
+	mi := &file_wire_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1021,7 +1153,7 @@ func (x *DeliverBatch) String() string {
 func (*DeliverBatch) ProtoMessage() {}
 
 func (x *DeliverBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[8]
+	mi := &file_wire_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1034,7 +1166,7 @@ func (x *DeliverBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliverBatch.ProtoReflect.Descriptor instead.
 func (*DeliverBatch) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{8}
+	return file_wire_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeliverBatch) GetOwner() *MemberRef {
@@ -1139,7 +1271,7 @@ type Share struct {
 
 func (x *Share) Reset() {
 	*x = Share{}
-	mi := &file_wire_proto_msgTypes[9]
+	mi := &file_wire_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1283,7 @@ func (x *Share) String() string {
 func (*Share) ProtoMessage() {}
 
 func (x *Share) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[9]
+	mi := &file_wire_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1296,7 @@ func (x *Share) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Share.ProtoReflect.Descriptor instead.
 func (*Share) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{9}
+	return file_wire_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Share) GetSubscriber() string {
@@ -1194,7 +1326,7 @@ type Evict struct {
 
 func (x *Evict) Reset() {
 	*x = Evict{}
-	mi := &file_wire_proto_msgTypes[10]
+	mi := &file_wire_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1206,7 +1338,7 @@ func (x *Evict) String() string {
 func (*Evict) ProtoMessage() {}
 
 func (x *Evict) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[10]
+	mi := &file_wire_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1219,7 +1351,7 @@ func (x *Evict) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Evict.ProtoReflect.Descriptor instead.
 func (*Evict) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{10}
+	return file_wire_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Evict) GetOwner() *MemberRef {
@@ -1262,7 +1394,7 @@ type Failure struct {
 
 func (x *Failure) Reset() {
 	*x = Failure{}
-	mi := &file_wire_proto_msgTypes[11]
+	mi := &file_wire_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1274,7 +1406,7 @@ func (x *Failure) String() string {
 func (*Failure) ProtoMessage() {}
 
 func (x *Failure) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[11]
+	mi := &file_wire_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1287,7 +1419,7 @@ func (x *Failure) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Failure.ProtoReflect.Descriptor instead.
 func (*Failure) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{11}
+	return file_wire_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Failure) GetNode() string {
@@ -1327,7 +1459,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_wire_proto_msgTypes[12]
+	mi := &file_wire_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1339,7 +1471,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[12]
+	mi := &file_wire_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1352,7 +1484,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Ack) GetStatus() uint32 {
@@ -1416,14 +1548,18 @@ type Reply struct {
 	// messages the subscriber's handler ran before the subscription ended
 	// partway through the batch (status SubscriberGone); 0 for the others.
 	// The owner re-routes only the rest of a group member's share.
-	Processed     []uint32 `protobuf:"varint,10,rep,packed,name=processed,proto3" json:"processed,omitempty"`
+	Processed []uint32 `protobuf:"varint,10,rep,packed,name=processed,proto3" json:"processed,omitempty"`
+	// topics answers a TopicsRequest: one page, sorted by topic; more: the
+	// member has topics past the last one.
+	Topics        []*TopicSummary `protobuf:"bytes,11,rep,name=topics,proto3" json:"topics,omitempty"`
+	More          bool            `protobuf:"varint,12,opt,name=more,proto3" json:"more,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Reply) Reset() {
 	*x = Reply{}
-	mi := &file_wire_proto_msgTypes[13]
+	mi := &file_wire_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1571,7 @@ func (x *Reply) String() string {
 func (*Reply) ProtoMessage() {}
 
 func (x *Reply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_proto_msgTypes[13]
+	mi := &file_wire_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1584,7 @@ func (x *Reply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reply.ProtoReflect.Descriptor instead.
 func (*Reply) Descriptor() ([]byte, []int) {
-	return file_wire_proto_rawDescGZIP(), []int{13}
+	return file_wire_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Reply) GetCode() Reply_Code {
@@ -1521,12 +1657,26 @@ func (x *Reply) GetProcessed() []uint32 {
 	return nil
 }
 
+func (x *Reply) GetTopics() []*TopicSummary {
+	if x != nil {
+		return x.Topics
+	}
+	return nil
+}
+
+func (x *Reply) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
 var File_wire_proto protoreflect.FileDescriptor
 
 const file_wire_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"wire.proto\x12\x12clusterpubsub.wire\"\xf1\x03\n" +
+	"wire.proto\x12\x12clusterpubsub.wire\"\xae\x04\n" +
 	"\bEnvelope\x12=\n" +
 	"\theartbeat\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.HeartbeatH\x00R\theartbeat\x12D\n" +
 	"\tsubscribe\x18\x02 \x01(\v2$.clusterpubsub.wire.SubscribeRequestH\x00R\tsubscribe\x12>\n" +
@@ -1535,8 +1685,19 @@ const file_wire_proto_rawDesc = "" +
 	"\adeliver\x18\x05 \x01(\v2 .clusterpubsub.wire.DeliverBatchH\x00R\adeliver\x121\n" +
 	"\x05reply\x18\x06 \x01(\v2\x19.clusterpubsub.wire.ReplyH\x00R\x05reply\x121\n" +
 	"\x05evict\x18\a \x01(\v2\x19.clusterpubsub.wire.EvictH\x00R\x05evict\x12D\n" +
-	"\fsync_request\x18\b \x01(\v2\x1f.clusterpubsub.wire.SyncRequestH\x00R\vsyncRequestB\x06\n" +
-	"\x04body\"g\n" +
+	"\fsync_request\x18\b \x01(\v2\x1f.clusterpubsub.wire.SyncRequestH\x00R\vsyncRequest\x12;\n" +
+	"\x06topics\x18\t \x01(\v2!.clusterpubsub.wire.TopicsRequestH\x00R\x06topicsB\x06\n" +
+	"\x04body\"X\n" +
+	"\rTopicsRequest\x121\n" +
+	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x14\n" +
+	"\x05after\x18\x02 \x01(\tR\x05after\"\xc7\x01\n" +
+	"\fTopicSummary\x12\x14\n" +
+	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
+	"\vsubscribers\x18\x02 \x01(\rR\vsubscribers\x12D\n" +
+	"\x06groups\x18\x03 \x03(\v2,.clusterpubsub.wire.TopicSummary.GroupsEntryR\x06groups\x1a9\n" +
+	"\vGroupsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"g\n" +
 	"\tMemberRef\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
@@ -1642,7 +1803,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xf6\x04\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xc4\x05\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -1654,7 +1815,9 @@ const file_wire_proto_rawDesc = "" +
 	"\x04sync\x18\b \x01(\v2\x18.clusterpubsub.wire.SyncR\x04sync\x12=\n" +
 	"\x06groups\x18\t \x03(\v2%.clusterpubsub.wire.Reply.GroupsEntryR\x06groups\x12\x1c\n" +
 	"\tprocessed\x18\n" +
-	" \x03(\rR\tprocessed\x1a>\n" +
+	" \x03(\rR\tprocessed\x128\n" +
+	"\x06topics\x18\v \x03(\v2 .clusterpubsub.wire.TopicSummaryR\x06topics\x12\x12\n" +
+	"\x04more\x18\f \x01(\bR\x04more\x1a>\n" +
 	"\x10SubscribersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
@@ -1684,62 +1847,69 @@ func file_wire_proto_rawDescGZIP() []byte {
 }
 
 var file_wire_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_wire_proto_goTypes = []any{
 	(Heartbeat_Kind)(0),      // 0: clusterpubsub.wire.Heartbeat.Kind
 	(Reply_Code)(0),          // 1: clusterpubsub.wire.Reply.Code
 	(*Envelope)(nil),         // 2: clusterpubsub.wire.Envelope
-	(*MemberRef)(nil),        // 3: clusterpubsub.wire.MemberRef
-	(*Heartbeat)(nil),        // 4: clusterpubsub.wire.Heartbeat
-	(*SubscribeRequest)(nil), // 5: clusterpubsub.wire.SubscribeRequest
-	(*PublishRequest)(nil),   // 6: clusterpubsub.wire.PublishRequest
-	(*TopicSubscribers)(nil), // 7: clusterpubsub.wire.TopicSubscribers
-	(*Sync)(nil),             // 8: clusterpubsub.wire.Sync
-	(*SyncRequest)(nil),      // 9: clusterpubsub.wire.SyncRequest
-	(*DeliverBatch)(nil),     // 10: clusterpubsub.wire.DeliverBatch
-	(*Share)(nil),            // 11: clusterpubsub.wire.Share
-	(*Evict)(nil),            // 12: clusterpubsub.wire.Evict
-	(*Failure)(nil),          // 13: clusterpubsub.wire.Failure
-	(*Ack)(nil),              // 14: clusterpubsub.wire.Ack
-	(*Reply)(nil),            // 15: clusterpubsub.wire.Reply
-	nil,                      // 16: clusterpubsub.wire.Reply.SubscribersEntry
-	nil,                      // 17: clusterpubsub.wire.Reply.GroupsEntry
+	(*TopicsRequest)(nil),    // 3: clusterpubsub.wire.TopicsRequest
+	(*TopicSummary)(nil),     // 4: clusterpubsub.wire.TopicSummary
+	(*MemberRef)(nil),        // 5: clusterpubsub.wire.MemberRef
+	(*Heartbeat)(nil),        // 6: clusterpubsub.wire.Heartbeat
+	(*SubscribeRequest)(nil), // 7: clusterpubsub.wire.SubscribeRequest
+	(*PublishRequest)(nil),   // 8: clusterpubsub.wire.PublishRequest
+	(*TopicSubscribers)(nil), // 9: clusterpubsub.wire.TopicSubscribers
+	(*Sync)(nil),             // 10: clusterpubsub.wire.Sync
+	(*SyncRequest)(nil),      // 11: clusterpubsub.wire.SyncRequest
+	(*DeliverBatch)(nil),     // 12: clusterpubsub.wire.DeliverBatch
+	(*Share)(nil),            // 13: clusterpubsub.wire.Share
+	(*Evict)(nil),            // 14: clusterpubsub.wire.Evict
+	(*Failure)(nil),          // 15: clusterpubsub.wire.Failure
+	(*Ack)(nil),              // 16: clusterpubsub.wire.Ack
+	(*Reply)(nil),            // 17: clusterpubsub.wire.Reply
+	nil,                      // 18: clusterpubsub.wire.TopicSummary.GroupsEntry
+	nil,                      // 19: clusterpubsub.wire.Reply.SubscribersEntry
+	nil,                      // 20: clusterpubsub.wire.Reply.GroupsEntry
 }
 var file_wire_proto_depIdxs = []int32{
-	4,  // 0: clusterpubsub.wire.Envelope.heartbeat:type_name -> clusterpubsub.wire.Heartbeat
-	5,  // 1: clusterpubsub.wire.Envelope.subscribe:type_name -> clusterpubsub.wire.SubscribeRequest
-	6,  // 2: clusterpubsub.wire.Envelope.publish:type_name -> clusterpubsub.wire.PublishRequest
-	8,  // 3: clusterpubsub.wire.Envelope.sync:type_name -> clusterpubsub.wire.Sync
-	10, // 4: clusterpubsub.wire.Envelope.deliver:type_name -> clusterpubsub.wire.DeliverBatch
-	15, // 5: clusterpubsub.wire.Envelope.reply:type_name -> clusterpubsub.wire.Reply
-	12, // 6: clusterpubsub.wire.Envelope.evict:type_name -> clusterpubsub.wire.Evict
-	9,  // 7: clusterpubsub.wire.Envelope.sync_request:type_name -> clusterpubsub.wire.SyncRequest
-	0,  // 8: clusterpubsub.wire.Heartbeat.kind:type_name -> clusterpubsub.wire.Heartbeat.Kind
-	3,  // 9: clusterpubsub.wire.Heartbeat.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 10: clusterpubsub.wire.Heartbeat.members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 11: clusterpubsub.wire.Heartbeat.stable_members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 12: clusterpubsub.wire.Heartbeat.prev_members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 13: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 14: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 15: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
-	7,  // 16: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
-	3,  // 17: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 18: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
-	3,  // 19: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
-	11, // 20: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
-	3,  // 21: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
-	13, // 22: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
-	13, // 23: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
-	1,  // 24: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
-	14, // 25: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
-	16, // 26: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
-	8,  // 27: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
-	17, // 28: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	6,  // 0: clusterpubsub.wire.Envelope.heartbeat:type_name -> clusterpubsub.wire.Heartbeat
+	7,  // 1: clusterpubsub.wire.Envelope.subscribe:type_name -> clusterpubsub.wire.SubscribeRequest
+	8,  // 2: clusterpubsub.wire.Envelope.publish:type_name -> clusterpubsub.wire.PublishRequest
+	10, // 3: clusterpubsub.wire.Envelope.sync:type_name -> clusterpubsub.wire.Sync
+	12, // 4: clusterpubsub.wire.Envelope.deliver:type_name -> clusterpubsub.wire.DeliverBatch
+	17, // 5: clusterpubsub.wire.Envelope.reply:type_name -> clusterpubsub.wire.Reply
+	14, // 6: clusterpubsub.wire.Envelope.evict:type_name -> clusterpubsub.wire.Evict
+	11, // 7: clusterpubsub.wire.Envelope.sync_request:type_name -> clusterpubsub.wire.SyncRequest
+	3,  // 8: clusterpubsub.wire.Envelope.topics:type_name -> clusterpubsub.wire.TopicsRequest
+	5,  // 9: clusterpubsub.wire.TopicsRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	18, // 10: clusterpubsub.wire.TopicSummary.groups:type_name -> clusterpubsub.wire.TopicSummary.GroupsEntry
+	0,  // 11: clusterpubsub.wire.Heartbeat.kind:type_name -> clusterpubsub.wire.Heartbeat.Kind
+	5,  // 12: clusterpubsub.wire.Heartbeat.from:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 13: clusterpubsub.wire.Heartbeat.members:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 14: clusterpubsub.wire.Heartbeat.stable_members:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 15: clusterpubsub.wire.Heartbeat.prev_members:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 16: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 17: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 18: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
+	9,  // 19: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
+	5,  // 20: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 21: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 22: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
+	13, // 23: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
+	5,  // 24: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
+	15, // 25: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
+	15, // 26: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
+	1,  // 27: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
+	16, // 28: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
+	19, // 29: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
+	10, // 30: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
+	20, // 31: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
+	4,  // 32: clusterpubsub.wire.Reply.topics:type_name -> clusterpubsub.wire.TopicSummary
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
@@ -1756,6 +1926,7 @@ func file_wire_proto_init() {
 		(*Envelope_Reply)(nil),
 		(*Envelope_Evict)(nil),
 		(*Envelope_SyncRequest)(nil),
+		(*Envelope_Topics)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1763,7 +1934,7 @@ func file_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_proto_rawDesc), len(file_wire_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   16,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -81,3 +81,50 @@ func ExampleWithHooks() {
 	// publishes: 1 messages: 2 failed: 1
 	// batches handled: 1 failed: 0
 }
+
+// Topics asks every member for its live subscriptions and lists each
+// topic with a subscriber, its owner and its consumer groups.
+func ExampleNode_Topics() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc,
+		pubsub.WithNodeID("inventory-1"),
+		pubsub.WithHeartbeatInterval(50*time.Millisecond),
+		pubsub.WithMemberTimeout(500*time.Millisecond),
+	)
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+	handle := func(context.Context, *pubsub.Message) error { return nil }
+	for _, opt := range []pubsub.SubscribeOption{pubsub.WithGroup("restock"), pubsub.WithGroup("restock"), nil} {
+		if _, err := node.Subscribe(ctx, "stock-low", handle, opt); err != nil {
+			panic(err)
+		}
+	}
+	if _, err := node.Subscribe(ctx, "prices", handle); err != nil {
+		panic(err)
+	}
+
+	topics, err := node.Topics(ctx)
+	if err != nil {
+		panic(err)
+	}
+	for _, t := range topics {
+		fmt.Printf("%s: owner %s, %d subscribers, groups %v\n", t.Topic, t.Owner, t.Subscribers, t.Groups)
+	}
+	// Output:
+	// prices: owner inventory-1, 1 subscribers, groups map[]
+	// stock-low: owner inventory-1, 3 subscribers, groups map[restock:2]
+}
