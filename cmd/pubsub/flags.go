@@ -263,7 +263,11 @@ Examples:
 Flags:
 `)
 	var f benchFlags
-	fs := newBenchFlagSet(&f)
+	printFlags(w, newBenchFlagSet(&f))
+}
+
+// printFlags writes every flag of fs with its usage and default.
+func printFlags(w io.Writer, fs *flag.FlagSet) {
 	fs.VisitAll(func(fl *flag.Flag) {
 		name, usage := flag.UnquoteUsage(fl)
 		if name == "value" {

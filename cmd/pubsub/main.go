@@ -1,6 +1,21 @@
 // Command pubsub is a command-line tool for github.com/clusterpubsub/pubsub,
-// in the style of the nats CLI. Its one command, bench, measures the library
-// beside raw NATS core on the same servers in the same run:
+// in the style of the nats CLI.
+//
+// Six commands look at and use a running cluster. Each joins it as a
+// client-only node (WithClientOnly: it never owns a topic), does its work
+// and leaves; --url (default $NATS_URL, else nats://127.0.0.1:4222) and
+// --prefix say where the cluster is, --timeout bounds connecting, joining
+// and each request:
+//
+//	pubsub members              the view: ID, kind, start time, inbox
+//	pubsub topics               every topic with a subscriber (Node.Topics)
+//	pubsub topic <topic>        its owner's subscriber counts (Node.TopicStats)
+//	pubsub pub <topic> <data>   publish, print the ack (--count, --ack, --key, --header)
+//	pubsub sub <topic>          print messages until interrupted (--group, --count)
+//	pubsub events               print the tool's node's events (--count)
+//
+// The bench command measures the library beside raw NATS core on the same
+// servers in the same run:
 //
 //	pubsub bench [scenario...] [flags]
 //
@@ -64,6 +79,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 )
 
 func main() {
@@ -101,6 +117,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	default:
+		if c := findClusterCommand(args[0]); c != nil {
+			err := runCluster(ctx, c, args[1:], stdout, stderr)
+			switch {
+			case errors.Is(err, errHelpShown):
+				return 0
+			case err != nil:
+				fmt.Fprintf(stderr, "pubsub %s: %v\n", c.name, err)
+				if errors.As(err, new(usageError)) {
+					fmt.Fprintf(stderr, "Run 'pubsub %s --help' for usage.\n", c.name)
+				}
+				return 1
+			}
+			return 0
+		}
 		fmt.Fprintf(stderr, "pubsub: unknown command %q\n", args[0])
 		printUsage(stderr)
 		return 1
@@ -117,8 +147,19 @@ Usage:
 Commands:
   bench [scenario...] [flags]
         compare the library with raw NATS on the same servers, in one run
-  help  show this help
+`)
+	for _, c := range clusterCommands {
+		fmt.Fprintf(w, "  %s %s[flags]\n        %s\n", c.name, c.args+strings.Repeat(" ", min(len(c.args), 1)), c.summary)
+	}
+	fmt.Fprint(w, `  help  show this help
+
+The cluster commands (members to events) join the cluster of --url as a
+client-only node, which never owns a topic, and leave at exit.
 
 `)
 	printBenchUsage(w)
+	for _, c := range clusterCommands {
+		fmt.Fprintln(w)
+		c.usage(w)
+	}
 }

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
+)
+
+// testCluster is two NATS servers and two nodes, n0 on server 0 and n1 on
+// server 1, with 50 ms heartbeats, under prefix "cli".
+type testCluster struct {
+	urls  string
+	nodes []*pubsub.Node
+}
+
+func newTestCluster(t *testing.T) *testCluster {
+	t.Helper()
+	// Registered first, so it runs last: after the nodes and servers stop.
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
+	sc, err := embedded.StartCluster(2)
+	require.NoError(t, err)
+	t.Cleanup(sc.Shutdown)
+	tc := &testCluster{urls: strings.Join(sc.URLs(), ",")}
+	for i, url := range sc.URLs() {
+		nc, err := nats.Connect(url)
+		require.NoError(t, err)
+		t.Cleanup(nc.Close)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		n, err := pubsub.Join(ctx, nc, pubsub.WithPrefix("cli"), pubsub.WithNodeID("n"+string(rune('0'+i))),
+			pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(time.Second))
+		cancel()
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = n.Close(context.Background()) })
+		tc.nodes = append(tc.nodes, n)
+	}
+	require.True(t, embedded.Poll(10*time.Second, func() bool {
+		return len(tc.nodes[0].Members()) == 2 && len(tc.nodes[1].Members()) == 2
+	}), "the nodes do not see each other")
+	return tc
+}
+
+// cli runs the tool in this process against the cluster.
+func (tc *testCluster) cli(t *testing.T, ctx context.Context, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errs bytes.Buffer
+	args = append(args, "--url", tc.urls, "--prefix", "cli", "--timeout", "5s")
+	code = run(ctx, args, &out, &errs)
+	return code, out.String(), errs.String()
+}
+
+func TestClusterCommandsInspectAndPublish(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx := context.Background()
+	var mu sync.Mutex
+	var got []string
+	record := func(_ context.Context, m *pubsub.Message) error {
+		mu.Lock()
+		defer mu.Unlock()
+		got = append(got, string(m.Data)+" key="+m.Key+" h="+m.Header.Get("trace"))
+		return nil
+	}
+	_, err := tc.nodes[0].Subscribe(ctx, "orders", record)
+	require.NoError(t, err)
+	_, err = tc.nodes[1].Subscribe(ctx, "orders", record, pubsub.WithGroup("billing"))
+	require.NoError(t, err)
+
+	t.Run("members", func(t *testing.T) {
+		code, out, errs := tc.cli(t, ctx, "members")
+		require.Equal(t, 0, code, errs)
+		assert.Regexp(t, `(?m)^n0\s+owner\s`, out)
+		assert.Regexp(t, `(?m)^n1\s+owner\s`, out)
+		assert.Regexp(t, `(?m)^pubsub-cli-\w+\s+client \(this tool\)\s`, out)
+	})
+	t.Run("topics", func(t *testing.T) {
+		owner, err := tc.nodes[0].OwnerOf("orders")
+		require.NoError(t, err)
+		code, out, errs := tc.cli(t, ctx, "topics")
+		require.Equal(t, 0, code, errs)
+		assert.Regexp(t, `(?m)^orders\s+`+owner.ID+`\s+2\s+billing=1$`, out)
+		code, out, errs = tc.cli(t, ctx, "topics", "--json")
+		require.Equal(t, 0, code, errs)
+		var infos []pubsub.TopicInfo
+		require.NoError(t, json.Unmarshal([]byte(out), &infos))
+		assert.Equal(t, []pubsub.TopicInfo{{Topic: "orders", Owner: owner.ID, Subscribers: 2, Groups: map[string]int{"billing": 1}}}, infos)
+	})
+	t.Run("topic", func(t *testing.T) {
+		code, out, errs := tc.cli(t, ctx, "topic", "orders")
+		require.Equal(t, 0, code, errs)
+		assert.Contains(t, out, "subscribers: 2")
+		assert.Contains(t, out, "per node:    n0=1 n1=1")
+		assert.Contains(t, out, "groups:      billing=1")
+	})
+	t.Run("pub", func(t *testing.T) {
+		code, out, errs := tc.cli(t, ctx, "pub", "orders", "o-1", "--key", "k1", "--header", "trace: abc", "--count", "2")
+		require.Equal(t, 0, code, errs)
+		assert.Equal(t, 2, strings.Count(out, "orders: accepted, 2 delivered, 0 failed (ack=delivered)"), out)
+		mu.Lock()
+		assert.Equal(t, []string{"o-1 key=k1 h=abc", "o-1 key=k1 h=abc", "o-1 key=k1 h=abc", "o-1 key=k1 h=abc"}, got)
+		mu.Unlock()
+		code, out, errs = tc.cli(t, ctx, "pub", "orders", "o-2", "--ack", "accepted")
+		require.Equal(t, 0, code, errs)
+		assert.Contains(t, out, "(ack=accepted)")
+	})
+}
+
+// sub prints what a node publishes and stops after --count; events prints
+// the membership change another node's join makes.
+func TestClusterCommandsSubAndEvents(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	type result struct {
+		code     int
+		out, err string
+	}
+	subDone := make(chan result, 1)
+	go func() {
+		code, out, errs := tc.cli(t, ctx, "sub", "news", "--count", "2")
+		subDone <- result{code, out, errs}
+	}()
+	// The tool's subscription is registered with the owner once TopicStats
+	// counts it; then every publish reaches it.
+	require.True(t, embedded.Poll(10*time.Second, func() bool {
+		st, err := tc.nodes[0].TopicStats(ctx, "news")
+		return err == nil && st.Total == 1
+	}), "the tool never subscribed")
+	for _, m := range []string{"first", "second", "third"} {
+		_, err := tc.nodes[0].Publish(ctx, "news", []byte(m))
+		require.NoError(t, err)
+	}
+	r := <-subDone
+	require.Equal(t, 0, r.code, r.err)
+	assert.Contains(t, r.out, "[#1] news from n0: first")
+	assert.Contains(t, r.out, "[#2] news from n0: second")
+	assert.NotContains(t, r.out, "third", "--count 2 stops after two")
+
+	evDone := make(chan result, 1)
+	go func() {
+		code, out, errs := tc.cli(t, ctx, "events", "--count", "1")
+		evDone <- result{code, out, errs}
+	}()
+	// The tool listens some time after its Join returns: a node joins and
+	// leaves until the tool has printed the change.
+	for i := 0; ; i++ {
+		select {
+		case r = <-evDone:
+			require.Equal(t, 0, r.code, r.err)
+			assert.Regexp(t, `pubsub\.Member(Joined|Left) \{`, r.out)
+			return
+		case <-time.After(100 * time.Millisecond): // the churn's pace, not a wait for a condition
+		}
+		nc, err := nats.Connect(tc.urls)
+		require.NoError(t, err)
+		n, err := pubsub.Join(ctx, nc, pubsub.WithPrefix("cli"), pubsub.WithNodeID(fmt.Sprintf("churn%d", i)),
+			pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(time.Second))
+		require.NoError(t, err)
+		require.NoError(t, n.Close(ctx))
+		nc.Close()
+	}
+}
+
+func TestClusterCommandsUsage(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"topic"}, "want <topic>, got 0 arguments"},
+		{[]string{"members", "extra"}, "want no arguments, got 1"},
+		{[]string{"pub", "t", "d", "--ack", "maybe"}, `--ack "maybe"`},
+		{[]string{"pub", "t", "d", "--header", "novalue"}, `--header "novalue"`},
+		{[]string{"sub", "t", "--count", "-1"}, "--count -1"},
+		{[]string{"members", "--timeout", "0s"}, "--timeout 0s"},
+		{[]string{"members", "--url", "nats://127.0.0.1:1", "--timeout", "200ms"}, "connect to nats://127.0.0.1:1"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var out, errs bytes.Buffer
+			code := run(context.Background(), tc.args, &out, &errs)
+			assert.Equal(t, 1, code)
+			assert.Contains(t, errs.String(), tc.want)
+		})
+	}
+}
+
+// Every cluster command documents every flag with its default, in its own
+// --help and in the tool's.
+func TestClusterCommandsHelp(t *testing.T) {
+	for _, c := range clusterCommands {
+		var out, errs bytes.Buffer
+		require.Equal(t, 0, run(context.Background(), []string{c.name, "--help"}, &out, &errs), errs.String())
+		var all bytes.Buffer
+		require.Equal(t, 0, run(context.Background(), []string{"help"}, &all, &errs))
+		var o clusterOpts
+		c.flagSet(&o).VisitAll(func(fl *flag.Flag) {
+			assert.Contains(t, out.String(), "  --"+fl.Name, "%s --help", c.name)
+			assert.Contains(t, all.String(), "pubsub "+c.name+" ", "pubsub help")
+		})
+		assert.Contains(t, out.String(), "(default", c.name)
+	}
+}
