@@ -149,8 +149,10 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 	// One Message per message for all of this node's subscribers: handlers
 	// see them read-only, so they can share them.
 	batch := msgs.messages(topic)
+	// MailboxFull outcomes for the hooks, which run once the lock is released.
+	var full []*Subscription
+	var fullSizes []int
 	n.subscriber.mu.RLock()
-	defer n.subscriber.mu.RUnlock()
 	for i := range count {
 		l, part := "", batch
 		if i < len(locals) {
@@ -170,8 +172,15 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 		queued := hookQueued(n.hooks.handled)
 		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i, queued) }) {
 			t.set(i, MailboxFull)
-			n.handled(s, len(part), MailboxFull, 0, 0)
+			if len(n.hooks.handled) != 0 {
+				full = append(full, s)
+				fullSizes = append(fullSizes, len(part))
+			}
 		}
+	}
+	n.subscriber.mu.RUnlock()
+	for j, s := range full {
+		n.handled(s, fullSizes[j], MailboxFull, 0, 0)
 	}
 }
 

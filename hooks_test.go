@@ -140,6 +140,35 @@ func TestHandledHookReportsEachOutcome(t *testing.T) {
 		assert.GreaterOrEqual(t, h[1].Wait, 300*time.Millisecond)
 		assert.Zero(t, h[1].Duration, "its handler never ran it")
 	})
+	t.Run("mailbox full", func(t *testing.T) {
+		topic := ownedBy(t, c.Nodes[1], "full")
+		release, running := make(chan struct{}), make(chan struct{}, 1)
+		_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(context.Context, *pubsub.Message) error {
+			select {
+			case running <- struct{}{}:
+			default:
+			}
+			<-release
+			return nil
+		}, pubsub.WithSubscriptionMailbox(1))
+		require.NoError(t, err)
+		before := len(recs[2].handles())
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		defer close(release)
+		wg.Go(func() { _, _ = c.Nodes[0].Publish(context.Background(), topic, []byte("runs")) })
+		<-running
+		wg.Go(func() { _, _ = c.Nodes[0].Publish(context.Background(), topic, []byte("queued")) })
+		testcluster.WaitFor(t, 5*time.Second, func() bool { return c.Nodes[2].Stats().MaxMailboxDepth == 1 }, "the second batch never queued")
+		ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("refused"))
+		require.NoError(t, err)
+		require.Len(t, ack.Failures, 1)
+		require.Equal(t, pubsub.MailboxFull, ack.Failures[0].Status)
+		h := recs[2].waitHandled(t, before+1)[before]
+		assert.Equal(t, pubsub.MailboxFull, h.Status)
+		assert.Equal(t, 1, h.Messages)
+		assert.Zero(t, h.Duration)
+	})
 }
 
 // Calls rejected before they leave the node reach the hook with their
