@@ -146,7 +146,7 @@ func (n *Node) adoptReported(cur *view) {
 	}
 	slices.SortFunc(reports, func(a, b report) int { return cmp.Compare(b.p.stableEpoch, a.p.stableEpoch) })
 	for _, r := range reports {
-		if r.p.stableEpoch <= q.epoch && !n.mayReturnTo(cur, r.v, r.p.stableEpoch) || !n.adoptable(r.v, r.p.stableEpoch) {
+		if r.p.stableEpoch <= q.epoch && !n.mayReturnTo(cur, r.v, r.p.stableEpoch) && !n.mayTakeSibling(r.p, r.v) || !n.adoptable(r.v, r.p.stableEpoch) {
 			continue
 		}
 		n.log.Debug("partition policy: stable view adopted from peers", "epoch", r.p.stableEpoch, "members", len(r.v.members))
@@ -188,6 +188,35 @@ func (n *Node) mayReturnTo(cur, v *view, epoch uint64) bool {
 		}
 	}
 	return true
+}
+
+// mayTakeSibling reports whether this stranded node may leave its stable
+// view for v, which p reports: another change made from the same view at
+// the same epoch, neither of them confirmed (one node took a leaver's
+// hand-over while another advanced without the leaver). Each may hold too
+// few of its own members for mayReturnTo (the leaver is in one and
+// gracefully gone, the others are across a partition), and then the two
+// stall for good. Both still need a majority of the view they were made
+// from on their side, as does this node after the move, so it may go when
+// it and the members reporting v (heard since it last moved) are a
+// majority of both views: without them, no majority is left to hold its
+// own. Only towards the lower view ID, so two nodes never swap.
+// Callers hold members.mu.
+func (n *Node) mayTakeSibling(p *peer, v *view) bool {
+	q := &n.members.quorum
+	if q.confirmed || q.prev == nil || p.stableConfirmed || p.stablePrev == nil || p.stableEpoch != q.epoch ||
+		p.stablePrev.id != q.prev.id || v.id >= q.stable.id {
+		return false
+	}
+	since, reported := q.since, n.reports(q.epoch, v.id, false)
+	moved := func(m Member) bool {
+		if m.ID == n.self.ID {
+			return true
+		}
+		o := n.members.peers[m.ID]
+		return reported(m) && o != nil && o.lastSeen.After(since)
+	}
+	return majorityOf(v, moved) && majorityOf(q.stable, moved)
 }
 
 // adoptable reports whether this node may adopt v as the stable view of
