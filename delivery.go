@@ -149,9 +149,9 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 	// One Message per message for all of this node's subscribers: handlers
 	// see them read-only, so they can share them.
 	batch := msgs.messages(topic)
-	// MailboxFull outcomes for the hooks, which run once the lock is released.
-	var full []*Subscription
-	var fullSizes []int
+	// Outcomes decided here, for the hooks, which run once the lock is
+	// released.
+	var decided []decidedOutcome
 	n.subscriber.mu.RLock()
 	for i := range count {
 		l, part := "", batch
@@ -167,21 +167,31 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {
 			t.set(i, SubscriberGone)
+			if len(n.hooks.handled) != 0 {
+				decided = append(decided, decidedOutcome{SubscriberID{Node: n.self.ID, Local: l}, len(part), SubscriberGone})
+			}
 			continue
 		}
 		queued := hookQueued(n.hooks.handled)
 		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i, queued) }) {
 			t.set(i, MailboxFull)
 			if len(n.hooks.handled) != 0 {
-				full = append(full, s)
-				fullSizes = append(fullSizes, len(part))
+				decided = append(decided, decidedOutcome{s.id, len(part), MailboxFull})
 			}
 		}
 	}
 	n.subscriber.mu.RUnlock()
-	for j, s := range full {
-		n.handled(s, fullSizes[j], MailboxFull, 0, 0)
+	for _, d := range decided {
+		n.handled(topic, d.id, d.messages, d.status, 0, 0)
 	}
+}
+
+// decidedOutcome is a subscriber's outcome deliver decided without its
+// mailbox, kept for the hooks.
+type decidedOutcome struct {
+	id       SubscriberID
+	messages int
+	status   DeliveryStatus
 }
 
 // statusPending marks a subscriber that has not reported yet.
@@ -211,6 +221,13 @@ func (t *batchTracker) set(i int, s DeliveryStatus) {
 	if finished {
 		t.finish()
 	}
+}
+
+// status returns subscriber i's reported status (statusPending before).
+func (t *batchTracker) status(i int) DeliveryStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.statuses[i]
 }
 
 // setPartial reports subscriber i's status with the number of its
@@ -259,12 +276,12 @@ func (t *batchTracker) finish() {
 // messages in order and stops at the first error.
 func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int, queued time.Time) {
 	if ctx.Err() != nil {
-		s.node.handled(s, len(batch), Timeout, sinceQueued(queued), 0)
+		s.node.handled(s.topic, s.id, len(batch), Timeout, sinceQueued(queued), 0)
 		return // already reported as Timeout
 	}
 	if s.isDone() {
 		t.set(i, SubscriberGone)
-		s.node.handled(s, len(batch), SubscriberGone, sinceQueued(queued), 0)
+		s.node.handled(s.topic, s.id, len(batch), SubscriberGone, sinceQueued(queued), 0)
 		return
 	}
 	if seq.seq != 0 {
@@ -278,7 +295,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 				t.set(i, s.lastStatus) // a copy of the batch just handled: its outcome
 			} else {
 				t.set(i, OutOfOrder)
-				s.node.handled(s, len(batch), OutOfOrder, sinceQueued(queued), 0)
+				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceQueued(queued), 0)
 			}
 			return
 		}
@@ -295,7 +312,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 			return
 		case origin.seq < last.seq:
 			t.set(i, OutOfOrder)
-			s.node.handled(s, len(batch), OutOfOrder, sinceQueued(queued), 0)
+			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceQueued(queued), 0)
 			return
 		}
 		if s.producers == nil {
@@ -314,13 +331,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
 	started := hookQueued(s.node.hooks.handled)
 	st, processed := s.run(ctx, batch)
-	if !started.IsZero() {
-		hst := st
-		if ctx.Err() != nil && st == Delivered {
-			hst = Timeout // its owner was told so at SubscriberTimeout
-		}
-		s.node.handled(s, len(batch), hst, started.Sub(queued), time.Since(started))
-	}
+	ran := sinceQueued(started) // 0, and no clock read, without hooks
 	if seq.seq != 0 {
 		s.lastStatus = st
 	}
@@ -329,9 +340,15 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	}
 	if st == SubscriberGone {
 		t.setPartial(i, st, processed)
-		return
+	} else {
+		t.set(i, st)
 	}
-	t.set(i, st)
+	if !started.IsZero() {
+		// After the report, so a slow hook cannot turn the outcome into a
+		// Timeout, and with the status the owner got (Timeout when the
+		// deadline came first, whatever the handler did after).
+		s.node.handled(s.topic, s.id, len(batch), t.status(i), started.Sub(queued), ran)
+	}
 }
 
 // producerMark is the last batch of one producer a subscription ran, and

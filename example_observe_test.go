@@ -74,6 +74,11 @@ func ExampleWithHooks() {
 	}
 	_, err = node.Publish(ctx, "no spaces in topics", []byte("o-3"))
 	fmt.Println("rejected:", err != nil)
+	// A subscriber's hook runs once its outcome went to the owner, maybe
+	// after the ack returned; Close waits for the handlers and their hooks.
+	if err := node.Close(ctx); err != nil {
+		panic(err)
+	}
 	fmt.Println("publishes:", m.published.Load(), "messages:", m.messages.Load(), "failed:", m.publishFailed.Load())
 	fmt.Println("batches handled:", m.handled.Load(), "failed:", m.handlerFailed.Load())
 	// Output:

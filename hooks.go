@@ -28,9 +28,16 @@ type PublishHook interface {
 
 // HandledHook observes subscribers: OnHandled runs on the subscriber's node
 // once per subscriber per batch (for a group member, per share of a batch)
-// once the node knows how the subscriber fared: after its handler ran, or
-// when the batch could not reach it (MailboxFull, SubscriberGone,
-// OutOfOrder, or a Timeout before it started).
+// once the node reported the subscriber's outcome to the owner: after its
+// handler ran, or when the batch could not reach it (MailboxFull,
+// SubscriberGone, OutOfOrder, or a Timeout before it started). So the
+// publisher's ack may return before the hooks of its subscribers ran, and
+// a hook's own time never counts against SubscriberTimeout.
+//
+// It runs on the subscription's mailbox goroutine, except for MailboxFull
+// and SubscriberGone decided on arrival, which run where the batch arrives
+// (the node's inbox, or the local owner's topic actor): a slow hook there
+// delays every delivery to the node.
 type HandledHook interface {
 	OnHandled(HandledInfo)
 }
@@ -54,9 +61,9 @@ type HandledInfo struct {
 	Subscriber SubscriberID
 	Group      string // the subscriber's consumer group, "" for broadcast
 	Messages   int    // messages in the batch (a group member's share)
-	// Status is the subscriber's outcome for the batch. A handler that ran
-	// past SubscriberTimeout is reported Timeout, as its owner was told,
-	// once it returns.
+	// Status is the outcome the owner was told. A handler that ran past
+	// SubscriberTimeout is reported Timeout once it returns, whatever it
+	// returned.
 	Status DeliveryStatus
 	// Wait is the batch's time in the subscriber's mailbox; Duration the
 	// handler's time on it (0 when it never ran).
@@ -131,12 +138,12 @@ func (n *Node) published(topic string, messages, bytes int, start time.Time, ack
 	}
 }
 
-// handled runs the HandledHooks for subscriber s's part of a batch.
-func (n *Node) handled(s *Subscription, messages int, status DeliveryStatus, wait, dur time.Duration) {
+// handled runs the HandledHooks for subscriber id's part of a batch.
+func (n *Node) handled(topic string, id SubscriberID, messages int, status DeliveryStatus, wait, dur time.Duration) {
 	if len(n.hooks.handled) == 0 {
 		return
 	}
-	info := HandledInfo{Topic: s.topic, Subscriber: s.id, Group: s.id.Group(), Messages: messages, Status: status, Wait: wait, Duration: dur}
+	info := HandledInfo{Topic: topic, Subscriber: id, Group: id.Group(), Messages: messages, Status: status, Wait: wait, Duration: dur}
 	for _, h := range n.hooks.handled {
 		n.runHook("handled", func() { h.OnHandled(info) })
 	}

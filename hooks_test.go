@@ -247,13 +247,115 @@ func TestHandledHookReportsAGroupMembersShare(t *testing.T) {
 	}
 	ack, err := c.Nodes[0].PublishBatch(ctxT(t), topic, batch)
 	mustAccept(t, ack, err, 1)
-	total := 0
-	for _, i := range []int{1, 2} {
-		for _, h := range recs[i].handles() {
-			assert.Equal(t, "workers", h.Group)
-			assert.Equal(t, pubsub.Delivered, h.Status)
-			total += h.Messages
+	shares := func() (total int, all []pubsub.HandledInfo) {
+		for _, i := range []int{1, 2} {
+			for _, h := range recs[i].handles() {
+				total += h.Messages
+				all = append(all, h)
+			}
 		}
+		return total, all
 	}
+	// The hooks run once the outcome was reported: maybe after the ack.
+	testcluster.WaitFor(t, 5*time.Second, func() bool { total, _ := shares(); return total >= 10 }, "the shares never added up")
+	total, all := shares()
 	assert.Equal(t, 10, total, "the members' shares add up to the batch")
+	for _, h := range all {
+		assert.Equal(t, "workers", h.Group)
+		assert.Equal(t, pubsub.Delivered, h.Status)
+	}
 }
+
+// slowHandledHook takes its time in OnHandled.
+type slowHandledHook struct {
+	hookRecorder
+	delay time.Duration
+}
+
+func (h *slowHandledHook) OnHandled(i pubsub.HandledInfo) {
+	h.hookRecorder.OnHandled(i)
+	time.Sleep(h.delay) // a slow hook is the point
+}
+
+// Found in review: the hook ran before the outcome was reported, so its own
+// time counted against SubscriberTimeout and a batch its handler finished
+// at once was reported Timeout.
+func TestSlowHandledHookDoesNotTurnADeliveryIntoATimeout(t *testing.T) {
+	c := newCluster(t, 1, 0)
+	hook := &slowHandledHook{delay: 600 * time.Millisecond}
+	n := c.AddNode(t, "n0", 0, append(append([]pubsub.Option{}, fast...),
+		pubsub.WithSubscriberTimeout(300*time.Millisecond), pubsub.WithEvictAfter(100), pubsub.WithHooks(hook))...)
+	subscribe(t, n, "t", func(context.Context, *pubsub.Message) error { return nil })
+	ack, err := n.Publish(ctxT(t), "t", []byte("x"))
+	mustAccept(t, ack, err, 1)
+	h := hook.waitHandled(t, 1)
+	assert.Equal(t, pubsub.Delivered, h[0].Status)
+}
+
+// Found in review: a handler failing after SubscriberTimeout was reported
+// HandlerError to the hook, Timeout to the owner.
+func TestHandledHookReportsWhatTheOwnerWasTold(t *testing.T) {
+	c, recs := hookedCluster(t, pubsub.WithSubscriberTimeout(200*time.Millisecond), pubsub.WithEvictAfter(100))
+	topic := ownedBy(t, c.Nodes[1], "late-fail")
+	release := make(chan struct{})
+	subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error {
+		<-release
+		return errors.New("failed after the deadline")
+	})
+	ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
+	require.NoError(t, err)
+	require.Len(t, ack.Failures, 1)
+	require.Equal(t, pubsub.Timeout, ack.Failures[0].Status, "the owner was told Timeout")
+	close(release)
+	h := recs[2].waitHandled(t, 1)
+	assert.Equal(t, pubsub.Timeout, h[0].Status)
+}
+
+// Found in review: rejections outside the node's publish path (a typed
+// topic's codec, a producer's Initialize) and deliveries to a subscription
+// already removed on its node were not hooked.
+func TestHooksSeeTypedRejectionsFailedInitializesAndRemovedSubscribers(t *testing.T) {
+	c, recs := hookedCluster(t)
+	t.Run("typed encode", func(t *testing.T) {
+		before := len(recs[0].publishes())
+		topic, err := pubsub.NewTopic(c.Nodes[0], "typed", pubsub.JSONCodec[any]())
+		require.NoError(t, err)
+		_, err = topic.Publish(ctxT(t), func() {}) // JSON cannot encode a func
+		require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+		pubs := recs[0].publishes()[before:]
+		require.Len(t, pubs, 1)
+		assert.ErrorIs(t, pubs[0].Err, pubsub.ErrInvalidMessage)
+		assert.Equal(t, "typed", pubs[0].Topic)
+	})
+	t.Run("removed subscriber", func(t *testing.T) {
+		topic := ownedBy(t, c.Nodes[1], "removed")
+		sub := subscribe(t, c.Nodes[2], topic, noopHandler)
+		done, cancel := context.WithCancel(context.Background())
+		cancel()
+		_ = sub.Unsubscribe(done) // removed on its node; the owner still lists it
+		before := len(recs[2].handles())
+		ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
+		require.NoError(t, err)
+		require.Len(t, ack.Failures, 1)
+		require.Equal(t, pubsub.SubscriberGone, ack.Failures[0].Status)
+		h := recs[2].waitHandled(t, before+1)[before]
+		assert.Equal(t, pubsub.SubscriberGone, h.Status)
+		assert.Equal(t, sub.ID(), h.Subscriber)
+	})
+	t.Run("producer initialize", func(t *testing.T) {
+		n := c.AddNode(t, "closing", 0, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(recs[0]))...)
+		p, err := pubsub.NewBatchingProducer(n, "t", pubsub.ProducerConfig{})
+		require.NoError(t, err)
+		defer p.Close(context.Background())
+		require.NoError(t, n.Close(ctxT(t)))
+		before := len(recs[0].publishes())
+		_, err = p.Produce(ctxT(t), []byte("x")).Wait(ctxT(t))
+		require.ErrorIs(t, err, pubsub.ErrClosed)
+		pubs := recs[0].publishes()[before:]
+		require.NotEmpty(t, pubs)
+		assert.ErrorIs(t, pubs[0].Err, pubsub.ErrClosed)
+		assert.Equal(t, 1, pubs[0].Messages)
+	})
+}
+
+func noopHandler(context.Context, *pubsub.Message) error { return nil }

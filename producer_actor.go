@@ -193,11 +193,22 @@ func (p *BatchingProducer) issue(b *producerBatch) {
 func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, initialize, gated bool) {
 	ev := attemptEvent{id: id, b: b}
 	if initialize {
+		node, _ := p.pub.(*Node)
+		var start time.Time
+		if node != nil {
+			start = hookStart(node.hooks.publish)
+		}
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
 		err := p.init.Initialize(ctx, p.topic)
 		cancel()
 		if err != nil {
 			ev.err = fmt.Errorf("pubsub: producer: initialize %q: %w", p.topic, err)
+			if node != nil && len(node.hooks.publish) != 0 {
+				// The attempt failed before its publish: hooked as one.
+				ack, _ := rejected(p.topic, msgs.len(), ev.err)
+				ack.Level = p.cfg.AckLevel
+				node.published(p.topic, msgs.len(), msgs.bytes(), start, ack, ev.err)
+			}
 			p.events <- ev
 			return
 		}

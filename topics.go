@@ -26,10 +26,20 @@ type TopicInfo struct {
 	// Groups counts the members of each consumer group among them; nil
 	// without groups.
 	Groups map[string]int
+	// GroupsTruncated: a member had so many groups on the topic that their
+	// summary did not fit one NATS message, and Groups lists only some of
+	// them (Subscribers still counts every subscription).
+	GroupsTruncated bool
 }
 
-// maxTopicsAsked bounds the members Topics asks at once.
-const maxTopicsAsked = 16
+const (
+	// maxTopicsAsked bounds the members Topics asks at once.
+	maxTopicsAsked = 16
+	// maxTopicsPerMember bounds the topics Topics takes from one member: a
+	// member answering page after page (a forger in the view) fails past
+	// it instead of growing the listing without end.
+	maxTopicsPerMember = 1 << 18
+)
 
 // Topics lists every topic with a live subscriber anywhere in the
 // cluster, sorted by name. It asks every member of this node's view (this
@@ -38,10 +48,11 @@ const maxTopicsAsked = 16
 // node's view.
 //
 // Each member has RequestTimeout per page, cut to ctx's deadline. When
-// members fail to answer (they left, are unreachable, or run a version
-// without this request), Topics returns what the others reported together
-// with an error naming them, wrapping ErrTimeout or ErrClosed; the counts
-// then miss their subscriptions.
+// members fail to answer in full (they left, are unreachable, run a
+// version without this request, or answer more than 262 144 topics),
+// Topics returns what the others reported together with an error naming
+// them, wrapping ErrTimeout or ErrClosed: the counts then miss those
+// members' subscriptions, none of which is counted.
 func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 	if n.life.closed.Load() {
 		return nil, fmt.Errorf("pubsub: topics: %w", ErrClosed)
@@ -64,6 +75,7 @@ func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 				byName[ti.Topic] = ti
 			}
 			ti.Subscribers += int(ts.GetSubscribers())
+			ti.GroupsTruncated = ti.GroupsTruncated || ts.GetGroupsTruncated()
 			for g, c := range ts.GetGroups() {
 				if ti.Groups == nil {
 					ti.Groups = map[string]int{}
@@ -102,15 +114,17 @@ func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 	slices.SortFunc(out, func(a, b TopicInfo) int { return cmp.Compare(a.Topic, b.Topic) })
 	if len(errs) > 0 {
 		slices.SortFunc(errs, func(a, b error) int { return cmp.Compare(a.Error(), b.Error()) })
-		return out, fmt.Errorf("pubsub: topics: %d of %d members did not answer, their subscriptions are not counted: %w", len(errs), len(v.members), errors.Join(errs...))
+		return out, fmt.Errorf("pubsub: topics: %d of %d members did not answer in full, none of their subscriptions is counted: %w", len(errs), len(v.members), errors.Join(errs...))
 	}
 	return out, nil
 }
 
-// topicsOf pages through member m's subscriptions, handing each page to
-// add. This node answers itself without NATS.
+// topicsOf pages through member m's subscriptions and hands them to add
+// once it has them all: a member failing halfway contributes nothing. This
+// node answers itself without NATS.
 func (n *Node) topicsOf(ctx context.Context, m Member, add func([]*wire.TopicSummary)) error {
 	after := ""
+	var all []*wire.TopicSummary
 	for {
 		var rep *wire.Reply
 		if m.ID == n.self.ID {
@@ -131,8 +145,12 @@ func (n *Node) topicsOf(ctx context.Context, m Member, add func([]*wire.TopicSum
 			}
 		}
 		page := rep.GetTopics()
-		add(page)
+		if len(all)+len(page) > maxTopicsPerMember {
+			return fmt.Errorf("%w: more than %d topics", ErrTooLarge, maxTopicsPerMember)
+		}
+		all = append(all, page...)
 		if !rep.GetMore() {
+			add(all)
 			return nil
 		}
 		// Pages are sorted: a page that does not move past after would
@@ -176,12 +194,38 @@ func (n *Node) topicsPage(after string) *wire.Reply {
 	rep := &wire.Reply{Code: wire.Reply_OK}
 	for i, t := range topics {
 		ts := byTopic[t]
-		size := proto.Size(ts) + 4 // the field's tag and length
-		if budget -= size; budget < 0 && i > 0 {
+		size := proto.Size(ts) + 8 // the field's tag and length
+		if size > budget && i == 0 {
+			size = n.truncateGroups(ts, budget)
+		}
+		if budget -= size; budget < 0 {
 			rep.More = true
 			break
 		}
 		rep.Topics = append(rep.Topics, ts)
 	}
 	return rep
+}
+
+// truncateGroups cuts ts's groups, kept in name order, until ts fits
+// budget bytes, so that a page always holds at least one topic (and the
+// asker's paging advances), and returns ts's size.
+func (n *Node) truncateGroups(ts *wire.TopicSummary, budget int) int {
+	names := slices.Sorted(maps.Keys(ts.Groups))
+	kept := map[string]uint32{}
+	size := proto.Size(&wire.TopicSummary{Topic: ts.Topic, Subscribers: ts.Subscribers, GroupsTruncated: true}) + 8
+	for _, g := range names {
+		entry := len(g) + 16 // the map entry's key, value, tags and lengths
+		if size+entry > budget {
+			break
+		}
+		kept[g] = ts.Groups[g]
+		size += entry
+	}
+	if ok, held := n.log.limit.allow("topics/truncated"); ok {
+		n.log.Warn("topic listing: a topic's consumer groups do not fit one NATS message; listing some",
+			"topic", ts.Topic, "groups", len(ts.Groups), "listed", len(kept), "suppressed", held)
+	}
+	ts.Groups, ts.GroupsTruncated = kept, true
+	return proto.Size(ts) + 8
 }

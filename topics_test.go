@@ -3,6 +3,8 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -10,8 +12,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
@@ -57,7 +63,7 @@ func TestTopicsReportsMembersThatDoNotAnswer(t *testing.T) {
 	got, err := c.Nodes[0].Topics(ctxT(t))
 	require.ErrorIs(t, err, pubsub.ErrTimeout)
 	assert.Contains(t, err.Error(), "member n2")
-	assert.Contains(t, err.Error(), "1 of 3 members did not answer")
+	assert.Contains(t, err.Error(), "1 of 3 members did not answer in full")
 	require.Len(t, got, 1)
 	assert.Equal(t, "kept", got[0].Topic)
 
@@ -66,21 +72,27 @@ func TestTopicsReportsMembersThatDoNotAnswer(t *testing.T) {
 	require.ErrorIs(t, err, pubsub.ErrClosed)
 }
 
-// A member with more topics than fit one NATS message answers in pages.
-func TestTopicsPagesThroughMaxPayload(t *testing.T) {
+// smallPayloadPair is two nodes on one server whose max_payload is 4 kB.
+func smallPayloadPair(t *testing.T) []*pubsub.Node {
 	srv, err := embedded.StartServerWith(func(o *server.Options) { o.MaxPayload = 4096 })
 	require.NoError(t, err)
-	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
 	var nodes []*pubsub.Node
 	for i := range 2 {
 		nc, err := nats.Connect(srv.ClientURL())
 		require.NoError(t, err)
-		defer nc.Close()
+		t.Cleanup(nc.Close)
 		n, err := pubsub.Join(ctxT(t), nc, append(append([]pubsub.Option{}, fast...), pubsub.WithNodeID(fmt.Sprintf("p%d", i)))...)
 		require.NoError(t, err)
-		defer n.Close(context.Background())
+		t.Cleanup(func() { _ = n.Close(context.Background()) })
 		nodes = append(nodes, n)
 	}
+	return nodes
+}
+
+// A member with more topics than fit one NATS message answers in pages.
+func TestTopicsPagesThroughMaxPayload(t *testing.T) {
+	nodes := smallPayloadPair(t)
 	const topics = 400 // about 40 bytes each: 16 kB, four pages or more
 	for i := range topics {
 		subscribe(t, nodes[1], fmt.Sprintf("a-topic-with-a-rather-long-name-%04d", i), noop)
@@ -92,4 +104,77 @@ func TestTopicsPagesThroughMaxPayload(t *testing.T) {
 		assert.Equal(t, fmt.Sprintf("a-topic-with-a-rather-long-name-%04d", i), ti.Topic)
 		assert.Equal(t, 1, ti.Subscribers)
 	}
+}
+
+// Found in review: a topic whose summary alone did not fit one NATS message
+// (many consumer groups) made its member's page unsendable: the asker
+// waited out RequestTimeout and lost that member's later topics.
+func TestTopicsListsATopicWithMoreGroupsThanFitOneMessage(t *testing.T) {
+	nodes := smallPayloadPair(t)
+	ctx := ctxT(t)
+	subscribe(t, nodes[1], "a-small", noop)
+	for g := range 150 { // about 40 bytes each: 6 kB of groups
+		_, err := nodes[1].Subscribe(ctx, "big", noop, pubsub.WithGroup(fmt.Sprintf("a-consumer-group-name-%04d", g)))
+		require.NoError(t, err)
+	}
+	subscribe(t, nodes[1], "c-after", noop)
+	got, err := nodes[0].Topics(ctx)
+	require.NoError(t, err)
+	require.Len(t, got, 3)
+	assert.Equal(t, []string{"a-small", "big", "c-after"}, []string{got[0].Topic, got[1].Topic, got[2].Topic})
+	big := got[1]
+	assert.Equal(t, 150, big.Subscribers, "every subscription counts")
+	assert.True(t, big.GroupsTruncated)
+	assert.NotEmpty(t, big.Groups)
+	assert.Less(t, len(big.Groups), 150)
+	assert.False(t, got[0].GroupsTruncated)
+}
+
+// Found in review: a member answering page after page (here a forged
+// client-only member in the view) kept Topics paging, and growing, until
+// its ctx ended. It now fails past maxTopicsPerMember and contributes
+// nothing.
+func TestTopicsFromAMemberThatNeverStopsIsBounded(t *testing.T) {
+	c := newCluster(t, 1, 1, fast...)
+	subscribe(t, c.Nodes[0], "real", noop)
+	raw := c.Connect(t, 0)
+	ghost := &wire.MemberRef{NodeId: "ghost", Incarnation: 1, ClientOnly: true}
+	var pages atomic.Int64
+	_, err := raw.Subscribe(natsutil.NodeSubject(natsutil.DefaultPrefix, ghost.NodeId), func(m *nats.Msg) {
+		var env wire.Envelope
+		if proto.Unmarshal(m.Data, &env) != nil || env.GetTopics() == nil {
+			return
+		}
+		rep := &wire.Reply{Code: wire.Reply_OK, More: true}
+		page := pages.Add(1) // pages that always advance
+		for i := range 2000 {
+			rep.Topics = append(rep.Topics, &wire.TopicSummary{Topic: fmt.Sprintf("forged-%06d-%04d", page, i), Subscribers: 1})
+		}
+		data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Reply{Reply: rep}})
+		_ = m.Respond(data)
+	})
+	require.NoError(t, err)
+	beat, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{From: ghost}}})
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer close(stop)
+	wg.Go(func() {
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			_ = raw.Publish(natsutil.DefaultPrefix+".members", beat)
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	})
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(c.Nodes[0].Members()) == 2 }, "the forged member never joined the view")
+	got, err := c.Nodes[0].Topics(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrTooLarge)
+	assert.Contains(t, err.Error(), "member ghost")
+	require.Len(t, got, 1, "the forged member contributes nothing")
+	assert.Equal(t, "real", got[0].Topic)
 }

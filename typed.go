@@ -65,9 +65,12 @@ func (t *Topic[T]) Publish(ctx context.Context, v T, opts ...PublishOption) (Pub
 // PublishMessage is Publish with a key and a header for the message (its
 // Data is ignored: the encoded v replaces it).
 func (t *Topic[T]) PublishMessage(ctx context.Context, v T, m Outgoing, opts ...PublishOption) (PublishAck, error) {
+	start := hookStart(t.node.hooks.publish)
 	data, err := t.codec.Encode(v)
 	if err != nil {
-		return t.node.reject(t.name, 1, fmt.Errorf("pubsub: publish to %q: encoding %T: %w: %v", t.name, v, ErrInvalidMessage, err))
+		ack, err := t.node.reject(t.name, 1, fmt.Errorf("pubsub: publish to %q: encoding %T: %w: %v", t.name, v, ErrInvalidMessage, err))
+		t.node.published(t.name, 1, outgoingBytes([]Outgoing{m}), start, ack, err)
+		return ack, err
 	}
 	m.Data = data
 	return t.node.PublishMessages(ctx, t.name, []Outgoing{m}, opts...)

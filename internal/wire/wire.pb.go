@@ -392,9 +392,12 @@ type TopicSummary struct {
 	Topic       string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
 	Subscribers uint32                 `protobuf:"varint,2,opt,name=subscribers,proto3" json:"subscribers,omitempty"`
 	// groups: members per consumer group among them.
-	Groups        map[string]uint32 `protobuf:"bytes,3,rep,name=groups,proto3" json:"groups,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Groups map[string]uint32 `protobuf:"bytes,3,rep,name=groups,proto3" json:"groups,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// groups_truncated: groups lists only some of them, the summary being
+	// too large for one message otherwise (subscribers still counts all).
+	GroupsTruncated bool `protobuf:"varint,4,opt,name=groups_truncated,json=groupsTruncated,proto3" json:"groups_truncated,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *TopicSummary) Reset() {
@@ -446,6 +449,13 @@ func (x *TopicSummary) GetGroups() map[string]uint32 {
 		return x.Groups
 	}
 	return nil
+}
+
+func (x *TopicSummary) GetGroupsTruncated() bool {
+	if x != nil {
+		return x.GroupsTruncated
+	}
+	return false
 }
 
 // MemberRef names one incarnation of a node.
@@ -1690,11 +1700,12 @@ const file_wire_proto_rawDesc = "" +
 	"\x04body\"X\n" +
 	"\rTopicsRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x14\n" +
-	"\x05after\x18\x02 \x01(\tR\x05after\"\xc7\x01\n" +
+	"\x05after\x18\x02 \x01(\tR\x05after\"\xf2\x01\n" +
 	"\fTopicSummary\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x01(\rR\vsubscribers\x12D\n" +
-	"\x06groups\x18\x03 \x03(\v2,.clusterpubsub.wire.TopicSummary.GroupsEntryR\x06groups\x1a9\n" +
+	"\x06groups\x18\x03 \x03(\v2,.clusterpubsub.wire.TopicSummary.GroupsEntryR\x06groups\x12)\n" +
+	"\x10groups_truncated\x18\x04 \x01(\bR\x0fgroupsTruncated\x1a9\n" +
 	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"g\n" +
