@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -140,7 +141,12 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 			}
 			return usageError{err}
 		}
-		args = fs.Args()
+		rest := fs.Args()
+		if parsed := args[:len(args)-len(rest)]; len(parsed) > 0 && parsed[len(parsed)-1] == "--" {
+			pos = append(pos, rest...) // after --, every argument is one
+			break
+		}
+		args = rest
 		if len(args) == 0 {
 			break
 		}
@@ -338,6 +344,7 @@ func runPub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 
 func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []string, w io.Writer) error {
 	got := make(chan struct{}, 1)
+	ended := make(chan struct{}) // closed once the subscription ended
 	var (
 		mu      sync.Mutex // w is not written once runSub returned
 		seen    int
@@ -350,8 +357,8 @@ func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 	}()
 	handler := func(_ context.Context, m *pubsub.Message) error {
 		mu.Lock()
-		defer mu.Unlock()
-		if stopped || o.count > 0 && seen >= o.count {
+		if stopped {
+			mu.Unlock()
 			return nil
 		}
 		seen++
@@ -359,15 +366,19 @@ func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 		if m.Key != "" {
 			fmt.Fprintf(w, " key=%s", m.Key)
 		}
-		for name, values := range m.Header {
-			fmt.Fprintf(w, " %s=%s", name, strings.Join(values, ","))
+		for _, name := range slices.Sorted(maps.Keys(m.Header)) {
+			fmt.Fprintf(w, " %s=%s", name, strings.Join(m.Header[name], ","))
 		}
 		fmt.Fprintf(w, " from %s: %s\n", m.Publisher, m.Data)
-		if o.count > 0 && seen >= o.count {
-			select {
-			case got <- struct{}{}:
-			default:
-			}
+		last := o.count > 0 && seen == o.count
+		mu.Unlock()
+		if last {
+			// Hold the batch until the subscription ended: the rest of it
+			// (and of the mailbox) is then reported SubscriberGone, and a
+			// consumer group's other members get it, instead of being
+			// acknowledged unprinted.
+			got <- struct{}{}
+			<-ended
 		}
 		return nil
 	}
@@ -379,12 +390,18 @@ func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 	sub, err := node.Subscribe(sctx, args[0], handler, opts...)
 	cancel()
 	if err != nil {
+		close(ended)
 		return err
 	}
+	go func() {
+		<-sub.Done() // Unsubscribe below, or the node closing, ends it
+		close(ended)
+	}()
 	defer func() {
 		uctx, cancel := requestCtx(context.Background(), o)
 		defer cancel()
 		_ = sub.Unsubscribe(uctx)
+		<-ended
 	}()
 	select {
 	case <-ctx.Done():
@@ -400,6 +417,9 @@ func runEvents(ctx context.Context, node *pubsub.Node, o *clusterOpts, _ []strin
 	got := make(chan struct{}, 1)
 	seen := 0
 	cancel := node.Events().Subscribe(func(e pubsub.Event) {
+		if o.count > 0 && seen >= o.count {
+			return // the events until cancel stops the listener
+		}
 		seen++ // one listener goroutine
 		fmt.Fprintf(w, "%s %T %+v\n", time.Now().UTC().Format(time.RFC3339Nano), e, e)
 		if o.count > 0 && seen >= o.count {

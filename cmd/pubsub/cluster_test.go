@@ -213,3 +213,121 @@ func TestClusterCommandsHelp(t *testing.T) {
 		assert.Contains(t, out.String(), "(default", c.name)
 	}
 }
+
+// Found in review: past --count, sub acknowledged the rest of a batch
+// unprinted, so a consumer group lost it. The rest is now reported
+// SubscriberGone, which the owner re-routes to another member.
+func TestSubCountInAGroupHandsTheRestToAnotherMember(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var mu sync.Mutex
+	var other []string
+	_, err := tc.nodes[1].Subscribe(ctx, "jobs", func(_ context.Context, m *pubsub.Message) error {
+		mu.Lock()
+		defer mu.Unlock()
+		other = append(other, string(m.Data))
+		return nil
+	}, pubsub.WithGroup("workers"))
+	require.NoError(t, err)
+	type result struct {
+		code     int
+		out, err string
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, out, errs := tc.cli(t, ctx, "sub", "jobs", "--group", "workers", "--count", "1")
+		done <- result{code, out, errs}
+	}()
+	require.True(t, embedded.Poll(10*time.Second, func() bool {
+		st, err := tc.nodes[0].TopicStats(ctx, "jobs")
+		return err == nil && st.Total == 2
+	}), "the tool never subscribed")
+	batch := make([][]byte, 8)
+	for i := range batch {
+		batch[i] = []byte(fmt.Sprintf("j%d", i))
+	}
+	ack, err := tc.nodes[0].PublishBatch(ctx, "jobs", batch)
+	require.NoError(t, err)
+	assert.Empty(t, ack.Failures, "the tool's unprinted share went to the other member")
+	r := <-done
+	require.Equal(t, 0, r.code, r.err)
+	assert.Equal(t, 1, strings.Count(r.out, "[#"), r.out)
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Len(t, other, len(batch)-1, "every message but the printed one reached the other member")
+}
+
+// Found in review: events printed the events that arrived between the
+// --count-th and the listener's end.
+func TestEventsCountIsExact(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var errs bytes.Buffer
+	out := &slowWriter{}
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"events", "--count", "1", "--url", tc.urls, "--prefix", "cli", "--timeout", "5s"}, out, &errs)
+	}()
+	for i := 0; ; i++ {
+		select {
+		case code := <-done:
+			require.Equal(t, 0, code, errs.String())
+			assert.Equal(t, 1, strings.Count(out.String(), "\n"), "--count 1 printed:\n%s", out.String())
+			return
+		case <-time.After(100 * time.Millisecond): // the churn's pace
+		}
+		var wg sync.WaitGroup
+		for j := range 4 { // several changes at once: more events than the count
+			wg.Go(func() {
+				nc, err := nats.Connect(tc.urls)
+				if err != nil {
+					return
+				}
+				defer nc.Close()
+				n, err := pubsub.Join(ctx, nc, pubsub.WithPrefix("cli"), pubsub.WithNodeID(fmt.Sprintf("churn%d-%d", i, j)),
+					pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(time.Second), pubsub.WithClientOnly())
+				if err == nil {
+					_ = n.Close(ctx)
+				}
+			})
+		}
+		wg.Wait()
+	}
+}
+
+// slowWriter is a goroutine-safe buffer whose first Write takes 300 ms,
+// so that events queue behind the first one printed.
+type slowWriter struct {
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	writes int
+}
+
+func (w *slowWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.writes++
+	first := w.writes == 1
+	w.mu.Unlock()
+	if first {
+		time.Sleep(300 * time.Millisecond) // a slow terminal is the point
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(p)
+}
+
+func (w *slowWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// After --, every argument is positional, so data may start with a dash.
+func TestPubDataAfterDoubleDash(t *testing.T) {
+	var out, errs bytes.Buffer
+	code := run(context.Background(), []string{"pub", "--url", "nats://127.0.0.1:1", "--timeout", "200ms", "--", "t", "-5"}, &out, &errs)
+	assert.Equal(t, 1, code)
+	assert.Contains(t, errs.String(), "connect to", "the arguments parsed; only the connection failed")
+}
