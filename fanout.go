@@ -177,7 +177,8 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	var moved []map[string][]share
 	for i, s := range st {
 		id := SubscriberID{Node: to.node, Local: to.local(i)}
-		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(id, s) {
+		// Only a node's own report carries processed.
+		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(id, s, processed != nil) {
 			idx := to.idx(i)
 			if processed != nil && int(processed[i]) <= len(idx) {
 				idx = idx[processed[i]:]

@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/faultnet"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -312,9 +314,8 @@ func TestHandledHookReportsWhatTheOwnerWasTold(t *testing.T) {
 }
 
 // Found in review: rejections outside the node's publish path (a typed
-// topic's codec, a producer's Initialize) and deliveries to a subscription
-// already removed on its node were not hooked.
-func TestHooksSeeTypedRejectionsFailedInitializesAndRemovedSubscribers(t *testing.T) {
+// topic's codec, a producer's Initialize) were not hooked.
+func TestHooksSeeTypedRejectionsAndFailedInitializes(t *testing.T) {
 	c, recs := hookedCluster(t)
 	t.Run("typed encode", func(t *testing.T) {
 		before := len(recs[0].publishes())
@@ -326,21 +327,6 @@ func TestHooksSeeTypedRejectionsFailedInitializesAndRemovedSubscribers(t *testin
 		require.Len(t, pubs, 1)
 		assert.ErrorIs(t, pubs[0].Err, pubsub.ErrInvalidMessage)
 		assert.Equal(t, "typed", pubs[0].Topic)
-	})
-	t.Run("removed subscriber", func(t *testing.T) {
-		topic := ownedBy(t, c.Nodes[1], "removed")
-		sub := subscribe(t, c.Nodes[2], topic, noopHandler)
-		done, cancel := context.WithCancel(context.Background())
-		cancel()
-		_ = sub.Unsubscribe(done) // removed on its node; the owner still lists it
-		before := len(recs[2].handles())
-		ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
-		require.NoError(t, err)
-		require.Len(t, ack.Failures, 1)
-		require.Equal(t, pubsub.SubscriberGone, ack.Failures[0].Status)
-		h := recs[2].waitHandled(t, before+1)[before]
-		assert.Equal(t, pubsub.SubscriberGone, h.Status)
-		assert.Equal(t, sub.ID(), h.Subscriber)
 	})
 	t.Run("producer initialize", func(t *testing.T) {
 		n := c.AddNode(t, "closing", 0, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(recs[0]))...)
@@ -359,3 +345,29 @@ func TestHooksSeeTypedRejectionsFailedInitializesAndRemovedSubscribers(t *testin
 }
 
 func noopHandler(context.Context, *pubsub.Message) error { return nil }
+
+// Found in review: a delivery to a subscription already removed on its
+// node (its Unsubscribe not yet heard by the owner) was reported
+// SubscriberGone without the hook.
+func TestHandledHookSeesADeliveryToARemovedSubscription(t *testing.T) {
+	c := testcluster.NewFaulty(t, 3, 0)
+	rec := &hookRecorder{}
+	for i := range 3 {
+		c.AddNode(t, fmt.Sprintf("n%d", i), i, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(rec))...)
+	}
+	c.WaitConverged(t, 10*time.Second)
+	topic := ownedBy(t, c.Nodes[1], "removed")
+	sub := subscribe(t, c.Nodes[2], topic, noopHandler)
+	// n2's Unsubscribe must not reach the owner before the publish does:
+	// what n2 sends is held back meanwhile.
+	c.Client(2).Stall(faultnet.Forward)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	_ = sub.Unsubscribe(ctx) // removed on n2 at once; the request waits
+	cancel()
+	_, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.WithAck(pubsub.AckAccepted))
+	require.NoError(t, err)
+	h := rec.waitHandled(t, 1)
+	assert.Equal(t, pubsub.SubscriberGone, h[0].Status)
+	assert.Equal(t, sub.ID(), h[0].Subscriber)
+	c.HealAll()
+}

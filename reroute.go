@@ -42,17 +42,19 @@ type reroutes struct {
 }
 
 // reroutable reports whether status leaves id's share surely unprocessed
-// (or, at least once, possibly so). SubscriberGone is sure only from a node
-// still in the view (it said so itself): a node that left the view, as by
-// crashing, may have run the share first, and an at-most-once topic must
-// not run it twice.
-func (r *reroutes) reroutable(id SubscriberID, s DeliveryStatus) bool {
+// (or, at least once, possibly so). SubscriberGone is sure from a node
+// still in the view, or when the node's own report said how far the
+// subscriber got (partial: a subscription that ended mid-batch, reported
+// just before its node left gracefully, as a CLI's sub does): a node that
+// left the view, as by crashing, may have run the share first, and an
+// at-most-once topic must not run it twice.
+func (r *reroutes) reroutable(id SubscriberID, s DeliveryStatus, partial bool) bool {
 	switch s {
 	case MailboxFull:
 		return true
 	case SubscriberGone:
 		_, inView := r.n.view().member(id.Node)
-		return inView || r.atLeastOnce
+		return inView || partial || r.atLeastOnce
 	case Timeout:
 		return r.atLeastOnce
 	}
