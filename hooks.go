@@ -12,16 +12,17 @@ import (
 // with ErrInvalidConfig.
 //
 // Hooks run synchronously on the data path, on the goroutine that did the
-// work (the publishing caller, a producer, a subscription's mailbox): they
-// must be fast and must not block. A hook that panics is recovered and
+// work (the publishing caller, a producer, a subscription's mailbox; see
+// HandledHook for the exceptions): they must be fast and must not block. A hook that panics is recovered and
 // logged (throttled); the work it observed is not affected. Without hooks
 // the data path costs one length check.
 type Hook any
 
 // PublishHook observes publishing: OnPublish runs on the publishing node
-// once per Publish, PublishBatch or PublishMessages call (rejected ones
-// included) and once per attempt of each batch a BatchingProducer
-// publishes, when it returns, with its outcome.
+// once per Publish, PublishBatch, PublishMessages or Topic[T].Publish call
+// (rejected ones included) and once per attempt of each batch a
+// BatchingProducer publishes (one failing in Initialize included), when it
+// returns, with its outcome.
 type PublishHook interface {
 	OnPublish(PublishInfo)
 }

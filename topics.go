@@ -51,8 +51,9 @@ const (
 // members fail to answer in full (they left, are unreachable, run a
 // version without this request, or answer more than 262 144 topics),
 // Topics returns what the others reported together with an error naming
-// them, wrapping ErrTimeout or ErrClosed: the counts then miss those
-// members' subscriptions, none of which is counted.
+// them, wrapping ErrTimeout, ErrClosed or (past the topics) ErrTooLarge:
+// the counts then miss those members' subscriptions, none of which is
+// counted.
 func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 	if n.life.closed.Load() {
 		return nil, fmt.Errorf("pubsub: topics: %w", ErrClosed)
