@@ -35,10 +35,11 @@ type TopicInfo struct {
 const (
 	// maxTopicsAsked bounds the members Topics asks at once.
 	maxTopicsAsked = 16
-	// maxTopicsPerMember bounds the topics Topics takes from one member: a
-	// member answering page after page (a forger in the view) fails past
-	// it instead of growing the listing without end.
-	maxTopicsPerMember = 1 << 18
+	// maxTopicsListed bounds the topics Topics takes from one member and
+	// lists in all: a member answering page after page (a forger in the
+	// view), or several, fail past it instead of growing the listing
+	// without end.
+	maxTopicsListed = 1 << 18
 )
 
 // Topics lists every topic with a live subscriber anywhere in the
@@ -49,7 +50,8 @@ const (
 //
 // Each member has RequestTimeout per page, cut to ctx's deadline. When
 // members fail to answer in full (they left, are unreachable, run a
-// version without this request, or answer more than 262 144 topics),
+// version without this request, or answer more than 262 144 topics, or
+// would take the listing past 262 144),
 // Topics returns what the others reported together with an error naming
 // them, wrapping ErrTimeout, ErrClosed or (past the topics) ErrTooLarge:
 // the counts then miss those members' subscriptions, none of which is
@@ -66,9 +68,18 @@ func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 		wg     sync.WaitGroup
 		slots  = make(chan struct{}, maxTopicsAsked)
 	)
-	add := func(page []*wire.TopicSummary) {
+	add := func(page []*wire.TopicSummary) error {
 		mu.Lock()
 		defer mu.Unlock()
+		fresh := 0
+		for _, ts := range page {
+			if byName[ts.GetTopic()] == nil {
+				fresh++
+			}
+		}
+		if len(byName)+fresh > maxTopicsListed {
+			return fmt.Errorf("%w: the listing would pass %d topics", ErrTooLarge, maxTopicsListed)
+		}
 		for _, ts := range page {
 			ti := byName[ts.GetTopic()]
 			if ti == nil {
@@ -84,6 +95,7 @@ func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 				ti.Groups[g] += int(c)
 			}
 		}
+		return nil
 	}
 	for _, m := range v.members {
 		wg.Go(func() {
@@ -123,7 +135,7 @@ func (n *Node) Topics(ctx context.Context) ([]TopicInfo, error) {
 // topicsOf pages through member m's subscriptions and hands them to add
 // once it has them all: a member failing halfway contributes nothing. This
 // node answers itself without NATS.
-func (n *Node) topicsOf(ctx context.Context, m Member, add func([]*wire.TopicSummary)) error {
+func (n *Node) topicsOf(ctx context.Context, m Member, add func([]*wire.TopicSummary) error) error {
 	after := ""
 	var all []*wire.TopicSummary
 	for {
@@ -146,13 +158,12 @@ func (n *Node) topicsOf(ctx context.Context, m Member, add func([]*wire.TopicSum
 			}
 		}
 		page := rep.GetTopics()
-		if len(all)+len(page) > maxTopicsPerMember {
-			return fmt.Errorf("%w: more than %d topics", ErrTooLarge, maxTopicsPerMember)
+		if len(all)+len(page) > maxTopicsListed {
+			return fmt.Errorf("%w: more than %d topics", ErrTooLarge, maxTopicsListed)
 		}
 		all = append(all, page...)
 		if !rep.GetMore() {
-			add(all)
-			return nil
+			return add(all)
 		}
 		// Pages are sorted: a page that does not move past after would
 		// make this loop forever.

@@ -3,6 +3,8 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -130,35 +132,32 @@ func TestTopicsListsATopicWithMoreGroupsThanFitOneMessage(t *testing.T) {
 	assert.False(t, got[0].GroupsTruncated)
 }
 
-// Found in review: a member answering page after page (here a forged
-// client-only member in the view) kept Topics paging, and growing, until
-// its ctx ended. It now fails past maxTopicsPerMember and contributes
-// nothing.
-func TestTopicsFromAMemberThatNeverStopsIsBounded(t *testing.T) {
-	c := newCluster(t, 1, 1, fast...)
-	subscribe(t, c.Nodes[0], "real", noop)
+// forgedLister puts a forged client-only member id in c's view, on server
+// 0, answering TopicsRequests with pages of 2000 topics named
+// <id>-<page>-<i> (pages that always advance), without end when total is 0,
+// else up to total topics.
+func forgedLister(t *testing.T, c *testcluster.Cluster, id string, total int) {
 	raw := c.Connect(t, 0)
-	ghost := &wire.MemberRef{NodeId: "ghost", Incarnation: 1, ClientOnly: true}
+	ref := &wire.MemberRef{NodeId: id, Incarnation: 1, ClientOnly: true}
 	var pages atomic.Int64
-	_, err := raw.Subscribe(natsutil.NodeSubject(natsutil.DefaultPrefix, ghost.NodeId), func(m *nats.Msg) {
+	_, err := raw.Subscribe(natsutil.NodeSubject(natsutil.DefaultPrefix, id), func(m *nats.Msg) {
 		var env wire.Envelope
 		if proto.Unmarshal(m.Data, &env) != nil || env.GetTopics() == nil {
 			return
 		}
-		rep := &wire.Reply{Code: wire.Reply_OK, More: true}
-		page := pages.Add(1) // pages that always advance
+		page := pages.Add(1)
+		rep := &wire.Reply{Code: wire.Reply_OK, More: total == 0 || int(page)*2000 < total}
 		for i := range 2000 {
-			rep.Topics = append(rep.Topics, &wire.TopicSummary{Topic: fmt.Sprintf("forged-%06d-%04d", page, i), Subscribers: 1})
+			rep.Topics = append(rep.Topics, &wire.TopicSummary{Topic: fmt.Sprintf("%s-%06d-%04d", id, page, i), Subscribers: 1})
 		}
 		data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Reply{Reply: rep}})
 		_ = m.Respond(data)
 	})
 	require.NoError(t, err)
-	beat, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{From: ghost}}})
+	beat, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{From: ref}}})
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer close(stop)
+	t.Cleanup(func() { close(stop); wg.Wait() })
 	wg.Go(func() {
 		tick := time.NewTicker(50 * time.Millisecond)
 		defer tick.Stop()
@@ -171,10 +170,36 @@ func TestTopicsFromAMemberThatNeverStopsIsBounded(t *testing.T) {
 			}
 		}
 	})
-	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(c.Nodes[0].Members()) == 2 }, "the forged member never joined the view")
+	testcluster.WaitFor(t, 5*time.Second, func() bool {
+		_, in := slices.BinarySearchFunc(c.Nodes[0].Members(), id, func(m pubsub.Member, id string) int { return strings.Compare(m.ID, id) })
+		return in
+	}, "the forged member %s never joined the view", id)
+}
+
+// Found in review: a member answering page after page (here a forged
+// client-only member in the view) kept Topics paging, and growing, until
+// its ctx ended. It now fails past maxTopicsListed and contributes
+// nothing.
+func TestTopicsFromAMemberThatNeverStopsIsBounded(t *testing.T) {
+	c := newCluster(t, 1, 1, fast...)
+	subscribe(t, c.Nodes[0], "real", noop)
+	forgedLister(t, c, "ghost", 0)
 	got, err := c.Nodes[0].Topics(ctxT(t))
 	require.ErrorIs(t, err, pubsub.ErrTooLarge)
 	assert.Contains(t, err.Error(), "member ghost")
 	require.Len(t, got, 1, "the forged member contributes nothing")
 	assert.Equal(t, "real", got[0].Topic)
+}
+
+// Several members each under the per-member bound cannot take the listing
+// past it either: the one whose topics would is failed and left out.
+func TestTopicsListingIsBoundedAcrossMembers(t *testing.T) {
+	c := newCluster(t, 1, 1, fast...)
+	subscribe(t, c.Nodes[0], "real", noop)
+	forgedLister(t, c, "ghost-a", 150_000)
+	forgedLister(t, c, "ghost-b", 150_000)
+	got, err := c.Nodes[0].Topics(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrTooLarge)
+	assert.Contains(t, err.Error(), "1 of 3 members did not answer in full")
+	assert.Len(t, got, 150_001, "this node's topic and one forged member's")
 }
