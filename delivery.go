@@ -172,7 +172,7 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 			}
 			continue
 		}
-		queued := hookQueued(n.hooks.handled)
+		queued := hookClock(n.hooks.handled)
 		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i, queued) }) {
 			t.set(i, MailboxFull)
 			if len(n.hooks.handled) != 0 {
@@ -276,12 +276,12 @@ func (t *batchTracker) finish() {
 // messages in order and stops at the first error.
 func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int, queued time.Time) {
 	if ctx.Err() != nil {
-		s.node.handled(s.topic, s.id, len(batch), Timeout, sinceQueued(queued), 0)
+		s.node.handled(s.topic, s.id, len(batch), Timeout, sinceHookClock(queued), 0)
 		return // already reported as Timeout
 	}
 	if s.isDone() {
 		t.set(i, SubscriberGone)
-		s.node.handled(s.topic, s.id, len(batch), SubscriberGone, sinceQueued(queued), 0)
+		s.node.handled(s.topic, s.id, len(batch), SubscriberGone, sinceHookClock(queued), 0)
 		return
 	}
 	if seq.seq != 0 {
@@ -295,7 +295,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 				t.set(i, s.lastStatus) // a copy of the batch just handled: its outcome
 			} else {
 				t.set(i, OutOfOrder)
-				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceQueued(queued), 0)
+				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 			}
 			return
 		}
@@ -312,7 +312,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 			return
 		case origin.seq < last.seq:
 			t.set(i, OutOfOrder)
-			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceQueued(queued), 0)
+			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 			return
 		}
 		if s.producers == nil {
@@ -329,9 +329,9 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		}
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
-	started := hookQueued(s.node.hooks.handled)
+	started := hookClock(s.node.hooks.handled)
 	st, processed := s.run(ctx, batch)
-	ran := sinceQueued(started) // 0, and no clock read, without hooks
+	ran := sinceHookClock(started) // 0, and no clock read, without hooks
 	if seq.seq != 0 {
 		s.lastStatus = st
 	}

@@ -102,30 +102,21 @@ func newHookSet(hooks []Hook) (hookSet, error) {
 	return s, nil
 }
 
-// hookStart returns the time a hooked call starts: the zero time, and no
-// clock read, when nothing will look at it.
-func hookStart(hooks []PublishHook) time.Time {
+// hookClock returns the time when hooks will look at it, and the zero time,
+// with no clock read, when there are none.
+func hookClock[H any](hooks []H) time.Time {
 	if len(hooks) == 0 {
 		return time.Time{}
 	}
 	return time.Now()
 }
 
-// hookQueued returns the time a batch entered a mailbox (or a handler
-// started) when HandledHooks will want it, the zero time otherwise.
-func hookQueued(hooks []HandledHook) time.Time {
-	if len(hooks) == 0 {
-		return time.Time{}
-	}
-	return time.Now()
-}
-
-// sinceQueued is the time since queued, 0 when it was not taken.
-func sinceQueued(queued time.Time) time.Duration {
-	if queued.IsZero() {
+// sinceHookClock is the time since t, 0 when hookClock did not read it.
+func sinceHookClock(t time.Time) time.Duration {
+	if t.IsZero() {
 		return 0
 	}
-	return time.Since(queued)
+	return time.Since(t)
 }
 
 // published runs the PublishHooks for a call that started at start.

@@ -6,7 +6,6 @@ package pubsub_test
 import (
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -90,29 +89,7 @@ func TestKeepMajorityLeaveBesideAnAdvanceConverges(t *testing.T) {
 // ends), whether any node of side serves; stop returns in how many samples
 // one did.
 func watchServing(t *testing.T, side []*pubsub.Node) (stop func() int) {
-	var served atomic.Int64
-	done := make(chan struct{})
-	var once sync.Once
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			select {
-			case <-done:
-				return
-			case <-time.After(10 * time.Millisecond): // sampling: the property must hold throughout
-			}
-			if serving(side) {
-				served.Add(1)
-			}
-		}
-	})
-	stop = func() int {
-		once.Do(func() { close(done) })
-		wg.Wait()
-		return int(served.Load())
-	}
-	t.Cleanup(func() { stop() })
-	return stop
+	return countSamples(t, func() bool { return serving(side) })
 }
 
 // stableViewsOf is quorumOf with each node's stable members and whether

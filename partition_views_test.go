@@ -104,9 +104,16 @@ func TestKeepMajorityPartitionThatIsNotTransitiveHasNoTwoOwners(t *testing.T) {
 
 // watchServingTogether samples, until the returned stop is called, whether
 // a and b serve at the same time; stop returns in how many samples they did.
-func watchServingTogether(a, b *pubsub.Node) (stop func() int) {
-	var both atomic.Int64
+func watchServingTogether(t *testing.T, a, b *pubsub.Node) (stop func() int) {
+	return countSamples(t, func() bool { return a.Stats().HasQuorum && b.Stats().HasQuorum })
+}
+
+// countSamples samples cond every 10 ms until the returned stop is called
+// (or the test ends); stop returns in how many samples it held.
+func countSamples(t *testing.T, cond func() bool) (stop func() int) {
+	var held atomic.Int64
 	done := make(chan struct{})
+	var once sync.Once
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
@@ -115,16 +122,18 @@ func watchServingTogether(a, b *pubsub.Node) (stop func() int) {
 				return
 			case <-time.After(10 * time.Millisecond): // sampling: the property must hold throughout
 			}
-			if a.Stats().HasQuorum && b.Stats().HasQuorum {
-				both.Add(1)
+			if cond() {
+				held.Add(1)
 			}
 		}
 	})
-	return func() int {
-		close(done)
+	stop = func() int {
+		once.Do(func() { close(done) })
 		wg.Wait()
-		return int(both.Load())
+		return int(held.Load())
 	}
+	t.Cleanup(func() { stop() })
+	return stop
 }
 
 // cutBetweenTwoOfThree starts 3 KeepMajority nodes on 3 servers, cuts the
@@ -163,7 +172,7 @@ func TestKeepMajorityCutStaysClosedThroughViewChanges(t *testing.T) {
 	t.Run("a joiner", func(t *testing.T) {
 		c := cutBetweenTwoOfThree(t)
 		n0, n1 := c.Nodes[0], c.Nodes[1]
-		stop := watchServingTogether(n0, n1)
+		stop := watchServingTogether(t, n0, n1)
 		tool := joinClientOnly(t, c, 2, "tool")
 		testcluster.WaitFor(t, 2*time.Second, func() bool { return len(n0.Members()) == 3 && len(n1.Members()) == 3 }, "n0 or n1 never saw the joiner")
 		time.Sleep(2 * time.Second) // watching: the property must hold for this long after the change
@@ -175,7 +184,7 @@ func TestKeepMajorityCutStaysClosedThroughViewChanges(t *testing.T) {
 	t.Run("client-only churn", func(t *testing.T) {
 		c := cutBetweenTwoOfThree(t)
 		n0, n1 := c.Nodes[0], c.Nodes[1]
-		stop := watchServingTogether(n0, n1)
+		stop := watchServingTogether(t, n0, n1)
 		var wg sync.WaitGroup
 		errs := make(chan error, 6)
 		for i := range 6 { // a tool joins every 300 ms, and leaves once its Join returns
@@ -210,7 +219,7 @@ func TestKeepMajorityCutStaysClosedThroughViewChanges(t *testing.T) {
 		waitSees(t, n[1], n[1], n[2], n[3], n[4])
 		testcluster.WaitFor(t, 3*time.Second, func() bool { return !n[0].Stats().HasQuorum && !n[1].Stats().HasQuorum },
 			"n0 or n1 still serves: %s", quorumOf(n))
-		stop := watchServingTogether(n[0], n[1])
+		stop := watchServingTogether(t, n[0], n[1])
 		c.Crash(4)
 		waitSees(t, n[0], n[0], n[2], n[3])
 		waitSees(t, n[1], n[1], n[2], n[3])

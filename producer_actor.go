@@ -196,7 +196,7 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 		node, _ := p.pub.(*Node)
 		var start time.Time
 		if node != nil {
-			start = hookStart(node.hooks.publish)
+			start = hookClock(node.hooks.publish)
 		}
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
 		err := p.init.Initialize(ctx, p.topic)

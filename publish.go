@@ -51,7 +51,7 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
 	b, err := plainBatch(ctx, batch, n.cfg.Propagator)
 	if err != nil {
-		start := hookStart(n.hooks.publish)
+		start := hookClock(n.hooks.publish)
 		ack, err := n.reject(topic, len(batch), fmt.Errorf("pubsub: publish to %q: %w", topic, err))
 		n.published(topic, len(batch), dataBytes(batch), start, ack, err)
 		return ack, err
@@ -73,7 +73,7 @@ func (n *Node) PublishMessages(ctx context.Context, topic string, msgs []Outgoin
 			o(&cfg)
 		}
 	}
-	start := hookStart(n.hooks.publish)
+	start := hookClock(n.hooks.publish)
 	if cfg.ack > AckNone {
 		ack, err := n.reject(topic, len(msgs), fmt.Errorf("%w: publish to %q: WithAck(%s): not an AckLevel", ErrInvalidConfig, topic, cfg.ack))
 		n.published(topic, len(msgs), outgoingBytes(msgs), start, ack, err)
@@ -135,7 +135,7 @@ func (o batchOrigin) mustWaitFor(last uint64) bool {
 // after a redirect (ownership moving) can still reorder two batches in
 // flight.
 func (n *Node) publishBatchIssued(ctx context.Context, topic string, batch msgBatch, o issueOpts) (PublishAck, error) {
-	start := hookStart(n.hooks.publish)
+	start := hookClock(n.hooks.publish)
 	ack, err := n.publishLevel(ctx, topic, batch, o)
 	ack.Level = o.level
 	if len(n.hooks.publish) != 0 {

@@ -65,7 +65,7 @@ func (t *Topic[T]) Publish(ctx context.Context, v T, opts ...PublishOption) (Pub
 // PublishMessage is Publish with a key and a header for the message (its
 // Data is ignored: the encoded v replaces it).
 func (t *Topic[T]) PublishMessage(ctx context.Context, v T, m Outgoing, opts ...PublishOption) (PublishAck, error) {
-	start := hookStart(t.node.hooks.publish)
+	start := hookClock(t.node.hooks.publish)
 	data, err := t.codec.Encode(v)
 	if err != nil {
 		ack, err := t.node.reject(t.name, 1, fmt.Errorf("pubsub: publish to %q: encoding %T: %w: %v", t.name, v, ErrInvalidMessage, err))

@@ -113,9 +113,14 @@ func (c *clusterCommand) flagSet(o *clusterOpts) *flag.FlagSet {
 	return fs
 }
 
+// synopsis is c's command line: "topic <topic> [flags]".
+func (c *clusterCommand) synopsis() string {
+	return strings.Join(slices.DeleteFunc([]string{c.name, c.args, "[flags]"}, func(s string) bool { return s == "" }), " ")
+}
+
 // usage writes c's usage with every flag.
 func (c *clusterCommand) usage(w io.Writer) {
-	fmt.Fprintf(w, "Usage:\n  pubsub %s %s[flags]\n\n%s.\nJoins the cluster as a client-only node (it never owns a topic) and leaves\nat exit.\n\nFlags:\n", c.name, c.args+strings.Repeat(" ", min(len(c.args), 1)), upperFirst(c.summary))
+	fmt.Fprintf(w, "Usage:\n  pubsub %s\n\n%s.\nJoins the cluster as a client-only node (it never owns a topic) and leaves\nat exit.\n\nFlags:\n", c.synopsis(), upperFirst(c.summary))
 	var o clusterOpts
 	printFlags(w, c.flagSet(&o))
 }

@@ -79,7 +79,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"strings"
 )
 
 func main() {
@@ -149,7 +148,7 @@ Commands:
         compare the library with raw NATS on the same servers, in one run
 `)
 	for _, c := range clusterCommands {
-		fmt.Fprintf(w, "  %s %s[flags]\n        %s\n", c.name, c.args+strings.Repeat(" ", min(len(c.args), 1)), c.summary)
+		fmt.Fprintf(w, "  %s\n        %s\n", c.synopsis(), c.summary)
 	}
 	fmt.Fprint(w, `  help  show this help
 
