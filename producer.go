@@ -70,7 +70,7 @@ type BatchingProducer struct {
 }
 
 // producerEntry is one message of a cut batch (queued ones are
-// intakeEntry).
+// intakeEntry, read as queuedMessage).
 type producerEntry struct {
 	ctx     context.Context
 	data    []byte
@@ -252,13 +252,14 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 	f := &p.slab[0]
 	f.topic = &p.topic
 	p.slab = p.slab[1:]
-	e := intakeEntry{ctx: ctx, data: data, fut: f}
+	m := queuedMessage{ctx: ctx, data: data, fut: f}
 	if !meta.Empty() {
-		m := meta // on the heap only here: a plain entry holds no Meta
-		e.meta = &m
+		mt := meta // on the heap only here: a plain message holds no Meta
+		m.meta = &mt
 	}
+	p.in.push(m)
 	p.queued++
-	p.qbytes += p.in.push(e).size()
+	p.qbytes += m.size()
 	p.seq++
 	p.last = f
 	if p.queued == 1 && p.cfg.Linger > 0 {

@@ -163,8 +163,11 @@ func defaultMaxBatchBytes(p Publisher) int {
 // request, so batches cannot interleave.
 const batchOverhead = 8
 
-// futureSlab is how many futures Produce allocates at once.
-const futureSlab = 64
+// futureSlab is how many futures Produce allocates at once: a deep queue
+// holds a million of them, and the GC marks fewer, larger objects faster
+// (a deep burst ran about 5% faster than with 64). A future kept alive
+// keeps its slab, 16 KiB.
+const futureSlab = 512
 
 // ErrorDecision is what OnPublishError decides for a failed batch. Compare
 // decisions with ==; the zero value is FailBatchAndStop.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -28,47 +29,91 @@ type producerIntake struct {
 }
 
 // intakeBlockLen is how many entries one intake block holds: 512 entries of
-// 56 bytes, a 28 KiB block.
+// 32 bytes, a 16 KiB block.
 const intakeBlockLen = 512
 
-// intakeEntry is one queued message: 56 bytes, of which the GC scans every
-// pointer while it waits, so a deep queue keeps it small (keys and headers,
-// rare, sit behind a pointer).
+// intakeEntry is one queued message as its block holds it: 32 bytes. The
+// GC marks every word of a queued message on each cycle, and a deep queue
+// holds a million of them, so what messages share or rarely have lives
+// beside the entries on the block: the context, once per run of entries
+// produced with the same one, and keys and headers.
 type intakeEntry struct {
+	data []byte
+	fut  *Produced
+}
+
+// queuedMessage is one queued message with everything its block knows of
+// it: what Produce pushes and what the actor reads.
+type queuedMessage struct {
 	data []byte
 	ctx  context.Context
 	meta *wire.Meta // nil: no key or header
 	fut  *Produced
 }
 
-// size is what the entry counts for in a batch.
-func (e *intakeEntry) size() int {
-	if e.meta == nil {
-		return len(e.data) + batchOverhead
+// size is what the message counts for in a batch.
+func (m queuedMessage) size() int {
+	if m.meta == nil {
+		return len(m.data) + batchOverhead
 	}
-	return len(e.data) + wire.MetaSize(*e.meta) + batchOverhead
+	return len(m.data) + wire.MetaSize(*m.meta) + batchOverhead
 }
 
-// batchEntry returns e as an entry of a batch.
-func (e *intakeEntry) batchEntry(dropped bool) producerEntry {
-	b := producerEntry{ctx: e.ctx, data: e.data, fut: e.fut, dropped: dropped}
-	if e.meta != nil {
-		b.meta = *e.meta
+// batchEntry returns m as an entry of a batch.
+func (m queuedMessage) batchEntry(dropped bool) producerEntry {
+	b := producerEntry{ctx: m.ctx, data: m.data, fut: m.fut, dropped: dropped}
+	if m.meta != nil {
+		b.meta = *m.meta
 	}
 	return b
+}
+
+// contextRun is the context of a block's entries from entry from on, up to
+// the next run's first entry.
+type contextRun struct {
+	from int
+	ctx  context.Context
+}
+
+// entryMeta is the key and header of a block's entry at.
+type entryMeta struct {
+	at   int
+	meta *wire.Meta
 }
 
 // intakeBlock is a fixed-size run of queued messages. Blocks are chained
 // and never grown, so a queue of a million messages is never copied:
 // Produce writes each entry once, the actor reads it once.
 type intakeBlock struct {
-	next *intakeBlock
-	r, w int // next entry to read, next to write
-	e    [intakeBlockLen]intakeEntry
+	next   *intakeBlock
+	r, w   int          // next entry to read, next to write
+	ctxs   []contextRun // in entry order; the reader's is ctxs[cr]
+	metas  []entryMeta  // in entry order; the reader's next is metas[mr]
+	cr, mr int
+	e      [intakeBlockLen]intakeEntry
+}
+
+// sameContext reports whether a and b are the same context value. It
+// compares the two words of each interface rather than the interfaces,
+// which panics when both hold one type that is not comparable (a context
+// struct with a map, passed by value): equal words are the same dynamic
+// type and the same value; anything else counts as a new run.
+func sameContext(a, b context.Context) bool {
+	return *(*[2]unsafe.Pointer)(unsafe.Pointer(&a)) == *(*[2]unsafe.Pointer)(unsafe.Pointer(&b))
+}
+
+// release drops every reference the block holds (pop cleared the entries)
+// and returns it to the pool.
+func (b *intakeBlock) release() {
+	clear(b.ctxs)
+	clear(b.metas)
+	b.ctxs, b.metas = b.ctxs[:0], b.metas[:0]
+	b.next, b.r, b.w, b.cr, b.mr = nil, 0, 0, 0, 0
+	intakeBlocks.Put(b)
 }
 
 // intakeBlocks recycles blocks between bursts; a block in it holds no
-// references (pop clears every entry it reads).
+// references.
 var intakeBlocks = sync.Pool{New: func() any { return new(intakeBlock) }}
 
 // intakeQueue is a FIFO of producer entries in a chain of blocks. The
@@ -78,8 +123,8 @@ type intakeQueue struct {
 	head, tail *intakeBlock
 }
 
-// push appends e, starting a block when the last one is full.
-func (q *intakeQueue) push(e intakeEntry) *intakeEntry {
+// push appends m, starting a block when the last one is full.
+func (q *intakeQueue) push(m queuedMessage) {
 	t := q.tail
 	if t == nil || t.w == intakeBlockLen {
 		b := intakeBlocks.Get().(*intakeBlock)
@@ -90,24 +135,45 @@ func (q *intakeQueue) push(e intakeEntry) *intakeEntry {
 		}
 		q.tail, t = b, b
 	}
-	t.e[t.w] = e
+	if n := len(t.ctxs); n == 0 || !sameContext(t.ctxs[n-1].ctx, m.ctx) {
+		t.ctxs = append(t.ctxs, contextRun{from: t.w, ctx: m.ctx})
+	}
+	if m.meta != nil {
+		t.metas = append(t.metas, entryMeta{at: t.w, meta: m.meta})
+	}
+	t.e[t.w] = intakeEntry{data: m.data, fut: m.fut}
 	t.w++
-	return &t.e[t.w-1]
 }
 
 // empty reports whether q holds no entry: a block is released as soon as
 // its last written entry is read.
 func (q *intakeQueue) empty() bool { return q.head == nil }
 
-// front returns the first entry; q must not be empty.
-func (q *intakeQueue) front() *intakeEntry { return &q.head.e[q.head.r] }
+// front returns the first message; q must not be empty.
+func (q *intakeQueue) front() queuedMessage {
+	h := q.head
+	e := &h.e[h.r]
+	m := queuedMessage{data: e.data, fut: e.fut, ctx: h.ctxs[h.cr].ctx}
+	if h.mr < len(h.metas) && h.metas[h.mr].at == h.r {
+		m.meta = h.metas[h.mr].meta
+	}
+	return m
+}
 
 // pop removes the first entry, dropping its references, and releases its
 // block once read to the end. q must not be empty.
 func (q *intakeQueue) pop() {
 	h := q.head
 	h.e[h.r] = intakeEntry{}
+	if h.mr < len(h.metas) && h.metas[h.mr].at == h.r {
+		h.metas[h.mr] = entryMeta{}
+		h.mr++
+	}
 	h.r++
+	if h.cr+1 < len(h.ctxs) && h.ctxs[h.cr+1].from == h.r {
+		h.ctxs[h.cr] = contextRun{} // read past its run
+		h.cr++
+	}
 	if h.r < h.w {
 		return
 	}
@@ -115,8 +181,7 @@ func (q *intakeQueue) pop() {
 	if q.head == nil {
 		q.tail = nil
 	}
-	h.next, h.r, h.w = nil, 0, 0 // its entries were cleared one by one
-	intakeBlocks.Put(h)
+	h.release()
 }
 
 // take moves every entry of q into a new queue, leaving q empty.
