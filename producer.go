@@ -16,7 +16,7 @@ import (
 //     fixed-size blocks (producer_intake.go) and, only when
 //     the actor asked to hear about it (wakeLen/wakeBytes), nudges it through
 //     a 1-buffered channel. There is no goroutine and no channel per message:
-//     futures come from small slabs and allocate their done channel only when
+//     futures come from slabs of 512 and allocate their done channel only when
 //     someone calls Done, or Wait before completion.
 //   - Batches. One goroutine, the actor, alone changes the producer's state.
 //     It takes the whole chain once it read its own and cuts batches from
