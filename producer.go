@@ -77,6 +77,9 @@ type producerEntry struct {
 	meta    wire.Meta // key and header, after the propagator's Inject
 	fut     *Produced
 	dropped bool // its context ended before the batch was sent
+	// maybeSent: dropped from a retry, after an attempt whose outcome is
+	// unknown (it may have been delivered): it completes with that outcome.
+	maybeSent bool
 }
 
 // producerBatch is one batch from its cut until its futures complete.
@@ -90,6 +93,7 @@ type producerBatch struct {
 	retryAt  time.Time
 	retrying bool           // counted in BatchingProducer.retrying
 	last     *produceResult // outcome of the last failed attempt
+	unknown  *produceResult // a failed attempt whose outcome is unknown (ReasonTimeout), if any
 	res      *produceResult // final outcome of the entries not dropped
 	reuse    bool           // msgs may be reused: the publisher holds no reference
 	stopped  bool           // its failure stopped the producer
@@ -197,7 +201,9 @@ func (p *BatchingProducer) Topic() string { return p.topic }
 //
 // If ctx ends before the message's batch is sent (or retried), the message
 // is left out of it and its future completes with ctx's error
-// (ReasonCancelled). Data is not copied: do not modify it until the future
+// (ReasonCancelled); if an earlier attempt of the batch had an unknown
+// outcome (it may have delivered the message), with that ReasonTimeout,
+// wrapping ctx's error. Data is not copied: do not modify it until the future
 // is done.
 func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 	var meta wire.Meta

@@ -278,6 +278,9 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 	}
 	b.failures++
 	b.last = &produceResult{ack: ack, err: err}
+	if ack.Reason == ReasonTimeout && b.unknown == nil {
+		b.unknown = b.last // this attempt may have reached subscribers
+	}
 	switch {
 	case p.dead:
 		p.abandoned.Store(true)
@@ -378,6 +381,9 @@ func (p *BatchingProducer) retryDue(now time.Time) bool {
 			e := &b.entries[i]
 			if !e.dropped && e.ctx.Err() != nil {
 				e.dropped = true
+				// An earlier attempt may have delivered it: not "dropped
+				// before it was published".
+				e.maybeSent = b.unknown != nil
 			}
 			if !e.dropped {
 				msgs.add(e.data, e.meta)
@@ -400,9 +406,12 @@ func (p *BatchingProducer) completeHead() {
 		b := p.fifo[0]
 		for i := range b.entries {
 			e := &b.entries[i]
-			if e.dropped {
+			switch {
+			case e.maybeSent:
+				e.fut.complete(leftOutOfRetry(p.topic, b.unknown, e.ctx.Err()))
+			case e.dropped:
 				e.fut.complete(cancelled(p.topic, e.ctx.Err()))
-			} else {
+			default:
 				e.fut.complete(b.res)
 			}
 		}

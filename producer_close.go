@@ -91,3 +91,14 @@ func cancelled(topic string, err error) *produceResult {
 	}
 	return &produceResult{ack: PublishAck{Topic: topic, Status: Rejected, Reason: ReasonCancelled, Messages: 1}, err: err}
 }
+
+// leftOutOfRetry is the outcome of a message left out of a retry because
+// its context ended after an attempt whose outcome is unknown (unknown):
+// that attempt may have delivered it, so it is that attempt's timeout, not
+// "dropped before it was published" (err is the context's error).
+func leftOutOfRetry(topic string, unknown *produceResult, err error) *produceResult {
+	return &produceResult{
+		ack: PublishAck{Topic: topic, Status: Rejected, Reason: ReasonTimeout, Messages: 1},
+		err: fmt.Errorf("pubsub: message left out of the batch's retry (%w) after an attempt whose outcome is unknown, which may have delivered it: %w", err, unknown.err),
+	}
+}

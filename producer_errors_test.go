@@ -292,13 +292,42 @@ func TestProducerRetryLeavesOutCancelled(t *testing.T) {
 	prodAccepted(t, f0)
 	prodAccepted(t, fa)
 	ack, err := prodResult(t, fb)
-	prodExpectErr(t, ack, err, context.Canceled, ReasonCancelled)
+	// The failed attempt timed out (outcome unknown) and may have delivered
+	// "b": its future says so, not "dropped before it was published".
+	prodExpectErr(t, ack, err, ErrTimeout, ReasonTimeout)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want it to wrap the message's context error", err)
+	}
 	prodAccepted(t, fc)
 	got := mp.recorded()
 	want := [][]string{{"first"}, {"a", "b", "c"}, {"a", "c"}}
 	if !slices.EqualFunc(got, want, slices.Equal) {
 		t.Fatalf("batches %v, want %v", got, want)
 	}
+}
+
+// A retry after an attempt the owner definitely did not take (no owner):
+// a message left out of it was never published, ReasonCancelled.
+func TestProducerRetryLeavesOutCancelledAfterARefusal(t *testing.T) {
+	mp := newMock()
+	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+		if call == 0 {
+			return rejected("test-topic", len(b), ErrTopicUnavailable)
+		}
+		return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b)}, nil
+	}
+	ctx := prodCtx(t, prodWait)
+	mctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	p := newTestProducer(t, mp, ProducerConfig{OnPublishError: func(attempt int, err error) ErrorDecision {
+		cancel()
+		return RetryBatch(0)
+	}})
+	fb := p.Produce(mctx, []byte("b"))
+	fc := p.Produce(ctx, []byte("c"))
+	ack, err := prodResult(t, fb)
+	prodExpectErr(t, ack, err, context.Canceled, ReasonCancelled)
+	prodAccepted(t, fc)
 }
 
 func TestProducerPublishTimeout(t *testing.T) {
