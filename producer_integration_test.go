@@ -2,6 +2,7 @@ package pubsub_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -275,4 +276,58 @@ func blockedSubscriberRun(t *testing.T, opts []pubsub.Option) {
 	}, "blocked subscriber %s not evicted", blocked.ID())
 	require.ErrorIs(t, blocked.Err(), pubsub.ErrEvicted, "blocked subscriber's Err()")
 	t.Logf("%d messages accepted; the blocked subscriber was reported timed out for %d messages, then evicted", n, timeouts)
+}
+
+// A producer batch reaches the subscribers on n0 and
+// n2, then its owner n1 crashes before answering; the attempt fails with
+// ErrTimeout (outcome unknown) and is retried. The message's context ended
+// meanwhile, so the retry leaves it out, and its future said
+// ReasonCancelled, "message dropped before it was published", for a
+// message every surviving subscriber had run. It now completes with the
+// unknown outcome (ReasonTimeout), wrapping its context's error.
+func TestProducerMessageLeftOutOfARetryIsNotReportedUnpublished(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[1], "left-out")
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) }) // before the cluster's teardown
+	ran := make(chan string, 4)
+	for _, k := range []int{0, 2} {
+		subscribe(t, c.Nodes[k], topic, func(ctx context.Context, m *pubsub.Message) error {
+			ran <- c.Nodes[k].ID()
+			return nil
+		})
+	}
+	// The owner's own subscriber holds the batch, so the owner cannot
+	// answer before it crashes.
+	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctxT(t))
+	mctx, cancel := context.WithCancel(ctxT(t))
+	f := p.Produce(mctx, []byte("x"))
+	for range 2 {
+		select {
+		case <-ran:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the message never reached n0's and n2's subscribers")
+		}
+	}
+	cancel() // the caller gives up, after its message was delivered
+	c.Crash(1)
+	ack, err := f.Wait(ctxT(t))
+	if ack.Reason == pubsub.ReasonCancelled {
+		t.Fatalf("future says %v (%v) for a message n0's and n2's subscribers ran", ack.Reason, err)
+	}
+	if !errors.Is(err, pubsub.ErrTimeout) || ack.Reason != pubsub.ReasonTimeout {
+		t.Fatalf("ack %+v err %v, want ReasonTimeout (outcome unknown)", ack, err)
+	}
 }

@@ -1,3 +1,5 @@
+//go:build soak
+
 package pubsub_test
 
 // Probe: a BatchingProducer with a deep queue and per-message contexts
@@ -100,7 +102,6 @@ func runProbe(t *testing.T, pr *probeRun) {
 	if cfg.OnPublishError == nil {
 		cfg.OnPublishError = func(attempt int, err error) pubsub.ErrorDecision {
 			pr.attemptsFailed.Add(1)
-			t.Logf("%s attempt %d failed: %v", time.Now().Format("15:04:05.000"), attempt, err)
 			return pubsub.RetryBatch(20 * time.Millisecond)
 		}
 	}
@@ -219,7 +220,7 @@ func checkProbe(t *testing.T, pr *probeRun, msgs []*probeMsg) {
 		}
 	}
 	statuses := map[string]int{}
-	overCount, cancelledDelivered, cancelledDeliveredNoFail, liveCancelled, undelivered := 0, 0, 0, 0, 0
+	overCount, cancelledDelivered, liveCancelled, undelivered := 0, 0, 0, 0
 	for i, m := range msgs {
 		ack, err, done := m.fut.Result()
 		if !done {
@@ -262,13 +263,8 @@ func checkProbe(t *testing.T, pr *probeRun, msgs []*probeMsg) {
 		}
 	}
 	if cancelledDelivered > 0 {
-		cancelledDeliveredNoFail = cancelledDelivered
-		if pr.attemptsFailed.Load() > 0 {
-			cancelledDeliveredNoFail = 0
-		}
 		t.Errorf("%d messages completed Cancelled although delivered (failed attempts in run: %d)", cancelledDelivered, pr.attemptsFailed.Load())
 	}
-	_ = cancelledDeliveredNoFail
 	if overCount > 0 {
 		t.Errorf("%d acks over-count deliveries", overCount)
 	}
@@ -280,15 +276,14 @@ func (pr *probeRun) waitDelivered(n int64) bool {
 	return waitCond(60*time.Second, func() bool { return pr.rec.total.Load() >= n })
 }
 
+// waitCond polls cond every 2 ms until it holds (true) or d passed (false).
 func waitCond(d time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
 			return false
 		}
-		select {
-		case <-time.After(2 * time.Millisecond):
-		}
+		time.Sleep(2 * time.Millisecond) // polling a condition, with a deadline
 	}
 	return true
 }
@@ -387,57 +382,3 @@ func TestProbeProducerOwnerServerKilled(t *testing.T) {
 }
 
 const probeN = 100000
-
-// Regression (probe): a producer batch reaches the subscribers on n0 and
-// n2, then its owner n1 crashes before answering; the attempt fails with
-// ErrTimeout (outcome unknown) and is retried. The message's context ended
-// meanwhile, so the retry leaves it out, and its future said
-// ReasonCancelled, "message dropped before it was published", for a
-// message every surviving subscriber had run. It now completes with the
-// unknown outcome (ReasonTimeout), wrapping its context's error.
-func TestProducerMessageLeftOutOfARetryIsNotReportedUnpublished(t *testing.T) {
-	c := newCluster(t, 3, 3)
-	topic := ownedBy(t, c.Nodes[1], "left-out")
-	release := make(chan struct{})
-	t.Cleanup(func() { close(release) }) // before the cluster's teardown
-	ran := make(chan string, 4)
-	for _, k := range []int{0, 2} {
-		subscribe(t, c.Nodes[k], topic, func(ctx context.Context, m *pubsub.Message) error {
-			ran <- c.Nodes[k].ID()
-			return nil
-		})
-	}
-	// The owner's own subscriber holds the batch, so the owner cannot
-	// answer before it crashes.
-	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
-		select {
-		case <-release:
-		case <-ctx.Done():
-		}
-		return nil
-	})
-	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1,
-		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.RetryBatch(10 * time.Millisecond) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close(ctxT(t))
-	mctx, cancel := context.WithCancel(ctxT(t))
-	f := p.Produce(mctx, []byte("x"))
-	for range 2 {
-		select {
-		case <-ran:
-		case <-time.After(10 * time.Second):
-			t.Fatal("the message never reached n0's and n2's subscribers")
-		}
-	}
-	cancel() // the caller gives up, after its message was delivered
-	c.Crash(1)
-	ack, err := f.Wait(ctxT(t))
-	if ack.Reason == pubsub.ReasonCancelled {
-		t.Fatalf("future says %v (%v) for a message n0's and n2's subscribers ran", ack.Reason, err)
-	}
-	if !errors.Is(err, pubsub.ErrTimeout) || ack.Reason != pubsub.ReasonTimeout {
-		t.Fatalf("ack %+v err %v, want ReasonTimeout (outcome unknown)", ack, err)
-	}
-}
