@@ -297,7 +297,7 @@ func newProbeFaulty(t *testing.T) *testcluster.Cluster {
 }
 
 // owner (n1) crashes mid-burst, producer on n0, deep queue.
-func TestProbeProducerOwnerCrash(t *testing.T) {
+func TestSoakProducerOwnerCrash(t *testing.T) {
 	for _, lvl := range probeLevels() {
 		t.Run(lvl.String(), func(t *testing.T) {
 			c := newProbeFaulty(t)
@@ -315,7 +315,7 @@ func TestProbeProducerOwnerCrash(t *testing.T) {
 }
 
 // the producer's node connection stalled both ways, then healed.
-func TestProbeProducerClientStall(t *testing.T) {
+func TestSoakProducerClientStall(t *testing.T) {
 	for _, lvl := range probeLevels() {
 		t.Run(lvl.String(), func(t *testing.T) {
 			c := newProbeFaulty(t)
@@ -337,7 +337,7 @@ func TestProbeProducerClientStall(t *testing.T) {
 }
 
 // route stalled one way between the producer's server (0) and the owner's (1).
-func TestProbeProducerRouteStall(t *testing.T) {
+func TestSoakProducerRouteStall(t *testing.T) {
 	for _, dir := range [][2]int{{0, 1}, {1, 0}} {
 		for _, lvl := range probeLevels() {
 			t.Run(fmt.Sprintf("%d-%d/%v", dir[0], dir[1], lvl), func(t *testing.T) {
@@ -364,7 +364,7 @@ func TestProbeProducerRouteStall(t *testing.T) {
 }
 
 // the owner's server killed (plain cluster: nodes fail over).
-func TestProbeProducerOwnerServerKilled(t *testing.T) {
+func TestSoakProducerOwnerServerKilled(t *testing.T) {
 	for _, lvl := range probeLevels() {
 		t.Run(lvl.String(), func(t *testing.T) {
 			c := newCluster(t, 3, 3)
