@@ -308,6 +308,18 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		last := s.producers[origin.producer]
 		switch {
 		case origin.seq == last.seq:
+			if s.id.Group() != "" && last.share != fingerprint(batch) {
+				// A group member's share of the same batch, but not the
+				// share it ran: the batch was retried (its owner crashed
+				// mid-batch, or its answer was lost) and assigned anew, so
+				// some of these messages were not run here. Its earlier
+				// outcome would claim them; running them could repeat
+				// what another member ran. Dropped and reported, not
+				// Delivered.
+				t.set(i, OutOfOrder)
+				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
+				return
+			}
 			t.set(i, last.status) // the same batch again: the outcome it had
 			return
 		case origin.seq < last.seq:
@@ -336,7 +348,11 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		s.lastStatus = st
 	}
 	if origin.producer != "" {
-		s.producers[origin.producer] = producerMark{seq: origin.seq, status: st}
+		mark := producerMark{seq: origin.seq, status: st}
+		if s.id.Group() != "" {
+			mark.share = fingerprint(batch)
+		}
+		s.producers[origin.producer] = mark
 	}
 	if st == SubscriberGone {
 		t.setPartial(i, st, processed)
@@ -356,6 +372,30 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 type producerMark struct {
 	seq    uint64
 	status DeliveryStatus
+	share  shareMark // a group member's: which messages that batch gave it
+}
+
+// shareMark identifies the messages of a group member's share, whatever
+// their order: a retried producer batch may be assigned anew, and only the
+// same share again may be answered with the outcome it had.
+type shareMark struct {
+	count int
+	sum   uint64
+}
+
+func fingerprint(batch []Message) shareMark {
+	m := shareMark{count: len(batch)}
+	for j := range batch {
+		h := fnvString(uint64(fnvOffset), batch[j].Key)
+		h ^= 0xff
+		h *= fnvPrime
+		for _, c := range batch[j].Data {
+			h ^= uint64(c)
+			h *= fnvPrime
+		}
+		m.sum += mix64(h)
+	}
+	return m
 }
 
 // run hands a batch's messages to the handler in order, stopping at the

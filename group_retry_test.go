@@ -1,0 +1,136 @@
+package pubsub_test
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// A BatchingProducer retries a batch whose owner crashed mid-batch
+// (RetryBatch) under the same producer batch number. The new owner assigns
+// the group's shares anew (the crashed node's member is gone, so its keys
+// move; keyless messages restart the round robin), but each surviving
+// member saw that batch number already and answered "the same batch
+// again: the outcome it had" without running its new share. The ack then
+// counted the group as Delivered, with no failure, for messages no member
+// ever processed.
+func TestGroupRetriedProducerBatchIsNotClaimedByAnEarlierShare(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[1], "probe-retry")
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+
+	var mu sync.Mutex
+	ran := map[string][]string{} // message -> members that ran it
+	blocked := make(chan struct{}, 1)
+	record := func(node string) pubsub.Handler {
+		return func(ctx context.Context, m *pubsub.Message) error {
+			mu.Lock()
+			ran[string(m.Data)] = append(ran[string(m.Data)], node)
+			mu.Unlock()
+			return nil
+		}
+	}
+	for _, k := range []int{0, 2} {
+		_, err := c.Nodes[k].Subscribe(ctxT(t), topic, record(c.Nodes[k].ID()), pubsub.WithGroup("g"))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The owner's own member holds its share, so the owner cannot answer
+	// before it crashes; it runs none of it.
+	_, err := c.Nodes[1].Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
+		select {
+		case blocked <- struct{}{}:
+		default:
+		}
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return fmt.Errorf("not run")
+	}, pubsub.WithGroup("g"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bmu sync.Mutex
+	bcast := map[string]int{}
+	subscribe(t, c.Nodes[2], topic, func(ctx context.Context, m *pubsub.Message) error {
+		bmu.Lock()
+		bcast[string(m.Data)]++
+		bmu.Unlock()
+		return nil
+	})
+
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1, Linger: time.Minute,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctxT(t))
+	const total = 30
+	var futs []*pubsub.Produced
+	for i := range total {
+		key := fmt.Sprintf("k%02d", i)
+		if i%3 == 2 {
+			key = "" // keyless: round robin
+		}
+		futs = append(futs, p.ProduceMessage(ctxT(t), pubsub.Outgoing{Data: msg(i), Key: key}))
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- p.Flush(ctxT(t)) }() // one batch of all 30
+
+	// n0's and n2's members ran their shares; n1's member holds its own.
+	select {
+	case <-blocked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("n1's member never got a share")
+	}
+	bcastAll := func() bool { bmu.Lock(); defer bmu.Unlock(); return len(bcast) == total }
+	testcluster.WaitFor(t, 10*time.Second, bcastAll, "broadcast subscriber did not get the batch")
+	// n0's and n2's members run their shares (already in their mailboxes)
+	// whether or not n1 lives; n1's member holds its share.
+	testcluster.WaitFor(t, 10*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return len(ran) > 0 },
+		"no group member ran anything")
+	c.Crash(1)
+
+	ack, err := futs[0].Wait(ctxT(t))
+	if err := <-flushed; err != nil {
+		t.Logf("flush: %v", err)
+	}
+	t.Logf("ack %+v err %v", ack, err)
+	if err != nil {
+		return // rejected: the outcome is unknown, nothing claimed
+	}
+	groupFailed := false
+	for _, f := range ack.Failures {
+		if f.Group == "g" {
+			groupFailed = true
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var missing, dup []string
+	for i := range total {
+		switch n := len(ran[string(msg(i))]); {
+		case n == 0:
+			missing = append(missing, string(msg(i)))
+		case n > 1:
+			dup = append(dup, fmt.Sprintf("%s:%v", msg(i), ran[string(msg(i))]))
+		}
+	}
+	sort.Strings(missing)
+	if len(dup) > 0 {
+		t.Errorf("at-most-once topic, messages run twice within the group: %v", dup)
+	}
+	if !groupFailed && len(missing) > 0 {
+		t.Fatalf("ack %+v counts the group delivered with no group failure, but no member ran %d messages: %v",
+			ack, len(missing), missing)
+	}
+}
