@@ -285,3 +285,23 @@ func BenchmarkPlanBroadcastChurn(b *testing.B) {
 		a.plan().groups[0].forKey("k")
 	}
 }
+
+// A share's fingerprint ignores the order of its messages and changes with
+// any message's data or key, or their count.
+func TestShareFingerprint(t *testing.T) {
+	a := []Message{{Data: []byte("a")}, {Data: []byte("b"), Key: "k"}}
+	same := []Message{{Data: []byte("b"), Key: "k"}, {Data: []byte("a")}}
+	if fingerprint(a) != fingerprint(same) {
+		t.Fatal("the same messages in another order have another fingerprint")
+	}
+	for name, other := range map[string][]Message{
+		"data":  {{Data: []byte("a")}, {Data: []byte("c"), Key: "k"}},
+		"key":   {{Data: []byte("a")}, {Data: []byte("b"), Key: "j"}},
+		"count": {{Data: []byte("a")}},
+		"more":  {{Data: []byte("a")}, {Data: []byte("b"), Key: "k"}, {Data: []byte("a")}},
+	} {
+		if fingerprint(a) == fingerprint(other) {
+			t.Errorf("another %s, the same fingerprint", name)
+		}
+	}
+}
