@@ -127,7 +127,12 @@ func (s *Subscription) end(err error) {
 // Subscribe registers h for topic and returns once the topic's owner has
 // recorded the subscription: every publish the owner accepts afterwards
 // reaches h, until Unsubscribe, eviction or Close. On error it returns a nil
-// *Subscription.
+// *Subscription. The subscription is registered on this node before the
+// owner answers, and the owner may deliver to it as soon as it learns of
+// it: h can run for messages published while Subscribe was pending even
+// when Subscribe then fails (its ctx ended before the answer came back,
+// behind a stalled route, say). Those deliveries count in their acks, as
+// h ran; h is not called once Subscribe has returned an error.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err
