@@ -132,7 +132,8 @@ func (s *Subscription) end(err error) {
 // it: h can run for messages published while Subscribe was pending even
 // when Subscribe then fails (its ctx ended before the answer came back,
 // behind a stalled route, say). Those deliveries count in their acks, as
-// h ran; h is not called once Subscribe has returned an error.
+// h ran; after Subscribe returned the error, h may finish the message it
+// is handling but is given no other.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err
