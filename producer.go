@@ -78,7 +78,8 @@ type producerEntry struct {
 	fut     *Produced
 	dropped bool // its context ended before the batch was sent
 	// maybeSent: dropped from a retry, after an attempt whose outcome is
-	// unknown (it may have been delivered): it completes with that outcome.
+	// unknown (it may have been delivered), with every other message of
+	// its batch (see retryDue): it completes with that outcome.
 	maybeSent bool
 }
 
@@ -201,10 +202,13 @@ func (p *BatchingProducer) Topic() string { return p.topic }
 //
 // If ctx ends before the message's batch is sent (or retried), the message
 // is left out of it and its future completes with ctx's error
-// (ReasonCancelled); if an earlier attempt of the batch had an unknown
-// outcome (it may have delivered the message), with that ReasonTimeout,
-// wrapping ctx's error. Data is not copied: do not modify it until the future
-// is done.
+// (ReasonCancelled). Once an attempt of the batch had an unknown outcome
+// (ReasonTimeout: it may have delivered the message), its retries send the
+// same messages whatever their contexts, and the message completes with
+// the batch's outcome; only if every message's context ended is the batch
+// not retried, and then the message completes with that ReasonTimeout,
+// wrapping ctx's error. Data is not copied: do not modify it until the
+// future is done.
 func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 	var meta wire.Meta
 	if p.prop != nil {

@@ -366,7 +366,18 @@ func (p *BatchingProducer) resolve(b *producerBatch, r *produceResult) {
 }
 
 // retryDue restarts the batches whose retry delay is over, leaving out the
-// messages whose context ended meanwhile. It reports whether it did anything.
+// messages whose context ended meanwhile, unless an earlier attempt's
+// outcome is unknown. It reports whether it did anything.
+//
+// After an attempt whose outcome is unknown (it may have reached
+// subscribers) the retry sends the very same messages, those whose context
+// ended included: a subscriber answers a producer batch it already ran, or
+// a chunk of one Node.PublishBatch split (numbered batch<<16|chunk), with
+// the outcome it had, by its number alone. A retry without some messages is
+// split at other boundaries, and a subscriber that ran chunk k of the
+// failed attempt answered chunk k of the retry Delivered without running
+// the messages that moved into it. Only when every message's context ended
+// is nothing sent: each completes with the unknown outcome.
 func (p *BatchingProducer) retryDue(now time.Time) bool {
 	did := false
 	for _, b := range p.fifo {
@@ -374,12 +385,13 @@ func (p *BatchingProducer) retryDue(now time.Time) bool {
 			continue
 		}
 		did = true
+		keep := b.unknown != nil && !allEnded(b)
 		// A fresh slice: the failed attempt's publisher may still hold the
 		// old one (see onEvent).
 		msgs := msgBatch{data: make([][]byte, 0, b.msgs.len())}
 		for i := range b.entries {
 			e := &b.entries[i]
-			if !e.dropped && e.ctx.Err() != nil {
+			if !e.dropped && !keep && e.ctx.Err() != nil {
 				e.dropped = true
 				// An earlier attempt may have delivered it: not "dropped
 				// before it was published".
@@ -397,6 +409,16 @@ func (p *BatchingProducer) retryDue(now time.Time) bool {
 		p.issue(b)
 	}
 	return did
+}
+
+// allEnded reports whether the context of every message b still sends ended.
+func allEnded(b *producerBatch) bool {
+	for i := range b.entries {
+		if e := &b.entries[i]; !e.dropped && e.ctx.Err() == nil {
+			return false
+		}
+	}
+	return true
 }
 
 // completeHead completes the futures of the resolved batches at the head of

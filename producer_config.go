@@ -197,7 +197,10 @@ var (
 
 // RetryBatch retries the batch after the given delay (a negative delay
 // counts as 0). Close cuts the wait short when its context ends. Messages
-// whose context ended meanwhile are left out of the retry.
+// whose context ended meanwhile are left out of the retry, unless an
+// attempt of the batch had an unknown outcome (ReasonTimeout): the retry
+// then sends the same messages (see Produce), so that subscribers that ran
+// part of it are not mistaken about the rest.
 func RetryBatch(after time.Duration) ErrorDecision {
 	return ErrorDecision{action: actionRetry, delay: max(after, 0)}
 }

@@ -284,7 +284,9 @@ func blockedSubscriberRun(t *testing.T, opts []pubsub.Option) {
 // meanwhile, so the retry leaves it out, and its future said
 // ReasonCancelled, "message dropped before it was published", for a
 // message every surviving subscriber had run. It now completes with the
-// unknown outcome (ReasonTimeout), wrapping its context's error.
+// unknown outcome (ReasonTimeout), wrapping its context's error. (Only a
+// batch whose every message's context ended is left out whole like this;
+// otherwise the retry keeps them all: TestSplitProducerBatchRetry*.)
 func TestProducerMessageLeftOutOfARetryIsNotReportedUnpublished(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "left-out")
