@@ -35,7 +35,6 @@ func TestSplitProducerBatchRetryDoesNotClaimUnrunMessages(t *testing.T) {
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
 
-	const total = 6
 	var mu sync.Mutex
 	ran := map[string]map[string]int{} // node -> message -> runs
 	got := make(chan struct{}, 64)
@@ -68,13 +67,7 @@ func TestSplitProducerBatchRetryDoesNotClaimUnrunMessages(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close(ctxT(t))
-	m0ctx, cancel := context.WithCancel(ctxT(t))
-	futs := []*pubsub.Produced{p.Produce(m0ctx, splitMsg(c.Nodes[0], 0))}
-	for i := 1; i < total; i++ {
-		futs = append(futs, p.Produce(ctxT(t), splitMsg(c.Nodes[0], i)))
-	}
-	flushed := make(chan error, 1)
-	go func() { flushed <- p.Flush(ctxT(t)) }() // one batch of all six
+	futs, cancel, flushed := produceSplitBatch(t, p, c.Nodes[0])
 
 	// n0's and n2's subscribers run chunk 0: three messages each.
 	for range 6 {
@@ -124,7 +117,6 @@ func TestSplitProducerBatchRetryToTheSameOwnerDoesNotClaimUnrunMessages(t *testi
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[1], "split-retry-same")
 
-	const total = 6
 	var mu sync.Mutex
 	ran := map[string]int{}
 	entered := make(chan struct{})
@@ -152,13 +144,7 @@ func TestSplitProducerBatchRetryToTheSameOwnerDoesNotClaimUnrunMessages(t *testi
 		t.Fatal(err)
 	}
 	defer p.Close(ctxT(t))
-	m0ctx, cancel := context.WithCancel(ctxT(t))
-	futs := []*pubsub.Produced{p.Produce(m0ctx, splitMsg(c.Nodes[0], 0))}
-	for i := 1; i < total; i++ {
-		futs = append(futs, p.Produce(ctxT(t), splitMsg(c.Nodes[0], i)))
-	}
-	flushed := make(chan error, 1)
-	go func() { flushed <- p.Flush(ctxT(t)) }() // one batch of all six
+	futs, cancel, flushed := produceSplitBatch(t, p, c.Nodes[0])
 
 	select {
 	case <-entered:
@@ -190,4 +176,22 @@ func TestSplitProducerBatchRetryToTheSameOwnerDoesNotClaimUnrunMessages(t *testi
 	if failures.Load() == 0 {
 		t.Fatal("no attempt failed: the stall did not hold the answer")
 	}
+}
+
+// splitMessages is how many messages the split-batch tests produce: six of
+// a third of MaxMessageSize each, two chunks of three.
+const splitMessages = 6
+
+// produceSplitBatch produces the test's six messages through p as one
+// batch (Flush sends it, reported on flushed) and returns their futures and
+// the cancel of the first message's context.
+func produceSplitBatch(t *testing.T, p *pubsub.BatchingProducer, n *pubsub.Node) ([]*pubsub.Produced, context.CancelFunc, <-chan error) {
+	m0ctx, cancel := context.WithCancel(ctxT(t))
+	futs := []*pubsub.Produced{p.Produce(m0ctx, splitMsg(n, 0))}
+	for i := 1; i < splitMessages; i++ {
+		futs = append(futs, p.Produce(ctxT(t), splitMsg(n, i)))
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- p.Flush(ctxT(t)) }() // one batch of all six
+	return futs, cancel, flushed
 }
