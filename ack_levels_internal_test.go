@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -59,4 +60,21 @@ func TestAckAcceptedQueuedPublishesAreServedAsOneRun(t *testing.T) {
 	waitForTest(t, "the run's report", func() bool { return owner.Stats().Deliveries > before })
 	assert.Equal(t, uint64(1), owner.Stats().Deliveries-before, "the queued publishes were not served as one batch")
 	assert.Equal(t, want, got.Load())
+}
+
+// An AckNone publish that the publishing node's own topic actor refuses
+// (here: the node does not own the topic, as right after ownership moved)
+// is lost like one another node's actor refuses, and counted the same way
+// (Stats.AckNoneRefused); it was dropped uncounted.
+func TestAckNoneRefusedByTheLocalActorIsCounted(t *testing.T) {
+	_, pub := ownerAndPublisher(t)
+	topic := ownedTopics(pub, "owner", "local-refused", 1)[0]
+	req := &publishRequest{
+		wire:   &wire.PublishRequest{From: pub.selfRef(), Topic: topic, Count: 2, AckLevel: uint32(AckNone)},
+		msgs:   msgBatch{data: [][]byte{[]byte("a"), []byte("b")}},
+		origin: &batchOrigin{},
+	}
+	_, err := pub.askLocal(t.Context(), topic, req, func() {}, true)
+	require.NoError(t, err, "queued on the local actor")
+	waitForTest(t, "the refused messages counted", func() bool { return pub.Stats().AckNoneRefused == 2 })
 }

@@ -195,12 +195,20 @@ func (n *Node) answerPublish(topic, reply string, count int, rep *wire.Reply) {
 		n.replyTo(reply, rep)
 		return
 	}
-	if rep.GetCode() == wire.Reply_OK {
+	n.ackNoneAnswered(topic, count, rep.GetCode())
+}
+
+// ackNoneAnswered takes the topic actor's answer to an AckNone publish of
+// count messages, from another node or this one: nobody waits for it, so a
+// refusal (not the owner, not ready, held back for a producer's order) is
+// counted (Stats.AckNoneRefused) and logged, as its messages are lost.
+func (n *Node) ackNoneAnswered(topic string, count int, code wire.Reply_Code) {
+	if code == wire.Reply_OK {
 		return
 	}
 	n.stats.ackNoneRefused.Add(uint64(count))
 	if ok, held := n.log.limit.allow("acknone/refused"); ok {
-		n.log.Warn("AckNone publish refused as owner: its messages are lost", "topic", topic, "messages", count, "code", rep.GetCode(), "suppressed", held)
+		n.log.Warn("AckNone publish refused as owner: its messages are lost", "topic", topic, "messages", count, "code", code, "suppressed", held)
 	}
 }
 

@@ -137,8 +137,13 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 	}
 	if noAnswer {
 		// Nothing waits for the actor: its queue is bounded as for remote
-		// requests, or a publishing loop would grow it without end.
-		if !n.owner.onActor(topic, true, func(a *topicActor) { req.runLocal(a, func(ownerAnswer) {}) }) {
+		// requests, or a publishing loop would grow it without end. A
+		// refusal is counted as one from another node is.
+		answered := func(ownerAnswer) {}
+		if p, ok := req.(*publishRequest); ok {
+			answered = func(ans ownerAnswer) { n.ackNoneAnswered(topic, int(p.wire.GetCount()), ans.code) }
+		}
+		if !n.owner.onActor(topic, true, func(a *topicActor) { req.runLocal(a, answered) }) {
 			n.stats.refused.Add(1)
 			return ownerAnswer{}, fmt.Errorf("%w: the topic's actor on this node holds %d requests", ErrQueueFull, maxActorQueue)
 		}

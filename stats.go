@@ -27,7 +27,7 @@ type Stats struct {
 	InboxDropped      uint64                    // inbox messages NATS dropped (slow consumer)
 	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
 	RequestsRefused   uint64                    // requests refused: their topic actor's queue was full
-	AckNoneRefused    uint64                    // messages of AckNone publishes this node refused as owner (not the owner, not ready, queue full): lost, and nobody tells their publisher
+	AckNoneRefused    uint64                    // messages of AckNone publishes this node refused as owner, its own included (not the owner, not ready, held back for a producer's order, queue full): lost, and nobody tells their publisher
 	SyncRequests      uint64                    // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
