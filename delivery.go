@@ -35,7 +35,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	if !d.GetReroute() {
 		// A re-routed share is taken whatever batches its member already
 		// had: it carries neither number to check.
-		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq()}
+		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), atLeastOnce: d.GetAtLeastOnce()}
 		msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
 	}
 	if !d.GetAtLeastOnce() || d.GetReroute() { // a re-route is sent once
@@ -230,20 +230,23 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		last := s.producers[origin.producer]
 		switch {
 		case origin.seq == last.seq:
-			if s.id.Group() != "" && last.share != fingerprint(batch) {
-				// A group member's share of the same batch, but not the
-				// share it ran: the batch was retried (its owner crashed
-				// mid-batch, or its answer was lost) and assigned anew, so
-				// some of these messages were not run here. Its earlier
-				// outcome would claim them; running them could repeat
-				// what another member ran. Dropped and reported, not
-				// Delivered.
+			if s.id.Group() == "" || last.share == fingerprint(batch) {
+				t.set(i, last.status) // the same batch again: the outcome it had
+				return
+			}
+			// A group member's share of the same batch, but not the share
+			// it ran: the batch was retried (its owner crashed mid-batch,
+			// or its answer was lost) and assigned anew, so some of these
+			// messages were not run here, and its earlier outcome would
+			// claim them. On an at-most-once topic running them could
+			// repeat what another member ran: dropped and reported, not
+			// Delivered. On an at-least-once topic repeats are allowed
+			// and losing them is not: run.
+			if !origin.atLeastOnce {
 				t.set(i, OutOfOrder)
 				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 				return
 			}
-			t.set(i, last.status) // the same batch again: the outcome it had
-			return
 		case origin.seq < last.seq:
 			t.set(i, OutOfOrder)
 			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)

@@ -102,6 +102,9 @@ type batchOrigin struct {
 	prev       uint64
 	settled    uint64
 	settledNow func() uint64 // the producer's current settled, read per attempt
+	// atLeastOnce, on a delivery: the topic is AtLeastOnce, so a group
+	// member runs a retried batch's new share rather than drop it.
+	atLeastOnce bool
 }
 
 // chunk names chunk i of a batch split for size; chunks keep the order.

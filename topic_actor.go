@@ -294,6 +294,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 			ack: PublishAck{Topic: a.topic, Status: Accepted, Messages: msgs.len(), Level: msgs.level}})
 	}
 	atLeastOnce := n.cfg.DeliveryMode(a.topic) == AtLeastOnce // the user's function: asked once per batch
+	msgs.origin.atLeastOnce = atLeastOnce                     // for this node's own group members
 	if reroute != nil {
 		reroute.n, reroute.topic, reroute.seq, reroute.accepted = n, a.topic, a.seq, time.Now()
 		reroute.atLeastOnce = atLeastOnce
