@@ -30,3 +30,14 @@ func (n *Node) StableIDsForTest() []string {
 	slices.Sort(ids)
 	return ids
 }
+
+// OwnerForTest returns the ID of topic's owner in a view of the members
+// with these IDs (all of them may own), as view.ownerOf picks it: tests
+// choose topics a joiner will take over.
+func OwnerForTest(topic string, ids []string) string {
+	members := make([]Member, len(ids))
+	for i, id := range ids {
+		members[i] = Member{ID: id}
+	}
+	return newView(0, members).ownerOf(topic).ID
+}

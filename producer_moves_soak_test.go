@@ -22,41 +22,11 @@ import (
 // the same node, at different ack levels, through repeated owner moves
 // (joins, graceful leaves, crashes).
 
-func probeMix64(x uint64) uint64 {
-	x ^= x >> 30
-	x *= 0xbf58476d1ce4e5b9
-	x ^= x >> 27
-	x *= 0x94d049bb133111eb
-	x ^= x >> 31
-	return x
-}
-
-func probeFnv(s string) uint64 {
-	h := uint64(14695981039346656037)
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= 1099511628211
-	}
-	return h
-}
-
-// probeOwner replicates view.ownerOf.
-func probeOwner(topic string, ids []string) string {
-	t := probeMix64(probeFnv(topic) ^ 0xff)
-	best, bestH := "", uint64(0)
-	for j, id := range ids {
-		if h := probeMix64(t ^ probeMix64(probeFnv(id))); j == 0 || h > bestH {
-			best, bestH = id, h
-		}
-	}
-	return best
-}
-
 // probeTopic picks a topic owned by base among stable and by joiner once it joins.
 func probeTopic(prefix string, stable []string, base, joiner string) string {
 	for i := 0; ; i++ {
 		topic := fmt.Sprintf("%s-%d", prefix, i)
-		if probeOwner(topic, stable) == base && probeOwner(topic, append(slices.Clone(stable), joiner)) == joiner {
+		if pubsub.OwnerForTest(topic, stable) == base && pubsub.OwnerForTest(topic, append(slices.Clone(stable), joiner)) == joiner {
 			return topic
 		}
 	}
