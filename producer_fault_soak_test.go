@@ -292,15 +292,11 @@ func probeLevels() []pubsub.AckLevel {
 	return []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted, pubsub.AckNone}
 }
 
-func newProbeFaulty(t *testing.T) *testcluster.Cluster {
-	return newFaultyCluster(t)
-}
-
 // owner (n1) crashes mid-burst, producer on n0, deep queue.
 func TestSoakProducerOwnerCrash(t *testing.T) {
 	for _, lvl := range probeLevels() {
 		t.Run(lvl.String(), func(t *testing.T) {
-			c := newProbeFaulty(t)
+			c := newFaultyCluster(t)
 			pr := &probeRun{c: c, prodNode: 0, topic: ownedBy(t, c.Nodes[1], "probe-crash"), level: lvl, n: probeN,
 				cfg: pubsub.ProducerConfig{BatchSize: 300}}
 			pr.start = func(t *testing.T) { c.Crash(1) }
@@ -318,7 +314,7 @@ func TestSoakProducerOwnerCrash(t *testing.T) {
 func TestSoakProducerClientStall(t *testing.T) {
 	for _, lvl := range probeLevels() {
 		t.Run(lvl.String(), func(t *testing.T) {
-			c := newProbeFaulty(t)
+			c := newFaultyCluster(t)
 			pr := &probeRun{c: c, prodNode: 0, topic: ownedBy(t, c.Nodes[1], "probe-cstall"), level: lvl, n: probeN,
 				cfg: pubsub.ProducerConfig{BatchSize: 300}}
 			pr.start = func(t *testing.T) { c.Client(0).Stall(faultnet.Both) }
@@ -341,7 +337,7 @@ func TestSoakProducerRouteStall(t *testing.T) {
 	for _, dir := range [][2]int{{0, 1}, {1, 0}} {
 		for _, lvl := range probeLevels() {
 			t.Run(fmt.Sprintf("%d-%d/%v", dir[0], dir[1], lvl), func(t *testing.T) {
-				c := newProbeFaulty(t)
+				c := newFaultyCluster(t)
 				pr := &probeRun{c: c, prodNode: 0, topic: ownedBy(t, c.Nodes[1], "probe-rstall"), level: lvl, n: probeN,
 					cfg: pubsub.ProducerConfig{BatchSize: 300}}
 				pr.start = func(t *testing.T) { c.StallRoute(dir[0], dir[1]) }

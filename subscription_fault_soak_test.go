@@ -35,6 +35,17 @@ type spTracked struct {
 	runs   []time.Time
 }
 
+// ran returns how many handlers ran the message data.
+func (p *subsProbe) ran(data string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, c := range p.got[data] {
+		n += c
+	}
+	return n
+}
+
 type subsProbe struct {
 	t      *testing.T
 	c      *testcluster.Cluster
@@ -199,12 +210,7 @@ func (p *subsProbe) check(within time.Duration, tag string) {
 			ack, err := node.Publish(ctxT(t), topic, []byte(data))
 			last, lastErr = ack, err
 			if err == nil {
-				p.mu.Lock()
-				ran := 0
-				for _, n := range p.got[data] {
-					ran += n
-				}
-				p.mu.Unlock()
+				ran := p.ran(data)
 				if ack.Delivered > ran {
 					t.Errorf("ack of %s claims %d deliveries, %d handlers ran", data, ack.Delivered, ran)
 				}
@@ -423,12 +429,7 @@ func TestSoakSubscriptionsRandomRounds(t *testing.T) {
 					if err != nil {
 						continue
 					}
-					p.mu.Lock()
-					ran := 0
-					for _, n := range p.got[data] {
-						ran += n
-					}
-					p.mu.Unlock()
+					ran := p.ran(data)
 					if ack.Delivered > ran {
 						omu.Lock()
 						overclaims = append(overclaims, fmt.Sprintf("%s: delivered %d ran %d", data, ack.Delivered, ran))
