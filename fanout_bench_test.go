@@ -23,8 +23,10 @@ import (
 //
 // raw-nats runs first, on the 3 servers with no node attached (the nodes
 // join only after it): 3 subscriber connections, one per server, and one
-// publisher connection on server 0. Then the nodes join and two library
-// patterns run, each reporting deliveries/s and x-raw, its ratio to the
+// publisher connection on server 0. raw-nats-batch-path follows, still with
+// no node attached: the library's bytes moved by raw NATS with no library
+// code (rawBatchPath), the bound the library's figures can approach. Then
+// the nodes join and two library patterns run, each reporting deliveries/s and x-raw, its ratio to the
 // raw-nats figure of the same run:
 //
 //   - default-burst: ProducerConfig{} (every default), b.N Produce calls in a
@@ -45,6 +47,9 @@ func BenchmarkFanout(b *testing.B) {
 	var raw float64 // deliveries/s of the last raw-nats run (the one at the full b.N with -count 1)
 	b.Run("raw-nats", func(b *testing.B) {
 		raw = rawFanout(b, c, data)
+	})
+	b.Run("raw-nats-batch-path", func(b *testing.B) {
+		rawBatchPath(b, c, "bench.fanout.path", false, raw)
 	})
 
 	for i := range 3 {
@@ -100,16 +105,7 @@ func rawDeliver(b *testing.B, c *testcluster.Cluster, prefix, queue string, data
 	for i := range c.Servers.Servers {
 		nc := c.Connect(b, i)
 		conns = append(conns, nc)
-		sub, err := nc.QueueSubscribe(subject, queue, func(*nats.Msg) { d.add() }) // "" : a plain subscription
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := sub.SetPendingLimits(-1, -1); err != nil { // measure throughput, not drops
-			b.Fatal(err)
-		}
-		if err := nc.Flush(); err != nil {
-			b.Fatal(err)
-		}
+		rawSubscribe(b, nc, subject, queue, func(*nats.Msg) { d.add() })
 	}
 	// Server 0, where the publisher is, must know all the subscriptions
 	// (its own and one over each route), or it drops messages.
@@ -139,6 +135,22 @@ func rawDeliver(b *testing.B, c *testcluster.Cluster, prefix, queue string, data
 	}
 	b.ReportMetric(rate, "deliveries/s")
 	return rate
+}
+
+// rawSubscribe subscribes cb to subject on nc, in queue group queue unless
+// it is "", with no pending limit (a benchmark measures throughput, not
+// drops), and flushes so that nc's server knows the subscription.
+func rawSubscribe(b *testing.B, nc *nats.Conn, subject, queue string, cb nats.MsgHandler) {
+	sub, err := nc.QueueSubscribe(subject, queue, cb)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := sub.SetPendingLimits(-1, -1); err != nil {
+		b.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		b.Fatal(err)
+	}
 }
 
 // reportRatio reports rate/raw as x-raw, when raw-nats ran before.

@@ -22,8 +22,10 @@ import (
 // nodes join only after it): a queue group "workers" of 3 subscriber
 // connections, one per server, and one publisher connection on server 0.
 // (The publisher's server picks a member at random for each message, so
-// two thirds of the messages cross a route.) Then the nodes join and two
-// library patterns run on a fresh topic each, reporting deliveries/s and
+// two thirds of the messages cross a route.) raw-nats-batch-path follows,
+// still with no node attached: a group's bytes moved by raw NATS with no
+// library code (rawBatchPath). Then the nodes join and two library
+// patterns run on a fresh topic each, reporting deliveries/s and
 // x-raw, its ratio to the raw-nats-queue figure of the same run:
 //
 //   - default-burst: ProducerConfig{} (every default), b.N Produce calls in a
@@ -46,6 +48,9 @@ func BenchmarkGroup(b *testing.B) {
 	var raw float64 // deliveries/s of the last raw-nats-queue run (the one at the full b.N with -count 1)
 	b.Run("raw-nats-queue", func(b *testing.B) {
 		raw = rawDeliver(b, c, "bench.group", "workers", data)
+	})
+	b.Run("raw-nats-batch-path", func(b *testing.B) {
+		rawBatchPath(b, c, "bench.group.path", true, raw)
 	})
 
 	for i := range 3 {
