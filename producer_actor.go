@@ -285,9 +285,9 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		p.abandoned.Store(true)
 		p.resolve(b, p.closedResult(b.msgs.len(), "producer closed while the batch was being published (outcome unknown)", err))
 	case p.stopping:
-		p.resolve(b, b.last)
+		p.resolve(b, b.failedOutcome())
 	case ack.Reason == ReasonTooLarge, ack.Reason == ReasonInvalidTopic:
-		p.resolve(b, b.last) // no retry can fix these
+		p.resolve(b, b.failedOutcome()) // no retry can fix these
 	case ack.Reason == ReasonClosed:
 		p.stopAt(b, err) // the publisher is closed for good
 	default:
@@ -301,7 +301,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 				p.retrying++
 			}
 		case actionContinue:
-			p.resolve(b, b.last)
+			p.resolve(b, b.failedOutcome())
 		default:
 			p.stopAt(b, err)
 		}

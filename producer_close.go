@@ -20,7 +20,7 @@ func (p *BatchingProducer) stop(cause error) {
 	p.shutIntake(res)
 	for _, b := range p.fifo {
 		if b.state == batchRetryWait {
-			p.resolve(b, b.last)
+			p.resolve(b, b.failedOutcome())
 		}
 	}
 }

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -12,7 +13,7 @@ import (
 // stopAt fails b with its last outcome and stops the producer there: b
 // never counts as settled (see completeHead).
 func (p *BatchingProducer) stopAt(b *producerBatch, err error) {
-	p.resolve(b, b.last)
+	p.resolve(b, b.failedOutcome())
 	b.stopped = true
 	p.stop(err)
 }
@@ -105,4 +106,19 @@ func allEnded(b *producerBatch) bool {
 		}
 	}
 	return true
+}
+
+// failedOutcome is the outcome of a batch whose attempts failed: its last
+// attempt's, unless an earlier attempt's outcome was unknown (ReasonTimeout:
+// it may have delivered the batch) and the last one was refused outright
+// (closed, topic unavailable, ...). A refusal says only that the last
+// attempt delivered nothing, so the batch's outcome stays unknown: reporting
+// it "not published" would deny messages subscribers may have run.
+func (b *producerBatch) failedOutcome() *produceResult {
+	if b.unknown == nil || b.last == nil || b.last.ack.Reason == ReasonTimeout {
+		return b.last
+	}
+	ack := b.unknown.ack
+	ack.Messages = b.last.ack.Messages
+	return &produceResult{ack: ack, err: fmt.Errorf("%w (a later attempt failed: %v)", b.unknown.err, b.last.err)}
 }
