@@ -283,7 +283,7 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 	switch {
 	case p.dead:
 		p.abandoned.Store(true)
-		p.resolve(b, p.closedResult(b.msgs.len(), "producer closed while the batch was being published (outcome unknown)", err))
+		p.resolve(b, p.closedUnknown(b.msgs.len(), "producer closed while the batch was being published", err))
 	case p.stopping:
 		p.resolve(b, b.failedOutcome())
 	case ack.Reason == ReasonTooLarge, ack.Reason == ReasonInvalidTopic:

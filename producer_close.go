@@ -37,7 +37,11 @@ func (p *BatchingProducer) abandon() {
 	for _, b := range p.fifo {
 		if b.state == batchRetryWait {
 			p.abandoned.Store(true)
-			p.resolve(b, p.closedResult(b.msgs.len(), "producer closed before the batch was retried", b.last.err))
+			if b.unknown != nil { // an earlier attempt may have delivered it
+				p.resolve(b, p.closedUnknown(b.msgs.len(), "producer closed before the batch was retried", b.unknown.err))
+			} else {
+				p.resolve(b, p.closedResult(b.msgs.len(), "producer closed before the batch was retried", b.last.err))
+			}
 		}
 	}
 }
@@ -79,6 +83,20 @@ func (p *BatchingProducer) closedResult(n int, why string, cause error) *produce
 		err = fmt.Errorf("%w: %s", ErrClosed, why)
 	}
 	return &produceResult{ack: PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonClosed, Messages: n}, err: err}
+}
+
+// closedUnknown is the outcome of n messages of a batch the producer's
+// Close gave up on after it was sent: an attempt in flight, or a batch
+// waiting for its retry after an attempt whose outcome is unknown. Its
+// subscribers may have run it, so it is Rejected with ReasonTimeout
+// (outcome unknown), not ReasonClosed ("not published"); the error wraps
+// ErrTimeout and ErrClosed, and cause when not nil.
+func (p *BatchingProducer) closedUnknown(n int, why string, cause error) *produceResult {
+	err := fmt.Errorf("%w (outcome unknown, subscribers may have run it): %w: %s", ErrTimeout, ErrClosed, why)
+	if cause != nil {
+		err = fmt.Errorf("%w: %w", err, cause)
+	}
+	return &produceResult{ack: PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonTimeout, Messages: n}, err: err}
 }
 
 // cancelled is the outcome of a message dropped because its context ended

@@ -158,7 +158,8 @@ func TestProducerDeepQueueKeepsOrder(t *testing.T) {
 }
 
 // Close with a deep queue and a stuck publisher fails every queued message,
-// in every block, with ErrClosed.
+// in every block, with ErrClosed (ReasonClosed: never sent); the message in
+// flight gets ReasonTimeout (outcome unknown), its error wrapping ErrClosed.
 func TestProducerCloseFailsDeepQueue(t *testing.T) {
 	mp := newMock()
 	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
@@ -175,8 +176,11 @@ func TestProducerCloseFailsDeepQueue(t *testing.T) {
 	cctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	require.ErrorIs(t, p.Close(cctx), context.DeadlineExceeded)
-	for i, f := range futs {
-		ack, err := prodDone(t, f, fmt.Sprintf("message %d after Close", i))
+	ack, err := prodDone(t, futs[0], "the in-flight message after Close")
+	prodExpectErr(t, ack, err, ErrTimeout, ReasonTimeout)
+	require.ErrorIs(t, err, ErrClosed)
+	for i, f := range futs[1:] {
+		ack, err := prodDone(t, f, fmt.Sprintf("message %d after Close", i+1))
 		prodExpectErr(t, ack, err, ErrClosed, ReasonClosed)
 	}
 	require.Equal(t, 1, mp.callCount())
