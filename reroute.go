@@ -16,9 +16,10 @@ import (
 // topic also Timeout) has it sent to the next-ranked live member that has
 // not failed the batch. The group then counts as delivered if the share was
 // processed there. Re-routes start within SubscriberTimeout of the batch's
-// acceptance (a Timeout, which comes only after it, within half a
-// RequestTimeout more), and each is answered before the publisher's wait
-// ends.
+// acceptance (a Timeout, which comes only after it, or on an AtLeastOnce
+// topic a SubscriberGone, which a crashed member's node leaving the view
+// gives until then, within half a RequestTimeout more), and each is
+// answered before the publisher's wait ends.
 
 // reroutes is what a batch with groups keeps to re-route a failed share.
 // Its fields are read-only once the batch is sent (reports arrive on any
@@ -61,10 +62,14 @@ func (r *reroutes) reroutable(id SubscriberID, s DeliveryStatus, partial bool) b
 	return false
 }
 
-// until is the last moment a re-route may start.
+// until is the last moment a re-route may start. On an at-least-once
+// topic a SubscriberGone has the Timeout's window: a member's node that
+// crashed is reported SubscriberGone when it leaves the view, which can come
+// at any time until the resends run out (deliverRemote's resendUntil, past
+// SubscriberTimeout); the Timeout it would otherwise have become re-routes.
 func (r *reroutes) until(s DeliveryStatus) time.Time {
 	until := r.accepted.Add(r.n.cfg.SubscriberTimeout)
-	if s == Timeout {
+	if s == Timeout || (s == SubscriberGone && r.atLeastOnce) {
 		until = until.Add(r.n.cfg.RequestTimeout / 2)
 	}
 	return until
