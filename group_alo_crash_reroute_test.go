@@ -75,7 +75,12 @@ func groupCrashReroute(t *testing.T, memberTimeout time.Duration) {
 		t.Fatal("n1's member got no share")
 	}
 	c.Crash(1)
-	r := <-done
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(30 * time.Second): // the publish's own wait is about 6 s
+		t.Fatal("the publish never returned")
+	}
 	t.Logf("ack %+v err %v", r.ack, r.err)
 	if r.err != nil {
 		t.Fatalf("publish: %v", r.err)

@@ -203,20 +203,8 @@ func runLeaveUnderLoad(t *testing.T, c *testcluster.Cluster, lc leaveCase) {
 	subscribe(t, c.Nodes[1], ownTopic, log.handler)
 	subscribe(t, c.Nodes[2], ownTopic, log.handler)
 
-	var streams []*streamer
-	for _, topic := range topics {
-		for _, i := range []int{1, 2} {
-			streams = append(streams, startStreamer(t, c.Nodes[i], topic, fmt.Sprintf("%s-from-n%d", topic, i)))
-		}
-	}
-	testcluster.WaitFor(t, 20*time.Second, func() bool {
-		for _, s := range streams {
-			if s.accepted.Load() < 200 {
-				return false
-			}
-		}
-		return true
-	}, "streams did not get going")
+	streams := streamAll(t, c, topics, 1, 2)
+	waitStreaming(t, streams, 200, "before the leave")
 
 	var own *pubsub.BatchingProducer
 	var ownSent []sentMsg
@@ -295,36 +283,10 @@ func runLeaveUnderLoad(t *testing.T, c *testcluster.Cluster, lc leaveCase) {
 		t.Logf("leaver's producer outcomes: %v", checkHonest(t, log, ownSent, 10*time.Second))
 	}
 
-	// The survivors serve n0's topics again: wait for more accepted
-	// batches on every stream after the leave, then stop.
-	base := make([]int64, len(streams))
-	for i, s := range streams {
-		base[i] = s.accepted.Load()
-	}
-	testcluster.WaitFor(t, 15*time.Second, func() bool {
-		for i, s := range streams {
-			if s.accepted.Load() < base[i]+200 {
-				return false
-			}
-		}
-		return true
-	}, "streams did not resume after the leave")
-	for _, s := range streams {
-		close(s.stop)
-		<-s.done
-		pctx, pcancel := context.WithTimeout(context.Background(), 15*time.Second)
-		if err := s.p.Close(pctx); err != nil {
-			t.Errorf("producer close: %v", err)
-		}
-		pcancel()
-	}
-	total := map[string]int{}
-	for _, s := range streams {
-		for k, v := range checkHonest(t, log, s.sent, 15*time.Second) {
-			total[k] += v
-		}
-	}
-	t.Logf("stream outcomes: %v", total)
+	// The survivors serve n0's topics again: more accepted batches on
+	// every stream after the leave.
+	waitStreaming(t, streams, 200, "after the leave")
+	stopStreams(t, log, streams)
 	for _, topic := range topics {
 		// n1's and n2's subscribers plus the group (n1's member): 3.
 		publishUntilAccepted(t, c.Nodes[1], topic, []byte("after-"+topic), 3, 5*time.Second)

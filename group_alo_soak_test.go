@@ -141,7 +141,7 @@ func (p *aloProbe) check(phase string) {
 	t.Logf("[%s] acks: %d accepted (%d with a group failure, %d of their messages run nowhere), %d rejected, %d bad", phase, accepted, groupFailed, lostReported, rejected, bad)
 }
 
-func TestProbeGroupAtLeastOnceFaults(t *testing.T) {
+func TestSoakGroupAtLeastOnceFaults(t *testing.T) {
 	c := testcluster.NewFaulty(t, 3, 5, append(append([]pubsub.Option{}, fast...),
 		pubsub.WithDeliveryMode(atLeastOnce), pubsub.WithEvictAfter(1000))...)
 	c.WaitConverged(t, 10*time.Second)
