@@ -165,8 +165,10 @@ func (d *drainState) settled(v *view, self string) bool {
 }
 
 // drainAndLeave is the graceful part of Close; it returns within ctx and at
-// most SubscriberTimeout + RequestTimeout.
-func (n *Node) drainAndLeave(ctx context.Context) {
+// most SubscriberTimeout + RequestTimeout, with ctx's error if ctx cut the
+// drain short (not when the answers or the handovers ran out of time: those
+// are the drain's own bounds).
+func (n *Node) drainAndLeave(ctx context.Context) error {
 	n.life.drain.start()
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
@@ -198,13 +200,13 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	answered := time.Now().Add(n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)
 	for (n.owner.queued.Load() > 0 || n.owner.inflight.Load() > 0) && time.Now().Before(answered) {
 		if n.nc.IsClosed() { // closed underneath: nothing can be answered any more
-			return
+			return nil
 		}
 		repeatLeave()
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
-			return
+			return ctx.Err()
 		}
 	}
 	v := n.view()
@@ -215,15 +217,16 @@ func (n *Node) drainAndLeave(ctx context.Context) {
 	for !n.life.drain.settled(v, n.self.ID) && !n.nc.IsClosed() {
 		if time.Now().After(window) {
 			n.log.Info("leaving before every member took its handover", "members", len(v.members))
-			return
+			return nil
 		}
 		repeatLeave()
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
-			return
+			return ctx.Err()
 		}
 	}
+	return nil
 }
 
 // handoverWindow is the least time a leaving node waits for its peers to

@@ -311,10 +311,11 @@ func (p *BatchingProducer) Flush(ctx context.Context) error {
 // and returns once the producer's goroutine has ended. If ctx ends first,
 // Close aborts the attempts in flight and the retry waits, completes every
 // unfinished future with ErrClosed and returns ctx's error. A message that
-// was never sent completes with ReasonClosed; one of a batch in flight, or
-// waiting for a retry after an attempt with an unknown outcome, completes
-// with ReasonTimeout (outcome unknown: its subscribers may have run it),
-// and its error wraps both ErrTimeout and ErrClosed. A producer
+// was never sent, or whose last attempt was refused outright, completes
+// with ReasonClosed; one of a batch in flight, or waiting for a retry after
+// an attempt with an unknown outcome, completes with ReasonTimeout (outcome
+// unknown: its subscribers may have run it), and its error wraps both
+// ErrTimeout and ErrClosed. A producer
 // stopped by FailBatchAndStop closes with nil. A second Close waits like the
 // first and returns nil.
 func (p *BatchingProducer) Close(ctx context.Context) error {

@@ -83,10 +83,11 @@ type Node struct {
 type lifecycle struct {
 	ctx          context.Context // cancelled by Close
 	cancel       context.CancelFunc
-	closed       atomic.Bool // calls fail with ErrClosed
-	closeOnce    sync.Once   // shutdown runs once, from Close or on connection loss
-	closeCalled  atomic.Bool // Close was called
-	goroutines   group       // every goroutine the node started, for Close to wait
+	closed       atomic.Bool   // calls fail with ErrClosed
+	closeOnce    sync.Once     // shutdown runs once, from Close or on connection loss
+	closeCalled  atomic.Bool   // Close was called
+	closeDone    chan struct{} // closed when the first Close returns
+	goroutines   group         // every goroutine the node started, for Close to wait
 	inboxSub     *nats.Subscription
 	stopBeats    chan struct{} // closed by Close before its LEAVE
 	beatsStopped chan struct{} // closed when the heartbeat loop returned
@@ -128,6 +129,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	}
 	n.life.ctx, n.life.cancel = context.WithCancel(context.Background())
 	n.life.stopBeats, n.life.beatsStopped = make(chan struct{}), make(chan struct{})
+	n.life.closeDone = make(chan struct{})
 	n.members.init(n)
 	n.owner.init(n)
 	n.subscriber.init()
@@ -196,15 +198,26 @@ func (n *Node) ID() string { return n.self.ID }
 // Close leaves the cluster gracefully: it announces the leave so peers re-own
 // this node's topics at once, stops serving, ends local subscriptions with
 // ErrClosed and waits, within ctx, for the node's goroutines (including
-// running handlers). It does not close the *nats.Conn. A second Close
-// returns nil.
+// running handlers). It does not close the *nats.Conn. If ctx ends first,
+// Close still stops the node and returns an error wrapping ctx's error that
+// says what it was waiting for: the drain (answering the batches it
+// accepted as owner, handing its topics over) or the handlers. A second
+// Close waits like the first, within its own ctx, and returns nil; once
+// any Close returned nil, the node's ID may join again.
 //
 // A publish still waiting for its owner when Close is called fails with
 // ErrTimeout: its subscribers may or may not have processed it.
 func (n *Node) Close(ctx context.Context) error {
 	if !n.life.closeCalled.CompareAndSwap(false, true) {
-		return nil
+		select {
+		case <-n.life.closeDone:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("pubsub: close %s: waiting for the first Close: %w", n.self.ID, ctx.Err())
+		}
 	}
+	defer close(n.life.closeDone)
+	var drainErr error
 	if !n.life.closed.Load() && !n.nc.IsClosed() {
 		// Merged AckNone publishes were accepted: they leave while the
 		// owners still serve this node.
@@ -216,10 +229,16 @@ func (n *Node) Close(ctx context.Context) error {
 		case <-n.life.beatsStopped:
 		case <-ctx.Done():
 		}
-		n.drainAndLeave(ctx)
+		if err := n.drainAndLeave(ctx); err != nil {
+			drainErr = fmt.Errorf("pubsub: close %s: draining (answering the batches it accepted as owner, handing its topics over; peers take them over without): %w", n.self.ID, err)
+		}
 	}
 	n.shutdown(ErrClosed)
-	if err := n.life.goroutines.wait(ctx); err != nil {
+	err := n.life.goroutines.wait(ctx)
+	switch {
+	case drainErr != nil:
+		return drainErr
+	case err != nil:
 		return fmt.Errorf("pubsub: close %s: waiting for handlers: %w", n.self.ID, err)
 	}
 	return nil
