@@ -241,7 +241,7 @@ func (r *publishRequest) encode(v *view, buf []byte) []byte {
 func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	r.origin.refresh()
 	p := payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs,
-		level: AckLevel(min(r.wire.GetAckLevel(), uint32(AckNone)))}
+		level: AckLevel(min(r.wire.GetAckLevel(), uint32(AckNone))), skip: r.wire.GetSkip()}
 	if r.owned != nil {
 		p.msgs, p.packed, p.withMeta, p.count = msgBatch{}, r.owned.packed, r.owned.withMeta, int(r.wire.GetCount())
 	}

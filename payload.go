@@ -17,6 +17,9 @@ type payload struct {
 	seq       batchSeq // set by the owner when it accepts the batch
 	wantIDs   bool     // the publisher asked for the delivered subscribers
 	level     AckLevel // what the publisher waits for
+	// skip: subscribers that failed an earlier chunk of this split batch,
+	// left out of this one (the publisher's chunkAcks.skip).
+	skip []*wire.Failure
 }
 
 // receivedPayload checks the packed fields of a batch received over NATS:

@@ -204,7 +204,7 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 		if run.end == count {
 			sig = issued
 		}
-		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level)
+		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level, total.skip())
 		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
 			// Earlier chunks were delivered: the batch was not "not taken".
 			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
@@ -300,10 +300,25 @@ type span struct{ start, end int }
 // delivered the batch only if every chunk was delivered to it: one that
 // failed a chunk is listed with its first failure, and one that subscribed
 // between two chunks got only part of the batch, so it is neither counted
-// nor listed (it was not a subscriber when the batch was accepted).
+// nor listed (it was not a subscriber when the batch was accepted). A
+// subscriber that failed a chunk gets no later one (skip): it stops a
+// batch at its first failure, as an unsplit batch stops at its first
+// failing message, and a batch counts once towards its eviction.
 type chunkAcks struct {
 	ack       PublishAck
 	delivered map[SubscriberID]bool // delivered every chunk so far
+}
+
+// skip lists the subscribers the later chunks leave out: those that failed
+// an earlier chunk, but groups, whose later shares go to any member.
+func (c *chunkAcks) skip() []*wire.Failure {
+	var out []*wire.Failure
+	for _, f := range c.ack.Failures {
+		if f.Group == "" && f.Subscriber != (SubscriberID{}) {
+			out = append(out, &wire.Failure{Node: f.Subscriber.Node, Local: f.Subscriber.Local})
+		}
+	}
+	return out
 }
 
 func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
@@ -348,9 +363,10 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 }
 
 // publishChunk publishes one request's worth of a batch. With split, the
-// owner also lists the subscribers it delivered to, for chunkAcks.
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool, level AckLevel) (PublishAck, []SubscriberID, error) {
-	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split, AckLevel: uint32(level)},
+// owner also lists the subscribers it delivered to, for chunkAcks, and
+// leaves out those in skip, which failed an earlier chunk.
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool, level AckLevel, skip []*wire.Failure) (PublishAck, []SubscriberID, error) {
+	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split, AckLevel: uint32(level), Skip: skip},
 		msgs: msgs, origin: &origin, wantIDs: split}
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued, noAnswer: level == AckNone}
 	if origin.producer == "" {

@@ -48,6 +48,45 @@ func TestSplitBatchAckCountsOnlySubscribersOfEveryChunk(t *testing.T) {
 	assert.Equal(t, 3, ack.Messages)
 }
 
+// A subscriber stops a batch at its first failure; a batch split into
+// chunks for MaxMessageSize too: a failing handler ran again on every
+// later chunk, and with the default EvictAfter (3) one PublishBatch of 4
+// chunks evicted it (found by a probe of events and stats). Failing
+// subscribers on the owner's node and on another, beside one that runs
+// everything.
+func TestSplitBatchStopsAtASubscribersFirstFailure(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	owner, pub := c.Nodes[0], c.Nodes[1]
+	topic := ownedBy(t, owner, "split-fail")
+	var runs [2]atomic.Int32
+	failing := func(i int) pubsub.Handler {
+		return func(context.Context, *pubsub.Message) error {
+			runs[i].Add(1)
+			return fmt.Errorf("failing subscriber %d", i)
+		}
+	}
+	bad := []*pubsub.Subscription{subscribe(t, owner, topic, failing(0)), subscribe(t, pub, topic, failing(1))}
+	good := newRecorder()
+	goodSub := subscribe(t, pub, topic, good.handler)
+	big := bytes.Repeat([]byte("x"), pub.MaxMessageSize()/2+1) // one per chunk
+	ack, err := pub.PublishBatch(ctxT(t), topic, [][]byte{big, big, big, big})
+	require.NoError(t, err)
+	assert.Equal(t, 1, ack.Delivered, "ack %+v", ack)
+	require.Len(t, ack.Failures, 2, "ack %+v", ack)
+	for _, f := range ack.Failures {
+		assert.Equal(t, pubsub.HandlerError, f.Status)
+	}
+	assert.Len(t, good.of(goodSub.ID()), 4, "the good subscriber gets every chunk")
+	for i, s := range bad {
+		assert.Equal(t, int32(1), runs[i].Load(), "failing subscriber %d ran more than the first message of the batch", i)
+		select {
+		case <-s.Done():
+			t.Errorf("one PublishBatch evicted failing subscriber %d: %v", i, s.Err())
+		default:
+		}
+	}
+}
+
 // Finding 6b: Close with a publish in flight must not claim the publish was
 // not taken: its outcome is unknown.
 func TestCloseWithPublishInFlightReportsTimeout(t *testing.T) {

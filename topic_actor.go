@@ -340,7 +340,13 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	if len(a.groups.sizes) == 0 {
 		out := make([]nodeTarget, 0, len(a.nodes))
 		for node, ns := range a.nodes {
-			out = append(out, nodeTarget{node: node, locals: ns.locals()})
+			locals := ns.locals()
+			if len(msgs.skip) > 0 {
+				if locals = skipped(node, locals, msgs.skip); len(locals) == 0 {
+					continue // every subscriber there failed an earlier chunk
+				}
+			}
+			out = append(out, nodeTarget{node: node, locals: locals})
 		}
 		return out, nil
 	}
@@ -353,12 +359,34 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	}
 	out := make([]nodeTarget, 0, len(a.nodes))
 	for node := range a.nodes {
-		t := nodeTarget{node: node, locals: p.broadcast[node], shares: shares[node]}
+		t := nodeTarget{node: node, locals: skipped(node, p.broadcast[node], msgs.skip), shares: shares[node]}
 		if len(t.locals) > 0 || len(t.shares) > 0 {
 			out = append(out, t)
 		}
 	}
 	return out, r
+}
+
+// skipped returns node's subscribers locals without those in skip (which
+// failed an earlier chunk of the batch); locals itself when none is.
+func skipped(node string, locals []string, skip []*wire.Failure) []string {
+	if len(skip) == 0 {
+		return locals
+	}
+	var out []string
+	for i, l := range locals {
+		gone := slices.ContainsFunc(skip, func(f *wire.Failure) bool { return f.GetNode() == node && f.GetLocal() == l })
+		switch {
+		case gone && out == nil:
+			out = append(make([]string, 0, len(locals)-1), locals[:i]...)
+		case !gone && out != nil:
+			out = append(out, l)
+		}
+	}
+	if out == nil {
+		return locals
+	}
+	return out
 }
 
 // failStreak is a subscriber's run of failed batches with no success.

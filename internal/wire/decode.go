@@ -132,6 +132,11 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.ProducerPrev = v
 		case publishSettled:
 			p.ProducerSettled = v
+		case publishSkip:
+			f := &Failure{}
+			if err = proto.Unmarshal(bs, f); err == nil {
+				p.Skip = append(p.Skip, f)
+			}
 		}
 		return err
 	})

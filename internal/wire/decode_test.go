@@ -20,7 +20,7 @@ func TestDecodeAgreesWithProto(t *testing.T) {
 		Shares: []*Share{{Subscriber: "c@g", Indices: []uint32{0, 2}}, {Subscriber: "d@g", Indices: []uint32{1}}}}}})
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{
 		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2,
-		Producer: "p1", ProducerSeq: 43}}})
+		Producer: "p1", ProducerSeq: 43, Skip: []*Failure{{Node: "n3", Local: "s1"}, {Node: "n4", Local: "s2"}}}}})
 	hb, _ := proto.Marshal(&Envelope{Body: &Envelope_Heartbeat{Heartbeat: &Heartbeat{From: &MemberRef{NodeId: "x"}}}})
 	for name, data := range map[string][]byte{
 		"deliver": append(append([]byte{}, common...), suffix...),
@@ -108,7 +108,8 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&MemberRef{}, map[string]protowire.Number{"node_id": refNodeID, "incarnation": refIncarnation})
 	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
-		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel})
+		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel,
+		"skip": publishSkip})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,

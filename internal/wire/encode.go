@@ -28,6 +28,7 @@ const (
 	publishSettled      protowire.Number = 11
 	publishPackedMeta   protowire.Number = 12
 	publishAckLevel     protowire.Number = 13
+	publishSkip         protowire.Number = 14
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2

@@ -767,8 +767,12 @@ type PublishRequest struct {
 	// nodes drop what is not newer than the last batch of that producer handed
 	// to a subscriber, which keeps its order across owner moves and drops a
 	// batch retried after an owner died.
-	Producer      string `protobuf:"bytes,7,opt,name=producer,proto3" json:"producer,omitempty"`
-	ProducerSeq   uint64 `protobuf:"varint,8,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
+	Producer    string `protobuf:"bytes,7,opt,name=producer,proto3" json:"producer,omitempty"`
+	ProducerSeq uint64 `protobuf:"varint,8,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
+	// skip names the subscribers that failed an earlier chunk of this split
+	// batch (status unused): the owner does not deliver this chunk to them,
+	// as a subscriber stops a batch at its first failure.
+	Skip          []*Failure `protobuf:"bytes,14,rep,name=skip,proto3" json:"skip,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -885,6 +889,13 @@ func (x *PublishRequest) GetProducerSeq() uint64 {
 		return x.ProducerSeq
 	}
 	return 0
+}
+
+func (x *PublishRequest) GetSkip() []*Failure {
+	if x != nil {
+		return x.Skip
+	}
+	return nil
 }
 
 // TopicSubscribers lists one node's subscribers of one topic.
@@ -1740,7 +1751,7 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\x98\x03\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xc9\x03\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1755,7 +1766,8 @@ const file_wire_proto_rawDesc = "" +
 	" \x01(\x04R\fproducerPrev\x12)\n" +
 	"\x10producer_settled\x18\v \x01(\x04R\x0fproducerSettled\x12\x1a\n" +
 	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
-	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeqJ\x04\b\x04\x10\x05\"^\n" +
+	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeq\x12/\n" +
+	"\x04skip\x18\x0e \x03(\v2\x1b.clusterpubsub.wire.FailureR\x04skipJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\x12\x12\n" +
@@ -1901,26 +1913,27 @@ var file_wire_proto_depIdxs = []int32{
 	5,  // 15: clusterpubsub.wire.Heartbeat.prev_members:type_name -> clusterpubsub.wire.MemberRef
 	5,  // 16: clusterpubsub.wire.SubscribeRequest.from:type_name -> clusterpubsub.wire.MemberRef
 	5,  // 17: clusterpubsub.wire.PublishRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	5,  // 18: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
-	9,  // 19: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
-	5,  // 20: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
-	5,  // 21: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
-	5,  // 22: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
-	13, // 23: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
-	5,  // 24: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
-	15, // 25: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
-	15, // 26: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
-	1,  // 27: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
-	16, // 28: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
-	19, // 29: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
-	10, // 30: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
-	20, // 31: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
-	4,  // 32: clusterpubsub.wire.Reply.topics:type_name -> clusterpubsub.wire.TopicSummary
-	33, // [33:33] is the sub-list for method output_type
-	33, // [33:33] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	15, // 18: clusterpubsub.wire.PublishRequest.skip:type_name -> clusterpubsub.wire.Failure
+	5,  // 19: clusterpubsub.wire.Sync.from:type_name -> clusterpubsub.wire.MemberRef
+	9,  // 20: clusterpubsub.wire.Sync.topics:type_name -> clusterpubsub.wire.TopicSubscribers
+	5,  // 21: clusterpubsub.wire.SyncRequest.from:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 22: clusterpubsub.wire.SyncRequest.members:type_name -> clusterpubsub.wire.MemberRef
+	5,  // 23: clusterpubsub.wire.DeliverBatch.owner:type_name -> clusterpubsub.wire.MemberRef
+	13, // 24: clusterpubsub.wire.DeliverBatch.shares:type_name -> clusterpubsub.wire.Share
+	5,  // 25: clusterpubsub.wire.Evict.owner:type_name -> clusterpubsub.wire.MemberRef
+	15, // 26: clusterpubsub.wire.Ack.failures:type_name -> clusterpubsub.wire.Failure
+	15, // 27: clusterpubsub.wire.Ack.delivered_to:type_name -> clusterpubsub.wire.Failure
+	1,  // 28: clusterpubsub.wire.Reply.code:type_name -> clusterpubsub.wire.Reply.Code
+	16, // 29: clusterpubsub.wire.Reply.ack:type_name -> clusterpubsub.wire.Ack
+	19, // 30: clusterpubsub.wire.Reply.subscribers:type_name -> clusterpubsub.wire.Reply.SubscribersEntry
+	10, // 31: clusterpubsub.wire.Reply.sync:type_name -> clusterpubsub.wire.Sync
+	20, // 32: clusterpubsub.wire.Reply.groups:type_name -> clusterpubsub.wire.Reply.GroupsEntry
+	4,  // 33: clusterpubsub.wire.Reply.topics:type_name -> clusterpubsub.wire.TopicSummary
+	34, // [34:34] is the sub-list for method output_type
+	34, // [34:34] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_wire_proto_init() }
