@@ -21,7 +21,7 @@ type Stats struct {
 	MessagesPublished uint64                    // messages accepted by this node as owner
 	Deliveries        uint64                    // subscriber deliveries that succeeded (owner side)
 	DeliveryFailures  uint64                    // subscriber deliveries that failed (owner side)
-	Rejected          uint64                    // messages this node rejected as publisher
+	Rejected          uint64                    // messages this node rejected as publisher, per call or attempt (a producer's retried attempt counts each time)
 	Evictions         uint64                    // subscribers this node evicted as owner
 	Malformed         uint64                    // malformed messages dropped
 	InboxDropped      uint64                    // inbox messages NATS dropped (slow consumer)
