@@ -334,13 +334,16 @@ func TestHooksSeeTypedRejectionsAndFailedInitializes(t *testing.T) {
 		require.NoError(t, err)
 		defer p.Close(context.Background())
 		require.NoError(t, n.Close(ctxT(t)))
-		before := len(recs[0].publishes())
+		before, rejectedBefore := len(recs[0].publishes()), n.Stats().Rejected
 		_, err = p.Produce(ctxT(t), []byte("x")).Wait(ctxT(t))
 		require.ErrorIs(t, err, pubsub.ErrClosed)
 		pubs := recs[0].publishes()[before:]
 		require.NotEmpty(t, pubs)
 		assert.ErrorIs(t, pubs[0].Err, pubsub.ErrClosed)
 		assert.Equal(t, 1, pubs[0].Messages)
+		// Counted as the hook saw it (a probe found the hook and Stats
+		// disagreeing).
+		assert.Equal(t, rejectedBefore+1, n.Stats().Rejected)
 	})
 }
 

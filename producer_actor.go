@@ -202,9 +202,10 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 		cancel()
 		if err != nil {
 			ev.err = fmt.Errorf("pubsub: producer: initialize %q: %w", p.topic, err)
-			if node != nil && len(node.hooks.publish) != 0 {
-				// The attempt failed before its publish: hooked as one.
-				ack, _ := rejected(p.topic, msgs.len(), ev.err)
+			if node != nil {
+				// The attempt failed before its publish: counted, emitted
+				// and hooked as a rejected one.
+				ack, _ := node.reject(p.topic, msgs.len(), ev.err)
 				ack.Level = p.cfg.AckLevel
 				node.published(p.topic, msgs.len(), msgs.bytes(), start, ack, ev.err)
 			}
