@@ -143,7 +143,10 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return false
 	}
-	msgs.wantIDs, msgs.publisher, msgs.skip = req.GetDeliveredIds(), req.GetFrom().GetNodeId(), req.GetSkip()
+	msgs.wantIDs, msgs.publisher = req.GetDeliveredIds(), req.GetFrom().GetNodeId()
+	if msgs.wantIDs { // only a chunk of a split batch skips anyone
+		msgs.skip = req.GetSkip()
+	}
 	msgs.level = AckLevel(min(req.GetAckLevel(), uint32(AckNone)))
 	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}
 	if msgs.level != AckDelivered {

@@ -339,10 +339,11 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	if len(a.groups.sizes) == 0 {
 		out := make([]nodeTarget, 0, len(a.nodes))
+		skip := skipSet(msgs.skip)
 		for node, ns := range a.nodes {
 			locals := ns.locals()
-			if len(msgs.skip) > 0 {
-				if locals = skipped(node, locals, msgs.skip); len(locals) == 0 {
+			if skip != nil {
+				if locals = skipped(node, locals, skip); len(locals) == 0 {
 					continue // every subscriber there failed an earlier chunk
 				}
 			}
@@ -358,8 +359,9 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 		r.groups[g.name] = g
 	}
 	out := make([]nodeTarget, 0, len(a.nodes))
+	skip := skipSet(msgs.skip)
 	for node := range a.nodes {
-		t := nodeTarget{node: node, locals: skipped(node, p.broadcast[node], msgs.skip), shares: shares[node]}
+		t := nodeTarget{node: node, locals: skipped(node, p.broadcast[node], skip), shares: shares[node]}
 		if len(t.locals) > 0 || len(t.shares) > 0 {
 			out = append(out, t)
 		}
@@ -367,15 +369,29 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	return out, r
 }
 
-// skipped returns node's subscribers locals without those in skip (which
-// failed an earlier chunk of the batch); locals itself when none is.
-func skipped(node string, locals []string, skip []*wire.Failure) []string {
+// skipSet is the set of a batch's skip list (the subscribers that failed
+// an earlier chunk of it), nil when empty. A set: a forged request naming
+// many subscribers costs one pass, not one per subscriber.
+func skipSet(skip []*wire.Failure) map[SubscriberID]struct{} {
+	if len(skip) == 0 {
+		return nil
+	}
+	set := make(map[SubscriberID]struct{}, len(skip))
+	for _, f := range skip {
+		set[SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}] = struct{}{}
+	}
+	return set
+}
+
+// skipped returns node's subscribers locals without those in skip; locals
+// itself when none is.
+func skipped(node string, locals []string, skip map[SubscriberID]struct{}) []string {
 	if len(skip) == 0 {
 		return locals
 	}
 	var out []string
 	for i, l := range locals {
-		gone := slices.ContainsFunc(skip, func(f *wire.Failure) bool { return f.GetNode() == node && f.GetLocal() == l })
+		_, gone := skip[SubscriberID{Node: node, Local: l}]
 		switch {
 		case gone && out == nil:
 			out = append(make([]string, 0, len(locals)-1), locals[:i]...)
