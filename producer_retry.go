@@ -120,5 +120,5 @@ func (b *producerBatch) failedOutcome() *produceResult {
 	}
 	ack := b.unknown.ack
 	ack.Messages = b.last.ack.Messages
-	return &produceResult{ack: ack, err: fmt.Errorf("%w (a later attempt failed: %v)", b.unknown.err, b.last.err)}
+	return &produceResult{ack: ack, err: fmt.Errorf("%w (a later attempt failed: %w)", b.unknown.err, b.last.err)}
 }

@@ -204,7 +204,9 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 		if run.end == count {
 			sig = issued
 		}
-		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level, total.skip())
+		// A quarter of the room MaxMessageSize leaves for the envelope.
+		skip := total.skip((n.maxPayload() - limit) / 4)
+		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level, skip)
 		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
 			// Earlier chunks were delivered: the batch was not "not taken".
 			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
@@ -310,13 +312,19 @@ type chunkAcks struct {
 }
 
 // skip lists the subscribers the later chunks leave out: those that failed
-// an earlier chunk, but groups, whose later shares go to any member.
-func (c *chunkAcks) skip() []*wire.Failure {
+// an earlier chunk, but groups, whose later shares go to any member. At
+// most wire.MaxSkip of them, in at most budget bytes, so that the list fits
+// beside a full chunk: one left off is only sent the chunk.
+func (c *chunkAcks) skip(budget int) []*wire.Failure {
 	var out []*wire.Failure
 	for _, f := range c.ack.Failures {
-		if f.Group == "" && f.Subscriber != (SubscriberID{}) {
-			out = append(out, &wire.Failure{Node: f.Subscriber.Node, Local: f.Subscriber.Local})
+		if f.Group != "" || f.Subscriber == (SubscriberID{}) {
+			continue
 		}
+		if budget -= len(f.Subscriber.Node) + len(f.Subscriber.Local) + 8; budget < 0 || len(out) == wire.MaxSkip {
+			break
+		}
+		out = append(out, &wire.Failure{Node: f.Subscriber.Node, Local: f.Subscriber.Local})
 	}
 	return out
 }

@@ -211,6 +211,10 @@ func (n *Node) Close(ctx context.Context) error {
 	if !n.life.closeCalled.CompareAndSwap(false, true) {
 		select {
 		case <-n.life.closeDone:
+			// The first Close may have given up on the handlers: wait too.
+			if err := n.life.goroutines.wait(ctx); err != nil {
+				return fmt.Errorf("pubsub: close %s: waiting for handlers: %w", n.self.ID, err)
+			}
 			return nil
 		case <-ctx.Done():
 			return fmt.Errorf("pubsub: close %s: waiting for the first Close: %w", n.self.ID, ctx.Err())

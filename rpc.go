@@ -225,7 +225,8 @@ func (r *rpc) callEnvelope(ctx context.Context, subject string, env *wire.Envelo
 func (r *rpc) call(ctx context.Context, subject string, data []byte, o callOpts) (*wire.Reply, error) {
 	timeout := o.timeout
 	callersDeadline := false // the wait ends at ctx's deadline, not the call's own
-	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
+	dl, ok := ctx.Deadline()
+	if ok && time.Until(dl) < timeout {
 		timeout = max(time.Until(dl), time.Millisecond)
 		callersDeadline = true
 	}
@@ -243,7 +244,7 @@ func (r *rpc) call(ctx context.Context, subject string, data []byte, o callOpts)
 	}
 	select {
 	case res := <-ch:
-		if callersDeadline && errors.Is(res.err, ErrTimeout) && !errors.Is(res.err, context.DeadlineExceeded) {
+		if callersDeadline && !time.Now().Before(dl) && errors.Is(res.err, ErrTimeout) && !errors.Is(res.err, context.DeadlineExceeded) {
 			// The timer set for ctx's deadline fired before ctx's own: the
 			// caller's deadline is what ran out, and errors.Is says so.
 			res.err = fmt.Errorf("%w: %w", res.err, context.DeadlineExceeded)

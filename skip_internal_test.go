@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -30,4 +31,19 @@ func TestSkippedLeavesOutOnlyTheNamedSubscribers(t *testing.T) {
 		})
 	}
 	assert.Equal(t, []string{"a", "b", "c"}, locals, "the node's own list is never changed")
+}
+
+// A publisher names at most wire.MaxSkip subscribers, within its byte
+// budget, and never a group's member.
+func TestChunkSkipListIsBounded(t *testing.T) {
+	var c chunkAcks
+	c.ack.Failures = append(c.ack.Failures, DeliveryFailure{Subscriber: SubscriberID{Node: "n0", Local: "m@g"}, Group: "g", Status: HandlerError})
+	for i := range 300 {
+		c.ack.Failures = append(c.ack.Failures, DeliveryFailure{Subscriber: SubscriberID{Node: "n1", Local: fmt.Sprintf("s%03d", i)}, Status: HandlerError})
+	}
+	all := c.skip(1 << 20)
+	assert.Len(t, all, wire.MaxSkip)
+	assert.Equal(t, "s000", all[0].GetLocal(), "the group member is left out, not counted")
+	assert.Len(t, c.skip(3*(2+4+8)), 3, "a byte budget of three entries")
+	assert.Empty(t, c.skip(0))
 }

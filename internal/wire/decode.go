@@ -133,6 +133,9 @@ func decodePublish(b []byte, p *PublishRequest) error {
 		case publishSettled:
 			p.ProducerSettled = v
 		case publishSkip:
+			if len(p.Skip) >= MaxSkip {
+				return nil // a forged list costs no more than MaxSkip entries
+			}
 			f := &Failure{}
 			if err = proto.Unmarshal(bs, f); err == nil {
 				p.Skip = append(p.Skip, f)

@@ -40,6 +40,26 @@ func TestDecodeAgreesWithProto(t *testing.T) {
 	}
 }
 
+// A decoder keeps at most MaxSkip entries of a publish's skip list: a
+// forged request cannot make it allocate one object per two bytes.
+func TestDecodeKeepsAtMostMaxSkipEntries(t *testing.T) {
+	req := &PublishRequest{Topic: "t"}
+	for range MaxSkip + 50 {
+		req.Skip = append(req.Skip, &Failure{Node: "n", Local: "s"})
+	}
+	data, err := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: req}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env Envelope
+	if err := Decode(data, &env); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(env.GetPublish().GetSkip()); got != MaxSkip {
+		t.Fatalf("decoded %d skip entries, want %d", got, MaxSkip)
+	}
+}
+
 func FuzzDecode(f *testing.F) {
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{Topic: "t", Packed: Pack(nil, [][]byte{[]byte("x")}), Count: 1}}})
 	f.Add(pub)

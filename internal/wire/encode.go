@@ -45,6 +45,11 @@ const (
 	deliverReroute     protowire.Number = 14
 )
 
+// MaxSkip bounds PublishRequest.skip: a publisher names at most this many
+// subscribers, and a decoder keeps at most this many. Skipping saves
+// failures; a subscriber left off the list is only sent the chunk.
+const MaxSkip = 256
+
 // AppendPublish appends Envelope{publish: req} with msgs packed into its
 // packed field, copying each message once; with meta (one per message) into
 // its packed_meta field in format 2. req.Packed must be empty.
