@@ -234,7 +234,7 @@ func (n *Node) Close(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 		if err := n.drainAndLeave(ctx); err != nil {
-			drainErr = fmt.Errorf("pubsub: close %s: draining (answering the batches it accepted as owner, handing its topics over; peers take them over without): %w", n.self.ID, err)
+			drainErr = fmt.Errorf("pubsub: close %s: draining (answering the batches it accepted as owner, handing its topics over; its peers take the topics over without the handover): %w", n.self.ID, err)
 		}
 	}
 	n.shutdown(ErrClosed)
