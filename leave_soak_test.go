@@ -261,16 +261,7 @@ func runLeaveUnderLoad(t *testing.T, c *testcluster.Cluster, lc leaveCase) {
 		t.Logf("survivors dropped the leaver %v after Close began", time.Since(start))
 		c.HealAll()
 	}
-	for _, s := range leaverSubs {
-		select {
-		case <-s.Done():
-			if !errors.Is(s.Err(), pubsub.ErrClosed) {
-				t.Errorf("leaver's subscription %s ended with %v", s.ID(), s.Err())
-			}
-		case <-time.After(5 * time.Second):
-			t.Errorf("leaver's subscription %s not ended", s.ID())
-		}
-	}
+	requireEndedClosed(t, leaverSubs)
 	if own != nil {
 		pctx, pcancel := context.WithTimeout(context.Background(), 3*time.Second)
 		ps := time.Now()
@@ -331,6 +322,22 @@ func TestSoakLeaveOneWayStallIn(t *testing.T) {
 func TestSoakLeaveExpiredContext(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	runLeaveUnderLoad(t, c, leaveCase{closeTimeout: 0, deepQueue: 50000})
+}
+
+// requireEndedClosed checks that each of a leaver's subscriptions ends, within
+// 5 s, with ErrClosed.
+func requireEndedClosed(t *testing.T, subs []*pubsub.Subscription) {
+	t.Helper()
+	for _, s := range subs {
+		select {
+		case <-s.Done():
+			if !errors.Is(s.Err(), pubsub.ErrClosed) {
+				t.Errorf("leaver's subscription %s ended with %v", s.ID(), s.Err())
+			}
+		case <-time.After(5 * time.Second):
+			t.Errorf("leaver's subscription %s not ended", s.ID())
+		}
+	}
 }
 
 // streamAll starts a streamer from every node in from into every topic.
@@ -414,16 +421,7 @@ func TestSoakLeaveTwoNodesAtOnce(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	for _, s := range leaverSubs {
-		select {
-		case <-s.Done():
-			if !errors.Is(s.Err(), pubsub.ErrClosed) {
-				t.Errorf("%s ended with %v", s.ID(), s.Err())
-			}
-		case <-time.After(5 * time.Second):
-			t.Errorf("%s not ended", s.ID())
-		}
-	}
+	requireEndedClosed(t, leaverSubs)
 	waitStreaming(t, streams, 200, "after")
 	stopStreams(t, log, streams)
 	for _, topic := range topics {

@@ -224,11 +224,9 @@ func (r *rpc) callEnvelope(ctx context.Context, subject string, env *wire.Envelo
 // deadline.
 func (r *rpc) call(ctx context.Context, subject string, data []byte, o callOpts) (*wire.Reply, error) {
 	timeout := o.timeout
-	callersDeadline := false // the wait ends at ctx's deadline, not the call's own
-	dl, ok := ctx.Deadline()
-	if ok && time.Until(dl) < timeout {
+	dl, hasDeadline := ctx.Deadline()
+	if hasDeadline && time.Until(dl) < timeout {
 		timeout = max(time.Until(dl), time.Millisecond)
-		callersDeadline = true
 	}
 	type result struct {
 		rep *wire.Reply
@@ -244,9 +242,11 @@ func (r *rpc) call(ctx context.Context, subject string, data []byte, o callOpts)
 	}
 	select {
 	case res := <-ch:
-		if callersDeadline && !time.Now().Before(dl) && errors.Is(res.err, ErrTimeout) && !errors.Is(res.err, context.DeadlineExceeded) {
-			// The timer set for ctx's deadline fired before ctx's own: the
-			// caller's deadline is what ran out, and errors.Is says so.
+		if hasDeadline && !time.Now().Before(dl) && errors.Is(res.err, ErrTimeout) && !errors.Is(res.err, context.DeadlineExceeded) {
+			// The timer set for ctx's deadline fired before ctx's own (a
+			// timeout while the deadline had not passed is the call's own,
+			// or another cause's): the caller's deadline is what ran out,
+			// and errors.Is says so.
 			res.err = fmt.Errorf("%w: %w", res.err, context.DeadlineExceeded)
 		}
 		return res.rep, res.err
