@@ -147,8 +147,13 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 	t.stop = context.AfterFunc(ctx, t.expire)
 	t.mu.Unlock()
 	// One Message per message for all of this node's subscribers: handlers
-	// see them read-only, so they can share them.
-	batch := msgs.messages(topic)
+	// see them read-only, so they can share them. Group members alone need
+	// only their shares: the owner's own members' are built from the
+	// unpacked batch without the rest.
+	var batch []Message
+	if len(locals) > 0 || msgs.msgs.data == nil {
+		batch = msgs.messages(topic)
+	}
 	// Outcomes decided here, for the hooks, which run once the lock is
 	// released.
 	var decided []decidedOutcome
@@ -159,10 +164,7 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 			l = locals[i]
 		} else {
 			sh := shares[i-len(locals)]
-			l, part = sh.local, make([]Message, len(sh.idx))
-			for j, k := range sh.idx {
-				part[j] = batch[k]
-			}
+			l, part = sh.local, msgs.shareMessages(topic, batch, sh.idx)
 		}
 		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {

@@ -87,7 +87,11 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 // node, straight into the buffer NATS copies from.
 type remoteBatch struct {
 	head, packed, suffix []byte
-	withMeta             bool // packed is format 2
+	// msgs, when unpacked: the messages, packed into each send's buffer
+	// (a group's subset for one node) instead of packed.
+	msgs     msgBatch
+	unpacked bool
+	withMeta bool // the messages go in format 2
 }
 
 // sendBufs recycles the buffers remote batches are assembled in; NATS copies
@@ -96,6 +100,10 @@ var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (r remoteBatch) encode() *[]byte {
 	buf := sendBufs.Get().(*[]byte)
+	if r.unpacked {
+		*buf = append(wire.AppendDeliverMsgs((*buf)[:0], r.head, r.msgs.data, r.msgs.meta), r.suffix...)
+		return buf
+	}
 	*buf = append(wire.AppendDeliver((*buf)[:0], r.head, r.packed, r.withMeta), r.suffix...)
 	return buf
 }
@@ -254,11 +262,21 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *payload, head *[]byte, atLeastOnce bool) {
 	n := a.n
 	shares := t.shares
+	var data remoteBatch
+	size := 0 // of the packed messages
 	if len(t.locals) == 0 {
 		if sub, sh, ok := msgs.subset(shares); ok {
 			msgs, shares = &sub, sh
 			var own []byte // the shared head counts the whole batch
 			head = &own
+			// Packed straight into each send's buffer: the subset is
+			// this node's alone.
+			data = remoteBatch{msgs: sub.msgs, unpacked: true, withMeta: sub.msgs.meta != nil}
+			if data.withMeta {
+				size = wire.PackedMetaSize(sub.msgs.data, sub.msgs.meta)
+			} else {
+				size = wire.PackedSize(sub.msgs.data)
+			}
 		}
 	}
 	if *head == nil {
@@ -266,8 +284,12 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 			Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
 			Publisher: msgs.publisher})
 	}
-	packed, withMeta := msgs.wire()
-	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-len(packed)-16-sharesSize(shares))
+	data.head = *head
+	if !data.unpacked {
+		data.packed, data.withMeta = msgs.wire()
+		size = len(data.packed)
+	}
+	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-size-16-sharesSize(shares))
 	b.addParts(len(parts) - 1)
 	for i, part := range parts {
 		body := &wire.DeliverBatch{Subscribers: part}
@@ -276,8 +298,8 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 			body.Shares = sharesToWire(shares)
 			to.shares = t.shares // reported by their indices into the whole batch, as re-routes need
 		}
-		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
-		n.deliverRemote(b, m, remoteBatch{*head, packed, suffix, withMeta}, to, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout), 0)
+		data.suffix, _ = proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: body}})
+		n.deliverRemote(b, m, data, to, atLeastOnce, time.Now().Add(n.cfg.SubscriberTimeout), 0)
 	}
 }
 

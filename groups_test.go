@@ -29,7 +29,7 @@ func newGroupInbox() *groupInbox {
 func (g *groupInbox) handler(ctx context.Context, m *pubsub.Message) error {
 	id, _ := pubsub.SubscriberFromContext(ctx)
 	g.mu.Lock()
-	g.got[id] = append(g.got[id], received{data: string(m.Data), key: m.Key})
+	g.got[id] = append(g.got[id], received{data: string(m.Data), key: m.Key, header: m.Header})
 	g.n++
 	g.mu.Unlock()
 	return nil
@@ -108,7 +108,7 @@ func TestGroupKeyedMessagesGoToOneMemberInOrder(t *testing.T) {
 	futures := make([]*pubsub.Produced, count)
 	for i := range futures {
 		want = append(want, string(msg(i)))
-		futures[i] = prod.ProduceMessage(ctxT(t), pubsub.Outgoing{Data: msg(i), Key: fmt.Sprint("customer-", i%50)})
+		futures[i] = prod.ProduceMessage(ctxT(t), pubsub.Outgoing{Data: msg(i), Key: fmt.Sprint("customer-", i%50), Header: groupHeader(i)})
 	}
 	for i, f := range futures {
 		ack, err := f.Wait(ctxT(t))
@@ -118,14 +118,17 @@ func TestGroupKeyedMessagesGoToOneMemberInOrder(t *testing.T) {
 	}
 	counts := checkGroup(t, in, members, want)
 	t.Logf("keyed shares: %v", counts)
-	// Every member, on the owner's node, on a node with a broadcast
-	// subscriber (the whole batch) and on one with only the member (its
-	// messages, repacked), gets each message with its key.
+	// Every member, on the owner's node (its share taken from the batch the
+	// owner holds), on a node with a broadcast subscriber (the whole batch)
+	// and on one with only the member (its messages, packed for it alone,
+	// where a header repeating the previous message's in the batch may not
+	// repeat it in the share), gets each message with its key and header.
 	for _, m := range members {
 		for _, r := range in.of(m.ID()) {
 			var i int
 			_, _ = fmt.Sscanf(r.data, "m%d", &i)
 			require.Equal(t, fmt.Sprint("customer-", i%50), r.key, "%s at %s", r.data, m.ID())
+			require.Equal(t, groupHeader(i), r.header, "%s at %s", r.data, m.ID())
 		}
 	}
 	assert.Len(t, all.of(broadcast.ID()), count, "the broadcast subscriber gets every message")
@@ -133,6 +136,28 @@ func TestGroupKeyedMessagesGoToOneMemberInOrder(t *testing.T) {
 		assert.Greater(t, n, 0, "%s got no key of 50", id)
 	}
 }
+
+// groupHeader is message i's header: none for every fifth, one map shared
+// by runs of three (sent once and then as "the previous one again"), so a
+// batch has repeats, changes and gaps.
+func groupHeader(i int) pubsub.Header {
+	if i%5 == 0 {
+		return nil
+	}
+	groupHeaders.Lock()
+	defer groupHeaders.Unlock()
+	h, ok := groupHeaders.runs[i/3]
+	if !ok {
+		h = pubsub.Header{"run": {fmt.Sprint(i / 3)}}
+		groupHeaders.runs[i/3] = h
+	}
+	return h
+}
+
+var groupHeaders = struct {
+	sync.Mutex
+	runs map[int]pubsub.Header
+}{runs: map[int]pubsub.Header{}}
 
 func TestGroupKeylessMessagesAreSpread(t *testing.T) {
 	c := newCluster(t, 3, 3)

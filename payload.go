@@ -92,6 +92,39 @@ func (p payload) messages(topic string) []Message {
 	return batch
 }
 
+// shareMessages returns the Messages of a group member's share, at idx:
+// batch itself when the share is all of it in order (a member's node is
+// sent only its members' messages), else taken from batch, or from p's
+// unpacked slices when batch is nil.
+func (p payload) shareMessages(topic string, batch []Message, idx []uint32) []Message {
+	if batch != nil && len(idx) == len(batch) && inOrder(idx) {
+		return batch
+	}
+	part := make([]Message, len(idx))
+	for j, k := range idx {
+		if batch != nil {
+			part[j] = batch[k]
+			continue
+		}
+		m := Message{Topic: topic, Data: p.msgs.data[k], Publisher: p.publisher}
+		if p.msgs.meta != nil {
+			m.Key, m.Header = p.msgs.meta[k].Key, p.msgs.meta[k].Header
+		}
+		part[j] = m
+	}
+	return part
+}
+
+// inOrder reports whether idx is 0, 1, 2, ...
+func inOrder(idx []uint32) bool {
+	for j, k := range idx {
+		if k != uint32(j) {
+			return false
+		}
+	}
+	return true
+}
+
 // unpack fills p.msgs, once, with the messages of a batch received packed:
 // their bytes, and for format 2 their keys and headers (aliasing packed,
 // as Messages do). p.packed stays what nodes that get the whole batch are

@@ -163,6 +163,6 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 		head, _ := proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: r.topic, Seq: r.seq, Count: uint32(r.msgs.len()),
 			Publisher: r.msgs.publisher, Reroute: true})
 		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Shares: sharesToWire(shares)}}})
-		n.deliverRemote(b, m, remoteBatch{head, r.packed, suffix, r.withMeta}, t, false, r.answerBy(), wait)
+		n.deliverRemote(b, m, remoteBatch{head: head, packed: r.packed, suffix: suffix, withMeta: r.withMeta}, t, false, r.answerBy(), wait)
 	}
 }

@@ -60,7 +60,7 @@ func AppendPublish(dst []byte, req *PublishRequest, msgs [][]byte, meta []Meta) 
 			return PackMeta(b, msgs, meta)
 		})
 	}
-	return appendWithPacked(dst, envelopePublish, head, publishPacked, packedSize(msgs), func(b []byte) []byte {
+	return appendWithPacked(dst, envelopePublish, head, publishPacked, PackedSize(msgs), func(b []byte) []byte {
 		return Pack(b, msgs)
 	})
 }
@@ -87,6 +87,20 @@ func AppendDeliver(dst []byte, head, packed []byte, withMeta bool) []byte {
 	})
 }
 
+// AppendDeliverMsgs is AppendDeliver for messages not packed yet: they are
+// packed straight into dst (format 2 with meta, one per message), so an
+// owner cutting a batch for one node copies each message once.
+func AppendDeliverMsgs(dst []byte, head []byte, msgs [][]byte, meta []Meta) []byte {
+	if meta != nil {
+		return appendWithPacked(dst, envelopeDeliver, head, deliverPackedMeta, PackedMetaSize(msgs, meta), func(b []byte) []byte {
+			return PackMeta(b, msgs, meta)
+		})
+	}
+	return appendWithPacked(dst, envelopeDeliver, head, deliverPacked, PackedSize(msgs), func(b []byte) []byte {
+		return Pack(b, msgs)
+	})
+}
+
 // appendWithPacked writes envelope field body := head followed by a bytes
 // field of size n that fill appends.
 func appendWithPacked(dst []byte, body protowire.Number, head []byte, field protowire.Number, n int, fill func([]byte) []byte) []byte {
@@ -99,7 +113,8 @@ func appendWithPacked(dst []byte, body protowire.Number, head []byte, field prot
 	return fill(dst)
 }
 
-func packedSize(msgs [][]byte) int {
+// PackedSize is the size of msgs packed in format 1.
+func PackedSize(msgs [][]byte) int {
 	n := 0
 	for _, m := range msgs {
 		n += varintLen(uint64(len(m))) + len(m)
