@@ -265,17 +265,22 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	var data remoteBatch
 	size := 0 // of the packed messages
 	if len(t.locals) == 0 {
+		received := msgs.packed != nil // the messages alias a request's buffer, not a publisher's slices
 		if sub, sh, ok := msgs.subset(shares); ok {
 			msgs, shares = &sub, sh
 			var own []byte // the shared head counts the whole batch
 			head = &own
-			// Packed straight into each send's buffer: the subset is
-			// this node's alone.
-			data = remoteBatch{msgs: sub.msgs, unpacked: true, withMeta: sub.msgs.meta != nil}
-			if data.withMeta {
-				size = wire.PackedMetaSize(sub.msgs.data, sub.msgs.meta)
-			} else {
-				size = wire.PackedSize(sub.msgs.data)
+			if received {
+				// Packed straight into each send's buffer: the subset is
+				// this node's alone. A publisher's own slices are packed
+				// once, below, as the whole batch is: a re-send must not
+				// read what it may have reused since.
+				data = remoteBatch{msgs: sub.msgs, unpacked: true, withMeta: sub.msgs.meta != nil}
+				if data.withMeta {
+					size = wire.PackedMetaSize(sub.msgs.data, sub.msgs.meta)
+				} else {
+					size = wire.PackedSize(sub.msgs.data)
+				}
 			}
 		}
 	}
