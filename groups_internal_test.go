@@ -305,3 +305,31 @@ func TestShareFingerprint(t *testing.T) {
 		}
 	}
 }
+
+func TestShareMessagesTakeOnlyTheShare(t *testing.T) {
+	data := [][]byte{[]byte("m0"), []byte("m1"), []byte("m2")}
+	hdr := map[string][]string{"h": {"v"}}
+	meta := []wire.Meta{{Key: "k0"}, {}, {Key: "k2", Header: hdr}}
+	p := payload{msgs: msgBatch{data: data, meta: meta}, publisher: "n1"}
+	want := func(i int) Message {
+		return Message{Topic: "t", Data: data[i], Key: meta[i].Key, Header: meta[i].Header, Publisher: "n1"}
+	}
+
+	t.Run("from the unpacked batch, without decoding the rest", func(t *testing.T) {
+		assert.Equal(t, []Message{want(2), want(0)}, p.shareMessages("t", nil, []uint32{2, 0}))
+	})
+	batch := p.messages("t")
+	t.Run("the whole batch in order is the batch itself", func(t *testing.T) {
+		got := p.shareMessages("t", batch, []uint32{0, 1, 2})
+		require.Len(t, got, 3)
+		assert.Same(t, &batch[0], &got[0], "the node's Messages, not a copy")
+	})
+	t.Run("a part is a copy of its messages", func(t *testing.T) {
+		got := p.shareMessages("t", batch, []uint32{1, 2})
+		assert.Equal(t, []Message{want(1), want(2)}, got)
+		assert.NotSame(t, &batch[1], &got[0])
+	})
+	t.Run("as many messages out of order are not the batch", func(t *testing.T) {
+		assert.Equal(t, []Message{want(2), want(1), want(0)}, p.shareMessages("t", batch, []uint32{2, 1, 0}))
+	})
+}

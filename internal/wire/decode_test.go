@@ -110,6 +110,15 @@ func TestAppendBatchEnvelopes(t *testing.T) {
 	if err := Decode(got, &dec); err != nil || !proto.Equal(&dec, wantD) {
 		t.Fatalf("Decode of a deliver with meta = %v (%v), want %v", &dec, err, wantD)
 	}
+
+	// AppendDeliverMsgs packs into the envelope what AppendDeliver is
+	// given packed, in either format.
+	if a, b := AppendDeliverMsgs([]byte("x"), head, msgs, meta), append([]byte("x"), got...); string(a) != string(b) {
+		t.Fatalf("AppendDeliverMsgs with meta = %x, want %x", a, b)
+	}
+	if a, b := AppendDeliverMsgs(nil, head, msgs, nil), AppendDeliver(nil, head, Pack(nil, msgs), false); string(a) != string(b) {
+		t.Fatalf("AppendDeliverMsgs = %x, want %x", a, b)
+	}
 }
 
 // The hand-written codec's field numbers match wire.proto's.
