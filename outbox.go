@@ -370,19 +370,41 @@ func (n *Node) flushOutbox(ctx, send context.Context, ob *outbox) error {
 }
 
 // flushOutboxes writes what every outbox holds (Close, before the leave).
-func (n *Node) flushOutboxes(ctx context.Context) {
+// It returns an error when ctx ended before some could be written: merged
+// AckNone messages their publishers were told were accepted, lost (each
+// counted and logged by sendRuns, or by shutdown for an outbox whose turn
+// never came).
+func (n *Node) flushOutboxes(ctx context.Context) error {
+	unwritten := 0
 	for _, ob := range n.publisher.out.all() {
-		if n.flushOutbox(ctx, ctx, ob) == nil {
-			ob.unhold()
+		if err := n.hold(ctx, ob); err != nil {
+			// Its flusher is writing: what it has not written when the
+			// node stops is lost.
+			unwritten += ob.pending()
+			continue
 		}
+		unwritten += n.sendRuns(ctx, ob, ob.take(false))
+		ob.unhold()
 	}
+	if unwritten > 0 && ctx.Err() != nil {
+		return fmt.Errorf("writing merged AckNone publishes: %d messages not written when ctx ended (those lost are counted in Stats().Rejected): %w",
+			unwritten, ctx.Err())
+	}
+	return nil
+}
+
+// pending is how many messages ob holds.
+func (ob *outbox) pending() int {
+	ob.mu.Lock()
+	defer ob.mu.Unlock()
+	return ob.msgs
 }
 
 // sendRuns writes runs, one request each, to the topic's owner, with
 // sending held; ctx bounds a wait for an owner. A run that cannot be
 // written is counted and reported as rejected: its callers were told it
-// was accepted.
-func (n *Node) sendRuns(ctx context.Context, ob *outbox, runs []outboxRun) {
+// was accepted. It returns how many messages were lost so.
+func (n *Node) sendRuns(ctx context.Context, ob *outbox, runs []outboxRun) (lost int) {
 	var failed error // once a run could not be written, the others are not tried
 	for _, r := range runs {
 		var origin batchOrigin
@@ -408,10 +430,12 @@ func (n *Node) sendRuns(ctx context.Context, ob *outbox, runs []outboxRun) {
 		freeRun(r.packed)
 		if err != nil {
 			failed = err
+			lost += r.count
 			_, err = n.reject(ob.topic, r.count, fmt.Errorf("pubsub: publish to %q: %d merged AckNone messages lost: %w", ob.topic, r.count, err))
 			if ok, held := n.log.limit.allow("outbox/" + ob.topic); ok {
 				n.log.Warn("merged AckNone publishes lost", "topic", ob.topic, "messages", r.count, "err", err, "suppressed", held)
 			}
 		}
 	}
+	return lost
 }

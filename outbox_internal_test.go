@@ -152,6 +152,25 @@ func TestCloseWritesMergedAckNonePublishes(t *testing.T) {
 	require.ErrorIs(t, err, ErrClosed)
 }
 
+// A Close whose ctx ends before the outboxes are written says so: their
+// messages were accepted, and are lost (counted in Rejected).
+func TestCloseCutShortBeforeTheOutboxIsWrittenSaysSo(t *testing.T) {
+	a, _, topic, _ := outboxPair(t)
+	ob := a.publisher.out.get(topic)
+	ob.sending <- struct{}{} // a write that outlasts Close's ctx
+	defer ob.unhold()
+	for i := range 5 {
+		_, err := publishNone(t.Context(), a, topic, fmt.Sprint(i))
+		require.NoError(t, err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Millisecond)
+	defer cancel()
+	err := a.Close(ctx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Contains(t, err.Error(), "5 messages not written")
+	waitForTest(t, "the unwritten messages counted", func() bool { return a.Stats().Rejected == 5 })
+}
+
 // A node stopped underneath (its connection lost) cannot write what its
 // outboxes hold: the flusher drops it, counted in Rejected, and ends.
 func TestAckNoneOutboxDropsCountedWhenTheNodeStops(t *testing.T) {

@@ -200,8 +200,10 @@ func (n *Node) ID() string { return n.self.ID }
 // ErrClosed and waits, within ctx, for the node's goroutines (including
 // running handlers). It does not close the *nats.Conn. If ctx ends first,
 // Close still stops the node and returns an error wrapping ctx's error that
-// says what it was waiting for: the drain (answering the batches it
-// accepted as owner, handing its topics over) or the handlers. A second
+// says what it was waiting for: writing the merged AckNone publishes this
+// node accepted (those it could not write are lost, counted in
+// Stats().Rejected, and the error says how many), the drain (answering the
+// batches it accepted as owner, handing its topics over) or the handlers. A second
 // Close waits like the first, within its own ctx, and returns nil; once
 // any Close returned nil, the node's ID may join again.
 //
@@ -225,7 +227,9 @@ func (n *Node) Close(ctx context.Context) error {
 	if !n.life.closed.Load() && !n.nc.IsClosed() {
 		// Merged AckNone publishes were accepted: they leave while the
 		// owners still serve this node.
-		n.flushOutboxes(ctx)
+		if err := n.flushOutboxes(ctx); err != nil {
+			drainErr = fmt.Errorf("pubsub: close %s: %w", n.self.ID, err)
+		}
 		// The heartbeat loop stops first: a heartbeat sent after the LEAVE
 		// would re-add this node on some peers and not on others.
 		close(n.life.stopBeats)
@@ -233,7 +237,7 @@ func (n *Node) Close(ctx context.Context) error {
 		case <-n.life.beatsStopped:
 		case <-ctx.Done():
 		}
-		if err := n.drainAndLeave(ctx); err != nil {
+		if err := n.drainAndLeave(ctx); err != nil && drainErr == nil {
 			drainErr = fmt.Errorf("pubsub: close %s: draining (answering the batches it accepted as owner, handing its topics over; its peers take the topics over without the handover): %w", n.self.ID, err)
 		}
 	}
