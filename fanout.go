@@ -5,9 +5,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/proto"
+
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
-	"google.golang.org/protobuf/proto"
 )
 
 // The owner's network fan-out: one DeliverBatch per subscriber node, sent
@@ -59,16 +61,26 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 	alive := n.holds(m)
 	buf := data.encode()
 	tok := n.rpc.send(m.Inbox, *buf, timeout, func(rep *wire.Reply, err error) {
-		retry := natsutil.IsNoResponders(err) || (atLeastOnce && errors.Is(err, ErrTimeout))
+		// refused: this node's connection, reconnecting, would not take the
+		// write (its reconnect buffer is full, or disabled). Nothing was
+		// sent, as with no responders; the error comes from within send,
+		// so it is retried after a pause, never at once.
+		refused := errors.Is(err, nats.ErrReconnectBufExceeded)
+		unsent := refused || natsutil.IsNoResponders(err)
+		retry := unsent || (atLeastOnce && errors.Is(err, ErrTimeout))
 		if retry && n.life.ctx.Err() == nil && alive() {
-			if natsutil.IsNoResponders(err) && time.Now().Before(until) {
+			if unsent && time.Now().Before(until) {
 				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) })
 				return
 			}
 			// A copy may be in the node's mailboxes: keep asking until the
 			// node's own subscriber timeout must have passed.
 			if atLeastOnce && time.Now().Before(resendUntil) {
-				n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
+				if refused {
+					time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) })
+				} else {
+					n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
+				}
 				return
 			}
 		}
