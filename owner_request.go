@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
 )
@@ -107,6 +109,12 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			last = "no member may own topics (every member of the view is client-only)"
 		case natsutil.IsNoResponders(err):
 			last = fmt.Sprintf("owner %s unreachable", owner.ID)
+		case errors.Is(err, nats.ErrReconnectBufExceeded):
+			// Nothing was sent: the connection, reconnecting, holds no
+			// more (nats.ReconnectBufSize). Retried like no responders,
+			// so a move between servers costs a wait, not an unknown
+			// outcome.
+			last = "this node's NATS connection is reconnecting and its reconnect buffer is full"
 		case errors.Is(err, ErrClosed) && n.life.closed.Load():
 			return ans, err
 		case errors.Is(err, ErrTimeout) && o.probe:
