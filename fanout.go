@@ -277,7 +277,10 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	var data remoteBatch
 	size := 0 // of the packed messages
 	if len(t.locals) == 0 {
-		received := msgs.packed != nil // the messages alias a request's buffer, not a publisher's slices
+		// received: the messages alias a request's buffer, not a
+		// publisher's slices (which wire packs for a node sent the whole
+		// batch before this one).
+		received := msgs.packed != nil && !msgs.packedHere
 		if sub, sh, ok := msgs.subset(shares); ok {
 			msgs, shares = &sub, sh
 			var own []byte // the shared head counts the whole batch

@@ -20,6 +20,9 @@ type payload struct {
 	// skip: subscribers that failed an earlier chunk of this split batch,
 	// left out of this one (the publisher's chunkAcks.skip).
 	skip []*wire.Failure
+	// packedHere: wire packed packed from msgs, a publisher's own slices,
+	// which msgs still alias (not packed, as a received batch's do).
+	packedHere bool
 }
 
 // receivedPayload checks the packed fields of a batch received over NATS:
@@ -53,6 +56,7 @@ func (p payload) len() int {
 // and whether it is format 2.
 func (p *payload) wire() ([]byte, bool) {
 	if p.packed == nil {
+		p.packedHere = true
 		if p.msgs.meta != nil {
 			p.packed, p.withMeta = wire.PackMeta(nil, p.msgs.data, p.msgs.meta), true
 		} else {
