@@ -201,8 +201,9 @@ func (n *Node) ID() string { return n.self.ID }
 // running handlers). It does not close the *nats.Conn. If ctx ends first,
 // Close still stops the node and returns an error wrapping ctx's error that
 // says what it was waiting for: writing the merged AckNone publishes this
-// node accepted (those it could not write are lost, counted in
-// Stats().Rejected, and the error says how many), the drain (answering the
+// node accepted (the error says how many were not written by then; those
+// its flusher could not write either are lost, counted in
+// Stats().Rejected), the drain (answering the
 // batches it accepted as owner, handing its topics over) or the handlers. A second
 // Close waits like the first, within its own ctx, and returns nil; once
 // any Close returned nil, the node's ID may join again.

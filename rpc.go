@@ -205,8 +205,9 @@ type callOpts struct {
 	// of waiting out the timeout: the request may or may not have been
 	// processed.
 	alive func() bool
-	// sent, if not nil, is called once the request is written to the
-	// connection.
+	// sent, if not nil, is called once the request was handed to the
+	// connection; also when the connection refused it (closed, or its
+	// reconnect buffer full): call then returns that error.
 	sent func()
 }
 
