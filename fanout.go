@@ -124,8 +124,8 @@ func (r remoteBatch) encode() *[]byte {
 // status per subscriber, and the messages each ran when the node said so
 // (nil otherwise; see wire.Reply.processed). path is true when the node
 // did not report: the network or the node failed, not its subscribers, so
-// the failures are reported as Timeout (outcome unknown) but never count
-// towards eviction.
+// the failures are reported as Timeout (outcome unknown), or SubscriberGone
+// when the node left the view, but never count towards eviction.
 func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error) (st []DeliveryStatus, processed []uint32, path bool) {
 	if err == nil && rep.GetCode() == wire.Reply_OK && len(rep.GetStatuses()) == count {
 		st := make([]DeliveryStatus, count)
@@ -140,8 +140,16 @@ func remoteStatuses(n *Node, node string, count int, rep *wire.Reply, err error)
 		}
 		return st, processed, false
 	}
-	if _, ok := n.view().member(node); !ok || rep.GetCode() == wire.Reply_CLOSED {
+	if rep.GetCode() == wire.Reply_CLOSED {
 		return fill(count, SubscriberGone), nil, false
+	}
+	if _, ok := n.view().member(node); !ok {
+		// Gone with its node, but not evicted for it: reconcile drops the
+		// node's subscribers for the view it left. The batch's last report
+		// can come views later, after a node wrongly suspected is back and
+		// re-registered them: evicted then, they would stop receiving
+		// without a notice.
+		return fill(count, SubscriberGone), nil, true
 	}
 	if ok, held := n.log.limit.allow("deliver/" + node); ok {
 		n.log.Warn("delivery to node failed", "node", node, "err", err, "code", rep.GetCode(), "suppressed", held)

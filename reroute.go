@@ -153,7 +153,9 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 		m, ok := n.view().member(node)
 		wait := time.Until(r.answerBy())
 		if !ok || wait <= 0 {
-			b.report(t, fill(t.len(), SubscriberGone), nil, false)
+			// Not the member's failure: a live one is not evicted for it
+			// (nor one that left, see remoteStatuses).
+			b.report(t, fill(t.len(), SubscriberGone), nil, true)
 			continue
 		}
 		r.pack.Do(func() {

@@ -455,9 +455,9 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 		}
 		a.remove(o.id, false)
 		if o.status == SubscriberGone {
-			// Its node no longer has it, or left the view. Nothing to tell:
-			// a node wrongly suspected re-registers its live subscriptions
-			// by sync when it reappears, and a notice would end them.
+			// Its node no longer has it, or is closing: nothing to tell.
+			// (One whose node left the view is not evicted here, see
+			// remoteStatuses.)
 			a.n.stats.evicted.Add(1)
 			emit(a.n.events, SubscriberEvicted{Topic: a.topic, Subscriber: o.id, Group: o.id.Group(), Status: o.status})
 			continue
