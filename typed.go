@@ -78,20 +78,33 @@ func (t *Topic[T]) PublishMessage(ctx context.Context, v T, m Outgoing, opts ...
 
 // Subscribe registers h as Node.Subscribe does; h gets each message decoded,
 // beside the Message itself (its Key, Header and Publisher). Bytes the
-// codec rejects never reach h: the batch's ack lists the subscriber as
-// DecodeError, which never counts towards eviction, and the batch's later
-// messages are still handled.
+// codec rejects (its Decode returns an error or panics) never reach h: the
+// batch's ack lists the subscriber as DecodeError, which never counts
+// towards eviction, and the batch's later messages are still handled.
 func (t *Topic[T]) Subscribe(ctx context.Context, h func(ctx context.Context, v T, m *Message) error, opts ...SubscribeOption) (*Subscription, error) {
 	if h == nil {
 		return nil, fmt.Errorf("pubsub: subscribe %q: nil handler", t.name)
 	}
 	return t.node.Subscribe(ctx, t.name, func(ctx context.Context, m *Message) error {
-		v, err := t.codec.Decode(m.Data)
+		v, err := decode(t.codec, m.Data)
 		if err != nil {
 			return &decodeError{err: err}
 		}
 		return h(ctx, v, m)
 	}, opts...)
+}
+
+// decode runs c.Decode, turning a panic into an error: a codec that panics
+// on bytes it cannot read (a short buffer, say) rejected them as surely as
+// one that returns an error, and the publisher's garbage must not count
+// towards the subscriber's eviction nor stop the rest of the batch.
+func decode[T any](c Codec[T], data []byte) (v T, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("codec %T panicked: %v", c, r)
+		}
+	}()
+	return c.Decode(data)
 }
 
 // decodeError is a typed handler's report that its codec rejected a

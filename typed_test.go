@@ -2,6 +2,7 @@ package pubsub_test
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"sync"
 	"testing"
@@ -203,4 +204,41 @@ func TestTypedProducerKeepsOrder(t *testing.T) {
 			require.Equal(t, j, v.ID, "subscriber %d: message %d out of order", i, j)
 		}
 	}
+}
+
+// u64Codec reads 8 big-endian bytes and, as hand-written codecs may,
+// panics on a shorter buffer instead of returning an error.
+type u64Codec struct{}
+
+func (u64Codec) Encode(v uint64) ([]byte, error) { return binary.BigEndian.AppendUint64(nil, v), nil }
+func (u64Codec) Decode(b []byte) (uint64, error) { return binary.BigEndian.Uint64(b), nil }
+
+// Found in review: a codec whose Decode panicked on a publisher's garbage
+// made the batch HandlerError, which stopped the batch's later valid
+// messages and, after EvictAfter batches, evicted the subscriber. A panic
+// in Decode is the codec rejecting the bytes: DecodeError.
+func TestDecodePanicIsADecodeError(t *testing.T) {
+	c := newCluster(t, 2, 2, pubsub.WithEvictAfter(2))
+	name := ownedBy(t, c.Nodes[1], "decode-panic")
+	typed, err := pubsub.NewTopic[uint64](c.Nodes[1], name, u64Codec{})
+	require.NoError(t, err)
+	var in typedInbox[uint64]
+	s, err := typed.Subscribe(ctxT(t), in.handler)
+	require.NoError(t, err)
+	enc := func(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+	const rounds = 5 // well past EvictAfter
+	var want []uint64
+	for r := range uint64(rounds) {
+		ack, err := c.Nodes[0].PublishBatch(ctxT(t), name, [][]byte{enc(2 * r), []byte("short"), enc(2*r + 1)})
+		require.NoError(t, err)
+		require.Len(t, ack.Failures, 1, "round %d", r)
+		assert.Equal(t, pubsub.DeliveryFailure{Subscriber: s.ID(), Status: pubsub.DecodeError}, ack.Failures[0], "round %d", r)
+		want = append(want, 2*r, 2*r+1)
+	}
+	select {
+	case <-s.Done():
+		t.Fatalf("subscription ended: %v", s.Err())
+	default:
+	}
+	assert.Equal(t, want, in.values(), "every valid message reached the handler, in order")
 }
