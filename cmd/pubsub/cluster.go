@@ -175,7 +175,7 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 		}
 	}
 
-	nc, err := nats.Connect(o.url, nats.Name("pubsub-cli-"+c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose())
+	nc, err := connect(ctx, o.url, nats.Name("pubsub-cli-"+c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose())
 	if err != nil {
 		return fmt.Errorf("connect to %s: %w", o.url, err)
 	}
@@ -192,6 +192,33 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 		_ = node.Close(cctx) // announces the leave
 	}()
 	return c.run(ctx, node, &o, pos, stdout)
+}
+
+// connect is nats.Connect, but returns as soon as ctx ends (an interrupt):
+// nats.Connect takes no context, and a server that accepts the connection
+// and never answers holds it for the whole --timeout. A connection made
+// after ctx ended is closed.
+func connect(ctx context.Context, url string, opts ...nats.Option) (*nats.Conn, error) {
+	type result struct {
+		nc  *nats.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		nc, err := nats.Connect(url, opts...)
+		done <- result{nc, err}
+	}()
+	select {
+	case r := <-done:
+		return r.nc, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-done; r.nc != nil {
+				r.nc.Close()
+			}
+		}()
+		return nil, fmt.Errorf("interrupted while connecting: %w", context.Cause(ctx))
+	}
 }
 
 // usageError is a command line the command cannot run: run then points at

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -330,4 +331,45 @@ func TestPubDataAfterDoubleDash(t *testing.T) {
 	code := run(context.Background(), []string{"pub", "--url", "nats://127.0.0.1:1", "--timeout", "200ms", "--", "t", "-5"}, &out, &errs)
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs.String(), "connect to", "the arguments parsed; only the connection failed")
+}
+
+// Found in review: an interrupt while connecting to a server that accepts
+// the connection and never answers was ignored until --timeout, as
+// nats.Connect takes no context.
+func TestInterruptWhileConnectingReturnsAtOnce(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c // held open, silent
+		}
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errs bytes.Buffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"members", "--url", "nats://" + ln.Addr().String(), "--timeout", "1m"}, &out, &errs)
+	}()
+	var conn net.Conn
+	select {
+	case conn = <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the tool never connected")
+	}
+	start := time.Now()
+	cancel() // the interrupt
+	select {
+	case code := <-done:
+		assert.Equal(t, 1, code)
+		assert.Less(t, time.Since(start), 5*time.Second)
+		assert.Contains(t, errs.String(), "interrupted while connecting")
+	case <-time.After(20 * time.Second):
+		t.Fatal("the interrupt was ignored while connecting")
+	}
+	// Ends the abandoned handshake, so nothing outlives the test.
+	require.NoError(t, conn.Close())
+	require.NoError(t, ln.Close())
 }
