@@ -66,7 +66,7 @@ var clusterCommands = []*clusterCommand{
 	{name: "pub", args: "<topic> <data>", summary: "publish data (--count times) and print each ack", minArgs: 2, maxArgs: 2, run: runPub, check: checkPub,
 		flags: func(fs *flag.FlagSet, o *clusterOpts) {
 			jsonFlag(fs, o)
-			fs.IntVar(&o.count, "count", 1, "publish the message this many `times`, one Publish at a time")
+			fs.IntVar(&o.count, "count", 1, "publish the message this many `times` (at least 1), one Publish at a time")
 			fs.StringVar(&o.ack, "ack", "delivered", "what each publish waits for: delivered, accepted or none")
 			fs.StringVar(&o.key, "key", "", "the message's routing `key` (consumer groups route by it)")
 			fs.Var(&o.headers, "header", "a `name:value` header; repeat the flag for more")
@@ -158,6 +158,11 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 		pos = append(pos, args[0])
 		args = args[1:]
 	}
+	if c.check != nil { // first: its checks are narrower than the common ones
+		if err := c.check(&o); err != nil {
+			return usageError{err}
+		}
+	}
 	switch {
 	case len(pos) < c.minArgs || c.maxArgs >= 0 && len(pos) > c.maxArgs:
 		return usageError{fmt.Errorf("want %s, got %d arguments", orNone(c.args), len(pos))}
@@ -168,11 +173,6 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 	}
 	if err := natsutil.ValidatePrefix(o.prefix); err != nil {
 		return usageError{fmt.Errorf("--prefix: %w", err)}
-	}
-	if c.check != nil {
-		if err := c.check(&o); err != nil {
-			return usageError{err}
-		}
 	}
 
 	nc, err := connect(ctx, o.url, nats.Name("pubsub-cli-"+c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose())
@@ -326,8 +326,11 @@ func formatCounts(m map[string]int) string {
 	return strings.Join(parts, " ")
 }
 
-// checkPub parses pub's --ack and --header.
+// checkPub checks pub's --count and parses its --ack and --header.
 func checkPub(o *clusterOpts) error {
+	if o.count < 1 {
+		return fmt.Errorf("--count %d: want at least 1", o.count)
+	}
 	switch o.ack {
 	case "delivered":
 		o.level = pubsub.AckDelivered
@@ -353,7 +356,7 @@ func checkPub(o *clusterOpts) error {
 
 func runPub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []string, w io.Writer) error {
 	msg := []pubsub.Outgoing{{Data: []byte(args[1]), Key: o.key, Header: o.header}}
-	for i := range max(o.count, 1) {
+	for i := range o.count {
 		rctx, cancel := requestCtx(ctx, o)
 		ack, err := node.PublishMessages(rctx, args[0], msg, pubsub.WithAck(o.level))
 		cancel()

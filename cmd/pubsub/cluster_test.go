@@ -186,6 +186,9 @@ func TestClusterCommandsUsage(t *testing.T) {
 		{[]string{"pub", "t", "d", "--ack", "maybe"}, `--ack "maybe"`},
 		{[]string{"pub", "t", "d", "--header", "novalue"}, `--header "novalue"`},
 		{[]string{"sub", "t", "--count", "-1"}, "--count -1"},
+		// Found in review: pub --count 0 published once.
+		{[]string{"pub", "t", "d", "--count", "0"}, "--count 0: want at least 1"},
+		{[]string{"pub", "t", "d", "--count", "-3"}, "--count -3: want at least 1"},
 		{[]string{"members", "--timeout", "0s"}, "--timeout 0s"},
 		{[]string{"members", "--url", "nats://127.0.0.1:1", "--timeout", "200ms"}, "connect to nats://127.0.0.1:1"},
 	} {
