@@ -364,7 +364,7 @@ func runPub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 			return fmt.Errorf("publish %d: %w", i+1, err)
 		}
 		if o.json {
-			if err := writeJSON(w, ack); err != nil {
+			if err := writeJSON(w, newAckJSON(ack)); err != nil {
 				return err
 			}
 			continue
@@ -375,6 +375,35 @@ func runPub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 		}
 	}
 	return nil
+}
+
+// ackJSON is a PublishAck as pub --json prints it: its fields, with the
+// status, reason, level and each failure's status by name ("accepted",
+// "none", "handler-error"), as the table prints them, rather than the
+// numbers PublishAck's enums marshal to.
+type ackJSON struct {
+	Topic     string
+	Status    string
+	Reason    string
+	Messages  int
+	Delivered int
+	Failures  []failureJSON
+	Level     string
+}
+
+type failureJSON struct {
+	Subscriber pubsub.SubscriberID
+	Status     string
+	Group      string
+}
+
+func newAckJSON(ack pubsub.PublishAck) ackJSON {
+	a := ackJSON{Topic: ack.Topic, Status: ack.Status.String(), Reason: ack.Reason.String(), Messages: ack.Messages,
+		Delivered: ack.Delivered, Failures: make([]failureJSON, 0, len(ack.Failures)), Level: ack.Level.String()}
+	for _, f := range ack.Failures {
+		a.Failures = append(a.Failures, failureJSON{Subscriber: f.Subscriber, Status: f.Status.String(), Group: f.Group})
+	}
+	return a
 }
 
 func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []string, w io.Writer) error {

@@ -117,6 +117,26 @@ func TestClusterCommandsInspectAndPublish(t *testing.T) {
 		require.Equal(t, 0, code, errs)
 		assert.Contains(t, out, "(ack=accepted)")
 	})
+	// Found in review: pub --json printed the ack's status, reason and
+	// level, and each failure's status, as numbers ("Status": 0).
+	t.Run("pub --json names", func(t *testing.T) {
+		s, err := tc.nodes[1].Subscribe(ctx, "refusals", func(context.Context, *pubsub.Message) error { return fmt.Errorf("no") })
+		require.NoError(t, err)
+		code, out, errs := tc.cli(t, ctx, "pub", "refusals", "r-1", "--json")
+		require.Equal(t, 0, code, errs)
+		var ack map[string]any
+		require.NoError(t, json.Unmarshal([]byte(out), &ack), out)
+		assert.Equal(t, "accepted", ack["Status"], out)
+		assert.Equal(t, "none", ack["Reason"], out)
+		assert.Equal(t, "delivered", ack["Level"], out)
+		assert.Equal(t, []any{map[string]any{"Subscriber": map[string]any{"Node": s.ID().Node, "Local": s.ID().Local},
+			"Status": "handler-error", "Group": ""}}, ack["Failures"], out)
+		code, out, errs = tc.cli(t, ctx, "pub", "orders", "o-3", "--json", "--ack", "none")
+		require.Equal(t, 0, code, errs)
+		require.NoError(t, json.Unmarshal([]byte(out), &ack), out)
+		assert.Equal(t, "none", ack["Level"], out)
+		assert.Equal(t, []any{}, ack["Failures"], out)
+	})
 }
 
 // sub prints what a node publishes and stops after --count; events prints
