@@ -175,7 +175,17 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 		return usageError{fmt.Errorf("--prefix: %w", err)}
 	}
 
-	nc, err := connect(ctx, o.url, nats.Name("pubsub-cli-"+c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose())
+	// The connection's losses and recoveries are told on stderr, as the
+	// nats CLI does: a command waiting for messages or events would
+	// otherwise say nothing while nats.go tries to reconnect (2 minutes by
+	// default), and then end with only "connection closed".
+	nc, err := connect(ctx, o.url, nats.Name("pubsub-cli-"+c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose(),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			fmt.Fprintf(stderr, "pubsub %s: disconnected from NATS (%v); reconnecting\n", c.name, err)
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			fmt.Fprintf(stderr, "pubsub %s: reconnected to %s\n", c.name, nc.ConnectedUrlRedacted())
+		}))
 	if err != nil {
 		return fmt.Errorf("connect to %s: %w", o.url, err)
 	}

@@ -25,6 +25,7 @@ import (
 // server 1, with 50 ms heartbeats, under prefix "cli".
 type testCluster struct {
 	urls  string
+	sc    *embedded.Cluster
 	nodes []*pubsub.Node
 }
 
@@ -36,7 +37,7 @@ func newTestCluster(t *testing.T) *testCluster {
 	sc, err := embedded.StartCluster(2)
 	require.NoError(t, err)
 	t.Cleanup(sc.Shutdown)
-	tc := &testCluster{urls: strings.Join(sc.URLs(), ",")}
+	tc := &testCluster{urls: strings.Join(sc.URLs(), ","), sc: sc}
 	for i, url := range sc.URLs() {
 		nc, err := nats.Connect(url)
 		require.NoError(t, err)
@@ -395,4 +396,57 @@ func TestInterruptWhileConnectingReturnsAtOnce(t *testing.T) {
 	// Ends the abandoned handshake, so nothing outlives the test.
 	require.NoError(t, conn.Close())
 	require.NoError(t, ln.Close())
+}
+
+// lockedBuffer is a goroutine-safe buffer.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// Found in review: sub said nothing while its NATS server was gone (for
+// the 2 minutes nats.go tries to reconnect by default), nor when it was
+// back. It now tells both on stderr, as the nats CLI does.
+func TestSubTellsConnectionLossAndRecovery(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out, errs lockedBuffer
+	done := make(chan int, 1)
+	go func() {
+		// Server 1 only: the tool learns server 0 from it, and moves there.
+		done <- run(ctx, []string{"sub", "alerts", "--url", tc.sc.URL(1), "--prefix", "cli", "--timeout", "5s"}, &out, &errs)
+	}()
+	require.True(t, embedded.Poll(10*time.Second, func() bool {
+		st, err := tc.nodes[0].TopicStats(ctx, "alerts")
+		return err == nil && st.Total == 1
+	}), "the tool never subscribed")
+	// A message printed: the tool's Subscribe has long returned.
+	_, err := tc.nodes[0].Publish(ctx, "alerts", []byte("before"))
+	require.NoError(t, err)
+	require.True(t, embedded.Poll(10*time.Second, func() bool { return strings.Contains(out.String(), "before") }), out.String())
+	tc.sc.Servers[1].Shutdown()
+	require.True(t, embedded.Poll(20*time.Second, func() bool {
+		return strings.Contains(errs.String(), "reconnected to "+tc.sc.URL(0))
+	}), "stderr: %s", errs.String())
+	assert.Contains(t, errs.String(), "pubsub sub: disconnected from NATS")
+	cancel() // the interrupt
+	select {
+	case code := <-done:
+		assert.Equal(t, 0, code, errs.String())
+	case <-time.After(20 * time.Second):
+		t.Fatal("sub did not end on the interrupt")
+	}
 }
