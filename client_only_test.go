@@ -1,6 +1,7 @@
 package pubsub_test
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -63,6 +64,17 @@ func TestOnlyClientNodesHaveNoOwner(t *testing.T) {
 	assert.Contains(t, err.Error(), "client-only")
 	_, err = c.Nodes[1].Subscribe(ctxT(t), "t", newRecorder().handler)
 	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
+
+	// A call whose deadline comes before RequestTimeout published nothing
+	// either: ReasonTopicUnavailable, not ReasonTimeout (outcome unknown),
+	// and errors.Is still finds the deadline.
+	short, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	ack, err = c.Nodes[0].Publish(short, "t", []byte("x"))
+	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Equal(t, pubsub.ReasonTopicUnavailable, ack.Reason)
+	assert.Contains(t, err.Error(), "client-only")
 
 	// An owner-eligible node joining serves at once.
 	owner := c.AddNode(t, "server-node", 0, fast...)

@@ -44,7 +44,8 @@ type ownerCall struct {
 // toOwner routes one request to the topic's owner: by function call when the
 // owner is this node, over its inbox otherwise. It follows ownership changes,
 // retrying "not owner", "not ready", a closing owner and NATS's no-responders
-// until RequestTimeout, then fails with ErrTopicUnavailable. A remote attempt
+// until RequestTimeout, then fails with ErrTopicUnavailable (also when ctx
+// ends first while it retries: nothing was published). A remote attempt
 // that times out fails with ErrTimeout (the outcome is unknown, so it is not
 // retried), unless the request is a probe.
 func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ownerCall) (ownerAnswer, error) {
@@ -126,8 +127,12 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			return ans, fmt.Errorf("%w: %s (after %v)", ErrTopicUnavailable, last, n.cfg.RequestTimeout)
 		}
 		if !n.pause(ctx, &backoff, 100*time.Millisecond) {
-			if ctx.Err() != nil {
-				return ans, ctx.Err()
+			if err := ctx.Err(); err != nil {
+				// Every attempt so far was refused or reached no owner:
+				// nothing was published, whichever deadline came first.
+				// (Cancelled stays ReasonCancelled: reasonOf looks for it
+				// first.)
+				return ans, fmt.Errorf("%w: %s (the call's context ended first: %w)", ErrTopicUnavailable, last, err)
 			}
 			return ans, ErrClosed
 		}

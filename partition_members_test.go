@@ -4,6 +4,7 @@ package pubsub_test
 // leaves (the leaver hands on a stable view), restarts under old IDs.
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sync"
@@ -31,6 +32,14 @@ func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
 	topic := ownedBy(t, survivor, "restart")
 	_, err := survivor.Publish(ctxT(t), topic, []byte("alone"))
 	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
+	// So with a deadline shorter than RequestTimeout: not published, not
+	// "outcome unknown".
+	short, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	ack, err := survivor.Publish(short, topic, []byte("alone, in a hurry"))
+	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Equal(t, pubsub.ReasonTopicUnavailable, ack.Reason)
 	lost := find(t, events, func(e pubsub.QuorumChanged) bool { return !e.HasQuorum })
 	assert.Equal(t, "n2", lost.Node)
 	assert.Equal(t, []int{1, 3}, []int{lost.Members, lost.Stable}, "members seen, of the stable view")

@@ -37,7 +37,10 @@ type ProducerConfig struct {
 	// PublishTimeout bounds each attempt to publish a batch (and the
 	// Initialize call before the first one), a duration. An attempt that
 	// times out fails with an error wrapping ErrTimeout and
-	// context.DeadlineExceeded; its outcome is unknown.
+	// context.DeadlineExceeded; its outcome is unknown. One that timed out
+	// while no owner would take it (none ready, or a KeepMajority minority)
+	// fails with ErrTopicUnavailable, also wrapping context.DeadlineExceeded:
+	// nothing was published.
 	//
 	// Default, with a *Node publisher: the node's SubscriberTimeout +
 	// RequestTimeout (the longest the node waits for the owner's answer,
