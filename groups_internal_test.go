@@ -333,3 +333,30 @@ func TestShareMessagesTakeOnlyTheShare(t *testing.T) {
 		assert.Equal(t, []Message{want(2), want(1), want(0)}, p.shareMessages("t", batch, []uint32{2, 1, 0}))
 	})
 }
+
+// Whether a member's SubscriberGone re-routes its share depends on how it
+// was found, not on the view when it is read: a node that left the view
+// (path) may have run the share before, and may be back, wrongly
+// suspected, by the time its batch's status is read; on an at-most-once
+// topic its share must not run twice.
+func TestRerouteOfAGoneMemberDependsOnHowItWasFound(t *testing.T) {
+	for _, tc := range []struct {
+		name                       string
+		atLeastOnce, partial, path bool
+		want                       bool
+	}{
+		{name: "its node said so, or was never sent it", want: true},
+		{name: "its node left the view", path: true, want: false},
+		{name: "its node said how far it got, then left", partial: true, path: true, want: true},
+		{name: "its node left the view, at least once", atLeastOnce: true, path: true, want: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &reroutes{atLeastOnce: tc.atLeastOnce}
+			assert.Equal(t, tc.want, r.reroutable(SubscriberGone, tc.partial, tc.path))
+		})
+	}
+	r := &reroutes{}
+	assert.True(t, r.reroutable(MailboxFull, false, false), "a full mailbox never ran it")
+	assert.False(t, r.reroutable(Timeout, false, true), "a timeout may have run it, at most once")
+	assert.False(t, r.reroutable(HandlerError, false, false), "a handler's error is not retried")
+}

@@ -42,20 +42,22 @@ type reroutes struct {
 	withMeta bool
 }
 
-// reroutable reports whether status leaves id's share surely unprocessed
-// (or, at least once, possibly so). SubscriberGone is sure from a node
-// still in the view, or when the node's own report said how far the
-// subscriber got (partial: a subscription that ended mid-batch, reported
-// just before its node left gracefully, as a CLI's sub does): a node that
-// left the view, as by crashing, may have run the share first, and an
-// at-most-once topic must not run it twice.
-func (r *reroutes) reroutable(id SubscriberID, s DeliveryStatus, partial bool) bool {
+// reroutable reports whether status leaves a share surely unprocessed
+// (or, at least once, possibly so). SubscriberGone is sure when the node
+// said so itself or was never sent the share (not path), or when the
+// node's own report said how far the subscriber got (partial: a
+// subscription that ended mid-batch, reported just before its node left
+// gracefully, as a CLI's sub does). One found because the node left the
+// view (path), as by crashing, is not: the node may have run the share
+// first, and an at-most-once topic must not run it twice. That is decided
+// by how the status was found, not by the view now: a node wrongly
+// suspected may be back in it by the time the status is read.
+func (r *reroutes) reroutable(s DeliveryStatus, partial, path bool) bool {
 	switch s {
 	case MailboxFull:
 		return true
 	case SubscriberGone:
-		_, inView := r.n.view().member(id.Node)
-		return inView || partial || r.atLeastOnce
+		return !path || partial || r.atLeastOnce
 	case Timeout:
 		return r.atLeastOnce
 	}
