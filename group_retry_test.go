@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -149,5 +150,58 @@ func groupRetriedBatch(t *testing.T, mode pubsub.DeliveryMode) {
 	if !groupFailed && len(missing) > 0 {
 		t.Fatalf("ack %+v counts the group delivered with no group failure, but no member ran %d messages: %v",
 			ack, len(missing), missing)
+	}
+}
+
+// A producer's batch retried through the same owner after an unknown
+// outcome (its attempt timed out at the producer while the owner waited
+// for a slow subscriber) is assigned as it was the first time: the member
+// that ran a keyless message gets it again and answers with its outcome.
+// Round robin moving on between the attempts gave a one-message batch to
+// another member each retry, which had not seen the batch and ran it: on
+// an at-most-once topic the group ran it up to once per member.
+func TestGroupRetrySameOwnerRunsAKeylessMessageOnce(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[1], "retry-same-owner")
+	var mu sync.Mutex
+	ran := map[string][]string{} // message -> members that ran it
+	for _, n := range c.Nodes {
+		id := n.ID()
+		_, err := n.Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+			mu.Lock()
+			ran[string(m.Data)] = append(ran[string(m.Data)], id)
+			mu.Unlock()
+			return nil
+		}, pubsub.WithGroup("g"))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A broadcast subscriber slow on the first batch holds the owner's
+	// answer past the producer's PublishTimeout, SubscriberTimeout (2 s)
+	// long: the producer's attempts time out and are retried meanwhile.
+	var slowOnce sync.Once
+	subscribe(t, c.Nodes[2], topic, func(ctx context.Context, _ *pubsub.Message) error {
+		slowOnce.Do(func() { <-ctx.Done() })
+		return nil
+	})
+	var retries atomic.Int64
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1, PublishTimeout: 300 * time.Millisecond,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctxT(t))
+	ack, err := p.Produce(ctxT(t), []byte("only")).Wait(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if retries.Load() == 0 {
+		t.Fatalf("the batch was never retried (ack %+v): the test did not run what it names", ack)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got := ran["only"]; len(got) != 1 {
+		t.Fatalf("after %d retries the group ran the message %d times, at %v; want once", retries.Load(), len(got), got)
 	}
 }

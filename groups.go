@@ -48,7 +48,20 @@ type groupRoute struct {
 	keys    []uint64       // rendezvous key of each member
 	slots   []uint32       // slot -> member index; built on the first keyed message
 	next    int            // round-robin position for messages without a key
+	// starts: where round robin started for each producer's last batch,
+	// so a retry of it (an unknown outcome) gets the shares it had.
+	starts map[string]rrStart
 }
+
+// rrStart is the round-robin position a producer's batch started at.
+type rrStart struct {
+	seq   uint64
+	start int
+}
+
+// maxRRStarts bounds groupRoute.starts; past it one producer's is
+// forgotten, and a retry of its last batch is assigned anew.
+const maxRRStarts = 256
 
 // keySlots is the number of slots keys hash to: a keyed message goes to the
 // member ranking highest for its slot (rendezvous hashing over the members),
@@ -141,20 +154,31 @@ func (a *topicActor) plan() *fanoutPlan {
 }
 
 // assign gives each of count messages (with keys, nil when none has one)
-// to one member of each group and returns the shares by node.
-func (p *fanoutPlan) assign(count int, keys []string) map[string][]share {
+// to one member of each group and returns the shares by node. A batch of
+// origin's producer seen before (a retry after an unknown outcome: its
+// first attempt may have run) is assigned as it was, so each member gets
+// the share it may have run, and answers it with its outcome instead of
+// running messages another member ran; a member that got none of it the
+// first time and some now would run them on an at-most-once topic.
+// Keyed messages are assigned the same way anyway while the group is
+// unchanged.
+func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin) map[string][]share {
 	out := map[string][]share{}
 	for _, g := range p.groups {
 		byMember := make([][]uint32, len(g.members))
+		pos, replay := g.rrStart(origin)
 		for i := range count {
 			var m int
 			if keys != nil && keys[i] != "" {
 				m = g.forKey(keys[i])
 			} else {
-				m = g.next
-				g.next = (g.next + 1) % len(g.members)
+				m = pos
+				pos = (pos + 1) % len(g.members)
 			}
 			byMember[m] = append(byMember[m], uint32(i))
+		}
+		if !replay {
+			g.next = pos
 		}
 		for m, idx := range byMember {
 			if len(idx) > 0 {
@@ -164,6 +188,29 @@ func (p *fanoutPlan) assign(count int, keys []string) map[string][]share {
 		}
 	}
 	return out
+}
+
+// rrStart returns where round robin starts for origin's batch, and
+// whether the batch was seen before: then where it started that time;
+// else at the group's position, recorded for origin's producer.
+func (g *groupRoute) rrStart(origin batchOrigin) (start int, replay bool) {
+	if origin.producer == "" {
+		return g.next, false
+	}
+	if st, ok := g.starts[origin.producer]; ok && st.seq == origin.seq {
+		return st.start, true
+	}
+	if g.starts == nil {
+		g.starts = map[string]rrStart{}
+	}
+	if _, ok := g.starts[origin.producer]; !ok && len(g.starts) >= maxRRStarts {
+		for k := range g.starts {
+			delete(g.starts, k) // forget one: a retry of its last batch is assigned anew
+			break
+		}
+	}
+	g.starts[origin.producer] = rrStart{seq: origin.seq, start: g.next}
+	return g.next, false
 }
 
 // keys returns each message's key, or nil when no message has one.

@@ -176,7 +176,7 @@ func TestGroupRoundRobinKeepsItsPlaceAcrossChanges(t *testing.T) {
 	}
 	got := map[string]int{}
 	for i := range 9 {
-		for node := range a.plan().assign(1, nil) {
+		for node := range a.plan().assign(1, nil, batchOrigin{}) {
 			got[node]++
 		}
 		// A subscriber comes and goes after every batch, alternately a
@@ -359,4 +359,33 @@ func TestRerouteOfAGoneMemberDependsOnHowItWasFound(t *testing.T) {
 	assert.True(t, r.reroutable(MailboxFull, false, false), "a full mailbox never ran it")
 	assert.False(t, r.reroutable(Timeout, false, true), "a timeout may have run it, at most once")
 	assert.False(t, r.reroutable(HandlerError, false, false), "a handler's error is not retried")
+}
+
+// A producer's batch assigned again (a retry) starts round robin where it
+// started the first time, and does not move it; the positions remembered
+// are bounded.
+func TestGroupRoundRobinReplaysARetriedBatch(t *testing.T) {
+	n := &Node{self: Member{ID: "o", Incarnation: 1}}
+	n.events = newEventStream("o")
+	a := &topicActor{n: n, topic: "t"}
+	for _, node := range []string{"a", "b", "c"} {
+		require.True(t, a.add(node, 1, "1@g"))
+	}
+	memberOf := func(origin batchOrigin) string {
+		for node := range a.plan().assign(1, nil, origin) {
+			return node
+		}
+		return ""
+	}
+	first := memberOf(batchOrigin{producer: "p", seq: 5})
+	assert.Equal(t, first, memberOf(batchOrigin{producer: "p", seq: 5}), "the retry")
+	assert.Equal(t, first, memberOf(batchOrigin{producer: "p", seq: 5}), "another retry")
+	next := memberOf(batchOrigin{producer: "p", seq: 6})
+	assert.NotEqual(t, first, next, "the next batch goes on round robin")
+	assert.NotEqual(t, next, memberOf(batchOrigin{producer: "q", seq: 1}), "nor did the retries move it")
+
+	for i := range 2 * maxRRStarts {
+		memberOf(batchOrigin{producer: fmt.Sprint("p", i), seq: 1})
+	}
+	assert.LessOrEqual(t, len(a.plan().groups[0].starts), maxRRStarts)
 }

@@ -353,7 +353,7 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	}
 	p := a.plan()
 	keys := msgs.keys()
-	shares := p.assign(msgs.len(), keys)
+	shares := p.assign(msgs.len(), keys, msgs.origin)
 	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}}
 	for _, g := range p.groups {
 		r.groups[g.name] = g
