@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -203,5 +204,122 @@ func TestGroupRetrySameOwnerRunsAKeylessMessageOnce(t *testing.T) {
 	defer mu.Unlock()
 	if got := ran["only"]; len(got) != 1 {
 		t.Fatalf("after %d retries the group ran the message %d times, at %v; want once", retries.Load(), len(got), got)
+	}
+}
+
+// groupRetryRig is a group "g" with one member per node of a 3-node
+// cluster, the topic owned by n1, recording the members that ran each
+// message (by its first 2 bytes), and a broadcast subscriber on n2 that
+// holds the first message slow matches for SubscriberTimeout (2 s): the
+// owner's answer to that batch comes after a producer's PublishTimeout.
+func groupRetryRig(t *testing.T, prefix string, slow func(m *pubsub.Message) bool) (*testcluster.Cluster, string, func() map[string][]string) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[1], prefix)
+	var mu sync.Mutex
+	ran := map[string][]string{}
+	for _, n := range c.Nodes {
+		id := n.ID()
+		_, err := n.Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+			mu.Lock()
+			ran[string(m.Data[:2])] = append(ran[string(m.Data[:2])], id)
+			mu.Unlock()
+			return nil
+		}, pubsub.WithGroup("g"))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var slowOnce atomic.Bool
+	subscribe(t, c.Nodes[2], topic, func(ctx context.Context, m *pubsub.Message) error {
+		if slow(m) && slowOnce.CompareAndSwap(false, true) {
+			<-ctx.Done()
+		}
+		return nil
+	})
+	return c, topic, func() map[string][]string {
+		mu.Lock()
+		defer mu.Unlock()
+		out := map[string][]string{}
+		for k, v := range ran {
+			out[k] = slices.Clone(v)
+		}
+		return out
+	}
+}
+
+// A pipelined producer (MaxInFlight 4, the default) whose batches 1 and 2
+// both time out retries batch 1 after batch 2 was assigned. The owner
+// remembered where round robin started for the producer's last batch
+// only, so batch 1 was assigned anew: with two one-message batches and
+// three members, each retry gave its message to a member that had not run
+// it, and the group ran each message two or three times on an at-most-once
+// topic.
+func TestGroupRetryOfAPipelinedBatchRunsAKeylessMessageOnce(t *testing.T) {
+	c, topic, ran := groupRetryRig(t, "retry-pipelined", func(m *pubsub.Message) bool { return string(m.Data) == "m1" })
+	var retries atomic.Int64
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 4, PublishTimeout: 300 * time.Millisecond,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctxT(t))
+	if _, err := p.Produce(ctxT(t), []byte("m0")).Wait(ctxT(t)); err != nil { // the first batch initializes alone
+		t.Fatal(err)
+	}
+	f1 := p.Produce(ctxT(t), []byte("m1"))
+	time.Sleep(50 * time.Millisecond) // m2 is batch 2, in flight beside batch 1
+	f2 := p.Produce(ctxT(t), []byte("m2"))
+	for _, f := range []*pubsub.Produced{f1, f2} {
+		if _, err := f.Wait(ctxT(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if retries.Load() == 0 {
+		t.Fatal("no batch was retried: the test did not run what it names")
+	}
+	for m, at := range ran() {
+		if len(at) != 1 {
+			t.Errorf("after %d retries the group ran %s %d times, at %v; want once", retries.Load(), m, len(at), at)
+		}
+	}
+}
+
+// A producer batch split into two chunks (MaxBatchBytes above the node's
+// MaxMessageSize) whose chunk 1 timed out after chunk 0 ran is retried
+// from chunk 0, which was not the producer's last batch at the owner
+// (chunk 1 was): it was assigned anew, and so was chunk 1 after it, and
+// the group ran both messages twice on an at-most-once topic.
+func TestGroupRetryOfASplitBatchRunsEachKeylessMessageOnce(t *testing.T) {
+	c, topic, ran := groupRetryRig(t, "retry-split", func(m *pubsub.Message) bool { return string(m.Data[:2]) == "m1" })
+	var retries atomic.Int64
+	n0 := c.Nodes[0]
+	p, err := pubsub.NewBatchingProducer(n0, topic, pubsub.ProducerConfig{MaxInFlight: 1, Linger: time.Minute,
+		MaxBatchBytes: 4 * n0.MaxMessageSize(), PublishTimeout: 300 * time.Millisecond,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctxT(t))
+	msg := func(s string) []byte {
+		b := make([]byte, n0.MaxMessageSize()*6/10) // one message per chunk
+		copy(b, s)
+		return b
+	}
+	futs := []*pubsub.Produced{p.Produce(ctxT(t), msg("m0")), p.Produce(ctxT(t), msg("m1"))}
+	if err := p.Flush(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range futs {
+		if _, err := f.Wait(ctxT(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if retries.Load() == 0 {
+		t.Fatal("the batch was never retried: the test did not run what it names")
+	}
+	for m, at := range ran() {
+		if len(at) != 1 {
+			t.Errorf("after %d retries the group ran %s %d times, at %v; want once", retries.Load(), m, len(at), at)
+		}
 	}
 }

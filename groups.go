@@ -48,9 +48,12 @@ type groupRoute struct {
 	keys    []uint64       // rendezvous key of each member
 	slots   []uint32       // slot -> member index; built on the first keyed message
 	next    int            // round-robin position for messages without a key
-	// starts: where round robin started for each producer's last batch,
-	// so a retry of it (an unknown outcome) gets the shares it had.
-	starts map[string]rrStart
+	// starts: where round robin started for each producer's last
+	// batches (oldest first, at most maxRRBatches), so a retry of one (an
+	// unknown outcome) gets the shares it had. More than the last: a
+	// pipelined producer retries a batch after later ones were assigned,
+	// and a split batch's retry starts again at its first chunk.
+	starts map[string][]rrStart
 }
 
 // rrStart is the round-robin position a producer's batch started at.
@@ -59,9 +62,15 @@ type rrStart struct {
 	start int
 }
 
-// maxRRStarts bounds groupRoute.starts; past it one producer's is
-// forgotten, and a retry of its last batch is assigned anew.
+// maxRRStarts bounds groupRoute.starts; past it one producer's are
+// forgotten, and a retry of one of its batches is assigned anew.
 const maxRRStarts = 256
+
+// maxRRBatches is how many batches (chunks of a split batch counting
+// each) groupRoute.starts remembers per producer: 4 in flight
+// (DefaultMaxInFlight) split in up to 4 chunks each. A retry of an older
+// one is assigned anew.
+const maxRRBatches = 16
 
 // keySlots is the number of slots keys hash to: a keyed message goes to the
 // member ranking highest for its slot (rendezvous hashing over the members),
@@ -197,19 +206,25 @@ func (g *groupRoute) rrStart(origin batchOrigin) (start int, replay bool) {
 	if origin.producer == "" {
 		return g.next, false
 	}
-	if st, ok := g.starts[origin.producer]; ok && st.seq == origin.seq {
-		return st.start, true
+	seen := g.starts[origin.producer]
+	for _, st := range seen {
+		if st.seq == origin.seq {
+			return st.start, true
+		}
 	}
 	if g.starts == nil {
-		g.starts = map[string]rrStart{}
+		g.starts = map[string][]rrStart{}
 	}
-	if _, ok := g.starts[origin.producer]; !ok && len(g.starts) >= maxRRStarts {
+	if seen == nil && len(g.starts) >= maxRRStarts {
 		for k := range g.starts {
-			delete(g.starts, k) // forget one: a retry of its last batch is assigned anew
+			delete(g.starts, k) // forget one: a retry of its batches is assigned anew
 			break
 		}
 	}
-	g.starts[origin.producer] = rrStart{seq: origin.seq, start: g.next}
+	if len(seen) == maxRRBatches {
+		seen = append(seen[:0], seen[1:]...) // forget the oldest
+	}
+	g.starts[origin.producer] = append(seen, rrStart{seq: origin.seq, start: g.next})
 	return g.next, false
 }
 

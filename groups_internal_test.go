@@ -384,6 +384,17 @@ func TestGroupRoundRobinReplaysARetriedBatch(t *testing.T) {
 	assert.NotEqual(t, first, next, "the next batch goes on round robin")
 	assert.NotEqual(t, next, memberOf(batchOrigin{producer: "q", seq: 1}), "nor did the retries move it")
 
+	// A pipelined producer retries batch 7 after batch 8 was assigned; a
+	// split batch retries chunk 0 after chunk 1 was.
+	seven := memberOf(batchOrigin{producer: "p", seq: 7})
+	eight := memberOf(batchOrigin{producer: "p", seq: 8})
+	assert.Equal(t, seven, memberOf(batchOrigin{producer: "p", seq: 7}), "an earlier batch's retry")
+	assert.Equal(t, eight, memberOf(batchOrigin{producer: "p", seq: 8}), "and the later one's")
+	for i := range maxRRBatches {
+		memberOf(batchOrigin{producer: "p", seq: uint64(100 + i)})
+	}
+	assert.Len(t, a.plan().groups[0].starts["p"], maxRRBatches)
+
 	for i := range 2 * maxRRStarts {
 		memberOf(batchOrigin{producer: fmt.Sprint("p", i), seq: 1})
 	}
