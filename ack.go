@@ -24,7 +24,9 @@ var (
 	// whitespace or control characters.
 	ErrInvalidTopic = errors.New("pubsub: invalid topic")
 	// ErrTopicUnavailable: no owner served the topic within the request
-	// timeout (the membership is changing or the owner is unreachable).
+	// timeout, or before the caller's context ended (the error then also
+	// wraps the context's error): the membership is changing or the owner
+	// is unreachable, and a publish failing so published nothing.
 	ErrTopicUnavailable = errors.New("pubsub: topic unavailable")
 	// ErrEvicted: the topic's owner removed the subscription; the wrapping
 	// error says why.
@@ -68,7 +70,7 @@ const (
 	ReasonTooLarge                       // a message exceeds the NATS payload limit
 	ReasonInvalidTopic                   // topic failed validation
 	ReasonCancelled                      // the caller's context was cancelled
-	ReasonTopicUnavailable               // no ready owner within the request timeout
+	ReasonTopicUnavailable               // no ready owner within the request timeout or the caller's deadline; nothing published
 	ReasonInvalidMessage                 // an invalid header name, or a value the codec could not encode
 )
 
