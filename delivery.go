@@ -33,10 +33,13 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	}
 	msgs.publisher = d.GetPublisher()
 	if !d.GetReroute() {
-		// A re-routed share is taken whatever batches its member already
-		// had: it carries neither number to check.
 		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), atLeastOnce: d.GetAtLeastOnce()}
 		msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
+	} else if d.GetProducer() != "" {
+		// A re-routed share is taken whatever batches its member already
+		// had; its producer number only answers a copy of it (the batch
+		// retried, the share re-routed again) with its outcome.
+		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), reroute: true}
 	}
 	if !d.GetAtLeastOnce() || d.GetReroute() { // a re-route is sent once
 		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
@@ -225,7 +228,15 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		}
 		s.lastBatch = seq
 	}
-	if origin.producer != "" {
+	if origin.reroute {
+		// A copy of a re-routed share this subscription ran (its batch was
+		// retried through the same owner and the share re-routed to it
+		// again): its outcome, not a second run.
+		if last, ok := s.rerouted[origin.producer]; ok && last.seq == origin.seq && last.share == fingerprint(batch) {
+			t.set(i, last.status)
+			return
+		}
+	} else if origin.producer != "" {
 		// A producer's batches reach the subscriber in its order: an older
 		// one arriving late (it was redirected, or retried after its owner
 		// died) is dropped and reported; the same one again was delivered.
@@ -254,18 +265,6 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 			return
 		}
-		if s.producers == nil {
-			s.producers = make(map[string]producerMark)
-		}
-		if _, known := s.producers[origin.producer]; !known && len(s.producers) >= maxTrackedProducers {
-			// Forget one: every node incarnation and producer ever seen
-			// would otherwise stay here. Only that one's order protection
-			// is lost, against a batch already older than its newest.
-			for k := range s.producers {
-				delete(s.producers, k)
-				break
-			}
-		}
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
 	started := hookClock(s.node.hooks.handled)
@@ -274,12 +273,16 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	if seq.seq != 0 {
 		s.lastStatus = st
 	}
-	if origin.producer != "" {
+	switch {
+	case origin.reroute:
+		s.rerouted = trackProducer(s.rerouted, origin.producer,
+			producerMark{seq: origin.seq, status: st, share: fingerprint(batch)})
+	case origin.producer != "":
 		mark := producerMark{seq: origin.seq, status: st}
 		if s.id.Group() != "" {
 			mark.share = fingerprint(batch)
 		}
-		s.producers[origin.producer] = mark
+		s.producers = trackProducer(s.producers, origin.producer, mark)
 	}
 	if st == SubscriberGone {
 		t.setPartial(i, st, processed)
@@ -292,6 +295,24 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// deadline came first, whatever the handler did after).
 		s.node.handled(s.topic, s.id, len(batch), t.status(i), started.Sub(queued), ran)
 	}
+}
+
+// trackProducer records mark for producer in marks and returns marks.
+// Past maxTrackedProducers it forgets another producer's: every node
+// incarnation and producer ever seen would otherwise stay. Only that one's
+// protection is lost, against a batch already older than its newest.
+func trackProducer(marks map[string]producerMark, producer string, mark producerMark) map[string]producerMark {
+	if marks == nil {
+		marks = make(map[string]producerMark)
+	}
+	if _, known := marks[producer]; !known && len(marks) >= maxTrackedProducers {
+		for k := range marks {
+			delete(marks, k)
+			break
+		}
+	}
+	marks[producer] = mark
+	return marks
 }
 
 // producerMark is the last batch of one producer a subscription ran, and

@@ -94,6 +94,10 @@ func (n *Node) PublishMessages(ctx context.Context, topic string, msgs []Outgoin
 type batchOrigin struct {
 	producer string
 	seq      uint64 // increases with each batch of the producer
+	// reroute: a group member's share re-routed to another member; seq
+	// then only tells copies of it apart (subscribers keep it beside the
+	// producer's order, which a re-route does not follow).
+	reroute bool
 	// prev is the producer's batch before this one, and settled the
 	// highest batch up to which all its batches are settled (answered or
 	// failed), as known when the attempt left: an owner that has not seen

@@ -146,9 +146,10 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 		t := nodeTarget{node: node, shares: shares}
 		if node == n.self.ID {
 			// A re-route is taken whatever batches its member had: no
-			// batch or producer number to check.
+			// batch number to check; the producer's only answers a copy.
 			msgs := r.msgs
-			msgs.seq, msgs.origin = batchSeq{}, batchOrigin{}
+			msgs.seq = batchSeq{}
+			msgs.origin = batchOrigin{producer: r.msgs.origin.producer, seq: r.msgs.origin.seq, reroute: true}
 			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed []uint32) { b.report(t, st, processed, false) })
 			continue
 		}
@@ -165,7 +166,7 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 			r.packed, r.withMeta = msgs.wire()
 		})
 		head, _ := proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: r.topic, Seq: r.seq, Count: uint32(r.msgs.len()),
-			Publisher: r.msgs.publisher, Reroute: true})
+			Publisher: r.msgs.publisher, Reroute: true, Producer: r.msgs.origin.producer, ProducerSeq: r.msgs.origin.seq})
 		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Shares: sharesToWire(shares)}}})
 		n.deliverRemote(b, m, remoteBatch{head: head, packed: r.packed, suffix: suffix, withMeta: r.withMeta}, t, false, r.answerBy(), wait)
 	}

@@ -69,6 +69,10 @@ type Subscription struct {
 	// producers holds the last batch number of each BatchingProducer handed
 	// to the handler; only the mailbox's work touches it.
 	producers map[string]producerMark
+	// rerouted holds, per producer, the last group share re-routed to this
+	// subscription and its outcome, to answer a copy of it; only the
+	// mailbox's work touches it.
+	rerouted map[string]producerMark
 	// lastBatch is the owner's number of the last batch handed to the
 	// handler; only the mailbox's work touches it.
 	lastBatch batchSeq

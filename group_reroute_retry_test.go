@@ -2,23 +2,24 @@ package pubsub_test
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
 // A producer batch whose attempts time out (a slow broadcast subscriber
 // holds the owner's answer) and are retried through the same owner, on an
 // at-most-once topic: the member given p1 has a full mailbox each time,
-// so p1 is re-routed to the other member on every attempt, and a re-route
-// carries no producer number to answer a copy by: that member ran p1 once
-// per attempt (6 times). Also so before 4859d2b (a retry then assigned
-// anew). Not fixed: skipped until re-routes are deduplicated.
-func TestReviewRetriedBatchReroutedShareRunsOnce(t *testing.T) {
-	t.Skip("known, not fixed: a retried batch's re-routed share runs once per attempt (remove to reproduce)")
+// so p1 is re-routed to the other member on every attempt. A re-route
+// carried no producer number to answer a copy by, so that member ran p1
+// once per attempt (6 times); it now answers a copy of the share it ran
+// with its outcome.
+func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "reroute-retry")
 	release := make(chan struct{})
@@ -51,7 +52,12 @@ func TestReviewRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 			t.Fatal(i, err)
 		}
 	}
-	time.Sleep(300 * time.Millisecond)
+	// X's mailbox is full once a fill was re-routed to Y.
+	testcluster.WaitFor(t, 10*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Contains(ran["fill"], "Y")
+	}, "no fill was re-routed from X's full mailbox to Y")
 	var slowOnce atomic.Bool
 	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
 		if string(m.Data) != "fill" && slowOnce.CompareAndSwap(false, true) {
@@ -77,6 +83,9 @@ func TestReviewRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	t.Logf("retries %d ran p0 %v p1 %v", retries.Load(), ran["p0"], ran["p1"])
+	if retries.Load() == 0 {
+		t.Fatal("the batch was never retried: the test did not run what it names")
+	}
 	for _, m := range []string{"p0", "p1"} {
 		if len(ran[m]) > 1 {
 			t.Errorf("group ran %s %d times at %v; want at most once", m, len(ran[m]), ran[m])
