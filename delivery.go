@@ -178,7 +178,14 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 			continue
 		}
 		queued := hookClock(n.hooks.handled)
-		if !s.mailbox.do(func() { s.handle(ctx, part, msgs.origin, msgs.seq, t, i, queued) }) {
+		origin := msgs.origin
+		if origin.reroute && i >= len(locals) {
+			// Two members' shares of one batch re-routed to the same
+			// member are not copies of each other, even when their
+			// messages are equal: the positions tell them apart.
+			origin.at = positionsMark(shares[i-len(locals)].idx)
+		}
+		if !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
 			t.set(i, MailboxFull)
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{s.id, len(part), MailboxFull})
@@ -232,7 +239,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// A copy of a re-routed share this subscription ran (its batch was
 		// retried through the same owner and the share re-routed to it
 		// again): its outcome, not a second run.
-		if last, ok := s.rerouted[origin.producer]; ok && last.seq == origin.seq && last.share == fingerprint(batch) {
+		if last, ok := s.rerouted[origin.producer]; ok && last.seq == origin.seq && last.at == origin.at && last.share == fingerprint(batch) {
 			t.set(i, last.status)
 			return
 		}
@@ -276,7 +283,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	switch {
 	case origin.reroute:
 		s.rerouted = trackProducer(s.rerouted, origin.producer,
-			producerMark{seq: origin.seq, status: st, share: fingerprint(batch)})
+			producerMark{seq: origin.seq, at: origin.at, status: st, share: fingerprint(batch)})
 	case origin.producer != "":
 		mark := producerMark{seq: origin.seq, status: st}
 		if s.id.Group() != "" {
@@ -321,6 +328,16 @@ type producerMark struct {
 	seq    uint64
 	status DeliveryStatus
 	share  shareMark // a group member's: which messages that batch gave it
+	at     uint64    // a re-routed share's: its messages' positions (positionsMark)
+}
+
+// positionsMark hashes a share's message indices in its batch.
+func positionsMark(idx []uint32) uint64 {
+	h := uint64(fnvOffset)
+	for _, k := range idx {
+		h = fnvUint(h, uint64(k))
+	}
+	return h
 }
 
 // shareMark identifies the messages of a group member's share, whatever

@@ -98,6 +98,7 @@ type batchOrigin struct {
 	// then only tells copies of it apart (subscribers keep it beside the
 	// producer's order, which a re-route does not follow).
 	reroute bool
+	at      uint64 // a re-routed share's positions in the batch (positionsMark)
 	// prev is the producer's batch before this one, and settled the
 	// highest batch up to which all its batches are settled (answered or
 	// failed), as known when the attempt left: an owner that has not seen

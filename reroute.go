@@ -148,8 +148,10 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 			// A re-route is taken whatever batches its member had: no
 			// batch number to check; the producer's only answers a copy.
 			msgs := r.msgs
-			msgs.seq = batchSeq{}
-			msgs.origin = batchOrigin{producer: r.msgs.origin.producer, seq: r.msgs.origin.seq, reroute: true}
+			msgs.seq, msgs.origin = batchSeq{}, batchOrigin{}
+			if p := r.msgs.origin.producer; p != "" { // as onDeliver: a batch from an older publisher has none
+				msgs.origin = batchOrigin{producer: p, seq: r.msgs.origin.seq, reroute: true}
+			}
 			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed []uint32) { b.report(t, st, processed, false) })
 			continue
 		}
