@@ -203,10 +203,10 @@ func (n *Node) ID() string { return n.self.ID }
 // says what it was waiting for: writing the merged AckNone publishes this
 // node accepted (the error says how many were not written by then; those
 // its flusher could not write either are lost, counted in
-// Stats().Rejected), the drain (answering the
-// batches it accepted as owner, handing its topics over) or the handlers. A second
-// Close waits like the first, within its own ctx, and returns nil; once
-// any Close returned nil, the node's ID may join again.
+// Stats().Rejected), the drain (answering the batches it accepted as
+// owner, handing its topics over) or the handlers. A second Close waits
+// like the first, within its own ctx, and returns nil; once any Close
+// returned nil, the node's ID may join again.
 //
 // A publish still waiting for its owner when Close is called fails with
 // ErrTimeout: its subscribers may or may not have processed it.
