@@ -2,7 +2,6 @@ package pubsub_test
 
 import (
 	"context"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -11,6 +10,64 @@ import (
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
+
+// memberRuns logs which group member ran each message, by data.
+type memberRuns struct {
+	mu  sync.Mutex
+	ran map[string][]string
+}
+
+func (r *memberRuns) record(id string, m *pubsub.Message) {
+	r.mu.Lock()
+	r.ran[string(m.Data)] = append(r.ran[string(m.Data)], id)
+	r.mu.Unlock()
+}
+
+// of returns the members that ran data, in order.
+func (r *memberRuns) of(data string) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.ran[data]...)
+}
+
+// stuckMembers subscribes members of group "g" to topic: one per stuck ID
+// on node 2, each blocked in its handler until the test ends with a
+// mailbox of one batch, and Y on node 0, which runs what it gets. It then
+// publishes fills until every stuck member's mailbox is full (each ran
+// one fill and holds one; Y ran the rest, re-routed to it), so the
+// stuck members' later shares fail MailboxFull and are re-routed to Y.
+func stuckMembers(t *testing.T, c *testcluster.Cluster, topic string, fills int, stuck ...string) *memberRuns {
+	t.Helper()
+	runs := &memberRuns{ran: map[string][]string{}}
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	for _, id := range stuck {
+		_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+			runs.record(id, m)
+			<-release
+			return nil
+		}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+		runs.record("Y", m)
+		return nil
+	}, pubsub.WithGroup("g"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range fills {
+		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
+			t.Fatal(i, err)
+		}
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= fills-len(stuck) },
+		"fills not all placed: stuck members' mailboxes not full")
+	t.Logf("fills %v", runs.of("fill"))
+	return runs
+}
 
 // A producer batch whose attempts time out (a slow broadcast subscriber
 // holds the owner's answer) and are retried through the same owner, on an
@@ -22,42 +79,7 @@ import (
 func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "reroute-retry")
-	release := make(chan struct{})
-	t.Cleanup(func() { close(release) })
-	var mu sync.Mutex
-	ran := map[string][]string{}
-	record := func(id string, m *pubsub.Message) {
-		mu.Lock()
-		ran[string(m.Data)] = append(ran[string(m.Data)], id)
-		mu.Unlock()
-	}
-	// X: a member stuck in its handler, one batch of mailbox.
-	_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
-		record("X", m)
-		<-release
-		return nil
-	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = c.Nodes[0].Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
-		record("Y", m)
-		return nil
-	}, pubsub.WithGroup("g"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range 8 { // fill X's mailbox
-		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
-			t.Fatal(i, err)
-		}
-	}
-	// X's mailbox is full once a fill was re-routed to Y.
-	testcluster.WaitFor(t, 10*time.Second, func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return slices.Contains(ran["fill"], "Y")
-	}, "no fill was re-routed from X's full mailbox to Y")
+	runs := stuckMembers(t, c, topic, 8, "X")
 	var slowOnce atomic.Bool
 	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
 		if string(m.Data) != "fill" && slowOnce.CompareAndSwap(false, true) {
@@ -80,15 +102,13 @@ func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 		ack, err := f.Wait(ctxT(t))
 		t.Logf("ack %+v err %v", ack, err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	t.Logf("retries %d ran p0 %v p1 %v", retries.Load(), ran["p0"], ran["p1"])
+	t.Logf("retries %d ran p0 %v p1 %v", retries.Load(), runs.of("p0"), runs.of("p1"))
 	if retries.Load() == 0 {
 		t.Fatal("the batch was never retried: the test did not run what it names")
 	}
 	for _, m := range []string{"p0", "p1"} {
-		if len(ran[m]) > 1 {
-			t.Errorf("group ran %s %d times at %v; want at most once", m, len(ran[m]), ran[m])
+		if got := runs.of(m); len(got) > 1 {
+			t.Errorf("group ran %s %d times at %v; want at most once", m, len(got), got)
 		}
 	}
 }
