@@ -69,18 +69,16 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 		unsent := refused || natsutil.IsNoResponders(err)
 		retry := unsent || (atLeastOnce && errors.Is(err, ErrTimeout))
 		if retry && n.life.ctx.Err() == nil && alive() {
-			if unsent && time.Now().Before(until) {
-				time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) })
+			again := func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) }
+			now := time.Now()
+			switch {
+			case unsent && now.Before(until), refused && atLeastOnce && now.Before(resendUntil):
+				time.AfterFunc(10*time.Millisecond, again)
 				return
-			}
-			// A copy may be in the node's mailboxes: keep asking until the
-			// node's own subscriber timeout must have passed.
-			if atLeastOnce && time.Now().Before(resendUntil) {
-				if refused {
-					time.AfterFunc(10*time.Millisecond, func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) })
-				} else {
-					n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
-				}
+			case atLeastOnce && now.Before(resendUntil):
+				// A copy may be in the node's mailboxes: keep asking until
+				// the node's own subscriber timeout must have passed.
+				again()
 				return
 			}
 		}

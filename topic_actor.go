@@ -337,9 +337,9 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 // node gets the whole batch; a group's members get their shares, and what
 // re-routing a failed share needs is returned with them.
 func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
+	skip := skipSet(msgs.skip)
 	if len(a.groups.sizes) == 0 {
 		out := make([]nodeTarget, 0, len(a.nodes))
-		skip := skipSet(msgs.skip)
 		for node, ns := range a.nodes {
 			locals := ns.locals()
 			if skip != nil {
@@ -359,7 +359,6 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 		r.groups[g.name] = g
 	}
 	out := make([]nodeTarget, 0, len(a.nodes))
-	skip := skipSet(msgs.skip)
 	for node := range a.nodes {
 		t := nodeTarget{node: node, locals: skipped(node, p.broadcast[node], skip), shares: shares[node]}
 		if len(t.locals) > 0 || len(t.shares) > 0 {
