@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
 var cpSentinels = []error{pubsub.ErrClosed, pubsub.ErrTimeout, pubsub.ErrTopicUnavailable, pubsub.ErrQueueFull,
@@ -133,7 +134,7 @@ func TestProbeConnClosedUnderLiveNode(t *testing.T) {
 		}
 	}()
 	// Let traffic flow, then close the connection underneath.
-	testcluster_wait(t, func() bool { return rec.total() > 2000 })
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return rec.total() > 2000 }, "no traffic before the close")
 	c.Conns[0].Close()
 	select {
 	case <-s0.Done():
@@ -203,15 +204,4 @@ func TestProbeConnClosedUnderLiveNode(t *testing.T) {
 	assert.NoError(t, err)
 	// The others serve on.
 	publishUntilAccepted(t, c.Nodes[1], remote, []byte("still"), 1, 10*time.Second)
-}
-
-func testcluster_wait(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 20 s")
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

@@ -151,27 +151,24 @@ func cpReconnect(t *testing.T, victim int) {
 	}
 	rej0 := n0.Stats().Rejected
 	refused0 := c.Nodes[1].Stats().AckNoneRefused
-	testcluster_wait(t, func() bool {
+	testcluster.WaitFor(t, 20*time.Second, func() bool {
 		rec.mu.Lock()
 		defer rec.mu.Unlock()
 		return len(rec.got[subs[0].ID()]["pnone"]) > 500
-	})
+	}, "no AckNone stream before the server loss")
 	c.ShutdownServer(victim)
 	testcluster.WaitFor(t, 10*time.Second, func() bool {
 		return c.Conns[victim].IsConnected() && c.Conns[victim].ConnectedUrl() != c.Servers.URL(victim)
 	}, "node %d did not reconnect", victim)
-	reconnectedAt := time.Now()
-	_ = reconnectedAt
 	// keep streaming a while after the reconnect
-	mark := 0
 	rec.mu.Lock()
-	mark = len(rec.got[subs[0].ID()]["pnone"])
+	mark := len(rec.got[subs[0].ID()]["pnone"])
 	rec.mu.Unlock()
-	testcluster_wait(t, func() bool {
+	testcluster.WaitFor(t, 20*time.Second, func() bool {
 		rec.mu.Lock()
 		defer rec.mu.Unlock()
 		return len(rec.got[subs[0].ID()]["pnone"]) > mark+500
-	})
+	}, "the AckNone stream did not go on after the reconnect")
 	close(stop)
 	wg.Wait()
 	for _, p := range prods {
