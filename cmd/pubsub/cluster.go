@@ -65,7 +65,7 @@ var clusterCommands = []*clusterCommand{
 		flags: func(fs *flag.FlagSet, o *clusterOpts) { jsonFlag(fs, o) }},
 	{name: "pub", args: "<topic> <data>", summary: "publish data (--count times) and print each ack", minArgs: 2, maxArgs: 2, run: runPub, check: checkPub,
 		flags: func(fs *flag.FlagSet, o *clusterOpts) {
-			jsonFlag(fs, o)
+			fs.BoolVar(&o.json, "json", false, "print each ack as a JSON object instead of a line (--count N prints N objects, one after another)")
 			fs.IntVar(&o.count, "count", 1, "publish the message this many `times` (at least 1), one Publish at a time")
 			fs.StringVar(&o.ack, "ack", "delivered", "what each publish waits for: delivered, accepted or none")
 			fs.StringVar(&o.key, "key", "", "the message's routing `key` (consumer groups route by it)")
@@ -201,7 +201,19 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 		defer cancel()
 		_ = node.Close(cctx) // announces the leave
 	}()
+	if !seesOwners(node) {
+		// Join succeeds in an empty cluster, and a wrong prefix looks like
+		// one: say so instead of printing empty tables or failing later
+		// with ErrNoMembers.
+		fmt.Fprintf(stderr, "pubsub %s: no pubsub node answered under prefix %q at %s; check --prefix (the nodes' pubsub.WithPrefix)\n", c.name, o.prefix, o.url)
+	}
 	return c.run(ctx, node, &o, pos, stdout)
+}
+
+// seesOwners reports whether node's view holds a member that can own
+// topics (not client-only).
+func seesOwners(node *pubsub.Node) bool {
+	return slices.ContainsFunc(node.Members(), func(m pubsub.Member) bool { return !m.ClientOnly })
 }
 
 // connect is nats.Connect, but returns as soon as ctx ends (an interrupt):
@@ -465,6 +477,9 @@ func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 	cancel()
 	if err != nil {
 		close(ended)
+		if ctx.Err() != nil {
+			return nil // interrupted while Subscribe waited for the owner: the normal end
+		}
 		return err
 	}
 	go func() {

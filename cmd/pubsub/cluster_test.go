@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -448,5 +449,52 @@ func TestSubTellsConnectionLossAndRecovery(t *testing.T) {
 		assert.Equal(t, 0, code, errs.String())
 	case <-time.After(20 * time.Second):
 		t.Fatal("sub did not end on the interrupt")
+	}
+}
+
+// Found in review: a wrong --prefix joined an empty cluster quietly, and
+// the commands printed empty tables.
+func TestWrongPrefixIsNamed(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx := context.Background()
+	code, _, errs := tc.cli(t, ctx, "members")
+	require.Equal(t, 0, code, errs)
+	assert.NotContains(t, errs, "no pubsub node answered", "the right prefix")
+
+	var wout, werrs bytes.Buffer
+	code = run(ctx, []string{"members", "--url", tc.urls, "--prefix", "elsewhere", "--timeout", "5s"}, &wout, &werrs)
+	require.Equal(t, 0, code, werrs.String())
+	assert.Contains(t, werrs.String(), `no pubsub node answered under prefix "elsewhere"`)
+	assert.Contains(t, werrs.String(), "check --prefix")
+	assert.Regexp(t, `(?m)^pubsub-cli-\w+\s+client \(this tool\)\s`, wout.String(), "the tool itself is still listed")
+	assert.NotContains(t, wout.String(), "owner")
+}
+
+// Found in review: sub interrupted while its Subscribe was still waiting
+// exited 1 with "context canceled"; an interrupt is sub's normal end.
+func TestSubInterruptedWhileSubscribingExitsZero(t *testing.T) {
+	tc := newTestCluster(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errs := &lockedBuffer{}
+	done := make(chan int, 1)
+	go func() {
+		// No node serves prefix "empty": Subscribe waits for an owner
+		// until --timeout.
+		done <- run(ctx, []string{"sub", "t", "--url", tc.urls, "--prefix", "empty", "--timeout", "1m"}, io.Discard, errs)
+	}()
+	require.True(t, embedded.Poll(20*time.Second, func() bool { return strings.Contains(errs.String(), "no pubsub node answered") }),
+		"the tool never joined: %s", errs.String())
+	select {
+	case code := <-done:
+		t.Fatalf("sub ended (exit %d) before the interrupt: %s", code, errs.String())
+	default:
+	}
+	cancel() // the interrupt
+	select {
+	case code := <-done:
+		assert.Equal(t, 0, code, errs.String())
+	case <-time.After(20 * time.Second):
+		t.Fatal("the interrupt was ignored while subscribing")
 	}
 }
