@@ -18,7 +18,9 @@ var (
 	ErrTimeout = errors.New("pubsub: timeout")
 	// ErrClosed: the node, subscription or producer is closed.
 	ErrClosed = errors.New("pubsub: closed")
-	// ErrTooLarge: a single message does not fit in one NATS message.
+	// ErrTooLarge: a single message does not fit in one NATS message
+	// (Node.MaxMessageSize), or, from Node.Topics, a member's listing
+	// passed its bound.
 	ErrTooLarge = errors.New("pubsub: message too large")
 	// ErrInvalidTopic: the topic is empty, too long, not UTF-8, or holds
 	// whitespace or control characters.
@@ -42,7 +44,8 @@ type AckStatus uint8
 
 const (
 	// Accepted: the owner took the batch and attempted delivery to every
-	// subscriber it knew at acceptance.
+	// subscriber it knew at acceptance. For an AckNone publish it says
+	// only that the publisher saw no reason to reject it (see AckNone).
 	Accepted AckStatus = iota
 	// Rejected: the batch was not taken; PublishAck.Reason says why.
 	Rejected
@@ -64,10 +67,10 @@ type Reason uint8
 
 const (
 	ReasonNone             Reason = iota // accepted
-	ReasonQueueFull                      // producer queue full
+	ReasonQueueFull                      // a producer's queue, or (AckNone) the topic's queue or outbox on this node, is full
 	ReasonTimeout                        // no answer in time; outcome unknown
 	ReasonClosed                         // node or producer closed
-	ReasonTooLarge                       // a message exceeds the NATS payload limit
+	ReasonTooLarge                       // a message exceeds Node.MaxMessageSize (the NATS payload limit less the envelope)
 	ReasonInvalidTopic                   // topic failed validation
 	ReasonCancelled                      // the caller's context was cancelled
 	ReasonTopicUnavailable               // no ready owner within the request timeout or the caller's deadline; nothing published
@@ -175,9 +178,11 @@ const (
 	// rejected: an invalid topic or message, too large, closed, no owner in
 	// its view, its own topic queue full (ErrQueueFull, when this node owns
 	// the topic, or when the topic's outbox stays full until ctx ends). A
-	// batch the owner refuses (it no longer owns the topic, or is not ready)
-	// is lost without a word; merged messages this node cannot write count
-	// in Stats().Rejected.
+	// batch the owner refuses (it no longer owns the topic, is not ready,
+	// holds a producer's batch back for its order, or its queue is full)
+	// is lost and its publisher is not told: the owner counts its messages
+	// in Stats().AckNoneRefused and logs it. Merged messages this node
+	// cannot write count in Stats().Rejected.
 	AckNone
 )
 

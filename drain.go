@@ -165,7 +165,8 @@ func (d *drainState) settled(v *view, self string) bool {
 }
 
 // drainAndLeave is the graceful part of Close; it returns within ctx and at
-// most SubscriberTimeout + RequestTimeout, with ctx's error if ctx cut the
+// most SubscriberTimeout + RequestTimeout plus the handover window
+// (max(handoverWindow, 2 x HeartbeatInterval)), with ctx's error if ctx cut the
 // drain short (not when the answers or the handovers ran out of time: those
 // are the drain's own bounds).
 func (n *Node) drainAndLeave(ctx context.Context) error {

@@ -17,7 +17,7 @@ import (
 // existed.
 
 // ErrInvalidMessage: a message cannot be published as given (an invalid
-// header key, or a value a Topic's codec could not encode).
+// header name, or a value a Topic's codec could not encode).
 var ErrInvalidMessage = errors.New("pubsub: invalid message")
 
 // Header is a message's metadata: names to values, as NATS headers. Names
@@ -83,10 +83,11 @@ type publishConfig struct {
 // imports a tracing library; an OpenTelemetry adapter implements it.
 type Propagator interface {
 	// Inject runs on the publishing node with the publishing call's ctx
-	// (for a producer, the ctx given to Produce): once per message that has
-	// a key or header of its own, once per call for a batch of plain bytes
-	// (PublishBatch), whose messages then share the header. h is never
-	// nil; Inject may add to it.
+	// (for a producer, the ctx given to Produce): once per message of
+	// PublishMessages, Produce or ProduceMessage, with or without a key or
+	// header of its own, and once per call for a batch of plain bytes
+	// (Publish, PublishBatch), whose messages then share the header. h is
+	// a copy of the message's header, never nil; Inject may add to it.
 	Inject(ctx context.Context, h Header)
 	// Extract runs once per message for each subscription, before its
 	// handler, and returns the ctx the handler gets for that message. h is
