@@ -1,0 +1,83 @@
+package pubsub_test
+
+// Forged traffic in a live member's name. A heartbeat on <prefix>.members
+// tells anyone who can read it a live member's ID and incarnation; the
+// requests below name that member as their sender. What a node keeps of
+// them must stay bounded in bytes, as every map input can grow.
+
+import (
+	"fmt"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// abuseHeap returns the heap in use after a full collection.
+func abuseHeap() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse
+}
+
+// memberRef returns n's wire reference to member id, as its heartbeats
+// publish it.
+func memberRef(t *testing.T, n *pubsub.Node, id string) *wire.MemberRef {
+	t.Helper()
+	for _, m := range n.Members() {
+		if m.ID == id {
+			return &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation}
+		}
+	}
+	t.Fatalf("%s not in %s's view", id, n.ID())
+	return nil
+}
+
+// A producer's ID is a node ID and a tag, or 16 hex digits: a forged
+// publish may name one of 256 KB. Owners remember 4 096 producers per
+// topic and subscriptions 4 096 each, by that string: 200 such publishes
+// held about 100 MB (the owner's copy and the subscription's), and 4 096
+// of up to a NATS message each would hold gigabytes per topic and per
+// subscription.
+func TestForgedPublishesWithHugeProducerIDsAreNotRetained(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	topic := ownedBy(t, n0, "huge-producers")
+	rec := newRecorder()
+	subscribe(t, n1, topic, rec.handler)
+	ref := memberRef(t, n0, n1.ID())
+	malformed := n0.Stats().Malformed + n1.Stats().Malformed
+	before := abuseHeap()
+	pad := strings.Repeat("p", 256<<10)
+	const n = 200
+	for i := range n {
+		data := wire.AppendPublish(nil, &wire.PublishRequest{From: ref, Topic: topic, Count: 1,
+			Producer: fmt.Sprintf("%d-%s", i, pad), ProducerSeq: 1}, [][]byte{[]byte("x")}, nil)
+		c.ForgeToNode(t, 0, n0.ID(), data)
+		if i%20 == 19 {
+			time.Sleep(5 * time.Millisecond) // paces the flood so the inbox keeps up
+		}
+	}
+	// Each forged publish is either delivered or dropped as malformed.
+	handled := func() int {
+		return rec.total() + int(n0.Stats().Malformed+n1.Stats().Malformed-malformed)
+	}
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return handled() >= n }, "forged publishes handled: %d of %d", handled(), n)
+	after := abuseHeap()
+	grown := int64(after) - int64(before)
+	t.Logf("%d forged publishes with 256 KB producer IDs: heap in use %d -> %d MB; delivered %d", n, before>>20, after>>20, rec.total())
+	assert.Less(t, grown, int64(16<<20), "forged producer IDs were retained")
+	// The topic still serves its subscriber.
+	ack, err := n0.Publish(ctxT(t), topic, []byte("after"))
+	require.NoError(t, err)
+	assert.Equal(t, 1, ack.Delivered)
+}
