@@ -14,6 +14,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
@@ -80,4 +81,36 @@ func TestForgedPublishesWithHugeProducerIDsAreNotRetained(t *testing.T) {
 	ack, err := n0.Publish(ctxT(t), topic, []byte("after"))
 	require.NoError(t, err)
 	assert.Equal(t, 1, ack.Delivered)
+}
+
+// The same names on a delivery forged straight to the subscriber's node:
+// each subscription remembers 4 096 producers and the last owner by name,
+// and an at-least-once batch is remembered by its owner's name and topic
+// (65 536 of them).
+func TestForgedDeliveriesWithHugeNamesAreNotRetained(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	topic := ownedBy(t, n0, "huge-deliveries")
+	rec := newRecorder()
+	s := subscribe(t, n1, topic, rec.handler)
+	malformed := n1.Stats().Malformed
+	before := abuseHeap()
+	pad := strings.Repeat("d", 128<<10)
+	const n = 200
+	for i := range n {
+		d := &wire.DeliverBatch{Owner: &wire.MemberRef{NodeId: fmt.Sprintf("o%d-%s", i, pad), Incarnation: 1}, Topic: topic,
+			Seq: uint64(i) + 1, Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte("x")}), Count: 1,
+			Producer: fmt.Sprintf("p%d-%s", i, pad), ProducerSeq: 1, AtLeastOnce: i%2 == 0}
+		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: d}})
+		require.NoError(t, err)
+		c.ForgeToNode(t, 0, n1.ID(), data)
+		if i%20 == 19 {
+			time.Sleep(5 * time.Millisecond) // paces the flood so the inbox keeps up
+		}
+	}
+	handled := func() int { return rec.total() + int(n1.Stats().Malformed-malformed) }
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return handled() >= n }, "forged deliveries handled: %d of %d", handled(), n)
+	after := abuseHeap()
+	t.Logf("%d forged deliveries with 128 KB owner and producer names: heap in use %d -> %d MB; delivered %d", n, before>>20, after>>20, rec.total())
+	assert.Less(t, int64(after)-int64(before), int64(16<<20), "forged names were retained")
 }
