@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
 // onDeliver handles a DeliverBatch from a remote owner.
@@ -18,6 +19,14 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 			rep.Statuses[i] = uint32(s)
 		}
 		return rep
+	}
+	if len(d.GetProducer()) > maxProducerIDLen || len(d.GetOwner().GetNodeId()) > natsutil.MaxNodeIDLen || len(d.GetTopic()) > natsutil.MaxTopicLen {
+		// Names longer than any node, topic or producer has: what the
+		// subscriptions and the at-least-once batches remember by them
+		// must stay bounded in bytes.
+		n.malformed("inbox", len(d.GetPacked())+len(d.GetPackedMeta()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "name too long"})
+		return
 	}
 	msgs, err := receivedPayload(d.GetPacked(), d.GetPackedMeta(), d.GetCount())
 	if err != nil {

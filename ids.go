@@ -5,7 +5,16 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"reflect"
+
+	"github.com/clusterpubsub/pubsub/natsutil"
 )
+
+// maxProducerIDLen bounds the producer ID a request from the wire may
+// carry. A producer is named by 16 hex digits (a BatchingProducer) or by its
+// node's ID and tag (the node's implicit producer, up to 136 bytes). Owners
+// and subscriptions remember producers by ID (maxTrackedProducers each), so
+// an ID of any length would make those bounds bounds in entries of any size.
+const maxProducerIDLen = natsutil.MaxNodeIDLen + 32
 
 // randomID names a node or a producer that was given no name.
 func randomID() string {

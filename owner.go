@@ -137,6 +137,11 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.answerPublish(topic, reply, int(req.GetCount()), &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return false
 	}
+	if len(req.GetProducer()) > maxProducerIDLen {
+		n.malformed("inbox", len(req.GetPacked())+len(req.GetPackedMeta())+len(req.GetProducer()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "producer ID too long"})
+		return false
+	}
 	msgs, err := receivedPayload(req.GetPacked(), req.GetPackedMeta(), req.GetCount())
 	if err != nil {
 		n.malformed("inbox", len(req.GetPacked())+len(req.GetPackedMeta()))
