@@ -114,3 +114,33 @@ func TestForgedDeliveriesWithHugeNamesAreNotRetained(t *testing.T) {
 	t.Logf("%d forged deliveries with 128 KB owner and producer names: heap in use %d -> %d MB; delivered %d", n, before>>20, after>>20, rec.total())
 	assert.Less(t, int64(after)-int64(before), int64(16<<20), "forged names were retained")
 }
+
+// A subscriber ID is a tag, a counter and a group name: a forged subscribe
+// may name one of 512 KB, and the owner keeps it for as long as the topic
+// sees no publish (the subscriber's node answers SubscriberGone only to a
+// delivery). 100 such subscribes held about 50 MB.
+func TestForgedSubscribesWithHugeSubscriberIDsAreNotRetained(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	topic := ownedBy(t, n0, "huge-subscribers")
+	ref := memberRef(t, n0, n1.ID())
+	malformed := n0.Stats().Malformed
+	before := abuseHeap()
+	pad := strings.Repeat("s", 512<<10)
+	const n = 100
+	for i := range n {
+		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: &wire.SubscribeRequest{
+			From: ref, Topic: topic, Subscriber: fmt.Sprintf("%d-%s", i, pad)}}})
+		require.NoError(t, err)
+		c.ForgeToNode(t, 0, n0.ID(), data)
+		if i%20 == 19 {
+			time.Sleep(5 * time.Millisecond) // paces the flood so the inbox keeps up
+		}
+	}
+	handled := func() int { return n0.Stats().Subscribers[topic] + int(n0.Stats().Malformed-malformed) }
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return handled() >= n }, "forged subscribes handled: %d of %d", handled(), n)
+	after := abuseHeap()
+	grown := int64(after) - int64(before)
+	t.Logf("%d forged subscribes with 512 KB subscriber IDs: heap in use %d -> %d MB; recorded %d", n, before>>20, after>>20, n0.Stats().Subscribers[topic])
+	assert.Less(t, grown, int64(16<<20), "forged subscriber IDs were retained")
+}
