@@ -251,6 +251,10 @@ func (n *Node) onSync(s *wire.Sync, reply string) {
 			continue
 		}
 		locals := t.GetSubscribers()
+		if slices.ContainsFunc(locals, func(l string) bool { return len(l) > maxLocalIDLen }) {
+			n.malformed("inbox", len(t.GetTopic()))
+			continue
+		}
 		n.owner.onActor(t.GetTopic(), false, func(a *topicActor) {
 			for _, l := range locals {
 				a.subscribe(from, l, false, func(ownerAnswer) {})

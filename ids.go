@@ -35,3 +35,9 @@ func isNilPointer(v any) bool {
 	rv := reflect.ValueOf(v)
 	return rv.Kind() == reflect.Pointer && rv.IsNil()
 }
+
+// maxLocalIDLen bounds a subscriber's local ID from the wire: its node's
+// tag and a counter (at most 21 bytes), and a group name (a topic name)
+// after groupMark. The owner keeps a subscriber's ID for as long as it
+// holds the subscriber, so a request naming a longer one is malformed.
+const maxLocalIDLen = 32 + len(groupMark) + natsutil.MaxTopicLen

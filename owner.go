@@ -227,6 +227,11 @@ func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid subscribe"})
 		return
 	}
+	if len(req.GetSubscriber()) > maxLocalIDLen {
+		n.malformed("inbox", len(req.GetSubscriber()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "subscriber ID too long"})
+		return
+	}
 	if v := n.view(); v.ownerOf(topic).ID != n.self.ID {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return

@@ -267,7 +267,9 @@ func (r *syncRegistry) addLocked(node string, t *wire.TopicSubscribers) {
 		byNode[node] = set
 	}
 	for _, l := range t.GetSubscribers() {
-		set[l] = struct{}{}
+		if len(l) <= maxLocalIDLen { // longer: no node names a subscriber so
+			set[l] = struct{}{}
+		}
 	}
 }
 
