@@ -144,3 +144,20 @@ func TestForgedSubscribesWithHugeSubscriberIDsAreNotRetained(t *testing.T) {
 	t.Logf("%d forged subscribes with 512 KB subscriber IDs: heap in use %d -> %d MB; recorded %d", n, before>>20, after>>20, n0.Stats().Subscribers[topic])
 	assert.Less(t, grown, int64(16<<20), "forged subscriber IDs were retained")
 }
+
+// The bound on subscriber IDs leaves room for the longest group name, on a
+// subscription registered with a remote owner and moved by a crash.
+func TestLongestGroupNameFitsTheSubscriberIDBound(t *testing.T) {
+	c := newCluster(t, 1, 3)
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	topic := ownedBy(t, n0, "longest-group")
+	group := strings.Repeat("g", 256)
+	rec := newRecorder()
+	_, err := n1.Subscribe(ctxT(t), topic, rec.handler, pubsub.WithGroup(group))
+	require.NoError(t, err)
+	ack, err := n1.Publish(ctxT(t), topic, []byte("x"))
+	require.NoError(t, err)
+	assert.Equal(t, 1, ack.Delivered)
+	c.Crash(0)
+	publishUntilAccepted(t, c.Nodes[2], topic, []byte("y"), 1, 10*time.Second)
+}
