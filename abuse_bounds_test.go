@@ -6,6 +6,7 @@ package pubsub_test
 // them must stay bounded in bytes, as every map input can grow.
 
 import (
+	"context"
 	"fmt"
 	"runtime"
 	"strings"
@@ -202,4 +203,55 @@ func TestForgedSubscribesInALiveMembersNameDoNotAccumulate(t *testing.T) {
 	t.Logf("after 4 x MemberTimeout: topics owned %d, heap in use %d KB", n0.Stats().TopicsOwned, after>>10)
 	assert.LessOrEqual(t, n0.Stats().TopicsOwned, base+n/10, "phantom subscriptions kept their topics")
 	assert.Less(t, int64(after)-int64(before), int64(8<<20), "phantom subscriptions' state was retained")
+}
+
+// A handler that never returns (it ignores its ctx) keeps its mailbox's
+// goroutine for good; the node evicts it (Timeout), but the batches queued
+// behind it were held as long as that goroutine: 1 100 publishes of 64 KB
+// left about 75 MB held after the eviction, MailboxSize batches of up to a
+// NATS message each per stuck subscription. They can only be reported
+// SubscriberGone: an ended subscription hands them to nobody.
+func TestStuckHandlerReleasesItsMailboxOnceEvicted(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	n0 := c.Nodes[0]
+	topic := ownedBy(t, n0, "stuck")
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	s, err := n0.Subscribe(ctxT(t), topic, func(ctx context.Context, m *pubsub.Message) error {
+		<-release // ignores ctx: stuck until the test ends
+		return nil
+	})
+	require.NoError(t, err)
+	before := abuseHeap()
+	for i := range 1100 {
+		data := make([]byte, 64<<10)
+		data[0] = byte(i)
+		_, err := n0.PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: data}}, pubsub.WithAck(pubsub.AckAccepted))
+		require.NoError(t, err)
+	}
+	stuck := abuseHeap()
+	select {
+	case <-s.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the stuck subscriber was not evicted")
+	}
+	require.ErrorIs(t, s.Err(), pubsub.ErrEvicted)
+	var after uint64
+	released := func() bool { after = abuseHeap(); return after < before+16<<20 }
+	if !waitFor(5*time.Second, released) {
+		t.Errorf("heap in use %d MB before, %d MB while stuck, still %d MB 5 s after the eviction", before>>20, stuck>>20, after>>20)
+	}
+	t.Logf("heap in use %d MB before, %d MB while stuck, %d MB after the eviction", before>>20, stuck>>20, after>>20)
+}
+
+// waitFor polls cond every 50 ms until it holds or timeout passes.
+func waitFor(timeout time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond) // polls a condition until its deadline
+	}
+	return true
 }
