@@ -40,6 +40,15 @@ func (s *serial) doUpTo(f func(), limit int) bool {
 	return true
 }
 
+// take removes and returns the queued items, which then never run here.
+func (s *serial) take() []func() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.queue
+	s.queue = nil
+	return q
+}
+
 // depth returns the number of queued items.
 func (s *serial) depth() int {
 	s.mu.Lock()

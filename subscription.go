@@ -125,7 +125,32 @@ func (s *Subscription) end(err error) {
 		s.err = err
 		s.mu.Unlock()
 		close(s.done)
+		s.releaseMailbox()
 	})
+}
+
+// releaseMailbox reports the batches still queued in an ended
+// subscription's mailbox without waiting for the handler running ahead of
+// them: one that never returns would hold them for good. Each sees the
+// subscription done (handle) and is reported SubscriberGone (or Timeout,
+// past its deadline) without touching the subscription's state, so they
+// may run beside that handler.
+func (s *Subscription) releaseMailbox() {
+	queued := s.mailbox.take()
+	if len(queued) == 0 {
+		return
+	}
+	if s.mailbox.goroutines != nil {
+		s.mailbox.goroutines.add()
+	}
+	go func() {
+		if s.mailbox.goroutines != nil {
+			defer s.mailbox.goroutines.done()
+		}
+		for _, f := range queued {
+			f()
+		}
+	}()
 }
 
 // Subscribe registers h for topic and returns once the topic's owner has
