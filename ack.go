@@ -75,11 +75,12 @@ const (
 	ReasonCancelled                      // the caller's context was cancelled
 	ReasonTopicUnavailable               // no ready owner within the request timeout or the caller's deadline; nothing published
 	ReasonInvalidMessage                 // an invalid header name, or a value the codec could not encode
+	ReasonInvalidConfig                  // an option of the call is invalid (WithAck with a value that is no AckLevel)
 )
 
 // String implements fmt.Stringer.
 func (r Reason) String() string {
-	return enumName(r, "Reason", "none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable", "invalid-message")
+	return enumName(r, "Reason", "none", "queue-full", "timeout", "closed", "too-large", "invalid-topic", "cancelled", "topic-unavailable", "invalid-message", "invalid-config")
 }
 
 // Err returns the sentinel error of r, or nil for ReasonNone.
@@ -103,6 +104,8 @@ func (r Reason) Err() error {
 		return ErrTopicUnavailable
 	case ReasonInvalidMessage:
 		return ErrInvalidMessage
+	case ReasonInvalidConfig:
+		return ErrInvalidConfig
 	}
 	return fmt.Errorf("pubsub: unknown reason %d", uint8(r))
 }
@@ -126,6 +129,8 @@ func reasonOf(err error) Reason {
 		return ReasonTopicUnavailable
 	case errors.Is(err, ErrInvalidMessage):
 		return ReasonInvalidMessage
+	case errors.Is(err, ErrInvalidConfig):
+		return ReasonInvalidConfig
 	}
 	return ReasonTimeout // deadline exceeded, transport errors: outcome unknown
 }

@@ -181,6 +181,11 @@ func TestAckLevelsOutOfRangeAreRefused(t *testing.T) {
 	ack, err := c.Nodes[0].PublishMessages(ctxT(t), "t", []pubsub.Outgoing{{Data: []byte("x")}}, pubsub.WithAck(pubsub.AckLevel(7)))
 	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
 	assert.Equal(t, pubsub.Rejected, ack.Status)
+	// Found in review: the reason was ReasonTimeout ("outcome unknown")
+	// and the error wrapped ErrTimeout.
+	assert.Equal(t, pubsub.ReasonInvalidConfig, ack.Reason)
+	assert.NotErrorIs(t, err, pubsub.ErrTimeout)
+	assert.ErrorIs(t, err, ack.Reason.Err())
 	_, err = pubsub.NewBatchingProducer(c.Nodes[0], "t", pubsub.ProducerConfig{AckLevel: 7})
 	require.ErrorIs(t, err, pubsub.ErrInvalidConfig)
 }

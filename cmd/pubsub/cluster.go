@@ -76,7 +76,7 @@ var clusterCommands = []*clusterCommand{
 			fs.IntVar(&o.count, "count", 0, "stop after this many `messages` (0: until interrupted)")
 			fs.StringVar(&o.group, "group", "", "join this consumer `group` instead of receiving every message")
 		}},
-	{name: "events", summary: "print this tool's node's events (membership, its own subscriptions) until interrupted or --count events", maxArgs: 0, run: runEvents,
+	{name: "events", summary: "print this tool's node's events (membership changes, metrics snapshots) until interrupted or --count events", maxArgs: 0, run: runEvents,
 		flags: func(fs *flag.FlagSet, o *clusterOpts) {
 			fs.IntVar(&o.count, "count", 0, "stop after this many `events` (0: until interrupted)")
 		}},
