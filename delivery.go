@@ -362,7 +362,9 @@ var shareSeed = maphash.MakeSeed()
 
 // fingerprint returns batch's shareMark. It runs once per batch a group
 // member handles from a producer, so it hashes with maphash (about 10 ns
-// for a 128-byte message).
+// for a 128-byte message). A message's header counts as its data and key
+// do: messages equal but for their headers are different messages, and a
+// share of one is not a copy of a share of the other.
 func fingerprint(batch []Message) shareMark {
 	m := shareMark{count: len(batch)}
 	for j := range batch {
@@ -370,9 +372,26 @@ func fingerprint(batch []Message) shareMark {
 		if batch[j].Key != "" {
 			h = mix64(h ^ maphash.String(shareSeed, batch[j].Key))
 		}
+		if len(batch[j].Header) != 0 {
+			h = mix64(h ^ headerHash(batch[j].Header))
+		}
 		m.sum += mix64(h)
 	}
 	return m
+}
+
+// headerHash hashes a header whatever its maps' iteration order: each
+// name with its values, in order, summed over the names.
+func headerHash(hd Header) uint64 {
+	var sum uint64
+	for k, vs := range hd {
+		h := maphash.String(shareSeed, k)
+		for _, v := range vs {
+			h = mix64(h ^ maphash.String(shareSeed, v))
+		}
+		sum += mix64(h ^ uint64(len(vs)))
+	}
+	return sum + 1 // a header with no names still differs from none
 }
 
 // run hands a batch's messages to the handler in order, stopping at the
