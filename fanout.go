@@ -204,7 +204,7 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	for i, s := range st {
 		id := SubscriberID{Node: to.node, Local: to.local(i)}
 		// Only a node's own report carries processed.
-		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(s, processed != nil, path) {
+		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(g, s, processed != nil, path) {
 			idx := to.idx(i)
 			if processed != nil && int(processed[i]) <= len(idx) {
 				idx = idx[processed[i]:]

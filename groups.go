@@ -170,12 +170,20 @@ func (a *topicActor) plan() *fanoutPlan {
 // running messages another member ran; a member that got none of it the
 // first time and some now would run them on an at-most-once topic.
 // Keyed messages are assigned the same way anyway while the group is
-// unchanged.
-func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin) map[string][]share {
-	out := map[string][]share{}
+// unchanged. replayed names the groups the batch was seen by before (nil
+// when none): their members' answers to it may stand for an earlier
+// attempt's runs (reroutes.reroutable).
+func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin) (out map[string][]share, replayed map[string]bool) {
+	out = map[string][]share{}
 	for _, g := range p.groups {
 		byMember := make([][]uint32, len(g.members))
 		pos, replay := g.rrStart(origin)
+		if replay {
+			if replayed == nil {
+				replayed = map[string]bool{}
+			}
+			replayed[g.name] = true
+		}
 		for i := range count {
 			var m int
 			if keys != nil && keys[i] != "" {
@@ -196,7 +204,7 @@ func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin) map[st
 			}
 		}
 	}
-	return out
+	return out, replayed
 }
 
 // rrStart returns where round robin starts for origin's batch, and

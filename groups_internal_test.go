@@ -176,7 +176,8 @@ func TestGroupRoundRobinKeepsItsPlaceAcrossChanges(t *testing.T) {
 	}
 	got := map[string]int{}
 	for i := range 9 {
-		for node := range a.plan().assign(1, nil, batchOrigin{}) {
+		shares, _ := a.plan().assign(1, nil, batchOrigin{})
+		for node := range shares {
 			got[node]++
 		}
 		// A subscriber comes and goes after every batch, alternately a
@@ -341,24 +342,35 @@ func TestShareMessagesTakeOnlyTheShare(t *testing.T) {
 // topic its share must not run twice.
 func TestRerouteOfAGoneMemberDependsOnHowItWasFound(t *testing.T) {
 	for _, tc := range []struct {
-		name                       string
-		atLeastOnce, partial, path bool
-		want                       bool
+		name                               string
+		atLeastOnce, partial, path, replay bool
+		want                               bool
 	}{
 		{name: "its node said so, or was never sent it", want: true},
 		{name: "its node left the view", path: true, want: false},
 		{name: "its node said how far it got, then left", partial: true, path: true, want: true},
 		{name: "its node left the view, at least once", atLeastOnce: true, path: true, want: true},
+		// A retry the group saw before: the member may have run its share
+		// in the first attempt and ended since.
+		{name: "a retry: its node said so", replay: true, want: false},
+		{name: "a retry: its node said how far it got with this copy", replay: true, partial: true, want: true},
+		{name: "a retry, at least once", replay: true, atLeastOnce: true, want: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := &reroutes{atLeastOnce: tc.atLeastOnce}
-			assert.Equal(t, tc.want, r.reroutable(SubscriberGone, tc.partial, tc.path))
+			if tc.replay {
+				r.replayed = map[string]bool{"g": true}
+			}
+			assert.Equal(t, tc.want, r.reroutable("g", SubscriberGone, tc.partial, tc.path))
 		})
 	}
 	r := &reroutes{}
-	assert.True(t, r.reroutable(MailboxFull, false, false), "a full mailbox never ran it")
-	assert.False(t, r.reroutable(Timeout, false, true), "a timeout may have run it, at most once")
-	assert.False(t, r.reroutable(HandlerError, false, false), "a handler's error is not retried")
+	assert.True(t, r.reroutable("g", MailboxFull, false, false), "a full mailbox never ran it")
+	assert.False(t, r.reroutable("g", Timeout, false, true), "a timeout may have run it, at most once")
+	assert.False(t, r.reroutable("g", HandlerError, false, false), "a handler's error is not retried")
+	r.replayed = map[string]bool{"g": true}
+	assert.False(t, r.reroutable("g", MailboxFull, false, false), "a retry's full mailbox says nothing of the first attempt")
+	assert.True(t, r.reroutable("other", MailboxFull, false, false), "only the groups that saw the batch")
 }
 
 // A producer's batch assigned again (a retry) starts round robin where it
@@ -372,7 +384,8 @@ func TestGroupRoundRobinReplaysARetriedBatch(t *testing.T) {
 		require.True(t, a.add(node, 1, "1@g"))
 	}
 	memberOf := func(origin batchOrigin) string {
-		for node := range a.plan().assign(1, nil, origin) {
+		shares, _ := a.plan().assign(1, nil, origin)
+		for node := range shares {
 			return node
 		}
 		return ""

@@ -33,6 +33,9 @@ type reroutes struct {
 	keys        []string  // per message, nil without keys
 	accepted    time.Time // when the owner accepted the batch
 	atLeastOnce bool
+	// replayed names the groups that saw this producer batch before: a
+	// retry through the same owner, assigned as the first attempt was.
+	replayed map[string]bool
 	// tried lists the members that failed the batch, so a share never
 	// goes back to one of them.
 	tried map[SubscriberID]bool
@@ -52,7 +55,18 @@ type reroutes struct {
 // first, and an at-most-once topic must not run it twice. That is decided
 // by how the status was found, not by the view now: a node wrongly
 // suspected may be back in it by the time the status is read.
-func (r *reroutes) reroutable(s DeliveryStatus, partial, path bool) bool {
+//
+// A retry of a batch the group saw before (replayed) is different on an
+// at-most-once topic: the member may have run its share in an earlier
+// attempt whose answer was lost, and its subscription ended (or its mailbox
+// filled) since. Its node then answers SubscriberGone or MailboxFull
+// without having run this copy, which says nothing of the first: such a
+// share is reported, not re-routed. Only a partial report, from a
+// subscription that ran part of this very copy, still tells what is left.
+func (r *reroutes) reroutable(group string, s DeliveryStatus, partial, path bool) bool {
+	if r.replayed[group] && !r.atLeastOnce && !partial {
+		return false
+	}
 	switch s {
 	case MailboxFull:
 		return true

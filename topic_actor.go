@@ -353,8 +353,8 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	}
 	p := a.plan()
 	keys := msgs.keys()
-	shares := p.assign(msgs.len(), keys, msgs.origin)
-	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}}
+	shares, replayed := p.assign(msgs.len(), keys, msgs.origin)
+	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}, replayed: replayed}
 	for _, g := range p.groups {
 		r.groups[g.name] = g
 	}
