@@ -194,7 +194,11 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 			// messages are equal: the positions tell them apart.
 			origin.at = positionsMark(shares[i-len(locals)].idx)
 		}
-		if !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
+		member := i >= len(locals)
+		if member && s.refused.has(origin) || !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
+			if member {
+				s.refused.note(origin)
+			}
 			t.set(i, MailboxFull)
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{s.id, len(part), MailboxFull})

@@ -79,6 +79,9 @@ type Subscription struct {
 	// lastStatus is the outcome of the last batch run, the answer to a copy
 	// of it; only the mailbox's work touches it.
 	lastStatus DeliveryStatus
+	// refused holds the producer batches whose share a full mailbox
+	// refused (group members only), to refuse a retry's copy too.
+	refused refusedShares
 
 	once sync.Once
 	done chan struct{}

@@ -1,0 +1,89 @@
+package pubsub_test
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// A group member whose mailbox was full in a producer batch's first
+// attempt has its share re-routed, and the other member runs it. The
+// attempt's outcome is unknown to the producer (a slow broadcast
+// subscriber holds the owner's answer past PublishTimeout), and its retry
+// through the same owner is assigned as the first attempt was: the member,
+// whose mailbox has drained meanwhile, must not run the share the other
+// member already ran (at-most-once topic).
+func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[1], "mailbox-retry")
+	runs := &memberRuns{ran: map[string][]string{}}
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+		runs.record("X", m)
+		if string(m.Data) == "fill" {
+			<-release
+		}
+		return nil
+	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+		runs.record("Y", m)
+		if string(m.Data) != "fill" {
+			// X's share re-routed here: X may drain now, before the retry.
+			releaseOnce.Do(func() { close(release) })
+		}
+		return nil
+	}, pubsub.WithGroup("g"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// X runs one fill and holds one: its mailbox is full.
+	for i := 0; i < 8 && len(runs.of("fill")) < 8; i++ {
+		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
+			t.Fatal(i, err)
+		}
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= 8-1 }, "fills not all placed")
+	var slowOnce atomic.Bool
+	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
+		if string(m.Data) != "fill" && slowOnce.CompareAndSwap(false, true) {
+			<-ctx.Done() // holds the first attempt's answer past PublishTimeout
+		}
+		return nil
+	})
+	var retries atomic.Int64
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1, Linger: time.Minute, PublishTimeout: 300 * time.Millisecond,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(ctxT(t))
+	// Round robin: one message to each member; the one given to X is
+	// re-routed to Y.
+	futs := []*pubsub.Produced{p.Produce(ctxT(t), []byte("p0")), p.Produce(ctxT(t), []byte("p1"))}
+	if err := p.Flush(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	var ack pubsub.PublishAck
+	for _, f := range futs {
+		ack, err = f.Wait(ctxT(t))
+	}
+	t.Logf("ack %+v err %v; retries %d; ran p0 %v p1 %v", ack, err, retries.Load(), runs.of("p0"), runs.of("p1"))
+	if retries.Load() == 0 {
+		t.Fatal("the batch was never retried: the test did not run what it names")
+	}
+	for _, m := range []string{"p0", "p1"} {
+		if got := runs.of(m); len(got) > 1 {
+			t.Errorf("group ran %s %d times at %v; want at most once", m, len(got), got)
+		}
+	}
+}
