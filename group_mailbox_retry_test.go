@@ -3,7 +3,6 @@ package pubsub_test
 import (
 	"context"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -53,20 +52,7 @@ func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
 		}
 	}
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= 8-1 }, "fills not all placed")
-	var slowOnce atomic.Bool
-	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
-		if string(m.Data) != "fill" && slowOnce.CompareAndSwap(false, true) {
-			<-ctx.Done() // holds the first attempt's answer past PublishTimeout
-		}
-		return nil
-	})
-	var retries atomic.Int64
-	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1, Linger: time.Minute, PublishTimeout: 300 * time.Millisecond,
-		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close(ctxT(t))
+	p, retries := retriedProducer(t, c, topic)
 	// Round robin: one message to each member; the one given to X is
 	// re-routed to Y.
 	futs := []*pubsub.Produced{p.Produce(ctxT(t), []byte("p0")), p.Produce(ctxT(t), []byte("p1"))}

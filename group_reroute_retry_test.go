@@ -80,20 +80,7 @@ func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "reroute-retry")
 	runs := stuckMembers(t, c, topic, 8, "X")
-	var slowOnce atomic.Bool
-	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
-		if string(m.Data) != "fill" && slowOnce.CompareAndSwap(false, true) {
-			<-ctx.Done()
-		}
-		return nil
-	})
-	var retries atomic.Int64
-	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1, Linger: time.Minute, PublishTimeout: 300 * time.Millisecond,
-		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close(ctxT(t))
+	p, retries := retriedProducer(t, c, topic)
 	futs := []*pubsub.Produced{p.Produce(ctxT(t), []byte("p0")), p.Produce(ctxT(t), []byte("p1"))}
 	if err := p.Flush(ctxT(t)); err != nil {
 		t.Fatal(err)
@@ -111,4 +98,28 @@ func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 			t.Errorf("group ran %s %d times at %v; want at most once", m, len(got), got)
 		}
 	}
+}
+
+// retriedProducer subscribes a broadcast subscriber on node 1 that holds
+// the first batch other than a fill until its context ends, so the owner's
+// answer to it comes after PublishTimeout (300 ms), and returns a producer
+// on node 0 (one batch in flight, sent by Flush) that retries every failed
+// attempt through the same owner, with the count of its retries.
+func retriedProducer(t *testing.T, c *testcluster.Cluster, topic string) (*pubsub.BatchingProducer, *atomic.Int64) {
+	t.Helper()
+	var slowOnce atomic.Bool
+	subscribe(t, c.Nodes[1], topic, func(ctx context.Context, m *pubsub.Message) error {
+		if string(m.Data) != "fill" && slowOnce.CompareAndSwap(false, true) {
+			<-ctx.Done()
+		}
+		return nil
+	})
+	retries := new(atomic.Int64)
+	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{MaxInFlight: 1, Linger: time.Minute, PublishTimeout: 300 * time.Millisecond,
+		OnPublishError: func(int, error) pubsub.ErrorDecision { retries.Add(1); return pubsub.RetryBatch(10 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close(ctxT(t)) })
+	return p, retries
 }
