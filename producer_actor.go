@@ -282,7 +282,12 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		b.unknown = b.last // this attempt may have reached subscribers
 	}
 	switch {
-	case p.dead:
+	case p.dead || p.ctx.Err() != nil:
+		// The lifetime ended (Close gave up): an attempt aborted by it
+		// reports context.Canceled, and its report can reach the actor
+		// before the actor sees the lifetime end (abandon). It is Close's
+		// abort either way, not a failure for OnPublishError, nor a
+		// "cancelled before it was published": the owner may have run it.
 		p.abandoned.Store(true)
 		if b.unknown != nil || ack.Reason == ReasonCancelled {
 			// Aborted by Close (the attempt's ctx ended), or an earlier
