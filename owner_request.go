@@ -120,6 +120,11 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			return ans, err
 		case errors.Is(err, ErrTimeout) && o.probe:
 			last = fmt.Sprintf("owner %s did not answer", owner.ID)
+		case errors.Is(err, errClosedInFlight) && !isPublish(req):
+			// Only a publish's outcome is unknown when its node closes
+			// under it; a subscription or a query of a closed node is
+			// gone whatever the owner did.
+			return ans, fmt.Errorf("%w: the node closed while waiting for owner %s's answer", ErrClosed, owner.ID)
 		default:
 			return ans, err
 		}
@@ -400,4 +405,10 @@ func ackFromWire(topic string, w *wire.Ack) PublishAck {
 		a.Failures = append(a.Failures, fl)
 	}
 	return a
+}
+
+// isPublish reports whether req publishes messages.
+func isPublish(req ownerRequest) bool {
+	_, ok := req.(*publishRequest)
+	return ok
 }
