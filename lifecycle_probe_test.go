@@ -431,3 +431,114 @@ func TestLifecycleProbeProducerCloseRacesProduce(t *testing.T) {
 		require.NoError(t, sub.Unsubscribe(ctxT(t)))
 	}
 }
+
+// Probe: the same node ID joins again right after its Close returned, on
+// the same connection, and serves its subscriptions; a third Join with the
+// live ID fails with ErrInvalidConfig; a bad prefix fails with
+// ErrInvalidConfig; nothing leaks.
+func TestLifecycleProbeRejoinSameID(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	nc := c.Conns[0]
+	ctx := ctxT(t)
+	for round := range 3 {
+		n, err := pubsub.Join(ctx, nc, append(append([]pubsub.Option{}, fast...), pubsub.WithNodeID("twin"))...)
+		require.NoError(t, err, "round %d", round)
+		_, err = pubsub.Join(ctx, nc, append(append([]pubsub.Option{}, fast...), pubsub.WithNodeID("twin"))...)
+		assert.ErrorIs(t, err, pubsub.ErrInvalidConfig, "round %d: second live twin", round)
+		topic := ownedBy(t, n, "twin")
+		rec := newRecorder()
+		s := subscribe(t, c.Nodes[1], topic, rec.handler)
+		ack, err := c.Nodes[1].Publish(ctx, topic, []byte("x"))
+		mustAccept(t, ack, err, 1)
+		require.NoError(t, s.Unsubscribe(ctx))
+		lpWithin(t, 15*time.Second, "Close of the twin", func() { require.NoError(t, n.Close(ctx)) })
+	}
+	for _, bad := range []string{"", "a b", "a.>", "*", "a..b", "UPPER"} {
+		n, err := pubsub.Join(ctx, nc, pubsub.WithPrefix(bad))
+		if err == nil {
+			t.Logf("prefix %q accepted", bad)
+			require.NoError(t, n.Close(ctx))
+			continue
+		}
+		assert.ErrorIs(t, err, pubsub.ErrInvalidConfig, "prefix %q", bad)
+	}
+}
+
+// Probe: the application drains the node's connection underneath it
+// (nc.Drain), with a producer and subscriptions live; then Close.
+func TestLifecycleProbeConnDrainedUnderNode(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	n0 := c.Nodes[0]
+	ctx := ctxT(t)
+	own := ownedBy(t, n0, "own")
+	rem := ownedBy(t, c.Nodes[1], "rem")
+	s := subscribe(t, n0, rem, func(context.Context, *pubsub.Message) error { return nil })
+	p, err := pubsub.NewBatchingProducer(n0, own, pubsub.ProducerConfig{})
+	require.NoError(t, err)
+	var futs []*pubsub.Produced
+	for i := range 200 {
+		futs = append(futs, p.Produce(ctx, msg(i)))
+	}
+	require.NoError(t, c.Conns[0].Drain())
+	testcluster.WaitFor(t, 10*time.Second, c.Conns[0].IsClosed, "connection never closed after Drain")
+	lpWithin(t, 20*time.Second, "calls after the drain", func() {
+		select {
+		case <-s.Done():
+			assert.ErrorIs(t, s.Err(), pubsub.ErrClosed)
+		case <-time.After(10 * time.Second):
+			t.Errorf("subscription not ended %v after its connection closed", 10*time.Second)
+		}
+		_, err := n0.Publish(ctx, rem, []byte("x"))
+		assert.ErrorIs(t, err, pubsub.ErrClosed)
+		for _, f := range futs {
+			ack, err := f.Wait(ctx)
+			if err != nil {
+				assert.ErrorIs(t, err, ack.Reason.Err())
+			}
+		}
+		assert.NoError(t, p.Close(ctx))
+		err = n0.Close(ctx)
+		t.Logf("Close after the drain: %v", err)
+	})
+}
+
+// Probe: the producer's node closes (with a short or expired ctx) while
+// many goroutines produce into it, at every ack level, the owner being the
+// closing node or another one.
+func TestLifecycleProbeNodeCloseRacesProduce(t *testing.T) {
+	for _, owner := range []int{0, 1} {
+		for _, l := range lpLevels {
+			for _, d := range []time.Duration{0, 20 * time.Millisecond, 10 * time.Second} {
+				t.Run(fmt.Sprintf("owner%d/%s/%v", owner, l, d), func(t *testing.T) {
+					c := newCluster(t, 2, 3)
+					n0 := c.Nodes[0]
+					topic := ownedBy(t, c.Nodes[owner], "nc")
+					seen := &lpSeen{runs: map[string]int{}}
+					_, err := c.Nodes[2].Subscribe(ctxT(t), topic, seen.handler(100*time.Microsecond))
+					require.NoError(t, err)
+					p, err := pubsub.NewBatchingProducer(n0, topic, pubsub.ProducerConfig{AckLevel: l, BatchSize: 64, MaxInFlight: 3})
+					require.NoError(t, err)
+					lpProduceRace(t, t.Name(), p, func() {
+						ctx, cancel := context.WithTimeout(context.Background(), d)
+						defer cancel()
+						err := n0.Close(ctx)
+						t.Logf("node Close: %v", err)
+					}, seen.snapshot, func() {
+						last, at := -1, time.Now()
+						testcluster.WaitFor(t, 10*time.Second, func() bool {
+							n := 0
+							for _, k := range seen.snapshot() {
+								n += k
+							}
+							if n != last {
+								last, at = n, time.Now()
+							}
+							return seen.busy.Load() == 0 && time.Since(at) > 300*time.Millisecond
+						}, "handler still receiving")
+					})
+					lpWithin(t, 15*time.Second, "producer Close", func() { assert.NoError(t, p.Close(ctxT(t))) })
+				})
+			}
+		}
+	}
+}

@@ -210,6 +210,12 @@ func (n *Node) ID() string { return n.self.ID }
 //
 // A publish still waiting for its owner when Close is called fails with
 // ErrTimeout: its subscribers may or may not have processed it.
+//
+// Close waits for running handlers, so a handler calling Close on its own
+// node waits for itself: Close then returns only when ctx ends (at once
+// with the handler's ctx, which Close cancels; never with
+// context.Background). Close from another goroutine to wait for the
+// handlers.
 func (n *Node) Close(ctx context.Context) error {
 	if !n.life.closeCalled.CompareAndSwap(false, true) {
 		select {
