@@ -72,7 +72,7 @@ const (
 	ReasonClosed                         // node or producer closed
 	ReasonTooLarge                       // a message exceeds Node.MaxMessageSize (the NATS payload limit less the envelope)
 	ReasonInvalidTopic                   // topic failed validation
-	ReasonCancelled                      // the caller's context was cancelled
+	ReasonCancelled                      // the caller's context was cancelled (a Publish* call cancelled while waiting for its answer: outcome unknown)
 	ReasonTopicUnavailable               // no ready owner within the request timeout or the caller's deadline; nothing published
 	ReasonInvalidMessage                 // an invalid header name, or a value the codec could not encode
 	ReasonInvalidConfig                  // an option of the call is invalid (WithAck with a value that is no AckLevel)
