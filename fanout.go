@@ -203,8 +203,12 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	var moved []map[string][]share
 	for i, s := range st {
 		id := SubscriberID{Node: to.node, Local: to.local(i)}
-		// Only a node's own report carries processed.
-		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(g, s, processed != nil, path) {
+		// Only a node's own report carries processed, for all its
+		// subscribers once one of them ended partway: this one's share is
+		// partial only if it ran some of it (a subscription that ends
+		// mid-batch ran at least one message).
+		partial := processed != nil && processed[i] > 0
+		if g := id.Group(); g != "" && s != Delivered && b.reroute != nil && b.reroute.reroutable(g, s, partial, path) {
 			idx := to.idx(i)
 			if processed != nil && int(processed[i]) <= len(idx) {
 				idx = idx[processed[i]:]
