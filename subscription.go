@@ -165,7 +165,9 @@ func (s *Subscription) releaseMailbox() {
 // when Subscribe then fails (its ctx ended before the answer came back,
 // behind a stalled route, say). Those deliveries count in their acks, as
 // h ran; after Subscribe returned the error, h may finish the message it
-// is handling but is given no other.
+// is handling but is given no other. A Subscribe that fails after its
+// request left tells the owner to forget the subscriber, in one attempt it
+// does not wait for.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err
@@ -194,9 +196,17 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 	if !n.subscriber.add(s, n.life.closed.Load) {
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, ErrClosed)
 	}
-	if err := n.registerWithOwner(ctx, s, false); err != nil {
+	issued := false
+	if err := n.registerWithOwnerIssued(ctx, s, false, &issued); err != nil {
 		n.subscriber.remove(local, "")
 		s.end(err)
+		if issued {
+			// The owner may have recorded it (the ctx ended, or the answer
+			// was lost, after the request left): without a word it would
+			// keep the subscriber, and its topic's actor, until a delivery
+			// found it gone.
+			n.forgetAtOwner(s)
+		}
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
 	}
 	n.log.Debug("subscribed", "topic", topic, "subscriber", s.id.String())
@@ -225,10 +235,35 @@ func (s *Subscription) Unsubscribe(ctx context.Context) error {
 // registerWithOwner sends a subscribe (or unsubscribe) to the topic's owner
 // and waits for its acknowledgement, following ownership changes.
 func (n *Node) registerWithOwner(ctx context.Context, s *Subscription, unsubscribe bool) error {
+	return n.registerWithOwnerIssued(ctx, s, unsubscribe, nil)
+}
+
+// registerWithOwnerIssued is registerWithOwner, setting *issued once a
+// request was queued on the local actor or written to the connection.
+func (n *Node) registerWithOwnerIssued(ctx context.Context, s *Subscription, unsubscribe bool, issued *bool) error {
 	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: s.topic, Subscriber: s.id.Local, Unsubscribe: unsubscribe}
-	_, err := n.toOwner(ctx, s.topic, subscribeRequest{req}, ownerCall{})
+	var o ownerCall
+	if issued != nil {
+		o.issued = func() { *issued = true }
+	}
+	_, err := n.toOwner(ctx, s.topic, subscribeRequest{req}, o)
 	if (errors.Is(err, ErrClosed) || errors.Is(err, errClosedInFlight)) && unsubscribe {
 		return nil // our own node is closing: the owner drops us anyway
 	}
 	return err
+}
+
+// forgetAtOwner tells the topic's owner, without waiting for an answer and
+// in one attempt, that a subscription whose Subscribe failed is gone. It
+// follows the subscribe on the same path (the local actor's queue, or this
+// node's connection to the owner's inbox), so the owner reads it after
+// the subscribe. Lost (no owner, queue full, a write error), the owner
+// keeps the subscriber until a delivery finds it gone, as before.
+func (n *Node) forgetAtOwner(s *Subscription) {
+	req := &wire.SubscribeRequest{From: n.selfRef(), Topic: s.topic, Subscriber: s.id.Local, Unsubscribe: true}
+	once, cancel := context.WithCancel(context.Background())
+	cancel() // one attempt: toOwner does not pause for a retry
+	if _, err := n.toOwner(once, s.topic, subscribeRequest{req}, ownerCall{noAnswer: true}); err != nil {
+		n.log.Debug("telling the owner of a failed subscribe failed", "topic", s.topic, "subscriber", s.id.String(), "err", err)
+	}
 }
