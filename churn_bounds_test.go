@@ -3,7 +3,9 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -79,4 +81,69 @@ func TestCancelledSubscribeLeavesNoSubscriberAtTheOwner(t *testing.T) {
 	}
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return ownerSubscribers(owner) == 0 },
 		"owner still records %d subscribers (%d topics owned) for %d failed Subscribes", ownerSubscribers(owner), owner.Stats().TopicsOwned, failed)
+}
+
+// logLines records a node's log messages and their attributes.
+type logLines struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *logLines) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logLines) Handle(_ context.Context, r slog.Record) error {
+	line := r.Message
+	r.Attrs(func(a slog.Attr) bool { line += " " + a.String(); return true })
+	l.mu.Lock()
+	l.lines = append(l.lines, line)
+	l.mu.Unlock()
+	return nil
+}
+func (l *logLines) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l *logLines) WithGroup(string) slog.Handler      { return l }
+
+func (l *logLines) matching(sub string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for _, line := range l.lines {
+		if strings.Contains(line, sub) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// A listener stuck in its callback loses every event past its buffer. It
+// is told so only by an EventsDropped it receives once it returns: stuck
+// for good, nobody is. The drops must be counted and logged where the
+// operator looks (Stats, the node's log), as every drop is.
+func TestStuckListenerDropsAreCountedAndLogged(t *testing.T) {
+	logs := &logLines{}
+	c := newCluster(t, 1, 1, pubsub.WithLogger(slog.New(logs)), pubsub.WithMetricsInterval(0))
+	n := c.Nodes[0]
+	release := make(chan struct{})
+	entered := make(chan struct{})
+	var once sync.Once
+	cancel := n.Events().Subscribe(func(pubsub.Event) {
+		once.Do(func() { close(entered) })
+		<-release
+	})
+	// Released before the cluster's cleanup checks for leaks.
+	t.Cleanup(func() { close(release); cancel() })
+	topic := ownedBy(t, n, "stuck-listener")
+	subscribe(t, n, topic, newRecorder().handler)
+	<-entered
+	ctx := ctxT(t)
+	const publishes = pubsub.EventBufferSize // two events each on the owner
+	for i := range publishes {
+		ack, err := n.Publish(ctx, topic, msg(i))
+		mustAccept(t, ack, err, 1)
+	}
+	// 2 x publishes events, one taken by the stuck callback, EventBufferSize buffered.
+	lost := uint64(2*publishes - 1 - pubsub.EventBufferSize)
+	lines := logs.matching("dropped")
+	if len(lines) == 0 {
+		t.Fatalf("a listener stuck in its callback lost %d events: no log line says so", lost)
+	}
+	t.Logf("logged: %q", lines)
 }
