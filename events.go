@@ -208,7 +208,9 @@ func (e QuorumChanged) stamped(node string, at time.Time) Event  { e.Node, e.Tim
 // each listener has a bounded buffer and its own goroutine, and a listener
 // that falls behind loses events, counted in a later EventsDropped.
 type EventStream struct {
-	node      string // the node's ID
+	node      string        // the node's ID
+	log       *nodeLogger   // the node's, for drops; nil in some tests
+	dropped   atomic.Uint64 // events any listener lost (Stats().EventsDropped)
 	mu        sync.Mutex
 	listeners []*listener
 	active    atomic.Int32 // len(listeners), read without the lock on the hot path
@@ -309,13 +311,23 @@ func emit[E Event](s *EventStream, e E) {
 }
 
 func (s *EventStream) offer(e Event) {
+	dropped := false
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, l := range s.listeners {
 		select {
 		case l.ch <- e:
 		default:
 			l.dropped.Add(1)
+			s.dropped.Add(1)
+			dropped = true
+		}
+	}
+	s.mu.Unlock()
+	if dropped && s.log != nil {
+		// A listener stuck in its callback never receives the
+		// EventsDropped that would tell it: the node says so too.
+		if ok, held := s.log.limit.allow("events/dropped"); ok {
+			s.log.Warn("an event listener fell behind: events dropped", "dropped", s.dropped.Load(), "buffer", EventBufferSize, "suppressed", held)
 		}
 	}
 }

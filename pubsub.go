@@ -127,6 +127,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		log:    nodeLogger{Logger: cfg.Logger.With("node", cfg.NodeID), limit: logThrottle{interval: logThrottleInterval}},
 		events: newEventStream(cfg.NodeID),
 	}
+	n.events.log = &n.log
 	n.life.ctx, n.life.cancel = context.WithCancel(context.Background())
 	n.life.stopBeats, n.life.beatsStopped = make(chan struct{}), make(chan struct{})
 	n.life.closeDone = make(chan struct{})

@@ -29,6 +29,7 @@ type Stats struct {
 	RequestsRefused   uint64                    // requests refused: their topic actor's queue was full
 	AckNoneRefused    uint64                    // messages of AckNone publishes this node refused as owner, its own included (not the owner, not ready, held back for a producer's order, queue full): lost, and nobody tells their publisher
 	SyncRequests      uint64                    // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
+	EventsDropped     uint64                    // events lost by EventStream listeners that fell behind, summed over listeners (each is told by an EventsDropped once it returns; the node logs it, throttled)
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
 	// KeepServing), and that view's agreed epoch and size (0 under
@@ -59,6 +60,7 @@ func (n *Node) Stats() Stats {
 		RequestsRefused:   n.stats.refused.Load(),
 		AckNoneRefused:    n.stats.ackNoneRefused.Load(),
 		SyncRequests:      n.stats.syncRequests.Load(),
+		EventsDropped:     n.events.dropped.Load(),
 	}
 	st.HasQuorum = true // KeepServing always serves
 	if n.cfg.PartitionPolicy == KeepMajority {
