@@ -151,3 +151,33 @@ func TestStuckListenerDropsAreCountedAndLogged(t *testing.T) {
 	}
 	t.Logf("logged: %q", lines)
 }
+
+// A listener's buffer is bounded in events, but a MetricsSnapshot carries
+// Stats, whose Subscribers map holds every topic the node owns: a stuck (or
+// slow) listener's 1024 snapshots of a node owning T topics hold 1024
+// copies of that map. Here 2 000 topics: ~130 MB before the fix.
+func TestStuckListenerDoesNotHoldASnapshotPerMetricsInterval(t *testing.T) {
+	c := newCluster(t, 1, 1, pubsub.WithMetricsInterval(time.Millisecond))
+	n := c.Nodes[0]
+	ctx := ctxT(t)
+	const topics = 2000
+	for i := range topics {
+		if _, err := n.Subscribe(ctx, fmt.Sprintf("snap-%d", i), func(context.Context, *pubsub.Message) error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base := churnHeap()
+	release := make(chan struct{})
+	entered := make(chan struct{})
+	var once sync.Once
+	cancel := n.Events().Subscribe(func(pubsub.Event) { once.Do(func() { close(entered) }); <-release })
+	t.Cleanup(func() { close(release); cancel() })
+	<-entered
+	// Past a full buffer's worth of snapshots.
+	testcluster.WaitFor(t, 60*time.Second, func() bool { return n.Stats().EventsDropped > pubsub.EventBufferSize }, "snapshots past the buffer")
+	grown := (int64(churnHeap()) - int64(base)) >> 20
+	t.Logf("a stuck listener, %d owned topics: heap %+d MB", topics, grown)
+	if grown > 16 {
+		t.Fatalf("a stuck listener's buffered snapshots hold %d MB (%d owned topics)", grown, topics)
+	}
+}
