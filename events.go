@@ -223,9 +223,13 @@ const EventBufferSize = 1024
 type listener struct {
 	ch      chan Event
 	dropped atomic.Uint64
-	stop    chan struct{} // closed by cancel: stop at once
-	closing chan struct{} // closed when the node closes: deliver what is buffered, then stop
-	done    chan struct{}
+	// snapshot is set while a MetricsSnapshot waits in ch: a snapshot holds
+	// a map of every owned topic, so a listener that fell behind is queued
+	// one, not one per MetricsInterval (the later ones count as dropped).
+	snapshot atomic.Bool
+	stop     chan struct{} // closed by cancel: stop at once
+	closing  chan struct{} // closed when the node closes: deliver what is buffered, then stop
+	done     chan struct{}
 }
 
 func newEventStream(node string) *EventStream { return &EventStream{node: node} }
@@ -270,6 +274,9 @@ func (s *EventStream) remove(l *listener) {
 func (l *listener) run(node string, fn func(Event)) {
 	defer close(l.done)
 	deliver := func(e Event) {
+		if _, ok := e.(MetricsSnapshot); ok {
+			l.snapshot.Store(false)
+		}
 		if d := l.dropped.Swap(0); d > 0 {
 			fn(EventsDropped{Dropped: d}.stamped(node, time.Now()))
 		}
@@ -312,11 +319,21 @@ func emit[E Event](s *EventStream, e E) {
 
 func (s *EventStream) offer(e Event) {
 	dropped := false
+	_, snapshot := e.(MetricsSnapshot)
 	s.mu.Lock()
 	for _, l := range s.listeners {
+		if snapshot && !l.snapshot.CompareAndSwap(false, true) {
+			l.dropped.Add(1) // one is still queued
+			s.dropped.Add(1)
+			dropped = true
+			continue
+		}
 		select {
 		case l.ch <- e:
 		default:
+			if snapshot {
+				l.snapshot.Store(false)
+			}
 			l.dropped.Add(1)
 			s.dropped.Add(1)
 			dropped = true
