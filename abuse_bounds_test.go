@@ -20,6 +20,7 @@ import (
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
 // abuseHeap returns the heap in use after a full collection.
@@ -196,20 +197,8 @@ func TestStuckHandlerReleasesItsMailboxOnceEvicted(t *testing.T) {
 	require.ErrorIs(t, s.Err(), pubsub.ErrEvicted)
 	var after uint64
 	released := func() bool { after = abuseHeap(); return after < before+16<<20 }
-	if !waitFor(5*time.Second, released) {
+	if !embedded.Poll(5*time.Second, released) {
 		t.Errorf("heap in use %d MB before, %d MB while stuck, still %d MB 5 s after the eviction", before>>20, stuck>>20, after>>20)
 	}
 	t.Logf("heap in use %d MB before, %d MB while stuck, %d MB after the eviction", before>>20, stuck>>20, after>>20)
-}
-
-// waitFor polls cond every 50 ms until it holds or timeout passes.
-func waitFor(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(50 * time.Millisecond) // polls a condition until its deadline
-	}
-	return true
 }
