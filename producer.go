@@ -57,7 +57,7 @@ type BatchingProducer struct {
 	prop    Propagator
 	metaPub messagePublisher
 
-	ctx       context.Context // the producer's lifetime: cancelled when Close gives up
+	ctx       context.Context // the producer's lifetime: cancelled when Close gives up or its node closed
 	cancel    context.CancelFunc
 	wake      chan struct{}     // 1-buffered nudge from Produce, Flush and Close
 	events    chan attemptEvent // attempt goroutines report here
@@ -152,7 +152,11 @@ type messageSizer interface {
 // NewBatchingProducer returns a producer of messages for topic, published
 // through p, and starts its goroutine. Zero fields of cfg take their
 // defaults; a negative one fails with ErrInvalidConfig, an invalid topic with
-// ErrInvalidTopic. Call Close to stop the goroutine.
+// ErrInvalidTopic. Call Close to stop the goroutine, and to publish what is
+// queued first. A producer publishing through a *Node also stops when that
+// node has closed (after its Close drained, or on losing its connection),
+// as if a Close had given up: what is still queued completes with
+// ReasonClosed, and later Produce calls with ErrClosed.
 func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*BatchingProducer, error) {
 	if p == nil || isNilPointer(p) {
 		return nil, fmt.Errorf("%w: producer: Publisher is nil; pass a *Node or another Publisher", ErrInvalidConfig)
@@ -185,7 +189,14 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 	}
 	bp.initialized = bp.init == nil
 	bp.full = doneFuture(bp.failure(fmt.Errorf("pubsub: producer for %q: %d messages queued: %w", topic, cfg.MaxQueueSize, ErrQueueFull)))
-	bp.ctx, bp.cancel = context.WithCancel(context.Background())
+	life := context.Background()
+	if n, ok := p.(*Node); ok && n.life.ctx != nil {
+		// A producer its user forgot to Close stops with its node: once
+		// the node shut down every attempt would fail ErrClosed, and its
+		// goroutine would outlive the node for good.
+		life = n.life.ctx
+	}
+	bp.ctx, bp.cancel = context.WithCancel(life)
 	go bp.run()
 	return bp, nil
 }

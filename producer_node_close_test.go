@@ -1,0 +1,61 @@
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+)
+
+// Found by a probe: a producer its user never closed kept its goroutine
+// after its node closed, for good (the cluster's leak check at cleanup
+// fails on it). It now stops with its node: what it still holds completes
+// ReasonClosed, and Produce afterwards fails ErrClosed at once.
+func TestProducerStopsWhenItsNodeCloses(t *testing.T) {
+	c := newCluster(t, 2, 2)
+	topic := ownedBy(t, c.Nodes[1], "node-closes")
+	subscribe(t, c.Nodes[1], topic, func(context.Context, *pubsub.Message) error { return nil })
+
+	idle, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{})
+	require.NoError(t, err)
+	ack, err := idle.Produce(ctxT(t), []byte("sent")).Wait(ctxT(t))
+	require.NoError(t, err)
+	require.Equal(t, 1, ack.Delivered)
+	// Never sent: the batch lingers for an hour.
+	lingering, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{Linger: time.Hour})
+	require.NoError(t, err)
+	queued := lingering.Produce(ctxT(t), []byte("queued"))
+	typed, err := pubsub.NewTopic(c.Nodes[0], topic, pubsub.JSONCodec[string]())
+	require.NoError(t, err)
+	tp, err := pubsub.NewTypedProducer(typed, pubsub.ProducerConfig{})
+	require.NoError(t, err)
+
+	c.CloseNode(t, 0) // none of the three producers is closed
+
+	select {
+	case <-queued.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the queued message's future did not complete when its node closed")
+	}
+	ack, err = queued.Wait(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrClosed)
+	assert.Equal(t, pubsub.ReasonClosed, ack.Reason, "never sent: not published")
+	for name, f := range map[string]*pubsub.Produced{"idle": idle.Produce(ctxT(t), []byte("late")), "typed": tp.Produce(ctxT(t), "late")} {
+		select {
+		case <-f.Done():
+			_, err := f.Wait(ctxT(t))
+			assert.True(t, errors.Is(err, pubsub.ErrClosed), "%s: %v", name, err)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: Produce after its node closed did not complete", name)
+		}
+	}
+	// A Close afterwards has nothing left to do.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	assert.NoError(t, lingering.Close(ctx))
+}
