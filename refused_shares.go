@@ -18,19 +18,38 @@ import (
 // once something was refused, so a member that never filled its mailbox
 // pays one atomic load per share.
 type refusedShares struct {
-	any  atomic.Bool
-	mu   sync.Mutex
-	ring [maxRefusedShares]refusedShare
+	any atomic.Bool
+	mu  sync.Mutex
+	// by holds each producer's refused batches apart: a producer's batches
+	// push out only its own older ones, never another's. The node's
+	// implicit producer, whose attempts are renumbered and so never
+	// retried as they were, fills no slot a BatchingProducer's retry needs.
+	by map[string]*refusedRing
+}
+
+// maxRefusedShares bounds what a subscription remembers per producer: a
+// producer's retries come within a few batches (MaxInFlight, split
+// chunks). maxRefusedProducers bounds the producers; past it one is
+// forgotten.
+const (
+	maxRefusedShares    = 16
+	maxRefusedProducers = 256
+)
+
+// refusedRing is one producer's last refused batches.
+type refusedRing struct {
+	seqs [maxRefusedShares]uint64
+	n    int // slots filled
 	next int
 }
 
-// maxRefusedShares bounds what a subscription remembers: a producer's
-// retries come within a few batches (MaxInFlight, split chunks).
-const maxRefusedShares = 16
-
-type refusedShare struct {
-	producer string
-	seq      uint64
+func (r *refusedRing) has(seq uint64) bool {
+	for _, s := range r.seqs[:r.n] {
+		if s == seq {
+			return true
+		}
+	}
+	return false
 }
 
 // note records that origin's share was refused. Only a producer's batch
@@ -41,8 +60,25 @@ func (r *refusedShares) note(origin batchOrigin) {
 		return
 	}
 	r.mu.Lock()
-	r.ring[r.next] = refusedShare{producer: origin.producer, seq: origin.seq}
-	r.next = (r.next + 1) % maxRefusedShares
+	ring := r.by[origin.producer]
+	if ring == nil {
+		if r.by == nil {
+			r.by = map[string]*refusedRing{}
+		}
+		if len(r.by) >= maxRefusedProducers {
+			for k := range r.by {
+				delete(r.by, k)
+				break
+			}
+		}
+		ring = &refusedRing{}
+		r.by[origin.producer] = ring
+	}
+	if !ring.has(origin.seq) { // a copy refused again keeps its one slot
+		ring.seqs[ring.next] = origin.seq
+		ring.next = (ring.next + 1) % maxRefusedShares
+		ring.n = min(ring.n+1, maxRefusedShares)
+	}
 	r.mu.Unlock()
 	r.any.Store(true)
 }
@@ -54,12 +90,8 @@ func (r *refusedShares) has(origin batchOrigin) bool {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, e := range r.ring {
-		if e.seq == origin.seq && e.producer == origin.producer {
-			return true
-		}
-	}
-	return false
+	ring := r.by[origin.producer]
+	return ring != nil && ring.has(origin.seq)
 }
 
 func refusable(origin batchOrigin) bool {
