@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -179,5 +180,73 @@ func TestStuckListenerDoesNotHoldASnapshotPerMetricsInterval(t *testing.T) {
 	t.Logf("a stuck listener, %d owned topics: heap %+d MB", topics, grown)
 	if grown > 16 {
 		t.Fatalf("a stuck listener's buffered snapshots hold %d MB (%d owned topics)", grown, topics)
+	}
+}
+
+// A consumer group whose members all vanished (their node crashed) is
+// reported SubscriberGone by every batch until a member joins. A new
+// member whose Subscribe then fails (its ctx ended after the owner
+// recorded it) joined nothing: the group is still gone, and acks must keep
+// saying so. The unsubscribe the failed Subscribe sends the owner
+// (forgetAtOwner) must not end the group as if its last member had
+// unsubscribed, silently.
+func TestCancelledSubscribeKeepsAVanishedGroupReported(t *testing.T) {
+	c := newCluster(t, 1, 3)
+	owner, sub := c.Nodes[0], c.Nodes[1]
+	const topics = 10
+	names := make([]string, topics)
+	for i := range names {
+		names[i] = ownedBy(t, owner, fmt.Sprintf("vanished-%d", i))
+		if _, err := c.Nodes[2].Subscribe(ctxT(t), names[i], func(context.Context, *pubsub.Message) error { return nil }, pubsub.WithGroup("gone")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Crash(2)
+	c.WaitConverged(t, 10*time.Second, 0, 1)
+	vanished := func(topic string) (pubsub.PublishAck, bool) {
+		ack, err := owner.Publish(ctxT(t), topic, []byte("m"))
+		return ack, err == nil && slices.Contains(ack.Failures, pubsub.DeliveryFailure{Group: "gone", Status: pubsub.SubscriberGone})
+	}
+	for _, topic := range names {
+		testcluster.WaitFor(t, 10*time.Second, func() bool { _, ok := vanished(topic); return ok }, "group on %s never reported gone", topic)
+	}
+	var mu sync.Mutex
+	cancels := map[string]context.CancelFunc{}
+	stop := owner.Events().Subscribe(func(e pubsub.Event) {
+		if a, ok := e.(pubsub.SubscriberAdded); ok {
+			mu.Lock()
+			if cancel := cancels[a.Topic]; cancel != nil {
+				cancel()
+			}
+			mu.Unlock()
+		}
+	})
+	defer stop()
+	failed := 0
+	for _, topic := range names {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		mu.Lock()
+		cancels[topic] = cancel
+		mu.Unlock()
+		s, err := sub.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error { return nil }, pubsub.WithGroup("gone"))
+		cancel()
+		if err == nil {
+			_ = s // it joined: the group is back, and ends by its unsubscribe
+			continue
+		}
+		failed++
+		// Once the owner forgot the failed member (told, or a delivery
+		// found it gone), the group is gone again, and said so.
+		testcluster.WaitFor(t, 10*time.Second, func() bool {
+			_, _ = owner.Publish(ctxT(t), topic, []byte("m"))
+			return owner.Stats().Subscribers[topic] == 0
+		}, "owner still holds the failed member on %s", topic)
+		if ack, ok := vanished(topic); !ok {
+			t.Errorf("%s: after a failed Subscribe to the vanished group, ack %+v no longer reports it", topic, ack)
+		}
+	}
+	t.Logf("%d of %d Subscribes failed for their cancelled ctx", failed, topics)
+	if failed == 0 {
+		t.Skip("no Subscribe was cancelled in flight")
 	}
 }
