@@ -167,7 +167,8 @@ func (s *Subscription) releaseMailbox() {
 // h ran; after Subscribe returned the error, h may finish the message it
 // is handling but is given no other. A Subscribe that fails after its
 // request left tells the owner to forget the subscriber, in one attempt it
-// does not wait for.
+// does not wait for (a group member's is left for the next delivery to
+// find gone, so a group whose members all vanished stays reported).
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err
@@ -200,11 +201,15 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 	if err := n.registerWithOwnerIssued(ctx, s, false, &issued); err != nil {
 		n.subscriber.remove(local, "")
 		s.end(err)
-		if issued {
+		if issued && cfg.group == "" {
 			// The owner may have recorded it (the ctx ended, or the answer
 			// was lost, after the request left): without a word it would
 			// keep the subscriber, and its topic's actor, until a delivery
-			// found it gone.
+			// found it gone. Not a group member: to the owner an
+			// unsubscribe of a group's last member ends the group silently,
+			// where one whose members all vanished is still reported in
+			// acks; a leftover member is found gone by the next delivery,
+			// which keeps that report.
 			n.forgetAtOwner(s)
 		}
 		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
