@@ -329,17 +329,21 @@ func TestHooksSeeTypedRejectionsAndFailedInitializes(t *testing.T) {
 		assert.Equal(t, "typed", pubs[0].Topic)
 	})
 	t.Run("producer initialize", func(t *testing.T) {
-		n := c.AddNode(t, "closing", 0, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(recs[0]))...)
-		p, err := pubsub.NewBatchingProducer(n, "t", pubsub.ProducerConfig{})
+		n := c.AddNode(t, "initializing", 0, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(recs[0]))...)
+		c.WaitConverged(t, 10*time.Second)
+		// A remote owner, and no time to reach it: the producer's
+		// Initialize fails before anything is published. (A producer on a
+		// closed node no longer tries: it stops with its node.)
+		topic := ownedBy(t, c.Nodes[1], "initialize-fails")
+		p, err := pubsub.NewBatchingProducer(n, topic, pubsub.ProducerConfig{PublishTimeout: time.Nanosecond})
 		require.NoError(t, err)
 		defer p.Close(context.Background())
-		require.NoError(t, n.Close(ctxT(t)))
 		before, rejectedBefore := len(recs[0].publishes()), n.Stats().Rejected
 		_, err = p.Produce(ctxT(t), []byte("x")).Wait(ctxT(t))
-		require.ErrorIs(t, err, pubsub.ErrClosed)
+		require.ErrorContains(t, err, "initialize")
 		pubs := recs[0].publishes()[before:]
 		require.NotEmpty(t, pubs)
-		assert.ErrorIs(t, pubs[0].Err, pubsub.ErrClosed)
+		assert.ErrorContains(t, pubs[0].Err, "initialize")
 		assert.Equal(t, 1, pubs[0].Messages)
 		// Counted as the hook saw it (a probe found the hook and Stats
 		// disagreeing).

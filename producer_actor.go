@@ -60,7 +60,9 @@ func (p *BatchingProducer) run() {
 		case <-timer.C:
 		case <-lifetime:
 			lifetime = nil
-			p.abandon()
+			if !p.dead { // onEvent may have seen it first
+				p.abandon()
+			}
 		}
 	}
 }
@@ -288,6 +290,11 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		// before the actor sees the lifetime end (abandon). It is Close's
 		// abort either way, not a failure for OnPublishError, nor a
 		// "cancelled before it was published": the owner may have run it.
+		if !p.dead {
+			// The actor has not seen the lifetime end yet: abandon now,
+			// or pump would start the next batch once this one resolved.
+			p.abandon()
+		}
 		p.abandoned.Store(true)
 		if b.unknown != nil || ack.Reason == ReasonCancelled {
 			// Aborted by Close (the attempt's ctx ended), or an earlier
