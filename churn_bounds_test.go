@@ -39,32 +39,15 @@ func TestCancelledSubscribeLeavesNoSubscriberAtTheOwner(t *testing.T) {
 	owner, sub := c.Nodes[0], c.Nodes[1]
 	// The owner's listener cancels the pending Subscribe once the owner
 	// recorded it: the answer is then on its way back.
-	var mu sync.Mutex
-	cancels := map[string]context.CancelFunc{}
-	stop := owner.Events().Subscribe(func(e pubsub.Event) {
-		if a, ok := e.(pubsub.SubscriberAdded); ok {
-			mu.Lock()
-			if cancel := cancels[a.Topic]; cancel != nil {
-				cancel()
-			}
-			mu.Unlock()
-		}
-	})
-	defer stop()
+	canceller := cancelOnAdded(t, owner)
 	const topics = 300
 	failed := 0
 	heap0 := churnHeap()
 	for i := range topics {
 		topic := ownedBy(t, owner, fmt.Sprintf("cancelled-%d", i))
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		mu.Lock()
-		cancels[topic] = cancel
-		mu.Unlock()
+		ctx, cancel := canceller.arm(topic)
 		s, err := sub.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error { return nil })
 		cancel()
-		mu.Lock()
-		delete(cancels, topic)
-		mu.Unlock()
 		if err != nil {
 			failed++
 			continue
@@ -210,24 +193,10 @@ func TestCancelledSubscribeKeepsAVanishedGroupReported(t *testing.T) {
 	for _, topic := range names {
 		testcluster.WaitFor(t, 10*time.Second, func() bool { _, ok := vanished(topic); return ok }, "group on %s never reported gone", topic)
 	}
-	var mu sync.Mutex
-	cancels := map[string]context.CancelFunc{}
-	stop := owner.Events().Subscribe(func(e pubsub.Event) {
-		if a, ok := e.(pubsub.SubscriberAdded); ok {
-			mu.Lock()
-			if cancel := cancels[a.Topic]; cancel != nil {
-				cancel()
-			}
-			mu.Unlock()
-		}
-	})
-	defer stop()
+	canceller := cancelOnAdded(t, owner)
 	failed := 0
 	for _, topic := range names {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		mu.Lock()
-		cancels[topic] = cancel
-		mu.Unlock()
+		ctx, cancel := canceller.arm(topic)
 		s, err := sub.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error { return nil }, pubsub.WithGroup("gone"))
 		cancel()
 		if err == nil {
@@ -248,5 +217,44 @@ func TestCancelledSubscribeKeepsAVanishedGroupReported(t *testing.T) {
 	t.Logf("%d of %d Subscribes failed for their cancelled ctx", failed, topics)
 	if failed == 0 {
 		t.Skip("no Subscribe was cancelled in flight")
+	}
+}
+
+// subscribeCanceller cancels a pending Subscribe's context once the
+// topic's owner recorded the subscriber (its SubscriberAdded): the owner's
+// answer is then on its way back, so the Subscribe fails after its request
+// left.
+type subscribeCanceller struct {
+	mu      sync.Mutex
+	cancels map[string]context.CancelFunc
+}
+
+func cancelOnAdded(t *testing.T, owner *pubsub.Node) *subscribeCanceller {
+	c := &subscribeCanceller{cancels: map[string]context.CancelFunc{}}
+	stop := owner.Events().Subscribe(func(e pubsub.Event) {
+		if a, ok := e.(pubsub.SubscriberAdded); ok {
+			c.mu.Lock()
+			if cancel := c.cancels[a.Topic]; cancel != nil {
+				cancel()
+			}
+			c.mu.Unlock()
+		}
+	})
+	t.Cleanup(stop)
+	return c
+}
+
+// arm returns the context for a Subscribe to topic, cancelled once the
+// owner records it, and the function that cancels and disarms it.
+func (c *subscribeCanceller) arm(topic string) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	c.mu.Lock()
+	c.cancels[topic] = cancel
+	c.mu.Unlock()
+	return ctx, func() {
+		cancel()
+		c.mu.Lock()
+		delete(c.cancels, topic)
+		c.mu.Unlock()
 	}
 }

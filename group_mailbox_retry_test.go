@@ -45,13 +45,7 @@ func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// X runs one fill and holds one: its mailbox is full.
-	for i := 0; i < 8 && len(runs.of("fill")) < 8; i++ {
-		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
-			t.Fatal(i, err)
-		}
-	}
-	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= 8-1 }, "fills not all placed")
+	fillMailbox(t, c, topic, runs)
 	p, retries := retriedProducer(t, c, topic)
 	// Round robin: one message to each member; the one given to X is
 	// re-routed to Y.
@@ -72,4 +66,17 @@ func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
 			t.Errorf("group ran %s %d times at %v; want at most once", m, len(got), got)
 		}
 	}
+}
+
+// fillMailbox publishes 8 fills from node 0 to topic's group of X (whose
+// handler holds a fill, with a mailbox of one batch) and Y: X runs one
+// fill and holds one, so its mailbox is full, and Y runs the rest.
+func fillMailbox(t *testing.T, c *testcluster.Cluster, topic string, runs *memberRuns) {
+	t.Helper()
+	for i := 0; i < 8 && len(runs.of("fill")) < 8; i++ {
+		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
+			t.Fatal(i, err)
+		}
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= 8-1 }, "fills not all placed")
 }

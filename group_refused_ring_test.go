@@ -62,13 +62,7 @@ func TestGroupRetryDoesNotRunARefusedShareAfterPlainPublishes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// X runs one fill and holds one: its mailbox is full.
-	for i := 0; i < 8 && len(runs.of("fill")) < 8; i++ {
-		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
-			t.Fatal(i, err)
-		}
-	}
-	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= 8-1 }, "fills not all placed")
+	fillMailbox(t, c, topic, runs)
 
 	// A slow broadcast subscriber at the owner holds the producer's first
 	// answer past PublishTimeout; OnPublishError holds the retry until the
