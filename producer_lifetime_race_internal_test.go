@@ -1,0 +1,55 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+)
+
+// Found in review of e008817: the actor only learned that its lifetime had
+// ended (Close gave up, or its node closed) from the lifetime's Done or
+// from a *failed* attempt's report. A successful report (here: the owner's
+// answer arriving as Close gives up) read before the lifetime's Done was
+// resolved, and pump then cut and issued the next queued batch on the dead
+// lifetime: with this mock it was published after Close had given up, and
+// completed Accepted although Close's contract completes what was not sent
+// with ReasonClosed. Through a *Node that attempt is refused at once with
+// context.Canceled (ReasonCancelled), which onEvent reads as Close's abort
+// of a batch in flight: the never-sent messages completed ReasonTimeout
+// ("subscribers may have run it"). The actor's choice between the two
+// ready channels is random, so the scenario runs several times.
+func TestProducerIssuesNothingAfterItsLifetimeEnded(t *testing.T) {
+	for round := range 20 {
+		t.Run(fmt.Sprint(round), func(t *testing.T) {
+			mp := newMock()
+			cancelled := make(chan struct{})
+			mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+				if call == 0 {
+					<-ctx.Done() // the owner's answer arrives just as Close gives up
+					close(cancelled)
+				}
+				return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b), Delivered: 1}, nil
+			}
+			p := newTestProducer(t, mp, ProducerConfig{BatchSize: 1, MaxInFlight: 1, PublishTimeout: time.Hour})
+			ctx := prodCtx(t, prodWait)
+			first := p.Produce(ctx, pm(0))
+			mp.waitStarted(t)
+			rest := []*Produced{p.Produce(ctx, pm(1)), p.Produce(ctx, pm(2))}
+			cctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			if err := p.Close(cctx); err != nil && err != context.Canceled {
+				t.Fatalf("Close = %v", err)
+			}
+			<-cancelled
+			prodAccepted(t, first)
+			if n := mp.callCount(); n != 1 {
+				t.Errorf("%d publish calls, want 1: %v published after Close gave up", n, mp.recorded()[1:])
+			}
+			for i, f := range rest {
+				ack, err := prodDone(t, f, fmt.Sprintf("message %d", i+1))
+				prodExpectErr(t, ack, err, ErrClosed, ReasonClosed)
+			}
+		})
+	}
+}
