@@ -84,6 +84,13 @@ func (p *BatchingProducer) finished() bool {
 // (zero: never).
 func (p *BatchingProducer) pump() time.Time {
 	for {
+		if !p.dead && p.ctx.Err() != nil {
+			// The lifetime ended and the actor has not seen it yet (it read
+			// a success, an issue notice, a nudge or its timer first):
+			// nothing may start on a dead lifetime, neither a retry nor a
+			// new batch.
+			p.abandon()
+		}
 		p.completeHead()
 		now := time.Now()
 		if p.retryDue(now) {
