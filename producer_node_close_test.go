@@ -59,3 +59,33 @@ func TestProducerStopsWhenItsNodeCloses(t *testing.T) {
 	defer cancel()
 	assert.NoError(t, lingering.Close(ctx))
 }
+
+// Found in review of b59c400: once its node ended a producer's lifetime
+// and the producer abandoned what it held, a later Close with a ctx that
+// had already ended returned nil or ctx's error at random (Close's select
+// between the actor's exit, long done, and ctx's Done). The producer had
+// stopped before that Close: it has nothing to give up, so nil, as with a
+// live ctx (TestProducerStopsWhenItsNodeCloses).
+func TestProducerStoppedByItsNodeClosesNilWhateverCtx(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	topic := ownedBy(t, c.Nodes[1], "node-closes-ctx")
+	var ps []*pubsub.BatchingProducer
+	var queued []*pubsub.Produced
+	for range 20 {
+		p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{Linger: time.Hour})
+		require.NoError(t, err)
+		ps = append(ps, p)
+		queued = append(queued, p.Produce(ctxT(t), []byte("queued")))
+	}
+	c.CloseNode(t, 0)
+	for i, f := range queued {
+		ack, err := f.Wait(ctxT(t))
+		require.ErrorIs(t, err, pubsub.ErrClosed, "producer %d", i)
+		require.Equal(t, pubsub.ReasonClosed, ack.Reason, "producer %d", i)
+	}
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i, p := range ps {
+		assert.NoError(t, p.Close(done), "producer %d: stopped by its node before this Close", i)
+	}
+}
