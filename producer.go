@@ -327,8 +327,8 @@ func (p *BatchingProducer) Flush(ctx context.Context) error {
 // an attempt with an unknown outcome, completes with ReasonTimeout (outcome
 // unknown: its subscribers may have run it), and its error wraps both
 // ErrTimeout and ErrClosed. A producer
-// stopped by FailBatchAndStop closes with nil. A second Close waits like the
-// first and returns nil.
+// stopped by FailBatchAndStop, or by its node before Close gave up, closes
+// with nil. A second Close waits like the first and returns nil.
 func (p *BatchingProducer) Close(ctx context.Context) error {
 	p.mu.Lock()
 	again := p.closing
@@ -342,6 +342,12 @@ func (p *BatchingProducer) Close(ctx context.Context) error {
 	case <-p.exited:
 		return nil
 	case <-ctx.Done():
+	}
+	if p.ctx.Err() != nil {
+		// The lifetime had already ended without this Close (its node
+		// closed, or the actor returned): giving up aborts nothing.
+		<-p.exited
+		return nil
 	}
 	p.cancel()
 	<-p.exited // the attempts in flight return promptly once their context is cancelled
