@@ -53,3 +53,26 @@ func TestProducerIssuesNothingAfterItsLifetimeEnded(t *testing.T) {
 		})
 	}
 }
+
+// The publish-path twin of TestProducerInterruptedLookingForAnOwnerIsNotPublished:
+// a publisher that found no owner before the attempt's context ended
+// answers ErrTopicUnavailable wrapping the context's error, as *Node does
+// (toOwner): nothing was published, so the message completes ReasonClosed
+// when Close gave up, not ReasonTimeout.
+func TestProducerAttemptRefusedUntilCloseGaveUpIsNotPublished(t *testing.T) {
+	mp := newMock()
+	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+		<-ctx.Done()
+		return rejected("test-topic", len(b), fmt.Errorf("%w: no owner (the call's context ended first: %w)", ErrTopicUnavailable, ctx.Err()))
+	}
+	p := newTestProducer(t, mp, ProducerConfig{PublishTimeout: time.Hour})
+	f := p.Produce(prodCtx(t, prodWait), pm(0))
+	mp.waitStarted(t)
+	cctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := p.Close(cctx); err != context.Canceled {
+		t.Fatalf("Close = %v, want context.Canceled", err)
+	}
+	ack, err := prodDone(t, f, "message 0")
+	prodExpectErr(t, ack, err, ErrClosed, ReasonClosed)
+}

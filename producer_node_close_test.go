@@ -89,3 +89,39 @@ func TestProducerStoppedByItsNodeClosesNilWhateverCtx(t *testing.T) {
 		assert.NoError(t, p.Close(done), "producer %d: stopped by its node before this Close", i)
 	}
 }
+
+// Found in review of 44e8c5b: a producer's attempt that the lifetime's end
+// interrupted while its node was still looking for an owner (every try
+// refused or reaching none) returns ErrTopicUnavailable wrapping
+// context.Canceled: nothing was published, as the README says of
+// ReasonTopicUnavailable. But reasonOf makes it ReasonCancelled, which
+// onEvent reads as Close's abort of a batch in flight, and the message
+// completed ReasonTimeout ("subscribers may have run it") instead of
+// ReasonClosed: whether Close gave up or the node closed under an
+// unclosed producer. Here no member may own a topic, so the first
+// attempt's Initialize looks for an owner until the lifetime ends.
+func TestProducerInterruptedLookingForAnOwnerIsNotPublished(t *testing.T) {
+	c := newCluster(t, 1, 2, pubsub.WithClientOnly(), pubsub.WithRequestTimeout(time.Minute))
+	check := func(t *testing.T, f *pubsub.Produced) {
+		t.Helper()
+		ack, err := f.Wait(ctxT(t))
+		require.ErrorIs(t, err, pubsub.ErrClosed)
+		assert.Equal(t, pubsub.ReasonClosed, ack.Reason, "nothing was published: %v", err)
+	}
+	t.Run("close gives up", func(t *testing.T) {
+		p, err := pubsub.NewBatchingProducer(c.Nodes[0], "no-owner", pubsub.ProducerConfig{})
+		require.NoError(t, err)
+		f := p.Produce(ctxT(t), []byte("x"))
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		require.ErrorIs(t, p.Close(ctx), context.DeadlineExceeded)
+		check(t, f)
+	})
+	t.Run("node closes", func(t *testing.T) {
+		p, err := pubsub.NewBatchingProducer(c.Nodes[1], "no-owner", pubsub.ProducerConfig{})
+		require.NoError(t, err)
+		f := p.Produce(ctxT(t), []byte("x"))
+		c.CloseNode(t, 1)
+		check(t, f)
+	})
+}
