@@ -115,6 +115,7 @@ type attemptEvent struct {
 	b           *producerBatch
 	issued      bool // only an issue notice: the next batch may start
 	initialized bool // Initialize succeeded during this attempt
+	initFailed  bool // Initialize failed: nothing was published
 	ack         PublishAck
 	err         error
 }

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"sync/atomic"
@@ -211,6 +212,7 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 		cancel()
 		if err != nil {
 			ev.err = fmt.Errorf("pubsub: producer: initialize %q: %w", p.topic, err)
+			ev.initFailed = true
 			if node != nil {
 				// The attempt failed before its publish: counted, emitted
 				// and hooked as a rejected one.
@@ -303,7 +305,12 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 			p.abandon()
 		}
 		p.abandoned.Store(true)
-		if b.unknown != nil || ack.Reason == ReasonCancelled {
+		// A publisher that found no owner before the attempt's context
+		// ended answers ErrTopicUnavailable wrapping context.Canceled
+		// (ReasonCancelled): every try was refused, nothing was published.
+		// A failed Initialize published nothing either.
+		refused := ev.initFailed || errors.Is(err, ErrTopicUnavailable)
+		if b.unknown != nil || (ack.Reason == ReasonCancelled && !refused) {
 			// Aborted by Close (the attempt's ctx ended), or an earlier
 			// attempt's outcome was unknown: subscribers may have run it.
 			p.resolve(b, p.closedUnknown(b.msgs.len(), "producer closed while the batch was being published", err))
