@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -75,4 +76,39 @@ func TestProducerAttemptRefusedUntilCloseGaveUpIsNotPublished(t *testing.T) {
 	}
 	ack, err := prodDone(t, f, "message 0")
 	prodExpectErr(t, ack, err, ErrClosed, ReasonClosed)
+}
+
+// Close with a ctx that has already ended has nothing to publish "while ctx
+// allows": what is queued completes ReasonClosed and nothing is sent. Close
+// nudged the actor before cancelling the lifetime, and the actor, woken in
+// between, cut and issued the queued batch; through a *Node that attempt is
+// refused with context.Canceled, which reads as Close's abort of a batch
+// in flight (ReasonTimeout, "subscribers may have run it").
+func TestProducerCloseWithAnEndedCtxSendsNothing(t *testing.T) {
+	mp := newMock()
+	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+		if err := ctx.Err(); err != nil { // as *Node: refused before anything is sent
+			return rejected("test-topic", len(b), err)
+		}
+		return PublishAck{Topic: "test-topic", Status: Accepted, Messages: len(b), Delivered: 1}, nil
+	}
+	p := newTestProducer(t, mp, ProducerConfig{Linger: time.Hour, BatchSize: 100})
+	f := p.Produce(prodCtx(t, prodWait), pm(0))
+	for { // the actor took the nudge and lingers
+		p.mu.Lock()
+		parked := p.wakeLen == 100
+		p.mu.Unlock()
+		if parked {
+			break
+		}
+		runtime.Gosched()
+	}
+	cctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = p.Close(cctx)
+	ack, err := prodDone(t, f, "message 0")
+	prodExpectErr(t, ack, err, ErrClosed, ReasonClosed)
+	if n := mp.callCount(); n != 0 {
+		t.Fatalf("%d publish calls after a Close whose ctx had ended", n)
+	}
 }
