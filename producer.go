@@ -331,6 +331,16 @@ func (p *BatchingProducer) Flush(ctx context.Context) error {
 // stopped by FailBatchAndStop, or by its node before Close gave up, closes
 // with nil. A second Close waits like the first and returns nil.
 func (p *BatchingProducer) Close(ctx context.Context) error {
+	// The lifetime may have ended without this Close (its node closed, or
+	// the actor returned): giving up then aborts nothing.
+	ended := p.ctx.Err() != nil
+	early := !ended && ctx.Err() != nil
+	if early {
+		// ctx allows nothing: the lifetime ends before the actor can see
+		// closing (pump reads it under mu, with the lifetime), or it would
+		// start the queued batches.
+		p.cancel()
+	}
 	p.mu.Lock()
 	again := p.closing
 	p.closing = true
@@ -344,9 +354,7 @@ func (p *BatchingProducer) Close(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
-	if p.ctx.Err() != nil {
-		// The lifetime had already ended without this Close (its node
-		// closed, or the actor returned): giving up aborts nothing.
+	if ended || (!early && p.ctx.Err() != nil) {
 		<-p.exited
 		return nil
 	}

@@ -104,7 +104,9 @@ func (p *BatchingProducer) pump() time.Time {
 			p.queued >= p.cfg.BatchSize || p.qbytes >= p.cfg.MaxBatchBytes ||
 			p.closing || p.flushSeq > p.cutSeq) {
 			p.mu.Unlock()
-			p.cutAndIssue()
+			if p.ctx.Err() == nil { // else the loop abandons first
+				p.cutAndIssue()
+			}
 			continue
 		}
 		var next time.Time
