@@ -188,13 +188,13 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 		}
 		queued := hookClock(n.hooks.handled)
 		origin := msgs.origin
-		if origin.reroute && i >= len(locals) {
+		member := i >= len(locals) // a group member's share
+		if origin.reroute && member {
 			// Two members' shares of one batch re-routed to the same
 			// member are not copies of each other, even when their
 			// messages are equal: the positions tell them apart.
 			origin.at = positionsMark(shares[i-len(locals)].idx)
 		}
-		member := i >= len(locals)
 		if member && s.refused.has(origin) || !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
 			if member {
 				s.refused.note(origin)
@@ -322,17 +322,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 // incarnation and producer ever seen would otherwise stay. Only that one's
 // protection is lost, against a batch already older than its newest.
 func trackProducer(marks map[string]producerMark, producer string, mark producerMark) map[string]producerMark {
-	if marks == nil {
-		marks = make(map[string]producerMark)
-	}
-	if _, known := marks[producer]; !known && len(marks) >= maxTrackedProducers {
-		for k := range marks {
-			delete(marks, k)
-			break
-		}
-	}
-	marks[producer] = mark
-	return marks
+	return boundedPut(marks, producer, mark, maxTrackedProducers)
 }
 
 // producerMark is the last batch of one producer a subscription ran, and

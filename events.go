@@ -319,13 +319,16 @@ func emit[E Event](s *EventStream, e E) {
 
 func (s *EventStream) offer(e Event) {
 	dropped := false
+	drop := func(l *listener) {
+		l.dropped.Add(1)
+		s.dropped.Add(1)
+		dropped = true
+	}
 	_, snapshot := e.(MetricsSnapshot)
 	s.mu.Lock()
 	for _, l := range s.listeners {
 		if snapshot && !l.snapshot.CompareAndSwap(false, true) {
-			l.dropped.Add(1) // one is still queued
-			s.dropped.Add(1)
-			dropped = true
+			drop(l) // one is still queued
 			continue
 		}
 		select {
@@ -334,9 +337,7 @@ func (s *EventStream) offer(e Event) {
 			if snapshot {
 				l.snapshot.Store(false)
 			}
-			l.dropped.Add(1)
-			s.dropped.Add(1)
-			dropped = true
+			drop(l)
 		}
 	}
 	s.mu.Unlock()

@@ -220,19 +220,12 @@ func (g *groupRoute) rrStart(origin batchOrigin) (start int, replay bool) {
 			return st.start, true
 		}
 	}
-	if g.starts == nil {
-		g.starts = map[string][]rrStart{}
-	}
-	if seen == nil && len(g.starts) >= maxRRStarts {
-		for k := range g.starts {
-			delete(g.starts, k) // forget one: a retry of its batches is assigned anew
-			break
-		}
-	}
 	if len(seen) == maxRRBatches {
 		seen = append(seen[:0], seen[1:]...) // forget the oldest
 	}
-	g.starts[origin.producer] = append(seen, rrStart{seq: origin.seq, start: g.next})
+	// Past maxRRStarts producers one is forgotten: a retry of its batches
+	// is assigned anew.
+	g.starts = boundedPut(g.starts, origin.producer, append(seen, rrStart{seq: origin.seq, start: g.next}), maxRRStarts)
 	return g.next, false
 }
 

@@ -36,6 +36,24 @@ func isNilPointer(v any) bool {
 	return rv.Kind() == reflect.Pointer && rv.IsNil()
 }
 
+// boundedPut sets m[key] to v and returns m, made if nil. A key new to a
+// map already holding limit entries first makes it forget an arbitrary
+// one: what maps keyed by names from the wire (producers, nodes) give up
+// to stay bounded.
+func boundedPut[V any](m map[string]V, key string, v V, limit int) map[string]V {
+	if m == nil {
+		m = make(map[string]V)
+	}
+	if _, known := m[key]; !known && len(m) >= limit {
+		for k := range m {
+			delete(m, k)
+			break
+		}
+	}
+	m[key] = v
+	return m
+}
+
 // maxLocalIDLen bounds a subscriber's local ID from the wire: its node's
 // tag and a counter (at most 21 bytes), and a group name (a topic name)
 // after groupMark. The owner keeps a subscriber's ID for as long as it

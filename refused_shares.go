@@ -62,17 +62,8 @@ func (r *refusedShares) note(origin batchOrigin) {
 	r.mu.Lock()
 	ring := r.by[origin.producer]
 	if ring == nil {
-		if r.by == nil {
-			r.by = map[string]*refusedRing{}
-		}
-		if len(r.by) >= maxRefusedProducers {
-			for k := range r.by {
-				delete(r.by, k)
-				break
-			}
-		}
 		ring = &refusedRing{}
-		r.by[origin.producer] = ring
+		r.by = boundedPut(r.by, origin.producer, ring, maxRefusedProducers)
 	}
 	if !ring.has(origin.seq) { // a copy refused again keeps its one slot
 		ring.seqs[ring.next] = origin.seq

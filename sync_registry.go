@@ -267,9 +267,11 @@ func (r *syncRegistry) addLocked(node string, t *wire.TopicSubscribers) {
 		byNode[node] = set
 	}
 	for _, l := range t.GetSubscribers() {
-		if len(l) <= maxLocalIDLen { // longer: no node names a subscriber so
-			set[l] = struct{}{}
+		if len(l) > maxLocalIDLen { // no node names a subscriber so: counted, not kept
+			r.n.malformed("sync", len(l))
+			continue
 		}
+		set[l] = struct{}{}
 	}
 }
 

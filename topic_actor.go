@@ -127,16 +127,9 @@ func (a *topicActor) producerOrder(o batchOrigin) bool {
 	if o.mustWaitFor(last) {
 		return false
 	}
-	if a.producers == nil {
-		a.producers = make(map[string]uint64)
-	}
-	if _, known := a.producers[o.producer]; !known && len(a.producers) >= maxTrackedProducers {
-		for k := range a.producers {
-			delete(a.producers, k) // forget one: at worst a later batch waits for it to settle
-			break
-		}
-	}
-	a.producers[o.producer] = max(last, o.seq)
+	// Past maxTrackedProducers one is forgotten: at worst a later batch
+	// of it waits for it to settle.
+	a.producers = boundedPut(a.producers, o.producer, max(last, o.seq), maxTrackedProducers)
 	return true
 }
 
