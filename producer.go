@@ -349,14 +349,16 @@ func (p *BatchingProducer) Close(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 	p.nudge()
-	select {
-	case <-p.exited:
-		return nil
-	case <-ctx.Done():
-	}
-	if ended || (!early && p.ctx.Err() != nil) {
-		<-p.exited
-		return nil
+	if !early { // else the lifetime is over: only the abort is left to wait for
+		select {
+		case <-p.exited:
+			return nil
+		case <-ctx.Done():
+		}
+		if ended || p.ctx.Err() != nil {
+			<-p.exited
+			return nil
+		}
 	}
 	p.cancel()
 	<-p.exited // the attempts in flight return promptly once their context is cancelled
