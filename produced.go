@@ -96,5 +96,13 @@ func doneFuture(r *produceResult) *Produced {
 // failure is a per-message result: a Rejected ack for one message and err.
 func (p *BatchingProducer) failure(err error) *produceResult {
 	ack, err := rejected(p.topic, 1, err)
+	return p.result(ack, err)
+}
+
+// result is an outcome of p's: its ack carries p's AckLevel, as a batch's
+// does, whether the message was published or not (DESIGN: "a producer's
+// futures carry its AckLevel in Level").
+func (p *BatchingProducer) result(ack PublishAck, err error) *produceResult {
+	ack.Level = p.cfg.AckLevel
 	return &produceResult{ack: ack, err: err}
 }

@@ -256,7 +256,7 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes with its key and header, limit %d: %w", p.topic, size+wire.MetaSize(meta), p.maxMsg, ErrTooLarge)))
 	}
 	if err := ctx.Err(); err != nil {
-		return doneFuture(cancelled(p.topic, err))
+		return doneFuture(p.cancelled(err))
 	}
 	p.mu.Lock()
 	if p.closed != nil {

@@ -366,9 +366,9 @@ func (p *BatchingProducer) completeHead() {
 			e := &b.entries[i]
 			switch {
 			case e.maybeSent:
-				e.fut.complete(leftOutOfRetry(p.topic, b.unknown, e.ctx.Err()))
+				e.fut.complete(p.leftOutOfRetry(b.unknown, e.ctx.Err()))
 			case e.dropped:
-				e.fut.complete(cancelled(p.topic, e.ctx.Err()))
+				e.fut.complete(p.cancelled(e.ctx.Err()))
 			default:
 				e.fut.complete(b.res)
 			}

@@ -82,7 +82,7 @@ func (p *BatchingProducer) closedResult(n int, why string, cause error) *produce
 	} else {
 		err = fmt.Errorf("%w: %s", ErrClosed, why)
 	}
-	return &produceResult{ack: PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonClosed, Messages: n}, err: err}
+	return p.result(PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonClosed, Messages: n}, err)
 }
 
 // closedUnknown is the outcome of n messages of a batch the producer's
@@ -96,27 +96,27 @@ func (p *BatchingProducer) closedUnknown(n int, why string, cause error) *produc
 	if cause != nil {
 		err = fmt.Errorf("%w: %w", err, cause)
 	}
-	return &produceResult{ack: PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonTimeout, Messages: n}, err: err}
+	return p.result(PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonTimeout, Messages: n}, err)
 }
 
 // cancelled is the outcome of a message dropped because its context ended
 // (err is the context's error).
-func cancelled(topic string, err error) *produceResult {
+func (p *BatchingProducer) cancelled(err error) *produceResult {
 	if errors.Is(err, context.Canceled) {
 		err = fmt.Errorf("pubsub: message dropped before it was published: %w", err)
 	} else {
 		err = fmt.Errorf("pubsub: message dropped before it was published: %w (%w)", ErrCancelled, err)
 	}
-	return &produceResult{ack: PublishAck{Topic: topic, Status: Rejected, Reason: ReasonCancelled, Messages: 1}, err: err}
+	return p.result(PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonCancelled, Messages: 1}, err)
 }
 
 // leftOutOfRetry is the outcome of a message left out of a retry because
 // its context ended after an attempt whose outcome is unknown (unknown):
 // that attempt may have delivered it, so it is that attempt's timeout, not
 // "dropped before it was published" (err is the context's error).
-func leftOutOfRetry(topic string, unknown *produceResult, err error) *produceResult {
-	return &produceResult{
-		ack: PublishAck{Topic: topic, Status: Rejected, Reason: ReasonTimeout, Messages: 1},
-		err: fmt.Errorf("pubsub: message left out of the batch's retry (%w) after an attempt whose outcome is unknown, which may have delivered it: %w", err, unknown.err),
-	}
+func (p *BatchingProducer) leftOutOfRetry(unknown *produceResult, err error) *produceResult {
+	return p.result(
+		PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonTimeout, Messages: 1},
+		fmt.Errorf("pubsub: message left out of the batch's retry (%w) after an attempt whose outcome is unknown, which may have delivered it: %w", err, unknown.err),
+	)
 }

@@ -174,7 +174,8 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 		return nil, err
 	}
 	if h == nil {
-		return nil, fmt.Errorf("pubsub: subscribe %q: nil handler", topic)
+		// Wrapped like every error of the package, as NewTopic's nil codec is.
+		return nil, fmt.Errorf("%w: subscribe %q: nil handler", ErrInvalidConfig, topic)
 	}
 	cfg, err := newSubscribeConfig(&n.cfg, opts)
 	if err != nil {

@@ -83,7 +83,7 @@ func (t *Topic[T]) PublishMessage(ctx context.Context, v T, m Outgoing, opts ...
 // towards eviction, and the batch's later messages are still handled.
 func (t *Topic[T]) Subscribe(ctx context.Context, h func(ctx context.Context, v T, m *Message) error, opts ...SubscribeOption) (*Subscription, error) {
 	if h == nil {
-		return nil, fmt.Errorf("pubsub: subscribe %q: nil handler", t.name)
+		return nil, fmt.Errorf("%w: subscribe %q: nil handler", ErrInvalidConfig, t.name)
 	}
 	return t.node.Subscribe(ctx, t.name, func(ctx context.Context, m *Message) error {
 		v, err := decode(t.codec, m.Data)
