@@ -98,7 +98,10 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		case err == nil && ans.code == wire.Reply_OK:
 			return ans, nil
 		case err == nil && ans.code == wire.Reply_BAD_REQUEST:
-			return ans, fmt.Errorf("pubsub: owner %s refused the request as malformed", owner.ID)
+			// The owner refused it before acting on it: nothing happened
+			// there. Only a member built from another version of this
+			// package (or a bug) sends what the owner cannot read.
+			return ans, fmt.Errorf("%w: owner %s refused the request as malformed (is every member running the same version of this package?)", ErrTopicUnavailable, owner.ID)
 		case err == nil && ans.code == wire.Reply_ORDER_WAIT:
 			// Waiting for the producer's previous batch to settle can take
 			// as long as that batch's delivery.

@@ -283,7 +283,8 @@ func (r *rpc) onReply(m *nats.Msg) {
 	}
 	var env wire.Envelope
 	if err := proto.Unmarshal(m.Data, &env); err != nil || env.GetReply() == nil {
-		r.finish(tok, nil, fmt.Errorf("pubsub: malformed reply: %v", err))
+		// The request may have been acted on: its outcome is unknown.
+		r.finish(tok, nil, fmt.Errorf("%w: malformed reply: %v", ErrTimeout, err))
 		return
 	}
 	r.finish(tok, env.GetReply(), nil)
