@@ -452,7 +452,9 @@ func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
 		return
 	}
 	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
-	s.end(fmt.Errorf("%w: %s", ErrEvicted, status))
+	// Name the topic and the failure, and say what a subscriber can do:
+	// the owner will not take it back on its own.
+	s.end(fmt.Errorf("%w: %s from topic %q (last failure: %s); Subscribe again to receive the topic's messages", ErrEvicted, s.id, topic, status))
 	emit(n.events, SubscriberEvicted{Topic: topic, Subscriber: s.id, Group: s.id.Group(), Status: status})
 }
 

@@ -85,7 +85,7 @@ func (n *Node) joinView(ctx context.Context) error {
 		case <-tick.C:
 		}
 		if n.members.idConflict.Load() {
-			return fmt.Errorf("%w: node ID %q is in use by another live node", ErrInvalidConfig, n.self.ID)
+			return fmt.Errorf("%w: node ID %q is in use by another live node (one still draining its Close counts); choose another NodeID, or join once that node's Close returned", ErrInvalidConfig, n.self.ID)
 		}
 		// Peers heard since the last install join the view together, at
 		// most once a tick: a view per answer would cost a handoff round
