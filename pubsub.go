@@ -56,13 +56,13 @@ import (
 
 // Node is one process's participant in the cluster. It is safe for
 // concurrent use. *Node implements Publisher and Initializer.
-//
-// A Node wires together the roles it plays, each with its own state and
-// locks: its membership (membership.go), the owner side of the topics it owns
-// (owner.go, topic_actor.go, handoff.go), the subscriber side of its own
-// subscriptions (subscribers.go, delivery.go) and the publisher side of its
-// publishes (publish.go).
 type Node struct {
+	// A Node wires together the roles it plays, each with its own state and
+	// locks: its membership (membership.go), the owner side of the topics it
+	// owns (owner.go, topic_actor.go, handoff.go), the subscriber side of its
+	// own subscriptions (subscribers.go, delivery.go) and the publisher side
+	// of its publishes (publish.go).
+
 	cfg        Config
 	self       Member // this node: ID, incarnation, inbox subject
 	nc         *nats.Conn

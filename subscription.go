@@ -18,8 +18,14 @@ type Handler func(ctx context.Context, m *Message) error
 
 // Message is one delivered message. The subscribers of one node share it:
 // treat it, Data and Header as read-only (copy them to keep a changed
-// version). SubscriberFromContext tells a handler shared by several
-// subscriptions which one it runs for.
+// version). They are the handler's only while it runs: published on this
+// node, Data and Header may be the publisher's own memory, which it may
+// reuse once its publish returned (or its producer's future completed), so
+// copy them (bytes.Clone) to keep them past the handler; received from
+// another node, Data, Key and the header's strings refer to the batch's
+// buffer, and keeping one keeps the whole batch in memory (strings.Clone
+// what you keep for long). SubscriberFromContext tells a handler shared by
+// several subscriptions which one it runs for.
 type Message struct {
 	Topic string
 	Data  []byte
@@ -33,9 +39,6 @@ type Message struct {
 	// request named it (anyone who may publish on the node subjects can
 	// claim any ID).
 	Publisher string
-	// Key and the header's strings received from another node refer to the
-	// batch's buffer, as Data does: keeping one keeps the whole batch in
-	// memory; strings.Clone what you keep for long.
 }
 
 type subscriberKey struct{}
