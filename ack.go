@@ -35,6 +35,9 @@ var (
 	ErrEvicted = errors.New("pubsub: subscriber evicted")
 	// ErrInvalidConfig: an option or config field is out of range.
 	ErrInvalidConfig = errors.New("pubsub: invalid config")
+	// ErrInvalidMessage: a message cannot be published as given (an invalid
+	// header name, or a value a Topic's codec could not encode).
+	ErrInvalidMessage = errors.New("pubsub: invalid message")
 	// ErrCancelled is context.Canceled itself, so errors.Is works with either.
 	ErrCancelled = context.Canceled
 )

@@ -2,7 +2,6 @@ package pubsub
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"unicode"
@@ -15,10 +14,6 @@ import (
 // each message inside the packed batch (wire format 2). A batch whose
 // messages have none of them travels in format 1, exactly as before they
 // existed.
-
-// ErrInvalidMessage: a message cannot be published as given (an invalid
-// header name, or a value a Topic's codec could not encode).
-var ErrInvalidMessage = errors.New("pubsub: invalid message")
 
 // Header is a message's metadata: names to values, as NATS headers. Names
 // are case-sensitive. A message published without one arrives with a nil
