@@ -173,8 +173,10 @@ func WithMaxMembers(n int) Option { return func(c *Config) { c.MaxMembers = n } 
 
 // WithClientOnly makes the node client-only (Config.ClientOnly): it
 // publishes and subscribes but never owns a topic. A cluster whose members
-// are all client-only has no owner: publishes and subscribes fail with
-// ErrTopicUnavailable.
+// are all client-only has no owner: publishes and subscribes wait up to
+// RequestTimeout for a member that may own topics, then fail with
+// ErrTopicUnavailable. Default (without this option): the node may own
+// topics.
 func WithClientOnly() Option { return func(c *Config) { c.ClientOnly = true } }
 
 // WithPartitionPolicy sets Config.PartitionPolicy, what a node cut off from

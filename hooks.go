@@ -13,9 +13,10 @@ import (
 //
 // Hooks run synchronously on the data path, on the goroutine that did the
 // work (the publishing caller, a producer, a subscription's mailbox; see
-// HandledHook for the exceptions): they must be fast and must not block. A hook that panics is recovered and
-// logged (throttled); the work it observed is not affected. Without hooks
-// the data path costs one length check.
+// HandledHook for the exceptions): they must be fast and must not block.
+// A hook that panics is recovered and logged (throttled); the work it
+// observed is not affected. Without hooks the data path costs one length
+// check.
 type Hook any
 
 // PublishHook observes publishing: OnPublish runs on the publishing node
@@ -72,7 +73,8 @@ type HandledInfo struct {
 }
 
 // WithHooks adds hooks to Config.Hooks; several calls add up. Each hook
-// must implement PublishHook, HandledHook or both.
+// must implement PublishHook, HandledHook or both. Default: no hooks, which
+// costs the data path one length check.
 func WithHooks(hooks ...Hook) Option {
 	return func(c *Config) { c.Hooks = append(c.Hooks, hooks...) }
 }
