@@ -184,6 +184,7 @@ func (n *Node) recomputeView() {
 	if next.id == prev.id {
 		return
 	}
+	next.returned = n.members.history.returnedBefore(next, n.self.ID)
 	n.members.cur.Store(next)
 	now := time.Now()
 	for _, p := range n.members.peers {

@@ -20,8 +20,12 @@ type topicActor struct {
 	synced uint64 // view epoch whose syncs were merged; noEpoch when none
 	owned  bool   // this node owns the topic in view epoch
 	ready  bool   // the subscriber set is complete for epoch
-	seq    uint64 // the last batch's number; starts at the creation time
-	nodes  map[string]*nodeSubscribers
+	// waitSince: a topic kept through a view in which a member came back
+	// is not ready until that view's syncs are merged, or MemberTimeout
+	// after this (zero when not waiting; see reconcile).
+	waitSince time.Time
+	seq       uint64 // the last batch's number; starts at the creation time
+	nodes     map[string]*nodeSubscribers
 	// inflight counts accepted batches not yet accounted; used marks the
 	// last request. An idle actor without subscribers is collected.
 	inflight int
@@ -78,11 +82,25 @@ func (a *topicActor) reconcile() *view {
 				}
 			}
 		}
-		keep := owned && a.owned && a.ready && n.ownedThroughout(a.topic, a.epoch, v.epoch)
+		// A topic waiting for a returned member's sync (waitSince) is
+		// complete but for that member's share: it is kept too.
+		keep := owned && a.owned && (a.ready || !a.waitSince.IsZero()) && n.ownedThroughout(a.topic, a.epoch, v.epoch)
 		if keep {
 			for id, ns := range a.nodes {
 				if m, ok := v.member(id); !ok || m.Incarnation != ns.inc {
 					a.dropNode(id)
+				}
+			}
+			if a.epoch != noEpoch && v.returned > 0 && v.returned >= a.epoch {
+				// A member came back (a partition healed, a false suspicion
+				// ended): what it subscribed to meanwhile went to another
+				// owner, and reaches this one by sync (its answer, or its
+				// push). Serving before it arrives would leave those
+				// subscribers out of the acks without a word. A member that
+				// cannot answer holds the topic up for MemberTimeout at most.
+				a.ready = false
+				if a.waitSince.IsZero() { // flapping members do not extend the bound
+					a.waitSince = time.Now()
 				}
 			}
 		} else {
@@ -95,6 +113,7 @@ func (a *topicActor) reconcile() *view {
 				n.owner.registry.resync(v)
 			}
 			a.nodes, a.fails, a.ready, a.groups = nil, nil, false, groupBook{}
+			a.waitSince = time.Time{}
 			a.publishGroupSizes()
 			a.count.Store(0)
 		}
@@ -111,8 +130,12 @@ func (a *topicActor) reconcile() *view {
 					a.add(node, m.Incarnation, l)
 				}
 			}
-			a.ready, a.synced = true, v.epoch
+			a.ready, a.synced, a.waitSince = true, v.epoch, time.Time{}
 		}
+	}
+	if !a.waitSince.IsZero() && time.Since(a.waitSince) > n.cfg.MemberTimeout {
+		n.log.Debug("serving without a returned member's subscriptions: its sync did not arrive", "topic", a.topic, "waited", time.Since(a.waitSince))
+		a.ready, a.waitSince = true, time.Time{}
 	}
 	return v
 }

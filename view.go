@@ -29,6 +29,12 @@ type view struct {
 	// owners indexes the members that may own topics (not client-only):
 	// rendezvous runs over them alone.
 	owners []int
+	// returned is the last epoch before this view in which one of its
+	// members was missing after having been in an earlier view (0: none
+	// known): a member back from a partition or a false suspicion, whose
+	// subscriptions made meanwhile another owner may hold. Set by
+	// viewHistory.returnedBefore when the view is installed.
+	returned uint64
 }
 
 func newView(epoch uint64, members []Member) *view {

@@ -49,6 +49,28 @@ func (h *viewHistory) ownedThroughout(self, topic string, from, to uint64) bool 
 	return true
 }
 
+// returnedBefore returns the last epoch of a remembered view (all older
+// than next) missing a member of next that an even older one held, in its
+// incarnation; 0 when no member of next came back so.
+func (h *viewHistory) returnedBefore(next *view, self string) uint64 {
+	var last uint64
+	for _, m := range next.members {
+		if m.ID == self {
+			continue
+		}
+		held := false
+		for _, w := range h.views {
+			switch {
+			case w.holds(m):
+				held = true
+			case held && w.epoch > last:
+				last = w.epoch
+			}
+		}
+	}
+	return last
+}
+
 // at returns the remembered view with the given epoch, or nil.
 func (h *viewHistory) at(epoch uint64) *view {
 	for _, v := range h.views {

@@ -95,3 +95,34 @@ func TestViewOfKeepsClientOnly(t *testing.T) {
 		require.Equal(t, v.ownerOf(topic).ID, w.ownerOf(topic).ID, "owner of %s", topic)
 	}
 }
+
+// TestViewHistoryNamesReturnedMembers: a member missing from a view after
+// being in an earlier one, and back in the next, is a returned member (its
+// subscriptions may sit with another owner); a member seen for the first
+// time, one that restarted (another incarnation), or self is not.
+func TestViewHistoryNamesReturnedMembers(t *testing.T) {
+	self, a, b := Member{ID: "self", Incarnation: 1}, Member{ID: "a", Incarnation: 1}, Member{ID: "b", Incarnation: 1}
+	restarted := Member{ID: "a", Incarnation: 2}
+	for _, tc := range []struct {
+		name    string
+		history [][]Member
+		next    []Member
+		want    uint64
+	}{
+		{"first join", [][]Member{{self}}, []Member{self, a}, 0},
+		{"a second member joins", [][]Member{{self, a}}, []Member{self, a, b}, 0},
+		{"back after a cut", [][]Member{{self, a, b}, {self}}, []Member{self, a, b}, 1},
+		{"back after views without it", [][]Member{{self, a}, {self}, {self, b}}, []Member{self, a, b}, 2},
+		{"restarted", [][]Member{{self, a}, {self}}, []Member{self, restarted}, 0},
+		{"self alone before", [][]Member{{a}, {self, a}}, []Member{self, a}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h viewHistory
+			for i, ms := range tc.history {
+				h.remember(newView(uint64(i), append([]Member(nil), ms...)))
+			}
+			next := newView(uint64(len(tc.history)), append([]Member(nil), tc.next...))
+			assert.Equal(t, tc.want, h.returnedBefore(next, self.ID))
+		})
+	}
+}
