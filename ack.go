@@ -155,7 +155,8 @@ const (
 	// DecodeError: the subscriber's codec (a Topic's) rejected the bytes of
 	// at least one message; its handler never saw them, and got the batch's
 	// valid messages. The publisher sent garbage, the subscriber did nothing
-	// wrong: it never counts towards eviction.
+	// wrong: it never counts towards eviction and, as Delivered, ends a run
+	// of failures.
 	DecodeError
 
 	lastDeliveryStatus = DecodeError // the highest status this version knows

@@ -426,20 +426,25 @@ type failStreak struct {
 	since time.Time // the first failure of the run
 }
 
-// account applies a batch's outcomes: a success resets a subscriber's
-// failure count; SubscriberGone evicts at once; other failures the node
-// reported evict after EvictAfter in a row. MailboxFull evicts only once
+// account applies a batch's outcomes: a success (DecodeError included)
+// resets a subscriber's failure count; SubscriberGone evicts at once; other
+// failures the node reported evict after EvictAfter in a row. MailboxFull evicts only once
 // the run has also lasted SubscriberTimeout: a burst that overflows a
 // healthy subscriber's mailbox (a stalled route's backlog released at the
 // heal, all at once) passes, a subscriber that stays behind does not.
 func (a *topicActor) account(outcomes []subscriberOutcome) {
 	var struck map[SubscriberID]bool // one strike per subscriber per batch
 	for _, o := range outcomes {
-		if o.status == Delivered {
+		if o.status == Delivered || o.status == DecodeError {
+			// DecodeError: the handler ran every message of the batch its
+			// codec could read without an error (one that failed would
+			// make it HandlerError), so the subscriber works: a batch
+			// with a publisher's garbage must not bridge two failed ones
+			// into "EvictAfter in a row".
 			delete(a.fails, o.id)
 			continue
 		}
-		if o.status == OutOfOrder || o.status == DecodeError || o.path {
+		if o.status == OutOfOrder || o.path {
 			continue // the batch's, the publisher's or the network's fault, not the subscriber's
 		}
 		if ns := a.nodes[o.id.Node]; ns == nil {

@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -241,4 +242,43 @@ func TestDecodePanicIsADecodeError(t *testing.T) {
 	default:
 	}
 	assert.Equal(t, want, in.values(), "every valid message reached the handler, in order")
+}
+
+// A batch with bytes the codec rejects, whose other messages the typed
+// handler ran without error, is no failure of the subscriber: it must not
+// bridge two failed batches into "EvictAfter failures in a row".
+func TestDecodeErrorBatchBreaksAFailureStreak(t *testing.T) {
+	c := newCluster(t, 3, 3, pubsub.WithEvictAfter(2))
+	name := ownedBy(t, c.Nodes[1], "decode-streak")
+	typed, err := pubsub.NewTopic(c.Nodes[2], name, pubsub.JSONCodec[order]())
+	require.NoError(t, err)
+	s, err := typed.Subscribe(ctxT(t), func(_ context.Context, v order, _ *pubsub.Message) error {
+		if v.Count < 0 {
+			return errors.New("cannot handle a negative count")
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	poison, valid := []byte(`{"id":1,"count":-1}`), []byte(`{"id":2}`)
+	for i, tc := range []struct {
+		batch [][]byte
+		want  pubsub.DeliveryStatus
+	}{
+		{[][]byte{poison}, pubsub.HandlerError},
+		{[][]byte{valid, []byte("not json"), valid}, pubsub.DecodeError}, // the handler ran both valid messages
+		{[][]byte{poison}, pubsub.HandlerError},
+	} {
+		ack, err := c.Nodes[0].PublishBatch(ctxT(t), name, tc.batch)
+		require.NoError(t, err)
+		require.Equal(t, []pubsub.DeliveryFailure{{Subscriber: s.ID(), Status: tc.want}}, ack.Failures, "batch %d", i)
+	}
+	// The owner accounts a batch before it handles the next one: an
+	// eviction would show here as a subscriber missing from the ack.
+	ack, err := c.Nodes[0].PublishBatch(ctxT(t), name, [][]byte{valid})
+	mustAccept(t, ack, err, 1)
+	select {
+	case <-s.Done():
+		t.Fatalf("evicted: %v", s.Err())
+	default:
+	}
 }
