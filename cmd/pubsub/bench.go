@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -219,6 +220,25 @@ func (c *cleanup) run() error {
 	return errors.Join(errs...)
 }
 
+// joinFailure reports the nodes whose Join failed (errs[i] is node i's):
+// the first one's error and how many failed. Nodes fail alike (a NATS user
+// without the rights, the --timeout reached while they join), and one line
+// per node buried the reason under --nodes copies of it.
+func joinFailure(errs []error) error {
+	var first error
+	failed := 0
+	for _, err := range errs {
+		if err != nil {
+			failed++
+			first = cmp.Or(first, err)
+		}
+	}
+	if failed <= 1 {
+		return first
+	}
+	return fmt.Errorf("%d of %d nodes could not join; the first: %w", failed, len(errs), first)
+}
+
 // cluster is the pubsub nodes of one scenario, each on its own connection.
 type cluster struct {
 	nodes []*pubsub.Node
@@ -273,7 +293,7 @@ func (b *bench) join(ctx context.Context, cl *cleanup, scenario string, n int) (
 		})
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	if err := joinFailure(errs); err != nil {
 		return nil, err
 	}
 	converged := func() bool {

@@ -399,3 +399,30 @@ func TestNodeConnectionLossIsNamed(t *testing.T) {
 	assert.Contains(t, errs, "the likely cause: node n1 was disconnected")
 	assert.Contains(t, errs, "slow consumer")
 }
+
+// TestNodesThatCannotJoinAreToldOnce runs bench with --nodes 12 as a NATS
+// user that may use the raw subjects but not the pubsub ones: every node's
+// Join fails alike, and the user must read that once, with the count, not
+// twelve times (or, with --nodes 300 and a --timeout reached while they
+// join, 300 lines of "context deadline exceeded").
+func TestNodesThatCannotJoinAreToldOnce(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	s, err := embedded.StartServerWith(func(o *server.Options) {
+		raw := &server.SubjectPermission{Allow: []string{"pubsub-bench.raw.>", "_INBOX.>"}}
+		o.Users = []*server.User{{Username: "u", Password: "p", Permissions: &server.Permissions{Publish: raw, Subscribe: raw}}}
+	})
+	require.NoError(t, err)
+	defer func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+		goleak.VerifyNone(t, ignore)
+	}()
+	url := strings.Replace(s.ClientURL(), "nats://", "nats://u:p@", 1)
+	var out, errs bytes.Buffer
+	code := run(context.Background(), []string{"bench", "fanout", "--nodes", "12", "--count", "10", "--url", url}, &out, &errs)
+	assert.Equal(t, 1, code)
+	assert.Empty(t, out.String())
+	assert.Equal(t, 1, strings.Count(errs.String(), "may not publish"), "stderr:\n%s", errs.String())
+	assert.Contains(t, errs.String(), "12 of 12 nodes")
+	assert.Contains(t, errs.String(), "grant publish on pubsub-bench.node.>", "the first node's reason")
+}
