@@ -77,7 +77,7 @@ func (n *Node) joinView(ctx context.Context) error {
 			for _, ref := range hb.GetMembers() {
 				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
 					if _, known := n.members.peers[ref.GetNodeId()]; !known {
-						n.seen(ref, 0)
+						n.seen(ref, 0, false)
 					}
 				}
 			}

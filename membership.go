@@ -33,6 +33,11 @@ type membership struct {
 	quorum        quorum                    // KeepMajority's view of the partition
 	left          map[incarnation]time.Time // members that left gracefully, recently: when last heard leaving
 	beatNow       chan struct{}             // the view changed: heartbeat early
+	// ranApart: the peer seen() is adding was heard first by a heartbeat,
+	// not its JOIN: it ran without this node, and what it subscribed to
+	// meanwhile went to another owner (view.returned). Consumed by the
+	// recomputeView it calls; guarded by mu.
+	ranApart bool
 }
 
 // earlyBeatSpacing bounds the heartbeats a burst of view changes triggers.
@@ -181,10 +186,19 @@ func (n *Node) recomputeView() {
 	}
 	prev := n.view()
 	next := newView(prev.epoch+1, members)
+	ranApart := n.members.ranApart
+	n.members.ranApart = false
 	if next.id == prev.id {
 		return
 	}
-	next.returned = n.members.history.returnedBefore(next, n.self.ID)
+	// Carried forward: an actor asleep since before a return still waits.
+	next.returned = max(prev.returned, n.members.history.returnedBefore(next, n.self.ID))
+	if ranApart {
+		// The history names only members it still remembers, in their
+		// incarnation: not one restarted or started on the other side of a
+		// partition, nor one whose earlier views were trimmed.
+		next.returned = prev.epoch
+	}
 	n.members.cur.Store(next)
 	now := time.Now()
 	for _, p := range n.members.peers {
@@ -287,14 +301,15 @@ func (n *Node) onMembers(m *nats.Msg) {
 // stable view. Callers hold members.mu.
 func (n *Node) heard(hb *wire.Heartbeat) {
 	from := hb.GetFrom()
-	n.seen(from, hb.GetViewId())
+	n.seen(from, hb.GetViewId(), hb.GetKind() == wire.Heartbeat_JOIN)
 	if p := n.members.peers[from.GetNodeId()]; p != nil && p.m.Incarnation == from.GetIncarnation() {
 		n.noteStable(p, hb)
 	}
 }
 
-// seen records a sign of life of ref; callers hold members.mu.
-func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
+// seen records a sign of life of ref; callers hold members.mu. joining:
+// the sign is ref's JOIN, so a new member did not run without this node.
+func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 	id := ref.GetNodeId()
 	p, ok := n.members.peers[id]
 	if n.members.buried(id, ref.GetIncarnation(), n.cfg.MemberTimeout) {
@@ -320,6 +335,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64) {
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
+			n.members.ranApart = !joining
 			n.recomputeView()
 		} else {
 			// Joining: members answer one by one, and a view per answer

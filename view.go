@@ -33,7 +33,10 @@ type view struct {
 	// members was missing after having been in an earlier view (0: none
 	// known): a member back from a partition or a false suspicion, whose
 	// subscriptions made meanwhile another owner may hold. Set by
-	// viewHistory.returnedBefore when the view is installed.
+	// viewHistory.returnedBefore when the view is installed, carried
+	// forward from the view before, and the previous epoch when a member
+	// new to the view was heard first by a heartbeat, not its JOIN (it ran
+	// without this node: recomputeView, membership.ranApart).
 	returned uint64
 }
 
