@@ -352,6 +352,25 @@ func kickWhenBusy(t *testing.T, s *server.Server, suffix string) {
 		return false
 	}), "no connection named *%s received deliveries", suffix)
 	require.NoError(t, s.DisconnectClientByID(cid))
+	// A client reconnects at once after its first loss and writes what it
+	// buffered meanwhile: a loss of a few milliseconds could cost nothing
+	// (1 run in 13 of TestNodeConnectionLossIsNamed lost no answer and
+	// exited 0). Closing the reconnected connection too makes the client
+	// wait ReconnectWait (2 s) before its next attempt, as a server that
+	// keeps dropping a slow consumer would.
+	embedded.Poll(time.Second, func() bool {
+		cz, err := s.Connz(&server.ConnzOptions{})
+		if err != nil {
+			return false
+		}
+		for _, c := range cz.Conns {
+			if strings.HasSuffix(c.Name, suffix) && c.Cid != cid {
+				_ = s.DisconnectClientByID(c.Cid)
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // benchKicking runs pubsub bench with args against a server of its own and
