@@ -246,14 +246,14 @@ func TestSoakGroupAtLeastOnceFaults(t *testing.T) {
 	t.Log("stall 1->2")
 	c.StallRoute(1, 2)
 	at := p.calls.Load()
-	testcluster.WaitFor(t, 20*time.Second, func() bool { return !aloHasMember(c.Nodes[2], c.Nodes[1].ID()) || p.calls.Load() > at+2000 }, "stall 1->2")
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return !hasMember(c.Nodes[2], c.Nodes[1].ID()) || p.calls.Load() > at+2000 }, "stall 1->2")
 	c.HealAll()
 	c.WaitMeshed(t, 10*time.Second)
 	c.WaitConverged(t, 10*time.Second)
 	progress(200, "after stall 1->2")
 	t.Log("stall 2->1")
 	c.StallRoute(2, 1)
-	testcluster.WaitFor(t, 20*time.Second, func() bool { return !aloHasMember(c.Nodes[1], c.Nodes[2].ID()) }, "stall 2->1")
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return !hasMember(c.Nodes[1], c.Nodes[2].ID()) }, "stall 2->1")
 	c.HealAll()
 	c.WaitMeshed(t, 10*time.Second)
 	c.WaitConverged(t, 10*time.Second)
@@ -334,13 +334,4 @@ func TestSoakGroupAtLeastOnceFaults(t *testing.T) {
 	}
 	p.check("end")
 	t.Logf("produced %d, handler calls %d", produced.Load(), p.calls.Load())
-}
-
-func aloHasMember(n *pubsub.Node, id string) bool {
-	for _, m := range n.Members() {
-		if m.ID == id {
-			return true
-		}
-	}
-	return false
 }

@@ -510,13 +510,27 @@ func TestSoakGroupKeepMajorityMinorityProducer(t *testing.T) {
 			}
 			testcluster.WaitFor(t, 2*faultMemberTimeout, func() bool { return majServes(minT) && majServes(majT) },
 				"the majority does not serve both topics while n2 is cut off")
-			// Let n2's producers run into the cut for a while.
-			time.Sleep(faultMemberTimeout / 2)
-			for _, p := range []*gfProbe{minT, majT} {
-				from := fromMaj
+			// n2's producers run into the cut until some of their futures
+			// settled on each topic: the checks below must have something
+			// to check.
+			since := func(p *gfProbe) int {
 				if p == minT {
-					from = fromMin
+					return fromMin
 				}
+				return fromMaj
+			}
+			settledFromN2 := func(p *gfProbe) (n int) {
+				for _, x := range p.futures()[since(p):] {
+					if _, _, ok := x.f.Result(); ok && x.from == 2 {
+						n++
+					}
+				}
+				return n
+			}
+			testcluster.WaitFor(t, 10*time.Second, func() bool { return settledFromN2(minT) > 0 && settledFromN2(majT) > 0 },
+				"no future of n2's producers settled while it was cut off")
+			for _, p := range []*gfProbe{minT, majT} {
+				from := since(p)
 				n := 0
 				for _, x := range p.futures()[from:] {
 					ack, err, ok := x.f.Result()

@@ -503,15 +503,6 @@ func btoi(b bool) int {
 	return 0
 }
 
-func hasMember(n *pubsub.Node, id string) bool {
-	for _, m := range n.Members() {
-		if m.ID == id {
-			return true
-		}
-	}
-	return false
-}
-
 // waitResumed waits until, from message index from on, 100 consecutive
 // futures come back Accepted with the group and the broadcast subscriber
 // delivered; then a direct keyed publish of one message per key from

@@ -109,3 +109,13 @@ func watchJoins(t *testing.T, c *testcluster.Cluster, id string, nodes ...int) <
 	}
 	return joined
 }
+
+// hasMember reports whether id is in n's current view.
+func hasMember(n *pubsub.Node, id string) bool {
+	for _, m := range n.Members() {
+		if m.ID == id {
+			return true
+		}
+	}
+	return false
+}

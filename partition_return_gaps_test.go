@@ -32,13 +32,13 @@ func silentMisses(t *testing.T, owner *pubsub.Node, topic, member string, sub *p
 	deadline := time.Now().Add(d)
 	for i := 0; time.Now().Before(deadline); i++ {
 		body := fmt.Sprintf("%s-m-%d", member, i)
-		in := gfHasMember(owner, member)
+		in := hasMember(owner, member)
 		ack, err := owner.Publish(ctxT(t), topic, []byte(body))
 		if err != nil {
 			continue
 		}
 		accepted++
-		in = in && gfHasMember(owner, member)
+		in = in && hasMember(owner, member)
 		if in && !slices.Contains(rec.of(sub.ID()), body) && len(ack.Failures) == 0 {
 			if bad++; bad <= 3 {
 				t.Errorf("%s accepted by %s with %s in its view (%v), without %s's subscriber and without a failure: ack %+v",
@@ -111,7 +111,7 @@ func TestMemberRestartedAcrossACutIsWaitedFor(t *testing.T) {
 			c.Route(2, 0).Heal()
 			c.Route(2, 1).Heal()
 			testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool {
-				return len(n2.Members()) == 3 && gfHasMember(n2, "n0") && gfHasMember(n2, "n1")
+				return len(n2.Members()) == 3 && hasMember(n2, "n0") && hasMember(n2, "n1")
 			}, "n2 sees n0 and n1 again: %v", n2.Members())
 			testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool {
 				_, err := n2.Publish(ctxT(t), topic, []byte("probe"))
@@ -120,7 +120,7 @@ func TestMemberRestartedAcrossACutIsWaitedFor(t *testing.T) {
 			// Then n3: n2 hears it, n3 hears nothing for a while.
 			c.Client(k).Stall(faultnet.Backward)
 			c.Route(2, 3).Heal() // redialed within about a second
-			testcluster.WaitFor(t, 2*faultMemberTimeout, func() bool { return gfHasMember(n2, "n3") }, "n2 hears n3")
+			testcluster.WaitFor(t, 2*faultMemberTimeout, func() bool { return hasMember(n2, "n3") }, "n2 hears n3")
 			bad, accepted := silentMisses(t, n2, topic, "n3", s3, rec, 800*time.Millisecond, c.Client(k).Heal, 1200*time.Millisecond)
 			waitDelivered(t, n2, topic, s3, rec)
 			t.Logf("%d accepted while n3 could not answer, %d silently without its subscriber", accepted, bad)
@@ -173,7 +173,7 @@ func TestMemberReturningPastTheViewHistoryIsWaitedFor(t *testing.T) {
 			// n0 comes back to n4 alone; n4 hears it, n0 hears nothing for a while.
 			c.Client(0).Stall(faultnet.Backward)
 			c.Route(2, 0).Heal()
-			testcluster.WaitFor(t, 2*faultMemberTimeout, func() bool { return gfHasMember(n4, "n0") }, "n4 hears n0")
+			testcluster.WaitFor(t, 2*faultMemberTimeout, func() bool { return hasMember(n4, "n0") }, "n4 hears n0")
 			bad, accepted := silentMisses(t, n4, topic, "n0", s0, rec, 800*time.Millisecond, c.Client(0).Heal, 1200*time.Millisecond)
 			c.HealAll()
 			waitDelivered(t, n4, topic, s0, rec)

@@ -428,10 +428,11 @@ type failStreak struct {
 
 // account applies a batch's outcomes: a success (DecodeError included)
 // resets a subscriber's failure count; SubscriberGone evicts at once; other
-// failures the node reported evict after EvictAfter in a row. MailboxFull evicts only once
-// the run has also lasted SubscriberTimeout: a burst that overflows a
-// healthy subscriber's mailbox (a stalled route's backlog released at the
-// heal, all at once) passes, a subscriber that stays behind does not.
+// failures the node reported evict after EvictAfter in a row. MailboxFull
+// evicts only once the run has also lasted SubscriberTimeout: a burst that
+// overflows a healthy subscriber's mailbox (a stalled route's backlog
+// released at the heal, all at once) passes, a subscriber that stays behind
+// does not.
 func (a *topicActor) account(outcomes []subscriberOutcome) {
 	var struck map[SubscriberID]bool // one strike per subscriber per batch
 	for _, o := range outcomes {
