@@ -206,11 +206,13 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 func (p *BatchingProducer) Topic() string { return p.topic }
 
 // Produce queues data for publishing and returns its future at once; it
-// never blocks. The future is already done when data is larger than
-// MaxBatchBytes (ErrTooLarge), when MaxQueueSize messages are queued
-// (ErrQueueFull), when ctx has ended (its error), and after Close or after
-// the producer stopped (ErrClosed). Futures already done with ErrQueueFull or
-// ErrClosed may be shared between calls.
+// never blocks, unless ProducerConfig.BlockWhenFull asks it to wait for
+// room in a full queue. The future is already done when data is larger
+// than MaxBatchBytes (ErrTooLarge), when MaxQueueSize messages are queued
+// (ErrQueueFull; with BlockWhenFull, when ctx ends while Produce waits for
+// room: ctx's error), when ctx has ended (its error), and after Close or
+// after the producer stopped (ErrClosed). Futures already done with
+// ErrQueueFull or ErrClosed may be shared between calls.
 //
 // If ctx ends before the message's batch is sent (or retried), the message
 // is left out of it and its future completes with ctx's error
@@ -264,9 +266,27 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 		p.mu.Unlock()
 		return f
 	}
-	if p.queued >= p.cfg.MaxQueueSize {
+	for p.queued >= p.cfg.MaxQueueSize {
+		if !p.cfg.BlockWhenFull {
+			p.mu.Unlock()
+			return p.full
+		}
+		if p.room == nil {
+			p.room = make(chan struct{})
+		}
+		room := p.room
 		p.mu.Unlock()
-		return p.full
+		select {
+		case <-room:
+		case <-ctx.Done():
+			return doneFuture(p.cancelled(ctx.Err()))
+		}
+		p.mu.Lock()
+		if p.closed != nil {
+			f := p.closed
+			p.mu.Unlock()
+			return f
+		}
 	}
 	if len(p.slab) == 0 {
 		p.slab = make([]Produced, futureSlab)
@@ -347,6 +367,7 @@ func (p *BatchingProducer) Close(ctx context.Context) error {
 	if p.closed == nil {
 		p.closed = doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, ErrClosed)))
 	}
+	p.freeRoom()
 	p.mu.Unlock()
 	p.nudge()
 	if !early { // else the lifetime is over: only the abort is left to wait for

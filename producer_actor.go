@@ -174,6 +174,9 @@ func (p *BatchingProducer) cutAndIssue() {
 	p.queued -= taken
 	p.qbytes -= takenBytes
 	p.cutSeq += uint64(taken)
+	if taken > 0 {
+		p.freeRoom()
+	}
 	p.mu.Unlock()
 	p.fifo = append(p.fifo, b)
 	if b.msgs.len() == 0 {

@@ -62,6 +62,7 @@ func (p *BatchingProducer) shutIntake(r *produceResult) bool {
 	}
 	p.cutSeq += uint64(p.queued)
 	p.queued, p.qbytes = 0, 0
+	p.freeRoom()
 	p.mu.Unlock()
 	if len(b.entries) == 0 {
 		p.recycle(b)

@@ -34,6 +34,20 @@ type ProducerConfig struct {
 	// already done with ErrQueueFull. Default: 100 000 messages
 	// (DefaultMaxQueueSize).
 	MaxQueueSize int
+	// BlockWhenFull makes Produce and ProduceMessage wait for room while
+	// MaxQueueSize messages are queued, instead of returning a future
+	// already done with ErrQueueFull: back-pressure for a loop that
+	// produces faster than the cluster takes messages, as Kafka clients
+	// that block on a full buffer give. The wait ends when the producer
+	// cuts its next batch from the queue, when the message's ctx ends (its
+	// future then completes with ctx's error, ReasonCancelled: nothing was
+	// queued), or when the producer closes or stops (ErrClosed). A
+	// producer stuck on an owner that does not answer holds the caller for
+	// up to PublishTimeout per attempt, and as long as OnPublishError keeps
+	// retrying: give ctx a deadline where that matters. Blocked callers get
+	// room in no particular order; one goroutine's messages keep theirs.
+	// Default: false, and Produce never blocks.
+	BlockWhenFull bool
 	// PublishTimeout bounds each attempt to publish a batch (and the
 	// Initialize call before the first one), a duration. An attempt that
 	// times out fails with an error wrapping ErrTimeout and

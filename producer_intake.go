@@ -26,6 +26,18 @@ type producerIntake struct {
 	closing   bool        // Close was called: drain, then return
 	last      *Produced   // future of the last queued message
 	slab      []Produced  // futures not yet handed out
+	// room, when not nil, is closed when queued drops or intake stops:
+	// Produce calls blocked on a full queue (BlockWhenFull) wait on it.
+	room chan struct{}
+}
+
+// freeRoom wakes the Produce calls blocked on a full queue; call it with
+// mu held whenever queued drops or closed is set.
+func (in *producerIntake) freeRoom() {
+	if in.room != nil {
+		close(in.room)
+		in.room = nil
+	}
 }
 
 // intakeBlockLen is how many entries one intake block holds: 512 entries of

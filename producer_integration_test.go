@@ -70,6 +70,23 @@ func TestProducerIntegrationDeliversInOrder(t *testing.T) {
 	checkInOrder(t, rec, subs, n)
 }
 
+// TestProducerIntegrationBlockWhenFullQueuesAWholeBurst produces a burst 20
+// times the queue's size through a producer that blocks when full: every
+// message is accepted (none fails with ErrQueueFull) and reaches every
+// subscriber in order.
+func TestProducerIntegrationBlockWhenFullQueuesAWholeBurst(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	rec := newRecorder()
+	topic := ownedBy(t, c.Nodes[1], "producer-block")
+	var subs []*pubsub.Subscription
+	for _, node := range c.Nodes {
+		subs = append(subs, subscribe(t, node, topic, rec.handler))
+	}
+	const n = 10_000
+	produceAll(t, c.Nodes[0], topic, n, len(subs), pubsub.ProducerConfig{MaxQueueSize: n / 20, BatchSize: 100, BlockWhenFull: true})
+	checkInOrder(t, rec, subs, n)
+}
+
 func TestProducerIntegrationMaxInFlightKeepsOrder(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	// The owner on the producer's node (local fast path) and on another

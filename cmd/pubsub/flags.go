@@ -41,10 +41,11 @@ type benchConfig struct {
 	subs      int
 	count     int // 0: the scenario's defaultCount
 	size      int
-	window    int // 0: the burst pattern
-	queue     int // ProducerConfig.MaxQueueSize; 0: the default
-	inflight  int // ProducerConfig.MaxInFlight; 0: the default
-	batch     int // ProducerConfig.BatchSize; 0: the default
+	window    int  // 0: the burst pattern
+	queue     int  // ProducerConfig.MaxQueueSize; 0: the default
+	inflight  int  // ProducerConfig.MaxInFlight; 0: the default
+	batch     int  // ProducerConfig.BatchSize; 0: the default
+	block     bool // ProducerConfig.BlockWhenFull
 	prefix    string
 	json      bool
 	timeout   time.Duration
@@ -69,7 +70,7 @@ func (c *benchConfig) maxWindow() int {
 
 // producerConfig is the ProducerConfig the pattern and flags ask for.
 func (c *benchConfig) producerConfig() pubsub.ProducerConfig {
-	return pubsub.ProducerConfig{MaxQueueSize: c.queue, MaxInFlight: c.inflight, BatchSize: c.batch}
+	return pubsub.ProducerConfig{MaxQueueSize: c.queue, MaxInFlight: c.inflight, BatchSize: c.batch, BlockWhenFull: c.block}
 }
 
 // pattern names the producer pattern, as the table and the JSON show it.
@@ -87,6 +88,9 @@ func (c *benchConfig) pattern() string {
 	if c.batch > 0 {
 		name += fmt.Sprintf(" batch %d", c.batch)
 	}
+	if c.block {
+		name += " block"
+	}
 	return name
 }
 
@@ -103,6 +107,7 @@ type benchFlags struct {
 	queue    int
 	inflight int
 	batch    int
+	block    bool
 	prefix   string
 	json     bool
 	timeout  time.Duration
@@ -118,11 +123,12 @@ func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs.IntVar(&f.subs, "subs", 3, "local subscribers in the local scenario")
 	fs.IntVar(&f.count, "count", 0, "messages per scenario, publish calls for latency (default: fanout 300000, local 1000000, latency 5000, group 300000)")
 	fs.IntVar(&f.size, "size", 128, "message payload size in `bytes`")
-	fs.BoolVar(&f.burst, "burst", false, "producer pattern: Produce every message in a loop with the default ProducerConfig (but --queue, --inflight and --batch), wait for the last accepted future, report the accepted rate and the % rejected with ErrQueueFull (default: the pattern unless --window is set)")
-	fs.IntVar(&f.window, "window", 0, "producer pattern: keep at most `N` futures outstanding (1 to the queue size), the default ProducerConfig (but --queue, --inflight and --batch) (default 0: --burst)")
+	fs.BoolVar(&f.burst, "burst", false, "producer pattern: Produce every message in a loop with the default ProducerConfig (but --queue, --inflight, --batch and --block), wait for the last accepted future, report the accepted rate and the % rejected with ErrQueueFull (default: the pattern unless --window is set)")
+	fs.IntVar(&f.window, "window", 0, "producer pattern: keep at most `N` futures outstanding (1 to the queue size), the default ProducerConfig (but --queue, --inflight, --batch and --block) (default 0: --burst)")
 	fs.IntVar(&f.queue, "queue", 0, fmt.Sprintf("the producer's MaxQueueSize in `messages`, for either pattern (default 0: the library's default, %d)", pubsub.DefaultMaxQueueSize))
 	fs.IntVar(&f.inflight, "inflight", 0, fmt.Sprintf("the producer's MaxInFlight in `batches`, for either pattern (default 0: the library's default, %d)", pubsub.DefaultMaxInFlight))
 	fs.IntVar(&f.batch, "batch", 0, fmt.Sprintf("the producer's BatchSize in `messages`, for either pattern (default 0: the library's default, %d)", pubsub.DefaultBatchSize))
+	fs.BoolVar(&f.block, "block", false, "the producer's BlockWhenFull, for either pattern: Produce waits for room in a full queue instead of failing with ErrQueueFull, so a burst is back-pressured rather than mostly rejected (default false: the library's default)")
 	fs.StringVar(&f.prefix, "prefix", "pubsub-bench", "subject prefix of the pubsub nodes; raw NATS subjects are <prefix>.raw.*")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object with every scenario's figures instead of the table")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "overall time limit of the run")
@@ -167,6 +173,7 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		queue:    f.queue,
 		inflight: f.inflight,
 		batch:    f.batch,
+		block:    f.block,
 		prefix:   f.prefix,
 		json:     f.json,
 		timeout:  f.timeout,

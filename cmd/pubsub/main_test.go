@@ -239,11 +239,18 @@ func TestParseInterleavesScenariosAndFlags(t *testing.T) {
 	if pc := cfg.producerConfig(); pc.MaxQueueSize != 1_000_000 || pc.MaxInFlight != 2 || pc.BatchSize != 500 || cfg.pattern() != "window 200000 queue 1000000 inflight 2 batch 500" {
 		t.Errorf("--queue, --inflight and --batch: producer config %+v, pattern %q", pc, cfg.pattern())
 	}
+	cfg, err = parseBench([]string{"fanout", "--queue", "100", "--block"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pc := cfg.producerConfig(); !pc.BlockWhenFull || cfg.pattern() != "burst queue 100 block" {
+		t.Errorf("--block: producer config %+v, pattern %q", pc, cfg.pattern())
+	}
 	cfg, err = parseBench(nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pc := cfg.producerConfig(); pc.MaxQueueSize != 0 || pc.MaxInFlight != 0 {
+	if pc := cfg.producerConfig(); pc.MaxQueueSize != 0 || pc.MaxInFlight != 0 || pc.BlockWhenFull {
 		t.Errorf("defaults: producer config %+v, want the library's defaults (zero fields)", pc)
 	}
 	if !slices.Equal(cfg.scenarios, allScenarios) || cfg.pattern() != "burst" {
@@ -253,6 +260,40 @@ func TestParseInterleavesScenariosAndFlags(t *testing.T) {
 		if got := cfg.countFor(s); got != want {
 			t.Errorf("default count of %s: %d, want %d", s, got, want)
 		}
+	}
+}
+
+// TestBlockingBurstIsNeverRejected runs the burst pattern with --block on
+// a queue far smaller than the burst: every Produce call is accepted.
+func TestBlockingBurstIsNeverRejected(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a benchmark")
+	}
+	var out, errs bytes.Buffer
+	code := run(context.Background(), []string{"bench", "--json", "--count", "5000", "--queue", "100", "--block", "local"}, &out, &errs)
+	if code != 0 {
+		t.Fatalf("exit status %d, stderr %s", code, errs.String())
+	}
+	var rep struct {
+		Scenarios []struct {
+			Results []struct {
+				Pattern string `json:"pattern"`
+				PubSub  struct {
+					Accepted     int      `json:"accepted"`
+					QueueFullPct *float64 `json:"queue_full_pct"`
+				} `json:"pubsub"`
+			} `json:"results"`
+		} `json:"scenarios"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+		t.Fatalf("output is not one JSON object: %v\n%s", err, out.String())
+	}
+	if len(rep.Scenarios) != 1 || len(rep.Scenarios[0].Results) != 1 {
+		t.Fatalf("want one scenario with one result:\n%s", out.String())
+	}
+	r := rep.Scenarios[0].Results[0]
+	if r.Pattern != "burst queue 100 block" || r.PubSub.Accepted != 5000 || r.PubSub.QueueFullPct == nil || *r.PubSub.QueueFullPct != 0 {
+		t.Errorf("result %+v, want pattern \"burst queue 100 block\", 5000 accepted, 0%% queue-full:\n%s", r, out.String())
 	}
 }
 

@@ -1,0 +1,147 @@
+package pubsub
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// Tests of ProducerConfig.BlockWhenFull: Produce waits for room in a full
+// queue instead of failing with ErrQueueFull.
+
+// blockedProducer is a producer with one batch in flight behind a closed
+// gate and its queue (MaxQueueSize 2) full, and a Produce call of pm(3)
+// blocked on it; done receives that call's future.
+type blockedProducer struct {
+	p    *BatchingProducer
+	mp   *mockPub
+	gate *testGate
+	futs []*Produced // pm(0) in flight, pm(1) and pm(2) queued
+	done chan *Produced
+}
+
+func newBlockedProducer(t *testing.T, ctx, blockedCtx context.Context) *blockedProducer {
+	t.Helper()
+	b := &blockedProducer{mp: newMock(), gate: newTestGate(), done: make(chan *Produced, 1)}
+	b.mp.fn = acceptAfter(b.gate)
+	b.p = newTestProducer(t, b.mp, ProducerConfig{BatchSize: 1, MaxQueueSize: 2, MaxInFlight: 1, BlockWhenFull: true})
+	b.futs = append(b.futs, b.p.Produce(ctx, pm(0)))
+	b.mp.waitStarted(t) // in flight: not counted in the queue
+	b.futs = append(b.futs, b.p.Produce(ctx, pm(1)), b.p.Produce(ctx, pm(2)))
+	go func() { b.done <- b.p.Produce(blockedCtx, pm(3)) }()
+	// The call is blocked once it made the room channel (and found no room).
+	require.Eventually(t, func() bool {
+		b.p.mu.Lock()
+		defer b.p.mu.Unlock()
+		return b.p.room != nil
+	}, prodWait, time.Millisecond, "Produce on a full queue never waited for room")
+	select {
+	case f := <-b.done:
+		ack, err, _ := f.Result()
+		t.Fatalf("Produce on a full queue returned at once: ack %+v, err %v", ack, err)
+	default:
+	}
+	return b
+}
+
+// blockedResult returns the blocked call's future once Produce returned.
+func (b *blockedProducer) blockedResult(t *testing.T, what string) *Produced {
+	t.Helper()
+	select {
+	case f := <-b.done:
+		return f
+	case <-time.After(prodWait):
+		t.Fatalf("%s: Produce still blocked after %v", what, prodWait)
+		return nil
+	}
+}
+
+func TestProducerBlockWhenFullWaitsForRoom(t *testing.T) {
+	ctx := prodCtx(t, prodWait)
+	b := newBlockedProducer(t, ctx, ctx)
+	b.gate.open()
+	f := b.blockedResult(t, "the gate opened")
+	for _, q := range append(b.futs, f) {
+		prodAccepted(t, q)
+	}
+	assert.Equal(t, []string{string(pm(0)), string(pm(1)), string(pm(2)), string(pm(3))}, b.mp.flat(), "published in produce order")
+}
+
+func TestProducerBlockWhenFullEndsWithTheContext(t *testing.T) {
+	ctx := prodCtx(t, prodWait)
+	blockedCtx, cancel := context.WithCancel(ctx)
+	b := newBlockedProducer(t, ctx, blockedCtx)
+	cancel()
+	ack, err := prodDone(t, b.blockedResult(t, "its ctx was cancelled"), "the blocked message")
+	prodExpectErr(t, ack, err, ErrCancelled, ReasonCancelled)
+	b.gate.open()
+	for _, q := range b.futs {
+		prodAccepted(t, q)
+	}
+	require.NoError(t, b.p.Flush(ctx))
+	assert.NotContains(t, b.mp.flat(), string(pm(3)), "a message whose ctx ended while it waited for room was published")
+}
+
+func TestProducerBlockWhenFullEndsWithClose(t *testing.T) {
+	ctx := prodCtx(t, prodWait)
+	b := newBlockedProducer(t, ctx, ctx)
+	closed := make(chan error, 1)
+	go func() { closed <- b.p.Close(ctx) }() // waits for the gated batch
+	ack, err := prodDone(t, b.blockedResult(t, "Close"), "the blocked message")
+	prodExpectErr(t, ack, err, ErrClosed, ReasonClosed)
+	b.gate.open()
+	require.NoError(t, <-closed, "Close")
+	for _, q := range b.futs {
+		prodAccepted(t, q)
+	}
+	assert.NotContains(t, b.mp.flat(), string(pm(3)), "a message refused by Close was published")
+}
+
+// TestProducerBlockWhenFullLosesNothing runs producers far faster than a
+// slow publisher on a tiny queue: with BlockWhenFull every message is
+// accepted, none fails with ErrQueueFull, and each goroutine's messages are
+// published in its order.
+func TestProducerBlockWhenFullLosesNothing(t *testing.T) {
+	mp := newMock()
+	mp.started = nil // more calls than its buffer holds
+	mp.fn = func(ctx context.Context, _ int, b [][]byte) (PublishAck, error) {
+		return PublishAck{Status: Accepted, Messages: len(b), Delivered: 1}, nil
+	}
+	p := newTestProducer(t, mp, ProducerConfig{BatchSize: 7, MaxQueueSize: 10, BlockWhenFull: true})
+	ctx := prodCtx(t, prodWait)
+	const goroutines, each = 4, 2000
+	futs := make([][]*Produced, goroutines)
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range each {
+				futs[g] = append(futs[g], p.Produce(ctx, fmt.Appendf(nil, "g%d-%05d", g, i)))
+			}
+		})
+	}
+	wg.Wait()
+	require.NoError(t, p.Flush(ctx))
+	for g := range goroutines {
+		for i, f := range futs[g] {
+			ack, err := prodDone(t, f, fmt.Sprintf("goroutine %d, message %d", g, i))
+			require.NoError(t, err, "goroutine %d, message %d: ack %+v", g, i, ack)
+		}
+	}
+	published := mp.flat()
+	require.Len(t, published, goroutines*each, "every message published once")
+	for g := range goroutines {
+		var mine []string
+		for _, m := range published {
+			if m[:3] == fmt.Sprintf("g%d-", g) {
+				mine = append(mine, m)
+			}
+		}
+		require.True(t, slices.IsSorted(mine), "goroutine %d's messages were published out of order", g)
+	}
+}
