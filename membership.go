@@ -28,6 +28,7 @@ type membership struct {
 	subject       string // <prefix>.members
 	sub           *nats.Subscription
 	idConflict    atomic.Bool               // an older live node with our ID was heard
+	superseded    atomic.Bool               // a newer incarnation of our ID was heard (see onDeliver)
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
 	viewPending   bool                      // joining: peers were added and joinView installs their view
 	quorum        quorum                    // KeepMajority's view of the partition
@@ -250,6 +251,8 @@ func (n *Node) onMembers(m *nats.Msg) {
 		if inc := from.GetIncarnation(); inc != n.self.Incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
 			if inc < n.self.Incarnation {
 				n.members.idConflict.Store(true)
+			} else {
+				n.members.superseded.Store(true)
 			}
 			n.log.Warn("another live node uses this node's ID", "node", n.self.ID)
 			if hb.GetKind() == wire.Heartbeat_JOIN && inc > n.self.Incarnation {

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,6 +27,23 @@ func (s *subscriberSide) init() {
 	s.subs = make(map[string]*Subscription)
 	s.recent = make(map[batchKey]*recentBatch)
 	s.tag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
+}
+
+// namesOwn reports whether d names a subscriber of this incarnation (by
+// the tag its subscriptions' local IDs start with).
+func (s *subscriberSide) namesOwn(d *wire.DeliverBatch) bool {
+	prefix := s.tag + "-"
+	for _, l := range d.GetSubscribers() {
+		if strings.HasPrefix(l, prefix) {
+			return true
+		}
+	}
+	for _, sh := range d.GetShares() {
+		if strings.HasPrefix(sh.GetSubscriber(), prefix) {
+			return true
+		}
+	}
+	return false
 }
 
 // newLocal names a new subscription.
