@@ -64,6 +64,7 @@ type BatchingProducer struct {
 	exited    chan struct{}     // closed when the actor returns
 	abandoned atomic.Bool       // the actor failed work because the lifetime ended
 	full      *Produced         // shared future, already done with ErrQueueFull
+	counters  producerCounters  // outcomes of its futures, for Stats
 
 	producerIntake // what Produce queued: guarded by its mu (producer_intake.go)
 	producerState  // the actor's own: touched only by the producer goroutine (producer_actor.go)
@@ -228,7 +229,7 @@ func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 	if p.prop != nil {
 		var err error
 		if meta, err = messageMeta(ctx, "", nil, p.prop); err != nil {
-			return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
+			return p.refused(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
 		}
 	}
 	return p.produce(ctx, data, meta)
@@ -245,31 +246,31 @@ func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 func (p *BatchingProducer) ProduceMessage(ctx context.Context, m Outgoing) *Produced {
 	meta, err := messageMeta(ctx, m.Key, m.Header, p.prop)
 	if err != nil {
-		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
+		return p.refused(p.failure(fmt.Errorf("pubsub: producer for %q: %w", p.topic, err)))
 	}
 	if !meta.Empty() && p.metaPub == nil {
-		return doneFuture(p.failure(fmt.Errorf("%w: producer for %q: its Publisher (%T) has no PublishMessages to carry keys and headers", ErrInvalidConfig, p.topic, p.pub)))
+		return p.refused(p.failure(fmt.Errorf("%w: producer for %q: its Publisher (%T) has no PublishMessages to carry keys and headers", ErrInvalidConfig, p.topic, p.pub)))
 	}
 	return p.produce(ctx, m.Data, meta)
 }
 
 func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.Meta) *Produced {
 	if size := len(data); size > p.maxMsg || (!meta.Empty() && size+wire.MetaSize(meta) > p.maxMsg) {
-		return doneFuture(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes with its key and header, limit %d: %w", p.topic, size+wire.MetaSize(meta), p.maxMsg, ErrTooLarge)))
+		return p.refused(p.failure(fmt.Errorf("pubsub: producer for %q: message of %d bytes with its key and header, limit %d: %w", p.topic, size+wire.MetaSize(meta), p.maxMsg, ErrTooLarge)))
 	}
 	if err := ctx.Err(); err != nil {
-		return doneFuture(p.cancelled(err))
+		return p.refused(p.cancelled(err))
 	}
 	p.mu.Lock()
 	if p.closed != nil {
 		f := p.closed
 		p.mu.Unlock()
-		return f
+		return p.shared(f)
 	}
 	for p.queued >= p.cfg.MaxQueueSize {
 		if !p.cfg.BlockWhenFull {
 			p.mu.Unlock()
-			return p.full
+			return p.shared(p.full)
 		}
 		if p.room == nil {
 			p.room = make(chan struct{})
@@ -279,13 +280,13 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 		select {
 		case <-room:
 		case <-ctx.Done():
-			return doneFuture(p.cancelled(ctx.Err()))
+			return p.refused(p.cancelled(ctx.Err()))
 		}
 		p.mu.Lock()
 		if p.closed != nil {
 			f := p.closed
 			p.mu.Unlock()
-			return f
+			return p.shared(f)
 		}
 	}
 	if len(p.slab) == 0 {

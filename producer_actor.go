@@ -365,17 +365,27 @@ func (p *BatchingProducer) resolve(b *producerBatch, r *produceResult) {
 func (p *BatchingProducer) completeHead() {
 	for len(p.fifo) > 0 && p.fifo[0].state == batchResolved {
 		b := p.fifo[0]
+		var left, dropped uint64
 		for i := range b.entries {
 			e := &b.entries[i]
 			switch {
 			case e.maybeSent:
 				e.fut.complete(p.leftOutOfRetry(b.unknown, e.ctx.Err()))
+				left++
 			case e.dropped:
 				e.fut.complete(p.cancelled(e.ctx.Err()))
+				dropped++
 			default:
 				e.fut.complete(b.res)
 			}
 		}
+		n := uint64(len(b.entries))
+		p.counters.rejected[ReasonTimeout].Add(left) // leftOutOfRetry's reason
+		p.counters.rejected[ReasonCancelled].Add(dropped)
+		if rest := n - left - dropped; rest > 0 {
+			p.counters.count(b.res, rest)
+		}
+		p.counters.completed.Add(n)
 		// A batch whose failure stopped the producer never counts as
 		// settled, nor does any after it: an owner holding a later batch
 		// back until this one settles (ORDER_WAIT) must not let it through,

@@ -145,7 +145,7 @@ func (p *TypedProducer[T]) Produce(ctx context.Context, v T) *Produced {
 func (p *TypedProducer[T]) ProduceMessage(ctx context.Context, v T, m Outgoing) *Produced {
 	data, err := p.topic.codec.Encode(v)
 	if err != nil {
-		return doneFuture(p.p.failure(fmt.Errorf("pubsub: producer for %q: encoding %T: %w: %v", p.topic.name, v, ErrInvalidMessage, err)))
+		return p.p.refused(p.p.failure(fmt.Errorf("pubsub: producer for %q: encoding %T: %w: %v", p.topic.name, v, ErrInvalidMessage, err)))
 	}
 	m.Data = data
 	return p.p.ProduceMessage(ctx, m)
@@ -156,6 +156,10 @@ func (p *TypedProducer[T]) Flush(ctx context.Context) error { return p.p.Flush(c
 
 // Close is BatchingProducer.Close.
 func (p *TypedProducer[T]) Close(ctx context.Context) error { return p.p.Close(ctx) }
+
+// Stats is BatchingProducer.Stats: a value the codec could not encode
+// counts as Rejected with ReasonInvalidMessage.
+func (p *TypedProducer[T]) Stats() ProducerStats { return p.p.Stats() }
 
 // Producer returns the underlying BatchingProducer.
 func (p *TypedProducer[T]) Producer() *BatchingProducer { return p.p }

@@ -156,6 +156,8 @@ func TestTypedProducerEncodeFailureSparesTheBatch(t *testing.T) {
 		assert.Equal(t, 1, ack.Delivered, "message %d", i)
 	}
 	assert.Len(t, rec.of(s.ID()), 9)
+	st := prod.Stats()
+	assert.Equal(t, pubsub.ProducerStats{Accepted: 9, Rejected: 1, ByReason: map[pubsub.Reason]uint64{pubsub.ReasonInvalidMessage: 1}}, st, "the producer's counts")
 }
 
 // Values near MaxMessageSize, with a key and a header, through a remote
