@@ -135,9 +135,10 @@ type MemberRejected struct {
 
 // NodeStopped reports that a node stopped on its own: its NATS connection
 // was closed underneath it (by the application, or after nats.go ran out of
-// reconnect attempts). The node ended its subscriptions with Err, which
-// wraps ErrClosed, and fails every call with ErrClosed. It is not emitted by
-// Close.
+// reconnect attempts), or its peers dropped it while it was cut off and a
+// new node joined with its ID meanwhile (Err says which). The node ended its
+// subscriptions with Err, which wraps ErrClosed, and fails every call with
+// ErrClosed. It is not emitted by Close.
 type NodeStopped struct {
 	Node string
 	Err  error

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
@@ -107,8 +108,21 @@ func TestForgedNewerIncarnationOfALiveMemberIsIgnored(t *testing.T) {
 	for range 3 {
 		require.NoError(t, raw.Publish("pubsub.members", heartbeat(wire.Heartbeat_HEARTBEAT, "n2", n2.Incarnation+1, 0)))
 	}
+	// n2 heard the forged incarnation itself; notices in its peers' names
+	// that they serve it now must not stop n2 either: they never ran apart
+	// from it (replaced.go).
+	for _, from := range c.Nodes[:2] {
+		me := memberOf(t, c.Nodes[2], from.ID())
+		notice, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+			Kind: wire.Heartbeat_JOIN_REPLY, From: &wire.MemberRef{NodeId: me.ID, Incarnation: me.Incarnation},
+			Members: []*wire.MemberRef{{NodeId: "n2", Incarnation: n2.Incarnation + 1}}}}})
+		require.NoError(t, err)
+		require.NoError(t, raw.Publish("pubsub.node.n2", notice))
+	}
 	require.NoError(t, raw.Flush())
 	everyTopicReachesAll(t, c, 0, topics, 3, 2*2*time.Second)
+	_, err := c.Nodes[2].Publish(ctxT(t), topics[0], []byte("still up"))
+	require.NoError(t, err, "n2 stopped on forged notices")
 	for _, n := range c.Nodes {
 		m, ok := lookupMember(n, "n2")
 		require.True(t, ok, "%s lost n2", n.ID())

@@ -135,6 +135,11 @@ type peer struct {
 	// them apart does not restart it. Under KeepMajority a peer that
 	// disagrees for longer than viewDisagreementGrace does not count.
 	disagreeSince time.Time
+	// apart: first heard by an ordinary heartbeat after this node joined,
+	// so it ran without this node (a cut healed); toldStale: when it was
+	// last told that an older incarnation of its ID still runs (replaced.go).
+	apart     bool
+	toldStale time.Time
 	// The peer's stable view as last reported (KeepMajority only); stable
 	// and stablePrev hold the members the heartbeat listed, if any.
 	stableEpoch, stableID uint64
@@ -320,7 +325,8 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 	}
 	if ok && p.m.Incarnation != ref.GetIncarnation() {
 		if ref.GetIncarnation() < p.m.Incarnation {
-			return // a stale message of an older incarnation
+			n.tellStale(p, ref) // a stale message of an older incarnation, still running
+			return
 		}
 		if time.Since(p.lastSeen) < 2*n.cfg.HeartbeatInterval {
 			// The older incarnation is alive: a second node joining with
@@ -338,6 +344,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
+			p.apart = !joining
 			n.members.ranApart = !joining
 			n.recomputeView()
 		} else {

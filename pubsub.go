@@ -349,6 +349,8 @@ func (n *Node) onInbox(m *nats.Msg) {
 		n.onEvict(b.Evict, m.Reply)
 	case *wire.Envelope_Topics:
 		n.onTopicsRequest(b.Topics, m.Reply)
+	case *wire.Envelope_Heartbeat:
+		n.onReplacedNotice(b.Heartbeat)
 	default:
 		n.malformed("inbox", len(m.Data))
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "unexpected message"})

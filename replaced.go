@@ -1,0 +1,84 @@
+package pubsub
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// A node replaced under its ID. A node cut off from its peers for longer
+// than MemberTimeout is dropped, and a new node may join with its ID (a
+// restarted pod, say) while the old one still runs on the far side of the
+// cut. Peers keep the newer incarnation and ignore the older one's
+// heartbeats as stale, so after the heal the older node would carry on as a
+// zombie: serving topics nobody routes to it, its subscriptions known to no
+// owner, never told. Peers therefore answer a stale heartbeat with a notice
+// on the older node's inbox, and a node that learns this way that it was
+// replaced stops, as it does when its connection is closed (NodeStopped).
+//
+// The notice is a JOIN_REPLY heartbeat listing the newer incarnation. The
+// replacement gets a copy too (the inbox subject is the ID's) and ignores
+// it. The older node believes it only when it also heard the newer
+// incarnation itself (membership.superseded) and the notice comes from a
+// peer that ran apart from it (peer.apart): a peer it had dropped and took
+// back from an ordinary heartbeat. Two nodes joining with one ID at once
+// never ran apart from their peers, so the older one, which wins that race,
+// is never stopped by it.
+
+// tellStale answers a stale heartbeat of ref, an older incarnation of p's
+// node, with a notice to that node's inbox, at most once per heartbeat
+// interval. Callers hold members.mu.
+func (n *Node) tellStale(p *peer, ref *wire.MemberRef) {
+	now := time.Now()
+	if now.Sub(p.toldStale) < n.cfg.HeartbeatInterval {
+		return
+	}
+	p.toldStale = now
+	newer := &wire.MemberRef{NodeId: p.m.ID, Incarnation: p.m.Incarnation, ClientOnly: p.m.ClientOnly}
+	n.log.Debug("told an older incarnation that it was replaced", "node", p.m.ID, "incarnation", ref.GetIncarnation(), "newer", p.m.Incarnation)
+	n.publishEnvelope(p.m.Inbox, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+		Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), Members: []*wire.MemberRef{newer},
+	}}})
+}
+
+// onReplacedNotice handles a notice on the inbox that a newer incarnation
+// of this node's ID replaced it (see tellStale), and stops the node if the
+// notice is credible.
+func (n *Node) onReplacedNotice(hb *wire.Heartbeat) {
+	if hb.GetKind() != wire.Heartbeat_JOIN_REPLY {
+		n.malformed("inbox", 0)
+		return
+	}
+	var newer uint64
+	for _, r := range hb.GetMembers() {
+		if r.GetNodeId() == n.self.ID && r.GetIncarnation() > n.self.Incarnation {
+			newer = r.GetIncarnation()
+		}
+	}
+	if newer == 0 {
+		return // about this incarnation: the copy a replacement gets
+	}
+	from := hb.GetFrom()
+	n.members.mu.Lock()
+	p := n.members.peers[from.GetNodeId()]
+	credible := p != nil && p.m.Incarnation == from.GetIncarnation() && p.apart && n.members.superseded.Load()
+	n.members.mu.Unlock()
+	if !credible {
+		n.log.Debug("ignored a notice that this node was replaced", "from", from.GetNodeId(), "newer", newer)
+		return
+	}
+	n.replaced(from.GetNodeId(), newer)
+}
+
+// replaced stops a node whose peers serve a newer incarnation of its ID.
+func (n *Node) replaced(by string, newer uint64) {
+	if !n.life.closed.CompareAndSwap(false, true) {
+		return
+	}
+	err := fmt.Errorf("pubsub: node %s stopped: while it was cut off, another node joined with its ID (incarnation %d, reported by %s) and its peers serve that one now; Join again with another ID if both must run: %w",
+		n.self.ID, newer, by, ErrClosed)
+	n.log.Error("replaced by a newer node with this ID: node stopped", "err", err)
+	emit(n.events, NodeStopped{Err: err})
+	n.shutdown(err)
+}
