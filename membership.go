@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -34,6 +35,11 @@ type membership struct {
 	quorum        quorum                    // KeepMajority's view of the partition
 	left          map[incarnation]time.Time // members that left gracefully, recently: when last heard leaving
 	beatNow       chan struct{}             // the view changed: heartbeat early
+	// peerPayload is the smallest max_payload the peers that may own
+	// topics advertise (0: none known), for MaxMessageSize. Set under mu
+	// when the peers change (ownerPayload), read lock-free on every
+	// publish.
+	peerPayload atomic.Int64
 	// ranApart: the peer seen() is adding was heard first by a heartbeat,
 	// not its JOIN: it ran without this node, and what it subscribed to
 	// meanwhile went to another owner (view.returned). Consumed by the
@@ -130,6 +136,9 @@ type peer struct {
 	m        Member
 	lastSeen time.Time
 	viewID   uint64 // the peer's view as last reported
+	// maxPayload is the max_payload of the peer's server as its heartbeats
+	// last said (0: not said, a member from before MemberRef.max_payload).
+	maxPayload uint64
 	// disagreeSince is when viewID and this node's view last started to
 	// differ (zero while they agree); a change on either side that leaves
 	// them apart does not restart it. Under KeepMajority a peer that
@@ -182,6 +191,31 @@ func (n *Node) selfRef() *wire.MemberRef {
 	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation, ClientOnly: n.self.ClientOnly}
 }
 
+// beatRef is selfRef with this node's payload limit, for heartbeats: the
+// limit is read anew each time (a reconnect may land on another server).
+func (n *Node) beatRef() *wire.MemberRef {
+	ref := n.selfRef()
+	ref.MaxPayload = uint64(max(n.nc.MaxPayload(), 0))
+	return ref
+}
+
+// ownerPayload recomputes members.peerPayload: the smallest max_payload
+// advertised by a peer that may own topics. An owner forwards a publish to
+// the other nodes on its own connection, whose server refuses a payload
+// over its max_payload: a publisher on a server with a larger one must keep
+// its messages within the owners' limit, or the owner would accept what it
+// cannot forward. Client-only peers own nothing; a peer that said no limit
+// (0) is not counted. Callers hold members.mu.
+func (n *Node) ownerPayload() {
+	var least uint64
+	for _, p := range n.members.peers {
+		if !p.m.ClientOnly && p.maxPayload > 0 && (least == 0 || p.maxPayload < least) {
+			least = p.maxPayload
+		}
+	}
+	n.members.peerPayload.Store(int64(min(least, math.MaxInt32)))
+}
+
 // recomputeView installs a new view if the peer set changed. Callers hold members.mu,
 // so views are installed, and their handoff queued, in order.
 func (n *Node) recomputeView() {
@@ -190,6 +224,7 @@ func (n *Node) recomputeView() {
 	for _, p := range n.members.peers {
 		members = append(members, p.m)
 	}
+	n.ownerPayload()
 	prev := n.view()
 	next := newView(prev.epoch+1, members)
 	ranApart := n.members.ranApart
@@ -296,7 +331,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 	n.heard(hb)
 	if hb.GetKind() == wire.Heartbeat_JOIN && m.Reply != "" {
 		v := n.view()
-		reply := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), ViewId: v.id}
+		reply := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.beatRef(), ViewId: v.id}
 		if v.listsFor(from.GetNodeId(), n.self.ID) {
 			reply.Members = v.refs()
 		}
@@ -341,7 +376,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 			n.rejectMember(id)
 			return
 		}
-		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}}
+		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}, maxPayload: ref.GetMaxPayload()}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
 			p.apart = !joining
@@ -356,6 +391,12 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 	p.lastSeen = time.Now()
 	if viewID != 0 {
 		p.viewID = viewID
+	}
+	if mp := ref.GetMaxPayload(); mp != 0 && mp != p.maxPayload {
+		// Said for the first time (the peer was listed by another), or
+		// the peer reconnected to a server with another max_payload.
+		p.maxPayload = mp
+		n.ownerPayload()
 	}
 	p.noteAgreement(n.view().id, p.lastSeen)
 }
@@ -442,7 +483,7 @@ func (n *Node) heartbeatLoop() {
 }
 
 func (n *Node) sendHeartbeat(kind wire.Heartbeat_Kind, reply string) {
-	hb := &wire.Heartbeat{Kind: kind, From: n.selfRef(), ViewId: n.view().id}
+	hb := &wire.Heartbeat{Kind: kind, From: n.beatRef(), ViewId: n.view().id}
 	n.members.quorum.stampHeartbeat(hb)
 	data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
 	msg := &nats.Msg{Subject: n.members.subject, Reply: reply, Data: data}

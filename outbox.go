@@ -45,7 +45,7 @@ import (
 // stopped) is counted in Rejected, emitted as PublishRejected and logged,
 // and the runs held behind it fail at once with it: the sending token is
 // held for one RequestTimeout, not one per run. A run is at most the
-// connection's MaxMessageSize, whatever runBytes says.
+// node's MaxMessageSize, whatever runBytes says.
 //
 // Close writes what the outboxes hold before it leaves; a node stopped by
 // the loss of its connection drops it (counted).

@@ -17,10 +17,12 @@ type ProducerConfig struct {
 	// message as its length plus 8 bytes of framing. It is also the largest
 	// message Produce accepts: a bigger one is rejected at once with
 	// ErrTooLarge. Default: the publisher's MaxMessageSize() when it has that
-	// method (a *Node does; then a batch is never split by
-	// Node.PublishBatch), else 1 MiB - 64 KiB (DefaultMaxBatchBytes). A
-	// message larger than the publisher's MaxMessageSize is rejected at
-	// Produce even if MaxBatchBytes is set higher.
+	// method (a *Node does; then a batch is not split by Node.PublishBatch
+	// unless its limit shrank since, a member on a server with a smaller
+	// max_payload having joined), else 1 MiB - 64 KiB
+	// (DefaultMaxBatchBytes). A message larger than the publisher's
+	// MaxMessageSize is rejected at Produce even if MaxBatchBytes is set
+	// higher. Both are read once, at NewProducer.
 	MaxBatchBytes int
 	// Linger is how long a batch may wait for more messages after its first
 	// one was queued, so that it goes out fuller, a duration. Default: 0, no

@@ -266,10 +266,20 @@ func (n *Node) reject(topic string, messages int, err error) (PublishAck, error)
 	return ack, err
 }
 
-// MaxMessageSize is the largest message this node publishes: the connection's
-// payload limit less room for the envelope and subscriber lists.
+// MaxMessageSize is the largest message this node publishes: the payload
+// limit less room for the envelope and subscriber lists. The payload limit
+// is the smallest max_payload of this node's server and of the servers of
+// the members in its view that may own topics (not client-only; a member
+// that does not advertise its limit, from an older version, is not
+// counted): a topic's owner forwards on its own connection, so in a cluster
+// whose servers differ in max_payload the smallest owner's limit applies
+// to every publisher. It may shrink when a member on a smaller server
+// joins.
 func (n *Node) MaxMessageSize() int {
 	mp := n.maxPayload()
+	if owners := int(n.members.peerPayload.Load()); owners > 0 {
+		mp = min(mp, owners)
+	}
 	return mp - min(64<<10, mp/8)
 }
 

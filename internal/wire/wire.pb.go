@@ -464,7 +464,13 @@ type MemberRef struct {
 	NodeId      string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	Incarnation uint64                 `protobuf:"varint,2,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
 	// client_only: the member never owns a topic (WithClientOnly).
-	ClientOnly    bool `protobuf:"varint,3,opt,name=client_only,json=clientOnly,proto3" json:"client_only,omitempty"`
+	ClientOnly bool `protobuf:"varint,3,opt,name=client_only,json=clientOnly,proto3" json:"client_only,omitempty"`
+	// max_payload: the max_payload of the member's NATS server, as its
+	// connection reports it. Set in heartbeats only; 0: not said (a member
+	// from before this field). Publishers keep their messages within the
+	// smallest of the members that may own topics: an owner forwards on its
+	// own connection. Not part of a view's ID.
+	MaxPayload    uint64 `protobuf:"varint,4,opt,name=max_payload,json=maxPayload,proto3" json:"max_payload,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -518,6 +524,13 @@ func (x *MemberRef) GetClientOnly() bool {
 		return x.ClientOnly
 	}
 	return false
+}
+
+func (x *MemberRef) GetMaxPayload() uint64 {
+	if x != nil {
+		return x.MaxPayload
+	}
+	return 0
 }
 
 // Heartbeat is published on <prefix>.members.
@@ -1719,12 +1732,14 @@ const file_wire_proto_rawDesc = "" +
 	"\x10groups_truncated\x18\x04 \x01(\bR\x0fgroupsTruncated\x1a9\n" +
 	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"g\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x88\x01\n" +
 	"\tMemberRef\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
 	"\vclient_only\x18\x03 \x01(\bR\n" +
-	"clientOnly\"\x90\x04\n" +
+	"clientOnly\x12\x1f\n" +
+	"\vmax_payload\x18\x04 \x01(\x04R\n" +
+	"maxPayload\"\x90\x04\n" +
 	"\tHeartbeat\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".clusterpubsub.wire.Heartbeat.KindR\x04kind\x121\n" +
 	"\x04from\x18\x02 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
