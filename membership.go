@@ -191,14 +191,6 @@ func (n *Node) selfRef() *wire.MemberRef {
 	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation, ClientOnly: n.self.ClientOnly}
 }
 
-// beatRef is selfRef with this node's payload limit, for heartbeats: the
-// limit is read anew each time (a reconnect may land on another server).
-func (n *Node) beatRef() *wire.MemberRef {
-	ref := n.selfRef()
-	ref.MaxPayload = uint64(max(n.nc.MaxPayload(), 0))
-	return ref
-}
-
 // ownerPayload recomputes members.peerPayload: the smallest max_payload
 // advertised by a peer that may own topics. An owner forwards a publish to
 // the other nodes on its own connection, whose server refuses a payload
@@ -410,107 +402,5 @@ func (n *Node) rejectMember(id string) {
 		n.log.Warn("member ignored: the view holds MaxMembers members", "member", id, "limit", n.cfg.MaxMembers, "suppressed", held)
 		emit(n.events, MemberRejected{Member: id, Members: len(n.members.peers) + 1, Limit: n.cfg.MaxMembers, Rejected: n.members.rejectedSince})
 		n.members.rejectedSince = 0
-	}
-}
-
-// heartbeatLoop announces this node and drops silent members. It also
-// notices a NATS connection closed underneath the node, and stops it.
-func (n *Node) heartbeatLoop() {
-	defer n.life.goroutines.done()
-	defer close(n.life.beatsStopped)
-	t := time.NewTicker(n.cfg.HeartbeatInterval)
-	defer t.Stop()
-	lastCollect := time.Now()
-	var lastEarly time.Time
-	var early <-chan time.Time // an early heartbeat deferred by the spacing
-	for {
-		select {
-		case <-n.life.ctx.Done():
-			return
-		case <-n.life.stopBeats:
-			return
-		case <-n.members.beatNow:
-			// The view changed: tell the peers now, so views agree (and
-			// joins return) without waiting for the next tick; a burst of
-			// changes gets one early heartbeat per earlyBeatSpacing.
-			if wait := earlyBeatSpacing - time.Since(lastEarly); wait > 0 {
-				if early == nil {
-					early = time.After(wait)
-				}
-				continue
-			}
-			lastEarly = time.Now()
-			n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
-			continue
-		case <-early:
-			early, lastEarly = nil, time.Now()
-			n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
-			continue
-		case <-t.C:
-		}
-		if n.nc.IsClosed() {
-			n.connectionLost()
-			return
-		}
-		n.members.mu.Lock()
-		changed := false
-		for id, p := range n.members.peers {
-			if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
-				delete(n.members.peers, id)
-				changed = true
-			}
-		}
-		if changed {
-			n.recomputeView()
-		}
-		n.updateQuorum(n.viewsAgreeLocked())
-		n.members.mu.Unlock()
-		// After the sweep and the quorum: the heartbeat carries the view
-		// and stable view they just made.
-		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")
-		select { // a change above asked for an early heartbeat: this is it
-		case <-n.members.beatNow:
-		default:
-		}
-		n.checkInboxDrops()
-		n.subscriber.forgetRecent(time.Now().Add(-2 * (n.cfg.SubscriberTimeout + n.cfg.RequestTimeout)))
-		n.log.limit.sweep()
-		if time.Since(lastCollect) >= n.cfg.MemberTimeout {
-			lastCollect = time.Now()
-			n.owner.collectIdleActors(n.cfg.MemberTimeout)
-		}
-	}
-}
-
-func (n *Node) sendHeartbeat(kind wire.Heartbeat_Kind, reply string) {
-	hb := &wire.Heartbeat{Kind: kind, From: n.beatRef(), ViewId: n.view().id}
-	n.members.quorum.stampHeartbeat(hb)
-	data, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
-	msg := &nats.Msg{Subject: n.members.subject, Reply: reply, Data: data}
-	if err := n.nc.PublishMsg(msg); err != nil {
-		n.log.Debug("heartbeat failed", "err", err)
-	}
-}
-
-func (n *Node) publishEnvelope(subject string, env *wire.Envelope) {
-	data, err := proto.Marshal(env)
-	if err == nil {
-		err = n.nc.Publish(subject, data)
-	}
-	if err != nil {
-		n.log.Debug("publish failed", "subject", subject, "err", err)
-	}
-}
-
-// checkInboxDrops surfaces messages NATS dropped on the inbox because the
-// node fell behind (slow consumer). The owners of the dropped deliveries see
-// them as timeouts; this makes the cause visible.
-func (n *Node) checkInboxDrops() {
-	d, err := n.life.inboxSub.Dropped()
-	if err != nil {
-		return
-	}
-	if prev := n.stats.inboxDropped.Swap(uint64(d)); uint64(d) > prev {
-		n.log.Warn("inbox dropped messages: slow consumer", "dropped", uint64(d)-prev, "total", d)
 	}
 }
