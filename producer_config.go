@@ -22,7 +22,7 @@ type ProducerConfig struct {
 	// max_payload having joined), else 1 MiB - 64 KiB
 	// (DefaultMaxBatchBytes). A message larger than the publisher's
 	// MaxMessageSize is rejected at Produce even if MaxBatchBytes is set
-	// higher. Both are read once, at NewProducer.
+	// higher. Both are read once, at NewBatchingProducer.
 	MaxBatchBytes int
 	// Linger is how long a batch may wait for more messages after its first
 	// one was queued, so that it goes out fuller, a duration. Default: 0, no
