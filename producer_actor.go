@@ -365,18 +365,15 @@ func (p *BatchingProducer) resolve(b *producerBatch, r *produceResult) {
 func (p *BatchingProducer) completeHead() {
 	for len(p.fifo) > 0 && p.fifo[0].state == batchResolved {
 		b := p.fifo[0]
+		// Counted before the futures complete: a Flush waiting on the
+		// last one may read Stats as soon as it is done.
 		var left, dropped uint64
 		for i := range b.entries {
-			e := &b.entries[i]
-			switch {
+			switch e := &b.entries[i]; {
 			case e.maybeSent:
-				e.fut.complete(p.leftOutOfRetry(b.unknown, e.ctx.Err()))
 				left++
 			case e.dropped:
-				e.fut.complete(p.cancelled(e.ctx.Err()))
 				dropped++
-			default:
-				e.fut.complete(b.res)
 			}
 		}
 		n := uint64(len(b.entries))
@@ -386,6 +383,17 @@ func (p *BatchingProducer) completeHead() {
 			p.counters.count(b.res, rest)
 		}
 		p.counters.completed.Add(n)
+		for i := range b.entries {
+			e := &b.entries[i]
+			switch {
+			case e.maybeSent:
+				e.fut.complete(p.leftOutOfRetry(b.unknown, e.ctx.Err()))
+			case e.dropped:
+				e.fut.complete(p.cancelled(e.ctx.Err()))
+			default:
+				e.fut.complete(b.res)
+			}
+		}
 		// A batch whose failure stopped the producer never counts as
 		// settled, nor does any after it: an owner holding a later batch
 		// back until this one settles (ORDER_WAIT) must not let it through,
