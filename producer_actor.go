@@ -102,6 +102,10 @@ func (p *BatchingProducer) pump() time.Time {
 		linger := p.firstAt.Add(p.cfg.Linger)
 		if can && p.queued > 0 && (p.cfg.Linger == 0 || !now.Before(linger) ||
 			p.queued >= p.cfg.BatchSize || p.qbytes >= p.cfg.MaxBatchBytes ||
+			// A full queue (MaxQueueSize < BatchSize) cannot fill the
+			// batch further: lingering would only refuse, or with
+			// BlockWhenFull hold, every Produce until Linger is over.
+			p.queued >= p.cfg.MaxQueueSize ||
 			p.closing || p.flushSeq > p.cutSeq) {
 			p.mu.Unlock()
 			if p.ctx.Err() == nil { // else the loop abandons first
@@ -116,7 +120,7 @@ func (p *BatchingProducer) pump() time.Time {
 		case p.queued == 0:
 			p.wakeLen, p.wakeBytes = 1, math.MaxInt
 		default: // lingering: wake when the batch is full or Linger is over
-			p.wakeLen, p.wakeBytes = p.cfg.BatchSize, p.cfg.MaxBatchBytes
+			p.wakeLen, p.wakeBytes = min(p.cfg.BatchSize, p.cfg.MaxQueueSize), p.cfg.MaxBatchBytes
 			next = linger
 		}
 		p.mu.Unlock()

@@ -145,3 +145,26 @@ func TestProducerBlockWhenFullLosesNothing(t *testing.T) {
 		require.True(t, slices.IsSorted(mine), "goroutine %d's messages were published out of order", g)
 	}
 }
+
+// TestProducerBlockWhenFullDoesNotLingerOnAFullQueue: a queue smaller than
+// a batch cannot fill the batch any further once it is full, so the batch
+// goes without waiting for Linger. Before, the pump lingered on a full
+// queue: with Linger of a minute the 11th Produce waited the whole minute
+// (failed 3 of 3 before, its 2 s ctx ending).
+func TestProducerBlockWhenFullDoesNotLingerOnAFullQueue(t *testing.T) {
+	mp := newMock()
+	mp.started = nil
+	p := newTestProducer(t, mp, ProducerConfig{BatchSize: 100, MaxQueueSize: 10, Linger: time.Minute, BlockWhenFull: true})
+	ctx := prodCtx(t, prodWait)
+	// Long enough for the batches to go, far shorter than Linger.
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var futs []*Produced
+	for i := range 30 {
+		futs = append(futs, p.Produce(short, pm(i)))
+	}
+	require.NoError(t, p.Flush(ctx))
+	for _, f := range futs {
+		prodAccepted(t, f)
+	}
+}

@@ -28,8 +28,8 @@ type ProducerConfig struct {
 	// one was queued, so that it goes out fuller, a duration. Default: 0, no
 	// wait: a batch goes as soon as a slot of MaxInFlight is free, and while
 	// all slots are busy the next batch fills up (natural batching). A full
-	// batch (BatchSize or MaxBatchBytes) never waits, nor do batches during
-	// Flush and Close.
+	// batch (BatchSize or MaxBatchBytes) never waits, nor does a full queue
+	// (MaxQueueSize), nor do batches during Flush and Close.
 	Linger time.Duration
 	// MaxQueueSize is the largest number of messages waiting in the queue
 	// (not counting the batches in flight). Produce past it returns a future
