@@ -101,3 +101,32 @@ func TestSupersededNodeDoesNotAnswerForItsReplacement(t *testing.T) {
 	t.Logf("replacement's subscription ran %d of 50; ended: %v", len(rec.of(s.ID())), s.Err())
 	require.Zero(t, bad)
 }
+
+// A node whose sends alone were cut (it still heard its peers) is dropped
+// past MemberTimeout and replaced under its ID like one cut off both ways,
+// but it never dropped its peers, so none of them counts as having run
+// apart from it (peer.apart) and it believes no notice: after the heal it
+// runs on as a zombie, its subscription known to no owner and never ended
+// (guarantee 9). Fails 3 of 3 runs.
+func TestSupersededNodeWhoseSendsAloneWereCutStops(t *testing.T) {
+	t.Skip("known defect: onReplacedNotice believes a notice only from a peer it dropped and took back (peer.apart); " +
+		"a node cut off one way never drops its peers. Sketch of a fix: let the sender vouch instead, telling stale only " +
+		"an incarnation it dropped by MemberTimeout itself (not one a concurrent joiner never held), and drop the apart check")
+	c := testcluster.NewFaulty(t, 3, 3, fast...)
+	c.WaitConverged(t, 10*time.Second)
+	older := c.Nodes[2]
+	topic := ownedBy(t, c.Nodes[0], "superseded-oneway")
+	rec := newRecorder()
+	sz := subscribe(t, older, topic, rec.handler)
+	c.Client(2).Stall(faultnet.Forward) // n2 hears its peers; they hear nothing from it
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return !hasMember(c.Nodes[0], "n2") && !hasMember(c.Nodes[1], "n2") }, "n2 not dropped")
+	n2 := c.AddNode(t, "n2", 2, fast...)
+	c.HealAll()
+	select {
+	case <-sz.Done():
+		require.ErrorIs(t, sz.Err(), pubsub.ErrClosed)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the older incarnation still runs 10 s after the heal; older view %v, peers' %v, replacement's %v",
+			older.Members(), c.Nodes[0].Members(), n2.Members())
+	}
+}
