@@ -149,3 +149,16 @@ func TestMixedMaxPayloadSubscribersOnSmallServersReceive(t *testing.T) {
 	mustAccept(t, ack, err, 3)
 	require.Equal(t, 27, rec.total())
 }
+
+// TestMixedMaxPayloadLimitRecoversWhenTheSmallOwnerLeaves: the smallest
+// owner's limit applies only while that owner is a member: once the node
+// on the 8 kB server leaves, the others' MaxMessageSize is their own
+// server's again.
+func TestMixedMaxPayloadLimitRecoversWhenTheSmallOwnerLeaves(t *testing.T) {
+	nodes := mixedPayloadCluster(t, []int32{64 << 10, 64 << 10, 8 << 10}, nil)
+	require.Less(t, nodes[0].MaxMessageSize(), 8<<10)
+	require.NoError(t, nodes[2].Close(ctxT(t)))
+	require.True(t, embedded.Poll(10*time.Second, func() bool {
+		return nodes[0].MaxMessageSize() > 32<<10 && nodes[1].MaxMessageSize() > 32<<10
+	}), "the limit did not recover after the small owner left: %d", nodes[0].MaxMessageSize())
+}

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -167,4 +168,76 @@ func TestProducerBlockWhenFullDoesNotLingerOnAFullQueue(t *testing.T) {
 	for _, f := range futs {
 		prodAccepted(t, f)
 	}
+}
+
+// TestProducerBlockWhenFullEndsWhenTheProducerStops: Produce calls blocked
+// on a full queue return ErrClosed when a batch fails with FailBatchAndStop
+// and when Close gives up (abandon), and Stats counts every message once,
+// none left Pending.
+func TestProducerBlockWhenFullEndsWhenTheProducerStops(t *testing.T) {
+	t.Run("FailBatchAndStop", func(t *testing.T) {
+		mp := newMock()
+		g := newTestGate()
+		mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
+			if err := g.wait(ctx); err != nil {
+				return rejected("test-topic", len(b), err)
+			}
+			return rejected("test-topic", len(b), errors.New("boom"))
+		}
+		p := newTestProducer(t, mp, ProducerConfig{BatchSize: 1, MaxQueueSize: 2, MaxInFlight: 1, BlockWhenFull: true,
+			OnPublishError: func(int, error) ErrorDecision { return FailBatchAndStop }})
+		ctx := prodCtx(t, prodWait)
+		p.Produce(ctx, pm(0))
+		mp.waitStarted(t)
+		p.Produce(ctx, pm(1))
+		p.Produce(ctx, pm(2))
+		var wg sync.WaitGroup
+		res := make(chan *Produced, 5)
+		for i := range 5 {
+			wg.Go(func() { res <- p.Produce(ctx, pm(10+i)) })
+		}
+		require.Eventually(t, func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.room != nil }, prodWait, time.Millisecond)
+		g.open()
+		wg.Wait()
+		close(res)
+		for f := range res {
+			_, err := prodResult(t, f)
+			require.ErrorIs(t, err, ErrClosed)
+		}
+		require.NoError(t, p.Flush(ctx))
+		st := p.Stats()
+		assert.Zero(t, st.Pending)
+		assert.Equal(t, uint64(8), st.Rejected, "%+v", st)
+		require.NoError(t, p.Close(ctx))
+	})
+	t.Run("Close gives up", func(t *testing.T) {
+		mp := newMock()
+		g := newTestGate()
+		mp.fn = acceptAfter(g)
+		p := newTestProducer(t, mp, ProducerConfig{BatchSize: 1, MaxQueueSize: 2, MaxInFlight: 1, BlockWhenFull: true})
+		ctx := prodCtx(t, prodWait)
+		p.Produce(ctx, pm(0))
+		mp.waitStarted(t)
+		p.Produce(ctx, pm(1))
+		p.Produce(ctx, pm(2))
+		var wg sync.WaitGroup
+		res := make(chan *Produced, 5)
+		for i := range 5 {
+			wg.Go(func() { res <- p.Produce(ctx, pm(10+i)) })
+		}
+		require.Eventually(t, func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.room != nil }, prodWait, time.Millisecond)
+		short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		require.Error(t, p.Close(short))
+		wg.Wait()
+		close(res)
+		for f := range res {
+			_, err := prodResult(t, f)
+			require.ErrorIs(t, err, ErrClosed)
+		}
+		st := p.Stats()
+		assert.Zero(t, st.Pending)
+		assert.Equal(t, uint64(8), st.Rejected, "%+v", st)
+		assert.Equal(t, uint64(1), st.ByReason[ReasonTimeout], "%+v", st)
+	})
 }
