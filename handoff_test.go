@@ -105,22 +105,39 @@ func TestForgedNewerIncarnationOfALiveMemberIsIgnored(t *testing.T) {
 	topics := subscribeEverywhere(t, c, rec, "reinc", 20)
 	n2 := memberOf(t, c.Nodes[0], "n2")
 	raw := c.Connect(t, 0)
-	for range 3 {
-		require.NoError(t, raw.Publish("pubsub.members", heartbeat(wire.Heartbeat_HEARTBEAT, "n2", n2.Incarnation+1, 0)))
-	}
-	// n2 heard the forged incarnation itself; notices in its peers' names
-	// that they serve it now must not stop n2 either: they never ran apart
-	// from it (replaced.go).
+	// The forger keeps at it while the topics are checked: heartbeats of
+	// a newer n2, which n2 hears itself, and notices in its peers' names
+	// that they serve that one now. Neither peer timed n2 out, nor do its
+	// peers' heartbeats report such a view: n2 must not stop (replaced.go).
+	var notices [][]byte
 	for _, from := range c.Nodes[:2] {
 		me := memberOf(t, c.Nodes[2], from.ID())
 		notice, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
 			Kind: wire.Heartbeat_JOIN_REPLY, From: &wire.MemberRef{NodeId: me.ID, Incarnation: me.Incarnation},
 			Members: []*wire.MemberRef{{NodeId: "n2", Incarnation: n2.Incarnation + 1}}}}})
 		require.NoError(t, err)
-		require.NoError(t, raw.Publish("pubsub.node.n2", notice))
+		notices = append(notices, notice)
 	}
-	require.NoError(t, raw.Flush())
+	stop, forged := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(forged)
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			_ = raw.Publish("pubsub.members", heartbeat(wire.Heartbeat_HEARTBEAT, "n2", n2.Incarnation+1, 0))
+			for _, notice := range notices {
+				_ = raw.Publish("pubsub.node.n2", notice)
+			}
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
 	everyTopicReachesAll(t, c, 0, topics, 3, 2*2*time.Second)
+	close(stop)
+	<-forged
 	_, err := c.Nodes[2].Publish(ctxT(t), topics[0], []byte("still up"))
 	require.NoError(t, err, "n2 stopped on forged notices")
 	for _, n := range c.Nodes {

@@ -40,6 +40,10 @@ type membership struct {
 	// when the peers change (ownerPayload), read lock-free on every
 	// publish.
 	peerPayload atomic.Int64
+	// timedOut holds, per ID, the incarnation this node last dropped for
+	// silence (MemberTimeout), at most MaxMembers of them: only those are
+	// told that a newer one replaced them (replaced.go). Guarded by mu.
+	timedOut map[string]uint64
 	// ranApart: the peer seen() is adding was heard first by a heartbeat,
 	// not its JOIN: it ran without this node, and what it subscribed to
 	// meanwhile went to another owner (view.returned). Consumed by the
@@ -120,6 +124,7 @@ func (m *membership) changeBetween(prev, next *view, self string) viewChange {
 func (m *membership) init(n *Node) {
 	m.peers = make(map[string]*peer)
 	m.left = make(map[incarnation]time.Time)
+	m.timedOut = make(map[string]uint64)
 	m.beatNow = make(chan struct{}, 1)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
@@ -144,10 +149,8 @@ type peer struct {
 	// them apart does not restart it. Under KeepMajority a peer that
 	// disagrees for longer than viewDisagreementGrace does not count.
 	disagreeSince time.Time
-	// apart: first heard by an ordinary heartbeat after this node joined,
-	// so it ran without this node (a cut healed); toldStale: when it was
-	// last told that an older incarnation of its ID still runs (replaced.go).
-	apart     bool
+	// toldStale: when an older incarnation of its ID, still running, was
+	// last told that this one replaced it (replaced.go).
 	toldStale time.Time
 	// The peer's stable view as last reported (KeepMajority only); stable
 	// and stablePrev hold the members the heartbeat listed, if any.
@@ -352,7 +355,11 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 	}
 	if ok && p.m.Incarnation != ref.GetIncarnation() {
 		if ref.GetIncarnation() < p.m.Incarnation {
-			n.tellStale(p, ref) // a stale message of an older incarnation, still running
+			// A stale message of an older incarnation. It still runs: if
+			// this node dropped it for silence, it was cut off and replaced.
+			if n.members.timedOut[id] == ref.GetIncarnation() {
+				n.tellStale(p, ref)
+			}
 			return
 		}
 		if time.Since(p.lastSeen) < 2*n.cfg.HeartbeatInterval {
@@ -371,7 +378,6 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}, maxPayload: ref.GetMaxPayload()}
 		n.members.peers[id] = p
 		if n.members.joined.Load() {
-			p.apart = !joining
 			n.members.ranApart = !joining
 			n.recomputeView()
 		} else {

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -19,12 +20,19 @@ import (
 //
 // The notice is a JOIN_REPLY heartbeat listing the newer incarnation. The
 // replacement gets a copy too (the inbox subject is the ID's) and ignores
-// it. The older node believes it only when it also heard the newer
-// incarnation itself (membership.superseded) and the notice comes from a
-// peer that ran apart from it (peer.apart): a peer it had dropped and took
-// back from an ordinary heartbeat. Two nodes joining with one ID at once
-// never ran apart from their peers, so the older one, which wins that race,
-// is never stopped by it.
+// it. Both sides check it:
+//   - a peer tells only an incarnation it dropped itself for silence
+//     (membership.timedOut), not one it replaced because a newer one
+//     joined while the older was briefly quiet: of two nodes joining with
+//     one ID at once the older wins, and it must not be stopped too;
+//   - the older node believes a notice only when it heard the newer
+//     incarnation itself (membership.superseded) and the peer's last
+//     heartbeat reported the view this node has, with the newer
+//     incarnation in its own place: the peer really serves that one, and a
+//     notice forged in a live peer's name, whose heartbeats say otherwise,
+//     stops nothing.
+// This holds whichever way the cut went, also when only the older node's
+// sends were cut and it never dropped its peers.
 
 // tellStale answers a stale heartbeat of ref, an older incarnation of p's
 // node, with a notice to that node's inbox, at most once per heartbeat
@@ -42,6 +50,19 @@ func (n *Node) tellStale(p *peer, ref *wire.MemberRef) {
 	}}})
 }
 
+// noteTimedOut records that m was dropped for silence, forgetting an
+// arbitrary entry past limit (that incarnation is then not told it was
+// replaced). Callers hold mu.
+func (m *membership) noteTimedOut(dropped Member, limit int) {
+	if _, ok := m.timedOut[dropped.ID]; !ok && len(m.timedOut) >= limit {
+		for id := range m.timedOut {
+			delete(m.timedOut, id)
+			break
+		}
+	}
+	m.timedOut[dropped.ID] = dropped.Incarnation
+}
+
 // onReplacedNotice handles a notice on the inbox that a newer incarnation
 // of this node's ID replaced it (see tellStale), and stops the node if the
 // notice is credible.
@@ -50,25 +71,39 @@ func (n *Node) onReplacedNotice(hb *wire.Heartbeat) {
 		n.malformed("inbox", 0)
 		return
 	}
-	var newer uint64
+	var newer *wire.MemberRef
 	for _, r := range hb.GetMembers() {
 		if r.GetNodeId() == n.self.ID && r.GetIncarnation() > n.self.Incarnation {
-			newer = r.GetIncarnation()
+			newer = r
 		}
 	}
-	if newer == 0 {
+	if newer == nil {
 		return // about this incarnation: the copy a replacement gets
 	}
 	from := hb.GetFrom()
 	n.members.mu.Lock()
 	p := n.members.peers[from.GetNodeId()]
-	credible := p != nil && p.m.Incarnation == from.GetIncarnation() && p.apart && n.members.superseded.Load()
+	credible := p != nil && p.m.Incarnation == from.GetIncarnation() && n.members.superseded.Load() &&
+		p.viewID == n.viewReplacedBy(newer)
 	n.members.mu.Unlock()
 	if !credible {
-		n.log.Debug("ignored a notice that this node was replaced", "from", from.GetNodeId(), "newer", newer)
+		n.log.Debug("ignored a notice that this node was replaced", "from", from.GetNodeId(), "newer", newer.GetIncarnation())
 		return
 	}
-	n.replaced(from.GetNodeId(), newer)
+	n.replaced(from.GetNodeId(), newer.GetIncarnation())
+}
+
+// viewReplacedBy returns the ID of this node's view with newer in this
+// node's place: the view a peer that serves newer reports once it agrees
+// with this node on everything else.
+func (n *Node) viewReplacedBy(newer *wire.MemberRef) uint64 {
+	members := slices.Clone(n.view().members)
+	for i, m := range members {
+		if m.ID == n.self.ID {
+			members[i] = Member{ID: m.ID, Incarnation: newer.GetIncarnation(), Inbox: m.Inbox, ClientOnly: newer.GetClientOnly()}
+		}
+	}
+	return newView(0, members).id
 }
 
 // replaced stops a node whose peers serve a newer incarnation of its ID.

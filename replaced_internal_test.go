@@ -11,38 +11,46 @@ import (
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
-// TestReplacedNoticeIsBelievedOnlyFromAPeerThatRanApart: a notice that a
-// newer incarnation of this node's ID replaced it stops the node only when
-// the node heard that incarnation itself and the notice comes from a peer
-// it took back after they ran apart (replaced.go); otherwise anyone who
-// can publish on the node's inbox could stop it, and two nodes joining
-// with one ID at once could both end up stopped.
-func TestReplacedNoticeIsBelievedOnlyFromAPeerThatRanApart(t *testing.T) {
+// TestReplacedNoticeIsBelievedOnlyWhenThePeerServesTheNewer: a notice that
+// a newer incarnation of this node's ID replaced it stops the node only
+// when the node heard that incarnation itself and the notifying peer's last
+// heartbeat reported this node's view with the newer incarnation in its
+// place (replaced.go); otherwise anyone who can publish on the node's inbox
+// could stop it with a notice in a live peer's name.
+func TestReplacedNoticeIsBelievedOnlyWhenThePeerServesTheNewer(t *testing.T) {
 	n, peerNode := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second))
 	sub, err := n.Subscribe(context.Background(), "replaced", func(context.Context, *Message) error { return nil })
 	require.NoError(t, err)
-	notice := func(inc uint64) *wire.Heartbeat {
-		return &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: peerNode.selfRef(),
-			Members: []*wire.MemberRef{{NodeId: n.self.ID, Incarnation: inc}}}
+	newer := &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1}
+	notice := func(about *wire.MemberRef) *wire.Heartbeat {
+		return &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: peerNode.selfRef(), Members: []*wire.MemberRef{about}}
 	}
 	running := func() bool { return !n.life.closed.Load() }
 
-	n.onReplacedNotice(notice(n.self.Incarnation + 1))
+	n.onReplacedNotice(notice(newer))
 	assert.True(t, running(), "stopped though it never heard the newer incarnation")
 	n.members.superseded.Store(true)
-	n.onReplacedNotice(notice(n.self.Incarnation + 1))
-	assert.True(t, running(), "stopped on a notice from a peer that never ran apart from it")
+	n.onReplacedNotice(notice(newer))
+	assert.True(t, running(), "stopped on a notice from a peer whose heartbeats report this node's incarnation")
 
-	n.members.mu.Lock()
-	n.members.peers[peerNode.self.ID].apart = true
-	n.members.mu.Unlock()
-	n.onReplacedNotice(notice(n.self.Incarnation))
+	// From here on the peer's last heartbeat reported the view with the
+	// newer incarnation in this node's place (heartbeats keep coming: the
+	// test sets it before each notice).
+	servesNewer := func() {
+		n.members.mu.Lock()
+		n.members.peers[peerNode.self.ID].viewID = n.viewReplacedBy(newer)
+		n.members.mu.Unlock()
+	}
+	servesNewer()
+	n.onReplacedNotice(notice(&wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation}))
 	assert.True(t, running(), "stopped on a notice naming its own incarnation (the replacement's copy)")
+	servesNewer()
 	n.onReplacedNotice(&wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: &wire.MemberRef{NodeId: peerNode.self.ID, Incarnation: peerNode.self.Incarnation + 1},
-		Members: []*wire.MemberRef{{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1}}})
+		Members: []*wire.MemberRef{newer}})
 	assert.True(t, running(), "stopped on a notice from an incarnation of the peer it does not know")
 
-	n.onReplacedNotice(notice(n.self.Incarnation + 1))
+	servesNewer()
+	n.onReplacedNotice(notice(newer))
 	require.False(t, running(), "a credible notice did not stop the node")
 	select {
 	case <-sub.Done():
