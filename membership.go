@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"slices"
@@ -44,6 +45,9 @@ type membership struct {
 	// silence (MemberTimeout), at most MaxMembers of them: only those are
 	// told that a newer one replaced them (replaced.go). Guarded by mu.
 	timedOut map[string]uint64
+	// viewed is closed, and replaced, each time a view is installed
+	// (WaitMembers waits on it). Guarded by mu.
+	viewed chan struct{}
 	// ranApart: the peer seen() is adding was heard first by a heartbeat,
 	// not its JOIN: it ran without this node, and what it subscribed to
 	// meanwhile went to another owner (view.returned). Consumed by the
@@ -125,6 +129,7 @@ func (m *membership) init(n *Node) {
 	m.peers = make(map[string]*peer)
 	m.left = make(map[incarnation]time.Time)
 	m.timedOut = make(map[string]uint64)
+	m.viewed = make(chan struct{})
 	m.beatNow = make(chan struct{}, 1)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
@@ -172,6 +177,35 @@ func (p *peer) noteAgreement(cur uint64, now time.Time) {
 // Members returns the current view, sorted by ID, including this node.
 func (n *Node) Members() []Member {
 	return slices.Clone(n.view().members)
+}
+
+// WaitMembers waits until this node's view holds at least count members,
+// itself included (as Members counts them), and returns nil. Join returns
+// once the view is stable, whatever its size; a service that needs its
+// peers before it starts waits here. It returns an error wrapping ctx's
+// if ctx ends first, one wrapping ErrClosed once Close was called or the
+// node stopped, and ErrInvalidConfig for a count below 1.
+func (n *Node) WaitMembers(ctx context.Context, count int) error {
+	if count < 1 {
+		return fmt.Errorf("%w: WaitMembers(%d): want at least 1 member", ErrInvalidConfig, count)
+	}
+	for {
+		n.members.mu.Lock()
+		have, changed := len(n.view().members), n.members.viewed
+		n.members.mu.Unlock()
+		switch {
+		case have >= count:
+			return nil
+		case n.life.closed.Load() || n.life.closeCalled.Load():
+			return fmt.Errorf("pubsub: WaitMembers: node %s: %w", n.self.ID, ErrClosed)
+		}
+		select {
+		case <-changed:
+		case <-n.life.ctx.Done(): // stopped: the loop returns ErrClosed
+		case <-ctx.Done():
+			return fmt.Errorf("pubsub: WaitMembers: %d of %d members in node %s's view: %w", have, count, n.self.ID, ctx.Err())
+		}
+	}
 }
 
 // OwnerOf returns the member that owns topic in this node's current view.
@@ -236,6 +270,8 @@ func (n *Node) recomputeView() {
 		next.returned = prev.epoch
 	}
 	n.members.cur.Store(next)
+	close(n.members.viewed)
+	n.members.viewed = make(chan struct{})
 	now := time.Now()
 	for _, p := range n.members.peers {
 		p.noteAgreement(next.id, now)

@@ -141,7 +141,7 @@ func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
 		isolateServer(c, 0)
 		waitViews(t, []*pubsub.Node{n0}, []*pubsub.Node{n1, n2})
 		for _, n := range []*pubsub.Node{n1, n2} {
-			testcluster.WaitFor(t, 2*time.Second, func() bool { return n.Stats().StableMembers == 2 },
+			testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool { return n.Stats().StableMembers == 2 },
 				"the majority never made its view stable: %s", quorumOf(c.Nodes))
 		}
 		require.False(t, n0.Stats().HasQuorum, "the isolated node serves")
@@ -164,7 +164,7 @@ func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
 		isolateServer(c, 0)
 		waitViews(t, []*pubsub.Node{n[0], n[3]}, []*pubsub.Node{n[1], n[2], n[4]})
 		for _, i := range []int{1, 2, 4} {
-			testcluster.WaitFor(t, 2*time.Second, func() bool { return n[i].Stats().StableMembers == 3 },
+			testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool { return n[i].Stats().StableMembers == 3 },
 				"the majority never made its view stable: %s", quorumOf(n))
 		}
 		c.HealAll()

@@ -71,11 +71,8 @@ func run() error {
 		defer stop()
 	}
 	for _, n := range nodes {
-		for len(n.Members()) != 3 {
-			if ctx.Err() != nil {
-				return errors.New("views did not converge")
-			}
-			time.Sleep(10 * time.Millisecond) // polling a condition, with ctx as deadline
+		if err := n.WaitMembers(ctx, 3); err != nil {
+			return fmt.Errorf("views did not converge: %w", err)
 		}
 	}
 

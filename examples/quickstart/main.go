@@ -104,16 +104,12 @@ func run() int {
 	}
 
 	// 4. Wait until every node sees all three members (heartbeats converge).
-	allMembers := func() bool {
-		for _, n := range nodes {
-			if len(n.Members()) != len(nodes) {
-				return false
-			}
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	for _, n := range nodes {
+		if err := n.WaitMembers(wctx, len(nodes)); err != nil {
+			return fail("members did not converge to %d within 10s (another app on prefix %q?): %v", len(nodes), *prefix, err)
 		}
-		return true
-	}
-	if !waitFor(ctx, 10*time.Second, allMembers) {
-		return fail("members did not converge to %d within 10s (another app on prefix %q?)", len(nodes), *prefix)
 	}
 	for _, n := range nodes {
 		var ids []string
