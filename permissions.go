@@ -256,3 +256,51 @@ func (n *Node) permCheckEnded(parent context.Context, err error) error {
 	}
 	return fmt.Errorf("permission check: %w", err)
 }
+
+// checkMemberInboxes verifies, once the initial view is known, that the
+// node may publish on each member's inbox: a user denied one of them (a
+// deny on <prefix>.node.<id> beside an allow on <prefix>.node.>) passes
+// checkPermissions, which publishes on <prefix>.node.$probe, and would then
+// see its requests to that member vanish: its syncs pulls unanswered (the
+// topics it gains never ready) and its publishes there ending in ErrTimeout
+// as if their outcome were unknown. Each member gets a JOIN_REPLY listing
+// no member, which it ignores (onReplacedNotice), then a Flush: the server
+// handles the connection's protocol in order, so a violation's -ERR comes
+// before the PONG. Members that join later are not checked.
+func (n *Node) checkMemberInboxes(ctx context.Context) error {
+	nc := n.nc
+	before := nc.LastError()
+	noop, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+		Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(),
+	}}})
+	if err != nil {
+		return err
+	}
+	inboxes := map[string]bool{}
+	for _, m := range n.view().members {
+		if m.ID == n.self.ID {
+			continue
+		}
+		inboxes[m.Inbox] = true
+		if err := nc.Publish(m.Inbox, noop); err != nil {
+			return fmt.Errorf("permission check: publish %s: %w", m.Inbox, err)
+		}
+	}
+	if len(inboxes) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.RequestTimeout)
+	defer cancel()
+	if err := nc.FlushWithContext(ctx); err != nil {
+		return fmt.Errorf("permission check: flush: %w", err)
+	}
+	last := nc.LastError()
+	if last == nil || last == before || !errors.Is(last, nats.ErrPermissionViolation) {
+		return nil
+	}
+	if m := violationRe.FindStringSubmatch(last.Error()); m != nil && m[1] == "Publish" && inboxes[m[2]] {
+		return fmt.Errorf("%w: the NATS user may not publish %q, the inbox of a member: grant publish on %s (every node's inbox) to this user; %s",
+			ErrInvalidConfig, m[2], natsutil.NodeSubjectWildcard(n.cfg.Prefix), permissionsSeeREADME)
+	}
+	return nil
+}

@@ -179,6 +179,9 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if err = n.joinView(ctx); err != nil {
 		return fail(err)
 	}
+	if err = n.checkMemberInboxes(ctx); err != nil {
+		return fail(err)
+	}
 	n.startQuorum()
 	n.markJoined()
 	n.log.Debug("joined", "members", len(n.view().members))
