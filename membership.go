@@ -30,7 +30,8 @@ type membership struct {
 	subject       string // <prefix>.members
 	sub           *nats.Subscription
 	idConflict    atomic.Bool               // an older live node with our ID was heard
-	superseded    atomic.Bool               // a newer incarnation of our ID was heard (see onDeliver)
+	superseded    atomic.Bool               // a newer incarnation of our ID was heard and has not left (see onDeliver)
+	supersededBy  atomic.Uint64             // the newest such incarnation
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
 	viewPending   bool                      // joining: peers were added and joinView installs their view
 	quorum        quorum                    // KeepMajority's view of the partition
@@ -319,10 +320,17 @@ func (n *Node) onMembers(m *nats.Msg) {
 		// Two live nodes with one ID: the older incarnation wins, so of two
 		// nodes joining at once exactly one fails, and a running node is
 		// never pushed out by a newcomer.
-		if inc := from.GetIncarnation(); inc != n.self.Incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
+		inc := from.GetIncarnation()
+		if hb.GetKind() == wire.Heartbeat_LEAVE && inc > n.self.Incarnation && inc == n.members.supersededBy.Load() {
+			// The newer one left (a Join that lost to this node, failing
+			// on the ID conflict): this node is the only one again.
+			n.members.superseded.Store(false)
+		}
+		if inc != n.self.Incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
 			if inc < n.self.Incarnation {
 				n.members.idConflict.Store(true)
 			} else {
+				n.members.supersededBy.Store(max(inc, n.members.supersededBy.Load()))
 				n.members.superseded.Store(true)
 			}
 			n.log.Warn("another live node uses this node's ID", "node", n.self.ID)

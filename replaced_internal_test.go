@@ -5,8 +5,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -59,4 +61,26 @@ func TestReplacedNoticeIsBelievedOnlyWhenThePeerServesTheNewer(t *testing.T) {
 	}
 	require.ErrorIs(t, sub.Err(), ErrClosed)
 	assert.Contains(t, sub.Err().Error(), "another node joined with its ID")
+}
+
+// TestSupersededEndsWhenTheNewerIncarnationLeaves: a node that heard a
+// newer incarnation of its ID (a second node joining with it, which then
+// fails on the conflict and takes its JOIN back) answers deliveries for
+// any subscriber again once that incarnation's LEAVE arrives; an older
+// incarnation's LEAVE does not count.
+func TestSupersededEndsWhenTheNewerIncarnationLeaves(t *testing.T) {
+	n, _ := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second))
+	beat := func(kind wire.Heartbeat_Kind, inc uint64) *nats.Msg {
+		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+			Kind: kind, From: &wire.MemberRef{NodeId: n.self.ID, Incarnation: inc}}}})
+		require.NoError(t, err)
+		return &nats.Msg{Subject: n.members.subject, Data: data}
+	}
+	newer := n.self.Incarnation + 10
+	n.onMembers(beat(wire.Heartbeat_JOIN, newer))
+	require.True(t, n.members.superseded.Load(), "a newer incarnation's JOIN")
+	n.onMembers(beat(wire.Heartbeat_LEAVE, newer-1))
+	assert.True(t, n.members.superseded.Load(), "the LEAVE of another incarnation")
+	n.onMembers(beat(wire.Heartbeat_LEAVE, newer))
+	assert.False(t, n.members.superseded.Load(), "the newer incarnation left")
 }
