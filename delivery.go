@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"math"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -49,6 +50,16 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		return
 	}
 	msgs.publisher = d.GetPublisher()
+	// The owner waits for this node's report about its own
+	// SubscriberTimeout (+ RequestTimeout/2): with a longer one here, the
+	// report would come too late, every subscriber here (a healthy one
+	// beside a blocked one too) would count as Timeout, and a blocked
+	// subscriber would never be evicted, since an unreported node's Timeout
+	// never counts. The shorter of the two applies.
+	timeout := n.cfg.SubscriberTimeout
+	if ms := d.GetSubscriberTimeoutMs(); ms > 0 {
+		timeout = min(timeout, time.Duration(ms)*time.Millisecond)
+	}
 	if !d.GetReroute() {
 		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), atLeastOnce: d.GetAtLeastOnce()}
 		msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
@@ -59,7 +70,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), reroute: true}
 	}
 	if !d.GetAtLeastOnce() || d.GetReroute() { // a re-route is sent once
-		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
+		n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
 		return
 	}
 	// At-least-once: the owner re-sends a batch it got no report for. Every
@@ -86,12 +97,12 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		if ok, held := n.log.limit.allow("recent/full"); ok {
 			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
 		}
-		n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
+		n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
 		return
 	}
 	n.subscriber.recent[key] = rb
 	n.subscriber.recentMu.Unlock()
-	n.deliver(d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) {
+	n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) {
 		rep := report(st, processed)
 		n.subscriber.recentMu.Lock()
 		rb.report = rep
@@ -150,6 +161,12 @@ type recentBatch struct {
 // Group members get their shares instead (the messages at the share's
 // indices); their statuses follow the locals'.
 func (n *Node) deliver(topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed []uint32)) {
+	n.deliverWithin(n.cfg.SubscriberTimeout, topic, locals, shares, msgs, done)
+}
+
+// deliverWithin is deliver with subscribers given timeout, not
+// necessarily this node's SubscriberTimeout, to run the batch.
+func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed []uint32)) {
 	count := len(locals) + len(shares)
 	t := &batchTracker{statuses: make([]DeliveryStatus, count), remaining: count, done: done}
 	for i := range t.statuses {
@@ -159,7 +176,7 @@ func (n *Node) deliver(topic string, locals []string, shares []share, msgs paylo
 		done(t.statuses, nil)
 		return
 	}
-	ctx, cancel := context.WithTimeout(n.life.ctx, n.cfg.SubscriberTimeout)
+	ctx, cancel := context.WithTimeout(n.life.ctx, timeout)
 	// The deadline reports every subscriber still busy as Timeout; the
 	// handler keeps its goroutine, so only its own mailbox waits for it.
 	t.mu.Lock()
@@ -495,4 +512,10 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 			return err == nil
 		})
 	}()
+}
+
+// timeoutMillis is d in DeliverBatch.subscriber_timeout_ms: whole
+// milliseconds, at least 1 (0 says nothing), at most what the field holds.
+func timeoutMillis(d time.Duration) uint32 {
+	return uint32(min(max(d.Milliseconds(), 1), math.MaxUint32))
 }

@@ -312,7 +312,7 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	if *head == nil {
 		*head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: msgs.seq.seq,
 			Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
-			Publisher: msgs.publisher})
+			Publisher: msgs.publisher, SubscriberTimeoutMs: timeoutMillis(n.cfg.SubscriberTimeout)})
 	}
 	data.head = *head
 	if !data.unpacked {

@@ -177,6 +177,8 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.Producer = string(bs)
 		case deliverProducerSeq:
 			d.ProducerSeq = v
+		case deliverSubTimeout:
+			d.SubscriberTimeoutMs = uint32(v)
 		}
 		return err
 	})

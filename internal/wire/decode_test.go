@@ -142,5 +142,5 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,
-		"reroute": deliverReroute})
+		"reroute": deliverReroute, "subscriber_timeout_ms": deliverSubTimeout})
 }

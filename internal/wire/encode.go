@@ -43,6 +43,7 @@ const (
 	deliverPublisher   protowire.Number = 12
 	deliverShares      protowire.Number = 13
 	deliverReroute     protowire.Number = 14
+	deliverSubTimeout  protowire.Number = 15
 )
 
 // MaxSkip bounds PublishRequest.skip: a publisher names at most this many

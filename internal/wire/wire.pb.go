@@ -1168,9 +1168,15 @@ type DeliverBatch struct {
 	ProducerSeq uint64 `protobuf:"varint,10,opt,name=producer_seq,json=producerSeq,proto3" json:"producer_seq,omitempty"`
 	// at_least_once: the owner may re-send this batch; the node answers every
 	// copy but hands the batch to mailboxes once.
-	AtLeastOnce   bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AtLeastOnce bool `protobuf:"varint,6,opt,name=at_least_once,json=atLeastOnce,proto3" json:"at_least_once,omitempty"`
+	// subscriber_timeout_ms: the owner's SubscriberTimeout in milliseconds.
+	// The node reports by the shorter of it and its own, so that its report
+	// reaches an owner whose wait for it (its SubscriberTimeout +
+	// RequestTimeout/2) is shorter than the node's own SubscriberTimeout.
+	// 0: not said (an owner from before this field); the node's own applies.
+	SubscriberTimeoutMs uint32 `protobuf:"varint,15,opt,name=subscriber_timeout_ms,json=subscriberTimeoutMs,proto3" json:"subscriber_timeout_ms,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *DeliverBatch) Reset() {
@@ -1292,6 +1298,13 @@ func (x *DeliverBatch) GetAtLeastOnce() bool {
 		return x.AtLeastOnce
 	}
 	return false
+}
+
+func (x *DeliverBatch) GetSubscriberTimeoutMs() uint32 {
+	if x != nil {
+		return x.SubscriberTimeoutMs
+	}
+	return 0
 }
 
 // Share is one consumer-group member's part of a batch.
@@ -1802,7 +1815,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xb0\x03\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xe4\x03\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1818,7 +1831,8 @@ const file_wire_proto_rawDesc = "" +
 	"\bproducer\x18\t \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\n" +
 	" \x01(\x04R\vproducerSeq\x12\"\n" +
-	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnceJ\x04\b\x05\x10\x06\"A\n" +
+	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnce\x122\n" +
+	"\x15subscriber_timeout_ms\x18\x0f \x01(\rR\x13subscriberTimeoutMsJ\x04\b\x05\x10\x06\"A\n" +
 	"\x05Share\x12\x1e\n" +
 	"\n" +
 	"subscriber\x18\x01 \x01(\tR\n" +
