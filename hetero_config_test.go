@@ -90,3 +90,24 @@ func TestSubscriberNodeWithALongerSubscriberTimeoutThanTheOwner(t *testing.T) {
 	}, "blocked subscriber not evicted after EvictAfter (2) timeouts")
 	require.ErrorIs(t, slow.Err(), pubsub.ErrEvicted)
 }
+
+// TestMixedPartitionPolicyKeepsTheMajorityThroughOneCrash: one node of three
+// runs KeepMajority, the others KeepServing (a rolling change of the
+// policy). After one KeepServing member crashes, the KeepMajority node
+// still sees 2 of 3 and should keep serving. It loses its quorum instead:
+// KeepServing members send no stable views in their heartbeats, so the
+// KeepMajority node never counts them as agreeing (fails 2 of 2; the same
+// crash with every node on KeepMajority keeps the quorum, 1 of 1); the publish is refused NOT_READY. Neither refused
+// at Join nor logged beyond "quorum changed".
+func TestMixedPartitionPolicyKeepsTheMajorityThroughOneCrash(t *testing.T) {
+	t.Skip("known defect: a KeepMajority node among KeepServing ones loses its quorum on one crash of three; needs KeepServing nodes to report views as KeepMajority ones do, or Join to refuse/log a mixed policy")
+	c := heteroCluster(t, [3][]pubsub.Option{nil, {pubsub.WithPartitionPolicy(pubsub.KeepMajority)}, nil})
+	topic := topicOwnedByEveryView(t, c, "o")
+	rec := newRecorder()
+	subscribe(t, c.Nodes[0], topic, rec.handler)
+	c.Crash(2)
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return !hasMember(c.Nodes[1], "s") }, "s still in o's view")
+	ack, err := c.Nodes[0].Publish(ctxT(t), topic, msg(0))
+	mustAccept(t, ack, err, 1)
+	require.True(t, c.Nodes[1].Stats().HasQuorum, "o sees 2 of 3 but has no quorum")
+}
