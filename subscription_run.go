@@ -1,0 +1,241 @@
+package pubsub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"time"
+)
+
+// A subscription running a batch in its mailbox: order and duplicate
+// checks per producer, the handler calls, the outcome it reports.
+
+// decidedOutcome is a subscriber's outcome deliver decided without its
+// mailbox, kept for the hooks.
+type decidedOutcome struct {
+	id       SubscriberID
+	messages int
+	status   DeliveryStatus
+}
+
+// handle runs on the subscription's mailbox: the handler sees the batch's
+// messages in order and stops at the first error.
+func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int, queued time.Time) {
+	if ctx.Err() != nil {
+		s.node.handled(s.topic, s.id, len(batch), Timeout, sinceHookClock(queued), 0)
+		return // already reported as Timeout
+	}
+	if s.isDone() {
+		t.set(i, SubscriberGone)
+		s.node.handled(s.topic, s.id, len(batch), SubscriberGone, sinceHookClock(queued), 0)
+		return
+	}
+	if seq.seq != 0 {
+		// An owner numbers the batches of a topic in the order it accepted
+		// them: one that arrives after a later one (it was held up on a
+		// stalled route past its publish's timeout) is dropped, not
+		// delivered out of order.
+		last := s.lastBatch
+		if seq.owner == last.owner && seq.inc == last.inc && seq.seq <= last.seq {
+			if seq.seq == last.seq {
+				t.set(i, s.lastStatus) // a copy of the batch just handled: its outcome
+			} else {
+				t.set(i, OutOfOrder)
+				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
+			}
+			return
+		}
+		s.lastBatch = seq
+	}
+	if origin.reroute {
+		// A copy of a re-routed share this subscription ran (its batch was
+		// retried through the same owner and the share re-routed to it
+		// again): its outcome, not a second run.
+		if last, ok := s.rerouted[origin.producer]; ok && last.seq == origin.seq && last.at == origin.at && last.share == fingerprint(batch) {
+			t.set(i, last.status)
+			return
+		}
+	} else if origin.producer != "" {
+		// A producer's batches reach the subscriber in its order: an older
+		// one arriving late (it was redirected, or retried after its owner
+		// died) is dropped and reported; the same one again was delivered.
+		last := s.producers[origin.producer]
+		switch {
+		case origin.seq == last.seq:
+			if s.id.Group() == "" || last.share == fingerprint(batch) {
+				t.set(i, last.status) // the same batch again: the outcome it had
+				return
+			}
+			// A group member's share of the same batch, but not the share
+			// it ran: the batch was retried (its owner crashed mid-batch,
+			// or its answer was lost) and assigned anew, so some of these
+			// messages were not run here, and its earlier outcome would
+			// claim them. On an at-most-once topic running them could
+			// repeat what another member ran: dropped and reported, not
+			// Delivered. On an at-least-once topic repeats are allowed
+			// and losing them is not: run.
+			if !origin.atLeastOnce {
+				t.set(i, OutOfOrder)
+				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
+				return
+			}
+		case origin.seq < last.seq:
+			t.set(i, OutOfOrder)
+			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
+			return
+		}
+	}
+	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
+	started := hookClock(s.node.hooks.handled)
+	st, processed := s.run(ctx, batch)
+	ran := sinceHookClock(started) // 0, and no clock read, without hooks
+	if seq.seq != 0 {
+		s.lastStatus = st
+	}
+	switch {
+	case origin.reroute:
+		s.rerouted = trackProducer(s.rerouted, origin.producer,
+			producerMark{seq: origin.seq, at: origin.at, status: st, share: fingerprint(batch)})
+	case origin.producer != "":
+		mark := producerMark{seq: origin.seq, status: st}
+		if s.id.Group() != "" {
+			mark.share = fingerprint(batch)
+		}
+		s.producers = trackProducer(s.producers, origin.producer, mark)
+	}
+	if st == SubscriberGone {
+		t.setPartial(i, st, processed)
+	} else {
+		t.set(i, st)
+	}
+	if !started.IsZero() {
+		// After the report, so a slow hook cannot turn the outcome into a
+		// Timeout, and with the status the owner got (Timeout when the
+		// deadline came first, whatever the handler did after).
+		s.node.handled(s.topic, s.id, len(batch), t.status(i), started.Sub(queued), ran)
+	}
+}
+
+// trackProducer records mark for producer in marks and returns marks.
+// Past maxTrackedProducers it forgets another producer's: every node
+// incarnation and producer ever seen would otherwise stay. Only that one's
+// protection is lost, against a batch already older than its newest.
+func trackProducer(marks map[string]producerMark, producer string, mark producerMark) map[string]producerMark {
+	return boundedPut(marks, producer, mark, maxTrackedProducers)
+}
+
+// producerMark is the last batch of one producer a subscription ran, and
+// its outcome.
+type producerMark struct {
+	seq    uint64
+	status DeliveryStatus
+	share  shareMark // a group member's: which messages that batch gave it
+	at     uint64    // a re-routed share's: its messages' positions (positionsMark)
+}
+
+// positionsMark hashes a share's message indices in its batch.
+func positionsMark(idx []uint32) uint64 {
+	h := uint64(fnvOffset)
+	for _, k := range idx {
+		h = fnvUint(h, uint64(k))
+	}
+	return h
+}
+
+// shareMark identifies the messages of a group member's share, whatever
+// their order: a retried producer batch may be assigned anew, and only the
+// same share again may be answered with the outcome it had.
+type shareMark struct {
+	count int
+	sum   uint64
+}
+
+// shareSeed seeds share fingerprints, compared only within this process.
+var shareSeed = maphash.MakeSeed()
+
+// fingerprint returns batch's shareMark. It runs once per batch a group
+// member handles from a producer, so it hashes with maphash (about 10 ns
+// for a 128-byte message). A message's header counts as its data and key
+// do: messages equal but for their headers are different messages, and a
+// share of one is not a copy of a share of the other.
+func fingerprint(batch []Message) shareMark {
+	m := shareMark{count: len(batch)}
+	for j := range batch {
+		h := maphash.Bytes(shareSeed, batch[j].Data)
+		if batch[j].Key != "" {
+			h = mix64(h ^ maphash.String(shareSeed, batch[j].Key))
+		}
+		if len(batch[j].Header) != 0 {
+			h = mix64(h ^ headerHash(batch[j].Header))
+		}
+		m.sum += mix64(h)
+	}
+	return m
+}
+
+// headerHash hashes a header whatever its maps' iteration order: each
+// name with its values, in order, summed over the names.
+func headerHash(hd Header) uint64 {
+	var sum uint64
+	for k, vs := range hd {
+		h := maphash.String(shareSeed, k)
+		for _, v := range vs {
+			h = mix64(h ^ maphash.String(shareSeed, v))
+		}
+		sum += mix64(h ^ uint64(len(vs)))
+	}
+	return sum + 1 // a header with no names still differs from none
+}
+
+// run hands a batch's messages to the handler in order, stopping at the
+// first error. A message its codec rejects (a Topic's handler) is skipped
+// and reported as DecodeError once the rest of the batch ran. With a
+// Propagator, each message gets the ctx it extracts from its header.
+//
+// A subscription that ends partway through (Unsubscribe, Close) stops
+// there: the batch is SubscriberGone, not Delivered, and processed says
+// how many messages ran, so the owner re-routes only the rest of a group
+// member's share.
+func (s *Subscription) run(ctx context.Context, batch []Message) (status DeliveryStatus, processed int) {
+	status = Delivered
+	prop := s.node.cfg.Propagator
+	for j := range batch {
+		mctx := ctx
+		if prop != nil {
+			mctx = prop.Extract(ctx, batch[j].Header)
+		}
+		if err := s.call(mctx, &batch[j]); err != nil {
+			if !errors.As(err, new(*decodeError)) {
+				if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
+					s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+				}
+				return HandlerError, j
+			}
+			status = DecodeError
+			if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
+				s.node.log.Warn("message rejected by the codec", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+			}
+		}
+		if s.isDone() && j < len(batch)-1 {
+			return SubscriberGone, j + 1 // ended mid-batch: no further message reaches it
+		}
+	}
+	return status, len(batch)
+}
+
+// maxTrackedProducers bounds the producers (BatchingProducers and the
+// implicit one of each publishing node incarnation) a subscription keeps
+// the last batch number of.
+const maxTrackedProducers = 4096
+
+// call runs the handler, turning a panic into an error so one bad message
+// cannot take the node down.
+func (s *Subscription) call(ctx context.Context, m *Message) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("pubsub: handler panicked: %v", r)
+		}
+	}()
+	return s.handler(ctx, m)
+}
