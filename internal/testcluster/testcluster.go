@@ -20,6 +20,7 @@ package testcluster
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -27,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/goleak"
 
@@ -175,6 +177,63 @@ func (c *Cluster) ShutdownServer(i int) {
 	s := c.Servers.Servers[i]
 	s.Shutdown()
 	s.WaitForShutdown()
+}
+
+// RestartServer replaces NATS server i by a new server process, as one
+// step of an operator's rolling upgrade: stop ends the old server (nil:
+// ShutdownServer; a test may pass (*server.Server).LameDuckShutdown, which
+// needs a short LameDuckDuration), then a server with the same name,
+// client port and route port starts, with explicit routes to every other
+// running server, and configure (if not nil) adjusts its options first.
+// Nodes' connections still list the old URL, so they may reconnect to it.
+// It returns once the new server is routed to every running server.
+// Clusters made by NewFaulty are not supported: their routes go through
+// proxies bound to the old server.
+func (c *Cluster) RestartServer(t testing.TB, i int, stop func(*server.Server), configure func(*server.Options)) {
+	t.Helper()
+	c.checkServer(t, i)
+	if c.faults != nil {
+		t.Fatalf("testcluster: RestartServer on a cluster made by NewFaulty")
+	}
+	old := c.Servers.Servers[i]
+	u, err := url.Parse(old.ClientURL())
+	addr := old.ClusterAddr()
+	if err != nil || addr == nil {
+		t.Fatalf("testcluster: server %d not running (%v)", i, err)
+	}
+	var routes []*url.URL
+	for j, s := range c.Servers.Servers {
+		if a := s.ClusterAddr(); j != i && a != nil {
+			routes = append(routes, &url.URL{Scheme: "nats-route", Host: a.String()})
+		}
+	}
+	if stop == nil {
+		stop = (*server.Server).Shutdown
+	}
+	stop(old)
+	old.WaitForShutdown()
+	port, _ := strconv.Atoi(u.Port())
+	s, err := embedded.StartServerWith(func(o *server.Options) {
+		o.ServerName = old.Name()
+		o.Port = port
+		o.Cluster = server.ClusterOpts{Name: old.ClusterName(), Host: addr.IP.String(), Port: addr.Port, PoolSize: -1}
+		o.Routes = routes
+		if configure != nil {
+			configure(o)
+		}
+	})
+	if err != nil {
+		t.Fatalf("testcluster: restart server %d: %v", i, err)
+	}
+	c.Servers.Servers[i] = s
+	WaitFor(t, opTimeout, func() bool {
+		for _, s := range c.Servers.Servers {
+			if s.Running() && s.NumRoutes() != len(routes) {
+				return false
+			}
+		}
+		return true
+	}, "testcluster: restarted server %d not routed to the %d running servers within %v", i, len(routes), opTimeout)
 }
 
 // CloseNode closes node i gracefully (it announces its leave) and marks it
