@@ -12,11 +12,13 @@ import (
 // Heartbeats out: the loop that announces this node, drops silent members
 // and notices a connection closed underneath the node, and what it sends.
 
-// beatRef is selfRef with this node's payload limit, for heartbeats: the
-// limit is read anew each time (a reconnect may land on another server).
+// beatRef is selfRef with what heartbeats say besides: this node's payload
+// limit, read anew each time (a reconnect may land on another server), and
+// the settings its peers must agree with (peer_settings.go).
 func (n *Node) beatRef() *wire.MemberRef {
 	ref := n.selfRef()
 	ref.MaxPayload = uint64(max(n.nc.MaxPayload(), 0))
+	n.stampSettings(ref)
 	return ref
 }
 

@@ -155,6 +155,9 @@ type peer struct {
 	// them apart does not restart it. Under KeepMajority a peer that
 	// disagrees for longer than viewDisagreementGrace does not count.
 	disagreeSince time.Time
+	// settings: what its heartbeats last said of the settings members must
+	// agree on (peer_settings.go).
+	settings peerSettings
 	// toldStale: when an older incarnation of its ID, still running, was
 	// last told that this one replaced it (replaced.go).
 	toldStale time.Time
@@ -434,6 +437,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 	if viewID != 0 {
 		p.viewID = viewID
 	}
+	n.checkSettings(p, ref)
 	if mp := ref.GetMaxPayload(); mp != 0 && mp != p.maxPayload {
 		// Said for the first time (the peer was listed by another), or
 		// the peer reconnected to a server with another max_payload.

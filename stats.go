@@ -26,10 +26,15 @@ type Stats struct {
 	Malformed         uint64                    // malformed messages dropped
 	InboxDropped      uint64                    // inbox messages NATS dropped (slow consumer)
 	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
-	RequestsRefused   uint64                    // requests refused: their topic actor's queue was full
-	AckNoneRefused    uint64                    // messages of AckNone publishes this node refused as owner, its own included (not the owner, not ready, held back for a producer's order, queue full): lost, and nobody tells their publisher
-	SyncRequests      uint64                    // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
-	EventsDropped     uint64                    // events lost by EventStream listeners that fell behind, summed over listeners (each is told by an EventsDropped once it returns; the node logs it, throttled)
+	// SettingsMismatches counts peers heard running a PartitionPolicy
+	// other than this node's, or heartbeating too seldom for its
+	// MemberTimeout (more than half of it apart): once per change of what
+	// a peer says; each is logged (throttled).
+	SettingsMismatches uint64
+	RequestsRefused    uint64 // requests refused: their topic actor's queue was full
+	AckNoneRefused     uint64 // messages of AckNone publishes this node refused as owner, its own included (not the owner, not ready, held back for a producer's order, queue full): lost, and nobody tells their publisher
+	SyncRequests       uint64 // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
+	EventsDropped      uint64 // events lost by EventStream listeners that fell behind, summed over listeners (each is told by an EventsDropped once it returns; the node logs it, throttled)
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
 	// KeepServing), and that view's agreed epoch and size (0 under
@@ -40,27 +45,28 @@ type Stats struct {
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, syncRequests atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, syncRequests, settingsMismatches atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
 // waits for an actor, so it is cheap enough to poll.
 func (n *Node) Stats() Stats {
 	st := Stats{
-		Members:           len(n.view().members),
-		Subscribers:       map[string]int{},
-		MessagesPublished: n.stats.published.Load(),
-		Deliveries:        n.stats.delivered.Load(),
-		DeliveryFailures:  n.stats.failed.Load(),
-		Rejected:          n.stats.rejected.Load(),
-		Evictions:         n.stats.evicted.Load(),
-		Malformed:         n.stats.malformed.Load(),
-		InboxDropped:      n.stats.inboxDropped.Load(),
-		MembersRejected:   n.stats.membersRejected.Load(),
-		RequestsRefused:   n.stats.refused.Load(),
-		AckNoneRefused:    n.stats.ackNoneRefused.Load(),
-		SyncRequests:      n.stats.syncRequests.Load(),
-		EventsDropped:     n.events.dropped.Load(),
+		Members:            len(n.view().members),
+		Subscribers:        map[string]int{},
+		MessagesPublished:  n.stats.published.Load(),
+		Deliveries:         n.stats.delivered.Load(),
+		DeliveryFailures:   n.stats.failed.Load(),
+		Rejected:           n.stats.rejected.Load(),
+		Evictions:          n.stats.evicted.Load(),
+		Malformed:          n.stats.malformed.Load(),
+		InboxDropped:       n.stats.inboxDropped.Load(),
+		MembersRejected:    n.stats.membersRejected.Load(),
+		SettingsMismatches: n.stats.settingsMismatches.Load(),
+		RequestsRefused:    n.stats.refused.Load(),
+		AckNoneRefused:     n.stats.ackNoneRefused.Load(),
+		SyncRequests:       n.stats.syncRequests.Load(),
+		EventsDropped:      n.events.dropped.Load(),
 	}
 	st.HasQuorum = true // KeepServing always serves
 	if n.cfg.PartitionPolicy == KeepMajority {

@@ -470,9 +470,15 @@ type MemberRef struct {
 	// from before this field). Publishers keep their messages within the
 	// smallest of the members that may own topics: an owner forwards on its
 	// own connection. Not part of a view's ID.
-	MaxPayload    uint64 `protobuf:"varint,4,opt,name=max_payload,json=maxPayload,proto3" json:"max_payload,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	MaxPayload uint64 `protobuf:"varint,4,opt,name=max_payload,json=maxPayload,proto3" json:"max_payload,omitempty"`
+	// heartbeat_interval_ms and partition_policy: settings of the member's
+	// that its peers must agree with; a peer that disagrees logs a warning.
+	// Set in heartbeats only; 0: not said. partition_policy is the
+	// PartitionPolicy plus 1. Not part of a view's ID.
+	HeartbeatIntervalMs uint32 `protobuf:"varint,5,opt,name=heartbeat_interval_ms,json=heartbeatIntervalMs,proto3" json:"heartbeat_interval_ms,omitempty"`
+	PartitionPolicy     uint32 `protobuf:"varint,6,opt,name=partition_policy,json=partitionPolicy,proto3" json:"partition_policy,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *MemberRef) Reset() {
@@ -529,6 +535,20 @@ func (x *MemberRef) GetClientOnly() bool {
 func (x *MemberRef) GetMaxPayload() uint64 {
 	if x != nil {
 		return x.MaxPayload
+	}
+	return 0
+}
+
+func (x *MemberRef) GetHeartbeatIntervalMs() uint32 {
+	if x != nil {
+		return x.HeartbeatIntervalMs
+	}
+	return 0
+}
+
+func (x *MemberRef) GetPartitionPolicy() uint32 {
+	if x != nil {
+		return x.PartitionPolicy
 	}
 	return 0
 }
@@ -1745,14 +1765,16 @@ const file_wire_proto_rawDesc = "" +
 	"\x10groups_truncated\x18\x04 \x01(\bR\x0fgroupsTruncated\x1a9\n" +
 	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x88\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xe7\x01\n" +
 	"\tMemberRef\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
 	"\vclient_only\x18\x03 \x01(\bR\n" +
 	"clientOnly\x12\x1f\n" +
 	"\vmax_payload\x18\x04 \x01(\x04R\n" +
-	"maxPayload\"\x90\x04\n" +
+	"maxPayload\x122\n" +
+	"\x15heartbeat_interval_ms\x18\x05 \x01(\rR\x13heartbeatIntervalMs\x12)\n" +
+	"\x10partition_policy\x18\x06 \x01(\rR\x0fpartitionPolicy\"\x90\x04\n" +
 	"\tHeartbeat\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".clusterpubsub.wire.Heartbeat.KindR\x04kind\x121\n" +
 	"\x04from\x18\x02 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
