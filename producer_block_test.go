@@ -170,6 +170,32 @@ func TestProducerBlockWhenFullDoesNotLingerOnAFullQueue(t *testing.T) {
 	}
 }
 
+// blockFive fills p's queue (MaxQueueSize 2, one batch in flight on mp)
+// and blocks five more Produce calls on it; the returned function waits
+// for them and checks that each failed with ErrClosed.
+func blockFive(t *testing.T, ctx context.Context, p *BatchingProducer, mp *mockPub) (ended func()) {
+	t.Helper()
+	p.Produce(ctx, pm(0))
+	mp.waitStarted(t)
+	p.Produce(ctx, pm(1))
+	p.Produce(ctx, pm(2))
+	var wg sync.WaitGroup
+	res := make(chan *Produced, 5)
+	for i := range 5 {
+		wg.Go(func() { res <- p.Produce(ctx, pm(10+i)) })
+	}
+	require.Eventually(t, func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.room != nil }, prodWait, time.Millisecond)
+	return func() {
+		t.Helper()
+		wg.Wait()
+		close(res)
+		for f := range res {
+			_, err := prodResult(t, f)
+			require.ErrorIs(t, err, ErrClosed)
+		}
+	}
+}
+
 // TestProducerBlockWhenFullEndsWhenTheProducerStops: Produce calls blocked
 // on a full queue return ErrClosed when a batch fails with FailBatchAndStop
 // and when Close gives up (abandon), and Stats counts every message once,
@@ -187,23 +213,9 @@ func TestProducerBlockWhenFullEndsWhenTheProducerStops(t *testing.T) {
 		p := newTestProducer(t, mp, ProducerConfig{BatchSize: 1, MaxQueueSize: 2, MaxInFlight: 1, BlockWhenFull: true,
 			OnPublishError: func(int, error) ErrorDecision { return FailBatchAndStop }})
 		ctx := prodCtx(t, prodWait)
-		p.Produce(ctx, pm(0))
-		mp.waitStarted(t)
-		p.Produce(ctx, pm(1))
-		p.Produce(ctx, pm(2))
-		var wg sync.WaitGroup
-		res := make(chan *Produced, 5)
-		for i := range 5 {
-			wg.Go(func() { res <- p.Produce(ctx, pm(10+i)) })
-		}
-		require.Eventually(t, func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.room != nil }, prodWait, time.Millisecond)
+		ended := blockFive(t, ctx, p, mp)
 		g.open()
-		wg.Wait()
-		close(res)
-		for f := range res {
-			_, err := prodResult(t, f)
-			require.ErrorIs(t, err, ErrClosed)
-		}
+		ended()
 		require.NoError(t, p.Flush(ctx))
 		st := p.Stats()
 		assert.Zero(t, st.Pending)
@@ -212,29 +224,14 @@ func TestProducerBlockWhenFullEndsWhenTheProducerStops(t *testing.T) {
 	})
 	t.Run("Close gives up", func(t *testing.T) {
 		mp := newMock()
-		g := newTestGate()
-		mp.fn = acceptAfter(g)
+		mp.fn = acceptAfter(newTestGate())
 		p := newTestProducer(t, mp, ProducerConfig{BatchSize: 1, MaxQueueSize: 2, MaxInFlight: 1, BlockWhenFull: true})
 		ctx := prodCtx(t, prodWait)
-		p.Produce(ctx, pm(0))
-		mp.waitStarted(t)
-		p.Produce(ctx, pm(1))
-		p.Produce(ctx, pm(2))
-		var wg sync.WaitGroup
-		res := make(chan *Produced, 5)
-		for i := range 5 {
-			wg.Go(func() { res <- p.Produce(ctx, pm(10+i)) })
-		}
-		require.Eventually(t, func() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.room != nil }, prodWait, time.Millisecond)
+		ended := blockFive(t, ctx, p, mp)
 		short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 		defer cancel()
 		require.Error(t, p.Close(short))
-		wg.Wait()
-		close(res)
-		for f := range res {
-			_, err := prodResult(t, f)
-			require.ErrorIs(t, err, ErrClosed)
-		}
+		ended()
 		st := p.Stats()
 		assert.Zero(t, st.Pending)
 		assert.Equal(t, uint64(8), st.Rejected, "%+v", st)
