@@ -43,8 +43,9 @@ type membership struct {
 	// publish.
 	peerPayload atomic.Int64
 	// timedOut holds, per ID, the incarnation this node last dropped for
-	// silence (MemberTimeout), at most MaxMembers of them: only those are
-	// told that a newer one replaced them (replaced.go). Guarded by mu.
+	// silence (MemberTimeout) and has not taken back since, at most
+	// MaxMembers of them: only those are told that a newer one replaced
+	// them (replaced.go). Guarded by mu.
 	timedOut map[string]uint64
 	// viewed is closed, and replaced, each time a view is installed
 	// (WaitMembers waits on it). Guarded by mu.
@@ -424,6 +425,12 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		}
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}, maxPayload: ref.GetMaxPayload()}
 		n.members.peers[id] = p
+		if n.members.timedOut[id] == ref.GetIncarnation() {
+			// Taken back: it was not replaced while away. Kept, the entry
+			// would have a newer incarnation joining at once with it
+			// later (which fails) tell this live one it was replaced.
+			delete(n.members.timedOut, id)
+		}
 		if n.members.joined.Load() {
 			n.members.ranApart = !joining
 			n.recomputeView()

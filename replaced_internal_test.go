@@ -84,3 +84,50 @@ func TestSupersededEndsWhenTheNewerIncarnationLeaves(t *testing.T) {
 	n.onMembers(beat(wire.Heartbeat_LEAVE, newer))
 	assert.False(t, n.members.superseded.Load(), "the newer incarnation left")
 }
+
+// TestMemberTakenBackIsNotToldItWasReplaced: a peer that once dropped a
+// member for silence and took it back when its heartbeats returned kept
+// that incarnation in membership.timedOut for good. Much later, a second
+// node joining with the member's ID while the member was briefly quiet
+// (two nodes joining with one ID at once: the older wins, the newer fails
+// on the conflict) made the peer tell the live member that it was replaced,
+// and the member stopped although it never ran apart from its peers.
+func TestMemberTakenBackIsNotToldItWasReplaced(t *testing.T) {
+	n, peerNode := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second))
+	id := n.self.ID
+	hasIncarnation := func(inc uint64) func() bool {
+		return func() bool {
+			m, ok := peerNode.view().member(id)
+			return ok && m.Incarnation == inc
+		}
+	}
+	// The peer drops the member for silence (as its sweep does), and its
+	// next heartbeat brings it back.
+	peerNode.members.mu.Lock()
+	p := peerNode.members.peers[id]
+	delete(peerNode.members.peers, id)
+	peerNode.members.noteTimedOut(p.m, peerNode.cfg.MaxMembers)
+	peerNode.recomputeView()
+	peerNode.members.mu.Unlock()
+	waitForTest(t, "the member taken back", hasIncarnation(n.self.Incarnation))
+
+	// A newer incarnation's JOIN while the member was quiet for more than
+	// two heartbeats: the peer takes it for a restart; the member hears it.
+	newer := n.self.Incarnation + 1
+	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+		Kind: wire.Heartbeat_JOIN, From: &wire.MemberRef{NodeId: id, Incarnation: newer}}}})
+	require.NoError(t, err)
+	join := &nats.Msg{Subject: n.members.subject, Data: data}
+	peerNode.members.mu.Lock()
+	peerNode.members.peers[id].lastSeen = time.Now().Add(-time.Minute)
+	peerNode.members.mu.Unlock()
+	peerNode.onMembers(join)
+	n.onMembers(join)
+	require.True(t, hasIncarnation(newer)(), "the peer did not take the newer incarnation")
+
+	// The newer one never beats again: the peer drops it after
+	// MemberTimeout and takes the member back. The member must run on.
+	stopped := func() bool { return n.life.closed.Load() }
+	waitForTest(t, "the member taken back after the newer one timed out", func() bool { return stopped() || hasIncarnation(n.self.Incarnation)() })
+	require.False(t, stopped(), "a member its peer dropped and took back long ago was stopped as replaced")
+}
