@@ -3,9 +3,11 @@ package pubsub
 import (
 	"context"
 	"errors"
+	"math"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -31,4 +33,19 @@ func TestClosedInFlightIsNotTheCallersDeadline(t *testing.T) {
 	err := <-done
 	require.ErrorIs(t, err, ErrTimeout)
 	require.False(t, errors.Is(err, context.DeadlineExceeded), "err %v claims the caller's deadline ran out", err)
+}
+
+// TestOwnersSubscriberTimeoutOnTheWireIsNotShorter: the subscriber's node
+// runs a batch within the shorter of its own SubscriberTimeout and the one
+// the owner sends in whole milliseconds. Truncated, a SubscriberTimeout
+// that is not a whole number of milliseconds came back shorter, so in a
+// cluster where every node has the same one, remote subscribers were cut
+// off (and reported Timeout) before the owner's local ones.
+func TestOwnersSubscriberTimeoutOnTheWireIsNotShorter(t *testing.T) {
+	for _, d := range []time.Duration{time.Nanosecond, 500 * time.Microsecond, 1500 * time.Microsecond, time.Millisecond, 5 * time.Second, 2500*time.Millisecond + 1} {
+		ms := time.Duration(timeoutMillis(d)) * time.Millisecond
+		assert.GreaterOrEqual(t, ms, d, "%v sent as %v", d, ms)
+		assert.Less(t, ms, d+time.Millisecond, "%v sent as %v", d, ms)
+	}
+	assert.Equal(t, uint32(math.MaxUint32), timeoutMillis(time.Duration(math.MaxInt64)))
 }

@@ -284,7 +284,13 @@ func (n *Node) notifyEvicted(topic string, id SubscriberID, status DeliveryStatu
 }
 
 // timeoutMillis is d in DeliverBatch.subscriber_timeout_ms: whole
-// milliseconds, at least 1 (0 says nothing), at most what the field holds.
+// milliseconds, rounded up (truncated, a subscriber's node with the same
+// SubscriberTimeout would cut its subscribers off before the owner's local
+// ones), at least 1 (0 says nothing), at most what the field holds.
 func timeoutMillis(d time.Duration) uint32 {
-	return uint32(min(max(d.Milliseconds(), 1), math.MaxUint32))
+	ms := d.Milliseconds()
+	if d%time.Millisecond > 0 {
+		ms++
+	}
+	return uint32(min(max(ms, 1), math.MaxUint32))
 }
