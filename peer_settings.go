@@ -41,7 +41,9 @@ func (n *Node) checkSettings(p *peer, ref *wire.MemberRef) {
 	}
 	p.settings = said
 	beat := time.Duration(said.heartbeatMs) * time.Millisecond
-	slow := said.heartbeatMs > 0 && beat > n.cfg.MemberTimeout/2
+	// Only a peer slower than this node: with the same settings everywhere
+	// there is nothing to disagree on (Config validation is the check).
+	slow := said.heartbeatMs > 0 && beat > n.cfg.MemberTimeout/2 && beat > n.cfg.HeartbeatInterval
 	policy := said.policy > 0 && PartitionPolicy(said.policy-1) != n.cfg.PartitionPolicy
 	if !slow && !policy {
 		return
