@@ -230,7 +230,7 @@ func (n *Node) OwnerOf(topic string) (Member, error) {
 func (n *Node) view() *view { return n.members.view() }
 
 func (n *Node) selfRef() *wire.MemberRef {
-	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation, ClientOnly: n.self.ClientOnly}
+	return n.self.ref()
 }
 
 // ownerPayload recomputes members.peerPayload: the smallest max_payload

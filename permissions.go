@@ -36,6 +36,24 @@ const permissionsSeeREADME = "see README 'Subjects and NATS permissions'"
 // "Subscription to").
 var violationRe = regexp.MustCompile(`Permissions Violation for (Publish|Subscription) to "([^"]+)"`)
 
+// newViolation returns the right ("publish" or "subscribe") and the subject
+// of the permission violation nc last reported, if it is not before (the
+// last error when the check started); ok is false otherwise.
+func newViolation(nc *nats.Conn, before error) (right, subject string, ok bool) {
+	err := nc.LastError()
+	if err == nil || err == before || !errors.Is(err, nats.ErrPermissionViolation) {
+		return "", "", false
+	}
+	m := violationRe.FindStringSubmatch(err.Error())
+	if m == nil {
+		return "", "", false
+	}
+	if m[1] == "Subscription" {
+		return "subscribe", m[2], true
+	}
+	return "publish", m[2], true
+}
+
 // checkPermissions verifies, before the node announces itself, that its NATS
 // user may publish and subscribe on every subject the node needs. A missing
 // right fails Join with an error wrapping ErrInvalidConfig that names the
@@ -113,19 +131,11 @@ func (n *Node) checkPermissions(parent context.Context) error {
 	// violation looks for a permission error the server sent since the check
 	// started about one of the probed subjects.
 	violation := func() error {
-		err := nc.LastError()
-		if err == nil || err == before || !errors.Is(err, nats.ErrPermissionViolation) {
+		right, subject, ok := newViolation(nc, before)
+		if !ok {
 			return nil
 		}
-		m := violationRe.FindStringSubmatch(err.Error())
-		if m == nil {
-			return nil
-		}
-		right := "publish"
-		if m[1] == "Subscription" {
-			right = "subscribe"
-		}
-		if perr, ok := classify(right, m[2]); ok {
+		if perr, ok := classify(right, subject); ok {
 			return perr
 		}
 		return nil
@@ -302,13 +312,9 @@ func (n *Node) checkMemberInboxes(parent context.Context) error {
 		}
 		return fmt.Errorf("permission check: flush: %w", err)
 	}
-	last := nc.LastError()
-	if last == nil || last == before || !errors.Is(last, nats.ErrPermissionViolation) {
-		return nil
-	}
-	if m := violationRe.FindStringSubmatch(last.Error()); m != nil && m[1] == "Publish" && inboxes[m[2]] {
+	if right, subject, ok := newViolation(nc, before); ok && right == "publish" && inboxes[subject] {
 		return fmt.Errorf("%w: the NATS user may not publish %q, the inbox of a member: grant publish on %s (every node's inbox) to this user; %s",
-			ErrInvalidConfig, m[2], natsutil.NodeSubjectWildcard(n.cfg.Prefix), permissionsSeeREADME)
+			ErrInvalidConfig, subject, natsutil.NodeSubjectWildcard(n.cfg.Prefix), permissionsSeeREADME)
 	}
 	return nil
 }

@@ -43,10 +43,9 @@ func (n *Node) tellStale(p *peer, ref *wire.MemberRef) {
 		return
 	}
 	p.toldStale = now
-	newer := &wire.MemberRef{NodeId: p.m.ID, Incarnation: p.m.Incarnation, ClientOnly: p.m.ClientOnly}
 	n.log.Debug("told an older incarnation that it was replaced", "node", p.m.ID, "incarnation", ref.GetIncarnation(), "newer", p.m.Incarnation)
 	n.publishEnvelope(p.m.Inbox, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
-		Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), Members: []*wire.MemberRef{newer},
+		Kind: wire.Heartbeat_JOIN_REPLY, From: n.selfRef(), Members: []*wire.MemberRef{p.m.ref()},
 	}}})
 }
 

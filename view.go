@@ -65,9 +65,14 @@ func newView(epoch uint64, members []Member) *view {
 func (v *view) refs() []*wire.MemberRef {
 	refs := make([]*wire.MemberRef, len(v.members))
 	for i, m := range v.members {
-		refs[i] = &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation, ClientOnly: m.ClientOnly}
+		refs[i] = m.ref()
 	}
 	return refs
+}
+
+// ref names m's incarnation on the wire.
+func (m Member) ref() *wire.MemberRef {
+	return &wire.MemberRef{NodeId: m.ID, Incarnation: m.Incarnation, ClientOnly: m.ClientOnly}
 }
 
 // member returns the member with the given ID.
