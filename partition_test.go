@@ -261,6 +261,12 @@ func TestKeepMajorityForgedStableViewsDoNotOutliveTheirFakes(t *testing.T) {
 	fake := pubsub.Member{ID: "aa", Incarnation: 1}
 	forgeStable(t, c, "zz", 1000, self)
 	forgeStable(t, c, "aa", 1000, fake, self)
+	// The fakes first join n0's view (the forged heartbeats are handled
+	// asynchronously: waited for alone, "n0 sees one member" held before
+	// they arrived, and n0 then served with the fake while being watched).
+	testcluster.WaitFor(t, faultMemberTimeout, func() bool {
+		return slices.ContainsFunc(n0.Members(), func(m pubsub.Member) bool { return m.ID == fake.ID })
+	}, "the fake never joined: %v", n0.Members())
 	testcluster.WaitFor(t, 3*faultMemberTimeout, func() bool { return len(n0.Members()) == 1 }, "the fakes never timed out: %v", n0.Members())
 	requireNeverBothSidesServe(t, []*pubsub.Node{n0}, []*pubsub.Node{n1, n2}, time.Second)
 	require.False(t, n0.Stats().HasQuorum, "the isolated node serves after the fakes left: %s", quorumOf(c.Nodes))
