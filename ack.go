@@ -144,9 +144,12 @@ type DeliveryStatus uint8
 const (
 	Delivered      DeliveryStatus = iota // the handler processed every message
 	SubscriberGone                       // the subscriber or its node no longer exists
-	Timeout                              // the handler did not finish within SubscriberTimeout
-	HandlerError                         // the handler returned an error or panicked
-	MailboxFull                          // the subscriber's mailbox had no room for the batch
+	// Timeout: the outcome is unknown. The handler did not finish within
+	// SubscriberTimeout, or its node did not report in time, or the ack
+	// was sent at its publisher's deadline before it reported.
+	Timeout
+	HandlerError // the handler returned an error or panicked
+	MailboxFull  // the subscriber's mailbox had no room for the batch
 	// OutOfOrder: the subscriber had already received a later batch of the
 	// same BatchingProducer (this one was redirected or retried), so it was
 	// dropped to keep the producer's order. Not the subscriber's fault: it

@@ -90,6 +90,11 @@ type Config struct {
 	// Hooks observe publishes and handled batches on the data path (see
 	// Hook). Default: none, which costs a length check.
 	Hooks []Hook
+
+	// silentWait, set by tests only: publish as a node of an older version
+	// of this package did, without saying how long it waits for the
+	// answer (answer_by.go), so a slow subscriber times its attempts out.
+	silentWait bool
 }
 
 // Defaults of Config.

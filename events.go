@@ -13,8 +13,10 @@ type Event interface {
 	stamped(node string, at time.Time) Event
 }
 
-// PublishAccepted is emitted on the topic's owner when it answered an
-// accepted batch.
+// PublishAccepted is emitted on the topic's owner when an accepted batch
+// settled: every subscriber reported or timed out. A batch answered at its
+// publisher's deadline (see PublishBatch) is emitted after that answer,
+// with the final counts.
 type PublishAccepted struct {
 	Node      string // the owner
 	Topic     string

@@ -41,3 +41,10 @@ func OwnerForTest(topic string, ids []string) string {
 	}
 	return newView(0, members).ownerOf(topic).ID
 }
+
+// WithSilentWaitForTest makes a node publish as one of an older version of
+// this package did, without telling the owner how long it waits: a slow
+// subscriber then times its attempts out instead of being listed in an
+// answer at its deadline, which tests of retries after an unknown outcome
+// need.
+func WithSilentWaitForTest() Option { return func(c *Config) { c.silentWait = true } }

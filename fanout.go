@@ -176,7 +176,8 @@ type pendingBatch struct {
 	// groups: whether every member of each group with a share so far
 	// processed it; a group counts once in Delivered.
 	groups  map[string]bool
-	reroute *reroutes // nil without groups
+	reroute *reroutes    // nil without groups
+	early   *earlyAnswer // nil unless the publisher stops waiting first (answer_by.go)
 }
 
 type subscriberOutcome struct {
@@ -203,6 +204,9 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	var moved []map[string][]share
 	for i, s := range st {
 		id := SubscriberID{Node: to.node, Local: to.local(i)}
+		if b.early != nil {
+			b.early.waiting.reported(id)
+		}
 		// Only a node's own report carries processed, for all its
 		// subscribers once one of them ended partway: this one's share is
 		// partial only if it ran some of it (a subscription that ends
@@ -218,6 +222,11 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 				// decides the group's.
 				b.remaining += len(plan)
 				moved = append(moved, plan)
+				if b.early != nil {
+					for node, shares := range plan {
+						b.early.waiting.add(nodeTarget{node: node, shares: shares})
+					}
+				}
 				b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path})
 				continue
 			}
@@ -243,6 +252,12 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	}
 	b.remaining--
 	done := b.remaining == 0
+	answered := false // at the publisher's deadline
+	if done && b.early != nil {
+		answered = b.early.sent
+		b.early.sent = true
+		b.early.timer.Stop()
+	}
 	if done {
 		for g, ok := range b.groups {
 			if ok {
@@ -271,7 +286,9 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 		a.account(b.outcomes)
 	})
 	a.n.emitAccepted(b.ack)
-	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack, delivered: b.delivered})
+	if !answered {
+		b.answer(ownerAnswer{code: wire.Reply_OK, viewID: a.n.view().id, ack: b.ack, delivered: b.delivered})
+	}
 }
 
 // sendRemote sends a remote node its part of a batch. Protobuf merges

@@ -18,7 +18,7 @@ import (
 // whose mailbox has drained meanwhile, must not run the share the other
 // member already ran (at-most-once topic).
 func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
-	c := newCluster(t, 3, 3)
+	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "mailbox-retry")
 	runs := &memberRuns{ran: map[string][]string{}}
 	release := make(chan struct{})

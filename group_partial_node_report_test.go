@@ -27,7 +27,7 @@ func TestGroupRetryMemberGoneIsNotReroutedByANeighboursPartialReport(t *testing.
 	handled := &handledCounter{}
 	unsubA := make(chan error, 1)
 	unsubQ := make(chan error, 1)
-	c := testcluster.NewFaulty(t, 3, 3, append(append([]pubsub.Option{}, fast...), handled.hook())...)
+	c := testcluster.NewFaulty(t, 3, 3, append(append([]pubsub.Option{}, fast...), handled.hook(), pubsub.WithSilentWaitForTest())...)
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[1], "partial-neighbour")
 

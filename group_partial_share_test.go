@@ -65,7 +65,7 @@ type partialShareRig struct {
 
 func newPartialShareRig(t *testing.T, prefix string, trigger int32) *partialShareRig {
 	r := &partialShareRig{runs: &memberRuns{ran: map[string][]string{}}, handled: &handledCounter{}, unsub: make(chan error, 1)}
-	r.c = testcluster.NewFaulty(t, 3, 3, append(append([]pubsub.Option{}, fast...), r.handled.hook())...)
+	r.c = testcluster.NewFaulty(t, 3, 3, append(append([]pubsub.Option{}, fast...), r.handled.hook(), pubsub.WithSilentWaitForTest())...)
 	r.c.WaitConverged(t, 10*time.Second)
 	r.topic = ownedBy(t, r.c.Nodes[1], prefix)
 	var calls atomic.Int32

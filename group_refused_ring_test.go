@@ -35,7 +35,7 @@ func (h *mailboxFullHook) OnHandled(i pubsub.HandledInfo) {
 // and the retry runs at X what Y already ran (at-most-once topic).
 func TestGroupRetryDoesNotRunARefusedShareAfterPlainPublishes(t *testing.T) {
 	hook := &mailboxFullHook{}
-	c := testcluster.New(t, 3, 3, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(hook))...)
+	c := testcluster.New(t, 3, 3, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(hook), pubsub.WithSilentWaitForTest())...)
 	c.WaitConverged(t, 10*time.Second)
 	hook.node = c.Nodes[2].ID() // read by OnHandled only once X subscribed below
 	topic := ownedBy(t, c.Nodes[1], "refused-ring")

@@ -77,7 +77,7 @@ func stuckMembers(t *testing.T, c *testcluster.Cluster, topic string, fills int,
 // once per attempt (6 times); it now answers a copy of the share it ran
 // with its outcome.
 func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
-	c := newCluster(t, 3, 3)
+	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "reroute-retry")
 	runs := stuckMembers(t, c, topic, 8, "X")
 	p, retries := retriedProducer(t, c, topic)

@@ -190,7 +190,7 @@ func TestGroupRetrySameOwnerRunsAKeylessMessageOnce(t *testing.T) {
 // holds the first message slow matches for SubscriberTimeout (2 s): the
 // owner's answer to that batch comes after a producer's PublishTimeout.
 func groupRetryRig(t *testing.T, prefix string, slow func(m *pubsub.Message) bool) (*testcluster.Cluster, string, func() map[string][]string) {
-	c := newCluster(t, 3, 3)
+	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], prefix)
 	var mu sync.Mutex
 	ran := map[string][]string{}

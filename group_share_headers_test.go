@@ -24,7 +24,7 @@ import (
 // member ran.
 func TestGroupRetryAssignedAnewTellsSharesApartByHeader(t *testing.T) {
 	aHandled := &handledCounter{} // A's outcomes, on n0
-	c := newCluster(t, 3, 3, pubsub.WithSubscriberTimeout(10*time.Second), aHandled.hook())
+	c := newCluster(t, 3, 3, pubsub.WithSubscriberTimeout(10*time.Second), aHandled.hook(), pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "share-headers")
 	release := make(chan struct{})
 	var releaseOnce sync.Once

@@ -153,6 +153,9 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		msgs.skip = req.GetSkip()
 	}
 	msgs.level = AckLevel(min(req.GetAckLevel(), uint32(AckNone)))
+	if ms := req.GetAnswerWithinMs(); ms > 0 {
+		msgs.answerBy = time.Now().Add(time.Duration(ms) * time.Millisecond)
+	}
 	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}
 	if msgs.level != AckDelivered {
 		if !n.publishEarly(topic, msgs, reply) {

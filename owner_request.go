@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -246,12 +247,27 @@ type publishRequest struct {
 	// run, instead of msgs, holds messages packed by an outbox
 	// (outbox.go), in a buffer it reuses once the request was written.
 	run []byte
+	// wait and deadline bound how long the publisher waits for the answer
+	// (its per-attempt wait, its call's deadline): sent as answer_within.
+	wait     time.Duration
+	deadline time.Time
+}
+
+// answerWithin is how long from now the publisher waits for the answer; 0
+// when it does not say (a probe, AckNone).
+func (r *publishRequest) answerWithin() time.Duration {
+	d := r.wait
+	if !r.deadline.IsZero() {
+		d = min(d, time.Until(r.deadline))
+	}
+	return max(d, 0)
 }
 
 func (r *publishRequest) encode(v *view, buf []byte) []byte {
 	r.origin.refresh()
 	r.wire.ViewId, r.wire.Producer, r.wire.ProducerSeq = v.id, r.origin.producer, r.origin.seq
 	r.wire.ProducerPrev, r.wire.ProducerSettled = r.origin.prev, r.origin.settled
+	r.wire.AnswerWithinMs = uint32(min(r.answerWithin().Milliseconds(), math.MaxUint32))
 	if r.run != nil {
 		return wire.AppendPublishPacked(buf, r.wire, r.run) // packed already: an outbox's run
 	}
@@ -263,6 +279,9 @@ func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	r.origin.refresh()
 	p := payload{msgs: r.msgs, publisher: r.wire.GetFrom().GetNodeId(), origin: *r.origin, wantIDs: r.wantIDs,
 		level: AckLevel(min(r.wire.GetAckLevel(), uint32(AckNone))), skip: r.wire.GetSkip()}
+	if r.wait > 0 {
+		p.answerBy = time.Now().Add(r.answerWithin())
+	}
 	if r.owned != nil {
 		p.msgs, p.packed, p.withMeta, p.count = msgBatch{}, r.owned.packed, r.owned.withMeta, int(r.wire.GetCount())
 	}

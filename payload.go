@@ -1,6 +1,10 @@
 package pubsub
 
-import "github.com/clusterpubsub/pubsub/internal/wire"
+import (
+	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
 
 // A batch's messages as the owner and the subscriber nodes hold them.
 
@@ -17,6 +21,9 @@ type payload struct {
 	seq       batchSeq // set by the owner when it accepts the batch
 	wantIDs   bool     // the publisher asked for the delivered subscribers
 	level     AckLevel // what the publisher waits for
+	// answerBy: when the publisher stops waiting for the answer (zero:
+	// it did not say), as this node's clock reads it.
+	answerBy time.Time
 	// skip: subscribers that failed an earlier chunk of this split batch,
 	// left out of this one (the publisher's chunkAcks.skip).
 	skip []*wire.Failure

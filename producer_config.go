@@ -70,9 +70,11 @@ type ProducerConfig struct {
 	// wraps a *Node with other timeouts.
 	//
 	// An explicit value shorter than a *Node's wait is honoured (the node
-	// logs a warning): a batch held up by one slow subscriber then times
-	// out with an unknown outcome although it may have reached the others,
-	// and OnPublishError decides what follows.
+	// logs it once): the owner answers each attempt just before it ends,
+	// the subscribers that have not reported by then listed as Timeout
+	// (outcome unknown) in an Accepted ack. An attempt the owner cannot
+	// answer in time (unreachable, stalled) times out with an unknown
+	// outcome, and OnPublishError decides what follows.
 	PublishTimeout time.Duration
 	// MaxInFlight is the number of batches published at once: a batch
 	// counts from its first attempt until its futures complete, so a stuck

@@ -52,13 +52,12 @@ func defaultPublishTimeout(p Publisher) time.Duration {
 // explicit value can: the default is the wait plus publishWaitMargin.
 //
 // Such a value is allowed rather than rejected with ErrInvalidConfig: a
-// producer may rightly prefer to give up early (an unknown outcome, then
-// FailBatchAndContinue or RetryBatch) to waiting for a slow subscriber, the
-// contract honours explicit values, and rejecting would make a producer's
-// configuration valid or not depending on node timeouts set elsewhere
-// (raising the node's SubscriberTimeout would break producers at start).
-// The trade-off is documented on ProducerConfig.PublishTimeout and logged
-// here once per producer.
+// producer may rightly prefer acks by a deadline of its own to waiting for
+// a slow subscriber, the contract honours explicit values, and rejecting
+// would make a producer's configuration valid or not depending on node
+// timeouts set elsewhere. Each attempt tells the owner its deadline, and
+// the owner answers before it (answer_by.go), so the message says what
+// the acks will then hold.
 func warnShortPublishTimeout(p Publisher, topic string, timeout time.Duration) {
 	w, ok := p.(publishWaiter)
 	l, logs := p.(publisherLogger)
@@ -66,7 +65,7 @@ func warnShortPublishTimeout(p Publisher, topic string, timeout time.Duration) {
 		return
 	}
 	if wait := w.publishWait(); timeout <= wait {
-		l.logger().Warn("producer PublishTimeout does not outlive the node's wait for the owner: a slow subscriber can time out its batches (outcome unknown) and, with FailBatchAndStop, stop the producer; leave PublishTimeout zero for the default",
+		l.logger().Info("producer PublishTimeout is shorter than the node's wait for the owner: subscribers that have not reported by then are listed as Timeout (outcome unknown) in its acks; leave PublishTimeout zero for the default",
 			"topic", topic, "publishTimeout", timeout, "nodeWait", wait, "default", wait+publishWaitMargin)
 	}
 }

@@ -42,6 +42,10 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 
 // PublishBatch sends batch to the topic's owner and returns its ack once every
 // subscriber the owner knew at acceptance processed it, failed, or timed out.
+// When ctx's deadline comes before the owner's own wait would end, the
+// owner answers just before that deadline: the subscribers that had not
+// reported yet are listed as Timeout (outcome unknown: their delivery goes
+// on), so a short deadline still tells which subscribers ran the batch.
 // Messages reach each subscriber in order. A batch holding a message larger
 // than MaxMessageSize is rejected whole with ErrTooLarge; a batch only too
 // large in total is split into several publishes, in order, and their acks
@@ -392,6 +396,12 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, is
 	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split, AckLevel: uint32(level), Skip: skip},
 		msgs: msgs, origin: &origin, wantIDs: split}
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued, noAnswer: level == AckNone}
+	if level == AckDelivered && !n.cfg.silentWait {
+		// The owner answers before this wait ends, whichever of its own
+		// timeouts and this node's is longer (topic_actor.go, answerEarly).
+		req.wait = call.wait
+		req.deadline, _ = ctx.Deadline()
+	}
 	if origin.producer == "" {
 		call.attempt = func() func() { return n.publisher.numberAttempt(topic, &origin) }
 		if ob := n.publisher.out.lookup(topic); ob != nil {

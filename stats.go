@@ -33,8 +33,13 @@ type Stats struct {
 	SettingsMismatches uint64
 	RequestsRefused    uint64 // requests refused: their topic actor's queue was full
 	AckNoneRefused     uint64 // messages of AckNone publishes this node refused as owner, its own included (not the owner, not ready, held back for a producer's order, queue full): lost, and nobody tells their publisher
-	SyncRequests       uint64 // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
-	EventsDropped      uint64 // events lost by EventStream listeners that fell behind, summed over listeners (each is told by an EventsDropped once it returns; the node logs it, throttled)
+	// AnsweredEarly counts AckDelivered batches this node, as owner,
+	// answered at their publisher's deadline (a ctx deadline, or timeouts
+	// on the publishing node shorter than this one's), before every
+	// subscriber had reported: the ack lists those as Timeout.
+	AnsweredEarly uint64
+	SyncRequests  uint64 // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
+	EventsDropped uint64 // events lost by EventStream listeners that fell behind, summed over listeners (each is told by an EventsDropped once it returns; the node logs it, throttled)
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
 	// KeepServing), and that view's agreed epoch and size (0 under
@@ -45,7 +50,7 @@ type Stats struct {
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, syncRequests, settingsMismatches atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, answeredEarly, syncRequests, settingsMismatches atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
@@ -65,6 +70,7 @@ func (n *Node) Stats() Stats {
 		SettingsMismatches: n.stats.settingsMismatches.Load(),
 		RequestsRefused:    n.stats.refused.Load(),
 		AckNoneRefused:     n.stats.ackNoneRefused.Load(),
+		AnsweredEarly:      n.stats.answeredEarly.Load(),
 		SyncRequests:       n.stats.syncRequests.Load(),
 		EventsDropped:      n.events.dropped.Load(),
 	}

@@ -327,6 +327,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	}
 	a.inflight++ // until account runs for b
 	n.owner.inflight.Add(1)
+	a.armEarlyAnswer(b, msgs, targets)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	// Remote nodes first: their batches are on the wire while this node's
 	// own subscribers get theirs.

@@ -120,6 +120,8 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.PackedMeta = bs
 		case publishAckLevel:
 			p.AckLevel = uint32(v)
+		case publishAnswerWithin:
+			p.AnswerWithinMs = uint32(v)
 		case publishCount:
 			p.Count = uint32(v)
 		case publishProducer:

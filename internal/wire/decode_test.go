@@ -94,8 +94,10 @@ func TestAppendBatchEnvelopes(t *testing.T) {
 	// Format 2 goes in the packed_meta fields, and Decode reads them as
 	// proto does.
 	meta := []Meta{{Key: "k1"}, {}, {Header: map[string][]string{"h": {"v1", "v2"}}}}
+	req.AnswerWithinMs = 1500
 	got = AppendPublish(nil, req, msgs, meta)
-	want = &Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{From: req.From, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9, PackedMeta: PackMeta(nil, msgs, meta)}}}
+	want = &Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{From: req.From, ViewId: 3, Topic: "t", Count: 3, Producer: "p", ProducerSeq: 9,
+		AnswerWithinMs: 1500, PackedMeta: PackMeta(nil, msgs, meta)}}}
 	var dec Envelope
 	env.Reset()
 	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, want) {
@@ -138,7 +140,7 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
 		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel,
-		"skip": publishSkip})
+		"skip": publishSkip, "answer_within_ms": publishAnswerWithin})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,

@@ -29,6 +29,7 @@ const (
 	publishPackedMeta   protowire.Number = 12
 	publishAckLevel     protowire.Number = 13
 	publishSkip         protowire.Number = 14
+	publishAnswerWithin protowire.Number = 15
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2

@@ -805,9 +805,15 @@ type PublishRequest struct {
 	// skip names the subscribers that failed an earlier chunk of this split
 	// batch (status unused): the owner does not deliver this chunk to them,
 	// as a subscriber stops a batch at its first failure.
-	Skip          []*Failure `protobuf:"bytes,14,rep,name=skip,proto3" json:"skip,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Skip []*Failure `protobuf:"bytes,14,rep,name=skip,proto3" json:"skip,omitempty"`
+	// answer_within_ms: how long the publisher waits for this answer from
+	// its send (its call's deadline or its own timeouts, whichever ends
+	// first; 0: unknown). An AckDelivered batch whose delivery outlasts it
+	// is answered just before, with the subscribers not yet reported listed
+	// as Timeout; their delivery goes on.
+	AnswerWithinMs uint32 `protobuf:"varint,15,opt,name=answer_within_ms,json=answerWithinMs,proto3" json:"answer_within_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *PublishRequest) Reset() {
@@ -929,6 +935,13 @@ func (x *PublishRequest) GetSkip() []*Failure {
 		return x.Skip
 	}
 	return nil
+}
+
+func (x *PublishRequest) GetAnswerWithinMs() uint32 {
+	if x != nil {
+		return x.AnswerWithinMs
+	}
+	return 0
 }
 
 // TopicSubscribers lists one node's subscribers of one topic.
@@ -1801,7 +1814,7 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xc9\x03\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xf3\x03\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1817,7 +1830,8 @@ const file_wire_proto_rawDesc = "" +
 	"\x10producer_settled\x18\v \x01(\x04R\x0fproducerSettled\x12\x1a\n" +
 	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeq\x12/\n" +
-	"\x04skip\x18\x0e \x03(\v2\x1b.clusterpubsub.wire.FailureR\x04skipJ\x04\b\x04\x10\x05\"^\n" +
+	"\x04skip\x18\x0e \x03(\v2\x1b.clusterpubsub.wire.FailureR\x04skip\x12(\n" +
+	"\x10answer_within_ms\x18\x0f \x01(\rR\x0eanswerWithinMsJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\x12\x12\n" +
