@@ -172,6 +172,11 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 		queued()
 		return ownerAnswer{code: wire.Reply_OK, ack: PublishAck{Topic: topic, Status: Accepted}}, nil
 	}
+	if err := ctx.Err(); err != nil {
+		// Not queued: with the answer and ctx both ready below, select
+		// would pick either, and a call with a dead ctx sometimes ran.
+		return ownerAnswer{}, err
+	}
 	ch := make(chan ownerAnswer, 1)
 	n.owner.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ans ownerAnswer) { ch <- ans }) })
 	queued()
