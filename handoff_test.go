@@ -100,7 +100,11 @@ func TestForgedLeaveOfALiveMemberHeals(t *testing.T) {
 // forged one timed out. A newer incarnation now replaces only an older one
 // that has fallen silent, so the forgery changes nothing.
 func TestForgedNewerIncarnationOfALiveMemberIsIgnored(t *testing.T) {
-	c := newCluster(t, 3, 3)
+	// "Silent" is 2 heartbeat intervals: with fast's 50 ms, a loaded
+	// machine delaying n2's heartbeats at a peer by 100 ms let a forged
+	// one replace n2 there, dropping its subscriptions while the forger
+	// kept at it (acks Delivered 2 of 3, no failure). 250 ms gives 500 ms.
+	c := newCluster(t, 3, 3, pubsub.WithHeartbeatInterval(250*time.Millisecond))
 	rec := newRecorder()
 	topics := subscribeEverywhere(t, c, rec, "reinc", 20)
 	n2 := memberOf(t, c.Nodes[0], "n2")
