@@ -137,6 +137,11 @@ func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
 		// tie of its stable view {n1, n2}; n0 counted 2 of its {n0, n1, n2}.
 		c := testcluster.NewFaulty(t, 3, 3, keepMajorityOpts()...)
 		c.WaitConverged(t, 10*time.Second)
+		// The first cut lands on a confirmed stable view of all three:
+		// right after the views converge, under load, the change to it was
+		// not yet confirmed, and n1 and n2 could not confirm it without n0
+		// (its previous view's majority was across the cut): nobody served.
+		waitStableEverywhere(t, c.Nodes, 3)
 		n0, n1, n2 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 		isolateServer(c, 0)
 		waitViews(t, []*pubsub.Node{n0}, []*pubsub.Node{n1, n2})
@@ -160,6 +165,7 @@ func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
 		// stable {n1, n2, n4}; n0 and n3 counted 3 of their {n0, ..., n4}.
 		c := testcluster.NewFaulty(t, 3, 5, keepMajorityOpts()...)
 		c.WaitConverged(t, 10*time.Second)
+		waitStableEverywhere(t, c.Nodes, 5)
 		n := c.Nodes
 		isolateServer(c, 0)
 		waitViews(t, []*pubsub.Node{n[0], n[3]}, []*pubsub.Node{n[1], n[2], n[4]})
