@@ -504,8 +504,15 @@ func runSub(ctx context.Context, node *pubsub.Node, o *clusterOpts, args []strin
 
 func runEvents(ctx context.Context, node *pubsub.Node, o *clusterOpts, _ []string, w io.Writer) error {
 	got := make(chan struct{}, 1)
+	// The node stopping on its own (its NATS connection closed for good)
+	// ends the command, as it ends sub's subscription: nothing would
+	// come after it but the interrupt.
+	stopped := make(chan error, 1)
 	seen := 0
 	cancel := node.Events().Subscribe(func(e pubsub.Event) {
+		if s, ok := e.(pubsub.NodeStopped); ok {
+			defer func() { stopped <- s.Err }() // once: a node stops once
+		}
 		if o.count > 0 && seen >= o.count {
 			return // the events until cancel stops the listener
 		}
@@ -522,6 +529,8 @@ func runEvents(ctx context.Context, node *pubsub.Node, o *clusterOpts, _ []strin
 	select {
 	case <-ctx.Done():
 	case <-got:
+	case err := <-stopped:
+		return err
 	}
 	return nil
 }

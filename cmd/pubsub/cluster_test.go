@@ -498,3 +498,37 @@ func TestSubInterruptedWhileSubscribingExitsZero(t *testing.T) {
 		t.Fatal("the interrupt was ignored while subscribing")
 	}
 }
+
+// Found probing the tool: events waited only for an interrupt or --count,
+// so once its NATS connection closed for good (nats.go out of reconnect
+// attempts, after about 2 minutes with a server gone) it printed the
+// node's NodeStopped and then hung forever, where sub ends with the error.
+func TestEventsEndsWhenItsNodeStops(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	defer func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+		goleak.VerifyNone(t, ignore)
+	}()
+	nc, err := nats.Connect(s.ClientURL())
+	require.NoError(t, err)
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, err := pubsub.Join(ctx, nc, pubsub.WithClientOnly(), pubsub.WithNodeID("tool"))
+	require.NoError(t, err)
+	defer func() { _ = node.Close(context.Background()) }()
+	var out lockedBuffer
+	done := make(chan error, 1)
+	go func() { done <- runEvents(ctx, node, &clusterOpts{timeout: time.Second}, nil, &out) }()
+	nc.Close() // what nats.go does when it gives up reconnecting
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, pubsub.ErrClosed)
+		assert.Contains(t, out.String(), "NodeStopped")
+	case <-time.After(5 * time.Second):
+		t.Fatalf("events did not end when its node stopped; printed:\n%s", out.String())
+	}
+}
