@@ -486,3 +486,31 @@ func TestNodesThatCannotJoinAreToldOnce(t *testing.T) {
 	assert.Contains(t, errs.String(), "12 of 12 nodes")
 	assert.Contains(t, errs.String(), "grant publish on pubsub-bench.node.>", "the first node's reason")
 }
+
+// Found probing the tool: bench latency with --size over the server's
+// max_payload retried its warm-up request until setupTimeout, then
+// reported only the context's deadline ("raw request/reply does not get
+// through after 10s: context deadline exceeded"): the raw warm-up and the
+// pubsub one alike. An error no retry can mend now ends the run at once,
+// and is the one reported.
+func TestLatencyMessageTooLargeIsNamedAtOnce(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	s, err := embedded.StartServerWith(func(o *server.Options) { o.MaxPayload = 2048 })
+	require.NoError(t, err)
+	defer func() { s.Shutdown(); s.WaitForShutdown() }()
+	for _, tc := range []struct {
+		name, size, want string
+	}{
+		{"raw over max_payload", "4000", "maximum payload exceeded"},
+		{"pubsub over its limit", "1900", "message too large"}, // raw NATS takes it
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errs bytes.Buffer
+			start := time.Now()
+			code := run(context.Background(), []string{"bench", "latency", "--url", s.ClientURL(), "--count", "10", "--size", tc.size}, &out, &errs)
+			assert.Equal(t, 1, code)
+			assert.Contains(t, errs.String(), tc.want)
+			assert.Less(t, time.Since(start), 5*time.Second, "the error waited out the warm-up's timeout")
+		})
+	}
+}

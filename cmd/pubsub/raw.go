@@ -171,15 +171,22 @@ func (b *bench) rawLatency(ctx context.Context, count int) (m measure, err error
 	data := make([]byte, b.cfg.size)
 
 	// The first request that finds the responder ends the wait for
-	// interest; until then they fail at once with no responders.
+	// interest; until then they fail at once with no responders. Any other
+	// error (a --size over the server's max_payload) no retry mends: it
+	// ends the wait at once and is the one reported, not the deadline.
 	wctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
 	var rerr error
-	if !poll(wctx, func() bool {
+	poll(wctx, func() bool {
 		_, rerr = requester.RequestWithContext(wctx, subject, data)
-		return rerr == nil
-	}) {
+		return !errors.Is(rerr, nats.ErrNoResponders)
+	})
+	switch {
+	case rerr == nil:
+	case errors.Is(rerr, nats.ErrNoResponders) || wctx.Err() != nil:
 		return m, fmt.Errorf("raw request/reply does not get through after %v: %w", setupTimeout, rerr)
+	default:
+		return m, fmt.Errorf("raw request: %w", rerr)
 	}
 
 	lat := make([]time.Duration, 0, count)

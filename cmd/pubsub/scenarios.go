@@ -185,16 +185,21 @@ func (b *bench) latencyLevel(ctx context.Context, c *cluster, topic string, lvl 
 	msgs := []pubsub.Outgoing{{Data: make([]byte, b.cfg.size)}}
 
 	// Subscribe returned once the owner recorded the subscription, so the
-	// first publish reaches it; this checks it and warms the path up.
+	// first publish reaches it; this checks it and warms the path up. An
+	// error no retry mends (a --size over the servers' max_payload) ends
+	// the wait at once, reported as it is rather than as the deadline.
 	var werr error
 	wctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
 	if !poll(wctx, func() bool {
 		var ack pubsub.PublishAck
 		ack, werr = pub.PublishMessages(wctx, topic, msgs)
-		return werr == nil && ack.Delivered == 1
+		return werr == nil && ack.Delivered == 1 || unmendable(werr)
 	}) {
 		return r, fmt.Errorf("a publish does not reach the subscriber after %v (last error: %v)", setupTimeout, werr)
+	}
+	if unmendable(werr) {
+		return r, werr
 	}
 	before := d.got.Load()
 
@@ -239,6 +244,13 @@ func (b *bench) latencyLevel(ctx context.Context, c *cluster, topic string, lvl 
 		}
 	}
 	return r, nil
+}
+
+// unmendable reports whether a publish's error is one that retrying the
+// same publish cannot mend.
+func unmendable(err error) bool {
+	return errors.Is(err, pubsub.ErrTooLarge) || errors.Is(err, pubsub.ErrInvalidMessage) ||
+		errors.Is(err, pubsub.ErrInvalidTopic) || errors.Is(err, pubsub.ErrClosed)
 }
 
 // sumSeconds returns the total of lat, in seconds.
