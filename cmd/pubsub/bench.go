@@ -198,7 +198,7 @@ func (b *bench) connect(i int, name string, opts ...nats.Option) (*nats.Conn, er
 		nats.NoCallbacksAfterClientClose(),
 	}, opts...)...)
 	if err != nil {
-		return nil, fmt.Errorf("connect %s to %s: %w", name, b.urls[i], err)
+		return nil, fmt.Errorf("connect %s to %s: %w", name, redactURLs(b.urls[i]), err)
 	}
 	return nc, nil
 }
@@ -270,7 +270,7 @@ func (b *bench) join(ctx context.Context, cl *cleanup, scenario string, n int) (
 	})
 	for i := range n {
 		id := "bench-" + b.runID + "-" + scenario + "-n" + strconv.Itoa(i)
-		url := b.urls[b.server(i)]
+		url := redactURLs(b.urls[b.server(i)])
 		nc, err := b.connect(b.server(i), id, nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			lost := fmt.Errorf("node n%d was disconnected from %s (%v)", i, url, err)
 			b.nodeLost.CompareAndSwap(nil, &lost)

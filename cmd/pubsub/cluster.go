@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -104,7 +105,7 @@ func (c *clusterCommand) flagSet(o *clusterOpts) *flag.FlagSet {
 	if url == "" {
 		url = nats.DefaultURL
 	}
-	fs.StringVar(&o.url, "url", url, "comma-separated NATS server `URLs` of the cluster's NATS (default: $NATS_URL, else "+nats.DefaultURL+")")
+	fs.StringVar(&o.url, "url", url, "comma-separated NATS server `URLs` of the cluster's NATS, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted) (default: $NATS_URL, else "+nats.DefaultURL+")")
 	fs.StringVar(&o.prefix, "prefix", natsutil.DefaultPrefix, "the cluster's subject prefix (pubsub.WithPrefix)")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "bound on connecting, joining and each request")
 	if c.flags != nil {
@@ -187,14 +188,14 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 			fmt.Fprintf(stderr, "pubsub %s: reconnected to %s\n", c.name, nc.ConnectedUrlRedacted())
 		}))
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", o.url, err)
+		return fmt.Errorf("connect to %s: %w", redactURLs(o.url), err)
 	}
 	defer nc.Close()
 	jctx, cancel := context.WithTimeout(ctx, o.timeout)
 	node, err := pubsub.Join(jctx, nc, pubsub.WithClientOnly(), pubsub.WithPrefix(o.prefix), pubsub.WithNodeID("pubsub-cli-"+newRunID()))
 	cancel()
 	if err != nil {
-		return fmt.Errorf("join the cluster at %s (prefix %q): %w", o.url, o.prefix, err)
+		return fmt.Errorf("join the cluster at %s (prefix %q): %w", redactURLs(o.url), o.prefix, err)
 	}
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.Background(), o.timeout)
@@ -205,7 +206,7 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 		// Join succeeds in an empty cluster, and a wrong prefix looks like
 		// one: say so instead of printing empty tables or failing later
 		// with ErrNoMembers.
-		fmt.Fprintf(stderr, "pubsub %s: no pubsub node answered under prefix %q at %s; check --prefix (the nodes' pubsub.WithPrefix)\n", c.name, o.prefix, o.url)
+		fmt.Fprintf(stderr, "pubsub %s: no pubsub node answered under prefix %q at %s; check --prefix (the nodes' pubsub.WithPrefix)\n", c.name, o.prefix, redactURLs(o.url))
 	}
 	return c.run(ctx, node, &o, pos, stdout)
 }
@@ -241,6 +242,25 @@ func connect(ctx context.Context, url string, opts ...nats.Option) (*nats.Conn, 
 		}()
 		return nil, fmt.Errorf("interrupted while connecting: %w", context.Cause(ctx))
 	}
+}
+
+// redactURLs returns a comma-separated list of NATS URLs fit to print:
+// the password of each, or a token (a user without one, as nats.go reads
+// it), replaced with xxxxx, as nats.go's ConnectedUrlRedacted does. --url
+// is the only way to give credentials, and errors name it.
+func redactURLs(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, s := range parts {
+		u, err := url.Parse(strings.TrimSpace(s))
+		if err != nil || u.User == nil {
+			continue
+		}
+		if _, ok := u.User.Password(); !ok {
+			u.User = url.User("xxxxx")
+		}
+		parts[i] = u.Redacted()
+	}
+	return strings.Join(parts, ",")
 }
 
 // usageError is a command line the command cannot run: run then points at

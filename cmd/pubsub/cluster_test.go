@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -530,5 +531,42 @@ func TestEventsEndsWhenItsNodeStops(t *testing.T) {
 		assert.Contains(t, out.String(), "NodeStopped")
 	case <-time.After(5 * time.Second):
 		t.Fatalf("events did not end when its node stopped; printed:\n%s", out.String())
+	}
+}
+
+// Found probing the tool: credentials given in --url (the only way to
+// give them) were printed back in full on stderr by every message that
+// names the URL: a failed connect, a failed join, a wrong prefix, and
+// bench's connect and disconnect errors. They are redacted now, as
+// nats.go redacts the URLs it reports.
+func TestURLCredentialsAreNotPrinted(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	s, err := embedded.StartServerWith(func(o *server.Options) { o.Username, o.Password = "u", "s3cret" })
+	require.NoError(t, err)
+	defer func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+		goleak.VerifyNone(t, ignore)
+	}()
+	host := strings.TrimPrefix(s.ClientURL(), "nats://")
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		code     int
+		want     string
+		password string
+	}{
+		{"wrong prefix", []string{"members", "--prefix", "elsewhere", "--url", "nats://u:s3cret@" + host}, 0, "at nats://u:xxxxx@" + host, "s3cret"},
+		{"wrong password", []string{"members", "--url", "nats://u:wr0ng@" + host}, 1, "connect to nats://u:xxxxx@" + host, "wr0ng"},
+		{"token in a list", []string{"members", "--url", "nats://127.0.0.1:1,nats://t0ken@" + host}, 1, "nats://xxxxx@" + host, "t0ken"},
+		{"bench", []string{"bench", "fanout", "--count", "10", "--url", "nats://u:wr0ng@" + host}, 1, "to nats://u:xxxxx@" + host, "wr0ng"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errs bytes.Buffer
+			code := run(context.Background(), append(tc.args, "--timeout", "5s"), &out, &errs)
+			assert.Equal(t, tc.code, code, errs.String())
+			assert.NotContains(t, errs.String(), tc.password)
+			assert.Contains(t, errs.String(), tc.want)
+		})
 	}
 }

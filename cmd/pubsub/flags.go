@@ -117,7 +117,7 @@ type benchFlags struct {
 func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported by run, usage by printBenchUsage
-	fs.StringVar(&f.url, "url", "", "comma-separated NATS server `URLs`; node i and raw connection i use URL i % count (default: an embedded cluster of --servers servers, shut down at exit)")
+	fs.StringVar(&f.url, "url", "", "comma-separated NATS server `URLs`, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted); node i and raw connection i use URL i % count (default: an embedded cluster of --servers servers, shut down at exit)")
 	fs.IntVar(&f.servers, "servers", 3, "embedded NATS servers to start, when --url is not set")
 	fs.IntVar(&f.nodes, "nodes", 3, "pubsub nodes in fanout (one subscriber each) and group (one member each); latency always uses 3")
 	fs.IntVar(&f.subs, "subs", 3, "local subscribers in the local scenario")

@@ -47,7 +47,7 @@ func (b *bench) rawThroughput(ctx context.Context, scenario string, queue bool, 
 	for i := range b.urls {
 		lost := nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			cancel(fmt.Errorf("%w: raw subscriber connection %d was disconnected from %s (%v): raw NATS has no flow control, "+
-				"and %s; if the server's log says so, try a smaller --count or --size", errRawLost, i, b.urls[i], err, slowConsumerHint))
+				"and %s; if the server's log says so, try a smaller --count or --size", errRawLost, i, redactURLs(b.urls[i]), err, slowConsumerHint))
 		})
 		nc, err := b.connect(i, fmt.Sprintf("raw-%s-sub%d", scenario, i), lost)
 		if err != nil {
