@@ -514,3 +514,16 @@ func TestLatencyMessageTooLargeIsNamedAtOnce(t *testing.T) {
 		})
 	}
 }
+
+// Found probing the tool: a raw latency connection lost mid-run (its
+// server killed, or closing it as a slow consumer) left the request in
+// flight to wait out its 10 s timeout, and the run then failed with a
+// bare "raw request: nats: timeout". As in the raw throughput runs, the
+// loss now ends the run at once and is named.
+func TestRawLatencyConnectionLossIsNamed(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	code, errs, took := benchKicking(t, "raw-latency-requester", "--count", "100000000", "latency")
+	require.Equal(t, 1, code)
+	assert.Contains(t, errs, "raw latency connection raw-latency-requester was disconnected")
+	assert.Less(t, took, closeTimeout, "the loss was reported by the request's timeout, not at once")
+}

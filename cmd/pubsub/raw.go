@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -152,7 +153,17 @@ func (b *bench) rawLatency(ctx context.Context, count int) (m measure, err error
 		}
 	}()
 	subject := b.rawSubject(scenarioLatency)
-	responder, err := b.connect(b.server(1), "raw-latency-responder")
+	// A lost connection loses the request in flight: end the run at once
+	// and name the loss, as rawThroughput does, rather than wait out the
+	// request's timeout and report a bare "nats: timeout".
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	lost := func(name string, i int) nats.Option {
+		return nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			cancel(fmt.Errorf("raw latency connection %s was disconnected from %s (%v)", name, redactURLs(b.urls[i]), err))
+		})
+	}
+	responder, err := b.connect(b.server(1), "raw-latency-responder", lost("raw-latency-responder", b.server(1)))
 	if err != nil {
 		return m, err
 	}
@@ -163,7 +174,7 @@ func (b *bench) rawLatency(ctx context.Context, count int) (m measure, err error
 	if err := responder.Flush(); err != nil {
 		return m, err
 	}
-	requester, err := b.connect(0, "raw-latency-requester")
+	requester, err := b.connect(0, "raw-latency-requester", lost("raw-latency-requester", 0))
 	if err != nil {
 		return m, err
 	}
@@ -174,8 +185,8 @@ func (b *bench) rawLatency(ctx context.Context, count int) (m measure, err error
 	// interest; until then they fail at once with no responders. Any other
 	// error (a --size over the server's max_payload) no retry mends: it
 	// ends the wait at once and is the one reported, not the deadline.
-	wctx, cancel := context.WithTimeout(ctx, setupTimeout)
-	defer cancel()
+	wctx, wcancel := context.WithTimeout(ctx, setupTimeout)
+	defer wcancel()
 	var rerr error
 	poll(wctx, func() bool {
 		_, rerr = requester.RequestWithContext(wctx, subject, data)
@@ -195,14 +206,14 @@ func (b *bench) rawLatency(ctx context.Context, count int) (m measure, err error
 	defer stop()
 	for range count {
 		t := time.Now()
-		if _, err := requester.Request(subject, data, closeTimeout); err != nil {
-			return m, fmt.Errorf("raw request: %w", err)
+		rctx, rcancel := context.WithTimeout(ctx, closeTimeout)
+		_, err := requester.RequestWithContext(rctx, subject, data)
+		rcancel()
+		if err != nil {
+			return m, fmt.Errorf("raw request: %w", cmp.Or(context.Cause(ctx), err))
 		}
 		lat = append(lat, time.Since(t))
 		done.Add(1)
-		if ctx.Err() != nil {
-			return m, context.Cause(ctx)
-		}
 	}
 	return measure{Seconds: sumSeconds(lat), Latency: percentiles(lat)}, nil
 }
