@@ -570,3 +570,13 @@ func TestURLCredentialsAreNotPrinted(t *testing.T) {
 		})
 	}
 }
+
+// Found probing the tool: a flag whose default is empty (pub's --key and
+// --header, sub's --group) was documented as "(default )".
+func TestHelpNamesEmptyDefaults(t *testing.T) {
+	var out, errs bytes.Buffer
+	require.Equal(t, 0, run(context.Background(), []string{"help"}, &out, &errs), errs.String())
+	help := strings.Join(strings.Fields(out.String()), " ") // unwrapped
+	assert.NotContains(t, help, "(default )")
+	assert.Contains(t, help, "the message's routing key (consumer groups route by it) (default: none)")
+}

@@ -285,7 +285,11 @@ func printFlags(w io.Writer, fs *flag.FlagSet) {
 			head += " " + name
 		}
 		fmt.Fprintf(w, "%s\n", head)
-		if !strings.Contains(usage, "(default") {
+		switch {
+		case strings.Contains(usage, "(default"):
+		case fl.DefValue == "": // "(default )" read as a typo
+			usage += " (default: none)"
+		default:
 			usage += fmt.Sprintf(" (default %s)", fl.DefValue)
 		}
 		for line := range strings.SplitSeq(wrap(usage, 68), "\n") {
