@@ -24,8 +24,12 @@ import (
 // nothing of the subscribers that had run the batch.
 
 // maxAnswerMargin bounds how long before the publisher's deadline the
-// owner answers (an eighth of what is left of the publisher's wait): the
-// answer's way back.
+// owner answers (an eighth of what is left of the publisher's wait, at
+// most a quarter of the owner's RequestTimeout): the answer's way back.
+// Bounded by RequestTimeout/4, it never arms for a publisher with the
+// owner's own timeouts and no shorter deadline: that one waits
+// SubscriberTimeout + RequestTimeout, the owner at most
+// SubscriberTimeout + RequestTimeout/2.
 const maxAnswerMargin = 250 * time.Millisecond
 
 // earlyAnswer is what a batch keeps to answer before its publisher's
@@ -44,7 +48,7 @@ func (a *topicActor) armEarlyAnswer(b *pendingBatch, msgs payload, targets []nod
 		return
 	}
 	now := time.Now()
-	at := msgs.answerBy.Add(-min(msgs.answerBy.Sub(now)/8, maxAnswerMargin))
+	at := msgs.answerBy.Add(-min(msgs.answerBy.Sub(now)/8, a.n.cfg.RequestTimeout/4, maxAnswerMargin))
 	if !at.Before(now.Add(a.n.cfg.SubscriberTimeout + a.n.cfg.RequestTimeout/2)) {
 		return // every node has reported or timed out by then
 	}
