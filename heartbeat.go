@@ -74,7 +74,12 @@ func (n *Node) heartbeatLoop() {
 			n.recomputeView()
 		}
 		n.updateQuorum(n.viewsAgreeLocked())
+		by, newer, replaced := n.replacedForGood()
 		n.members.mu.Unlock()
+		if replaced {
+			n.replaced(by, newer)
+			return
+		}
 		// After the sweep and the quorum: the heartbeat carries the view
 		// and stable view they just made.
 		n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "")

@@ -32,6 +32,7 @@ type membership struct {
 	idConflict    atomic.Bool               // an older live node with our ID was heard
 	superseded    atomic.Bool               // a newer incarnation of our ID was heard and has not left (see onDeliver)
 	supersededBy  atomic.Uint64             // the newest such incarnation
+	supersededAt  atomic.Int64              // when a newer incarnation was last heard (unix ns)
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
 	viewPending   bool                      // joining: peers were added and joinView installs their view
 	quorum        quorum                    // KeepMajority's view of the partition
@@ -47,6 +48,13 @@ type membership struct {
 	// MaxMembers of them: only those are told that a newer one replaced
 	// them (replaced.go). Guarded by mu.
 	timedOut map[string]uint64
+	// replacedView: since when, and by whose heartbeat, the peers report
+	// this node's view with a newer incarnation in its place (replaced.go:
+	// noteReplacedView). Guarded by mu.
+	replacedView struct {
+		since time.Time
+		by    string
+	}
 	// viewed is closed, and replaced, each time a view is installed
 	// (WaitMembers waits on it). Guarded by mu.
 	viewed chan struct{}
@@ -335,6 +343,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 				n.members.idConflict.Store(true)
 			} else {
 				n.members.supersededBy.Store(max(inc, n.members.supersededBy.Load()))
+				n.members.supersededAt.Store(time.Now().UnixNano())
 				n.members.superseded.Store(true)
 			}
 			n.log.Warn("another live node uses this node's ID", "node", n.self.ID)
@@ -390,6 +399,9 @@ func (n *Node) heard(hb *wire.Heartbeat) {
 	n.seen(from, hb.GetViewId(), hb.GetKind() == wire.Heartbeat_JOIN)
 	if p := n.members.peers[from.GetNodeId()]; p != nil && p.m.Incarnation == from.GetIncarnation() {
 		n.noteStable(p, hb)
+		if n.members.superseded.Load() {
+			n.noteReplacedView(p)
+		}
 	}
 }
 

@@ -34,6 +34,57 @@ import (
 // This holds whichever way the cut went, also when only the older node's
 // sends were cut and it never dropped its peers.
 
+// A replacement the peers adopted while this node was only briefly quiet
+// (a GC pause, a stalled connection: 2 heartbeat intervals, well short of
+// MemberTimeout) is never told: a peer tells only an incarnation it timed
+// out. The node ran on with subscriptions no owner routed to, silently,
+// for as long as the newer one lived. So a node that heard a newer
+// incarnation of its ID, and whose peers' heartbeats go on reporting its
+// view with that incarnation in its place for MemberTimeout, while the
+// newer one still beats, stops as if told: by then a newer node that lost
+// the race on the ID (of two joining at once the older wins) has failed
+// its Join and left, which clears superseded, and a newer one that fell
+// silent (a single forged JOIN, a crash) is being dropped by the peers,
+// which then take this node back and report its own view again. One of
+// the two nodes ends, with an error saying why, and the cluster keeps the
+// one its members serve.
+
+// noteReplacedView records what p's heartbeat says of this node, which
+// heard a newer incarnation of its ID: replaced (p reports this node's view
+// with the newer one in its place) or not (p reports this node's own
+// view). Callers hold members.mu.
+func (n *Node) noteReplacedView(p *peer) {
+	r := &n.members.replacedView
+	switch p.viewID {
+	case n.viewReplacedBy(n.newerSelf()):
+		if r.since.IsZero() {
+			r.since, r.by = time.Now(), p.m.ID
+		}
+	case n.view().id:
+		r.since = time.Time{}
+	}
+}
+
+// newerSelf names the newest incarnation of this node's ID heard.
+func (n *Node) newerSelf() *wire.MemberRef {
+	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.members.supersededBy.Load(), ClientOnly: n.self.ClientOnly}
+}
+
+// replacedForGood reports whether the peers have reported this node
+// replaced for MemberTimeout (noteReplacedView), with the peer that said so
+// first and the newer incarnation. Callers hold members.mu.
+func (n *Node) replacedForGood() (by string, newer uint64, ok bool) {
+	r := &n.members.replacedView
+	if !n.members.superseded.Load() {
+		r.since = time.Time{}
+	}
+	heard := time.Since(time.Unix(0, n.members.supersededAt.Load()))
+	if r.since.IsZero() || time.Since(r.since) <= n.cfg.MemberTimeout || heard > n.cfg.MemberTimeout/2 {
+		return "", 0, false
+	}
+	return r.by, n.members.supersededBy.Load(), true
+}
+
 // tellStale answers a stale heartbeat of ref, an older incarnation of p's
 // node, with a notice to that node's inbox, at most once per heartbeat
 // interval. Callers hold members.mu.
@@ -110,7 +161,7 @@ func (n *Node) replaced(by string, newer uint64) {
 	if !n.life.closed.CompareAndSwap(false, true) {
 		return
 	}
-	err := fmt.Errorf("pubsub: node %s stopped: while it was cut off, another node joined with its ID (incarnation %d, reported by %s) and its peers serve that one now; Join again with another ID if both must run: %w",
+	err := fmt.Errorf("pubsub: node %s stopped: while it was cut off or quiet, another node joined with its ID (incarnation %d, reported by %s) and its peers serve that one now; Join again with another ID if both must run: %w",
 		n.self.ID, newer, by, ErrClosed)
 	n.log.Error("replaced by a newer node with this ID: node stopped", "err", err)
 	emit(n.events, NodeStopped{Err: err})
