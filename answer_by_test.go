@@ -127,7 +127,8 @@ func TestPublishAnsweredAtItsDeadlineListsAReroutedShare(t *testing.T) {
 	topic := topicOwnedByEveryView(t, c, "o")
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
-	blocked := func(context.Context, *pubsub.Message) error { <-release; return nil }
+	started := make(chan struct{}, 3)
+	blocked := func(context.Context, *pubsub.Message) error { started <- struct{}{}; <-release; return nil }
 	var members []pubsub.SubscriberID
 	for range 2 {
 		s, err := c.Nodes[2].Subscribe(ctxT(t), topic, blocked, pubsub.WithGroup("g"))
@@ -135,12 +136,21 @@ func TestPublishAnsweredAtItsDeadlineListsAReroutedShare(t *testing.T) {
 		members = append(members, s.ID())
 	}
 	keyed := []pubsub.Outgoing{{Data: msg(0), Key: "k"}} // one key: one member, every batch
-	// The key's member takes the first batch and queues the second: its
-	// mailbox (1 batch) is full.
-	for range 2 {
+	// The key's member runs the first batch, and queues the second once
+	// its handler took the first: its mailbox (1 batch) is then full. Sent
+	// before the handler took the first, the second found the mailbox full
+	// and went to the other member.
+	publishAccepted := func() {
 		_, err := c.Nodes[0].PublishMessages(ctxT(t), topic, keyed, pubsub.WithAck(pubsub.AckAccepted))
 		require.NoError(t, err)
 	}
+	publishAccepted()
+	select {
+	case <-started:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the key's member never ran the first batch")
+	}
+	publishAccepted()
 	testcluster.WaitFor(t, 5*time.Second, func() bool { return c.Nodes[2].Stats().MaxMailboxDepth >= 1 }, "the member's mailbox never filled")
 
 	ctx, cancel := context.WithTimeout(ctxT(t), 800*time.Millisecond)
