@@ -32,6 +32,7 @@ type membership struct {
 	idConflict    atomic.Bool               // an older live node with our ID was heard
 	superseded    atomic.Bool               // a newer incarnation of our ID was heard and has not left (see onDeliver)
 	supersededBy  atomic.Uint64             // the newest such incarnation
+	supersededCO  atomic.Bool               // whether that one is client-only (it may differ from this node)
 	supersededAt  atomic.Int64              // when a newer incarnation was last heard (unix ns)
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
 	viewPending   bool                      // joining: peers were added and joinView installs their view
@@ -342,6 +343,9 @@ func (n *Node) onMembers(m *nats.Msg) {
 			if inc < n.self.Incarnation {
 				n.members.idConflict.Store(true)
 			} else {
+				if inc >= n.members.supersededBy.Load() {
+					n.members.supersededCO.Store(from.GetClientOnly())
+				}
 				n.members.supersededBy.Store(max(inc, n.members.supersededBy.Load()))
 				n.members.supersededAt.Store(time.Now().UnixNano())
 				n.members.superseded.Store(true)
