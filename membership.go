@@ -31,7 +31,7 @@ type membership struct {
 	sub           *nats.Subscription
 	idConflict    atomic.Bool               // an older live node with our ID was heard
 	superseded    atomic.Bool               // a newer incarnation of our ID was heard and has not left (see onDeliver)
-	supersededBy  atomic.Uint64             // the newest such incarnation
+	supersededBy  atomic.Uint64             // the last such incarnation heard
 	supersededCO  atomic.Bool               // whether that one is client-only (it may differ from this node)
 	supersededAt  atomic.Int64              // when a newer incarnation was last heard (unix ns)
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
@@ -343,10 +343,12 @@ func (n *Node) onMembers(m *nats.Msg) {
 			if inc < n.self.Incarnation {
 				n.members.idConflict.Store(true)
 			} else {
-				if inc >= n.members.supersededBy.Load() {
-					n.members.supersededCO.Store(from.GetClientOnly())
-				}
-				n.members.supersededBy.Store(max(inc, n.members.supersededBy.Load()))
+				// The last heard, not the newest: a third node with the ID
+				// that failed on the conflict and left must not hide the
+				// one that still beats, which the peers may serve
+				// (noteReplacedView).
+				n.members.supersededCO.Store(from.GetClientOnly())
+				n.members.supersededBy.Store(inc)
 				n.members.supersededAt.Store(time.Now().UnixNano())
 				n.members.superseded.Store(true)
 			}

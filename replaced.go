@@ -65,7 +65,7 @@ func (n *Node) noteReplacedView(p *peer) {
 	}
 }
 
-// newerSelf names the newest incarnation of this node's ID heard, with its
+// newerSelf names the newer incarnation of this node's ID heard last, with its
 // own ClientOnly: a restart may change it, and the peers' view hashes it.
 func (n *Node) newerSelf() *wire.MemberRef {
 	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.members.supersededBy.Load(), ClientOnly: n.members.supersededCO.Load()}

@@ -76,3 +76,19 @@ func TestQuietNodeReplacedByAClientOnlyJoinerStops(t *testing.T) {
 	quietNodeReplaced(t, n, pub, &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1, ClientOnly: true})
 	stopsReplaced(t, n, pub, sub)
 }
+
+// A briefly quiet node replaced by a joiner stops also when a third node
+// with the ID tried to join meanwhile, failed on the conflict (it heard
+// the older two) and left. The node compared its peers' view with the
+// newest incarnation it ever heard, the one that left, not the one they
+// serve, so it never matched, and the node ran on unrouted.
+func TestQuietNodeReplacedStopsThoughALaterDuplicateLeft(t *testing.T) {
+	n, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second))
+	sub, err := n.Subscribe(context.Background(), "quiet", func(context.Context, *Message) error { return nil })
+	require.NoError(t, err)
+	publish := quietNodeReplaced(t, n, pub, &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1})
+	third := &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 2}
+	publish(wire.Heartbeat_JOIN, third)
+	publish(wire.Heartbeat_LEAVE, third)
+	stopsReplaced(t, n, pub, sub)
+}
