@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,9 +16,9 @@ import (
 // quietNodeReplaced makes pub take joiner, a newer incarnation of n's ID,
 // for n's restart (as it does when n was quiet for two heartbeat intervals
 // when joiner's JOIN came), and keeps joiner beating on the members subject,
-// heard by both, until the test ends. It returns publish, which sends one
+// heard by both, until the test ends or it calls crash. publish sends one
 // more heartbeat of any kind for any incarnation of n's ID.
-func quietNodeReplaced(t *testing.T, n, pub *Node, joiner *wire.MemberRef) (publish func(kind wire.Heartbeat_Kind, from *wire.MemberRef)) {
+func quietNodeReplaced(t *testing.T, n, pub *Node, joiner *wire.MemberRef) (publish func(kind wire.Heartbeat_Kind, from *wire.MemberRef), crash func()) {
 	t.Helper()
 	publish = func(kind wire.Heartbeat_Kind, from *wire.MemberRef) {
 		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{Kind: kind, From: from}}})
@@ -46,8 +47,10 @@ func quietNodeReplaced(t *testing.T, n, pub *Node, joiner *wire.MemberRef) (publ
 			}
 		}
 	}()
-	t.Cleanup(func() { close(stop); <-done })
-	return publish
+	var once sync.Once
+	crash = func() { once.Do(func() { close(stop); <-done }) }
+	t.Cleanup(crash)
+	return publish, crash
 }
 
 // stopsReplaced waits up to 4 MemberTimeouts for n to stop as replaced.
@@ -86,9 +89,76 @@ func TestQuietNodeReplacedStopsThoughALaterDuplicateLeft(t *testing.T) {
 	n, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second))
 	sub, err := n.Subscribe(context.Background(), "quiet", func(context.Context, *Message) error { return nil })
 	require.NoError(t, err)
-	publish := quietNodeReplaced(t, n, pub, &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1})
+	publish, _ := quietNodeReplaced(t, n, pub, &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1})
 	third := &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 2}
 	publish(wire.Heartbeat_JOIN, third)
 	publish(wire.Heartbeat_LEAVE, third)
 	stopsReplaced(t, n, pub, sub)
+}
+
+// A live node that hears another incarnation of its ID beat for longer
+// than MemberTimeout, one its peer never takes in its place (the node is not
+// quiet: a forger beside it, or a duplicate whose Join is failing), or an
+// older one (its own previous life's heartbeats, delayed by a route stall
+// after a restart), runs on: only the peers' reports of the newer one in
+// its place for MemberTimeout stop it (noteReplacedView).
+func TestLiveNodeHearingAnotherIncarnationItsPeerDoesNotServeRunsOn(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		inc  func(self uint64) uint64
+	}{
+		{"newer", func(self uint64) uint64 { return self + 1 }},
+		{"older", func(self uint64) uint64 { return self - 1 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// 2 heartbeat intervals of 200 ms: a loaded machine must not
+			// make the live node look quiet to its peer.
+			n, pub := ownerAndPublisher(t, WithHeartbeatInterval(200*time.Millisecond), WithMemberTimeout(800*time.Millisecond))
+			other := &wire.MemberRef{NodeId: n.self.ID, Incarnation: tc.inc(n.self.Incarnation)}
+			data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{Kind: wire.Heartbeat_HEARTBEAT, From: other}}})
+			require.NoError(t, err)
+			tick := time.NewTicker(20 * time.Millisecond)
+			defer tick.Stop()
+			for end := time.Now().Add(n.cfg.MemberTimeout + 2*n.cfg.HeartbeatInterval); time.Now().Before(end); <-tick.C {
+				require.NoError(t, pub.nc.Publish(n.members.subject, data))
+				require.False(t, n.life.closed.Load(), "the live node stopped")
+			}
+			m, ok := pub.view().member(n.self.ID)
+			require.True(t, ok && m.Incarnation == n.self.Incarnation, "the peer took the other incarnation: %v", pub.view().members)
+			require.False(t, n.life.closed.Load(), "the live node stopped")
+		})
+	}
+}
+
+// A node replaced while briefly quiet by a joiner that then crashed (its
+// Join failed on the conflict and its LEAVE was lost, say) is taken back
+// by its peer once the joiner times out. The peer's reports of the joiner
+// in its place are then history: a later duplicate with the ID, which its
+// peer never serves, must not stop it at once (noteReplacedView forgets
+// them when the peer reports this node's own view again).
+func TestNodeTakenBackAfterTheJoinerCrashedRunsOnAgainstALaterDuplicate(t *testing.T) {
+	n, pub := ownerAndPublisher(t, WithHeartbeatInterval(200*time.Millisecond), WithMemberTimeout(800*time.Millisecond))
+	publish, crash := quietNodeReplaced(t, n, pub, &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 1})
+	waitForTest(t, "the node to see its peer report the joiner in its place", func() bool {
+		n.members.mu.Lock()
+		defer n.members.mu.Unlock()
+		return !n.members.replacedView.since.IsZero()
+	})
+	crash()
+	waitForTest(t, "the peer to take the node back", func() bool {
+		m, ok := pub.view().member(n.self.ID)
+		return n.life.closed.Load() || ok && m.Incarnation == n.self.Incarnation
+	})
+	require.False(t, n.life.closed.Load(), "the node stopped though the joiner had crashed")
+	later := &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.self.Incarnation + 2}
+	publish(wire.Heartbeat_JOIN, later)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for end := time.Now().Add(n.cfg.MemberTimeout / 2); time.Now().Before(end); <-tick.C {
+		publish(wire.Heartbeat_HEARTBEAT, later)
+		require.False(t, n.life.closed.Load(), "a later duplicate its peer never served stopped the node")
+	}
+	publish(wire.Heartbeat_LEAVE, later)
+	m, ok := pub.view().member(n.self.ID)
+	require.True(t, ok && m.Incarnation == n.self.Incarnation, "the peer took the later duplicate: %v", pub.view().members)
 }
