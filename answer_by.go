@@ -104,9 +104,11 @@ func (b *pendingBatch) answerEarly() {
 		return cmp.Or(cmp.Compare(x.Node, y.Node), cmp.Compare(x.Local, y.Local))
 	})
 	unsettled := map[string]bool{} // groups with a share still out
+	unreported := make(map[SubscriberID]bool, len(waiting))
 	for _, id := range waiting {
 		g := id.Group()
 		ack.Failures = append(ack.Failures, DeliveryFailure{Subscriber: id, Status: Timeout, Group: g})
+		unreported[id] = true
 		if g != "" {
 			unsettled[g] = true
 		}
@@ -123,5 +125,5 @@ func (b *pendingBatch) answerEarly() {
 	n := b.a.n
 	n.stats.answeredEarly.Add(1)
 	n.log.Debug("batch answered at its publisher's deadline", "topic", b.a.topic, "waiting", len(waiting))
-	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: n.view().id, ack: ack, delivered: delivered})
+	b.answer(ownerAnswer{code: wire.Reply_OK, viewID: n.view().id, ack: ack, delivered: delivered, unreported: unreported})
 }

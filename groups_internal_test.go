@@ -157,11 +157,31 @@ func TestSharesFromTheWireAreChecked(t *testing.T) {
 // group delivered in one chunk but vanished in the next is not counted.
 func TestChunkAcksKeepEveryVanishedGroup(t *testing.T) {
 	var c chunkAcks
-	c.add(0, PublishAck{Delivered: 1, Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}}},
-		[]SubscriberID{{Local: groupMark + "g2"}})
-	c.add(1, PublishAck{Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}}, nil)
+	c.add(0, ownerAnswer{ack: PublishAck{Delivered: 1, Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}}},
+		delivered: []SubscriberID{{Local: groupMark + "g2"}}})
+	c.add(1, ownerAnswer{ack: PublishAck{Failures: []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}}})
 	assert.Equal(t, []DeliveryFailure{{Group: "g1", Status: SubscriberGone}, {Group: "g2", Status: SubscriberGone}}, c.ack.Failures)
 	assert.Zero(t, c.ack.Delivered)
+}
+
+// A subscriber an early answer (at the publisher's deadline) listed as
+// Timeout before its node reported still gets the later chunks: its
+// delivery goes on. Skipped, a slow subscriber got only the first chunk of
+// a split batch. Once its node reports a failure, it is skipped.
+func TestChunkAcksDoNotSkipAnUnreportedSubscriber(t *testing.T) {
+	slow, failing := SubscriberID{Node: "s", Local: "1"}, SubscriberID{Node: "s", Local: "2"}
+	var c chunkAcks
+	c.add(0, ownerAnswer{ack: PublishAck{Failures: []DeliveryFailure{{Subscriber: slow, Status: Timeout}, {Subscriber: failing, Status: HandlerError}}},
+		unreported: map[SubscriberID]bool{slow: true}})
+	assert.Equal(t, []*wire.Failure{{Node: "s", Local: "2"}}, c.skip(1000))
+	c.add(1, ownerAnswer{ack: PublishAck{Failures: []DeliveryFailure{{Subscriber: slow, Status: HandlerError}}}})
+	assert.Equal(t, []*wire.Failure{{Node: "s", Local: "1"}, {Node: "s", Local: "2"}}, c.skip(1000), "reported failing: skipped")
+	assert.Equal(t, []DeliveryFailure{{Subscriber: slow, Status: Timeout}, {Subscriber: failing, Status: HandlerError}}, c.ack.Failures, "listed with its first failure")
+
+	// On the wire too.
+	rep := ownerAnswer{code: wire.Reply_OK, ack: PublishAck{Failures: []DeliveryFailure{{Subscriber: slow, Status: Timeout}, {Subscriber: failing, Status: Timeout}}},
+		unreported: map[SubscriberID]bool{slow: true}}.wire()
+	assert.Equal(t, map[SubscriberID]bool{slow: true}, answerFromWire("t", rep).unreported)
 }
 
 // Keyless round robin keeps its place when the subscriber set changes: it

@@ -355,12 +355,19 @@ type ownerAnswer struct {
 	// delivered lists the delivered subscribers, when the publish asked
 	// (a chunk of a split batch).
 	delivered []SubscriberID
+	// unreported: the subscribers listed Timeout because the answer went
+	// at the publisher's deadline before their node reported
+	// (answerEarly): their delivery goes on.
+	unreported map[SubscriberID]bool
 }
 
 func (ans ownerAnswer) wire() *wire.Reply {
 	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID, Owner: ans.owner}
 	if ans.code == wire.Reply_OK {
 		rep.Ack = ackToWire(ans.ack)
+		for i, f := range ans.ack.Failures {
+			rep.Ack.Failures[i].Unreported = ans.unreported[f.Subscriber]
+		}
 		for _, id := range ans.delivered {
 			rep.Ack.DeliveredTo = append(rep.Ack.DeliveredTo, &wire.Failure{Node: id.Node, Local: id.Local})
 		}
@@ -396,6 +403,14 @@ func answerFromWire(topic string, rep *wire.Reply) ownerAnswer {
 	ans := ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
 	if rep.GetCode() == wire.Reply_OK {
 		ans.ack = ackFromWire(topic, rep.GetAck())
+		for _, f := range rep.GetAck().GetFailures() {
+			if f.GetUnreported() {
+				if ans.unreported == nil {
+					ans.unreported = map[SubscriberID]bool{}
+				}
+				ans.unreported[SubscriberID{Node: f.GetNode(), Local: f.GetLocal()}] = true
+			}
+		}
 		for _, f := range rep.GetAck().GetDeliveredTo() {
 			ans.delivered = append(ans.delivered, SubscriberID{Node: f.GetNode(), Local: f.GetLocal()})
 		}

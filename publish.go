@@ -215,7 +215,7 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 		}
 		// A quarter of the room MaxMessageSize leaves for the envelope.
 		skip := total.skip((n.maxPayload() - limit) / 4)
-		ack, delivered, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level, skip)
+		ans, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level, skip)
 		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
 			// Earlier chunks were delivered: the batch was not "not taken".
 			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
@@ -223,7 +223,7 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 		if err != nil {
 			return n.reject(topic, count, err)
 		}
-		total.add(i, ack, delivered)
+		total.add(i, ans)
 	}
 	ack := total.ack
 	ack.Messages = count
@@ -328,6 +328,10 @@ type span struct{ start, end int }
 type chunkAcks struct {
 	ack       PublishAck
 	delivered map[SubscriberID]bool // delivered every chunk so far
+	// unreported: listed with a Timeout of an answer sent at the
+	// publisher's deadline, and no failure its node reported since: its
+	// delivery goes on, so it is not skipped.
+	unreported map[SubscriberID]bool
 }
 
 // skip lists the subscribers the later chunks leave out: those that failed
@@ -337,7 +341,7 @@ type chunkAcks struct {
 func (c *chunkAcks) skip(budget int) []*wire.Failure {
 	var out []*wire.Failure
 	for _, f := range c.ack.Failures {
-		if f.Group != "" || f.Subscriber == (SubscriberID{}) {
+		if f.Group != "" || f.Subscriber == (SubscriberID{}) || c.unreported[f.Subscriber] {
 			continue
 		}
 		if budget -= len(f.Subscriber.Node) + len(f.Subscriber.Local) + 8; budget < 0 || len(out) == wire.MaxSkip {
@@ -348,14 +352,21 @@ func (c *chunkAcks) skip(budget int) []*wire.Failure {
 	return out
 }
 
-func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
+func (c *chunkAcks) add(i int, ans ownerAnswer) {
+	ack, delivered := ans.ack, ans.delivered
 	if i == 0 {
 		c.ack = ack
 		c.delivered = make(map[SubscriberID]bool, len(delivered))
 		for _, id := range delivered {
 			c.delivered[id] = true
 		}
+		c.unreported = ans.unreported
 		return
+	}
+	for _, f := range ack.Failures {
+		if !ans.unreported[f.Subscriber] {
+			delete(c.unreported, f.Subscriber) // a failure its node reported: skipped from now on
+		}
 	}
 	// A group with no live member fails with a zero Subscriber: failures
 	// are told apart by group too.
@@ -373,6 +384,12 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 			delete(c.delivered, f.Subscriber)
 			if f.Subscriber == (SubscriberID{}) {
 				delete(c.delivered, SubscriberID{Local: groupMark + f.Group})
+			}
+			if ans.unreported[f.Subscriber] {
+				if c.unreported == nil {
+					c.unreported = map[SubscriberID]bool{}
+				}
+				c.unreported[f.Subscriber] = true
 			}
 			c.ack.Failures = append(c.ack.Failures, f)
 		}
@@ -392,7 +409,7 @@ func (c *chunkAcks) add(i int, ack PublishAck, delivered []SubscriberID) {
 // publishChunk publishes one request's worth of a batch. With split, the
 // owner also lists the subscribers it delivered to, for chunkAcks, and
 // leaves out those in skip, which failed an earlier chunk.
-func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool, level AckLevel, skip []*wire.Failure) (PublishAck, []SubscriberID, error) {
+func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, issued func(), origin batchOrigin, split bool, level AckLevel, skip []*wire.Failure) (ownerAnswer, error) {
 	req := &publishRequest{wire: &wire.PublishRequest{From: n.selfRef(), Topic: topic, Count: uint32(msgs.len()), DeliveredIds: split, AckLevel: uint32(level), Skip: skip},
 		msgs: msgs, origin: &origin, wantIDs: split}
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued, noAnswer: level == AckNone}
@@ -408,7 +425,7 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, is
 			// AckNone publishes merged before this one leave first; the
 			// outbox's token is held until this request is written.
 			if err := n.flushOutbox(ctx, context.Background(), ob); err != nil {
-				return PublishAck{}, nil, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
+				return ownerAnswer{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
 			}
 			held := true
 			defer func() {
@@ -431,10 +448,10 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, is
 	}
 	ans, err := n.toOwner(ctx, topic, req, call)
 	if err != nil {
-		return PublishAck{}, nil, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
+		return ownerAnswer{}, fmt.Errorf("pubsub: publish to %q: %w", topic, err)
 	}
 	ans.ack.Topic = topic
-	return ans.ack, ans.delivered, nil
+	return ans, nil
 }
 
 // Initialize validates topic and returns once its owner serves it, or with

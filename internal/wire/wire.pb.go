@@ -1464,10 +1464,14 @@ func (x *Evict) GetStatus() uint32 {
 
 // Failure is one subscriber that did not process a batch.
 type Failure struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	Local         string                 `protobuf:"bytes,2,opt,name=local,proto3" json:"local,omitempty"`
-	Status        uint32                 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Node   string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Local  string                 `protobuf:"bytes,2,opt,name=local,proto3" json:"local,omitempty"`
+	Status uint32                 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`
+	// unreported: a Timeout because the ack was sent at its publisher's
+	// deadline before the subscriber's node reported; its delivery goes on,
+	// so a later chunk of a split batch is still sent to it.
+	Unreported    bool `protobuf:"varint,4,opt,name=unreported,proto3" json:"unreported,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1521,6 +1525,13 @@ func (x *Failure) GetStatus() uint32 {
 		return x.Status
 	}
 	return 0
+}
+
+func (x *Failure) GetUnreported() bool {
+	if x != nil {
+		return x.Unreported
+	}
+	return false
 }
 
 // Ack is a PublishAck on the wire.
@@ -1880,11 +1891,14 @@ const file_wire_proto_rawDesc = "" +
 	"\n" +
 	"subscriber\x18\x03 \x01(\tR\n" +
 	"subscriber\x12\x16\n" +
-	"\x06status\x18\x04 \x01(\rR\x06status\"K\n" +
+	"\x06status\x18\x04 \x01(\rR\x06status\"k\n" +
 	"\aFailure\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05local\x18\x02 \x01(\tR\x05local\x12\x16\n" +
-	"\x06status\x18\x03 \x01(\rR\x06status\"\xe8\x01\n" +
+	"\x06status\x18\x03 \x01(\rR\x06status\x12\x1e\n" +
+	"\n" +
+	"unreported\x18\x04 \x01(\bR\n" +
+	"unreported\"\xe8\x01\n" +
 	"\x03Ack\x12\x16\n" +
 	"\x06status\x18\x01 \x01(\rR\x06status\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\rR\x06reason\x12\x1a\n" +
