@@ -97,8 +97,8 @@ func TestEarlyAnsweredPublishWhenANodeFails(t *testing.T) {
 	}{
 		{"owner crashes", func(_ *testing.T, c *testcluster.Cluster) { c.Crash(1) }},
 		// The subscriber's node crashing held too (the blocked one listed
-		// Timeout, answered 125 ms before the deadline), but its cleanup
-		// waits out the MemberTimeout: 4 s, too slow to keep here.
+		// Timeout, answered 125 ms before the deadline), but that case
+		// takes 4 s, too slow to keep here.
 		{"owner's server restarts", func(t *testing.T, c *testcluster.Cluster) { c.RestartServer(t, 1, nil, nil) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
