@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -368,8 +369,25 @@ func TestSoakAckNoneProducerAfterAMove(t *testing.T) {
 }
 
 // The same with one continuous stream: no pause of the producer after the move.
+//
+// An AckNone stream has no back-pressure: under CPU load (go test -race
+// with two busy loops beside it) the subscriber falls behind, its mailbox
+// (1024 batches) fills, and the owner drops batches for it as MailboxFull,
+// a delivery failure its owner counts (Stats().DeliveryFailures, a
+// DeliveryFailed event) and the subscriber's node reports to its
+// HandledHook. Those are not lost silently: the check allows for the
+// messages the subscriber's node reported not run, and fails only on
+// messages missing beyond them.
 func TestSoakAckNoneStreamThroughAMove(t *testing.T) {
-	c := newCluster(t, 3, 3)
+	var notRun atomic.Int64 // messages the subscriber's node reported not run, by status
+	var byStatus sync.Map   // pubsub.DeliveryStatus -> *atomic.Int64
+	c := newCluster(t, 3, 3, pubsub.WithHooks(handledFunc(func(i pubsub.HandledInfo) {
+		if i.Status != pubsub.Delivered {
+			notRun.Add(int64(i.Messages))
+			n, _ := byStatus.LoadOrStore(i.Status, new(atomic.Int64))
+			n.(*atomic.Int64).Add(int64(i.Messages))
+		}
+	})))
 	topic := probeTopic("acknone-stream", []string{"n0", "n1", "n2"}, "n1", "j")
 	rec := &moveRec{got: map[pubsub.SubscriberID]map[string][]int{}}
 	sub := subscribe(t, c.Nodes[2], topic, rec.handler).ID()
@@ -422,8 +440,22 @@ func TestSoakAckNoneStreamThroughAMove(t *testing.T) {
 	for _, n := range c.Nodes {
 		refused += n.Stats().AckNoneRefused
 	}
-	t.Logf("last delivered at the move %d, produced at Initialize %d; after that %d of %d arrived; AckNoneRefused %d", moved, at, after, total-1-at, refused)
-	if after != total-1-at {
-		t.Errorf("with the new owner serving, %d of the %d messages produced after arrived (AckNoneRefused %d)", after, total-1-at, refused)
+	failures := uint64(0)
+	for _, n := range c.Nodes {
+		failures += n.Stats().DeliveryFailures
+	}
+	reported := map[string]int64{}
+	byStatus.Range(func(k, v any) bool {
+		reported[k.(pubsub.DeliveryStatus).String()] = v.(*atomic.Int64).Load()
+		return true
+	})
+	t.Logf("last delivered at the move %d, produced at Initialize %d; after that %d of %d arrived; AckNoneRefused %d; "+
+		"owners' DeliveryFailures %d; messages the subscriber's node reported not run %v", moved, at, after, total-1-at, refused, failures, reported)
+	// Every message the subscriber's node reported not run may be one
+	// produced after Initialize: only what is missing beyond them is lost
+	// without a word.
+	if missing := total - 1 - at - after; int64(missing) > notRun.Load() {
+		t.Errorf("with the new owner serving, %d of the %d messages produced after arrived: %d missing, %d reported not run (%v), AckNoneRefused %d",
+			after, total-1-at, missing, notRun.Load(), reported, refused)
 	}
 }
