@@ -220,7 +220,9 @@ type PublishAck struct {
 
 // DeliveryFailure is one subscriber that did not process a batch. For a
 // member of a consumer group Group names the group; a group with no live
-// member fails with a zero Subscriber, Group set and SubscriberGone.
+// member fails with a zero Subscriber, Group set and SubscriberGone. An ack
+// lists a subscriber at most once: a member that failed its own share and a
+// share re-routed to it carries the status reported first.
 type DeliveryFailure struct {
 	Subscriber SubscriberID
 	Status     DeliveryStatus

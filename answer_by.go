@@ -107,6 +107,10 @@ func (b *pendingBatch) answerEarly() {
 	unreported := make(map[SubscriberID]bool, len(waiting))
 	for _, id := range waiting {
 		g := id.Group()
+		if b.failedMembers[id] {
+			unsettled[g] = true // listed once, with the status it reported
+			continue
+		}
 		ack.Failures = append(ack.Failures, DeliveryFailure{Subscriber: id, Status: Timeout, Group: g})
 		unreported[id] = true
 		if g != "" {

@@ -175,9 +175,12 @@ type pendingBatch struct {
 	delivered []SubscriberID
 	// groups: whether every member of each group with a share so far
 	// processed it; a group counts once in Delivered.
-	groups  map[string]bool
-	reroute *reroutes    // nil without groups
-	early   *earlyAnswer // nil unless the publisher stops waiting first (answer_by.go)
+	groups map[string]bool
+	// failedMembers lists the group members in ack.Failures: one that
+	// fails its own share and a re-routed one is listed once.
+	failedMembers map[SubscriberID]bool
+	reroute       *reroutes    // nil without groups
+	early         *earlyAnswer // nil unless the publisher stops waiting first (answer_by.go)
 }
 
 type subscriberOutcome struct {
@@ -237,7 +240,11 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 			}
 			ok, seen := b.groups[g]
 			b.groups[g] = (ok || !seen) && s == Delivered
-			if s != Delivered {
+			if s != Delivered && !b.failedMembers[id] {
+				if b.failedMembers == nil {
+					b.failedMembers = map[SubscriberID]bool{}
+				}
+				b.failedMembers[id] = true
 				b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Subscriber: id, Status: s, Group: g})
 			}
 		} else if s == Delivered {
