@@ -291,7 +291,11 @@ func writeJSON(w io.Writer, v any) error {
 func runMembers(_ context.Context, node *pubsub.Node, o *clusterOpts, _ []string, w io.Writer) error {
 	members := node.Members()
 	if o.json {
-		return writeJSON(w, members)
+		out := make([]memberJSON, 0, len(members))
+		for _, m := range members {
+			out = append(out, memberJSON{Member: m, Started: started(m), ThisTool: m.ID == node.ID()})
+		}
+		return writeJSON(w, out)
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tKIND\tSTARTED\tINBOX")
@@ -303,11 +307,24 @@ func runMembers(_ context.Context, node *pubsub.Node, o *clusterOpts, _ []string
 		if m.ID == node.ID() {
 			kind += " (this tool)"
 		}
-		// Incarnations are start times in nanoseconds (Join).
-		started := time.Unix(0, int64(m.Incarnation)).UTC().Format(time.RFC3339)
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, kind, started, m.Inbox)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, kind, started(m).Format(time.RFC3339), m.Inbox)
 	}
 	return tw.Flush()
+}
+
+// memberJSON is a Member as members --json prints it: its fields, and
+// what the table shows beside them, its start time (RFC 3339, in
+// nanoseconds) and whether it is this tool's own node.
+type memberJSON struct {
+	pubsub.Member
+	Started  time.Time
+	ThisTool bool
+}
+
+// started is m's start time: incarnations are start times in nanoseconds
+// (Join).
+func started(m pubsub.Member) time.Time {
+	return time.Unix(0, int64(m.Incarnation)).UTC()
 }
 
 func runTopics(ctx context.Context, node *pubsub.Node, o *clusterOpts, _ []string, w io.Writer) error {

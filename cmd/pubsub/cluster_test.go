@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -89,6 +90,41 @@ func TestClusterCommandsInspectAndPublish(t *testing.T) {
 		assert.Regexp(t, `(?m)^n0\s+owner\s`, out)
 		assert.Regexp(t, `(?m)^n1\s+owner\s`, out)
 		assert.Regexp(t, `(?m)^pubsub-cli-\w+\s+client \(this tool\)\s`, out)
+	})
+	// Found in review: --json lacked the start time and the "this tool"
+	// mark the table shows.
+	t.Run("members --json", func(t *testing.T) {
+		code, out, errs := tc.cli(t, ctx, "members", "--json")
+		require.Equal(t, 0, code, errs)
+		var members []struct {
+			ID          string
+			Incarnation uint64
+			ClientOnly  bool
+			Started     time.Time
+			ThisTool    bool
+		}
+		require.NoError(t, json.Unmarshal([]byte(out), &members), out)
+		byID := map[string]int{}
+		tools := 0
+		for i, m := range members {
+			byID[m.ID] = i
+			assert.Equal(t, int64(m.Incarnation), m.Started.UnixNano(), "%s: Started is the incarnation", m.ID)
+			assert.WithinDuration(t, time.Now(), m.Started, time.Minute, m.ID)
+			if m.ThisTool {
+				tools++
+				assert.True(t, m.ClientOnly, m.ID)
+				assert.True(t, strings.HasPrefix(m.ID, "pubsub-cli-"), m.ID)
+			}
+		}
+		assert.Equal(t, 1, tools, out)
+		for _, n := range tc.nodes {
+			require.Contains(t, byID, n.ID(), out)
+			view := n.Members()
+			self := slices.IndexFunc(view, func(m pubsub.Member) bool { return m.ID == n.ID() })
+			require.GreaterOrEqual(t, self, 0)
+			assert.Equal(t, view[self].Incarnation, members[byID[n.ID()]].Incarnation, n.ID())
+			assert.False(t, members[byID[n.ID()]].ThisTool, n.ID())
+		}
 	})
 	t.Run("topics", func(t *testing.T) {
 		owner, err := tc.nodes[0].OwnerOf("orders")
