@@ -196,9 +196,9 @@ func (b *bench) connect(i int, name string, opts ...nats.Option) (*nats.Conn, er
 		nats.Name("pubsub-bench-" + name),
 		nats.DontRandomize(),
 		nats.NoCallbacksAfterClientClose(),
-	}, opts...)...)
+	}, append(slices.Clone(b.cfg.auth), opts...)...)...)
 	if err != nil {
-		return nil, fmt.Errorf("connect %s to %s: %w", name, redactURLs(b.urls[i]), err)
+		return nil, fmt.Errorf("connect %s to %s%s: %w", name, redactURLs(b.urls[i]), b.cfg.authNote, err)
 	}
 	return nc, nil
 }

@@ -40,6 +40,7 @@ type clusterOpts struct {
 	url     string
 	prefix  string
 	timeout time.Duration
+	conn    connFlags
 	json    bool
 	// pub and sub
 	count   int
@@ -105,7 +106,8 @@ func (c *clusterCommand) flagSet(o *clusterOpts) *flag.FlagSet {
 	if url == "" {
 		url = nats.DefaultURL
 	}
-	fs.StringVar(&o.url, "url", url, "comma-separated NATS server `URLs` of the cluster's NATS, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted) (default: $NATS_URL, else "+nats.DefaultURL+")")
+	fs.StringVar(&o.url, "url", url, "comma-separated NATS server `URLs` of the cluster's NATS, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted) or given with --user and --password, --token, --creds or --nkey (default: $NATS_URL, else "+nats.DefaultURL+")")
+	addConnFlags(fs, &o.conn, "")
 	fs.StringVar(&o.prefix, "prefix", natsutil.DefaultPrefix, "the cluster's subject prefix (pubsub.WithPrefix)")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "bound on connecting, joining and each request")
 	if c.flags != nil {
@@ -175,20 +177,27 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 	if err := natsutil.ValidatePrefix(o.prefix); err != nil {
 		return usageError{fmt.Errorf("--prefix: %w", err)}
 	}
+	if err := o.conn.check(o.url); err != nil {
+		return usageError{err}
+	}
+	auth, err := o.conn.options()
+	if err != nil {
+		return err
+	}
 
 	// The connection's losses and recoveries are told on stderr, as the
 	// nats CLI does: a command waiting for messages or events would
 	// otherwise say nothing while nats.go tries to reconnect (2 minutes by
 	// default), and then end with only "connection closed".
-	nc, err := connect(ctx, o.url, nats.Name("pubsub-cli-"+c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose(),
+	nc, err := connect(ctx, o.url, append([]nats.Option{nats.Name("pubsub-cli-" + c.name), nats.Timeout(o.timeout), nats.NoCallbacksAfterClientClose(),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			fmt.Fprintf(stderr, "pubsub %s: disconnected from NATS (%v); reconnecting\n", c.name, err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			fmt.Fprintf(stderr, "pubsub %s: reconnected to %s\n", c.name, nc.ConnectedUrlRedacted())
-		}))
+		})}, auth...)...)
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", redactURLs(o.url), err)
+		return fmt.Errorf("connect to %s%s: %w", redactURLs(o.url), o.conn.describe(), err)
 	}
 	defer nc.Close()
 	jctx, cancel := context.WithTimeout(ctx, o.timeout)
@@ -246,8 +255,9 @@ func connect(ctx context.Context, url string, opts ...nats.Option) (*nats.Conn, 
 
 // redactURLs returns a comma-separated list of NATS URLs fit to print:
 // the password of each, or a token (a user without one, as nats.go reads
-// it), replaced with xxxxx, as nats.go's ConnectedUrlRedacted does. --url
-// is the only way to give credentials, and errors name it.
+// it), replaced with xxxxx, as nats.go's ConnectedUrlRedacted does. Errors
+// name --url, which may hold credentials; those of the flags (connFlags)
+// are never printed.
 func redactURLs(urls string) string {
 	parts := strings.Split(urls, ",")
 	for i, s := range parts {

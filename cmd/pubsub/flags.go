@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/natsutil"
 )
@@ -49,6 +51,10 @@ type benchConfig struct {
 	prefix    string
 	json      bool
 	timeout   time.Duration
+	// auth holds the options of the connection flags (--user to --tlsca),
+	// for every connection; authNote describes them for errors.
+	auth     []nats.Option
+	authNote string
 }
 
 // countFor returns the number of messages (or calls) of scenario.
@@ -111,13 +117,15 @@ type benchFlags struct {
 	prefix   string
 	json     bool
 	timeout  time.Duration
+	conn     connFlags
 }
 
 // newBenchFlagSet returns the flag set of the bench command, writing into f.
 func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported by run, usage by printBenchUsage
-	fs.StringVar(&f.url, "url", "", "comma-separated NATS server `URLs`, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted); node i and raw connection i use URL i % count (default: an embedded cluster of --servers servers, shut down at exit)")
+	fs.StringVar(&f.url, "url", "", "comma-separated NATS server `URLs`, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted); or given with --user and --password, --token, --creds or --nkey; node i and raw connection i use URL i % count (default: an embedded cluster of --servers servers, shut down at exit)")
+	addConnFlags(fs, &f.conn, "; only with --url: the embedded cluster has no authentication")
 	fs.IntVar(&f.servers, "servers", 3, "embedded NATS servers to start, when --url is not set")
 	fs.IntVar(&f.nodes, "nodes", 3, "pubsub nodes in fanout (one subscriber each) and group (one member each); latency always uses 3")
 	fs.IntVar(&f.subs, "subs", 3, "local subscribers in the local scenario")
@@ -206,6 +214,12 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 			return nil, errors.New("--servers starts embedded servers: it cannot be used with --url")
 		}
 	}
+	if given := f.conn.given(fs); len(given) > 0 && f.url == "" {
+		return nil, fmt.Errorf("%s: only with --url (the embedded cluster has no authentication)", strings.Join(given, ", "))
+	}
+	if err := f.conn.check(f.url); err != nil {
+		return nil, err
+	}
 	switch {
 	case cfg.servers < 1:
 		return nil, fmt.Errorf("--servers %d: want at least 1", cfg.servers)
@@ -235,6 +249,12 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 	if err := natsutil.ValidatePrefix(cfg.prefix); err != nil {
 		return nil, fmt.Errorf("--prefix: %w", err)
 	}
+	// Last: it reads the files the connection flags name.
+	auth, err := f.conn.options()
+	if err != nil {
+		return nil, err
+	}
+	cfg.auth, cfg.authNote = auth, f.conn.describe()
 	return cfg, nil
 }
 

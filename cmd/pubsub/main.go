@@ -14,6 +14,15 @@
 //	pubsub sub <topic>          print messages until interrupted (--group, --count)
 //	pubsub events               print the tool's node's events (--count)
 //
+// Against a NATS deployment with authentication or TLS, every command
+// (bench too, with --url: the embedded cluster has none) takes the nats
+// CLI's connection flags: --user and --password, --token, --creds (a JWT
+// and nkey seed file), --nkey (a user nkey seed file), --tlscert and
+// --tlskey (a client certificate), --tlsca (the CA that verifies the
+// servers). Their files are read before connecting, so a missing or
+// malformed one fails at once, named; the password and the token are never
+// printed, nor are credentials given in --url.
+//
 // The bench command measures the library beside raw NATS core on the same
 // servers in the same run:
 //
@@ -154,6 +163,10 @@ Commands:
 
 The cluster commands (members to events) join the cluster of --url as a
 client-only node, which never owns a topic, and leave at exit.
+
+Every command takes the nats CLI's connection flags for NATS with
+authentication or TLS: --user and --password, --token, --creds, --nkey,
+--tlscert and --tlskey, --tlsca (bench: only with --url).
 
 `)
 	printBenchUsage(w)
