@@ -726,8 +726,8 @@ func runGroupMemberLeaves(t *testing.T, who int, closeNode bool, bcastOn int) {
 	}
 	assert.Empty(t, late, "the member that left got messages produced after it left")
 	// Unsubscribe's doc: a batch being handled when it ends "stops after
-	// the current message": the run loop checks the subscription between
-	// messages, so one call whose check came just before the end may
+	// the current message": the run loop checks the subscription right
+	// before each call, so one call whose check came just before the end may
 	// still start after it (the handler sees Done closed; 1 of 15 runs),
 	// never a second. Close only promises to wait for running handlers: a
 	// share being handled may finish, so logged.

@@ -225,9 +225,11 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // Unsubscribe removes the subscription locally (so no further message reaches
 // its handler) and then at the owner, and returns once the owner
 // acknowledged. A batch its handler is running when it ends stops after the
-// current message (one whose call was starting as it ended may still run:
-// Unsubscribe does not wait for the handler, which may be the caller) and
-// counts as SubscriberGone for it, not Delivered; a
+// current message and counts as SubscriberGone for it, not Delivered. The
+// subscription is checked right before each handler call, so after the end
+// no message is handed to the handler; a call handed its message just
+// before may still be starting, as with a nats.go subscription: Unsubscribe
+// does not wait for the handler, which may be the caller. A
 // consumer group's other members get the rest of its share. The
 // subscription is ended either way; the error says whether the owner
 // confirmed. Unsubscribing an ended subscription returns nil.

@@ -201,6 +201,13 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 	status = Delivered
 	prop := s.node.cfg.Propagator
 	for j := range batch {
+		if s.isDone() {
+			// Ended before this message (mid-batch, or between handle's
+			// check and here): no further message reaches it. Checked
+			// right before each call, so only a call already handed its
+			// message can run after the end.
+			return SubscriberGone, j
+		}
 		mctx := ctx
 		if prop != nil {
 			mctx = prop.Extract(ctx, batch[j].Header)
@@ -216,9 +223,6 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 			if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
 				s.node.log.Warn("message rejected by the codec", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
 			}
-		}
-		if s.isDone() && j < len(batch)-1 {
-			return SubscriberGone, j + 1 // ended mid-batch: no further message reaches it
 		}
 	}
 	return status, len(batch)
