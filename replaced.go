@@ -52,7 +52,8 @@ import (
 // noteReplacedView records what p's heartbeat says of this node, which
 // heard a newer incarnation of its ID: replaced (p reports this node's view
 // with the newer one in its place) or not (p reports this node's own
-// view). Callers hold members.mu.
+// view, or p said replaced first and now reports another view: the reports
+// must run on for MemberTimeout). Callers hold members.mu.
 func (n *Node) noteReplacedView(p *peer) {
 	r := &n.members.replacedView
 	switch p.viewID {
@@ -62,6 +63,14 @@ func (n *Node) noteReplacedView(p *peer) {
 		}
 	case n.view().id:
 		r.since = time.Time{}
+	default:
+		// The peer that reported it replaced reports another view now
+		// (it dropped the newer one and does not hear this node, say):
+		// its old reports must not count towards a later newer one that
+		// beats once.
+		if p.m.ID == r.by {
+			r.since = time.Time{}
+		}
 	}
 }
 
@@ -79,8 +88,11 @@ func (n *Node) replacedForGood() (by string, newer uint64, ok bool) {
 	if !n.members.superseded.Load() {
 		r.since = time.Time{}
 	}
+	// The newer one must still beat (as peers tell a live member: within 2
+	// heartbeat intervals): one that crashed late in the wait is about to
+	// be dropped by the peers, which then take this node back.
 	heard := time.Since(time.Unix(0, n.members.supersededAt.Load()))
-	if r.since.IsZero() || time.Since(r.since) <= n.cfg.MemberTimeout || heard > n.cfg.MemberTimeout/2 {
+	if r.since.IsZero() || time.Since(r.since) <= n.cfg.MemberTimeout || heard >= 2*n.cfg.HeartbeatInterval {
 		return "", 0, false
 	}
 	return r.by, n.members.supersededBy.Load(), true
