@@ -36,17 +36,11 @@ func TestGroupMemberFailingTwoSharesIsListedOnce(t *testing.T) {
 			c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest(), pubsub.WithSubscriberTimeout(500*time.Millisecond))
 			topic := ownedBy(t, c.Nodes[1], "twice-failed")
 			runs := &memberRuns{ran: map[string][]string{}}
-			release := make(chan struct{})
-			var releaseOnce sync.Once
-			t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
-			_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
-				runs.record("X", m)
-				if string(m.Data) == "fill" {
-					<-release
-				}
-				return nil
-			}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
-			require.NoError(t, err)
+			subscribeHeldMember(t, c, topic, runs, nil)
+			yHeld := make(chan struct{})
+			var yOnce sync.Once
+			releaseY := func() { yOnce.Do(func() { close(yHeld) }) }
+			t.Cleanup(releaseY)
 			var yRuns atomic.Int32
 			y, err := c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
 				runs.record("Y", m)
@@ -56,7 +50,7 @@ func TestGroupMemberFailingTwoSharesIsListedOnce(t *testing.T) {
 				if yRuns.Add(1) == 1 && tc.want == pubsub.HandlerError {
 					return errors.New("refused")
 				}
-				<-release
+				<-yHeld
 				return nil
 			}, pubsub.WithGroup("g"))
 			require.NoError(t, err)
@@ -85,7 +79,7 @@ func TestGroupMemberFailingTwoSharesIsListedOnce(t *testing.T) {
 			if tc.want == pubsub.HandlerError {
 				// X's share did reach Y: it runs once Y is released (a timed
 				// out one is dropped from the mailbox).
-				releaseOnce.Do(func() { close(release) })
+				releaseY()
 				testcluster.WaitFor(t, 5*time.Second, func() bool { return yRuns.Load() == 2 }, "Y never got X's share")
 			}
 		})

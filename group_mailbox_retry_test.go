@@ -21,24 +21,12 @@ func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
 	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "mailbox-retry")
 	runs := &memberRuns{ran: map[string][]string{}}
-	release := make(chan struct{})
-	var releaseOnce sync.Once
-	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
-	_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
-		runs.record("X", m)
-		if string(m.Data) == "fill" {
-			<-release
-		}
-		return nil
-	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+	release := subscribeHeldMember(t, c, topic, runs, nil)
+	_, err := c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
 		runs.record("Y", m)
 		if string(m.Data) != "fill" {
 			// X's share re-routed here: X may drain now, before the retry.
-			releaseOnce.Do(func() { close(release) })
+			release()
 		}
 		return nil
 	}, pubsub.WithGroup("g"))
@@ -66,6 +54,32 @@ func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
 			t.Errorf("group ran %s %d times at %v; want at most once", m, len(got), got)
 		}
 	}
+}
+
+// subscribeHeldMember subscribes X, a member of topic's group g on node 2
+// with a mailbox of one batch: its handler records each message in runs and
+// holds each "fill" until release is called (at the test's cleanup at the
+// latest), then calls released if not nil.
+func subscribeHeldMember(t *testing.T, c *testcluster.Cluster, topic string, runs *memberRuns, released func()) (release func()) {
+	t.Helper()
+	held := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(held) }) }
+	t.Cleanup(release) // before the cluster's own cleanup, registered earlier
+	_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+		runs.record("X", m)
+		if string(m.Data) == "fill" {
+			<-held
+			if released != nil {
+				released()
+			}
+		}
+		return nil
+	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return release
 }
 
 // fillMailbox publishes 8 fills from node 0 to topic's group of X (whose

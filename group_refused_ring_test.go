@@ -40,22 +40,9 @@ func TestGroupRetryDoesNotRunARefusedShareAfterPlainPublishes(t *testing.T) {
 	hook.node = c.Nodes[2].ID() // read by OnHandled only once X subscribed below
 	topic := ownedBy(t, c.Nodes[1], "refused-ring")
 	runs := &memberRuns{ran: map[string][]string{}}
-	release := make(chan struct{})
-	var releaseOnce sync.Once
-	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
 	var xDone atomic.Int64
-	_, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
-		runs.record("X", m)
-		if string(m.Data) == "fill" {
-			<-release
-			xDone.Add(1)
-		}
-		return nil
-	}, pubsub.WithGroup("g"), pubsub.WithSubscriptionMailbox(1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
+	release := subscribeHeldMember(t, c, topic, runs, func() { xDone.Add(1) })
+	_, err := c.Nodes[0].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
 		runs.record("Y", m)
 		return nil
 	}, pubsub.WithGroup("g"))
@@ -103,7 +90,7 @@ func TestGroupRetryDoesNotRunARefusedShareAfterPlainPublishes(t *testing.T) {
 	}
 	// One message of each goes to X, whose mailbox is still full.
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return hook.full.Load() >= refused+plain }, "X refused %d plain shares, want %d", hook.full.Load()-refused, plain)
-	releaseOnce.Do(func() { close(release) })
+	release()
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return xDone.Load() >= 2 }, "X did not drain")
 	pollutedOnce.Do(func() { close(polluted) })
 
