@@ -2,6 +2,7 @@ package pubsub_test
 
 import (
 	"context"
+	"log/slog"
 	"strconv"
 	"testing"
 	"time"
@@ -18,7 +19,12 @@ import (
 // the views to converge.
 func heteroCluster(t *testing.T, opts [3][]pubsub.Option) *testcluster.Cluster {
 	t.Helper()
-	c := testcluster.New(t, 3, 0)
+	return heteroNodes(t, testcluster.New(t, 3, 0), opts)
+}
+
+// heteroNodes adds heteroCluster's nodes to c, a cluster of 3 servers.
+func heteroNodes(t *testing.T, c *testcluster.Cluster, opts [3][]pubsub.Option) *testcluster.Cluster {
+	t.Helper()
 	for i, id := range []string{"p", "o", "s"} {
 		c.AddNode(t, id, i, append(append([]pubsub.Option{}, fast...), opts[i]...)...)
 	}
@@ -94,20 +100,91 @@ func TestSubscriberNodeWithALongerSubscriberTimeoutThanTheOwner(t *testing.T) {
 // TestMixedPartitionPolicyKeepsTheMajorityThroughOneCrash: one node of three
 // runs KeepMajority, the others KeepServing (a rolling change of the
 // policy). After one KeepServing member crashes, the KeepMajority node
-// still sees 2 of 3 and should keep serving. It loses its quorum instead:
-// KeepServing members send no stable views in their heartbeats, so the
-// KeepMajority node never counts them as agreeing (fails 2 of 2; the same
-// crash with every node on KeepMajority keeps the quorum, 1 of 1); the publish is refused NOT_READY. Neither refused
-// at Join nor logged beyond "quorum changed".
+// still sees 2 of 3 and keeps serving. It lost its quorum instead (3 of 3
+// runs; the publish refused NOT_READY): KeepServing members sent no stable
+// views in their heartbeats, so it never counted them. Every node now
+// tracks and reports stable views; only KeepMajority ones act on them, and
+// a KeepServing node logs nothing about them.
 func TestMixedPartitionPolicyKeepsTheMajorityThroughOneCrash(t *testing.T) {
-	t.Skip("known defect: a KeepMajority node among KeepServing ones loses its quorum on one crash of three; needs KeepServing nodes to report views as KeepMajority ones do, or Join to refuse/log a mixed policy")
-	c := heteroCluster(t, [3][]pubsub.Option{nil, {pubsub.WithPartitionPolicy(pubsub.KeepMajority)}, nil})
+	logs := &syncBuffer{}
+	c := heteroCluster(t, [3][]pubsub.Option{{warnLogger(logs)}, {pubsub.WithPartitionPolicy(pubsub.KeepMajority)}, nil})
 	topic := topicOwnedByEveryView(t, c, "o")
 	rec := newRecorder()
 	subscribe(t, c.Nodes[0], topic, rec.handler)
+	lost := countQuorumLosses(t, []*pubsub.Node{c.Nodes[1]})
 	c.Crash(2)
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return !hasMember(c.Nodes[1], "s") }, "s still in o's view")
 	ack, err := c.Nodes[0].Publish(ctxT(t), topic, msg(0))
 	mustAccept(t, ack, err, 1)
 	require.True(t, c.Nodes[1].Stats().HasQuorum, "o sees 2 of 3 but has no quorum")
+	require.Zero(t, lost.Load(), "o lost its quorum on the way")
+	require.NotContains(t, logs.String(), "partition policy:", "the KeepServing node logged about stable views")
+}
+
+// TestMixedPartitionPolicyTwoKeepMajorityKeepTheMajorityThroughOneCrash:
+// the reverse stage of the rolling change, two nodes of three on
+// KeepMajority and one on KeepServing. When a KeepMajority member crashes,
+// the other counts the KeepServing one and keeps its quorum (it lost it
+// before the KeepServing node reported stable views).
+func TestMixedPartitionPolicyTwoKeepMajorityKeepTheMajorityThroughOneCrash(t *testing.T) {
+	km := pubsub.WithPartitionPolicy(pubsub.KeepMajority)
+	c := heteroCluster(t, [3][]pubsub.Option{{km}, {km}, nil})
+	topic := topicOwnedByEveryView(t, c, "o")
+	rec := newRecorder()
+	subscribe(t, c.Nodes[2], topic, rec.handler)
+	lost := countQuorumLosses(t, []*pubsub.Node{c.Nodes[1]})
+	c.Crash(0)
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return !hasMember(c.Nodes[1], "p") }, "p still in o's view")
+	ack, err := c.Nodes[2].Publish(ctxT(t), topic, msg(0))
+	mustAccept(t, ack, err, 1)
+	require.True(t, c.Nodes[1].Stats().HasQuorum, "o sees 2 of 3 but has no quorum")
+	require.Zero(t, lost.Load(), "o lost its quorum on the way")
+}
+
+// TestMixedPartitionPolicyKeepServingNodeIsolatedByARouteCut: the
+// KeepServing node "s" is cut off (every route of its server). It keeps
+// serving on its own (it owns every topic there, never NOT_READY, and logs
+// nothing about stable views), and the other side, whose KeepMajority
+// nodes count its KeepServing member, keeps serving too; after the heal
+// every node serves every topic.
+func TestMixedPartitionPolicyKeepServingNodeIsolatedByARouteCut(t *testing.T) {
+	km := pubsub.WithPartitionPolicy(pubsub.KeepMajority)
+	for _, tc := range []struct {
+		name string
+		p, o []pubsub.Option
+	}{
+		{"one KeepMajority", nil, []pubsub.Option{km}},
+		{"two KeepMajority", []pubsub.Option{km}, []pubsub.Option{km}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			logs := &syncBuffer{}
+			c := heteroNodes(t, testcluster.NewFaulty(t, 3, 0), [3][]pubsub.Option{tc.p, tc.o, {warnLogger(logs)}})
+			p, o, s := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+			oTopic, sTopic := topicOwnedByEveryView(t, c, "o"), topicOwnedByEveryView(t, c, "s")
+			rec := newRecorder()
+			for _, topic := range []string{oTopic, sTopic} {
+				subscribe(t, p, topic, rec.handler)
+				subscribe(t, s, topic, rec.handler)
+			}
+			lost := countQuorumLosses(t, []*pubsub.Node{p, o})
+			isolateServer(c, 2)
+			waitViews(t, []*pubsub.Node{p, o}, []*pubsub.Node{s})
+			for i, topic := range []string{oTopic, sTopic} {
+				ack, err := s.Publish(ctxT(t), topic, msg(i))
+				mustAccept(t, ack, err, 1) // s's own subscriber
+				ack, err = p.Publish(ctxT(t), topic, msg(i))
+				mustAccept(t, ack, err, 1) // p's
+			}
+			require.True(t, o.Stats().HasQuorum, "o sees 2 of 3 but has no quorum: %s", quorumOf(c.Nodes))
+			require.True(t, p.Stats().HasQuorum, "p: %s", quorumOf(c.Nodes))
+			require.Zero(t, lost.Load(), "the majority side lost its quorum")
+			healAndServe(t, c)
+			require.NotContains(t, logs.String(), "partition policy:", "the KeepServing node logged about stable views")
+		})
+	}
+}
+
+// warnLogger logs warnings and errors to logs.
+func warnLogger(logs *syncBuffer) pubsub.Option {
+	return pubsub.WithLogger(slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
 }

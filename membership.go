@@ -36,7 +36,7 @@ type membership struct {
 	supersededAt  atomic.Int64              // when a newer incarnation was last heard (unix ns)
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
 	viewPending   bool                      // joining: peers were added and joinView installs their view
-	quorum        quorum                    // KeepMajority's view of the partition
+	quorum        quorum                    // the stable views (every policy; KeepMajority acts on them)
 	left          map[incarnation]time.Time // members that left gracefully, recently: when last heard leaving
 	beatNow       chan struct{}             // the view changed: heartbeat early
 	// peerPayload is the smallest max_payload the peers that may own
@@ -171,7 +171,7 @@ type peer struct {
 	// toldStale: when an older incarnation of its ID, still running, was
 	// last told that this one replaced it (replaced.go).
 	toldStale time.Time
-	// The peer's stable view as last reported (KeepMajority only); stable
+	// The peer's stable view as last reported (any policy); stable
 	// and stablePrev hold the members the heartbeat listed, if any.
 	stableEpoch, stableID uint64
 	stableConfirmed       bool

@@ -30,8 +30,13 @@ func (p PartitionPolicy) String() string {
 	return enumName(p, "PartitionPolicy", "keep-serving", "keep-majority")
 }
 
-// quorum tracks, under KeepMajority, the last stable view and whether this
-// node sees a majority of it.
+// quorum tracks the last stable view and whether this node sees a majority
+// of it. Every node tracks it and reports it in its heartbeats, whatever its
+// policy; only a KeepMajority node acts on it (servesAsOwner, QuorumChanged).
+// A KeepServing node that tracked nothing sent no stable views, and a
+// KeepMajority node among KeepServing ones (a rolling change of the policy)
+// lost its majority when one member of three crashed: it counted only
+// members reporting its stable view.
 //
 // Stable views are agreed on, not adopted per node. Each has an epoch, and
 // every heartbeat reports the sender's (epoch, view ID). A node counts a
@@ -66,9 +71,6 @@ type quorum struct {
 // at epoch 0, unless the members report a later one it can adopt. A fresh
 // cluster counts at epoch 0 until its first agreement moves it to 1.
 func (n *Node) startQuorum() {
-	if n.cfg.PartitionPolicy != KeepMajority {
-		return
-	}
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	// Disagreements between views count (disagreesLong) from now on: a
@@ -100,13 +102,13 @@ func (n *Node) startQuorum() {
 // view the next stable one. Callers hold members.mu.
 func (n *Node) updateQuorum(agree bool) {
 	q := &n.members.quorum
-	if n.cfg.PartitionPolicy != KeepMajority || q.stable == nil {
+	if q.stable == nil {
 		return
 	}
 	cur := n.view()
 	has := n.evaluateQuorum(cur, agree)
-	if q.has.Swap(has) == has {
-		return
+	if q.has.Swap(has) == has || n.cfg.PartitionPolicy != KeepMajority {
+		return // KeepServing serves either way: nothing to tell
 	}
 	n.log.Warn("partition policy: quorum changed", "has_quorum", has, "members", len(cur.members), "stable", len(q.stable.members), "epoch", q.epoch)
 	emit(n.events, QuorumChanged{HasQuorum: has, Members: len(cur.members), Stable: len(q.stable.members)})
@@ -273,7 +275,7 @@ func (n *Node) disagreesLong(p *peer, cur *view) bool {
 func (n *Node) forgetLeaver(id string, hb *wire.Heartbeat) {
 	q := &n.members.quorum
 	st := q.stable
-	if n.cfg.PartitionPolicy != KeepMajority || st == nil || q.epoch+1 >= maxStableEpoch {
+	if st == nil || q.epoch+1 >= maxStableEpoch {
 		return
 	}
 	serving := q.has.Load() && q.confirmed
@@ -305,7 +307,7 @@ func (n *Node) forgetLeaver(id string, hb *wire.Heartbeat) {
 // other members is in sight. Callers hold members.mu.
 func (n *Node) handOver() {
 	q := &n.members.quorum
-	if n.cfg.PartitionPolicy != KeepMajority || q.stable == nil || !q.has.Load() || !q.confirmed || q.epoch+1 >= maxStableEpoch {
+	if q.stable == nil || !q.has.Load() || !q.confirmed || q.epoch+1 >= maxStableEpoch {
 		return
 	}
 	if _, ok := q.stable.member(n.self.ID); !ok {
@@ -320,8 +322,10 @@ func (n *Node) handOver() {
 	}
 	if len(next.members) == 0 {
 		// Alone and serving: nobody hears the LEAVE, which then stops the
-		// service as a crash of this node would.
-		n.log.Warn("partition policy: leaving alone with the majority; the others stop serving until this node's ID returns or they are restarted", "stable", len(q.stable.members))
+		// service as a crash of this node would (under KeepMajority).
+		if n.cfg.PartitionPolicy == KeepMajority {
+			n.log.Warn("partition policy: leaving alone with the majority; the others stop serving until this node's ID returns or they are restarted", "stable", len(q.stable.members))
+		}
 		return
 	}
 	q.leave.Store(&stableReport{epoch: q.epoch + 1, id: next.id, members: next.refs(), prev: q.stable.refs(), prevID: q.stable.id})

@@ -9,11 +9,15 @@ import (
 // Settings the members of a cluster must agree on, and nothing else checks:
 // a node whose heartbeats come further apart than half a peer's
 // MemberTimeout drops out of that peer's view over and over (its topics
-// moving each time), and a KeepMajority node among KeepServing ones never
-// sees their stable views, so it loses its majority when one member
-// crashes. Heartbeats carry both settings; a node that hears a peer
-// disagree with its own logs a warning (throttled), once per change of
-// what that peer says.
+// moving each time), and with mixed partition policies a partition is
+// handled by each node's own: KeepServing nodes serve on every side, also
+// where the KeepMajority ones stop. (The majority itself survives a mixed
+// cluster: every node reports its stable views, whatever its policy, so a
+// KeepMajority node counts KeepServing members as it counts its own kind,
+// and a rolling change of the policy keeps it through one crash of three:
+// TestMixedPartitionPolicy*.) Heartbeats carry both settings; a node that
+// hears a peer disagree with its own logs a warning (throttled), once per
+// change of what that peer says.
 
 // peerSettings is what a peer's heartbeats last said of its settings.
 type peerSettings struct {
@@ -57,7 +61,7 @@ func (n *Node) checkSettings(p *peer, ref *wire.MemberRef) {
 	}
 	if policy {
 		if ok, held := n.log.limit.allow("members/settings/policy"); ok {
-			n.log.Warn("member runs another PartitionPolicy: every member must run the same one (a KeepMajority node does not count KeepServing members towards its majority)",
+			n.log.Warn("member runs another PartitionPolicy: every member must run the same one (a KeepServing member keeps serving on a side where KeepMajority ones stop)",
 				"member", p.m.ID, "its_policy", PartitionPolicy(said.policy-1), "policy", n.cfg.PartitionPolicy, "suppressed", held)
 		}
 	}

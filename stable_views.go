@@ -9,7 +9,7 @@ import (
 	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
-// KeepMajority's stable views travel in heartbeats: what a node reports,
+// Stable views travel in heartbeats (every node's, whatever its policy): what a node reports,
 // what it records of its peers' reports, and when it adopts one of theirs.
 // The rules are in the comment on quorum (partition.go) and in INTERNALS.
 
@@ -68,7 +68,7 @@ const maxStableEpoch = 1 << 62
 // noteStable records the stable view a heartbeat from p reports, and
 // re-evaluates the quorum when it changed. Callers hold members.mu.
 func (n *Node) noteStable(p *peer, hb *wire.Heartbeat) {
-	if n.cfg.PartitionPolicy != KeepMajority || hb.GetStableEpoch() >= maxStableEpoch {
+	if hb.GetStableEpoch() >= maxStableEpoch {
 		return
 	}
 	epoch, id, confirmed := hb.GetStableEpoch(), hb.GetStableId(), hb.GetStableConfirmed()

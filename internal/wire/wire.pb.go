@@ -561,10 +561,11 @@ type Heartbeat struct {
 	ViewId uint64                 `protobuf:"varint,3,opt,name=view_id,json=viewId,proto3" json:"view_id,omitempty"`
 	// members is the sender's view (set on JOIN_REPLY).
 	Members []*MemberRef `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`
-	// The sender's last stable view, under the KeepMajority partition policy
-	// only: stable_epoch numbers the stable views the cluster agreed on (0
-	// until the first), stable_id hashes its members, and stable_members
-	// lists them when they are not the sender's current view (view_id).
+	// The sender's last stable view, whatever its partition policy (only
+	// KeepMajority acts on it): stable_epoch numbers the stable views the
+	// cluster agreed on (0 until the first), stable_id hashes its members,
+	// and stable_members lists them when they are not the sender's current
+	// view (view_id).
 	StableEpoch   uint64       `protobuf:"varint,5,opt,name=stable_epoch,json=stableEpoch,proto3" json:"stable_epoch,omitempty"`
 	StableId      uint64       `protobuf:"varint,6,opt,name=stable_id,json=stableId,proto3" json:"stable_id,omitempty"`
 	StableMembers []*MemberRef `protobuf:"bytes,7,rep,name=stable_members,json=stableMembers,proto3" json:"stable_members,omitempty"`
