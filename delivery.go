@@ -59,7 +59,8 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		timeout = min(timeout, time.Duration(ms)*time.Millisecond)
 	}
 	if !d.GetReroute() {
-		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), atLeastOnce: d.GetAtLeastOnce()}
+		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), atLeastOnce: d.GetAtLeastOnce(),
+			split: splitChunk{id: d.GetSplitId(), index: d.GetSplitChunk()}}
 		msgs.seq = batchSeq{owner: d.GetOwner().GetNodeId(), inc: d.GetOwner().GetIncarnation(), seq: d.GetSeq()}
 	} else if d.GetProducer() != "" {
 		// A re-routed share is taken whatever batches its member already

@@ -336,6 +336,7 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	if *head == nil {
 		*head, _ = proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: a.topic, Seq: msgs.seq.seq,
 			Count: uint32(msgs.len()), AtLeastOnce: atLeastOnce, Producer: msgs.origin.producer, ProducerSeq: msgs.origin.seq,
+			SplitId: msgs.origin.split.id, SplitChunk: msgs.origin.split.index,
 			Publisher: msgs.publisher, SubscriberTimeoutMs: timeoutMillis(n.cfg.SubscriberTimeout)})
 	}
 	data.head = *head

@@ -40,9 +40,9 @@ func isNilPointer(v any) bool {
 // map already holding limit entries first makes it forget an arbitrary
 // one: what maps keyed by names from the wire (producers, nodes) give up
 // to stay bounded.
-func boundedPut[V any](m map[string]V, key string, v V, limit int) map[string]V {
+func boundedPut[K comparable, V any](m map[K]V, key K, v V, limit int) map[K]V {
 	if m == nil {
-		m = make(map[string]V)
+		m = make(map[K]V)
 	}
 	if _, known := m[key]; !known && len(m) >= limit {
 		for k := range m {

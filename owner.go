@@ -156,7 +156,8 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 	if ms := req.GetAnswerWithinMs(); ms > 0 {
 		msgs.answerBy = time.Now().Add(time.Duration(ms) * time.Millisecond)
 	}
-	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled()}
+	msgs.origin = batchOrigin{producer: req.GetProducer(), seq: req.GetProducerSeq(), prev: req.GetProducerPrev(), settled: req.GetProducerSettled(),
+		split: splitChunk{id: req.GetSplitId(), index: req.GetSplitChunk()}}
 	if msgs.level != AckDelivered {
 		if !n.publishEarly(topic, msgs, reply) {
 			n.refuse(topic, reply, msgs.count)

@@ -272,6 +272,7 @@ func (r *publishRequest) encode(v *view, buf []byte) []byte {
 	r.origin.refresh()
 	r.wire.ViewId, r.wire.Producer, r.wire.ProducerSeq = v.id, r.origin.producer, r.origin.seq
 	r.wire.ProducerPrev, r.wire.ProducerSettled = r.origin.prev, r.origin.settled
+	r.wire.SplitId, r.wire.SplitChunk = r.origin.split.id, r.origin.split.index
 	r.wire.AnswerWithinMs = uint32(min(r.answerWithin().Milliseconds(), math.MaxUint32))
 	if r.run != nil {
 		return wire.AppendPublishPacked(buf, r.wire, r.run) // packed already: an outbox's run

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -114,6 +115,20 @@ type batchOrigin struct {
 	// atLeastOnce, on a delivery: the topic is AtLeastOnce, so a group
 	// member runs a retried batch's new share rather than drop it.
 	atLeastOnce bool
+	// split names a chunk of a batch split into several requests; zero
+	// for a batch sent whole. It stays the same across a chunk's attempts.
+	split splitChunk
+}
+
+// splitChunk is chunk index of the split batch id (random, not 0).
+// Subscribers run a split batch's chunks from the first, in order, and
+// none after one they did not run (subscription_run.go: splitGate): the
+// publisher's skip list tells the owner only of failures answered before
+// the next chunk leaves, and an answer at the publisher's deadline
+// (answer_by.go) leaves a slow subscriber's outcome to come.
+type splitChunk struct {
+	id    uint64
+	index uint32
 }
 
 // chunk names chunk i of a batch split for size; chunks keep the order.
@@ -208,6 +223,10 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 	if o.settled == nil || split {
 		origin.prev = 0 // split batches are not held back: their chunks go one by one
 	}
+	var splitID uint64
+	if split {
+		splitID = rand.Uint64() | 1
+	}
 	for i, run := range chunks(batch, limit, split) {
 		var sig func() // only the last chunk fixes the batch's place
 		if run.end == count {
@@ -215,7 +234,11 @@ func (n *Node) publishLevel(ctx context.Context, topic string, batch msgBatch, o
 		}
 		// A quarter of the room MaxMessageSize leaves for the envelope.
 		skip := total.skip((n.maxPayload() - limit) / 4)
-		ans, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, origin.chunk(i), split, o.level, skip)
+		chunk := origin.chunk(i)
+		if split {
+			chunk.split = splitChunk{id: splitID, index: uint32(i)}
+		}
+		ans, err := n.publishChunk(ctx, topic, batch.slice(run.start, run.end), sig, chunk, split, o.level, skip)
 		if err != nil && i > 0 && !errors.Is(err, ErrTimeout) {
 			// Earlier chunks were delivered: the batch was not "not taken".
 			err = fmt.Errorf("%w: chunk %d failed after earlier chunks of the batch were accepted: %v", ErrTimeout, i, err)
@@ -258,7 +281,7 @@ func (p *publisherSide) init(node, tag string) {
 func (p *publisherSide) numberAttempt(topic string, origin *batchOrigin) (release func()) {
 	stripe := &p.order[fnvString(fnvOffset, topic)%uint64(len(p.order))]
 	stripe.Lock()
-	*origin = batchOrigin{producer: p.key, seq: p.seq.Add(1)}
+	*origin = batchOrigin{producer: p.key, seq: p.seq.Add(1), split: origin.split}
 	return sync.OnceFunc(stripe.Unlock)
 }
 

@@ -85,6 +85,10 @@ type Subscription struct {
 	// refused holds the producer batches whose share a full mailbox
 	// refused (group members only), to refuse a retry's copy too.
 	refused refusedShares
+	// splits holds, per split batch, the last chunk that reached the
+	// handler's turn and its outcome (splitGate); only the mailbox's work
+	// touches it.
+	splits map[uint64]splitMark
 
 	once sync.Once
 	done chan struct{}

@@ -23,6 +23,9 @@ type decidedOutcome struct {
 // messages in order and stops at the first error.
 func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int, queued time.Time) {
 	if ctx.Err() != nil {
+		if !s.isDone() { // a batch released by the end runs beside the mailbox: no state
+			s.noteSplit(origin.split, Timeout)
+		}
 		s.node.handled(s.topic, s.id, len(batch), Timeout, sinceHookClock(queued), 0)
 		return // already reported as Timeout
 	}
@@ -88,7 +91,11 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	}
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
 	started := hookClock(s.node.hooks.handled)
-	st, processed := s.run(ctx, batch)
+	st, processed, run := s.splitGate(origin.split)
+	if run {
+		st, processed = s.run(ctx, batch)
+	}
+	s.noteSplit(origin.split, st)
 	ran := sinceHookClock(started) // 0, and no clock read, without hooks
 	if seq.seq != 0 {
 		s.lastStatus = st
@@ -109,7 +116,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	} else {
 		t.set(i, st)
 	}
-	if !started.IsZero() {
+	if !started.IsZero() && (run || st == OutOfOrder) { // not a chunk's outcome told again
 		// After the report, so a slow hook cannot turn the outcome into a
 		// Timeout, and with the status the owner got (Timeout when the
 		// deadline came first, whatever the handler did after).
@@ -226,6 +233,58 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 		}
 	}
 	return status, len(batch)
+}
+
+// splitMark is the last chunk of a split batch a subscription came to, and
+// its outcome.
+type splitMark struct {
+	index  uint32
+	status DeliveryStatus
+}
+
+// maxTrackedSplits bounds the split batches a subscription keeps the last
+// chunk of: several publishers' split batches can be under way at once.
+const maxTrackedSplits = 64
+
+// splitGate decides whether chunk c of a split batch runs: a broadcast
+// subscriber runs a split batch's chunks from the first, in order, and
+// none after one it did not run. The publisher skips a subscriber that
+// failed a chunk only when the failure was answered before the next chunk
+// left; one answered at the publisher's deadline (its outcome still to
+// come) or held up on its way is still sent the next chunk, which must not
+// run after a gap. The same chunk again (an attempt retried after its
+// answer was lost) gets its outcome, not a second run. A chunk that does
+// not run is OutOfOrder: not the subscriber's failure (no eviction
+// strike), and the publisher's merged ack keeps the failure of the chunk
+// it missed. A group member's shares of the chunks are independent: not
+// gated.
+func (s *Subscription) splitGate(c splitChunk) (status DeliveryStatus, processed int, run bool) {
+	if c.id == 0 || s.id.Group() != "" {
+		return 0, 0, true
+	}
+	last, seen := s.splits[c.id]
+	switch {
+	case !seen:
+		// Its first chunk, or it subscribed after the earlier ones left
+		// (it gets the rest, not counted as delivered: chunkAcks).
+		return 0, 0, true
+	case last.index == c.index:
+		return last.status, 0, false
+	case last.index+1 == c.index && (last.status == Delivered || last.status == DecodeError):
+		return 0, 0, true
+	}
+	return OutOfOrder, 0, false
+}
+
+// noteSplit records chunk c's outcome at a broadcast subscriber.
+func (s *Subscription) noteSplit(c splitChunk, st DeliveryStatus) {
+	if c.id == 0 || s.id.Group() != "" {
+		return
+	}
+	if last, seen := s.splits[c.id]; seen && last.index > c.index {
+		return // an older chunk, late: the later one's outcome stands
+	}
+	s.splits = boundedPut(s.splits, c.id, splitMark{index: c.index, status: st}, maxTrackedSplits)
 }
 
 // maxTrackedProducers bounds the producers (BatchingProducers and the

@@ -45,3 +45,49 @@ func TestRunHandsNoMessageAfterTheSubscriptionEnded(t *testing.T) {
 		})
 	}
 }
+
+// splitGate runs a broadcast subscriber's chunks of a split batch in order
+// from the first it gets, none after one it did not run, and answers a
+// chunk seen before with its outcome; a group member's are not gated.
+func TestSplitGate(t *testing.T) {
+	type step struct {
+		chunk  uint32
+		run    bool           // the gate lets it run
+		status DeliveryStatus // what it ran to, or what the gate answers
+	}
+	for _, tc := range []struct {
+		name  string
+		local string
+		steps []step
+	}{
+		{name: "in order", local: "s", steps: []step{{0, true, Delivered}, {1, true, Delivered}, {2, true, Delivered}}},
+		{name: "after a failed chunk", local: "s", steps: []step{{0, true, HandlerError}, {1, false, OutOfOrder}, {2, false, OutOfOrder}}},
+		{name: "after a timed out chunk", local: "s", steps: []step{{0, true, Delivered}, {1, true, Timeout}, {2, false, OutOfOrder}}},
+		{name: "after a gap", local: "s", steps: []step{{0, true, Delivered}, {2, false, OutOfOrder}, {3, false, OutOfOrder}}},
+		{name: "the same chunk again", local: "s", steps: []step{{0, true, Delivered}, {0, false, Delivered}, {1, true, Delivered}}},
+		{name: "subscribed between chunks", local: "s", steps: []step{{2, true, Delivered}, {3, true, Delivered}}},
+		{name: "a group member", local: "s@g", steps: []step{{0, true, HandlerError}, {2, true, Delivered}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &Subscription{id: SubscriberID{Node: "n", Local: tc.local}}
+			for _, st := range tc.steps {
+				c := splitChunk{id: 7, index: st.chunk}
+				got, _, run := s.splitGate(c)
+				assert.Equal(t, st.run, run, "chunk %d", st.chunk)
+				if run {
+					got = st.status
+				} else {
+					assert.Equal(t, st.status, got, "chunk %d", st.chunk)
+				}
+				s.noteSplit(c, got)
+			}
+		})
+	}
+	t.Run("a batch sent whole", func(t *testing.T) {
+		s := &Subscription{id: SubscriberID{Node: "n", Local: "s"}}
+		_, _, run := s.splitGate(splitChunk{})
+		assert.True(t, run)
+		s.noteSplit(splitChunk{}, HandlerError)
+		assert.Empty(t, s.splits)
+	})
+}

@@ -134,6 +134,10 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.ProducerPrev = v
 		case publishSettled:
 			p.ProducerSettled = v
+		case publishSplitID:
+			p.SplitId = v
+		case publishSplitChunk:
+			p.SplitChunk = uint32(v)
 		case publishSkip:
 			if len(p.Skip) >= MaxSkip {
 				return nil // a forged list costs no more than MaxSkip entries
@@ -181,6 +185,10 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.ProducerSeq = v
 		case deliverSubTimeout:
 			d.SubscriberTimeoutMs = uint32(v)
+		case deliverSplitID:
+			d.SplitId = v
+		case deliverSplitChunk:
+			d.SplitChunk = uint32(v)
 		}
 		return err
 	})

@@ -15,12 +15,12 @@ func TestDecodeAgreesWithProto(t *testing.T) {
 	packed := Pack(nil, [][]byte{[]byte("one"), []byte("two")})
 	common, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{
 		Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 7, Packed: packed, Count: 2, AtLeastOnce: true,
-		Producer: "p1", ProducerSeq: 42}}})
+		Producer: "p1", ProducerSeq: 42, SplitId: 1<<63 | 5, SplitChunk: 3}}})
 	suffix, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Subscribers: []string{"a", "b"},
 		Shares: []*Share{{Subscriber: "c@g", Indices: []uint32{0, 2}}, {Subscriber: "d@g", Indices: []uint32{1}}}}}})
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{
 		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2,
-		Producer: "p1", ProducerSeq: 43, Skip: []*Failure{{Node: "n3", Local: "s1"}, {Node: "n4", Local: "s2"}}}}})
+		Producer: "p1", ProducerSeq: 43, SplitId: 1<<63 | 5, SplitChunk: 4, Skip: []*Failure{{Node: "n3", Local: "s1"}, {Node: "n4", Local: "s2"}}}}})
 	hb, _ := proto.Marshal(&Envelope{Body: &Envelope_Heartbeat{Heartbeat: &Heartbeat{From: &MemberRef{NodeId: "x"}}}})
 	for name, data := range map[string][]byte{
 		"deliver": append(append([]byte{}, common...), suffix...),
@@ -140,9 +140,9 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
 		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel,
-		"skip": publishSkip, "answer_within_ms": publishAnswerWithin})
+		"skip": publishSkip, "answer_within_ms": publishAnswerWithin, "split_id": publishSplitID, "split_chunk": publishSplitChunk})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,
-		"reroute": deliverReroute, "subscriber_timeout_ms": deliverSubTimeout})
+		"reroute": deliverReroute, "subscriber_timeout_ms": deliverSubTimeout, "split_id": deliverSplitID, "split_chunk": deliverSplitChunk})
 }

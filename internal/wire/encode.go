@@ -30,6 +30,8 @@ const (
 	publishAckLevel     protowire.Number = 13
 	publishSkip         protowire.Number = 14
 	publishAnswerWithin protowire.Number = 15
+	publishSplitID      protowire.Number = 16
+	publishSplitChunk   protowire.Number = 17
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2
@@ -45,6 +47,8 @@ const (
 	deliverShares      protowire.Number = 13
 	deliverReroute     protowire.Number = 14
 	deliverSubTimeout  protowire.Number = 15
+	deliverSplitID     protowire.Number = 16
+	deliverSplitChunk  protowire.Number = 17
 )
 
 // MaxSkip bounds PublishRequest.skip: a publisher names at most this many

@@ -813,8 +813,14 @@ type PublishRequest struct {
 	// is answered just before, with the subscribers not yet reported listed
 	// as Timeout; their delivery goes on.
 	AnswerWithinMs uint32 `protobuf:"varint,15,opt,name=answer_within_ms,json=answerWithinMs,proto3" json:"answer_within_ms,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// split_id and split_chunk: a chunk of a batch split into several
+	// requests (split_id, random and not 0, names the batch; split_chunk is
+	// this chunk's index). Subscribers run a split batch's chunks from the
+	// first, in order, and none after one they did not run.
+	SplitId       uint64 `protobuf:"varint,16,opt,name=split_id,json=splitId,proto3" json:"split_id,omitempty"`
+	SplitChunk    uint32 `protobuf:"varint,17,opt,name=split_chunk,json=splitChunk,proto3" json:"split_chunk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PublishRequest) Reset() {
@@ -941,6 +947,20 @@ func (x *PublishRequest) GetSkip() []*Failure {
 func (x *PublishRequest) GetAnswerWithinMs() uint32 {
 	if x != nil {
 		return x.AnswerWithinMs
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetSplitId() uint64 {
+	if x != nil {
+		return x.SplitId
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetSplitChunk() uint32 {
+	if x != nil {
+		return x.SplitChunk
 	}
 	return 0
 }
@@ -1209,8 +1229,11 @@ type DeliverBatch struct {
 	// RequestTimeout/2) is shorter than the node's own SubscriberTimeout.
 	// 0: not said (an owner from before this field); the node's own applies.
 	SubscriberTimeoutMs uint32 `protobuf:"varint,15,opt,name=subscriber_timeout_ms,json=subscriberTimeoutMs,proto3" json:"subscriber_timeout_ms,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// split_id and split_chunk: as in PublishRequest, from the publisher.
+	SplitId       uint64 `protobuf:"varint,16,opt,name=split_id,json=splitId,proto3" json:"split_id,omitempty"`
+	SplitChunk    uint32 `protobuf:"varint,17,opt,name=split_chunk,json=splitChunk,proto3" json:"split_chunk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeliverBatch) Reset() {
@@ -1337,6 +1360,20 @@ func (x *DeliverBatch) GetAtLeastOnce() bool {
 func (x *DeliverBatch) GetSubscriberTimeoutMs() uint32 {
 	if x != nil {
 		return x.SubscriberTimeoutMs
+	}
+	return 0
+}
+
+func (x *DeliverBatch) GetSplitId() uint64 {
+	if x != nil {
+		return x.SplitId
+	}
+	return 0
+}
+
+func (x *DeliverBatch) GetSplitChunk() uint32 {
+	if x != nil {
+		return x.SplitChunk
 	}
 	return 0
 }
@@ -1826,7 +1863,7 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xf3\x03\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xaf\x04\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1843,7 +1880,10 @@ const file_wire_proto_rawDesc = "" +
 	"\bproducer\x18\a \x01(\tR\bproducer\x12!\n" +
 	"\fproducer_seq\x18\b \x01(\x04R\vproducerSeq\x12/\n" +
 	"\x04skip\x18\x0e \x03(\v2\x1b.clusterpubsub.wire.FailureR\x04skip\x12(\n" +
-	"\x10answer_within_ms\x18\x0f \x01(\rR\x0eanswerWithinMsJ\x04\b\x04\x10\x05\"^\n" +
+	"\x10answer_within_ms\x18\x0f \x01(\rR\x0eanswerWithinMs\x12\x19\n" +
+	"\bsplit_id\x18\x10 \x01(\x04R\asplitId\x12\x1f\n" +
+	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
+	"splitChunkJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\x12\x12\n" +
@@ -1863,7 +1903,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xe4\x03\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xa0\x04\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1880,7 +1920,10 @@ const file_wire_proto_rawDesc = "" +
 	"\fproducer_seq\x18\n" +
 	" \x01(\x04R\vproducerSeq\x12\"\n" +
 	"\rat_least_once\x18\x06 \x01(\bR\vatLeastOnce\x122\n" +
-	"\x15subscriber_timeout_ms\x18\x0f \x01(\rR\x13subscriberTimeoutMsJ\x04\b\x05\x10\x06\"A\n" +
+	"\x15subscriber_timeout_ms\x18\x0f \x01(\rR\x13subscriberTimeoutMs\x12\x19\n" +
+	"\bsplit_id\x18\x10 \x01(\x04R\asplitId\x12\x1f\n" +
+	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
+	"splitChunkJ\x04\b\x05\x10\x06\"A\n" +
 	"\x05Share\x12\x1e\n" +
 	"\n" +
 	"subscriber\x18\x01 \x01(\tR\n" +
