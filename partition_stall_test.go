@@ -27,9 +27,10 @@ import (
 // either. Unforced the fork came in 1 run of 15; here, where n0's
 // heartbeats are held back while it advances, in every round. A stranded
 // node now takes a sibling change when it and the sibling's reporters are
-// a majority of both views.
+// a majority of both views. One round: the fork is forced in each (three
+// ran here until stop 28, 12 s of the suite's time).
 func TestKeepMajorityLeaveBesideAnAdvanceConverges(t *testing.T) {
-	for round := range 3 {
+	for round := range 1 {
 		t.Run(fmt.Sprint(round), func(t *testing.T) {
 			c := testcluster.NewFaulty(t, 2, 5, keepMajorityOpts()...)
 			c.WaitConverged(t, 10*time.Second)
