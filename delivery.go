@@ -222,6 +222,8 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 		if member && s.refused.has(origin) || !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
 			if member {
 				s.refused.note(origin)
+			} else {
+				s.noteRefusedSplit(origin.split)
 			}
 			t.set(i, MailboxFull)
 			if len(n.hooks.handled) != 0 {

@@ -89,6 +89,11 @@ type Subscription struct {
 	// handler's turn and its outcome (splitGate); only the mailbox's work
 	// touches it.
 	splits map[uint64]splitMark
+	// refusedSplits holds, per split batch, the first chunk a full mailbox
+	// refused this broadcast subscriber: refused where it is delivered, it
+	// never reaches splitGate. Guarded by splitsMu.
+	splitsMu      sync.Mutex
+	refusedSplits map[uint64]uint32
 
 	once sync.Once
 	done chan struct{}

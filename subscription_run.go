@@ -264,6 +264,10 @@ func (s *Subscription) splitGate(c splitChunk) (status DeliveryStatus, processed
 	}
 	last, seen := s.splits[c.id]
 	switch {
+	case s.refusedBefore(c, last, seen):
+		// An earlier chunk its full mailbox refused, answered at the
+		// publisher's deadline before its node reported: a gap.
+		return OutOfOrder, 0, false
 	case !seen:
 		// Its first chunk, or it subscribed after the earlier ones left
 		// (it gets the rest, not counted as delivered: chunkAcks).
@@ -274,6 +278,31 @@ func (s *Subscription) splitGate(c splitChunk) (status DeliveryStatus, processed
 		return 0, 0, true
 	}
 	return OutOfOrder, 0, false
+}
+
+// noteRefusedSplit records that a full mailbox refused chunk c (a
+// broadcast subscriber's, before its mailbox ever saw it): without it,
+// splitGate took a later chunk for the first this subscriber got.
+func (s *Subscription) noteRefusedSplit(c splitChunk) {
+	if c.id == 0 || s.id.Group() != "" {
+		return
+	}
+	s.splitsMu.Lock()
+	defer s.splitsMu.Unlock()
+	if first, ok := s.refusedSplits[c.id]; ok && first <= c.index {
+		return
+	}
+	s.refusedSplits = boundedPut(s.refusedSplits, c.id, c.index, maxTrackedSplits)
+}
+
+// refusedBefore reports whether a full mailbox refused a chunk of c's
+// batch before c that this subscription has not run since (last, seen:
+// its mark of the batch).
+func (s *Subscription) refusedBefore(c splitChunk, last splitMark, seen bool) bool {
+	s.splitsMu.Lock()
+	first, ok := s.refusedSplits[c.id]
+	s.splitsMu.Unlock()
+	return ok && first < c.index && (!seen || last.index < first)
 }
 
 // noteSplit records chunk c's outcome at a broadcast subscriber.

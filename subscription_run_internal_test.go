@@ -91,3 +91,45 @@ func TestSplitGate(t *testing.T) {
 		assert.Empty(t, s.splits)
 	})
 }
+
+// A chunk a full mailbox refused never reaches splitGate: the gate still
+// runs no later chunk of its batch, unless the refused chunk ran after all
+// (its retry).
+func TestSplitGateAfterARefusedChunk(t *testing.T) {
+	const refused = DeliveryStatus(255) // a step the mailbox refused
+	type step struct {
+		chunk  uint32
+		run    bool
+		status DeliveryStatus
+	}
+	for _, tc := range []struct {
+		name  string
+		local string
+		steps []step
+	}{
+		{name: "the first chunk", local: "s", steps: []step{{0, false, refused}, {1, false, OutOfOrder}, {2, false, OutOfOrder}}},
+		{name: "a later chunk", local: "s", steps: []step{{0, true, Delivered}, {1, false, refused}, {2, false, OutOfOrder}}},
+		{name: "run on its retry", local: "s", steps: []step{{0, false, refused}, {0, true, Delivered}, {1, true, Delivered}}},
+		{name: "refused while an earlier one waits", local: "s", steps: []step{{1, false, refused}, {0, true, Delivered}, {2, false, OutOfOrder}}},
+		{name: "a group member", local: "s@g", steps: []step{{0, false, refused}, {1, true, Delivered}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &Subscription{id: SubscriberID{Node: "n", Local: tc.local}}
+			for _, st := range tc.steps {
+				c := splitChunk{id: 7, index: st.chunk}
+				if st.status == refused {
+					s.noteRefusedSplit(c)
+					continue
+				}
+				got, _, run := s.splitGate(c)
+				assert.Equal(t, st.run, run, "chunk %d", st.chunk)
+				if run {
+					got = st.status
+				} else {
+					assert.Equal(t, st.status, got, "chunk %d", st.chunk)
+				}
+				s.noteSplit(c, got)
+			}
+		})
+	}
+}
