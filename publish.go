@@ -122,7 +122,7 @@ type batchOrigin struct {
 
 // splitChunk is chunk index of the split batch id (random, not 0).
 // Subscribers run a split batch's chunks from the first, in order, and
-// none after one they did not run (subscription_run.go: splitGate): the
+// none after one they did not run (split_chain.go: splitGate): the
 // publisher's skip list tells the owner only of failures answered before
 // the next chunk leaves, and an answer at the publisher's deadline
 // (answer_by.go) leaves a slow subscriber's outcome to come.

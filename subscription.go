@@ -85,15 +85,8 @@ type Subscription struct {
 	// refused holds the producer batches whose share a full mailbox
 	// refused (group members only), to refuse a retry's copy too.
 	refused refusedShares
-	// splits holds, per split batch, the last chunk that reached the
-	// handler's turn and its outcome (splitGate); only the mailbox's work
-	// touches it.
-	splits map[uint64]splitMark
-	// refusedSplits holds, per split batch, the first chunk a full mailbox
-	// refused this broadcast subscriber: refused where it is delivered, it
-	// never reaches splitGate. Guarded by splitsMu.
-	splitsMu      sync.Mutex
-	refusedSplits map[uint64]uint32
+	// split: the chunks of split batches that reached it (split_chain.go).
+	split splitChain
 
 	once sync.Once
 	done chan struct{}

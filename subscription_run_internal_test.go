@@ -88,7 +88,7 @@ func TestSplitGate(t *testing.T) {
 		_, _, run := s.splitGate(splitChunk{})
 		assert.True(t, run)
 		s.noteSplit(splitChunk{}, HandlerError)
-		assert.Empty(t, s.splits)
+		assert.Empty(t, s.split.marks)
 	})
 }
 
