@@ -120,7 +120,7 @@ type batchOrigin struct {
 	split splitChunk
 }
 
-// splitChunk is chunk index of the split batch id (random, not 0).
+// splitChunk names chunk index of the split batch id (random, not 0).
 // Subscribers run a split batch's chunks from the first, in order, and
 // none after one they did not run (split_chain.go: splitGate): the
 // publisher's skip list tells the owner only of failures answered before
