@@ -152,7 +152,8 @@ const (
 	MailboxFull  // the subscriber's mailbox had no room for the batch
 	// OutOfOrder: the subscriber had already received a later batch of the
 	// same BatchingProducer (this one was redirected or retried), so it was
-	// dropped to keep the producer's order. Not the subscriber's fault: it
+	// dropped to keep the producer's order; or, for a chunk of a split
+	// batch, it did not run an earlier chunk. Not the subscriber's fault: it
 	// never counts towards eviction.
 	OutOfOrder
 	// DecodeError: the subscriber's codec (a Topic's) rejected the bytes of

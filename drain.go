@@ -178,8 +178,8 @@ func (n *Node) drainAndLeave(ctx context.Context) error {
 	// batches accepted as owner are answered and the requests that got
 	// past the inbox's drain check just before it began are served: their
 	// publishers keep waiting for an owner that left gracefully
-	// (ownerAnswers). Under KeepMajority the LEAVE names the stable view
-	// this node hands on (handOver).
+	// (ownerAnswers). The LEAVE names the stable view this node hands on
+	// (handOver), whatever its policy.
 	n.members.mu.Lock()
 	n.handOver()
 	n.members.mu.Unlock()

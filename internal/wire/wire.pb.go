@@ -1508,7 +1508,8 @@ type Failure struct {
 	Status uint32                 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`
 	// unreported: a Timeout because the ack was sent at its publisher's
 	// deadline before the subscriber's node reported; its delivery goes on,
-	// so a later chunk of a split batch is still sent to it.
+	// so a later chunk of a split batch is still sent to it (its node runs
+	// that chunk only if it ran this one: split_id).
 	Unreported    bool `protobuf:"varint,4,opt,name=unreported,proto3" json:"unreported,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
