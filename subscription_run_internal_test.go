@@ -48,8 +48,12 @@ func TestRunHandsNoMessageAfterTheSubscriptionEnded(t *testing.T) {
 
 // splitGate runs a broadcast subscriber's chunks of a split batch in order
 // from the first it gets, none after one it did not run, and answers a
-// chunk seen before with its outcome; a group member's are not gated.
+// chunk seen before with its outcome; a group member's are not gated. A
+// chunk a full mailbox refused never reaches the gate: the gate still runs
+// no later chunk of its batch, unless the refused chunk ran after all (its
+// retry).
 func TestSplitGate(t *testing.T) {
+	const refused = DeliveryStatus(255) // a step the mailbox refused
 	type step struct {
 		chunk  uint32
 		run    bool           // the gate lets it run
@@ -67,51 +71,11 @@ func TestSplitGate(t *testing.T) {
 		{name: "the same chunk again", local: "s", steps: []step{{0, true, Delivered}, {0, false, Delivered}, {1, true, Delivered}}},
 		{name: "subscribed between chunks", local: "s", steps: []step{{2, true, Delivered}, {3, true, Delivered}}},
 		{name: "a group member", local: "s@g", steps: []step{{0, true, HandlerError}, {2, true, Delivered}}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := &Subscription{id: SubscriberID{Node: "n", Local: tc.local}}
-			for _, st := range tc.steps {
-				c := splitChunk{id: 7, index: st.chunk}
-				got, _, run := s.splitGate(c)
-				assert.Equal(t, st.run, run, "chunk %d", st.chunk)
-				if run {
-					got = st.status
-				} else {
-					assert.Equal(t, st.status, got, "chunk %d", st.chunk)
-				}
-				s.noteSplit(c, got)
-			}
-		})
-	}
-	t.Run("a batch sent whole", func(t *testing.T) {
-		s := &Subscription{id: SubscriberID{Node: "n", Local: "s"}}
-		_, _, run := s.splitGate(splitChunk{})
-		assert.True(t, run)
-		s.noteSplit(splitChunk{}, HandlerError)
-		assert.Empty(t, s.split.marks)
-	})
-}
-
-// A chunk a full mailbox refused never reaches splitGate: the gate still
-// runs no later chunk of its batch, unless the refused chunk ran after all
-// (its retry).
-func TestSplitGateAfterARefusedChunk(t *testing.T) {
-	const refused = DeliveryStatus(255) // a step the mailbox refused
-	type step struct {
-		chunk  uint32
-		run    bool
-		status DeliveryStatus
-	}
-	for _, tc := range []struct {
-		name  string
-		local string
-		steps []step
-	}{
-		{name: "the first chunk", local: "s", steps: []step{{0, false, refused}, {1, false, OutOfOrder}, {2, false, OutOfOrder}}},
-		{name: "a later chunk", local: "s", steps: []step{{0, true, Delivered}, {1, false, refused}, {2, false, OutOfOrder}}},
-		{name: "run on its retry", local: "s", steps: []step{{0, false, refused}, {0, true, Delivered}, {1, true, Delivered}}},
+		{name: "refused: the first chunk", local: "s", steps: []step{{0, false, refused}, {1, false, OutOfOrder}, {2, false, OutOfOrder}}},
+		{name: "refused: a later chunk", local: "s", steps: []step{{0, true, Delivered}, {1, false, refused}, {2, false, OutOfOrder}}},
+		{name: "refused: run on its retry", local: "s", steps: []step{{0, false, refused}, {0, true, Delivered}, {1, true, Delivered}}},
 		{name: "refused while an earlier one waits", local: "s", steps: []step{{1, false, refused}, {0, true, Delivered}, {2, false, OutOfOrder}}},
-		{name: "a group member", local: "s@g", steps: []step{{0, false, refused}, {1, true, Delivered}}},
+		{name: "refused: a group member", local: "s@g", steps: []step{{0, false, refused}, {1, true, Delivered}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := &Subscription{id: SubscriberID{Node: "n", Local: tc.local}}
@@ -132,4 +96,11 @@ func TestSplitGateAfterARefusedChunk(t *testing.T) {
 			}
 		})
 	}
+	t.Run("a batch sent whole", func(t *testing.T) {
+		s := &Subscription{id: SubscriberID{Node: "n", Local: "s"}}
+		_, _, run := s.splitGate(splitChunk{})
+		assert.True(t, run)
+		s.noteSplit(splitChunk{}, HandlerError)
+		assert.Empty(t, s.split.marks)
+	})
 }
