@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/nats-io/nats.go"
@@ -24,10 +25,25 @@ type connFlags struct {
 	tlsCert        string
 	tlsKey         string
 	tlsCA          string
+	tlsFirst       bool
+	// fromEnv holds the flags whose value came from their environment
+	// variable (connEnv), by flag name: errors name the variable.
+	fromEnv map[string]bool
 }
 
 // connFlagNames are the flags of connFlags, in the order errors list them.
-var connFlagNames = []string{"user", "password", "token", "creds", "nkey", "tlscert", "tlskey", "tlsca"}
+var connFlagNames = []string{"user", "password", "token", "creds", "nkey", "tlscert", "tlskey", "tlsca", "tlsfirst"}
+
+// connEnv names the environment variable that gives a connection flag its
+// default, as the nats CLI names them (--token has none there, nor here).
+var connEnv = map[string]string{
+	"user": "NATS_USER", "password": "NATS_PASSWORD", "creds": "NATS_CREDS", "nkey": "NATS_NKEY",
+	"tlscert": "NATS_CERT", "tlskey": "NATS_KEY", "tlsca": "NATS_CA",
+}
+
+// authFlagNames are the flags that say how to authenticate, one way at a
+// time; the others (TLS) go with any of them.
+var authFlagNames = []string{"user", "password", "token", "creds", "nkey"}
 
 // addConnFlags adds the connection flags to fs, writing into f. only, if
 // set, says when they may be used (bench: with --url).
@@ -40,6 +56,54 @@ func addConnFlags(fs *flag.FlagSet, f *connFlags, only string) {
 	fs.StringVar(&f.tlsCert, "tlscert", "", "the client TLS certificate `file`, PEM, with --tlskey (nats.ClientCert)"+only)
 	fs.StringVar(&f.tlsKey, "tlskey", "", "the client TLS private key `file`, PEM, with --tlscert (nats.ClientCert)"+only)
 	fs.StringVar(&f.tlsCA, "tlsca", "", "the CA certificate `file`, PEM, that verifies the servers (nats.RootCAs) (default: none, the system's roots)"+only)
+	fs.BoolVar(&f.tlsFirst, "tlsfirst", false, "perform the TLS handshake before the server's greeting (nats.TLSHandshakeFirst), for servers configured with handshake_first"+only)
+	// The variables are defaults, read after parsing (useEnv): shown
+	// here, the flag package would print their values, secrets included.
+	for name, env := range connEnv {
+		fl := fs.Lookup(name)
+		fl.Usage += fmt.Sprintf(" (default: $%s, when no flag of its kind is given)", env)
+	}
+}
+
+// useEnv fills the connection flags not given on the command line from
+// their environment variables (connEnv), as the nats CLI does: a way to
+// authenticate only when no authentication flag was given and urls hold no
+// credentials (an explicit choice is never mixed with the environment's);
+// the client certificate and key only when neither flag was given; the CA
+// when --tlsca was not. getenv is os.Getenv outside tests.
+func (f *connFlags) useEnv(fs *flag.FlagSet, urls string, getenv func(string) string) {
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	anySet := func(names ...string) bool { return slices.ContainsFunc(names, func(n string) bool { return set[n] }) }
+	fill := func(names ...string) {
+		for _, name := range names {
+			if v := getenv(connEnv[name]); v != "" {
+				_ = fs.Set(name, v) // string flags: Set cannot fail
+				if f.fromEnv == nil {
+					f.fromEnv = map[string]bool{}
+				}
+				f.fromEnv[name] = true
+			}
+		}
+	}
+	if !anySet(authFlagNames...) && !urlHasCredentials(urls) {
+		fill("user", "password", "creds", "nkey")
+	}
+	if !anySet("tlscert", "tlskey") {
+		fill("tlscert", "tlskey")
+	}
+	if !set["tlsca"] {
+		fill("tlsca")
+	}
+}
+
+// label names a connection flag in messages: --name, or $VARIABLE when its
+// value came from the environment.
+func (f *connFlags) label(name string) string {
+	if f.fromEnv[name] {
+		return "$" + connEnv[name]
+	}
+	return "--" + name
 }
 
 // given returns the connection flags set on the command line, as --name.
@@ -61,20 +125,20 @@ func (f *connFlags) given(fs *flag.FlagSet) []string {
 func (f *connFlags) check(urls string) error {
 	var kinds []string
 	if f.user != "" || f.password != "" {
-		kinds = append(kinds, "--user/--password")
+		kinds = append(kinds, f.label("user")+"/"+f.label("password"))
 	}
-	for _, k := range []struct{ name, value string }{{"--token", f.token}, {"--creds", f.creds}, {"--nkey", f.nkey}} {
+	for _, k := range []struct{ name, value string }{{"token", f.token}, {"creds", f.creds}, {"nkey", f.nkey}} {
 		if k.value != "" {
-			kinds = append(kinds, k.name)
+			kinds = append(kinds, f.label(k.name))
 		}
 	}
 	switch {
 	case len(kinds) > 1:
 		return fmt.Errorf("%s exclude each other: give one way to authenticate", strings.Join(kinds, " and "))
 	case f.password != "" && f.user == "":
-		return errors.New("--password needs --user")
+		return fmt.Errorf("%s needs %s", f.label("password"), f.label("user"))
 	case (f.tlsCert == "") != (f.tlsKey == ""):
-		return errors.New("--tlscert and --tlskey go together: give both")
+		return fmt.Errorf("%s and %s go together: give both", f.label("tlscert"), f.label("tlskey"))
 	case len(kinds) == 1 && urlHasCredentials(urls):
 		// nats.go would use the URL's and ignore the flag's without a word.
 		return fmt.Errorf("%s and credentials in --url exclude each other", kinds[0])
@@ -95,7 +159,7 @@ func (f *connFlags) options() ([]nats.Option, error) {
 	}
 	if f.creds != "" {
 		if err := checkCreds(f.creds); err != nil {
-			return nil, fmt.Errorf("--creds %s: %w", f.creds, err)
+			return nil, fmt.Errorf("%s %s: %w", f.label("creds"), f.creds, err)
 		}
 		opts = append(opts, nats.UserCredentials(f.creds))
 	}
@@ -103,23 +167,26 @@ func (f *connFlags) options() ([]nats.Option, error) {
 		// It reads the seed now, and signs with the file's at connect.
 		opt, err := nats.NkeyOptionFromSeed(f.nkey)
 		if err != nil {
-			return nil, fmt.Errorf("--nkey %s: %w", f.nkey, err)
+			return nil, fmt.Errorf("%s %s: %w", f.label("nkey"), f.nkey, err)
 		}
 		opts = append(opts, opt)
 	}
 	if f.tlsCert != "" {
 		// nats.go loads the pair at connect; tell a bad file now.
 		if _, err := tls.LoadX509KeyPair(f.tlsCert, f.tlsKey); err != nil {
-			return nil, fmt.Errorf("--tlscert %s, --tlskey %s: %w", f.tlsCert, f.tlsKey, err)
+			return nil, fmt.Errorf("%s %s, %s %s: %w", f.label("tlscert"), f.tlsCert, f.label("tlskey"), f.tlsKey, err)
 		}
 		opts = append(opts, nats.ClientCert(f.tlsCert, f.tlsKey))
 	}
 	if f.tlsCA != "" {
 		opt := nats.RootCAs(f.tlsCA)
 		if err := opt(&nats.Options{}); err != nil { // reads and parses the file
-			return nil, fmt.Errorf("--tlsca %s: %w", f.tlsCA, err)
+			return nil, fmt.Errorf("%s %s: %w", f.label("tlsca"), f.tlsCA, err)
 		}
 		opts = append(opts, opt)
+	}
+	if f.tlsFirst {
+		opts = append(opts, nats.TLSHandshakeFirst())
 	}
 	return opts, nil
 }
@@ -131,18 +198,24 @@ func (f *connFlags) describe() string {
 	switch {
 	case f.user != "":
 		parts = append(parts, fmt.Sprintf("as user %q", f.user))
+		if f.fromEnv["user"] {
+			parts[0] += " (from $" + connEnv["user"] + ")"
+		}
 	case f.token != "":
 		parts = append(parts, "with --token")
 	case f.creds != "":
-		parts = append(parts, "with --creds "+f.creds)
+		parts = append(parts, "with "+f.label("creds")+" "+f.creds)
 	case f.nkey != "":
-		parts = append(parts, "with --nkey "+f.nkey)
+		parts = append(parts, "with "+f.label("nkey")+" "+f.nkey)
 	}
 	if f.tlsCert != "" {
-		parts = append(parts, "with --tlscert "+f.tlsCert)
+		parts = append(parts, "with "+f.label("tlscert")+" "+f.tlsCert)
 	}
 	if f.tlsCA != "" {
-		parts = append(parts, "with --tlsca "+f.tlsCA)
+		parts = append(parts, "with "+f.label("tlsca")+" "+f.tlsCA)
+	}
+	if f.tlsFirst {
+		parts = append(parts, "TLS handshake first")
 	}
 	if len(parts) == 0 {
 		return ""

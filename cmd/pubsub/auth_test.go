@@ -319,3 +319,120 @@ func TestConnFlagsHelp(t *testing.T) {
 	assert.Contains(t, help, "or given with --user and --password, --token, --creds or --nkey")
 	assert.Contains(t, help, "only with --url: the embedded cluster has no authentication")
 }
+
+// The nats CLI's environment variables give the connection flags their
+// defaults: used when no flag of their kind is given and --url holds no
+// credentials, named in errors as $VARIABLE, never printing a secret.
+func TestConnFlagsFromEnvironment(t *testing.T) {
+	s := startAuthServer(t, func(o *server.Options) { o.Username, o.Password = "alice", "s3cret-pw" })
+	url := s.ClientURL()
+
+	t.Run("user and password", func(t *testing.T) {
+		t.Setenv("NATS_USER", "alice")
+		t.Setenv("NATS_PASSWORD", "s3cret-pw")
+		code, out := members(t, url)
+		require.Equal(t, 0, code, out)
+		assert.Contains(t, out, "(this tool)")
+		assert.NotContains(t, out, "s3cret-pw")
+	})
+	t.Run("wrong password named as from the environment", func(t *testing.T) {
+		t.Setenv("NATS_USER", "alice")
+		t.Setenv("NATS_PASSWORD", "wr0ng-pw")
+		code, out := members(t, url)
+		assert.Equal(t, 1, code, out)
+		assert.Contains(t, out, `connect to `+url+` (as user "alice" (from $NATS_USER)): nats: Authorization Violation`)
+		assert.NotContains(t, out, "wr0ng-pw")
+	})
+	t.Run("a flag of the kind overrides the environment", func(t *testing.T) {
+		t.Setenv("NATS_USER", "mallory")
+		t.Setenv("NATS_PASSWORD", "wr0ng-pw")
+		t.Setenv("NATS_CREDS", filepath.Join(t.TempDir(), "missing.creds"))
+		code, out := members(t, url, "--user", "alice", "--password", "s3cret-pw")
+		require.Equal(t, 0, code, out)
+	})
+	t.Run("credentials in --url override the environment", func(t *testing.T) {
+		t.Setenv("NATS_USER", "mallory")
+		t.Setenv("NATS_PASSWORD", "wr0ng-pw")
+		u := strings.Replace(url, "nats://", "nats://alice:s3cret-pw@", 1)
+		code, out := members(t, u)
+		require.Equal(t, 0, code, out)
+		assert.NotContains(t, out, "s3cret-pw")
+	})
+	t.Run("bench's embedded cluster ignores the environment", func(t *testing.T) {
+		t.Setenv("NATS_CREDS", filepath.Join(t.TempDir(), "missing.creds"))
+		var out, errs bytes.Buffer
+		code := run(context.Background(), []string{"bench", "fanout", "--count", "100", "--nodes", "2"}, &out, &errs)
+		require.Equal(t, 0, code, errs.String())
+		assert.Contains(t, out.String(), "fanout")
+	})
+	t.Run("bench with --url uses it", func(t *testing.T) {
+		t.Setenv("NATS_USER", "alice")
+		t.Setenv("NATS_PASSWORD", "s3cret-pw")
+		var out, errs bytes.Buffer
+		code := run(context.Background(), []string{"bench", "fanout", "--count", "100", "--nodes", "2", "--url", url}, &out, &errs)
+		require.Equal(t, 0, code, errs.String())
+		assert.Contains(t, out.String(), "fanout")
+		assert.NotContains(t, out.String()+errs.String(), "s3cret-pw")
+	})
+}
+
+// Errors about values from the environment name the variable; they are
+// found before anything connects.
+func TestConnFlagsFromEnvironmentErrors(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.creds")
+	seed, _ := newUserSeedFile(t, dir, "user.nk")
+	f := newTLSFiles(t)
+	const nowhere = "nats://127.0.0.1:1"
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{"creds and nkey", map[string]string{"NATS_CREDS": missing, "NATS_NKEY": seed}, nil, "$NATS_CREDS and $NATS_NKEY exclude each other"},
+		{"password alone", map[string]string{"NATS_PASSWORD": "pw-123"}, nil, "$NATS_PASSWORD needs --user"},
+		{"certificate alone", map[string]string{"NATS_CERT": f.clientCert}, nil, "$NATS_CERT and --tlskey go together"},
+		{"missing creds", map[string]string{"NATS_CREDS": missing}, nil, "$NATS_CREDS " + missing + ": open " + missing},
+		{"missing CA, bench", map[string]string{"NATS_CA": missing}, []string{"bench"}, "$NATS_CA " + missing + ": "},
+		{"a TLS flag leaves the variable's authentication", map[string]string{"NATS_NKEY": missing}, []string{"members", "--tlsca", f.ca}, "$NATS_NKEY " + missing + ": "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			args := tc.args
+			if args == nil {
+				args = []string{"members"}
+			}
+			var out, errs bytes.Buffer
+			code := run(context.Background(), append(args, "--url", nowhere, "--timeout", "1m"), &out, &errs)
+			assert.Equal(t, 1, code, errs.String())
+			assert.Contains(t, errs.String(), tc.want)
+			assert.NotContains(t, errs.String(), "connect to", "fails before connecting")
+			assert.NotContains(t, out.String()+errs.String(), "pw-123")
+		})
+	}
+}
+
+// --tlsfirst connects to a server that expects the TLS handshake before
+// its greeting; without it the client waits for a greeting that never
+// comes.
+func TestConnFlagsTLSHandshakeFirst(t *testing.T) {
+	f := newTLSFiles(t)
+	tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: f.serverCert, KeyFile: f.serverKey})
+	require.NoError(t, err)
+	s := startAuthServer(t, func(o *server.Options) {
+		o.TLSConfig, o.TLS, o.TLSHandshakeFirst = tc, true, true
+	})
+	url := s.ClientURL()
+
+	code, out := members(t, url, "--tlsca", f.ca, "--tlsfirst")
+	require.Equal(t, 0, code, out)
+	assert.Contains(t, out, "(this tool)")
+
+	var o, e bytes.Buffer
+	code = run(context.Background(), []string{"members", "--url", url, "--tlsca", f.ca, "--timeout", "1s"}, &o, &e)
+	assert.Equal(t, 1, code, o.String())
+	assert.Contains(t, e.String(), "connect to "+url+" (with --tlsca "+f.ca+"): ")
+}

@@ -177,6 +177,7 @@ func runCluster(ctx context.Context, c *clusterCommand, args []string, stdout, s
 	if err := natsutil.ValidatePrefix(o.prefix); err != nil {
 		return usageError{fmt.Errorf("--prefix: %w", err)}
 	}
+	o.conn.useEnv(fs, o.url, os.Getenv)
 	if err := o.conn.check(o.url); err != nil {
 		return usageError{err}
 	}

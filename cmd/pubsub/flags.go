@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -216,6 +217,11 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 	}
 	if given := f.conn.given(fs); len(given) > 0 && f.url == "" {
 		return nil, fmt.Errorf("%s: only with --url (the embedded cluster has no authentication)", strings.Join(given, ", "))
+	}
+	if f.url != "" {
+		// Not with the embedded cluster, which has no authentication: a
+		// user's NATS_CREDS must not stop a plain bench.
+		f.conn.useEnv(fs, f.url, os.Getenv)
 	}
 	if err := f.conn.check(f.url); err != nil {
 		return nil, err

@@ -19,7 +19,10 @@
 // CLI's connection flags: --user and --password, --token, --creds (a JWT
 // and nkey seed file), --nkey (a user nkey seed file), --tlscert and
 // --tlskey (a client certificate), --tlsca (the CA that verifies the
-// servers). Their files are read before connecting, so a missing or
+// servers), --tlsfirst (TLS before the server's greeting). NATS_USER,
+// NATS_PASSWORD, NATS_CREDS, NATS_NKEY, NATS_CERT, NATS_KEY and NATS_CA
+// give their defaults when no flag of their kind is given (bench: only
+// with --url). Their files are read before connecting, so a missing or
 // malformed one fails at once, named; the password and the token are never
 // printed, nor are credentials given in --url.
 //
@@ -166,7 +169,10 @@ client-only node, which never owns a topic, and leave at exit.
 
 Every command takes the nats CLI's connection flags for NATS with
 authentication or TLS: --user and --password, --token, --creds, --nkey,
---tlscert and --tlskey, --tlsca (bench: only with --url).
+--tlscert and --tlskey, --tlsca, --tlsfirst (bench: only with --url).
+NATS_USER, NATS_PASSWORD, NATS_CREDS, NATS_NKEY, NATS_CERT, NATS_KEY and
+NATS_CA give their defaults when no flag of their kind is given (bench:
+only with --url; --url holding credentials sets aside the first four).
 
 `)
 	printBenchUsage(w)
