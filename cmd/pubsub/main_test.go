@@ -30,6 +30,12 @@ func TestMain(m *testing.M) {
 	if os.Getenv(runEnv) == "1" {
 		os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
 	}
+	// The tests choose their servers and credentials: a developer's own
+	// NATS_URL or NATS_CREDS must not change what they test.
+	os.Unsetenv("NATS_URL")
+	for _, env := range connEnv {
+		os.Unsetenv(env)
+	}
 	os.Exit(m.Run())
 }
 
