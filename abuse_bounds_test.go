@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -201,4 +202,45 @@ func TestStuckHandlerReleasesItsMailboxOnceEvicted(t *testing.T) {
 		t.Errorf("heap in use %d MB before, %d MB while stuck, still %d MB 5 s after the eviction", before>>20, stuck>>20, after>>20)
 	}
 	t.Logf("heap in use %d MB before, %d MB while stuck, %d MB after the eviction", before>>20, stuck>>20, after>>20)
+}
+
+// An at-least-once batch's copies that arrive while it runs wait for its
+// report, one reply subject each: the owner sends a handful, so a forged
+// flood of copies is refused past 64 (counted), never grows the list, and
+// never runs the batch twice.
+func TestForgedCopiesOfARunningBatchAreBounded(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	n1 := c.Nodes[1]
+	topic := ownedBy(t, c.Nodes[0], "copy-flood")
+	release := make(chan struct{})
+	var ran atomic.Int32
+	s := subscribe(t, n1, topic, func(ctx context.Context, m *pubsub.Message) error {
+		if string(m.Data) == "held" {
+			ran.Add(1)
+			<-release
+		}
+		return nil
+	})
+	d := &wire.DeliverBatch{Owner: &wire.MemberRef{NodeId: "forger", Incarnation: 1}, Topic: topic, Seq: 1,
+		Subscribers: []string{s.ID().Local}, Packed: wire.Pack(nil, [][]byte{[]byte("held")}), Count: 1, AtLeastOnce: true}
+	data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: d}})
+	require.NoError(t, err)
+	refused := n1.Stats().RequestsRefused
+	c.ForgeToNode(t, 0, n1.ID(), data)
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return ran.Load() == 1 }, "the first copy runs")
+	const copies = 200
+	for range copies {
+		c.ForgeToNode(t, 0, n1.ID(), data)
+	}
+	// The first copy's reply and 63 more wait; the other 137 are refused.
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return n1.Stats().RequestsRefused-refused == copies-63 },
+		"refused copies: %d, want %d", n1.Stats().RequestsRefused-refused, copies-63)
+	close(release)
+	// A later copy gets the report; none runs the batch again.
+	c.ForgeToNode(t, 0, n1.ID(), data)
+	ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("after"))
+	require.NoError(t, err)
+	assert.Equal(t, 1, ack.Delivered)
+	assert.Equal(t, int32(1), ran.Load(), "the held batch ran once")
+	assert.Equal(t, uint64(copies-63), n1.Stats().RequestsRefused-refused)
 }

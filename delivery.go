@@ -79,6 +79,18 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 	n.subscriber.recentMu.Lock()
 	if rb := n.subscriber.recent[key]; rb != nil {
 		if rb.report == nil {
+			if len(rb.replies) >= maxWaitingCopies {
+				// The owner sends a handful of copies while a batch runs
+				// (one per SubscriberTimeout/4): more are a forged flood,
+				// which must not grow the list. Unanswered, a real copy
+				// is sent again.
+				n.subscriber.recentMu.Unlock()
+				n.stats.refused.Add(1)
+				if ok, held := n.log.limit.allow("recent/copies"); ok {
+					n.log.Warn("at-least-once batch copy dropped: too many copies wait for its report", "topic", d.GetTopic(), "limit", maxWaitingCopies, "suppressed", held)
+				}
+				return
+			}
 			rb.replies = append(rb.replies, reply)
 			n.subscriber.recentMu.Unlock()
 			return
@@ -143,6 +155,11 @@ func partOf(d *wire.DeliverBatch) uint64 {
 // maxRecentBatches bounds the at-least-once batches remembered for duplicate
 // suppression (each for 2 x (SubscriberTimeout + RequestTimeout)).
 const maxRecentBatches = 1 << 16
+
+// maxWaitingCopies bounds the copies of one at-least-once batch that wait
+// for its report; past it a copy is dropped, counted in
+// Stats().RequestsRefused.
+const maxWaitingCopies = 64
 
 // recentBatch remembers an at-least-once batch so copies are not delivered twice.
 type recentBatch struct {
