@@ -136,6 +136,13 @@ func TestSoakChurnMembersLeaveNoState(t *testing.T) {
 	_, err := a.Publish(t.Context(), topic, []byte("x"))
 	require.NoError(t, err)
 	for _, n := range []*Node{a, b, c} {
+		// A call may be in flight at any instant (a sync, a report):
+		// what must not stay is one for a member that left.
+		waitForTest(t, "rpc calls settle", func() bool {
+			n.rpc.mu.Lock()
+			defer n.rpc.mu.Unlock()
+			return len(n.rpc.pending) == 0
+		})
 		n.members.mu.Lock()
 		peers, left, timedOut := len(n.members.peers), len(n.members.left), len(n.members.timedOut)
 		n.members.mu.Unlock()
