@@ -8,6 +8,7 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -243,4 +244,27 @@ func TestForgedCopiesOfARunningBatchAreBounded(t *testing.T) {
 	assert.Equal(t, 1, ack.Delivered)
 	assert.Equal(t, int32(1), ran.Load(), "the held batch ran once")
 	assert.Equal(t, uint64(copies-63), n1.Stats().RequestsRefused-refused)
+}
+
+// An AckNone publish sent to a node that does not own its topic is lost,
+// and counted as such (Stats().AckNoneRefused) by the count it states. A
+// forged one stating 2^32-1 messages in a batch of one counted as four
+// billion lost messages (and logged them so): the count is believed only
+// once the batch's bytes hold it, and a batch that does not is malformed.
+func TestForgedAckNoneCountIsNotCountedAsLostMessages(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	topic := ownedBy(t, c.Nodes[0], "acknone-count")
+	other := c.Nodes[1]
+	raw := c.Connect(t, 0)
+	for _, count := range []uint32{math.MaxUint32, 2} {
+		data := wire.AppendPublish(nil, &wire.PublishRequest{From: memberRef(t, other, c.Nodes[0].ID()), Topic: topic,
+			AckLevel: uint32(pubsub.AckNone), Count: count}, [][]byte{[]byte("x")}, nil)
+		require.NoError(t, raw.Publish("pubsub.node."+other.ID(), data))
+	}
+	// Answered once the inbox handled the forged publishes before it.
+	_, err := raw.Request("pubsub.node."+other.ID(), []byte{0xff}, 5*time.Second)
+	require.NoError(t, err)
+	st := other.Stats()
+	assert.Zero(t, st.AckNoneRefused, "forged counts were counted as lost messages")
+	assert.GreaterOrEqual(t, st.Malformed, uint64(3), "the forged publishes (and the probe) were not counted as malformed")
 }

@@ -134,6 +134,15 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		return false
 	}
 	if v := n.view(); v.ownerOf(topic).ID != n.self.ID {
+		if reply == "" {
+			// Its count is counted as lost messages (AckNoneRefused):
+			// believed only once the batch holds that many, or one forged
+			// request counts billions.
+			if _, err := receivedPayload(req.GetPacked(), req.GetPackedMeta(), req.GetCount()); err != nil {
+				n.malformed("inbox", len(req.GetPacked())+len(req.GetPackedMeta()))
+				return false
+			}
+		}
 		n.answerPublish(topic, reply, int(req.GetCount()), &wire.Reply{Code: wire.Reply_NOT_OWNER, ViewId: v.id})
 		return false
 	}
