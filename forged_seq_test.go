@@ -20,7 +20,7 @@ import (
 // long as the owner's incarnation (or the producer) lives: the
 // subscription stays open and receives nothing, and nothing on its side
 // says why (the acks list OutOfOrder, which is never evicted). Found by
-// TestForgedAndMutatedTrafficStorm with ahead on. The owner-sequence
+// TestSoakForgedAndMutatedTrafficStormShort (storm_test.go, soak tag) with ahead on. The owner-sequence
 // forgery need not even run: a copy of the genuine batch with only its seq
 // raised is answered with the genuine batch's outcome, and still moves the
 // subscription's last seen owner batch (subscription_run.go: handle).

@@ -8,7 +8,7 @@ import (
 )
 
 // TestSoakForgedAndMutatedTrafficStorm runs the storm of
-// TestForgedAndMutatedTrafficStorm ten times longer, under several seeds.
+// TestSoakForgedAndMutatedTrafficStormShort ten times longer, under several seeds.
 func TestSoakForgedAndMutatedTrafficStorm(t *testing.T) {
 	for seed := uint64(1); seed <= 4; seed++ {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {

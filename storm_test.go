@@ -1,3 +1,5 @@
+//go:build soak
+
 package pubsub_test
 
 // A storm of recorded, replayed and mutated envelopes on a live cluster:
@@ -615,10 +617,10 @@ func tail(seen []string, first string) []string {
 	return nil
 }
 
-// TestForgedAndMutatedTrafficStorm: 6 000 forged envelopes. STORM_SEED=n
+// TestSoakForgedAndMutatedTrafficStormShort: 6 000 forged envelopes. STORM_SEED=n
 // picks another storm (the recorded envelopes differ from run to run; the
 // choices made on them do not).
-func TestForgedAndMutatedTrafficStorm(t *testing.T) {
+func TestSoakForgedAndMutatedTrafficStormShort(t *testing.T) {
 	seed := uint64(1)
 	if v := os.Getenv("STORM_SEED"); v != "" {
 		_, _ = fmt.Sscan(v, &seed)
