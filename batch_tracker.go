@@ -17,8 +17,9 @@ type batchTracker struct {
 	mu        sync.Mutex
 	statuses  []DeliveryStatus
 	processed []uint32 // nil until a subscription ends partway through (setPartial)
+	behind    []uint32 // subscribers that dropped the batch by its owner's number (setBehind)
 	remaining int
-	done      func([]DeliveryStatus, []uint32)
+	done      func(st []DeliveryStatus, processed, behind []uint32)
 	cancel    context.CancelFunc
 	stop      func() bool // unregisters expire
 }
@@ -59,6 +60,17 @@ func (t *batchTracker) setPartial(i int, s DeliveryStatus, processed int) {
 	t.set(i, s)
 }
 
+// setBehind reports subscriber i as OutOfOrder because it had seen a later
+// batch number of the batch's owner incarnation.
+func (t *batchTracker) setBehind(i int) {
+	t.mu.Lock()
+	if t.remaining > 0 && t.statuses[i] == statusPending {
+		t.behind = append(t.behind, uint32(i))
+	}
+	t.mu.Unlock()
+	t.set(i, OutOfOrder)
+}
+
 // expire reports every subscriber still pending as Timeout.
 func (t *batchTracker) expire() {
 	t.mu.Lock()
@@ -84,5 +96,5 @@ func (t *batchTracker) finish() {
 		stop()
 		cancel()
 	}
-	t.done(t.statuses, t.processed)
+	t.done(t.statuses, t.processed, t.behind)
 }

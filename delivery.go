@@ -12,8 +12,8 @@ import (
 
 // onDeliver handles a DeliverBatch from a remote owner.
 func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
-	report := func(st []DeliveryStatus, processed []uint32) *wire.Reply {
-		rep := &wire.Reply{Code: wire.Reply_OK, Statuses: make([]uint32, len(st)), Processed: processed}
+	report := func(st []DeliveryStatus, processed, behind []uint32) *wire.Reply {
+		rep := &wire.Reply{Code: wire.Reply_OK, Statuses: make([]uint32, len(st)), Processed: processed, Behind: behind}
 		for i, s := range st {
 			rep.Statuses[i] = uint32(s)
 		}
@@ -69,7 +69,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		msgs.origin = batchOrigin{producer: d.GetProducer(), seq: d.GetProducerSeq(), reroute: true}
 	}
 	if !d.GetAtLeastOnce() || d.GetReroute() { // a re-route is sent once
-		n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
+		n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed, behind []uint32) { n.replyTo(reply, report(st, processed, behind)) })
 		return
 	}
 	// At-least-once: the owner re-sends a batch it got no report for. Every
@@ -108,13 +108,13 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		if ok, held := n.log.limit.allow("recent/full"); ok {
 			n.log.Warn("at-least-once duplicate suppression full: delivering without it", "limit", maxRecentBatches, "suppressed", held)
 		}
-		n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) { n.replyTo(reply, report(st, processed)) })
+		n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed, behind []uint32) { n.replyTo(reply, report(st, processed, behind)) })
 		return
 	}
 	n.subscriber.recent[key] = rb
 	n.subscriber.recentMu.Unlock()
-	n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed []uint32) {
-		rep := report(st, processed)
+	n.deliverWithin(timeout, d.GetTopic(), d.GetSubscribers(), shares, msgs, func(st []DeliveryStatus, processed, behind []uint32) {
+		rep := report(st, processed, behind)
 		n.subscriber.recentMu.Lock()
 		rb.report = rep
 		replies := rb.replies
@@ -169,27 +169,28 @@ type recentBatch struct {
 }
 
 // deliver puts one batch in the mailbox of each listed local subscriber and
-// calls done once with one status per subscriber, and with processed (nil
+// calls done once with one status per subscriber, with processed (nil
 // unless a subscription ended partway through its messages: how many it
-// ran, per status). It never blocks: a full mailbox is a MailboxFull
+// ran, per status) and with behind (the subscribers that dropped it as
+// OutOfOrder by its owner's batch number, batchTracker.setBehind). It never blocks: a full mailbox is a MailboxFull
 // failure, not back-pressure on the inbox.
 //
 // Group members get their shares instead (the messages at the share's
 // indices); their statuses follow the locals'.
-func (n *Node) deliver(topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed []uint32)) {
+func (n *Node) deliver(topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed, behind []uint32)) {
 	n.deliverWithin(n.cfg.SubscriberTimeout, topic, locals, shares, msgs, done)
 }
 
 // deliverWithin is deliver with subscribers given timeout, not
 // necessarily this node's SubscriberTimeout, to run the batch.
-func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed []uint32)) {
+func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []string, shares []share, msgs payload, done func(st []DeliveryStatus, processed, behind []uint32)) {
 	count := len(locals) + len(shares)
 	t := &batchTracker{statuses: make([]DeliveryStatus, count), remaining: count, done: done}
 	for i := range t.statuses {
 		t.statuses[i] = statusPending
 	}
 	if count == 0 {
-		done(t.statuses, nil)
+		done(t.statuses, nil, nil)
 		return
 	}
 	ctx, cancel := context.WithTimeout(n.life.ctx, timeout)

@@ -2,6 +2,7 @@ package pubsub
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -69,6 +70,7 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 		unsent := refused || natsutil.IsNoResponders(err)
 		retry := unsent || (atLeastOnce && errors.Is(err, ErrTimeout))
 		if retry && n.life.ctx.Err() == nil && alive() {
+			data.first = false // a retry may arrive after a later batch
 			again := func() { n.deliverRemote(b, m, data, to, atLeastOnce, until, wait) }
 			now := time.Now()
 			switch {
@@ -83,7 +85,11 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 			}
 		}
 		st, processed, path := remoteStatuses(n, m.ID, to.len(), rep, err)
-		b.report(to, st, processed, path)
+		var behind []uint32
+		if data.first && !path {
+			behind = rep.GetBehind()
+		}
+		b.report(to, st, processed, path, behind)
 	})
 	sendBufs.Put(buf) // the connection copied it
 	// A node that leaves the view (crash) will not report: its subscribers
@@ -102,6 +108,9 @@ type remoteBatch struct {
 	msgs     msgBatch
 	unpacked bool
 	withMeta bool // the messages go in format 2
+	// first: this send is the batch's first to its node, not a retry (its
+	// report's behind then names forged marks, see pendingBatch.report).
+	first bool
 }
 
 // sendBufs recycles the buffers remote batches are assembled in; NATS copies
@@ -187,6 +196,11 @@ type subscriberOutcome struct {
 	id     SubscriberID
 	status DeliveryStatus
 	path   bool // no report from the node: not the subscriber's failure
+	// markAhead: OutOfOrder for a batch nothing could have overtaken (its
+	// first send, or a local delivery): the subscription's order mark came
+	// from a delivery forged in this owner's name, and it would drop every
+	// batch of this incarnation. Evicted, so that it is told.
+	markAhead bool
 }
 
 // addParts counts extra reports to wait for (a node's list sent in parts).
@@ -202,10 +216,15 @@ func (b *pendingBatch) addParts(k int) {
 // when not nil, says how many messages each subscriber ran before its
 // subscription ended mid-batch: only the rest of a member's share is
 // re-routed, so the group sees no message twice.
-func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []uint32, path bool) {
+//
+// behind lists the subscribers (indices into st) that dropped the batch as
+// OutOfOrder by its owner's number, from a send nothing can have
+// overtaken (the batch's first to a node, or a local delivery), else nil.
+func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []uint32, path bool, behind []uint32) {
 	b.mu.Lock()
 	var moved []map[string][]share
 	for i, s := range st {
+		markAhead := s == OutOfOrder && slices.Contains(behind, uint32(i))
 		id := SubscriberID{Node: to.node, Local: to.local(i)}
 		if b.early != nil {
 			b.early.waiting.reported(id)
@@ -230,7 +249,7 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 						b.early.waiting.add(nodeTarget{node: node, shares: shares})
 					}
 				}
-				b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path})
+				b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path, markAhead})
 				continue
 			}
 		}
@@ -255,7 +274,7 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 		} else {
 			b.ack.Failures = append(b.ack.Failures, DeliveryFailure{Subscriber: id, Status: s})
 		}
-		b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path})
+		b.outcomes = append(b.outcomes, subscriberOutcome{id, s, path, markAhead})
 	}
 	b.remaining--
 	done := b.remaining == 0
@@ -308,7 +327,7 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *payload, head *[]byte, atLeastOnce bool) {
 	n := a.n
 	shares := t.shares
-	var data remoteBatch
+	data := remoteBatch{first: true}
 	size := 0 // of the packed messages
 	if len(t.locals) == 0 {
 		// received: the messages alias a request's buffer, not a

@@ -166,7 +166,7 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 			if p := r.msgs.origin.producer; p != "" { // as onDeliver: a batch from an older publisher has none
 				msgs.origin = batchOrigin{producer: p, seq: r.msgs.origin.seq, reroute: true}
 			}
-			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed []uint32) { b.report(t, st, processed, false) })
+			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed, _ []uint32) { b.report(t, st, processed, false, nil) })
 			continue
 		}
 		m, ok := n.view().member(node)
@@ -174,7 +174,7 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 		if !ok || wait <= 0 {
 			// Not the member's failure: a live one is not evicted for it
 			// (nor one that left, see remoteStatuses).
-			b.report(t, fill(t.len(), SubscriberGone), nil, true)
+			b.report(t, fill(t.len(), SubscriberGone), nil, true, nil)
 			continue
 		}
 		r.pack.Do(func() {

@@ -115,7 +115,7 @@ func TestDuplicateCopyReportsTheFirstCopysOutcome(t *testing.T) {
 	msgs := payload{msgs: msgBatch{data: [][]byte{[]byte("x")}}, seq: batchSeq{owner: "o", inc: 1, seq: 42}}
 	for copyNo := 1; copyNo <= 2; copyNo++ {
 		done := make(chan []DeliveryStatus, 1)
-		a.deliver("t", []string{sub.ID().Local}, nil, msgs, func(st []DeliveryStatus, _ []uint32) { done <- st })
+		a.deliver("t", []string{sub.ID().Local}, nil, msgs, func(st []DeliveryStatus, _, _ []uint32) { done <- st })
 		st := <-done
 		if st[0] != HandlerError || calls.Load() != 1 {
 			t.Fatalf("copy %d: status %v after %d handler runs, want handler-error after 1", copyNo, st[0], calls.Load())

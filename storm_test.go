@@ -77,11 +77,11 @@ type stormMutator struct {
 	// ahead lets a forged delivery or publish number its batch past the
 	// genuine ones of its owner or producer, and a forged heartbeat name a
 	// live member with a newer incarnation. Off, those numbers only go
-	// back (a late copy, dropped). Numbered ahead, a forged delivery makes
-	// the subscription drop every later genuine batch of that owner or
-	// producer as OutOfOrder (TestForgedDeliveryAheadWedgesASubscription),
-	// and a forged heartbeat stops the member it names (INTERNALS, Known
-	// limits: a forger can stop a node).
+	// back (a late copy, dropped). Numbered ahead, a forged delivery gets
+	// the subscription evicted (its owner's number) or makes it drop every
+	// later genuine batch of that producer as OutOfOrder (a known limit):
+	// TestForgedDeliveryAheadOf*; a forged heartbeat stops the member it
+	// names (INTERNALS, Known limits: a forger can stop a node).
 	ahead bool
 	live  map[string]uint64 // the members' incarnations
 }

@@ -44,7 +44,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 			if seq.seq == last.seq {
 				t.set(i, s.lastStatus) // a copy of the batch just handled: its outcome
 			} else {
-				t.set(i, OutOfOrder)
+				t.setBehind(i) // the owner can tell a late copy from a forged mark
 				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 			}
 			return

@@ -69,7 +69,7 @@ func TestGoneFromTheViewDoesNotEvictAfterTheNodeIsBack(t *testing.T) {
 	install(2, viewChange{lost: true}, a, c)
 	st, processed, path := remoteStatuses(n, "b", 1, nil, fmt.Errorf("%w: peer left the cluster", ErrTimeout))
 	require.Equal(t, []DeliveryStatus{SubscriberGone}, st)
-	batch.report(nodeTarget{node: "b", locals: []string{"x"}}, st, processed, path)
+	batch.report(nodeTarget{node: "b", locals: []string{"x"}}, st, processed, path, nil)
 	// b is back, in the same incarnation: the members answer the sync again.
 	v3 := install(3, viewChange{}, a, b, c)
 	n.owner.registry.applyPulled(v3, b, subsOf("x"))
@@ -79,7 +79,7 @@ func TestGoneFromTheViewDoesNotEvictAfterTheNodeIsBack(t *testing.T) {
 	require.Equal(t, map[string]int{"b": 1, "c": 1}, subs, "b re-registered")
 	// c's report, late (a slow subscriber, or a route that stalled), ends
 	// the batch.
-	batch.report(nodeTarget{node: "c", locals: []string{"y"}}, []DeliveryStatus{Delivered}, nil, false)
+	batch.report(nodeTarget{node: "c", locals: []string{"y"}}, []DeliveryStatus{Delivered}, nil, false, nil)
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	_, subs = reconciled()
 	require.Equal(t, map[string]int{"b": 1, "c": 1}, subs, "b's live subscriber evicted by a report from before it came back")

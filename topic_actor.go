@@ -343,14 +343,16 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		}
 		m, ok := v.member(t.node)
 		if !ok {
-			b.report(t, fill(t.len(), SubscriberGone), nil, false)
+			b.report(t, fill(t.len(), SubscriberGone), nil, false, nil)
 			continue
 		}
 		a.sendRemote(b, m, t, &msgs, &head, atLeastOnce)
 	}
 	if local >= 0 {
 		t := targets[local]
-		n.deliver(a.topic, t.locals, t.shares, msgs, func(st []DeliveryStatus, processed []uint32) { b.report(t, st, processed, false) })
+		// A local delivery is never sent twice: a subscriber here that
+		// dropped it as behind its mark had a forged one (see behind).
+		n.deliver(a.topic, t.locals, t.shares, msgs, func(st []DeliveryStatus, processed, behind []uint32) { b.report(t, st, processed, false, behind) })
 	}
 }
 
@@ -450,7 +452,15 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 			delete(a.fails, o.id)
 			continue
 		}
-		if o.status == OutOfOrder || o.path {
+		if o.markAhead {
+			// Its mark is ahead of every batch this owner numbered: a
+			// forged delivery set it, and the subscription would drop
+			// every later one unknowing. Ended, and told why, at once.
+			if ok, held := a.n.log.limit.allow("evict/markahead"); ok {
+				a.n.log.Warn("subscriber dropped a batch nothing could have overtaken as out of order: its order mark is ahead of this owner's batches (a forged delivery on its node's inbox?); evicting it",
+					"topic", a.topic, "subscriber", o.id.String(), "suppressed", held)
+			}
+		} else if o.status == OutOfOrder || o.path {
 			continue // the batch's, the publisher's or the network's fault, not the subscriber's
 		}
 		if ns := a.nodes[o.id.Node]; ns == nil {
@@ -458,7 +468,7 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 		} else if _, ok := ns.set[o.id.Local]; !ok {
 			continue
 		}
-		if o.status != SubscriberGone {
+		if o.status != SubscriberGone && !o.markAhead {
 			if struck[o.id] {
 				continue // a group member's own share and a re-routed one both failed
 			}

@@ -1681,8 +1681,14 @@ type Reply struct {
 	Processed []uint32 `protobuf:"varint,10,rep,packed,name=processed,proto3" json:"processed,omitempty"`
 	// topics answers a TopicsRequest: one page, sorted by topic; more: the
 	// member has topics past the last one.
-	Topics        []*TopicSummary `protobuf:"bytes,11,rep,name=topics,proto3" json:"topics,omitempty"`
-	More          bool            `protobuf:"varint,12,opt,name=more,proto3" json:"more,omitempty"`
+	Topics []*TopicSummary `protobuf:"bytes,11,rep,name=topics,proto3" json:"topics,omitempty"`
+	More   bool            `protobuf:"varint,12,opt,name=more,proto3" json:"more,omitempty"`
+	// behind answers a DeliverBatch: the indices into statuses of the
+	// subscribers that dropped the batch as OutOfOrder because they had seen
+	// a later batch number of the same owner incarnation. For a batch sent
+	// for the first time nothing can have overtaken it, so the owner knows
+	// such a subscriber's mark came from a forged delivery.
+	Behind        []uint32 `protobuf:"varint,13,rep,packed,name=behind,proto3" json:"behind,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1799,6 +1805,13 @@ func (x *Reply) GetMore() bool {
 		return x.More
 	}
 	return false
+}
+
+func (x *Reply) GetBehind() []uint32 {
+	if x != nil {
+		return x.Behind
+	}
+	return nil
 }
 
 var File_wire_proto protoreflect.FileDescriptor
@@ -1950,7 +1963,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xc4\x05\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xdc\x05\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -1964,7 +1977,8 @@ const file_wire_proto_rawDesc = "" +
 	"\tprocessed\x18\n" +
 	" \x03(\rR\tprocessed\x128\n" +
 	"\x06topics\x18\v \x03(\v2 .clusterpubsub.wire.TopicSummaryR\x06topics\x12\x12\n" +
-	"\x04more\x18\f \x01(\bR\x04more\x1a>\n" +
+	"\x04more\x18\f \x01(\bR\x04more\x12\x16\n" +
+	"\x06behind\x18\r \x03(\rR\x06behind\x1a>\n" +
 	"\x10SubscribersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
