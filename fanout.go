@@ -86,7 +86,10 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 		}
 		st, processed, path := remoteStatuses(n, m.ID, to.len(), rep, err)
 		var behind []uint32
-		if data.first && !path {
+		if data.first && !path && len(rep.GetBehind()) > 0 && n.nc.Stats().Reconnects == b.reconnects {
+			// Only on one connection do the sends keep their order: after a
+			// reconnect (to another server) a later batch can overtake
+			// this one, held up on the old server's route.
 			behind = rep.GetBehind()
 		}
 		b.report(to, st, processed, path, behind)
@@ -190,6 +193,9 @@ type pendingBatch struct {
 	failedMembers map[SubscriberID]bool
 	reroute       *reroutes    // nil without groups
 	early         *earlyAnswer // nil unless the publisher stops waiting first (answer_by.go)
+	// reconnects: the connection's reconnect count when the batch was
+	// numbered; a first send's behind is believed only while it holds.
+	reconnects uint64
 }
 
 type subscriberOutcome struct {

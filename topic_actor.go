@@ -301,7 +301,8 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	a.seq++
 	msgs.seq = batchSeq{owner: n.self.ID, inc: n.self.Incarnation, seq: a.seq}
 	targets, reroute := a.targets(msgs)
-	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs, reroute: reroute}
+	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs, reroute: reroute,
+		reconnects: n.nc.Stats().Reconnects}
 	if msgs.level != AckDelivered {
 		// Answered now, with the batch accepted and its targets fixed, in
 		// the same turn as the sends below: the answer is written to the
