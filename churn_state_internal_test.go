@@ -50,6 +50,20 @@ func onMailboxWait(s *Subscription, fn func()) {
 	<-done
 }
 
+// inParallel runs fn(0) to fn(n-1), 32 at a time, and waits for them.
+func inParallel(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 32)
+	for i := range n {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			fn(i)
+		})
+	}
+	wg.Wait()
+}
+
 // waitGoroutines waits until the process runs at most base+slack goroutines.
 func waitGoroutines(t *testing.T, base, slack int) {
 	t.Helper()
@@ -81,23 +95,16 @@ func TestChurnShortLivedProducersStayBounded(t *testing.T) {
 	require.NoError(t, err)
 	base := runtime.NumGoroutine()
 	const producers = 5000
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for i := range producers {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			p, err := NewBatchingProducer(a, topic, ProducerConfig{})
-			if !assert.NoError(t, err) {
-				return
-			}
-			f := p.Produce(t.Context(), fmt.Appendf(nil, "%d", i))
-			assert.NoError(t, p.Close(t.Context()))
-			_, err = f.Wait(t.Context())
-			assert.NoError(t, err)
-		})
-	}
-	wg.Wait()
+	inParallel(producers, func(i int) {
+		p, err := NewBatchingProducer(a, topic, ProducerConfig{})
+		if !assert.NoError(t, err) {
+			return
+		}
+		f := p.Produce(t.Context(), fmt.Appendf(nil, "%d", i))
+		assert.NoError(t, p.Close(t.Context()))
+		_, err = f.Wait(t.Context())
+		assert.NoError(t, err)
+	})
 	waitForTest(t, "every message delivered", func() bool { mu.Lock(); defer mu.Unlock(); return got == producers })
 	var owned, marks int
 	onActorWait(b, topic, func(a *topicActor) { owned = len(a.producers) })

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -35,17 +34,10 @@ func TestSoakChurnTopicsPublishedOnceAreReleased(t *testing.T) {
 			_, a, b, c := churnTrio(t)
 			base := runtime.NumGoroutine()
 			const topics = 1000
-			var wg sync.WaitGroup
-			sem := make(chan struct{}, 32)
-			for i := range topics {
-				sem <- struct{}{}
-				wg.Go(func() {
-					defer func() { <-sem }()
-					_, err := a.PublishMessages(t.Context(), fmt.Sprintf("once-%d", i), []Outgoing{{Data: []byte("x")}}, WithAck(level))
-					assert.NoError(t, err)
-				})
-			}
-			wg.Wait()
+			inParallel(topics, func(i int) {
+				_, err := a.PublishMessages(t.Context(), fmt.Sprintf("once-%d", i), []Outgoing{{Data: []byte("x")}}, WithAck(level))
+				assert.NoError(t, err)
+			})
 			peak := actorCount(a) + actorCount(b) + actorCount(c)
 			t.Logf("actors right after: %d", peak)
 			waitForTest(t, "actors collected", func() bool { return actorCount(a)+actorCount(b)+actorCount(c) == 0 })
@@ -69,23 +61,16 @@ func TestSoakChurnSubscriptionsAreReleased(t *testing.T) {
 	require.NoError(t, err)
 	base := runtime.NumGoroutine()
 	const topics = 2000
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for i := range topics {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			s, err := c.Subscribe(t.Context(), fmt.Sprintf("sub-%d", i), func(context.Context, *Message) error { return nil })
-			if assert.NoError(t, err) {
-				assert.NoError(t, s.Unsubscribe(t.Context()))
-			}
-			g, err := a.Subscribe(t.Context(), keep, func(context.Context, *Message) error { return nil }, WithGroup(fmt.Sprintf("g%d", i)))
-			if assert.NoError(t, err) {
-				assert.NoError(t, g.Unsubscribe(t.Context()))
-			}
-		})
-	}
-	wg.Wait()
+	inParallel(topics, func(i int) {
+		s, err := c.Subscribe(t.Context(), fmt.Sprintf("sub-%d", i), func(context.Context, *Message) error { return nil })
+		if assert.NoError(t, err) {
+			assert.NoError(t, s.Unsubscribe(t.Context()))
+		}
+		g, err := a.Subscribe(t.Context(), keep, func(context.Context, *Message) error { return nil }, WithGroup(fmt.Sprintf("g%d", i)))
+		if assert.NoError(t, err) {
+			assert.NoError(t, g.Unsubscribe(t.Context()))
+		}
+	})
 	_, err = a.Publish(t.Context(), keep, []byte("x"))
 	require.NoError(t, err)
 	var sizes, next, vanished, subs int
@@ -210,30 +195,23 @@ func TestSoakChurnHeapDoesNotGrowWithTopicChurn(t *testing.T) {
 	round := 0
 	churn := func(topics int) {
 		round++
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, 32)
-		for i := range topics {
-			sem <- struct{}{}
-			wg.Go(func() {
-				defer func() { <-sem }()
-				topic := fmt.Sprintf("heap-%d-%d", round, i)
-				s, err := c.Subscribe(t.Context(), topic, func(context.Context, *Message) error { return nil })
-				if !assert.NoError(t, err) {
-					return
-				}
-				_, err = a.Publish(t.Context(), topic, []byte("x"))
-				assert.NoError(t, err)
-				_, err = a.PublishMessages(t.Context(), topic, []Outgoing{{Data: []byte("y")}}, WithAck(AckNone))
-				assert.NoError(t, err)
-				p, err := NewBatchingProducer(b, topic, ProducerConfig{})
-				if assert.NoError(t, err) {
-					p.Produce(t.Context(), []byte("z"))
-					assert.NoError(t, p.Close(t.Context()))
-				}
-				assert.NoError(t, s.Unsubscribe(t.Context()))
-			})
-		}
-		wg.Wait()
+		inParallel(topics, func(i int) {
+			topic := fmt.Sprintf("heap-%d-%d", round, i)
+			s, err := c.Subscribe(t.Context(), topic, func(context.Context, *Message) error { return nil })
+			if !assert.NoError(t, err) {
+				return
+			}
+			_, err = a.Publish(t.Context(), topic, []byte("x"))
+			assert.NoError(t, err)
+			_, err = a.PublishMessages(t.Context(), topic, []Outgoing{{Data: []byte("y")}}, WithAck(AckNone))
+			assert.NoError(t, err)
+			p, err := NewBatchingProducer(b, topic, ProducerConfig{})
+			if assert.NoError(t, err) {
+				p.Produce(t.Context(), []byte("z"))
+				assert.NoError(t, p.Close(t.Context()))
+			}
+			assert.NoError(t, s.Unsubscribe(t.Context()))
+		})
 		waitForTest(t, "actors collected", func() bool { return actorCount(a)+actorCount(b)+actorCount(c) == 0 })
 	}
 	defer func(rate int) { runtime.MemProfileRate = rate }(runtime.MemProfileRate)
