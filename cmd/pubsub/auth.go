@@ -72,8 +72,7 @@ func addConnFlags(fs *flag.FlagSet, f *connFlags, only string) {
 // the client certificate and key only when neither flag was given; the CA
 // when --tlsca was not. getenv is os.Getenv outside tests.
 func (f *connFlags) useEnv(fs *flag.FlagSet, urls string, getenv func(string) string) {
-	set := map[string]bool{}
-	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	set := setOnCommandLine(fs)
 	anySet := func(names ...string) bool { return slices.ContainsFunc(names, func(n string) bool { return set[n] }) }
 	fill := func(names ...string) {
 		for _, name := range names {
@@ -106,10 +105,17 @@ func (f *connFlags) label(name string) string {
 	return "--" + name
 }
 
-// given returns the connection flags set on the command line, as --name.
-func (f *connFlags) given(fs *flag.FlagSet) []string {
+// setOnCommandLine returns the names of the flags fs parsed from the
+// command line (or Set since).
+func setOnCommandLine(fs *flag.FlagSet) map[string]bool {
 	set := map[string]bool{}
 	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	return set
+}
+
+// given returns the connection flags set on the command line, as --name.
+func (f *connFlags) given(fs *flag.FlagSet) []string {
+	set := setOnCommandLine(fs)
 	var names []string
 	for _, n := range connFlagNames {
 		if set[n] {

@@ -169,8 +169,7 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		names = append(names, args[0])
 		args = args[1:]
 	}
-	set := map[string]bool{}
-	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	set := setOnCommandLine(fs)
 
 	cfg := &benchConfig{
 		servers:  f.servers,
