@@ -86,7 +86,8 @@ type Propagator interface {
 	Inject(ctx context.Context, h Header)
 	// Extract runs once per message for each subscription, before its
 	// handler, and returns the ctx the handler gets for that message. h is
-	// nil when the message has no header.
+	// nil when the message has no header. A panic in Extract is logged
+	// and the handler gets ctx as it was.
 	Extract(ctx context.Context, h Header) context.Context
 }
 

@@ -336,3 +336,43 @@ func TestPropagatorInjectingAnInvalidNameIsRefused(t *testing.T) {
 	_, err = prod.Produce(ctxT(t), []byte("x")).Wait(ctxT(t))
 	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
 }
+
+// panickingPropagator is testPropagator whose Extract panics on a message
+// carrying a "poison" header, as a third-party propagator might on a
+// malformed trace header it did not write.
+type panickingPropagator struct{ testPropagator }
+
+func (p *panickingPropagator) Extract(ctx context.Context, h pubsub.Header) context.Context {
+	if h.Get("poison") != "" {
+		panic("malformed trace header")
+	}
+	return p.testPropagator.Extract(ctx, h)
+}
+
+// A panic in Extract runs on the subscriber's mailbox goroutine, where it
+// would take the node down: the handler gets the message without its trace
+// context instead, the rest of the batch keeps its own, and it is logged.
+func TestPropagatorExtractPanicCostsOnlyTheTraceContext(t *testing.T) {
+	logs := &syncBuffer{}
+	c := newCluster(t, 3, 3, pubsub.WithPropagator(&panickingPropagator{}), warnLogger(logs))
+	for name, p := range envelopePaths(t, c, "extract-panic") {
+		t.Run(name, func(t *testing.T) {
+			var e envelopes
+			subscribe(t, p.sub, p.topic, e.handler)
+			ctx := context.WithValue(ctxT(t), traceKey{}, "t-"+name)
+			ack, err := p.pub.PublishMessages(ctx, p.topic, []pubsub.Outgoing{
+				{Data: []byte("before")},
+				{Data: []byte("poisoned"), Header: pubsub.Header{"poison": {"1"}}},
+				{Data: []byte("after")},
+			})
+			mustAccept(t, ack, err, 1)
+			got := e.all()
+			require.Len(t, got, 3, "every message reached the handler")
+			assert.Equal(t, []string{"before", "poisoned", "after"}, []string{got[0].data, got[1].data, got[2].data})
+			assert.Equal(t, "t-"+name, got[0].trace)
+			assert.Empty(t, got[1].trace, "the poisoned message's handler got the ctx without a trace")
+			assert.Equal(t, "t-"+name, got[2].trace, "the next message extracts again")
+			assert.Contains(t, logs.String(), "Propagator.Extract panicked")
+		})
+	}
+}

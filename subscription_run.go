@@ -217,7 +217,7 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 		}
 		mctx := ctx
 		if prop != nil {
-			mctx = prop.Extract(ctx, batch[j].Header)
+			mctx = s.extract(ctx, prop, batch[j].Header)
 		}
 		if err := s.call(mctx, &batch[j]); err != nil {
 			if !errors.As(err, new(*decodeError)) {
@@ -239,6 +239,26 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 // implicit one of each publishing node incarnation) a subscription keeps
 // the last batch number of.
 const maxTrackedProducers = 4096
+
+// extract runs the Propagator's Extract for one message. A panic in it
+// (a propagator choking on a malformed header it did not write, say) is
+// logged and the handler gets ctx unchanged: tracing is auxiliary, so it
+// costs the message its trace context, never the message or the node.
+func (s *Subscription) extract(ctx context.Context, prop Propagator, h Header) (mctx context.Context) {
+	defer func() {
+		if r := recover(); r != nil {
+			mctx = ctx
+			if ok, held := s.node.log.limit.allow("extract/" + s.id.Local); ok {
+				s.node.log.Error("Propagator.Extract panicked; the handler gets the message without its trace context",
+					"topic", s.topic, "subscriber", s.id.String(), "panic", r, "suppressed", held)
+			}
+		}
+	}()
+	if mctx = prop.Extract(ctx, h); mctx == nil {
+		mctx = ctx
+	}
+	return mctx
+}
 
 // call runs the handler, turning a panic into an error so one bad message
 // cannot take the node down.
