@@ -33,7 +33,7 @@ func TestEarlyAnswerArmsOnlyForAShorterWait(t *testing.T) {
 			// Enough of a node for answerEarly, which a past deadline
 			// runs at once.
 			n := &Node{log: nodeLogger{Logger: slog.New(slog.DiscardHandler)}}
-			n.members.cur.Store(newView(1, []Member{{ID: "o", Incarnation: 1}}))
+			n.members.views.cur.Store(newView(1, []Member{{ID: "o", Incarnation: 1}}))
 			n.cfg.SubscriberTimeout, n.cfg.RequestTimeout = tc.subscriber, tc.req
 			a := &topicActor{n: n, topic: "t"}
 			answered := make(chan PublishAck, 1)

@@ -129,7 +129,7 @@ func TestSoakChurnMembersLeaveNoState(t *testing.T) {
 			return len(n.rpc.pending) == 0
 		})
 		n.members.mu.Lock()
-		peers, left, timedOut := len(n.members.peers), len(n.members.left), len(n.members.timedOut)
+		peers, left, timedOut := len(n.members.peers), len(n.members.left), len(n.members.sameID.timedOut)
 		n.members.mu.Unlock()
 		n.owner.registry.mu.Lock()
 		answered, handover, pending := len(n.owner.registry.answered), len(n.owner.registry.handover), len(n.owner.registry.subs)

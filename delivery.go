@@ -27,7 +27,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "name too long"})
 		return
 	}
-	if n.members.superseded.Load() && !n.subscriber.namesOwn(d) {
+	if n.members.sameID.superseded.Load() && !n.subscriber.namesOwn(d) {
 		// A newer incarnation of this node's ID runs (this one was cut
 		// off past MemberTimeout and replaced): deliveries to the ID's
 		// inbox reach both, and this node's SubscriberGone for the other's

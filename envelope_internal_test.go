@@ -85,7 +85,7 @@ func TestAckNoneLocalQueueIsBounded(t *testing.T) {
 	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
 	defer n.life.cancel()
 	n.events = newEventStream(n.self.ID)
-	n.members.cur.Store(newView(1, []Member{n.self}))
+	n.members.views.cur.Store(newView(1, []Member{n.self}))
 	n.owner.init(n)
 	release := make(chan struct{})
 	n.owner.onActor("t", false, func(*topicActor) { <-release }) // keeps the actor busy

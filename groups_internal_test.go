@@ -86,7 +86,7 @@ func TestSubsetOfAKeyedBatch(t *testing.T) {
 func TestReroutePlansOnlyTheFailedDelivery(t *testing.T) {
 	n := &Node{self: Member{ID: "o", Incarnation: 1}}
 	n.cfg.SubscriberTimeout, n.cfg.RequestTimeout = time.Minute, time.Minute
-	n.members.cur.Store(newView(1, []Member{{ID: "o", Incarnation: 1}, {ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 1}, {ID: "c", Incarnation: 1}}))
+	n.members.views.cur.Store(newView(1, []Member{{ID: "o", Incarnation: 1}, {ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 1}, {ID: "c", Incarnation: 1}}))
 	members := []SubscriberID{{Node: "a", Local: "1@g"}, {Node: "b", Local: "1@g"}, {Node: "c", Local: "1@g"}}
 	g := newGroupRoute("g", slices.Clone(members))
 	r := &reroutes{n: n, groups: map[string]*groupRoute{"g": g}, accepted: time.Now()}

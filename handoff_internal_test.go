@@ -94,8 +94,8 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	defer n.life.cancel()
 	n.events = newEventStream(n.self.ID)
 	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3}})
-	n.members.cur.Store(v)
-	n.members.history.remember(v)
+	n.members.views.cur.Store(v)
+	n.members.views.history.remember(v)
 	n.owner.init(n)
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	subs := func(s string) []*wire.TopicSubscribers {

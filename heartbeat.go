@@ -66,7 +66,7 @@ func (n *Node) heartbeatLoop() {
 		for id, p := range n.members.peers {
 			if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
 				delete(n.members.peers, id)
-				n.members.noteTimedOut(p.m, n.cfg.MaxMembers)
+				n.members.sameID.noteTimedOut(p.m, n.cfg.MaxMembers)
 				changed = true
 			}
 		}

@@ -27,8 +27,8 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 		ms = append(ms, Member{ID: fmt.Sprintf("d%02d", i), Incarnation: uint64(10 + i)})
 	}
 	v := newView(1, ms)
-	n.members.cur.Store(v)
-	n.members.history.remember(v)
+	n.members.views.cur.Store(v)
+	n.members.views.history.remember(v)
 	n.owner.init(n)
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	bSubs := []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{"x"}}}
@@ -53,13 +53,13 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 		cur = cur[:len(cur)-1]
 		last = newView(uint64(i+2), append([]Member(nil), cur...))
 		n.members.mu.Lock()
-		n.members.cur.Store(last)
-		n.members.history.remember(last)
+		n.members.views.cur.Store(last)
+		n.members.views.history.remember(last)
 		n.owner.registry.reset(last, nil, viewChange{leavers: []Member{leaver}})
 		n.members.mu.Unlock()
 		n.owner.registry.applyHandover(last, leaver.ID, nil)
 	}
-	require.Less(t, len(n.members.history.views), 10, "the history no longer reaches the actor's view")
+	require.Less(t, len(n.members.views.history.views), 10, "the history no longer reaches the actor's view")
 	close(release)
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	reconciled := func() (ready bool, subs int) {

@@ -84,7 +84,7 @@ func (n *Node) joinView(ctx context.Context) error {
 			n.members.mu.Unlock()
 		case <-tick.C:
 		}
-		if n.members.idConflict.Load() {
+		if n.members.sameID.idConflict.Load() {
 			return fmt.Errorf("%w: node ID %q is in use by another live node (one still draining its Close counts); choose another NodeID, or join once that node's Close returned", ErrInvalidConfig, n.self.ID)
 		}
 		// Peers heard since the last install join the view together, at
@@ -117,10 +117,10 @@ func (n *Node) installPending() bool {
 }
 
 func (n *Node) installPendingLocked() bool {
-	if !n.members.viewPending {
+	if !n.members.views.viewPending {
 		return false
 	}
-	n.members.viewPending = false
+	n.members.views.viewPending = false
 	before := n.view().id
 	n.recomputeView()
 	return n.view().id != before

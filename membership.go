@@ -18,24 +18,18 @@ import (
 
 // membership is the node's view of the live members: heartbeats in and out,
 // the peers heard from, the recent views, the partition quorum. mu guards
-// peers, rejectedSince, history and quorum.stable; cur is read lock-free.
+// peers, rejectedSince, views.history and quorum.stable; views.cur is read
+// lock-free.
 type membership struct {
 	mu            sync.Mutex
 	peers         map[string]*peer
-	rejectedSince uint64 // heartbeats ignored past MaxMembers since the last event
-	history       viewHistory
-	cur           atomic.Pointer[view]
-	control       serial // runs view changes in order
-	pushed        *view  // the last view whose moved subscriptions were pushed; control actor only
-	subject       string // <prefix>.members
+	rejectedSince uint64         // heartbeats ignored past MaxMembers since the last event
+	views         installedViews // the current and recent views (view_history.go)
+	control       serial         // runs view changes in order
+	pushed        *view          // the last view whose moved subscriptions were pushed; control actor only
+	subject       string         // <prefix>.members
 	sub           *nats.Subscription
-	idConflict    atomic.Bool               // an older live node with our ID was heard
-	superseded    atomic.Bool               // a newer incarnation of our ID was heard and has not left (see onDeliver)
-	supersededBy  atomic.Uint64             // the last such incarnation heard
-	supersededCO  atomic.Bool               // whether that one is client-only (it may differ from this node)
-	supersededAt  atomic.Int64              // when a newer incarnation was last heard (unix ns)
 	joined        atomic.Bool               // Join returned: the view is stable enough to serve topics
-	viewPending   bool                      // joining: peers were added and joinView installs their view
 	quorum        quorum                    // the stable views (every policy; KeepMajority acts on them)
 	left          map[incarnation]time.Time // members that left gracefully, recently: when last heard leaving
 	beatNow       chan struct{}             // the view changed: heartbeat early
@@ -44,26 +38,9 @@ type membership struct {
 	// when the peers change (ownerPayload), read lock-free on every
 	// publish.
 	peerPayload atomic.Int64
-	// timedOut holds, per ID, the incarnation this node last dropped for
-	// silence (MemberTimeout) and has not taken back since, at most
-	// MaxMembers of them: only those are told that a newer one replaced
-	// them (replaced.go). Guarded by mu.
-	timedOut map[string]uint64
-	// replacedView: since when, and by whose heartbeat, the peers report
-	// this node's view with a newer incarnation in its place (replaced.go:
-	// noteReplacedView). Guarded by mu.
-	replacedView struct {
-		since time.Time
-		by    string
-	}
-	// viewed is closed, and replaced, each time a view is installed
-	// (WaitMembers waits on it). Guarded by mu.
-	viewed chan struct{}
-	// ranApart: the peer seen() is adding was heard first by a heartbeat,
-	// not its JOIN: it ran without this node, and what it subscribed to
-	// meanwhile went to another owner (view.returned). Consumed by the
-	// recomputeView it calls; guarded by mu.
-	ranApart bool
+	// sameID: other live incarnations of this node's ID, and of its
+	// peers' (replaced.go).
+	sameID sameIDWatch
 }
 
 // earlyBeatSpacing bounds the heartbeats a burst of view changes triggers.
@@ -139,18 +116,18 @@ func (m *membership) changeBetween(prev, next *view, self string) viewChange {
 func (m *membership) init(n *Node) {
 	m.peers = make(map[string]*peer)
 	m.left = make(map[incarnation]time.Time)
-	m.timedOut = make(map[string]uint64)
-	m.viewed = make(chan struct{})
+	m.sameID.timedOut = make(map[string]uint64)
+	m.views.viewed = make(chan struct{})
 	m.beatNow = make(chan struct{}, 1)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
 	first := newView(0, []Member{n.self})
-	m.cur.Store(first)
-	m.history.remember(first)
+	m.views.cur.Store(first)
+	m.views.history.remember(first)
 	m.pushed = first
 }
 
-func (m *membership) view() *view { return m.cur.Load() }
+func (m *membership) view() *view { return m.views.cur.Load() }
 
 // peer is what this node knows of another member.
 type peer struct {
@@ -205,7 +182,7 @@ func (n *Node) WaitMembers(ctx context.Context, count int) error {
 	}
 	for {
 		n.members.mu.Lock()
-		have, changed := len(n.view().members), n.members.viewed
+		have, changed := len(n.view().members), n.members.views.viewed
 		n.members.mu.Unlock()
 		switch {
 		case have >= count:
@@ -270,27 +247,27 @@ func (n *Node) recomputeView() {
 	n.ownerPayload()
 	prev := n.view()
 	next := newView(prev.epoch+1, members)
-	ranApart := n.members.ranApart
-	n.members.ranApart = false
+	ranApart := n.members.views.ranApart
+	n.members.views.ranApart = false
 	if next.id == prev.id {
 		return
 	}
 	// Carried forward: an actor asleep since before a return still waits.
-	next.returned = max(prev.returned, n.members.history.returnedBefore(next, n.self.ID))
+	next.returned = max(prev.returned, n.members.views.history.returnedBefore(next, n.self.ID))
 	if ranApart {
 		// The history names only members it still remembers, in their
 		// incarnation: not one restarted or started on the other side of a
 		// partition, nor one whose earlier views were trimmed.
 		next.returned = prev.epoch
 	}
-	n.members.cur.Store(next)
-	close(n.members.viewed)
-	n.members.viewed = make(chan struct{})
+	n.members.views.cur.Store(next)
+	close(n.members.views.viewed)
+	n.members.views.viewed = make(chan struct{})
 	now := time.Now()
 	for _, p := range n.members.peers {
 		p.noteAgreement(next.id, now)
 	}
-	n.members.history.remember(next)
+	n.members.views.history.remember(next)
 	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
 	select {
@@ -305,14 +282,14 @@ func (n *Node) recomputeView() {
 func (n *Node) ownedThroughout(topic string, from, to uint64) bool {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
-	return n.members.history.ownedThroughout(n.self.ID, topic, from, to)
+	return n.members.views.history.ownedThroughout(n.self.ID, topic, from, to)
 }
 
 // viewAt returns the recent view with the given epoch, or nil.
 func (n *Node) viewAt(epoch uint64) *view {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
-	return n.members.history.at(epoch)
+	return n.members.views.history.at(epoch)
 }
 
 // onMembers handles a message on <prefix>.members. Malformed messages are
@@ -330,33 +307,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 		return
 	}
 	if from.GetNodeId() == n.self.ID {
-		// Two live nodes with one ID: the older incarnation wins, so of two
-		// nodes joining at once exactly one fails, and a running node is
-		// never pushed out by a newcomer.
-		inc := from.GetIncarnation()
-		if hb.GetKind() == wire.Heartbeat_LEAVE && inc > n.self.Incarnation && inc == n.members.supersededBy.Load() {
-			// The newer one left (a Join that lost to this node, failing
-			// on the ID conflict): this node is the only one again.
-			n.members.superseded.Store(false)
-		}
-		if inc != n.self.Incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
-			if inc < n.self.Incarnation {
-				n.members.idConflict.Store(true)
-			} else {
-				// The last heard, not the newest: a third node with the ID
-				// that failed on the conflict and left must not hide the
-				// one that still beats, which the peers may serve
-				// (noteReplacedView).
-				n.members.supersededCO.Store(from.GetClientOnly())
-				n.members.supersededBy.Store(inc)
-				n.members.supersededAt.Store(time.Now().UnixNano())
-				n.members.superseded.Store(true)
-			}
-			n.log.Warn("another live node uses this node's ID", "node", n.self.ID)
-			if hb.GetKind() == wire.Heartbeat_JOIN && inc > n.self.Incarnation {
-				n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "") // let the joiner see us at once
-			}
-		}
+		n.heardSameID(hb)
 		return
 	}
 	n.members.mu.Lock()
@@ -405,7 +356,7 @@ func (n *Node) heard(hb *wire.Heartbeat) {
 	n.seen(from, hb.GetViewId(), hb.GetKind() == wire.Heartbeat_JOIN)
 	if p := n.members.peers[from.GetNodeId()]; p != nil && p.m.Incarnation == from.GetIncarnation() {
 		n.noteStable(p, hb)
-		if n.members.superseded.Load() {
+		if n.members.sameID.superseded.Load() {
 			n.noteReplacedView(p)
 		}
 	}
@@ -423,7 +374,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		if ref.GetIncarnation() < p.m.Incarnation {
 			// A stale message of an older incarnation. It still runs: if
 			// this node dropped it for silence, it was cut off and replaced.
-			if n.members.timedOut[id] == ref.GetIncarnation() {
+			if n.members.sameID.timedOut[id] == ref.GetIncarnation() {
 				n.tellStale(p, ref)
 			}
 			return
@@ -443,19 +394,19 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		}
 		p = &peer{m: Member{ID: id, Incarnation: ref.GetIncarnation(), Inbox: natsutil.NodeSubject(n.cfg.Prefix, id), ClientOnly: ref.GetClientOnly()}, maxPayload: ref.GetMaxPayload()}
 		n.members.peers[id] = p
-		if n.members.timedOut[id] == ref.GetIncarnation() {
+		if n.members.sameID.timedOut[id] == ref.GetIncarnation() {
 			// Taken back: it was not replaced while away. Kept, the entry
 			// would have a newer incarnation joining at once with it
 			// later (which fails) tell this live one it was replaced.
-			delete(n.members.timedOut, id)
+			delete(n.members.sameID.timedOut, id)
 		}
 		if n.members.joined.Load() {
-			n.members.ranApart = !joining
+			n.members.views.ranApart = !joining
 			n.recomputeView()
 		} else {
 			// Joining: members answer one by one, and a view per answer
 			// cost a handoff round each; joinView installs them together.
-			n.members.viewPending = true
+			n.members.views.viewPending = true
 		}
 	}
 	p.lastSeen = time.Now()

@@ -3,6 +3,7 @@ package pubsub
 import (
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -22,11 +23,11 @@ import (
 // replacement gets a copy too (the inbox subject is the ID's) and ignores
 // it. Both sides check it:
 //   - a peer tells only an incarnation it dropped itself for silence
-//     (membership.timedOut), not one it replaced because a newer one
+//     (membership.sameID.timedOut), not one it replaced because a newer one
 //     joined while the older was briefly quiet: of two nodes joining with
 //     one ID at once the older wins, and it must not be stopped too;
 //   - the older node believes a notice only when it heard the newer
-//     incarnation itself (membership.superseded) and the peer's last
+//     incarnation itself (membership.sameID.superseded) and the peer's last
 //     heartbeat reported the view this node has, with the newer
 //     incarnation in its own place: the peer really serves that one, and a
 //     notice forged in a live peer's name, whose heartbeats say otherwise,
@@ -49,13 +50,71 @@ import (
 // the two nodes ends, with an error saying why, and the cluster keeps the
 // one its members serve.
 
+// sameIDWatch is what membership tracks of other live incarnations of one
+// ID: of this node's own (an older one: its Join fails; a newer one: it may
+// have been replaced) and of its peers' (the ones it dropped for silence,
+// told when a newer one replaced them). The atomics are read lock-free;
+// timedOut and replacedView are guarded by membership.mu.
+type sameIDWatch struct {
+	idConflict   atomic.Bool   // an older live node with our ID was heard
+	superseded   atomic.Bool   // a newer incarnation of our ID was heard and has not left (see onDeliver)
+	supersededBy atomic.Uint64 // the last such incarnation heard
+	supersededCO atomic.Bool   // whether that one is client-only (it may differ from this node)
+	supersededAt atomic.Int64  // when a newer incarnation was last heard (unix ns)
+	// timedOut holds, per ID, the incarnation this node last dropped for
+	// silence (MemberTimeout) and has not taken back since, at most
+	// MaxMembers of them: only those are told that a newer one replaced
+	// them (replaced.go). Guarded by mu.
+	timedOut map[string]uint64
+	// replacedView: since when, and by whose heartbeat, the peers report
+	// this node's view with a newer incarnation in its place (replaced.go:
+	// noteReplacedView). Guarded by mu.
+	replacedView struct {
+		since time.Time
+		by    string
+	}
+}
+
+// heardSameID handles a heartbeat of this node's ID on <prefix>.members:
+// another live node's, or this node's own. Callers do not hold members.mu.
+func (n *Node) heardSameID(hb *wire.Heartbeat) {
+	from := hb.GetFrom()
+	// Two live nodes with one ID: the older incarnation wins, so of two
+	// nodes joining at once exactly one fails, and a running node is
+	// never pushed out by a newcomer.
+	inc := from.GetIncarnation()
+	if hb.GetKind() == wire.Heartbeat_LEAVE && inc > n.self.Incarnation && inc == n.members.sameID.supersededBy.Load() {
+		// The newer one left (a Join that lost to this node, failing
+		// on the ID conflict): this node is the only one again.
+		n.members.sameID.superseded.Store(false)
+	}
+	if inc != n.self.Incarnation && hb.GetKind() != wire.Heartbeat_LEAVE {
+		if inc < n.self.Incarnation {
+			n.members.sameID.idConflict.Store(true)
+		} else {
+			// The last heard, not the newest: a third node with the ID
+			// that failed on the conflict and left must not hide the
+			// one that still beats, which the peers may serve
+			// (noteReplacedView).
+			n.members.sameID.supersededCO.Store(from.GetClientOnly())
+			n.members.sameID.supersededBy.Store(inc)
+			n.members.sameID.supersededAt.Store(time.Now().UnixNano())
+			n.members.sameID.superseded.Store(true)
+		}
+		n.log.Warn("another live node uses this node's ID", "node", n.self.ID)
+		if hb.GetKind() == wire.Heartbeat_JOIN && inc > n.self.Incarnation {
+			n.sendHeartbeat(wire.Heartbeat_HEARTBEAT, "") // let the joiner see us at once
+		}
+	}
+}
+
 // noteReplacedView records what p's heartbeat says of this node, which
 // heard a newer incarnation of its ID: replaced (p reports this node's view
 // with the newer one in its place) or not (p reports this node's own
 // view, or p said replaced first and now reports another view: the reports
 // must run on for MemberTimeout). Callers hold members.mu.
 func (n *Node) noteReplacedView(p *peer) {
-	r := &n.members.replacedView
+	r := &n.members.sameID.replacedView
 	switch p.viewID {
 	case n.viewReplacedBy(n.newerSelf()):
 		if r.since.IsZero() {
@@ -77,25 +136,25 @@ func (n *Node) noteReplacedView(p *peer) {
 // newerSelf names the newer incarnation of this node's ID heard last, with its
 // own ClientOnly: a restart may change it, and the peers' view hashes it.
 func (n *Node) newerSelf() *wire.MemberRef {
-	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.members.supersededBy.Load(), ClientOnly: n.members.supersededCO.Load()}
+	return &wire.MemberRef{NodeId: n.self.ID, Incarnation: n.members.sameID.supersededBy.Load(), ClientOnly: n.members.sameID.supersededCO.Load()}
 }
 
 // replacedForGood reports whether the peers have reported this node
 // replaced for MemberTimeout (noteReplacedView), with the peer that said so
 // first and the newer incarnation. Callers hold members.mu.
 func (n *Node) replacedForGood() (by string, newer uint64, ok bool) {
-	r := &n.members.replacedView
-	if !n.members.superseded.Load() {
+	r := &n.members.sameID.replacedView
+	if !n.members.sameID.superseded.Load() {
 		r.since = time.Time{}
 	}
 	// The newer one must still beat (as peers tell a live member: within 2
 	// heartbeat intervals): one that crashed late in the wait is about to
 	// be dropped by the peers, which then take this node back.
-	heard := time.Since(time.Unix(0, n.members.supersededAt.Load()))
+	heard := time.Since(time.Unix(0, n.members.sameID.supersededAt.Load()))
 	if r.since.IsZero() || time.Since(r.since) <= n.cfg.MemberTimeout || heard >= 2*n.cfg.HeartbeatInterval {
 		return "", 0, false
 	}
-	return r.by, n.members.supersededBy.Load(), true
+	return r.by, n.members.sameID.supersededBy.Load(), true
 }
 
 // tellStale answers a stale heartbeat of ref, an older incarnation of p's
@@ -113,17 +172,17 @@ func (n *Node) tellStale(p *peer, ref *wire.MemberRef) {
 	}}})
 }
 
-// noteTimedOut records that m was dropped for silence, forgetting an
+// noteTimedOut records that dropped was dropped for silence, forgetting an
 // arbitrary entry past limit (that incarnation is then not told it was
-// replaced). Callers hold mu.
-func (m *membership) noteTimedOut(dropped Member, limit int) {
-	if _, ok := m.timedOut[dropped.ID]; !ok && len(m.timedOut) >= limit {
-		for id := range m.timedOut {
-			delete(m.timedOut, id)
+// replaced). Callers hold membership.mu.
+func (w *sameIDWatch) noteTimedOut(dropped Member, limit int) {
+	if _, ok := w.timedOut[dropped.ID]; !ok && len(w.timedOut) >= limit {
+		for id := range w.timedOut {
+			delete(w.timedOut, id)
 			break
 		}
 	}
-	m.timedOut[dropped.ID] = dropped.Incarnation
+	w.timedOut[dropped.ID] = dropped.Incarnation
 }
 
 // onReplacedNotice handles a notice on the inbox that a newer incarnation
@@ -146,7 +205,7 @@ func (n *Node) onReplacedNotice(hb *wire.Heartbeat) {
 	from := hb.GetFrom()
 	n.members.mu.Lock()
 	p := n.members.peers[from.GetNodeId()]
-	credible := p != nil && p.m.Incarnation == from.GetIncarnation() && n.members.superseded.Load() &&
+	credible := p != nil && p.m.Incarnation == from.GetIncarnation() && n.members.sameID.superseded.Load() &&
 		p.viewID == n.viewReplacedBy(newer)
 	n.members.mu.Unlock()
 	if !credible {

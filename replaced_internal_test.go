@@ -31,7 +31,7 @@ func TestReplacedNoticeIsBelievedOnlyWhenThePeerServesTheNewer(t *testing.T) {
 
 	n.onReplacedNotice(notice(newer))
 	assert.True(t, running(), "stopped though it never heard the newer incarnation")
-	n.members.superseded.Store(true)
+	n.members.sameID.superseded.Store(true)
 	n.onReplacedNotice(notice(newer))
 	assert.True(t, running(), "stopped on a notice from a peer whose heartbeats report this node's incarnation")
 
@@ -78,16 +78,16 @@ func TestSupersededEndsWhenTheNewerIncarnationLeaves(t *testing.T) {
 	}
 	newer := n.self.Incarnation + 10
 	n.onMembers(beat(wire.Heartbeat_JOIN, newer))
-	require.True(t, n.members.superseded.Load(), "a newer incarnation's JOIN")
+	require.True(t, n.members.sameID.superseded.Load(), "a newer incarnation's JOIN")
 	n.onMembers(beat(wire.Heartbeat_LEAVE, newer-1))
-	assert.True(t, n.members.superseded.Load(), "the LEAVE of another incarnation")
+	assert.True(t, n.members.sameID.superseded.Load(), "the LEAVE of another incarnation")
 	n.onMembers(beat(wire.Heartbeat_LEAVE, newer))
-	assert.False(t, n.members.superseded.Load(), "the newer incarnation left")
+	assert.False(t, n.members.sameID.superseded.Load(), "the newer incarnation left")
 }
 
 // TestMemberTakenBackIsNotToldItWasReplaced: a peer that once dropped a
 // member for silence and took it back when its heartbeats returned kept
-// that incarnation in membership.timedOut for good. Much later, a second
+// that incarnation in membership.sameID.timedOut for good. Much later, a second
 // node joining with the member's ID while the member was briefly quiet
 // (two nodes joining with one ID at once: the older wins, the newer fails
 // on the conflict) made the peer tell the live member that it was replaced,
@@ -106,7 +106,7 @@ func TestMemberTakenBackIsNotToldItWasReplaced(t *testing.T) {
 	peerNode.members.mu.Lock()
 	p := peerNode.members.peers[id]
 	delete(peerNode.members.peers, id)
-	peerNode.members.noteTimedOut(p.m, peerNode.cfg.MaxMembers)
+	peerNode.members.sameID.noteTimedOut(p.m, peerNode.cfg.MaxMembers)
 	peerNode.recomputeView()
 	peerNode.members.mu.Unlock()
 	waitForTest(t, "the member taken back", hasIncarnation(n.self.Incarnation))

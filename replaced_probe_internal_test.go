@@ -26,7 +26,7 @@ func TestQuietNodeRunsOnWhenItsReplacementCrashesLateInTheWait(t *testing.T) {
 	waitForTest(t, "the node to see its peer report the joiner in its place", func() bool {
 		n.members.mu.Lock()
 		defer n.members.mu.Unlock()
-		since = n.members.replacedView.since
+		since = n.members.sameID.replacedView.since
 		return !since.IsZero()
 	})
 	waitForTest(t, "0.7 MemberTimeout of reports", func() bool { return time.Since(since) > 7*n.cfg.MemberTimeout/10 })

@@ -142,7 +142,7 @@ func TestNodeTakenBackAfterTheJoinerCrashedRunsOnAgainstALaterDuplicate(t *testi
 	waitForTest(t, "the node to see its peer report the joiner in its place", func() bool {
 		n.members.mu.Lock()
 		defer n.members.mu.Unlock()
-		return !n.members.replacedView.since.IsZero()
+		return !n.members.sameID.replacedView.since.IsZero()
 	})
 	crash()
 	waitForTest(t, "the peer to take the node back", func() bool {

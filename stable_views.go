@@ -138,7 +138,7 @@ func (n *Node) adoptReported(cur *view) {
 		if v == nil && cur.id == p.stableID {
 			v = cur
 		} else if v == nil {
-			v = n.members.history.byID(p.stableID)
+			v = n.members.views.history.byID(p.stableID)
 		}
 		if v != nil && v.holds(p.m) { // a reporter outside its view is no evidence
 			reports = append(reports, report{p, v})

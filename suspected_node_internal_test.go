@@ -28,15 +28,15 @@ func TestGoneFromTheViewDoesNotEvictAfterTheNodeIsBack(t *testing.T) {
 	install := func(epoch uint64, change viewChange, ms ...Member) *view {
 		v := newView(epoch, ms)
 		n.members.mu.Lock()
-		n.members.cur.Store(v)
-		n.members.history.remember(v)
+		n.members.views.cur.Store(v)
+		n.members.views.history.remember(v)
 		n.owner.registry.reset(v, nil, change)
 		n.members.mu.Unlock()
 		return v
 	}
 	v1 := newView(1, []Member{a, b, c})
-	n.members.cur.Store(v1)
-	n.members.history.remember(v1)
+	n.members.views.cur.Store(v1)
+	n.members.views.history.remember(v1)
 	n.owner.init(n)
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	subsOf := func(local string) []*wire.TopicSubscribers {

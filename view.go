@@ -36,7 +36,7 @@ type view struct {
 	// viewHistory.returnedBefore when the view is installed, carried
 	// forward from the view before, and the previous epoch when a member
 	// new to the view was heard first by a heartbeat, not its JOIN (it ran
-	// without this node: recomputeView, membership.ranApart).
+	// without this node: recomputeView, membership.views.ranApart).
 	returned uint64
 }
 

@@ -1,6 +1,27 @@
 package pubsub
 
-import "slices"
+import (
+	"slices"
+	"sync/atomic"
+)
+
+// installedViews is what membership keeps of the views this node installs
+// (recomputeView): the current one, the recent ones, and what the next
+// install must know. Guarded by membership.mu, but cur, which is read
+// lock-free.
+type installedViews struct {
+	cur         atomic.Pointer[view]
+	history     viewHistory
+	viewPending bool // joining: peers were added and joinView installs their view
+	// viewed is closed, and replaced, each time a view is installed
+	// (WaitMembers waits on it). Guarded by mu.
+	viewed chan struct{}
+	// ranApart: the peer seen() is adding was heard first by a heartbeat,
+	// not its JOIN: it ran without this node, and what it subscribed to
+	// meanwhile went to another owner (view.returned). Consumed by the
+	// recomputeView it calls; guarded by mu.
+	ranApart bool
+}
 
 // viewHistory keeps a node's recent views, oldest first, to decide whether
 // the node owned a topic continuously; an actor idle for longer than the
