@@ -15,7 +15,7 @@ import (
 )
 
 // Probes of split batches (a batch larger than the servers' max_payload
-// goes in chunks, publish.go: chunkAcks) with consumer-group re-routes
+// goes in chunks, chunks.go: chunkAcks) with consumer-group re-routes
 // (a member's mailbox full, its subscription ended mid-chunk) and with
 // answers sent at the publisher's deadline (answer_by.go). Servers have a
 // 16 kB max_payload so a batch of a few messages splits.
