@@ -53,7 +53,7 @@ func (o *ownerSide) actor(topic string) *topicActor {
 		// batches numbered below the last they saw.
 		now := time.Now()
 		seq := max(uint64(now.UnixNano()), o.seqFloor)
-		a = &topicActor{n: o.n, topic: topic, epoch: noEpoch, synced: noEpoch, seq: seq, used: now}
+		a = &topicActor{n: o.n, topic: topic, reconciled: reconciled{epoch: noEpoch, synced: noEpoch}, seq: seq, collection: collection{used: now}}
 		a.s.goroutines = &o.n.life.goroutines
 		o.topics[topic] = a
 	}

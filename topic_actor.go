@@ -16,25 +16,13 @@ type topicActor struct {
 	topic string
 	s     serial
 
-	epoch  uint64 // view epoch the state was reconciled to; noEpoch when fresh
-	synced uint64 // view epoch whose syncs were merged; noEpoch when none
-	owned  bool   // this node owns the topic in view epoch
-	ready  bool   // the subscriber set is complete for epoch
-	// waitSince: a topic kept through a view in which a member came back
-	// is not ready until that view's syncs are merged, or MemberTimeout
-	// after this (zero when not waiting; see reconcile).
-	waitSince time.Time
-	seq       uint64 // the last batch's number; starts at the creation time
-	nodes     map[string]*nodeSubscribers
-	// inflight counts accepted batches not yet accounted; used marks the
-	// last request. An idle actor without subscribers is collected.
-	inflight int
-	used     time.Time
-	dead     bool                        // collected: work that still reaches it goes to its successor
-	fails    map[SubscriberID]failStreak // consecutive failures, for eviction
-	count    atomic.Int64                // subscribers, readable by Stats without the actor
-	// groupSizes is a copy of groups.sizes for Stats, replaced on change.
-	groupSizes atomic.Pointer[map[string]int]
+	reconciled  // epoch, synced, owned, ready, waitSince
+	collection  // inflight, used, dead
+	statsMirror // count, groupSizes
+
+	seq   uint64 // the last batch's number; starts at the creation time
+	nodes map[string]*nodeSubscribers
+	fails map[SubscriberID]failStreak // consecutive failures, for eviction
 	// producers holds the last batch number accepted of each producer
 	// (bounded by maxTrackedProducers), to keep a pipelined producer's order
 	// through a move.
@@ -44,6 +32,36 @@ type topicActor struct {
 	// queuedBytes counts the packed bytes of AckDelivered publishes from
 	// other nodes waiting in the actor's queue (shared with the inbox).
 	queuedBytes atomic.Int64
+}
+
+// reconciled is where reconcile left the actor in the node's views.
+type reconciled struct {
+	epoch  uint64 // view epoch the state was reconciled to; noEpoch when fresh
+	synced uint64 // view epoch whose syncs were merged; noEpoch when none
+	owned  bool   // this node owns the topic in view epoch
+	ready  bool   // the subscriber set is complete for epoch
+	// waitSince: a topic kept through a view in which a member came back
+	// is not ready until that view's syncs are merged, or MemberTimeout
+	// after this (zero when not waiting; see reconcile).
+	waitSince time.Time
+}
+
+// collection is what tells when the actor is collected (owner.go:
+// collectIdleActors).
+type collection struct {
+	// inflight counts accepted batches not yet accounted; used marks the
+	// last request. An idle actor without subscribers is collected.
+	inflight int
+	used     time.Time
+	dead     bool // collected: work that still reaches it goes to its successor
+}
+
+// statsMirror holds the subscriber counts read without the actor: by Stats,
+// and count by collectIdleActors too.
+type statsMirror struct {
+	count atomic.Int64 // subscribers, readable by Stats without the actor
+	// groupSizes is a copy of groups.sizes for Stats, replaced on change.
+	groupSizes atomic.Pointer[map[string]int]
 }
 
 // nodeSubscribers is one node's subscribers of one topic.
