@@ -321,7 +321,7 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, is
 	call := ownerCall{wait: n.cfg.SubscriberTimeout + n.cfg.RequestTimeout, issued: issued, noAnswer: level == AckNone}
 	if level == AckDelivered && !n.cfg.silentWait {
 		// The owner answers before this wait ends, whichever of its own
-		// timeouts and this node's is longer (topic_actor.go, answerEarly).
+		// timeouts and this node's is longer (answer_by.go, answerEarly).
 		req.wait = call.wait
 		req.deadline, _ = ctx.Deadline()
 	}
