@@ -111,6 +111,13 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		}
 		s.producers = trackProducer(s.producers, origin.producer, mark)
 	}
+	if ctx.Err() != nil {
+		// The deadline came while the handler ran: Timeout, whatever it
+		// returned. The deadline's own report (expire) runs on a goroutine
+		// of its own and may not have run yet: a handler that returned
+		// because its ctx ended beat it with Delivered (or HandlerError).
+		t.expire()
+	}
 	if st == SubscriberGone {
 		t.setPartial(i, st, processed)
 	} else {
