@@ -34,7 +34,11 @@ type PublishHook interface {
 // handler ran, or when the batch could not reach it (MailboxFull,
 // SubscriberGone, OutOfOrder, or a Timeout before it started). So the
 // publisher's ack may return before the hooks of its subscribers ran, and
-// a hook's own time never counts against SubscriberTimeout.
+// a hook's own time never counts against the SubscriberTimeout of the
+// batch it observes. It does count against the batches queued behind it in
+// the mailbox, whose SubscriberTimeout runs from their arrival: a hook
+// slower than SubscriberTimeout makes them Timeout and can evict a
+// subscription whose handler is fast.
 //
 // It runs on the subscription's mailbox goroutine, except for MailboxFull
 // and SubscriberGone decided on arrival, which run where the batch arrives

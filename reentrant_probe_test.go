@@ -43,7 +43,9 @@ type rpResult struct {
 // listed as Timeout), the outer batch must still count as Delivered, the
 // inner one must run once the handler returns, the subscription must not
 // be evicted, and a subscription on another topic of the same node must
-// keep receiving meanwhile.
+// keep receiving meanwhile. A fast subscription to the same topic on the
+// same node is listed as Timeout beside it in the inner ack (a node
+// reports its subscribers together, README "Guarantees" 4).
 func TestReentrantProbeHandlerPublishesToItsOwnTopic(t *testing.T) {
 	c := newCluster(t, 1, 2, pubsub.WithSubscriberTimeout(rpTimeout), pubsub.WithDeliveryMode(rpModes))
 	n0 := c.Nodes[0]
@@ -75,6 +77,7 @@ func TestReentrantProbeHandlerPublishesToItsOwnTopic(t *testing.T) {
 					inner <- rpResult{ack, err, time.Since(start)}
 					return nil
 				})
+				sibling := subscribe(t, n0, topic, func(context.Context, *pubsub.Message) error { return nil })
 				outerDone := make(chan rpResult, 1)
 				go func() {
 					start := time.Now()
@@ -98,12 +101,13 @@ func TestReentrantProbeHandlerPublishesToItsOwnTopic(t *testing.T) {
 				// ahead), the subscriber listed as Timeout, outcome unknown.
 				require.NoError(t, r.err)
 				assert.Equal(t, 0, r.ack.Delivered)
-				assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, r.ack.Failures)
+				// A fast subscription on the same node is reported with it.
+				assert.ElementsMatch(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}, {Subscriber: sibling.ID(), Status: pubsub.Timeout}}, r.ack.Failures)
 				assert.Less(t, r.elapsed, rpTimeout)
 				// So the handler returned in time: the outer batch ran.
 				o := <-outerDone
 				t.Logf("outer publish: %v, ack %+v, err %v", o.elapsed, o.ack, o.err)
-				mustAccept(t, o.ack, o.err, 1)
+				mustAccept(t, o.ack, o.err, 2)
 				testcluster.WaitFor(t, 5*time.Second, innerRan.Load, "the inner message never ran")
 				select {
 				case <-sub.Done():
@@ -112,6 +116,7 @@ func TestReentrantProbeHandlerPublishesToItsOwnTopic(t *testing.T) {
 				}
 				assert.Equal(t, []string{"from-handler", "beside"}, otherRec.of(otherSub.ID()))
 				require.NoError(t, sub.Unsubscribe(ctx))
+				require.NoError(t, sibling.Unsubscribe(ctx))
 			})
 		}
 	}
@@ -391,6 +396,31 @@ func TestReentrantProbeBlockedHandledHook(t *testing.T) {
 	t.Logf("a batch behind the blocked hook: %+v", ack)
 	assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: hooked.ID(), Status: pubsub.Timeout}}, ack.Failures)
 	close(hook.release)
+}
+
+// A slow HandledHook never makes the batch it observes a Timeout, but the
+// batches queued behind it in the mailbox wait for it, their
+// SubscriberTimeout running: a hook slower than SubscriberTimeout evicts a
+// subscription whose handler returns at once.
+func TestReentrantProbeSlowHandledHookEvicts(t *testing.T) {
+	c := newCluster(t, 1, 0)
+	hook := &slowHandledHook{delay: 250 * time.Millisecond}
+	n := c.AddNode(t, "n0", 0, append(append([]pubsub.Option{}, fast...),
+		pubsub.WithSubscriberTimeout(100*time.Millisecond), pubsub.WithEvictAfter(2), pubsub.WithHooks(hook))...)
+	sub := subscribe(t, n, "t", func(context.Context, *pubsub.Message) error { return nil })
+	ack, err := n.Publish(ctxT(t), "t", []byte("1"))
+	mustAccept(t, ack, err, 1) // reported before its hook ran
+	for i := 2; i <= 3; i++ {
+		ack, err := n.Publish(ctxT(t), "t", []byte{byte('0' + i)})
+		require.NoError(t, err)
+		assert.Equal(t, 0, ack.Delivered, "batch %d behind the slow hook", i)
+	}
+	select {
+	case <-sub.Done():
+		assert.ErrorIs(t, sub.Err(), pubsub.ErrEvicted)
+	case <-time.After(5 * time.Second):
+		t.Fatal("not evicted")
+	}
 }
 
 // panicPublishHook panics in OnPublish.
