@@ -49,7 +49,8 @@ func memberRef(t *testing.T, n *pubsub.Node, id string) *wire.MemberRef {
 
 // A producer's ID is a node ID and a tag, or 16 hex digits: a forged
 // publish may name one of 256 KB. Owners remember 4 096 producers per
-// topic and subscriptions 4 096 each, by that string: 200 such publishes
+// topic and subscriptions 4 096 each (131 072 per node in all, plus 8 per
+// topic and subscription), by that string: 200 such publishes
 // held about 100 MB (the owner's copy and the subscription's), and 4 096
 // of up to a NATS message each would hold gigabytes per topic and per
 // subscription.

@@ -79,8 +79,10 @@ func waitGoroutines(t *testing.T, base, slack int) {
 
 // Thousands of short-lived BatchingProducers, each publishing one batch to
 // one topic: the owner's per-producer order map and the subscriber's
-// per-producer marks stay at their bounds, and every producer's goroutine
-// ends with its Close.
+// per-producer marks stay at their bounds (maxTrackedProducers per map;
+// the node's budget, maxNodeProducerMarks, is not reached by one topic:
+// TestProducerMarksAreBoundedPerNode), each forget is counted, and every
+// producer's goroutine ends with its Close.
 func TestChurnShortLivedProducersStayBounded(t *testing.T) {
 	_, a, b, c := churnTrio(t)
 	topic := ownedTopics(a, "b", "producers", 1)[0]
@@ -107,11 +109,16 @@ func TestChurnShortLivedProducersStayBounded(t *testing.T) {
 	})
 	waitForTest(t, "every message delivered", func() bool { mu.Lock(); defer mu.Unlock(); return got == producers })
 	var owned, marks int
-	onActorWait(b, topic, func(a *topicActor) { owned = len(a.producers) })
-	onMailboxWait(s, func() { marks = len(s.producers) })
+	onActorWait(b, topic, func(a *topicActor) { owned = len(a.producers.m) })
+	onMailboxWait(s, func() { marks = len(s.producers.m) })
 	t.Logf("owner tracks %d producers, subscription %d", owned, marks)
 	// 5 000 producers: both are full, at their bound, not past it.
 	assert.Equal(t, maxTrackedProducers, owned)
 	assert.Equal(t, maxTrackedProducers, marks)
+	for _, n := range []*Node{b, c} {
+		st := n.Stats()
+		assert.Equal(t, maxTrackedProducers, st.ProducerMarks, "%s: the node's count", n.ID())
+		assert.Equal(t, uint64(producers-maxTrackedProducers), st.ProducerMarksForgotten, "%s: one forgotten per producer past the bound", n.ID())
+	}
 	waitGoroutines(t, base, 5)
 }

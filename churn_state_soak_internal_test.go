@@ -213,6 +213,10 @@ func TestSoakChurnHeapDoesNotGrowWithTopicChurn(t *testing.T) {
 			assert.NoError(t, s.Unsubscribe(t.Context()))
 		})
 		waitForTest(t, "actors collected", func() bool { return actorCount(a)+actorCount(b)+actorCount(c) == 0 })
+		// Their producer marks went back with them (no drift in the count).
+		waitForTest(t, "producer marks returned", func() bool {
+			return a.Stats().ProducerMarks+b.Stats().ProducerMarks+c.Stats().ProducerMarks == 0
+		})
 	}
 	defer func(rate int) { runtime.MemProfileRate = rate }(runtime.MemProfileRate)
 	runtime.MemProfileRate = 4096

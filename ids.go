@@ -12,7 +12,8 @@ import (
 // maxProducerIDLen bounds the producer ID a request from the wire may
 // carry. A producer is named by 16 hex digits (a BatchingProducer) or by its
 // node's ID and tag (the node's implicit producer, up to 136 bytes). Owners
-// and subscriptions remember producers by ID (maxTrackedProducers each), so
+// and subscriptions remember producers by ID (maxTrackedProducers each, about
+// maxNodeProducerMarks per node), so
 // an ID of any length would make those bounds bounds in entries of any size.
 const maxProducerIDLen = natsutil.MaxNodeIDLen + 32
 

@@ -118,9 +118,20 @@ func (o *ownerSide) collectIdleActors(idle time.Duration) {
 				delete(o.topics, a.topic)
 				a.dead = true
 				o.seqFloor = max(o.seqFloor, a.seq)
+				a.producers.forgetAll(o.n) // work reaching it now goes to its successor
 			}
 			o.mu.Unlock()
 		})
+	}
+}
+
+// forgetMarks gives the producer marks of every actor back to the node's
+// budget as the node stops, each on its actor after the work queued there.
+func (o *ownerSide) forgetMarks() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, a := range o.topics {
+		a.s.doUpTo(func() { a.producers.forgetAll(o.n) }, 0)
 	}
 }
 

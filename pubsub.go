@@ -75,6 +75,7 @@ type Node struct {
 	subscriber subscriberSide
 	publisher  publisherSide
 	stats      nodeStats
+	marks      markBudget // producer marks its actors and subscriptions hold (producer_marks.go)
 	hooks      hookSet
 }
 
@@ -128,6 +129,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		events: newEventStream(cfg.NodeID),
 	}
 	n.events.log = &n.log
+	n.marks.limit.Store(maxNodeProducerMarks)
 	n.life.ctx, n.life.cancel = context.WithCancel(context.Background())
 	n.life.stopBeats, n.life.beatsStopped = make(chan struct{}), make(chan struct{})
 	n.life.closeDone = make(chan struct{})
@@ -303,6 +305,7 @@ func (n *Node) shutdown(reason error) {
 		for _, s := range n.subscriber.takeAll() {
 			s.end(reason)
 		}
+		n.owner.forgetMarks()
 		n.events.close()
 	})
 }

@@ -40,6 +40,15 @@ type Stats struct {
 	AnsweredEarly uint64
 	SyncRequests  uint64 // handoff requests this node answered (owners asking for its subscriptions, or for a handover)
 	EventsDropped uint64 // events lost by EventStream listeners that fell behind, summed over listeners (each is told by an EventsDropped once it returns; the node logs it, throttled)
+	// ProducerMarks is the number of producers this node's topic actors
+	// and subscriptions remember, to keep each producer's batches in
+	// order: at most 131 072 for the node, plus 8 per topic actor and per
+	// subscription. ProducerMarksForgotten counts the marks forgotten to
+	// stay within that, or within 4 096 per actor or subscription: each
+	// costs one producer its protection against a late batch of its own
+	// (logged, throttled, when the node's budget is the cause).
+	ProducerMarks          int
+	ProducerMarksForgotten uint64
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
 	// KeepServing), and that view's agreed epoch and size (0 under
@@ -50,29 +59,31 @@ type Stats struct {
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, answeredEarly, syncRequests, settingsMismatches atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, answeredEarly, syncRequests, settingsMismatches, marksForgotten atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
 // waits for an actor, so it is cheap enough to poll.
 func (n *Node) Stats() Stats {
 	st := Stats{
-		Members:            len(n.view().members),
-		Subscribers:        map[string]int{},
-		MessagesPublished:  n.stats.published.Load(),
-		Deliveries:         n.stats.delivered.Load(),
-		DeliveryFailures:   n.stats.failed.Load(),
-		Rejected:           n.stats.rejected.Load(),
-		Evictions:          n.stats.evicted.Load(),
-		Malformed:          n.stats.malformed.Load(),
-		InboxDropped:       n.stats.inboxDropped.Load(),
-		MembersRejected:    n.stats.membersRejected.Load(),
-		SettingsMismatches: n.stats.settingsMismatches.Load(),
-		RequestsRefused:    n.stats.refused.Load(),
-		AckNoneRefused:     n.stats.ackNoneRefused.Load(),
-		AnsweredEarly:      n.stats.answeredEarly.Load(),
-		SyncRequests:       n.stats.syncRequests.Load(),
-		EventsDropped:      n.events.dropped.Load(),
+		Members:                len(n.view().members),
+		Subscribers:            map[string]int{},
+		MessagesPublished:      n.stats.published.Load(),
+		Deliveries:             n.stats.delivered.Load(),
+		DeliveryFailures:       n.stats.failed.Load(),
+		Rejected:               n.stats.rejected.Load(),
+		Evictions:              n.stats.evicted.Load(),
+		Malformed:              n.stats.malformed.Load(),
+		InboxDropped:           n.stats.inboxDropped.Load(),
+		MembersRejected:        n.stats.membersRejected.Load(),
+		SettingsMismatches:     n.stats.settingsMismatches.Load(),
+		RequestsRefused:        n.stats.refused.Load(),
+		AckNoneRefused:         n.stats.ackNoneRefused.Load(),
+		AnsweredEarly:          n.stats.answeredEarly.Load(),
+		SyncRequests:           n.stats.syncRequests.Load(),
+		EventsDropped:          n.events.dropped.Load(),
+		ProducerMarks:          int(n.marks.held.Load()),
+		ProducerMarksForgotten: n.stats.marksForgotten.Load(),
 	}
 	st.HasQuorum = true // KeepServing always serves
 	if n.cfg.PartitionPolicy == KeepMajority {

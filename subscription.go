@@ -71,11 +71,11 @@ type Subscription struct {
 	mailbox serial
 	// producers holds the last batch number of each BatchingProducer handed
 	// to the handler; only the mailbox's work touches it.
-	producers map[string]producerMark
+	producers producerMarks[producerMark]
 	// rerouted holds, per producer, the last group share re-routed to this
 	// subscription and its outcome, to answer a copy of it; only the
 	// mailbox's work touches it.
-	rerouted map[string]producerMark
+	rerouted producerMarks[producerMark]
 	// lastBatch is the owner's number of the last batch handed to the
 	// handler; only the mailbox's work touches it.
 	lastBatch batchSeq
@@ -134,6 +134,14 @@ func (s *Subscription) end(err error) {
 		s.mu.Unlock()
 		close(s.done)
 		s.releaseMailbox()
+		// Its marks go back to the node's budget on the mailbox, after the
+		// batch running now (which still records its mark): work queued
+		// later sees the subscription done and records none. A handler
+		// that never returns keeps them counted, as it keeps the map.
+		s.mailbox.doUpTo(func() {
+			s.producers.forgetAll(s.node)
+			s.rerouted.forgetAll(s.node)
+		}, 0)
 	})
 }
 

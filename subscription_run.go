@@ -55,7 +55,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// A copy of a re-routed share this subscription ran (its batch was
 		// retried through the same owner and the share re-routed to it
 		// again): its outcome, not a second run.
-		if last, ok := s.rerouted[origin.producer]; ok && last.seq == origin.seq && last.at == origin.at && last.share == fingerprint(batch) {
+		if last, ok := s.rerouted.get(origin.producer); ok && last.seq == origin.seq && last.at == origin.at && last.share == fingerprint(batch) {
 			t.set(i, last.status)
 			return
 		}
@@ -63,7 +63,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// A producer's batches reach the subscriber in its order: an older
 		// one arriving late (it was redirected, or retried after its owner
 		// died) is dropped and reported; the same one again was delivered.
-		last := s.producers[origin.producer]
+		last, _ := s.producers.get(origin.producer)
 		switch {
 		case origin.seq == last.seq:
 			if s.id.Group() == "" || last.share == fingerprint(batch) {
@@ -102,14 +102,14 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	}
 	switch {
 	case origin.reroute:
-		s.rerouted = trackProducer(s.rerouted, origin.producer,
+		s.rerouted.put(s.node, origin.producer,
 			producerMark{seq: origin.seq, at: origin.at, status: st, share: fingerprint(batch)})
 	case origin.producer != "":
 		mark := producerMark{seq: origin.seq, status: st}
 		if s.id.Group() != "" {
 			mark.share = fingerprint(batch)
 		}
-		s.producers = trackProducer(s.producers, origin.producer, mark)
+		s.producers.put(s.node, origin.producer, mark)
 	}
 	if ctx.Err() != nil {
 		// The deadline came while the handler ran: Timeout, whatever it
@@ -129,14 +129,6 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// deadline came first, whatever the handler did after).
 		s.node.handled(s.topic, s.id, len(batch), t.status(i), started.Sub(queued), ran)
 	}
-}
-
-// trackProducer records mark for producer in marks and returns marks.
-// Past maxTrackedProducers it forgets another producer's: every node
-// incarnation and producer ever seen would otherwise stay. Only that one's
-// protection is lost, against a batch already older than its newest.
-func trackProducer(marks map[string]producerMark, producer string, mark producerMark) map[string]producerMark {
-	return boundedPut(marks, producer, mark, maxTrackedProducers)
 }
 
 // producerMark is the last batch of one producer a subscription ran, and
@@ -244,7 +236,8 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 
 // maxTrackedProducers bounds the producers (BatchingProducers and the
 // implicit one of each publishing node incarnation) a subscription keeps
-// the last batch number of.
+// the last batch number of, and those a topic actor holds back batches
+// for; the node's budget bounds all of them together (producer_marks.go).
 const maxTrackedProducers = 4096
 
 // extract runs the Propagator's Extract for one message. A panic in it

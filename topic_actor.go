@@ -24,9 +24,10 @@ type topicActor struct {
 	nodes map[string]*nodeSubscribers
 	fails map[SubscriberID]failStreak // consecutive failures, for eviction
 	// producers holds the last batch number accepted of each producer
-	// (bounded by maxTrackedProducers), to keep a pipelined producer's order
-	// through a move.
-	producers map[string]uint64
+	// (bounded by maxTrackedProducers and the node's budget,
+	// producer_marks.go), to keep a pipelined producer's order through a
+	// move.
+	producers producerMarks[uint64]
 	groups    groupBook
 	early     earlyQueue // shared with the inbox: see early.go
 	// queuedBytes counts the packed bytes of AckDelivered publishes from
@@ -164,13 +165,13 @@ func (a *topicActor) producerOrder(o batchOrigin) bool {
 	if o.producer == "" {
 		return true
 	}
-	last := a.producers[o.producer]
+	last, _ := a.producers.get(o.producer)
 	if o.mustWaitFor(last) {
 		return false
 	}
-	// Past maxTrackedProducers one is forgotten: at worst a later batch
-	// of it waits for it to settle.
-	a.producers = boundedPut(a.producers, o.producer, max(last, o.seq), maxTrackedProducers)
+	// Past its bounds one is forgotten (producerMarks.put): at worst a
+	// later batch of it waits for it to settle.
+	a.producers.put(a.n, o.producer, max(last, o.seq))
 	return true
 }
 
