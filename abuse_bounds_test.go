@@ -88,6 +88,45 @@ func TestForgedPublishesWithHugeProducerIDsAreNotRetained(t *testing.T) {
 	assert.Equal(t, 1, ack.Delivered)
 }
 
+// Forged publishes naming a new producer each, to several topics: past
+// the node's budget of producer marks, the owner and the subscriber's node
+// each hold at most the budget plus 8 per topic's map (each map alone is
+// far under its 4 096), count what they forgot, and still serve.
+func TestForgedProducersOnManyTopicsStayWithinTheNodeBudget(t *testing.T) {
+	c := newCluster(t, 1, 2)
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	const budget, topics, perTopic, floor = 32, 4, 40, 8
+	n0.SetProducerMarksLimitForTest(budget)
+	n1.SetProducerMarksLimitForTest(budget)
+	rec := newRecorder()
+	var names []string
+	for i := range topics {
+		topic := ownedBy(t, n0, fmt.Sprintf("forged-marks-%d", i))
+		subscribe(t, n1, topic, rec.handler)
+		names = append(names, topic)
+	}
+	ref := memberRef(t, n0, n1.ID())
+	pad := strings.Repeat("p", 100)
+	for i := range topics * perTopic {
+		data := wire.AppendPublish(nil, &wire.PublishRequest{From: ref, Topic: names[i%topics], Count: 1,
+			Producer: fmt.Sprintf("%d-%s", i, pad), ProducerSeq: 1}, [][]byte{[]byte("x")}, nil)
+		c.ForgeToNode(t, 0, n0.ID(), data)
+		if i%20 == 19 {
+			time.Sleep(5 * time.Millisecond) // paces the flood so the inbox keeps up
+		}
+	}
+	testcluster.WaitFor(t, 20*time.Second, func() bool { return rec.total() == topics*perTopic }, "forged publishes delivered: %d of %d", rec.total(), topics*perTopic)
+	for _, n := range []*pubsub.Node{n0, n1} {
+		st := n.Stats()
+		t.Logf("%s: %d producer marks, %d forgotten", n.ID(), st.ProducerMarks, st.ProducerMarksForgotten)
+		assert.LessOrEqual(t, st.ProducerMarks, budget+floor*topics, "%s: marks past the node's bound", n.ID())
+		assert.NotZero(t, st.ProducerMarksForgotten, "%s: forgetting is counted", n.ID())
+	}
+	ack, err := n0.Publish(ctxT(t), names[0], []byte("after"))
+	require.NoError(t, err)
+	assert.Equal(t, 1, ack.Delivered)
+}
+
 // The same names on a delivery forged straight to the subscriber's node:
 // each subscription remembers 4 096 producers and the last owner by name,
 // and an at-least-once batch is remembered by its owner's name and topic

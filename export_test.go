@@ -48,3 +48,7 @@ func OwnerForTest(topic string, ids []string) string {
 // answer at its deadline, which tests of retries after an unknown outcome
 // need.
 func WithSilentWaitForTest() Option { return func(c *Config) { c.silentWait = true } }
+
+// SetProducerMarksLimitForTest sets the node's budget of producer marks
+// (maxNodeProducerMarks), for tests that reach it fast.
+func (n *Node) SetProducerMarksLimitForTest(limit int64) { n.marks.limit.Store(limit) }
