@@ -19,7 +19,9 @@ import "sync/atomic"
 // at most about 40 MB. Where the per-map bound alone let 10 000 topics
 // hold 2 x 10 000 x 4 096 marks (gigabytes), the node now holds at most
 // maxNodeProducerMarks + producerMarksFloor x maps: with 10 000 topics,
-// each with its actor and a subscription here, 131 072 + 160 000.
+// each with its actor and a subscription here, 131 072 + 160 000 (a group
+// member's subscription that ran re-routed shares has a second map,
+// rerouted: up to 131 072 + 240 000).
 const maxNodeProducerMarks = 1 << 17
 
 // producerMarksFloor is what a map may always hold, past the node's

@@ -43,7 +43,8 @@ type Stats struct {
 	// ProducerMarks is the number of producers this node's topic actors
 	// and subscriptions remember, to keep each producer's batches in
 	// order: at most 131 072 for the node, plus 8 per topic actor and per
-	// subscription. ProducerMarksForgotten counts the marks forgotten to
+	// subscription (16 for a group member that ran re-routed shares: it
+	// keeps those in a second map). ProducerMarksForgotten counts the marks forgotten to
 	// stay within that, or within 4 096 per actor or subscription: each
 	// costs one producer its protection against a late batch of its own
 	// (logged, throttled, when the node's budget is the cause).
