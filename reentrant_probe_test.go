@@ -229,27 +229,39 @@ func TestReentrantProbeHandlerSubscribesAndProduces(t *testing.T) {
 			ack, err := c.Nodes[1].Publish(ctxT(t), topic, []byte("outer"))
 			t.Logf("outer publish: %v, ack %+v, err %v", time.Since(start), ack, err)
 			require.NoError(t, err)
-			assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, ack.Failures)
 			r := <-res
 			t.Logf("%s from the handler: %v, ack %+v, err %v", how, r.elapsed, r.ack, r.err)
-			// No answer at the handler's deadline on this path (the
-			// producer's publish has its own, PublishTimeout): the wait
-			// ends with the handler's ctx, past which the outer batch
-			// counts as Timeout.
-			assert.ErrorIs(t, r.err, context.DeadlineExceeded)
+			// No answer before the handler's deadline on this path (the
+			// producer's publish has its own deadline, PublishTimeout): the
+			// wait ends at that deadline, with the handler's ctx, or with
+			// the inner batch's own answer, due about as early (the inner
+			// batch waited its SubscriberTimeout in the mailbox the handler
+			// holds), which lists this subscription as Timeout. Which of
+			// the two the waiting goroutine sees first is a race (1 of 45
+			// runs under -race saw the answer, and then the handler may
+			// return just before its deadline: the outer batch is
+			// Delivered). A handler that returns with its ctx ended is
+			// Timeout.
 			assert.GreaterOrEqual(t, r.elapsed, rpTimeout*9/10)
+			if r.err != nil {
+				assert.ErrorIs(t, r.err, context.DeadlineExceeded)
+				assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, ack.Failures)
+			} else if ack.Delivered != 1 {
+				assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, ack.Failures)
+			}
+			if r.err == nil && how == "wait" {
+				assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, r.ack.Failures)
+			}
 			fa, ferr := f.Wait(ctxT(t))
 			t.Logf("the future: ack %+v, err %v", fa, ferr)
-			if how == "close" {
+			if ferr != nil {
 				// Close cut the batch's publish short: outcome unknown.
+				assert.Equal(t, "close", how, "only Close cuts the batch short")
 				assert.ErrorIs(t, ferr, pubsub.ErrTimeout)
-			} else {
+			} else if len(fa.Failures) != 0 {
 				// Accepted: the inner batch ran once the handler returned
 				// if its own deadline had not passed by then.
-				require.NoError(t, ferr)
-				if len(fa.Failures) != 0 {
-					assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, fa.Failures)
-				}
+				assert.Equal(t, []pubsub.DeliveryFailure{{Subscriber: sub.ID(), Status: pubsub.Timeout}}, fa.Failures)
 			}
 			require.NoError(t, p.Close(ctxT(t)))
 			select {
