@@ -13,8 +13,8 @@ import (
 // carry. A producer is named by 16 hex digits (a BatchingProducer) or by its
 // node's ID and tag (the node's implicit producer, up to 136 bytes). Owners
 // and subscriptions remember producers by ID (maxTrackedProducers each, about
-// maxNodeProducerMarks per node), so
-// an ID of any length would make those bounds bounds in entries of any size.
+// maxNodeProducerMarks per node), so an ID of any length would make those
+// bounds bounds in entries of any size.
 const maxProducerIDLen = natsutil.MaxNodeIDLen + 32
 
 // randomID names a node or a producer that was given no name.
