@@ -30,7 +30,9 @@ func (m DeliveryMode) String() string {
 // Config holds a node's settings. Build it with Options passed to Join; they
 // apply in order, a later one overriding an earlier one. A zero field means
 // its default; a negative number or duration makes Join fail with
-// ErrInvalidConfig (except MetricsInterval, where it disables the events).
+// ErrInvalidConfig (except MetricsInterval, where it disables the events),
+// as do an invalid NodeID or Prefix, a MemberTimeout not above
+// HeartbeatInterval and an unknown PartitionPolicy.
 type Config struct {
 	// NodeID names the node; unique among live nodes: dot-separated tokens
 	// of [A-Za-z0-9_-], at most 128 bytes. Default: a random ID.
@@ -63,8 +65,10 @@ type Config struct {
 	MailboxSize int
 	// Logger receives the node's logs. Default: nil, which discards them.
 	Logger *slog.Logger
-	// DeliveryMode returns the mode of a topic. Default: nil, which means
-	// AtMostOnce for every topic.
+	// DeliveryMode returns the mode of a topic. The topic's owner asks its
+	// own, once per batch on the topic's actor, so nodes should agree on it;
+	// it must be fast and safe for concurrent use. Default: nil, which
+	// means AtMostOnce for every topic.
 	DeliveryMode func(topic string) DeliveryMode
 	// MetricsInterval is the period of MetricsSnapshot events, a duration;
 	// negative disables them (WithMetricsInterval(0) does that too).
@@ -153,8 +157,9 @@ func WithMailboxSize(n int) Option { return func(c *Config) { c.MailboxSize = n 
 // discards the logs.
 func WithLogger(l *slog.Logger) Option { return func(c *Config) { c.Logger = l } }
 
-// WithDeliveryMode sets Config.DeliveryMode, the delivery mode of each topic.
-// Default: nil, which means AtMostOnce for every topic.
+// WithDeliveryMode sets Config.DeliveryMode, the delivery mode of each topic,
+// as the topic's owner decides it. Default: nil, which means AtMostOnce for
+// every topic.
 func WithDeliveryMode(mode func(topic string) DeliveryMode) Option {
 	return func(c *Config) { c.DeliveryMode = mode }
 }

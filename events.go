@@ -238,8 +238,9 @@ type listener struct {
 func newEventStream(node string) *EventStream { return &EventStream{node: node} }
 
 // Subscribe runs fn for every event, on a goroutine of its own, until cancel
-// is called or the node closes. cancel waits for that goroutine to end and
-// must not be called from fn.
+// is called or the node closes (fn is then given the events already
+// buffered). cancel waits for that goroutine to end and must not be called
+// from fn. Once the node has closed, fn never runs and cancel does nothing.
 func (s *EventStream) Subscribe(fn func(Event)) (cancel func()) {
 	l := &listener{ch: make(chan Event, EventBufferSize), stop: make(chan struct{}), closing: make(chan struct{}), done: make(chan struct{})}
 	s.mu.Lock()

@@ -200,8 +200,9 @@ func (n *Node) WaitMembers(ctx context.Context, count int) error {
 }
 
 // OwnerOf returns the member that owns topic in this node's current view.
-// In a view of client-only members (WithClientOnly) no member owns topics:
-// it fails with ErrTopicUnavailable.
+// It asks no one and never blocks. An invalid topic fails with
+// ErrInvalidTopic; in a view of client-only members (WithClientOnly) no
+// member owns topics: it fails with ErrTopicUnavailable.
 func (n *Node) OwnerOf(topic string) (Member, error) {
 	if err := validateTopic(topic); err != nil {
 		return Member{}, err

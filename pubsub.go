@@ -98,6 +98,12 @@ type lifecycle struct {
 // Join makes a node over nc and returns once it has a stable view of the
 // existing members (or after MemberTimeout if views keep changing). The
 // caller keeps ownership of nc: Close does not close it.
+//
+// It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
+// a live node already uses, or a NATS user without the permissions the
+// node needs (the error says which to grant); with ErrClosed when nc is
+// closed; with ErrTimeout when the permission check got no answer within
+// RequestTimeout; or with ctx's error.
 func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if nc == nil {
 		return nil, fmt.Errorf("%w: nil *nats.Conn", ErrInvalidConfig)

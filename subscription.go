@@ -110,7 +110,8 @@ func (s *Subscription) Done() <-chan struct{} { return s.done }
 
 // Err says why the subscription ended: nil while active and after
 // Unsubscribe; an error wrapping ErrEvicted after eviction; ErrClosed after
-// the node closed.
+// Close of its node, and an error wrapping ErrClosed after the node stopped
+// on its own (NodeStopped): test with errors.Is.
 func (s *Subscription) Err() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -182,6 +183,11 @@ func (s *Subscription) releaseMailbox() {
 // request left tells the owner to forget the subscriber, in one attempt it
 // does not wait for (a group member's is left for the next delivery to
 // find gone, so a group whose members all vanished stays reported).
+//
+// It fails with ErrInvalidTopic, ErrInvalidConfig (a nil h, an invalid
+// option), ErrClosed, ErrTopicUnavailable (no owner served the topic within
+// RequestTimeout, or before ctx ended), ErrTimeout (the owner did not answer
+// in time), or ctx's error.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err
@@ -241,8 +247,10 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // before may still be starting, as with a nats.go subscription: Unsubscribe
 // does not wait for the handler, which may be the caller. A
 // consumer group's other members get the rest of its share. The
-// subscription is ended either way; the error says whether the owner
-// confirmed. Unsubscribing an ended subscription returns nil.
+// subscription is ended either way; the error (ErrTopicUnavailable,
+// ErrTimeout or ctx's) says the owner did not confirm: it forgets the
+// subscriber when a delivery finds it gone. Unsubscribing an ended
+// subscription, or one whose node is closing, returns nil.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	n := s.node
 	if n.subscriber.remove(s.id.Local, "") == nil {
