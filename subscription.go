@@ -11,7 +11,8 @@ import (
 
 // Handler processes one message. It runs on the subscription's own goroutine,
 // one message at a time, in the order the owner accepted them. ctx expires
-// after SubscriberTimeout for the batch. Returning an error (or panicking)
+// after SubscriberTimeout for the batch (the owner's, if shorter) and is
+// cancelled when the node closes. Returning an error (or panicking)
 // reports HandlerError for the batch and stops its remaining messages for
 // this subscriber.
 type Handler func(ctx context.Context, m *Message) error

@@ -15,7 +15,9 @@ import (
 
 // Codec encodes and decodes messages of the generated type T (a pointer
 // type, such as *orderpb.Order) with proto.Marshal and proto.Unmarshal. It
-// implements pubsub.Codec[T] and is safe for concurrent use.
+// implements pubsub.Codec[T] and is safe for concurrent use. T must be a
+// concrete generated type: with an interface such as proto.Message, Decode
+// has no type to allocate and panics.
 type Codec[T proto.Message] struct {
 	// Marshal and Unmarshal options; the zero values are protobuf's
 	// defaults. Deterministic marshalling, for example, is
