@@ -19,8 +19,8 @@ var (
 	// ErrClosed: the node, subscription or producer is closed.
 	ErrClosed = errors.New("pubsub: closed")
 	// ErrTooLarge: a single message does not fit in one NATS message
-	// (Node.MaxMessageSize), or, from Node.Topics, a member's listing
-	// passed its bound.
+	// (Node.MaxMessageSize) or in a producer's MaxBatchBytes, or, from
+	// Node.Topics, a member's listing passed its bound.
 	ErrTooLarge = errors.New("pubsub: message too large")
 	// ErrInvalidTopic: the topic is empty, too long, not UTF-8, or holds
 	// whitespace or control characters.
@@ -33,7 +33,10 @@ var (
 	// ErrEvicted: the topic's owner removed the subscription; the wrapping
 	// error says why.
 	ErrEvicted = errors.New("pubsub: subscriber evicted")
-	// ErrInvalidConfig: an option or config field is out of range.
+	// ErrInvalidConfig: an option or config field is out of range, an
+	// argument is nil or invalid (a handler, a codec, a WaitMembers count),
+	// or Join found the node ID in use or the NATS user without a
+	// permission the node needs.
 	ErrInvalidConfig = errors.New("pubsub: invalid config")
 	// ErrInvalidMessage: a message cannot be published as given (an invalid
 	// header name, or a value a Topic's codec could not encode).

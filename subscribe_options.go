@@ -22,7 +22,8 @@ type subscribeConfig struct {
 // its topic: each message reaches exactly one live member of the group
 // (a message with a Key always the same member while the group is
 // unchanged), while subscribers without a group get every message. The
-// name follows the rules of topic names; "" (the default) means no group.
+// name follows the rules of topic names (an invalid one makes Subscribe
+// fail with ErrInvalidConfig); "" (the default) means no group.
 // The subscription's SubscriberID.Local ends with "@" and the name.
 func WithGroup(name string) SubscribeOption {
 	return func(c *subscribeConfig) { c.group = name }
