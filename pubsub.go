@@ -43,6 +43,7 @@ package pubsub
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -102,7 +103,8 @@ type lifecycle struct {
 // It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
 // a live node already uses, or a NATS user without the permissions the
 // node needs (the error says which to grant); with ErrClosed when nc is
-// closed; with ErrTimeout when the permission check got no answer within
+// closed, draining or otherwise cannot be used (the error wraps what NATS
+// said); with ErrTimeout when the permission check got no answer within
 // RequestTimeout; or with ctx's error.
 func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if nc == nil {
@@ -156,7 +158,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		}
 		n.shutdown(ErrClosed)
 		n.waitStarted()
-		return nil, fmt.Errorf("pubsub: join %s: %w", n.self.ID, err)
+		return nil, fmt.Errorf("pubsub: join %s: %w", n.self.ID, joinError(err))
 	}
 	if n.rpc, err = newRPC(nc); err != nil {
 		return fail(err)
@@ -417,4 +419,26 @@ func (g *group) wait(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// sentinels are the package's sentinel errors, which every error it
+// returns wraps (or a context error).
+var sentinels = []error{ErrQueueFull, ErrTimeout, ErrClosed, ErrTooLarge, ErrInvalidTopic,
+	ErrTopicUnavailable, ErrEvicted, ErrInvalidConfig, ErrInvalidMessage, context.Canceled, context.DeadlineExceeded}
+
+// joinError gives a failure of Join its sentinel. Join's own checks
+// already wrap one (or are ctx's); what NATS itself returns while Join
+// subscribes and flushes says the connection cannot be used (closed,
+// draining, without servers): ErrClosed, or ErrTimeout when it did not
+// answer in time.
+func joinError(err error) error {
+	for _, s := range sentinels {
+		if errors.Is(err, s) {
+			return err
+		}
+	}
+	if errors.Is(err, nats.ErrTimeout) {
+		return fmt.Errorf("%w: %w", ErrTimeout, err)
+	}
+	return fmt.Errorf("%w: the NATS connection cannot be used: %w", ErrClosed, err)
 }

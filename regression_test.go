@@ -332,3 +332,23 @@ func TestConcurrentPublishersKeepTheirMessagesThroughAHandoff(t *testing.T) {
 	t.Logf("accepted %d, OutOfOrder failures %d", accepted.Load(), outOfOrder.Load())
 	assert.Zero(t, outOfOrder.Load(), "accepted publishes dropped as OutOfOrder during a handoff")
 }
+
+// Join on a connection that is draining failed with nats.go's bare
+// ErrConnectionDraining, against the package's promise that every error
+// wraps one of its sentinels: it is ErrClosed now, and still says why.
+func TestJoinOnADrainingConnectionWrapsErrClosed(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	nc := c.Connect(t, 0)
+	// A message held by a handler keeps the connection draining.
+	hold, held := make(chan struct{}), make(chan struct{})
+	_, err := nc.Subscribe("hold", func(*nats.Msg) { close(held); <-hold })
+	require.NoError(t, err)
+	require.NoError(t, nc.Publish("hold", nil))
+	<-held
+	require.NoError(t, nc.Drain())
+	defer close(hold)
+	require.True(t, nc.IsDraining())
+	_, err = pubsub.Join(ctxT(t), nc, fast...)
+	require.ErrorIs(t, err, pubsub.ErrClosed)
+	assert.ErrorIs(t, err, nats.ErrConnectionDraining, "the cause is kept")
+}
