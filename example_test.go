@@ -41,7 +41,12 @@ func ExampleJoin() {
 	if err != nil {
 		panic(err)
 	}
-	defer node.Close(ctx) // announces the leave; peers re-own its topics at once
+	defer func() {
+		// Close gets a ctx of its own: the one Join used may have ended.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = node.Close(ctx) // announces the leave; peers re-own its topics at once
+	}()
 
 	fmt.Println("node:", node.ID())
 	fmt.Println("members:", len(node.Members()))
