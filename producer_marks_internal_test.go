@@ -14,6 +14,9 @@ import (
 
 // markMaps returns the marks n's actors of topics and its subscriptions
 // hold, read on their actors and mailboxes, and how many maps hold any.
+// Actors are read on their own serial, not through onActorWait, which would
+// make a missing actor and renew an idle one's time, delaying the
+// collection the test then waits for.
 func markMaps(n *Node, topics []string, subs []*Subscription) (marks, maps int) {
 	count := func(k int) {
 		marks += k
