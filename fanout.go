@@ -372,7 +372,7 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-size-16-sharesSize(shares))
 	b.addParts(len(parts) - 1)
 	for i, part := range parts {
-		body := &wire.DeliverBatch{Subscribers: part}
+		body := &wire.DeliverBatch{Subscribers: part, ToIncarnation: m.Incarnation}
 		to := nodeTarget{node: t.node, locals: part}
 		if i == 0 && len(shares) > 0 {
 			body.Shares = sharesToWire(shares)

@@ -184,7 +184,7 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 		head, _ := proto.Marshal(&wire.DeliverBatch{Owner: n.selfRef(), Topic: r.topic, Seq: r.seq, Count: uint32(r.msgs.len()),
 			Publisher: r.msgs.publisher, Reroute: true, Producer: r.msgs.origin.producer, ProducerSeq: r.msgs.origin.seq,
 			SubscriberTimeoutMs: timeoutMillis(n.cfg.SubscriberTimeout)})
-		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Shares: sharesToWire(shares)}}})
+		suffix, _ := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Shares: sharesToWire(shares), ToIncarnation: m.Incarnation}}})
 		n.deliverRemote(b, m, remoteBatch{head: head, packed: r.packed, suffix: suffix, withMeta: r.withMeta}, t, false, r.answerBy(), wait)
 	}
 }

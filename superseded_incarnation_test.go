@@ -4,12 +4,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // A node cut off (its connection stalled both ways) past MemberTimeout is
@@ -100,6 +103,91 @@ func TestSupersededNodeDoesNotAnswerForItsReplacement(t *testing.T) {
 	}
 	t.Logf("replacement's subscription ran %d of 50; ended: %v", len(rec.of(s.ID())), s.Err())
 	require.Zero(t, bad)
+}
+
+// The race behind TestSupersededNodeDoesNotAnswerForItsReplacement's
+// rare failure (1 CI run in about 15): right after the heal the older
+// incarnation may get a delivery for the replacement's subscriber before it
+// has heard the replacement's heartbeat, and answered SubscriberGone, so
+// the owner dropped a live subscription without a word. The owner now
+// names, in every delivery, the incarnation it registered the node's
+// subscribers under, and a node stays silent on a delivery meant for a
+// newer incarnation of its ID. One meant for an older one (a restarted
+// node's previous life, which the owner has not dropped yet) is still
+// answered SubscriberGone, so owners forget those subscribers at once.
+func TestDeliveryForANewerIncarnationGoesUnanswered(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedBy(t, c.Nodes[0], "to-incarnation")
+	var inc uint64
+	for _, m := range c.Nodes[1].Members() {
+		if m.ID == "n1" {
+			inc = m.Incarnation
+		}
+	}
+	require.NotZero(t, inc)
+	raw := c.Connect(t, 1)
+
+	// A real delivery names the receiving node's incarnation.
+	named := make(chan uint64, 16)
+	tap, err := raw.Subscribe("pubsub.node.n1", func(m *nats.Msg) {
+		var env wire.Envelope
+		if proto.Unmarshal(m.Data, &env) == nil && env.GetDeliver() != nil {
+			select {
+			case named <- env.GetDeliver().GetToIncarnation():
+			default:
+			}
+		}
+	})
+	require.NoError(t, err)
+	defer func() { _ = tap.Unsubscribe() }()
+	require.NoError(t, raw.Flush())
+	rec := newRecorder()
+	sub := subscribe(t, c.Nodes[1], topic, rec.handler)
+	ack, err := c.Nodes[0].Publish(ctxT(t), topic, msg(0))
+	require.NoError(t, err)
+	require.Equal(t, 1, ack.Delivered, "ack %+v", ack)
+	select {
+	case got := <-named:
+		assert.Equal(t, inc, got, "the delivery's to_incarnation")
+	case <-time.After(5 * time.Second):
+		t.Fatal("the tap saw no delivery to n1")
+	}
+
+	// Forged deliveries naming subscribers n1 does not have, one request
+	// after another on one connection: a node handles its inbox in order
+	// and answers unknown subscribers at once, so an answer to the first
+	// would come first. Each names a different number of subscribers, to
+	// tell the answers apart by their statuses.
+	replies := make(chan *nats.Msg, 8)
+	inbox := raw.NewRespInbox()
+	rs, err := raw.ChanSubscribe(inbox, replies)
+	require.NoError(t, err)
+	defer func() { _ = rs.Unsubscribe() }()
+	owner := &wire.MemberRef{NodeId: "n0", Incarnation: 1}
+	send := func(to uint64, subscribers ...string) {
+		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: &wire.DeliverBatch{Owner: owner, Topic: topic,
+			Subscribers: subscribers, Packed: wire.Pack(nil, [][]byte{[]byte("z")}), Count: 1, ToIncarnation: to}}})
+		require.NoError(t, err)
+		require.NoError(t, raw.PublishRequest("pubsub.node.n1", inbox, data))
+	}
+	send(inc+1, "ghost-1", "ghost-2", "ghost-3") // a newer incarnation's: unanswered
+	send(inc-1, "ghost-4")                       // an older one's: SubscriberGone
+	send(inc, "ghost-5", "ghost-6")              // its own: SubscriberGone
+	for _, want := range []int{1, 2} {
+		select {
+		case m := <-replies:
+			var env wire.Envelope
+			require.NoError(t, proto.Unmarshal(m.Data, &env))
+			st := env.GetReply().GetStatuses()
+			require.Len(t, st, want, "reply %v (3 statuses: the delivery meant for a newer incarnation was answered)", &env)
+			for _, s := range st {
+				assert.Equal(t, pubsub.SubscriberGone, pubsub.DeliveryStatus(s))
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no answer with %d statuses", want)
+		}
+	}
+	assert.Len(t, rec.of(sub.ID()), 1, "the real subscriber")
 }
 
 // A node whose sends alone were cut (it still heard its peers) is dropped

@@ -189,6 +189,8 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.SplitId = v
 		case deliverSplitChunk:
 			d.SplitChunk = uint32(v)
+		case deliverToInc:
+			d.ToIncarnation = v
 		}
 		return err
 	})

@@ -144,5 +144,6 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,
-		"reroute": deliverReroute, "subscriber_timeout_ms": deliverSubTimeout, "split_id": deliverSplitID, "split_chunk": deliverSplitChunk})
+		"reroute": deliverReroute, "subscriber_timeout_ms": deliverSubTimeout, "split_id": deliverSplitID, "split_chunk": deliverSplitChunk,
+		"to_incarnation": deliverToInc})
 }

@@ -49,6 +49,7 @@ const (
 	deliverSubTimeout  protowire.Number = 15
 	deliverSplitID     protowire.Number = 16
 	deliverSplitChunk  protowire.Number = 17
+	deliverToInc       protowire.Number = 18
 )
 
 // MaxSkip bounds PublishRequest.skip: a publisher names at most this many

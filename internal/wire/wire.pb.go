@@ -1230,8 +1230,15 @@ type DeliverBatch struct {
 	// 0: not said (an owner from before this field); the node's own applies.
 	SubscriberTimeoutMs uint32 `protobuf:"varint,15,opt,name=subscriber_timeout_ms,json=subscriberTimeoutMs,proto3" json:"subscriber_timeout_ms,omitempty"`
 	// split_id and split_chunk: as in PublishRequest, from the publisher.
-	SplitId       uint64 `protobuf:"varint,16,opt,name=split_id,json=splitId,proto3" json:"split_id,omitempty"`
-	SplitChunk    uint32 `protobuf:"varint,17,opt,name=split_chunk,json=splitChunk,proto3" json:"split_chunk,omitempty"`
+	SplitId    uint64 `protobuf:"varint,16,opt,name=split_id,json=splitId,proto3" json:"split_id,omitempty"`
+	SplitChunk uint32 `protobuf:"varint,17,opt,name=split_chunk,json=splitChunk,proto3" json:"split_chunk,omitempty"`
+	// to_incarnation: the incarnation of the receiving node the owner
+	// registered these subscribers under. Deliveries go to the node ID's
+	// subject, which an older incarnation replaced under the ID (cut off past
+	// MemberTimeout) may still hear: it stays silent on a delivery meant for
+	// a newer one, whose subscribers it would otherwise report gone.
+	// 0: not said (an owner from before this field).
+	ToIncarnation uint64 `protobuf:"varint,18,opt,name=to_incarnation,json=toIncarnation,proto3" json:"to_incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1374,6 +1381,13 @@ func (x *DeliverBatch) GetSplitId() uint64 {
 func (x *DeliverBatch) GetSplitChunk() uint32 {
 	if x != nil {
 		return x.SplitChunk
+	}
+	return 0
+}
+
+func (x *DeliverBatch) GetToIncarnation() uint64 {
+	if x != nil {
+		return x.ToIncarnation
 	}
 	return 0
 }
@@ -1917,7 +1931,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xa0\x04\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xc7\x04\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1937,7 +1951,8 @@ const file_wire_proto_rawDesc = "" +
 	"\x15subscriber_timeout_ms\x18\x0f \x01(\rR\x13subscriberTimeoutMs\x12\x19\n" +
 	"\bsplit_id\x18\x10 \x01(\x04R\asplitId\x12\x1f\n" +
 	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
-	"splitChunkJ\x04\b\x05\x10\x06\"A\n" +
+	"splitChunk\x12%\n" +
+	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnationJ\x04\b\x05\x10\x06\"A\n" +
 	"\x05Share\x12\x1e\n" +
 	"\n" +
 	"subscriber\x18\x01 \x01(\tR\n" +
