@@ -27,7 +27,7 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "name too long"})
 		return
 	}
-	if d.GetToIncarnation() > n.self.Incarnation || (n.members.sameID.superseded.Load() && !n.subscriber.namesOwn(d)) {
+	if n.meantForNewer(d.GetToIncarnation()) || (n.members.sameID.superseded.Load() && !n.subscriber.namesOwn(d)) {
 		// A newer incarnation of this node's ID runs (this one was cut
 		// off past MemberTimeout and replaced): deliveries to the ID's
 		// inbox reach both, and this node's SubscriberGone for the other's
@@ -242,7 +242,7 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 		}
 		if member && s.refused.has(origin) || !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
 			if member {
-				s.refused.note(origin)
+				s.refused.note(n, origin)
 			} else {
 				s.noteRefusedSplit(origin.split)
 			}

@@ -172,12 +172,16 @@ func (a *topicActor) plan() *fanoutPlan {
 // Keyed messages are assigned the same way anyway while the group is
 // unchanged. replayed names the groups the batch was seen by before (nil
 // when none): their members' answers to it may stand for an earlier
-// attempt's runs (reroutes.reroutable).
-func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin) (out map[string][]share, replayed map[string]bool) {
+// attempt's runs (reroutes.reroutable). A producer a group forgot to
+// remember origin's is counted on n (nil in unit tests).
+func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin, n *Node) (out map[string][]share, replayed map[string]bool) {
 	out = map[string][]share{}
 	for _, g := range p.groups {
 		byMember := make([][]uint32, len(g.members))
-		pos, replay := g.rrStart(origin)
+		pos, replay, forgotOne := g.rrStart(origin)
+		if forgotOne && n != nil {
+			n.forgotMark("producers/rr-starts")
+		}
 		if replay {
 			if replayed == nil {
 				replayed = map[string]bool{}
@@ -210,14 +214,14 @@ func (p *fanoutPlan) assign(count int, keys []string, origin batchOrigin) (out m
 // rrStart returns where round robin starts for origin's batch, and
 // whether the batch was seen before: then where it started that time;
 // else at the group's position, recorded for origin's producer.
-func (g *groupRoute) rrStart(origin batchOrigin) (start int, replay bool) {
+func (g *groupRoute) rrStart(origin batchOrigin) (start int, replay, forgot bool) {
 	if origin.producer == "" {
-		return g.next, false
+		return g.next, false, false
 	}
 	seen := g.starts[origin.producer]
 	for _, st := range seen {
 		if st.seq == origin.seq {
-			return st.start, true
+			return st.start, true, false
 		}
 	}
 	if len(seen) == maxRRBatches {
@@ -225,8 +229,8 @@ func (g *groupRoute) rrStart(origin batchOrigin) (start int, replay bool) {
 	}
 	// Past maxRRStarts producers one is forgotten: a retry of its batches
 	// is assigned anew.
-	g.starts = boundedPut(g.starts, origin.producer, append(seen, rrStart{seq: origin.seq, start: g.next}), maxRRStarts)
-	return g.next, false
+	g.starts, forgot = boundedPut(g.starts, origin.producer, append(seen, rrStart{seq: origin.seq, start: g.next}), maxRRStarts)
+	return g.next, false, forgot
 }
 
 // keys returns each message's key, or nil when no message has one.

@@ -196,7 +196,7 @@ func TestGroupRoundRobinKeepsItsPlaceAcrossChanges(t *testing.T) {
 	}
 	got := map[string]int{}
 	for i := range 9 {
-		shares, _ := a.plan().assign(1, nil, batchOrigin{})
+		shares, _ := a.plan().assign(1, nil, batchOrigin{}, nil)
 		for node := range shares {
 			got[node]++
 		}
@@ -404,7 +404,7 @@ func TestGroupRoundRobinReplaysARetriedBatch(t *testing.T) {
 		require.True(t, a.add(node, 1, "1@g"))
 	}
 	memberOf := func(origin batchOrigin) string {
-		shares, _ := a.plan().assign(1, nil, origin)
+		shares, _ := a.plan().assign(1, nil, origin, nil)
 		for node := range shares {
 			return node
 		}

@@ -39,20 +39,21 @@ func isNilPointer(v any) bool {
 
 // boundedPut sets m[key] to v and returns m, made if nil. A key new to a
 // map already holding limit entries first makes it forget an arbitrary
-// one: what maps keyed by names from the wire (producers, nodes) give up
-// to stay bounded.
-func boundedPut[K comparable, V any](m map[K]V, key K, v V, limit int) map[K]V {
+// one (forgot): what maps keyed by names from the wire (producers, split
+// batches) give up to stay bounded. Callers count it (Node.forgotMark).
+func boundedPut[K comparable, V any](m map[K]V, key K, v V, limit int) (_ map[K]V, forgot bool) {
 	if m == nil {
 		m = make(map[K]V)
 	}
 	if _, known := m[key]; !known && len(m) >= limit {
 		for k := range m {
 			delete(m, k)
+			forgot = true
 			break
 		}
 	}
 	m[key] = v
-	return m
+	return m, forgot
 }
 
 // maxLocalIDLen bounds a subscriber's local ID from the wire: its node's

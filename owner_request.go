@@ -20,7 +20,7 @@ import (
 // owner's inbox dispatch.
 type ownerRequest interface {
 	// encode appends the request's envelope for view v to buf.
-	encode(v *view, buf []byte) []byte
+	encode(v *view, to uint64, buf []byte) []byte
 	// runLocal runs the request on the topic's actor, answering once.
 	runLocal(a *topicActor, answer func(ownerAnswer))
 }
@@ -193,7 +193,7 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 // nothing comes back (AckNone).
 func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func()) (ownerAnswer, error) {
 	buf := sendBufs.Get().(*[]byte)
-	*buf = req.encode(v, (*buf)[:0])
+	*buf = req.encode(v, owner.Incarnation, (*buf)[:0])
 	err := n.nc.Publish(owner.Inbox, *buf)
 	sendBufs.Put(buf) // the connection copied it
 	if err != nil {
@@ -207,7 +207,7 @@ func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func(
 // gives up early when the owner leaves the view.
 func (n *Node) askRemote(ctx context.Context, topic string, v *view, owner Member, req ownerRequest, wait time.Duration, sent func()) (ownerAnswer, error) {
 	buf := sendBufs.Get().(*[]byte)
-	*buf = req.encode(v, (*buf)[:0])
+	*buf = req.encode(v, owner.Incarnation, (*buf)[:0])
 	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.ownerAnswers(owner), sent: sent})
 	sendBufs.Put(buf)
 	if err != nil {
@@ -267,8 +267,9 @@ func (r *publishRequest) answerWithin() time.Duration {
 	return max(d, 0)
 }
 
-func (r *publishRequest) encode(v *view, buf []byte) []byte {
+func (r *publishRequest) encode(v *view, to uint64, buf []byte) []byte {
 	r.origin.refresh()
+	r.wire.ToIncarnation = to
 	r.wire.ViewId, r.wire.Producer, r.wire.ProducerSeq = v.id, r.origin.producer, r.origin.seq
 	r.wire.ProducerPrev, r.wire.ProducerSettled = r.origin.prev, r.origin.settled
 	r.wire.SplitId, r.wire.SplitChunk = r.origin.split.id, r.origin.split.index
@@ -315,8 +316,8 @@ func (r *publishRequest) detach() {
 // subscribeRequest records, removes, or (stats) counts subscribers.
 type subscribeRequest struct{ wire *wire.SubscribeRequest }
 
-func (r subscribeRequest) encode(v *view, buf []byte) []byte {
-	r.wire.ViewId = v.id
+func (r subscribeRequest) encode(v *view, to uint64, buf []byte) []byte {
+	r.wire.ViewId, r.wire.ToIncarnation = v.id, to
 	return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: r.wire}})
 }
 
@@ -335,8 +336,8 @@ type readinessProbe struct {
 	topic string
 }
 
-func (r readinessProbe) encode(v *view, buf []byte) []byte {
-	return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: r.from, ViewId: v.id, Topic: r.topic}}})
+func (r readinessProbe) encode(v *view, to uint64, buf []byte) []byte {
+	return appendEnvelope(buf, &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: r.from, ViewId: v.id, Topic: r.topic, ToIncarnation: to}}})
 }
 
 func (r readinessProbe) runLocal(a *topicActor, answer func(ownerAnswer)) {

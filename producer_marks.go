@@ -82,6 +82,20 @@ func (p *producerMarks[V]) put(n *Node, producer string, v V) {
 	p.m[producer] = v
 }
 
+// forgotMark counts a mark one of the smaller maps kept per producer or
+// per split batch forgot to stay within its own bound (which, a throttle
+// key, names it): a group's round-robin starts (maxRRStarts), a group
+// member's refused shares (maxRefusedProducers), a subscription's split
+// marks (maxTrackedSplits). Each costs one producer's retry or late chunk
+// the check that map made; logged at debug level, throttled.
+func (n *Node) forgotMark(which string) {
+	n.stats.marksForgotten.Add(1)
+	if ok, held := n.log.limit.allow(which); ok {
+		n.log.Debug("forgot a producer's mark to stay within its map's bound (a retry or late chunk of that producer loses its check)",
+			"map", which, "suppressed", held)
+	}
+}
+
 // forgetOne forgets an arbitrary mark.
 func (p *producerMarks[V]) forgetOne() {
 	for k := range p.m {

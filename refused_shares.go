@@ -52,18 +52,20 @@ func (r *refusedRing) has(seq uint64) bool {
 	return false
 }
 
-// note records that origin's share was refused. Only a producer's batch
-// on an at-most-once topic is retried as it was; re-routes carry their own
-// copy check (Subscription.rerouted).
-func (r *refusedShares) note(origin batchOrigin) {
+// note records that origin's share was refused; another producer's
+// forgotten to make room is counted on n. Only a producer's batch on an
+// at-most-once topic is retried as it was; re-routes carry their own copy
+// check (Subscription.rerouted).
+func (r *refusedShares) note(n *Node, origin batchOrigin) {
 	if !refusable(origin) {
 		return
 	}
+	forgot := false
 	r.mu.Lock()
 	ring := r.by[origin.producer]
 	if ring == nil {
 		ring = &refusedRing{}
-		r.by = boundedPut(r.by, origin.producer, ring, maxRefusedProducers)
+		r.by, forgot = boundedPut(r.by, origin.producer, ring, maxRefusedProducers)
 	}
 	if !ring.has(origin.seq) { // a copy refused again keeps its one slot
 		ring.seqs[ring.next] = origin.seq
@@ -72,6 +74,9 @@ func (r *refusedShares) note(origin batchOrigin) {
 	}
 	r.mu.Unlock()
 	r.any.Store(true)
+	if forgot {
+		n.forgotMark("producers/refused-shares")
+	}
 }
 
 // has reports whether origin's share was refused before.

@@ -108,6 +108,17 @@ func (n *Node) heardSameID(hb *wire.Heartbeat) {
 	}
 }
 
+// meantForNewer reports whether a request or delivery that names the
+// incarnation of this node's ID it was sent to (to_incarnation; 0 when the
+// sender does not say) was meant for a newer one. Requests go to the ID's
+// subject, which both incarnations hear after a heal until the older one
+// stops: its answers would compete with the newer one's (a subscriber of
+// the newer one reported gone, a publish served by both and delivered
+// twice). The older stays silent; the newer answers.
+func (n *Node) meantForNewer(to uint64) bool {
+	return to > n.self.Incarnation
+}
+
 // noteReplacedView records what p's heartbeat says of this node, which
 // heard a newer incarnation of its ID: replaced (p reports this node's view
 // with the newer one in its place) or not (p reports this node's own

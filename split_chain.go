@@ -74,7 +74,10 @@ func (s *Subscription) noteRefusedSplit(c splitChunk) {
 	if first, ok := s.split.refused[c.id]; ok && first <= c.index {
 		return
 	}
-	s.split.refused = boundedPut(s.split.refused, c.id, c.index, maxTrackedSplits)
+	var forgot bool
+	if s.split.refused, forgot = boundedPut(s.split.refused, c.id, c.index, maxTrackedSplits); forgot {
+		s.node.forgotMark("producers/split-refused")
+	}
 }
 
 // refusedBefore reports whether a full mailbox refused a chunk of c's
@@ -95,5 +98,8 @@ func (s *Subscription) noteSplit(c splitChunk, st DeliveryStatus) {
 	if last, seen := s.split.marks[c.id]; seen && last.index > c.index {
 		return // an older chunk, late: the later one's outcome stands
 	}
-	s.split.marks = boundedPut(s.split.marks, c.id, splitMark{index: c.index, status: st}, maxTrackedSplits)
+	var forgot bool
+	if s.split.marks, forgot = boundedPut(s.split.marks, c.id, splitMark{index: c.index, status: st}, maxTrackedSplits); forgot {
+		s.node.forgotMark("producers/split-marks")
+	}
 }

@@ -47,7 +47,12 @@ type Stats struct {
 	// keeps those in a second map). ProducerMarksForgotten counts the marks forgotten to
 	// stay within that, or within 4 096 per actor or subscription: each
 	// costs one producer its protection against a late batch of its own
-	// (logged, throttled, when the node's budget is the cause).
+	// (logged, throttled, when the node's budget is the cause). It also
+	// counts what the smaller maps kept per producer or split batch forgot
+	// past their bounds (a group's round-robin starts, a group member's
+	// refused shares, 256 producers each; a subscription's split-batch
+	// marks, 64), logged at debug level: a retry of that producer's batch
+	// is assigned or refused anew, a late chunk is not checked.
 	ProducerMarks          int
 	ProducerMarksForgotten uint64
 	// Under KeepMajority: whether this node sees a majority of the last

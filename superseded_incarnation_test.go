@@ -1,6 +1,7 @@
 package pubsub_test
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -188,6 +189,94 @@ func TestDeliveryForANewerIncarnationGoesUnanswered(t *testing.T) {
 		}
 	}
 	assert.Len(t, rec.of(sub.ID()), 1, "the real subscriber")
+}
+
+// Publishes and subscribes reach both incarnations of a replaced ID after
+// the heal too, until the older one stops: the older one served the topics
+// it still believed it owned, and a publish served by both was delivered
+// twice (TestPublishesRightAfterAReplacedOwnersHealReachSubscribersOnce: 4
+// of 5 runs before). A request names the owner's incarnation the sender's
+// view holds, and a node stays silent on one meant for a newer
+// incarnation of its ID; on its own, or an older one's, it answers.
+func TestRequestsForANewerIncarnationGoUnanswered(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	owned := ownedBy(t, c.Nodes[0], "to-incarnation-req") // a topic n1 does not own
+	incOf := func(id string) uint64 {
+		for _, m := range c.Nodes[0].Members() {
+			if m.ID == id {
+				return m.Incarnation
+			}
+		}
+		t.Fatalf("no member %s", id)
+		return 0
+	}
+	raw := c.Connect(t, 0)
+
+	// Real requests name the owner's incarnation.
+	named := make(chan *wire.Envelope, 64)
+	tap, err := raw.Subscribe("pubsub.node.n0", func(m *nats.Msg) {
+		var env wire.Envelope
+		if wire.Decode(m.Data, &env) == nil && (env.GetPublish() != nil || env.GetSubscribe() != nil) {
+			select {
+			case named <- &env:
+			default:
+			}
+		}
+	})
+	require.NoError(t, err)
+	defer func() { _ = tap.Unsubscribe() }()
+	require.NoError(t, raw.Flush())
+	subscribe(t, c.Nodes[1], owned, newRecorder().handler)
+	_, err = c.Nodes[1].Publish(ctxT(t), owned, msg(0))
+	require.NoError(t, err)
+	for _, kind := range []string{"subscribe", "publish"} {
+		select {
+		case env := <-named:
+			to := env.GetPublish().GetToIncarnation() + env.GetSubscribe().GetToIncarnation()
+			assert.Equal(t, incOf("n0"), to, "a %s request's to_incarnation", kind)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the tap saw no %s request to n0", kind)
+		}
+	}
+
+	// Forged requests to n1 for a topic n0 owns: n1 answers NOT_OWNER at
+	// once, unless the request is meant for a newer incarnation of n1.
+	replies := make(chan *nats.Msg, 8)
+	rs, err := raw.ChanSubscribe("to-inc-reply.*", replies)
+	require.NoError(t, err)
+	defer func() { _ = rs.Unsubscribe() }()
+	from := &wire.MemberRef{NodeId: "n2", Incarnation: incOf("n2")}
+	kinds := map[string]func(to uint64) *wire.Envelope{
+		"publish": func(to uint64) *wire.Envelope {
+			return &wire.Envelope{Body: &wire.Envelope_Publish{Publish: &wire.PublishRequest{From: from, Topic: owned, ToIncarnation: to,
+				Packed: wire.Pack(nil, [][]byte{[]byte("z")}), Count: 1}}}
+		},
+		"subscribe": func(to uint64) *wire.Envelope {
+			return &wire.Envelope{Body: &wire.Envelope_Subscribe{Subscribe: &wire.SubscribeRequest{From: from, Topic: owned, ToIncarnation: to,
+				Subscriber: "forged-1"}}}
+		},
+	}
+	inc := incOf("n1")
+	for name, build := range kinds {
+		t.Run(name, func(t *testing.T) {
+			for _, to := range []uint64{inc + 1, inc - 1, inc} { // one request after another on one connection, handled in order
+				data, err := proto.Marshal(build(to))
+				require.NoError(t, err)
+				require.NoError(t, raw.PublishRequest("pubsub.node.n1", fmt.Sprintf("to-inc-reply.%d", to), data))
+			}
+			for _, want := range []uint64{inc - 1, inc} {
+				select {
+				case m := <-replies:
+					require.Equal(t, fmt.Sprintf("to-inc-reply.%d", want), m.Subject, "the request meant for a newer incarnation was answered")
+					var env wire.Envelope
+					require.NoError(t, proto.Unmarshal(m.Data, &env))
+					assert.Equal(t, wire.Reply_NOT_OWNER, env.GetReply().GetCode())
+				case <-time.After(5 * time.Second):
+					t.Fatalf("no answer to the request meant for incarnation %d", want)
+				}
+			}
+		})
+	}
 }
 
 // A node whose sends alone were cut (it still heard its peers) is dropped

@@ -396,7 +396,7 @@ func (a *topicActor) targets(msgs payload) ([]nodeTarget, *reroutes) {
 	}
 	p := a.plan()
 	keys := msgs.keys()
-	shares, replayed := p.assign(msgs.len(), keys, msgs.origin)
+	shares, replayed := p.assign(msgs.len(), keys, msgs.origin, a.n)
 	r := &reroutes{msgs: msgs, keys: keys, groups: map[string]*groupRoute{}, replayed: replayed}
 	for _, g := range p.groups {
 		r.groups[g.name] = g

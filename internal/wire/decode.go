@@ -138,6 +138,8 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.SplitId = v
 		case publishSplitChunk:
 			p.SplitChunk = uint32(v)
+		case publishToInc:
+			p.ToIncarnation = v
 		case publishSkip:
 			if len(p.Skip) >= MaxSkip {
 				return nil // a forged list costs no more than MaxSkip entries

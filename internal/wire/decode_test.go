@@ -140,7 +140,8 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 	check(&PublishRequest{}, map[string]protowire.Number{"from": publishFrom, "view_id": publishViewID, "topic": publishTopic,
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
 		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel,
-		"skip": publishSkip, "answer_within_ms": publishAnswerWithin, "split_id": publishSplitID, "split_chunk": publishSplitChunk})
+		"skip": publishSkip, "answer_within_ms": publishAnswerWithin, "split_id": publishSplitID, "split_chunk": publishSplitChunk,
+		"to_incarnation": publishToInc})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,

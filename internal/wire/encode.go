@@ -32,6 +32,7 @@ const (
 	publishAnswerWithin protowire.Number = 15
 	publishSplitID      protowire.Number = 16
 	publishSplitChunk   protowire.Number = 17
+	publishToInc        protowire.Number = 18
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2

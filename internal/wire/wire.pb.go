@@ -689,7 +689,9 @@ type SubscribeRequest struct {
 	Subscriber  string                 `protobuf:"bytes,4,opt,name=subscriber,proto3" json:"subscriber,omitempty"` // SubscriberID.Local on the sender
 	Unsubscribe bool                   `protobuf:"varint,5,opt,name=unsubscribe,proto3" json:"unsubscribe,omitempty"`
 	// stats: only ask for the topic's subscriber counts (Node.TopicStats).
-	Stats         bool `protobuf:"varint,6,opt,name=stats,proto3" json:"stats,omitempty"`
+	Stats bool `protobuf:"varint,6,opt,name=stats,proto3" json:"stats,omitempty"`
+	// to_incarnation: as in PublishRequest.
+	ToIncarnation uint64 `protobuf:"varint,7,opt,name=to_incarnation,json=toIncarnation,proto3" json:"to_incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -766,6 +768,13 @@ func (x *SubscribeRequest) GetStats() bool {
 	return false
 }
 
+func (x *SubscribeRequest) GetToIncarnation() uint64 {
+	if x != nil {
+		return x.ToIncarnation
+	}
+	return 0
+}
+
 // PublishRequest asks a topic's owner to accept a batch.
 type PublishRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -817,8 +826,15 @@ type PublishRequest struct {
 	// requests (split_id, random and not 0, names the batch; split_chunk is
 	// this chunk's index). Subscribers run a split batch's chunks from the
 	// first, in order, and none after one they did not run.
-	SplitId       uint64 `protobuf:"varint,16,opt,name=split_id,json=splitId,proto3" json:"split_id,omitempty"`
-	SplitChunk    uint32 `protobuf:"varint,17,opt,name=split_chunk,json=splitChunk,proto3" json:"split_chunk,omitempty"`
+	SplitId    uint64 `protobuf:"varint,16,opt,name=split_id,json=splitId,proto3" json:"split_id,omitempty"`
+	SplitChunk uint32 `protobuf:"varint,17,opt,name=split_chunk,json=splitChunk,proto3" json:"split_chunk,omitempty"`
+	// to_incarnation: the incarnation of the owner the sender's view holds.
+	// Requests go to the owner ID's subject, which an older incarnation
+	// replaced under the ID (cut off past MemberTimeout) may still hear
+	// until it stops: it stays silent on a request meant for a newer one,
+	// which it would otherwise serve too (a publish delivered twice). 0: not
+	// said (a sender from before this field).
+	ToIncarnation uint64 `protobuf:"varint,18,opt,name=to_incarnation,json=toIncarnation,proto3" json:"to_incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -961,6 +977,13 @@ func (x *PublishRequest) GetSplitId() uint64 {
 func (x *PublishRequest) GetSplitChunk() uint32 {
 	if x != nil {
 		return x.SplitChunk
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetToIncarnation() uint64 {
+	if x != nil {
+		return x.ToIncarnation
 	}
 	return 0
 }
@@ -1882,7 +1905,7 @@ const file_wire_proto_rawDesc = "" +
 	"\x04JOIN\x10\x01\x12\t\n" +
 	"\x05LEAVE\x10\x02\x12\x0e\n" +
 	"\n" +
-	"JOIN_REPLY\x10\x03\"\xcc\x01\n" +
+	"JOIN_REPLY\x10\x03\"\xf3\x01\n" +
 	"\x10SubscribeRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1891,7 +1914,8 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x18\x04 \x01(\tR\n" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
-	"\x05stats\x18\x06 \x01(\bR\x05stats\"\xaf\x04\n" +
+	"\x05stats\x18\x06 \x01(\bR\x05stats\x12%\n" +
+	"\x0eto_incarnation\x18\a \x01(\x04R\rtoIncarnation\"\xd6\x04\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1911,7 +1935,8 @@ const file_wire_proto_rawDesc = "" +
 	"\x10answer_within_ms\x18\x0f \x01(\rR\x0eanswerWithinMs\x12\x19\n" +
 	"\bsplit_id\x18\x10 \x01(\x04R\asplitId\x12\x1f\n" +
 	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
-	"splitChunkJ\x04\b\x04\x10\x05\"^\n" +
+	"splitChunk\x12%\n" +
+	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnationJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\x12\x12\n" +
