@@ -27,15 +27,15 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "name too long"})
 		return
 	}
-	if n.meantForNewer(d.GetToIncarnation()) || (n.members.sameID.superseded.Load() && !n.subscriber.namesOwn(d)) {
+	if n.members.sameID.superseded.Load() && !n.subscriber.namesOwn(d) {
 		// A newer incarnation of this node's ID runs (this one was cut
 		// off past MemberTimeout and replaced): deliveries to the ID's
 		// inbox reach both, and this node's SubscriberGone for the other's
 		// subscribers, if it came first, made the owner drop them while
-		// they lived. Only the incarnation that made them answers. The
-		// owner names the incarnation it registered them under: right
-		// after the heal this node may not have heard the newer one yet
-		// (superseded unset), while the owner already serves it.
+		// they lived. Only the incarnation that made them answers. (An
+		// owner that names the incarnation it registered them under is
+		// answered by that one alone, see onInbox: right after the heal
+		// this node may not have heard the newer one yet.)
 		return
 	}
 	msgs, err := receivedPayload(d.GetPacked(), d.GetPackedMeta(), d.GetCount())

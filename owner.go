@@ -139,9 +139,6 @@ func (o *ownerSide) forgetMarks() {
 // request in owner.queued; it reports whether the request was queued on
 // its actor, which then uncounts it (else the caller does).
 func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued bool) {
-	if n.meantForNewer(req.GetToIncarnation()) {
-		return false
-	}
 	topic := req.GetTopic()
 	if validateTopic(topic) != nil {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid topic"})
@@ -249,9 +246,6 @@ func (n *Node) ackNoneAnswered(topic string, count int, code wire.Reply_Code) {
 
 // onSubscribeRequest serves a remote subscriber's node.
 func (n *Node) onSubscribeRequest(req *wire.SubscribeRequest, reply string) {
-	if n.meantForNewer(req.GetToIncarnation()) {
-		return
-	}
 	topic := req.GetTopic()
 	if validateTopic(topic) != nil || (req.GetSubscriber() == "" && !req.GetStats()) || req.GetFrom() == nil {
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid subscribe"})

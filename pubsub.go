@@ -327,6 +327,13 @@ func (n *Node) onInbox(m *nats.Msg) {
 		n.replyTo(m.Reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "malformed envelope"})
 		return
 	}
+	if n.meantForNewer(toIncarnation(&env)) {
+		// Before the closed and drain checks: an older incarnation that
+		// is closing answered CLOSED, which the sender takes for the
+		// newer one's answer (its subscribers gone, a publish it served
+		// retried).
+		return
+	}
 	publish, isPublish := env.Body.(*wire.Envelope_Publish)
 	if isPublish {
 		// Counted before the drain check (see ownerSide.queued): a

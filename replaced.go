@@ -119,6 +119,20 @@ func (n *Node) meantForNewer(to uint64) bool {
 	return to > n.self.Incarnation
 }
 
+// toIncarnation returns the incarnation env names as its receiver: a
+// delivery's, a publish's or a subscribe's to_incarnation; 0 for others.
+func toIncarnation(env *wire.Envelope) uint64 {
+	switch b := env.Body.(type) {
+	case *wire.Envelope_Deliver:
+		return b.Deliver.GetToIncarnation()
+	case *wire.Envelope_Publish:
+		return b.Publish.GetToIncarnation()
+	case *wire.Envelope_Subscribe:
+		return b.Subscribe.GetToIncarnation()
+	}
+	return 0
+}
+
 // noteReplacedView records what p's heartbeat says of this node, which
 // heard a newer incarnation of its ID: replaced (p reports this node's view
 // with the newer one in its place) or not (p reports this node's own
