@@ -214,6 +214,7 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	// Outcomes decided here, for the hooks, which run once the lock is
 	// released.
 	var decided []decidedOutcome
+	var forgotShares, forgotSplits int // counted past the lock, as the hooks run
 	n.subscriber.mu.RLock()
 	for i := range count {
 		l, part := "", batch
@@ -242,9 +243,11 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 		}
 		if member && s.refused.has(origin) || !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
 			if member {
-				s.refused.note(n, origin)
-			} else {
-				s.noteRefusedSplit(origin.split)
+				if s.refused.note(origin) {
+					forgotShares++
+				}
+			} else if s.noteRefusedSplit(origin.split) {
+				forgotSplits++
 			}
 			t.set(i, MailboxFull)
 			if len(n.hooks.handled) != 0 {
@@ -253,6 +256,12 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 		}
 	}
 	n.subscriber.mu.RUnlock()
+	for range forgotShares {
+		n.forgotMark("producers/refused-shares")
+	}
+	for range forgotSplits {
+		n.forgotMark("producers/split-refused")
+	}
 	for _, d := range decided {
 		n.handled(topic, d.id, d.messages, d.status, 0, 0)
 	}

@@ -52,15 +52,15 @@ func (r *refusedRing) has(seq uint64) bool {
 	return false
 }
 
-// note records that origin's share was refused; another producer's
-// forgotten to make room is counted on n. Only a producer's batch on an
-// at-most-once topic is retried as it was; re-routes carry their own copy
-// check (Subscription.rerouted).
-func (r *refusedShares) note(n *Node, origin batchOrigin) {
+// note records that origin's share was refused, and reports whether
+// another producer's were forgotten to make room (the caller counts it,
+// Node.forgotMark). Only a producer's batch on an at-most-once topic is
+// retried as it was; re-routes carry their own copy check
+// (Subscription.rerouted).
+func (r *refusedShares) note(origin batchOrigin) (forgot bool) {
 	if !refusable(origin) {
-		return
+		return false
 	}
-	forgot := false
 	r.mu.Lock()
 	ring := r.by[origin.producer]
 	if ring == nil {
@@ -74,9 +74,7 @@ func (r *refusedShares) note(n *Node, origin batchOrigin) {
 	}
 	r.mu.Unlock()
 	r.any.Store(true)
-	if forgot {
-		n.forgotMark("producers/refused-shares")
-	}
+	return forgot
 }
 
 // has reports whether origin's share was refused before.

@@ -65,19 +65,19 @@ func (s *Subscription) splitGate(c splitChunk) (status DeliveryStatus, processed
 // noteRefusedSplit records that a full mailbox refused chunk c (a
 // broadcast subscriber's, before its mailbox ever saw it): without it,
 // splitGate took a later chunk for the first this subscriber got.
-func (s *Subscription) noteRefusedSplit(c splitChunk) {
+// It reports whether another split batch's was forgotten to make room (the
+// caller counts it, Node.forgotMark).
+func (s *Subscription) noteRefusedSplit(c splitChunk) (forgot bool) {
 	if c.id == 0 || s.id.Group() != "" {
-		return
+		return false
 	}
 	s.split.mu.Lock()
 	defer s.split.mu.Unlock()
 	if first, ok := s.split.refused[c.id]; ok && first <= c.index {
-		return
+		return false
 	}
-	var forgot bool
-	if s.split.refused, forgot = boundedPut(s.split.refused, c.id, c.index, maxTrackedSplits); forgot {
-		s.node.forgotMark("producers/split-refused")
-	}
+	s.split.refused, forgot = boundedPut(s.split.refused, c.id, c.index, maxTrackedSplits)
+	return forgot
 }
 
 // refusedBefore reports whether a full mailbox refused a chunk of c's
