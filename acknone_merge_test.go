@@ -97,7 +97,8 @@ func TestAckNoneRefusedByAnOwnerIsCounted(t *testing.T) {
 	c := newCluster(t, 1, 2)
 	topic := ownedBy(t, c.Nodes[1], "refused")
 	raw := c.Connect(t, 0)
-	req := &wire.PublishRequest{From: &wire.MemberRef{NodeId: c.Nodes[0].ID(), Incarnation: 1}, Topic: topic, Count: 3,
+	// In n0's name, as the owner knows it: one from a node it has not heard is refused.
+	req := &wire.PublishRequest{From: memberRef(t, c.Nodes[1], c.Nodes[0].ID()), Topic: topic, Count: 3,
 		AckLevel: uint32(pubsub.AckNone)}
 	data := wire.AppendPublish(nil, req, [][]byte{[]byte("a"), []byte("b"), []byte("c")}, nil)
 	require.NoError(t, raw.Publish("pubsub.node."+c.Nodes[0].ID(), data)) // n0 is not the owner

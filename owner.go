@@ -168,6 +168,17 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return false
 	}
+	if v := n.view(); !v.has(req.GetFrom()) {
+		// A publisher this node has not heard (as a subscribe from one is
+		// refused): its node's subscribers, and maybe others', are missing
+		// here. A node that joined behind a one-way stall owns everything
+		// alone, and at the heal the held requests of the peers that route
+		// to it arrive with their heartbeats: served at once, they reached
+		// its own subscribers only, with no failure listed. The publisher
+		// retries once this node has taken it (and their syncs) in.
+		n.answerPublish(topic, reply, int(req.GetCount()), &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: v.id})
+		return false
+	}
 	msgs.wantIDs, msgs.publisher = req.GetDeliveredIds(), req.GetFrom().GetNodeId()
 	if msgs.wantIDs { // only a chunk of a split batch skips anyone
 		msgs.skip = req.GetSkip()
