@@ -185,7 +185,9 @@ func TestSoakSameIDRestartUnderTraffic(t *testing.T) {
 				}, "%s never reached exactly its %d live subscribers", topic, len(ids))
 			}
 			settled := time.Since(restarted)
+			mu.Lock()
 			mark := len(sent)
+			mu.Unlock()
 			testcluster.WaitFor(t, 10*time.Second, func() bool {
 				mu.Lock()
 				defer mu.Unlock()
