@@ -122,6 +122,12 @@ func (n *Node) installPendingLocked() bool {
 	}
 	n.members.views.viewPending = false
 	before := n.view().id
+	// The peers heard while joining count as returned (view.returned): a
+	// topic actor reconciled to an earlier view (a request that came while
+	// joining, answered NOT_READY, made it: served alone, complete for
+	// that view) must wait for their subscriptions, not be kept without
+	// them. Actors made in the views after it are unaffected.
+	n.members.views.ranApart = true
 	n.recomputeView()
 	return n.view().id != before
 }

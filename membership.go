@@ -121,7 +121,11 @@ func (m *membership) init(n *Node) {
 	m.beatNow = make(chan struct{}, 1)
 	m.subject = natsutil.MembersSubject(n.cfg.Prefix)
 	m.control.goroutines = &n.life.goroutines
-	first := newView(0, []Member{n.self})
+	// Epochs start at 1: view.returned names the epoch before a return,
+	// and 0 there means none. A return right after the first view (a node
+	// that joined alone, then heard peers that ran without it) was taken
+	// for none, and its topics served without the peers' subscribers.
+	first := newView(1, []Member{n.self})
 	m.views.cur.Store(first)
 	m.views.history.remember(first)
 	m.pushed = first

@@ -56,9 +56,10 @@ func TestSoakSameIDRestartUnderTraffic(t *testing.T) {
 		{name: "crash"},
 		{name: "close", close: true},
 		{name: "crash-route-stalled-out", stall: "out"},
-		{name: "crash-route-stalled-in", stall: "in", skip: "open: the new n2, hearing nobody, joins alone and owns every topic; " +
-			"at the heal it serves requests the peers sent it through the stall with its own subscriber only (Delivered 1, " +
-			"no failure listed, the peers' subscribers get nothing): 11 of 20 runs before the unheard-publisher check, 3 of 30 after"},
+		{name: "crash-route-stalled-in", stall: "in", skip: "open (INTERNALS, Known limits: an owner that has not heard a member): " +
+			"at the heal the new n2 may hear n0 before n1 and serve n0's publishes without n1's subscriber for a moment " +
+			"(Delivered 2, no failure listed): 2 of 65 runs; 11 of 20 before the unheard-publisher check and the epoch fix " +
+			"(TestPublishFromANodeTheOwnerHasNotHeardIsRefused, TestNodeThatJoinedAloneWaitsForItsPeersSubscriptions)"},
 		{name: "crash-join-within-2-heartbeats", hb: 400 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
