@@ -168,14 +168,16 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return false
 	}
-	if v := n.view(); !v.has(req.GetFrom()) {
+	if v := n.view(); !v.has(req.GetFrom()) && !n.stillDraining(req.GetFrom()) {
 		// A publisher this node has not heard (as a subscribe from one is
 		// refused): its node's subscribers, and maybe others', are missing
 		// here. A node that joined behind a one-way stall owns everything
 		// alone, and at the heal the held requests of the peers that route
 		// to it arrive with their heartbeats: served at once, they reached
 		// its own subscribers only, with no failure listed. The publisher
-		// retries once this node has taken it (and their syncs) in.
+		// retries once this node has taken it (and their syncs) in. A
+		// member that left gracefully is still served: its Close sends
+		// its LEAVE first, then flushes its producers and outboxes.
 		n.answerPublish(topic, reply, int(req.GetCount()), &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: v.id})
 		return false
 	}
@@ -253,6 +255,14 @@ func (n *Node) ackNoneAnswered(topic string, count int, code wire.Reply_Code) {
 	if ok, held := n.log.limit.allow("acknone/refused"); ok {
 		n.log.Warn("AckNone publish refused as owner: its messages are lost", "topic", topic, "messages", count, "code", code, "suppressed", held)
 	}
+}
+
+// stillDraining reports whether ref is an incarnation that left gracefully
+// within MemberTimeout (its LEAVE, which it repeats while it drains).
+func (n *Node) stillDraining(ref *wire.MemberRef) bool {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	return n.members.buried(ref.GetNodeId(), ref.GetIncarnation(), n.cfg.MemberTimeout)
 }
 
 // onSubscribeRequest serves a remote subscriber's node.
