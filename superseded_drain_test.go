@@ -31,13 +31,7 @@ import (
 func TestDrainingNodeDoesNotAnswerForANewerIncarnation(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "to-incarnation-drain")
-	var inc uint64
-	for _, m := range c.Nodes[0].Members() {
-		if m.ID == "n1" {
-			inc = m.Incarnation
-		}
-	}
-	require.NotZero(t, inc)
+	inc := memberRef(t, c.Nodes[0], "n1").GetIncarnation()
 	// n1's drain waits for a batch it accepted: its subscriber's handler
 	// holds it until the probe is done.
 	entered, release := make(chan struct{}, 1), make(chan struct{})

@@ -119,13 +119,7 @@ func TestSupersededNodeDoesNotAnswerForItsReplacement(t *testing.T) {
 func TestDeliveryForANewerIncarnationGoesUnanswered(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "to-incarnation")
-	var inc uint64
-	for _, m := range c.Nodes[1].Members() {
-		if m.ID == "n1" {
-			inc = m.Incarnation
-		}
-	}
-	require.NotZero(t, inc)
+	inc := memberRef(t, c.Nodes[1], "n1").GetIncarnation()
 	raw := c.Connect(t, 1)
 
 	// A real delivery names the receiving node's incarnation.
@@ -201,15 +195,7 @@ func TestDeliveryForANewerIncarnationGoesUnanswered(t *testing.T) {
 func TestRequestsForANewerIncarnationGoUnanswered(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	owned := ownedBy(t, c.Nodes[0], "to-incarnation-req") // a topic n1 does not own
-	incOf := func(id string) uint64 {
-		for _, m := range c.Nodes[0].Members() {
-			if m.ID == id {
-				return m.Incarnation
-			}
-		}
-		t.Fatalf("no member %s", id)
-		return 0
-	}
+	incOf := func(id string) uint64 { return memberRef(t, c.Nodes[0], id).GetIncarnation() }
 	raw := c.Connect(t, 0)
 
 	// Real requests name the owner's incarnation.

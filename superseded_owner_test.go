@@ -33,7 +33,7 @@ func TestPublishesRightAfterAReplacedOwnersHealReachSubscribersOnce(t *testing.T
 	n2 := c.AddNode(t, "n2", 2, fast...)
 	testcluster.WaitFor(t, 10*time.Second, func() bool {
 		m, err := c.Nodes[0].OwnerOf(topic)
-		return err == nil && m.ID == "n2" && m.Incarnation == n2.Members()[indexOf(n2.Members(), "n2")].Incarnation
+		return err == nil && m.ID == "n2" && m.Incarnation == memberRef(t, n2, "n2").GetIncarnation()
 	}, "the replacement does not own the topic")
 	publishUntilAccepted(t, c.Nodes[0], topic, []byte("replaced"), 1, 10*time.Second)
 	before := len(rec.of(s.ID()))
@@ -88,13 +88,4 @@ func TestPublishesRightAfterAReplacedOwnersHealReachSubscribersOnce(t *testing.T
 	}
 	assert.Empty(t, bad, "%d accepted publishes", len(sent))
 	require.NoError(t, s.Err())
-}
-
-func indexOf(ms []pubsub.Member, id string) int {
-	for i, m := range ms {
-		if m.ID == id {
-			return i
-		}
-	}
-	return -1
 }
