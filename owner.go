@@ -168,7 +168,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})
 		return false
 	}
-	if v := n.view(); !v.has(req.GetFrom()) && !n.stillDraining(req.GetFrom()) {
+	if v := n.view(); !v.has(req.GetFrom()) && !n.stillDraining(req.GetFrom().GetNodeId(), req.GetFrom().GetIncarnation()) {
 		// A publisher this node has not heard (as a subscribe from one is
 		// refused): its node's subscribers, and maybe others', are missing
 		// here. A node that joined behind a one-way stall owns everything
@@ -257,12 +257,13 @@ func (n *Node) ackNoneAnswered(topic string, count int, code wire.Reply_Code) {
 	}
 }
 
-// stillDraining reports whether ref is an incarnation that left gracefully
-// within MemberTimeout (its LEAVE, which it repeats while it drains).
-func (n *Node) stillDraining(ref *wire.MemberRef) bool {
+// stillDraining reports whether incarnation inc of id left gracefully
+// within MemberTimeout (its LEAVE, which it repeats while it drains): its
+// publishes are served and its answers waited for.
+func (n *Node) stillDraining(id string, inc uint64) bool {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
-	return n.members.buried(ref.GetNodeId(), ref.GetIncarnation(), n.cfg.MemberTimeout)
+	return n.members.buried(id, inc, n.cfg.MemberTimeout)
 }
 
 // onSubscribeRequest serves a remote subscriber's node.

@@ -229,12 +229,7 @@ func (n *Node) holds(m Member) func() bool {
 // drains; once its LEAVEs stop (it died, or is gone) they do.
 func (n *Node) ownerAnswers(m Member) func() bool {
 	return func() bool {
-		if n.view().holds(m) {
-			return true
-		}
-		n.members.mu.Lock()
-		defer n.members.mu.Unlock()
-		return n.members.buried(m.ID, m.Incarnation, n.cfg.MemberTimeout)
+		return n.view().holds(m) || n.stillDraining(m.ID, m.Incarnation)
 	}
 }
 
