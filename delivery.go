@@ -38,7 +38,26 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		// this node may not have heard the newer one yet.)
 		return
 	}
-	msgs, err := receivedPayload(d.GetPacked(), d.GetPackedMeta(), d.GetCount())
+	packed, packedMeta := d.GetPacked(), d.GetPackedMeta()
+	if id := d.GetKeptCopy(); id != 0 {
+		// This node published the batch and kept a copy (kept.go).
+		if len(packed) > 0 || len(packedMeta) > 0 {
+			n.malformed("inbox", len(packed)+len(packedMeta))
+			n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "a kept copy and messages"})
+			return
+		}
+		kept, withMeta, ok := n.publisher.kept.take(id, d.GetTopic(), d.GetCount(), !d.GetAtLeastOnce())
+		if !ok {
+			n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_KEPT})
+			return
+		}
+		if withMeta {
+			packedMeta = kept
+		} else {
+			packed = kept
+		}
+	}
+	msgs, err := receivedPayload(packed, packedMeta, d.GetCount())
 	if err != nil {
 		n.malformed("inbox", len(d.GetPacked())+len(d.GetPackedMeta()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: err.Error()})

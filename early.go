@@ -110,6 +110,7 @@ func (n *Node) mergeEarlyWithin(topic string, reqs []earlyRequest, limit int) []
 				msgs.origin.seq = max(msgs.origin.seq, r.msgs.origin.seq)
 			}
 			msgs.packed = packed
+			msgs.kept = keptRef{} // the publisher kept each request's messages apart
 		}
 		runs = append(runs, earlyRun{msgs: msgs, answer: func(ans ownerAnswer) {
 			for _, r := range run { // reqs is the queue's, taken whole: nothing changes it

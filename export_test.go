@@ -52,3 +52,16 @@ func WithSilentWaitForTest() Option { return func(c *Config) { c.silentWait = tr
 // SetProducerMarksLimitForTest sets the node's budget of producer marks
 // (maxNodeProducerMarks), for tests that reach it fast.
 func (n *Node) SetProducerMarksLimitForTest(limit int64) { n.marks.limit.Store(limit) }
+
+// LimitKeptCopiesForTest bounds the bytes of the node's kept copies
+// (kept.go): a bound below any batch keeps none, as when copies were
+// dropped past the bound.
+func (n *Node) LimitKeptCopiesForTest(bytes int) {
+	n.publisher.kept.mu.Lock()
+	defer n.publisher.kept.mu.Unlock()
+	n.publisher.kept.maxBytes = bytes
+}
+
+// KeptCopiesForTest returns the number of copies the node keeps and their
+// bytes.
+func (n *Node) KeptCopiesForTest() (copies, bytes int) { return n.publisher.kept.held() }

@@ -62,6 +62,13 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 	alive := n.holds(m)
 	buf := data.encode()
 	tok := n.rpc.send(m.Inbox, *buf, timeout, func(rep *wire.Reply, err error) {
+		if data.kept != 0 && err == nil && rep.GetCode() == wire.Reply_NOT_KEPT {
+			// The publisher no longer holds its copy: the messages go
+			// now, as to any other node. Nothing ran there.
+			data.kept = 0
+			n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
+			return
+		}
 		// refused: this node's connection, reconnecting, would not take the
 		// write (its reconnect buffer is full, or disabled). Nothing was
 		// sent, as with no responders; the error comes from within send,
@@ -114,6 +121,9 @@ type remoteBatch struct {
 	// first: this send is the batch's first to its node, not a retry (its
 	// report's behind then names forged marks, see pendingBatch.report).
 	first bool
+	// kept, when not 0: the node is the batch's publisher and kept a copy
+	// of the messages under this number; they are left out (kept.go).
+	kept uint64
 }
 
 // sendBufs recycles the buffers remote batches are assembled in; NATS copies
@@ -122,6 +132,10 @@ var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (r remoteBatch) encode() *[]byte {
 	buf := sendBufs.Get().(*[]byte)
+	if r.kept != 0 {
+		*buf = append(wire.AppendDeliverKept((*buf)[:0], r.head, r.kept), r.suffix...)
+		return buf
+	}
 	if r.unpacked {
 		*buf = append(wire.AppendDeliverMsgs((*buf)[:0], r.head, r.msgs.data, r.msgs.meta), r.suffix...)
 		return buf
@@ -335,7 +349,10 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	shares := t.shares
 	data := remoteBatch{first: true}
 	size := 0 // of the packed messages
-	if len(t.locals) == 0 {
+	// The publisher's node holds the whole batch when it kept a copy: its
+	// group members' shares then name messages of it, not of a subset.
+	data.kept = msgs.keptFor(m)
+	if len(t.locals) == 0 && data.kept == 0 {
 		// received: the messages alias a request's buffer, not a
 		// publisher's slices (which wire packs for a node sent the whole
 		// batch before this one).

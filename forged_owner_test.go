@@ -49,14 +49,7 @@ func fakeOwner(t *testing.T, c *testcluster.Cluster, id string, answer []byte) {
 // topicOwnedBy returns a topic n's view gives to owner.
 func topicOwnedBy(t *testing.T, n *pubsub.Node, owner string) string {
 	t.Helper()
-	for i := range 10_000 {
-		topic := "forged-owner-" + strconv.Itoa(i)
-		if o, err := n.OwnerOf(topic); err == nil && o.ID == owner {
-			return topic
-		}
-	}
-	t.Fatalf("no topic owned by %s", owner)
-	return ""
+	return ownedTopic(t, n, owner, "forged-owner")
 }
 
 // TestOwnerAnswersThatCannotBeReadWrapASentinel: an owner that answers

@@ -193,7 +193,7 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 // nothing comes back (AckNone).
 func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func()) (ownerAnswer, error) {
 	buf := sendBufs.Get().(*[]byte)
-	*buf = req.encode(v, owner.Incarnation, (*buf)[:0])
+	*buf = n.encodeRequest(v, owner, req, (*buf)[:0])
 	err := n.nc.Publish(owner.Inbox, *buf)
 	sendBufs.Put(buf) // the connection copied it
 	if err != nil {
@@ -207,9 +207,10 @@ func (n *Node) tellRemote(v *view, owner Member, req ownerRequest, written func(
 // gives up early when the owner leaves the view.
 func (n *Node) askRemote(ctx context.Context, topic string, v *view, owner Member, req ownerRequest, wait time.Duration, sent func()) (ownerAnswer, error) {
 	buf := sendBufs.Get().(*[]byte)
-	*buf = req.encode(v, owner.Incarnation, (*buf)[:0])
+	*buf = n.encodeRequest(v, owner, req, (*buf)[:0])
 	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.ownerAnswers(owner), sent: sent})
 	sendBufs.Put(buf)
+	n.answered(req)
 	if err != nil {
 		return ownerAnswer{}, err
 	}
@@ -274,6 +275,21 @@ func (r *publishRequest) encode(v *view, to uint64, buf []byte) []byte {
 	}
 	// The messages are packed straight into the request: one copy.
 	return wire.AppendPublish(buf, r.wire, r.msgs.data, r.msgs.meta)
+}
+
+// packedIn returns the packed messages at the end of out, r's encoding,
+// and whether they are in format 2.
+func (r *publishRequest) packedIn(out []byte) ([]byte, bool) {
+	size := len(r.run)
+	withMeta := r.run == nil && r.msgs.meta != nil
+	switch {
+	case r.run != nil:
+	case withMeta:
+		size = wire.PackedMetaSize(r.msgs.data, r.msgs.meta)
+	default:
+		size = wire.PackedSize(r.msgs.data)
+	}
+	return out[len(out)-size:], withMeta
 }
 
 func (r *publishRequest) runLocal(a *topicActor, answer func(ownerAnswer)) {

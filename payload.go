@@ -30,6 +30,21 @@ type payload struct {
 	// packedHere: wire packed packed from msgs, a publisher's own slices,
 	// which msgs still alias (not packed, as a received batch's do).
 	packedHere bool
+	// kept: the copy of these messages the publisher kept (kept.go), by
+	// its number and the publisher's incarnation; id 0 when none.
+	kept keptRef
+}
+
+// keptRef names a copy of a batch its publisher kept.
+type keptRef struct{ id, inc uint64 }
+
+// keptFor returns the number of the copy m holds of these messages, or 0:
+// only their publisher, in the incarnation that sent them, holds one.
+func (p *payload) keptFor(m Member) uint64 {
+	if p.kept.id == 0 || m.ID != p.publisher || m.Incarnation != p.kept.inc {
+		return 0
+	}
+	return p.kept.id
 }
 
 // receivedPayload checks the packed fields of a batch received over NATS:

@@ -260,11 +260,13 @@ type publisherSide struct {
 	seq   atomic.Uint64
 	order [64]sync.Mutex // by topic hash: numbers follow the order requests leave
 	out   outboxes       // merged AckNone publishes (outbox.go)
+	kept  keptCopies     // copies of batches sent to remote owners (kept.go)
 }
 
-func (p *publisherSide) init(node, tag string) {
+func (p *publisherSide) init(node, tag string, keep time.Duration) {
 	p.key = node + "/" + tag
 	p.out.init()
+	p.kept.init(keep)
 }
 
 // numberAttempt gives one attempt of a plain publish its place among this

@@ -144,7 +144,9 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	n.members.init(n)
 	n.owner.init(n)
 	n.subscriber.init()
-	n.publisher.init(n.self.ID, n.subscriber.tag)
+	// A kept copy serves the owner's delivery, which follows the publish
+	// at once, or its at-least-once copies within SubscriberTimeout.
+	n.publisher.init(n.self.ID, n.subscriber.tag, cfg.SubscriberTimeout+cfg.RequestTimeout)
 
 	announced := false
 	fail := func(err error) (*Node, error) {

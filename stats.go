@@ -55,6 +55,15 @@ type Stats struct {
 	// is assigned or refused anew, a late chunk is not checked.
 	ProducerMarks          int
 	ProducerMarksForgotten uint64
+	// KeptCopyHits counts deliveries to this node's subscribers of
+	// batches this node published through a remote owner that came
+	// without their messages, taken from the copy this node kept (a
+	// publisher with subscribers to the topic keeps one, so the batch
+	// does not cross the servers back). KeptCopyMisses counts those that
+	// found no copy (past 16 MiB or 1 024 copies, or older than
+	// SubscriberTimeout + RequestTimeout): the owner then sent the
+	// messages, at the cost of a round trip.
+	KeptCopyHits, KeptCopyMisses uint64
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
 	// KeepServing), and that view's agreed epoch and size (0 under
@@ -90,6 +99,8 @@ func (n *Node) Stats() Stats {
 		EventsDropped:          n.events.dropped.Load(),
 		ProducerMarks:          int(n.marks.held.Load()),
 		ProducerMarksForgotten: n.stats.marksForgotten.Load(),
+		KeptCopyHits:           n.publisher.kept.hits.Load(),
+		KeptCopyMisses:         n.publisher.kept.misses.Load(),
 	}
 	st.HasQuorum = true // KeepServing always serves
 	if n.cfg.PartitionPolicy == KeepMajority {

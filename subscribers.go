@@ -14,10 +14,11 @@ import (
 // source of truth the topics' owners pull (handoff.go), and the at-least-once
 // batches it received recently, for duplicate suppression (delivery.go).
 type subscriberSide struct {
-	mu   sync.RWMutex
-	subs map[string]*Subscription // by SubscriberID.Local
-	next atomic.Uint64
-	tag  string // makes SubscriberID.Local unique across incarnations
+	mu      sync.RWMutex
+	subs    map[string]*Subscription // by SubscriberID.Local
+	byTopic map[string]int           // subscriptions per topic
+	next    atomic.Uint64
+	tag     string // makes SubscriberID.Local unique across incarnations
 
 	recentMu sync.Mutex
 	recent   map[batchKey]*recentBatch
@@ -25,6 +26,7 @@ type subscriberSide struct {
 
 func (s *subscriberSide) init() {
 	s.subs = make(map[string]*Subscription)
+	s.byTopic = make(map[string]int)
 	s.recent = make(map[batchKey]*recentBatch)
 	s.tag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
 }
@@ -60,7 +62,15 @@ func (s *subscriberSide) add(sub *Subscription, closed func() bool) bool {
 		return false
 	}
 	s.subs[sub.id.Local] = sub
+	s.byTopic[sub.topic]++
 	return true
+}
+
+// subscribes reports whether this node has a subscription to topic.
+func (s *subscriberSide) subscribes(topic string) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.byTopic[topic] > 0
 }
 
 // remove unregisters local and returns the subscription it was, if it was
@@ -73,6 +83,9 @@ func (s *subscriberSide) remove(local, topic string) *Subscription {
 		return nil
 	}
 	delete(s.subs, local)
+	if s.byTopic[sub.topic]--; s.byTopic[sub.topic] <= 0 {
+		delete(s.byTopic, sub.topic)
+	}
 	return sub
 }
 
@@ -82,6 +95,7 @@ func (s *subscriberSide) takeAll() map[string]*Subscription {
 	defer s.mu.Unlock()
 	subs := s.subs
 	s.subs = map[string]*Subscription{}
+	s.byTopic = map[string]int{}
 	return subs
 }
 

@@ -140,6 +140,8 @@ func decodePublish(b []byte, p *PublishRequest) error {
 			p.SplitChunk = uint32(v)
 		case publishToInc:
 			p.ToIncarnation = v
+		case publishKeptCopy:
+			p.KeptCopy = v
 		case publishSkip:
 			if len(p.Skip) >= MaxSkip {
 				return nil // a forged list costs no more than MaxSkip entries
@@ -193,6 +195,8 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 			d.SplitChunk = uint32(v)
 		case deliverToInc:
 			d.ToIncarnation = v
+		case deliverKeptCopy:
+			d.KeptCopy = v
 		}
 		return err
 	})

@@ -15,16 +15,19 @@ func TestDecodeAgreesWithProto(t *testing.T) {
 	packed := Pack(nil, [][]byte{[]byte("one"), []byte("two")})
 	common, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{
 		Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 7, Packed: packed, Count: 2, AtLeastOnce: true,
-		Producer: "p1", ProducerSeq: 42, SplitId: 1<<63 | 5, SplitChunk: 3}}})
+		Producer: "p1", ProducerSeq: 42, SplitId: 1<<63 | 5, SplitChunk: 3, ToIncarnation: 8}}})
 	suffix, _ := proto.Marshal(&Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Subscribers: []string{"a", "b"},
 		Shares: []*Share{{Subscriber: "c@g", Indices: []uint32{0, 2}}, {Subscriber: "d@g", Indices: []uint32{1}}}}}})
 	pub, _ := proto.Marshal(&Envelope{Body: &Envelope_Publish{Publish: &PublishRequest{
 		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2,
-		Producer: "p1", ProducerSeq: 43, SplitId: 1<<63 | 5, SplitChunk: 4, Skip: []*Failure{{Node: "n3", Local: "s1"}, {Node: "n4", Local: "s2"}}}}})
+		Producer: "p1", ProducerSeq: 43, SplitId: 1<<63 | 5, SplitChunk: 4, ToIncarnation: 9, KeptCopy: 1<<40 | 7, Skip: []*Failure{{Node: "n3", Local: "s1"}, {Node: "n4", Local: "s2"}}}}})
+	keptHead, _ := proto.Marshal(&DeliverBatch{Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 8, Count: 2})
+	kept := append(AppendDeliverKept(nil, keptHead, 1<<40|7), suffix...)
 	hb, _ := proto.Marshal(&Envelope{Body: &Envelope_Heartbeat{Heartbeat: &Heartbeat{From: &MemberRef{NodeId: "x"}}}})
 	for name, data := range map[string][]byte{
 		"deliver": append(append([]byte{}, common...), suffix...),
 		"publish": pub,
+		"kept":    kept,
 		"other":   hb,
 	} {
 		var want, got Envelope
@@ -91,6 +94,15 @@ func TestAppendBatchEnvelopes(t *testing.T) {
 		t.Fatalf("AppendDeliver decodes to %v (%v), want %v", &env, err, wantD)
 	}
 
+	// A delivery naming a kept copy carries the head, the copy's number
+	// and no messages.
+	got = AppendDeliverKept(nil, head, 77)
+	wantD = &Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3, KeptCopy: 77}}}
+	env.Reset()
+	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, wantD) {
+		t.Fatalf("AppendDeliverKept decodes to %v (%v), want %v", &env, err, wantD)
+	}
+
 	// Format 2 goes in the packed_meta fields, and Decode reads them as
 	// proto does.
 	meta := []Meta{{Key: "k1"}, {}, {Header: map[string][]string{"h": {"v1", "v2"}}}}
@@ -141,10 +153,10 @@ func TestHandCodedFieldNumbersMatchTheProto(t *testing.T) {
 		"packed": publishPacked, "count": publishCount, "producer": publishProducer, "producer_seq": publishProducerSeq, "delivered_ids": publishDeliveredIDs,
 		"producer_prev": publishPrev, "producer_settled": publishSettled, "packed_meta": publishPackedMeta, "ack_level": publishAckLevel,
 		"skip": publishSkip, "answer_within_ms": publishAnswerWithin, "split_id": publishSplitID, "split_chunk": publishSplitChunk,
-		"to_incarnation": publishToInc})
+		"to_incarnation": publishToInc, "kept_copy": publishKeptCopy})
 	check(&DeliverBatch{}, map[string]protowire.Number{"owner": deliverOwner, "topic": deliverTopic, "seq": deliverSeq, "subscribers": deliverSubscribers,
 		"at_least_once": deliverAtLeastOnce, "packed": deliverPacked, "count": deliverCount, "producer": deliverProducer, "producer_seq": deliverProducerSeq,
 		"packed_meta": deliverPackedMeta, "publisher": deliverPublisher, "shares": deliverShares,
 		"reroute": deliverReroute, "subscriber_timeout_ms": deliverSubTimeout, "split_id": deliverSplitID, "split_chunk": deliverSplitChunk,
-		"to_incarnation": deliverToInc})
+		"to_incarnation": deliverToInc, "kept_copy": deliverKeptCopy})
 }

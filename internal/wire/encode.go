@@ -33,6 +33,7 @@ const (
 	publishSplitID      protowire.Number = 16
 	publishSplitChunk   protowire.Number = 17
 	publishToInc        protowire.Number = 18
+	publishKeptCopy     protowire.Number = 19
 
 	deliverOwner       protowire.Number = 1
 	deliverTopic       protowire.Number = 2
@@ -51,6 +52,7 @@ const (
 	deliverSplitID     protowire.Number = 16
 	deliverSplitChunk  protowire.Number = 17
 	deliverToInc       protowire.Number = 18
+	deliverKeptCopy    protowire.Number = 19
 )
 
 // MaxSkip bounds PublishRequest.skip: a publisher names at most this many
@@ -93,6 +95,18 @@ func AppendDeliver(dst []byte, head, packed []byte, withMeta bool) []byte {
 	return appendWithPacked(dst, envelopeDeliver, head, field, len(packed), func(b []byte) []byte {
 		return append(b, packed...)
 	})
+}
+
+// AppendDeliverKept appends Envelope{deliver: head} with kept_copy id and
+// no messages: the receiving node holds them (DeliverBatch.kept_copy).
+// Fields of the DeliverBatch a suffix appended next merge into it.
+func AppendDeliverKept(dst []byte, head []byte, id uint64) []byte {
+	inner := len(head) + protowire.SizeTag(deliverKeptCopy) + protowire.SizeVarint(id)
+	dst = protowire.AppendTag(dst, envelopeDeliver, protowire.BytesType)
+	dst = protowire.AppendVarint(dst, uint64(inner))
+	dst = append(dst, head...)
+	dst = protowire.AppendTag(dst, deliverKeptCopy, protowire.VarintType)
+	return protowire.AppendVarint(dst, id)
 }
 
 // AppendDeliverMsgs is AppendDeliver for messages not packed yet: they are

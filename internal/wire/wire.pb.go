@@ -88,6 +88,9 @@ const (
 	// ORDER_WAIT: the owner holds a producer's batch back until the one
 	// before it, sent to another owner, is settled; retry.
 	Reply_ORDER_WAIT Reply_Code = 5
+	// NOT_KEPT answers a DeliverBatch naming a kept copy this node no
+	// longer holds: send the messages.
+	Reply_NOT_KEPT Reply_Code = 6
 )
 
 // Enum value maps for Reply_Code.
@@ -99,6 +102,7 @@ var (
 		3: "BAD_REQUEST",
 		4: "CLOSED",
 		5: "ORDER_WAIT",
+		6: "NOT_KEPT",
 	}
 	Reply_Code_value = map[string]int32{
 		"OK":          0,
@@ -107,6 +111,7 @@ var (
 		"BAD_REQUEST": 3,
 		"CLOSED":      4,
 		"ORDER_WAIT":  5,
+		"NOT_KEPT":    6,
 	}
 )
 
@@ -835,6 +840,13 @@ type PublishRequest struct {
 	// which it would otherwise serve too (a publish delivered twice). 0: not
 	// said (a sender from before this field).
 	ToIncarnation uint64 `protobuf:"varint,18,opt,name=to_incarnation,json=toIncarnation,proto3" json:"to_incarnation,omitempty"`
+	// kept_copy: the publisher kept a copy of the packed messages under this
+	// number (not 0), as it has subscribers to the topic. The owner then
+	// sends the publisher's node a DeliverBatch naming the copy instead of
+	// holding the messages, so the batch does not cross the servers back to
+	// where it came from. 0: no copy (a node with no subscriber to the
+	// topic, or from before this field).
+	KeptCopy      uint64 `protobuf:"varint,19,opt,name=kept_copy,json=keptCopy,proto3" json:"kept_copy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -984,6 +996,13 @@ func (x *PublishRequest) GetSplitChunk() uint32 {
 func (x *PublishRequest) GetToIncarnation() uint64 {
 	if x != nil {
 		return x.ToIncarnation
+	}
+	return 0
+}
+
+func (x *PublishRequest) GetKeptCopy() uint64 {
+	if x != nil {
+		return x.KeptCopy
 	}
 	return 0
 }
@@ -1262,6 +1281,11 @@ type DeliverBatch struct {
 	// a newer one, whose subscribers it would otherwise report gone.
 	// 0: not said (an owner from before this field).
 	ToIncarnation uint64 `protobuf:"varint,18,opt,name=to_incarnation,json=toIncarnation,proto3" json:"to_incarnation,omitempty"`
+	// kept_copy: the messages are the copy this node, their publisher, kept
+	// under this number (PublishRequest.kept_copy); packed and packed_meta
+	// are empty. A node that no longer holds the copy answers NOT_KEPT, and
+	// the owner sends the batch again with its messages.
+	KeptCopy      uint64 `protobuf:"varint,19,opt,name=kept_copy,json=keptCopy,proto3" json:"kept_copy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1411,6 +1435,13 @@ func (x *DeliverBatch) GetSplitChunk() uint32 {
 func (x *DeliverBatch) GetToIncarnation() uint64 {
 	if x != nil {
 		return x.ToIncarnation
+	}
+	return 0
+}
+
+func (x *DeliverBatch) GetKeptCopy() uint64 {
+	if x != nil {
+		return x.KeptCopy
 	}
 	return 0
 }
@@ -1915,7 +1946,7 @@ const file_wire_proto_rawDesc = "" +
 	"subscriber\x12 \n" +
 	"\vunsubscribe\x18\x05 \x01(\bR\vunsubscribe\x12\x14\n" +
 	"\x05stats\x18\x06 \x01(\bR\x05stats\x12%\n" +
-	"\x0eto_incarnation\x18\a \x01(\x04R\rtoIncarnation\"\xd6\x04\n" +
+	"\x0eto_incarnation\x18\a \x01(\x04R\rtoIncarnation\"\xf3\x04\n" +
 	"\x0ePublishRequest\x121\n" +
 	"\x04from\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12\x14\n" +
@@ -1936,7 +1967,8 @@ const file_wire_proto_rawDesc = "" +
 	"\bsplit_id\x18\x10 \x01(\x04R\asplitId\x12\x1f\n" +
 	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
 	"splitChunk\x12%\n" +
-	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnationJ\x04\b\x04\x10\x05\"^\n" +
+	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnation\x12\x1b\n" +
+	"\tkept_copy\x18\x13 \x01(\x04R\bkeptCopyJ\x04\b\x04\x10\x05\"^\n" +
 	"\x10TopicSubscribers\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12 \n" +
 	"\vsubscribers\x18\x02 \x03(\tR\vsubscribers\x12\x12\n" +
@@ -1956,7 +1988,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vafter_topic\x18\x04 \x01(\tR\n" +
 	"afterTopic\x12)\n" +
 	"\x10after_subscriber\x18\x05 \x01(\tR\x0fafterSubscriber\x12\x1a\n" +
-	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xc7\x04\n" +
+	"\bhandover\x18\x06 \x01(\bR\bhandover\"\xe4\x04\n" +
 	"\fDeliverBatch\x123\n" +
 	"\x05owner\x18\x01 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x05owner\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x10\n" +
@@ -1977,7 +2009,8 @@ const file_wire_proto_rawDesc = "" +
 	"\bsplit_id\x18\x10 \x01(\x04R\asplitId\x12\x1f\n" +
 	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
 	"splitChunk\x12%\n" +
-	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnationJ\x04\b\x05\x10\x06\"A\n" +
+	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnation\x12\x1b\n" +
+	"\tkept_copy\x18\x13 \x01(\x04R\bkeptCopyJ\x04\b\x05\x10\x06\"A\n" +
 	"\x05Share\x12\x1e\n" +
 	"\n" +
 	"subscriber\x18\x01 \x01(\tR\n" +
@@ -2003,7 +2036,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xdc\x05\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xea\x05\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -2024,7 +2057,7 @@ const file_wire_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
 	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"Y\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"g\n" +
 	"\x04Code\x12\x06\n" +
 	"\x02OK\x10\x00\x12\r\n" +
 	"\tNOT_OWNER\x10\x01\x12\r\n" +
@@ -2033,7 +2066,8 @@ const file_wire_proto_rawDesc = "" +
 	"\n" +
 	"\x06CLOSED\x10\x04\x12\x0e\n" +
 	"\n" +
-	"ORDER_WAIT\x10\x05B/Z-github.com/clusterpubsub/pubsub/internal/wireb\x06proto3"
+	"ORDER_WAIT\x10\x05\x12\f\n" +
+	"\bNOT_KEPT\x10\x06B/Z-github.com/clusterpubsub/pubsub/internal/wireb\x06proto3"
 
 var (
 	file_wire_proto_rawDescOnce sync.Once

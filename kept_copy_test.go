@@ -1,0 +1,285 @@
+package pubsub_test
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// inboxSpy records the DeliverBatch envelopes sent to one node's inbox,
+// read on a connection of its own.
+type inboxSpy struct {
+	mu  sync.Mutex
+	got []*wire.DeliverBatch
+}
+
+func spyInbox(t *testing.T, c *testcluster.Cluster, server int, inbox string) *inboxSpy {
+	t.Helper()
+	s := &inboxSpy{}
+	nc := c.Connect(t, server)
+	_, err := nc.Subscribe(inbox, func(m *nats.Msg) {
+		var env wire.Envelope
+		if proto.Unmarshal(m.Data, &env) == nil && env.GetDeliver() != nil {
+			s.mu.Lock()
+			s.got = append(s.got, env.GetDeliver())
+			s.mu.Unlock()
+		}
+	})
+	require.NoError(t, err)
+	require.NoError(t, nc.Flush())
+	c.WaitForInterest(t, inbox, 5*time.Second)
+	return s
+}
+
+// of returns the deliveries of topic seen so far.
+func (s *inboxSpy) of(topic string) []*wire.DeliverBatch {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*wire.DeliverBatch
+	for _, d := range s.got {
+		if d.GetTopic() == topic {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+func inboxOf(t *testing.T, n *pubsub.Node, id string) string {
+	t.Helper()
+	for _, m := range n.Members() {
+		if m.ID == id {
+			return m.Inbox
+		}
+	}
+	t.Fatalf("%s is not in %s's view", id, n.ID())
+	return ""
+}
+
+// A node that publishes through a remote owner to a topic it subscribes to
+// keeps a copy of the batch, and the owner's delivery to it names the copy
+// instead of carrying the messages back across the servers. Every ack
+// level, messages with keys and headers, at-least-once topics and a
+// consumer group's shares: each subscriber gets exactly what it got when
+// the messages travelled, in order, and the publisher's node counts every
+// delivery a hit.
+func TestPublisherSubscribedGetsItsOwnBatchFromItsCopy(t *testing.T) {
+	alo := pubsub.WithDeliveryMode(func(topic string) pubsub.DeliveryMode {
+		if strings.HasPrefix(topic, "alo-") {
+			return pubsub.AtLeastOnce
+		}
+		return pubsub.AtMostOnce
+	})
+	c := newCluster(t, 3, 3, alo)
+	pub := c.Nodes[0]
+	spy0 := spyInbox(t, c, 0, inboxOf(t, c.Nodes[1], "n0"))
+	spy2 := spyInbox(t, c, 2, inboxOf(t, c.Nodes[1], "n2"))
+	ctx := ctxT(t)
+
+	cases := []struct {
+		name   string
+		prefix string
+		level  pubsub.AckLevel
+		meta   bool
+		group  bool
+	}{
+		{"delivered", "kept-d", pubsub.AckDelivered, false, false},
+		{"accepted", "kept-a", pubsub.AckAccepted, false, false},
+		{"none", "kept-n", pubsub.AckNone, false, false},
+		{"keys-and-headers", "kept-m", pubsub.AckDelivered, true, false},
+		{"at-least-once", "alo-kept", pubsub.AckDelivered, false, false},
+		{"at-least-once-accepted", "alo-kept-a", pubsub.AckAccepted, false, false},
+		{"group", "kept-g", pubsub.AckDelivered, false, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			topic := ownedTopic(t, pub, "n1", tc.prefix)
+			rec := newRecorder()
+			var opts []pubsub.SubscribeOption
+			if tc.group {
+				opts = append(opts, pubsub.WithGroup("g"))
+			}
+			var subs []*pubsub.Subscription
+			for _, n := range c.Nodes {
+				s, err := n.Subscribe(ctx, topic, rec.handler, opts...)
+				require.NoError(t, err)
+				subs = append(subs, s)
+			}
+			before := pub.Stats()
+			const batches, size = 4, 30
+			var want []string
+			for b := range batches {
+				msgs := make([]pubsub.Outgoing, size)
+				for i := range msgs {
+					msgs[i].Data = msg(b*size + i)
+					want = append(want, string(msgs[i].Data))
+					if tc.meta {
+						msgs[i].Key = fmt.Sprint("k", i%3)
+						msgs[i].Header = map[string][]string{"h": {fmt.Sprint(i)}}
+					}
+				}
+				ack, err := pub.PublishMessages(ctx, topic, msgs, pubsub.WithAck(tc.level))
+				require.NoError(t, err)
+				require.Equal(t, pubsub.Accepted, ack.Status, "ack %+v", ack)
+				if tc.level == pubsub.AckDelivered {
+					wantDelivered := 3
+					if tc.group {
+						wantDelivered = 1
+					}
+					assert.Equal(t, wantDelivered, ack.Delivered, "ack %+v", ack)
+					assert.Empty(t, ack.Failures)
+				}
+			}
+			total := len(want) * 3
+			if tc.group {
+				total = len(want)
+			}
+			testcluster.WaitFor(t, 10*time.Second, func() bool { return rec.total() >= total }, "subscribers got %d of %d messages", rec.total(), total)
+			if tc.group {
+				// Every message once across the group, each member's in
+				// order; the publisher's own member among them.
+				var all []string
+				for _, s := range subs {
+					got := rec.of(s.ID())
+					assert.IsIncreasing(t, got, "member %v", s.ID())
+					assert.NotEmpty(t, got, "member %v got no share", s.ID())
+					all = append(all, got...)
+				}
+				assert.ElementsMatch(t, want, all)
+			} else {
+				for _, s := range subs {
+					assert.Equal(t, want, rec.of(s.ID()), "subscriber %v", s.ID())
+				}
+			}
+			// What crossed the servers: no messages to the publisher's
+			// node, the whole batch to the other one. (AckNone publishes
+			// may be merged into fewer batches.)
+			// What crossed the servers: no messages to the publisher's
+			// node, the whole batch to the other one. An owner may merge
+			// consecutive AckAccepted or AckNone requests into one batch,
+			// whose messages the publisher did not keep as one: that
+			// batch is sent with them.
+			var to0 []*wire.DeliverBatch
+			named := func() (k int) {
+				to0 = spy0.of(topic)
+				for _, d := range to0 {
+					if d.GetKeptCopy() != 0 {
+						k++
+					}
+				}
+				return k
+			}
+			testcluster.WaitFor(t, 5*time.Second, func() bool {
+				k := named()
+				return len(to0) > 0 && uint64(k) >= pub.Stats().KeptCopyHits-before.KeptCopyHits
+			}, "the spy saw %d deliveries to the publisher's node", len(to0))
+			if tc.level == pubsub.AckDelivered {
+				assert.Len(t, to0, batches)
+			}
+			after := pub.Stats()
+			assert.Equal(t, uint64(named()), after.KeptCopyHits-before.KeptCopyHits, "deliveries from the kept copy")
+			assert.Zero(t, after.KeptCopyMisses-before.KeptCopyMisses)
+			for _, d := range to0 {
+				if d.GetKeptCopy() != 0 {
+					// A request's messages (an AckNone outbox merges publishes).
+					assert.Zero(t, d.GetCount()%size, "count %d", d.GetCount())
+					assert.Empty(t, d.GetPacked())
+					assert.Empty(t, d.GetPackedMeta())
+				} else {
+					assert.NotEqual(t, pubsub.AckDelivered, tc.level, "an AckDelivered batch sent to its publisher's node with its messages")
+					assert.Greater(t, d.GetCount(), uint32(size), "a batch of one request sent to its publisher's node with its messages")
+				}
+			}
+			for _, d := range spy2.of(topic) {
+				assert.Zero(t, d.GetKeptCopy(), "a kept copy named to a node that did not publish")
+			}
+			for _, s := range subs {
+				require.NoError(t, s.Unsubscribe(ctx))
+			}
+		})
+	}
+}
+
+// ownedTopic returns a topic n's view gives to owner, named from prefix.
+func ownedTopic(t *testing.T, n *pubsub.Node, owner, prefix string) string {
+	t.Helper()
+	for i := range 10_000 {
+		topic := fmt.Sprint(prefix, "-", i)
+		if o, err := n.OwnerOf(topic); err == nil && o.ID == owner {
+			return topic
+		}
+	}
+	t.Fatalf("no topic owned by %s", owner)
+	return ""
+}
+
+// A node that no longer holds its copy answers NOT_KEPT, and the owner
+// sends the batch with its messages: nothing is lost, the ack is the same,
+// and the miss is counted. Here the store keeps nothing (its byte bound
+// below any batch), as when copies were dropped past the bound.
+func TestPublisherWithoutItsCopyGetsTheMessagesSent(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	pub := c.Nodes[0]
+	pub.LimitKeptCopiesForTest(1)
+	topic := ownedTopic(t, pub, "n1", "unkept")
+	rec := newRecorder()
+	for _, n := range c.Nodes {
+		subscribe(t, n, topic, rec.handler)
+	}
+	spy0 := spyInbox(t, c, 0, inboxOf(t, c.Nodes[1], "n0"))
+	ctx := ctxT(t)
+	before := pub.Stats()
+	for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted} {
+		ack, err := pub.PublishMessages(ctx, topic, []pubsub.Outgoing{{Data: msg(1)}, {Data: msg(2)}}, pubsub.WithAck(level))
+		require.NoError(t, err)
+		require.Equal(t, pubsub.Accepted, ack.Status)
+		if level == pubsub.AckDelivered {
+			mustAccept(t, ack, err, 3)
+		}
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return rec.total() == 12 }, "subscribers got %d of 12 messages", rec.total())
+	after := pub.Stats()
+	assert.Equal(t, uint64(2), after.KeptCopyMisses-before.KeptCopyMisses)
+	assert.Zero(t, after.KeptCopyHits-before.KeptCopyHits)
+	var named, full int
+	count := func() bool {
+		named, full = 0, 0
+		for _, d := range spy0.of(topic) {
+			if d.GetKeptCopy() != 0 {
+				named++
+			} else if len(d.GetPacked()) > 0 {
+				full++
+			}
+		}
+		return named+full >= 4
+	}
+	testcluster.WaitFor(t, 5*time.Second, count, "the spy saw %d deliveries naming the copy and %d with the messages", named, full)
+	assert.Equal(t, 2, named, "deliveries naming the copy")
+	assert.Equal(t, 2, full, "deliveries sent again with the messages")
+}
+
+// A node with no subscriber to the topic keeps no copy: the request names
+// none and nothing is held.
+func TestPublisherWithoutSubscribersKeepsNoCopy(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	pub := c.Nodes[0]
+	topic := ownedTopic(t, pub, "n1", "nokeep")
+	rec := newRecorder()
+	subscribe(t, c.Nodes[2], topic, rec.handler)
+	ack, err := pub.PublishBatch(ctxT(t), topic, [][]byte{msg(1)})
+	mustAccept(t, ack, err, 1)
+	copies, _ := pub.KeptCopiesForTest()
+	assert.Zero(t, copies)
+	st := pub.Stats()
+	assert.Zero(t, st.KeptCopyHits+st.KeptCopyMisses)
+}

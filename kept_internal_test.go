@@ -1,0 +1,120 @@
+package pubsub
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func newKeptForTest(maxBytes, maxCopies int) *keptCopies {
+	k := &keptCopies{}
+	k.init(time.Minute)
+	k.maxBytes, k.maxCopies = maxBytes, maxCopies
+	return k
+}
+
+// keepNew keeps a copy of size bytes under a new number and returns it.
+func keepNew(k *keptCopies, topic string, size int) uint64 {
+	id := k.reserve(0)
+	k.keep(id, topic, make([]byte, size), false, 1)
+	return id
+}
+
+// The store of kept copies stays within its bounds however fast a node
+// publishes, dropping the oldest copies first; a dropped copy is a miss,
+// which only costs its owner a re-send.
+func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
+	t.Run("copies", func(t *testing.T) {
+		k := newKeptForTest(1<<20, 8)
+		var ids []uint64
+		for range 13 {
+			ids = append(ids, keepNew(k, "t", 10))
+		}
+		copies, bytes := k.held()
+		assert.Equal(t, 8, copies)
+		assert.Equal(t, 80, bytes)
+		for i, id := range ids {
+			_, _, ok := k.take(id, "t", 1, false)
+			assert.Equal(t, i >= 5, ok, "copy %d of 13", i)
+		}
+	})
+	t.Run("bytes", func(t *testing.T) {
+		k := newKeptForTest(100, 1000)
+		first := keepNew(k, "t", 60)
+		second := keepNew(k, "t", 60)
+		_, bytes := k.held()
+		assert.Equal(t, 60, bytes)
+		_, _, ok := k.take(first, "t", 1, false)
+		assert.False(t, ok, "the oldest copy was dropped past the byte bound")
+		_, _, ok = k.take(second, "t", 1, false)
+		assert.True(t, ok)
+		// A batch larger than the whole store is not kept at all.
+		big := keepNew(k, "t", 101)
+		_, _, ok = k.take(big, "t", 1, false)
+		assert.False(t, ok)
+	})
+	t.Run("age", func(t *testing.T) {
+		k := newKeptForTest(1<<20, 1000)
+		old := keepNew(k, "t", 10)
+		k.byID[old].at = time.Now().Add(-2 * time.Minute) // past the minute it is kept
+		fresh := keepNew(k, "t", 10)
+		copies, _ := k.held()
+		assert.Equal(t, 1, copies)
+		_, _, ok := k.take(fresh, "t", 1, false)
+		assert.True(t, ok)
+	})
+	t.Run("numbers-of-taken-copies", func(t *testing.T) {
+		// A copy that stays while thousands are kept and taken behind it
+		// must not let the list of numbers grow without end.
+		k := newKeptForTest(1<<20, 8)
+		keepNew(k, "t", 1)
+		for range 1000 {
+			id := keepNew(k, "t", 1)
+			_, _, ok := k.take(id, "t", 1, true)
+			require.True(t, ok)
+		}
+		assert.LessOrEqual(t, len(k.order), 2*8+1)
+	})
+}
+
+// A copy is handed only to a delivery of its topic with its count, once
+// unless copies of the delivery may follow (at-least-once), and is dropped
+// by drop; hits and misses are counted.
+func TestKeptCopyTake(t *testing.T) {
+	k := newKeptForTest(1<<20, 100)
+	id := k.reserve(0)
+	assert.Equal(t, id, k.reserve(id), "a retry keeps its number")
+	k.keep(id, "t", []byte{1, 'a'}, true, 1)
+
+	_, _, ok := k.take(id, "other", 1, false)
+	assert.False(t, ok, "another topic")
+	_, _, ok = k.take(id, "t", 2, false)
+	assert.False(t, ok, "another count")
+	packed, withMeta, ok := k.take(id, "t", 1, false) // at-least-once: copies may follow
+	require.True(t, ok)
+	assert.Equal(t, []byte{1, 'a'}, packed)
+	assert.True(t, withMeta)
+	_, _, ok = k.take(id, "t", 1, true)
+	assert.True(t, ok, "an at-least-once take left it")
+	_, _, ok = k.take(id, "t", 1, true)
+	assert.False(t, ok, "taken once, it is gone")
+	assert.Equal(t, uint64(2), k.hits.Load())
+	assert.Equal(t, uint64(3), k.misses.Load())
+
+	other := keepNew(k, "t", 5)
+	k.drop(other)
+	copies, bytes := k.held()
+	assert.Zero(t, copies)
+	assert.Zero(t, bytes)
+
+	// The copy is the store's own: the request buffer it came from is
+	// reused for the next send.
+	buf := []byte{1, 'b'}
+	id = k.reserve(0)
+	k.keep(id, "t", buf, false, 1)
+	buf[1] = 'x'
+	packed, _, _ = k.take(id, "t", 1, true)
+	assert.Equal(t, []byte{1, 'b'}, packed)
+}
