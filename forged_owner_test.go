@@ -3,7 +3,6 @@ package pubsub_test
 import (
 	"context"
 	"errors"
-	"strconv"
 	"testing"
 	"time"
 
