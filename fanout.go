@@ -351,7 +351,7 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	size := 0 // of the packed messages
 	// The publisher's node holds the whole batch when it kept a copy: its
 	// group members' shares then name messages of it, not of a subset.
-	data.kept = msgs.keptFor(m)
+	data.kept = msgs.keptFor(m, len(t.locals) > 0)
 	if len(t.locals) == 0 && data.kept == 0 {
 		// received: the messages alias a request's buffer, not a
 		// publisher's slices (which wire packs for a node sent the whole

@@ -115,6 +115,12 @@ func TestPublisherSubscribedGetsItsOwnBatchFromItsCopy(t *testing.T) {
 				require.NoError(t, err)
 				subs = append(subs, s)
 			}
+			var broadcast *pubsub.Subscription // beside the group: only it makes the publisher keep a copy
+			if tc.group {
+				var err error
+				broadcast, err = pub.Subscribe(ctx, topic, rec.handler)
+				require.NoError(t, err)
+			}
 			before := pub.Stats()
 			const batches, size = 4, 30
 			var want []string
@@ -134,7 +140,7 @@ func TestPublisherSubscribedGetsItsOwnBatchFromItsCopy(t *testing.T) {
 				if tc.level == pubsub.AckDelivered {
 					wantDelivered := 3
 					if tc.group {
-						wantDelivered = 1
+						wantDelivered = 2 // the group, the broadcast subscriber
 					}
 					assert.Equal(t, wantDelivered, ack.Delivered, "ack %+v", ack)
 					assert.Empty(t, ack.Failures)
@@ -142,7 +148,7 @@ func TestPublisherSubscribedGetsItsOwnBatchFromItsCopy(t *testing.T) {
 			}
 			total := len(want) * 3
 			if tc.group {
-				total = len(want)
+				total = len(want) * 2
 			}
 			testcluster.WaitFor(t, 10*time.Second, func() bool { return rec.total() >= total }, "subscribers got %d of %d messages", rec.total(), total)
 			if tc.group {
@@ -156,6 +162,8 @@ func TestPublisherSubscribedGetsItsOwnBatchFromItsCopy(t *testing.T) {
 					all = append(all, got...)
 				}
 				assert.ElementsMatch(t, want, all)
+				assert.Equal(t, want, rec.of(broadcast.ID()))
+				subs = append(subs, broadcast)
 			} else {
 				for _, s := range subs {
 					assert.Equal(t, want, rec.of(s.ID()), "subscriber %v", s.ID())
@@ -269,7 +277,8 @@ func TestPublisherWithoutItsCopyGetsTheMessagesSent(t *testing.T) {
 }
 
 // A node with no subscriber to the topic keeps no copy: the request names
-// none and nothing is held.
+// none and nothing is held. Nor does one with only a consumer-group
+// member: its node is sent the member's share, a part of the batch.
 func TestPublisherWithoutSubscribersKeepsNoCopy(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	pub := c.Nodes[0]
@@ -278,6 +287,23 @@ func TestPublisherWithoutSubscribersKeepsNoCopy(t *testing.T) {
 	subscribe(t, c.Nodes[2], topic, rec.handler)
 	ack, err := pub.PublishBatch(ctxT(t), topic, [][]byte{msg(1)})
 	mustAccept(t, ack, err, 1)
+
+	member, err := pub.Subscribe(ctxT(t), topic, rec.handler, pubsub.WithGroup("g"))
+	require.NoError(t, err)
+	_, err = c.Nodes[2].Subscribe(ctxT(t), topic, rec.handler, pubsub.WithGroup("g"))
+	require.NoError(t, err)
+	spy0 := spyInbox(t, c, 0, inboxOf(t, c.Nodes[1], "n0"))
+	batch := make([][]byte, 40)
+	for i := range batch {
+		batch[i] = msg(i)
+	}
+	ack, err = pub.PublishBatch(ctxT(t), topic, batch)
+	mustAccept(t, ack, err, 2)
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(spy0.of(topic)) == 1 }, "no delivery to the publisher's node seen")
+	d := spy0.of(topic)[0]
+	assert.Zero(t, d.GetKeptCopy())
+	assert.Equal(t, int(d.GetCount()), len(rec.of(member.ID())), "the member's node was sent its share alone")
+	assert.Less(t, int(d.GetCount()), len(batch))
 	copies, _ := pub.KeptCopiesForTest()
 	assert.Zero(t, copies)
 	st := pub.Stats()

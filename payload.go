@@ -39,9 +39,13 @@ type payload struct {
 type keptRef struct{ id, inc uint64 }
 
 // keptFor returns the number of the copy m holds of these messages, or 0:
-// only their publisher, in the incarnation that sent them, holds one.
-func (p *payload) keptFor(m Member) uint64 {
-	if p.kept.id == 0 || m.ID != p.publisher || m.Incarnation != p.kept.inc {
+// only their publisher, in the incarnation that sent them, holds one. A
+// node with only group members (broadcast false) is sent their messages
+// instead: a share is a part of the batch, and taking it from the whole
+// batch there cost more than the bytes saved (group fan-out 1.57-1.63x
+// raw against 1.75-1.82x with the share sent, interleaved runs).
+func (p *payload) keptFor(m Member, broadcast bool) uint64 {
+	if p.kept.id == 0 || !broadcast || m.ID != p.publisher || m.Incarnation != p.kept.inc {
 		return 0
 	}
 	return p.kept.id

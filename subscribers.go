@@ -16,7 +16,7 @@ import (
 type subscriberSide struct {
 	mu      sync.RWMutex
 	subs    map[string]*Subscription // by SubscriberID.Local
-	byTopic map[string]int           // subscriptions per topic
+	byTopic map[string]int           // subscriptions per topic, consumer-group members left out
 	next    atomic.Uint64
 	tag     string // makes SubscriberID.Local unique across incarnations
 
@@ -62,11 +62,14 @@ func (s *subscriberSide) add(sub *Subscription, closed func() bool) bool {
 		return false
 	}
 	s.subs[sub.id.Local] = sub
-	s.byTopic[sub.topic]++
+	if sub.id.Group() == "" {
+		s.byTopic[sub.topic]++
+	}
 	return true
 }
 
-// subscribes reports whether this node has a subscription to topic.
+// subscribes reports whether this node has a subscription to topic that
+// gets every message (not a consumer-group member's: see keptFor).
 func (s *subscriberSide) subscribes(topic string) bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -83,8 +86,10 @@ func (s *subscriberSide) remove(local, topic string) *Subscription {
 		return nil
 	}
 	delete(s.subs, local)
-	if s.byTopic[sub.topic]--; s.byTopic[sub.topic] <= 0 {
-		delete(s.byTopic, sub.topic)
+	if sub.id.Group() == "" {
+		if s.byTopic[sub.topic]--; s.byTopic[sub.topic] <= 0 {
+			delete(s.byTopic, sub.topic)
+		}
 	}
 	return sub
 }
