@@ -62,6 +62,14 @@ func (n *Node) LimitKeptCopiesForTest(bytes int) {
 	n.publisher.kept.maxBytes = bytes
 }
 
+// ExpireKeptCopiesForTest makes the node's kept copies expire at once: a
+// delivery naming one finds none, as when it came past the copy's time.
+func (n *Node) ExpireKeptCopiesForTest() {
+	n.publisher.kept.mu.Lock()
+	defer n.publisher.kept.mu.Unlock()
+	n.publisher.kept.ttl = 0
+}
+
 // KeptCopiesForTest returns the number of copies the node keeps and their
 // bytes.
 func (n *Node) KeptCopiesForTest() (copies, bytes int) { return n.publisher.kept.held() }

@@ -66,6 +66,9 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 			// The publisher no longer holds its copy: the messages go
 			// now, as to any other node. Nothing ran there.
 			data.kept = 0
+			// The owner's later batches, sent meanwhile, may arrive
+			// first: an OutOfOrder from this send is no forged mark.
+			data.first = false
 			n.deliverRemote(b, m, data, to, atLeastOnce, until, wait)
 			return
 		}

@@ -47,6 +47,7 @@ type keptCopy struct {
 	withMeta bool
 	count    uint32
 	at       time.Time
+	taken    bool // by an at-least-once delivery: only its re-sends need it
 }
 
 func (k *keptCopies) init(ttl time.Duration) {
@@ -69,34 +70,51 @@ func (k *keptCopies) reserve(id uint64) uint64 {
 }
 
 // keep stores a copy of packed (a request's packed messages, in format 2
-// when withMeta) under id, making room by dropping the oldest copies. A
-// batch larger than the whole store is not kept: its owner gets NOT_KEPT
-// and sends it.
-func (k *keptCopies) keep(id uint64, topic string, packed []byte, withMeta bool, count uint32) {
+// when withMeta) under id, and reports whether it did. A store at a bound
+// keeps no more (after dropping the copies past ttl): the request is then
+// sent naming no copy. Dropping an older copy instead would make room for
+// this one at the cost of that one's delivery, still on its way: answered
+// NOT_KEPT, it is sent again a round trip later, after the owner's later
+// batches, and dropped by the subscribers as late (OutOfOrder).
+func (k *keptCopies) keep(id uint64, topic string, packed []byte, withMeta bool, count uint32) bool {
 	c := &keptCopy{topic: topic, packed: slices.Clone(packed), withMeta: withMeta, count: count, at: time.Now()}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if len(packed) > k.maxBytes {
-		return
+	k.trimLocked(c.at)
+	old := k.byID[id]
+	bytes, copies := k.bytes+len(c.packed), len(k.byID)+1
+	if old != nil {
+		bytes, copies = bytes-len(old.packed), copies-1
 	}
-	if old := k.byID[id]; old != nil {
-		k.bytes -= len(old.packed)
-	} else {
+	// Copies an at-least-once delivery took already serve only its
+	// re-sends, which a NOT_KEPT costs nothing but the messages: the
+	// node's mailboxes have the batch. They make room first.
+	for i := 0; i < len(k.order) && (bytes > k.maxBytes || copies > k.maxCopies); i++ {
+		if t := k.byID[k.order[i]]; t != nil && t.taken && k.order[i] != id {
+			delete(k.byID, k.order[i])
+			bytes, copies = bytes-len(t.packed), copies-1
+			k.bytes -= len(t.packed)
+		}
+	}
+	if bytes > k.maxBytes || copies > k.maxCopies {
+		return false
+	}
+	if old == nil {
 		k.order = append(k.order, id)
 	}
 	k.byID[id] = c
-	k.bytes += len(c.packed)
-	k.trimLocked(c.at)
+	k.bytes = bytes
+	return true
 }
 
-// trimLocked drops copies from the oldest while the store is past a bound
-// or its oldest copy is past ttl, and forgets the numbers of copies taken
-// or dropped meanwhile, so that order stays within 2 * maxCopies.
+// trimLocked drops the copies past ttl from the oldest, and forgets the
+// numbers of copies taken or dropped meanwhile, so that order stays within
+// 2 * maxCopies.
 func (k *keptCopies) trimLocked(now time.Time) {
 	for len(k.order) > 0 {
 		id := k.order[0]
 		c := k.byID[id]
-		if c != nil && k.bytes <= k.maxBytes && len(k.byID) <= k.maxCopies && now.Sub(c.at) <= k.ttl && len(k.order) <= 2*k.maxCopies {
+		if c != nil && now.Sub(c.at) <= k.ttl {
 			break
 		}
 		if c != nil {
@@ -105,6 +123,19 @@ func (k *keptCopies) trimLocked(now time.Time) {
 		}
 		k.order[0] = 0
 		k.order = k.order[1:]
+	}
+	if len(k.order) >= 2*k.maxCopies {
+		// Mostly numbers of copies taken since (at most maxCopies are
+		// held): the list is rebuilt with those held.
+		order := make([]uint64, 0, len(k.byID))
+		seen := make(map[uint64]bool, len(k.byID))
+		for _, id := range k.order {
+			if k.byID[id] != nil && !seen[id] {
+				seen[id] = true
+				order = append(order, id)
+			}
+		}
+		k.order = order
 	}
 	if len(k.order) == 0 {
 		k.order = nil // let the backing array go
@@ -117,10 +148,12 @@ func (k *keptCopies) trimLocked(now time.Time) {
 func (k *keptCopies) take(id uint64, topic string, count uint32, once bool) (packed []byte, withMeta, ok bool) {
 	k.mu.Lock()
 	c := k.byID[id]
-	ok = c != nil && c.topic == topic && c.count == count
+	ok = c != nil && c.topic == topic && c.count == count && time.Since(c.at) <= k.ttl
 	if ok && once {
 		delete(k.byID, id)
 		k.bytes -= len(c.packed)
+	} else if ok {
+		c.taken = true
 	}
 	k.mu.Unlock()
 	if !ok {
@@ -164,7 +197,11 @@ func (n *Node) encodeRequest(v *view, owner Member, req ownerRequest, buf []byte
 	p.wire.KeptCopy = n.publisher.kept.reserve(p.wire.KeptCopy)
 	out := req.encode(v, owner.Incarnation, buf)
 	packed, withMeta := p.packedIn(out)
-	n.publisher.kept.keep(p.wire.KeptCopy, topic, packed, withMeta, p.wire.GetCount())
+	if !n.publisher.kept.keep(p.wire.KeptCopy, topic, packed, withMeta, p.wire.GetCount()) {
+		// No room: the owner sends these messages back (see keep).
+		p.wire.KeptCopy = 0
+		return req.encode(v, owner.Incarnation, out[:0])
+	}
 	return out
 }
 

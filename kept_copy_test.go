@@ -233,12 +233,12 @@ func ownedTopic(t *testing.T, n *pubsub.Node, owner, prefix string) string {
 
 // A node that no longer holds its copy answers NOT_KEPT, and the owner
 // sends the batch with its messages: nothing is lost, the ack is the same,
-// and the miss is counted. Here the store keeps nothing (its byte bound
-// below any batch), as when copies were dropped past the bound.
+// and the miss is counted. Here every copy expires at once, as when its
+// delivery came past SubscriberTimeout + RequestTimeout.
 func TestPublisherWithoutItsCopyGetsTheMessagesSent(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	pub := c.Nodes[0]
-	pub.LimitKeptCopiesForTest(1)
+	pub.ExpireKeptCopiesForTest()
 	topic := ownedTopic(t, pub, "n1", "unkept")
 	rec := newRecorder()
 	for _, n := range c.Nodes {

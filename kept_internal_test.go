@@ -15,51 +15,73 @@ func newKeptForTest(maxBytes, maxCopies int) *keptCopies {
 	return k
 }
 
-// keepNew keeps a copy of size bytes under a new number and returns it.
-func keepNew(k *keptCopies, topic string, size int) uint64 {
+// keepNew keeps a copy of size bytes under a new number and returns it,
+// and whether the store kept it.
+func keepNew(k *keptCopies, topic string, size int) (uint64, bool) {
 	id := k.reserve(0)
-	k.keep(id, topic, make([]byte, size), false, 1)
-	return id
+	return id, k.keep(id, topic, make([]byte, size), false, 1)
 }
 
 // The store of kept copies stays within its bounds however fast a node
-// publishes, dropping the oldest copies first; a dropped copy is a miss,
-// which only costs its owner a re-send.
+// publishes. At a bound it keeps no more copies (their requests name none,
+// and their messages come back with the delivery), but it never drops a
+// copy whose delivery may still come for a newer one: that delivery would
+// be sent again with its messages a round trip later, behind the owner's
+// next batch, and dropped as late. Only copies an at-least-once delivery
+// took already make room.
 func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
 	t.Run("copies", func(t *testing.T) {
 		k := newKeptForTest(1<<20, 8)
 		var ids []uint64
-		for range 13 {
-			ids = append(ids, keepNew(k, "t", 10))
+		for i := range 13 {
+			id, kept := keepNew(k, "t", 10)
+			assert.Equal(t, i < 8, kept, "copy %d of 13", i)
+			ids = append(ids, id)
 		}
 		copies, bytes := k.held()
 		assert.Equal(t, 8, copies)
 		assert.Equal(t, 80, bytes)
-		for i, id := range ids {
+		for i, id := range ids[1:] {
 			_, _, ok := k.take(id, "t", 1, false)
-			assert.Equal(t, i >= 5, ok, "copy %d of 13", i)
+			assert.Equal(t, i+1 < 8, ok, "copy %d of 13", i+1)
 		}
+		// Taken by at-least-once deliveries, they make room for new
+		// ones, from the oldest; the copy not taken stays.
+		id, kept := keepNew(k, "t", 10)
+		assert.True(t, kept)
+		_, _, ok := k.take(id, "t", 1, true)
+		assert.True(t, ok)
+		_, _, ok = k.take(ids[0], "t", 1, true)
+		assert.True(t, ok, "the copy no delivery took")
+		_, _, ok = k.take(ids[1], "t", 1, true)
+		assert.False(t, ok, "the oldest taken copy made room")
+		copies, bytes = k.held()
+		assert.Equal(t, 6, copies)
+		assert.Equal(t, 60, bytes)
 	})
 	t.Run("bytes", func(t *testing.T) {
 		k := newKeptForTest(100, 1000)
-		first := keepNew(k, "t", 60)
-		second := keepNew(k, "t", 60)
+		first, kept := keepNew(k, "t", 60)
+		assert.True(t, kept)
+		second, kept := keepNew(k, "t", 60)
+		assert.False(t, kept, "past the byte bound")
 		_, bytes := k.held()
 		assert.Equal(t, 60, bytes)
-		_, _, ok := k.take(first, "t", 1, false)
-		assert.False(t, ok, "the oldest copy was dropped past the byte bound")
-		_, _, ok = k.take(second, "t", 1, false)
-		assert.True(t, ok)
+		_, _, ok := k.take(second, "t", 1, false)
+		assert.False(t, ok)
+		_, _, ok = k.take(first, "t", 1, false)
+		assert.True(t, ok, "the older copy stays")
 		// A batch larger than the whole store is not kept at all.
-		big := keepNew(k, "t", 101)
+		big, kept := keepNew(k, "t", 101)
+		assert.False(t, kept)
 		_, _, ok = k.take(big, "t", 1, false)
 		assert.False(t, ok)
 	})
 	t.Run("age", func(t *testing.T) {
 		k := newKeptForTest(1<<20, 1000)
-		old := keepNew(k, "t", 10)
+		old, _ := keepNew(k, "t", 10)
 		k.byID[old].at = time.Now().Add(-2 * time.Minute) // past the minute it is kept
-		fresh := keepNew(k, "t", 10)
+		fresh, _ := keepNew(k, "t", 10)
 		copies, _ := k.held()
 		assert.Equal(t, 1, copies)
 		_, _, ok := k.take(fresh, "t", 1, false)
@@ -71,7 +93,7 @@ func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
 		k := newKeptForTest(1<<20, 8)
 		keepNew(k, "t", 1)
 		for range 1000 {
-			id := keepNew(k, "t", 1)
+			id, _ := keepNew(k, "t", 1)
 			_, _, ok := k.take(id, "t", 1, true)
 			require.True(t, ok)
 		}
@@ -103,7 +125,7 @@ func TestKeptCopyTake(t *testing.T) {
 	assert.Equal(t, uint64(2), k.hits.Load())
 	assert.Equal(t, uint64(3), k.misses.Load())
 
-	other := keepNew(k, "t", 5)
+	other, _ := keepNew(k, "t", 5)
 	k.drop(other)
 	copies, bytes := k.held()
 	assert.Zero(t, copies)

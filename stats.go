@@ -60,9 +60,11 @@ type Stats struct {
 	// without their messages, taken from the copy this node kept (a
 	// publisher with subscribers to the topic keeps one, so the batch
 	// does not cross the servers back). KeptCopyMisses counts those that
-	// found no copy (past 16 MiB or 1 024 copies, or older than
-	// SubscriberTimeout + RequestTimeout): the owner then sent the
-	// messages, at the cost of a round trip.
+	// found no copy (older than SubscriberTimeout + RequestTimeout, or
+	// a part of a delivery split for its long subscriber list after
+	// the first took it): the owner then sent the messages, at the cost
+	// of a round trip. Past 16 MiB or 1 024 copies a node keeps none and
+	// its requests name none.
 	KeptCopyHits, KeptCopyMisses uint64
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
