@@ -39,14 +39,23 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		return
 	}
 	packed, packedMeta := d.GetPacked(), d.GetPackedMeta()
-	if id := d.GetKeptCopy(); id != 0 {
+	if ids := d.GetKeptCopy(); len(ids) > 0 {
 		// This node published the batch and kept a copy (kept.go).
 		if len(packed) > 0 || len(packedMeta) > 0 {
 			n.malformed("inbox", len(packed)+len(packedMeta))
 			n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "a kept copy and messages"})
 			return
 		}
-		kept, withMeta, ok := n.publisher.kept.take(id, d.GetTopic(), d.GetCount(), !d.GetAtLeastOnce())
+		if to := d.GetToIncarnation(); to != 0 && to != n.self.Incarnation {
+			// Meant for an older incarnation of this ID (a newer one is
+			// not answered at all: onInbox), whose subscribers are gone
+			// here, as they are for a delivery with its messages. A
+			// NOT_KEPT would make the owner send the batch again, to the
+			// older one too if it still runs.
+			n.replyTo(reply, report(fill(len(d.GetSubscribers())+len(d.GetShares()), SubscriberGone), nil, nil))
+			return
+		}
+		kept, withMeta, ok := n.publisher.kept.take(ids, d.GetTopic(), d.GetCount(), !d.GetAtLeastOnce())
 		if !ok {
 			n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_KEPT})
 			return

@@ -2,6 +2,8 @@ package pubsub
 
 import (
 	"sync"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // Publishes nobody waits on the delivery of (AckAccepted, AckNone) arrive
@@ -110,7 +112,7 @@ func (n *Node) mergeEarlyWithin(topic string, reqs []earlyRequest, limit int) []
 				msgs.origin.seq = max(msgs.origin.seq, r.msgs.origin.seq)
 			}
 			msgs.packed = packed
-			msgs.kept = keptRef{} // the publisher kept each request's messages apart
+			msgs.kept = mergedKept(run)
 		}
 		runs = append(runs, earlyRun{msgs: msgs, answer: func(ans ownerAnswer) {
 			for _, r := range run { // reqs is the queue's, taken whole: nothing changes it
@@ -129,4 +131,22 @@ func mergeable(a, b payload) bool {
 	return a.level != AckDelivered && !a.withMeta && !b.withMeta && a.msgs.data == nil && b.msgs.data == nil &&
 		a.publisher == b.publisher && a.origin.producer == b.origin.producer &&
 		a.origin.prev == 0 && b.origin.prev == 0 && a.level == b.level && !a.wantIDs && !b.wantIDs
+}
+
+// mergedKept names the copies the publisher kept of a run's requests, one
+// per request in order, when it kept one of each (it kept them apart, and
+// a copy not named is never taken, so it would stay until it expired);
+// else none.
+func mergedKept(run []earlyRequest) keptRef {
+	if len(run) > wire.MaxKeptCopies {
+		return keptRef{}
+	}
+	k := keptRef{ids: make([]uint64, 0, len(run)), inc: run[0].msgs.kept.inc}
+	for _, r := range run {
+		if len(r.msgs.kept.ids) != 1 || r.msgs.kept.inc != k.inc {
+			return keptRef{}
+		}
+		k.ids = append(k.ids, r.msgs.kept.ids[0])
+	}
+	return k
 }

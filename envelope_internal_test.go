@@ -133,4 +133,17 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 	assert.Equal(t, "4", string(runs[3].msgs.messages("t")[0].Data))
 	// The size limit splits runs too.
 	assert.Len(t, n.mergeEarlyWithin("t", reqs[:2], 4), 2)
+
+	// A run names the copies its publisher kept of each request, in
+	// order (kept.go), only when it kept one of each.
+	kept := func(p payload, id uint64) payload {
+		p.kept = keptRef{ids: []uint64{id}, inc: 5}
+		return p
+	}
+	runs = n.mergeEarlyWithin("t", []earlyRequest{{kept(plain("a", 1, "1"), 11), ""}, {kept(plain("a", 2, "2"), 12), ""}}, 1<<20)
+	require.Len(t, runs, 1)
+	assert.Equal(t, keptRef{ids: []uint64{11, 12}, inc: 5}, runs[0].msgs.kept)
+	runs = n.mergeEarlyWithin("t", []earlyRequest{{kept(plain("a", 1, "1"), 11), ""}, {plain("a", 2, "2"), ""}}, 1<<20)
+	require.Len(t, runs, 1)
+	assert.Empty(t, runs[0].msgs.kept.ids, "a request without a copy")
 }

@@ -62,10 +62,10 @@ func (n *Node) deliverRemote(b *pendingBatch, m Member, data remoteBatch, to nod
 	alive := n.holds(m)
 	buf := data.encode()
 	tok := n.rpc.send(m.Inbox, *buf, timeout, func(rep *wire.Reply, err error) {
-		if data.kept != 0 && err == nil && rep.GetCode() == wire.Reply_NOT_KEPT {
+		if data.kept != nil && err == nil && rep.GetCode() == wire.Reply_NOT_KEPT {
 			// The publisher no longer holds its copy: the messages go
 			// now, as to any other node. Nothing ran there.
-			data.kept = 0
+			data.kept = nil
 			// The owner's later batches, sent meanwhile, may arrive
 			// first: an OutOfOrder from this send is no forged mark.
 			data.first = false
@@ -124,9 +124,9 @@ type remoteBatch struct {
 	// first: this send is the batch's first to its node, not a retry (its
 	// report's behind then names forged marks, see pendingBatch.report).
 	first bool
-	// kept, when not 0: the node is the batch's publisher and kept a copy
-	// of the messages under this number; they are left out (kept.go).
-	kept uint64
+	// kept, when not nil: the node is the batch's publisher and kept the
+	// messages under these numbers; they are left out (kept.go).
+	kept []uint64
 }
 
 // sendBufs recycles the buffers remote batches are assembled in; NATS copies
@@ -135,7 +135,7 @@ var sendBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (r remoteBatch) encode() *[]byte {
 	buf := sendBufs.Get().(*[]byte)
-	if r.kept != 0 {
+	if r.kept != nil {
 		*buf = append(wire.AppendDeliverKept((*buf)[:0], r.head, r.kept), r.suffix...)
 		return buf
 	}
@@ -355,7 +355,7 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 	// The publisher's node holds the whole batch when it kept a copy: its
 	// group members' shares then name messages of it, not of a subset.
 	data.kept = msgs.keptFor(m, len(t.locals) > 0)
-	if len(t.locals) == 0 && data.kept == 0 {
+	if len(t.locals) == 0 && data.kept == nil {
 		// received: the messages alias a request's buffer, not a
 		// publisher's slices (which wire packs for a node sent the whole
 		// batch before this one).
@@ -390,6 +390,12 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 		size = len(data.packed)
 	}
 	parts := splitSubscribers(t.locals, n.maxPayload()-len(*head)-size-16-sharesSize(shares))
+	if len(parts) > 1 {
+		// A non-at-least-once part takes the copy: the next part would
+		// find none, be sent again with the messages, and arrive after
+		// the owner's later batches.
+		data.kept = nil
+	}
 	b.addParts(len(parts) - 1)
 	for i, part := range parts {
 		body := &wire.DeliverBatch{Subscribers: part, ToIncarnation: m.Incarnation}

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // Kept copies. A node that publishes to a topic it also subscribes to,
@@ -142,26 +144,50 @@ func (k *keptCopies) trimLocked(now time.Time) {
 	}
 }
 
-// take returns the copy kept under id for a delivery of count messages to
-// topic, dropping it when once (no copy of the delivery can follow). ok is
-// false when no such copy is held.
-func (k *keptCopies) take(id uint64, topic string, count uint32, once bool) (packed []byte, withMeta, ok bool) {
+// take returns the messages kept under ids, one copy after the other, for
+// a delivery of count messages to topic, dropping the copies when once (no
+// copy of the delivery can follow). ok is false unless every copy is held
+// (within ttl), of topic, and their counts add up to count; several copies
+// (an owner's merge of consecutive requests) must all be in format 1, as
+// merges are.
+func (k *keptCopies) take(ids []uint64, topic string, count uint32, once bool) (packed []byte, withMeta, ok bool) {
 	k.mu.Lock()
-	c := k.byID[id]
-	ok = c != nil && c.topic == topic && c.count == count && time.Since(c.at) <= k.ttl
-	if ok && once {
-		delete(k.byID, id)
-		k.bytes -= len(c.packed)
-	} else if ok {
-		c.taken = true
+	defer k.mu.Unlock()
+	var sum uint64
+	size := 0
+	ok = len(ids) > 0
+	for _, id := range ids {
+		c := k.byID[id]
+		if c == nil || c.topic != topic || time.Since(c.at) > k.ttl || (len(ids) > 1 && c.withMeta) {
+			ok = false
+			break
+		}
+		sum += uint64(c.count)
+		size += len(c.packed)
 	}
-	k.mu.Unlock()
-	if !ok {
+	if !ok || sum != uint64(count) {
 		k.misses.Add(1)
 		return nil, false, false
 	}
 	k.hits.Add(1)
-	return c.packed, c.withMeta, true
+	if len(ids) == 1 {
+		c := k.byID[ids[0]]
+		packed, withMeta = c.packed, c.withMeta
+	} else {
+		packed = make([]byte, 0, size)
+		for _, id := range ids {
+			packed = append(packed, k.byID[id].packed...)
+		}
+	}
+	for _, id := range ids {
+		if c := k.byID[id]; c != nil && once { // a forged list may name one twice
+			delete(k.byID, id)
+			k.bytes -= len(c.packed)
+		} else if c != nil {
+			c.taken = true
+		}
+	}
+	return packed, withMeta, true
 }
 
 // drop forgets the copy kept under id: its publish was answered, and an
@@ -205,13 +231,19 @@ func (n *Node) encodeRequest(v *view, owner Member, req ownerRequest, buf []byte
 	return out
 }
 
-// answered forgets req's copy once its AckDelivered answer came: the
-// owner's delivery to this node was over by then (or, answered early at
-// the publisher's deadline, still runs and gets NOT_KEPT if it asks
-// again, which costs a re-send of the messages, not a loss). Other levels
-// are answered before the delivery: their copy is taken by it, or ages
-// out.
-func (n *Node) answered(req ownerRequest) {
+// answered forgets req's copy once an AckDelivered answer came that
+// every subscriber had reported before: the owner's delivery to this node,
+// and any at-least-once copy of it, was over by then (one merely in flight
+// is answered NOT_KEPT and sent with its messages, which the node then
+// drops as a copy of what it ran). Not after an answer sent at the
+// publisher's deadline (subscribers unreported): the delivery may not have
+// arrived yet, and sent again after the owner's later batches it would be
+// dropped as late. Other levels are answered before the delivery: their
+// copy is taken by it, or ages out.
+func (n *Node) answered(req ownerRequest, ans ownerAnswer) {
+	if ans.code != wire.Reply_OK || len(ans.unreported) > 0 {
+		return
+	}
 	if p, ok := req.(*publishRequest); ok && p.wire.GetKeptCopy() != 0 && AckLevel(p.wire.GetAckLevel()) == AckDelivered {
 		n.publisher.kept.drop(p.wire.GetKeptCopy())
 	}

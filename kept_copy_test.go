@@ -170,46 +170,30 @@ func TestPublisherSubscribedGetsItsOwnBatchFromItsCopy(t *testing.T) {
 				}
 			}
 			// What crossed the servers: no messages to the publisher's
-			// node, the whole batch to the other one. (AckNone publishes
-			// may be merged into fewer batches.)
-			// What crossed the servers: no messages to the publisher's
 			// node, the whole batch to the other one. An owner may merge
 			// consecutive AckAccepted or AckNone requests into one batch,
-			// whose messages the publisher did not keep as one: that
-			// batch is sent with them.
+			// and the publisher's AckNone outbox consecutive publishes
+			// into one request: a delivery then names several copies, or
+			// one of several publishes.
 			var to0 []*wire.DeliverBatch
-			named := func() (k int) {
-				to0 = spy0.of(topic)
-				for _, d := range to0 {
-					if d.GetKeptCopy() != 0 {
-						k++
-					}
-				}
-				return k
-			}
 			testcluster.WaitFor(t, 5*time.Second, func() bool {
-				k := named()
-				return len(to0) > 0 && uint64(k) >= pub.Stats().KeptCopyHits-before.KeptCopyHits
+				to0 = spy0.of(topic)
+				return len(to0) > 0 && uint64(len(to0)) >= pub.Stats().KeptCopyHits-before.KeptCopyHits
 			}, "the spy saw %d deliveries to the publisher's node", len(to0))
 			if tc.level == pubsub.AckDelivered {
 				assert.Len(t, to0, batches)
 			}
 			after := pub.Stats()
-			assert.Equal(t, uint64(named()), after.KeptCopyHits-before.KeptCopyHits, "deliveries from the kept copy")
+			assert.Equal(t, uint64(len(to0)), after.KeptCopyHits-before.KeptCopyHits, "deliveries from the kept copies")
 			assert.Zero(t, after.KeptCopyMisses-before.KeptCopyMisses)
 			for _, d := range to0 {
-				if d.GetKeptCopy() != 0 {
-					// A request's messages (an AckNone outbox merges publishes).
-					assert.Zero(t, d.GetCount()%size, "count %d", d.GetCount())
-					assert.Empty(t, d.GetPacked())
-					assert.Empty(t, d.GetPackedMeta())
-				} else {
-					assert.NotEqual(t, pubsub.AckDelivered, tc.level, "an AckDelivered batch sent to its publisher's node with its messages")
-					assert.Greater(t, d.GetCount(), uint32(size), "a batch of one request sent to its publisher's node with its messages")
-				}
+				assert.NotEmpty(t, d.GetKeptCopy(), "a delivery to the publisher's node naming no copy: %d messages", d.GetCount())
+				assert.Zero(t, d.GetCount()%size, "count %d", d.GetCount())
+				assert.Empty(t, d.GetPacked())
+				assert.Empty(t, d.GetPackedMeta())
 			}
 			for _, d := range spy2.of(topic) {
-				assert.Zero(t, d.GetKeptCopy(), "a kept copy named to a node that did not publish")
+				assert.Empty(t, d.GetKeptCopy(), "a kept copy named to a node that did not publish")
 			}
 			for _, s := range subs {
 				require.NoError(t, s.Unsubscribe(ctx))
@@ -263,7 +247,7 @@ func TestPublisherWithoutItsCopyGetsTheMessagesSent(t *testing.T) {
 	count := func() bool {
 		named, full = 0, 0
 		for _, d := range spy0.of(topic) {
-			if d.GetKeptCopy() != 0 {
+			if len(d.GetKeptCopy()) > 0 {
 				named++
 			} else if len(d.GetPacked()) > 0 {
 				full++
@@ -301,11 +285,46 @@ func TestPublisherWithoutSubscribersKeepsNoCopy(t *testing.T) {
 	mustAccept(t, ack, err, 2)
 	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(spy0.of(topic)) == 1 }, "no delivery to the publisher's node seen")
 	d := spy0.of(topic)[0]
-	assert.Zero(t, d.GetKeptCopy())
+	assert.Empty(t, d.GetKeptCopy())
 	assert.Equal(t, int(d.GetCount()), len(rec.of(member.ID())), "the member's node was sent its share alone")
 	assert.Less(t, int(d.GetCount()), len(batch))
 	copies, _ := pub.KeptCopiesForTest()
 	assert.Zero(t, copies)
 	st := pub.Stats()
 	assert.Zero(t, st.KeptCopyHits+st.KeptCopyMisses)
+}
+
+// What a node answers to a delivery naming kept copies it cannot use:
+// NOT_KEPT when it holds none under those numbers (the owner then sends
+// the messages); SubscriberGone for each subscriber when the delivery is
+// meant for an older incarnation of its ID, as with messages (a NOT_KEPT
+// would make the owner send the batch again, to the older one too);
+// BAD_REQUEST for copies and messages at once.
+func TestDeliveryNamingCopiesTheNodeCannotUse(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	topic := ownedTopic(t, c.Nodes[0], "n0", "unusable")
+	inc := memberRef(t, c.Nodes[1], "n1").GetIncarnation()
+	raw := c.Connect(t, 1)
+	owner := &wire.MemberRef{NodeId: "n0", Incarnation: memberRef(t, c.Nodes[1], "n0").GetIncarnation()}
+	ask := func(d *wire.DeliverBatch) *wire.Reply {
+		t.Helper()
+		d.Owner, d.Topic, d.Count = owner, topic, 1
+		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Deliver{Deliver: d}})
+		require.NoError(t, err)
+		m, err := raw.Request(inboxOf(t, c.Nodes[0], "n1"), data, 5*time.Second)
+		require.NoError(t, err)
+		var env wire.Envelope
+		require.NoError(t, proto.Unmarshal(m.Data, &env))
+		return env.GetReply()
+	}
+	rep := ask(&wire.DeliverBatch{Subscribers: []string{"ghost-1"}, KeptCopy: []uint64{12345}, ToIncarnation: inc})
+	assert.Equal(t, wire.Reply_NOT_KEPT, rep.GetCode())
+	rep = ask(&wire.DeliverBatch{Subscribers: []string{"ghost-1", "ghost-2"}, KeptCopy: []uint64{12345}, ToIncarnation: inc - 1})
+	assert.Equal(t, wire.Reply_OK, rep.GetCode())
+	assert.Equal(t, []uint32{uint32(pubsub.SubscriberGone), uint32(pubsub.SubscriberGone)}, rep.GetStatuses())
+	before := c.Nodes[1].Stats().Malformed
+	rep = ask(&wire.DeliverBatch{Subscribers: []string{"ghost-1"}, KeptCopy: []uint64{12345}, Packed: wire.Pack(nil, [][]byte{[]byte("z")})})
+	assert.Equal(t, wire.Reply_BAD_REQUEST, rep.GetCode())
+	assert.Equal(t, before+1, c.Nodes[1].Stats().Malformed)
+	assert.Equal(t, uint64(1), c.Nodes[1].Stats().KeptCopyMisses, "the first one only")
 }

@@ -42,18 +42,18 @@ func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
 		assert.Equal(t, 8, copies)
 		assert.Equal(t, 80, bytes)
 		for i, id := range ids[1:] {
-			_, _, ok := k.take(id, "t", 1, false)
+			_, _, ok := k.take([]uint64{id}, "t", 1, false)
 			assert.Equal(t, i+1 < 8, ok, "copy %d of 13", i+1)
 		}
 		// Taken by at-least-once deliveries, they make room for new
 		// ones, from the oldest; the copy not taken stays.
 		id, kept := keepNew(k, "t", 10)
 		assert.True(t, kept)
-		_, _, ok := k.take(id, "t", 1, true)
+		_, _, ok := k.take([]uint64{id}, "t", 1, true)
 		assert.True(t, ok)
-		_, _, ok = k.take(ids[0], "t", 1, true)
+		_, _, ok = k.take([]uint64{ids[0]}, "t", 1, true)
 		assert.True(t, ok, "the copy no delivery took")
-		_, _, ok = k.take(ids[1], "t", 1, true)
+		_, _, ok = k.take([]uint64{ids[1]}, "t", 1, true)
 		assert.False(t, ok, "the oldest taken copy made room")
 		copies, bytes = k.held()
 		assert.Equal(t, 6, copies)
@@ -67,14 +67,14 @@ func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
 		assert.False(t, kept, "past the byte bound")
 		_, bytes := k.held()
 		assert.Equal(t, 60, bytes)
-		_, _, ok := k.take(second, "t", 1, false)
+		_, _, ok := k.take([]uint64{second}, "t", 1, false)
 		assert.False(t, ok)
-		_, _, ok = k.take(first, "t", 1, false)
+		_, _, ok = k.take([]uint64{first}, "t", 1, false)
 		assert.True(t, ok, "the older copy stays")
 		// A batch larger than the whole store is not kept at all.
 		big, kept := keepNew(k, "t", 101)
 		assert.False(t, kept)
-		_, _, ok = k.take(big, "t", 1, false)
+		_, _, ok = k.take([]uint64{big}, "t", 1, false)
 		assert.False(t, ok)
 	})
 	t.Run("age", func(t *testing.T) {
@@ -84,7 +84,7 @@ func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
 		fresh, _ := keepNew(k, "t", 10)
 		copies, _ := k.held()
 		assert.Equal(t, 1, copies)
-		_, _, ok := k.take(fresh, "t", 1, false)
+		_, _, ok := k.take([]uint64{fresh}, "t", 1, false)
 		assert.True(t, ok)
 	})
 	t.Run("numbers-of-taken-copies", func(t *testing.T) {
@@ -94,7 +94,7 @@ func TestKeptCopiesStayWithinTheirBounds(t *testing.T) {
 		keepNew(k, "t", 1)
 		for range 1000 {
 			id, _ := keepNew(k, "t", 1)
-			_, _, ok := k.take(id, "t", 1, true)
+			_, _, ok := k.take([]uint64{id}, "t", 1, true)
 			require.True(t, ok)
 		}
 		assert.LessOrEqual(t, len(k.order), 2*8+1)
@@ -110,17 +110,17 @@ func TestKeptCopyTake(t *testing.T) {
 	assert.Equal(t, id, k.reserve(id), "a retry keeps its number")
 	k.keep(id, "t", []byte{1, 'a'}, true, 1)
 
-	_, _, ok := k.take(id, "other", 1, false)
+	_, _, ok := k.take([]uint64{id}, "other", 1, false)
 	assert.False(t, ok, "another topic")
-	_, _, ok = k.take(id, "t", 2, false)
+	_, _, ok = k.take([]uint64{id}, "t", 2, false)
 	assert.False(t, ok, "another count")
-	packed, withMeta, ok := k.take(id, "t", 1, false) // at-least-once: copies may follow
+	packed, withMeta, ok := k.take([]uint64{id}, "t", 1, false) // at-least-once: copies may follow
 	require.True(t, ok)
 	assert.Equal(t, []byte{1, 'a'}, packed)
 	assert.True(t, withMeta)
-	_, _, ok = k.take(id, "t", 1, true)
+	_, _, ok = k.take([]uint64{id}, "t", 1, true)
 	assert.True(t, ok, "an at-least-once take left it")
-	_, _, ok = k.take(id, "t", 1, true)
+	_, _, ok = k.take([]uint64{id}, "t", 1, true)
 	assert.False(t, ok, "taken once, it is gone")
 	assert.Equal(t, uint64(2), k.hits.Load())
 	assert.Equal(t, uint64(3), k.misses.Load())
@@ -137,6 +137,47 @@ func TestKeptCopyTake(t *testing.T) {
 	id = k.reserve(0)
 	k.keep(id, "t", buf, false, 1)
 	buf[1] = 'x'
-	packed, _, _ = k.take(id, "t", 1, true)
+	packed, _, _ = k.take([]uint64{id}, "t", 1, true)
 	assert.Equal(t, []byte{1, 'b'}, packed)
+}
+
+// A delivery of requests the owner merged names one copy per request, in
+// order: it gets their messages one after the other, only when it holds
+// them all in format 1 and their counts add up, and takes them all.
+func TestKeptCopiesOfAMergedBatch(t *testing.T) {
+	k := newKeptForTest(1<<20, 100)
+	var ids []uint64
+	for _, b := range [][]byte{{1, 'a'}, {1, 'b', 1, 'c'}, {1, 'd'}} {
+		id := k.reserve(0)
+		require.True(t, k.keep(id, "t", b, false, uint32(len(b)/2)))
+		ids = append(ids, id)
+	}
+	_, _, ok := k.take(ids, "t", 3, true)
+	assert.False(t, ok, "counts that do not add up")
+	_, _, ok = k.take(append(ids[:2:2], ids[0]+1000), "t", 4, true)
+	assert.False(t, ok, "a copy not held")
+	packed, withMeta, ok := k.take(ids, "t", 4, true)
+	require.True(t, ok)
+	assert.False(t, withMeta)
+	assert.Equal(t, []byte{1, 'a', 1, 'b', 1, 'c', 1, 'd'}, packed)
+	copies, bytes := k.held()
+	assert.Zero(t, copies, "every copy taken")
+	assert.Zero(t, bytes)
+
+	// Format 2 copies are not joined: a header may refer to the message
+	// before it.
+	m1, m2 := k.reserve(0), k.reserve(0)
+	require.True(t, k.keep(m1, "t", []byte{2, 'a'}, true, 1))
+	require.True(t, k.keep(m2, "t", []byte{2, 'b'}, true, 1))
+	_, _, ok = k.take([]uint64{m1, m2}, "t", 2, true)
+	assert.False(t, ok)
+
+	// A forged list naming a copy twice takes it once.
+	d := k.reserve(0)
+	require.True(t, k.keep(d, "t", []byte{1, 'e'}, false, 1))
+	_, _, ok = k.take([]uint64{d, d}, "t", 2, true)
+	assert.True(t, ok)
+	copies, bytes = k.held()
+	assert.Equal(t, 2, copies, "the two format 2 copies")
+	assert.Equal(t, 4, bytes)
 }

@@ -68,10 +68,8 @@ func TestKeptCopyMissDoesNotLetALaterBatchOvertakeIt(t *testing.T) {
 		return len(rec.of(subs[1].ID())) == len(want) && len(rec.of(subs[2].ID())) == len(want)
 	}, "the other nodes' subscribers got %d and %d of %d", len(rec.of(subs[1].ID())), len(rec.of(subs[2].ID())), len(want))
 	// The publisher's subscriber: everything, within the same few seconds.
-	deadline := time.Now().Add(5 * time.Second)
-	for len(rec.of(subs[0].ID())) < len(want) && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(rec.of(subs[0].ID())) >= len(want) },
+		"the publisher's own subscriber got %d of %d", len(rec.of(subs[0].ID())), len(want))
 	st := pub.Stats()
 	t.Logf("publisher: %d hits, %d misses", st.KeptCopyHits, st.KeptCopyMisses)
 	got := rec.of(subs[0].ID())
@@ -89,10 +87,11 @@ func TestKeptCopyMissDoesNotLetALaterBatchOvertakeIt(t *testing.T) {
 }
 
 // The publisher's node has more subscribers than one delivery can list
-// beside the batch, so the owner sends it the batch in parts, each naming
-// the copy. The first part takes it; the others are answered NOT_KEPT and
-// sent again with the messages. Every subscriber there gets every batch,
-// and none is evicted.
+// beside the batch, so the owner sends it the batch in parts. None names
+// the copy: the first part would take it, and the others, answered
+// NOT_KEPT and sent again with the messages, could arrive after the
+// owner's later batches (they did, before, as misses). Every subscriber
+// there gets every batch, and none is evicted.
 func TestKeptCopyWithTheSubscriberListInParts(t *testing.T) {
 	nodes := mixedPayloadCluster(t, []int32{8 << 10, 8 << 10, 8 << 10}, nil)
 	pub := nodes[0]
@@ -140,26 +139,16 @@ func TestKeptCopyWithTheSubscriberListInParts(t *testing.T) {
 	}
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return count(other.ID()) == callers*batches },
 		"the other node's subscriber got %d of %d", count(other.ID()), callers*batches)
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		all := true
+	short := func() (k int) {
 		for _, s := range subs {
-			all = all && count(s.ID()) == callers*batches
+			if count(s.ID()) != callers*batches {
+				k++
+			}
 		}
-		if all {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
+		return k
 	}
-	short := 0
-	for _, s := range subs {
-		if count(s.ID()) != callers*batches {
-			short++
-		}
-	}
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return short() == 0 }, "%d of the publisher's subscribers missed batches", short())
 	st := pub.Stats()
-	assert.Equal(t, uint64(callers*batches), st.KeptCopyHits, "the first part of each batch")
-	assert.GreaterOrEqual(t, st.KeptCopyMisses, uint64(callers*batches), "the other parts of each batch")
-	assert.Zero(t, short, "the publisher's subscribers that missed batches")
+	assert.Zero(t, st.KeptCopyHits+st.KeptCopyMisses, "a delivery in parts names no copy")
 	assert.Zero(t, nodes[1].Stats().Evictions, "evictions by the owner")
 }

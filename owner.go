@@ -182,7 +182,9 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 		return false
 	}
 	msgs.wantIDs, msgs.publisher = req.GetDeliveredIds(), req.GetFrom().GetNodeId()
-	msgs.kept = keptRef{id: req.GetKeptCopy(), inc: req.GetFrom().GetIncarnation()}
+	if id := req.GetKeptCopy(); id != 0 {
+		msgs.kept = keptRef{ids: []uint64{id}, inc: req.GetFrom().GetIncarnation()}
+	}
 	if msgs.wantIDs { // only a chunk of a split batch skips anyone
 		msgs.skip = req.GetSkip()
 	}

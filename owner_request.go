@@ -210,11 +210,12 @@ func (n *Node) askRemote(ctx context.Context, topic string, v *view, owner Membe
 	*buf = n.encodeRequest(v, owner, req, (*buf)[:0])
 	rep, err := n.rpc.call(ctx, owner.Inbox, *buf, callOpts{timeout: wait, alive: n.ownerAnswers(owner), sent: sent})
 	sendBufs.Put(buf)
-	n.answered(req)
 	if err != nil {
 		return ownerAnswer{}, err
 	}
-	return answerFromWire(topic, rep), nil
+	ans := answerFromWire(topic, rep)
+	n.answered(req, ans)
+	return ans, nil
 }
 
 // holds returns a check that m, in its incarnation, is still in the view.

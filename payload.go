@@ -30,25 +30,29 @@ type payload struct {
 	// packedHere: wire packed packed from msgs, a publisher's own slices,
 	// which msgs still alias (not packed, as a received batch's do).
 	packedHere bool
-	// kept: the copy of these messages the publisher kept (kept.go), by
-	// its number and the publisher's incarnation; id 0 when none.
+	// kept: the copies of these messages the publisher kept (kept.go), by
+	// their numbers and the publisher's incarnation; no ids when none.
 	kept keptRef
 }
 
-// keptRef names a copy of a batch its publisher kept.
-type keptRef struct{ id, inc uint64 }
+// keptRef names the copies of a batch its publisher kept: one, or one per
+// request the owner merged into the batch (early.go).
+type keptRef struct {
+	ids []uint64
+	inc uint64
+}
 
-// keptFor returns the number of the copy m holds of these messages, or 0:
+// keptFor returns the numbers of the copies m holds of these messages, or nil:
 // only their publisher, in the incarnation that sent them, holds one. A
 // node with only group members (broadcast false) is sent their messages
 // instead: a share is a part of the batch, and taking it from the whole
 // batch there cost more than the bytes saved (group fan-out 1.57-1.63x
 // raw against 1.75-1.82x with the share sent, interleaved runs).
-func (p *payload) keptFor(m Member, broadcast bool) uint64 {
-	if p.kept.id == 0 || !broadcast || m.ID != p.publisher || m.Incarnation != p.kept.inc {
-		return 0
+func (p *payload) keptFor(m Member, broadcast bool) []uint64 {
+	if len(p.kept.ids) == 0 || !broadcast || m.ID != p.publisher || m.Incarnation != p.kept.inc {
+		return nil
 	}
-	return p.kept.id
+	return p.kept.ids
 }
 
 // receivedPayload checks the packed fields of a batch received over NATS:

@@ -61,10 +61,10 @@ type Stats struct {
 	// publisher with subscribers to the topic keeps one, so the batch
 	// does not cross the servers back). KeptCopyMisses counts those that
 	// found no copy (older than SubscriberTimeout + RequestTimeout, or
-	// a part of a delivery split for its long subscriber list after
-	// the first took it): the owner then sent the messages, at the cost
-	// of a round trip. Past 16 MiB or 1 024 copies a node keeps none and
-	// its requests name none.
+	// an at-least-once copy arriving after the publish was answered):
+	// the owner then sent the messages, at the cost of a round trip.
+	// Past 16 MiB or 1 024 copies a node keeps none and its requests
+	// name none.
 	KeptCopyHits, KeptCopyMisses uint64
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under

@@ -196,7 +196,20 @@ func decodeDeliver(b []byte, d *DeliverBatch) error {
 		case deliverToInc:
 			d.ToIncarnation = v
 		case deliverKeptCopy:
-			d.KeptCopy = v
+			if bs == nil { // one number, not packed
+				bs = protowire.AppendVarint(nil, v)
+			}
+			for len(bs) > 0 {
+				id, n := protowire.ConsumeVarint(bs)
+				if n < 0 {
+					return errMalformed
+				}
+				if len(d.KeptCopy) >= MaxKeptCopies {
+					return nil // a forged list costs no more than MaxKeptCopies entries
+				}
+				d.KeptCopy = append(d.KeptCopy, id)
+				bs = bs[n:]
+			}
 		}
 		return err
 	})

@@ -22,7 +22,7 @@ func TestDecodeAgreesWithProto(t *testing.T) {
 		From: &MemberRef{NodeId: "n2", Incarnation: 3}, ViewId: 11, Topic: "orders", Packed: packed, Count: 2,
 		Producer: "p1", ProducerSeq: 43, SplitId: 1<<63 | 5, SplitChunk: 4, ToIncarnation: 9, KeptCopy: 1<<40 | 7, Skip: []*Failure{{Node: "n3", Local: "s1"}, {Node: "n4", Local: "s2"}}}}})
 	keptHead, _ := proto.Marshal(&DeliverBatch{Owner: &MemberRef{NodeId: "n1", Incarnation: 9}, Topic: "t", Seq: 8, Count: 2})
-	kept := append(AppendDeliverKept(nil, keptHead, 1<<40|7), suffix...)
+	kept := append(AppendDeliverKept(nil, keptHead, []uint64{1<<40 | 7, 3}), suffix...)
 	hb, _ := proto.Marshal(&Envelope{Body: &Envelope_Heartbeat{Heartbeat: &Heartbeat{From: &MemberRef{NodeId: "x"}}}})
 	for name, data := range map[string][]byte{
 		"deliver": append(append([]byte{}, common...), suffix...),
@@ -96,8 +96,8 @@ func TestAppendBatchEnvelopes(t *testing.T) {
 
 	// A delivery naming a kept copy carries the head, the copy's number
 	// and no messages.
-	got = AppendDeliverKept(nil, head, 77)
-	wantD = &Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3, KeptCopy: 77}}}
+	got = AppendDeliverKept(nil, head, []uint64{77, 1 << 50})
+	wantD = &Envelope{Body: &Envelope_Deliver{Deliver: &DeliverBatch{Owner: req.From, Topic: "t", Seq: 4, Count: 3, KeptCopy: []uint64{77, 1 << 50}}}}
 	env.Reset()
 	if err := proto.Unmarshal(got, &env); err != nil || !proto.Equal(&env, wantD) {
 		t.Fatalf("AppendDeliverKept decodes to %v (%v), want %v", &env, err, wantD)

@@ -97,16 +97,29 @@ func AppendDeliver(dst []byte, head, packed []byte, withMeta bool) []byte {
 	})
 }
 
-// AppendDeliverKept appends Envelope{deliver: head} with kept_copy id and
-// no messages: the receiving node holds them (DeliverBatch.kept_copy).
-// Fields of the DeliverBatch a suffix appended next merge into it.
-func AppendDeliverKept(dst []byte, head []byte, id uint64) []byte {
-	inner := len(head) + protowire.SizeTag(deliverKeptCopy) + protowire.SizeVarint(id)
+// MaxKeptCopies bounds DeliverBatch.kept_copy: an owner names at most this
+// many copies in one delivery, and a decoder keeps at most this many.
+const MaxKeptCopies = 1024
+
+// AppendDeliverKept appends Envelope{deliver: head} with kept_copy ids
+// (packed) and no messages: the receiving node holds them
+// (DeliverBatch.kept_copy). Fields of the DeliverBatch a suffix appended
+// next merge into it.
+func AppendDeliverKept(dst []byte, head []byte, ids []uint64) []byte {
+	size := 0
+	for _, id := range ids {
+		size += protowire.SizeVarint(id)
+	}
+	inner := len(head) + protowire.SizeTag(deliverKeptCopy) + protowire.SizeBytes(size)
 	dst = protowire.AppendTag(dst, envelopeDeliver, protowire.BytesType)
 	dst = protowire.AppendVarint(dst, uint64(inner))
 	dst = append(dst, head...)
-	dst = protowire.AppendTag(dst, deliverKeptCopy, protowire.VarintType)
-	return protowire.AppendVarint(dst, id)
+	dst = protowire.AppendTag(dst, deliverKeptCopy, protowire.BytesType)
+	dst = protowire.AppendVarint(dst, uint64(size))
+	for _, id := range ids {
+		dst = protowire.AppendVarint(dst, id)
+	}
+	return dst
 }
 
 // AppendDeliverMsgs is AppendDeliver for messages not packed yet: they are

@@ -1281,11 +1281,13 @@ type DeliverBatch struct {
 	// a newer one, whose subscribers it would otherwise report gone.
 	// 0: not said (an owner from before this field).
 	ToIncarnation uint64 `protobuf:"varint,18,opt,name=to_incarnation,json=toIncarnation,proto3" json:"to_incarnation,omitempty"`
-	// kept_copy: the messages are the copy this node, their publisher, kept
-	// under this number (PublishRequest.kept_copy); packed and packed_meta
-	// are empty. A node that no longer holds the copy answers NOT_KEPT, and
-	// the owner sends the batch again with its messages.
-	KeptCopy      uint64 `protobuf:"varint,19,opt,name=kept_copy,json=keptCopy,proto3" json:"kept_copy,omitempty"`
+	// kept_copy: the messages are the copies this node, their publisher,
+	// kept under these numbers (PublishRequest.kept_copy), one after the
+	// other (several when the owner merged consecutive requests into one
+	// batch, at most MaxKeptCopies); packed and packed_meta are empty. A node
+	// that does not hold them all answers NOT_KEPT, and the owner sends the
+	// batch again with its messages.
+	KeptCopy      []uint64 `protobuf:"varint,19,rep,packed,name=kept_copy,json=keptCopy,proto3" json:"kept_copy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1439,11 +1441,11 @@ func (x *DeliverBatch) GetToIncarnation() uint64 {
 	return 0
 }
 
-func (x *DeliverBatch) GetKeptCopy() uint64 {
+func (x *DeliverBatch) GetKeptCopy() []uint64 {
 	if x != nil {
 		return x.KeptCopy
 	}
-	return 0
+	return nil
 }
 
 // Share is one consumer-group member's part of a batch.
@@ -2010,7 +2012,7 @@ const file_wire_proto_rawDesc = "" +
 	"\vsplit_chunk\x18\x11 \x01(\rR\n" +
 	"splitChunk\x12%\n" +
 	"\x0eto_incarnation\x18\x12 \x01(\x04R\rtoIncarnation\x12\x1b\n" +
-	"\tkept_copy\x18\x13 \x01(\x04R\bkeptCopyJ\x04\b\x05\x10\x06\"A\n" +
+	"\tkept_copy\x18\x13 \x03(\x04R\bkeptCopyJ\x04\b\x05\x10\x06\"A\n" +
 	"\x05Share\x12\x1e\n" +
 	"\n" +
 	"subscriber\x18\x01 \x01(\tR\n" +
