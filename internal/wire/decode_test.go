@@ -76,6 +76,39 @@ func FuzzDecode(f *testing.F) {
 	})
 }
 
+// A decoder keeps at most MaxKeptCopies numbers of a delivery's kept
+// copies, packed or not: a forged list costs no more than that.
+func TestDecodeKeepsAtMostMaxKeptCopies(t *testing.T) {
+	ids := make([]uint64, MaxKeptCopies+50)
+	for i := range ids {
+		ids[i] = uint64(i + 1)
+	}
+	for name, data := range map[string][]byte{
+		"packed":   AppendDeliverKept(nil, nil, ids),
+		"unpacked": unpackedKept(ids),
+	} {
+		var env Envelope
+		if err := Decode(data, &env); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if got := env.GetDeliver().GetKeptCopy(); len(got) != MaxKeptCopies || got[0] != 1 {
+			t.Fatalf("%s: decoded %d numbers starting %v, want %d from 1", name, len(got), got[:1], MaxKeptCopies)
+		}
+	}
+}
+
+// unpackedKept encodes a deliver envelope with each kept copy number as a
+// field of its own, as an encoder may.
+func unpackedKept(ids []uint64) []byte {
+	var body []byte
+	for _, id := range ids {
+		body = protowire.AppendTag(body, deliverKeptCopy, protowire.VarintType)
+		body = protowire.AppendVarint(body, id)
+	}
+	out := protowire.AppendTag(nil, envelopeDeliver, protowire.BytesType)
+	return protowire.AppendBytes(out, body)
+}
+
 // The hand-assembled batch envelopes decode to what proto would encode.
 func TestAppendBatchEnvelopes(t *testing.T) {
 	msgs := [][]byte{[]byte("one"), make([]byte, 300), {}}
