@@ -318,7 +318,7 @@ func keptMoveProbe(t *testing.T, how string, mode pubsub.DeliveryMode, level pub
 // Open defect: the publisher's subscriber misses the batches whose
 // delivery came past the copy's time (answered NOT_KEPT to an owner that
 // no longer waits: nothing re-sends them, and its node reports nothing),
-// which without copies it ran late; 11 of 12 runs, 0 of 4 without copies.
+// which without copies it ran late; 19 of 20 runs, 0 of 12 without copies.
 func TestKeptCopiesThroughARouteStall(t *testing.T) {
 	if os.Getenv("PUBSUB_OPEN_DEFECTS") != "1" {
 		t.Skip("open defect (a delivery past its copy's time is lost): set PUBSUB_OPEN_DEFECTS=1")
