@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"math"
 	"time"
 
@@ -57,6 +58,17 @@ func (n *Node) onDeliver(d *wire.DeliverBatch, reply string) {
 		}
 		kept, withMeta, ok := n.publisher.kept.take(ids, d.GetTopic(), d.GetCount(), !d.GetAtLeastOnce())
 		if !ok {
+			// The owner sends the messages if it still waits: a delivery
+			// held up past the copy's time (kept.go: keptFor) is lost. An
+			// at-least-once re-send of a delivery that took its copy is
+			// not (the first ran here): debug only.
+			level := slog.LevelWarn
+			if d.GetAtLeastOnce() {
+				level = slog.LevelDebug
+			}
+			if ok, held := n.log.limit.allow("kept/miss"); ok {
+				n.log.Log(context.Background(), level, "delivery of a batch this node published found no kept copy: answered NOT_KEPT", "topic", d.GetTopic(), "copies", len(ids), "suppressed", held)
+			}
 			n.replyTo(reply, &wire.Reply{Code: wire.Reply_NOT_KEPT})
 			return
 		}

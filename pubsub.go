@@ -144,9 +144,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	n.members.init(n)
 	n.owner.init(n)
 	n.subscriber.init()
-	// A kept copy serves the owner's delivery, which follows the publish
-	// at once, or its at-least-once copies within SubscriberTimeout.
-	n.publisher.init(n.self.ID, n.subscriber.tag, cfg.SubscriberTimeout+cfg.RequestTimeout)
+	n.publisher.init(n.self.ID, n.subscriber.tag, keptFor(cfg))
 
 	announced := false
 	fail := func(err error) (*Node, error) {

@@ -60,9 +60,10 @@ type Stats struct {
 	// without their messages, taken from the copy this node kept (a
 	// publisher with subscribers to the topic keeps one, so the batch
 	// does not cross the servers back). KeptCopyMisses counts those that
-	// found no copy (older than SubscriberTimeout + RequestTimeout, or
-	// an at-least-once copy arriving after the publish was answered):
-	// the owner then sent the messages, at the cost of a round trip.
+	// found no copy (held up past the copy's 2 minutes, or an
+	// at-least-once copy arriving after the publish was answered): the
+	// owner then sent the messages, at the cost of a round trip, if it
+	// still waited for the delivery (each miss is logged, throttled).
 	// Past 16 MiB or 1 024 copies a node keeps none and its requests
 	// name none.
 	KeptCopyHits, KeptCopyMisses uint64
