@@ -29,9 +29,12 @@ const (
 // and republishes a batch to one connection on server 0 and one on server
 // 2. For fan-out (group false) each of the three gets the whole batch; for
 // a group (group true) each gets a third, as a keyless group's round robin
-// shares it. It reports deliveries/s and x-raw (rate/raw when raw > 0) and
-// returns the rate. Its connections are closed when it returns.
-func rawBatchPath(b *testing.B, c *testcluster.Cluster, prefix string, group bool, raw float64) float64 {
+// shares it. With kept (fan-out only), the owner sends server 0's
+// connection, the publisher's, a 2-byte count instead of the batch, as the
+// library does for a publisher that kept a copy (kept.go). It reports
+// deliveries/s and x-raw (rate/raw when raw > 0) and returns the rate. Its
+// connections are closed when it returns.
+func rawBatchPath(b *testing.B, c *testcluster.Cluster, prefix string, group, kept bool, raw float64) float64 {
 	subject := prefix + "." + strconv.Itoa(b.N) + "." // a subject per run, as rawDeliver
 	var conns []*nats.Conn
 	defer func() {
@@ -69,13 +72,23 @@ func rawBatchPath(b *testing.B, c *testcluster.Cluster, prefix string, group boo
 		server int
 		name   string
 	}{{0, "n0"}, {2, "n2"}} {
-		rawSubscribe(b, connect(at.server), subject+at.name, "", func(m *nats.Msg) { arrived(len(m.Data) / batchPathEntry) })
+		rawSubscribe(b, connect(at.server), subject+at.name, "", func(m *nats.Msg) {
+			if len(m.Data) == 2 { // a count: the publisher holds the batch
+				arrived(int(m.Data[0]) | int(m.Data[1])<<8)
+				return
+			}
+			arrived(len(m.Data) / batchPathEntry)
+		})
 	}
 	owner := connect(1)
 	rawSubscribe(b, owner, subject+"owner", "", func(m *nats.Msg) {
 		n := len(m.Data) / batchPathEntry
 		third := share(n) * batchPathEntry
-		if err := owner.Publish(subject+"n0", m.Data[:third]); err != nil {
+		toPublisher := m.Data[:third]
+		if kept {
+			toPublisher = []byte{byte(n), byte(n >> 8)}
+		}
+		if err := owner.Publish(subject+"n0", toPublisher); err != nil {
 			b.Error(err)
 		}
 		if err := owner.Publish(subject+"n2", m.Data[len(m.Data)-third:]); err != nil {

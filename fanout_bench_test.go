@@ -25,7 +25,10 @@ import (
 // join only after it): 3 subscriber connections, one per server, and one
 // publisher connection on server 0. raw-nats-batch-path follows, still with
 // no node attached: the library's bytes moved by raw NATS with no library
-// code (rawBatchPath), the bound the library's figures can approach. Then
+// code (rawBatchPath), the bound the library's figures can approach;
+// raw-nats-kept-path the same with the owner sending the publisher's
+// connection a count instead of the batch, as the library does since the
+// publisher keeps a copy (kept.go), the bound for this topology. Then
 // the nodes join and two library patterns run, each reporting deliveries/s and x-raw, its ratio to the
 // raw-nats figure of the same run:
 //
@@ -49,7 +52,10 @@ func BenchmarkFanout(b *testing.B) {
 		raw = rawFanout(b, c, data)
 	})
 	b.Run("raw-nats-batch-path", func(b *testing.B) {
-		rawBatchPath(b, c, "bench.fanout.path", false, raw)
+		rawBatchPath(b, c, "bench.fanout.path", false, false, raw)
+	})
+	b.Run("raw-nats-kept-path", func(b *testing.B) {
+		rawBatchPath(b, c, "bench.fanout.kept", false, true, raw)
 	})
 
 	for i := range 3 {

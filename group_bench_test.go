@@ -50,7 +50,7 @@ func BenchmarkGroup(b *testing.B) {
 		raw = rawDeliver(b, c, "bench.group", "workers", data)
 	})
 	b.Run("raw-nats-batch-path", func(b *testing.B) {
-		rawBatchPath(b, c, "bench.group.path", true, raw)
+		rawBatchPath(b, c, "bench.group.path", true, false, raw)
 	})
 
 	for i := range 3 {
