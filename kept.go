@@ -18,9 +18,10 @@ import (
 // (DeliverBatch.kept_copy). Everything else about that delivery is as
 // before: the owner numbers the batch, picks the subscribers and collects
 // their statuses. A node that no longer holds the copy answers NOT_KEPT and
-// the owner sends the messages after all, so a copy is an optimisation
-// that is never needed for correctness, and the store is bounded however
-// fast a node publishes.
+// the owner, while it still waits for the delivery, sends the messages
+// after all; copies outlive that wait by far (keptFor). The store is
+// bounded however fast a node publishes: past its bounds a request names
+// no copy and its delivery carries the messages, as before.
 
 const (
 	maxKeptBytes  = 16 << 20 // bytes of the copies held at once
