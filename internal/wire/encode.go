@@ -110,16 +110,12 @@ func AppendDeliverKept(dst []byte, head []byte, ids []uint64) []byte {
 	for _, id := range ids {
 		size += protowire.SizeVarint(id)
 	}
-	inner := len(head) + protowire.SizeTag(deliverKeptCopy) + protowire.SizeBytes(size)
-	dst = protowire.AppendTag(dst, envelopeDeliver, protowire.BytesType)
-	dst = protowire.AppendVarint(dst, uint64(inner))
-	dst = append(dst, head...)
-	dst = protowire.AppendTag(dst, deliverKeptCopy, protowire.BytesType)
-	dst = protowire.AppendVarint(dst, uint64(size))
-	for _, id := range ids {
-		dst = protowire.AppendVarint(dst, id)
-	}
-	return dst
+	return appendWithPacked(dst, envelopeDeliver, head, deliverKeptCopy, size, func(b []byte) []byte {
+		for _, id := range ids {
+			b = protowire.AppendVarint(b, id)
+		}
+		return b
+	})
 }
 
 // AppendDeliverMsgs is AppendDeliver for messages not packed yet: they are
