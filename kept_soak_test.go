@@ -12,10 +12,14 @@ import (
 // The kept-copy fault probes' whole matrices (kept_fault_probe_test.go
 // runs one case of each): a route stall from the owner to the publisher,
 // each delivery mode and ack level, with and without copies; a slow
-// at-least-once subscriber on the publisher's node at both waiting levels.
+// at-least-once subscriber on the publisher's node at both waiting levels;
+// the publisher replaced by a node with its ID, in each delivery mode.
 func TestSoakKeptCopies(t *testing.T) {
 	t.Run("stall", keptStallMatrix)
 	t.Run("slow", func(t *testing.T) { keptSlowSubscriber(t, pubsub.AckDelivered, pubsub.AckAccepted) })
+	for _, mode := range []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce} {
+		t.Run("replaced/"+mode.String(), func(t *testing.T) { keptReplacedProbe(t, mode) })
+	}
 }
 
 // keptStallMatrix runs keptStallProbe for each delivery mode and ack
