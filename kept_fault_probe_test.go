@@ -113,40 +113,63 @@ func keptTopic(prefix string, ids []string, owner string, after []string, then s
 func keptProduce(t *testing.T, prod *pubsub.BatchingProducer, move func()) []*pubsub.Produced {
 	t.Helper()
 	ctx := ctxT(t)
-	var mu sync.Mutex
-	var futs []*pubsub.Produced
-	produced := func() int {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(futs)
-	}
-	stop := make(chan struct{})
-	done := make(chan struct{})
+	st := startKeptStream(ctx, prod, 20) // a shallow queue: the batches go on through the move
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return st.produced() >= 100 }, "produced %d", st.produced())
+	move()
+	at := st.produced()
+	testcluster.WaitFor(t, 15*time.Second, func() bool { return st.produced() >= at+150 }, "produced %d after the move", st.produced()-at)
+	futs := st.end()
+	require.NoError(t, prod.Close(ctx))
+	return futs
+}
+
+// keptStream produces "P:<i>" on a producer from a goroutine of its own,
+// keeping every future, until end, or until a future fails at once (its
+// node closed). It waits for every pace-th future, so that the queue
+// stays shallow.
+type keptStream struct {
+	mu         sync.Mutex
+	futs       []*pubsub.Produced
+	stop, done chan struct{}
+}
+
+func startKeptStream(ctx context.Context, prod *pubsub.BatchingProducer, pace int) *keptStream {
+	s := &keptStream{stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
-		defer close(done)
+		defer close(s.done)
 		for i := 0; ; i++ {
 			select {
-			case <-stop:
+			case <-s.stop:
 				return
 			default:
 			}
 			f := prod.Produce(ctx, fmt.Appendf(nil, "P:%d", i))
-			mu.Lock()
-			futs = append(futs, f)
-			mu.Unlock()
-			if i%20 == 19 {
-				_, _ = f.Wait(ctx) // a shallow queue: the batches go on through the move
+			s.mu.Lock()
+			s.futs = append(s.futs, f)
+			s.mu.Unlock()
+			if _, err, done := f.Result(); done && err != nil {
+				return
+			}
+			if i%pace == pace-1 {
+				_, _ = f.Wait(ctx)
 			}
 		}
 	}()
-	testcluster.WaitFor(t, 10*time.Second, func() bool { return produced() >= 100 }, "produced %d", produced())
-	move()
-	at := produced()
-	testcluster.WaitFor(t, 15*time.Second, func() bool { return produced() >= at+150 }, "produced %d after the move", produced()-at)
-	close(stop)
-	<-done
-	require.NoError(t, prod.Close(ctx))
-	return futs
+	return s
+}
+
+// produced returns how many messages the stream produced so far.
+func (s *keptStream) produced() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.futs)
+}
+
+// end stops the stream and returns its futures, in produce order.
+func (s *keptStream) end() []*pubsub.Produced {
+	close(s.stop)
+	<-s.done
+	return s.futs
 }
 
 // keptCheck compares what each live subscriber got with what was accepted:

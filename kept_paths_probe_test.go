@@ -132,39 +132,11 @@ func TestKeptCopiesWhenThePublishersNodeCloses(t *testing.T) {
 			prod, err := pubsub.NewBatchingProducer(pub, topic, pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 5, AckLevel: level})
 			require.NoError(t, err)
 			ctx := ctxT(t)
-			var mu sync.Mutex
-			var futs []*pubsub.Produced
-			produced := func() int {
-				mu.Lock()
-				defer mu.Unlock()
-				return len(futs)
-			}
-			stop, stopped := make(chan struct{}), make(chan struct{})
-			go func() {
-				defer close(stopped)
-				for i := 0; ; i++ {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					f := prod.Produce(ctx, fmt.Appendf(nil, "P:%d", i))
-					mu.Lock()
-					futs = append(futs, f)
-					mu.Unlock()
-					if _, err, done := f.Result(); done && err != nil {
-						return // the node closed
-					}
-					if i%40 == 39 {
-						_, _ = f.Wait(ctx) // a shallow queue
-					}
-				}
-			}()
-			testcluster.WaitFor(t, 10*time.Second, func() bool { return produced() >= 150 && pub.Stats().KeptCopyHits > 0 },
-				"produced %d, %d kept-copy hits", produced(), pub.Stats().KeptCopyHits)
+			st := startKeptStream(ctx, prod, 40) // it ends once the node closed
+			testcluster.WaitFor(t, 10*time.Second, func() bool { return st.produced() >= 150 && pub.Stats().KeptCopyHits > 0 },
+				"produced %d, %d kept-copy hits", st.produced(), pub.Stats().KeptCopyHits)
 			c.CloseNode(t, 0)
-			close(stop)
-			<-stopped
+			futs := st.end()
 			require.NoError(t, prod.Close(ctx))
 			var accepted, closed, owed []int
 			reasons := map[string]int{}
