@@ -20,6 +20,9 @@ func TestSoakKeptCopies(t *testing.T) {
 	for _, mode := range []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce} {
 		t.Run("replaced/"+mode.String(), func(t *testing.T) { keptReplacedProbe(t, mode) })
 	}
+	t.Run("server-loss", func(t *testing.T) {
+		keptServerLoss(t, []int{0, 1}, []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce})
+	})
 }
 
 // keptStallMatrix runs keptStallProbe for each delivery mode and ack

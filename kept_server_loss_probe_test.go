@@ -1,0 +1,125 @@
+package pubsub_test
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// Kept copies through the loss of a NATS server: a BatchingProducer (four
+// batches in flight) on a node subscribed to its topic, whose owner is
+// remote, while the server of the publisher's node, or of the owner's,
+// shuts down and the node's connection moves to another server. Copies
+// live in the publisher's memory, so the move does not lose them. A
+// delivery lost in the dead server is re-sent (at-least-once), or the ack
+// lists the subscriber as Timeout; a re-sent copy that arrives after a
+// later batch is dropped and listed OutOfOrder (order comes before
+// redelivery, README "Guarantees"). So: every accepted message reached
+// every subscriber or its ack lists that subscriber, nothing runs twice or
+// out of order, nobody is evicted, and once the node has moved every
+// subscriber, the publisher's own included, gets every later message.
+//
+// Here the copies must survive their publisher's connection moving, on an
+// at-least-once topic; TestSoakKeptCopies runs the owner's server and
+// at-most-once too.
+func TestKeptCopiesThroughServerLoss(t *testing.T) {
+	keptServerLoss(t, []int{0}, []pubsub.DeliveryMode{pubsub.AtLeastOnce})
+}
+
+// keptServerLoss runs keptServerLossProbe losing each of servers (0: the
+// publisher's, 1: the owner's) in each of modes.
+func keptServerLoss(t *testing.T, servers []int, modes []pubsub.DeliveryMode) {
+	for _, server := range servers {
+		for _, mode := range modes {
+			lost := map[int]string{0: "publisher's server", 1: "owner's server"}[server]
+			t.Run(fmt.Sprintf("%s/%v", lost, mode), func(t *testing.T) { keptServerLossProbe(t, server, mode) })
+		}
+	}
+}
+
+func keptServerLossProbe(t *testing.T, server int, mode pubsub.DeliveryMode) {
+	p := newKeptProbe()
+	opts := append(slices.Clone(fast), pubsub.WithHooks(p),
+		pubsub.WithDeliveryMode(func(string) pubsub.DeliveryMode { return mode }))
+	c := testcluster.New(t, 3, 3, opts...)
+	c.WaitConverged(t, 10*time.Second)
+	topic := keptTopic("kept-server-loss", []string{"n0", "n1", "n2"}, "n1", []string{"n0", "n1", "n2"}, "n1")
+	var subs []pubsub.SubscriberID
+	for _, n := range c.Nodes {
+		p.watch(t, n)
+		subs = append(subs, subscribe(t, n, topic, p.handler).ID())
+	}
+	prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{
+		BatchSize: 5,
+		// A batch whose attempt timed out in the dead server is sent again:
+		// its outcome is unknown, and subscribers drop a copy they ran.
+		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.RetryBatch(5 * time.Millisecond) },
+	})
+	require.NoError(t, err)
+	before := c.Nodes[0].Stats()
+	moved := c.Conns[server].Stats().Reconnects
+	var after int // the first message produced once the node had moved
+	ctx := ctxT(t)
+	st := startKeptStream(ctx, prod, 20)
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return st.produced() >= 100 }, "produced %d", st.produced())
+	c.ShutdownServer(server)
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return c.Conns[server].Stats().Reconnects > moved },
+		"node %s did not reconnect to another server", c.Nodes[server].ID())
+	after = st.produced()
+	testcluster.WaitFor(t, 15*time.Second, func() bool { return st.produced() >= after+150 }, "produced %d after the move", st.produced()-after)
+	futs := st.end()
+	require.NoError(t, prod.Close(ctx))
+
+	stats := c.Nodes[0].Stats()
+	t.Logf("kept copies: %d hits, %d misses", stats.KeptCopyHits-before.KeptCopyHits, stats.KeptCopyMisses-before.KeptCopyMisses)
+	assert.NotZero(t, stats.KeptCopyHits-before.KeptCopyHits, "no delivery from a kept copy: the probe probed nothing")
+	// Each accepted message is owed to every subscriber its ack does not
+	// list; from a little after the move on (batches in flight at the
+	// move may still fail), to every subscriber.
+	owed := map[pubsub.SubscriberID][]int{}
+	listed := 0
+	for i, f := range futs {
+		ack, err, done := f.Result()
+		require.True(t, done, "P:%d not done", i)
+		if err != nil || ack.Status != pubsub.Accepted {
+			continue
+		}
+		failed := map[pubsub.SubscriberID]bool{}
+		for _, fl := range ack.Failures {
+			failed[fl.Subscriber] = true
+			listed++
+		}
+		if i >= after+50 {
+			assert.Empty(t, ack.Failures, "P:%d, produced well after the move, failed somewhere: %+v", i, ack)
+		}
+		for _, s := range subs {
+			if !failed[s] {
+				owed[s] = append(owed[s], i)
+			}
+		}
+	}
+	lacking := func() (m []string) {
+		for _, s := range subs {
+			for _, i := range owed[s] {
+				if !p.has(s, i) {
+					m = append(m, fmt.Sprintf("%s lacks P:%d", s, i))
+				}
+			}
+		}
+		return m
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(lacking()) == 0 },
+		"accepted messages missing at subscribers their acks do not list: %v", func() []string { m := lacking(); return m[:min(len(m), 20)] }())
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	t.Logf("produced %d (%d after the move); failures listed %d; not run %v", len(futs), len(futs)-after, listed, p.notRun)
+	assert.Empty(t, p.faults[:min(len(p.faults), 20)], "order or duplicate faults (%d)", len(p.faults))
+	assert.Empty(t, p.evicted, "evictions")
+}
