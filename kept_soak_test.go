@@ -21,7 +21,8 @@ func TestSoakKeptCopies(t *testing.T) {
 		t.Run("replaced/"+mode.String(), func(t *testing.T) { keptReplacedProbe(t, mode) })
 	}
 	t.Run("server-loss", func(t *testing.T) {
-		keptServerLoss(t, []int{0, 1}, []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce})
+		keptServerLoss(t, []int{0, 1}, []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce},
+			[]pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted})
 	})
 }
 
