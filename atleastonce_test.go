@@ -1,6 +1,9 @@
 package pubsub_test
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -106,6 +109,76 @@ func TestNodeKeepsProducerOrder(t *testing.T) {
 		}
 	}
 	require.Equal(t, []string{"five", "six"}, rec.of(s.ID()), "messages handled")
+}
+
+// A late copy of a producer's batch that the subscriber ran (its publisher
+// retried it after losing the answer, and later batches went first) is
+// answered Delivered, without running again: OutOfOrder would tell the
+// publisher its messages never reached the subscriber. One it did not run,
+// or did not run to the end, or ran before four others it ran, is still
+// dropped as OutOfOrder; so is a group member's, whose
+// share may differ between attempts.
+func TestLateCopyOfABatchTheSubscriberRanIsDelivered(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	rec := newRecorder()
+	handler := func(ctx context.Context, m *pubsub.Message) error {
+		if string(m.Data) == "fails" {
+			return errors.New("handler error")
+		}
+		return rec.handler(ctx, m)
+	}
+	s := subscribe(t, c.Nodes[0], "late-copies", handler)
+	member, err := c.Nodes[0].Subscribe(ctxT(t), "late-copies", rec.handler, pubsub.WithGroup("g"))
+	require.NoError(t, err)
+	raw := c.Connect(t, 0)
+	owner := uint64(0)
+	send := func(local string, seq uint64, data string) pubsub.DeliveryStatus {
+		t.Helper()
+		owner++ // a retry is a batch of its own at the owner
+		body := &wire.DeliverBatch{
+			Owner: &wire.MemberRef{NodeId: "owner", Incarnation: 1}, Topic: "late-copies", Seq: owner,
+			Packed: wire.Pack(nil, [][]byte{[]byte(data)}), Count: 1, Producer: "producer-a", ProducerSeq: seq,
+		}
+		if local == s.ID().Local {
+			body.Subscribers = []string{local}
+		} else {
+			body.Shares = []*wire.Share{{Subscriber: local, Indices: []uint32{0}}}
+		}
+		return deliverRaw(t, raw, c.Nodes[0].ID(), body)
+	}
+	for _, step := range []struct {
+		seq  uint64
+		data string
+		want pubsub.DeliveryStatus
+	}{
+		{1, "one", pubsub.Delivered},
+		{2, "two", pubsub.Delivered},
+		{3, "three", pubsub.Delivered},
+		{2, "two again", pubsub.Delivered}, // ran: its outcome, not a second run
+		{5, "five", pubsub.Delivered},
+		{4, "four", pubsub.OutOfOrder}, // never ran here
+		{6, "fails", pubsub.HandlerError},
+		{7, "seven", pubsub.Delivered},
+		{6, "fails again", pubsub.OutOfOrder}, // did not run to the end
+		{3, "three again", pubsub.Delivered},
+		{8, "eight", pubsub.Delivered},
+		{9, "nine", pubsub.Delivered},
+		{10, "ten", pubsub.Delivered},
+		{3, "three once more", pubsub.OutOfOrder}, // four batches it ran came after it
+	} {
+		got := send(s.ID().Local, step.seq, step.data)
+		require.Equal(t, step.want, got, "batch %d (%q)", step.seq, step.data)
+	}
+	require.Equal(t, []string{"one", "two", "three", "five", "seven", "eight", "nine", "ten"}, rec.of(s.ID()), "messages handled")
+
+	for _, step := range []struct {
+		seq  uint64
+		want pubsub.DeliveryStatus
+	}{{1, pubsub.Delivered}, {2, pubsub.Delivered}, {1, pubsub.OutOfOrder}} {
+		got := send(member.ID().Local, step.seq, fmt.Sprint("share ", step.seq))
+		require.Equal(t, step.want, got, "group member, batch %d", step.seq)
+	}
+	require.Equal(t, []string{"share 1", "share 2"}, rec.of(member.ID()), "the member's messages handled")
 }
 
 // Regression (review): a node's subscriber list too long for one message

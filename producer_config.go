@@ -86,7 +86,9 @@ type ProducerConfig struct {
 	// the next batch starts once the previous call returned, since
 	// concurrent calls could be reordered. At any value a subscriber never
 	// handles a producer's batch after a later one: a late retried copy is
-	// dropped and reported OutOfOrder in its ack's Failures. Default: 4
+	// dropped and reported OutOfOrder in its ack's Failures (Delivered by a
+	// subscriber that ran the first copy, among the last four batches of
+	// the producer it ran; not a group member). Default: 4
 	// batches (DefaultMaxInFlight; it was 1 until 4 measured faster for
 	// every producer scenario).
 	MaxInFlight int

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"slices"
 	"time"
 )
 
@@ -84,6 +85,14 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 				return
 			}
 		case origin.seq < last.seq:
+			if s.id.Group() == "" && last.ran.has(origin.seq) {
+				// A late copy of a batch it ran (the publisher retried it
+				// after losing the answer, and later batches went first):
+				// its outcome, not a second run, nor OutOfOrder, which
+				// would say its messages did not reach this subscriber.
+				t.set(i, Delivered)
+				return
+			}
 			t.set(i, OutOfOrder)
 			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 			return
@@ -108,6 +117,11 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		mark := producerMark{seq: origin.seq, status: st}
 		if s.id.Group() != "" {
 			mark.share = fingerprint(batch)
+		} else if prev, ok := s.producers.get(origin.producer); ok {
+			mark.ran = prev.ran
+			if prev.status == Delivered {
+				mark.ran.add(prev.seq)
+			}
 		}
 		s.producers.put(s.node, origin.producer, mark)
 	}
@@ -136,8 +150,28 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 type producerMark struct {
 	seq    uint64
 	status DeliveryStatus
-	share  shareMark // a group member's: which messages that batch gave it
-	at     uint64    // a re-routed share's: its messages' positions (positionsMark)
+	share  shareMark  // a group member's: which messages that batch gave it
+	at     uint64     // a re-routed share's: its messages' positions (positionsMark)
+	ran    ranBatches // a broadcast subscriber's: the batches it ran before this one
+}
+
+// ranBatches holds the numbers of the last batches of a producer before
+// its mark that a subscriber (not a group member: which share it ran
+// depends on the attempt) ran to the end, newest first; 0 is none. A
+// copy of one of them arriving after a later batch (its publisher retried
+// it, the first answer lost) is answered Delivered rather than OutOfOrder.
+// Four cover the default MaxInFlight's batches; an older copy is answered
+// OutOfOrder, as every late copy was before (it then claims less than
+// happened, never more).
+type ranBatches [4]uint64
+
+func (r *ranBatches) add(seq uint64) {
+	copy(r[1:], r[:len(r)-1])
+	r[0] = seq
+}
+
+func (r *ranBatches) has(seq uint64) bool {
+	return seq != 0 && slices.Contains(r[:], seq)
 }
 
 // positionsMark hashes a share's message indices in its batch.
