@@ -64,7 +64,8 @@ func keptServerLossProbe(t *testing.T, server int, mode pubsub.DeliveryMode, lev
 	prod, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{
 		BatchSize: 5, AckLevel: level,
 		// A batch whose attempt timed out in the dead server is sent again:
-		// its outcome is unknown, and subscribers drop a copy they ran.
+		// its outcome is unknown, and no subscriber runs a copy of a batch
+		// it already ran.
 		OnPublishError: func(int, error) pubsub.ErrorDecision { return pubsub.RetryBatch(5 * time.Millisecond) },
 	})
 	require.NoError(t, err)
@@ -79,14 +80,13 @@ func keptServerLossProbe(t *testing.T, server int, mode pubsub.DeliveryMode, lev
 	}))
 	before := c.Nodes[0].Stats()
 	moved := c.Conns[server].Stats().Reconnects
-	var after int // the first message produced once the node had moved
 	ctx := ctxT(t)
 	st := startKeptStream(ctx, prod, 20)
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return st.produced() >= 100 }, "produced %d", st.produced())
 	c.ShutdownServer(server)
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return c.Conns[server].Stats().Reconnects > moved },
 		"node %s did not reconnect to another server", c.Nodes[server].ID())
-	after = st.produced()
+	after := st.produced() // the first message produced once the node had moved
 	testcluster.WaitFor(t, 15*time.Second, func() bool { return st.produced() >= after+150 }, "produced %d after the move", st.produced()-after)
 	futs := st.end()
 	require.NoError(t, prod.Close(ctx))

@@ -12,8 +12,8 @@ package pubsub_test
 //	go test -race -tags soak -run SoakKeepMajorityRandom -v .   # PROBE_SEED=n PROBE_ROUNDS=n PROBE_LOG=1
 //
 // Written by a helper session as a black-box probe; it found the two
-// graceful-leave bugs TestKeepMajorityLeaverOfAOneMemberStableViewHandsOn
-// and TestKeepMajorityTieBreakerLeavingHandsOn pin.
+// graceful-leave bugs TestSoakKeepMajorityLeaverOfAOneMemberStableViewHandsOn
+// and TestSoakKeepMajorityTieBreakerLeavingHandsOn pin.
 //
 // Checked: once the views show a partition, the two sides never serve at
 // once (sampled for 2×MemberTimeout); after every full heal (and after
