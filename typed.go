@@ -56,8 +56,8 @@ func NewTopic[T any](n *Node, name string, c Codec[T]) (*Topic[T], error) {
 func (t *Topic[T]) Name() string { return t.name }
 
 // Publish encodes v and publishes it as PublishMessages does. A value the
-// codec cannot encode is rejected with ErrInvalidMessage
-// (ReasonInvalidMessage) and nothing is sent.
+// codec cannot encode (its Encode returns an error or panics) is rejected
+// with ErrInvalidMessage (ReasonInvalidMessage) and nothing is sent.
 func (t *Topic[T]) Publish(ctx context.Context, v T, opts ...PublishOption) (PublishAck, error) {
 	return t.PublishMessage(ctx, v, Outgoing{}, opts...)
 }
@@ -66,7 +66,7 @@ func (t *Topic[T]) Publish(ctx context.Context, v T, opts ...PublishOption) (Pub
 // Data is ignored: the encoded v replaces it).
 func (t *Topic[T]) PublishMessage(ctx context.Context, v T, m Outgoing, opts ...PublishOption) (PublishAck, error) {
 	start := hookClock(t.node.hooks.publish)
-	data, err := t.codec.Encode(v)
+	data, err := encode(t.codec, v)
 	if err != nil {
 		ack, err := t.node.reject(t.name, 1, fmt.Errorf("pubsub: publish to %q: encoding %T: %w: %v", t.name, v, ErrInvalidMessage, err))
 		t.node.published(t.name, 1, outgoingBytes([]Outgoing{m}), start, ack, err)
@@ -107,6 +107,19 @@ func decode[T any](c Codec[T], data []byte) (v T, err error) {
 	return c.Decode(data)
 }
 
+// encode runs c.Encode, turning a panic into an error: a codec that panics
+// on a value it cannot encode (a nil field it dereferences, say) rejects it
+// as one that returns an error does, and the caller gets ErrInvalidMessage
+// rather than a panic out of Publish or Produce.
+func encode[T any](c Codec[T], v T) (data []byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			data, err = nil, fmt.Errorf("codec %T panicked: %v", c, r)
+		}
+	}()
+	return c.Encode(v)
+}
+
 // decodeError is a typed handler's report that its codec rejected a
 // message: Subscription.run skips the message and reports DecodeError.
 type decodeError struct{ err error }
@@ -135,7 +148,8 @@ func NewTypedProducer[T any](t *Topic[T], cfg ProducerConfig) (*TypedProducer[T]
 }
 
 // Produce encodes v and queues it as BatchingProducer.Produce does. A value
-// the codec cannot encode fails its future with ErrInvalidMessage.
+// the codec cannot encode (its Encode returns an error or panics) fails its
+// future with ErrInvalidMessage.
 func (p *TypedProducer[T]) Produce(ctx context.Context, v T) *Produced {
 	return p.ProduceMessage(ctx, v, Outgoing{})
 }
@@ -143,7 +157,7 @@ func (p *TypedProducer[T]) Produce(ctx context.Context, v T) *Produced {
 // ProduceMessage is Produce with a key and a header for the message (m.Data
 // is ignored: the encoded v replaces it).
 func (p *TypedProducer[T]) ProduceMessage(ctx context.Context, v T, m Outgoing) *Produced {
-	data, err := p.topic.codec.Encode(v)
+	data, err := encode(p.topic.codec, v)
 	if err != nil {
 		return p.p.refused(p.p.failure(fmt.Errorf("pubsub: producer for %q: encoding %T: %w: %v", p.topic.name, v, ErrInvalidMessage, err)))
 	}

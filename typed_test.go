@@ -106,6 +106,48 @@ func (failingCodec) Encode(v unencodable) ([]byte, error) {
 
 func (failingCodec) Decode(data []byte) (unencodable, error) { return unencodable{}, nil }
 
+// panickyCodec panics on the values failingCodec refuses, as a
+// hand-written codec dereferencing a nil field would.
+type panickyCodec struct{ failingCodec }
+
+func (panickyCodec) Encode(v unencodable) ([]byte, error) {
+	if v.Bad {
+		panic("nil field")
+	}
+	return []byte("ok"), nil
+}
+
+// A codec whose Encode panics rejects the value as one returning an error
+// does: ErrInvalidMessage from Publish and from the producer's future,
+// naming the panic, and neither stops. It used to panic out of Publish
+// and Produce, in the caller's goroutine.
+func TestTypedEncodePanicIsAnInvalidMessage(t *testing.T) {
+	c := newCluster(t, 3, 2)
+	name := ownedBy(t, c.Nodes[1], "encode-panic")
+	rec := newRecorder()
+	s := subscribe(t, c.Nodes[1], name, rec.handler)
+	topic, err := pubsub.NewTopic[unencodable](c.Nodes[0], name, panickyCodec{})
+	require.NoError(t, err)
+	ack, err := topic.Publish(ctxT(t), unencodable{Bad: true})
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	assert.Contains(t, err.Error(), "nil field")
+	assert.Equal(t, pubsub.ReasonInvalidMessage, ack.Reason)
+	ack, err = topic.Publish(ctxT(t), unencodable{})
+	require.NoError(t, err)
+	assert.Equal(t, 1, ack.Delivered)
+
+	prod, err := pubsub.NewTypedProducer(topic, pubsub.ProducerConfig{})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, prod.Close(ctxT(t))) }()
+	_, err = prod.Produce(ctxT(t), unencodable{Bad: true}).Wait(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
+	assert.Contains(t, err.Error(), "nil field")
+	ack, err = prod.Produce(ctxT(t), unencodable{}).Wait(ctxT(t))
+	require.NoError(t, err, "the producer goes on after a value whose encoding panicked")
+	assert.Equal(t, 1, ack.Delivered)
+	assert.Len(t, rec.of(s.ID()), 2, "only the two encodable values were sent")
+}
+
 func TestTypedEncodeFailureIsRejectedAtThePublisher(t *testing.T) {
 	c := newCluster(t, 3, 2)
 	topic, err := pubsub.NewTopic[unencodable](c.Nodes[0], ownedBy(t, c.Nodes[1], "unencodable"), failingCodec{})
