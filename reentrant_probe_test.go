@@ -477,7 +477,9 @@ func (panicEncodeCodec) Decode(b []byte) (int, error) {
 }
 
 // Probe: a codec whose Encode panics. Encode runs on the caller's
-// goroutine (Topic.Publish, TypedProducer.Produce), not the library's.
+// goroutine (Topic.Publish, TypedProducer.Produce), not the library's;
+// its panic used to reach the caller. It is now the codec's rejection of
+// the value, as Decode's is (TestTypedEncodePanicIsAnInvalidMessage).
 func TestReentrantProbePanickingEncode(t *testing.T) {
 	c := newCluster(t, 1, 1)
 	n := c.Nodes[0]
@@ -486,12 +488,13 @@ func TestReentrantProbePanickingEncode(t *testing.T) {
 	var got atomic.Int64
 	_, err = typed.Subscribe(ctxT(t), func(_ context.Context, v int, _ *pubsub.Message) error { got.Add(1); return nil })
 	require.NoError(t, err)
-	// Unlike Decode's (recovered into DecodeError), Encode's panic reaches
-	// the caller, whose goroutine it runs on; nothing was queued or sent.
-	assert.PanicsWithValue(t, "negative", func() { _, _ = typed.Publish(ctxT(t), -1) })
+	// Nothing is queued or sent for the value whose encoding panicked.
+	_, err = typed.Publish(ctxT(t), -1)
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
 	p, err := pubsub.NewTypedProducer(typed, pubsub.ProducerConfig{})
 	require.NoError(t, err)
-	assert.PanicsWithValue(t, "negative", func() { p.Produce(ctxT(t), -1) })
+	_, err = p.Produce(ctxT(t), -1).Wait(ctxT(t))
+	require.ErrorIs(t, err, pubsub.ErrInvalidMessage)
 	ack, err := p.Produce(ctxT(t), 7).Wait(ctxT(t))
 	mustAccept(t, ack, err, 1)
 	require.NoError(t, p.Close(ctxT(t)))
