@@ -2,7 +2,7 @@
 
 package pubsub_test
 
-// KeepMajority edge cases behind the soak tag since stop 34: each is a
+// KeepMajority edge cases behind the soak tag since 2026-12-02: each is a
 // regression test of a finding (a probe's or a review's) that spends 8-12 s
 // watching, and together they held 46 s of the default suite's budget (9
 // minutes per package under -race on 2 cores; the root package had reached
