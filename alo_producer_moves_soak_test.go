@@ -24,7 +24,16 @@ import (
 // no subscriber that did not run the message and omits from Failures no
 // live subscriber that did not; an Accepted message reaches every live
 // subscriber not listed as failed (at any level, for a graceful leave); each
-// subscriber runs the producer's messages in order, each once.
+// subscriber runs the producer's messages in order, each once. At
+// AckAccepted an ack lists no delivery failure (the owner answered before
+// delivering): what a live subscriber lacks is checked against the
+// owners' DeliveryFailed events instead, by count, as
+// TestKeptCopiesThroughServerLoss does. A server killed under the owner
+// loses deliveries in flight; their re-sends can reach a node behind a
+// later batch of the pipelined producer and are dropped OutOfOrder
+// (INTERNALS, Known limits), which the ack of an AckAccepted publish
+// cannot list: a full soak failed so once (2026-12-02, server-killed,
+// 20 deliveries) before the events counted.
 func TestSoakAtLeastOnceProducerRetriesThroughOwnerMoves(t *testing.T) {
 	for _, fault := range []string{"leave", "crash", "crash-restart", "leave-restart", "server-killed"} {
 		for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted} {
@@ -44,6 +53,7 @@ func aloOwnerMoveProbe(t *testing.T, fault string, level pubsub.AckLevel) {
 		subscribe(t, c.Nodes[1], topic, rec.handler).ID(),
 	}
 	subscribe(t, c.Nodes[2], topic, rec.handler) // on the owner: ends with it
+	owners := watchDeliveryFailures(t, c.Nodes...)
 	var errsMu sync.Mutex
 	attemptErrs := map[string]int{}
 	p, err := pubsub.NewBatchingProducer(c.Nodes[0], topic, pubsub.ProducerConfig{
@@ -96,7 +106,8 @@ func aloOwnerMoveProbe(t *testing.T, fault string, level pubsub.AckLevel) {
 		c.ShutdownServer(2)
 	}
 	if strings.HasSuffix(fault, "restart") {
-		c.AddNode(t, "n2", 2, append(append([]pubsub.Option{}, fast...), pubsub.WithDeliveryMode(atLeastOnce))...)
+		n2 := c.AddNode(t, "n2", 2, append(append([]pubsub.Option{}, fast...), pubsub.WithDeliveryMode(atLeastOnce))...)
+		owners.watch(t, n2) // the restarted n2 owns the topic again
 	}
 	after := produced()
 	testcluster.WaitFor(t, 20*time.Second, func() bool { return produced() >= after+2000 }, "producer stuck after the fault")
@@ -116,6 +127,23 @@ func aloOwnerMoveProbe(t *testing.T, fault string, level pubsub.AckLevel) {
 		ack, err := c.Nodes[0].Publish(ctxT(t), topic, []byte("fence"))
 		return err == nil && ack.Delivered >= 2 && !failed(ack, live[0]) && !failed(ack, live[1])
 	}, "fence never reached both live subscribers")
+
+	// An owner that crashed took what it had accepted, and its events,
+	// with it: at AckAccepted its loss is not the producer's to see.
+	if level == pubsub.AckAccepted && !strings.HasPrefix(fault, "crash") {
+		// The owners' events of deliveries failing after their answers
+		// may come after the fence's ack: a deadline, not a sleep.
+		testcluster.WaitFor(t, 10*time.Second, func() bool {
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			for _, id := range live {
+				if lacking(rec.got[id], futs) > owners.failed(id) {
+					return false
+				}
+			}
+			return true
+		}, "live subscribers lack more accepted messages than their owners reported failed: %s", owners)
+	}
 
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
@@ -145,7 +173,8 @@ func aloOwnerMoveProbe(t *testing.T, fault string, level pubsub.AckLevel) {
 	lost, overclaim := 0, 0
 	// The owner that crashed held what it had accepted: at AckAccepted its
 	// loss is not the producer's to see.
-	mustKeep := level == pubsub.AckDelivered || !strings.HasPrefix(fault, "crash")
+	// At AckAccepted, the events were counted above.
+	mustKeep := level == pubsub.AckDelivered
 	for i, f := range futs {
 		ack, err, _ := f.Result()
 		outcomes[ack.Status.String()+"/"+ack.Reason.String()]++
@@ -185,5 +214,60 @@ func aloOwnerMoveProbe(t *testing.T, fault string, level pubsub.AckLevel) {
 	for id, got := range rec.got {
 		t.Logf("subscriber %v ran %d", id, len(got))
 	}
-	t.Logf("%s/%v: %d produced; outcomes %v; failures %v; runs %d; lost %d; overclaims %d", fault, level, n, outcomes, failures, rec.n, lost, overclaim)
+	t.Logf("%s/%v: %d produced; outcomes %v; failures %v; runs %d; lost %d; overclaims %d; at the owners %s", fault, level, n, outcomes, failures, rec.n, lost, overclaim, owners)
+}
+
+// lacking counts the accepted messages of futs that got, a subscriber's
+// runs, does not hold.
+func lacking(got []int, futs []*pubsub.Produced) int {
+	has := make(map[int]bool, len(got))
+	for _, i := range got {
+		has[i] = true
+	}
+	n := 0
+	for i, f := range futs {
+		if ack, err, _ := f.Result(); err == nil && ack.Status == pubsub.Accepted && !has[i] {
+			n++
+		}
+	}
+	return n
+}
+
+// deliveryFailures counts the messages nodes' DeliveryFailed events report,
+// by subscriber and by status.
+type deliveryFailures struct {
+	mu       sync.Mutex
+	messages map[pubsub.SubscriberID]int
+	statuses map[string]int
+}
+
+func watchDeliveryFailures(t *testing.T, nodes ...*pubsub.Node) *deliveryFailures {
+	d := &deliveryFailures{messages: map[pubsub.SubscriberID]int{}, statuses: map[string]int{}}
+	for _, n := range nodes {
+		d.watch(t, n)
+	}
+	return d
+}
+
+func (d *deliveryFailures) watch(t *testing.T, n *pubsub.Node) {
+	t.Cleanup(n.Events().Subscribe(func(e pubsub.Event) {
+		if ev, ok := e.(pubsub.DeliveryFailed); ok {
+			d.mu.Lock()
+			d.messages[ev.Subscriber] += ev.Messages
+			d.statuses[ev.Status.String()] += ev.Messages
+			d.mu.Unlock()
+		}
+	}))
+}
+
+func (d *deliveryFailures) failed(id pubsub.SubscriberID) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.messages[id]
+}
+
+func (d *deliveryFailures) String() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return fmt.Sprintf("%v by status %v", d.messages, d.statuses)
 }

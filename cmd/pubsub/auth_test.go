@@ -274,7 +274,7 @@ func TestConnFlagsErrors(t *testing.T) {
 		want   string
 		secret string
 	}{
-		{"bench without --url", []string{"bench", "--token", "t0ken-abc"}, "--token: only with --url (the embedded cluster has no authentication)", "t0ken-abc"},
+		{"bench without --url", []string{"bench", "--token", "t0ken-abc"}, "--token: only with --url (the embedded cluster has neither authentication nor TLS)", "t0ken-abc"},
 		{"bench without --url, several", []string{"bench", "fanout", "--user", "u", "--password", "pw-123", "--tlsca", f.ca}, "--user, --password, --tlsca: only with --url", "pw-123"},
 		{"user and token", []string{"members", "--url", nowhere, "--user", "u", "--password", "pw-123", "--token", "t0ken-abc"}, "--user/--password and --token exclude each other", "pw-123"},
 		{"creds and nkey", []string{"members", "--url", nowhere, "--creds", garbage, "--nkey", seed}, "--creds and --nkey exclude each other", ""},
@@ -317,7 +317,7 @@ func TestConnFlagsHelp(t *testing.T) {
 		assert.Contains(t, help, "--"+name+" ")
 	}
 	assert.Contains(t, help, "or given with --user and --password, --token, --creds or --nkey")
-	assert.Contains(t, help, "only with --url: the embedded cluster has no authentication")
+	assert.Contains(t, help, "only with --url: the embedded cluster has neither authentication nor TLS")
 }
 
 // The nats CLI's environment variables give the connection flags their

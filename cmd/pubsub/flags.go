@@ -126,7 +126,7 @@ func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported by run, usage by printBenchUsage
 	fs.StringVar(&f.url, "url", "", "comma-separated NATS server `URLs`, credentials included (nats://user:password@host:port, nats://token@host:port; printed redacted); or given with --user and --password, --token, --creds or --nkey; node i and raw connection i use URL i % count (default: an embedded cluster of --servers servers, shut down at exit)")
-	addConnFlags(fs, &f.conn, "; only with --url: the embedded cluster has no authentication")
+	addConnFlags(fs, &f.conn, "; only with --url: the embedded cluster has neither authentication nor TLS")
 	fs.IntVar(&f.servers, "servers", 3, "embedded NATS servers to start, when --url is not set")
 	fs.IntVar(&f.nodes, "nodes", 3, "pubsub nodes in fanout (one subscriber each) and group (one member each); latency always uses 3")
 	fs.IntVar(&f.subs, "subs", 3, "local subscribers in the local scenario")
@@ -215,7 +215,7 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		}
 	}
 	if given := f.conn.given(fs); len(given) > 0 && f.url == "" {
-		return nil, fmt.Errorf("%s: only with --url (the embedded cluster has no authentication)", strings.Join(given, ", "))
+		return nil, fmt.Errorf("%s: only with --url (the embedded cluster has neither authentication nor TLS)", strings.Join(given, ", "))
 	}
 	if f.url != "" {
 		// Not with the embedded cluster, which has no authentication: a
