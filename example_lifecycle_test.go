@@ -98,3 +98,40 @@ func ExampleSubscription_Err() {
 	// payment-1: accepted, delivered=0, failure: handler-error
 	// evicted: true
 }
+
+// Unsubscribe does not wait for a handler call already running (the
+// handler may be the caller). A handler that writes to a file, a database
+// or a channel owned by the caller is done with it once Stopped closes:
+// wait on it, with a deadline, before closing what the handler uses.
+func ExampleSubscription_Stopped() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	node, stop := exampleNode(ctx)
+	defer stop()
+
+	out := make(chan string, 16) // the resource the handler uses
+	sub, err := node.Subscribe(ctx, "audit", func(_ context.Context, m *pubsub.Message) error {
+		out <- string(m.Data)
+		return nil
+	})
+	if err != nil {
+		panic(err)
+	}
+	if _, err := node.Publish(ctx, "audit", []byte("login")); err != nil {
+		panic(err)
+	}
+	if err := sub.Unsubscribe(ctx); err != nil {
+		panic(err)
+	}
+	select {
+	case <-sub.Stopped():
+		close(out) // no handler call can send on it any more
+	case <-ctx.Done():
+		panic("the handler did not return in time")
+	}
+	for s := range out {
+		fmt.Println("audited:", s)
+	}
+	// Output:
+	// audited: login
+}

@@ -89,10 +89,11 @@ type Subscription struct {
 	// split: the chunks of split batches that reached it (split_chain.go).
 	split splitChain
 
-	once sync.Once
-	done chan struct{}
-	mu   sync.Mutex
-	err  error
+	once    sync.Once
+	done    chan struct{}
+	stopped chan struct{} // closed by the mailbox after the end's running batch
+	mu      sync.Mutex
+	err     error
 }
 
 // Topic returns the subscribed topic.
@@ -108,6 +109,15 @@ func (s *Subscription) Group() string { return s.id.Group() }
 // Done is closed when the subscription ends: Unsubscribe, eviction, or Close
 // of its node.
 func (s *Subscription) Done() <-chan struct{} { return s.done }
+
+// Stopped is closed once the subscription has ended (Done) and its handler
+// has returned from its last call: no call is running and none will start.
+// Done closes at the end itself, while a call handed its message just
+// before may still run; wait on Stopped before releasing what the handler
+// uses. A handler that never returns keeps Stopped open, so wait with a
+// deadline, and never from the subscription's own handler, which would
+// wait for itself.
+func (s *Subscription) Stopped() <-chan struct{} { return s.stopped }
 
 // Err says why the subscription ended: nil while active and after
 // Unsubscribe; an error wrapping ErrEvicted after eviction; ErrClosed after
@@ -140,9 +150,12 @@ func (s *Subscription) end(err error) {
 		// batch running now (which still records its mark): work queued
 		// later sees the subscription done and records none. A handler
 		// that never returns keeps them counted, as it keeps the map.
+		// Work the mailbox runs after the batch running now, which holds
+		// the last handler call: none starts once done is closed.
 		s.mailbox.doUpTo(func() {
 			s.producers.forgetAll(s.node)
 			s.rerouted.forgetAll(s.node)
+			close(s.stopped)
 		}, 0)
 	})
 }
@@ -210,7 +223,7 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 		// handover that names the subscriber.
 		local += groupMark + cfg.group
 	}
-	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.self.ID, Local: local}, handler: h, done: make(chan struct{})}
+	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.self.ID, Local: local}, handler: h, done: make(chan struct{}), stopped: make(chan struct{})}
 	s.mailbox.limit = cfg.mailboxSize
 	s.mailbox.goroutines = &n.life.goroutines
 	// Registered locally first: the node is the source of truth, so a sync
@@ -246,7 +259,8 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // subscription is checked right before each handler call, so after the end
 // no message is handed to the handler; a call handed its message just
 // before may still be starting, as with a nats.go subscription: Unsubscribe
-// does not wait for the handler, which may be the caller. A
+// does not wait for the handler, which may be the caller (Stopped closes
+// once the handler has returned). A
 // consumer group's other members get the rest of its share. The
 // subscription is ended either way; the error (ErrTopicUnavailable,
 // ErrTimeout or ctx's) says the owner did not confirm: it forgets the
