@@ -89,11 +89,15 @@ type Subscription struct {
 	// split: the chunks of split batches that reached it (split_chain.go).
 	split splitChain
 
-	once    sync.Once
-	done    chan struct{}
-	stopped chan struct{} // closed by the mailbox after the end's running batch
-	mu      sync.Mutex
-	err     error
+	once sync.Once
+	done chan struct{}
+	mu   sync.Mutex
+	err  error
+	// stopped is made by the first Stopped call (most subscriptions never
+	// make one: a channel is about 100 bytes) and closed, under mu, by the
+	// mailbox after the end's running batch, which sets hasStopped.
+	stopped    chan struct{}
+	hasStopped bool
 }
 
 // Topic returns the subscribed topic.
@@ -117,7 +121,17 @@ func (s *Subscription) Done() <-chan struct{} { return s.done }
 // uses. A handler that never returns keeps Stopped open, so wait with a
 // deadline, and never from the subscription's own handler, which would
 // wait for itself.
-func (s *Subscription) Stopped() <-chan struct{} { return s.stopped }
+func (s *Subscription) Stopped() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped == nil {
+		s.stopped = make(chan struct{})
+		if s.hasStopped {
+			close(s.stopped)
+		}
+	}
+	return s.stopped
+}
 
 // Err says why the subscription ended: nil while active and after
 // Unsubscribe; an error wrapping ErrEvicted after eviction; ErrClosed after
@@ -155,7 +169,12 @@ func (s *Subscription) end(err error) {
 		s.mailbox.doUpTo(func() {
 			s.producers.forgetAll(s.node)
 			s.rerouted.forgetAll(s.node)
-			close(s.stopped)
+			s.mu.Lock()
+			s.hasStopped = true
+			if s.stopped != nil {
+				close(s.stopped)
+			}
+			s.mu.Unlock()
 		}, 0)
 	})
 }
@@ -223,7 +242,7 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 		// handover that names the subscriber.
 		local += groupMark + cfg.group
 	}
-	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.self.ID, Local: local}, handler: h, done: make(chan struct{}), stopped: make(chan struct{})}
+	s := &Subscription{node: n, topic: topic, id: SubscriberID{Node: n.self.ID, Local: local}, handler: h, done: make(chan struct{})}
 	s.mailbox.limit = cfg.mailboxSize
 	s.mailbox.goroutines = &n.life.goroutines
 	// Registered locally first: the node is the source of truth, so a sync
