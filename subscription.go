@@ -212,7 +212,8 @@ func (s *Subscription) releaseMailbox() {
 // when Subscribe then fails (its ctx ended before the answer came back,
 // behind a stalled route, say). Those deliveries count in their acks, as
 // h ran; after Subscribe returned the error, h may finish the message it
-// is handling but is given no other. A Subscribe that fails after its
+// is handling but is given no other (with no Subscription to wait on
+// Stopped, only the node's Close waits for that call). A Subscribe that fails after its
 // request left tells the owner to forget the subscriber, in one attempt it
 // does not wait for (a group member's is left for the next delivery to
 // find gone, so a group whose members all vanished stays reported).
