@@ -289,10 +289,15 @@ func probeOrderRound(t *testing.T, rng *rand.Rand, level, plainLevel pubsub.AckL
 			check("Q", s.i*3+j, s.ack, s.err, plainLevel)
 		}
 	}
+	// Handlers may still run (an AckNone message arriving late): the
+	// counts are read under the recorder's lock. Read without it, the
+	// race detector failed this soak once.
+	rec.mu.Lock()
 	for _, s := range stableSubs {
 		stats[fmt.Sprintf("got %s P", s)] = len(rec.got[s]["P"])
 		stats[fmt.Sprintf("got %s Q", s)] = len(rec.got[s]["Q"])
 	}
+	rec.mu.Unlock()
 	t.Logf("produced %d, plain calls %d; %v", len(futs), len(plainSent), stats)
 }
 
