@@ -95,10 +95,14 @@ type Subscription struct {
 	err  error
 	// stopped is made by the first Stopped call (most subscriptions never
 	// make one: a channel is about 100 bytes) and closed, under mu, by the
-	// mailbox after the end's running batch, which sets hasStopped.
-	stopped    chan struct{}
-	hasStopped bool
+	// mailbox after the end's running batch, which sets it to closedChan
+	// when no call made it.
+	stopped chan struct{}
 }
+
+// closedChan is the Stopped of a subscription that stopped before anyone
+// asked.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // Topic returns the subscribed topic.
 func (s *Subscription) Topic() string { return s.topic }
@@ -126,9 +130,6 @@ func (s *Subscription) Stopped() <-chan struct{} {
 	defer s.mu.Unlock()
 	if s.stopped == nil {
 		s.stopped = make(chan struct{})
-		if s.hasStopped {
-			close(s.stopped)
-		}
 	}
 	return s.stopped
 }
@@ -161,17 +162,18 @@ func (s *Subscription) end(err error) {
 		close(s.done)
 		s.releaseMailbox()
 		// Its marks go back to the node's budget on the mailbox, after the
-		// batch running now (which still records its mark): work queued
-		// later sees the subscription done and records none. A handler
-		// that never returns keeps them counted, as it keeps the map.
-		// Work the mailbox runs after the batch running now, which holds
-		// the last handler call: none starts once done is closed.
+		// batch running now (which still records its mark and holds the
+		// last handler call): work queued later sees the subscription done,
+		// records none and calls no handler, so Stopped closes here too. A
+		// handler that never returns keeps them counted, as it keeps the
+		// map, and Stopped open.
 		s.mailbox.doUpTo(func() {
 			s.producers.forgetAll(s.node)
 			s.rerouted.forgetAll(s.node)
 			s.mu.Lock()
-			s.hasStopped = true
-			if s.stopped != nil {
+			if s.stopped == nil {
+				s.stopped = closedChan
+			} else {
 				close(s.stopped)
 			}
 			s.mu.Unlock()
@@ -213,10 +215,11 @@ func (s *Subscription) releaseMailbox() {
 // behind a stalled route, say). Those deliveries count in their acks, as
 // h ran; after Subscribe returned the error, h may finish the message it
 // is handling but is given no other (with no Subscription to wait on
-// Stopped, only the node's Close waits for that call). A Subscribe that fails after its
-// request left tells the owner to forget the subscriber, in one attempt it
-// does not wait for (a group member's is left for the next delivery to
-// find gone, so a group whose members all vanished stays reported).
+// Stopped, only the node's Close waits for that call). A Subscribe that
+// fails after its request left tells the owner to forget the subscriber,
+// in one attempt it does not wait for (a group member's is left for the
+// next delivery to find gone, so a group whose members all vanished stays
+// reported).
 //
 // It fails with ErrInvalidTopic, ErrInvalidConfig (a nil h, an invalid
 // option), ErrClosed, ErrTopicUnavailable (no owner served the topic within
@@ -280,12 +283,12 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // no message is handed to the handler; a call handed its message just
 // before may still be starting, as with a nats.go subscription: Unsubscribe
 // does not wait for the handler, which may be the caller (Stopped closes
-// once the handler has returned). A
-// consumer group's other members get the rest of its share. The
-// subscription is ended either way; the error (ErrTopicUnavailable,
-// ErrTimeout or ctx's) says the owner did not confirm: it forgets the
-// subscriber when a delivery finds it gone. Unsubscribing an ended
-// subscription, or one whose node is closing, returns nil.
+// once the handler has returned). A consumer group's other members get the
+// rest of its share. The subscription is ended either way; the error
+// (ErrTopicUnavailable, ErrTimeout or ctx's) says the owner did not
+// confirm: it forgets the subscriber when a delivery finds it gone.
+// Unsubscribing an ended subscription, or one whose node is closing,
+// returns nil.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	n := s.node
 	if n.subscriber.remove(s.id.Local, "") == nil {

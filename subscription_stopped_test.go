@@ -2,6 +2,7 @@ package pubsub_test
 
 import (
 	"context"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,11 +20,19 @@ type blockingHandler struct {
 	calls   atomic.Int64
 	entered chan struct{}
 	release chan struct{}
+	once    sync.Once
 }
 
-func newBlockingHandler() *blockingHandler {
-	return &blockingHandler{entered: make(chan struct{}), release: make(chan struct{})}
+// newBlockingHandler returns a blocked handler that the test's cleanup
+// releases if the test has not (a failed assertion must not leave a
+// handler, and so the cluster's Close, blocked).
+func newBlockingHandler(t *testing.T) *blockingHandler {
+	b := &blockingHandler{entered: make(chan struct{}), release: make(chan struct{})}
+	t.Cleanup(b.unblock)
+	return b
 }
+
+func (b *blockingHandler) unblock() { b.once.Do(func() { close(b.release) }) }
 
 func (b *blockingHandler) handle(context.Context, *pubsub.Message) error {
 	if b.calls.Add(1) == 1 {
@@ -58,7 +67,7 @@ func isClosed(ch <-chan struct{}) bool {
 func TestStoppedClosesOnceTheRunningHandlerReturns(t *testing.T) {
 	c := newCluster(t, 2, 2)
 	topic := ownedBy(t, c.Nodes[1], "stopped")
-	h := newBlockingHandler()
+	h := newBlockingHandler(t)
 	s, err := c.Nodes[0].Subscribe(ctxT(t), topic, h.handle)
 	require.NoError(t, err)
 	assert.False(t, isClosed(s.Stopped()), "Stopped closed on a live subscription")
@@ -71,7 +80,7 @@ func TestStoppedClosesOnceTheRunningHandlerReturns(t *testing.T) {
 	require.NoError(t, s.Unsubscribe(ctxT(t)))
 	require.True(t, isClosed(s.Done()), "Done is closed when Unsubscribe returns")
 	assert.False(t, isClosed(s.Stopped()), "Stopped closed while the handler still runs")
-	close(h.release)
+	h.unblock()
 	testcluster.WaitFor(t, 10*time.Second, func() bool { return isClosed(s.Stopped()) }, "Stopped never closed after the handler returned")
 	assert.Equal(t, int64(1), h.calls.Load(), "a call started after the end")
 }

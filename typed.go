@@ -99,11 +99,7 @@ func (t *Topic[T]) Subscribe(ctx context.Context, h func(ctx context.Context, v 
 // one that returns an error, and the publisher's garbage must not count
 // towards the subscriber's eviction nor stop the rest of the batch.
 func decode[T any](c Codec[T], data []byte) (v T, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("codec %T panicked: %v", c, r)
-		}
-	}()
+	defer codecPanic(c, &err)
 	return c.Decode(data)
 }
 
@@ -112,12 +108,16 @@ func decode[T any](c Codec[T], data []byte) (v T, err error) {
 // as one that returns an error does, and the caller gets ErrInvalidMessage
 // rather than a panic out of Publish or Produce.
 func encode[T any](c Codec[T], v T) (data []byte, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			data, err = nil, fmt.Errorf("codec %T panicked: %v", c, r)
-		}
-	}()
+	defer codecPanic(c, &err)
 	return c.Encode(v)
+}
+
+// codecPanic, deferred by encode and decode, turns a panic of codec c into
+// *err.
+func codecPanic(c any, err *error) {
+	if r := recover(); r != nil {
+		*err = fmt.Errorf("codec %T panicked: %v", c, r)
+	}
 }
 
 // decodeError is a typed handler's report that its codec rejected a
