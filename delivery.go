@@ -243,13 +243,15 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	t.cancel = cancel
 	t.stop = context.AfterFunc(ctx, t.expire)
 	t.mu.Unlock()
-	// One Message per message for all of this node's subscribers: handlers
-	// see them read-only, so they can share them. Group members alone need
-	// only their shares: the owner's own members' are built from the
-	// unpacked batch without the rest.
-	var batch []Message
+	// One Message per message for all of this node's subscribers, in a
+	// leased slice (messageLease): handlers see them read-only, so they
+	// can share them. Group members alone need only their shares: the
+	// owner's own members' are built from the unpacked batch without the
+	// rest.
+	var lease *messageLease
 	if len(locals) > 0 || msgs.msgs.data == nil {
-		batch = msgs.messages(topic)
+		lease = msgs.messages(topic)
+		defer lease.release() // the hold taken here: each item takes its own
 	}
 	// Outcomes decided here, for the hooks, which run once the lock is
 	// released.
@@ -257,15 +259,21 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	var forgotShares, forgotSplits int // counted past the lock, as the hooks run
 	n.subscriber.mu.RLock()
 	for i := range count {
-		l, part := "", batch
+		// its holds the Messages subscriber i runs, once, for its mailbox
+		// item, which releases them when it has run.
+		var l string
+		var its *messageLease
 		if i < len(locals) {
-			l = locals[i]
+			l, its = locals[i], lease
+			its.hold()
 		} else {
 			sh := shares[i-len(locals)]
-			l, part = sh.local, msgs.shareMessages(topic, batch, sh.idx)
+			l, its = sh.local, msgs.shareMessages(topic, lease, sh.idx)
 		}
+		part := its.msgs
 		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {
+			its.release()
 			t.set(i, SubscriberGone)
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{SubscriberID{Node: n.self.ID, Local: l}, len(part), SubscriberGone})
@@ -281,7 +289,11 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 			// messages are equal: the positions tell them apart.
 			origin.at = positionsMark(shares[i-len(locals)].idx)
 		}
-		if member && s.refused.has(origin) || !s.mailbox.do(func() { s.handle(ctx, part, origin, msgs.seq, t, i, queued) }) {
+		if member && s.refused.has(origin) || !s.mailbox.do(func() {
+			s.handle(ctx, part, origin, msgs.seq, t, i, queued)
+			its.release()
+		}) {
+			its.release()
 			if member {
 				if s.refused.note(origin) {
 					forgotShares++

@@ -124,13 +124,13 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 	}
 	runs := n.mergeEarlyWithin("t", reqs, 1<<20)
 	require.Len(t, runs, 4)
-	got := runs[0].msgs.messages("t")
+	got := runs[0].msgs.messages("t").msgs
 	require.Len(t, got, 3)
 	assert.Equal(t, "3", string(got[2].Data))
 	assert.Equal(t, uint64(2), runs[0].msgs.origin.seq, "the run carries its last number")
 	assert.Equal(t, 1, runs[1].msgs.count)
 	assert.True(t, runs[2].msgs.withMeta)
-	assert.Equal(t, "4", string(runs[3].msgs.messages("t")[0].Data))
+	assert.Equal(t, "4", string(runs[3].msgs.messages("t").msgs[0].Data))
 	// The size limit splits runs too.
 	assert.Len(t, n.mergeEarlyWithin("t", reqs[:2], 4), 2)
 

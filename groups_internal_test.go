@@ -27,7 +27,7 @@ func TestSubsetSendsOnlyTheSharesMessages(t *testing.T) {
 			assert.Equal(t, [][]byte{[]byte("m0"), []byte("m3"), []byte("m4")}, sub.msgs.data)
 			assert.Equal(t, []share{{local: "a@g", idx: []uint32{0, 1}}, {local: "b@g", idx: []uint32{2}}}, moved)
 			assert.Equal(t, "n1", sub.publisher)
-			msgs := sub.messages("t")
+			msgs := sub.messages("t").msgs
 			assert.Equal(t, "m3", string(msgs[moved[0].idx[1]].Data))
 		})
 	}
@@ -64,7 +64,7 @@ func TestSubsetOfAKeyedBatch(t *testing.T) {
 			require.NoError(t, wire.ValidateMeta(got, uint32(sub.len())))
 			received, err := receivedPayload(nil, got, uint32(sub.len()))
 			require.NoError(t, err)
-			msgs := received.messages("t")
+			msgs := received.messages("t").msgs
 			require.Len(t, msgs, len(shares[0].idx))
 			for j, k := range shares[0].idx {
 				m := msgs[moved[0].idx[j]]
@@ -337,22 +337,31 @@ func TestShareMessagesTakeOnlyTheShare(t *testing.T) {
 	}
 
 	t.Run("from the unpacked batch, without decoding the rest", func(t *testing.T) {
-		assert.Equal(t, []Message{want(2), want(0)}, p.shareMessages("t", nil, []uint32{2, 0}))
+		got := p.shareMessages("t", nil, []uint32{2, 0})
+		assert.Equal(t, []Message{want(2), want(0)}, got.msgs)
+		got.release()
 	})
-	batch := p.messages("t")
-	t.Run("the whole batch in order is the batch itself", func(t *testing.T) {
-		got := p.shareMessages("t", batch, []uint32{0, 1, 2})
-		require.Len(t, got, 3)
-		assert.Same(t, &batch[0], &got[0], "the node's Messages, not a copy")
+	whole := p.messages("t")
+	batch := whole.msgs
+	t.Run("the whole batch in order is the batch itself, held once more", func(t *testing.T) {
+		got := p.shareMessages("t", whole, []uint32{0, 1, 2})
+		require.Same(t, whole, got, "the node's Messages, not a copy")
+		assert.Equal(t, int32(2), whole.refs.Load())
+		got.release()
 	})
 	t.Run("a part is a copy of its messages", func(t *testing.T) {
-		got := p.shareMessages("t", batch, []uint32{1, 2})
-		assert.Equal(t, []Message{want(1), want(2)}, got)
-		assert.NotSame(t, &batch[1], &got[0])
+		got := p.shareMessages("t", whole, []uint32{1, 2})
+		assert.Equal(t, []Message{want(1), want(2)}, got.msgs)
+		assert.NotSame(t, &batch[1], &got.msgs[0])
+		got.release()
 	})
 	t.Run("as many messages out of order are not the batch", func(t *testing.T) {
-		assert.Equal(t, []Message{want(2), want(1), want(0)}, p.shareMessages("t", batch, []uint32{2, 1, 0}))
+		got := p.shareMessages("t", whole, []uint32{2, 1, 0})
+		assert.Equal(t, []Message{want(2), want(1), want(0)}, got.msgs)
+		assert.NotSame(t, whole, got)
+		got.release()
 	})
+	assert.Equal(t, int32(1), whole.refs.Load(), "every share's hold was released")
 }
 
 // Whether a member's SubscriberGone re-routes its share depends on how it

@@ -96,10 +96,12 @@ func (p *payload) wire() ([]byte, bool) {
 	return p.packed, p.withMeta
 }
 
-// messages builds the Messages a node's subscribers share. A message
-// without key or header costs nothing more than its Message.
-func (p payload) messages(topic string) []Message {
-	batch := make([]Message, 0, p.len())
+// messages builds the Messages a node's subscribers share, in a leased
+// slice (messageLease) the caller holds once. A message without key or
+// header costs nothing more than its Message.
+func (p payload) messages(topic string) *messageLease {
+	lease := leaseMessages(p.len())
+	batch := lease.msgs
 	switch {
 	case p.msgs.data != nil && p.msgs.meta == nil:
 		for _, data := range p.msgs.data {
@@ -123,28 +125,35 @@ func (p payload) messages(topic string) []Message {
 	default:
 		wire.Each(p.packed, func(data []byte) { batch = append(batch, Message{Topic: topic, Data: data, Publisher: p.publisher}) })
 	}
-	return batch
+	lease.msgs = batch
+	return lease
 }
 
-// shareMessages returns the Messages of a group member's share, at idx:
-// batch itself when the share is all of it in order (a member's node is
-// sent only its members' messages), else taken from batch, or from p's
-// unpacked slices when batch is nil.
-func (p payload) shareMessages(topic string, batch []Message, idx []uint32) []Message {
-	if batch != nil && len(idx) == len(batch) && inOrder(idx) {
-		return batch
+// shareMessages returns the Messages of a group member's share, at idx,
+// held once for the caller: whole itself when the share is all of it in
+// order (a member's node is sent only its members' messages), else a
+// lease of their own, taken from whole, or from p's unpacked slices when
+// whole is nil.
+func (p payload) shareMessages(topic string, whole *messageLease, idx []uint32) *messageLease {
+	var batch []Message
+	if whole != nil {
+		batch = whole.msgs
 	}
-	part := make([]Message, len(idx))
-	for j, k := range idx {
+	if batch != nil && len(idx) == len(batch) && inOrder(idx) {
+		whole.hold()
+		return whole
+	}
+	part := leaseMessages(len(idx))
+	for _, k := range idx {
 		if batch != nil {
-			part[j] = batch[k]
+			part.msgs = append(part.msgs, batch[k])
 			continue
 		}
 		m := Message{Topic: topic, Data: p.msgs.data[k], Publisher: p.publisher}
 		if p.msgs.meta != nil {
 			m.Key, m.Header = p.msgs.meta[k].Key, p.msgs.meta[k].Header
 		}
-		part[j] = m
+		part.msgs = append(part.msgs, m)
 	}
 	return part
 }

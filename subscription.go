@@ -19,7 +19,10 @@ type Handler func(ctx context.Context, m *Message) error
 
 // Message is one delivered message. The subscribers of one node share it:
 // treat it, Data and Header as read-only (copy them to keep a changed
-// version). They are the handler's only while it runs: published on this
+// version). They are the handler's only while it runs. The *Message
+// itself is reused for a later batch once every handler of its batch on
+// this node has returned, so keep a copy of the struct (kept := *m), never
+// m, past the handler, or in a goroutine it starts. Published on this
 // node, Data and Header may be the publisher's own memory, which it may
 // reuse once its publish returned (or its producer's future completed), so
 // copy them (bytes.Clone) to keep them past the handler; received from
