@@ -12,8 +12,8 @@ import (
 // handler call that saw them has returned, the slice goes back to a pool
 // for a later batch: a fan-out of 2 000-message batches otherwise
 // allocates, zeroes and lets the garbage collector chase 160 KB per batch
-// on every node, which cost a quarter of the fan-out's throughput on two
-// cores (message_lease_test.go, README "Performance").
+// on every node (18% of the windowed fan-out's CPU profile; the local
+// burst ran 40-75% faster without it: README "Performance").
 //
 // Holders: deliverWithin while it queues the batch, then each mailbox item
 // that will run handlers on it, from before it is queued until the item has
