@@ -13,7 +13,7 @@ import (
 // for a later batch: a fan-out of 2 000-message batches otherwise
 // allocates, zeroes and lets the garbage collector chase 160 KB per batch
 // on every node (18% of the windowed fan-out's CPU profile; the local
-// burst ran 40-75% faster without it: README "Performance").
+// burst ran 46-78% faster without it: README "Performance").
 //
 // Holders: deliverWithin while it queues the batch, then each mailbox item
 // that will run handlers on it, from before it is queued until the item has
