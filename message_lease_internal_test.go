@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -20,7 +21,7 @@ func TestLeaseMessagesSizes(t *testing.T) {
 		{8192, 8192, true},
 		{8193, 8193, false},
 	} {
-		t.Run("", func(t *testing.T) {
+		t.Run(fmt.Sprintf("%d messages", tc.n), func(t *testing.T) {
 			l := leaseMessages(tc.n)
 			assert.Equal(t, 0, len(l.msgs))
 			assert.Equal(t, tc.capacity, cap(l.msgs))

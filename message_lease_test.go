@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -31,18 +32,13 @@ func testHandlerKeepsItsMessage(t *testing.T, opts []pubsub.SubscribeOption) {
 	const size, later = 300, 30 // 300 Messages, a member's share 100: pooled sizes
 
 	type snapshot struct {
-		m                     *pubsub.Message
-		topic, data, producer string
+		m                      *pubsub.Message
+		topic, data, publisher string
 	}
 	held := make(chan snapshot, 1)
 	release := make(chan struct{})
-	t.Cleanup(func() {
-		select {
-		case <-release:
-		default:
-			close(release)
-		}
-	})
+	unblock := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(unblock) // a failed assertion must not leave the handler, and Close, blocked
 	var slowCalls atomic.Int64
 	slow, err := c.Nodes[2].Subscribe(ctxT(t), topic, func(_ context.Context, m *pubsub.Message) error {
 		if slowCalls.Add(1) == 1 {
@@ -93,6 +89,6 @@ func testHandlerKeepsItsMessage(t *testing.T, opts []pubsub.SubscribeOption) {
 	assert.Equal(t, topic, first.m.Topic)
 	assert.Equal(t, first.data, string(first.m.Data), "the blocked handler's Message was reused for a later batch")
 	assert.Equal(t, c.Nodes[0].ID(), first.m.Publisher)
-	assert.Equal(t, first.producer, first.m.Publisher)
-	close(release)
+	assert.Equal(t, first.publisher, first.m.Publisher)
+	unblock()
 }
