@@ -187,7 +187,9 @@ const (
 	AckDelivered AckLevel = iota
 	// AckAccepted: the ack comes once the owner accepted the batch and
 	// handed it to its per-node sends. Delivered is 0 and Failures empty;
-	// failures still reach events, eviction and at-least-once retries.
+	// failures still reach events, eviction and at-least-once retries. The
+	// owner answers just ahead of those sends, in the same step, so a caller
+	// on the owner's own node may return before they are written to NATS.
 	AckAccepted
 	// AckNone: the call returns once the request is written to NATS, or
 	// queued on this node: on the topic's actor when this node owns the

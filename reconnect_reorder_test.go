@@ -1,6 +1,7 @@
 package pubsub_test
 
 import (
+	"bytes"
 	"context"
 	"net/url"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/natsutil"
 )
 
 // An owner's first send of a batch can genuinely arrive after its next
@@ -49,10 +51,23 @@ func TestFirstSendOvertakenAcrossAReconnectDoesNotEvict(t *testing.T) {
 	ack, err := owner.Publish(ctxT(t), topic, msg(0))
 	mustAccept(t, ack, err, 1)
 
+	// A watcher on server 0 sees batch 1 when server 0 has routed it. The
+	// owner's AckAccepted answer comes just before its sends are written, so
+	// neither the answer nor a flush of its connection proves that: batch 1
+	// written after the cut would take the new server's route first, or be
+	// lost with the old connection.
+	watchConn := c.Connect(t, 0)
+	watcher, err := watchConn.SubscribeSync(natsutil.NodeSubject(c.Prefix(), subNode.ID()))
+	require.NoError(t, err)
+	require.NoError(t, watchConn.Flush())
 	c.StallRoute(0, 2)
 	_, err = owner.PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: msg(1)}}, pubsub.WithAck(pubsub.AckAccepted))
 	require.NoError(t, err)
-	require.NoError(t, nc.Flush()) // server 0 took batch 1: it waits on the stalled route
+	for routed := false; !routed; { // server 0 took batch 1: it waits on the stalled route
+		m, err := watcher.NextMsg(5 * time.Second)
+		require.NoError(t, err, "server 0 never saw batch 1")
+		routed = bytes.Contains(m.Data, msg(1))
+	}
 	link.Cut()
 	testcluster.WaitFor(t, 5*time.Second, func() bool { return nc.IsConnected() && nc.ConnectedUrl() == c.Servers.Servers[1].ClientURL() },
 		"the owner's connection did not fail over to server 1")
