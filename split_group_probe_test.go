@@ -359,6 +359,7 @@ func TestSplitBatchEarlyAnswersThenFullMailboxes(t *testing.T) {
 	end := r.endMarker(t)
 	t.Logf("end %+v; B %v X %v Y %v", end, r.of("B"), r.of("X"), r.of("Y"))
 	r.waitRan(t, count, "X", "Y")
+	r.waitRan(t, 2, "B") // chunk 1 runs once chunk 0's handler returns, on B's own schedule
 	assert.Equal(t, []string{splitTag(0), splitTag(1)}, r.of("B"), "B: chunk 0 running, chunk 1 queued, then MailboxFull and skipped")
 	for i := range count {
 		assert.Equal(t, 1, r.groupRuns("X", "Y")[splitTag(i)], "group runs of %s: X %v Y %v", splitTag(i), r.of("X"), r.of("Y"))
