@@ -156,7 +156,7 @@ const (
 	// OutOfOrder: the subscriber had already received a later batch of the
 	// same BatchingProducer (this one was redirected or retried), so it was
 	// dropped to keep the producer's order (a retried copy of a batch a
-	// subscriber ran, among the last eight it ran of the producer, is
+	// subscriber ran, among the last four it ran of the producer, is
 	// Delivered: it ran once; not for a group member, whose share may
 	// differ between attempts); or, for a chunk of a split
 	// batch, it did not run an earlier chunk. Not the subscriber's fault: it

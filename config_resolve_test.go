@@ -98,7 +98,7 @@ func TestProducerConfigResolve(t *testing.T) {
 		assert.Equal(t, time.Duration(0), c.Linger)
 		assert.Equal(t, 100_000, c.MaxQueueSize)
 		assert.Equal(t, 11*time.Second, c.PublishTimeout)
-		assert.Equal(t, 8, c.MaxInFlight)
+		assert.Equal(t, 4, c.MaxInFlight)
 		require.NotNil(t, c.OnPublishError)
 		assert.Equal(t, FailBatchAndStop, c.OnPublishError(1, errors.New("x")))
 	})
@@ -136,7 +136,7 @@ func TestProducerConfigResolve(t *testing.T) {
 		{"Linger", ProducerConfig{Linger: -time.Millisecond}, "Linger -1ms is negative; use 0 for the default (0s, no wait)"},
 		{"MaxQueueSize", ProducerConfig{MaxQueueSize: -1}, "MaxQueueSize -1 is negative; use 0 for the default (100000 messages)"},
 		{"PublishTimeout", ProducerConfig{PublishTimeout: -time.Second}, "PublishTimeout -1s is negative; use 0 for the default (3s for this publisher)"},
-		{"MaxInFlight", ProducerConfig{MaxInFlight: -2}, "MaxInFlight -2 is negative; use 0 for the default (8 batches)"},
+		{"MaxInFlight", ProducerConfig{MaxInFlight: -2}, "MaxInFlight -2 is negative; use 0 for the default (4 batches)"},
 	} {
 		t.Run("invalid "+tt.name, func(t *testing.T) {
 			err := tt.cfg.resolve(limited)

@@ -67,10 +67,10 @@ type rrStart struct {
 const maxRRStarts = 256
 
 // maxRRBatches is how many batches (chunks of a split batch counting
-// each) groupRoute.starts remembers per producer: 8 in flight
+// each) groupRoute.starts remembers per producer: 4 in flight
 // (DefaultMaxInFlight) split in up to 4 chunks each. A retry of an older
 // one is assigned anew.
-const maxRRBatches = 4 * DefaultMaxInFlight
+const maxRRBatches = 16
 
 // keySlots is the number of slots keys hash to: a keyed message goes to the
 // member ranking highest for its slot (rendezvous hashing over the members),

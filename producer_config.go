@@ -87,11 +87,10 @@ type ProducerConfig struct {
 	// concurrent calls could be reordered. At any value a subscriber never
 	// handles a producer's batch after a later one: a late retried copy is
 	// dropped and reported OutOfOrder in its ack's Failures (Delivered by a
-	// subscriber that ran the first copy, among the last eight batches of
-	// the producer it ran; not a group member). Default: 8 batches
-	// (DefaultMaxInFlight; it was 1 until 4 measured faster for every
-	// producer scenario, and 4 until 8 measured faster for windowed and
-	// consumer-group producers).
+	// subscriber that ran the first copy, among the last four batches of
+	// the producer it ran; not a group member). Default: 4
+	// batches (DefaultMaxInFlight; it was 1 until 4 measured faster for
+	// every producer scenario).
 	MaxInFlight int
 	// OnPublishError decides what happens to a batch whose publish attempt
 	// failed: attempt counts the failed attempts of that batch, from 1; err
@@ -115,7 +114,7 @@ const (
 	DefaultBatchSize     = 2000           // messages per batch
 	DefaultMaxBatchBytes = 1<<20 - 64<<10 // bytes per batch when the publisher has no MaxMessageSize
 	DefaultMaxQueueSize  = 100_000        // queued messages
-	DefaultMaxInFlight   = 8              // batches in flight
+	DefaultMaxInFlight   = 4              // batches in flight
 )
 
 // DefaultPublishTimeout (11s) is PublishTimeout's default for a Publisher

@@ -83,7 +83,7 @@ func TestProducerConfigValidation(t *testing.T) {
 	p := newTestProducer(t, mp, ProducerConfig{})
 	c := p.cfg
 	if c.BatchSize != 2000 || c.MaxBatchBytes != 1<<20-64<<10 || c.Linger != 0 || c.MaxQueueSize != 100_000 ||
-		c.PublishTimeout != DefaultPublishTimeout || c.MaxInFlight != 8 {
+		c.PublishTimeout != DefaultPublishTimeout || c.MaxInFlight != 4 {
 		t.Errorf("defaults = %+v", c)
 	}
 	if c.OnPublishError == nil || c.OnPublishError(1, errors.New("x")) != FailBatchAndStop {

@@ -32,7 +32,7 @@ type refusedShares struct {
 // chunks). maxRefusedProducers bounds the producers; past it one is
 // forgotten.
 const (
-	maxRefusedShares    = 4 * DefaultMaxInFlight // MaxInFlight batches split in up to 4 chunks each
+	maxRefusedShares    = 16
 	maxRefusedProducers = 256
 )
 

@@ -204,7 +204,7 @@ func run() int {
 	}
 	fmt.Printf("sub     auditor %-24s group=%q\n", auditor.ID(), auditor.Group())
 
-	// 6. The producer, on node-c, with up to 8 batches in flight (still
+	// 6. The producer, on node-c, with up to 4 batches in flight (still
 	// delivered in produce order).
 	producer, err := pubsub.NewBatchingProducer(nodes[2], topic, pubsub.ProducerConfig{})
 	if err != nil {

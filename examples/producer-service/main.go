@@ -122,7 +122,7 @@ func run() int {
 	}
 	fmt.Printf("ready   %v, producing %d msg/s to %q\n", ids, *rate, *topic)
 
-	// 5. The producer: a batch waits up to 5ms to fill up, and up to 8 are
+	// 5. The producer: a batch waits up to 5ms to fill up, and up to 4 are
 	// in flight at once (the default MaxInFlight; still delivered in
 	// order). A failed attempt (a timeout, the topic's owner moving) is
 	// retried after 100ms; after the 5th failed attempt the batch's futures

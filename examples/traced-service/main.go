@@ -231,7 +231,7 @@ func run() int {
 	}
 
 	// 5. The publisher: the same topic on checkout, and a TypedProducer over
-	// it with up to 8 batches in flight (still delivered in order).
+	// it with up to 4 batches in flight (still delivered in order).
 	orders, err := pubsub.NewTopic(checkout, "orders", pubsub.JSONCodec[Order]())
 	if err != nil {
 		return fail("topic on %s: %v", checkout.ID(), err)
