@@ -70,7 +70,7 @@ const maxRRStarts = 256
 // each) groupRoute.starts remembers per producer: 4 in flight
 // (DefaultMaxInFlight) split in up to 4 chunks each. A retry of an older
 // one is assigned anew.
-const maxRRBatches = 16
+const maxRRBatches = 4 * DefaultMaxInFlight
 
 // keySlots is the number of slots keys hash to: a keyed message goes to the
 // member ranking highest for its slot (rendezvous hashing over the members),

@@ -90,21 +90,24 @@ func TestProducerIntegrationBlockWhenFullQueuesAWholeBurst(t *testing.T) {
 func TestProducerIntegrationMaxInFlightKeepsOrder(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	// The owner on the producer's node (local fast path) and on another
-	// node (over NATS): batches must not overtake each other on either.
-	for _, owner := range []int{0, 1} {
-		t.Run(fmt.Sprintf("owner=n%d", owner), func(t *testing.T) {
-			rec := newRecorder()
-			topic := ownedBy(t, c.Nodes[owner], "producer-inflight")
-			const n = 10_000
-			var subs []*pubsub.Subscription
-			for _, node := range c.Nodes {
-				subs = append(subs, subscribe(t, node, topic, rec.handler))
-			}
-			// Small batches of varying size, so that many are in flight and
-			// a small one could overtake a big one.
-			produceAll(t, c.Nodes[0], topic, n, len(subs), pubsub.ProducerConfig{MaxInFlight: 4, BatchSize: 150})
-			checkInOrder(t, rec, subs, n)
-		})
+	// node (over NATS): batches must not overtake each other on either, at
+	// the default MaxInFlight (0: DefaultMaxInFlight) or four times that.
+	for _, inFlight := range []int{0, 4 * pubsub.DefaultMaxInFlight} {
+		for _, owner := range []int{0, 1} {
+			t.Run(fmt.Sprintf("inflight=%d/owner=n%d", inFlight, owner), func(t *testing.T) {
+				rec := newRecorder()
+				topic := ownedBy(t, c.Nodes[owner], fmt.Sprintf("producer-inflight-%d", inFlight))
+				const n = 10_000
+				var subs []*pubsub.Subscription
+				for _, node := range c.Nodes {
+					subs = append(subs, subscribe(t, node, topic, rec.handler))
+				}
+				// Small batches of varying size, so that many are in flight and
+				// a small one could overtake a big one.
+				produceAll(t, c.Nodes[0], topic, n, len(subs), pubsub.ProducerConfig{MaxInFlight: inFlight, BatchSize: 150})
+				checkInOrder(t, rec, subs, n)
+			})
+		}
 	}
 }
 

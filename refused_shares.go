@@ -32,7 +32,7 @@ type refusedShares struct {
 // chunks). maxRefusedProducers bounds the producers; past it one is
 // forgotten.
 const (
-	maxRefusedShares    = 16
+	maxRefusedShares    = 4 * DefaultMaxInFlight // MaxInFlight batches split in up to 4 chunks each
 	maxRefusedProducers = 256
 )
 

@@ -160,10 +160,10 @@ type producerMark struct {
 // depends on the attempt) ran to the end, newest first; 0 is none. A
 // copy of one of them arriving after a later batch (its publisher retried
 // it, the first answer lost) is answered Delivered rather than OutOfOrder.
-// Four cover the default MaxInFlight's batches; an older copy is answered
-// OutOfOrder, as every late copy was before (it then claims less than
-// happened, never more).
-type ranBatches [4]uint64
+// They cover the default MaxInFlight's batches (4 of them: 32 bytes a
+// mark); an older copy is answered OutOfOrder, as every late copy was
+// before (it then claims less than happened, never more).
+type ranBatches [DefaultMaxInFlight]uint64
 
 func (r *ranBatches) add(seq uint64) {
 	copy(r[1:], r[:len(r)-1])
