@@ -2,8 +2,11 @@ package pubsub
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -77,29 +80,60 @@ func TestUnknownRemoteStatusIsHandlerError(t *testing.T) {
 	assert.Equal(t, []DeliveryStatus{Delivered, DecodeError, HandlerError, HandlerError, HandlerError}, st)
 }
 
-// An AckNone publish to a topic this node owns queues on its actor without
-// anyone waiting: past the actor's bound it is refused with ErrQueueFull,
-// not queued without end.
-func TestAckNoneLocalQueueIsBounded(t *testing.T) {
-	n := &Node{self: Member{ID: "a", Incarnation: 1}}
-	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
-	defer n.life.cancel()
-	n.events = newEventStream(n.self.ID)
-	n.members.views.cur.Store(newView(1, []Member{n.self}))
-	n.owner.init(n)
-	release := make(chan struct{})
-	n.owner.onActor("t", false, func(*topicActor) { <-release }) // keeps the actor busy
-	req := readinessProbe{from: n.selfRef(), topic: "t"}
-	var err error
-	for i := 0; i <= maxActorQueue && err == nil; i++ {
-		_, err = n.askLocal(t.Context(), "t", req, func() {}, true)
+// A request of this node's own to a topic it owns queues on the topic's
+// actor: past the actor's bound it is refused with ErrQueueFull, counted,
+// not queued without end. Both kinds of call: an AckNone publish, which
+// nobody waits for, and one that waits for the answer (regression: that
+// one was unbounded, and a call whose ctx ends returns while its request
+// stays queued, so a loop of short-lived calls to a stalled actor grew the
+// queue without limit).
+func TestLocalActorQueueIsBounded(t *testing.T) {
+	for _, noAnswer := range []bool{true, false} {
+		t.Run(fmt.Sprintf("noAnswer=%v", noAnswer), func(t *testing.T) {
+			n := &Node{self: Member{ID: "a", Incarnation: 1}}
+			n.log.Logger = slog.New(slog.DiscardHandler)
+			n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+			defer n.life.cancel()
+			n.events = newEventStream(n.self.ID)
+			n.members.views.cur.Store(newView(1, []Member{n.self}))
+			n.owner.init(n)
+			running, release := make(chan struct{}), make(chan struct{})
+			n.owner.onActor("t", false, func(*topicActor) { close(running); <-release }) // keeps the actor busy
+			<-running
+			req := readinessProbe{from: n.selfRef(), topic: "t"}
+			if noAnswer {
+				var err error
+				for i := 0; i <= maxActorQueue && err == nil; i++ {
+					_, err = n.askLocal(t.Context(), "t", req, func() {}, true)
+				}
+				require.ErrorIs(t, err, ErrQueueFull)
+			} else {
+				// Requests whose callers gave up, as a loop with a short
+				// ctx leaves them, fill the queue.
+				for range maxActorQueue {
+					require.True(t, n.owner.onActor("t", true, func(*topicActor) {}))
+				}
+				ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second) // queued, it would wait for the stalled actor
+				defer cancel()
+				_, err := n.askLocal(ctx, "t", req, func() {}, false)
+				require.ErrorIs(t, err, ErrQueueFull)
+				assert.ErrorContains(t, err, "retry")
+			}
+			assert.Equal(t, uint64(1), n.stats.refused.Load())
+			drain := func() { // returns once the actor ran what it held
+				drained := make(chan struct{})
+				n.owner.onActor("t", false, func(*topicActor) { close(drained) })
+				<-drained
+			}
+			close(release)
+			drain()
+			// The actor has room again: a waiting call is answered.
+			ans, err := n.askLocal(t.Context(), "t", req, func() {}, false)
+			require.NoError(t, err)
+			assert.NotZero(t, ans.viewID)
+			drain() // the actor's goroutine ends before the test does
+		})
 	}
-	close(release)
-	drained := make(chan struct{})
-	n.owner.onActor("t", false, func(*topicActor) { close(drained) })
-	<-drained // the actor's goroutine ends before the test does
-	require.ErrorIs(t, err, ErrQueueFull)
-	assert.Equal(t, uint64(1), n.stats.refused.Load())
 }
 
 // Consecutive early-ack publishes of one publisher are served as one batch;

@@ -165,8 +165,7 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 			answered = func(ans ownerAnswer) { n.ackNoneAnswered(topic, int(p.wire.GetCount()), ans.code) }
 		}
 		if !n.owner.onActor(topic, true, func(a *topicActor) { req.runLocal(a, answered) }) {
-			n.stats.refused.Add(1)
-			return ownerAnswer{}, fmt.Errorf("%w: the topic's actor on this node holds %d requests", ErrQueueFull, maxActorQueue)
+			return ownerAnswer{}, n.refusedLocally(topic)
 		}
 		queued()
 		return ownerAnswer{code: wire.Reply_OK, ack: PublishAck{Topic: topic, Status: Accepted}}, nil
@@ -176,8 +175,13 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 		// would pick either, and a call with a dead ctx sometimes ran.
 		return ownerAnswer{}, err
 	}
+	// Bounded too: a call whose ctx ends returns, but its request stays
+	// queued until the actor runs it, so a loop of short-lived calls to a
+	// stalled actor would otherwise queue without end.
 	ch := make(chan ownerAnswer, 1)
-	n.owner.onActor(topic, false, func(a *topicActor) { req.runLocal(a, func(ans ownerAnswer) { ch <- ans }) })
+	if !n.owner.onActor(topic, true, func(a *topicActor) { req.runLocal(a, func(ans ownerAnswer) { ch <- ans }) }) {
+		return ownerAnswer{}, n.refusedLocally(topic)
+	}
 	queued()
 	select {
 	case ans := <-ch:
@@ -187,6 +191,16 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 	case <-n.life.ctx.Done():
 		return ownerAnswer{}, errClosedInFlight
 	}
+}
+
+// refusedLocally counts and logs a request of this node's own that its
+// topic's actor had no room for, and returns the error its call gets.
+func (n *Node) refusedLocally(topic string) error {
+	n.stats.refused.Add(1)
+	if ok, held := n.log.limit.allow("refused"); ok {
+		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "suppressed", held)
+	}
+	return fmt.Errorf("%w: the actor of topic %q on this node holds %d requests; wait for earlier calls to return, then retry", ErrQueueFull, topic, maxActorQueue)
 }
 
 // tellRemote writes a request to a remote owner without a reply subject:
