@@ -117,15 +117,21 @@ func (n *Node) publishEnvelope(subject string, env *wire.Envelope) {
 	}
 }
 
-// checkInboxDrops surfaces messages NATS dropped on the inbox because the
-// node fell behind (slow consumer). The owners of the dropped deliveries see
-// them as timeouts; this makes the cause visible.
+// checkInboxDrops surfaces messages NATS dropped on the node's
+// subscriptions because it fell behind (slow consumer): deliveries and
+// requests on its inbox (their senders see timeouts), replies to its own
+// requests (those calls time out), and heartbeats (peers may be suspected).
+// This makes the cause visible; the counts are NATS's own, cumulative.
 func (n *Node) checkInboxDrops() {
-	d, err := n.life.inboxSub.Dropped()
-	if err != nil {
+	inbox, err1 := n.life.inboxSub.Dropped()
+	replies, err2 := n.rpc.sub.Dropped()
+	beats, err3 := n.members.sub.Dropped()
+	if err1 != nil || err2 != nil || err3 != nil { // closed: the totals stand
 		return
 	}
-	if prev := n.stats.inboxDropped.Swap(uint64(d)); uint64(d) > prev {
-		n.log.Warn("inbox dropped messages: slow consumer", "dropped", uint64(d)-prev, "total", d)
+	d := uint64(inbox) + uint64(replies) + uint64(beats)
+	if prev := n.stats.inboxDropped.Swap(d); d > prev {
+		n.log.Warn("subscription dropped messages: slow consumer", "dropped", d-prev, "total", d,
+			"inbox_total", inbox, "replies_total", replies, "heartbeats_total", beats)
 	}
 }

@@ -59,7 +59,13 @@ func newRPC(nc *nats.Conn) (*rpc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pubsub: reply subscription: %w", err)
 	}
-	_ = sub.SetPendingLimits(-1, -1) // replies are bounded by what we sent
+	// Replies are about as many as the requests in flight, but anyone who
+	// can publish to the prefix could send more: bounded as the inbox is,
+	// a drop counted with the inbox's (Node.checkInboxDrops).
+	if err := sub.SetPendingLimits(inboxPendingMsgs, inboxPendingBytes); err != nil {
+		_ = sub.Unsubscribe()
+		return nil, fmt.Errorf("pubsub: reply subscription: %w", err)
+	}
 	r.sub = sub
 	return r, nil
 }

@@ -2,14 +2,17 @@ package pubsub
 
 import (
 	"errors"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
+	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
 // pendingForTest registers a call on r as send does, without NATS, and
@@ -109,4 +112,38 @@ func TestRPCSweepUntilSweepsEveryStep(t *testing.T) {
 	r.laterMu.Lock()
 	defer r.laterMu.Unlock()
 	assert.Nil(t, r.laterTimer, "close leaves the sweep timer running")
+}
+
+// Regression (review): the reply subscription had no pending limits
+// ("replies are bounded by what we sent"), but anyone who can publish to
+// the node's inbox prefix can send replies nobody asked for, and NATS
+// would queue them without end. It is bounded as the inbox is, and what
+// NATS drops there is counted with the inbox's drops (Stats.InboxDropped).
+func TestReplyFloodIsBoundedAndCounted(t *testing.T) {
+	s, err := embedded.StartServer()
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() }) // after the node's Close
+	n := joinWithForTest(t, s.ClientURL(), "n")
+	msgs, bytes, err := n.rpc.sub.PendingLimits()
+	require.NoError(t, err)
+	assert.Equal(t, inboxPendingMsgs, msgs)
+	assert.Equal(t, inboxPendingBytes, bytes)
+
+	// A limit lowered so that a short flood overflows it, as a long one
+	// overflows the real one.
+	require.NoError(t, n.rpc.sub.SetPendingLimits(1, 1<<20))
+	raw, err := nats.Connect(s.ClientURL())
+	require.NoError(t, err)
+	defer raw.Close()
+	for i := range 20_000 {
+		require.NoError(t, raw.Publish(n.rpc.prefix+strconv.FormatUint(uint64(1<<40+i), 36), []byte("forged")))
+	}
+	require.NoError(t, raw.Flush())
+	waitForTest(t, "the reply subscription's drops in Stats", func() bool {
+		n.checkInboxDrops()
+		return n.Stats().InboxDropped > 0
+	})
+	dropped, err := n.rpc.sub.Dropped()
+	require.NoError(t, err)
+	assert.Positive(t, dropped)
 }

@@ -24,7 +24,7 @@ type Stats struct {
 	Rejected          uint64                    // messages this node rejected as publisher, per call or attempt (a producer's retried attempt counts each time)
 	Evictions         uint64                    // subscribers this node evicted as owner
 	Malformed         uint64                    // malformed messages dropped
-	InboxDropped      uint64                    // inbox messages NATS dropped (slow consumer)
+	InboxDropped      uint64                    // messages NATS dropped (slow consumer) on the node's inbox, reply and membership subscriptions
 	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
 	// SettingsMismatches counts peers heard running a PartitionPolicy
 	// other than this node's, or heartbeating too seldom for its
