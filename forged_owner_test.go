@@ -95,3 +95,22 @@ func TestOwnerAnswersThatCannotBeReadWrapASentinel(t *testing.T) {
 		})
 	}
 }
+
+// Regression (review): a member answering the sync pull with a page that
+// does not move past the cursor it was asked for (a broken or foreign
+// member) had the puller ask for the same page, and keep it, for as long
+// as the view lasted: memory without bound. The pull now stops there,
+// keeps the pages before it, and counts the page as malformed.
+func TestSyncPullStopsAtAPageThatDoesNotAdvance(t *testing.T) {
+	page, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Reply{Reply: &wire.Reply{Code: wire.Reply_OK, Sync: &wire.Sync{
+		From: &wire.MemberRef{NodeId: "zz-fake", Incarnation: 1}, More: true,
+		Topics: []*wire.TopicSubscribers{{Topic: "same-page", Subscribers: []string{"s1"}}},
+	}}}})
+	require.NoError(t, err)
+	c := newCluster(t, 1, 1)
+	n := c.Nodes[0]
+	fakeOwner(t, c, "zz-fake", page)
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(n.Members()) == 2 }, "the fake member never joined the view")
+	testcluster.WaitFor(t, 5*time.Second, func() bool { return n.Stats().Malformed > 0 }, "the pull never stopped at the repeated page")
+	servesEveryone(t, c, 3*time.Second)
+}

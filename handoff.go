@@ -34,14 +34,25 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 		if ctx.Err() != nil {
 			return
 		}
-		topics = append(topics, page.GetTopics()...)
 		last := page.GetTopics()
 		if !page.GetMore() || len(last) == 0 || len(last[len(last)-1].GetSubscribers()) == 0 {
-			r.applyPulled(v, m, topics)
+			r.applyPulled(v, m, append(topics, last...))
 			return
 		}
 		t := last[len(last)-1]
-		req.AfterTopic, req.AfterSubscriber = t.GetTopic(), t.GetSubscribers()[len(t.GetSubscribers())-1]
+		topic, subscriber := t.GetTopic(), t.GetSubscribers()[len(t.GetSubscribers())-1]
+		if compareEntries([2]string{topic, subscriber}, [2]string{req.AfterTopic, req.AfterSubscriber}) <= 0 {
+			// Pages come sorted after the cursor (syncPage): one that
+			// does not move it would have this loop ask for the same
+			// page, and keep it, for as long as the view lasts.
+			n.stats.malformed.Add(1)
+			n.log.Warn("sync pull: a page that does not advance past the last one; keeping the pages before it", "member", m.ID,
+				"after_topic", req.AfterTopic, "after_subscriber", req.AfterSubscriber)
+			r.applyPulled(v, m, topics)
+			return
+		}
+		topics = append(topics, last...)
+		req.AfterTopic, req.AfterSubscriber = topic, subscriber
 	}
 }
 
