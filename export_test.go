@@ -73,3 +73,7 @@ func (n *Node) ExpireKeptCopiesForTest() {
 // KeptCopiesForTest returns the number of copies the node keeps and their
 // bytes.
 func (n *Node) KeptCopiesForTest() (copies, bytes int) { return n.publisher.kept.held() }
+
+// SetOwnerInflightBudgetForTest lowers the bytes of accepted, unsettled
+// batches the node holds as owner before it refuses publishes.
+func (n *Node) SetOwnerInflightBudgetForTest(bytes int64) { n.owner.budget.Store(bytes) }

@@ -213,6 +213,7 @@ type pendingBatch struct {
 	// reconnects: the connection's reconnect count when the batch was
 	// numbered; a first send's behind is believed only while it holds.
 	reconnects uint64
+	bytes      int64 // the messages' size, counted in the owner's in-flight budget
 }
 
 type subscriberOutcome struct {
@@ -332,6 +333,7 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	a.s.do(func() {
 		a.inflight--
 		a.n.owner.inflight.Add(-1)
+		a.n.owner.inflightBytes.Add(-b.bytes)
 		a.account(b.outcomes)
 	})
 	a.n.emitAccepted(b.ack)

@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"maps"
 	"slices"
 	"sync"
@@ -20,6 +21,10 @@ type ownerSide struct {
 	seqFloor uint64 // the highest batch number of a collected actor
 	registry syncRegistry
 	inflight atomic.Int64 // accepted batches not yet answered, for a draining Close
+	// inflightBytes is what the inflight batches hold; budget bounds it
+	// (maxOwnerInflightBytes; tests lower it).
+	inflightBytes atomic.Int64
+	budget        atomic.Int64
 	// queued counts publish requests from the inbox from before the drain
 	// check until their actor took them (then inflight counts them): a
 	// draining Close waits for both, or a request that passed the check
@@ -30,6 +35,7 @@ type ownerSide struct {
 func (o *ownerSide) init(n *Node) {
 	o.n = n
 	o.topics = make(map[string]*topicActor)
+	o.budget.Store(maxOwnerInflightBytes)
 	o.registry.init(n)
 	o.registry.reset(n.view(), nil, viewChange{})
 }
@@ -58,6 +64,38 @@ func (o *ownerSide) actor(topic string) *topicActor {
 		o.topics[topic] = a
 	}
 	return a
+}
+
+// maxOwnerInflightBytes and maxOwnerInflightBatches bound the batches a
+// node accepted as owner and has not settled: an AckAccepted or AckNone
+// publish is answered at once, so a publisher goes on while a node that
+// does not report (a stalled route) holds each delivery until
+// SubscriberTimeout; without a bound the owner would hold publish rate x
+// SubscriberTimeout of messages. Past either, publishes are refused
+// (NOT_READY: publishers retry within RequestTimeout) until deliveries
+// settle.
+const (
+	maxOwnerInflightBytes   = 256 << 20
+	maxOwnerInflightBatches = 1 << 16
+)
+
+// admits reports whether a batch of size bytes fits the in-flight budget.
+// One batch is always admitted when nothing is in flight, however large.
+func (o *ownerSide) admits(size int) bool {
+	held := o.inflightBytes.Load()
+	return held == 0 || (held+int64(size) <= o.budget.Load() && o.inflight.Load() < maxOwnerInflightBatches)
+}
+
+// refuseOverBudget counts and logs a batch refused for the in-flight
+// budget, and returns the reason its publisher is told.
+func (n *Node) refuseOverBudget(topic string) string {
+	n.stats.refused.Add(1)
+	held, batches := n.owner.inflightBytes.Load(), n.owner.inflight.Load()
+	if ok, suppressed := n.log.limit.allow("refused/inflight"); ok {
+		n.log.Warn("publish refused: deliveries in flight over budget (subscriber nodes not reporting?)", "topic", topic,
+			"inflight_bytes", held, "inflight_batches", batches, "limit_bytes", n.owner.budget.Load(), "limit_batches", maxOwnerInflightBatches, "suppressed", suppressed)
+	}
+	return fmt.Sprintf("its deliveries in flight hold %d bytes in %d batches, over its budget (%d bytes, %d batches) until subscriber nodes report", held, batches, n.owner.budget.Load(), maxOwnerInflightBatches)
 }
 
 // maxActorQueue bounds the requests from other nodes waiting for one topic

@@ -23,10 +23,13 @@ type ownerAnswer struct {
 	// at the publisher's deadline before their node reported
 	// (answerEarly): their delivery goes on.
 	unreported map[SubscriberID]bool
+	// reason says why a refusal (NOT_READY) was given, when it is not
+	// the usual one (the owner not ready for the topic yet).
+	reason string
 }
 
 func (ans ownerAnswer) wire() *wire.Reply {
-	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID, Owner: ans.owner}
+	rep := &wire.Reply{Code: ans.code, ViewId: ans.viewID, Owner: ans.owner, Error: ans.reason}
 	if ans.code == wire.Reply_OK {
 		rep.Ack = ackToWire(ans.ack)
 		for i, f := range ans.ack.Failures {
@@ -64,7 +67,7 @@ func countsFromWire(counts map[string]uint32) map[string]int {
 
 // answerFromWire decodes a remote owner's answer.
 func answerFromWire(topic string, rep *wire.Reply) ownerAnswer {
-	ans := ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner()}
+	ans := ownerAnswer{code: rep.GetCode(), viewID: rep.GetViewId(), owner: rep.GetOwner(), reason: rep.GetError()}
 	if rep.GetCode() == wire.Reply_OK {
 		ans.ack = ackFromWire(topic, rep.GetAck())
 		for _, f := range rep.GetAck().GetFailures() {

@@ -107,6 +107,8 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			// as long as that batch's delivery.
 			last = fmt.Sprintf("owner %s holds the batch until the producer's previous one settles", owner.ID)
 			deadline = start.Add(max(n.cfg.RequestTimeout, o.wait))
+		case err == nil && ans.reason != "":
+			last = fmt.Sprintf("owner %s answered %s: %s", owner.ID, ans.code, ans.reason)
 		case err == nil:
 			last = fmt.Sprintf("owner %s answered %s", owner.ID, ans.code)
 		case err == errNoOwner:

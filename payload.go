@@ -75,6 +75,18 @@ type batchSeq struct {
 	seq   uint64
 }
 
+// bytes is the size of the messages, as a budget counts them.
+func (p payload) bytes() int {
+	if p.packed != nil {
+		return len(p.packed)
+	}
+	size := 0
+	for _, d := range p.msgs.data {
+		size += len(d)
+	}
+	return size
+}
+
 func (p payload) len() int {
 	if p.msgs.data != nil {
 		return p.msgs.len()

@@ -317,11 +317,16 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		answer(ownerAnswer{code: wire.Reply_ORDER_WAIT, viewID: v.id})
 		return
 	}
+	size := msgs.bytes()
+	if !n.owner.admits(size) {
+		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: n.refuseOverBudget(a.topic)})
+		return
+	}
 	a.seq++
 	msgs.seq = batchSeq{owner: n.self.ID, inc: n.self.Incarnation, seq: a.seq}
 	targets, reroute := a.targets(msgs)
 	b := &pendingBatch{a: a, answer: answer, remaining: len(targets), wantIDs: msgs.wantIDs, reroute: reroute,
-		reconnects: n.nc.Stats().Reconnects}
+		reconnects: n.nc.Stats().Reconnects, bytes: int64(size)}
 	if msgs.level != AckDelivered {
 		// Answered now, with the batch accepted and its targets fixed, in
 		// the same turn as the sends below: the answer is written to the
@@ -351,6 +356,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	}
 	a.inflight++ // until account runs for b
 	n.owner.inflight.Add(1)
+	n.owner.inflightBytes.Add(b.bytes)
 	a.armEarlyAnswer(b, msgs, targets)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	// Remote nodes first: their batches are on the wire while this node's
