@@ -213,13 +213,11 @@ func newFaultyCluster(t *testing.T, opts ...pubsub.Option) *testcluster.Cluster 
 }
 
 func TestFaultRouteStalledOneWay(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newFaultyCluster(t)
 	runFault(t, c, func() { c.StallRoute(1, 0) })
 }
 
 func TestFaultRouteStalledBothWays(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newFaultyCluster(t)
 	runFault(t, c, func() { c.Route(0, 1).Stall(faultnet.Both) })
 }
@@ -233,7 +231,6 @@ func TestFaultRouteStalledBothWays(t *testing.T) {
 // subscriber through the fault and the heal (an AckNone message may be
 // lost in the fault, never reordered), with no ack claiming a delivery.
 func TestFaultMixedAckLevels(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	levels := []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckNone, pubsub.AckNone, pubsub.AckAccepted, pubsub.AckNone}
 	t.Run("route stalled one way", func(t *testing.T) {
 		c := newFaultyCluster(t)
@@ -246,7 +243,6 @@ func TestFaultMixedAckLevels(t *testing.T) {
 }
 
 func TestFaultRouteCutEvictsNobody(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newFaultyCluster(t)
 	l := runFault(t, c, func() { c.Route(0, 1).Cut() })
 	for topic, subs := range l.subs {
@@ -261,7 +257,6 @@ func TestFaultRouteCutEvictsNobody(t *testing.T) {
 }
 
 func TestFaultClientConnectionCut(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newFaultyCluster(t)
 	runFault(t, c, func() { c.Client(2).Cut() })
 }
@@ -270,7 +265,6 @@ func TestFaultClientConnectionCut(t *testing.T) {
 // serving as owner, while the majority keeps serving; under the default
 // KeepServing both sides serve.
 func TestPartitionPolicy(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	for _, tc := range []struct {
 		policy       pubsub.PartitionPolicy
 		minorityTake bool

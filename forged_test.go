@@ -141,7 +141,6 @@ func TestForgedSyncFloodKeepsHeapBounded(t *testing.T) {
 }
 
 func TestBitFlippedTrafficDoesNotStopTheCluster(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "flipped")
 	rec := newRecorder()

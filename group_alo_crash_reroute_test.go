@@ -21,7 +21,6 @@ import (
 // SubscriberTimeout, so no live member ever ran it, while a longer
 // MemberTimeout (a Timeout first) would have re-routed it.
 func TestGroupAtLeastOnceMemberCrashLeavingTheViewIsRerouted(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	for _, mt := range []time.Duration{2500 * time.Millisecond, 4 * time.Second} {
 		t.Run(fmt.Sprintf("member-timeout-%v", mt), func(t *testing.T) { groupCrashReroute(t, mt) })
 	}

@@ -154,7 +154,6 @@ func TestForgedNewerIncarnationOfALiveMemberIsIgnored(t *testing.T) {
 // Subscriptions that do not fit in one NATS message are pulled in pages. A
 // crash then moves thousands of topics whose subscriber lists span pages.
 func TestSubscriptionsLargerThanOneMessageMoveAfterACrash(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newCluster(t, 3, 3)
 	const count = 5000
 	name := strings.Repeat("x", 200)

@@ -148,7 +148,6 @@ func TestMixedPartitionPolicyTwoKeepMajorityKeepTheMajorityThroughOneCrash(t *te
 // nodes count its KeepServing member, keeps serving too; after the heal
 // every node serves every topic.
 func TestMixedPartitionPolicyKeepServingNodeIsolatedByARouteCut(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	km := pubsub.WithPartitionPolicy(pubsub.KeepMajority)
 	for _, tc := range []struct {
 		name string

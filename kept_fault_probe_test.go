@@ -274,7 +274,6 @@ func keptCheck(t *testing.T, p *keptProbe, futs []*pubsub.Produced, level pubsub
 // (A crash, and one batch in flight, held as well: left out for time, a
 // crash waits MemberTimeout. Add "crash" and 1 to run them.)
 func TestKeptCopiesThroughOwnerMoves(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	for _, how := range []string{"join", "close"} {
 		for _, mode := range []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce} {
 			for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted} {
@@ -345,7 +344,6 @@ func keptMoveProbe(t *testing.T, how string, mode pubsub.DeliveryMode, level pub
 // runs, 0 of 12 without copies. Copies are now kept for at least two
 // minutes (keptFor).
 func TestKeptCopiesThroughARouteStall(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	// One case here for time; TestSoakKeptCopies runs them all.
 	keptStallProbe(t, pubsub.AtLeastOnce, pubsub.AckDelivered, true)
 }

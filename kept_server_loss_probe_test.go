@@ -31,7 +31,6 @@ import (
 // at-least-once topic; TestSoakKeptCopies runs the owner's server and
 // at-most-once too.
 func TestKeptCopiesThroughServerLoss(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	keptServerLoss(t, []int{0}, []pubsub.DeliveryMode{pubsub.AtLeastOnce}, []pubsub.AckLevel{pubsub.AckDelivered})
 }
 

@@ -260,7 +260,6 @@ func mdSubscribe(t *testing.T, n *pubsub.Node, topic string, h pubsub.Handler, o
 }
 
 func TestMetadataIntegrityOnEveryPath(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	prop := &testPropagator{}
 	alo := func(topic string) pubsub.DeliveryMode {
 		if strings.HasPrefix(topic, "alo") {

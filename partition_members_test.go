@@ -22,7 +22,6 @@ import (
 // again: the survivor alone holds no majority of {n0, n1, n2}, and the
 // restarted nodes, which know no stable view, learn the survivor's.
 func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newCluster(t, 1, 3, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	survivor := c.Nodes[2]
 	events := watch(t, survivor)
@@ -84,7 +83,6 @@ func TestKeepMajorityJoinerServesWhenJoinReturns(t *testing.T) {
 // join before the crashed ones time out) left every node but the first to
 // move without a majority.
 func TestKeepMajorityRollingReplacementKeepsTheMajority(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := newCluster(t, 1, 5, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	waitStableEverywhere(t, c.Nodes, 5)
 	c.Crash(0)

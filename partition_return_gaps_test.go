@@ -73,7 +73,6 @@ func waitDelivered(t *testing.T, owner *pubsub.Node, topic string, sub *pubsub.S
 // 800 ms after n2 hears it, so the sync's round trip (the race window in a
 // plain heal) lasts long enough to see.
 func TestMemberRestartedAcrossACutIsWaitedFor(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	for _, tc := range []struct {
 		name    string
 		restart bool

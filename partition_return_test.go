@@ -20,7 +20,6 @@ import (
 // "throughout" by the returning node, kept serving while the returned
 // members' syncs were on their way (topicActor.reconcile, view.returned).
 func TestKeepMajorityReturningOwnerServesOnlyWithEverySubscriber(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	c := testcluster.NewFaulty(t, 3, 3, keepMajorityOpts()...)
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[2], "back")

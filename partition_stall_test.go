@@ -30,7 +30,6 @@ import (
 // a majority of both views. One round: the fork is forced in each (three
 // ran here until stop 28, 12 s of the suite's time).
 func TestKeepMajorityLeaveBesideAnAdvanceConverges(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	for round := range 1 {
 		t.Run(fmt.Sprint(round), func(t *testing.T) {
 			c := testcluster.NewFaulty(t, 2, 5, keepMajorityOpts()...)

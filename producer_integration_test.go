@@ -190,7 +190,6 @@ func TestProducerIntegrationConcurrentPipelinedProducersKeepOrder(t *testing.T) 
 // owner's ack and FailBatchAndStop stopped the producer: every later future
 // ended ErrClosed.
 func TestProducerIntegrationBlockedSubscriberDoesNotStopDefaultProducer(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	cases := []struct {
 		name string
 		opts []pubsub.Option

@@ -39,7 +39,6 @@ func waitForTest(t *testing.T, what string, cond func() bool) {
 // member b (its only subscriber node), b's next heartbeat re-adds it and a
 // pulls b's subscription; b never changed its own view, so it pushes nothing.
 func TestCollectedActorDoesNotSwallowPulledSubscribers(t *testing.T) {
-	t.Parallel() // waits on timers and NATS, not CPU: see TESTING.md
 	s, err := embedded.StartServer()
 	if err != nil {
 		t.Fatal(err)
