@@ -3,6 +3,7 @@ package pubsub_test
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -27,9 +28,13 @@ func fakeOwner(t *testing.T, c *testcluster.Cluster, id string, answer []byte) {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
 	require.NoError(t, nc.Flush())
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	t.Cleanup(func() { close(stop); <-done })
+	t.Cleanup(heartbeatAs(nc, id))
+}
+
+// heartbeatAs heartbeats on nc as incarnation 1 of member id every 50 ms
+// until the function it returns is called (once or more).
+func heartbeatAs(nc *nats.Conn, id string) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
 		tick := time.NewTicker(50 * time.Millisecond)
@@ -37,12 +42,14 @@ func fakeOwner(t *testing.T, c *testcluster.Cluster, id string, answer []byte) {
 		for {
 			_ = nc.Publish("pubsub.members", heartbeat(wire.Heartbeat_HEARTBEAT, id, 1, 0))
 			select {
-			case <-stop:
+			case <-quit:
 				return
 			case <-tick.C:
 			}
 		}
 	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(quit); <-done }) }
 }
 
 // topicOwnedBy returns a topic n's view gives to owner.

@@ -47,28 +47,7 @@ func silentSubscriber(t *testing.T, c *testcluster.Cluster, owner *pubsub.Node, 
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
 	require.NoError(t, nc.Flush())
-	quit, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(50 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			_ = nc.Publish("pubsub.members", heartbeat(wire.Heartbeat_HEARTBEAT, id, 1, 0))
-			select {
-			case <-quit:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	stopped := false
-	stop = func() {
-		if !stopped {
-			stopped = true
-			close(quit)
-			<-done
-		}
-	}
+	stop = heartbeatAs(nc, id)
 	t.Cleanup(stop)
 	testcluster.WaitFor(t, 5*time.Second, func() bool { return len(owner.Members()) == 2 }, "the silent member never joined the view")
 	subscribe = func(topic string) {
