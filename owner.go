@@ -266,11 +266,17 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 // refuse answers a request of count messages its topic actor had no room
 // for.
 func (n *Node) refuse(topic, reply string, count int) {
+	n.countQueueFull(topic)
+	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
+}
+
+// countQueueFull counts and logs a request, from another node or this one,
+// that its topic actor had no room for.
+func (n *Node) countQueueFull(topic string) {
 	n.stats.refused.Add(1)
 	if ok, held := n.log.limit.allow("refused"); ok {
 		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "limit_bytes", maxActorQueueBytes, "suppressed", held)
 	}
-	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
 }
 
 // answerPublish answers a publish request of count messages. A request

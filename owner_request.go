@@ -198,10 +198,7 @@ func (n *Node) askLocal(ctx context.Context, topic string, req ownerRequest, que
 // refusedLocally counts and logs a request of this node's own that its
 // topic's actor had no room for, and returns the error its call gets.
 func (n *Node) refusedLocally(topic string) error {
-	n.stats.refused.Add(1)
-	if ok, held := n.log.limit.allow("refused"); ok {
-		n.log.Warn("request refused: topic actor queue full", "topic", topic, "limit", maxActorQueue, "suppressed", held)
-	}
+	n.countQueueFull(topic)
 	return fmt.Errorf("%w: the actor of topic %q on this node holds %d requests; wait for earlier calls to return, then retry", ErrQueueFull, topic, maxActorQueue)
 }
 
