@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
@@ -192,6 +193,7 @@ func TestForgedSubscribesWithHugeSubscriberIDsAreNotRetained(t *testing.T) {
 // The bound on subscriber IDs leaves room for the longest group name, on a
 // subscription registered with a remote owner and moved by a crash.
 func TestLongestGroupNameFitsTheSubscriberIDBound(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 3)
 	n0, n1 := c.Nodes[0], c.Nodes[1]
 	topic := ownedBy(t, n0, "longest-group")

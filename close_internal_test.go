@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 )
 
 // A Close whose ctx ends while it drains (a batch it accepted as owner is
@@ -98,6 +100,7 @@ func ownerRunningAHeldHandler(t *testing.T) heldOwner {
 // error; a second Close must not then return nil at once while the
 // handler (a goroutine of the node) still runs (found in review).
 func TestSecondCloseAfterAFailedFirstWaitsForHandlers(t *testing.T) {
+	leakcheck.Parallel(t)
 	owner := ownerRunningAHeldHandler(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
 	defer cancel()

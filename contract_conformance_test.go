@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -372,6 +373,7 @@ func TestContractClientOnlyClusterInitialize(t *testing.T) {
 // (Close) and crashing (silent past MemberTimeout). The owner emits
 // SubscriberRemoved for each of that node's subscribers, with its Group.
 func TestContractEveryRemovalIsAnEvent(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 3)
 	ctx := ctxT(t)
 	owner := c.Nodes[0]

@@ -9,6 +9,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 )
 
 // Regression (review): a graceful Close waited for its in-flight batches
@@ -142,6 +144,7 @@ func publishHeldThenClose(t *testing.T, owner, pub *Node, topic string) (publish
 // LEAVE, and answers: its publisher must get the answer, not ErrTimeout
 // once MemberTimeout passed after the first LEAVE.
 func TestPublisherWaitsForALeaverDrainingPastMemberTimeout(t *testing.T) {
+	leakcheck.Parallel(t)
 	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(time.Second),
 		WithRequestTimeout(30*time.Second), WithSubscriberTimeout(30*time.Second))
 	topic := ownedTopics(pub, "owner", "slow", 1)[0]

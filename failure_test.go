@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -169,6 +170,7 @@ func TestMailboxFull(t *testing.T) {
 }
 
 func TestOwnerCrashTopicsMoveToSurvivors(t *testing.T) {
+	leakcheck.Parallel(t)
 	const memberTimeout = 2 * time.Second // as in fast
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "crash")
@@ -194,6 +196,7 @@ func TestOwnerCrashTopicsMoveToSurvivors(t *testing.T) {
 }
 
 func TestSubscriptionsSurviveRepeatedOwnershipChanges(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	rec := newRecorder()
 	var topics []string
@@ -269,6 +272,7 @@ func TestServerLossNodeFailsOver(t *testing.T) {
 }
 
 func TestPublishDuringOwnershipChangeIsNeverSilentlyLost(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	var topics []string
 	rec := newRecorder()

@@ -22,6 +22,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -213,11 +214,13 @@ func newFaultyCluster(t *testing.T, opts ...pubsub.Option) *testcluster.Cluster 
 }
 
 func TestFaultRouteStalledOneWay(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newFaultyCluster(t)
 	runFault(t, c, func() { c.StallRoute(1, 0) })
 }
 
 func TestFaultRouteStalledBothWays(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newFaultyCluster(t)
 	runFault(t, c, func() { c.Route(0, 1).Stall(faultnet.Both) })
 }
@@ -231,6 +234,7 @@ func TestFaultRouteStalledBothWays(t *testing.T) {
 // subscriber through the fault and the heal (an AckNone message may be
 // lost in the fault, never reordered), with no ack claiming a delivery.
 func TestFaultMixedAckLevels(t *testing.T) {
+	leakcheck.Parallel(t)
 	levels := []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckNone, pubsub.AckNone, pubsub.AckAccepted, pubsub.AckNone}
 	t.Run("route stalled one way", func(t *testing.T) {
 		c := newFaultyCluster(t)
@@ -243,6 +247,7 @@ func TestFaultMixedAckLevels(t *testing.T) {
 }
 
 func TestFaultRouteCutEvictsNobody(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newFaultyCluster(t)
 	l := runFault(t, c, func() { c.Route(0, 1).Cut() })
 	for topic, subs := range l.subs {
@@ -257,6 +262,7 @@ func TestFaultRouteCutEvictsNobody(t *testing.T) {
 }
 
 func TestFaultClientConnectionCut(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newFaultyCluster(t)
 	runFault(t, c, func() { c.Client(2).Cut() })
 }
@@ -265,6 +271,7 @@ func TestFaultClientConnectionCut(t *testing.T) {
 // serving as owner, while the majority keeps serving; under the default
 // KeepServing both sides serve.
 func TestPartitionPolicy(t *testing.T) {
+	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		policy       pubsub.PartitionPolicy
 		minorityTake bool

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -141,6 +142,7 @@ func TestForgedSyncFloodKeepsHeapBounded(t *testing.T) {
 }
 
 func TestBitFlippedTrafficDoesNotStopTheCluster(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "flipped")
 	rec := newRecorder()
@@ -212,6 +214,7 @@ func TestBitFlippedTrafficDoesNotStopTheCluster(t *testing.T) {
 // Publishes to topics nobody subscribes to, from anyone, must not cost the
 // owner memory for good: idle topic actors are collected.
 func TestPublishesToRandomTopicsDoNotAccumulate(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 1)
 	node := c.Nodes[0]
 	ctx := ctxT(t)

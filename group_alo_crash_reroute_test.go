@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 )
 
 // On an AtLeastOnce topic a group member whose node crashes while it holds
@@ -21,6 +22,7 @@ import (
 // SubscriberTimeout, so no live member ever ran it, while a longer
 // MemberTimeout (a Timeout first) would have re-routed it.
 func TestGroupAtLeastOnceMemberCrashLeavingTheViewIsRerouted(t *testing.T) {
+	leakcheck.Parallel(t)
 	for _, mt := range []time.Duration{2500 * time.Millisecond, 4 * time.Second} {
 		t.Run(fmt.Sprintf("member-timeout-%v", mt), func(t *testing.T) { groupCrashReroute(t, mt) })
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -18,6 +19,7 @@ import (
 // whose mailbox has drained meanwhile, must not run the share the other
 // member already ran (at-most-once topic).
 func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "mailbox-retry")
 	runs := &memberRuns{ran: map[string][]string{}}

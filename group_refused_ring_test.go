@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -34,6 +35,7 @@ func (h *mailboxFullHook) OnHandled(i pubsub.HandledInfo) {
 // same number: after 16 of them the producer's refused share is forgotten,
 // and the retry runs at X what Y already ran (at-most-once topic).
 func TestGroupRetryDoesNotRunARefusedShareAfterPlainPublishes(t *testing.T) {
+	leakcheck.Parallel(t)
 	hook := &mailboxFullHook{}
 	c := testcluster.New(t, 3, 3, append(append([]pubsub.Option{}, fast...), pubsub.WithHooks(hook), pubsub.WithSilentWaitForTest())...)
 	c.WaitConverged(t, 10*time.Second)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -77,6 +78,7 @@ func stuckMembers(t *testing.T, c *testcluster.Cluster, topic string, fills int,
 // once per attempt (6 times); it now answers a copy of the share it ran
 // with its outcome.
 func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "reroute-retry")
 	runs := stuckMembers(t, c, topic, 8, "X")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -23,6 +24,7 @@ import (
 // counted the group as Delivered, with no failure, for messages no member
 // ever processed.
 func TestGroupRetriedProducerBatchIsNotClaimedByAnEarlierShare(t *testing.T) {
+	leakcheck.Parallel(t)
 	groupRetriedBatch(t, pubsub.AtMostOnce)
 }
 
@@ -30,6 +32,7 @@ func TestGroupRetriedProducerBatchIsNotClaimedByAnEarlierShare(t *testing.T) {
 // batch number it ran runs it (repeats are allowed there, losses are not),
 // so every message of the batch runs at some member.
 func TestGroupRetriedProducerBatchRunsItsNewShareAtLeastOnce(t *testing.T) {
+	leakcheck.Parallel(t)
 	groupRetriedBatch(t, pubsub.AtLeastOnce)
 }
 
@@ -162,6 +165,7 @@ func groupRetriedBatch(t *testing.T, mode pubsub.DeliveryMode) {
 // another member each retry, which had not seen the batch and ran it: on
 // an at-most-once topic the group ran it up to once per member.
 func TestGroupRetrySameOwnerRunsAKeylessMessageOnce(t *testing.T) {
+	leakcheck.Parallel(t)
 	// The broadcast subscriber is slow on the first batch: the producer's
 	// attempts time out and are retried meanwhile.
 	c, topic, ran := groupRetryRig(t, "retry-same-owner", func(*pubsub.Message) bool { return true })
@@ -232,6 +236,7 @@ func groupRetryRig(t *testing.T, prefix string, slow func(m *pubsub.Message) boo
 // it, and the group ran each message two or three times on an at-most-once
 // topic.
 func TestGroupRetryOfAPipelinedBatchRunsAKeylessMessageOnce(t *testing.T) {
+	leakcheck.Parallel(t)
 	c, topic, ran := groupRetryRig(t, "retry-pipelined", func(m *pubsub.Message) bool { return string(m.Data) == "m1" })
 	var retries atomic.Int64
 	// BatchSize 1: m1 and m2 are batches 1 and 2, in flight side by side.
@@ -267,6 +272,7 @@ func TestGroupRetryOfAPipelinedBatchRunsAKeylessMessageOnce(t *testing.T) {
 // (chunk 1 was): it was assigned anew, and so was chunk 1 after it, and
 // the group ran both messages twice on an at-most-once topic.
 func TestGroupRetryOfASplitBatchRunsEachKeylessMessageOnce(t *testing.T) {
+	leakcheck.Parallel(t)
 	c, topic, ran := groupRetryRig(t, "retry-split", func(m *pubsub.Message) bool { return string(m.Data[:2]) == "m1" })
 	var retries atomic.Int64
 	n0 := c.Nodes[0]

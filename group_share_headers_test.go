@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -23,6 +24,7 @@ import (
 // running it, and the ack counted the group delivered for a message no
 // member ran.
 func TestGroupRetryAssignedAnewTellsSharesApartByHeader(t *testing.T) {
+	leakcheck.Parallel(t)
 	aHandled := &handledCounter{} // A's outcomes, on n0
 	c := newCluster(t, 3, 3, pubsub.WithSubscriberTimeout(10*time.Second), aHandled.hook(), pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "share-headers")

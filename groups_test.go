@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -206,6 +207,7 @@ func TestTwoGroupsAndBroadcastShareATopic(t *testing.T) {
 // its name until a member joins again; a group whose last member
 // unsubscribed ends silently.
 func TestGroupWithoutLiveMembers(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "lonely")
 	in := newGroupInbox()
@@ -300,6 +302,7 @@ func rerouteOnMailboxFull(t *testing.T, freeOn int) {
 // them, nothing accepted after the change is lost, and no message reaches
 // the group twice.
 func TestGroupSurvivesAMemberLeaving(t *testing.T) {
+	leakcheck.Parallel(t)
 	for _, how := range []string{"crash", "unsubscribe"} {
 		t.Run(how, func(t *testing.T) { groupMemberLeaves(t, how) })
 	}
@@ -372,6 +375,7 @@ func groupMemberLeaves(t *testing.T, how string) {
 // Group membership is soft state like any subscription: when the owner
 // crashes, the new owner rebuilds the groups from the members' nodes.
 func TestGroupSurvivesItsOwnersCrash(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "owner-crash")
 	in := newGroupInbox()

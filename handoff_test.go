@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -66,6 +67,7 @@ func lookupMember(n *pubsub.Node, id string) (pubsub.Member, bool) {
 // never re-sent them: topics its peers gained stayed NOT_READY and its
 // subscribers were silently left out of topics they kept.
 func TestForgedLeaveOfALiveMemberHeals(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	rec := newRecorder()
 	topics := subscribeEverywhere(t, c, rec, "flap", 30)
@@ -154,6 +156,7 @@ func TestForgedNewerIncarnationOfALiveMemberIsIgnored(t *testing.T) {
 // Subscriptions that do not fit in one NATS message are pulled in pages. A
 // crash then moves thousands of topics whose subscriber lists span pages.
 func TestSubscriptionsLargerThanOneMessageMoveAfterACrash(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	const count = 5000
 	name := strings.Repeat("x", 200)

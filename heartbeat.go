@@ -66,7 +66,9 @@ func (n *Node) heartbeatLoop() {
 		for id, p := range n.members.peers {
 			if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
 				delete(n.members.peers, id)
-				n.members.sameID.noteTimedOut(p.m, n.cfg.MaxMembers)
+				if n.members.sameID.noteTimedOut(p.m, n.cfg.MaxMembers) {
+					n.forgotMember("a member timed out", id)
+				}
 				changed = true
 			}
 		}

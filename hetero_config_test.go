@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -106,6 +107,7 @@ func TestSubscriberNodeWithALongerSubscriberTimeoutThanTheOwner(t *testing.T) {
 // tracks and reports stable views; only KeepMajority ones act on them, and
 // a KeepServing node logs nothing about them.
 func TestMixedPartitionPolicyKeepsTheMajorityThroughOneCrash(t *testing.T) {
+	leakcheck.Parallel(t)
 	logs := &syncBuffer{}
 	c := heteroCluster(t, [3][]pubsub.Option{{warnLogger(logs)}, {pubsub.WithPartitionPolicy(pubsub.KeepMajority)}, nil})
 	topic := topicOwnedByEveryView(t, c, "o")
@@ -127,6 +129,7 @@ func TestMixedPartitionPolicyKeepsTheMajorityThroughOneCrash(t *testing.T) {
 // the other counts the KeepServing one and keeps its quorum (it lost it
 // before the KeepServing node reported stable views).
 func TestMixedPartitionPolicyTwoKeepMajorityKeepTheMajorityThroughOneCrash(t *testing.T) {
+	leakcheck.Parallel(t)
 	km := pubsub.WithPartitionPolicy(pubsub.KeepMajority)
 	c := heteroCluster(t, [3][]pubsub.Option{{km}, {km}, nil})
 	topic := topicOwnedByEveryView(t, c, "o")
@@ -148,6 +151,7 @@ func TestMixedPartitionPolicyTwoKeepMajorityKeepTheMajorityThroughOneCrash(t *te
 // nodes count its KeepServing member, keeps serving too; after the heal
 // every node serves every topic.
 func TestMixedPartitionPolicyKeepServingNodeIsolatedByARouteCut(t *testing.T) {
+	leakcheck.Parallel(t)
 	km := pubsub.WithPartitionPolicy(pubsub.KeepMajority)
 	for _, tc := range []struct {
 		name string

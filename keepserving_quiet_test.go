@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -18,6 +19,7 @@ import (
 // about the partition policy, neither then nor when s later leaves
 // gracefully.
 func TestKeepServingClusterIgnoresItsStableViews(t *testing.T) {
+	leakcheck.Parallel(t)
 	logs := &syncBuffer{}
 	c := heteroNodes(t, testcluster.NewFaulty(t, 3, 0), [3][]pubsub.Option{{warnLogger(logs)}, {warnLogger(logs)}, {warnLogger(logs)}})
 	p, o, s := c.Nodes[0], c.Nodes[1], c.Nodes[2]

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -274,6 +275,7 @@ func keptCheck(t *testing.T, p *keptProbe, futs []*pubsub.Produced, level pubsub
 // (A crash, and one batch in flight, held as well: left out for time, a
 // crash waits MemberTimeout. Add "crash" and 1 to run them.)
 func TestKeptCopiesThroughOwnerMoves(t *testing.T) {
+	leakcheck.Parallel(t)
 	for _, how := range []string{"join", "close"} {
 		for _, mode := range []pubsub.DeliveryMode{pubsub.AtMostOnce, pubsub.AtLeastOnce} {
 			for _, level := range []pubsub.AckLevel{pubsub.AckDelivered, pubsub.AckAccepted} {
@@ -344,6 +346,7 @@ func keptMoveProbe(t *testing.T, how string, mode pubsub.DeliveryMode, level pub
 // runs, 0 of 12 without copies. Copies are now kept for at least two
 // minutes (keptFor).
 func TestKeptCopiesThroughARouteStall(t *testing.T) {
+	leakcheck.Parallel(t)
 	// One case here for time; TestSoakKeptCopies runs them all.
 	keptStallProbe(t, pubsub.AtLeastOnce, pubsub.AckDelivered, true)
 }
@@ -384,6 +387,7 @@ func keptStallProbe(t *testing.T, mode pubsub.DeliveryMode, level pubsub.AckLeve
 // taken copies) finding it dropped: NOT_KEPT, sent with its messages. The
 // subscriber runs each message once, in order, and is not evicted.
 func TestKeptCopiesWithASlowAtLeastOnceSubscriber(t *testing.T) {
+	leakcheck.Parallel(t)
 	// AckAccepted in TestSoakKeptCopies, for time.
 	keptSlowSubscriber(t, pubsub.AckDelivered)
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -263,6 +264,7 @@ func TestKeptCopiesCarryKeysAndHeadersFromAProducer(t *testing.T) {
 // SubscriberGone), nothing crashes, and an AckDelivered ack that counts
 // both subscribers with no failure means each ran the message.
 func TestKeptCopiesOfAReplacedPublisher(t *testing.T) {
+	leakcheck.Parallel(t)
 	// At-most-once in TestSoakKeptCopies, for time (held as well).
 	t.Run(pubsub.AtLeastOnce.String(), func(t *testing.T) { keptReplacedProbe(t, pubsub.AtLeastOnce) })
 }

@@ -57,9 +57,9 @@ type incarnation struct {
 	inc uint64
 }
 
-// bury records m's graceful leave, forgetting the oldest one past limit.
-// Callers hold mu.
-func (m *membership) bury(leaver Member, limit int) {
+// bury records m's graceful leave, forgetting the oldest one past limit,
+// and reports whether it forgot one. Callers hold mu.
+func (m *membership) bury(leaver Member, limit int) (forgot bool) {
 	if len(m.left) >= limit {
 		var oldest incarnation
 		var at time.Time
@@ -69,8 +69,10 @@ func (m *membership) bury(leaver Member, limit int) {
 			}
 		}
 		delete(m.left, oldest)
+		forgot = true
 	}
 	m.left[incarnation{leaver.ID, leaver.Incarnation}] = time.Now()
+	return forgot
 }
 
 // stillLeaving records a repeated LEAVE of incarnation inc of id, which
@@ -328,7 +330,9 @@ func (n *Node) onMembers(m *nats.Msg) {
 	if hb.GetKind() == wire.Heartbeat_LEAVE {
 		id, inc := from.GetNodeId(), from.GetIncarnation()
 		if p, ok := n.members.peers[id]; ok && p.m.Incarnation == inc {
-			n.members.bury(p.m, n.cfg.MaxMembers)
+			if n.members.bury(p.m, n.cfg.MaxMembers) {
+				n.forgotMember("a graceful leave", id)
+			}
 			delete(n.members.peers, id)
 			n.forgetLeaver(id, hb)
 			n.recomputeView()
@@ -426,6 +430,17 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		n.ownerPayload()
 	}
 	p.noteAgreement(n.view().id, p.lastSeen)
+}
+
+// forgotMember counts and logs (throttled) an entry of a bounded record
+// about past members forgotten to stay within MaxMembers: what holds
+// MaxMembers graceful leaves, or members timed out, at once has seen
+// churn (or forgery) far past the view's size. Callers hold members.mu.
+func (n *Node) forgotMember(what, id string) {
+	n.stats.membersForgotten.Add(1)
+	if ok, held := n.log.limit.allow("members/forgotten"); ok {
+		n.log.Warn("forgot a past member's record to stay within MaxMembers", "record", what, "member", id, "limit", n.cfg.MaxMembers, "suppressed", held)
+	}
 }
 
 // rejectMember counts, logs and reports (both throttled) a node ignored

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -260,6 +261,7 @@ func mdSubscribe(t *testing.T, n *pubsub.Node, topic string, h pubsub.Handler, o
 }
 
 func TestMetadataIntegrityOnEveryPath(t *testing.T) {
+	leakcheck.Parallel(t)
 	prop := &testPropagator{}
 	alo := func(topic string) pubsub.DeliveryMode {
 		if strings.HasPrefix(topic, "alo") {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -343,6 +344,7 @@ func TestListenersChurnThroughClose(t *testing.T) {
 // and wrapped, a long one ends with a sentinel within about
 // RequestTimeout, and after the move the counts leave the dead node out.
 func TestTopicStatsWhenTheOwnerCrashes(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[0], "ts")
 	for i := range c.Nodes {
@@ -415,6 +417,7 @@ func TestTopicStatsWhenTheOwnerCrashes(t *testing.T) {
 // PublishRejected, Stats.Rejected and the publish hook, with its message
 // count, and every call in exactly one hook.
 func TestRejectionsAddUpThroughAnOwnerCrash(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 0)
 	rec := &hookRecorder{}
 	for i := 0; i < 3; i++ {

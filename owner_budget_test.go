@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -72,6 +73,7 @@ func silentSubscriber(t *testing.T, c *testcluster.Cluster, owner *pubsub.Node, 
 // ErrTopicUnavailable saying why; once the silent node leaves the view its
 // deliveries settle and publishes are accepted again.
 func TestOwnerRefusesPublishesPastItsInflightBudget(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 1, pubsub.WithSubscriberTimeout(time.Minute), pubsub.WithRequestTimeout(500*time.Millisecond))
 	n := c.Nodes[0]
 	subscribe, stop, got := silentSubscriber(t, c, n, "zz-silent")

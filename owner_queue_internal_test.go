@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 )
 
 // A topic actor's queue of publishes from other nodes is bounded in bytes
@@ -15,6 +17,7 @@ import (
 // refused (counted, NOT_READY) and its publisher retries; once the actor
 // catches up every publish is served.
 func TestActorQueueIsBoundedInBytes(t *testing.T) {
+	leakcheck.Parallel(t)
 	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(2*time.Second),
 		WithRequestTimeout(10*time.Second), WithSubscriberTimeout(2*time.Second))
 	topic := ownedTopics(pub, "owner", "bytes", 1)[0]

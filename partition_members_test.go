@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -22,6 +23,7 @@ import (
 // again: the survivor alone holds no majority of {n0, n1, n2}, and the
 // restarted nodes, which know no stable view, learn the survivor's.
 func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 3, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	survivor := c.Nodes[2]
 	events := watch(t, survivor)
@@ -83,6 +85,7 @@ func TestKeepMajorityJoinerServesWhenJoinReturns(t *testing.T) {
 // join before the crashed ones time out) left every node but the first to
 // move without a majority.
 func TestKeepMajorityRollingReplacementKeepsTheMajority(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 5, pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	waitStableEverywhere(t, c.Nodes, 5)
 	c.Crash(0)
@@ -103,6 +106,7 @@ func TestKeepMajorityRollingReplacementKeepsTheMajority(t *testing.T) {
 // lost their majority: QuorumChanged false, then true, publishes to their
 // topics rejected meanwhile.
 func TestKeepMajorityGracefulLeaveRightAfterAJoinKeepsTheMajority(t *testing.T) {
+	leakcheck.Parallel(t)
 	for round := range 3 {
 		t.Run(fmt.Sprint(round), func(t *testing.T) {
 			c := newCluster(t, 1, 4, keepMajorityOpts()...)

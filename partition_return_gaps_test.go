@@ -10,6 +10,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -73,6 +74,7 @@ func waitDelivered(t *testing.T, owner *pubsub.Node, topic string, sub *pubsub.S
 // 800 ms after n2 hears it, so the sync's round trip (the race window in a
 // plain heal) lasts long enough to see.
 func TestMemberRestartedAcrossACutIsWaitedFor(t *testing.T) {
+	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		name    string
 		restart bool

@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -20,6 +21,7 @@ import (
 // "throughout" by the returning node, kept serving while the returned
 // members' syncs were on their way (topicActor.reconcile, view.returned).
 func TestKeepMajorityReturningOwnerServesOnlyWithEverySubscriber(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, keepMajorityOpts()...)
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[2], "back")

@@ -13,6 +13,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -30,6 +31,7 @@ import (
 // a majority of both views. One round: the fork is forced in each (three
 // ran here until stop 28, 12 s of the suite's time).
 func TestKeepMajorityLeaveBesideAnAdvanceConverges(t *testing.T) {
+	leakcheck.Parallel(t)
 	for round := range 1 {
 		t.Run(fmt.Sprint(round), func(t *testing.T) {
 			c := testcluster.NewFaulty(t, 2, 5, keepMajorityOpts()...)

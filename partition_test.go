@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -131,6 +132,7 @@ func healAndServe(t *testing.T, c *testcluster.Cluster) {
 // stable views, and both served every topic. Stable views are now agreed:
 // a node counts a member only while it reports the same stable view.
 func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
+	leakcheck.Parallel(t)
 	t.Run("tie", func(t *testing.T) {
 		// {n0} | {n1, n2}; heal; at once {n1} | {n0, n2}. n1 wins the
 		// tie of its stable view {n1, n2}; n0 counted 2 of its {n0, n1, n2}.
@@ -170,6 +172,7 @@ func TestKeepMajorityRepartitionRightAfterAHealServesOneSide(t *testing.T) {
 // counts, and a node whose stable view no majority holds adopts the one of
 // its epoch a majority does.
 func TestKeepMajorityChangesMadeAtOnceFromDifferentViewsConverge(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, keepMajorityOpts()...)
 	for _, id := range []string{"n3", "n4", "n5"} {
 		c.AddNode(t, id, 2, keepMajorityOpts()...)
@@ -229,6 +232,7 @@ func forgeStable(t *testing.T, c *testcluster.Cluster, from string, epoch uint64
 // advance to 0, and the cluster never agreed again. Epochs that high are
 // ignored.
 func TestKeepMajorityForgedTopEpochIsIgnored(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 1, 3, keepMajorityOpts()...)
 	c.WaitConverged(t, 10*time.Second)
 	waitStableEverywhere(t, c.Nodes, 3)
@@ -247,6 +251,7 @@ func TestKeepMajorityForgedTopEpochIsIgnored(t *testing.T) {
 // on it until its failure detector fired. A node returning to a view of an
 // epoch it reached counts only reports heard since it last moved.
 func TestKeepMajorityJustMovedNodeDoesNotGoBackOnOldReports(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 5, 5, keepMajorityOpts()...)
 	c.WaitConverged(t, 10*time.Second)
 	for _, id := range []string{"x1", "x2"} {

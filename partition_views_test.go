@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -63,6 +64,7 @@ func ownedByBoth(t *testing.T, a, b *pubsub.Node) string {
 // again. A one-way stall did the same with one node:
 // TestSoakKeepMajorityOneWayStallIsNotTransitive (soak tag).
 func TestKeepMajorityPartitionThatIsNotTransitiveHasNoTwoOwners(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := cutBetweenTwoOfThree(t)
 	n0, n1, n2 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 	waitSees(t, n2, n0, n1, n2)
@@ -130,6 +132,7 @@ func cutBetweenTwoOfThree(t *testing.T) *testcluster.Cluster {
 // nobody and returned without a majority (6 of 6 runs). Disagreements now
 // count from the end of Join.
 func TestKeepMajorityJoinerAfterACrashServesWhenJoinReturns(t *testing.T) {
+	leakcheck.Parallel(t)
 	opts := append(append([]pubsub.Option{}, fast...), pubsub.WithPartitionPolicy(pubsub.KeepMajority))
 	c := testcluster.New(t, 1, 4, opts...)
 	c.WaitConverged(t, 10*time.Second)

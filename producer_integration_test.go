@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -190,6 +191,7 @@ func TestProducerIntegrationConcurrentPipelinedProducersKeepOrder(t *testing.T) 
 // owner's ack and FailBatchAndStop stopped the producer: every later future
 // ended ErrClosed.
 func TestProducerIntegrationBlockedSubscriberDoesNotStopDefaultProducer(t *testing.T) {
+	leakcheck.Parallel(t)
 	cases := []struct {
 		name string
 		opts []pubsub.Option
@@ -313,6 +315,7 @@ func blockedSubscriberRun(t *testing.T, opts []pubsub.Option) {
 // batch whose every message's context ended is left out whole like this;
 // otherwise the retry keeps them all: TestSplitProducerBatchRetry*.)
 func TestProducerMessageLeftOutOfARetryIsNotReportedUnpublished(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "left-out")
 	release := make(chan struct{})

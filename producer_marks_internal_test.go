@@ -10,6 +10,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 )
 
 // markMaps returns the marks n's actors of topics and its subscriptions
@@ -54,6 +56,7 @@ func markMaps(n *Node, topics []string, subs []*Subscription) (marks, maps int) 
 // publishing meanwhile is delivered whole and in order. Once every
 // subscription ended and the actors were collected, both nodes count 0.
 func TestProducerMarksAreBoundedPerNode(t *testing.T) {
+	leakcheck.Parallel(t)
 	_, a, b, c := churnTrio(t)
 	const budget, topicCount, producers, kept = 32, 6, 24, 200
 	for _, n := range []*Node{a, b, c} {

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -47,6 +48,7 @@ type rpResult struct {
 // same node is listed as Timeout beside it in the inner ack (a node
 // reports its subscribers together, README "Guarantees" 4).
 func TestReentrantProbeHandlerPublishesToItsOwnTopic(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 2, pubsub.WithSubscriberTimeout(rpTimeout), pubsub.WithDeliveryMode(rpModes))
 	n0 := c.Nodes[0]
 	for _, owner := range []int{0, 1} {

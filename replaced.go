@@ -199,15 +199,18 @@ func (n *Node) tellStale(p *peer, ref *wire.MemberRef) {
 
 // noteTimedOut records that dropped was dropped for silence, forgetting an
 // arbitrary entry past limit (that incarnation is then not told it was
-// replaced). Callers hold membership.mu.
-func (w *sameIDWatch) noteTimedOut(dropped Member, limit int) {
+// replaced), and reports whether it forgot one. Callers hold
+// membership.mu.
+func (w *sameIDWatch) noteTimedOut(dropped Member, limit int) (forgot bool) {
 	if _, ok := w.timedOut[dropped.ID]; !ok && len(w.timedOut) >= limit {
 		for id := range w.timedOut {
 			delete(w.timedOut, id)
+			forgot = true
 			break
 		}
 	}
 	w.timedOut[dropped.ID] = dropped.Incarnation
+	return forgot
 }
 
 // onReplacedNotice handles a notice on the inbox that a newer incarnation

@@ -11,6 +11,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -52,6 +53,7 @@ func stopEvents(t *testing.T, n *pubsub.Node) <-chan pubsub.NodeStopped {
 // once the stall healed, nobody held the ID. The node must run on and its
 // peers take it back.
 func TestStaleReplacedReportDoesNotLetALaterDuplicateStopTheNode(t *testing.T) {
+	leakcheck.Parallel(t)
 	opts := []pubsub.Option{
 		pubsub.WithHeartbeatInterval(50 * time.Millisecond),
 		pubsub.WithMemberTimeout(time.Second),
@@ -114,6 +116,7 @@ func TestStaleReplacedReportDoesNotLetALaterDuplicateStopTheNode(t *testing.T) {
 // with NodeStopped and its subscriptions end with an error wrapping
 // ErrClosed. The newer one runs on.
 func TestOlderIncarnationJoiningAfterANewerOneIsToldLoudly(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 2, fast...) // n0 on server 0, n1 on server 1
 	c.WaitConverged(t, 10*time.Second)
 	c.StallRoute(2, 0)

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
@@ -103,6 +104,7 @@ func TestQuietNodeReplacedStopsThoughALaterDuplicateLeft(t *testing.T) {
 // after a restart), runs on: only the peers' reports of the newer one in
 // its place for MemberTimeout stop it (noteReplacedView).
 func TestLiveNodeHearingAnotherIncarnationItsPeerDoesNotServeRunsOn(t *testing.T) {
+	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		name string
 		inc  func(self uint64) uint64

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
@@ -39,6 +40,7 @@ func waitForTest(t *testing.T, what string, cond func() bool) {
 // member b (its only subscriber node), b's next heartbeat re-adds it and a
 // pulls b's subscription; b never changed its own view, so it pushes nothing.
 func TestCollectedActorDoesNotSwallowPulledSubscribers(t *testing.T) {
+	leakcheck.Parallel(t)
 	s, err := embedded.StartServer()
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -30,6 +31,7 @@ func splitMsg(n *pubsub.Node, i int) []byte {
 // for the chunk they had run and answered Delivered without running m3.
 // m3's ack counted them delivered; nobody ever ran it.
 func TestSplitProducerBatchRetryDoesNotClaimUnrunMessages(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "split-retry")
 	release := make(chan struct{})
@@ -112,6 +114,7 @@ func TestSplitProducerBatchRetryDoesNotClaimUnrunMessages(t *testing.T) {
 // subscriber answered chunk 0 with the outcome of the chunk it ran:
 // Delivered, for m3, which it never ran.
 func TestSplitProducerBatchRetryToTheSameOwnerDoesNotClaimUnrunMessages(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, append(append([]pubsub.Option{}, fast...),
 		pubsub.WithMemberTimeout(20*time.Second))...) // the stall changes no view
 	c.WaitConverged(t, 10*time.Second)

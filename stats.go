@@ -26,6 +26,12 @@ type Stats struct {
 	Malformed         uint64                    // malformed messages dropped
 	InboxDropped      uint64                    // messages NATS dropped (slow consumer) on the node's inbox, reply and membership subscriptions
 	MembersRejected   uint64                    // heartbeats ignored past MaxMembers
+	// MembersForgotten counts records of past members forgotten to stay
+	// within MaxMembers of each kind (each logged, throttled): a graceful
+	// leave forgotten lets that member's late heartbeats add it back
+	// until MemberTimeout; a timed-out member forgotten is not told if a
+	// newer incarnation replaced it (see the README's failure model).
+	MembersForgotten uint64
 	// SettingsMismatches counts peers heard running a PartitionPolicy
 	// other than this node's, or heartbeating too seldom for its
 	// MemberTimeout (more than half of it apart): once per change of what
@@ -77,7 +83,7 @@ type Stats struct {
 }
 
 type nodeStats struct {
-	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, refused, ackNoneRefused, answeredEarly, syncRequests, settingsMismatches, marksForgotten atomic.Uint64
+	published, delivered, failed, rejected, evicted, malformed, inboxDropped, membersRejected, membersForgotten, refused, ackNoneRefused, answeredEarly, syncRequests, settingsMismatches, marksForgotten atomic.Uint64
 }
 
 // Stats returns the node's current figures. It takes a few locks but never
@@ -94,6 +100,7 @@ func (n *Node) Stats() Stats {
 		Malformed:              n.stats.malformed.Load(),
 		InboxDropped:           n.stats.inboxDropped.Load(),
 		MembersRejected:        n.stats.membersRejected.Load(),
+		MembersForgotten:       n.stats.membersForgotten.Load(),
 		SettingsMismatches:     n.stats.settingsMismatches.Load(),
 		RequestsRefused:        n.stats.refused.Load(),
 		AckNoneRefused:         n.stats.ackNoneRefused.Load(),

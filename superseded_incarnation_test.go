@@ -12,6 +12,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -27,6 +28,7 @@ import (
 // an error saying why). The replacement serves on. Before the fix the
 // older node ran on for good: 5 of 5 runs.
 func TestSupersededNodesSubscriptionReceivesOrEnds(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, fast...)
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[0], "superseded-sub")
@@ -82,6 +84,7 @@ func TestSupersededNodesSubscriptionReceivesOrEnds(t *testing.T) {
 // first the owner dropped the replacement's live subscription, and later
 // publishes were acked Delivered 0 with no failure while it lived.
 func TestSupersededNodeDoesNotAnswerForItsReplacement(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, fast...)
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[0], "superseded-repl")
@@ -273,6 +276,7 @@ func TestRequestsForANewerIncarnationGoUnanswered(t *testing.T) {
 // reported view) it ran on as a zombie, its subscription known to no owner
 // and never ended: 3 of 3 runs.
 func TestSupersededNodeWhoseSendsAloneWereCutStops(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, fast...)
 	c.WaitConverged(t, 10*time.Second)
 	older := c.Nodes[2]

@@ -9,6 +9,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -25,6 +26,7 @@ import (
 // its place for MemberTimeout, stops, its subscription ended with an error
 // that says so (replaced.go: noteReplacedView).
 func TestLiveNodeBrieflyQuietKeepsItsIDAgainstAJoiner(t *testing.T) {
+	leakcheck.Parallel(t)
 
 	c := testcluster.NewFaulty(t, 3, 3, fast...)
 	c.WaitConverged(t, 10*time.Second)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -22,6 +23,7 @@ import (
 // subscriber once: no ack claims a delivery that did not happen, and no
 // message arrives twice (from both incarnations).
 func TestPublishesRightAfterAReplacedOwnersHealReachSubscribersOnce(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := testcluster.NewFaulty(t, 3, 3, fast...)
 	c.WaitConverged(t, 10*time.Second)
 	topic := ownedBy(t, c.Nodes[2], "superseded-owner")

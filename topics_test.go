@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil"
@@ -57,6 +58,7 @@ func TestTopicsListsEveryTopicWithItsSubscribersAcrossNodes(t *testing.T) {
 // A member whose connection died is still in the view until MemberTimeout:
 // Topics returns the others' topics and an error naming it.
 func TestTopicsReportsMembersThatDoNotAnswer(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 3, fast...)
 	c.WaitConverged(t, 10*time.Second)
 	subscribe(t, c.Nodes[1], "kept", noop)
@@ -181,6 +183,7 @@ func forgedLister(t *testing.T, c *testcluster.Cluster, id string, total int) {
 // its ctx ended. It now fails past maxTopicsListed and contributes
 // nothing.
 func TestTopicsFromAMemberThatNeverStopsIsBounded(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 1, fast...)
 	subscribe(t, c.Nodes[0], "real", noop)
 	forgedLister(t, c, "ghost", 0)
@@ -194,6 +197,7 @@ func TestTopicsFromAMemberThatNeverStopsIsBounded(t *testing.T) {
 // Several members each under the per-member bound cannot take the listing
 // past it either: the one whose topics would is failed and left out.
 func TestTopicsListingIsBoundedAcrossMembers(t *testing.T) {
+	leakcheck.Parallel(t)
 	c := newCluster(t, 1, 1, fast...)
 	subscribe(t, c.Nodes[0], "real", noop)
 	forgedLister(t, c, "ghost-a", 150_000)

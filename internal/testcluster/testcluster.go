@@ -34,6 +34,7 @@ import (
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
+	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
 )
 
@@ -377,7 +378,11 @@ func (c *Cluster) checkServer(t testing.TB, server int) {
 // winding down after a Close (a NATS connection's read loop, say) are given
 // time to exit. It checks nothing once t has failed: a failing test may well
 // leave goroutines behind, and their report would only bury the failure.
+// In a test that called Parallel, Parallel's check covers the cluster.
 func verifyNoLeaks(t testing.TB) {
+	if leakcheck.InParallelTest(t) {
+		return
+	}
 	running := goleak.IgnoreCurrent()
 	t.Cleanup(func() {
 		if !t.Failed() {
