@@ -1,5 +1,5 @@
 package leakcheck
 
-// AfterOthers exposes Parallel's leak check, which takes a testing.TB, to
+// Track exposes Parallel's labelling and check, which take a testing.TB, to
 // the package's tests.
-var AfterOthers = afterOthers
+var Track = track

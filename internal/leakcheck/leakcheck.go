@@ -1,43 +1,46 @@
 // Package leakcheck lets the long, waiting-bound integration tests run in
 // parallel and still have a goroutine they leak blamed on them.
 //
-// A per-test leak check (goleak.VerifyNone against the goroutines running
-// when the test began) blames a test for whatever a test running beside it
-// started since. Parallel keeps the check exact: a parallel test holds a
-// gate shared while it runs, and its check takes the gate exclusively, so
-// the check runs only once every other parallel test running then has torn
-// itself down, and no new one starts until it is over. A goroutine the check
-// finds then belongs to the test checking, or to one that already failed its
-// own check.
+// A per-test leak check that compares the goroutines running after the
+// test with those running before it (goleak.IgnoreCurrent) blames a test
+// for whatever a test running beside it started meanwhile. Parallel tells
+// them apart with a goroutine label: it labels the test's goroutine with the
+// test's name, every goroutine started from it inherits the label, and so
+// do the goroutines those start (a node's, a NATS connection's, an embedded
+// server's). Once the test and its cleanups are over, a goroutine still
+// running with its label is its leak, whatever runs beside it.
 package leakcheck
 
 import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"runtime/pprof"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
-
-	"go.uber.org/goleak"
+	"time"
 )
 
-// gate is held shared by each running parallel test and exclusively by each
-// parallel test's leak check.
-var gate sync.RWMutex
+// labelKey is the goroutine label Parallel sets to the test's name.
+const labelKey = "leakcheck"
 
 // parallelTests holds the names of the top-level tests that called Parallel.
 var parallelTests sync.Map
 
-// Parallel calls t.Parallel and registers a leak check for the whole test,
-// run after every cleanup the test registers (a test cluster's teardown
-// among them): it fails t if a goroutine started since the call still runs.
-// Only a top-level test may call it, as its first statement. A test that
-// measures the heap, counts goroutines or reads any other process-wide
-// figure must not call it, since another test runs beside it.
+// Parallel calls t.Parallel, labels t's goroutine (and so every goroutine
+// it starts, directly or not) with t's name, and registers a check, run
+// after every cleanup the test registers (a test cluster's teardown among
+// them), that fails t if a goroutine with that label still runs. Only a
+// top-level test may call it, as its first statement. A test that measures
+// the heap, counts goroutines or reads any other process-wide figure must
+// not call it, since other tests run beside it.
 //
-// The tests that call it spend their time waiting on timers (a partition
-// held for several member timeouts, a route stalled until deliveries time
-// out), not on the CPU, so running them two at a time (-parallel defaults
-// to GOMAXPROCS) shortens the suite without loading the machine more than a
-// second copy of the test binary would.
+// Goroutines the runtime starts on a test's behalf without its label
+// (time.AfterFunc's) escape this check; goleak.VerifyTestMain still finds
+// them at the end of the package.
 func Parallel(t *testing.T) {
 	t.Helper()
 	if strings.Contains(t.Name(), "/") {
@@ -45,33 +48,81 @@ func Parallel(t *testing.T) {
 	}
 	t.Parallel()
 	parallelTests.Store(t.Name(), struct{}{})
-	afterOthers(t)
+	track(t)
 }
 
 // InParallelTest reports whether t is, or runs under, a top-level test that
-// called Parallel: a per-cluster leak check inside it would blame the test
-// running beside it, and Parallel's check covers the cluster anyway.
+// called Parallel: a per-cluster check comparing goroutines before and after
+// would blame the tests running beside it, and Parallel's check covers the
+// cluster anyway.
 func InParallelTest(t testing.TB) bool {
 	top, _, _ := strings.Cut(t.Name(), "/")
 	_, ok := parallelTests.Load(top)
 	return ok
 }
 
-// afterOthers holds the gate shared until t's last cleanup, which then
-// takes it exclusively and fails t if a goroutine started since the call
-// still runs. It checks nothing once t has failed: a failing test may well
-// leave goroutines behind, and their report would only bury the failure.
-func afterOthers(t testing.TB) {
-	gate.RLock()
-	running := goleak.IgnoreCurrent()
+// track labels the calling goroutine with t's name and registers the
+// check. It checks nothing once t has failed: a failing test may well leave
+// goroutines behind, and their report would only bury the failure.
+func track(t testing.TB) {
+	pprof.SetGoroutineLabels(pprof.WithLabels(context.Background(), pprof.Labels(labelKey, t.Name())))
 	t.Cleanup(func() {
-		gate.RUnlock()
-		gate.Lock()
-		defer gate.Unlock()
-		if !t.Failed() {
-			// A parallel test that starts while this one checks waits in
-			// afterOthers for the gate: its goroutine is not a leak.
-			goleak.VerifyNone(t, running, goleak.IgnoreAnyFunction("github.com/clusterpubsub/pubsub/internal/leakcheck.afterOthers"))
+		defer pprof.SetGoroutineLabels(context.Background())
+		if t.Failed() {
+			return
+		}
+		// Goroutines winding down after a Close (a connection's read
+		// loop) are given time to exit.
+		var left string
+		for wait, deadline := time.Millisecond, time.Now().Add(5*time.Second); ; wait = min(2*wait, 100*time.Millisecond) {
+			if left = labelled(t.Name()); left == "" || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(wait)
+		}
+		if left != "" {
+			t.Errorf("leakcheck: goroutines started by %s still run after it ended:\n%s", t.Name(), left)
 		}
 	})
+}
+
+// labelled returns the stacks of the goroutines, other than the caller,
+// that carry the label of test name, as the goroutine profile prints them
+// (identical stacks once, with their count), or "" if there are none.
+func labelled(name string) string {
+	var buf bytes.Buffer
+	if err := pprof.Lookup("goroutine").WriteTo(&buf, 1); err != nil {
+		return "goroutine profile: " + err.Error()
+	}
+	want := fmt.Sprintf("%q:%q", labelKey, name)
+	var out strings.Builder
+	// After its header line, the profile lists each distinct stack as a
+	// block: "<count> @ <pcs>", then "# labels: {...}" for a labelled one,
+	// then one "#\t<pc>\t<function>\t<file:line>" line per frame.
+	_, blocks, _ := strings.Cut(buf.String(), "\n")
+	for _, block := range strings.Split(blocks, "\n\n") {
+		lines := strings.Split(strings.TrimSpace(block), "\n")
+		if len(lines) < 2 || !strings.HasPrefix(lines[1], "# labels: {") || !strings.Contains(lines[1], want) ||
+			strings.Contains(block, "leakcheck.track.func") {
+			continue
+		}
+		out.WriteString(block)
+		out.WriteString("\n\n")
+	}
+	return out.String()
+}
+
+// RaiseParallel sets -test.parallel to n unless the command line set it,
+// and must be called from TestMain after flag.Parse. The default,
+// GOMAXPROCS, suits tests that keep a CPU busy; the tests that call
+// Parallel mostly wait on timers, so more of them at once shortens the
+// suite more than it loads the machine.
+func RaiseParallel(n int) {
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if f := flag.Lookup("test.parallel"); f != nil && !set {
+		if cur, err := strconv.Atoi(f.Value.String()); err == nil && cur < n {
+			_ = f.Value.Set(strconv.Itoa(n))
+		}
+	}
 }

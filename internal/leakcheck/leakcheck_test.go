@@ -5,7 +5,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"go.uber.org/goleak"
 
@@ -19,10 +18,12 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // check fail.
 type recorder struct {
 	testing.TB
+	name     string
 	cleanups []func()
 	errors   []string
 }
 
+func (r *recorder) Name() string      { return r.name }
 func (r *recorder) Cleanup(f func())  { r.cleanups = append(r.cleanups, f) }
 func (r *recorder) Error(args ...any) { r.errors = append(r.errors, fmt.Sprint(args...)) }
 func (r *recorder) Errorf(f string, a ...any) {
@@ -38,52 +39,55 @@ func (r *recorder) runCleanups() {
 	}
 }
 
-// TestParallelLeakCheckBlamesOnlyItsOwnTest checks the leak check of
-// parallel tests: a test's check waits until the other test running beside
-// it has torn itself down, so goroutines that test started after the first
-// one began are not blamed on it, and a goroutine a test leaves running
-// still fails it.
-func TestParallelLeakCheckBlamesOnlyItsOwnTest(t *testing.T) {
-	first, second := &recorder{TB: t}, &recorder{TB: t}
-	leakcheck.AfterOthers(first)
-	leakcheck.AfterOthers(second)
-	release, others := make(chan struct{}), make(chan struct{})
-	go func() { // the second test's, started after the first test began
-		defer close(others)
-		<-release
-	}()
+// TestLeakCheckBlamesOnlyItsOwnTest checks the leak check of parallel
+// tests: two tests run side by side, each on its own goroutine; the first
+// ends while a goroutine the second started still runs, and passes; the
+// second ends with it still running, and fails, its report naming the
+// goroutine's function.
+func TestLeakCheckBlamesOnlyItsOwnTest(t *testing.T) {
+	first := &recorder{TB: t, name: "first"}
+	second := &recorder{TB: t, name: "second"}
+	releaseFirst, releaseSecond := make(chan struct{}), make(chan struct{})
+	firstDone, secondDone := make(chan struct{}), make(chan struct{})
+	onTestGoroutine(func() {
+		leakcheck.Track(first)
+		go blockUntil(releaseFirst, firstDone)
+	})
+	onTestGoroutine(func() {
+		leakcheck.Track(second)
+		go blockUntil(releaseSecond, secondDone)
+	})
 
-	firstChecked := make(chan struct{})
-	go func() {
-		defer close(firstChecked)
-		first.runCleanups()
-	}()
-	select {
-	case <-firstChecked:
-		t.Fatal("the first test's leak check ran while the second test was still running")
-	case <-time.After(100 * time.Millisecond): // elapsed time is the point: the check must still be waiting
-	}
-	close(release)
-	<-others
-	second.runCleanups()
-	<-firstChecked
-	if first.Failed() || second.Failed() {
-		t.Fatalf("tests that leaked nothing failed their leak checks: %v %v", first.errors, second.errors)
+	close(releaseFirst)
+	<-firstDone
+	onTestGoroutine(first.runCleanups)
+	if first.Failed() {
+		t.Fatalf("a test that leaked nothing was blamed for the goroutine of the test beside it: %v", first.errors)
 	}
 
-	leaky := &recorder{TB: t}
-	leakcheck.AfterOthers(leaky)
-	release, done := make(chan struct{}), make(chan struct{})
+	onTestGoroutine(second.runCleanups)
+	close(releaseSecond)
+	<-secondDone
+	if !second.Failed() || !strings.Contains(strings.Join(second.errors, "\n"), "leakcheck_test.blockUntil") {
+		t.Fatalf("a goroutine left running by a parallel test did not fail it; errors: %v", second.errors)
+	}
+}
+
+// blockUntil is a test's goroutine: it runs until release is closed.
+func blockUntil(release <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
+	<-release
+}
+
+// onTestGoroutine runs fn on a goroutine of its own, as testing runs each
+// test and its cleanups, and waits for it.
+func onTestGoroutine(fn func()) {
+	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		<-release
+		fn()
 	}()
-	leaky.runCleanups()
-	close(release)
 	<-done
-	if !leaky.Failed() || !strings.Contains(strings.Join(leaky.errors, "\n"), "TestParallelLeakCheckBlamesOnlyItsOwnTest") {
-		t.Fatalf("a goroutine left running by a parallel test did not fail it; errors: %v", leaky.errors)
-	}
 }
 
 // TestParallelMarksTheTestAndItsSubtests checks what testcluster relies on
