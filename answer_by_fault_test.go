@@ -9,7 +9,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
-	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -34,7 +33,6 @@ func faultyHetero(t *testing.T, opts [3][]pubsub.Option) *testcluster.Cluster {
 // batch once (the re-sends are answered, not run again), and nobody is
 // evicted for the early Timeout (EvictAfter 1).
 func TestEarlyAnswerWithTheSubscriberRouteStalled(t *testing.T) {
-	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		name  string
 		stall [][2]int // {from, to} servers: 1 the owner's, 2 the subscribers'
@@ -93,7 +91,6 @@ func TestEarlyAnswerWithTheSubscriberRouteStalled(t *testing.T) {
 // subscriber as Timeout (or SubscriberGone once its node left), never as
 // Delivered, and counts only the subscriber on its own node.
 func TestEarlyAnsweredPublishWhenANodeFails(t *testing.T) {
-	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		name string
 		fail func(t *testing.T, c *testcluster.Cluster)

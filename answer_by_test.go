@@ -10,7 +10,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
-	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -24,7 +23,6 @@ import (
 // their delivery goes on, and only its real outcome counts towards
 // eviction.
 func TestPublishAnsweredAtItsDeadlineListsWhoRan(t *testing.T) {
-	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		name      string
 		publisher int // index into the cluster: 0 "p" (remote owner), 1 "o" (the owner)
@@ -181,7 +179,6 @@ func TestPublishAnsweredAtItsDeadlineListsAReroutedShare(t *testing.T) {
 // that (an eighth): with 500 ms and about 62 ms, a loaded CI run saw the
 // answer arrive late once (ErrTimeout) in 7.
 func TestSplitBatchAnsweredAtTheDeadlineStillReachesASlowSubscriber(t *testing.T) {
-	leakcheck.Parallel(t)
 	c := heteroCluster(t, [3][]pubsub.Option{
 		{pubsub.WithSubscriberTimeout(500 * time.Millisecond), pubsub.WithRequestTimeout(500 * time.Millisecond)}, nil, nil})
 	topic := topicOwnedByEveryView(t, c, "o")

@@ -9,7 +9,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
-	"github.com/clusterpubsub/pubsub/internal/leakcheck"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
 )
 
@@ -69,7 +68,6 @@ func assertGroupFailedOnce(t *testing.T, ack pubsub.PublishAck, g string) {
 // publisher re-publishing a batch whose group was not delivered, no
 // message was lost (at least once) or run twice (at most once).
 func TestEarlyAnswerWithAGroupShareReroutedFromAStalledRoute(t *testing.T) {
-	leakcheck.Parallel(t)
 	for _, tc := range []struct {
 		name string
 		alo  bool
@@ -159,7 +157,6 @@ func TestEarlyAnswerWithAGroupShareReroutedFromAStalledRoute(t *testing.T) {
 // (1.1 s), is answered before it with the group failed, each member
 // listed at most once; the batch's outcome counts one failure.
 func TestEarlyAnswerWithEveryGroupMemberStalled(t *testing.T) {
-	leakcheck.Parallel(t)
 	for _, within := range []time.Duration{500 * time.Millisecond, 1100 * time.Millisecond} {
 		t.Run(within.String(), func(t *testing.T) {
 			alo := []pubsub.Option{pubsub.WithDeliveryMode(atLeastOnce)}
