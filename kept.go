@@ -55,7 +55,7 @@ type keptCopies struct {
 	ttl                 time.Duration
 	maxBytes, maxCopies int
 
-	hits, misses atomic.Uint64
+	hits, misses, skipped atomic.Uint64
 }
 
 type keptCopy struct {
@@ -240,10 +240,26 @@ func (n *Node) encodeRequest(v *view, owner Member, req ownerRequest, buf []byte
 	packed, withMeta := p.packedIn(out)
 	if !n.publisher.kept.keep(p.wire.KeptCopy, topic, packed, withMeta, p.wire.GetCount()) {
 		// No room: the owner sends these messages back (see keep).
+		n.keptSkipped(topic)
 		p.wire.KeptCopy = 0
 		return req.encode(v, owner.Incarnation, out[:0])
 	}
 	return out
+}
+
+// keptSkipped counts and logs (throttled) a publish sent naming no kept
+// copy because the store was at its bound: nothing is lost, but its
+// messages cross the servers back to this node.
+func (n *Node) keptSkipped(topic string) {
+	n.publisher.kept.skipped.Add(1)
+	if ok, suppressed := n.log.limit.allow("kept/full"); ok {
+		k := &n.publisher.kept
+		k.mu.Lock()
+		copies, bytes, maxCopies, maxBytes := len(k.byID), k.bytes, k.maxCopies, k.maxBytes
+		k.mu.Unlock()
+		n.log.Warn("kept-copy store full: publish sent without a kept copy (the owner sends its messages back)", "topic", topic,
+			"copies", copies, "bytes", bytes, "limit_copies", maxCopies, "limit_bytes", maxBytes, "suppressed", suppressed)
+	}
 }
 
 // answered forgets req's copy once an AckDelivered answer came that

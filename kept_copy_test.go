@@ -328,3 +328,30 @@ func TestDeliveryNamingCopiesTheNodeCannotUse(t *testing.T) {
 	assert.Equal(t, before+1, c.Nodes[1].Stats().Malformed)
 	assert.Equal(t, uint64(1), c.Nodes[1].Stats().KeptCopyMisses, "the first one only")
 }
+
+// A publisher whose kept-copy store is at its bound sends its requests
+// naming no copy: each is counted in KeptCopySkipped, and the owner sends
+// the messages back, so its own subscriber still gets every one, in order.
+func TestKeptCopyStoreFullIsCountedAndLosesNothing(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	pub := c.Nodes[0]
+	topic := ownedTopic(t, pub, "n1", "kept-full")
+	rec := newRecorder()
+	own := subscribe(t, pub, topic, rec.handler)
+	pub.LimitKeptCopiesForTest(0) // below any batch: nothing fits
+	before := pub.Stats()
+	const publishes = 5
+	var want []string
+	for b := range publishes {
+		batch := [][]byte{msg(2 * b), msg(2*b + 1)}
+		want = append(want, string(batch[0]), string(batch[1]))
+		ack, err := pub.PublishBatch(ctxT(t), topic, batch)
+		mustAccept(t, ack, err, 1)
+	}
+	after := pub.Stats()
+	assert.Equal(t, uint64(publishes), after.KeptCopySkipped-before.KeptCopySkipped, "requests sent naming no copy")
+	assert.Zero(t, after.KeptCopyHits-before.KeptCopyHits)
+	assert.Equal(t, want, rec.of(own.ID()), "the publisher's own subscriber, from the messages the owner sent back")
+	copies, _ := pub.KeptCopiesForTest()
+	assert.Zero(t, copies)
+}

@@ -71,8 +71,9 @@ type Stats struct {
 	// owner then sent the messages, at the cost of a round trip, if it
 	// still waited for the delivery (each miss is logged, throttled).
 	// Past 16 MiB or 1 024 copies a node keeps none and its requests
-	// name none.
-	KeptCopyHits, KeptCopyMisses uint64
+	// name none: KeptCopySkipped counts those requests (each logged,
+	// throttled). Nothing is lost; their messages cross the servers back.
+	KeptCopyHits, KeptCopyMisses, KeptCopySkipped uint64
 	// Under KeepMajority: whether this node sees a majority of the last
 	// stable view and so serves the topics it owns (always true under
 	// KeepServing), and that view's agreed epoch and size (0 under
@@ -111,6 +112,7 @@ func (n *Node) Stats() Stats {
 		ProducerMarksForgotten: n.stats.marksForgotten.Load(),
 		KeptCopyHits:           n.publisher.kept.hits.Load(),
 		KeptCopyMisses:         n.publisher.kept.misses.Load(),
+		KeptCopySkipped:        n.publisher.kept.skipped.Load(),
 	}
 	st.HasQuorum = true // KeepServing always serves
 	if n.cfg.PartitionPolicy == KeepMajority {
