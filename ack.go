@@ -41,6 +41,10 @@ var (
 	// ErrInvalidMessage: a message cannot be published as given (an invalid
 	// header name, or a value a Topic's codec could not encode).
 	ErrInvalidMessage = errors.New("pubsub: invalid message")
+	// ErrTooManySubscriptions: Subscribe on a node that holds 1 048 576
+	// subscriptions already. Unsubscribe what is not used, or subscribe
+	// from more nodes.
+	ErrTooManySubscriptions = errors.New("pubsub: too many subscriptions")
 	// ErrCancelled is context.Canceled itself, so errors.Is works with either.
 	ErrCancelled = context.Canceled
 )

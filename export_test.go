@@ -53,6 +53,22 @@ func WithSilentWaitForTest() Option { return func(c *Config) { c.silentWait = tr
 // (maxNodeProducerMarks), for tests that reach it fast.
 func (n *Node) SetProducerMarksLimitForTest(limit int64) { n.marks.limit.Store(limit) }
 
+// LimitSubscriptionsForTest lowers the subscriptions the node may hold
+// (maxSubscriptions), which also bounds what it pulls from one member.
+func (n *Node) LimitSubscriptionsForTest(limit int) {
+	n.subscriber.mu.Lock()
+	defer n.subscriber.mu.Unlock()
+	n.subscriber.max = limit
+}
+
+// LimitOwnerRecordsForTest lowers the subscriber records the node holds
+// as owner (maxOwnerRecords).
+func (n *Node) LimitOwnerRecordsForTest(limit int64) { n.owner.maxRecords.Store(limit) }
+
+// OwnerRecordsForTest returns the subscriber records the node holds as
+// owner, over all its topics.
+func (n *Node) OwnerRecordsForTest() int64 { return n.owner.records.Load() }
+
 // LimitKeptCopiesForTest bounds the bytes of the node's kept copies
 // (kept.go): a bound below any batch keeps none, as when copies were
 // dropped past the bound.

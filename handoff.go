@@ -17,6 +17,7 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 	req := &wire.SyncRequest{From: n.selfRef(), ViewId: v.id, Members: v.refs()}
 	env := &wire.Envelope{Body: &wire.Envelope_SyncRequest{SyncRequest: req}}
 	var topics []*wire.TopicSubscribers
+	held := 0 // subscribers in topics
 	for ctx.Err() == nil {
 		var page *wire.Sync
 		n.retry(ctx, func() bool {
@@ -35,6 +36,19 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 			return
 		}
 		last := page.GetTopics()
+		for _, t := range last {
+			held += len(t.GetSubscribers())
+		}
+		if limit := n.subscriber.limit(); held > limit {
+			// A member holds at most as many subscriptions as this node
+			// may (maxSubscriptions): one that pages past them is broken
+			// or forged, and would grow this list while it answers.
+			n.stats.malformed.Add(1)
+			n.log.Warn("sync pull: a member listed more subscriptions than a node may hold; keeping the pages before", "member", m.ID,
+				"listed", held, "limit", limit)
+			r.applyPulled(v, m, topics)
+			return
+		}
 		if !page.GetMore() || len(last) == 0 || len(last[len(last)-1].GetSubscribers()) == 0 {
 			r.applyPulled(v, m, append(topics, last...))
 			return

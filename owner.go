@@ -30,12 +30,16 @@ type ownerSide struct {
 	// draining Close waits for both, or a request that passed the check
 	// just before the drain began would be served after the node left.
 	queued atomic.Int64
+	// records counts the subscriber records of every actor (the sum of
+	// their counts); maxRecords bounds it (maxOwnerRecords; tests lower it).
+	records, maxRecords atomic.Int64
 }
 
 func (o *ownerSide) init(n *Node) {
 	o.n = n
 	o.topics = make(map[string]*topicActor)
 	o.budget.Store(maxOwnerInflightBytes)
+	o.maxRecords.Store(maxOwnerRecords)
 	o.registry.init(n)
 	o.registry.reset(n.view(), nil, viewChange{})
 }
@@ -96,6 +100,32 @@ func (n *Node) refuseOverBudget(topic string) string {
 			"inflight_bytes", held, "inflight_batches", batches, "limit_bytes", n.owner.budget.Load(), "limit_batches", maxOwnerInflightBatches, "suppressed", suppressed)
 	}
 	return fmt.Sprintf("its deliveries in flight hold %d bytes in %d batches, over its budget (%d bytes, %d batches) until subscriber nodes report", held, batches, n.owner.budget.Load(), maxOwnerInflightBatches)
+}
+
+// maxOwnerRecords bounds the subscriber records a node holds as owner,
+// over all the topics it owns: subscribe requests carry the subscriber's
+// node and ID unverified, so without a bound anyone who can publish on the
+// cluster's subjects could grow them without end. A node holds at most as
+// many subscriptions of its own (maxSubscriptions), so only a topic owner
+// that about a million subscribers across the cluster subscribe through
+// would reach it.
+const maxOwnerRecords = 1 << 20
+
+// recordsAdmit reports whether one more subscriber record fits.
+func (o *ownerSide) recordsAdmit() bool {
+	return o.records.Load() < o.maxRecords.Load()
+}
+
+// refuseRecords counts and logs (throttled) subscriber records refused
+// past maxOwnerRecords (n of them, from node), and returns the reason the
+// subscriber is told.
+func (n *Node) refuseRecords(topic, node string, count int) string {
+	n.stats.refused.Add(uint64(count))
+	if ok, suppressed := n.log.limit.allow("refused/records"); ok {
+		n.log.Warn("subscription refused: subscriber records over the owner's bound", "topic", topic, "node", node,
+			"refused", count, "records", n.owner.records.Load(), "limit", n.owner.maxRecords.Load(), "suppressed", suppressed)
+	}
+	return fmt.Sprintf("it holds %d subscriber records, its bound (%d): unsubscribe what is not used, or add nodes to share the topics", n.owner.records.Load(), n.owner.maxRecords.Load())
 }
 
 // maxActorQueue bounds the requests from other nodes waiting for one topic

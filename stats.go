@@ -37,7 +37,7 @@ type Stats struct {
 	// MemberTimeout (more than half of it apart): once per change of what
 	// a peer says; each is logged (throttled).
 	SettingsMismatches uint64
-	RequestsRefused    uint64 // requests refused: their topic actor's queue was full, or the batches this node accepted as owner and has not settled were over budget (256 MiB), or (subscriber side) 64 copies of one at-least-once batch already waited for its report
+	RequestsRefused    uint64 // requests refused: their topic actor's queue was full, or the batches this node accepted as owner and has not settled were over budget (256 MiB), or its subscriber records as owner were at their bound (1 048 576; records from a gained topic's syncs count one each), or (subscriber side) 64 copies of one at-least-once batch already waited for its report
 	AckNoneRefused     uint64 // messages of AckNone publishes this node refused as owner, its own included (not the owner, not ready, held back for a producer's order, queue full): lost, and nobody tells their publisher
 	// AnsweredEarly counts AckDelivered batches this node, as owner,
 	// answered at their publisher's deadline (a ctx deadline, or timeouts

@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,6 +20,7 @@ type subscriberSide struct {
 	byTopic map[string]int           // subscriptions per topic, consumer-group members left out
 	next    atomic.Uint64
 	tag     string // makes SubscriberID.Local unique across incarnations
+	max     int    // subscriptions at most (maxSubscriptions; tests lower it)
 
 	recentMu sync.Mutex
 	recent   map[batchKey]*recentBatch
@@ -29,6 +31,7 @@ func (s *subscriberSide) init() {
 	s.byTopic = make(map[string]int)
 	s.recent = make(map[batchKey]*recentBatch)
 	s.tag = strconv.FormatUint(randomUint64()&0xffffffff, 36)
+	s.max = maxSubscriptions
 }
 
 // namesOwn reports whether d names a subscriber of this incarnation (by
@@ -53,19 +56,36 @@ func (s *subscriberSide) newLocal() string {
 	return s.tag + "-" + strconv.FormatUint(s.next.Add(1), 36)
 }
 
-// add registers sub unless closed reports the node closed, under the lock
-// shutdown takes, so no subscription is added after shutdown ended them all.
-func (s *subscriberSide) add(sub *Subscription, closed func() bool) bool {
+// maxSubscriptions bounds a node's own subscriptions. A topic's owner
+// holds at most maxOwnerRecords subscriber records, so a node that could
+// hold more would have owners refuse or drop some of them.
+const maxSubscriptions = maxOwnerRecords
+
+// add registers sub unless closed reports the node closed (ErrClosed) or
+// it holds s.max subscriptions already (ErrTooManySubscriptions), under the
+// lock shutdown takes, so no subscription is added after shutdown ended
+// them all.
+func (s *subscriberSide) add(sub *Subscription, closed func() bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if closed() {
-		return false
+		return ErrClosed
+	}
+	if len(s.subs) >= s.max {
+		return fmt.Errorf("%w: the node holds %d, its bound: unsubscribe what is not used, or subscribe from more nodes", ErrTooManySubscriptions, len(s.subs))
 	}
 	s.subs[sub.id.Local] = sub
 	if sub.id.Group() == "" {
 		s.byTopic[sub.topic]++
 	}
-	return true
+	return nil
+}
+
+// limit returns the subscriptions a node may hold.
+func (s *subscriberSide) limit() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.max
 }
 
 // subscribes reports whether this node has a subscription to topic that

@@ -254,8 +254,8 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 	s.mailbox.goroutines = &n.life.goroutines
 	// Registered locally first: the node is the source of truth, so a sync
 	// sent during the request already carries it.
-	if !n.subscriber.add(s, n.life.closed.Load) {
-		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, ErrClosed)
+	if err := n.subscriber.add(s, n.life.closed.Load); err != nil {
+		return nil, fmt.Errorf("pubsub: subscribe %q: %w", topic, err)
 	}
 	issued := false
 	if err := n.registerWithOwnerIssued(ctx, s, false, &issued); err != nil {

@@ -134,7 +134,7 @@ func (a *topicActor) reconcile() *view {
 			a.nodes, a.fails, a.ready, a.groups = nil, nil, false, groupBook{}
 			a.waitSince = time.Time{}
 			a.publishGroupSizes()
-			a.count.Store(0)
+			n.owner.records.Add(-a.count.Swap(0))
 		}
 		a.owned, a.epoch = owned, v.epoch
 	}
@@ -145,7 +145,13 @@ func (a *topicActor) reconcile() *view {
 		if subs, ok := n.owner.registry.take(a.topic, v.epoch); ok {
 			for node, locals := range subs {
 				m, _ := v.member(node)
-				for _, l := range locals {
+				for i, l := range locals {
+					if !a.n.owner.recordsAdmit() {
+						// Not told: only a cluster past the bound, or
+						// forged subscribe requests, get here.
+						a.n.refuseRecords(a.topic, node, len(locals)-i)
+						break
+					}
 					a.add(node, m.Incarnation, l)
 				}
 			}
@@ -194,6 +200,7 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	ns.set[local] = struct{}{}
 	ns.list = nil
 	a.count.Add(1)
+	a.n.owner.records.Add(1)
 	if g := groupOf(local); g != "" {
 		a.groups.joined(g)
 		a.publishGroupSizes()
@@ -201,6 +208,17 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 		a.groups.invalidate("")
 	}
 	return true
+}
+
+// holds reports whether id, of incarnation inc, is recorded already: a
+// repeated subscribe adds nothing and is answered as before.
+func (a *topicActor) holds(id SubscriberID, inc uint64) bool {
+	ns := a.nodes[id.Node]
+	if ns == nil || ns.inc != inc {
+		return false
+	}
+	_, ok := ns.set[id.Local]
+	return ok
 }
 
 // unsubscribe removes a subscriber that unsubscribed.
@@ -226,6 +244,7 @@ func (a *topicActor) remove(id SubscriberID, unsubscribed bool) bool {
 	delete(ns.set, id.Local)
 	ns.list = nil
 	a.count.Add(-1)
+	a.n.owner.records.Add(-1)
 	if len(ns.set) == 0 {
 		delete(a.nodes, id.Node)
 	}
@@ -254,6 +273,7 @@ func (a *topicActor) dropNode(node string) {
 		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
 	}
 	a.count.Add(-int64(len(a.nodes[node].set)))
+	a.n.owner.records.Add(-int64(len(a.nodes[node].set)))
 	delete(a.nodes, node)
 	a.publishGroupSizes()
 }
@@ -285,6 +305,12 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 		return
 	}
 	id := SubscriberID{Node: from.GetNodeId(), Local: local}
+	if !unsubscribe && !a.n.owner.recordsAdmit() && !a.holds(id, from.GetIncarnation()) {
+		// NOT_READY: the subscriber retries within its deadline, and is
+		// then told why (ErrTopicUnavailable with this reason).
+		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: a.n.refuseRecords(a.topic, id.Node, 1)})
+		return
+	}
 	if unsubscribe {
 		a.unsubscribe(id)
 	} else if a.add(id.Node, from.GetIncarnation(), id.Local) {
