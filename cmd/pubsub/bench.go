@@ -73,6 +73,8 @@ type report struct {
 // scenarioResult is what one scenario measured.
 type scenarioResult struct {
 	Name string `json:"name"`
+	// Run numbers the runs of --repeat, from 1; 0 (left out) without it.
+	Run int `json:"run,omitempty"`
 	// Messages is the number of messages produced, or of publish calls
 	// (latency) per ack level.
 	Messages    int `json:"messages"`
@@ -137,32 +139,25 @@ func runBench(ctx context.Context, cfg *benchConfig, stdout, stderr io.Writer) e
 		rep.Servers, rep.Embedded, rep.NATSServer = cfg.servers, true, server.VERSION
 	}
 
-	for _, name := range cfg.scenarios {
-		var res scenarioResult
-		var err error
-		switch name {
-		case scenarioFanout:
-			res, err = b.fanout(ctx)
-		case scenarioLocal:
-			res, err = b.local(ctx)
-		case scenarioLatency:
-			res, err = b.latency(ctx)
-		case scenarioGroup:
-			res, err = b.group(ctx)
+	for run := 1; run <= cfg.repeat; run++ {
+		if run > 1 {
+			// Names of its own: subscriptions of the run before, whose
+			// connections are closed, may still be known over the routes.
+			b.runID = newRunID()
 		}
-		if lost := b.nodeLost.Swap(nil); err != nil && lost != nil {
-			err = fmt.Errorf("%w; the likely cause: %w (%s: see the server's log)", err, *lost, slowConsumerHint)
+		for _, name := range cfg.scenarios {
+			res, err := b.scenario(ctx, name)
+			if err != nil {
+				if cfg.repeat > 1 {
+					return fmt.Errorf("run %d: %w", run, err)
+				}
+				return err
+			}
+			if cfg.repeat > 1 {
+				res.Run = run
+			}
+			rep.Scenarios = append(rep.Scenarios, res)
 		}
-		switch cause := context.Cause(ctx); {
-		case err == nil && cause != nil:
-			err = cause
-		case err != nil && cause != nil && !errors.Is(err, cause):
-			err = fmt.Errorf("%w (%v)", err, cause)
-		}
-		if err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
-		rep.Scenarios = append(rep.Scenarios, res)
 	}
 	rep.Seconds = time.Since(start).Seconds()
 
@@ -172,6 +167,34 @@ func runBench(ctx context.Context, cfg *benchConfig, stdout, stderr io.Writer) e
 		return enc.Encode(rep)
 	}
 	return printTable(stdout, &rep)
+}
+
+// scenario runs the scenario name once and names a likely cause of its
+// failure.
+func (b *bench) scenario(ctx context.Context, name string) (res scenarioResult, err error) {
+	switch name {
+	case scenarioFanout:
+		res, err = b.fanout(ctx)
+	case scenarioLocal:
+		res, err = b.local(ctx)
+	case scenarioLatency:
+		res, err = b.latency(ctx)
+	case scenarioGroup:
+		res, err = b.group(ctx)
+	}
+	if lost := b.nodeLost.Swap(nil); err != nil && lost != nil {
+		err = fmt.Errorf("%w; the likely cause: %w (%s: see the server's log)", err, *lost, slowConsumerHint)
+	}
+	switch cause := context.Cause(ctx); {
+	case err == nil && cause != nil:
+		err = cause
+	case err != nil && cause != nil && !errors.Is(err, cause):
+		err = fmt.Errorf("%w (%v)", err, cause)
+	}
+	if err != nil {
+		return res, fmt.Errorf("%s: %w", name, err)
+	}
+	return res, nil
 }
 
 // newRunID returns 6 random hex digits.
@@ -369,6 +392,17 @@ func printTable(w io.Writer, rep *report) error {
 	}
 	fmt.Fprintf(w, "pubsub bench: %s, %d-byte messages, %s pattern, GOMAXPROCS %d\n\n", where, rep.SizeBytes, rep.Pattern, rep.GOMAXPROCS)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	// A RUN column only with --repeat: one run reads as before.
+	repeated := slices.ContainsFunc(rep.Scenarios, func(s scenarioResult) bool { return s.Run > 0 })
+	lead := func(s scenarioResult) string {
+		if !repeated {
+			return ""
+		}
+		return strconv.Itoa(s.Run) + "\t"
+	}
+	if repeated {
+		fmt.Fprint(tw, "RUN\t")
+	}
 	fmt.Fprintln(tw, "SCENARIO\tPATTERN\tPUBSUB\tRAW NATS\tRATIO\tNOTES")
 	for _, s := range rep.Scenarios {
 		for _, r := range s.Results {
@@ -398,7 +432,7 @@ func printTable(w io.Writer, rep *report) error {
 					if i == 0 {
 						notes = r.Notes
 					}
-					fmt.Fprintf(tw, "%s\t%s %s\t%.1f µs\t%s\t%s\t%s\n", s.Name, r.Pattern, row.name, row.get(p), rawCell, ratioCell, notes)
+					fmt.Fprintf(tw, "%s%s\t%s %s\t%.1f µs\t%s\t%s\t%s\n", lead(s), s.Name, r.Pattern, row.name, row.get(p), rawCell, ratioCell, notes)
 				}
 				continue
 			}
@@ -409,7 +443,7 @@ func printTable(w io.Writer, rep *report) error {
 			if x, ok := r.Ratio.(float64); ok {
 				ratioCell = fmt.Sprintf("%.2fx", x)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, r.Pattern, formatRate(r.PubSub.DeliveriesPerSec), rawCell, ratioCell, r.Notes)
+			fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\t%s\t%s\n", lead(s), s.Name, r.Pattern, formatRate(r.PubSub.DeliveriesPerSec), rawCell, ratioCell, r.Notes)
 		}
 	}
 	if err := tw.Flush(); err != nil {

@@ -51,6 +51,7 @@ type benchConfig struct {
 	block     bool // ProducerConfig.BlockWhenFull
 	prefix    string
 	json      bool
+	repeat    int // runs of the scenario list in one process
 	timeout   time.Duration
 	// auth holds the options of the connection flags (--user to --tlsca),
 	// for every connection; authNote describes them for errors.
@@ -117,6 +118,7 @@ type benchFlags struct {
 	block    bool
 	prefix   string
 	json     bool
+	repeat   int
 	timeout  time.Duration
 	conn     connFlags
 }
@@ -140,6 +142,7 @@ func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs.BoolVar(&f.block, "block", false, "the producer's BlockWhenFull, for either pattern: Produce waits for room in a full queue instead of failing with ErrQueueFull, so a burst is back-pressured rather than mostly rejected (default false: the library's default)")
 	fs.StringVar(&f.prefix, "prefix", "pubsub-bench", "subject prefix of the pubsub nodes; raw NATS subjects are <prefix>.raw.*")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object with every scenario's figures instead of the table")
+	fs.IntVar(&f.repeat, "repeat", 1, "run the scenarios `N` times in this process, on the same servers, one run after the other, each whole (raw NATS first, then nodes join anew, and leave), numbered RUN in the table and \"run\" in the JSON: the spread of several runs from one command")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "overall time limit of the run")
 	return fs
 }
@@ -184,6 +187,7 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		block:    f.block,
 		prefix:   f.prefix,
 		json:     f.json,
+		repeat:   f.repeat,
 		timeout:  f.timeout,
 	}
 	for _, n := range names {
@@ -248,6 +252,8 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		return nil, errors.New("--burst and --window exclude each other")
 	case set["burst"] && !f.burst:
 		return nil, errors.New("--burst=false: choose a pattern with --window N instead")
+	case cfg.repeat < 1:
+		return nil, fmt.Errorf("--repeat %d: want at least 1", cfg.repeat)
 	case cfg.timeout <= 0:
 		return nil, fmt.Errorf("--timeout %v: want a positive duration", cfg.timeout)
 	}
@@ -290,6 +296,7 @@ Examples:
   pubsub bench
   pubsub bench fanout --window 20000
   pubsub bench --json --count 2000 latency
+  pubsub bench fanout --repeat 3
   pubsub bench --url nats://a:4222,nats://b:4222,nats://c:4222
 
 Flags:

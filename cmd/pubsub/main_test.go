@@ -93,6 +93,48 @@ func TestBenchTable(t *testing.T) {
 	}
 }
 
+// TestBenchRepeat runs two scenarios twice in one process: the table gets
+// a RUN column and a row per run and scenario, in order; the JSON numbers
+// each scenario's run.
+func TestBenchRepeat(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a benchmark")
+	}
+	code, out, errs := runTool(t, "bench", "--repeat", "2", "--count", "1000", "fanout", "group")
+	if code != 0 {
+		t.Fatalf("exit status %d\nstdout:\n%s\nstderr:\n%s", code, out, errs)
+	}
+	t.Logf("\n%s", out)
+	rows := regexp.MustCompile(`(?m)^(\d) +(fanout|group) +burst +\d+\.\d+ [kM]?/s +\d+\.\d+ [kM]?/s +\d+\.\d\dx `).FindAllStringSubmatch(out, -1)
+	var got []string
+	for _, r := range rows {
+		got = append(got, r[1]+" "+r[2])
+	}
+	if want := []string{"1 fanout", "1 group", "2 fanout", "2 group"}; !slices.Equal(got, want) {
+		t.Errorf("rows %q, want %q", got, want)
+	}
+	if !regexp.MustCompile(`(?m)^RUN +SCENARIO +PATTERN`).MatchString(out) {
+		t.Error("no RUN column")
+	}
+
+	code, out, errs = runTool(t, "bench", "--json", "--repeat", "2", "--count", "1000", "fanout")
+	if code != 0 {
+		t.Fatalf("exit status %d\nstdout:\n%s\nstderr:\n%s", code, out, errs)
+	}
+	var rep struct {
+		Scenarios []struct {
+			Name string `json:"name"`
+			Run  int    `json:"run"`
+		} `json:"scenarios"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("output is not one JSON object: %v\n%s", err, out)
+	}
+	if len(rep.Scenarios) != 2 || rep.Scenarios[0].Run != 1 || rep.Scenarios[1].Run != 2 {
+		t.Errorf("scenarios %+v, want fanout runs 1 and 2", rep.Scenarios)
+	}
+}
+
 // TestBenchJSONLatency checks the JSON of the latency scenario: a raw
 // baseline, and each ack level with its percentiles and their ratios.
 func TestBenchJSONLatency(t *testing.T) {
@@ -206,6 +248,7 @@ func TestBadUsageExitsOne(t *testing.T) {
 		{[]string{"bench", "--queue", "0"}, "--queue 0"},
 		{[]string{"bench", "--inflight", "-2"}, "--inflight -2"},
 		{[]string{"bench", "--batch", "0"}, "--batch 0"},
+		{[]string{"bench", "--repeat", "0"}, "--repeat 0"},
 		{[]string{"bench", "--window", "200000"}, "raise it with --queue"},
 		{[]string{"bench", "--window", "600", "--queue", "500"}, "want 1 to 500"},
 		{[]string{"bench", "--url", "nats://a:1", "--servers", "2"}, "--servers"},
