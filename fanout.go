@@ -332,8 +332,7 @@ func (b *pendingBatch) report(to nodeTarget, st []DeliveryStatus, processed []ui
 	// is served without the subscribers this one evicted.
 	a.s.do(func() {
 		a.inflight--
-		a.n.owner.inflight.Add(-1)
-		a.n.owner.inflightBytes.Add(-b.bytes)
+		a.n.owner.release(int(b.bytes))
 		a.account(b.outcomes)
 	})
 	a.n.emitAccepted(b.ack)

@@ -83,11 +83,24 @@ const (
 	maxOwnerInflightBatches = 1 << 16
 )
 
-// admits reports whether a batch of size bytes fits the in-flight budget.
-// One batch is always admitted when nothing is in flight, however large.
-func (o *ownerSide) admits(size int) bool {
-	held := o.inflightBytes.Load()
-	return held == 0 || (held+int64(size) <= o.budget.Load() && o.inflight.Load() < maxOwnerInflightBatches)
+// reserve counts a batch of size bytes in flight if it fits the budget,
+// and reports whether it did. One batch always fits when nothing is in
+// flight, however large. Added first and taken back when over, so actors
+// reserving at once never overshoot the budget together.
+func (o *ownerSide) reserve(size int) bool {
+	held := o.inflightBytes.Add(int64(size))
+	batches := o.inflight.Add(1)
+	if held == int64(size) || (held <= o.budget.Load() && batches <= maxOwnerInflightBatches) {
+		return true
+	}
+	o.release(size)
+	return false
+}
+
+// release takes a batch of size bytes out of the in-flight count.
+func (o *ownerSide) release(size int) {
+	o.inflight.Add(-1)
+	o.inflightBytes.Add(-int64(size))
 }
 
 // refuseOverBudget counts and logs a batch refused for the in-flight

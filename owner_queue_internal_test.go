@@ -2,6 +2,8 @@ package pubsub
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -114,4 +116,42 @@ func requireEvicted(t *testing.T, s *Subscription, what string) {
 	case <-time.After(10 * time.Second):
 		t.Fatalf("%s: not evicted", what)
 	}
+}
+
+// Topic actors reserving room in the owner's in-flight budget at once never
+// hold more than it together: each reservation is added, then taken back
+// when over, so exactly as many batches fit as the budget holds (the
+// check-then-add it replaced let each actor running at once overshoot by a
+// batch). A first batch fits whatever its size.
+func TestInflightBudgetReservationsDoNotOvershootTogether(t *testing.T) {
+	const size, fit, workers, tries = 1024, 10, 8, 200
+	var o ownerSide
+	o.budget.Store(size * fit)
+	var wg sync.WaitGroup
+	var admitted atomic.Int64
+	start := make(chan struct{})
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			for range tries {
+				if o.reserve(size) {
+					admitted.Add(1)
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	assert.Equal(t, int64(fit), admitted.Load(), "batches admitted")
+	assert.Equal(t, int64(size*fit), o.inflightBytes.Load())
+	assert.Equal(t, int64(fit), o.inflight.Load())
+
+	for range fit {
+		o.release(size)
+	}
+	assert.Zero(t, o.inflightBytes.Load())
+	assert.True(t, o.reserve(size*fit*4), "a first batch over the budget fits alone")
+	assert.False(t, o.reserve(1), "nothing beside it")
 }

@@ -344,7 +344,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		return
 	}
 	size := msgs.bytes()
-	if !n.owner.admits(size) {
+	if !n.owner.reserve(size) {
 		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: n.refuseOverBudget(a.topic)})
 		return
 	}
@@ -376,13 +376,12 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	}
 	n.stats.published.Add(uint64(msgs.len()))
 	if len(targets) == 0 {
+		n.owner.release(size)
 		n.emitAccepted(b.ack)
 		b.answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: b.ack})
 		return
 	}
-	a.inflight++ // until account runs for b
-	n.owner.inflight.Add(1)
-	n.owner.inflightBytes.Add(b.bytes)
+	a.inflight++ // until account runs for b; the node's count since reserve
 	a.armEarlyAnswer(b, msgs, targets)
 	var head []byte // the encoded batch fields all remote nodes share, but the messages
 	// Remote nodes first: their batches are on the wire while this node's
