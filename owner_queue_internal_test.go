@@ -155,3 +155,20 @@ func TestInflightBudgetReservationsDoNotOvershootTogether(t *testing.T) {
 	assert.True(t, o.reserve(size*fit*4), "a first batch over the budget fits alone")
 	assert.False(t, o.reserve(1), "nothing beside it")
 }
+
+// At the owner's bound of subscriber records, a record is still taken when
+// the actor holds it already (a repeated subscribe, or a sync offering it
+// again) or when its node's records are of an earlier incarnation (add
+// drops those first); any other is refused. Below the bound, any fits.
+func TestRecordsAtTheBoundFitOnlyWhatMakesNoNetGrowth(t *testing.T) {
+	n := &Node{}
+	n.owner.maxRecords.Store(1)
+	n.owner.records.Store(1)
+	a := &topicActor{n: n, nodes: map[string]*nodeSubscribers{"x": {inc: 1, set: map[string]struct{}{"l1": {}}}}}
+	assert.True(t, a.fits(SubscriberID{Node: "x", Local: "l1"}, 1), "held already")
+	assert.False(t, a.fits(SubscriberID{Node: "x", Local: "l2"}, 1), "a new record of the same incarnation")
+	assert.True(t, a.fits(SubscriberID{Node: "x", Local: "l2"}, 2), "a new incarnation: its node's old records go first")
+	assert.False(t, a.fits(SubscriberID{Node: "y", Local: "l1"}, 1), "another node")
+	n.owner.records.Store(0)
+	assert.True(t, a.fits(SubscriberID{Node: "y", Local: "l1"}, 1), "room below the bound")
+}

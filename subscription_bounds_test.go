@@ -147,8 +147,52 @@ func TestMovedTopicTakesSubscriberRecordsUpToTheBound(t *testing.T) {
 	}, "the moved topic is not served: %v", err)
 	assert.Equal(t, 1, ack.Delivered, "the one record that fit")
 	assert.Equal(t, int64(2), to.OwnerRecordsForTest())
+	sum := 0
+	for _, n := range to.Stats().Subscribers {
+		sum += n
+	}
+	assert.Equal(t, int64(sum), to.OwnerRecordsForTest(), "records against the topics' subscribers")
 	after := c.Nodes[0].Stats().RequestsRefused + c.Nodes[2].Stats().RequestsRefused
 	assert.Greater(t, after, before, "the record that did not fit is counted")
 	got := len(rec.of(subs[0].ID())) + len(rec.of(subs[1].ID()))
 	assert.Equal(t, 1, got, "deliveries to the moved topic's subscribers")
+}
+
+// An owner at its bound of subscriber records that is offered again the
+// records it holds (a member crashed: every member is asked again for its
+// subscriptions) keeps them without counting or logging a refusal, and its
+// count of records stays the sum of its topics' subscribers.
+func TestRecordsOfferedAgainAtTheBoundAreNotRefused(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	owner := c.Nodes[1]
+	topics := []string{ownedBy(t, owner, "records-again-a"), ownedBy(t, owner, "records-again-b")}
+	owner.LimitOwnerRecordsForTest(2)
+	rec := newRecorder()
+	var subs []*pubsub.Subscription
+	for _, topic := range topics {
+		subs = append(subs, subscribe(t, c.Nodes[2], topic, rec.handler))
+	}
+	before := owner.Stats()
+	require.Equal(t, int64(2), owner.OwnerRecordsForTest())
+
+	c.Crash(0)
+	c.WaitConverged(t, 10*time.Second, 1, 2)
+	for i, topic := range topics {
+		var ack pubsub.PublishAck
+		var err error
+		testcluster.WaitFor(t, 10*time.Second, func() bool {
+			ack, err = c.Nodes[2].PublishBatch(ctxT(t), topic, [][]byte{msg(i)})
+			return err == nil && ack.Status == pubsub.Accepted
+		}, "%s is not served: %v", topic, err)
+		assert.Equal(t, 1, ack.Delivered, "%s", topic)
+		assert.Equal(t, []string{string(msg(i))}, rec.of(subs[i].ID()))
+	}
+	after := owner.Stats()
+	assert.Equal(t, before.RequestsRefused, after.RequestsRefused, "refusals counted for records the owner held")
+	sum := 0
+	for _, n := range after.Subscribers {
+		sum += n
+	}
+	assert.Equal(t, int64(sum), owner.OwnerRecordsForTest(), "records against the topics' subscribers")
+	assert.Equal(t, int64(2), owner.OwnerRecordsForTest())
 }

@@ -145,14 +145,18 @@ func (a *topicActor) reconcile() *view {
 		if subs, ok := n.owner.registry.take(a.topic, v.epoch); ok {
 			for node, locals := range subs {
 				m, _ := v.member(node)
-				for i, l := range locals {
-					if !a.n.owner.recordsAdmit() {
+				dropped := 0
+				for _, l := range locals {
+					if !a.fits(SubscriberID{Node: node, Local: l}, m.Incarnation) {
 						// Not told: only a cluster past the bound, or
 						// forged subscribe requests, get here.
-						a.n.refuseRecords(a.topic, node, len(locals)-i)
-						break
+						dropped++
+						continue
 					}
 					a.add(node, m.Incarnation, l)
+				}
+				if dropped > 0 {
+					a.n.refuseRecords(a.topic, node, dropped)
 				}
 			}
 			a.ready, a.synced, a.waitSince = true, v.epoch, time.Time{}
@@ -210,12 +214,21 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	return true
 }
 
-// holds reports whether id, of incarnation inc, is recorded already: a
-// repeated subscribe adds nothing and is answered as before.
-func (a *topicActor) holds(id SubscriberID, inc uint64) bool {
+// fits reports whether add may record id, of incarnation inc, within the
+// owner's bound of subscriber records: it does when there is room, when id
+// is recorded already (a repeated subscribe, or a sync offering what the
+// actor holds, adds nothing), and when its node's records are of an
+// earlier incarnation (add drops them first).
+func (a *topicActor) fits(id SubscriberID, inc uint64) bool {
+	if a.n.owner.recordsAdmit() {
+		return true
+	}
 	ns := a.nodes[id.Node]
-	if ns == nil || ns.inc != inc {
+	if ns == nil {
 		return false
+	}
+	if ns.inc != inc {
+		return true
 	}
 	_, ok := ns.set[id.Local]
 	return ok
@@ -305,7 +318,7 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 		return
 	}
 	id := SubscriberID{Node: from.GetNodeId(), Local: local}
-	if !unsubscribe && !a.n.owner.recordsAdmit() && !a.holds(id, from.GetIncarnation()) {
+	if !unsubscribe && !a.fits(id, from.GetIncarnation()) {
 		// NOT_READY: the subscriber retries within its deadline, and is
 		// then told why (ErrTopicUnavailable with this reason).
 		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: a.n.refuseRecords(a.topic, id.Node, 1)})
