@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"log/slog"
 	"testing"
 	"time"
 
@@ -94,4 +95,53 @@ func TestMovedToCountsOnlyThisLine(t *testing.T) {
 
 func TestMajorityOfAnEmptyViewIsNone(t *testing.T) {
 	assert.False(t, majorityOf(newView(0, nil), func(Member) bool { return true }))
+}
+
+// Found by the suite under load: n2 advanced alone to a stable view with a
+// joiner (its tick came first), and the joiner left gracefully before n0
+// and n1 advanced. n0 and n1 kept the view before, n2 could neither
+// confirm its change nor go back (the half of its view that reports the
+// view before lost the tie to the joiner's lower ID) and stopped serving
+// for good. A member that left gracefully holds no line: counted with the
+// reporters, n2 goes back. One that is merely out of sight (it may hold
+// the line elsewhere) still keeps n2 where it is.
+func TestStrandedAdvanceReturnsOnceItsJoinerLeftGracefully(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		leftGently bool
+		wantEpoch  uint64
+		wantQuorum bool
+	}{
+		{"joiner left gracefully", true, 1, true},
+		{"joiner out of sight", false, 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n0, n1, n2 := Member{ID: "n0", Incarnation: 1}, Member{ID: "n1", Incarnation: 1}, Member{ID: "n2", Incarnation: 1}
+			j0 := Member{ID: "j0", Incarnation: 1, ClientOnly: true}
+			n := &Node{self: n2, cfg: Config{MemberTimeout: time.Minute, HeartbeatInterval: time.Second, PartitionPolicy: KeepMajority},
+				log: nodeLogger{Logger: slog.New(slog.DiscardHandler)}}
+			n.members.peers = map[string]*peer{}
+			n.members.left = map[incarnation]time.Time{}
+			before := newView(1, []Member{n0, n1, n2})
+			advanced := newView(2, []Member{j0, n0, n1, n2})
+			n.members.views.cur.Store(before) // the joiner is gone
+			q := &n.members.quorum
+			q.setStable(2, advanced, before, false)
+			if tc.leftGently {
+				n.members.bury(j0, 10)
+			}
+			for _, m := range []Member{n0, n1} {
+				n.members.peers[m.ID] = &peer{m: m, lastSeen: time.Now().Add(time.Millisecond), viewID: before.id,
+					stableEpoch: 1, stableID: before.id, stableConfirmed: true}
+			}
+			n.members.mu.Lock()
+			has := n.evaluateQuorum(before, true)
+			n.members.mu.Unlock()
+			assert.Equal(t, tc.wantEpoch, q.epoch, "stable epoch")
+			assert.Equal(t, tc.wantQuorum, has, "quorum")
+			if tc.wantEpoch == 1 {
+				assert.Equal(t, before.id, q.stable.id, "back on the view n0 and n1 hold")
+			}
+		})
+	}
 }
