@@ -431,7 +431,7 @@ func (g *group) wait(ctx context.Context) error {
 // sentinels are the package's sentinel errors, which every error it
 // returns wraps (or a context error).
 var sentinels = []error{ErrQueueFull, ErrTimeout, ErrClosed, ErrTooLarge, ErrInvalidTopic,
-	ErrTopicUnavailable, ErrEvicted, ErrInvalidConfig, ErrInvalidMessage, context.Canceled, context.DeadlineExceeded}
+	ErrTopicUnavailable, ErrEvicted, ErrInvalidConfig, ErrInvalidMessage, ErrTooManySubscriptions, context.Canceled, context.DeadlineExceeded}
 
 // joinError gives a failure of Join its sentinel. Join's own checks
 // already wrap one (or are ctx's); what NATS itself returns while Join

@@ -226,8 +226,10 @@ func (s *Subscription) releaseMailbox() {
 //
 // It fails with ErrInvalidTopic, ErrInvalidConfig (a nil h, an invalid
 // option), ErrClosed, ErrTopicUnavailable (no owner served the topic within
-// RequestTimeout, or before ctx ended), ErrTimeout (the owner did not answer
-// in time), or ctx's error.
+// RequestTimeout, or before ctx ended, or the owner refused it past its
+// bound of subscriber records, saying so), ErrTimeout (the owner did not
+// answer in time), ErrTooManySubscriptions (this node holds 1 048 576
+// already), or ctx's error.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err

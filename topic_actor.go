@@ -134,7 +134,7 @@ func (a *topicActor) reconcile() *view {
 			a.nodes, a.fails, a.ready, a.groups = nil, nil, false, groupBook{}
 			a.waitSince = time.Time{}
 			a.publishGroupSizes()
-			n.owner.records.Add(-a.count.Swap(0))
+			a.countRecords(-a.count.Load())
 		}
 		a.owned, a.epoch = owned, v.epoch
 	}
@@ -203,8 +203,7 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 	}
 	ns.set[local] = struct{}{}
 	ns.list = nil
-	a.count.Add(1)
-	a.n.owner.records.Add(1)
+	a.countRecords(1)
 	if g := groupOf(local); g != "" {
 		a.groups.joined(g)
 		a.publishGroupSizes()
@@ -212,6 +211,13 @@ func (a *topicActor) add(node string, inc uint64, local string) bool {
 		a.groups.invalidate("")
 	}
 	return true
+}
+
+// countRecords changes the actor's count of subscriber records, and the
+// node's over all its actors (ownerSide.records) with it.
+func (a *topicActor) countRecords(delta int64) {
+	a.count.Add(delta)
+	a.n.owner.records.Add(delta)
 }
 
 // fits reports whether add may record id, of incarnation inc, within the
@@ -256,8 +262,7 @@ func (a *topicActor) remove(id SubscriberID, unsubscribed bool) bool {
 	}
 	delete(ns.set, id.Local)
 	ns.list = nil
-	a.count.Add(-1)
-	a.n.owner.records.Add(-1)
+	a.countRecords(-1)
 	if len(ns.set) == 0 {
 		delete(a.nodes, id.Node)
 	}
@@ -285,8 +290,7 @@ func (a *topicActor) dropNode(node string) {
 		a.groupLeft(id.Group(), false)
 		emit(a.n.events, SubscriberRemoved{Topic: a.topic, Subscriber: id, Group: id.Group()})
 	}
-	a.count.Add(-int64(len(a.nodes[node].set)))
-	a.n.owner.records.Add(-int64(len(a.nodes[node].set)))
+	a.countRecords(-int64(len(a.nodes[node].set)))
 	delete(a.nodes, node)
 	a.publishGroupSizes()
 }
