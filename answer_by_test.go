@@ -176,7 +176,7 @@ func TestPublishAnsweredAtItsDeadlineListsAReroutedShare(t *testing.T) {
 // this feature; 2 of 2 runs). Its delivery goes on, so it gets the later chunks, in
 // order; the ack still lists it as Timeout, outcome unknown. The
 // publisher waits 1 s a chunk, so the owner answers about 125 ms before
-// that (an eighth): with 500 ms and about 62 ms, a loaded CI run saw the
+// that (an eighth then; a quarter, 250 ms, since): with 500 ms and about 62 ms, a loaded CI run saw the
 // answer arrive late once (ErrTimeout) in 7.
 func TestSplitBatchAnsweredAtTheDeadlineStillReachesASlowSubscriber(t *testing.T) {
 	c := heteroCluster(t, [3][]pubsub.Option{

@@ -99,7 +99,7 @@ func TestReentrantProbeHandlerPublishesToItsOwnTopic(t *testing.T) {
 					t.Fatal("the handler's publish to its own topic did not return")
 				}
 				t.Logf("inner publish: %v, ack %+v, err %v", r.elapsed, r.ack, r.err)
-				// Answered at the handler's deadline (early, an eighth
+				// Answered at the handler's deadline (early, a quarter
 				// ahead), the subscriber listed as Timeout, outcome unknown.
 				require.NoError(t, r.err)
 				assert.Equal(t, 0, r.ack.Delivered)
