@@ -257,6 +257,11 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	// released.
 	var decided []decidedOutcome
 	var forgotShares, forgotSplits int // counted past the lock, as the hooks run
+	// Statuses decided here are set past the lock too: the last one runs
+	// the batch's done, which on the owner's node may re-route a share to
+	// a member here, delivering again. Taken again inside, the read lock
+	// would deadlock with a Subscribe waiting for the write lock between.
+	var refused []decidedStatus
 	n.subscriber.mu.RLock()
 	for i := range count {
 		// its holds the Messages subscriber i runs, once, for its mailbox
@@ -274,7 +279,7 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {
 			its.release()
-			t.set(i, SubscriberGone)
+			refused = append(refused, decidedStatus{i, SubscriberGone})
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{SubscriberID{Node: n.self.ID, Local: l}, len(part), SubscriberGone})
 			}
@@ -301,13 +306,16 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 			} else if s.noteRefusedSplit(origin.split) {
 				forgotSplits++
 			}
-			t.set(i, MailboxFull)
+			refused = append(refused, decidedStatus{i, MailboxFull})
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{s.id, len(part), MailboxFull})
 			}
 		}
 	}
 	n.subscriber.mu.RUnlock()
+	for _, r := range refused {
+		t.set(r.i, r.status)
+	}
 	for range forgotShares {
 		n.forgotMark("producers/refused-shares")
 	}

@@ -130,14 +130,18 @@ func (o *ownerSide) recordsAdmit() bool {
 }
 
 // refuseRecords counts and logs (throttled) subscriber records refused
-// past maxOwnerRecords (n of them, from node), and returns the reason the
-// subscriber is told.
-func (n *Node) refuseRecords(topic, node string, count int) string {
+// past maxOwnerRecords (count of them, from node).
+func (n *Node) refuseRecords(topic, node string, count int) {
 	n.stats.refused.Add(uint64(count))
 	if ok, suppressed := n.log.limit.allow("refused/records"); ok {
 		n.log.Warn("subscription refused: subscriber records over the owner's bound", "topic", topic, "node", node,
 			"refused", count, "records", n.owner.records.Load(), "limit", n.owner.maxRecords.Load(), "suppressed", suppressed)
 	}
+}
+
+// recordsRefusal is the reason a subscriber refused past maxOwnerRecords
+// is told.
+func (n *Node) recordsRefusal() string {
 	return fmt.Sprintf("it holds %d subscriber records, its bound (%d): unsubscribe what is not used, or add nodes to share the topics", n.owner.records.Load(), n.owner.maxRecords.Load())
 }
 

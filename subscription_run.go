@@ -12,6 +12,13 @@ import (
 // A subscription running a batch in its mailbox: order and duplicate
 // checks per producer, the handler calls, the outcome it reports.
 
+// decidedStatus is subscriber i's status in a batch, decided by deliver
+// without its mailbox, set once the subscriber lock is released.
+type decidedStatus struct {
+	i      int
+	status DeliveryStatus
+}
+
 // decidedOutcome is a subscriber's outcome deliver decided without its
 // mailbox, kept for the hooks.
 type decidedOutcome struct {

@@ -325,7 +325,8 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 	if !unsubscribe && !a.fits(id, from.GetIncarnation()) {
 		// NOT_READY: the subscriber retries within its deadline, and is
 		// then told why (ErrTopicUnavailable with this reason).
-		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: a.n.refuseRecords(a.topic, id.Node, 1)})
+		a.n.refuseRecords(a.topic, id.Node, 1)
+		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: a.n.recordsRefusal()})
 		return
 	}
 	if unsubscribe {
