@@ -147,8 +147,6 @@ func (p *BatchingProducer) canIssue() bool {
 // but not sent; a batch with nothing left to send is not published.
 func (p *BatchingProducer) cutAndIssue() {
 	b := p.newBatch()
-	p.nextSeq++
-	b.seq = p.nextSeq
 	taken, takenBytes, size := 0, 0, 0
 	for b.msgs.len() < p.cfg.BatchSize {
 		if p.pend.empty() {
@@ -184,10 +182,20 @@ func (p *BatchingProducer) cutAndIssue() {
 	p.mu.Unlock()
 	p.fifo = append(p.fifo, b)
 	if b.msgs.len() == 0 {
+		// No number of its own: the next batch names the last one sent as
+		// its predecessor, which an owner holds it back for (ORDER_WAIT)
+		// until it settles. Numbered, it would name one no owner ever
+		// accepted, and be held back until every batch before settled
+		// (refused at AckNone, where nobody hears the ORDER_WAIT: lost).
+		// Completed, it stores the number of the batch before it, settled
+		// already.
+		b.seq = p.nextSeq
 		b.state = batchResolved
 		b.reuse = true
 		return
 	}
+	p.nextSeq++
+	b.seq = p.nextSeq
 	p.active++
 	p.issue(b)
 }
