@@ -12,20 +12,20 @@ import (
 // producerState is the actor's own state: touched only by the producer
 // goroutine, except settled, which publish attempts read.
 type producerState struct {
-	pend        intakeQueue      // taken from in, read by cutAndIssue
-	fifo        []*producerBatch // batches cut and not yet completed, in order
-	free        []*producerBatch // recycled batches
-	active      int              // batches issued and not resolved (running or awaiting retry)
-	running     int              // attempt goroutines alive
-	retrying    int              // batches that failed and will be retried
-	gate        uint64           // attempt that must be issued before the next starts; 0: none
-	nextID      uint64           // attempt IDs
-	nextSeq     uint64           // batch numbers, kept by a batch across its retries
-	settled     atomic.Uint64    // every batch up to this number is settled (read by publish attempts)
-	initialized bool             // Initialize succeeded (or pub is no Initializer)
-	stopping    bool             // a batch failed with FailBatchAndStop (or the publisher closed)
-	frozen      bool             // settled stays before the batch that stopped the producer
-	dead        bool             // the lifetime context ended
+	pend        intakeQueue         // taken from in, read by cutAndIssue
+	fifo        []*producerBatch    // batches cut and not yet completed, in order
+	free        []*producerBatch    // recycled batches
+	active      int                 // batches issued and not resolved (running or awaiting retry)
+	running     int                 // attempt goroutines alive
+	retrying    int                 // batches that failed and will be retried
+	unissued    map[uint64]struct{} // gated attempts not issued yet: nothing else starts before they are
+	nextID      uint64              // attempt IDs
+	nextSeq     uint64              // batch numbers, kept by a batch across its retries
+	settled     atomic.Uint64       // every batch up to this number is settled (read by publish attempts)
+	initialized bool                // Initialize succeeded (or pub is no Initializer)
+	stopping    bool                // a batch failed with FailBatchAndStop (or the publisher closed)
+	frozen      bool                // settled stays before the batch that stopped the producer
+	dead        bool                // the lifetime context ended
 }
 
 // nudge wakes the actor without blocking.
@@ -125,6 +125,9 @@ func (p *BatchingProducer) pump() time.Time {
 		}
 		p.mu.Unlock()
 		for _, b := range p.fifo {
+			if len(p.unissued) > 0 {
+				break // retries wait for an attempt's issue report, which wakes us
+			}
 			if b.state == batchRetryWait && (next.IsZero() || b.retryAt.Before(next)) {
 				next = b.retryAt
 			}
@@ -138,7 +141,7 @@ func (p *BatchingProducer) pump() time.Time {
 // outcome is known: batches resolved behind a slow one wait in the FIFO,
 // and without this bound a stuck batch would let the FIFO grow without end.
 func (p *BatchingProducer) canIssue() bool {
-	return !p.stopping && !p.dead && len(p.fifo) < p.cfg.MaxInFlight && p.retrying == 0 && p.gate == 0 &&
+	return !p.stopping && !p.dead && len(p.fifo) < p.cfg.MaxInFlight && p.retrying == 0 && len(p.unissued) == 0 &&
 		(p.initialized || p.active == 0) // the first batch initializes alone
 }
 
@@ -208,7 +211,13 @@ func (p *BatchingProducer) issue(b *producerBatch) {
 	p.running++
 	gated := p.cfg.MaxInFlight > 1
 	if gated {
-		p.gate = b.id
+		// A set, not the last attempt alone: a retry issued while a later
+		// batch's first attempt is not issued yet must not open the gate
+		// for the batch after that one.
+		if p.unissued == nil {
+			p.unissued = make(map[uint64]struct{}, p.cfg.MaxInFlight)
+		}
+		p.unissued[b.id] = struct{}{}
 	}
 	go p.attempt(b.id, b, b.msgs, !p.initialized, gated)
 }
@@ -283,9 +292,7 @@ func (p *BatchingProducer) publishUnordered(ctx context.Context, msgs msgBatch) 
 
 // onEvent handles an attempt's report.
 func (p *BatchingProducer) onEvent(ev attemptEvent) {
-	if p.gate == ev.id {
-		p.gate = 0
-	}
+	delete(p.unissued, ev.id) // issued, or its result came first
 	if ev.issued {
 		return
 	}

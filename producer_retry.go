@@ -68,6 +68,11 @@ func (p *BatchingProducer) normalize(ack PublishAck, err error, n int) (PublishA
 func (p *BatchingProducer) retryDue(now time.Time) bool {
 	did := false
 	for _, b := range p.fifo {
+		if len(p.unissued) > 0 {
+			// In batch order, each once the attempt before it was issued,
+			// as new batches start: two retries issued at once could swap.
+			break
+		}
 		if b.state != batchRetryWait || now.Before(b.retryAt) {
 			continue
 		}
