@@ -261,7 +261,7 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	// the batch's done, which on the owner's node may re-route a share to
 	// a member here, delivering again. Taken again inside, the read lock
 	// would deadlock with a Subscribe waiting for the write lock between.
-	var refused []decidedStatus
+	var setLater []decidedStatus
 	n.subscriber.mu.RLock()
 	for i := range count {
 		// its holds the Messages subscriber i runs, once, for its mailbox
@@ -279,7 +279,7 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 		s := n.subscriber.subs[l]
 		if s == nil || s.topic != topic {
 			its.release()
-			refused = append(refused, decidedStatus{i, SubscriberGone})
+			setLater = append(setLater, decidedStatus{i, SubscriberGone})
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{SubscriberID{Node: n.self.ID, Local: l}, len(part), SubscriberGone})
 			}
@@ -306,14 +306,14 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 			} else if s.noteRefusedSplit(origin.split) {
 				forgotSplits++
 			}
-			refused = append(refused, decidedStatus{i, MailboxFull})
+			setLater = append(setLater, decidedStatus{i, MailboxFull})
 			if len(n.hooks.handled) != 0 {
 				decided = append(decided, decidedOutcome{s.id, len(part), MailboxFull})
 			}
 		}
 	}
 	n.subscriber.mu.RUnlock()
-	for _, r := range refused {
+	for _, r := range setLater {
 		t.set(r.i, r.status)
 	}
 	for range forgotShares {

@@ -124,10 +124,10 @@ func (p *BatchingProducer) pump() time.Time {
 			next = linger
 		}
 		p.mu.Unlock()
+		if len(p.unissued) > 0 {
+			return next // retries wait for an attempt's issue report, which wakes us
+		}
 		for _, b := range p.fifo {
-			if len(p.unissued) > 0 {
-				break // retries wait for an attempt's issue report, which wakes us
-			}
 			if b.state == batchRetryWait && (next.IsZero() || b.retryAt.Before(next)) {
 				next = b.retryAt
 			}
