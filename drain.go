@@ -311,12 +311,15 @@ func (n *Node) serveHandovers() {
 
 // handoverFor collects, from the topic actors, the subscriber sets of the
 // topics requester owns under v (ownersUnder: computed once per view).
+// While this node's own registry is not complete, a topic it gained may
+// lack subscribers it was never told of: the page says it is incomplete,
+// and the requester asks every member.
 func (n *Node) handoverFor(v *view, requester string) *wire.Sync {
-	page := &wire.Sync{From: n.selfRef()}
+	page := &wire.Sync{From: n.selfRef(), Incomplete: !n.owner.registry.isComplete()}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	size, limit := 0, n.maxPayload()/2
-	for _, t := range n.life.drain.ownersUnder(v, n.owner.names)[requester] {
+	for _, t := range n.life.drain.ownersUnder(v, n.handoverTopics)[requester] {
 		wg.Add(1)
 		n.owner.onActor(t, false, func(a *topicActor) {
 			defer wg.Done()
@@ -348,4 +351,25 @@ func (n *Node) handoverFor(v *view, requester string) *wire.Sync {
 		page.Topics, page.Incomplete = nil, true
 	}
 	return page
+}
+
+// handoverTopics lists the topics a handover covers: those with an actor,
+// and those whose synced subscribers no actor took yet (a topic gained
+// that no request named since: its actor is made to take them).
+func (n *Node) handoverTopics() []string {
+	names := n.owner.names()
+	pending := n.owner.registry.topicsPending()
+	if len(pending) == 0 {
+		return names
+	}
+	have := make(map[string]struct{}, len(names))
+	for _, t := range names {
+		have[t] = struct{}{}
+	}
+	for _, t := range pending {
+		if _, ok := have[t]; !ok {
+			names = append(names, t)
+		}
+	}
+	return names
 }

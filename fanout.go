@@ -370,7 +370,7 @@ func (a *topicActor) sendRemote(b *pendingBatch, m Member, t nodeTarget, msgs *p
 				// this node's alone. A publisher's own slices are packed
 				// once, below, as the whole batch is: a re-send must not
 				// read what it may have reused since.
-				data = remoteBatch{msgs: sub.msgs, unpacked: true, withMeta: sub.msgs.meta != nil}
+				data = remoteBatch{msgs: sub.msgs, unpacked: true, withMeta: sub.msgs.meta != nil, first: true}
 				if data.withMeta {
 					size = wire.PackedMetaSize(sub.msgs.data, sub.msgs.meta)
 				} else {

@@ -135,7 +135,8 @@ func (n *Node) pushMoved(prev, next *view) {
 // pushSync sends one pushed sync, retrying with backoff (up to a second)
 // until the owner takes it or this node's view changes, when the next view's
 // pushes replace it. An owner that does not know this node yet answers
-// NOT_READY, and is asked again.
+// NOT_READY, and is asked again. A retry pushes only the subscriptions
+// still held: one sent after an Unsubscribe would add it back at the owner.
 func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, backoff time.Duration) {
 	if n.life.ctx.Err() != nil || n.view() != v {
 		return
@@ -143,7 +144,15 @@ func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, backoff time.Dura
 	n.rpc.sendEnvelope(m.Inbox, env, n.cfg.RequestTimeout, func(rep *wire.Reply, err error) {
 		if err != nil || rep.GetCode() != wire.Reply_OK {
 			next := min(2*backoff, time.Second)
-			time.AfterFunc(backoff, func() { n.pushSync(v, m, env, next) })
+			time.AfterFunc(backoff, func() {
+				s := env.GetSync()
+				held := n.subscriber.stillHeld(s.GetTopics())
+				if len(held) == 0 {
+					return // all unsubscribed meanwhile
+				}
+				retry := &wire.Sync{From: s.GetFrom(), ViewId: s.GetViewId(), Topics: held}
+				n.pushSync(v, m, &wire.Envelope{Body: &wire.Envelope_Sync{Sync: retry}}, next)
+			})
 		}
 	})
 }

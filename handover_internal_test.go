@@ -133,3 +133,41 @@ func TestHandoverTopicOwnersOncePerView(t *testing.T) {
 	kept := maxOwnerViews - 1 // beside the first view
 	assert.Equal(t, 1+kept+2*(others-kept), walks, "views past the bound are walked for each request, the others once")
 }
+
+// A leaver's handover covers a topic whose synced subscribers no actor took
+// yet (gained, and named by no request since), and says it is incomplete
+// while the leaver's own registry is: it listed only the topics with an
+// actor, and its requester, trusting it, served such a topic without its
+// subscribers (found by review).
+func TestHandoverCoversSyncedTopicsWithoutAnActor(t *testing.T) {
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond))
+	topic := ownedTopics(pub, "owner", "pending", 1)[0]
+	sub, err := pub.Subscribe(t.Context(), topic, func(_ context.Context, _ *Message) error { return nil })
+	require.NoError(t, err)
+	// The owner holds the subscriber as a synced one no actor took.
+	o := &owner.owner
+	o.mu.Lock()
+	a := o.topics[topic]
+	delete(o.topics, topic)
+	o.mu.Unlock()
+	require.NotNil(t, a)
+	o.registry.mu.Lock()
+	o.registry.subs[topic] = map[string]map[string]struct{}{"pub": {sub.ID().Local: {}}}
+	o.registry.mu.Unlock()
+	require.True(t, o.registry.isComplete())
+
+	me, ok := owner.view().member("pub")
+	require.True(t, ok)
+	after := newView(owner.view().epoch+1, []Member{me}) // the requester's view without the leaver
+	page := owner.handoverFor(after, "pub")
+	assert.False(t, page.GetIncomplete())
+	require.Len(t, page.GetTopics(), 1, "the topic pending in the registry is handed over")
+	assert.Equal(t, topic, page.GetTopics()[0].GetTopic())
+	assert.Equal(t, []string{sub.ID().Local}, page.GetTopics()[0].GetSubscribers())
+
+	o.registry.mu.Lock()
+	o.registry.complete = false
+	o.registry.mu.Unlock()
+	assert.True(t, owner.handoverFor(newView(after.epoch+1, []Member{me}), "pub").GetIncomplete(),
+		"a leaver whose registry is not complete hands over an incomplete page")
+}

@@ -269,11 +269,19 @@ func (n *Node) keptSkipped(topic string) {
 // drops as a copy of what it ran). Not after an answer sent at the
 // publisher's deadline (subscribers unreported): the delivery may not have
 // arrived yet, and sent again after the owner's later batches it would be
-// dropped as late. Other levels are answered before the delivery: their
-// copy is taken by it, or ages out.
+// dropped as late. Nor when a subscriber of this node timed out: the owner
+// stopped waiting for the node's report, and the delivery may still sit in
+// this node's inbox (behind a slow hook, say); its copy ages out. Other
+// levels are answered before the delivery: their copy is taken by it, or
+// ages out.
 func (n *Node) answered(req ownerRequest, ans ownerAnswer) {
 	if ans.code != wire.Reply_OK || len(ans.unreported) > 0 {
 		return
+	}
+	for _, f := range ans.ack.Failures {
+		if f.Status == Timeout && f.Subscriber.Node == n.self.ID {
+			return
+		}
 	}
 	if p, ok := req.(*publishRequest); ok && p.wire.GetKeptCopy() != 0 && AckLevel(p.wire.GetAckLevel()) == AckDelivered {
 		n.publisher.kept.drop(p.wire.GetKeptCopy())

@@ -4,7 +4,7 @@ import "sync/atomic"
 
 // Producer marks: what a node remembers per producer to keep a producer's
 // batches in order. Each topic actor remembers the last batch it accepted
-// of each producer (topicActor.producers, producerOrder) and each
+// of each producer (topicActor.producers, producerServed) and each
 // subscription the last batch it ran (Subscription.producers and
 // .rerouted, handle). Each map holds at most maxTrackedProducers, but a
 // node with thousands of topics and short-lived (or forged) producers

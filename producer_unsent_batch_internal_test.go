@@ -20,8 +20,8 @@ import (
 // batch whose futures completed Accepted (found by review). An unsent
 // batch now takes no number.
 
-// orderOwnerPub models one topic owner as topicActor.producerOrder does:
-// it remembers the last batch it accepted and holds back (records in
+// orderOwnerPub models one topic owner as topicActor.producerMustWait and
+// producerServed do: it remembers the last batch it accepted and holds back (records in
 // held) a batch that mustWaitFor says to hold. A held batch is answered
 // as an AckNone owner's refusal reaches its publisher: not at all, the
 // call returns Accepted. hold delays the answer of a batch (its

@@ -166,7 +166,21 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 			if p := r.msgs.origin.producer; p != "" { // as onDeliver: a batch from an older publisher has none
 				msgs.origin = batchOrigin{producer: p, seq: r.msgs.origin.seq, reroute: true}
 			}
-			n.deliver(r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed, _ []uint32) { b.report(t, st, processed, false, nil) })
+			// Within the publisher's wait, as a remote re-route is: given a
+			// whole SubscriberTimeout from now, its member's outcome came
+			// after the publisher gave up (ErrTimeout, and a producer's
+			// retry ran the batch twice). A member that did not finish in
+			// the shortened time did not fail its own timeout: not evicted
+			// for it.
+			wait := min(n.cfg.SubscriberTimeout, time.Until(r.answerBy()))
+			if wait <= 0 {
+				b.report(t, fill(t.len(), SubscriberGone), nil, true, nil)
+				continue
+			}
+			cut := wait < n.cfg.SubscriberTimeout
+			n.deliverWithin(wait, r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed, _ []uint32) {
+				b.report(t, st, processed, cut && slices.Contains(st, Timeout), nil)
+			})
 			continue
 		}
 		m, ok := n.view().member(node)

@@ -114,6 +114,26 @@ func (s *subscriberSide) remove(local, topic string) *Subscription {
 	return sub
 }
 
+// stillHeld returns topics with only the subscribers still registered
+// for their topic; topics left with none are left out.
+func (s *subscriberSide) stillHeld(topics []*wire.TopicSubscribers) []*wire.TopicSubscribers {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var held []*wire.TopicSubscribers
+	for _, t := range topics {
+		var locals []string
+		for _, l := range t.GetSubscribers() {
+			if sub := s.subs[l]; sub != nil && sub.topic == t.GetTopic() {
+				locals = append(locals, l)
+			}
+		}
+		if len(locals) > 0 {
+			held = append(held, &wire.TopicSubscribers{Topic: t.GetTopic(), Subscribers: locals})
+		}
+	}
+	return held
+}
+
 // takeAll unregisters and returns every subscription.
 func (s *subscriberSide) takeAll() map[string]*Subscription {
 	s.mu.Lock()

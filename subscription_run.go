@@ -27,6 +27,17 @@ type decidedOutcome struct {
 	status   DeliveryStatus
 }
 
+// answerUnrun reports status i of t for a batch not run again, and keeps
+// it as the outcome of the owner's batch seq: a copy of that batch (an
+// at-least-once re-send) is answered with it, not with the outcome of the
+// batch before.
+func (s *Subscription) answerUnrun(t *batchTracker, i int, seq batchSeq, st DeliveryStatus) {
+	t.set(i, st)
+	if seq.seq != 0 {
+		s.lastStatus = st
+	}
+}
+
 // handle runs on the subscription's mailbox: the handler sees the batch's
 // messages in order and stops at the first error.
 func (s *Subscription) handle(ctx context.Context, batch []Message, origin batchOrigin, seq batchSeq, t *batchTracker, i int, queued time.Time) {
@@ -64,7 +75,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// retried through the same owner and the share re-routed to it
 		// again): its outcome, not a second run.
 		if last, ok := s.rerouted.get(origin.producer); ok && last.seq == origin.seq && last.at == origin.at && last.share == fingerprint(batch) {
-			t.set(i, last.status)
+			s.answerUnrun(t, i, seq, last.status)
 			return
 		}
 	} else if origin.producer != "" {
@@ -75,7 +86,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		switch {
 		case origin.seq == last.seq:
 			if s.id.Group() == "" || last.share == fingerprint(batch) {
-				t.set(i, last.status) // the same batch again: the outcome it had
+				s.answerUnrun(t, i, seq, last.status) // the same batch again: the outcome it had
 				return
 			}
 			// A group member's share of the same batch, but not the share
@@ -87,7 +98,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 			// Delivered. On an at-least-once topic repeats are allowed
 			// and losing them is not: run.
 			if !origin.atLeastOnce {
-				t.set(i, OutOfOrder)
+				s.answerUnrun(t, i, seq, OutOfOrder)
 				s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 				return
 			}
@@ -97,10 +108,10 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 				// after losing the answer, and later batches went first):
 				// its outcome, not a second run, nor OutOfOrder, which
 				// would say its messages did not reach this subscriber.
-				t.set(i, Delivered)
+				s.answerUnrun(t, i, seq, Delivered)
 				return
 			}
-			t.set(i, OutOfOrder)
+			s.answerUnrun(t, i, seq, OutOfOrder)
 			s.node.handled(s.topic, s.id, len(batch), OutOfOrder, sinceHookClock(queued), 0)
 			return
 		}

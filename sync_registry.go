@@ -37,6 +37,7 @@ type syncRegistry struct {
 	// answers asked for under views from it on are still valid.
 	validFrom uint64
 	resynced  uint64 // the view resync last asked every member again for
+	direct    directRequests
 }
 
 // viewChange is what a new view changed that the registry must ask about.
@@ -96,6 +97,16 @@ func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers, change view
 	for t := range r.subs {
 		if v.ownerOf(t).ID != r.n.self.ID {
 			delete(r.subs, t) // moved to a joiner
+		}
+	}
+	for t := range r.direct.byTopic {
+		if v.ownerOf(t).ID != r.n.self.ID {
+			r.direct.dropTopic(t)
+		}
+	}
+	for id, dn := range r.direct.nodes {
+		if !v.holds(Member{ID: id, Incarnation: dn.inc}) {
+			r.direct.dropNode(id)
 		}
 	}
 	r.answerLocked(r.n.self, self)
@@ -243,9 +254,11 @@ func (r *syncRegistry) apply(v *view, change func()) {
 	}
 }
 
-// answerLocked replaces member m's subscriptions with topics.
+// answerLocked replaces member m's subscriptions with topics; the answer
+// covers the requests it made before (directRequests).
 func (r *syncRegistry) answerLocked(m Member, topics []*wire.TopicSubscribers) {
 	r.dropNodeLocked(m.ID)
+	r.direct.dropNode(m.ID)
 	r.answered[m.ID] = m.Incarnation
 	for _, t := range topics {
 		r.addLocked(m.ID, t)
@@ -307,13 +320,34 @@ func (r *syncRegistry) take(topic string, epoch uint64) (map[string][]string, bo
 	if r.view.epoch != epoch || !r.complete {
 		return nil, false
 	}
-	byNode := r.subs[topic]
+	byNode := r.direct.applyTo(topic, r.subs[topic], r.view)
 	delete(r.subs, topic)
 	subs := make(map[string][]string, len(byNode))
 	for node, set := range byNode {
 		subs[node] = slices.Collect(maps.Keys(set))
 	}
 	return subs, true
+}
+
+// recordDirect notes a subscribe (or unsubscribe) request from member from
+// that topic's actor applied before it took this view's syncs
+// (directRequests). A node past the bound has its request dropped: counted
+// and logged.
+func (r *syncRegistry) recordDirect(topic string, from Member, local string, subscribed bool) {
+	r.mu.Lock()
+	ok := r.direct.record(topic, from, local, subscribed)
+	r.mu.Unlock()
+	if !ok {
+		r.n.malformed("sync", len(local))
+	}
+}
+
+// isComplete reports whether every member's subscriptions for the current
+// view are in.
+func (r *syncRegistry) isComplete() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.complete
 }
 
 // hasPending reports whether topic has synced subscribers not yet taken.

@@ -169,20 +169,29 @@ func (a *topicActor) reconcile() *view {
 	return v
 }
 
-// producerOrder reports whether a batch of origin may be served now, and
-// records it as the producer's last accepted batch if so.
-func (a *topicActor) producerOrder(o batchOrigin) bool {
+// producerMustWait reports whether a batch of origin must be held back
+// for its producer's order (batchOrigin.mustWaitFor).
+func (a *topicActor) producerMustWait(o batchOrigin) bool {
 	if o.producer == "" {
-		return true
-	}
-	last, _ := a.producers.get(o.producer)
-	if o.mustWaitFor(last) {
 		return false
 	}
+	last, _ := a.producers.get(o.producer)
+	return o.mustWaitFor(last)
+}
+
+// producerServed records a batch of origin as its producer's last accepted
+// one. Only a batch that is served counts: one refused after the order
+// check (the in-flight budget) and counted anyway let the producer's next
+// batch, pipelined behind it, be served ahead of its retry, and the
+// subscribers dropped the retry as OutOfOrder.
+func (a *topicActor) producerServed(o batchOrigin) {
+	if o.producer == "" {
+		return
+	}
+	last, _ := a.producers.get(o.producer)
 	// Past its bounds one is forgotten (producerMarks.put): at worst a
 	// later batch of it waits for it to settle.
 	a.producers.put(a.n, o.producer, max(last, o.seq))
-	return true
 }
 
 func (a *topicActor) add(node string, inc uint64, local string) bool {
@@ -329,6 +338,12 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: a.n.recordsRefusal()})
 		return
 	}
+	if a.synced != v.epoch {
+		// This view's syncs are not taken yet: the registry applies the
+		// request on top of them (an answer may predate it), and keeps it
+		// if a view change clears this actor first.
+		a.n.owner.registry.recordDirect(a.topic, Member{ID: id.Node, Incarnation: from.GetIncarnation()}, id.Local, !unsubscribe)
+	}
 	if unsubscribe {
 		a.unsubscribe(id)
 	} else if a.add(id.Node, from.GetIncarnation(), id.Local) {
@@ -353,7 +368,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		answer(ownerAnswer{code: wire.Reply_OK, viewID: v.id, ack: PublishAck{Topic: a.topic, Status: Accepted}})
 		return
 	}
-	if !a.producerOrder(msgs.origin) {
+	if a.producerMustWait(msgs.origin) {
 		// The producer's previous batch went to another owner (the topic
 		// moved) and is not settled: serving this one now could put it
 		// ahead at the subscribers, who would drop that one. The
@@ -366,6 +381,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: n.refuseOverBudget(a.topic)})
 		return
 	}
+	a.producerServed(msgs.origin)
 	a.seq++
 	msgs.seq = batchSeq{owner: n.self.ID, inc: n.self.Incarnation, seq: a.seq}
 	targets, reroute := a.targets(msgs)
