@@ -327,9 +327,20 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	}
 }
 
-// onEvict ends a local subscription its owner evicted.
+// onEvict ends a local subscription its owner evicted. One naming no valid
+// topic (which would match a subscription of any topic) is malformed; a
+// status this version cannot name (a newer owner's) reads HandlerError.
 func (n *Node) onEvict(e *wire.Evict, reply string) {
-	n.evictLocal(e.GetTopic(), e.GetSubscriber(), DeliveryStatus(e.GetStatus()))
+	if validateTopic(e.GetTopic()) != nil {
+		n.malformed("evict", len(e.GetTopic()))
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid evict: no valid topic"})
+		return
+	}
+	status := DeliveryStatus(e.GetStatus())
+	if e.GetStatus() > uint32(lastDeliveryStatus) {
+		status = HandlerError
+	}
+	n.evictLocal(e.GetTopic(), e.GetSubscriber(), status)
 	n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK})
 }
 

@@ -37,6 +37,7 @@ type drainState struct {
 // per member.
 type topicOwners struct {
 	v    *view
+	gen  uint64 // the registry's generation when listed (syncRegistry.gen)
 	once sync.Once
 	by   map[string][]string // member ID -> topics
 }
@@ -48,15 +49,20 @@ const maxOwnerViews = 4
 
 // ownersUnder returns the topic owners under v, computing them once per
 // view (views compared by their members, not by their hash: a forger
-// could match a hash).
-func (d *drainState) ownersUnder(v *view, topics func() []string) map[string][]string {
+// could match a hash) and registry generation gen: a view change or a
+// resync while draining can add topics pending in the registry.
+func (d *drainState) ownersUnder(v *view, gen uint64, topics func() []string) map[string][]string {
 	d.mu.Lock()
 	i := slices.IndexFunc(d.owners, func(o *topicOwners) bool { return slices.Equal(o.v.members, v.members) })
 	var o *topicOwners
-	if i >= 0 {
+	switch {
+	case i >= 0 && d.owners[i].gen == gen:
 		o = d.owners[i]
-	} else {
-		o = &topicOwners{v: v}
+	case i >= 0:
+		o = &topicOwners{v: v, gen: gen}
+		d.owners[i] = o
+	default:
+		o = &topicOwners{v: v, gen: gen}
 		if len(d.owners) < maxOwnerViews {
 			d.owners = append(d.owners, o)
 		}
@@ -315,11 +321,12 @@ func (n *Node) serveHandovers() {
 // lack subscribers it was never told of: the page says it is incomplete,
 // and the requester asks every member.
 func (n *Node) handoverFor(v *view, requester string) *wire.Sync {
-	page := &wire.Sync{From: n.selfRef(), Incomplete: !n.owner.registry.isComplete()}
+	complete, gen := n.owner.registry.completeGen()
+	page := &wire.Sync{From: n.selfRef(), Incomplete: !complete}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	size, limit := 0, n.maxPayload()/2
-	for _, t := range n.life.drain.ownersUnder(v, n.handoverTopics)[requester] {
+	for _, t := range n.life.drain.ownersUnder(v, gen, n.handoverTopics)[requester] {
 		wg.Add(1)
 		n.owner.onActor(t, false, func(a *topicActor) {
 			defer wg.Done()

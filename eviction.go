@@ -68,7 +68,9 @@ func (a *topicActor) account(outcomes []subscriberOutcome) {
 				continue
 			}
 		}
-		a.remove(o.id, false)
+		if ns := a.nodes[o.id.Node]; ns != nil && a.remove(o.id, false) {
+			a.noteDirect(o.id, ns.inc, false) // an older answer must not bring it back
+		}
 		if o.status == SubscriberGone {
 			// Its node no longer has it, or is closing: nothing to tell.
 			// (One whose node left the view is not evicted here, see

@@ -17,7 +17,8 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 	req := &wire.SyncRequest{From: n.selfRef(), ViewId: v.id, Members: v.refs()}
 	env := &wire.Envelope{Body: &wire.Envelope_SyncRequest{SyncRequest: req}}
 	var topics []*wire.TopicSubscribers
-	held := 0 // subscribers in topics
+	held := 0          // subscribers in topics
+	since := r.stamp() // the answer covers the requests recorded until now
 	for ctx.Err() == nil {
 		var page *wire.Sync
 		n.retry(ctx, func() bool {
@@ -46,11 +47,11 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 			n.stats.malformed.Add(1)
 			n.log.Warn("sync pull: a member listed more subscriptions than a node may hold; keeping the pages before", "member", m.ID,
 				"listed", held, "limit", limit)
-			r.applyPulled(v, m, topics)
+			r.applyPulled(v, m, topics, since)
 			return
 		}
 		if !page.GetMore() || len(last) == 0 || len(last[len(last)-1].GetSubscribers()) == 0 {
-			r.applyPulled(v, m, append(topics, last...))
+			r.applyPulled(v, m, append(topics, last...), since)
 			return
 		}
 		t := last[len(last)-1]
@@ -62,7 +63,7 @@ func (r *syncRegistry) pullMember(ctx context.Context, v *view, m Member) {
 			n.stats.malformed.Add(1)
 			n.log.Warn("sync pull: a page that does not advance past the last one; keeping the pages before it", "member", m.ID,
 				"after_topic", req.AfterTopic, "after_subscriber", req.AfterSubscriber)
-			r.applyPulled(v, m, topics)
+			r.applyPulled(v, m, topics, since)
 			return
 		}
 		topics = append(topics, last...)

@@ -101,15 +101,15 @@ func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
 	subs := func(s string) []*wire.TopicSubscribers {
 		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{s}}}
 	}
-	n.owner.registry.applyPulled(v, Member{ID: "b", Incarnation: 2}, subs("x"))
+	n.owner.registry.applyPulled(v, Member{ID: "b", Incarnation: 2}, subs("x"), 0)
 	_, ok := n.owner.registry.take(topic, v.epoch)
 	require.False(t, ok, "complete without c")
 	// An answer asked for under an earlier view, before a member vanished
 	// (the registry was reset with every member to ask), is dropped.
-	n.owner.registry.applyPulled(newView(0, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), Member{ID: "c", Incarnation: 3}, subs("stale"))
+	n.owner.registry.applyPulled(newView(0, []Member{{ID: "a", Incarnation: 1}, {ID: "c", Incarnation: 3}}), Member{ID: "c", Incarnation: 3}, subs("stale"), 0)
 	_, ok = n.owner.registry.take(topic, v.epoch)
 	require.False(t, ok, "an answer for another view completed this one")
-	n.owner.registry.applyPulled(v, Member{ID: "c", Incarnation: 3}, subs("y"))
+	n.owner.registry.applyPulled(v, Member{ID: "c", Incarnation: 3}, subs("y"), 0)
 	// Completion hands the topic's subscribers to its actor, which becomes ready.
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	n.owner.mu.Lock()

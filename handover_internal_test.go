@@ -110,7 +110,7 @@ func TestHandoverTopicOwnersOncePerView(t *testing.T) {
 	names := func() []string { walks++; return topics }
 	members := []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 1}, {ID: "c", Incarnation: 1}}
 	v := newView(1, members)
-	by := d.ownersUnder(v, names)
+	by := d.ownersUnder(v, 0, names)
 	got := 0
 	for id, ts := range by {
 		for _, tp := range ts {
@@ -120,18 +120,25 @@ func TestHandoverTopicOwnersOncePerView(t *testing.T) {
 	}
 	assert.Equal(t, len(topics), got, "every topic listed once")
 	same := newView(7, slices.Clone(members)) // another epoch, the same members
-	assert.Equal(t, by, d.ownersUnder(same, names))
+	assert.Equal(t, by, d.ownersUnder(same, 0, names))
 	assert.Equal(t, 1, walks, "the same members: topics walked again")
 
 	const others = maxOwnerViews + 2
 	for i := range others {
 		other := newView(1, append(slices.Clone(members), Member{ID: fmt.Sprint("x", i), Incarnation: 1}))
-		d.ownersUnder(other, names)
-		d.ownersUnder(other, names)
+		d.ownersUnder(other, 0, names)
+		d.ownersUnder(other, 0, names)
 	}
 	assert.Len(t, d.owners, maxOwnerViews, "views kept past the bound")
 	kept := maxOwnerViews - 1 // beside the first view
 	assert.Equal(t, 1+kept+2*(others-kept), walks, "views past the bound are walked for each request, the others once")
+
+	// The registry changed meanwhile (a reset or a resync: topics may have
+	// become pending): the first view's topics are listed again, once.
+	before := walks
+	d.ownersUnder(v, 1, names)
+	d.ownersUnder(v, 1, names)
+	assert.Equal(t, before+1, walks, "a view's topics walked again after the registry changed")
 }
 
 // A leaver's handover covers a topic whose synced subscribers no actor took
@@ -154,7 +161,8 @@ func TestHandoverCoversSyncedTopicsWithoutAnActor(t *testing.T) {
 	o.registry.mu.Lock()
 	o.registry.subs[topic] = map[string]map[string]struct{}{"pub": {sub.ID().Local: {}}}
 	o.registry.mu.Unlock()
-	require.True(t, o.registry.isComplete())
+	complete, _ := o.registry.completeGen()
+	require.True(t, complete)
 
 	me, ok := owner.view().member("pub")
 	require.True(t, ok)

@@ -37,7 +37,7 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 		if m.ID == "b" {
 			ts = bSubs
 		}
-		n.owner.registry.applyPulled(v, m, ts)
+		n.owner.registry.applyPulled(v, m, ts, 0)
 	}
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	a := n.owner.actor(topic)
@@ -55,7 +55,7 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 		n.members.mu.Lock()
 		n.members.views.cur.Store(last)
 		n.members.views.history.remember(last)
-		n.owner.registry.reset(last, nil, viewChange{leavers: []Member{leaver}})
+		n.owner.registry.reset(last, nil, 0, viewChange{leavers: []Member{leaver}})
 		n.members.mu.Unlock()
 		n.owner.registry.applyHandover(last, leaver.ID, nil)
 	}
@@ -77,7 +77,7 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 	}
 	ready, _ := reconciled()
 	require.False(t, ready, "ready before the members answered again")
-	n.owner.registry.applyPulled(last, Member{ID: "b", Incarnation: 2}, bSubs) // b answers the resync
+	n.owner.registry.applyPulled(last, Member{ID: "b", Incarnation: 2}, bSubs, 0) // b answers the resync
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	ready, subs := reconciled()
 	require.True(t, ready)

@@ -275,7 +275,8 @@ func (n *Node) recomputeView() {
 		p.noteAgreement(next.id, now)
 	}
 	n.members.views.history.remember(next)
-	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), n.members.changeBetween(prev, next, n.self.ID))
+	since := n.owner.registry.stamp() // taken before the snapshot of this node's own subscriptions
+	n.owner.registry.reset(next, n.subscriber.ownedBy(next, n.self.ID), since, n.members.changeBetween(prev, next, n.self.ID))
 	n.updateQuorum(false)
 	select {
 	case n.members.beatNow <- struct{}{}:
@@ -323,7 +324,9 @@ func (n *Node) onMembers(m *nats.Msg) {
 		// Leaving: a JOIN answered now would re-add this node on the joiner.
 		// Peers leaving too need no handover from it.
 		if hb.GetKind() == wire.Heartbeat_LEAVE {
-			n.life.drain.markLeft(from.GetNodeId())
+			if _, ok := n.view().member(from.GetNodeId()); ok { // bounded by the view: a forged LEAVE adds nothing
+				n.life.drain.markLeft(from.GetNodeId())
+			}
 		}
 		return
 	}

@@ -41,7 +41,7 @@ func (o *ownerSide) init(n *Node) {
 	o.budget.Store(maxOwnerInflightBytes)
 	o.maxRecords.Store(maxOwnerRecords)
 	o.registry.init(n)
-	o.registry.reset(n.view(), nil, viewChange{})
+	o.registry.reset(n.view(), nil, 0, viewChange{})
 }
 
 // names lists the topics that have an actor.
@@ -314,7 +314,8 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 // for.
 func (n *Node) refuse(topic, reply string, count int) {
 	n.countQueueFull(topic)
-	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id})
+	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id,
+		Error: fmt.Sprintf("its queue for the topic is full (%d requests or %d bytes): the owner is overloaded", maxActorQueue, maxActorQueueBytes)})
 }
 
 // countQueueFull counts and logs a request, from another node or this one,

@@ -177,10 +177,21 @@ func (r *reroutes) send(b *pendingBatch, byNode map[string][]share) {
 				b.report(t, fill(t.len(), SubscriberGone), nil, true, nil)
 				continue
 			}
-			cut := wait < n.cfg.SubscriberTimeout
-			n.deliverWithin(wait, r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed, _ []uint32) {
-				b.report(t, st, processed, cut && slices.Contains(st, Timeout), nil)
-			})
+			if wait == n.cfg.SubscriberTimeout {
+				n.deliverWithin(wait, r.topic, nil, shares, msgs, func(st []DeliveryStatus, processed, _ []uint32) {
+					b.report(t, st, processed, false, nil)
+				})
+				continue
+			}
+			// Cut short: each share is reported on its own, so only a
+			// member that ran out of the shortened time is spared.
+			b.addParts(len(shares) - 1)
+			for _, sh := range shares {
+				one := nodeTarget{node: node, shares: []share{sh}}
+				n.deliverWithin(wait, r.topic, nil, one.shares, msgs, func(st []DeliveryStatus, processed, _ []uint32) {
+					b.report(one, st, processed, st[0] == Timeout, nil)
+				})
+			}
 			continue
 		}
 		m, ok := n.view().member(node)

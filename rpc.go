@@ -93,10 +93,11 @@ func (r *rpc) send(subject string, data []byte, timeout time.Duration, cb func(*
 	return tok
 }
 
-// wrapSendErr marks a send on a closed connection as ErrClosed: nothing
-// was sent.
+// wrapSendErr marks a send on a closed or draining connection as
+// ErrClosed: nothing was sent, and nothing will be on that connection (the
+// application drained it: nc.Drain).
 func wrapSendErr(err error) error {
-	if errors.Is(err, nats.ErrConnectionClosed) {
+	if errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, nats.ErrConnectionDraining) {
 		return fmt.Errorf("%w: %w", ErrClosed, err)
 	}
 	return err

@@ -30,7 +30,7 @@ func TestGoneFromTheViewDoesNotEvictAfterTheNodeIsBack(t *testing.T) {
 		n.members.mu.Lock()
 		n.members.views.cur.Store(v)
 		n.members.views.history.remember(v)
-		n.owner.registry.reset(v, nil, change)
+		n.owner.registry.reset(v, nil, 0, change)
 		n.members.mu.Unlock()
 		return v
 	}
@@ -42,8 +42,8 @@ func TestGoneFromTheViewDoesNotEvictAfterTheNodeIsBack(t *testing.T) {
 	subsOf := func(local string) []*wire.TopicSubscribers {
 		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{local}}}
 	}
-	n.owner.registry.applyPulled(v1, b, subsOf("x"))
-	n.owner.registry.applyPulled(v1, c, subsOf("y"))
+	n.owner.registry.applyPulled(v1, b, subsOf("x"), 0)
+	n.owner.registry.applyPulled(v1, c, subsOf("y"), 0)
 	reconciled := func() (ready bool, subs map[string]int) {
 		done := make(chan struct{})
 		n.owner.onActor(topic, false, func(a *topicActor) {
@@ -72,8 +72,8 @@ func TestGoneFromTheViewDoesNotEvictAfterTheNodeIsBack(t *testing.T) {
 	batch.report(nodeTarget{node: "b", locals: []string{"x"}}, st, processed, path, nil)
 	// b is back, in the same incarnation: the members answer the sync again.
 	v3 := install(3, viewChange{}, a, b, c)
-	n.owner.registry.applyPulled(v3, b, subsOf("x"))
-	n.owner.registry.applyPulled(v3, c, subsOf("y"))
+	n.owner.registry.applyPulled(v3, b, subsOf("x"), 0)
+	n.owner.registry.applyPulled(v3, c, subsOf("y"), 0)
 	ready, subs = reconciled()
 	require.True(t, ready)
 	require.Equal(t, map[string]int{"b": 1, "c": 1}, subs, "b re-registered")

@@ -37,6 +37,7 @@ type syncRegistry struct {
 	// answers asked for under views from it on are still valid.
 	validFrom uint64
 	resynced  uint64 // the view resync last asked every member again for
+	gen       uint64 // counts resets and resyncs: what a handover's topic list was built under
 	direct    directRequests
 }
 
@@ -58,10 +59,12 @@ func (r *syncRegistry) init(n *Node) {
 	r.subs = map[string]map[string]map[string]struct{}{}
 }
 
-// reset starts collecting for v, with this node's own subscriptions. Called
-// with members.mu held, in view order.
-func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers, change viewChange) {
+// reset starts collecting for v, with this node's own subscriptions (self,
+// listed after stamp since: see directRequests). Called with members.mu
+// held, in view order.
+func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers, since uint64, change viewChange) {
 	r.mu.Lock()
+	r.gen++
 	if r.cancel == nil || change.lost || len(change.leavers) > 0 {
 		// Answers asked for under earlier views no longer cover what this
 		// node may own: stop asking, and drop those still in flight.
@@ -109,7 +112,7 @@ func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers, change view
 			r.direct.dropNode(id)
 		}
 	}
-	r.answerLocked(r.n.self, self)
+	r.answerLocked(r.n.self, self, since)
 	done := r.checkLocked()
 	r.mu.Unlock()
 	r.poke()
@@ -187,9 +190,9 @@ feed:
 }
 
 // applyPulled records member m's subscriptions for v, replacing what it
-// answered before.
-func (r *syncRegistry) applyPulled(v *view, m Member, topics []*wire.TopicSubscribers) {
-	r.apply(v, func() { r.answerLocked(m, topics) })
+// answered before; its pull was sent at stamp since (directRequests).
+func (r *syncRegistry) applyPulled(v *view, m Member, topics []*wire.TopicSubscribers, since uint64) {
+	r.apply(v, func() { r.answerLocked(m, topics, since) })
 }
 
 // applyHandover records a leaver's state of the topics this node gains from it.
@@ -230,6 +233,7 @@ func (r *syncRegistry) resync(v *view) {
 		return
 	}
 	r.resynced = v.epoch
+	r.gen++
 	for id := range r.answered {
 		if id != r.n.self.ID {
 			delete(r.answered, id)
@@ -255,10 +259,10 @@ func (r *syncRegistry) apply(v *view, change func()) {
 }
 
 // answerLocked replaces member m's subscriptions with topics; the answer
-// covers the requests it made before (directRequests).
-func (r *syncRegistry) answerLocked(m Member, topics []*wire.TopicSubscribers) {
+// covers the requests it made up to stamp since (directRequests).
+func (r *syncRegistry) answerLocked(m Member, topics []*wire.TopicSubscribers, since uint64) {
 	r.dropNodeLocked(m.ID)
-	r.direct.dropNode(m.ID)
+	r.direct.answered(m.ID, since)
 	r.answered[m.ID] = m.Incarnation
 	for _, t := range topics {
 		r.addLocked(m.ID, t)
@@ -329,25 +333,46 @@ func (r *syncRegistry) take(topic string, epoch uint64) (map[string][]string, bo
 	return subs, true
 }
 
-// recordDirect notes a subscribe (or unsubscribe) request from member from
-// that topic's actor applied before it took this view's syncs
-// (directRequests). A node past the bound has its request dropped: counted
+// recordDirect notes that topic's actor applied a subscribe (subscribed),
+// an unsubscribe or an eviction of from's subscriber local
+// (directRequests). It is kept while answers may still reach the actor:
+// the actor has not taken this view's syncs (synced false), the registry
+// collects answers again, or holds some for topic not taken yet. Otherwise
+// the request replaces nothing and any older one held for the subscriber
+// is forgotten. A node past the bound has its request dropped: counted
 // and logged.
-func (r *syncRegistry) recordDirect(topic string, from Member, local string, subscribed bool) {
+func (r *syncRegistry) recordDirect(topic string, from Member, local string, subscribed, synced bool) {
 	r.mu.Lock()
-	ok := r.direct.record(topic, from, local, subscribed)
+	ok := true
+	if !synced || !r.complete || r.subs[topic] != nil {
+		ok = r.direct.record(topic, from, local, subscribed)
+	} else {
+		r.direct.forget(topic, from.ID, local)
+	}
 	r.mu.Unlock()
 	if !ok {
 		r.n.malformed("sync", len(local))
+		if allowed, suppressed := r.n.log.limit.allow("sync/direct"); allowed {
+			r.n.log.Warn("owner: a member's subscribe requests past its subscription bound, not kept for the sync in progress",
+				"topic", topic, "member", from.ID, "limit", maxSubscriptions, "suppressed", suppressed)
+		}
 	}
 }
 
-// isComplete reports whether every member's subscriptions for the current
-// view are in.
-func (r *syncRegistry) isComplete() bool {
+// stamp is the stamp a pull sent now, or a snapshot of this node's own
+// subscriptions taken now, covers requests up to (directRequests).
+func (r *syncRegistry) stamp() uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.complete
+	return r.direct.stamp()
+}
+
+// completeGen reports whether the registry is complete for its view, and
+// its generation (changed by each reset and resync).
+func (r *syncRegistry) completeGen() (bool, uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.complete, r.gen
 }
 
 // hasPending reports whether topic has synced subscribers not yet taken.

@@ -194,6 +194,15 @@ func (a *topicActor) producerServed(o batchOrigin) {
 	a.producers.put(a.n, o.producer, max(last, o.seq))
 }
 
+// noteDirect tells the registry that a request (or an eviction) added or
+// removed a subscriber here: a member's answer the registry may still hand
+// this actor can predate it, and the registry applies it on top
+// (directRequests); if a view change clears this actor before it took its
+// syncs, the registry keeps it too.
+func (a *topicActor) noteDirect(id SubscriberID, inc uint64, subscribed bool) {
+	a.n.owner.registry.recordDirect(a.topic, Member{ID: id.Node, Incarnation: inc}, id.Local, subscribed, a.synced == a.epoch)
+}
+
 func (a *topicActor) add(node string, inc uint64, local string) bool {
 	if a.nodes == nil {
 		a.nodes = make(map[string]*nodeSubscribers)
@@ -338,12 +347,7 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: a.n.recordsRefusal()})
 		return
 	}
-	if a.synced != v.epoch {
-		// This view's syncs are not taken yet: the registry applies the
-		// request on top of them (an answer may predate it), and keeps it
-		// if a view change clears this actor first.
-		a.n.owner.registry.recordDirect(a.topic, Member{ID: id.Node, Incarnation: from.GetIncarnation()}, id.Local, !unsubscribe)
-	}
+	a.noteDirect(id, from.GetIncarnation(), !unsubscribe)
 	if unsubscribe {
 		a.unsubscribe(id)
 	} else if a.add(id.Node, from.GetIncarnation(), id.Local) {
