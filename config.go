@@ -226,7 +226,6 @@ func (c *Config) resolve() error {
 		validSubjectTokens("NodeID", c.NodeID, natsutil.ValidateNodeID, "leave it empty for a random ID"),
 		validSubjectTokens("Prefix", c.Prefix, natsutil.ValidatePrefix, `leave it empty for "pubsub"`),
 		notNegative("HeartbeatInterval", c.HeartbeatInterval, DefaultHeartbeatInterval, ""),
-		atLeastAMillisecond("HeartbeatInterval", c.HeartbeatInterval),
 		notNegative("MemberTimeout", c.MemberTimeout, DefaultMemberTimeout, ""),
 		exceeds("MemberTimeout", c.MemberTimeout, "HeartbeatInterval", c.HeartbeatInterval),
 		notNegative("SubscriberTimeout", c.SubscriberTimeout, DefaultSubscriberTimeout, ""),
@@ -259,16 +258,6 @@ func notNegative[T ~int | ~int64](field string, v, def T, unit string) error {
 		return nil
 	}
 	return invalidConfig(field, v, "is negative", fmt.Sprintf("use 0 for the default (%v%s) or a positive value", def, unit))
-}
-
-// atLeastAMillisecond reports a positive v of field under a millisecond:
-// heartbeats carry their interval in milliseconds, and timers derived from
-// it (an eighth of it) must not be zero.
-func atLeastAMillisecond(field string, v time.Duration) error {
-	if v <= 0 || v >= time.Millisecond {
-		return nil
-	}
-	return invalidConfig(field, v, "is under a millisecond", "use at least 1ms (the default is 500ms)")
 }
 
 // exceeds reports a non-negative v of field that is not above other's value

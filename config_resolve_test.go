@@ -64,7 +64,6 @@ func TestConfigResolve(t *testing.T) {
 		{"NodeID", Config{NodeID: "a b"}, `NodeID "a b" is invalid`},
 		{"Prefix", Config{Prefix: "a..b"}, `Prefix "a..b" is invalid`},
 		{"HeartbeatInterval", Config{HeartbeatInterval: -time.Second}, "HeartbeatInterval -1s is negative; use 0 for the default (500ms)"},
-		{"HeartbeatInterval under a millisecond", Config{HeartbeatInterval: 7}, "HeartbeatInterval 7ns is under a millisecond; use at least 1ms"},
 		{"MemberTimeout negative", Config{MemberTimeout: -time.Second}, "MemberTimeout -1s is negative; use 0 for the default (3s)"},
 		{"MemberTimeout not above HeartbeatInterval", Config{HeartbeatInterval: time.Second, MemberTimeout: time.Second},
 			"MemberTimeout 1s does not exceed HeartbeatInterval 1s; set it above HeartbeatInterval"},

@@ -327,10 +327,16 @@ func (n *Node) deliverWithin(timeout time.Duration, topic string, locals []strin
 	}
 }
 
-// onEvict ends a local subscription its owner evicted. One naming no valid
-// topic (which would match a subscription of any topic) is malformed; a
-// status this version cannot name (a newer owner's) reads HandlerError.
+// onEvict ends a local subscription its owner evicted. An empty one is
+// Join's permission probe (checkPermissions), answered as before; one
+// naming no valid topic otherwise (which would match a subscription of any
+// topic) is malformed; a status this version cannot name (a newer owner's)
+// reads HandlerError.
 func (n *Node) onEvict(e *wire.Evict, reply string) {
+	if e.GetTopic() == "" && e.GetSubscriber() == "" {
+		n.replyTo(reply, &wire.Reply{Code: wire.Reply_OK})
+		return
+	}
 	if validateTopic(e.GetTopic()) != nil {
 		n.malformed("evict", len(e.GetTopic()))
 		n.replyTo(reply, &wire.Reply{Code: wire.Reply_BAD_REQUEST, Error: "invalid evict: no valid topic"})

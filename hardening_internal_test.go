@@ -53,6 +53,8 @@ func TestEvictNamingNoTopicEndsNothing(t *testing.T) {
 	default:
 	}
 	assert.Equal(t, before+2, a.Stats().Malformed)
+	a.onEvict(&wire.Evict{}, "") // Join's permission probe: not malformed
+	assert.Equal(t, before+2, a.Stats().Malformed, "Join's permission probe counted malformed")
 
 	a.onEvict(&wire.Evict{Topic: "t", Subscriber: s.ID().Local, Status: 99}, "")
 	<-s.Done()

@@ -83,3 +83,49 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 	require.True(t, ready)
 	require.Equal(t, 1, subs, "b's subscriber survived a scale-down its actor slept through")
 }
+
+// A resync's answers reach the actors that took their view's syncs before
+// it too: they stayed pending in the registry until the next view change
+// (whose take merged them, older than what the actors applied since), and
+// every subscribe request meanwhile was held for them (found by review).
+func TestResyncIsMergedIntoActorsSyncedBeforeIt(t *testing.T) {
+	n := &Node{self: Member{ID: "a", Incarnation: 1}}
+	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+	defer n.life.cancel()
+	n.events = newEventStream(n.self.ID)
+	b := Member{ID: "b", Incarnation: 2}
+	v := newView(1, []Member{n.self, b})
+	n.members.views.cur.Store(v)
+	n.members.views.history.remember(v)
+	n.owner.init(n)
+	topic := ownedTopics(n, "a", "t", 1)[0]
+	n.owner.registry.applyPulled(v, b, nil, 0)
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	subs := func() int {
+		done := make(chan int)
+		n.owner.onActor(topic, false, func(a *topicActor) {
+			a.reconcile()
+			require.True(t, a.ready)
+			k := 0
+			if ns := a.nodes["b"]; ns != nil {
+				k = len(ns.set)
+			}
+			done <- k
+		})
+		return <-done
+	}
+	require.Zero(t, subs(), "synced with b's empty answer")
+
+	_, before := n.owner.registry.completeGen()
+	n.owner.registry.resync(v)
+	_, resynced := n.owner.registry.completeGen()
+	n.owner.registry.applyPulled(v, b, []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{"x"}}}, 0)
+	complete, after := n.owner.registry.completeGen()
+	require.True(t, complete)
+	// A leaver's handover list built in between must be built again.
+	require.Greater(t, resynced, before, "a resync left the registry's generation")
+	require.Greater(t, after, resynced, "a completion (with a topic now pending) left the registry's generation")
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	require.Equal(t, 1, subs(), "the resync's answer was not merged into the actor")
+	require.False(t, n.owner.registry.hasPending(topic), "the resync's answer still pending")
+}

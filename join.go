@@ -48,7 +48,7 @@ func (n *Node) joinView(ctx context.Context) error {
 	resend := []time.Duration{0, quiet / 4, quiet / 2, quiet, 2 * quiet, 4 * quiet}
 	deadline := time.NewTimer(n.cfg.MemberTimeout)
 	defer deadline.Stop()
-	tick := time.NewTicker(quiet / 8)
+	tick := time.NewTicker(max(quiet/8, time.Microsecond)) // a HeartbeatInterval under 8ns made it 0: a panic
 	defer tick.Stop()
 	for {
 		if len(resend) > 0 && time.Since(start) >= resend[0] {

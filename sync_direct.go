@@ -12,10 +12,13 @@ package pubsub
 // them on top of the answers.
 //
 // Each request is stamped. A member's answer to a pull sent at stamp s
-// covers its requests stamped up to s (a node registers a subscription
-// locally before it asks the owner, and removes it locally before it asks
-// again), so those are forgotten when it is recorded, not the ones that
-// arrived while the member answered.
+// covers its subscribe requests stamped up to s (a node registers a
+// subscription locally before it asks the owner), so those are forgotten
+// when it is recorded, not the ones that arrived while the member
+// answered. Removals are kept until taken: an eviction is recorded here
+// before the member hears of it, so its answer may still list the
+// subscriber; and a node never names a new subscription as an old one, so
+// a removal held longer cannot hit a live subscriber.
 //
 // Guarded by syncRegistry.mu. Bounded per node by maxSubscriptions, which
 // no member's own subscriptions exceed: past it a new request is dropped,
@@ -85,8 +88,8 @@ func (d *directRequests) forget(topic, node, local string) {
 // an answer to a pull sent now.
 func (d *directRequests) stamp() uint64 { return d.clock }
 
-// answered forgets node's requests an answer to a pull sent at stamp
-// since covers.
+// answered forgets node's subscribe requests an answer to a pull sent at
+// stamp since covers.
 func (d *directRequests) answered(node string, since uint64) {
 	if _, ok := d.nodes[node]; !ok {
 		return
@@ -95,7 +98,7 @@ func (d *directRequests) answered(node string, since uint64) {
 		locals := byNode[node]
 		k := 0
 		for l, e := range locals {
-			if e.stamp <= since {
+			if e.subscribed && e.stamp <= since {
 				delete(locals, l)
 				k++
 			}

@@ -37,6 +37,18 @@ func TestDirectRequestsAccounting(t *testing.T) {
 		d.answered("x", since) // covers nothing recorded after since
 		assert.Equal(t, map[string]int{"x": 3}, count(&d))
 		d.answered("x", d.stamp())
+		assert.Equal(t, map[string]int{"x": 1}, count(&d), "a removal is kept until taken")
+		assert.Equal(t, directEntry{subscribed: false, stamp: 2}, d.byTopic["t"]["x"]["a"])
+	})
+
+	t.Run("an eviction outlives the member's answer", func(t *testing.T) {
+		// The owner evicts before the member hears of it: an answer to a
+		// pull sent after the eviction may still list the subscriber.
+		var d directRequests
+		require.True(t, d.record("t", x1, "a", false))
+		d.answered("x", d.stamp())
+		got := d.applyTo("t", map[string]map[string]struct{}{"x": {"a": {}}}, newView(1, []Member{x1}))
+		assert.Empty(t, got["x"], "the evicted subscriber came back with the answer")
 		assert.Empty(t, count(&d))
 	})
 

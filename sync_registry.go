@@ -5,6 +5,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
@@ -36,8 +37,9 @@ type syncRegistry struct {
 	// validFrom is the epoch of the last view a member vanished or left in:
 	// answers asked for under views from it on are still valid.
 	validFrom uint64
-	resynced  uint64 // the view resync last asked every member again for
-	gen       uint64 // counts resets and resyncs: what a handover's topic list was built under
+	resynced  uint64        // the view resync last asked every member again for
+	gen       uint64        // counts resets, resyncs, completions and pending topics: what a handover's topic list was built under
+	resyncs   atomic.Uint64 // resyncs done: actors that took this view's syncs take a resync's too (topicActor.syncedResync)
 	direct    directRequests
 }
 
@@ -234,6 +236,7 @@ func (r *syncRegistry) resync(v *view) {
 	}
 	r.resynced = v.epoch
 	r.gen++
+	r.resyncs.Add(1)
 	for id := range r.answered {
 		if id != r.n.self.ID {
 			delete(r.answered, id)
@@ -277,6 +280,7 @@ func (r *syncRegistry) addLocked(node string, t *wire.TopicSubscribers) {
 	if byNode == nil {
 		byNode = map[string]map[string]struct{}{}
 		r.subs[t.GetTopic()] = byNode
+		r.gen++ // a topic pending: a leaver's handover list must include it
 	}
 	set := byNode[node]
 	if set == nil {
@@ -313,6 +317,7 @@ func (r *syncRegistry) checkLocked() bool {
 		}
 	}
 	r.complete = true
+	r.gen++
 	return true
 }
 

@@ -39,8 +39,11 @@ type topicActor struct {
 type reconciled struct {
 	epoch  uint64 // view epoch the state was reconciled to; noEpoch when fresh
 	synced uint64 // view epoch whose syncs were merged; noEpoch when none
-	owned  bool   // this node owns the topic in view epoch
-	ready  bool   // the subscriber set is complete for epoch
+	// syncedResync is the registry's resync count (syncRegistry.resyncs)
+	// when the syncs were merged: a resync's answers are merged too.
+	syncedResync uint64
+	owned        bool // this node owns the topic in view epoch
+	ready        bool // the subscriber set is complete for epoch
 	// waitSince: a topic kept through a view in which a member came back
 	// is not ready until that view's syncs are merged, or MemberTimeout
 	// after this (zero when not waiting; see reconcile).
@@ -141,7 +144,11 @@ func (a *topicActor) reconcile() *view {
 	// Every member's sync for this view is merged once it is complete, also
 	// into a topic kept from the previous view: a member that was dropped
 	// (a false suspicion) and is back re-registers its subscribers this way.
-	if a.owned && a.synced != v.epoch {
+	// A resync (an actor asleep past the view history asked every member
+	// again) is merged into the actors that took this view's syncs before
+	// it too: its answers are pending for their topics until taken.
+	resyncs := n.owner.registry.resyncs.Load()
+	if a.owned && (a.synced != v.epoch || a.syncedResync != resyncs) {
 		if subs, ok := n.owner.registry.take(a.topic, v.epoch); ok {
 			for node, locals := range subs {
 				m, _ := v.member(node)
@@ -159,7 +166,7 @@ func (a *topicActor) reconcile() *view {
 					a.n.refuseRecords(a.topic, node, dropped)
 				}
 			}
-			a.ready, a.synced, a.waitSince = true, v.epoch, time.Time{}
+			a.ready, a.synced, a.syncedResync, a.waitSince = true, v.epoch, resyncs, time.Time{}
 		}
 	}
 	if !a.waitSince.IsZero() && time.Since(a.waitSince) > n.cfg.MemberTimeout {
@@ -200,7 +207,8 @@ func (a *topicActor) producerServed(o batchOrigin) {
 // (directRequests); if a view change clears this actor before it took its
 // syncs, the registry keeps it too.
 func (a *topicActor) noteDirect(id SubscriberID, inc uint64, subscribed bool) {
-	a.n.owner.registry.recordDirect(a.topic, Member{ID: id.Node, Incarnation: inc}, id.Local, subscribed, a.synced == a.epoch)
+	synced := a.synced == a.epoch && a.syncedResync == a.n.owner.registry.resyncs.Load()
+	a.n.owner.registry.recordDirect(a.topic, Member{ID: id.Node, Incarnation: inc}, id.Local, subscribed, synced)
 }
 
 func (a *topicActor) add(node string, inc uint64, local string) bool {
