@@ -225,11 +225,14 @@ func (s *Subscription) releaseMailbox() {
 // reported).
 //
 // It fails with ErrInvalidTopic, ErrInvalidConfig (a nil h, an invalid
-// option), ErrClosed, ErrTopicUnavailable (no owner served the topic within
+// option), ErrClosed (also when the NATS connection is closed or being
+// drained), ErrTopicUnavailable (no owner served the topic within
 // RequestTimeout, or before ctx ended, or the owner refused it past its
-// bound of subscriber records, saying so), ErrTimeout (the owner did not
-// answer in time), ErrTooManySubscriptions (this node holds 1 048 576
-// already), or ctx's error.
+// bound of subscriber records, or its queue for the topic stayed full,
+// saying so), ErrQueueFull (this node is the owner and its queue for the
+// topic is full: retry later), ErrTimeout (the owner did not answer in
+// time), ErrTooManySubscriptions (this node holds 1 048 576 already), or
+// ctx's error.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {
 	if err := validateTopic(topic); err != nil {
 		return nil, err

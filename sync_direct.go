@@ -48,6 +48,9 @@ func (d *directRequests) record(topic string, from Member, local string, subscri
 		d.nodes = map[string]directNode{}
 	}
 	if dn, ok := d.nodes[from.ID]; ok && dn.inc != from.Incarnation {
+		if from.Incarnation < dn.inc {
+			return true // a late eviction of a previous life: nothing to keep
+		}
 		d.dropNode(from.ID) // requests of its previous life are void
 	}
 	dn := d.nodes[from.ID]

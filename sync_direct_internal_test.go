@@ -72,6 +72,9 @@ func TestDirectRequestsAccounting(t *testing.T) {
 		require.True(t, d.record("u", x2, "b", true)) // the new incarnation voids the old one's
 		assert.Equal(t, map[string]int{"x": 1}, count(&d))
 		assert.Nil(t, d.byTopic["t"])
+		require.True(t, d.record("t", x1, "a", false)) // a late eviction of the old one's
+		assert.Equal(t, map[string]int{"x": 1}, count(&d), "an older incarnation's record wiped the newer one's")
+		assert.Contains(t, d.byTopic["u"]["x"], "b")
 	})
 
 	t.Run("forget, dropTopic and dropNode keep the count", func(t *testing.T) {

@@ -349,9 +349,13 @@ func (r *syncRegistry) take(topic string, epoch uint64) (map[string][]string, bo
 func (r *syncRegistry) recordDirect(topic string, from Member, local string, subscribed, synced bool) {
 	r.mu.Lock()
 	ok := true
-	if !synced || !r.complete || r.subs[topic] != nil {
+	switch {
+	case r.view.ownerOf(topic).ID != r.n.self.ID:
+		// Moved away (an actor not reconciled to the view yet): nothing
+		// here will take it.
+	case !synced || !r.complete || r.subs[topic] != nil:
 		ok = r.direct.record(topic, from, local, subscribed)
-	} else {
+	default:
 		r.direct.forget(topic, from.ID, local)
 	}
 	r.mu.Unlock()
@@ -380,16 +384,24 @@ func (r *syncRegistry) completeGen() (bool, uint64) {
 	return r.complete, r.gen
 }
 
-// hasPending reports whether topic has synced subscribers not yet taken.
+// hasPending reports whether topic has synced subscribers, or requests
+// (directRequests), not yet taken.
 func (r *syncRegistry) hasPending(topic string) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.subs[topic] != nil
+	return r.subs[topic] != nil || r.direct.byTopic[topic] != nil
 }
 
-// topicsPending lists the topics that have synced subscribers not yet taken.
+// topicsPending lists the topics that have synced subscribers, or requests,
+// not yet taken.
 func (r *syncRegistry) topicsPending() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return slices.Collect(maps.Keys(r.subs))
+	topics := slices.Collect(maps.Keys(r.subs))
+	for t := range r.direct.byTopic {
+		if r.subs[t] == nil {
+			topics = append(topics, t)
+		}
+	}
+	return topics
 }
