@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -128,4 +129,51 @@ func TestResyncIsMergedIntoActorsSyncedBeforeIt(t *testing.T) {
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
 	require.Equal(t, 1, subs(), "the resync's answer was not merged into the actor")
 	require.False(t, n.owner.registry.hasPending(topic), "the resync's answer still pending")
+}
+
+// An eviction while the registry collects answers is held for them: the
+// owner evicts before the subscriber's node hears of it, so an answer
+// given meanwhile still lists the subscriber, and took it back (found by
+// review).
+func TestEvictionDuringASyncOutlivesOlderAnswers(t *testing.T) {
+	n := &Node{self: Member{ID: "a", Incarnation: 1}, log: nodeLogger{Logger: slog.New(slog.DiscardHandler)}}
+	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+	defer n.life.cancel()
+	n.events = newEventStream(n.self.ID)
+	b, c := Member{ID: "b", Incarnation: 2}, Member{ID: "c", Incarnation: 3}
+	v := newView(1, []Member{n.self, b, c})
+	n.members.views.cur.Store(v)
+	n.members.views.history.remember(v)
+	n.owner.init(n)
+	topic := ownedTopics(n, "a", "t", 1)[0]
+	x := SubscriberID{Node: "b", Local: "x"}
+	// holdsX runs f on the topic's actor, then reports whether it holds x
+	// (and, with ready, whether it is ready).
+	holdsX := func(f func(a *topicActor)) (holds, ready bool) {
+		done := make(chan struct{})
+		n.owner.onActor(topic, false, func(a *topicActor) {
+			defer close(done)
+			f(a)
+			if ns := a.nodes["b"]; ns != nil {
+				_, holds = ns.set["x"]
+			}
+			ready = a.ready
+		})
+		<-done
+		return holds, ready
+	}
+	// b's subscribe reaches the actor before the registry is complete (c
+	// has not answered); b answers listing x; the owner evicts x.
+	holds, _ := holdsX(func(a *topicActor) {
+		a.subscribe(&wire.MemberRef{NodeId: "b", Incarnation: 2}, "x", false, func(ownerAnswer) {})
+	})
+	require.True(t, holds)
+	n.owner.registry.applyPulled(v, b, []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{"x"}}}, n.owner.registry.stamp())
+	holds, _ = holdsX(func(a *topicActor) { a.account([]subscriberOutcome{{id: x, status: SubscriberGone}}) })
+	require.False(t, holds, "not evicted")
+	n.owner.registry.applyPulled(v, c, nil, 0) // complete: the actor takes b's answer
+	require.NoError(t, n.life.goroutines.wait(t.Context()))
+	holds, ready := holdsX(func(a *topicActor) { a.reconcile() })
+	require.True(t, ready)
+	require.False(t, holds, "b's answer brought the evicted subscriber back")
 }

@@ -6,8 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
 	"github.com/clusterpubsub/pubsub/natsutil/embedded"
@@ -70,4 +72,50 @@ func TestPushRetryLeavesOutUnsubscribed(t *testing.T) {
 	require.Len(t, held, 1)
 	assert.Equal(t, "t", held[0].GetTopic())
 	assert.Equal(t, []string{keep.ID().Local}, held[0].GetSubscribers())
+}
+
+// The same through pushSync itself: an owner that answers the first push
+// NOT_READY gets a retry without the subscription unsubscribed meanwhile.
+func TestPushSyncRetrySendsOnlyHeldSubscriptions(t *testing.T) {
+	a, ctx := oneNodeForTest(t)
+	h := func(context.Context, *Message) error { return nil }
+	keep, err := a.Subscribe(ctx, "t", h)
+	require.NoError(t, err)
+	gone, err := a.Subscribe(ctx, "t", h)
+	require.NoError(t, err)
+
+	// A fake owner's inbox, answered by the test.
+	nc, err := nats.Connect(a.nc.ConnectedUrl())
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	asks, err := nc.SubscribeSync("test.owner")
+	require.NoError(t, err)
+	require.NoError(t, nc.Flush())
+	answer := func(m *nats.Msg, code wire.Reply_Code) {
+		data, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Reply{Reply: &wire.Reply{Code: code}}})
+		require.NoError(t, err)
+		require.NoError(t, m.Respond(data))
+	}
+	pushed := func(m *nats.Msg) []string {
+		var env wire.Envelope
+		require.NoError(t, proto.Unmarshal(m.Data, &env))
+		var locals []string
+		for _, ts := range env.GetSync().GetTopics() {
+			locals = append(locals, ts.GetSubscribers()...)
+		}
+		return locals
+	}
+
+	first := &wire.Sync{From: a.selfRef(), Topics: []*wire.TopicSubscribers{
+		{Topic: "t", Subscribers: []string{keep.ID().Local, gone.ID().Local}}}}
+	a.pushSync(a.view(), Member{ID: "owner", Inbox: "test.owner"}, &wire.Envelope{Body: &wire.Envelope_Sync{Sync: first}}, time.Millisecond)
+	m, err := asks.NextMsg(5 * time.Second)
+	require.NoError(t, err)
+	assert.ElementsMatch(t, []string{keep.ID().Local, gone.ID().Local}, pushed(m))
+	a.subscriber.remove(gone.ID().Local, "") // unsubscribed locally, its request not yet at the owner
+	answer(m, wire.Reply_NOT_READY)
+	m, err = asks.NextMsg(5 * time.Second)
+	require.NoError(t, err, "no retry")
+	assert.Equal(t, []string{keep.ID().Local}, pushed(m), "the retry pushed a subscription unsubscribed meanwhile")
+	answer(m, wire.Reply_OK)
 }
