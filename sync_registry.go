@@ -377,7 +377,7 @@ func (r *syncRegistry) stamp() uint64 {
 }
 
 // completeGen reports whether the registry is complete for its view, and
-// its generation (changed by each reset and resync).
+// its generation (syncRegistry.gen).
 func (r *syncRegistry) completeGen() (bool, uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
