@@ -1,7 +1,6 @@
 package pubsub
 
 import (
-	"context"
 	"fmt"
 	"testing"
 
@@ -89,14 +88,7 @@ func TestSyncPagesCarryEveryEntryOnceInOrder(t *testing.T) {
 }
 
 func TestRegistryCompletesOnlyWithEveryMemberOfItsView(t *testing.T) {
-	n := &Node{self: Member{ID: "a", Incarnation: 1}}
-	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
-	defer n.life.cancel()
-	n.events = newEventStream(n.self.ID)
-	v := newView(1, []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}, {ID: "c", Incarnation: 3}})
-	n.members.views.cur.Store(v)
-	n.members.views.history.remember(v)
-	n.owner.init(n)
+	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1}, Member{ID: "b", Incarnation: 2}, Member{ID: "c", Incarnation: 3})
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	subs := func(s string) []*wire.TopicSubscribers {
 		return []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{s}}}

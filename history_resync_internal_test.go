@@ -11,6 +11,21 @@ import (
 	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
+// registryNodeForTest is a Node with no connection, for the owner's sync
+// registry and topic actors alone: members[0] is itself, and its view
+// (epoch 1) holds members. It ends with the test.
+func registryNodeForTest(t *testing.T, members ...Member) (*Node, *view) {
+	n := &Node{self: members[0], log: nodeLogger{Logger: slog.New(slog.DiscardHandler)}}
+	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
+	t.Cleanup(n.life.cancel)
+	n.events = newEventStream(n.self.ID)
+	v := newView(1, members)
+	n.members.views.cur.Store(v)
+	n.members.views.history.remember(v)
+	n.owner.init(n)
+	return n, v
+}
+
 // Regression (review): a topic actor busy through more views than the
 // bounded view history keeps (here a scale-down by 10 graceful leaves)
 // could not prove it owned its topic throughout, cleared its state and
@@ -19,18 +34,11 @@ import (
 // Now it asks every member again (syncRegistry.resync) and is ready only
 // once they answered, with b's subscriber.
 func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
-	n := &Node{self: Member{ID: "a", Incarnation: 1}}
-	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
-	defer n.life.cancel()
-	n.events = newEventStream(n.self.ID)
 	ms := []Member{{ID: "a", Incarnation: 1}, {ID: "b", Incarnation: 2}}
 	for i := range 10 {
 		ms = append(ms, Member{ID: fmt.Sprintf("d%02d", i), Incarnation: uint64(10 + i)})
 	}
-	v := newView(1, ms)
-	n.members.views.cur.Store(v)
-	n.members.views.history.remember(v)
-	n.owner.init(n)
+	n, v := registryNodeForTest(t, ms...)
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	bSubs := []*wire.TopicSubscribers{{Topic: topic, Subscribers: []string{"x"}}}
 	for _, m := range ms[1:] {
@@ -90,15 +98,8 @@ func TestActorAsleepPastTheHistoryResyncs(t *testing.T) {
 // (whose take merged them, older than what the actors applied since), and
 // every subscribe request meanwhile was held for them (found by review).
 func TestResyncIsMergedIntoActorsSyncedBeforeIt(t *testing.T) {
-	n := &Node{self: Member{ID: "a", Incarnation: 1}}
-	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
-	defer n.life.cancel()
-	n.events = newEventStream(n.self.ID)
 	b := Member{ID: "b", Incarnation: 2}
-	v := newView(1, []Member{n.self, b})
-	n.members.views.cur.Store(v)
-	n.members.views.history.remember(v)
-	n.owner.init(n)
+	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1}, b)
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	n.owner.registry.applyPulled(v, b, nil, 0)
 	require.NoError(t, n.life.goroutines.wait(t.Context()))
@@ -136,15 +137,8 @@ func TestResyncIsMergedIntoActorsSyncedBeforeIt(t *testing.T) {
 // given meanwhile still lists the subscriber, and took it back (found by
 // review).
 func TestEvictionDuringASyncOutlivesOlderAnswers(t *testing.T) {
-	n := &Node{self: Member{ID: "a", Incarnation: 1}, log: nodeLogger{Logger: slog.New(slog.DiscardHandler)}}
-	n.life.ctx, n.life.cancel = context.WithCancel(t.Context())
-	defer n.life.cancel()
-	n.events = newEventStream(n.self.ID)
 	b, c := Member{ID: "b", Incarnation: 2}, Member{ID: "c", Incarnation: 3}
-	v := newView(1, []Member{n.self, b, c})
-	n.members.views.cur.Store(v)
-	n.members.views.history.remember(v)
-	n.owner.init(n)
+	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1}, b, c)
 	topic := ownedTopics(n, "a", "t", 1)[0]
 	x := SubscriberID{Node: "b", Local: "x"}
 	// holdsX runs f on the topic's actor, then reports whether it holds x

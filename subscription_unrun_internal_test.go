@@ -48,18 +48,25 @@ func TestCopyOfABatchDroppedForItsProducerOrderKeepsItsOutcome(t *testing.T) {
 	assert.Equal(t, int32(1), calls.Load(), "handler runs")
 }
 
+// subscribeTwice subscribes a on topic twice, with handlers that do
+// nothing: one subscription the test keeps, one it ends.
+func subscribeTwice(t *testing.T, a *Node, topic string) (keep, gone *Subscription) {
+	h := func(context.Context, *Message) error { return nil }
+	keep, err := a.Subscribe(t.Context(), topic, h)
+	require.NoError(t, err)
+	gone, err = a.Subscribe(t.Context(), topic, h)
+	require.NoError(t, err)
+	return keep, gone
+}
+
 // A pushed sync's retry names only the subscriptions still held: sent as
 // first built after an Unsubscribe, it added the subscriber back at the
 // owner, whose next publish then listed it SubscriberGone (found by
 // review).
 func TestPushRetryLeavesOutUnsubscribed(t *testing.T) {
 	a, ctx := oneNodeForTest(t)
-	h := func(context.Context, *Message) error { return nil }
-	keep, err := a.Subscribe(ctx, "t", h)
-	require.NoError(t, err)
-	gone, err := a.Subscribe(ctx, "t", h)
-	require.NoError(t, err)
-	other, err := a.Subscribe(ctx, "u", h)
+	keep, gone := subscribeTwice(t, a, "t")
+	other, err := a.Subscribe(ctx, "u", func(context.Context, *Message) error { return nil })
 	require.NoError(t, err)
 	pushed := []*wire.TopicSubscribers{
 		{Topic: "t", Subscribers: []string{keep.ID().Local, gone.ID().Local}},
@@ -77,12 +84,8 @@ func TestPushRetryLeavesOutUnsubscribed(t *testing.T) {
 // The same through pushSync itself: an owner that answers the first push
 // NOT_READY gets a retry without the subscription unsubscribed meanwhile.
 func TestPushSyncRetrySendsOnlyHeldSubscriptions(t *testing.T) {
-	a, ctx := oneNodeForTest(t)
-	h := func(context.Context, *Message) error { return nil }
-	keep, err := a.Subscribe(ctx, "t", h)
-	require.NoError(t, err)
-	gone, err := a.Subscribe(ctx, "t", h)
-	require.NoError(t, err)
+	a, _ := oneNodeForTest(t)
+	keep, gone := subscribeTwice(t, a, "t")
 
 	// A fake owner's inbox, answered by the test.
 	nc, err := nats.Connect(a.nc.ConnectedUrl())

@@ -127,6 +127,21 @@ func (d *directRequests) dropNode(node string) {
 	delete(d.nodes, node)
 }
 
+// retain keeps, for view v, the requests of topics self owns by members v
+// holds in the same incarnation.
+func (d *directRequests) retain(v *view, self string) {
+	for t := range d.byTopic {
+		if v.ownerOf(t).ID != self {
+			d.dropTopic(t)
+		}
+	}
+	for id, dn := range d.nodes {
+		if !v.holds(Member{ID: id, Incarnation: dn.inc}) {
+			d.dropNode(id)
+		}
+	}
+}
+
 // dropTopic forgets topic's requests (it moved away).
 func (d *directRequests) dropTopic(topic string) {
 	for node, locals := range d.byTopic[topic] {

@@ -104,16 +104,7 @@ func (r *syncRegistry) reset(v *view, self []*wire.TopicSubscribers, since uint6
 			delete(r.subs, t) // moved to a joiner
 		}
 	}
-	for t := range r.direct.byTopic {
-		if v.ownerOf(t).ID != r.n.self.ID {
-			r.direct.dropTopic(t)
-		}
-	}
-	for id, dn := range r.direct.nodes {
-		if !v.holds(Member{ID: id, Incarnation: dn.inc}) {
-			r.direct.dropNode(id)
-		}
-	}
+	r.direct.retain(v, r.n.self.ID)
 	r.answerLocked(r.n.self, self, since)
 	done := r.checkLocked()
 	r.mu.Unlock()
