@@ -1,6 +1,8 @@
 // Package wire holds the protobuf messages that nodes exchange over NATS.
-// The generated code is committed; `go generate ./internal/wire` remakes it
-// (needs protoc and protoc-gen-go on PATH).
+// The generated code is committed, so neither users nor CI need a protobuf
+// compiler. `go generate ./internal/wire` remakes it with buf (a protobuf
+// compiler written in Go) and protoc-gen-go, both fetched from the Go module
+// proxy at pinned versions: no protoc needed.
 package wire
 
-//go:generate protoc --go_out=. --go_opt=paths=source_relative wire.proto
+//go:generate go run github.com/bufbuild/buf/cmd/buf@v1.75.0 generate
