@@ -50,6 +50,10 @@ func (n *Node) joinView(ctx context.Context) error {
 	defer deadline.Stop()
 	tick := time.NewTicker(max(quiet/8, time.Microsecond)) // a HeartbeatInterval under 8ns made it 0: a panic
 	defer tick.Stop()
+	// The members whose view was full when they answered, with their
+	// MaxMembers: room may come (a member timing out), so they fail the
+	// Join only if they still disagree at its deadline.
+	refusedBy := make(map[string]uint32)
 	for {
 		if len(resend) > 0 && time.Since(start) >= resend[0] {
 			resend = resend[1:]
@@ -58,7 +62,15 @@ func (n *Node) joinView(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-n.life.ctx.Done():
+			// The heartbeat loop found the connection closed and stopped
+			// the node: nothing here can succeed, so fail now rather than
+			// at the deadline.
+			return fmt.Errorf("%w: the node stopped while joining: its NATS connection was closed", ErrClosed)
 		case <-deadline.C:
+			if err := n.refusedJoin(refusedBy); err != nil {
+				return err
+			}
 			// Views still disagree; heartbeats will converge them.
 			n.installPending()
 			n.log.Info("joined before views converged", "node", n.self.ID)
@@ -76,10 +88,11 @@ func (n *Node) joinView(ctx context.Context) error {
 			n.heard(hb)
 			for _, ref := range hb.GetMembers() {
 				if ref.GetNodeId() != n.self.ID && natsutil.ValidateNodeID(ref.GetNodeId()) == nil {
-					if _, known := n.members.peers[ref.GetNodeId()]; !known {
-						n.seen(ref, 0, false)
-					}
+					n.listedWhileJoining(ref)
 				}
+			}
+			if limit := hb.GetRefusedMaxMembers(); limit > 0 {
+				refusedBy[hb.GetFrom().GetNodeId()] = limit
 			}
 			n.members.mu.Unlock()
 		case <-tick.C:
@@ -97,6 +110,50 @@ func (n *Node) joinView(ctx context.Context) error {
 			return nil
 		}
 	}
+}
+
+// listedWhileJoining adds ref, a member a JOIN_REPLY listed, as heard when
+// the replier last heard it: a member that crashed just before this join
+// then times out here when it does at its peers, and Join returns once they
+// agree without it, instead of waiting for it until its own deadline and
+// keeping it up to MemberTimeout after. One a replier has not heard from for
+// MemberTimeout (its own may be longer) is left out. A member listed again
+// keeps the most recent of the times. Callers hold members.mu.
+func (n *Node) listedWhileJoining(ref *wire.MemberRef) {
+	silent := time.Duration(ref.GetSilentMs()) * time.Millisecond
+	if silent >= n.cfg.MemberTimeout {
+		return
+	}
+	id := ref.GetNodeId()
+	if _, known := n.members.peers[id]; !known {
+		n.seen(ref, 0, false)
+		if p := n.members.peers[id]; p != nil && p.m.Incarnation == ref.GetIncarnation() {
+			p.lastSeen = time.Now().Add(-silent)
+		}
+		return
+	}
+	if p := n.members.peers[id]; p.m.Incarnation == ref.GetIncarnation() {
+		if heard := time.Now().Add(-silent); heard.After(p.lastSeen) {
+			p.lastSeen = heard
+		}
+	}
+}
+
+// refusedJoin returns the error Join fails with at its deadline when a
+// member whose view was full refused this node and still reports a view
+// other than this node's: nil when none did. Its Join would otherwise
+// return into a view no one shares, its requests refused until they time
+// out.
+func (n *Node) refusedJoin(refusedBy map[string]uint32) error {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	id := n.view().id
+	for member, limit := range refusedBy {
+		if p := n.members.peers[member]; p != nil && p.viewID != id {
+			return fmt.Errorf("%w: member %s refused this node: its view holds MaxMembers (%d) members; raise WithMaxMembers on every node, or join once a member left", ErrInvalidConfig, member, limit)
+		}
+	}
+	return nil
 }
 
 // markJoined ends joining: from now on a peer heard changes the view at

@@ -351,14 +351,33 @@ func (n *Node) onMembers(m *nats.Msg) {
 	}
 	n.heard(hb)
 	if hb.GetKind() == wire.Heartbeat_JOIN && m.Reply != "" {
-		v := n.view()
-		reply := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.beatRef(), ViewId: v.id}
-		if v.listsFor(from.GetNodeId(), n.self.ID) {
-			reply.Members = v.refs()
-		}
-		n.members.quorum.stampHeartbeat(reply)
-		n.publishEnvelope(m.Reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: reply}})
+		n.answerJoin(from, m.Reply)
 	}
+}
+
+// answerJoin answers the JOIN of joiner, just heard, with this node's view:
+// each member with how long since this node heard it, so a member that
+// crashed just before the join is not new to the joiner; and, when the
+// view's size kept the joiner out, this node's MaxMembers, so its Join
+// fails saying why instead of returning into a view no one shares. Callers
+// hold members.mu.
+func (n *Node) answerJoin(joiner *wire.MemberRef, reply string) {
+	v := n.view()
+	hb := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.beatRef(), ViewId: v.id}
+	if v.listsFor(joiner.GetNodeId(), n.self.ID) {
+		hb.Members = v.refs()
+		now := time.Now()
+		for _, ref := range hb.Members {
+			if p := n.members.peers[ref.GetNodeId()]; p != nil && p.m.Incarnation == ref.GetIncarnation() {
+				ref.SilentMs = uint32(min(now.Sub(p.lastSeen).Milliseconds(), math.MaxUint32))
+			}
+		}
+	}
+	if p := n.members.peers[joiner.GetNodeId()]; p == nil && len(n.members.peers)+1 >= n.cfg.MaxMembers {
+		hb.RefusedMaxMembers = uint32(min(int64(n.cfg.MaxMembers), math.MaxUint32))
+	}
+	n.members.quorum.stampHeartbeat(hb)
+	n.publishEnvelope(reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
 }
 
 // heard records a heartbeat of a live member: a sign of life, its view, its

@@ -101,8 +101,9 @@ type lifecycle struct {
 // caller keeps ownership of nc: Close does not close it.
 //
 // It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
-// a live node already uses, or a NATS user without the permissions the
-// node needs (the error says which to grant); with ErrClosed when nc is
+// a live node already uses, a NATS user without the permissions the node
+// needs (the error says which to grant), or members whose views hold
+// MaxMembers refusing the node until Join's deadline; with ErrClosed when nc is
 // closed, draining or otherwise cannot be used (the error wraps what NATS
 // said); with ErrTimeout when the permission check got no answer within
 // RequestTimeout; or with ctx's error.

@@ -482,8 +482,14 @@ type MemberRef struct {
 	// PartitionPolicy plus 1. Not part of a view's ID.
 	HeartbeatIntervalMs uint32 `protobuf:"varint,5,opt,name=heartbeat_interval_ms,json=heartbeatIntervalMs,proto3" json:"heartbeat_interval_ms,omitempty"`
 	PartitionPolicy     uint32 `protobuf:"varint,6,opt,name=partition_policy,json=partitionPolicy,proto3" json:"partition_policy,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// silent_ms: in a JOIN_REPLY's members, how long since the sender last
+	// heard this member, in milliseconds (0: just now, itself, or not said by
+	// a sender from before this field). A joiner counts a member it learns
+	// from a list as heard that long ago, so one that crashed just before the
+	// join times out at the joiner when it does at the others.
+	SilentMs      uint32 `protobuf:"varint,7,opt,name=silent_ms,json=silentMs,proto3" json:"silent_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *MemberRef) Reset() {
@@ -558,6 +564,13 @@ func (x *MemberRef) GetPartitionPolicy() uint32 {
 	return 0
 }
 
+func (x *MemberRef) GetSilentMs() uint32 {
+	if x != nil {
+		return x.SilentMs
+	}
+	return 0
+}
+
 // Heartbeat is published on <prefix>.members.
 type Heartbeat struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -579,10 +592,14 @@ type Heartbeat struct {
 	StableConfirmed bool `protobuf:"varint,8,opt,name=stable_confirmed,json=stableConfirmed,proto3" json:"stable_confirmed,omitempty"`
 	// prev_members lists the stable view before this one while the change
 	// is not confirmed, so a member adopting it can confirm it too.
-	PrevMembers   []*MemberRef `protobuf:"bytes,9,rep,name=prev_members,json=prevMembers,proto3" json:"prev_members,omitempty"`
-	PrevId        uint64       `protobuf:"varint,10,opt,name=prev_id,json=prevId,proto3" json:"prev_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PrevMembers []*MemberRef `protobuf:"bytes,9,rep,name=prev_members,json=prevMembers,proto3" json:"prev_members,omitempty"`
+	PrevId      uint64       `protobuf:"varint,10,opt,name=prev_id,json=prevId,proto3" json:"prev_id,omitempty"`
+	// refused_max_members, set on a JOIN_REPLY only: the sender ignores the
+	// joiner because its view holds this many members, its MaxMembers (0:
+	// not refused, or a sender from before this field).
+	RefusedMaxMembers uint32 `protobuf:"varint,11,opt,name=refused_max_members,json=refusedMaxMembers,proto3" json:"refused_max_members,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Heartbeat) Reset() {
@@ -681,6 +698,13 @@ func (x *Heartbeat) GetPrevMembers() []*MemberRef {
 func (x *Heartbeat) GetPrevId() uint64 {
 	if x != nil {
 		return x.PrevId
+	}
+	return 0
+}
+
+func (x *Heartbeat) GetRefusedMaxMembers() uint32 {
+	if x != nil {
+		return x.RefusedMaxMembers
 	}
 	return 0
 }
@@ -1911,7 +1935,7 @@ const file_wire_proto_rawDesc = "" +
 	"\x10groups_truncated\x18\x04 \x01(\bR\x0fgroupsTruncated\x1a9\n" +
 	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xe7\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x84\x02\n" +
 	"\tMemberRef\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12\x1f\n" +
@@ -1920,7 +1944,8 @@ const file_wire_proto_rawDesc = "" +
 	"\vmax_payload\x18\x04 \x01(\x04R\n" +
 	"maxPayload\x122\n" +
 	"\x15heartbeat_interval_ms\x18\x05 \x01(\rR\x13heartbeatIntervalMs\x12)\n" +
-	"\x10partition_policy\x18\x06 \x01(\rR\x0fpartitionPolicy\"\x90\x04\n" +
+	"\x10partition_policy\x18\x06 \x01(\rR\x0fpartitionPolicy\x12\x1b\n" +
+	"\tsilent_ms\x18\a \x01(\rR\bsilentMs\"\xc0\x04\n" +
 	"\tHeartbeat\x126\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\".clusterpubsub.wire.Heartbeat.KindR\x04kind\x121\n" +
 	"\x04from\x18\x02 \x01(\v2\x1d.clusterpubsub.wire.MemberRefR\x04from\x12\x17\n" +
@@ -1932,7 +1957,8 @@ const file_wire_proto_rawDesc = "" +
 	"\x10stable_confirmed\x18\b \x01(\bR\x0fstableConfirmed\x12@\n" +
 	"\fprev_members\x18\t \x03(\v2\x1d.clusterpubsub.wire.MemberRefR\vprevMembers\x12\x17\n" +
 	"\aprev_id\x18\n" +
-	" \x01(\x04R\x06prevId\":\n" +
+	" \x01(\x04R\x06prevId\x12.\n" +
+	"\x13refused_max_members\x18\v \x01(\rR\x11refusedMaxMembers\":\n" +
 	"\x04Kind\x12\r\n" +
 	"\tHEARTBEAT\x10\x00\x12\b\n" +
 	"\x04JOIN\x10\x01\x12\t\n" +

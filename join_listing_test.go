@@ -1,0 +1,142 @@
+package pubsub_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/testcluster"
+)
+
+// A member that crashed shortly before a node joins is still in its
+// peers' views, and their join replies list it. Counted as heard at the
+// join, it made the joiner wait for its view until Join's deadline
+// (MemberTimeout) and keep it up to MemberTimeout after its peers dropped
+// it. Listed with how long its peers have not heard it, it times out at
+// the joiner when it does at the others: Join returns once they agree
+// without it, well before the deadline.
+func TestJoinerAfterACrashDropsTheCrashedMemberWithItsPeers(t *testing.T) {
+	c := newCluster(t, 3, 3)
+	crashed := c.Nodes[2].ID()
+	c.Crash(2)
+	// Timing is the point: join while the others still hold the crashed
+	// member, about 800 ms before their MemberTimeout (2 s) drops it.
+	time.Sleep(1200 * time.Millisecond)
+	require.Len(t, c.Nodes[0].Members(), 3, "the peers dropped the crashed member before the join: the test needs it listed")
+	logs := &logLines{}
+	start := time.Now()
+	j := c.AddNode(t, "j", 0, append(append([]pubsub.Option{}, fast...), pubsub.WithLogger(slog.New(logs)))...)
+	took := time.Since(start)
+	t.Logf("Join took %v", took)
+	assert.Empty(t, logs.matching("joined before views converged"), "Join waited for the crashed member until its deadline")
+	ids := func(n *pubsub.Node) []string {
+		var out []string
+		for _, m := range n.Members() {
+			out = append(out, m.ID)
+		}
+		return out
+	}
+	assert.NotContains(t, ids(j), crashed, "the joiner still holds the crashed member when Join returns")
+	assert.Equal(t, ids(c.Nodes[0]), ids(j), "Join returned into a view its peers do not share")
+	assert.Less(t, took, 2*time.Second, "Join waited out its MemberTimeout deadline")
+}
+
+// A node refused by members whose views hold MaxMembers got nil from Join
+// once its deadline passed: nobody had it in their view, and its requests
+// were refused until they timed out. The refusal travels in the join
+// replies: Join fails with ErrInvalidConfig naming MaxMembers, and the
+// members keep serving without it.
+func TestJoinRefusedByFullViewsFailsNamingMaxMembers(t *testing.T) {
+	opts := []pubsub.Option{pubsub.WithMaxMembers(2)}
+	c := newCluster(t, 3, 2, opts...)
+	nc := c.Connect(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	n, err := pubsub.Join(ctx, nc, append(append([]pubsub.Option{pubsub.WithNodeID("third")}, fast...), opts...)...)
+	if n != nil {
+		_ = n.Close(context.Background())
+	}
+	require.Error(t, err, "Join returned nil though every member refused it")
+	assert.True(t, errors.Is(err, pubsub.ErrInvalidConfig), "want ErrInvalidConfig, got %v", err)
+	assert.Contains(t, err.Error(), "MaxMembers (2)")
+	assert.NotErrorIs(t, err, context.DeadlineExceeded)
+	for _, m := range c.Nodes {
+		assert.False(t, slices.ContainsFunc(m.Members(), func(m pubsub.Member) bool { return m.ID == "third" }), "%s holds the refused node", m.ID())
+	}
+	topic := ownedBy(t, c.Nodes[1], "after-refusal")
+	rec := newRecorder()
+	subscribe(t, c.Nodes[0], topic, rec.handler)
+	subscribe(t, c.Nodes[1], topic, rec.handler)
+	publishUntilAccepted(t, c.Nodes[0], topic, []byte("x"), 2, 3*time.Second)
+}
+
+// Room made while the joiner waits (a member timing out) lets the refused
+// node in: only a refusal still standing at Join's deadline fails it.
+func TestJoinRefusedWhileAMemberTimesOutSucceedsOnceThereIsRoom(t *testing.T) {
+	opts := []pubsub.Option{pubsub.WithMaxMembers(3)}
+	c := newCluster(t, 3, 3, opts...)
+	c.Crash(2)
+	// The others' views stay full until MemberTimeout (2 s) drops the
+	// crashed member; join 1.5 s in, so room comes within Join's own
+	// MemberTimeout deadline.
+	time.Sleep(1500 * time.Millisecond)
+	require.Len(t, c.Nodes[0].Members(), 3, "the peers dropped the crashed member before the join: the test needs them full")
+	j := c.AddNode(t, "j", 1, append(append([]pubsub.Option{}, fast...), opts...)...)
+	assert.Positive(t, c.Nodes[0].Stats().MembersRejected+c.Nodes[1].Stats().MembersRejected, "no member refused the joiner: the test needs a refusal")
+	testcluster.WaitFor(t, 5*time.Second, func() bool {
+		return len(j.Members()) == 3 && len(c.Nodes[0].Members()) == 3 && len(c.Nodes[1].Members()) == 3 &&
+			slices.ContainsFunc(c.Nodes[0].Members(), func(m pubsub.Member) bool { return m.ID == "j" })
+	}, "views never took the joiner in: %v / %v", j.Members(), c.Nodes[0].Members())
+}
+
+// A connection closed while Join waits for the views to agree stops the
+// node (the heartbeat loop notices), but Join went on waiting until its
+// MemberTimeout deadline before failing. It fails at once with ErrClosed.
+func TestJoinFailsSoonWhenItsConnectionClosesWhileJoining(t *testing.T) {
+	c := newCluster(t, 1, 1)
+	// A member that never reports the joiner's view keeps Join waiting
+	// for agreement until its deadline.
+	stop := heartbeatAs(c.Connect(t, 0), "never-agrees")
+	defer stop()
+	nc, err := nats.Connect(c.Servers.URL(0))
+	require.NoError(t, err)
+	defer nc.Close()
+	const memberTimeout = 8 * time.Second
+	type joined struct {
+		n   *pubsub.Node
+		err error
+	}
+	done := make(chan joined, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		n, err := pubsub.Join(ctx, nc, pubsub.WithNodeID("j"), pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(memberTimeout))
+		done <- joined{n, err}
+	}()
+	// The member heard the JOIN: Join is waiting for the views to agree.
+	testcluster.WaitFor(t, 5*time.Second, func() bool {
+		return slices.ContainsFunc(c.Nodes[0].Members(), func(m pubsub.Member) bool { return m.ID == "j" })
+	}, "the joiner's JOIN never arrived")
+	closed := time.Now()
+	nc.Close()
+	select {
+	case r := <-done:
+		if r.n != nil {
+			_ = r.n.Close(context.Background())
+		}
+		took := time.Since(closed)
+		require.Error(t, r.err, "Join succeeded on a closed connection")
+		assert.ErrorIs(t, r.err, pubsub.ErrClosed)
+		assert.Less(t, took, memberTimeout/2, "Join waited for its deadline on a closed connection")
+	case <-time.After(2 * memberTimeout):
+		t.Fatal("Join never returned after its connection closed")
+	}
+}
