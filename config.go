@@ -99,6 +99,10 @@ type Config struct {
 	// of this package did, without saying how long it waits for the
 	// answer (answer_by.go), so a slow subscriber times its attempts out.
 	silentWait bool
+	// pushHook, set by tests only: called by pushMoved between the
+	// snapshot of the subscriptions it pushes and their writes (written
+	// false), and after the writes (true).
+	pushHook func(written bool)
 }
 
 // Defaults of Config.

@@ -49,6 +49,13 @@ func OwnerForTest(topic string, ids []string) string {
 // need.
 func WithSilentWaitForTest() Option { return func(c *Config) { c.silentWait = true } }
 
+// WithPushHookForTest makes the node call f(false) when it has built the
+// pushed syncs of a view change and not written them yet, and f(true) once
+// it wrote them.
+func WithPushHookForTest(f func(written bool)) Option {
+	return func(c *Config) { c.pushHook = f }
+}
+
 // SetProducerMarksLimitForTest sets the node's budget of producer marks
 // (maxNodeProducerMarks), for tests that reach it fast.
 func (n *Node) SetProducerMarksLimitForTest(limit int64) { n.marks.limit.Store(limit) }

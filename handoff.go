@@ -102,6 +102,10 @@ func (n *Node) viewChanged(prev, next *view) {
 // pushMoved sends each new owner this node's subscriptions of the topics it
 // gained between views prev and next.
 func (n *Node) pushMoved(prev, next *view) {
+	// Held from the snapshot to the last write: an Unsubscribe of a
+	// subscriber the snapshot names sends its request after the push.
+	n.subscriber.pushMu.Lock()
+	defer n.subscriber.pushMu.Unlock()
 	byOwner := map[string]map[string]*wire.TopicSubscribers{}
 	n.subscriber.each(func(local string, s *Subscription) {
 		owner := next.ownerOf(s.topic).ID
@@ -120,6 +124,10 @@ func (n *Node) pushMoved(prev, next *view) {
 		}
 		t.Subscribers = append(t.Subscribers, local)
 	})
+	if h := n.cfg.pushHook; h != nil && len(byOwner) > 0 {
+		h(false)
+		defer h(true) // after the writes, before pushMu is released
+	}
 	for owner, topics := range byOwner {
 		m, _ := next.member(owner)
 		list := make([]*wire.TopicSubscribers, 0, len(topics))
@@ -138,6 +146,7 @@ func (n *Node) pushMoved(prev, next *view) {
 // pushes replace it. An owner that does not know this node yet answers
 // NOT_READY, and is asked again. A retry pushes only the subscriptions
 // still held: one sent after an Unsubscribe would add it back at the owner.
+// Callers hold subscriber.pushMu.
 func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, backoff time.Duration) {
 	if n.life.ctx.Err() != nil || n.view() != v {
 		return
@@ -146,6 +155,8 @@ func (n *Node) pushSync(v *view, m Member, env *wire.Envelope, backoff time.Dura
 		if err != nil || rep.GetCode() != wire.Reply_OK {
 			next := min(2*backoff, time.Second)
 			time.AfterFunc(backoff, func() {
+				n.subscriber.pushMu.Lock() // as in pushMoved
+				defer n.subscriber.pushMu.Unlock()
 				s := env.GetSync()
 				held := n.subscriber.stillHeld(s.GetTopics())
 				if len(held) == 0 {

@@ -24,6 +24,14 @@ type subscriberSide struct {
 
 	recentMu sync.Mutex
 	recent   map[batchKey]*recentBatch
+
+	// pushMu is held while a pushed sync is built and written
+	// (handoff.go), and by Unsubscribe while it removes its subscription:
+	// a push that names a subscriber then leaves before that subscriber's
+	// unsubscribe request, on the same connection to the same owner, so
+	// the owner never reads the push second and adds it back. Taken
+	// before mu.
+	pushMu sync.Mutex
 }
 
 func (s *subscriberSide) init() {

@@ -299,7 +299,10 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // returns nil.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	n := s.node
-	if n.subscriber.remove(s.id.Local, "") == nil {
+	n.subscriber.pushMu.Lock() // a push naming it is written before the request below
+	removed := n.subscriber.remove(s.id.Local, "")
+	n.subscriber.pushMu.Unlock()
+	if removed == nil {
 		return nil
 	}
 	s.end(nil)
