@@ -62,19 +62,7 @@ func (n *Node) heartbeatLoop() {
 			return
 		}
 		n.members.mu.Lock()
-		changed := false
-		for id, p := range n.members.peers {
-			if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
-				delete(n.members.peers, id)
-				if n.members.sameID.noteTimedOut(p.m, n.cfg.MaxMembers) {
-					n.forgotMember("a member timed out", id)
-				}
-				changed = true
-			}
-		}
-		if changed {
-			n.recomputeView()
-		}
+		n.dropSilentLocked()
 		n.updateQuorum(n.viewsAgreeLocked())
 		by, newer, replaced := n.replacedForGood()
 		n.members.mu.Unlock()
@@ -96,6 +84,31 @@ func (n *Node) heartbeatLoop() {
 			lastCollect = time.Now()
 			n.owner.collectIdleActors(n.cfg.MemberTimeout)
 		}
+	}
+}
+
+// dropSilentLocked drops the members not heard from for MemberTimeout.
+// Callers hold members.mu.
+func (n *Node) dropSilentLocked() {
+	changed := false
+	for id, p := range n.members.peers {
+		if time.Since(p.lastSeen) > n.cfg.MemberTimeout {
+			delete(n.members.peers, id)
+			if n.members.sameID.noteTimedOut(p.m, n.cfg.MaxMembers) {
+				n.forgotMember("a member timed out", id)
+			}
+			changed = true
+		}
+	}
+	switch {
+	case changed && n.members.joined.Load():
+		n.recomputeView()
+	case changed:
+		// Joining: joinView installs the peers it added and those dropped
+		// here together, as one view that counts them as returned
+		// (installPendingLocked). Installed here, that view would not,
+		// and the next install, finding no change, would drop the mark.
+		n.members.views.viewPending = true
 	}
 }
 

@@ -50,10 +50,7 @@ func (n *Node) joinView(ctx context.Context) error {
 	defer deadline.Stop()
 	tick := time.NewTicker(max(quiet/8, time.Microsecond)) // a HeartbeatInterval under 8ns made it 0: a panic
 	defer tick.Stop()
-	// The members whose view was full when they answered, with their
-	// MaxMembers: room may come (a member timing out), so they fail the
-	// Join only if they still disagree at its deadline.
-	refusedBy := make(map[string]uint32)
+	refusals := joinRefusals{latest: map[string]uint32{}}
 	for {
 		if len(resend) > 0 && time.Since(start) >= resend[0] {
 			resend = resend[1:]
@@ -63,12 +60,22 @@ func (n *Node) joinView(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-n.life.ctx.Done():
-			// The heartbeat loop found the connection closed and stopped
-			// the node: nothing here can succeed, so fail now rather than
-			// at the deadline.
-			return fmt.Errorf("%w: the node stopped while joining: its NATS connection was closed", ErrClosed)
+			// The node stopped under Join (the heartbeat loop found its
+			// connection closed, or it learnt it was replaced): nothing
+			// here can succeed, so fail now rather than at the deadline.
+			return fmt.Errorf("%w: the node stopped while joining (NATS connection closed: %v; last NATS error: %v)", ErrClosed, n.nc.IsClosed(), n.nc.LastError())
 		case <-deadline.C:
-			if err := n.refusedJoin(refusedBy); err != nil {
+			if !refusals.asked && n.refusersDisagree(refusals.latest) {
+				// Room may come just now (a member timing out as this node
+				// joined): ask again, once right away and once after a
+				// heartbeat interval, and decide on the answers.
+				refusals.ask()
+				elapsed := time.Since(start)
+				resend = append(resend, elapsed, elapsed+n.cfg.HeartbeatInterval)
+				deadline.Reset(2*n.cfg.HeartbeatInterval + quiet)
+				continue
+			}
+			if err := refusals.verdict(); err != nil {
 				return err
 			}
 			// Views still disagree; heartbeats will converge them.
@@ -91,9 +98,7 @@ func (n *Node) joinView(ctx context.Context) error {
 					n.listedWhileJoining(ref)
 				}
 			}
-			if limit := hb.GetRefusedMaxMembers(); limit > 0 {
-				refusedBy[hb.GetFrom().GetNodeId()] = limit
-			}
+			refusals.note(hb.GetFrom().GetNodeId(), hb.GetRefusedMaxMembers())
 			n.members.mu.Unlock()
 		case <-tick.C:
 		}
@@ -139,21 +144,60 @@ func (n *Node) listedWhileJoining(ref *wire.MemberRef) {
 	}
 }
 
-// refusedJoin returns the error Join fails with at its deadline when a
-// member whose view was full refused this node and still reports a view
-// other than this node's: nil when none did. Its Join would otherwise
-// return into a view no one shares, its requests refused until they time
-// out.
-func (n *Node) refusedJoin(refusedBy map[string]uint32) error {
+// joinRefusals follows the members that refused this joiner because their
+// views held MaxMembers (Heartbeat.refused_max_members). Room may come
+// while it waits (a member timing out), so a refusal fails Join only if it
+// stands when asked again at the deadline: then, if every member that
+// answered refused, Join fails saying so instead of returning into a view
+// nobody shares. A member that answers both ways (a MaxMembers lower than
+// the others', or a forged reply) cannot fail a Join the rest accepted.
+type joinRefusals struct {
+	latest  map[string]uint32 // each replier's last answer: its MaxMembers if it refused, else 0
+	asked   bool              // asked again at the deadline; fresh holds the answers since
+	fresh   map[string]uint32
+	refuser string // one that refused since, for the error
+}
+
+func (r *joinRefusals) note(from string, limit uint32) {
+	r.latest[from] = limit
+	if r.asked {
+		r.fresh[from] = limit
+		if limit > 0 {
+			r.refuser = from
+		}
+	}
+}
+
+func (r *joinRefusals) ask() {
+	r.asked, r.fresh = true, map[string]uint32{}
+}
+
+// verdict returns the error Join fails with: nil unless it was asked again
+// and every member that answered that refused.
+func (r *joinRefusals) verdict() error {
+	if !r.asked || len(r.fresh) == 0 {
+		return nil
+	}
+	for _, limit := range r.fresh {
+		if limit == 0 {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: member %s refused this node: its view holds MaxMembers (%d) members; raise WithMaxMembers on every node, or join once a member left", ErrInvalidConfig, r.refuser, r.fresh[r.refuser])
+}
+
+// refusersDisagree reports whether a member whose last answer refused this
+// node reports a view other than this node's.
+func (n *Node) refusersDisagree(latest map[string]uint32) bool {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	id := n.view().id
-	for member, limit := range refusedBy {
-		if p := n.members.peers[member]; p != nil && p.viewID != id {
-			return fmt.Errorf("%w: member %s refused this node: its view holds MaxMembers (%d) members; raise WithMaxMembers on every node, or join once a member left", ErrInvalidConfig, member, limit)
+	for member, limit := range latest {
+		if p := n.members.peers[member]; limit > 0 && p != nil && p.viewID != id {
+			return true
 		}
 	}
-	return nil
+	return false
 }
 
 // markJoined ends joining: from now on a peer heard changes the view at

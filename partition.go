@@ -74,9 +74,8 @@ func (n *Node) startQuorum() {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	// Disagreements between views count (disagreesLong) from now on: a
-	// joiner learns members from the others' lists, and one that crashed
-	// just before stays in its view, apart from the others', until its
-	// heartbeat loop, which starts after Join, drops it.
+	// joiner's view may still differ from the others' for a moment (a
+	// member it learnt from their lists drops at each node's own sweep).
 	now := time.Now()
 	for _, p := range n.members.peers {
 		if !p.disagreeSince.IsZero() {

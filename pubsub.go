@@ -102,8 +102,8 @@ type lifecycle struct {
 //
 // It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
 // a live node already uses, a NATS user without the permissions the node
-// needs (the error says which to grant), or members whose views hold
-// MaxMembers refusing the node until Join's deadline; with ErrClosed when nc is
+// needs (the error says which to grant), or every member refusing the
+// node at Join's deadline because its view holds MaxMembers; with ErrClosed when nc is
 // closed, draining or otherwise cannot be used (the error wraps what NATS
 // said); with ErrTimeout when the permission check got no answer within
 // RequestTimeout; or with ctx's error.

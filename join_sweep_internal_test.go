@@ -1,0 +1,39 @@
+package pubsub
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clusterpubsub/pubsub/internal/wire"
+)
+
+// A member a join reply lists comes with how long its lister has not heard
+// it; one that crashed just before the join (listed as silent for most of
+// MemberTimeout) is dropped by the joiner's sweep while it still joins.
+// Installed by the sweep, that view did not count the peers added while
+// joining as returned, and the join's own install then found no change and
+// dropped the mark: the sweep leaves the change to joinView's install.
+func TestSweepWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
+	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
+	n.cfg.MemberTimeout, n.cfg.MaxMembers = time.Second, 16
+	n.members.init(n)
+	n.members.views.cur.Store(v)
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	n.listedWhileJoining(&wire.MemberRef{NodeId: "alive", Incarnation: 2, SilentMs: 10})
+	n.listedWhileJoining(&wire.MemberRef{NodeId: "crashed", Incarnation: 3, SilentMs: 900})
+	n.listedWhileJoining(&wire.MemberRef{NodeId: "long-gone", Incarnation: 4, SilentMs: 1500})
+	require.Contains(t, n.members.peers, "crashed")
+	assert.NotContains(t, n.members.peers, "long-gone", "a member its lister has not heard for MemberTimeout was added")
+	assert.WithinDuration(t, time.Now().Add(-900*time.Millisecond), n.members.peers["crashed"].lastSeen, 200*time.Millisecond,
+		"a listed member counts as heard when its lister last heard it")
+	n.members.peers["crashed"].lastSeen = time.Now().Add(-2 * time.Second) // its MemberTimeout passed
+	n.dropSilentLocked()
+	assert.NotContains(t, n.members.peers, "crashed")
+	assert.Contains(t, n.members.peers, "alive")
+	assert.True(t, n.members.views.viewPending, "the sweep installed a view while joining")
+	assert.Same(t, v, n.view(), "the sweep installed a view while joining")
+}
