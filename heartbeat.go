@@ -100,15 +100,8 @@ func (n *Node) dropSilentLocked() {
 			changed = true
 		}
 	}
-	switch {
-	case changed && n.members.joined.Load():
-		n.recomputeView()
-	case changed:
-		// Joining: joinView installs the peers it added and those dropped
-		// here together, as one view that counts them as returned
-		// (installPendingLocked). Installed here, that view would not,
-		// and the next install, finding no change, would drop the mark.
-		n.members.views.viewPending = true
+	if changed {
+		n.peersChangedLocked()
 	}
 }
 

@@ -63,19 +63,30 @@ func (n *Node) joinView(ctx context.Context) error {
 			// The node stopped under Join (the heartbeat loop found its
 			// connection closed, or it learnt it was replaced): nothing
 			// here can succeed, so fail now rather than at the deadline.
-			return fmt.Errorf("%w: the node stopped while joining (NATS connection closed: %v; last NATS error: %v)", ErrClosed, n.nc.IsClosed(), n.nc.LastError())
+			why := "a newer node with its ID replaced it"
+			if n.nc.IsClosed() {
+				why = fmt.Sprintf("its NATS connection closed (last NATS error: %v)", n.nc.LastError())
+			}
+			return fmt.Errorf("%w: the node stopped while joining: %s", ErrClosed, why)
 		case <-deadline.C:
 			if !refusals.asked && n.refusersDisagree(refusals.latest) {
-				// Room may come just now (a member timing out as this node
-				// joined): ask again, once right away and once after a
-				// heartbeat interval, and decide on the answers.
+				// Room may come just now: a member that crashed as this
+				// node joined times out at its peers about MemberTimeout
+				// after, plus their sweep's tick and any lag. Ask again
+				// four times over a grace of a quarter of MemberTimeout
+				// (at least two heartbeat intervals), and decide on the
+				// last answers.
 				refusals.ask()
+				grace := max(2*n.cfg.HeartbeatInterval, n.cfg.MemberTimeout/4)
 				elapsed := time.Since(start)
-				resend = append(resend, elapsed, elapsed+n.cfg.HeartbeatInterval)
-				deadline.Reset(2*n.cfg.HeartbeatInterval + quiet)
+				resend = resend[:0]
+				for k := range 4 {
+					resend = append(resend, elapsed+time.Duration(k)*grace/4)
+				}
+				deadline.Reset(grace + quiet)
 				continue
 			}
-			if err := refusals.verdict(); err != nil {
+			if err := refusals.verdict(); err != nil && n.refusersDisagree(refusals.latest) {
 				return err
 			}
 			// Views still disagree; heartbeats will converge them.

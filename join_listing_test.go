@@ -88,7 +88,11 @@ func TestJoinRefusedByFullViewsFailsNamingMaxMembers(t *testing.T) {
 // that still stands fails it.
 func TestJoinRightAfterACrashInAFullClusterSucceeds(t *testing.T) {
 	opts := []pubsub.Option{pubsub.WithMaxMembers(3)}
-	c := newCluster(t, 3, 3, opts...)
+	// The members' MemberTimeout is 200 ms longer than the joiner's: their
+	// room comes after its deadline, as when their sweep runs late on a
+	// loaded machine. Asked again over a grace of a quarter of its own
+	// MemberTimeout, the joiner gets in.
+	c := newCluster(t, 3, 3, append(slices.Clone(opts), pubsub.WithMemberTimeout(2200*time.Millisecond))...)
 	c.Crash(2)
 	j := c.AddNode(t, "j", 1, append(append([]pubsub.Option{}, fast...), opts...)...)
 	assert.Positive(t, c.Nodes[0].Stats().MembersRejected+c.Nodes[1].Stats().MembersRejected, "no member refused the joiner: the test needs a refusal")
@@ -131,6 +135,10 @@ func TestJoinFailsSoonWhenItsConnectionClosesWhileJoining(t *testing.T) {
 	// for agreement until its deadline.
 	stop := heartbeatAs(c.Connect(t, 0), "never-agrees")
 	defer stop()
+	// Listed by n0, it is in the joiner's view from n0's first reply.
+	testcluster.WaitFor(t, 5*time.Second, func() bool {
+		return slices.ContainsFunc(c.Nodes[0].Members(), func(m pubsub.Member) bool { return m.ID == "never-agrees" })
+	}, "n0 never heard the member that never agrees")
 	nc, err := nats.Connect(c.Servers.URL(0))
 	require.NoError(t, err)
 	defer nc.Close()

@@ -4,10 +4,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
+	"google.golang.org/protobuf/proto"
 )
 
 // A member a join reply lists comes with how long its lister has not heard
@@ -20,6 +22,8 @@ func TestSweepWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
 	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
 	n.cfg.MemberTimeout, n.cfg.MaxMembers = time.Second, 16
 	n.members.init(n)
+	n.subscriber.init()
+	n.rpc = &rpc{pending: map[uint64]*call{}} // the view change's control work sweeps it
 	n.members.views.cur.Store(v)
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
@@ -36,4 +40,33 @@ func TestSweepWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
 	assert.Contains(t, n.members.peers, "alive")
 	assert.True(t, n.members.views.viewPending, "the sweep installed a view while joining")
 	assert.Same(t, v, n.view(), "the sweep installed a view while joining")
+	require.True(t, n.installPendingLocked(), "joinView's install changed nothing")
+	assert.Equal(t, v.epoch, n.view().returned, "the view installed while joining does not count the peers heard meanwhile as returned")
+	assert.Len(t, n.view().members, 2)
+}
+
+// The same for a member's LEAVE heard while joining: the view it changes is
+// joinView's to install.
+func TestLeaveWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
+	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
+	n.cfg.MemberTimeout, n.cfg.MaxMembers, n.cfg.HeartbeatInterval = time.Second, 16, 50*time.Millisecond
+	n.members.init(n)
+	n.members.views.cur.Store(v)
+	n.subscriber.init()
+	n.rpc = &rpc{pending: map[uint64]*call{}}
+	n.members.mu.Lock()
+	n.listedWhileJoining(&wire.MemberRef{NodeId: "stays", Incarnation: 2})
+	n.listedWhileJoining(&wire.MemberRef{NodeId: "leaves", Incarnation: 3})
+	n.members.mu.Unlock()
+	leave, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+		Kind: wire.Heartbeat_LEAVE, From: &wire.MemberRef{NodeId: "leaves", Incarnation: 3}}}})
+	require.NoError(t, err)
+	n.onMembers(&nats.Msg{Data: leave})
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	assert.NotContains(t, n.members.peers, "leaves")
+	assert.Same(t, v, n.view(), "the LEAVE installed a view while joining")
+	require.True(t, n.installPendingLocked(), "joinView's install changed nothing")
+	assert.Equal(t, v.epoch, n.view().returned, "the view installed while joining does not count the peers heard meanwhile as returned")
+	assert.Len(t, n.view().members, 2)
 }

@@ -338,7 +338,7 @@ func (n *Node) onMembers(m *nats.Msg) {
 			}
 			delete(n.members.peers, id)
 			n.forgetLeaver(id, hb)
-			n.recomputeView()
+			n.peersChangedLocked()
 		} else if !n.members.stillLeaving(id, inc, n.cfg.MemberTimeout) {
 			return
 		}
@@ -452,6 +452,19 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		n.ownerPayload()
 	}
 	p.noteAgreement(n.view().id, p.lastSeen)
+}
+
+// peersChangedLocked installs the view of the peers after one was
+// dropped. While joining, joinView installs it instead, with the peers it
+// added, as one view that counts them as returned (installPendingLocked):
+// installed here, the view would not, and the next install, finding no
+// change, would drop the mark. Callers hold members.mu.
+func (n *Node) peersChangedLocked() {
+	if n.members.joined.Load() {
+		n.recomputeView()
+		return
+	}
+	n.members.views.viewPending = true
 }
 
 // forgotMember counts and logs (throttled) an entry of a bounded record

@@ -26,12 +26,20 @@ type subscriberSide struct {
 	recent   map[batchKey]*recentBatch
 
 	// pushMu is held while a pushed sync is built and written
-	// (handoff.go), and by Unsubscribe while it removes its subscription:
-	// a push that names a subscriber then leaves before that subscriber's
-	// unsubscribe request, on the same connection to the same owner, so
-	// the owner never reads the push second and adds it back. Taken
-	// before mu.
+	// (handoff.go). Taken before mu.
 	pushMu sync.Mutex
+}
+
+// pushWritten returns once no pushed sync built before this call is still
+// being written. A subscription removed, then this, then its unsubscribe
+// request sent: a push that named it leaves first, on the same connection
+// to the same owner, so the owner never reads the push second and adds it
+// back. The subscription is removed (and ended) before: its handler gets
+// nothing more while a large push is written.
+func (s *subscriberSide) pushWritten() {
+	s.pushMu.Lock()
+	//lint:ignore SA2001 an empty critical section is the point: a barrier behind the push being written
+	s.pushMu.Unlock()
 }
 
 func (s *subscriberSide) init() {

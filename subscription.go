@@ -267,6 +267,7 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 		n.subscriber.remove(local, "")
 		s.end(err)
 		if issued && cfg.group == "" {
+			n.subscriber.pushWritten() // as in Unsubscribe
 			// The owner may have recorded it (the ctx ended, or the answer
 			// was lost, after the request left): without a word it would
 			// keep the subscriber, and its topic's actor, until a delivery
@@ -299,13 +300,11 @@ func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...S
 // returns nil.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	n := s.node
-	n.subscriber.pushMu.Lock() // a push naming it is written before the request below
-	removed := n.subscriber.remove(s.id.Local, "")
-	n.subscriber.pushMu.Unlock()
-	if removed == nil {
+	if n.subscriber.remove(s.id.Local, "") == nil {
 		return nil
 	}
 	s.end(nil)
+	n.subscriber.pushWritten()
 	if err := n.registerWithOwner(ctx, s, true); err != nil {
 		return fmt.Errorf("pubsub: unsubscribe %s from %q: %w", s.id, s.topic, err)
 	}
