@@ -193,10 +193,10 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if err = n.checkMemberInboxes(ctx); err != nil {
 		return fail(err)
 	}
-	if n.life.closed.Load() {
-		// Stopped under Join (its connection closed) after the checks
+	if n.life.closed.Load() || nc.IsClosed() {
+		// Stopped under Join, or its connection closed, after the checks
 		// above passed: a stopped node is no node to return.
-		return fail(fmt.Errorf("%w: the node stopped while joining", ErrClosed))
+		return fail(fmt.Errorf("%w: the node stopped while joining, or its NATS connection closed", ErrClosed))
 	}
 	n.startQuorum()
 	n.markJoined()
