@@ -198,13 +198,14 @@ func (r *joinRefusals) verdict() error {
 }
 
 // refusersDisagree reports whether a member whose last answer refused this
-// node reports a view other than this node's.
+// node reports a view other than this node's. Only members heard beating
+// count: a refusal from anyone else (a forged reply) is ignored.
 func (n *Node) refusersDisagree(latest map[string]uint32) bool {
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	id := n.view().id
 	for member, limit := range latest {
-		if p := n.members.peers[member]; limit > 0 && p != nil && p.viewID != id {
+		if p := n.members.peers[member]; limit > 0 && p != nil && p.beating && p.viewID != id {
 			return true
 		}
 	}

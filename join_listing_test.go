@@ -95,7 +95,9 @@ func TestJoinRightAfterACrashInAFullClusterSucceeds(t *testing.T) {
 	// MemberTimeout, the joiner gets in.
 	c := newCluster(t, 3, 3, append(slices.Clone(opts), pubsub.WithMemberTimeout(2200*time.Millisecond))...)
 	c.Crash(2)
+	start := time.Now()
 	j := c.AddNode(t, "j", 1, append(append([]pubsub.Option{}, fast...), opts...)...)
+	assert.Greater(t, time.Since(start), 2*time.Second, "Join returned before its deadline: the refusal was not asked again")
 	assert.Positive(t, c.Nodes[0].Stats().MembersRejected+c.Nodes[1].Stats().MembersRejected, "no member refused the joiner: the test needs a refusal")
 	testcluster.WaitFor(t, 5*time.Second, func() bool {
 		return len(j.Members()) == 3 && len(c.Nodes[0].Members()) == 3 && len(c.Nodes[1].Members()) == 3 &&
@@ -108,23 +110,20 @@ func TestJoinRightAfterACrashInAFullClusterSucceeds(t *testing.T) {
 // lower MaxMembers) cannot keep nodes out of a cluster that has room.
 func TestForgedJoinRefusalDoesNotFailJoin(t *testing.T) {
 	c := newCluster(t, 1, 2)
-	forger := c.Connect(t, 0)
-	refuse, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
-		Kind: wire.Heartbeat_JOIN_REPLY, From: &wire.MemberRef{NodeId: "forger", Incarnation: 1}, ViewId: 12345, RefusedMaxMembers: 7}}})
-	require.NoError(t, err)
-	var refused atomic.Int64
-	sub, err := forger.Subscribe("pubsub.members", func(m *nats.Msg) {
-		if m.Reply != "" && forger.Publish(m.Reply, refuse) == nil {
-			refused.Add(1)
-		}
-	})
-	require.NoError(t, err)
-	defer func() { _ = sub.Unsubscribe() }()
-	require.NoError(t, forger.Flush())
+	refused := refuseEveryJoin(t, c)
 	j := c.AddNode(t, "j", 0, fast...)
 	assert.Positive(t, refused.Load(), "the forger answered no JOIN")
 	assert.True(t, slices.ContainsFunc(c.Nodes[0].Members(), func(m pubsub.Member) bool { return m.ID == "j" }), "n0 never took the joiner in")
 	assert.NotNil(t, j)
+}
+
+// Nor does it fail the first node's Join, which no member answers: only
+// members heard beating count as refusing.
+func TestForgedJoinRefusalDoesNotFailTheFirstJoin(t *testing.T) {
+	c := testcluster.New(t, 1, 0)
+	refused := refuseEveryJoin(t, c)
+	c.AddNode(t, "first", 0, fast...)
+	assert.Positive(t, refused.Load(), "the forger answered no JOIN")
 }
 
 // A connection closed while Join waits for the views to agree stops the
@@ -191,4 +190,24 @@ func TestJoinFailsSoonWhenItsConnectionClosesWhileJoining(t *testing.T) {
 		}
 	}
 	t.Fatal("every joiner joined alone before its connection closed: the case was never reached")
+}
+
+// refuseEveryJoin answers every JOIN on server 0 as a member named
+// "forger" whose view is full, and counts the answers.
+func refuseEveryJoin(t *testing.T, c *testcluster.Cluster) *atomic.Int64 {
+	t.Helper()
+	forger := c.Connect(t, 0)
+	refuse, err := proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+		Kind: wire.Heartbeat_JOIN_REPLY, From: &wire.MemberRef{NodeId: "forger", Incarnation: 1}, ViewId: 12345, RefusedMaxMembers: 7}}})
+	require.NoError(t, err)
+	var refused atomic.Int64
+	sub, err := forger.Subscribe("pubsub.members", func(m *nats.Msg) {
+		if m.Reply != "" && forger.Publish(m.Reply, refuse) == nil {
+			refused.Add(1)
+		}
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	require.NoError(t, forger.Flush())
+	return &refused
 }

@@ -70,3 +70,30 @@ func TestLeaveWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
 	assert.Equal(t, v.epoch, n.view().returned, "the view installed while joining does not count the peers heard meanwhile as returned")
 	assert.Len(t, n.view().members, 2)
 }
+
+// A join reply lists the replier's view with how long it has not heard
+// each member. A member of the view already dropped from its peers (this
+// node joining itself, the change not installed yet) was sent as heard
+// just now, and the joiner kept a departed member as fresh: it is sent as
+// silent for longer than any MemberTimeout.
+func TestJoinReplyMarksDroppedMembersSilent(t *testing.T) {
+	n, _ := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
+	n.cfg.MemberTimeout, n.cfg.MaxMembers = time.Second, 16
+	n.members.init(n)
+	n.nc = &nats.Conn{} // beatRef asks it for its max_payload; nothing is sent
+	v := newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "heard", Incarnation: 2}, {ID: "dropped", Incarnation: 3}})
+	n.members.views.cur.Store(v)
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	n.members.peers["heard"] = &peer{m: Member{ID: "heard", Incarnation: 2}, lastSeen: time.Now().Add(-300 * time.Millisecond)}
+	hb := n.joinReplyLocked(&wire.MemberRef{NodeId: "joiner", Incarnation: 9})
+	silent := map[string]uint32{}
+	for _, ref := range hb.GetMembers() {
+		silent[ref.GetNodeId()] = ref.GetSilentMs()
+	}
+	require.Len(t, silent, 3)
+	assert.Zero(t, silent["a"], "the replier itself")
+	assert.InDelta(t, 300, silent["heard"], 150)
+	assert.Greater(t, time.Duration(silent["dropped"])*time.Millisecond, time.Hour, "a member dropped from the peers was sent as heard")
+	assert.Zero(t, hb.GetRefusedMaxMembers(), "a view with room refused the joiner")
+}

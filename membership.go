@@ -154,6 +154,10 @@ type peer struct {
 	// toldStale: when an older incarnation of its ID, still running, was
 	// last told that this one replaced it (replaced.go).
 	toldStale time.Time
+	// beating: a HEARTBEAT of its own was heard, not only a JOIN reply or
+	// a listing. A joiner counts only such members' refusals (joinRefusals):
+	// anyone may answer a JOIN.
+	beating bool
 	// The peer's stable view as last reported (any policy); stable
 	// and stablePrev hold the members the heartbeat listed, if any.
 	stableEpoch, stableID uint64
@@ -362,14 +366,25 @@ func (n *Node) onMembers(m *nats.Msg) {
 // fails saying why instead of returning into a view no one shares. Callers
 // hold members.mu.
 func (n *Node) answerJoin(joiner *wire.MemberRef, reply string) {
+	n.publishEnvelope(reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: n.joinReplyLocked(joiner)}})
+}
+
+// joinReplyLocked builds answerJoin's reply. Callers hold members.mu.
+func (n *Node) joinReplyLocked(joiner *wire.MemberRef) *wire.Heartbeat {
 	v := n.view()
 	hb := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.beatRef(), ViewId: v.id}
 	if v.listsFor(joiner.GetNodeId(), n.self.ID) {
 		hb.Members = v.refs()
 		now := time.Now()
 		for _, ref := range hb.Members {
-			if p := n.members.peers[ref.GetNodeId()]; p != nil && p.m.Incarnation == ref.GetIncarnation() {
+			switch p := n.members.peers[ref.GetNodeId()]; {
+			case ref.GetNodeId() == n.self.ID:
+			case p != nil && p.m.Incarnation == ref.GetIncarnation():
 				ref.SilentMs = uint32(min(now.Sub(p.lastSeen).Milliseconds(), math.MaxUint32))
+			default:
+				// Dropped, and its view change not installed yet (this
+				// node is joining itself): not to be taken for heard now.
+				ref.SilentMs = math.MaxUint32
 			}
 		}
 	}
@@ -377,7 +392,7 @@ func (n *Node) answerJoin(joiner *wire.MemberRef, reply string) {
 		hb.RefusedMaxMembers = uint32(min(int64(n.cfg.MaxMembers), math.MaxUint32))
 	}
 	n.members.quorum.stampHeartbeat(hb)
-	n.publishEnvelope(reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: hb}})
+	return hb
 }
 
 // heard records a heartbeat of a live member: a sign of life, its view, its
@@ -386,6 +401,7 @@ func (n *Node) heard(hb *wire.Heartbeat) {
 	from := hb.GetFrom()
 	n.seen(from, hb.GetViewId(), hb.GetKind() == wire.Heartbeat_JOIN)
 	if p := n.members.peers[from.GetNodeId()]; p != nil && p.m.Incarnation == from.GetIncarnation() {
+		p.beating = p.beating || hb.GetKind() == wire.Heartbeat_HEARTBEAT
 		n.noteStable(p, hb)
 		if n.members.sameID.superseded.Load() {
 			n.noteReplacedView(p)

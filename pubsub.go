@@ -97,16 +97,19 @@ type lifecycle struct {
 }
 
 // Join makes a node over nc and returns once it has a stable view of the
-// existing members (or after MemberTimeout if views keep changing). The
-// caller keeps ownership of nc: Close does not close it.
+// existing members (or after MemberTimeout if views keep changing; members
+// refusing it for MaxMembers are asked again for up to a quarter of
+// MemberTimeout more). The caller keeps ownership of nc: Close does not
+// close it.
 //
 // It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
 // a live node already uses, a NATS user without the permissions the node
-// needs (the error says which to grant), or every member refusing the
-// node at Join's deadline because its view holds MaxMembers; with ErrClosed when nc is
-// closed, draining or otherwise cannot be used (the error wraps what NATS
-// said); with ErrTimeout when the permission check got no answer within
-// RequestTimeout; or with ctx's error.
+// needs (the error says which to grant), or every member refusing the node
+// at Join's deadline because its view holds MaxMembers; with ErrClosed when
+// nc is closed, draining or otherwise cannot be used, or closes or is
+// replaced while joining (the error wraps what NATS said); with ErrTimeout
+// when the permission check got no answer within RequestTimeout; or with
+// ctx's error.
 func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if nc == nil {
 		return nil, fmt.Errorf("%w: nil *nats.Conn", ErrInvalidConfig)
