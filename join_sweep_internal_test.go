@@ -19,12 +19,7 @@ import (
 // joining as returned, and the join's own install then found no change and
 // dropped the mark: the sweep leaves the change to joinView's install.
 func TestSweepWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
-	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
-	n.cfg.MemberTimeout, n.cfg.MaxMembers = time.Second, 16
-	n.members.init(n)
-	n.subscriber.init()
-	n.rpc = &rpc{pending: map[uint64]*call{}} // the view change's control work sweeps it
-	n.members.views.cur.Store(v)
+	n, v := joiningNodeForTest(t)
 	n.members.mu.Lock()
 	defer n.members.mu.Unlock()
 	n.listedWhileJoining(&wire.MemberRef{NodeId: "alive", Incarnation: 2, SilentMs: 10})
@@ -48,12 +43,7 @@ func TestSweepWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
 // The same for a member's LEAVE heard while joining: the view it changes is
 // joinView's to install.
 func TestLeaveWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
-	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
-	n.cfg.MemberTimeout, n.cfg.MaxMembers, n.cfg.HeartbeatInterval = time.Second, 16, 50*time.Millisecond
-	n.members.init(n)
-	n.members.views.cur.Store(v)
-	n.subscriber.init()
-	n.rpc = &rpc{pending: map[uint64]*call{}}
+	n, v := joiningNodeForTest(t)
 	n.members.mu.Lock()
 	n.listedWhileJoining(&wire.MemberRef{NodeId: "stays", Incarnation: 2})
 	n.listedWhileJoining(&wire.MemberRef{NodeId: "leaves", Incarnation: 3})
@@ -77,9 +67,7 @@ func TestLeaveWhileJoiningLeavesTheViewToJoinView(t *testing.T) {
 // just now, and the joiner kept a departed member as fresh: it is sent as
 // silent for longer than any MemberTimeout.
 func TestJoinReplyMarksDroppedMembersSilent(t *testing.T) {
-	n, _ := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
-	n.cfg.MemberTimeout, n.cfg.MaxMembers = time.Second, 16
-	n.members.init(n)
+	n, _ := joiningNodeForTest(t)
 	n.nc = &nats.Conn{} // beatRef asks it for its max_payload; nothing is sent
 	v := newView(2, []Member{{ID: "a", Incarnation: 1}, {ID: "heard", Incarnation: 2}, {ID: "dropped", Incarnation: 3}})
 	n.members.views.cur.Store(v)
@@ -96,4 +84,16 @@ func TestJoinReplyMarksDroppedMembersSilent(t *testing.T) {
 	assert.InDelta(t, 300, silent["heard"], 150)
 	assert.Greater(t, time.Duration(silent["dropped"])*time.Millisecond, time.Hour, "a member dropped from the peers was sent as heard")
 	assert.Zero(t, hb.GetRefusedMaxMembers(), "a view with room refused the joiner")
+}
+
+// joiningNodeForTest returns a connectionless node "a" that has not joined
+// yet, with membership state, and its one-member view.
+func joiningNodeForTest(t *testing.T) (*Node, *view) {
+	n, v := registryNodeForTest(t, Member{ID: "a", Incarnation: 1})
+	n.cfg.MemberTimeout, n.cfg.MaxMembers, n.cfg.HeartbeatInterval = time.Second, 16, 50*time.Millisecond
+	n.members.init(n)
+	n.members.views.cur.Store(v)
+	n.subscriber.init()
+	n.rpc = &rpc{pending: map[uint64]*call{}} // a view change's control work sweeps it
+	return n, v
 }
