@@ -388,7 +388,7 @@ func (n *Node) joinReplyLocked(joiner *wire.MemberRef) *wire.Heartbeat {
 			}
 		}
 	}
-	if p := n.members.peers[joiner.GetNodeId()]; p == nil && len(n.members.peers)+1 >= n.cfg.MaxMembers {
+	if _, known := n.members.peers[joiner.GetNodeId()]; !known && n.viewFullLocked() {
 		hb.RefusedMaxMembers = uint32(min(int64(n.cfg.MaxMembers), math.MaxUint32))
 	}
 	n.members.quorum.stampHeartbeat(hb)
@@ -435,7 +435,7 @@ func (n *Node) seen(ref *wire.MemberRef, viewID uint64, joining bool) {
 		ok = false // the node restarted: its old subscriptions are gone
 	}
 	if !ok {
-		if _, known := n.members.peers[id]; !known && len(n.members.peers)+1 >= n.cfg.MaxMembers {
+		if _, known := n.members.peers[id]; !known && n.viewFullLocked() {
 			n.rejectMember(id)
 			return
 		}
@@ -481,6 +481,13 @@ func (n *Node) peersChangedLocked() {
 		return
 	}
 	n.members.views.viewPending = true
+}
+
+// viewFullLocked reports whether the peers and this node fill MaxMembers:
+// a new member is ignored (seen), and a joiner told so (answerJoin).
+// Callers hold members.mu.
+func (n *Node) viewFullLocked() bool {
+	return len(n.members.peers)+1 >= n.cfg.MaxMembers
 }
 
 // forgotMember counts and logs (throttled) an entry of a bounded record

@@ -27,6 +27,7 @@ func TestPushedSyncIsNotOvertakenByAnUnsubscribe(t *testing.T) {
 		leaving    atomic.Pointer[pubsub.Subscription]
 		newOwner   atomic.Pointer[pubsub.Node]
 		movedTopic atomic.Pointer[string]
+		served     atomic.Bool // the new owner served the topic before the Unsubscribe
 	)
 	unsubscribed, written := make(chan error, 1), make(chan struct{})
 	hook := func(wrote bool) {
@@ -48,6 +49,7 @@ func TestPushedSyncIsNotOvertakenByAnUnsubscribe(t *testing.T) {
 			ack, err := newOwner.Load().Publish(ctx, *movedTopic.Load(), []byte("ready?"))
 			cancel()
 			if err == nil && ack.Delivered == 2 {
+				served.Store(true)
 				break
 			}
 		}
@@ -94,6 +96,7 @@ func TestPushedSyncIsNotOvertakenByAnUnsubscribe(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("Unsubscribe never returned")
 	}
+	require.True(t, served.Load(), "the new owner never served the topic before the Unsubscribe: the race was not set up")
 	// A subscribe from n0 leaves after the push on the same connection,
 	// so its answer says the new owner has read the push.
 	subscribe(t, c.Nodes[0], topic, newRecorder().handler)
