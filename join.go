@@ -15,8 +15,12 @@ import (
 
 // joinView announces this node and waits until its view is stable: no new
 // member for a quiet period, and every member reports the same view. A lone
-// node returns after the quiet period.
-func (n *Node) joinView(ctx context.Context) error {
+// node returns after the quiet period when nobody else subscribes to the
+// members subject (audience false, membersAudience); when someone does,
+// it waits for a member to answer, until MemberTimeout, rather than take
+// a slow answer for no member: returning alone, it would serve every topic
+// by itself until heartbeats merged the views.
+func (n *Node) joinView(ctx context.Context, audience bool) error {
 	// Every member answers each of the JOIN's resends: room for a few rounds
 	// of a full view, so no reply is dropped as a slow consumer.
 	replies := make(chan *nats.Msg, 4*n.cfg.MaxMembers)
@@ -51,6 +55,7 @@ func (n *Node) joinView(ctx context.Context) error {
 	tick := time.NewTicker(max(quiet/8, time.Microsecond)) // a HeartbeatInterval under 8ns made it 0: a panic
 	defer tick.Stop()
 	refusals := joinRefusals{latest: map[string]uint32{}}
+	heard := false // a peer was heard: the view is no longer this node alone
 	for {
 		if len(resend) > 0 && time.Since(start) >= resend[0] {
 			resend = resend[1:]
@@ -58,6 +63,10 @@ func (n *Node) joinView(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
+			if audience && !heard {
+				return fmt.Errorf("%w (no member answered within %v, though another connection subscribes to %s: members too slow to answer, or a tool subscribed to it; a lone node waits up to MemberTimeout for them)",
+					ctx.Err(), time.Since(start).Round(time.Millisecond), n.members.subject)
+			}
 			return ctx.Err()
 		case <-n.life.ctx.Done():
 			// The node stopped under Join (the heartbeat loop found its
@@ -91,6 +100,11 @@ func (n *Node) joinView(ctx context.Context) error {
 			}
 			// Views still disagree; heartbeats will converge them.
 			n.installPending()
+			if audience && !heard {
+				n.log.Warn("joined alone: no member answered, though another connection subscribes to the members subject (a member that cannot answer, or a tool subscribed to it)",
+					"subject", n.members.subject, "waited", n.cfg.MemberTimeout)
+				return nil
+			}
 			n.log.Info("joined before views converged", "node", n.self.ID)
 			return nil
 		case m := <-replies:
@@ -122,10 +136,60 @@ func (n *Node) joinView(ctx context.Context) error {
 		if time.Since(lastInstall) >= quiet/8 && n.installPending() {
 			lastInstall, lastChange = time.Now(), time.Now()
 		}
-		if time.Since(lastChange) >= quiet && n.viewsAgree() {
+		if audience && !heard {
+			heard = n.hasPeers()
+		}
+		if time.Since(lastChange) >= quiet && (heard || !audience) && n.viewsAgree() {
 			return nil
 		}
 	}
+}
+
+// membersAudience reports whether a connection other than this node's
+// subscribes to the members subject: some member is there to answer the
+// JOIN, however slowly. It publishes a LEAVE of incarnation 0 (which every
+// member ignores, as checkPermissions' probe) with a reply subject, before
+// the node subscribes to the members subject itself, then flushes: a server
+// that delivered it to nobody, in its cluster or beyond, answers "no
+// responders" (a 503 status) before the flush's PONG, as it handles the
+// connection's protocol in order. Without that answer (a connection to a
+// server too old for headers, or a subscriber) it reports true, the side
+// that costs a lone node time, never a split view.
+func (n *Node) membersAudience(ctx context.Context) (bool, error) {
+	if !n.nc.HeadersSupported() {
+		return true, nil
+	}
+	answers := make(chan *nats.Msg, 1)
+	sub, err := n.nc.ChanSubscribe(n.nc.NewInbox(), answers)
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	probe, err := n.ignoredLeave()
+	if err != nil {
+		return false, err
+	}
+	if err := n.nc.PublishMsg(&nats.Msg{Subject: n.members.subject, Reply: sub.Subject, Data: probe}); err != nil {
+		return false, err
+	}
+	fctx, cancel := context.WithTimeout(ctx, n.cfg.RequestTimeout)
+	defer cancel()
+	if err := n.nc.FlushWithContext(fctx); err != nil {
+		return false, err
+	}
+	select {
+	case m := <-answers:
+		return !natsutil.IsNoRespondersMsg(m), nil
+	default:
+		return true, nil
+	}
+}
+
+// hasPeers reports whether this node has heard any other member.
+func (n *Node) hasPeers() bool {
+	n.members.mu.Lock()
+	defer n.members.mu.Unlock()
+	return len(n.members.peers) > 0
 }
 
 // listedWhileJoining adds ref, a member a JOIN_REPLY listed, as heard when

@@ -163,11 +163,7 @@ func (n *Node) checkPermissions(parent context.Context) error {
 	}
 
 	// Publish probes.
-	leave := &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
-		Kind: wire.Heartbeat_LEAVE,
-		From: &wire.MemberRef{NodeId: n.self.ID, Incarnation: 0},
-	}}}
-	data, err := proto.Marshal(leave)
+	data, err := n.ignoredLeave()
 	if err != nil {
 		return err
 	}
@@ -251,6 +247,15 @@ func (n *Node) checkPermissions(parent context.Context) error {
 			return n.permCheckEnded(parent, ctx.Err())
 		}
 	}
+}
+
+// ignoredLeave encodes the probe published on the members subject: a LEAVE
+// of incarnation 0, which every member ignores.
+func (n *Node) ignoredLeave() ([]byte, error) {
+	return proto.Marshal(&wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+		Kind: wire.Heartbeat_LEAVE,
+		From: &wire.MemberRef{NodeId: n.self.ID, Incarnation: 0},
+	}}})
 }
 
 // permCheckEnded explains a permission check that ended without a verdict:

@@ -102,6 +102,13 @@ type lifecycle struct {
 // MemberTimeout more). The caller keeps ownership of nc: Close does not
 // close it.
 //
+// The first node of a cluster returns after a short quiet period (the
+// heartbeat interval, at most 100 ms) when nothing else subscribes to
+// <prefix>.members: its NATS server answers "no responders" to a probe
+// there. While anything does (a member slow to answer, or a tool watching
+// the subject), Join waits for a member's answer rather than take silence
+// for an empty cluster, up to MemberTimeout, and then joins alone.
+//
 // It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
 // a live node already uses, a NATS user without the permissions the node
 // needs (the error says which to grant), or every member refusing the node
@@ -175,10 +182,16 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 	if err = n.life.inboxSub.SetPendingLimits(inboxPendingMsgs, inboxPendingBytes); err != nil {
 		return fail(err)
 	}
-	if n.members.sub, err = nc.Subscribe(n.members.subject, n.onMembers); err != nil {
+	if err = n.checkPermissions(ctx); err != nil {
 		return fail(err)
 	}
-	if err = n.checkPermissions(ctx); err != nil {
+	// Before this node's own subscription there, which would make itself
+	// the audience.
+	audience, err := n.membersAudience(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	if n.members.sub, err = nc.Subscribe(n.members.subject, n.onMembers); err != nil {
 		return fail(err)
 	}
 	n.life.goroutines.add()
@@ -190,7 +203,7 @@ func Join(ctx context.Context, nc *nats.Conn, opts ...Option) (*Node, error) {
 		go n.metricsLoop()
 	}
 	announced = true
-	if err = n.joinView(ctx); err != nil {
+	if err = n.joinView(ctx, audience); err != nil {
 		return fail(err)
 	}
 	if err = n.checkMemberInboxes(ctx); err != nil {
