@@ -9,10 +9,13 @@ import (
 // Sentinel errors. Every error returned by this package wraps one of them (or
 // a context error), so callers branch with errors.Is.
 var (
-	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages,
-	// or an AckNone publish found its topic's queue on this node (the
-	// owner) full, or its topic's outbox on this node full until its ctx
-	// ended.
+	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages;
+	// or the topic's owner had no room for a publish or subscribe (its
+	// queue for the topic, or the deliveries it accepted and has not
+	// settled, held their bound): at once when the owner is this node,
+	// else once it refused every retry within RequestTimeout or until the
+	// caller's ctx ended; nothing was published. Or an AckNone publish
+	// found its topic's outbox on this node full until its ctx ended.
 	ErrQueueFull = errors.New("pubsub: queue full")
 	// ErrTimeout: no answer in time; the outcome of the publish is unknown.
 	ErrTimeout = errors.New("pubsub: timeout")
@@ -77,7 +80,7 @@ type Reason uint8
 
 const (
 	ReasonNone             Reason = iota // accepted
-	ReasonQueueFull                      // a producer's queue, or (AckNone) the topic's queue or outbox on this node, is full
+	ReasonQueueFull                      // a producer's queue is full, or the topic's owner was overloaded (ErrQueueFull); nothing published
 	ReasonTimeout                        // no answer in time; outcome unknown
 	ReasonClosed                         // node or producer closed
 	ReasonTooLarge                       // a message exceeds Node.MaxMessageSize (the NATS payload limit less the envelope)
@@ -204,7 +207,7 @@ const (
 	// its view, its own topic queue full (ErrQueueFull, when this node owns
 	// the topic, or when the topic's outbox stays full until ctx ends). A
 	// batch the owner refuses (it no longer owns the topic, is not ready,
-	// holds a producer's batch back for its order, or its queue is full)
+	// holds a producer's batch back for its order, or is overloaded)
 	// is lost and its publisher is not told: the owner counts its messages
 	// in Stats().AckNoneRefused and logs it. Merged messages this node
 	// cannot write count in Stats().Rejected.

@@ -146,7 +146,7 @@ func (n *Node) recordsRefusal() string {
 }
 
 // maxActorQueue bounds the requests from other nodes waiting for one topic
-// actor; past it they are refused (NOT_READY, so publishers retry) and
+// actor; past it they are refused (OVERLOADED, so publishers retry) and
 // counted in Stats().RequestsRefused.
 const maxActorQueue = 1 << 16
 
@@ -314,7 +314,7 @@ func (n *Node) onPublishRequest(req *wire.PublishRequest, reply string) (queued 
 // for.
 func (n *Node) refuse(topic, reply string, count int) {
 	n.countQueueFull(topic)
-	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_NOT_READY, ViewId: n.view().id,
+	n.answerPublish(topic, reply, count, &wire.Reply{Code: wire.Reply_OVERLOADED, ViewId: n.view().id,
 		Error: fmt.Sprintf("its queue for the topic is full (%d requests or %d bytes): the owner is overloaded", maxActorQueue, maxActorQueueBytes)})
 }
 

@@ -23,8 +23,8 @@ type ownerAnswer struct {
 	// at the publisher's deadline before their node reported
 	// (answerEarly): their delivery goes on.
 	unreported map[SubscriberID]bool
-	// reason says why a refusal (NOT_READY) was given, when it is not
-	// the usual one (the owner not ready for the topic yet).
+	// reason says why a refusal (NOT_READY, OVERLOADED) was given, when
+	// it is not the usual one (the owner not ready for the topic yet).
 	reason string
 }
 

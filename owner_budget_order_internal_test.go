@@ -14,7 +14,7 @@ import (
 
 // Found by review: topicActor.publish recorded a producer's batch as
 // accepted (its producer mark) before it reserved room in the owner's
-// in-flight budget. A batch then refused for the budget (NOT_READY, which
+// in-flight budget. A batch then refused for the budget (OVERLOADED, which
 // its publisher retries) still counted as accepted, so the producer's next batch, pipelined behind it, is not
 // held back (ORDER_WAIT) while the refused one waits for its retry: it is
 // served first, and the refused batch, served on its retry, reaches the
@@ -75,7 +75,7 @@ func TestBudgetRefusedBatchDoesNotLetTheNextOvertakeIt(t *testing.T) {
 	owner.owner.budget.Store(1)
 	require.True(t, owner.owner.reserve(1<<10))
 	second := publish(2, 1, 1, "b2")
-	require.Equal(t, wire.Reply_NOT_READY, second.code, "batch 2 refused for the budget")
+	require.Equal(t, wire.Reply_OVERLOADED, second.code, "batch 2 refused for the budget")
 	owner.owner.release(1 << 10)
 	owner.owner.budget.Store(maxOwnerInflightBytes)
 

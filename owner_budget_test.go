@@ -68,9 +68,9 @@ func silentSubscriber(t *testing.T, c *testcluster.Cluster, owner *pubsub.Node, 
 // AckAccepted publish is answered at once, so while a node does not report
 // (here: never), each delivery to it is held until SubscriberTimeout and,
 // without a bound, the owner would hold publish rate x SubscriberTimeout
-// of messages. Past its budget the owner refuses (NOT_READY, counted,
+// of messages. Past its budget the owner refuses (OVERLOADED, counted,
 // logged), the publisher retries within RequestTimeout and then fails with
-// ErrTopicUnavailable saying why; once the silent node leaves the view its
+// ErrQueueFull saying why; once the silent node leaves the view its
 // deliveries settle and publishes are accepted again.
 func TestOwnerRefusesPublishesPastItsInflightBudget(t *testing.T) {
 	leakcheck.Parallel(t)
@@ -93,7 +93,7 @@ func TestOwnerRefusesPublishesPastItsInflightBudget(t *testing.T) {
 		accepted++
 	}
 	t.Logf("%d accepted, then: %v", accepted, err)
-	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable, "after %d accepted", accepted)
+	require.ErrorIs(t, err, pubsub.ErrQueueFull, "after %d accepted", accepted)
 	assert.Contains(t, err.Error(), "in flight")
 	assert.LessOrEqual(t, accepted, budget/size+1, "accepted past the budget")
 	assert.GreaterOrEqual(t, accepted, budget/size-1, "refused before the budget was used")

@@ -43,6 +43,61 @@ func TestActorQueueIsBoundedInBytes(t *testing.T) {
 	assert.Zero(t, owner.owner.actor(topic).queuedBytes.Load(), "queued bytes left after the queue drained")
 }
 
+// A publish the owner's full queue refuses for the whole RequestTimeout
+// fails with ErrQueueFull (ReasonQueueFull), saying the owner is
+// overloaded, as one refused by the publisher's own actor does: before,
+// a remote owner's refusal ended in ErrTopicUnavailable, as if no owner
+// served the topic. Nothing of it was published: once the owner catches
+// up, the publishes it queued are served and the refused ones were not.
+func TestPublishRefusedByAFullRemoteQueueFailsWithErrQueueFull(t *testing.T) {
+	leakcheck.Parallel(t)
+	owner, pub := ownerAndPublisher(t, WithHeartbeatInterval(50*time.Millisecond), WithMemberTimeout(2*time.Second),
+		WithRequestTimeout(500*time.Millisecond), WithSubscriberTimeout(10*time.Second))
+	topic := ownedTopics(pub, "owner", "full", 1)[0]
+	var delivered atomic.Int64
+	_, err := pub.Subscribe(t.Context(), topic, func(context.Context, *Message) error { delivered.Add(1); return nil })
+	require.NoError(t, err)
+	release := make(chan struct{})
+	owner.owner.onActor(topic, false, func(*topicActor) { <-release }) // the actor is busy
+	const size, count = 900 << 10, 80                                  // 72 MB: past the 64 MiB bound
+	data := make([]byte, size)
+	type result struct {
+		ack PublishAck
+		err error
+	}
+	results := make(chan result, count)
+	for range count {
+		go func() {
+			ack, err := pub.Publish(t.Context(), topic, data)
+			results <- result{ack, err}
+		}()
+	}
+	// The queued ones wait for the busy actor: the first to return was
+	// refused.
+	var first result
+	select {
+	case first = <-results:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no publish returned while the owner's queue was full")
+	}
+	require.ErrorIs(t, first.err, ErrQueueFull)
+	assert.NotErrorIs(t, first.err, ErrTopicUnavailable)
+	assert.Equal(t, ReasonQueueFull, first.ack.Reason)
+	assert.Contains(t, first.err.Error(), "queue for the topic is full")
+	close(release)
+	refused := 1
+	for range count - 1 {
+		r := <-results
+		if r.err != nil {
+			require.ErrorIs(t, r.err, ErrQueueFull)
+			refused++
+		}
+	}
+	t.Logf("%d of %d refused", refused, count)
+	waitForTest(t, "the queued publishes delivered", func() bool { return delivered.Load() == int64(count-refused) })
+	assert.Positive(t, owner.Stats().RequestsRefused)
+}
+
 // A subscriber that appears twice among a batch's outcomes (a group
 // member whose own share and a re-routed share both failed) takes one
 // eviction strike for the batch, not two.

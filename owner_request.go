@@ -43,9 +43,10 @@ type ownerCall struct {
 
 // toOwner routes one request to the topic's owner: by function call when the
 // owner is this node, over its inbox otherwise. It follows ownership changes,
-// retrying "not owner", "not ready", a closing owner and NATS's no-responders
-// until RequestTimeout, then fails with ErrTopicUnavailable (also when ctx
-// ends first while it retries: nothing was published). A remote attempt
+// retrying "not owner", "not ready", "overloaded", a closing owner and NATS's
+// no-responders until RequestTimeout, then fails with ErrTopicUnavailable,
+// or ErrQueueFull when the last answer was "overloaded" (also when ctx ends
+// first while it retries: nothing was published). A remote attempt
 // that times out fails with ErrTimeout (the outcome is unknown, so it is not
 // retried), unless the request is a probe.
 func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ownerCall) (ownerAnswer, error) {
@@ -67,6 +68,10 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 	deadline := start.Add(n.cfg.RequestTimeout)
 	backoff := time.Millisecond
 	last := "no attempt"
+	// overloaded: the last refusal said the owner had no room
+	// (OVERLOADED): the call then fails with ErrQueueFull, as when this
+	// node's own actor is full, not ErrTopicUnavailable.
+	overloaded := false
 	for {
 		if n.life.closed.Load() {
 			return ownerAnswer{}, ErrClosed
@@ -94,6 +99,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			attemptIssued()
 			attemptIssued = nil
 		}
+		overloaded = err == nil && ans.code == wire.Reply_OVERLOADED
 		switch {
 		case err == nil && ans.code == wire.Reply_OK:
 			return ans, nil
@@ -133,8 +139,12 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		default:
 			return ans, err
 		}
+		refusal := ErrTopicUnavailable
+		if overloaded {
+			refusal = ErrQueueFull
+		}
 		if time.Now().Add(backoff).After(deadline) {
-			return ans, fmt.Errorf("%w: %s (after %v)", ErrTopicUnavailable, last, n.cfg.RequestTimeout)
+			return ans, fmt.Errorf("%w: %s (after %v)", refusal, last, n.cfg.RequestTimeout)
 		}
 		if !n.pause(ctx, &backoff, 100*time.Millisecond) {
 			if err := ctx.Err(); err != nil {
@@ -142,7 +152,7 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 				// nothing was published, whichever deadline came first.
 				// (Cancelled stays ReasonCancelled: reasonOf looks for it
 				// first.)
-				return ans, fmt.Errorf("%w: %s (the call's context ended first: %w)", ErrTopicUnavailable, last, err)
+				return ans, fmt.Errorf("%w: %s (the call's context ended first: %w)", refusal, last, err)
 			}
 			return ans, ErrClosed
 		}

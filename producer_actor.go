@@ -331,9 +331,10 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		p.abandoned.Store(true)
 		// A publisher that found no owner before the attempt's context
 		// ended answers ErrTopicUnavailable wrapping context.Canceled
-		// (ReasonCancelled): every try was refused, nothing was published.
+		// (ReasonCancelled), or ErrQueueFull for an owner that stayed
+		// overloaded: every try was refused, nothing was published.
 		// A failed Initialize published nothing either.
-		refused := ev.initFailed || errors.Is(err, ErrTopicUnavailable)
+		refused := ev.initFailed || errors.Is(err, ErrTopicUnavailable) || errors.Is(err, ErrQueueFull)
 		if b.unknown != nil || (ack.Reason == ReasonCancelled && !refused) {
 			// Aborted by Close (the attempt's ctx ended), or an earlier
 			// attempt's outcome was unknown: subscribers may have run it.

@@ -228,9 +228,9 @@ func (s *Subscription) releaseMailbox() {
 // option), ErrClosed (also when the NATS connection is closed or being
 // drained), ErrTopicUnavailable (no owner served the topic within
 // RequestTimeout, or before ctx ended, or the owner refused it past its
-// bound of subscriber records, or its queue for the topic stayed full,
-// saying so), ErrQueueFull (this node is the owner and its queue for the
-// topic is full: retry later), ErrTimeout (the owner did not answer in
+// bound of subscriber records, saying so), ErrQueueFull (the owner's
+// queue for the topic is full: at once when this node is the owner, else
+// once it stayed full for RequestTimeout; retry later), ErrTimeout (the owner did not answer in
 // time), ErrTooManySubscriptions (this node holds 1 048 576 already), or
 // ctx's error.
 func (n *Node) Subscribe(ctx context.Context, topic string, h Handler, opts ...SubscribeOption) (*Subscription, error) {

@@ -390,7 +390,7 @@ func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	}
 	size := msgs.bytes()
 	if !n.owner.reserve(size) {
-		answer(ownerAnswer{code: wire.Reply_NOT_READY, viewID: v.id, reason: n.refuseOverBudget(a.topic)})
+		answer(ownerAnswer{code: wire.Reply_OVERLOADED, viewID: v.id, reason: n.refuseOverBudget(a.topic)})
 		return
 	}
 	a.producerServed(msgs.origin)

@@ -91,6 +91,11 @@ const (
 	// NOT_KEPT answers a DeliverBatch naming a kept copy this node no
 	// longer holds: send the messages.
 	Reply_NOT_KEPT Reply_Code = 6
+	// OVERLOADED: the owner has no room for the publish: its queue for the
+	// topic, or the deliveries it accepted and has not settled, hold their
+	// bound. Nothing was published; retry. (A member of an older version
+	// answered NOT_READY with the reason in error.)
+	Reply_OVERLOADED Reply_Code = 7
 )
 
 // Enum value maps for Reply_Code.
@@ -103,6 +108,7 @@ var (
 		4: "CLOSED",
 		5: "ORDER_WAIT",
 		6: "NOT_KEPT",
+		7: "OVERLOADED",
 	}
 	Reply_Code_value = map[string]int32{
 		"OK":          0,
@@ -112,6 +118,7 @@ var (
 		"CLOSED":      4,
 		"ORDER_WAIT":  5,
 		"NOT_KEPT":    6,
+		"OVERLOADED":  7,
 	}
 )
 
@@ -2064,7 +2071,7 @@ const file_wire_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x01(\rR\bmessages\x12\x1c\n" +
 	"\tdelivered\x18\x04 \x01(\rR\tdelivered\x127\n" +
 	"\bfailures\x18\x05 \x03(\v2\x1b.clusterpubsub.wire.FailureR\bfailures\x12>\n" +
-	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xea\x05\n" +
+	"\fdelivered_to\x18\x06 \x03(\v2\x1b.clusterpubsub.wire.FailureR\vdeliveredTo\"\xfa\x05\n" +
 	"\x05Reply\x122\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1e.clusterpubsub.wire.Reply.CodeR\x04code\x12\x17\n" +
 	"\aview_id\x18\x02 \x01(\x04R\x06viewId\x12)\n" +
@@ -2085,7 +2092,7 @@ const file_wire_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a9\n" +
 	"\vGroupsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"g\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"w\n" +
 	"\x04Code\x12\x06\n" +
 	"\x02OK\x10\x00\x12\r\n" +
 	"\tNOT_OWNER\x10\x01\x12\r\n" +
@@ -2095,7 +2102,9 @@ const file_wire_proto_rawDesc = "" +
 	"\x06CLOSED\x10\x04\x12\x0e\n" +
 	"\n" +
 	"ORDER_WAIT\x10\x05\x12\f\n" +
-	"\bNOT_KEPT\x10\x06B/Z-github.com/clusterpubsub/pubsub/internal/wireb\x06proto3"
+	"\bNOT_KEPT\x10\x06\x12\x0e\n" +
+	"\n" +
+	"OVERLOADED\x10\aB/Z-github.com/clusterpubsub/pubsub/internal/wireb\x06proto3"
 
 var (
 	file_wire_proto_rawDescOnce sync.Once
