@@ -19,7 +19,9 @@ import (
 // members subject (audience false, membersAudience); when someone does,
 // it waits for a member to answer, until MemberTimeout, rather than take
 // a slow answer for no member: returning alone, it would serve every topic
-// by itself until heartbeats merged the views.
+// by itself until heartbeats merged the views. A member closing answers
+// with its LEAVE (onMembers): that audience was leaving, and the node
+// joins alone after the quiet period.
 func (n *Node) joinView(ctx context.Context, audience bool) error {
 	// Every member answers each of the JOIN's resends: room for a few rounds
 	// of a full view, so no reply is dropped as a slow consumer.
@@ -56,6 +58,9 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 	defer tick.Stop()
 	refusals := joinRefusals{latest: map[string]uint32{}}
 	heard := false // a peer was heard: the view is no longer this node alone
+	// left: a member answered that it is leaving (onMembers): the audience
+	// the probe found may have been only that member.
+	left := false
 	for {
 		if len(resend) > 0 && time.Since(start) >= resend[0] {
 			resend = resend[1:]
@@ -63,7 +68,7 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 		}
 		select {
 		case <-ctx.Done():
-			if audience && !heard {
+			if audience && !heard && !left {
 				return fmt.Errorf("%w (no member answered within %v, though another connection subscribes to %s: members too slow to answer, or a tool subscribed to it; a lone node waits up to MemberTimeout for them)",
 					ctx.Err(), time.Since(start).Round(time.Millisecond), n.members.subject)
 			}
@@ -100,7 +105,7 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 			}
 			// Views still disagree; heartbeats will converge them.
 			n.installPending()
-			if audience && !heard {
+			if audience && !heard && !left {
 				n.log.Warn("joined alone: no member answered, though another connection subscribes to the members subject (a member that cannot answer, or a tool subscribed to it)",
 					"subject", n.members.subject, "waited", n.cfg.MemberTimeout)
 				return nil
@@ -114,6 +119,10 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 			}
 			hb := env.GetHeartbeat()
 			if hb == nil || hb.GetFrom().GetNodeId() == n.self.ID || natsutil.ValidateNodeID(hb.GetFrom().GetNodeId()) != nil {
+				continue
+			}
+			if hb.GetKind() == wire.Heartbeat_LEAVE {
+				left = true // not a member to add
 				continue
 			}
 			n.members.mu.Lock()
@@ -139,7 +148,7 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 		if audience && !heard {
 			heard = n.hasPeers()
 		}
-		if time.Since(lastChange) >= quiet && (heard || !audience) && n.viewsAgree() {
+		if time.Since(lastChange) >= quiet && (heard || left || !audience) && n.viewsAgree() {
 			return nil
 		}
 	}

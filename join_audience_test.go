@@ -8,10 +8,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/faultnet"
 	"github.com/clusterpubsub/pubsub/internal/testcluster"
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // joinResult is what a Join run in the background returned, with the
@@ -45,10 +47,12 @@ func joinInBackground(ctx context.Context, nc *nats.Conn, id string, opts ...pub
 // joiner conclude it is alone: it would serve every topic by itself, its
 // subscribers' publishes reaching none of the cluster's subscribers, until
 // heartbeats merged the views. The member's subscription to the members
-// subject tells the joiner someone is there, so Join waits for its answer.
+// subject, known to the joiner's server through the route, tells the
+// joiner someone is there, so Join waits for its answer.
 func TestJoinWaitsForASlowMemberInsteadOfJoiningAlone(t *testing.T) {
 	opts := []pubsub.Option{pubsub.WithHeartbeatInterval(50 * time.Millisecond), pubsub.WithMemberTimeout(4 * time.Second)}
-	c := testcluster.NewFaulty(t, 1, 1, opts...)
+	c := testcluster.NewFaulty(t, 2, 0)
+	c.AddNode(t, "n0", 1, opts...)
 	c.Client(0).Stall(faultnet.Both) // n0 hears nothing and says nothing
 
 	nc := c.Connect(t, 0)
@@ -105,11 +109,62 @@ func TestLoneJoinWaitsOnlyWhenSomeoneSubscribesToTheMembersSubject(t *testing.T)
 	assert.Equal(t, []string{"watched"}, r.members)
 	assert.GreaterOrEqual(t, r.took, memberTimeout, "a lone node returned before MemberTimeout though the members subject had a subscriber")
 
-	short, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	short, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 	defer cancel()
 	r = <-joinInBackground(short, c.Connect(t, 0), "hurried", opts...)
 	require.Error(t, r.err)
 	assert.Nil(t, r.node)
 	assert.ErrorIs(t, r.err, context.DeadlineExceeded)
 	assert.Contains(t, r.err.Error(), "no member answered")
+}
+
+// A member draining its Close keeps its subscription to the members
+// subject but must not answer a JOIN as a member (the joiner would add
+// it): it answers with its LEAVE, so a node joining as the last member
+// closes (a restart overlapping the old node's drain) does not take its
+// subscription for a slow member and wait out MemberTimeout.
+func TestJoinDoesNotWaitForAMemberThatIsLeaving(t *testing.T) {
+	const memberTimeout = 4 * time.Second
+	opts := []pubsub.Option{pubsub.WithHeartbeatInterval(50 * time.Millisecond), pubsub.WithMemberTimeout(memberTimeout)}
+	c := testcluster.New(t, 1, 0)
+	leaver := c.AddNode(t, "leaver", 0, opts...)
+	// A handler that blocks holds the leaver's Close in its drain.
+	block, running := make(chan struct{}), make(chan struct{}, 1)
+	_, err := leaver.Subscribe(ctxT(t), "drained", func(context.Context, *pubsub.Message) error {
+		running <- struct{}{}
+		<-block
+		return nil
+	})
+	require.NoError(t, err)
+	published := make(chan error, 1)
+	go func() {
+		_, err := leaver.Publish(context.Background(), "drained", []byte("x"))
+		published <- err
+	}()
+	<-running
+
+	watcher := c.Connect(t, 0)
+	beats, err := watcher.SubscribeSync("pubsub.members")
+	require.NoError(t, err)
+	require.NoError(t, watcher.Flush())
+	closed := make(chan error, 1)
+	go func() { closed <- leaver.Close(context.Background()) }()
+	for leaving := false; !leaving; {
+		m, err := beats.NextMsg(10 * time.Second)
+		require.NoError(t, err, "the leaver never announced its LEAVE")
+		var env wire.Envelope
+		require.NoError(t, proto.Unmarshal(m.Data, &env))
+		leaving = env.GetHeartbeat().GetKind() == wire.Heartbeat_LEAVE && env.GetHeartbeat().GetFrom().GetNodeId() == "leaver"
+	}
+	require.NoError(t, beats.Unsubscribe()) // not an audience of its own
+	require.NoError(t, watcher.Flush())
+
+	r := <-joinInBackground(ctxT(t), c.Connect(t, 0), "next", opts...)
+	close(block)
+	require.NoError(t, <-closed)
+	require.NoError(t, <-published)
+	require.NoError(t, r.err)
+	defer func() { require.NoError(t, r.node.Close(ctxT(t))) }()
+	assert.Equal(t, []string{"next"}, r.members, "the joiner added the member that was leaving")
+	assert.Less(t, r.took, memberTimeout/2, "Join waited for the answer of a member that was leaving")
 }

@@ -139,9 +139,9 @@ func TestJoinFailsSoonWhenItsConnectionClosesWhileJoining(t *testing.T) {
 		return slices.ContainsFunc(c.Nodes[0].Members(), func(m pubsub.Member) bool { return m.ID == "never-agrees" })
 	}, "n0 never heard the member that never agrees")
 	const memberTimeout = 8 * time.Second
-	// A joiner that hears no one within its quiet period (50 ms: answers
-	// can take longer on a loaded machine) joins alone before the close,
-	// and the case is not reached: it leaves, and another one joins.
+	// A joiner that joined alone before the close (rare since Join waits
+	// for an answer while members subscribe: membersAudience) would not
+	// reach the case: it leaves, and another one joins.
 	for attempt := range 5 {
 		id := fmt.Sprintf("j%d", attempt)
 		nc, err := nats.Connect(c.Servers.URL(0))

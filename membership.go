@@ -326,7 +326,14 @@ func (n *Node) onMembers(m *nats.Msg) {
 	defer n.members.mu.Unlock()
 	if n.life.closed.Load() || n.life.closeCalled.Load() {
 		// Leaving: a JOIN answered now would re-add this node on the joiner.
-		// Peers leaving too need no handover from it.
+		// Its LEAVE tells the joiner someone heard it, so one that found
+		// this node's subscription on the members subject does not wait
+		// out MemberTimeout for an answer (joinView). Peers leaving too
+		// need no handover from it.
+		if hb.GetKind() == wire.Heartbeat_JOIN && m.Reply != "" {
+			n.publishEnvelope(m.Reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: &wire.Heartbeat{
+				Kind: wire.Heartbeat_LEAVE, From: n.selfRef()}}})
+		}
 		if hb.GetKind() == wire.Heartbeat_LEAVE {
 			if _, ok := n.view().member(from.GetNodeId()); ok { // bounded by the view: a forged LEAVE adds nothing
 				n.life.drain.markLeft(from.GetNodeId())

@@ -68,9 +68,11 @@ func newViolation(nc *nats.Conn, before error) (right, subject string, ok bool) 
 // subscription on each subject the node subscribes to, a publish on
 // "<prefix>.members" and on "<prefix>.node.$probe"), flushes, and looks for
 // a new violation naming one of those subjects. The probe subscriptions
-// duplicate Join's own (whose errors may have arrived before the check
-// started) and are removed before the self-request below; the members probe is a LEAVE of
-// incarnation 0, which every member ignores.
+// stand for Join's own (the node's inbox, made before the check, whose
+// errors may have arrived before it started; the members subject, made
+// after it and after membersAudience) and are removed before the
+// self-request below; the members probe is a LEAVE of incarnation 0,
+// which every member ignores.
 //
 // Replies need publish rights on the requesters' reply inboxes, either
 // explicit or through allow_responses, which the server grants only for a

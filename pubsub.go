@@ -107,7 +107,8 @@ type lifecycle struct {
 // <prefix>.members: its NATS server answers "no responders" to a probe
 // there. While anything does (a member slow to answer, or a tool watching
 // the subject), Join waits for a member's answer rather than take silence
-// for an empty cluster, up to MemberTimeout, and then joins alone.
+// for an empty cluster, up to MemberTimeout, and then joins alone; a member
+// closing answers that it leaves.
 //
 // It fails with ErrInvalidConfig for a nil nc, an invalid option, a node ID
 // a live node already uses, a NATS user without the permissions the node
