@@ -105,8 +105,8 @@ type lifecycle struct {
 // The first node of a cluster returns after a short quiet period (the
 // heartbeat interval, at most 100 ms) when nothing else subscribes to
 // <prefix>.members: its NATS server answers "no responders" to a probe
-// there. While anything does (a member slow to answer, or a tool watching
-// the subject), Join waits for a member's answer rather than take silence
+// there. While anything does (a member slow to answer, a tool watching the
+// subject, a JetStream stream capturing it), Join waits for a member's answer rather than take silence
 // for an empty cluster, up to MemberTimeout, and then joins alone; a member
 // closing answers that it leaves.
 //
