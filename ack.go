@@ -10,12 +10,14 @@ import (
 // a context error), so callers branch with errors.Is.
 var (
 	// ErrQueueFull: a BatchingProducer's queue holds MaxQueueSize messages;
-	// or the topic's owner had no room for a publish or subscribe (its
-	// queue for the topic, or the deliveries it accepted and has not
-	// settled, held their bound): at once when the owner is this node,
-	// else once it refused every retry within RequestTimeout or until the
-	// caller's ctx ended; nothing was published. Or an AckNone publish
-	// found its topic's outbox on this node full until its ctx ended.
+	// or the topic's owner had no room for a request (a publish, subscribe,
+	// unsubscribe, Initialize or TopicStats), so nothing was published: its
+	// queue for the topic was full (at once when the owner is this node),
+	// or the owner refused every retry within RequestTimeout, or until the
+	// caller's ctx ended, because that queue (another node's) or the
+	// deliveries it accepted and has not settled held their bound. Or an
+	// AckNone publish found its topic's outbox on this node full until its
+	// ctx ended.
 	ErrQueueFull = errors.New("pubsub: queue full")
 	// ErrTimeout: no answer in time; the outcome of the publish is unknown.
 	ErrTimeout = errors.New("pubsub: timeout")

@@ -122,7 +122,9 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 				continue
 			}
 			if hb.GetKind() == wire.Heartbeat_LEAVE {
-				left = true // not a member to add
+				// Not a member to add. Incarnation 0 is no node's (the
+				// probes' LEAVE): not taken for a leaver's answer.
+				left = left || hb.GetFrom().GetIncarnation() != 0
 				continue
 			}
 			n.members.mu.Lock()

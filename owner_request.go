@@ -150,8 +150,10 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 			if err := ctx.Err(); err != nil {
 				// Every attempt so far was refused or reached no owner:
 				// nothing was published, whichever deadline came first.
-				// (Cancelled stays ReasonCancelled: reasonOf looks for it
-				// first.)
+				// (Cancelled stays ReasonCancelled after "unavailable":
+				// reasonOf looks for it before ErrTopicUnavailable; after
+				// "overloaded" the reason is ReasonQueueFull, which it
+				// looks for first. Either says nothing was published.)
 				return ans, fmt.Errorf("%w: %s (the call's context ended first: %w)", refusal, last, err)
 			}
 			return ans, ErrClosed

@@ -96,7 +96,9 @@ type ProducerConfig struct {
 	// failed: attempt counts the failed attempts of that batch, from 1; err
 	// is the attempt's error. It is called on the producer's goroutine and
 	// must return quickly and not panic. It sees timeouts (ErrTimeout),
-	// ErrTopicUnavailable and any error of a custom Publisher; it is not
+	// ErrTopicUnavailable, ErrQueueFull from an owner that stayed
+	// overloaded (nothing published: a RetryBatch with a delay backs off)
+	// and any error of a custom Publisher; it is not
 	// called for rejections that no retry can fix: ErrTooLarge and
 	// ErrInvalidTopic fail the batch only, and ErrClosed from the publisher
 	// (a closed Node) fails the batch and stops the producer. Default: nil,

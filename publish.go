@@ -364,8 +364,9 @@ func (n *Node) publishChunk(ctx context.Context, topic string, msgs msgBatch, is
 
 // Initialize validates topic and returns once its owner serves it, or with
 // ErrTopicUnavailable (or the ctx error) when no owner does within the
-// request timeout; ErrInvalidTopic for an invalid topic, ErrClosed once the
-// node closed. Services call it at start to fail fast.
+// request timeout, ErrQueueFull when the owner stayed overloaded (its queue
+// for the topic full) as long; ErrInvalidTopic for an invalid topic,
+// ErrClosed once the node closed. Services call it at start to fail fast.
 func (n *Node) Initialize(ctx context.Context, topic string) error {
 	if err := validateTopic(topic); err != nil {
 		return err

@@ -177,7 +177,8 @@ type TopicStats struct {
 // TopicStats asks the topic's owner for its subscriber counts, following
 // ownership changes as a publish does. It fails with ErrInvalidTopic,
 // ErrTopicUnavailable (no owner served the topic within RequestTimeout or
-// before ctx ended), ErrTimeout (the owner did not answer in time), ctx's
+// before ctx ended), ErrQueueFull (the owner's queue for the topic stayed
+// full as long), ErrTimeout (the owner did not answer in time), ctx's
 // error, or ErrClosed once the node closed.
 func (n *Node) TopicStats(ctx context.Context, topic string) (TopicStats, error) {
 	if err := validateTopic(topic); err != nil {
