@@ -3,6 +3,7 @@ package pubsub
 import (
 	"context"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/clusterpubsub/pubsub/internal/wire"
@@ -154,6 +155,42 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 			return nil
 		}
 	}
+}
+
+// answerJoin answers the JOIN of joiner, just heard, with this node's view:
+// each member with how long since this node heard it, so a member that
+// crashed just before the join is not new to the joiner; and, when the
+// view's size kept the joiner out, this node's MaxMembers, so its Join
+// fails saying why instead of returning into a view no one shares. Callers
+// hold members.mu.
+func (n *Node) answerJoin(joiner *wire.MemberRef, reply string) {
+	n.publishEnvelope(reply, &wire.Envelope{Body: &wire.Envelope_Heartbeat{Heartbeat: n.joinReplyLocked(joiner)}})
+}
+
+// joinReplyLocked builds answerJoin's reply. Callers hold members.mu.
+func (n *Node) joinReplyLocked(joiner *wire.MemberRef) *wire.Heartbeat {
+	v := n.view()
+	hb := &wire.Heartbeat{Kind: wire.Heartbeat_JOIN_REPLY, From: n.beatRef(), ViewId: v.id}
+	if v.listsFor(joiner.GetNodeId(), n.self.ID) {
+		hb.Members = v.refs()
+		now := time.Now()
+		for _, ref := range hb.Members {
+			switch p := n.members.peers[ref.GetNodeId()]; {
+			case ref.GetNodeId() == n.self.ID:
+			case p != nil && p.m.Incarnation == ref.GetIncarnation():
+				ref.SilentMs = uint32(min(now.Sub(p.lastSeen).Milliseconds(), math.MaxUint32))
+			default:
+				// Dropped, and its view change not installed yet (this
+				// node is joining itself): not to be taken for heard now.
+				ref.SilentMs = math.MaxUint32
+			}
+		}
+	}
+	if _, known := n.members.peers[joiner.GetNodeId()]; !known && n.viewFullLocked() {
+		hb.RefusedMaxMembers = uint32(min(int64(n.cfg.MaxMembers), math.MaxUint32))
+	}
+	n.members.quorum.stampHeartbeat(hb)
+	return hb
 }
 
 // membersAudience reports whether a connection other than this node's
