@@ -356,9 +356,16 @@ func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
 		return
 	}
 	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
-	// Name the topic and the failure, and say what a subscriber can do:
-	// the owner will not take it back on its own.
-	s.end(fmt.Errorf("%w: %s from topic %q (last failure: %s); Subscribe again to receive the topic's messages", ErrEvicted, s.id, topic, status))
+	if n.life.closeCalled.Load() {
+		// Behind while its node drains its Close: the node closed it, as
+		// Close promises for every local subscription; subscribing again
+		// is no remedy there.
+		s.end(fmt.Errorf("%w: node %s closed while %s of topic %q was behind (its owner evicted it, last failure: %s)", ErrClosed, n.self.ID, s.id, topic, status))
+	} else {
+		// Name the topic and the failure, and say what a subscriber can
+		// do: the owner will not take it back on its own.
+		s.end(fmt.Errorf("%w: %s from topic %q (last failure: %s); Subscribe again to receive the topic's messages", ErrEvicted, s.id, topic, status))
+	}
 	emit(n.events, SubscriberEvicted{Topic: topic, Subscriber: s.id, Group: s.id.Group(), Status: status})
 }
 

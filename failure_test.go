@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/clusterpubsub/pubsub"
@@ -74,7 +75,8 @@ func TestSuccessResetsFailureCount(t *testing.T) {
 }
 
 func TestPanickingHandlerIsRecovered(t *testing.T) {
-	c := newCluster(t, 3, 2)
+	logs := &syncBuffer{}
+	c := newCluster(t, 3, 2, warnLogger(logs))
 	ctx := ctxT(t)
 	const topic = "panics"
 	p := subscribe(t, c.Nodes[1], topic, func(context.Context, *pubsub.Message) error { panic("handler bug") })
@@ -83,6 +85,9 @@ func TestPanickingHandlerIsRecovered(t *testing.T) {
 	if st, found := failureOf(ack, p.ID()); !found || st != pubsub.HandlerError {
 		t.Fatalf("failures %+v, want handler-error for the panicking subscriber", ack.Failures)
 	}
+	// The node logs the panic with the handler's stack, to find the bug.
+	assert.Contains(t, logs.String(), "handler panicked: handler bug")
+	assert.Contains(t, logs.String(), "TestPanickingHandlerIsRecovered", "no stack logged with the panic")
 	rec := newRecorder()
 	subscribe(t, c.Nodes[1], "after-panic", rec.handler)
 	ack, err = c.Nodes[0].Publish(ctx, "after-panic", []byte("y"))

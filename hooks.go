@@ -74,6 +74,11 @@ type HandledInfo struct {
 	// Wait is the batch's time in the subscriber's mailbox; Duration the
 	// handler's time on it (0 when it never ran).
 	Wait, Duration time.Duration
+	// Err is what the handler returned that made Status HandlerError (a
+	// panic, recovered, as an error saying so), or the codec's last
+	// error for DecodeError; nil otherwise. The node logs it too, at warn
+	// level, when it has a Logger (throttled).
+	Err error
 }
 
 // WithHooks adds hooks to Config.Hooks; several calls add up. Each hook
@@ -138,10 +143,15 @@ func (n *Node) published(topic string, messages, bytes int, start time.Time, ack
 
 // handled runs the HandledHooks for subscriber id's part of a batch.
 func (n *Node) handled(topic string, id SubscriberID, messages int, status DeliveryStatus, wait, dur time.Duration) {
+	n.handledErr(topic, id, messages, status, wait, dur, nil)
+}
+
+// handledErr is handled for a batch the handler ran, with its error.
+func (n *Node) handledErr(topic string, id SubscriberID, messages int, status DeliveryStatus, wait, dur time.Duration, err error) {
 	if len(n.hooks.handled) == 0 {
 		return
 	}
-	info := HandledInfo{Topic: topic, Subscriber: id, Group: id.Group(), Messages: messages, Status: status, Wait: wait, Duration: dur}
+	info := HandledInfo{Topic: topic, Subscriber: id, Group: id.Group(), Messages: messages, Status: status, Wait: wait, Duration: dur, Err: err}
 	for _, h := range n.hooks.handled {
 		n.runHook("handled", func() { h.OnHandled(info) })
 	}

@@ -98,6 +98,7 @@ func TestHooksSeePublishesAndHandledBatchesAcrossNodes(t *testing.T) {
 		assert.Equal(t, c.Nodes[i].ID(), h[0].Subscriber.Node)
 		assert.Equal(t, 3, h[0].Messages)
 		assert.Equal(t, pubsub.Delivered, h[0].Status)
+		assert.NoError(t, h[0].Err)
 		assert.GreaterOrEqual(t, h[0].Duration, 15*time.Millisecond, "three messages of 5 ms")
 		assert.Empty(t, h[0].Group)
 	}
@@ -109,11 +110,23 @@ func TestHandledHookReportsEachOutcome(t *testing.T) {
 	c, recs := hookedCluster(t, pubsub.WithSubscriberTimeout(300*time.Millisecond), pubsub.WithEvictAfter(100))
 	t.Run("handler error", func(t *testing.T) {
 		topic := ownedBy(t, c.Nodes[1], "fails")
-		subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error { return errors.New("no") })
+		failure := errors.New("no")
+		subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error { return failure })
 		before := len(recs[2].handles())
 		_, _ = c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
 		h := recs[2].waitHandled(t, before+1)[before]
 		assert.Equal(t, pubsub.HandlerError, h.Status)
+		assert.ErrorIs(t, h.Err, failure, "the hook is told what the handler returned")
+	})
+	t.Run("handler panic", func(t *testing.T) {
+		topic := ownedBy(t, c.Nodes[1], "panics")
+		subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error { panic("bad message") })
+		before := len(recs[2].handles())
+		_, _ = c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
+		h := recs[2].waitHandled(t, before+1)[before]
+		assert.Equal(t, pubsub.HandlerError, h.Status)
+		require.Error(t, h.Err)
+		assert.Contains(t, h.Err.Error(), "handler panicked: bad message")
 	})
 	t.Run("timeout, then mailbox wait", func(t *testing.T) {
 		topic := ownedBy(t, c.Nodes[1], "slow")

@@ -5,7 +5,13 @@
 // A process takes part by joining with the *nats.Conn it already has:
 //
 //	node, err := pubsub.Join(ctx, nc, pubsub.WithNodeID("orders-1"))
-//	defer node.Close(ctx)
+//	if err != nil { ... }
+//	defer func() {
+//		// A ctx of its own: Join's may have ended by then.
+//		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+//		defer cancel()
+//		_ = node.Close(ctx)
+//	}()
 //
 // Nodes find each other through heartbeats on <prefix>.members and agree on
 // a view of the live members. Every topic has exactly one owner in a view:
@@ -247,6 +253,13 @@ func (n *Node) ID() string { return n.self.ID }
 //
 // A publish still waiting for its owner when Close is called fails with
 // ErrTimeout: its subscribers may or may not have processed it.
+//
+// The drain answers the batches this node accepted as owner truthfully, so
+// local subscriptions keep handling what they had queued of them, their
+// handlers' ctx still live, for up to SubscriberTimeout (a subscription
+// still behind then is evicted, and ends with an error wrapping ErrClosed
+// that says so). For a prompt stop, Unsubscribe the subscriptions first,
+// or give Close a ctx with a deadline.
 //
 // Close waits for running handlers, so a handler calling Close on its own
 // node waits for itself: Close then returns only when ctx ends (at once

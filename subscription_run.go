@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"runtime/debug"
 	"slices"
 	"time"
 )
@@ -119,8 +120,9 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 	ctx = context.WithValue(ctx, subscriberKey{}, s.id)
 	started := hookClock(s.node.hooks.handled)
 	st, processed, run := s.splitGate(origin.split)
+	var handlerErr error
 	if run {
-		st, processed = s.run(ctx, batch)
+		st, processed, handlerErr = s.run(ctx, batch)
 	}
 	s.noteSplit(origin.split, st)
 	ran := sinceHookClock(started) // 0, and no clock read, without hooks
@@ -159,7 +161,7 @@ func (s *Subscription) handle(ctx context.Context, batch []Message, origin batch
 		// After the report, so a slow hook cannot turn the outcome into a
 		// Timeout, and with the status the owner got (Timeout when the
 		// deadline came first, whatever the handler did after).
-		s.node.handled(s.topic, s.id, len(batch), t.status(i), started.Sub(queued), ran)
+		s.node.handledErr(s.topic, s.id, len(batch), t.status(i), started.Sub(queued), ran, handlerErr)
 	}
 }
 
@@ -255,7 +257,7 @@ func headerHash(hd Header) uint64 {
 // there: the batch is SubscriberGone, not Delivered, and processed says
 // how many messages ran, so the owner re-routes only the rest of a group
 // member's share.
-func (s *Subscription) run(ctx context.Context, batch []Message) (status DeliveryStatus, processed int) {
+func (s *Subscription) run(ctx context.Context, batch []Message) (status DeliveryStatus, processed int, err error) {
 	status = Delivered
 	prop := s.node.cfg.Propagator
 	for j := range batch {
@@ -264,18 +266,23 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 			// check and here): no further message reaches it. Checked
 			// right before each call, so only a call already handed its
 			// message can run after the end.
-			return SubscriberGone, j
+			return SubscriberGone, j, nil
 		}
 		mctx := ctx
 		if prop != nil {
 			mctx = s.extract(ctx, prop, batch[j].Header)
 		}
-		if err := s.call(mctx, &batch[j]); err != nil {
+		if cerr := s.call(mctx, &batch[j]); cerr != nil {
+			err = cerr
 			if !errors.As(err, new(*decodeError)) {
 				if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
-					s.node.log.Warn("handler failed", "topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held)
+					attrs := []any{"topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held}
+					if p := new(handlerPanic); errors.As(err, &p) {
+						attrs = append(attrs, "stack", string(p.stack))
+					}
+					s.node.log.Warn("handler failed", attrs...)
 				}
-				return HandlerError, j
+				return HandlerError, j, err
 			}
 			status = DecodeError
 			if ok, held := s.node.log.limit.allow("decode/" + s.id.Local); ok {
@@ -283,7 +290,7 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 			}
 		}
 	}
-	return status, len(batch)
+	return status, len(batch), err
 }
 
 // maxTrackedProducers bounds the producers (BatchingProducers and the
@@ -317,8 +324,17 @@ func (s *Subscription) extract(ctx context.Context, prop Propagator, h Header) (
 func (s *Subscription) call(ctx context.Context, m *Message) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("pubsub: handler panicked: %v", r)
+			err = &handlerPanic{value: r, stack: debug.Stack()}
 		}
 	}()
 	return s.handler(ctx, m)
 }
+
+// handlerPanic is a handler's panic as the error its batch failed with;
+// the node logs its stack.
+type handlerPanic struct {
+	value any
+	stack []byte
+}
+
+func (p *handlerPanic) Error() string { return fmt.Sprintf("pubsub: handler panicked: %v", p.value) }

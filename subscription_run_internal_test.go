@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // run checks the subscription right before each handler call: one ended
@@ -38,7 +39,8 @@ func TestRunHandsNoMessageAfterTheSubscriptionEnded(t *testing.T) {
 			if tc.endBefore {
 				close(s.done)
 			}
-			status, processed := s.run(context.Background(), make([]Message, 3))
+			status, processed, err := s.run(context.Background(), make([]Message, 3))
+			require.NoError(t, err)
 			assert.Equal(t, tc.wantStatus, status)
 			assert.Equal(t, tc.wantProcessed, processed)
 			assert.Equal(t, tc.wantCalls, calls)
