@@ -62,7 +62,11 @@ const (
 	// subscriber it knew at acceptance. For an AckNone publish it says
 	// only that the publisher saw no reason to reject it (see AckNone).
 	Accepted AckStatus = iota
-	// Rejected: the batch was not taken; PublishAck.Reason says why.
+	// Rejected: the publish failed; PublishAck.Reason says why. With
+	// ReasonTimeout, and ReasonCancelled for a Publish* call cancelled
+	// while it waited for its owner's answer, the outcome is unknown (the
+	// batch may have been delivered); with every other reason nothing was
+	// published.
 	Rejected
 )
 

@@ -70,8 +70,8 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 		select {
 		case <-ctx.Done():
 			if audience && !heard && !left {
-				return fmt.Errorf("%w (no member answered within %v, though another connection subscribes to %s: members too slow to answer, or a tool subscribed to it; a lone node waits up to MemberTimeout for them)",
-					ctx.Err(), time.Since(start).Round(time.Millisecond), n.members.subject)
+				return fmt.Errorf("%w: Join's ctx ended %v into its wait, and no member had answered, though another connection subscribes to %s (a member slow to answer, or a tool or stream on the subject); Join waits up to MemberTimeout (%v) for an answer there: give its ctx that long",
+					ctx.Err(), time.Since(start).Round(time.Millisecond), n.members.subject, n.cfg.MemberTimeout)
 			}
 			return ctx.Err()
 		case <-n.life.ctx.Done():

@@ -115,7 +115,8 @@ func TestLoneJoinWaitsOnlyWhenSomeoneSubscribesToTheMembersSubject(t *testing.T)
 	require.Error(t, r.err)
 	assert.Nil(t, r.node)
 	assert.ErrorIs(t, r.err, context.DeadlineExceeded)
-	assert.Contains(t, r.err.Error(), "no member answered")
+	assert.Contains(t, r.err.Error(), "no member had answered")
+	assert.Contains(t, r.err.Error(), "give its ctx that long")
 }
 
 // A member draining its Close keeps its subscription to the members

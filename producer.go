@@ -59,6 +59,7 @@ type BatchingProducer struct {
 
 	ctx       context.Context // the producer's lifetime: cancelled when Close gives up or its node closed
 	cancel    context.CancelFunc
+	nodeLife  context.Context   // its *Node's lifetime (nil for other publishers): says which of the two ended it
 	wake      chan struct{}     // 1-buffered nudge from Produce, Flush and Close
 	events    chan attemptEvent // attempt goroutines report here
 	exited    chan struct{}     // closed when the actor returns
@@ -197,6 +198,7 @@ func NewBatchingProducer(p Publisher, topic string, cfg ProducerConfig) (*Batchi
 		// the node shut down every attempt would fail ErrClosed, and its
 		// goroutine would outlive the node for good.
 		life = n.life.ctx
+		bp.nodeLife = life
 	}
 	bp.ctx, bp.cancel = context.WithCancel(life)
 	go bp.run()

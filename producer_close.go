@@ -31,16 +31,20 @@ func (p *BatchingProducer) stop(cause error) {
 // they then fail).
 func (p *BatchingProducer) abandon() {
 	p.dead = true
-	if p.shutIntake(p.closedResult(1, "producer closed before the message was published", nil)) {
+	stopped := fmt.Sprintf("producer for %q closed", p.topic)
+	if p.nodeLife != nil && p.nodeLife.Err() != nil {
+		stopped = fmt.Sprintf("producer for %q stopped: its node closed", p.topic)
+	}
+	if p.shutIntake(p.closedResult(1, stopped+" before the message was published", nil)) {
 		p.abandoned.Store(true)
 	}
 	for _, b := range p.fifo {
 		if b.state == batchRetryWait {
 			p.abandoned.Store(true)
 			if b.unknown != nil { // an earlier attempt may have delivered it
-				p.resolve(b, p.closedUnknown(b.msgs.len(), "producer closed before the batch was retried", b.unknown.err))
+				p.resolve(b, p.closedUnknown(b.msgs.len(), stopped+" before the batch was retried", b.unknown.err))
 			} else {
-				p.resolve(b, p.closedResult(b.msgs.len(), "producer closed before the batch was retried", b.last.err))
+				p.resolve(b, p.closedResult(b.msgs.len(), stopped+" before the batch was retried", b.last.err))
 			}
 		}
 	}

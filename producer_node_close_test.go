@@ -45,11 +45,16 @@ func TestProducerStopsWhenItsNodeCloses(t *testing.T) {
 	ack, err = queued.Wait(ctxT(t))
 	require.ErrorIs(t, err, pubsub.ErrClosed)
 	assert.Equal(t, pubsub.ReasonClosed, ack.Reason, "never sent: not published")
+	// The error names the producer's topic and says its node closed it:
+	// its user never called Close.
+	assert.Contains(t, err.Error(), topic)
+	assert.Contains(t, err.Error(), "its node closed")
 	for name, f := range map[string]*pubsub.Produced{"idle": idle.Produce(ctxT(t), []byte("late")), "typed": tp.Produce(ctxT(t), "late")} {
 		select {
 		case <-f.Done():
 			_, err := f.Wait(ctxT(t))
 			assert.True(t, errors.Is(err, pubsub.ErrClosed), "%s: %v", name, err)
+			assert.Contains(t, err.Error(), "its node closed", name)
 		case <-time.After(10 * time.Second):
 			t.Fatalf("%s: Produce after its node closed did not complete", name)
 		}

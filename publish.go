@@ -50,7 +50,8 @@ func (n *Node) Publish(ctx context.Context, topic string, data []byte) (PublishA
 // Messages reach each subscriber in order. A batch holding a message larger
 // than MaxMessageSize is rejected whole with ErrTooLarge; a batch only too
 // large in total is split into several publishes, in order, and their acks
-// merged. Messages are not copied on their way to this node's own
+// merged. An empty batch is Accepted at once, asking no owner (use
+// Initialize to check a topic is served). Messages are not copied on their way to this node's own
 // subscribers: do not modify them before PublishBatch returns, nor after it
 // if a subscriber timed out and may still be reading them.
 func (n *Node) PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error) {
