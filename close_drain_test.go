@@ -2,13 +2,16 @@ package pubsub_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
+	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // Close promises to end every local subscription with ErrClosed. A
@@ -40,4 +43,47 @@ func TestSubscriptionBehindDuringCloseEndsWithErrClosed(t *testing.T) {
 	assert.NotErrorIs(t, sub.Err(), pubsub.ErrEvicted)
 	assert.Contains(t, sub.Err().Error(), "was behind")
 	assert.NotContains(t, sub.Err().Error(), "Subscribe again")
+}
+
+// A subscription evicted for its handler's failures while its node drains
+// Close ends with ErrClosed too, and the error names the failure: the user
+// keeps the sign that the handler was broken.
+func TestSubscriptionEvictedForFailuresDuringCloseNamesThem(t *testing.T) {
+	c := newCluster(t, 1, 1, pubsub.WithEvictAfter(1))
+	n := c.Nodes[0]
+	running, fail := make(chan struct{}, 1), make(chan struct{})
+	sub, err := n.Subscribe(ctxT(t), "fails", func(ctx context.Context, _ *pubsub.Message) error {
+		select {
+		case running <- struct{}{}:
+		default:
+		}
+		<-fail
+		return errors.New("broken handler")
+	})
+	require.NoError(t, err)
+	_, err = n.PublishMessages(ctxT(t), "fails", []pubsub.Outgoing{{Data: []byte("a")}}, pubsub.WithAck(pubsub.AckAccepted))
+	require.NoError(t, err)
+	<-running
+
+	// The handler fails only once the node announced its leave: Close has
+	// begun, its drain waits for the batch.
+	watcher := c.Connect(t, 0)
+	beats, err := watcher.SubscribeSync("pubsub.members")
+	require.NoError(t, err)
+	require.NoError(t, watcher.Flush())
+	closed := make(chan error, 1)
+	go func() { closed <- n.Close(context.Background()) }()
+	for leaving := false; !leaving; {
+		m, err := beats.NextMsg(10 * time.Second)
+		require.NoError(t, err, "the node never announced its LEAVE")
+		var env wire.Envelope
+		require.NoError(t, proto.Unmarshal(m.Data, &env))
+		leaving = env.GetHeartbeat().GetKind() == wire.Heartbeat_LEAVE && env.GetHeartbeat().GetFrom().GetNodeId() == n.ID()
+	}
+	close(fail)
+	require.NoError(t, <-closed)
+	require.Equal(t, uint64(1), n.Stats().Evictions, "the owner did not evict the failing subscription while the node drained: the case was not reached")
+	assert.ErrorIs(t, sub.Err(), pubsub.ErrClosed)
+	assert.Contains(t, sub.Err().Error(), "evicted it for handler-error")
+	assert.NotContains(t, sub.Err().Error(), "behind")
 }

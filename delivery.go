@@ -357,10 +357,14 @@ func (n *Node) evictLocal(topic, local string, status DeliveryStatus) {
 	}
 	n.log.Info("subscriber evicted", "topic", topic, "subscriber", s.id.String(), "status", status.String())
 	if n.life.closeCalled.Load() {
-		// Behind while its node drains its Close: the node closed it, as
+		// Evicted while its node drains its Close: the node closed it, as
 		// Close promises for every local subscription; subscribing again
-		// is no remedy there.
-		s.end(fmt.Errorf("%w: node %s closed while %s of topic %q was behind (its owner evicted it, last failure: %s)", ErrClosed, n.self.ID, s.id, topic, status))
+		// is no remedy there. The failure is still named.
+		why := fmt.Sprintf("its owner evicted it for %s", status)
+		if status == Timeout || status == MailboxFull {
+			why = fmt.Sprintf("it was behind: its owner evicted it (last failure: %s)", status)
+		}
+		s.end(fmt.Errorf("%w: node %s closed while %s of topic %q ran; %s", ErrClosed, n.self.ID, s.id, topic, why))
 	} else {
 		// Name the topic and the failure, and say what a subscriber can
 		// do: the owner will not take it back on its own.

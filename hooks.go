@@ -74,9 +74,11 @@ type HandledInfo struct {
 	// Wait is the batch's time in the subscriber's mailbox; Duration the
 	// handler's time on it (0 when it never ran).
 	Wait, Duration time.Duration
-	// Err is what the handler returned that made Status HandlerError (a
-	// panic, recovered, as an error saying so), or the codec's last
-	// error for DecodeError; nil otherwise. The node logs it too, at warn
+	// Err is the error the handler returned, a recovered panic as an
+	// error saying so (HandlerError; with Timeout, what a handler that
+	// ran past SubscriberTimeout returned, often its ctx's error), or the
+	// codec's last error (DecodeError); nil when the handler returned
+	// none or never ran. The node logs a HandlerError's too, at warn
 	// level, when it has a Logger (throttled).
 	Err error
 }

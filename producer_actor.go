@@ -338,9 +338,9 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 		if b.unknown != nil || (ack.Reason == ReasonCancelled && !refused) {
 			// Aborted by Close (the attempt's ctx ended), or an earlier
 			// attempt's outcome was unknown: subscribers may have run it.
-			p.resolve(b, p.closedUnknown(b.msgs.len(), "producer closed while the batch was being published", err))
+			p.resolve(b, p.closedUnknown(b.msgs.len(), p.stoppedBy()+" while the batch was being published", err))
 		} else { // refused outright: it was not published
-			p.resolve(b, p.closedResult(b.msgs.len(), "producer closed while the batch was being published (the last attempt was refused)", err))
+			p.resolve(b, p.closedResult(b.msgs.len(), p.stoppedBy()+" while the batch was being published (the last attempt was refused)", err))
 		}
 	case p.stopping:
 		p.resolve(b, b.failedOutcome())

@@ -31,10 +31,7 @@ func (p *BatchingProducer) stop(cause error) {
 // they then fail).
 func (p *BatchingProducer) abandon() {
 	p.dead = true
-	stopped := fmt.Sprintf("producer for %q closed", p.topic)
-	if p.nodeLife != nil && p.nodeLife.Err() != nil {
-		stopped = fmt.Sprintf("producer for %q stopped: its node closed", p.topic)
-	}
+	stopped := p.stoppedBy()
 	if p.shutIntake(p.closedResult(1, stopped+" before the message was published", nil)) {
 		p.abandoned.Store(true)
 	}
@@ -48,6 +45,15 @@ func (p *BatchingProducer) abandon() {
 			}
 		}
 	}
+}
+
+// stoppedBy says what ended the producer's lifetime, for its errors: its
+// Close giving up, or its node closing.
+func (p *BatchingProducer) stoppedBy() string {
+	if p.nodeLife != nil && p.nodeLife.Err() != nil {
+		return fmt.Sprintf("producer for %q stopped: its node closed", p.topic)
+	}
+	return fmt.Sprintf("producer for %q closed", p.topic)
 }
 
 // shutIntake stops intake and moves every queued message into a resolved

@@ -256,10 +256,12 @@ func (n *Node) ID() string { return n.self.ID }
 //
 // The drain answers the batches this node accepted as owner truthfully, so
 // local subscriptions keep handling what they had queued of them, their
-// handlers' ctx still live, for up to SubscriberTimeout (a subscription
-// still behind then is evicted, and ends with an error wrapping ErrClosed
-// that says so). For a prompt stop, Unsubscribe the subscriptions first,
-// or give Close a ctx with a deadline.
+// handlers' ctx still live, for up to SubscriberTimeout; a subscription
+// whose owner evicts it meanwhile (EvictAfter failures) ends with an error
+// wrapping ErrClosed that names the failure, not ErrEvicted, though the
+// owner still counts and reports the eviction (Stats().Evictions,
+// SubscriberEvicted). For a prompt stop, Unsubscribe the subscriptions
+// first, or give Close a ctx with a deadline.
 //
 // Close waits for running handlers, so a handler calling Close on its own
 // node waits for itself: Close then returns only when ctx ends (at once

@@ -139,8 +139,9 @@ func (s *Subscription) Stopped() <-chan struct{} {
 
 // Err says why the subscription ended: nil while active and after
 // Unsubscribe; an error wrapping ErrEvicted after eviction; ErrClosed after
-// Close of its node, and an error wrapping ErrClosed after the node stopped
-// on its own (NodeStopped): test with errors.Is.
+// Close of its node (an error wrapping it for one evicted while the node
+// drained, naming the failure), and an error wrapping ErrClosed after the
+// node stopped on its own (NodeStopped): test with errors.Is.
 func (s *Subscription) Err() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
