@@ -8,10 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/clusterpubsub/pubsub"
-	"github.com/clusterpubsub/pubsub/internal/wire"
 )
 
 // Close promises to end every local subscription with ErrClosed. A
@@ -67,19 +65,7 @@ func TestSubscriptionEvictedForFailuresDuringCloseNamesThem(t *testing.T) {
 
 	// The handler fails only once the node announced its leave: Close has
 	// begun, its drain waits for the batch.
-	watcher := c.Connect(t, 0)
-	beats, err := watcher.SubscribeSync("pubsub.members")
-	require.NoError(t, err)
-	require.NoError(t, watcher.Flush())
-	closed := make(chan error, 1)
-	go func() { closed <- n.Close(context.Background()) }()
-	for leaving := false; !leaving; {
-		m, err := beats.NextMsg(10 * time.Second)
-		require.NoError(t, err, "the node never announced its LEAVE")
-		var env wire.Envelope
-		require.NoError(t, proto.Unmarshal(m.Data, &env))
-		leaving = env.GetHeartbeat().GetKind() == wire.Heartbeat_LEAVE && env.GetHeartbeat().GetFrom().GetNodeId() == n.ID()
-	}
+	closed := closeUntilItLeaves(t, c, n)
 	close(fail)
 	require.NoError(t, <-closed)
 	require.Equal(t, uint64(1), n.Stats().Evictions, "the owner did not evict the failing subscription while the node drained: the case was not reached")

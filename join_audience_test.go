@@ -144,21 +144,7 @@ func TestJoinDoesNotWaitForAMemberThatIsLeaving(t *testing.T) {
 	}()
 	<-running
 
-	watcher := c.Connect(t, 0)
-	beats, err := watcher.SubscribeSync("pubsub.members")
-	require.NoError(t, err)
-	require.NoError(t, watcher.Flush())
-	closed := make(chan error, 1)
-	go func() { closed <- leaver.Close(context.Background()) }()
-	for leaving := false; !leaving; {
-		m, err := beats.NextMsg(10 * time.Second)
-		require.NoError(t, err, "the leaver never announced its LEAVE")
-		var env wire.Envelope
-		require.NoError(t, proto.Unmarshal(m.Data, &env))
-		leaving = env.GetHeartbeat().GetKind() == wire.Heartbeat_LEAVE && env.GetHeartbeat().GetFrom().GetNodeId() == "leaver"
-	}
-	require.NoError(t, beats.Unsubscribe()) // not an audience of its own
-	require.NoError(t, watcher.Flush())
+	closed := closeUntilItLeaves(t, c, leaver) // the watcher is gone: not an audience of its own
 
 	r := <-joinInBackground(ctxT(t), c.Connect(t, 0), "next", opts...)
 	close(block)
@@ -168,4 +154,27 @@ func TestJoinDoesNotWaitForAMemberThatIsLeaving(t *testing.T) {
 	defer func() { require.NoError(t, r.node.Close(ctxT(t))) }()
 	assert.Equal(t, []string{"next"}, r.members, "the joiner added the member that was leaving")
 	assert.Less(t, r.took, memberTimeout/2, "Join waited for the answer of a member that was leaving")
+}
+
+// closeUntilItLeaves starts n.Close and returns once n announced its
+// LEAVE (its drain has begun), with the channel Close's result arrives
+// on. The subscription that watched for the LEAVE is gone by then.
+func closeUntilItLeaves(t *testing.T, c *testcluster.Cluster, n *pubsub.Node) <-chan error {
+	t.Helper()
+	watcher := c.Connect(t, 0)
+	beats, err := watcher.SubscribeSync("pubsub.members")
+	require.NoError(t, err)
+	require.NoError(t, watcher.Flush())
+	closed := make(chan error, 1)
+	go func() { closed <- n.Close(context.Background()) }()
+	for leaving := false; !leaving; {
+		m, err := beats.NextMsg(10 * time.Second)
+		require.NoError(t, err, "%s never announced its LEAVE", n.ID())
+		var env wire.Envelope
+		require.NoError(t, proto.Unmarshal(m.Data, &env))
+		leaving = env.GetHeartbeat().GetKind() == wire.Heartbeat_LEAVE && env.GetHeartbeat().GetFrom().GetNodeId() == n.ID()
+	}
+	require.NoError(t, beats.Unsubscribe())
+	require.NoError(t, watcher.Flush())
+	return closed
 }
