@@ -20,7 +20,9 @@ import (
 // implements it; a BatchingProducer publishes through one.
 //
 // err != nil exactly when the ack is Rejected, and then
-// errors.Is(err, ack.Reason.Err()) holds.
+// errors.Is(err, ack.Reason.Err()) holds. An implementation must return
+// soon once ctx is done: a BatchingProducer's Close waits for its attempts
+// in flight, and gives up on them only by cancelling their ctx.
 type Publisher interface {
 	Publish(ctx context.Context, topic string, data []byte) (PublishAck, error)
 	PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error)

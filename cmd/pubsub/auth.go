@@ -55,7 +55,7 @@ func addConnFlags(fs *flag.FlagSet, f *connFlags, only string) {
 	fs.StringVar(&f.nkey, "nkey", "", "connect with the user nkey seed in this `file` (nats.NkeyOptionFromSeed)"+only)
 	fs.StringVar(&f.tlsCert, "tlscert", "", "the client TLS certificate `file`, PEM, with --tlskey (nats.ClientCert)"+only)
 	fs.StringVar(&f.tlsKey, "tlskey", "", "the client TLS private key `file`, PEM, with --tlscert (nats.ClientCert)"+only)
-	fs.StringVar(&f.tlsCA, "tlsca", "", "the CA certificate `file`, PEM, that verifies the servers (nats.RootCAs) (default: none, the system's roots)"+only)
+	fs.StringVar(&f.tlsCA, "tlsca", "", "the CA certificate `file`, PEM, that verifies the servers (nats.RootCAs); without it, the system's roots verify them"+only)
 	fs.BoolVar(&f.tlsFirst, "tlsfirst", false, "perform the TLS handshake before the server's greeting (nats.TLSHandshakeFirst), for servers configured with handshake_first"+only)
 	// The variables are defaults, read after parsing (useEnv): shown
 	// here, the flag package would print their values, secrets included.

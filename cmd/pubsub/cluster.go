@@ -62,7 +62,7 @@ var clusterCommands = []*clusterCommand{
 		flags: func(fs *flag.FlagSet, o *clusterOpts) { jsonFlag(fs, o) }},
 	{name: "topic", args: "<topic>", summary: "ask a topic's owner for its subscribers per node and its groups", minArgs: 1, maxArgs: 1, run: runTopic,
 		flags: func(fs *flag.FlagSet, o *clusterOpts) { jsonFlag(fs, o) }},
-	{name: "pub", args: "<topic> <data>", summary: "publish data (--count times) and print each ack", minArgs: 2, maxArgs: 2, run: runPub, check: checkPub,
+	{name: "pub", args: "<topic> <data>", summary: "publish data (--count times) and print each ack; exit status 1 once one is rejected (it stops there), 0 when all were accepted, failures listed or not", minArgs: 2, maxArgs: 2, run: runPub, check: checkPub,
 		flags: func(fs *flag.FlagSet, o *clusterOpts) {
 			fs.BoolVar(&o.json, "json", false, "print each ack as a JSON object instead of a line (--count N prints N objects, one after another)")
 			fs.IntVar(&o.count, "count", 1, "publish the message this many `times` (at least 1), one Publish at a time")

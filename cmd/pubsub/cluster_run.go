@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -284,7 +285,7 @@ func runEvents(ctx context.Context, node *pubsub.Node, o *clusterOpts, _ []strin
 			return // the events until cancel stops the listener
 		}
 		seen++ // one listener goroutine
-		fmt.Fprintf(w, "%s %T %+v\n", time.Now().UTC().Format(time.RFC3339Nano), e, e)
+		fmt.Fprintln(w, formatEvent(e))
 		if o.count > 0 && seen >= o.count {
 			select {
 			case got <- struct{}{}:
@@ -300,4 +301,28 @@ func runEvents(ctx context.Context, node *pubsub.Node, o *clusterOpts, _ []strin
 		return err
 	}
 	return nil
+}
+
+// formatEvent writes one event as a line: its own time (UTC; the time it
+// was printed for an event without one), its kind and its fields as
+// name=value.
+func formatEvent(e pubsub.Event) string {
+	v := reflect.ValueOf(e)
+	t := v.Type()
+	at := time.Now()
+	if f := v.FieldByName("Time"); f.IsValid() {
+		if tm, ok := f.Interface().(time.Time); ok && !tm.IsZero() {
+			at = tm
+		}
+	}
+	var b strings.Builder
+	b.WriteString(at.UTC().Format(time.RFC3339Nano))
+	b.WriteString(" ")
+	b.WriteString(t.Name())
+	for i := range t.NumField() {
+		if f := t.Field(i); f.IsExported() && f.Name != "Time" {
+			fmt.Fprintf(&b, " %s=%v", f.Name, v.Field(i).Interface())
+		}
+	}
+	return b.String()
 }

@@ -221,7 +221,7 @@ func TestClusterCommandsSubAndEvents(t *testing.T) {
 		select {
 		case r = <-evDone:
 			require.Equal(t, 0, r.code, r.err)
-			assert.Regexp(t, `pubsub\.Member(Joined|Left) \{`, r.out)
+			assert.Regexp(t, `^\d{4}-\d\d-\d\dT\S+Z Member(Joined|Left) Node=\S+ Member=`, r.out)
 			return
 		case <-time.After(100 * time.Millisecond): // the churn's pace, not a wait for a condition
 		}

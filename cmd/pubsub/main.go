@@ -105,7 +105,7 @@ func main() {
 // the exit status.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		printUsage(stderr)
+		printSummary(stderr)
 		return 1
 	}
 	switch args[0] {
@@ -143,13 +143,32 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return 0
 		}
 		fmt.Fprintf(stderr, "pubsub: unknown command %q\n", args[0])
-		printUsage(stderr)
+		printSummary(stderr)
 		return 1
 	}
 }
 
-// printUsage writes the tool's usage, every flag of every command included.
+// printUsage writes the tool's usage, every flag of every command included
+// (pubsub help).
 func printUsage(w io.Writer) {
+	printCommands(w)
+	printBenchUsage(w)
+	for _, c := range clusterCommands {
+		fmt.Fprintln(w)
+		c.usage(w)
+	}
+}
+
+// printSummary writes the commands without their flags: what a mistyped or
+// missing command gets, so the error stays on screen.
+func printSummary(w io.Writer) {
+	printCommands(w)
+	fmt.Fprintln(w, "Run 'pubsub help' for every command's flags, or 'pubsub <command> --help' for one.")
+}
+
+// printCommands writes the usage line, the commands and the connection
+// flags they share.
+func printCommands(w io.Writer) {
 	fmt.Fprint(w, `pubsub: a command-line tool for github.com/clusterpubsub/pubsub.
 
 Usage:
@@ -175,9 +194,4 @@ NATS_CA give their defaults when no flag of their kind is given (bench:
 only with --url; --url holding credentials sets aside the first four).
 
 `)
-	printBenchUsage(w)
-	for _, c := range clusterCommands {
-		fmt.Fprintln(w)
-		c.usage(w)
-	}
 }

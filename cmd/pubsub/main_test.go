@@ -261,6 +261,22 @@ func TestBadUsageExitsOne(t *testing.T) {
 	}
 }
 
+// TestMistypedCommandKeepsTheErrorOnScreen: a missing or unknown command
+// gets the command list, not every command's flags (hundreds of lines
+// that scrolled the error away); pubsub help still prints them all.
+func TestMistypedCommandKeepsTheErrorOnScreen(t *testing.T) {
+	for _, args := range [][]string{{}, {"bogus"}} {
+		code, _, errs := runTool(t, args...)
+		if code != 1 || strings.Count(errs, "\n") > 60 || !strings.Contains(errs, "Run 'pubsub help'") {
+			t.Errorf("%v: exit status %d, %d lines on stderr; want 1, a short summary pointing to pubsub help:\n%s", args, code, strings.Count(errs, "\n"), errs)
+		}
+	}
+	code, out, _ := runTool(t, "help")
+	if code != 0 || !strings.Contains(out, "--window") {
+		t.Errorf("pubsub help: exit status %d, flags missing:\n%s", code, out)
+	}
+}
+
 // TestUnreachableServerFails checks that a run that cannot connect fails
 // with exit status 1 and says why.
 func TestUnreachableServerFails(t *testing.T) {

@@ -171,6 +171,12 @@ func (p *printer) print(e pubsub.Event) {
 			s.Members, s.TopicsOwned, s.Subscriptions, s.MessagesPublished, s.Deliveries, s.DeliveryFailures)
 	case pubsub.EventsDropped:
 		node, kind, detail = e.Node, "events-dropped", fmt.Sprintf("count=%d", e.Dropped)
+	case pubsub.NodeStopped:
+		node, kind, detail = e.Node, "node-stopped", fmt.Sprintf("err=%v", e.Err)
+	case pubsub.QuorumChanged:
+		node, kind, detail = e.Node, "quorum-changed", fmt.Sprintf("quorum=%t members=%d stable=%d", e.HasQuorum, e.Members, e.Stable)
+	case pubsub.MemberRejected:
+		node, kind, detail = e.Node, "member-rejected", fmt.Sprintf("member=%s members=%d limit=%d rejected=%d", e.Member, e.Members, e.Limit, e.Rejected)
 	default:
 		kind = fmt.Sprintf("%T", e)
 	}
