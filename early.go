@@ -69,7 +69,7 @@ func (n *Node) queueEarly(topic string, msgs payload, reply string, behind bool)
 		reqs := q.reqs
 		q.reqs, q.bytes, q.scheduled = nil, 0, false
 		q.mu.Unlock()
-		for _, run := range n.mergeEarly(topic, reqs) {
+		for _, run := range n.mergeEarly(topic, reqs, a.lastServed) {
 			a.publish(run.msgs, run.answer)
 		}
 		n.owner.queued.Add(-int64(len(reqs))) // each came from the inbox (onPublishRequest)
@@ -87,19 +87,38 @@ type earlyRun struct {
 // into one batch while it fits in a message; each request still gets its
 // own answer. Only batches without keys or headers merge: a format 2
 // batch's headers may refer to the message before.
-func (n *Node) mergeEarly(topic string, reqs []earlyRequest) []earlyRun {
-	return n.mergeEarlyWithin(topic, reqs, n.MaxMessageSize())
+//
+// A run carries its highest number, so it merges only requests in the
+// order of their numbers, and a request that comes late (numbered at or
+// below one this actor served, served returns that, or one merged before
+// it in this pass: it travelled another route during a server restart)
+// goes alone, under its own number, which subscribers drop as late. Merged
+// with a newer one it took that one's number and reached the subscribers
+// after later messages (TestMergeEarlyKeepsALateRequestUnderItsOwnNumber).
+func (n *Node) mergeEarly(topic string, reqs []earlyRequest, served func(producer string) uint64) []earlyRun {
+	return n.mergeEarlyWithin(topic, reqs, n.MaxMessageSize(), served)
 }
 
 // mergeEarlyWithin is mergeEarly with runs of at most limit packed bytes.
-func (n *Node) mergeEarlyWithin(topic string, reqs []earlyRequest, limit int) []earlyRun {
+func (n *Node) mergeEarlyWithin(topic string, reqs []earlyRequest, limit int, served func(producer string) uint64) []earlyRun {
 	var runs []earlyRun
+	var passTop map[string]uint64 // the highest number of each producer merged in this pass
 	for i := 0; i < len(reqs); {
 		first := reqs[i].msgs
 		j, size := i+1, len(first.packed)
-		for j < len(reqs) && mergeable(first, reqs[j].msgs) && size+len(reqs[j].msgs.packed) <= limit {
+		producer, top := first.origin.producer, first.origin.seq
+		late := producer != "" && (top <= served(producer) || top <= passTop[producer])
+		for !late && j < len(reqs) && mergeable(first, reqs[j].msgs) && (producer == "" || reqs[j].msgs.origin.seq > top) &&
+			size+len(reqs[j].msgs.packed) <= limit {
 			size += len(reqs[j].msgs.packed)
+			top = max(top, reqs[j].msgs.origin.seq)
 			j++
+		}
+		if producer != "" && top > passTop[producer] {
+			if passTop == nil {
+				passTop = map[string]uint64{}
+			}
+			passTop[producer] = top
 		}
 		run := reqs[i:j]
 		msgs := first

@@ -138,6 +138,43 @@ func TestLocalActorQueueIsBounded(t *testing.T) {
 
 // Consecutive early-ack publishes of one publisher are served as one batch;
 // each request still gets its own answer with its own message count.
+// noneServed is mergeEarly's served for an actor that served no batch.
+func noneServed(string) uint64 { return 0 }
+
+// Found by a soak (TestSoakRollingServerRestart, once): during a server
+// restart a publisher's AckNone request 11 reached the owner after its
+// request 12, which the owner had served; merged with request 13, it took
+// number 13, and every subscriber ran message 1204 after 1206. A late
+// request now goes alone under its own number (subscribers drop it as
+// late), and requests merge only in the order of their numbers.
+func TestMergeEarlyKeepsALateRequestUnderItsOwnNumber(t *testing.T) {
+	n := &Node{}
+	req := func(seq uint64, msg string) earlyRequest {
+		return earlyRequest{msgs: payload{packed: wire.Pack(nil, [][]byte{[]byte(msg)}), count: 1, publisher: "a",
+			origin: batchOrigin{producer: "a/p", seq: seq}, level: AckNone}}
+	}
+	served12 := func(p string) uint64 {
+		if p == "a/p" {
+			return 12
+		}
+		return 0
+	}
+	runs := n.mergeEarlyWithin("t", []earlyRequest{req(11, "1204"), req(13, "1207"), req(14, "1208")}, 1<<20, served12)
+	require.Len(t, runs, 2)
+	assert.Equal(t, uint64(11), runs[0].msgs.origin.seq, "the late request keeps its own number")
+	assert.Equal(t, 1, runs[0].msgs.count)
+	assert.Equal(t, uint64(14), runs[1].msgs.origin.seq)
+	assert.Equal(t, 2, runs[1].msgs.count)
+
+	// Late within one pass: 12 merged first, then 11 and 13 arrive.
+	runs = n.mergeEarlyWithin("t", []earlyRequest{req(12, "1206"), req(11, "1204"), req(13, "1207")}, 1<<20, noneServed)
+	require.Len(t, runs, 3)
+	for i, want := range []uint64{12, 11, 13} {
+		assert.Equal(t, want, runs[i].msgs.origin.seq, "run %d", i)
+		assert.Equal(t, 1, runs[i].msgs.count, "run %d", i)
+	}
+}
+
 func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 	n := &Node{}
 	plain := func(publisher string, seq uint64, msgs ...string) payload {
@@ -156,7 +193,7 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 		{withMeta, ""},           // keys or headers: alone
 		{plain("a", 3, "4"), ""},
 	}
-	runs := n.mergeEarlyWithin("t", reqs, 1<<20)
+	runs := n.mergeEarlyWithin("t", reqs, 1<<20, noneServed)
 	require.Len(t, runs, 4)
 	got := runs[0].msgs.messages("t").msgs
 	require.Len(t, got, 3)
@@ -166,7 +203,7 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 	assert.True(t, runs[2].msgs.withMeta)
 	assert.Equal(t, "4", string(runs[3].msgs.messages("t").msgs[0].Data))
 	// The size limit splits runs too.
-	assert.Len(t, n.mergeEarlyWithin("t", reqs[:2], 4), 2)
+	assert.Len(t, n.mergeEarlyWithin("t", reqs[:2], 4, noneServed), 2)
 
 	// A run names the copies its publisher kept of each request, in
 	// order (kept.go), only when it kept one of each.
@@ -174,10 +211,10 @@ func TestMergeEarlyJoinsRunsOfOnePublisher(t *testing.T) {
 		p.kept = keptRef{ids: []uint64{id}, inc: 5}
 		return p
 	}
-	runs = n.mergeEarlyWithin("t", []earlyRequest{{kept(plain("a", 1, "1"), 11), ""}, {kept(plain("a", 2, "2"), 12), ""}}, 1<<20)
+	runs = n.mergeEarlyWithin("t", []earlyRequest{{kept(plain("a", 1, "1"), 11), ""}, {kept(plain("a", 2, "2"), 12), ""}}, 1<<20, noneServed)
 	require.Len(t, runs, 1)
 	assert.Equal(t, keptRef{ids: []uint64{11, 12}, inc: 5}, runs[0].msgs.kept)
-	runs = n.mergeEarlyWithin("t", []earlyRequest{{kept(plain("a", 1, "1"), 11), ""}, {plain("a", 2, "2"), ""}}, 1<<20)
+	runs = n.mergeEarlyWithin("t", []earlyRequest{{kept(plain("a", 1, "1"), 11), ""}, {plain("a", 2, "2"), ""}}, 1<<20, noneServed)
 	require.Len(t, runs, 1)
 	assert.Empty(t, runs[0].msgs.kept.ids, "a request without a copy")
 }

@@ -201,6 +201,13 @@ func (a *topicActor) producerServed(o batchOrigin) {
 	a.producers.put(a.n, o.producer, max(last, o.seq))
 }
 
+// lastServed is the number of producer's last batch this actor served, 0
+// when none (or forgotten).
+func (a *topicActor) lastServed(producer string) uint64 {
+	last, _ := a.producers.get(producer)
+	return last
+}
+
 // noteDirect tells the registry that a request (or an eviction) added or
 // removed a subscriber here: a member's answer the registry may still hand
 // this actor can predate it, and the registry applies it on top
