@@ -350,7 +350,9 @@ func (p *BatchingProducer) Flush(ctx context.Context) error {
 // with ReasonClosed; one of a batch in flight, or waiting for a retry after
 // an attempt with an unknown outcome, completes with ReasonTimeout (outcome
 // unknown: its subscribers may have run it), and its error wraps both
-// ErrTimeout and ErrClosed. A producer
+// ErrTimeout and ErrClosed. Close returns at most about a second after
+// ctx ends even if a Publisher that is not a *Node ignores its cancelled
+// ctx: the call is left running and its result dropped. A producer
 // stopped by FailBatchAndStop, or by its node before Close gave up, closes
 // with nil. A second Close waits like the first and returns nil.
 func (p *BatchingProducer) Close(ctx context.Context) error {

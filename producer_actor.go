@@ -234,7 +234,12 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 			start = hookClock(node.hooks.publish)
 		}
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
-		err := p.init.Initialize(ctx, p.topic)
+		var err error
+		if node != nil {
+			err = p.init.Initialize(ctx, p.topic)
+		} else { // not this package's: it may ignore ctx
+			_, err = p.untilLifetimeEnds(func() (PublishAck, error) { return PublishAck{}, p.init.Initialize(ctx, p.topic) })
+		}
 		cancel()
 		if err != nil {
 			ev.err = fmt.Errorf("pubsub: producer: initialize %q: %w", p.topic, err)
@@ -269,10 +274,44 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 	} else {
 		// Without an issue report the gate opens with the result: one
 		// batch at a time, as two concurrent calls may swap.
-		ev.ack, ev.err = p.publishUnordered(ctx, msgs)
+		ev.ack, ev.err = p.untilLifetimeEnds(func() (PublishAck, error) { return p.publishUnordered(ctx, msgs) })
 	}
 	cancel()
 	p.events <- ev
+}
+
+// untilLifetimeEnds returns what call returns, call being a method of a
+// Publisher or Initializer that is not this package's, unless the
+// producer's lifetime ends (Close gave up, or its node closed) and call
+// has not returned abortGrace later: then it returns a cancellation whose
+// outcome is unknown, and call runs on by itself, its result dropped.
+// Close promises to return once its ctx ends; a Publisher that ignores
+// its ctx must not hold it (nor the producer's goroutine) forever.
+func (p *BatchingProducer) untilLifetimeEnds(call func() (PublishAck, error)) (PublishAck, error) {
+	type result struct {
+		ack PublishAck
+		err error
+	}
+	done := make(chan result, 1) // call's goroutine never blocks on it
+	go func() {
+		ack, err := call()
+		done <- result{ack, err}
+	}()
+	select {
+	case r := <-done:
+		return r.ack, r.err
+	case <-p.ctx.Done():
+	}
+	grace := time.NewTimer(abortGrace)
+	defer grace.Stop()
+	select {
+	case r := <-done: // it honoured its ctx, cancelled with the lifetime
+		return r.ack, r.err
+	case <-grace.C:
+	}
+	return PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonCancelled},
+		fmt.Errorf("pubsub: %s; the publisher's call ignored its cancelled context for %v and was left running (its outcome is unknown): %w",
+			p.stoppedBy(), abortGrace, context.Canceled)
 }
 
 // publishUnordered publishes through a Publisher that is no

@@ -4,10 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // How a BatchingProducer stops: shutting intake, finishing or abandoning what
 // is queued, and the results of futures it never published.
+
+// abortGrace is how long after the producer's lifetime ends (Close gave
+// up, or its node closed) an attempt still waits for a Publisher that is
+// not this package's to return; past it the call is left running and its
+// batch completes with an unknown outcome, so that Close returns.
+const abortGrace = time.Second
 
 // stop fails everything queued with ErrClosed (wrapping cause) and stops
 // starting batches; the batches in flight still complete.

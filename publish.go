@@ -20,9 +20,12 @@ import (
 // implements it; a BatchingProducer publishes through one.
 //
 // err != nil exactly when the ack is Rejected, and then
-// errors.Is(err, ack.Reason.Err()) holds. An implementation must return
-// soon once ctx is done: a BatchingProducer's Close waits for its attempts
-// in flight, and gives up on them only by cancelling their ctx.
+// errors.Is(err, ack.Reason.Err()) holds. An implementation should return
+// soon once ctx is done: when a BatchingProducer's Close gives up it
+// cancels the ctx of its attempt in flight and waits up to a second for
+// the call to return; past that it leaves the call running, drops its
+// result and completes the batch with an unknown outcome (ErrTimeout), so
+// that Close returns.
 type Publisher interface {
 	Publish(ctx context.Context, topic string, data []byte) (PublishAck, error)
 	PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error)
