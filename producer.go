@@ -225,7 +225,8 @@ func (p *BatchingProducer) Topic() string { return p.topic }
 // the batch's outcome; only if every message's context ended is the batch
 // not retried, and then the message completes with that ReasonTimeout,
 // wrapping ctx's error. Data is not copied: do not modify it until the
-// future is done.
+// future is done (and, with a Publisher other than a *Node that ignores
+// its cancelled ctx, until that call returns: see Close).
 func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 	var meta wire.Meta
 	if p.prop != nil {
@@ -242,7 +243,8 @@ func (p *BatchingProducer) Produce(ctx context.Context, data []byte) *Produced {
 // the future with ErrInvalidMessage; the key and header count towards the
 // message's size. With a Propagator on the producer's node, Inject runs
 // here with ctx, on a copy of m.Header. Neither m.Data nor m.Header is
-// copied otherwise: do not modify them until the future is done. A
+// copied otherwise: do not modify them until the future is done (see
+// Produce for a Publisher that ignores its ctx). A
 // Publisher other than a *Node must implement PublishMessages to carry keys
 // and headers; otherwise such a message fails with ErrInvalidConfig.
 func (p *BatchingProducer) ProduceMessage(ctx context.Context, m Outgoing) *Produced {
@@ -351,8 +353,10 @@ func (p *BatchingProducer) Flush(ctx context.Context) error {
 // an attempt with an unknown outcome, completes with ReasonTimeout (outcome
 // unknown: its subscribers may have run it), and its error wraps both
 // ErrTimeout and ErrClosed. Close returns at most about a second after
-// ctx ends even if a Publisher that is not a *Node ignores its cancelled
-// ctx: the call is left running and its result dropped. A producer
+// ctx ends even if a Publisher (or Initializer) that is not a *Node
+// ignores its cancelled ctx: the call is left running and its result
+// dropped, and it may still read the batch's data after the futures
+// completed. A producer
 // stopped by FailBatchAndStop, or by its node before Close gave up, closes
 // with nil. A second Close waits like the first and returns nil.
 func (p *BatchingProducer) Close(ctx context.Context) error {
@@ -387,7 +391,7 @@ func (p *BatchingProducer) Close(ctx context.Context) error {
 		}
 	}
 	p.cancel()
-	<-p.exited // the attempts in flight return promptly once their context is cancelled
+	<-p.exited // the attempts in flight return once their context is cancelled, or abortGrace later (untilLifetimeEnds)
 	if again || !p.abandoned.Load() {
 		return nil
 	}

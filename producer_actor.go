@@ -255,6 +255,15 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 			return
 		}
 		ev.initialized = true
+		if node == nil && p.ctx.Err() != nil {
+			// An Initializer that returned late, after the lifetime
+			// ended: publishing now would give a Publisher that ignores
+			// its ctx a second abortGrace. Nothing was published.
+			ev.err = fmt.Errorf("pubsub: producer: %s before the batch was published: %w", p.stoppedBy(), p.ctx.Err())
+			ev.initFailed = true
+			p.events <- ev
+			return
+		}
 	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
 	if op, ok := p.pub.(orderedPublisher); ok {
@@ -281,12 +290,14 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 }
 
 // untilLifetimeEnds returns what call returns, call being a method of a
-// Publisher or Initializer that is not this package's, unless the
-// producer's lifetime ends (Close gave up, or its node closed) and call
-// has not returned abortGrace later: then it returns a cancellation whose
-// outcome is unknown, and call runs on by itself, its result dropped.
-// Close promises to return once its ctx ends; a Publisher that ignores
-// its ctx must not hold it (nor the producer's goroutine) forever.
+// Publisher or Initializer that is not a *Node, unless the producer's
+// lifetime ends (Close gave up) and call has not returned abortGrace
+// later: then it returns a cancellation (the caller decides what that
+// means for the batch: unknown after a publish, nothing published after
+// an Initialize), and call runs on by itself, its result dropped. Close
+// promises to return once its ctx ends; a Publisher that ignores its ctx
+// must not hold it (nor the producer's goroutine) forever. It costs a
+// goroutine per attempt, only for such publishers.
 func (p *BatchingProducer) untilLifetimeEnds(call func() (PublishAck, error)) (PublishAck, error) {
 	type result struct {
 		ack PublishAck
@@ -310,7 +321,7 @@ func (p *BatchingProducer) untilLifetimeEnds(call func() (PublishAck, error)) (P
 	case <-grace.C:
 	}
 	return PublishAck{Topic: p.topic, Status: Rejected, Reason: ReasonCancelled},
-		fmt.Errorf("pubsub: %s; the publisher's call ignored its cancelled context for %v and was left running (its outcome is unknown): %w",
+		fmt.Errorf("pubsub: %s; the Publisher's call ignored its cancelled context for %v and was left running, its result dropped: %w",
 			p.stoppedBy(), abortGrace, context.Canceled)
 }
 
@@ -378,6 +389,8 @@ func (p *BatchingProducer) onEvent(ev attemptEvent) {
 			// Aborted by Close (the attempt's ctx ended), or an earlier
 			// attempt's outcome was unknown: subscribers may have run it.
 			p.resolve(b, p.closedUnknown(b.msgs.len(), p.stoppedBy()+" while the batch was being published", err))
+		} else if ev.initFailed { // Initialize failed or never returned: nothing was published
+			p.resolve(b, p.closedResult(b.msgs.len(), p.stoppedBy()+" before the batch was published (nothing was sent)", err))
 		} else { // refused outright: it was not published
 			p.resolve(b, p.closedResult(b.msgs.len(), p.stoppedBy()+" while the batch was being published (the last attempt was refused)", err))
 		}

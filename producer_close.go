@@ -11,9 +11,10 @@ import (
 // is queued, and the results of futures it never published.
 
 // abortGrace is how long after the producer's lifetime ends (Close gave
-// up, or its node closed) an attempt still waits for a Publisher that is
-// not this package's to return; past it the call is left running and its
-// batch completes with an unknown outcome, so that Close returns.
+// up) an attempt still waits for a Publisher or Initializer that is not a
+// *Node to return; past it the call is left running, its result dropped,
+// and the batch completes (outcome unknown after a publish, ReasonClosed
+// after an Initialize), so that Close returns.
 const abortGrace = time.Second
 
 // stop fails everything queued with ErrClosed (wrapping cause) and stops

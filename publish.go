@@ -20,12 +20,14 @@ import (
 // implements it; a BatchingProducer publishes through one.
 //
 // err != nil exactly when the ack is Rejected, and then
-// errors.Is(err, ack.Reason.Err()) holds. An implementation should return
-// soon once ctx is done: when a BatchingProducer's Close gives up it
-// cancels the ctx of its attempt in flight and waits up to a second for
-// the call to return; past that it leaves the call running, drops its
-// result and completes the batch with an unknown outcome (ErrTimeout), so
-// that Close returns.
+// errors.Is(err, ack.Reason.Err()) holds. An implementation must return
+// soon once ctx is done: a BatchingProducer enforces PublishTimeout only
+// through ctx, and waits for each call before its Flush returns. As a last
+// resort, when the producer's Close gives up it cancels the ctx of its
+// call in flight and waits up to a second more; past that it leaves the
+// call running (it may still read the batch's data), drops its result and
+// completes the batch with an unknown outcome (ErrTimeout), so that Close
+// returns.
 type Publisher interface {
 	Publish(ctx context.Context, topic string, data []byte) (PublishAck, error)
 	PublishBatch(ctx context.Context, topic string, batch [][]byte) (PublishAck, error)
