@@ -274,6 +274,7 @@ func (p *BatchingProducer) produce(ctx context.Context, data []byte, meta wire.M
 	for p.queued >= p.cfg.MaxQueueSize {
 		if !p.cfg.BlockWhenFull {
 			p.mu.Unlock()
+			p.counters.queueFull.Add(1)
 			return p.shared(p.full)
 		}
 		if p.room == nil {

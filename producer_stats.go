@@ -15,8 +15,15 @@ type ProducerStats struct {
 	// cancelled, closed) or with their batch.
 	Rejected uint64
 	// ByReason splits Rejected by the Reason of each future's ack; nil
-	// when nothing was rejected.
+	// when nothing was rejected. ByReason[ReasonQueueFull] counts both
+	// the producer's own full queue (QueueFull) and batches an owner
+	// refused as overloaded.
 	ByReason map[Reason]uint64
+	// QueueFull counts the messages Produce refused at once because the
+	// producer's queue held MaxQueueSize messages (without BlockWhenFull):
+	// back-pressure of this producer, where the rest of
+	// ByReason[ReasonQueueFull] is an owner's.
+	QueueFull uint64
 	// Pending counts messages queued whose future has not completed yet:
 	// waiting in the queue or in a batch in flight.
 	Pending uint64
@@ -37,6 +44,9 @@ type producerCounters struct {
 	// completed counts the queued messages whose futures completed (the
 	// ones refused at Produce never were queued).
 	completed atomic.Uint64
+	// queueFull counts the messages refused at Produce by a full queue
+	// (also counted in rejected).
+	queueFull atomic.Uint64
 }
 
 // count counts n futures completed with r.
@@ -55,7 +65,7 @@ func (c *producerCounters) count(r *produceResult, n uint64) {
 // time, also after Close; the counts of one call may be a few messages
 // apart from each other when messages complete meanwhile.
 func (p *BatchingProducer) Stats() ProducerStats {
-	st := ProducerStats{Accepted: p.counters.accepted.Load()}
+	st := ProducerStats{Accepted: p.counters.accepted.Load(), QueueFull: p.counters.queueFull.Load()}
 	for r := range p.counters.rejected {
 		if n := p.counters.rejected[r].Load(); n > 0 {
 			if st.ByReason == nil {

@@ -16,8 +16,11 @@ func TestProducerStatsCountEveryOutcome(t *testing.T) {
 	mp := newMock()
 	g := newTestGate()
 	mp.fn = func(ctx context.Context, call int, b [][]byte) (PublishAck, error) {
-		if string(b[0]) == "unavailable" {
+		switch string(b[0]) {
+		case "unavailable":
 			return rejected("t", len(b), fmt.Errorf("no owner: %w", ErrTopicUnavailable))
+		case "overloaded":
+			return rejected("t", len(b), fmt.Errorf("the owner stayed overloaded: %w", ErrQueueFull))
 		}
 		return acceptAfter(g)(ctx, call, b)
 	}
@@ -35,10 +38,11 @@ func TestProducerStatsCountEveryOutcome(t *testing.T) {
 	cancel()
 	p.Produce(ended, pm(4)) // ctx already ended
 	assert.Equal(t, ProducerStats{
-		Rejected: 3,
-		ByReason: map[Reason]uint64{ReasonQueueFull: 1, ReasonTooLarge: 1, ReasonCancelled: 1},
-		Pending:  3,
-		Queued:   2,
+		Rejected:  3,
+		ByReason:  map[Reason]uint64{ReasonQueueFull: 1, ReasonTooLarge: 1, ReasonCancelled: 1},
+		QueueFull: 1,
+		Pending:   3,
+		Queued:    2,
 	}, p.Stats(), "one batch in flight, two messages queued, three refused")
 
 	g.open()
@@ -46,15 +50,20 @@ func TestProducerStatsCountEveryOutcome(t *testing.T) {
 		prodAccepted(t, f)
 	}
 	failed := p.Produce(ctx, []byte("unavailable"))
+	overloaded := p.Produce(ctx, []byte("overloaded"))
 	require.NoError(t, p.Flush(ctx))
 	_, err := prodDone(t, failed, "the message whose batch failed")
 	require.ErrorIs(t, err, ErrTopicUnavailable)
+	_, err = prodDone(t, overloaded, "the message an overloaded owner refused")
+	require.ErrorIs(t, err, ErrQueueFull)
 	require.NoError(t, p.Close(ctx))
 	p.Produce(ctx, pm(5)) // closed
 	assert.Equal(t, ProducerStats{
 		Accepted: 3,
-		Rejected: 5,
-		ByReason: map[Reason]uint64{ReasonQueueFull: 1, ReasonTooLarge: 1, ReasonCancelled: 1, ReasonTopicUnavailable: 1, ReasonClosed: 1},
+		Rejected: 6,
+		// One queue-full refusal is the producer's own, one an owner's.
+		ByReason:  map[Reason]uint64{ReasonQueueFull: 2, ReasonTooLarge: 1, ReasonCancelled: 1, ReasonTopicUnavailable: 1, ReasonClosed: 1},
+		QueueFull: 1,
 	}, p.Stats(), "after Close")
 }
 
@@ -82,6 +91,7 @@ func TestProducerStatsCountABurst(t *testing.T) {
 	st := p.Stats()
 	assert.Equal(t, uint64(n), st.Accepted+st.Rejected, "every call counted once: %+v", st)
 	assert.Equal(t, full, st.ByReason[ReasonQueueFull], "queue-full futures")
+	assert.Equal(t, full, st.QueueFull, "all of them refused by the producer's own queue")
 	assert.Equal(t, uint64(len(mp.flat())), st.Accepted, "accepted = published")
 	assert.Zero(t, st.Pending)
 }
