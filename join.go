@@ -62,6 +62,9 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 	// left: a member answered that it is leaving (onMembers): the audience
 	// the probe found may have been only that member.
 	left := false
+	// unanswered: someone subscribes to the members subject, and no
+	// member has answered for it yet.
+	unanswered := func() bool { return audience && !heard && !left }
 	for {
 		if len(resend) > 0 && time.Since(start) >= resend[0] {
 			resend = resend[1:]
@@ -69,7 +72,7 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 		}
 		select {
 		case <-ctx.Done():
-			if audience && !heard && !left {
+			if unanswered() {
 				return fmt.Errorf("%w: Join's ctx ended %v into its wait, and no member had answered, though another connection subscribes to %s (a member slow to answer, or a tool or stream on the subject); Join waits up to MemberTimeout (%v) for an answer there: give its ctx that long",
 					ctx.Err(), time.Since(start).Round(time.Millisecond), n.members.subject, n.cfg.MemberTimeout)
 			}
@@ -106,7 +109,7 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 			}
 			// Views still disagree; heartbeats will converge them.
 			n.installPending()
-			if audience && !heard && !left {
+			if unanswered() {
 				n.log.Warn("joined alone: no member answered, though another connection subscribes to the members subject (a member that cannot answer, or a tool subscribed to it)",
 					"subject", n.members.subject, "waited", n.cfg.MemberTimeout)
 				return nil
@@ -151,7 +154,7 @@ func (n *Node) joinView(ctx context.Context, audience bool) error {
 		if audience && !heard {
 			heard = n.hasPeers()
 		}
-		if time.Since(lastChange) >= quiet && (heard || left || !audience) && n.viewsAgree() {
+		if time.Since(lastChange) >= quiet && !unanswered() && n.viewsAgree() {
 			return nil
 		}
 	}
