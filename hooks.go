@@ -74,8 +74,8 @@ type HandledInfo struct {
 	// Wait is the batch's time in the subscriber's mailbox; Duration the
 	// handler's time on it (0 when it never ran).
 	Wait, Duration time.Duration
-	// Err is the error the handler returned, a recovered panic as an
-	// error saying so (HandlerError; with Timeout, what a handler that
+	// Err is the error the handler returned, a recovered panic as a
+	// *PanicError (HandlerError; with Timeout, what a handler that
 	// ran past SubscriberTimeout returned, often its ctx's error), or the
 	// codec's last error (DecodeError); nil when the handler returned
 	// none or never ran. The node logs a HandlerError's too, at warn

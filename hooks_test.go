@@ -127,6 +127,23 @@ func TestHandledHookReportsEachOutcome(t *testing.T) {
 		assert.Equal(t, pubsub.HandlerError, h.Status)
 		require.Error(t, h.Err)
 		assert.Contains(t, h.Err.Error(), "handler panicked: bad message")
+		var pe *pubsub.PanicError
+		require.ErrorAs(t, h.Err, &pe, "the hook gets the panic's value and stack")
+		assert.Equal(t, "bad message", pe.Value)
+		assert.Contains(t, string(pe.Stack), "TestHandledHookReportsEachOutcome", "the stack reaches the panicking handler")
+	})
+	t.Run("handler panic with an error", func(t *testing.T) {
+		topic := ownedBy(t, c.Nodes[1], "panics-err")
+		bug := errors.New("nil map")
+		subscribe(t, c.Nodes[2], topic, func(context.Context, *pubsub.Message) error { panic(bug) })
+		before := len(recs[2].handles())
+		_, _ = c.Nodes[0].Publish(ctxT(t), topic, []byte("x"))
+		h := recs[2].waitHandled(t, before+1)[before]
+		assert.Equal(t, pubsub.HandlerError, h.Status)
+		assert.ErrorIs(t, h.Err, bug, "a panic with an error unwraps to it")
+		var pe *pubsub.PanicError
+		require.ErrorAs(t, h.Err, &pe)
+		assert.Equal(t, bug, pe.Value)
 	})
 	t.Run("timeout, then mailbox wait", func(t *testing.T) {
 		topic := ownedBy(t, c.Nodes[1], "slow")

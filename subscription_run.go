@@ -277,8 +277,8 @@ func (s *Subscription) run(ctx context.Context, batch []Message) (status Deliver
 			if !errors.As(err, new(*decodeError)) {
 				if ok, held := s.node.log.limit.allow("handler/" + s.id.Local); ok {
 					attrs := []any{"topic", s.topic, "subscriber", s.id.String(), "err", err, "suppressed", held}
-					if p := new(handlerPanic); errors.As(err, &p) {
-						attrs = append(attrs, "stack", string(p.stack))
+					if p := new(PanicError); errors.As(err, &p) {
+						attrs = append(attrs, "stack", string(p.Stack))
 					}
 					s.node.log.Warn("handler failed", attrs...)
 				}
@@ -324,17 +324,28 @@ func (s *Subscription) extract(ctx context.Context, prop Propagator, h Header) (
 func (s *Subscription) call(ctx context.Context, m *Message) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = &handlerPanic{value: r, stack: debug.Stack()}
+			err = &PanicError{Value: r, Stack: debug.Stack()}
 		}
 	}()
 	return s.handler(ctx, m)
 }
 
-// handlerPanic is a handler's panic as the error its batch failed with;
-// the node logs its stack.
-type handlerPanic struct {
-	value any
-	stack []byte
+// PanicError is a handler's recovered panic, as the error its batch
+// failed with (HandlerError): HandledInfo.Err holds one, for errors.As.
+// The node logs its Stack too, when it has a Logger.
+type PanicError struct {
+	// Value is what the handler panicked with.
+	Value any
+	// Stack is the handler goroutine's stack at the panic (debug.Stack).
+	Stack []byte
 }
 
-func (p *handlerPanic) Error() string { return fmt.Sprintf("pubsub: handler panicked: %v", p.value) }
+// Error says the handler panicked, and with what.
+func (p *PanicError) Error() string { return fmt.Sprintf("pubsub: handler panicked: %v", p.Value) }
+
+// Unwrap returns Value when it is an error (a handler that panicked with
+// an error), so errors.Is and errors.As see through the panic; else nil.
+func (p *PanicError) Unwrap() error {
+	err, _ := p.Value.(error)
+	return err
+}
