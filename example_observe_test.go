@@ -2,7 +2,9 @@ package pubsub_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -132,4 +134,65 @@ func ExampleNode_Topics() {
 	// Output:
 	// prices: owner inventory-1, 1 subscribers, groups map[]
 	// stock-low: owner inventory-1, 3 subscribers, groups map[restock:2]
+}
+
+// panicReporter is a HandledHook that reports handler panics, as an
+// error-tracking adapter would: the value, and where the handler panicked.
+type panicReporter struct{ panics chan *pubsub.PanicError }
+
+func (r panicReporter) OnHandled(i pubsub.HandledInfo) {
+	var pe *pubsub.PanicError
+	if errors.As(i.Err, &pe) {
+		r.panics <- pe // buffered: a hook must not block
+	}
+}
+
+// A handler's panic is recovered: the batch fails HandlerError, the node
+// carries on, and the HandledHook gets it as a *PanicError with its value
+// and stack.
+func ExamplePanicError() {
+	srv, err := embedded.StartServer()
+	if err != nil {
+		panic(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		panic(err)
+	}
+	defer nc.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	reporter := panicReporter{panics: make(chan *pubsub.PanicError, 16)}
+	node, err := pubsub.Join(ctx, nc, pubsub.WithHooks(reporter),
+		pubsub.WithHeartbeatInterval(50*time.Millisecond), pubsub.WithMemberTimeout(500*time.Millisecond))
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+	var orders map[string]int // a bug: never made
+	if _, err := node.Subscribe(ctx, "orders", func(_ context.Context, m *pubsub.Message) error {
+		orders[string(m.Data)]++ // panics: assignment to entry in nil map
+		return nil
+	}); err != nil {
+		panic(err)
+	}
+
+	ack, err := node.Publish(ctx, "orders", []byte("o-1"))
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(ack.Status, "delivered:", ack.Delivered, "failures:", ack.Failures[0].Status)
+	select {
+	case pe := <-reporter.panics:
+		fmt.Println(pe.Value)
+		fmt.Println("stack names the handler:", strings.Contains(string(pe.Stack), "ExamplePanicError"))
+	case <-ctx.Done():
+		fmt.Println("no panic reported")
+	}
+	// Output:
+	// accepted delivered: 0 failures: handler-error
+	// assignment to entry in nil map
+	// stack names the handler: true
 }
