@@ -241,6 +241,12 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 			_, err = p.untilLifetimeEnds(func() (PublishAck, error) { return PublishAck{}, p.init.Initialize(ctx, p.topic) })
 		}
 		cancel()
+		if err == nil && node == nil && p.ctx.Err() != nil {
+			// It returned late, after the lifetime ended: publishing now
+			// would give a Publisher that ignores its ctx a second
+			// abortGrace. Nothing is published, as after a failure.
+			err = fmt.Errorf("it returned too late: %s: %w", p.stoppedBy(), p.ctx.Err())
+		}
 		if err != nil {
 			ev.err = fmt.Errorf("pubsub: producer: initialize %q: %w", p.topic, err)
 			ev.initFailed = true
@@ -255,15 +261,6 @@ func (p *BatchingProducer) attempt(id uint64, b *producerBatch, msgs msgBatch, i
 			return
 		}
 		ev.initialized = true
-		if node == nil && p.ctx.Err() != nil {
-			// An Initializer that returned late, after the lifetime
-			// ended: publishing now would give a Publisher that ignores
-			// its ctx a second abortGrace. Nothing was published.
-			ev.err = fmt.Errorf("pubsub: producer: %s before the batch was published: %w", p.stoppedBy(), p.ctx.Err())
-			ev.initFailed = true
-			p.events <- ev
-			return
-		}
 	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.PublishTimeout)
 	if op, ok := p.pub.(orderedPublisher); ok {
