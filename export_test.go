@@ -1,6 +1,10 @@
 package pubsub
 
-import "slices"
+import (
+	"slices"
+	"sync"
+	"testing"
+)
 
 // ViewIDForTest returns the ID of the view of members, as heartbeats carry
 // it: tests forging stable views need it.
@@ -100,3 +104,17 @@ func (n *Node) KeptCopiesForTest() (copies, bytes int) { return n.publisher.kept
 // SetOwnerInflightBudgetForTest lowers the bytes of accepted, unsettled
 // batches the node holds as owner before it refuses publishes.
 func (n *Node) SetOwnerInflightBudgetForTest(bytes int64) { n.owner.budget.Store(bytes) }
+
+// StallActorForTest makes the node's actor of topic wait until release is
+// called (or the test ends): requests to it queue meanwhile.
+func (n *Node) StallActorForTest(t testing.TB, topic string) (release func()) {
+	running, stop := make(chan struct{}), make(chan struct{})
+	if !n.owner.onActor(topic, false, func(*topicActor) { close(running); <-stop }) {
+		t.Fatalf("the actor of %q took no request", topic)
+	}
+	<-running
+	var once sync.Once
+	release = func() { once.Do(func() { close(stop) }) }
+	t.Cleanup(release)
+	return release
+}

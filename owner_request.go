@@ -87,6 +87,13 @@ func (n *Node) toOwner(ctx context.Context, topic string, req ownerRequest, o ow
 		case "":
 			err = errNoOwner // waited for like an owner not ready: one may join
 		case n.self.ID:
+			if reason := n.notServingReason(); reason != "" && !o.noAnswer && refusedWhenNotServing(req) {
+				// The actor would answer NOT_READY: refused here, the
+				// attempt never waits behind its queue, so a ctx ending
+				// meanwhile cannot leave the outcome unknown.
+				ans = ownerAnswer{code: wire.Reply_NOT_READY, reason: reason}
+				break
+			}
 			ans, err = n.askLocal(ctx, topic, req, signal, o.noAnswer)
 		default:
 			if o.noAnswer {
@@ -380,6 +387,17 @@ func (r readinessProbe) encode(v *view, to uint64, buf []byte) []byte {
 func (r readinessProbe) runLocal(a *topicActor, answer func(ownerAnswer)) {
 	v, code := a.check()
 	answer(ownerAnswer{code: code, viewID: v.id})
+}
+
+// refusedWhenNotServing reports whether the actor refuses req outright
+// while the node does not serve its topics (topicActor.check): a publish
+// or a readiness probe; a subscription is recorded all the same.
+func refusedWhenNotServing(req ownerRequest) bool {
+	switch req.(type) {
+	case *publishRequest, readinessProbe:
+		return true
+	}
+	return false
 }
 
 // isPublish reports whether req publishes messages.

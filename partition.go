@@ -1,6 +1,7 @@
 package pubsub
 
 import (
+	"fmt"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -355,6 +356,16 @@ func (n *Node) inSight(v *view, leaver string) bool {
 // its topics now.
 func (n *Node) servesAsOwner() bool {
 	return n.cfg.PartitionPolicy != KeepMajority || n.members.quorum.has.Load()
+}
+
+// notServingReason says why the partition policy keeps this node from
+// serving its topics, for the answers it refuses them with; "" when it
+// serves them.
+func (n *Node) notServingReason() string {
+	if n.servesAsOwner() {
+		return ""
+	}
+	return fmt.Sprintf("%s sees no majority of its last stable view (PartitionPolicy KeepMajority) and serves none of its topics until it does", n.self.ID)
 }
 
 // majorityOf reports whether the members of stable that counts accepts are

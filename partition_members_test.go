@@ -34,14 +34,20 @@ func TestKeepMajorityRestartedMembersRestoreTheMajority(t *testing.T) {
 	topic := ownedBy(t, survivor, "restart")
 	_, err := survivor.Publish(ctxT(t), topic, []byte("alone"))
 	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
+	assert.ErrorContains(t, err, "n2 sees no majority of its last stable view", "the error says why")
 	// So with a deadline shorter than RequestTimeout: not published, not
-	// "outcome unknown".
+	// "outcome unknown", even while the topic's actor is slow to run what
+	// it is sent (under load, the deadline ended with a request waiting in
+	// its queue: ErrTimeout). The node refuses its own publishes while it
+	// serves nothing, without queueing them.
+	release := survivor.StallActorForTest(t, topic)
 	short, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	defer cancel()
 	ack, err := survivor.Publish(short, topic, []byte("alone, in a hurry"))
 	require.ErrorIs(t, err, pubsub.ErrTopicUnavailable)
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	assert.Equal(t, pubsub.ReasonTopicUnavailable, ack.Reason)
+	release()
 	lost := find(t, events, func(e pubsub.QuorumChanged) bool { return !e.HasQuorum })
 	assert.Equal(t, "n2", lost.Node)
 	assert.Equal(t, []int{1, 3}, []int{lost.Members, lost.Stable}, "members seen, of the stable view")

@@ -379,7 +379,11 @@ func (a *topicActor) subscribe(from *wire.MemberRef, local string, unsubscribe b
 func (a *topicActor) publish(msgs payload, answer func(ownerAnswer)) {
 	v, code := a.check()
 	if code != wire.Reply_OK {
-		answer(ownerAnswer{code: code, viewID: v.id})
+		ans := ownerAnswer{code: code, viewID: v.id}
+		if code == wire.Reply_NOT_READY {
+			ans.reason = a.n.notServingReason()
+		}
+		answer(ans)
 		return
 	}
 	n := a.n

@@ -118,9 +118,19 @@ type latency struct {
 }
 
 // runBench runs the scenarios of cfg and prints their results to stdout.
-func runBench(ctx context.Context, cfg *benchConfig, stdout, stderr io.Writer) error {
+func runBench(ctx context.Context, cfg *benchConfig, stdout, stderr io.Writer) (err error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, cfg.timeout, fmt.Errorf("--timeout %v reached", cfg.timeout))
 	defer cancel()
+	prof, err := startProfiles(cfg)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		// A failed run's profiles are written too: they may show why.
+		if perr := prof.stop(); perr != nil && err == nil {
+			err = perr
+		}
+	}()
 	start := time.Now()
 	b := &bench{cfg: cfg, urls: cfg.urls, prog: newProgress(stderr), runID: newRunID()}
 	rep := report{

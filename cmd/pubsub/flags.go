@@ -53,6 +53,9 @@ type benchConfig struct {
 	json      bool
 	repeat    int // runs of the scenario list in one process
 	timeout   time.Duration
+	// cpuProfile and memProfile name the files the run's CPU and
+	// allocation profiles go to ("": none).
+	cpuProfile, memProfile string
 	// auth holds the options of the connection flags (--user to --tlsca),
 	// for every connection; authNote describes them for errors.
 	auth     []nats.Option
@@ -120,6 +123,8 @@ type benchFlags struct {
 	json     bool
 	repeat   int
 	timeout  time.Duration
+	cpuProf  string
+	memProf  string
 	conn     connFlags
 }
 
@@ -144,6 +149,8 @@ func newBenchFlagSet(f *benchFlags) *flag.FlagSet {
 	fs.BoolVar(&f.json, "json", false, "print one JSON object with every scenario's figures instead of the table")
 	fs.IntVar(&f.repeat, "repeat", 1, "run the scenarios `N` times in this process, on the same servers, one run after the other, each whole (raw NATS first, then nodes join anew, and leave), numbered RUN in the table and \"run\" in the JSON: the spread of several runs from one command")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "overall time limit of the run")
+	fs.StringVar(&f.cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to `file`, for go tool pprof: this process only, so the raw NATS phases and, without --url, the embedded servers are in it too (look at the pubsub functions)")
+	fs.StringVar(&f.memProf, "memprofile", "", "write an allocation profile to `file` when the run ends, for go tool pprof (-sample_index=alloc_space: what the whole run allocated; inuse_space: what is still held)")
 	return fs
 }
 
@@ -189,6 +196,9 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		json:     f.json,
 		repeat:   f.repeat,
 		timeout:  f.timeout,
+
+		cpuProfile: f.cpuProf,
+		memProfile: f.memProf,
 	}
 	for _, n := range names {
 		switch {
@@ -256,6 +266,8 @@ func parseBench(args []string, stdout io.Writer) (*benchConfig, error) {
 		return nil, fmt.Errorf("--repeat %d: want at least 1", cfg.repeat)
 	case cfg.timeout <= 0:
 		return nil, fmt.Errorf("--timeout %v: want a positive duration", cfg.timeout)
+	case cfg.cpuProfile != "" && cfg.cpuProfile == cfg.memProfile:
+		return nil, fmt.Errorf("--cpuprofile and --memprofile both name %q: give each profile a file of its own", cfg.cpuProfile)
 	}
 	if err := natsutil.ValidatePrefix(cfg.prefix); err != nil {
 		return nil, fmt.Errorf("--prefix: %w", err)

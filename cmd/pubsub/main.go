@@ -74,6 +74,9 @@
 // or null). A progress bar of messages done appears on stderr, when it is
 // a terminal, for phases running longer than two seconds.
 //
+// --cpuprofile and --memprofile write the run's CPU and allocation profiles,
+// for go tool pprof.
+//
 // Examples:
 //
 //	pubsub bench

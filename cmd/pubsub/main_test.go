@@ -2,12 +2,15 @@ package main
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
+	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -253,11 +256,42 @@ func TestBadUsageExitsOne(t *testing.T) {
 		{[]string{"bench", "--window", "600", "--queue", "500"}, "want 1 to 500"},
 		{[]string{"bench", "--url", "nats://a:1", "--servers", "2"}, "--servers"},
 		{[]string{"bench", "--bogus"}, "bogus"},
+		{[]string{"bench", "--cpuprofile", "p.out", "--memprofile", "p.out"}, "a file of its own"},
+		{[]string{"bench", "--cpuprofile", "/nonexistent-dir/cpu.out"}, "--cpuprofile: open /nonexistent-dir/cpu.out"},
+		{[]string{"bench", "--memprofile", "/nonexistent-dir/mem.out"}, "--memprofile: open /nonexistent-dir/mem.out"},
 	} {
 		code, out, errs := runTool(t, tc.args...)
 		if code != 1 || !strings.Contains(errs, tc.want) || out != "" {
 			t.Errorf("%v: exit status %d, stdout %q, stderr %q; want 1, nothing, %q", tc.args, code, out, errs, tc.want)
 		}
+	}
+}
+
+// TestBenchWritesProfiles runs a small bench with --cpuprofile and
+// --memprofile and checks that both files hold gzipped pprof profiles: the
+// CPU one naming its sample type, the allocation one the library's
+// functions.
+func TestBenchWritesProfiles(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a benchmark")
+	}
+	dir := t.TempDir()
+	cpu, mem := filepath.Join(dir, "cpu.out"), filepath.Join(dir, "mem.out")
+	code, out, errs := runTool(t, "bench", "local", "--count", "20000", "--cpuprofile", cpu, "--memprofile", mem)
+	require.Equal(t, 0, code, "stdout:\n%s\nstderr:\n%s", out, errs)
+	assert.Regexp(t, `(?m)^local +burst `, out)
+	for _, tc := range []struct{ file, want string }{
+		{cpu, "nanoseconds"},
+		{mem, "github.com/clusterpubsub/pubsub.(*BatchingProducer)"},
+	} {
+		f, err := os.Open(tc.file)
+		require.NoError(t, err)
+		zr, err := gzip.NewReader(f)
+		require.NoError(t, err, "%s is not a gzipped profile", tc.file)
+		raw, err := io.ReadAll(zr)
+		require.NoError(t, err)
+		require.NoError(t, f.Close())
+		assert.Contains(t, string(raw), tc.want, "%s", tc.file)
 	}
 }
 
