@@ -166,19 +166,25 @@ func TestSubscriptionsLargerThanOneMessageMoveAfterACrash(t *testing.T) {
 	}
 	// Each survivor subscribes to every topic: 5000 x ~215 bytes per node,
 	// more than one NATS message (and two of the half-megabyte pages a sync
-	// answer holds).
-	ctx := ctxT(t)
+	// answer holds). 10 000 subscribe calls took 13 s alone under -race and
+	// past ctxT's 20 s beside another copy of the suite: four callers per
+	// node, and a bound for the whole set-up, not for a call.
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	const callers = 4
 	var wg sync.WaitGroup
-	errs := make(chan error, 2)
+	errs := make(chan error, 2*callers)
 	for _, n := range c.Nodes[1:] {
-		wg.Go(func() {
-			for _, topic := range topics {
-				if _, err := n.Subscribe(ctx, topic, func(context.Context, *pubsub.Message) error { return nil }); err != nil {
-					errs <- err
-					return
+		for w := range callers {
+			wg.Go(func() {
+				for i := w; i < len(topics); i += callers {
+					if _, err := n.Subscribe(ctx, topics[i], func(context.Context, *pubsub.Message) error { return nil }); err != nil {
+						errs <- err
+						return
+					}
 				}
-			}
-		})
+			})
+		}
 	}
 	wg.Wait()
 	close(errs)
