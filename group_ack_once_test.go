@@ -54,7 +54,7 @@ func TestGroupMemberFailingTwoSharesIsListedOnce(t *testing.T) {
 				return nil
 			}, pubsub.WithGroup("g"))
 			require.NoError(t, err)
-			fillMailbox(t, c, topic, runs)
+			fillMailboxes(t, c, topic, runs, "X")
 
 			ctx := ctxT(t)
 			if tc.deadline > 0 {

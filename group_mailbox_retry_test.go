@@ -4,7 +4,6 @@ import (
 	"context"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/clusterpubsub/pubsub"
 	"github.com/clusterpubsub/pubsub/internal/leakcheck"
@@ -35,7 +34,7 @@ func TestGroupRetryDoesNotRunAShareReroutedForAFullMailbox(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fillMailbox(t, c, topic, runs)
+	fillMailboxes(t, c, topic, runs, "X")
 	p, retries := retriedProducer(t, c, topic)
 	// Round robin: one message to each member; the one given to X is
 	// re-routed to Y.
@@ -82,17 +81,4 @@ func subscribeHeldMember(t *testing.T, c *testcluster.Cluster, topic string, run
 		t.Fatal(err)
 	}
 	return release
-}
-
-// fillMailbox publishes 8 fills from node 0 to topic's group of X (whose
-// handler holds a fill, with a mailbox of one batch) and Y: X runs one
-// fill and holds one, so its mailbox is full, and Y runs the rest.
-func fillMailbox(t *testing.T, c *testcluster.Cluster, topic string, runs *memberRuns) {
-	t.Helper()
-	for i := 0; i < 8 && len(runs.of("fill")) < 8; i++ {
-		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
-			t.Fatal(i, err)
-		}
-	}
-	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= 8-1 }, "fills not all placed")
 }

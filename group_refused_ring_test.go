@@ -51,7 +51,7 @@ func TestGroupRetryDoesNotRunARefusedShareAfterPlainPublishes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fillMailbox(t, c, topic, runs)
+	fillMailboxes(t, c, topic, runs, "X")
 
 	// A slow broadcast subscriber at the owner holds the producer's first
 	// answer past PublishTimeout; OnPublishError holds the retry until the

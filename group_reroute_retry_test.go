@@ -2,6 +2,7 @@ package pubsub_test
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -34,10 +35,9 @@ func (r *memberRuns) of(data string) []string {
 // stuckMembers subscribes members of group "g" to topic: one per stuck ID
 // on node 2, each blocked in its handler until the test ends with a
 // mailbox of one batch, and Y on node 0, which runs what it gets. It then
-// publishes fills until every stuck member's mailbox is full (each ran
-// one fill and holds one; Y ran the rest, re-routed to it), so the
-// stuck members' later shares fail MailboxFull and are re-routed to Y.
-func stuckMembers(t *testing.T, c *testcluster.Cluster, topic string, fills int, stuck ...string) *memberRuns {
+// fills the stuck members' mailboxes (fillMailboxes), so their later
+// shares fail MailboxFull and are re-routed to Y.
+func stuckMembers(t *testing.T, c *testcluster.Cluster, topic string, stuck ...string) *memberRuns {
 	t.Helper()
 	runs := &memberRuns{ran: map[string][]string{}}
 	release := make(chan struct{})
@@ -59,15 +59,50 @@ func stuckMembers(t *testing.T, c *testcluster.Cluster, topic string, fills int,
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range fills {
+	fillMailboxes(t, c, topic, runs, stuck...)
+	return runs
+}
+
+// fillMailboxes publishes one-message "fill" batches to topic from node 0
+// until each stuck member (a member of group "g" whose handler holds the
+// fills it runs, with a mailbox of one batch) runs one, then two rounds
+// more, so that round robin gives each of them one that waits in its
+// mailbox, now full, and the rest, refused, are re-routed to Y; it returns
+// once every fill but those ran. Published all at once, the fills were
+// all placed while, under load, a member's first still sat in its mailbox
+// not yet picked up: once picked up, the mailbox was empty and the test's
+// share for that member ran there instead of being re-routed.
+func fillMailboxes(t *testing.T, c *testcluster.Cluster, topic string, runs *memberRuns, stuck ...string) {
+	t.Helper()
+	published := 0
+	fill := func() {
 		if _, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("fill")}}, pubsub.WithAck(pubsub.AckAccepted)); err != nil {
-			t.Fatal(i, err)
+			t.Fatal(published, err)
 		}
+		published++
 	}
-	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= fills-len(stuck) },
+	holding := func() bool {
+		ran := runs.of("fill")
+		for _, id := range stuck {
+			if !slices.Contains(ran, id) {
+				return false
+			}
+		}
+		return true
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !holding() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %d fills, not every member of %v runs one: fills ran at %v", published, stuck, runs.of("fill"))
+		}
+		fill()
+	}
+	for range 2 * (len(stuck) + 1) {
+		fill()
+	}
+	testcluster.WaitFor(t, 10*time.Second, func() bool { return len(runs.of("fill")) >= published-len(stuck) },
 		"fills not all placed: stuck members' mailboxes not full")
 	t.Logf("fills %v", runs.of("fill"))
-	return runs
 }
 
 // A producer batch whose attempts time out (a slow broadcast subscriber
@@ -81,7 +116,7 @@ func TestGroupRetriedBatchReroutedShareRunsOnce(t *testing.T) {
 	leakcheck.Parallel(t)
 	c := newCluster(t, 3, 3, pubsub.WithSilentWaitForTest())
 	topic := ownedBy(t, c.Nodes[1], "reroute-retry")
-	runs := stuckMembers(t, c, topic, 8, "X")
+	runs := stuckMembers(t, c, topic, "X")
 	p, retries := retriedProducer(t, c, topic)
 	futs := []*pubsub.Produced{p.Produce(ctxT(t), []byte("p0")), p.Produce(ctxT(t), []byte("p1"))}
 	if err := p.Flush(ctxT(t)); err != nil {

@@ -15,7 +15,7 @@ import (
 func TestGroupTwoReroutedSharesOfEqualMessagesBothRun(t *testing.T) {
 	c := newCluster(t, 3, 3)
 	topic := ownedBy(t, c.Nodes[1], "reroute-twins")
-	runs := stuckMembers(t, c, topic, 16, "X1", "X2")
+	runs := stuckMembers(t, c, topic, "X1", "X2")
 	ack, err := c.Nodes[0].PublishMessages(ctxT(t), topic, []pubsub.Outgoing{{Data: []byte("x")}, {Data: []byte("x")}, {Data: []byte("x")}})
 	if err != nil {
 		t.Fatal(err)
